@@ -1,0 +1,62 @@
+//! `nexusctl`: the operator's CLI. Thin: parse arguments, set up logging, install the
+//! one rustls crypto provider (ring), run the subcommand, map errors to exit codes.
+#![forbid(unsafe_code)]
+
+mod dev_identity;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "nexusctl", version, about = "Operate Nexus: local stack, development identity, policy")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Development helpers: a Workload API, the dev PKI. Never for production.
+    #[command(subcommand)]
+    Dev(DevCommand),
+}
+
+#[derive(Subcommand)]
+enum DevCommand {
+    /// Serve a development SPIFFE Workload API on a unix socket (stands in for SPIRE).
+    WorkloadApi(dev_identity::WorkloadApiArgs),
+    /// Regenerate the development PKI in certs-dev/.
+    Certs(dev_identity::CertsArgs),
+}
+
+fn main() -> std::process::ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("NEXUS_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,h2=warn,hyper=warn,tonic=warn,tower=warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    if rustls::crypto::ring::default_provider().install_default().is_err() {
+        eprintln!("nexusctl: a rustls crypto provider was already installed");
+    }
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Dev(DevCommand::WorkloadApi(args)) => runtime().block_on(dev_identity::run_workload_api(args)),
+        Command::Dev(DevCommand::Certs(args)) => dev_identity::run_certs(args),
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("nexusctl: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    #[allow(clippy::expect_used)]
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime")
+}
