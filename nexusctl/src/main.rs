@@ -2,12 +2,21 @@
 //! one rustls crypto provider (ring), run the subcommand, map errors to exit codes.
 #![forbid(unsafe_code)]
 
+mod demo;
 mod dev_identity;
+mod http;
+mod up;
+
+pub(crate) use http::http_get;
 
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "nexusctl", version, about = "Operate Nexus: local stack, development identity, policy")]
+#[command(
+    name = "nexusctl",
+    version,
+    about = "Operate Nexus: local stack, development identity, policy"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -15,6 +24,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Run the local stack (dev Workload APIs, demo data API, two sidecars) until Ctrl-C.
+    Up(up::UpArgs),
     /// Development helpers: a Workload API, the dev PKI. Never for production.
     #[command(subcommand)]
     Dev(DevCommand),
@@ -26,23 +37,33 @@ enum DevCommand {
     WorkloadApi(dev_identity::WorkloadApiArgs),
     /// Regenerate the development PKI in certs-dev/.
     Certs(dev_identity::CertsArgs),
+    /// Serve the demo data API (clause data under /clauses/{clause}/...).
+    DataApi(demo::DataApiArgs),
 }
 
 fn main() -> std::process::ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("NEXUS_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,h2=warn,hyper=warn,tonic=warn,tower=warn")),
+            tracing_subscriber::EnvFilter::try_from_env("NEXUS_LOG").unwrap_or_else(|_| {
+                tracing_subscriber::EnvFilter::new("info,h2=warn,hyper=warn,tonic=warn,tower=warn")
+            }),
         )
         .with_writer(std::io::stderr)
         .init();
-    if rustls::crypto::ring::default_provider().install_default().is_err() {
+    if rustls::crypto::ring::default_provider()
+        .install_default()
+        .is_err()
+    {
         eprintln!("nexusctl: a rustls crypto provider was already installed");
     }
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Dev(DevCommand::WorkloadApi(args)) => runtime().block_on(dev_identity::run_workload_api(args)),
+        Command::Up(args) => runtime().block_on(up::run(args)),
+        Command::Dev(DevCommand::WorkloadApi(args)) => {
+            runtime().block_on(dev_identity::run_workload_api(args))
+        }
         Command::Dev(DevCommand::Certs(args)) => dev_identity::run_certs(args),
+        Command::Dev(DevCommand::DataApi(args)) => runtime().block_on(demo::run(args)),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

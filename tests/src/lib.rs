@@ -1,1 +1,319 @@
-//! Helpers shared by the end-to-end tests.
+//! Helpers shared by the end-to-end tests: locate and start the real binaries, wait for
+//! them with bounded polling (never a bare sleep), and clean up processes on drop.
+//!
+//! The binaries must be built first (`cargo build --workspace --bins`, which
+//! `scripts/test.sh` does).
+
+pub mod stack;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// The workspace root.
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."))
+}
+
+/// Path of a workspace binary in the debug target folder.
+pub fn bin(name: &str) -> PathBuf {
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo_root().join("target"));
+    let path = target.join("debug").join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: run `cargo build --workspace --bins` before the tests",
+        path.display()
+    );
+    path
+}
+
+/// A file under certs-dev/.
+pub fn cert(rel: &str) -> PathBuf {
+    repo_root().join("certs-dev").join(rel)
+}
+
+/// Polls `f` every 50 ms until it yields a value or `timeout` passes (then panics
+/// naming `what`).
+pub fn eventually<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A child process killed (SIGKILL) and reaped on drop; its output goes to a log file.
+pub struct Proc {
+    /// The process.
+    pub child: Child,
+    /// Its log file.
+    pub log: PathBuf,
+    name: String,
+}
+
+impl Proc {
+    /// Starts `program` with `args`, logging to `dir/name.log`.
+    pub fn spawn(
+        name: &str,
+        dir: &Path,
+        program: &Path,
+        args: &[&str],
+        envs: &[(&str, &str)],
+    ) -> Proc {
+        let log = dir.join(format!("{name}.log"));
+        let file = std::fs::File::create(&log).expect("create log");
+        let mut command = Command::new(program);
+        command
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(file.try_clone().expect("log fd"))
+            .stderr(file);
+        command.env_remove("SPIFFE_ENDPOINT_SOCKET");
+        for (k, v) in envs {
+            command.env(k, v);
+        }
+        let child = command
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {}: {e}", program.display()));
+        Proc {
+            child,
+            log,
+            name: name.to_string(),
+        }
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// The log so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Sends a signal (e.g. "HUP", "TERM", "KILL") with kill(1).
+    pub fn signal(&self, sig: &str) {
+        let status = Command::new("kill")
+            .args([&format!("-{sig}"), &self.pid().to_string()])
+            .status()
+            .expect("kill");
+        assert!(status.success(), "kill -{sig} {} failed", self.name);
+    }
+
+    /// True while the process runs.
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// Resident set size in KiB (VmRSS) and its high-water mark (VmHWM).
+    pub fn rss_kib(&self) -> (u64, u64) {
+        let status =
+            std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap_or_default();
+        let field = |name: &str| {
+            status
+                .lines()
+                .find(|l| l.starts_with(name))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0)
+        };
+        (field("VmRSS:"), field("VmHWM:"))
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if std::thread::panicking() {
+            eprintln!(
+                "---- log of {} ({}) ----\n{}",
+                self.name,
+                self.log.display(),
+                self.log_text()
+            );
+        }
+    }
+}
+
+/// Waits for a JSON file written by a started binary (`address_file`).
+pub fn read_json(path: &Path, timeout: Duration) -> serde_json::Value {
+    eventually(timeout, &format!("{}", path.display()), || {
+        std::fs::read_to_string(path)
+            .ok()
+            .and_then(|t| serde_json::from_str(&t).ok())
+    })
+}
+
+/// Runs curl with `-sS --max-time 30` and the given arguments.
+pub fn curl(args: &[&str]) -> Output {
+    Command::new("curl")
+        .args(["-sS", "--max-time", "30"])
+        .args(args)
+        .output()
+        .expect("curl is installed")
+}
+
+/// The HTTP status curl saw (`-w %{http_code}`), with the body discarded; 0 if the
+/// connection failed.
+pub fn curl_status(args: &[&str]) -> u16 {
+    let mut all = vec!["-o", "/dev/null", "-w", "%{http_code}"];
+    all.extend_from_slice(args);
+    let out = curl(&all);
+    String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse()
+        .unwrap_or(0)
+}
+
+/// A temporary folder for one test, kept (and printed) if the test fails.
+pub fn temp_dir(name: &str) -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix(&format!("nexus-{name}-"))
+        .tempdir()
+        .expect("temp dir")
+}
+
+/// Runs `program` with `args`, killed after `secs` seconds (coreutils `timeout`), and
+/// returns its output.
+pub fn run_bounded(secs: u32, program: &str, args: &[&str]) -> Output {
+    Command::new("timeout")
+        .args(["--kill-after=5", &secs.to_string(), program])
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {program}: {e}"))
+}
+
+/// Lower-case hex SHA-256 of a certificate's DER (what `openssl x509 -fingerprint -sha256`
+/// prints, without the colons), from PEM text.
+pub fn cert_fingerprint_pem(pem: &str) -> Option<String> {
+    use std::io::Write;
+    let mut child = Command::new("openssl")
+        .args(["x509", "-noout", "-fingerprint", "-sha256"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("openssl is installed");
+    child.stdin.take()?.write_all(pem.as_bytes()).ok()?;
+    let out = child.wait_with_output().ok()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let hex = text.trim().rsplit('=').next()?.replace(':', "").to_lowercase();
+    (out.status.success() && hex.len() == 64).then_some(hex)
+}
+
+/// [`cert_fingerprint_pem`] of a PEM file.
+pub fn cert_fingerprint(path: &Path) -> Option<String> {
+    cert_fingerprint_pem(&std::fs::read_to_string(path).ok()?)
+}
+
+/// The SPIFFE ID (URI SAN) of a PEM certificate.
+pub fn cert_uri_san(pem: &str) -> Option<String> {
+    use std::io::Write;
+    let mut child = Command::new("openssl")
+        .args(["x509", "-noout", "-ext", "subjectAltName"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("openssl is installed");
+    child.stdin.take()?.write_all(pem.as_bytes()).ok()?;
+    let out = child.wait_with_output().ok()?;
+    String::from_utf8_lossy(&out.stdout)
+        .split([',', '\n'])
+        .find_map(|s| s.trim().strip_prefix("URI:").map(String::from))
+}
+
+/// The leaf certificate (PEM) a TLS server on `127.0.0.1:port` presents to
+/// `openssl s_client` authenticating with `cert`/`key` (SNI `localhost`); `None` if the
+/// handshake gave no certificate.
+pub fn presented_leaf(port: u16, cert: &Path, key: &Path) -> Option<String> {
+    let addr = format!("127.0.0.1:{port}");
+    let cert = cert.to_string_lossy();
+    let key = key.to_string_lossy();
+    let out = run_bounded(
+        15,
+        "openssl",
+        &[
+            "s_client", "-connect", &addr, "-servername", "localhost", "-cert", &cert, "-key",
+            &key,
+        ],
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    let begin = text.find("-----BEGIN CERTIFICATE-----")?;
+    let end_marker = "-----END CERTIFICATE-----";
+    let end = begin + text[begin..].find(end_marker)? + end_marker.len();
+    Some(format!("{}\n", &text[begin..end]))
+}
+
+/// What [`raw_tcp`] saw.
+#[derive(Debug, Clone)]
+pub struct RawExchange {
+    /// Everything the server sent, decoded as latin-1.
+    pub received: String,
+    /// How the exchange ended: `eof`, `reset` or `timeout` (the server kept it open).
+    pub end: String,
+    /// Seconds from the end of sending to that end.
+    pub elapsed: f64,
+}
+
+const RAW_TCP_PY: &str = r#"
+import json, socket, sys, time
+host, port, payload, wait = sys.argv[1], int(sys.argv[2]), bytes.fromhex(sys.argv[3]), float(sys.argv[4])
+s = socket.create_connection((host, port), timeout=wait)
+s.sendall(payload)
+start = time.monotonic()
+deadline = start + wait
+data, end = b"", "timeout"
+try:
+    while time.monotonic() < deadline:
+        s.settimeout(max(0.01, deadline - time.monotonic()))
+        chunk = s.recv(65536)
+        if not chunk:
+            end = "eof"
+            break
+        data += chunk
+except socket.timeout:
+    end = "timeout"
+except (ConnectionResetError, BrokenPipeError):
+    end = "reset"
+print(json.dumps({"received": data.decode("latin-1"), "end": end, "elapsed": time.monotonic() - start}))
+"#;
+
+/// Opens a TCP connection to `127.0.0.1:port` with python3, sends `payload`, and reads
+/// until the server closes or `wait` passes.
+pub fn raw_tcp(port: u16, payload: &[u8], wait: Duration) -> RawExchange {
+    let hex: String = payload.iter().map(|b| format!("{b:02x}")).collect();
+    let secs = wait.as_secs_f64().to_string();
+    let port = port.to_string();
+    let limit = u32::try_from(wait.as_secs()).unwrap_or(60) + 10;
+    let out = run_bounded(
+        limit,
+        "python3",
+        &["-c", RAW_TCP_PY, "127.0.0.1", &port, &hex, &secs],
+    );
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "raw_tcp: no JSON from python3 ({e}): {}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    RawExchange {
+        received: json["received"].as_str().unwrap_or_default().to_string(),
+        end: json["end"].as_str().unwrap_or_default().to_string(),
+        elapsed: json["elapsed"].as_f64().unwrap_or(f64::NAN),
+    }
+}

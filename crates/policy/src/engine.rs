@@ -1,0 +1,278 @@
+//! One compiled policy revision and its per-request evaluation.
+//!
+//! The revision is compiled once (regorus `CompiledPolicy`, then an RVM program for the
+//! decision rule). Evaluation takes `&self`: each call runs on a fresh VM that shares the
+//! program and data by `Arc`, so the request path holds no lock. Runtime data (open
+//! executions, revocations) is swapped without recompiling. Undefined, a malformed
+//! result, an error, a timeout or the instruction limit all give a deny.
+
+use std::num::NonZeroU32;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use regorus::rvm::{Program, RegoVM};
+use regorus::utils::limits::ExecutionTimerConfig;
+use regorus::{CompiledPolicy, Engine, Value};
+
+use crate::bundle::Bundle;
+use crate::error::PolicyError;
+
+/// How a revision is evaluated.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum EvalMode {
+    /// regorus's RVM (compiled bytecode); the default.
+    #[default]
+    Compiled,
+    /// regorus's tree-walking interpreter.
+    Interpreted,
+}
+
+/// Limits and the rule to evaluate.
+#[derive(Clone, Debug)]
+pub struct PolicyOptions {
+    /// The decision rule, e.g. `data.nexus.authz.decision`.
+    pub decision_rule: String,
+    /// Wall-clock limit of one evaluation.
+    pub eval_timeout: Duration,
+    /// Instruction limit of one evaluation (compiled mode).
+    pub max_instructions: usize,
+    /// Engine mode.
+    pub mode: EvalMode,
+}
+
+impl Default for PolicyOptions {
+    fn default() -> Self {
+        Self {
+            decision_rule: "data.nexus.authz.decision".into(),
+            eval_timeout: Duration::from_millis(50),
+            max_instructions: 1_000_000,
+            mode: EvalMode::Compiled,
+        }
+    }
+}
+
+/// The outcome of one evaluation.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Decision {
+    /// Whether the request may pass.
+    pub allow: bool,
+    /// Reasons from the policy, or why the sidecar denied without one.
+    pub reasons: Vec<String>,
+    /// Set when evaluation failed (error, timeout, limit, undefined): always a deny.
+    pub error: Option<String>,
+}
+
+impl Decision {
+    fn deny_because(error: String) -> Self {
+        Self {
+            allow: false,
+            reasons: vec![error.clone()],
+            error: Some(error),
+        }
+    }
+}
+
+/// A compiled revision, ready to evaluate.
+pub struct Policy {
+    revision: String,
+    options: PolicyOptions,
+    compiled: CompiledPolicy,
+    program: Option<Arc<Program>>,
+    bundle_data: Value,
+    data: Value,
+}
+
+impl std::fmt::Debug for Policy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Policy")
+            .field("revision", &self.revision)
+            .field("rule", &self.options.decision_rule)
+            .finish()
+    }
+}
+
+/// A fresh engine holding `bundle`'s modules (and, if `with_tests`, its tests) and data.
+pub fn engine_for(bundle: &Bundle, with_tests: bool) -> Result<Engine, PolicyError> {
+    let mut engine = Engine::new();
+    let modules = bundle.modules.iter().chain(if with_tests { bundle.tests.iter() } else { [].iter() });
+    for module in modules {
+        engine
+            .add_policy(module.path.clone(), module.text.clone())
+            .map_err(|e| PolicyError::from_regorus(&e))?;
+    }
+    engine
+        .add_data(bundle.data.clone())
+        .map_err(|e| PolicyError::Data {
+            file: bundle.root.display().to_string(),
+            message: format!("{e:#}"),
+        })?;
+    Ok(engine)
+}
+
+impl Policy {
+    /// Compiles `bundle` for `options.decision_rule`, with `runtime` data (e.g.
+    /// `{"nexus": {"executions": ..., "revoked": ...}}`) merged over the bundle's.
+    pub fn compile(bundle: &Bundle, runtime: &Value, options: PolicyOptions) -> Result<Self, PolicyError> {
+        let mut engine = engine_for(bundle, false)?;
+        engine.set_execution_timer_config(timer(options.eval_timeout));
+        let rule: regorus::Rc<str> = options.decision_rule.as_str().into();
+        let compiled = engine.compile_with_entrypoint(&rule).map_err(|e| {
+            let error = PolicyError::from_regorus(&e);
+            match error {
+                PolicyError::RegoUnlocated(message) => PolicyError::NoDecisionRule {
+                    rule: options.decision_rule.clone(),
+                    message,
+                },
+                other => other,
+            }
+        })?;
+        let program = match options.mode {
+            EvalMode::Compiled => Some(
+                regorus::languages::rego::compiler::Compiler::compile_from_policy(&compiled, &[rule.as_ref()])
+                    .map_err(|e| PolicyError::RegoUnlocated(format!("compiling {}: {e}", options.decision_rule)))?,
+            ),
+            EvalMode::Interpreted => None,
+        };
+        let mut policy = Self {
+            revision: bundle.revision.clone(),
+            options,
+            compiled,
+            program,
+            bundle_data: bundle.data.clone(),
+            data: bundle.data.clone(),
+        };
+        policy.set_runtime_data(runtime);
+        Ok(policy)
+    }
+
+    /// The same revision with other runtime data, without recompiling (compiled mode).
+    pub fn with_runtime_data(&self, bundle: &Bundle, runtime: &Value) -> Result<Self, PolicyError> {
+        match self.options.mode {
+            EvalMode::Compiled => {
+                let mut next = Self {
+                    revision: self.revision.clone(),
+                    options: self.options.clone(),
+                    compiled: self.compiled.clone(),
+                    program: self.program.clone(),
+                    bundle_data: self.bundle_data.clone(),
+                    data: Value::Null,
+                };
+                next.set_runtime_data(runtime);
+                Ok(next)
+            }
+            EvalMode::Interpreted => Self::compile(bundle, runtime, self.options.clone()),
+        }
+    }
+
+    fn set_runtime_data(&mut self, runtime: &Value) {
+        let mut data = self.bundle_data.clone();
+        if runtime.as_object().is_ok() {
+            // Runtime keys replace the bundle's at the leaves they name.
+            overlay(&mut data, runtime);
+        }
+        self.data = data;
+    }
+
+    /// The revision id (a hash of the folder's files).
+    pub fn revision(&self) -> &str {
+        &self.revision
+    }
+
+    /// The decision rule.
+    pub fn rule(&self) -> &str {
+        &self.options.decision_rule
+    }
+
+    /// The data document the policy sees.
+    pub fn data(&self) -> &Value {
+        &self.data
+    }
+
+    /// Evaluates the decision rule for `input`.
+    pub fn evaluate(&self, input: Value) -> Decision {
+        let result = match &self.program {
+            Some(program) => {
+                let mut vm = RegoVM::new_with_policy(self.compiled.clone());
+                vm.load_program(program.clone());
+                vm.set_max_instructions(self.options.max_instructions);
+                vm.set_execution_timer_config(Some(timer(self.options.eval_timeout)));
+                match vm.set_data(self.data.clone()) {
+                    Ok(()) => {
+                        vm.set_input(input);
+                        vm.execute().map_err(|e| e.to_string())
+                    }
+                    Err(e) => Err(e.to_string()),
+                }
+            }
+            None => self.compiled.eval_with_input(input).map_err(|e| format!("{e:#}")),
+        };
+        match result {
+            Ok(value) => decision_from(&value),
+            Err(error) => Decision::deny_because(format!("policy evaluation failed: {error}")),
+        }
+    }
+
+    /// Evaluates and measures.
+    pub fn evaluate_timed(&self, input: Value) -> (Decision, Duration) {
+        let start = Instant::now();
+        let decision = self.evaluate(input);
+        (decision, start.elapsed())
+    }
+}
+
+fn timer(limit: Duration) -> ExecutionTimerConfig {
+    ExecutionTimerConfig {
+        limit,
+        check_interval: NonZeroU32::new(64).unwrap_or(NonZeroU32::MIN),
+    }
+}
+
+/// Replaces, key by key, `dst`'s values with `src`'s, descending into objects that both
+/// have; unlike `merge`, a conflict means "runtime wins".
+fn overlay(dst: &mut Value, src: &Value) {
+    let Ok(src_map) = src.as_object() else { return };
+    let Ok(dst_map) = dst.as_object_mut() else { return };
+    for (k, v) in src_map.iter() {
+        match dst_map.get_mut(k) {
+            Some(existing) if existing.as_object().is_ok() && v.as_object().is_ok() => overlay(existing, v),
+            _ => {
+                dst_map.insert(k.clone(), v.clone());
+            }
+        }
+    }
+}
+
+/// Interprets the decision rule's value: `{"allow": bool, "reasons": [...]}`.
+pub fn decision_from(value: &Value) -> Decision {
+    if *value == Value::Undefined {
+        return Decision::deny_because("policy decision is undefined".into());
+    }
+    let allow = match value["allow"].as_bool() {
+        Ok(b) => *b,
+        Err(_) => {
+            return Decision::deny_because(format!(
+                "policy decision has no boolean `allow`: {}",
+                value.to_json_str().unwrap_or_default()
+            ));
+        }
+    };
+    let reasons = match &value["reasons"] {
+        Value::Array(items) => items.iter().map(reason_text).collect(),
+        Value::Set(items) => items.iter().map(reason_text).collect(),
+        Value::Undefined | Value::Null => Vec::new(),
+        other => vec![reason_text(other)],
+    };
+    Decision {
+        allow,
+        reasons,
+        error: None,
+    }
+}
+
+fn reason_text(v: &Value) -> String {
+    match v.as_string() {
+        Ok(s) => s.to_string(),
+        Err(_) => v.to_json_str().unwrap_or_default(),
+    }
+}
+

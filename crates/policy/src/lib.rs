@@ -1,0 +1,15 @@
+//! The Nexus policy engine: a folder of Rego modules and data files is one revision,
+//! compiled once with regorus and evaluated per request without locks. Policies are
+//! tested OPA-style (`test_` rules in `*_test.rego`) before a revision is used.
+#![forbid(unsafe_code)]
+#![cfg_attr(not(test), deny(clippy::unwrap_used))]
+
+pub mod bundle;
+pub mod engine;
+pub mod error;
+pub mod testing;
+
+pub use bundle::{Bundle, Module};
+pub use engine::{Decision, EvalMode, Policy, PolicyOptions, decision_from, engine_for};
+pub use error::{Location, PolicyError};
+pub use regorus::Value;

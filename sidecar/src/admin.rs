@@ -1,0 +1,83 @@
+//! The admin listener: `/live` (the process runs), `/ready` (an SVID is present; later
+//! conditions add to it), `/metrics` (Prometheus text).
+
+use std::convert::Infallible;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use nexus_identity::IdentityStore;
+use tokio::net::TcpListener;
+
+use crate::metrics::Metrics;
+
+/// State the admin endpoints read.
+#[derive(Clone, Debug)]
+pub struct Admin {
+    /// Identity readiness.
+    pub store: Arc<IdentityStore>,
+    /// The registry to expose.
+    pub metrics: Arc<Metrics>,
+}
+
+impl Admin {
+    fn respond(&self, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+        let (status, content_type, body) = match req.uri().path() {
+            "/live" => (StatusCode::OK, "text/plain", "live\n".to_string()),
+            "/ready" => match self.store.current() {
+                Some(identity) => (
+                    StatusCode::OK,
+                    "text/plain",
+                    format!("ready: {}\n", identity.spiffe_id()),
+                ),
+                None => (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "text/plain",
+                    "not ready: no SVID yet\n".to_string(),
+                ),
+            },
+            "/metrics" => (
+                StatusCode::OK,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                self.metrics.encode(),
+            ),
+            _ => (
+                StatusCode::NOT_FOUND,
+                "text/plain",
+                "not found: try /live, /ready, /metrics\n".to_string(),
+            ),
+        };
+        let mut response = Response::new(Full::new(Bytes::from(body)));
+        *response.status_mut() = status;
+        if let Ok(value) = http::HeaderValue::from_str(content_type) {
+            response
+                .headers_mut()
+                .insert(http::header::CONTENT_TYPE, value);
+        }
+        response
+    }
+
+    /// Serves the admin endpoints forever.
+    pub async fn serve(self, listener: TcpListener) {
+        let server = auto::Builder::new(TokioExecutor::new());
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                continue;
+            };
+            let admin = self.clone();
+            let server = server.clone();
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(move |req| {
+                    let response = admin.respond(&req);
+                    async move { Ok::<_, Infallible>(response) }
+                });
+                let _ = server.serve_connection(TokioIo::new(stream), service).await;
+            });
+        }
+    }
+}

@@ -1,0 +1,145 @@
+//! Wiring: identity source, listeners, metrics. `start` binds everything and returns the
+//! bound addresses, so tests and `nexusctl up` can use port 0.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use nexus_identity::IdentityStore;
+use serde::Serialize;
+use tokio::net::TcpListener;
+
+use crate::admin::Admin;
+use crate::config::{Config, IdentitySource};
+use crate::metrics::Metrics;
+use crate::proxy::inbound::Inbound;
+use crate::proxy::outbound::Outbound;
+
+/// Where a started sidecar listens.
+#[derive(Clone, Debug, Serialize)]
+pub struct Addresses {
+    /// Admin listener.
+    pub admin: SocketAddr,
+    /// Inbound mTLS listener, if configured.
+    pub inbound: Option<SocketAddr>,
+    /// Outbound listeners by name.
+    pub outbound: BTreeMap<String, SocketAddr>,
+}
+
+/// A started sidecar.
+#[derive(Debug)]
+pub struct Running {
+    /// Bound addresses.
+    pub addresses: Addresses,
+    /// Its identity store.
+    pub store: Arc<IdentityStore>,
+}
+
+async fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on {addr} for {what}: {e}"))
+}
+
+/// Binds every listener, starts the identity source and serves in the background.
+pub async fn start(config: Config) -> anyhow::Result<Running> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let store = IdentityStore::new(provider);
+    let metrics = Metrics::new();
+
+    match config.identity.source {
+        IdentitySource::WorkloadApi => {
+            tokio::spawn(nexus_identity::source::workload_api::run(
+                config.identity.workload_api_socket.clone(),
+                store.clone(),
+            ));
+        }
+        IdentitySource::Files => {
+            let files = config.identity.files.clone().ok_or_else(|| {
+                anyhow::anyhow!("identity.files is required with source = \"files\"")
+            })?;
+            tokio::spawn(nexus_identity::source::files::run(
+                files,
+                store.clone(),
+                config.identity.file_reload_interval,
+            ));
+        }
+    }
+    {
+        let store = store.clone();
+        let metrics = metrics.clone();
+        let mut updates = store.subscribe();
+        tokio::spawn(async move {
+            while updates.changed().await.is_ok() {
+                if let Some(identity) = store.current() {
+                    metrics.svid_published(identity.not_after(), store.rotations());
+                }
+            }
+        });
+    }
+
+    let admin_listener = bind(config.admin.listen, "admin").await?;
+    let mut addresses = Addresses {
+        admin: admin_listener.local_addr()?,
+        inbound: None,
+        outbound: BTreeMap::new(),
+    };
+    if let Some(inbound) = &config.inbound {
+        let listener = bind(inbound.listen, "inbound").await?;
+        addresses.inbound = Some(listener.local_addr()?);
+        let proxy = Arc::new(Inbound::new(&config, store.clone(), metrics.clone())?);
+        tokio::spawn(proxy.serve(listener));
+    }
+    for out in &config.outbound {
+        let listener = bind(out.listen, &format!("outbound {}", out.name)).await?;
+        addresses
+            .outbound
+            .insert(out.name.clone(), listener.local_addr()?);
+        let proxy = Arc::new(Outbound::new(&config, out, store.clone(), metrics.clone())?);
+        tokio::spawn(proxy.serve(listener));
+    }
+    tokio::spawn(
+        Admin {
+            store: store.clone(),
+            metrics,
+        }
+        .serve(admin_listener),
+    );
+    if let Some(path) = &config.admin.address_file {
+        let json = serde_json::to_vec_pretty(&addresses)?;
+        let tmp = path.with_extension("tmp");
+        std::fs::write(&tmp, json)?;
+        std::fs::rename(&tmp, path)?;
+    }
+    tracing::info!(?addresses, "nexus-sidecar listening");
+    Ok(Running { addresses, store })
+}
+
+/// Starts and runs until SIGINT or SIGTERM.
+pub async fn run(config: Config) -> anyhow::Result<()> {
+    let _running = start(config).await?;
+    shutdown_signal().await;
+    tracing::info!("shutting down");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(term) => term,
+                Err(_) => {
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}

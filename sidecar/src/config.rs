@@ -1,0 +1,618 @@
+//! The sidecar's configuration: one TOML file, every field with a safe default, plus
+//! environment overrides for what Kubernetes injection sets. Errors name the field and
+//! the fix; `main` maps them to exit code 64.
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use nexus_identity::AllowList;
+use nexus_identity::source::files::FileSourceConfig;
+use serde::Deserialize;
+
+/// A configuration the sidecar cannot run with.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML for this schema (the message carries line and column).
+    #[error("config file {path}: {message}")]
+    Parse {
+        /// The file.
+        path: String,
+        /// toml's message, with line, column and the offending field.
+        message: String,
+    },
+    /// A field has a value the sidecar cannot use.
+    #[error("config field `{field}`: {problem}; fix: {fix}")]
+    Invalid {
+        /// Dotted path of the field.
+        field: String,
+        /// What is wrong.
+        problem: String,
+        /// What to do.
+        fix: String,
+    },
+}
+
+fn invalid(
+    field: impl Into<String>,
+    problem: impl Into<String>,
+    fix: impl Into<String>,
+) -> ConfigError {
+    ConfigError::Invalid {
+        field: field.into(),
+        problem: problem.into(),
+        fix: fix.into(),
+    }
+}
+
+/// The whole sidecar configuration.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Where the SVID comes from.
+    pub identity: IdentityConfig,
+    /// TLS settings shared by inbound and outbound.
+    pub tls: TlsConfig,
+    /// The mTLS listener in front of the local app; absent in pods that only call out.
+    pub inbound: Option<InboundConfig>,
+    /// Plain-HTTP loopback listeners, one per upstream the local app calls.
+    pub outbound: Vec<OutboundConfig>,
+    /// Health and metrics.
+    pub admin: AdminConfig,
+    /// Resource limits applied to every connection.
+    pub limits: LimitsConfig,
+    /// Rego policy evaluated on every request; absent means authentication only.
+    pub policy: Option<PolicyConfig>,
+}
+
+/// `[policy]`
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyConfig {
+    /// Folder of `.rego` modules, `*_test.rego` tests and JSON/YAML data files. Required.
+    pub dir: PathBuf,
+    /// The rule giving `{"allow": bool, "reasons": [...]}`. Default `data.nexus.authz.decision`.
+    #[serde(default = "default_decision_rule")]
+    pub decision_rule: String,
+    /// Evaluate and record, but always allow: for rolling out a new policy. Default false.
+    #[serde(default)]
+    pub dry_run: bool,
+    /// A second rule evaluated in dry-run beside the enforced one (e.g. the next version
+    /// of the policy); its decisions are logged and counted, never enforced.
+    #[serde(default)]
+    pub shadow_rule: Option<String>,
+    /// JSON file with `{"executions": {...}, "revoked": {...}}`, merged into `data.nexus`
+    /// and re-read when it changes. Until the gateway feeds these live.
+    #[serde(default)]
+    pub state_file: Option<PathBuf>,
+    /// The clause is the path segment after this one. Default `clauses`.
+    #[serde(default = "default_clause_segment")]
+    pub clause_after_segment: String,
+    /// Request headers copied into `input.request.headers` (lowercase names). Default:
+    /// content-type, content-length, user-agent, x-nexus-execution, x-request-id, traceparent.
+    #[serde(default = "default_headers")]
+    pub input_headers: Vec<String>,
+    /// One evaluation may take this long, then it denies. Default 50ms.
+    #[serde(default = "default_eval_timeout", with = "humantime_serde")]
+    pub eval_timeout: Duration,
+    /// One evaluation may run this many VM instructions, then it denies. Default 1000000.
+    #[serde(default = "default_max_instructions")]
+    pub max_instructions: usize,
+    /// How often the folder and state file are checked for changes. Default 1s.
+    #[serde(default = "default_reload_interval", with = "humantime_serde")]
+    pub reload_interval: Duration,
+    /// Run the folder's `*_test.rego` before using a new revision; a failing test refuses
+    /// it. Default true.
+    #[serde(default = "default_true")]
+    pub run_tests_on_reload: bool,
+    /// `compiled` (regorus RVM, default) or `interpreted`.
+    #[serde(default)]
+    pub mode: PolicyMode,
+}
+
+/// Policy engine mode.
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum PolicyMode {
+    /// regorus RVM bytecode.
+    #[default]
+    Compiled,
+    /// regorus interpreter.
+    Interpreted,
+}
+
+fn default_decision_rule() -> String {
+    "data.nexus.authz.decision".into()
+}
+fn default_clause_segment() -> String {
+    "clauses".into()
+}
+fn default_headers() -> Vec<String> {
+    ["content-type", "content-length", "user-agent", "x-nexus-execution", "x-request-id", "traceparent"]
+        .map(String::from)
+        .to_vec()
+}
+fn default_eval_timeout() -> Duration {
+    Duration::from_millis(50)
+}
+fn default_max_instructions() -> usize {
+    1_000_000
+}
+fn default_reload_interval() -> Duration {
+    Duration::from_secs(1)
+}
+fn default_true() -> bool {
+    true
+}
+
+/// Identity source selection.
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum IdentitySource {
+    /// The SPIFFE Workload API (SPIRE, or `nexusctl dev workload-api`).
+    #[default]
+    WorkloadApi,
+    /// Static PEM files, re-read when they change.
+    Files,
+}
+
+/// `[identity]`
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct IdentityConfig {
+    /// `workload_api` (default) or `files`.
+    pub source: IdentitySource,
+    /// Workload API socket (`unix:///path` or a path). Default: `SPIFFE_ENDPOINT_SOCKET`.
+    pub workload_api_socket: Option<String>,
+    /// Paths for `source = "files"`.
+    pub files: Option<FileSourceConfig>,
+    /// How often the files are checked for changes. Default 5s.
+    #[serde(with = "humantime_serde")]
+    pub file_reload_interval: Duration,
+}
+
+impl Default for IdentityConfig {
+    fn default() -> Self {
+        Self {
+            source: IdentitySource::WorkloadApi,
+            workload_api_socket: None,
+            files: None,
+            file_reload_interval: Duration::from_secs(5),
+        }
+    }
+}
+
+/// `[tls]`
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TlsConfig {
+    /// `"1.3"` (default) or `"1.2"` to also accept TLS 1.2.
+    pub min_version: String,
+    /// A TLS handshake that takes longer is dropped. Default 10s.
+    #[serde(with = "humantime_serde")]
+    pub handshake_timeout: Duration,
+}
+
+impl Default for TlsConfig {
+    fn default() -> Self {
+        Self {
+            min_version: "1.3".into(),
+            handshake_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Which HTTP version the sidecar uses towards the local app.
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum AppProtocol {
+    /// The version the caller used (HTTP/2 callers such as gRPC reach the app over h2c).
+    #[default]
+    Auto,
+    /// Always HTTP/1.1.
+    Http1,
+    /// Always HTTP/2 over cleartext (h2c prior knowledge).
+    Http2,
+}
+
+/// `[inbound]`
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InboundConfig {
+    /// mTLS listen address. Default `0.0.0.0:15006`.
+    #[serde(default = "default_inbound_listen")]
+    pub listen: SocketAddr,
+    /// The local app, `host:port` on loopback. Required.
+    pub app: String,
+    /// HTTP version towards the app. Default `auto`.
+    #[serde(default)]
+    pub app_protocol: AppProtocol,
+    /// Peers allowed to connect: exact SPIFFE IDs or `spiffe://td/path/*`. Empty denies all.
+    #[serde(default)]
+    pub allowed_ids: Vec<String>,
+}
+
+fn default_inbound_listen() -> SocketAddr {
+    SocketAddr::from(([0, 0, 0, 0], 15006))
+}
+
+/// `[[outbound]]`
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OutboundConfig {
+    /// A name for logs and metrics.
+    pub name: String,
+    /// Loopback plain-HTTP listen address the local app calls.
+    pub listen: SocketAddr,
+    /// `host:port` of the upstream's Nexus inbound (mTLS).
+    pub upstream: String,
+    /// The SPIFFE ID the upstream must present (or a `spiffe://td/path/*` prefix).
+    pub expected_id: String,
+}
+
+/// `[admin]`
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminConfig {
+    /// `/live`, `/ready`, `/metrics`. Default `127.0.0.1:15090`.
+    pub listen: SocketAddr,
+    /// If set, the bound addresses are written here as JSON once listening (useful with
+    /// port 0 in tests and scripts).
+    pub address_file: Option<PathBuf>,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 15090)),
+            address_file: None,
+        }
+    }
+}
+
+/// `[limits]`
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    /// Largest request head (HTTP/1 buffer / HTTP/2 header list), bytes. Default 16384;
+    /// at least 8192. Larger heads get 431 (HTTP/1) or a stream reset (HTTP/2).
+    pub max_header_bytes: usize,
+    /// A client must send its request head within this time. Default 10s.
+    #[serde(with = "humantime_serde")]
+    pub header_read_timeout: Duration,
+    /// Concurrent downstream connections per listener; more wait in the accept queue.
+    /// Default 10000.
+    pub max_connections: usize,
+    /// HTTP/2 streams per connection. Default 256.
+    pub max_concurrent_streams: u32,
+    /// Connecting to the app or an upstream. Default 5s.
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// Idle pooled connections to the app or upstream are closed after this. Default 90s.
+    #[serde(with = "humantime_serde")]
+    pub pool_idle_timeout: Duration,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        Self {
+            max_header_bytes: 16 * 1024,
+            header_read_timeout: Duration::from_secs(10),
+            max_connections: 10_000,
+            max_concurrent_streams: 256,
+            connect_timeout: Duration::from_secs(5),
+            pool_idle_timeout: Duration::from_secs(90),
+        }
+    }
+}
+
+impl Config {
+    /// Reads and validates a file, then applies environment overrides.
+    pub fn load(path: Option<&Path>) -> Result<Self, ConfigError> {
+        let mut config = match path {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                    path: path.to_path_buf(),
+                    source,
+                })?;
+                Self::parse(&text, &path.display().to_string())?
+            }
+            None => Self::default(),
+        };
+        config.apply_env(|key| std::env::var(key).ok())?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Parses TOML text; `origin` names it in errors.
+    pub fn parse(text: &str, origin: &str) -> Result<Self, ConfigError> {
+        toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: origin.to_string(),
+            message: e.to_string(),
+        })
+    }
+
+    /// Environment overrides, the names Kubernetes injection sets.
+    pub fn apply_env(&mut self, get: impl Fn(&str) -> Option<String>) -> Result<(), ConfigError> {
+        if let Some(socket) =
+            get("SPIFFE_ENDPOINT_SOCKET").filter(|_| self.identity.workload_api_socket.is_none())
+        {
+            self.identity.workload_api_socket = Some(socket);
+        }
+        if let Some(v) = get("NEXUS_WORKLOAD_API_SOCKET") {
+            self.identity.workload_api_socket = Some(v);
+        }
+        if let Some(v) = get("NEXUS_ADMIN_LISTEN") {
+            self.admin.listen = v.parse().map_err(|e| {
+                invalid(
+                    "NEXUS_ADMIN_LISTEN",
+                    format!("`{v}`: {e}"),
+                    "use host:port, e.g. 127.0.0.1:15090",
+                )
+            })?;
+        }
+        if let Some(v) = get("NEXUS_ADDRESS_FILE") {
+            self.admin.address_file = Some(PathBuf::from(v));
+        }
+        let listen = get("NEXUS_INBOUND_LISTEN");
+        let app = get("NEXUS_INBOUND_APP");
+        let allowed = get("NEXUS_INBOUND_ALLOWED_IDS");
+        if listen.is_some() || app.is_some() || allowed.is_some() {
+            let inbound = match self.inbound.take() {
+                Some(inbound) => inbound,
+                None => InboundConfig {
+                    listen: default_inbound_listen(),
+                    app: app.clone().ok_or_else(|| {
+                        invalid(
+                            "NEXUS_INBOUND_APP",
+                            "inbound overrides are set but no app",
+                            "set NEXUS_INBOUND_APP=127.0.0.1:PORT",
+                        )
+                    })?,
+                    app_protocol: AppProtocol::Auto,
+                    allowed_ids: Vec::new(),
+                },
+            };
+            let mut inbound = inbound;
+            if let Some(v) = listen {
+                inbound.listen = v.parse().map_err(|e| {
+                    invalid(
+                        "NEXUS_INBOUND_LISTEN",
+                        format!("`{v}`: {e}"),
+                        "use host:port, e.g. 0.0.0.0:15006",
+                    )
+                })?;
+            }
+            if let Some(v) = app {
+                inbound.app = v;
+            }
+            if let Some(v) = allowed {
+                inbound.allowed_ids = v
+                    .split(',')
+                    .map(str::trim)
+                    .filter(|s| !s.is_empty())
+                    .map(String::from)
+                    .collect();
+            }
+            self.inbound = Some(inbound);
+        }
+        Ok(())
+    }
+
+    /// Checks what serde cannot.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        match self.identity.source {
+            IdentitySource::Files if self.identity.files.is_none() => {
+                return Err(invalid(
+                    "identity.files",
+                    "source is \"files\" but no files are given",
+                    "add identity.files = { cert = \"...\", key = \"...\", bundle = \"...\" }",
+                ));
+            }
+            IdentitySource::WorkloadApi if self.identity.workload_api_socket.is_none() => {
+                return Err(invalid(
+                    "identity.workload_api_socket",
+                    "no Workload API socket configured",
+                    "set SPIFFE_ENDPOINT_SOCKET=unix:///path/to/agent.sock, or identity.workload_api_socket, or use source = \"files\"",
+                ));
+            }
+            _ => {}
+        }
+        match self.tls.min_version.as_str() {
+            "1.2" | "1.3" => {}
+            other => {
+                return Err(invalid(
+                    "tls.min_version",
+                    format!("`{other}` is not supported"),
+                    "use \"1.3\" (default) or \"1.2\"",
+                ));
+            }
+        }
+        if self.limits.max_header_bytes < 8192 {
+            return Err(invalid(
+                "limits.max_header_bytes",
+                "must be at least 8192",
+                "raise it to 8192 or more",
+            ));
+        }
+        if self.limits.max_connections == 0 {
+            return Err(invalid(
+                "limits.max_connections",
+                "must be at least 1",
+                "use the default, 10000",
+            ));
+        }
+        if let Some(inbound) = &self.inbound {
+            AllowList::parse(&inbound.allowed_ids).map_err(|e| {
+                invalid(
+                    "inbound.allowed_ids",
+                    e.to_string(),
+                    "list SPIFFE IDs or spiffe://td/path/* prefixes",
+                )
+            })?;
+            if inbound.allowed_ids.is_empty() {
+                tracing::warn!("inbound.allowed_ids is empty: every peer will be refused");
+            }
+            check_authority("inbound.app", &inbound.app)?;
+        }
+        if let Some(policy) = &self.policy {
+            if !policy.dir.is_dir() {
+                return Err(invalid(
+                    "policy.dir",
+                    format!("{} is not a folder", policy.dir.display()),
+                    "point it at the folder holding your .rego files",
+                ));
+            }
+            for (field, rule) in [("policy.decision_rule", Some(&policy.decision_rule)), ("policy.shadow_rule", policy.shadow_rule.as_ref())] {
+                if let Some(rule) = rule
+                    && !rule.starts_with("data.")
+                {
+                    return Err(invalid(field, format!("`{rule}` is not a rule path"), "write it as data.package.rule"));
+                }
+            }
+            if policy.eval_timeout.is_zero() {
+                return Err(invalid("policy.eval_timeout", "must be more than 0", "use the default, 50ms"));
+            }
+        }
+        let mut names = BTreeSet::new();
+        for (i, out) in self.outbound.iter().enumerate() {
+            let field = |f: &str| format!("outbound[{i}].{f}");
+            if !names.insert(out.name.as_str()) {
+                return Err(invalid(
+                    field("name"),
+                    format!("`{}` is used twice", out.name),
+                    "give every outbound a unique name",
+                ));
+            }
+            if !out.listen.ip().is_loopback() {
+                return Err(invalid(
+                    field("listen"),
+                    format!(
+                        "{} is not a loopback address; outbound listeners are plain HTTP",
+                        out.listen
+                    ),
+                    "listen on 127.0.0.1:PORT",
+                ));
+            }
+            check_authority(&field("upstream"), &out.upstream)?;
+            AllowList::parse(&[&out.expected_id]).map_err(|e| {
+                invalid(
+                    field("expected_id"),
+                    e.to_string(),
+                    "give the upstream's SPIFFE ID",
+                )
+            })?;
+        }
+        Ok(())
+    }
+
+    /// The TLS versions to offer.
+    pub fn tls_versions(&self) -> nexus_identity::tls::TlsVersions {
+        if self.tls.min_version == "1.2" {
+            nexus_identity::tls::TlsVersions::Tls12And13
+        } else {
+            nexus_identity::tls::TlsVersions::Tls13Only
+        }
+    }
+}
+
+fn check_authority(field: &str, value: &str) -> Result<(), ConfigError> {
+    value
+        .parse::<http::uri::Authority>()
+        .ok()
+        .filter(|a| a.port_u16().is_some())
+        .map(|_| ())
+        .ok_or_else(|| {
+            invalid(
+                field,
+                format!("`{value}` is not host:port"),
+                "write it as host:port, e.g. 127.0.0.1:8080",
+            )
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env<'a>(pairs: &'a [(&'a str, &'a str)]) -> impl Fn(&str) -> Option<String> + 'a {
+        move |k| {
+            pairs
+                .iter()
+                .find(|(key, _)| *key == k)
+                .map(|(_, v)| v.to_string())
+        }
+    }
+
+    #[test]
+    fn unknown_field_names_line() {
+        let err = Config::parse(
+            "[inbound]\napp = \"127.0.0.1:1\"\nalowed_ids = []\n",
+            "x.toml",
+        )
+        .unwrap_err();
+        let msg = err.to_string();
+        assert!(msg.contains("x.toml"), "{msg}");
+        assert!(msg.contains("line 3"), "{msg}");
+        assert!(msg.contains("alowed_ids"), "{msg}");
+    }
+
+    #[test]
+    fn env_overrides_build_inbound() {
+        let mut config = Config::default();
+        config
+            .apply_env(env(&[
+                ("SPIFFE_ENDPOINT_SOCKET", "unix:///tmp/agent.sock"),
+                ("NEXUS_INBOUND_APP", "127.0.0.1:8080"),
+                (
+                    "NEXUS_INBOUND_ALLOWED_IDS",
+                    "spiffe://nexus.local/ns/a/*, spiffe://nexus.local/x",
+                ),
+            ]))
+            .unwrap();
+        config.validate().unwrap();
+        let inbound = config.inbound.unwrap();
+        assert_eq!(inbound.app, "127.0.0.1:8080");
+        assert_eq!(inbound.allowed_ids.len(), 2);
+        assert_eq!(
+            config.identity.workload_api_socket.as_deref(),
+            Some("unix:///tmp/agent.sock")
+        );
+    }
+
+    #[test]
+    fn invalid_fields_are_named() {
+        let mut config = Config::parse(
+            "[identity]\nworkload_api_socket = \"/tmp/s\"\n[[outbound]]\nname = \"a\"\nlisten = \"0.0.0.0:1\"\nupstream = \"h:1\"\nexpected_id = \"spiffe://nexus.local/x\"\n",
+            "t",
+        )
+        .unwrap();
+        let err = config.validate().unwrap_err().to_string();
+        assert!(err.contains("outbound[0].listen"), "{err}");
+        config.outbound[0].listen = "127.0.0.1:1".parse().unwrap();
+        config.validate().unwrap();
+        config.limits.max_header_bytes = 100;
+        assert!(
+            config
+                .validate()
+                .unwrap_err()
+                .to_string()
+                .contains("limits.max_header_bytes")
+        );
+    }
+
+    #[test]
+    fn no_identity_source_is_an_error() {
+        let err = Config::default().validate().unwrap_err().to_string();
+        assert!(err.contains("SPIFFE_ENDPOINT_SOCKET"), "{err}");
+    }
+}

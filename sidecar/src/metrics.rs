@@ -1,0 +1,149 @@
+//! Prometheus metrics, served in text format on the admin listener.
+//!
+//! Label values are bounded sets (direction, a known method or `OTHER`, the status code,
+//! a fixed list of failure reasons) so the series count stays bounded whatever the
+//! traffic.
+
+use std::sync::Arc;
+use std::sync::atomic::AtomicI64;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+/// Inbound (mTLS from a peer) or outbound (plain from the local app).
+pub type Direction = &'static str;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RequestLabels {
+    direction: &'static str,
+    method: &'static str,
+    status: u16,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabels {
+    direction: &'static str,
+    reason: &'static str,
+}
+
+/// All the sidecar's metrics.
+pub struct Metrics {
+    registry: Registry,
+    requests: Family<RequestLabels, Counter>,
+    handshake_failures: Family<ReasonLabels, Counter>,
+    connection_errors: Family<ReasonLabels, Counter>,
+    svid_expiry: Gauge<i64, AtomicI64>,
+    rotations: Counter,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Metrics")
+    }
+}
+
+impl Metrics {
+    /// Registers every metric.
+    pub fn new() -> Arc<Self> {
+        let mut registry = Registry::with_prefix("nexus");
+        let requests = Family::<RequestLabels, Counter>::default();
+        registry.register(
+            "requests",
+            "Requests proxied, by direction, method and response status",
+            requests.clone(),
+        );
+        let handshake_failures = Family::<ReasonLabels, Counter>::default();
+        registry.register(
+            "tls_handshake_failures",
+            "TLS handshakes that failed, by direction and reason",
+            handshake_failures.clone(),
+        );
+        let connection_errors = Family::<ReasonLabels, Counter>::default();
+        registry.register(
+            "connection_errors",
+            "Connections closed on an HTTP error (malformed request, oversized head, header timeout)",
+            connection_errors.clone(),
+        );
+        let svid_expiry = Gauge::<i64, AtomicI64>::default();
+        registry.register(
+            "svid_expiry_timestamp_seconds",
+            "notAfter of the current X.509-SVID as a unix timestamp",
+            svid_expiry.clone(),
+        );
+        let rotations = Counter::default();
+        registry.register(
+            "svid_rotations",
+            "SVIDs published after the first",
+            rotations.clone(),
+        );
+        Arc::new(Self {
+            registry,
+            requests,
+            handshake_failures,
+            connection_errors,
+            svid_expiry,
+            rotations,
+        })
+    }
+
+    /// Counts a proxied request.
+    pub fn request(&self, direction: Direction, method: &http::Method, status: http::StatusCode) {
+        self.requests
+            .get_or_create(&RequestLabels {
+                direction,
+                method: method_label(method),
+                status: status.as_u16(),
+            })
+            .inc();
+    }
+
+    /// Counts a failed handshake.
+    pub fn handshake_failure(&self, direction: Direction, reason: &'static str) {
+        self.handshake_failures
+            .get_or_create(&ReasonLabels { direction, reason })
+            .inc();
+    }
+
+    /// Counts a connection ended by an HTTP-level error.
+    pub fn connection_error(&self, direction: Direction, reason: &'static str) {
+        self.connection_errors
+            .get_or_create(&ReasonLabels { direction, reason })
+            .inc();
+    }
+
+    /// Records a newly published SVID.
+    pub fn svid_published(&self, not_after: i64, rotations: u64) {
+        self.svid_expiry.set(not_after);
+        let seen = self.rotations.get();
+        if rotations > seen {
+            self.rotations.inc_by(rotations - seen);
+        }
+    }
+
+    /// The Prometheus text exposition.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
+            out.clear();
+        }
+        out
+    }
+}
+
+fn method_label(method: &http::Method) -> &'static str {
+    match *method {
+        http::Method::GET => "GET",
+        http::Method::HEAD => "HEAD",
+        http::Method::POST => "POST",
+        http::Method::PUT => "PUT",
+        http::Method::PATCH => "PATCH",
+        http::Method::DELETE => "DELETE",
+        http::Method::OPTIONS => "OPTIONS",
+        http::Method::CONNECT => "CONNECT",
+        http::Method::TRACE => "TRACE",
+        _ => "OTHER",
+    }
+}

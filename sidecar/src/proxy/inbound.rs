@@ -1,0 +1,138 @@
+//! Inbound: terminate mTLS, authenticate the peer's SPIFFE ID (in the handshake, against
+//! the allow list), then forward to the local app on loopback.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+use hyper_util::server::conn::auto;
+use nexus_identity::{AllowList, IdentityStore, handshake_failure_reason, spiffe_id_of};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::TlsAcceptor;
+use tower::ServiceBuilder;
+
+use super::forward::{Forward, VersionPolicy};
+use super::layers::{CallerIdentityLayer, Peer, RecordLayer};
+use super::serve::{accept_loop, http_server, serve_http};
+use crate::config::{AppProtocol, Config};
+use crate::metrics::Metrics;
+
+const DIRECTION: &str = "inbound";
+
+/// The inbound proxy of one sidecar.
+pub struct Inbound {
+    acceptor: TlsAcceptor,
+    forward: Forward<HttpConnector>,
+    store: Arc<IdentityStore>,
+    metrics: Arc<Metrics>,
+    server: auto::Builder<TokioExecutor>,
+    handshake_timeout: Duration,
+    max_connections: usize,
+}
+
+impl Inbound {
+    /// Builds the inbound proxy; `config.inbound` must be set.
+    pub fn new(
+        config: &Config,
+        store: Arc<IdentityStore>,
+        metrics: Arc<Metrics>,
+    ) -> anyhow::Result<Self> {
+        let inbound = config
+            .inbound
+            .as_ref()
+            .ok_or_else(|| anyhow::anyhow!("no [inbound] section"))?;
+        let allowed = AllowList::parse(&inbound.allowed_ids)?;
+        let tls = nexus_identity::tls::server_config(
+            store.clone(),
+            allowed,
+            config.tls_versions(),
+            vec![b"h2".to_vec(), b"http/1.1".to_vec()],
+        )?;
+        let mut connector = HttpConnector::new();
+        connector.set_connect_timeout(Some(config.limits.connect_timeout));
+        connector.set_nodelay(true);
+        let client = |h2: bool| {
+            Client::builder(TokioExecutor::new())
+                .pool_idle_timeout(config.limits.pool_idle_timeout)
+                .pool_timer(TokioTimer::new())
+                .timer(TokioTimer::new())
+                .http2_only(h2)
+                .build(connector.clone())
+        };
+        let versions = match inbound.app_protocol {
+            AppProtocol::Auto => VersionPolicy::Preserve,
+            AppProtocol::Http1 => VersionPolicy::Http1,
+            AppProtocol::Http2 => VersionPolicy::Http2,
+        };
+        let forward = Forward::new(
+            client(false),
+            client(true),
+            http::uri::Scheme::HTTP,
+            inbound.app.parse()?,
+            versions,
+        );
+        Ok(Self {
+            acceptor: TlsAcceptor::from(Arc::new(tls)),
+            forward,
+            store,
+            metrics,
+            server: http_server(&config.limits),
+            handshake_timeout: config.tls.handshake_timeout,
+            max_connections: config.limits.max_connections,
+        })
+    }
+
+    /// Serves connections from `listener` forever.
+    pub async fn serve(self: Arc<Self>, listener: TcpListener) {
+        let max = self.max_connections;
+        accept_loop(listener, max, move |stream, _addr| {
+            self.clone().connection(stream)
+        })
+        .await;
+    }
+
+    async fn connection(self: Arc<Self>, stream: TcpStream) {
+        let tls = match tokio::time::timeout(self.handshake_timeout, self.acceptor.accept(stream))
+            .await
+        {
+            Ok(Ok(tls)) => tls,
+            Ok(Err(error)) => {
+                let reason = handshake_failure_reason(&error);
+                tracing::debug!(%error, reason, "inbound handshake failed");
+                self.metrics.handshake_failure(DIRECTION, reason);
+                return;
+            }
+            Err(_) => {
+                self.metrics.handshake_failure(DIRECTION, "timeout");
+                return;
+            }
+        };
+        let Some(peer) = tls
+            .get_ref()
+            .1
+            .peer_certificates()
+            .and_then(|certs| certs.first())
+            .and_then(|leaf| {
+                let spiffe_id = spiffe_id_of(leaf).ok()?;
+                let digest = ring::digest::digest(&ring::digest::SHA256, leaf);
+                let cert_hash: String =
+                    digest.as_ref().iter().map(|b| format!("{b:02x}")).collect();
+                Some(Peer {
+                    spiffe_id: spiffe_id.into(),
+                    cert_hash: cert_hash.into(),
+                })
+            })
+        else {
+            // The verifier already required an SVID; this is unreachable in practice.
+            self.metrics.handshake_failure(DIRECTION, "no_spiffe_id");
+            return;
+        };
+        let service = ServiceBuilder::new()
+            .layer(RecordLayer::new(self.metrics.clone(), DIRECTION))
+            .layer(CallerIdentityLayer::new(self.store.clone(), Some(peer)))
+            .service(self.forward.clone());
+        serve_http(&self.server, tls, service, &self.metrics, DIRECTION).await;
+    }
+}

@@ -1,0 +1,103 @@
+//! Outbound: the local app speaks plain HTTP to a loopback listener; the sidecar
+//! originates mTLS with its SVID and accepts the upstream only if it presents the
+//! expected SPIFFE ID. On a mismatch the handshake fails before any request byte is
+//! sent, and the app gets a 502 saying so.
+
+use std::sync::Arc;
+
+use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+use hyper_util::server::conn::auto;
+use nexus_identity::{AllowList, IdentityStore};
+use tokio::net::{TcpListener, TcpStream};
+use tower::ServiceBuilder;
+
+use super::forward::{Forward, VersionPolicy};
+use super::layers::{CallerIdentityLayer, RecordLayer};
+use super::serve::{accept_loop, http_server, serve_http};
+use crate::config::{Config, OutboundConfig};
+use crate::metrics::Metrics;
+
+const DIRECTION: &str = "outbound";
+
+/// One outbound listener and its upstream.
+pub struct Outbound {
+    forward: Forward<HttpsConnector<HttpConnector>>,
+    store: Arc<IdentityStore>,
+    metrics: Arc<Metrics>,
+    server: auto::Builder<TokioExecutor>,
+    max_connections: usize,
+}
+
+impl Outbound {
+    /// Builds the proxy for `out`.
+    pub fn new(
+        config: &Config,
+        out: &OutboundConfig,
+        store: Arc<IdentityStore>,
+        metrics: Arc<Metrics>,
+    ) -> anyhow::Result<Self> {
+        let expected = AllowList::parse(&[&out.expected_id])?;
+        let tls = nexus_identity::tls::client_config(
+            store.clone(),
+            expected,
+            config.tls_versions(),
+            Vec::new(),
+        )?;
+        let mut tcp = HttpConnector::new();
+        tcp.set_connect_timeout(Some(config.limits.connect_timeout));
+        tcp.set_nodelay(true);
+        tcp.enforce_http(false);
+        let h1 = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(tls.clone())
+            .https_only()
+            .enable_http1()
+            .wrap_connector(tcp.clone());
+        let h2 = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(tls)
+            .https_only()
+            .enable_http2()
+            .wrap_connector(tcp);
+        let client = |connector: HttpsConnector<HttpConnector>, h2: bool| {
+            Client::builder(TokioExecutor::new())
+                .pool_idle_timeout(config.limits.pool_idle_timeout)
+                .pool_timer(TokioTimer::new())
+                .timer(TokioTimer::new())
+                .http2_only(h2)
+                .build(connector)
+        };
+        let forward = Forward::new(
+            client(h1, false),
+            client(h2, true),
+            http::uri::Scheme::HTTPS,
+            out.upstream.parse()?,
+            VersionPolicy::Preserve,
+        );
+        Ok(Self {
+            forward,
+            store,
+            metrics,
+            server: http_server(&config.limits),
+            max_connections: config.limits.max_connections,
+        })
+    }
+
+    /// Serves connections from `listener` forever.
+    pub async fn serve(self: Arc<Self>, listener: TcpListener) {
+        let max = self.max_connections;
+        accept_loop(listener, max, move |stream, _addr| {
+            self.clone().connection(stream)
+        })
+        .await;
+    }
+
+    async fn connection(self: Arc<Self>, stream: TcpStream) {
+        let service = ServiceBuilder::new()
+            .layer(RecordLayer::new(self.metrics.clone(), DIRECTION))
+            .layer(CallerIdentityLayer::new(self.store.clone(), None))
+            .service(self.forward.clone());
+        serve_http(&self.server, stream, service, &self.metrics, DIRECTION).await;
+    }
+}

@@ -1,0 +1,330 @@
+//! Building blocks of a test stack: dev Workload APIs, the demo data API, sidecars.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use crate::{Proc, bin, curl_status, eventually, read_json};
+
+/// Well-known test identities (from certs-dev/).
+pub const PLUGIN_ID: &str = "spiffe://nexus.local/ns/plugins/sa/flood-model";
+/// The data API's identity.
+pub const DATA_API_ID: &str = "spiffe://nexus.local/ns/data/sa/hazard-api";
+
+/// A running dev Workload API.
+pub struct WorkloadApi {
+    /// The process.
+    pub proc: Proc,
+    /// Its socket.
+    pub socket: PathBuf,
+}
+
+impl WorkloadApi {
+    /// `unix://` URL of the socket.
+    pub fn url(&self) -> String {
+        format!("unix://{}", self.socket.display())
+    }
+}
+
+/// Starts `nexusctl dev workload-api` for `spiffe_id` and waits for its socket.
+pub fn workload_api(dir: &Path, name: &str, spiffe_id: &str, extra: &[&str]) -> WorkloadApi {
+    let socket = dir.join(format!("{name}.sock"));
+    let socket_str = socket.to_string_lossy().into_owned();
+    let mut args = vec![
+        "dev",
+        "workload-api",
+        "--socket",
+        socket_str.as_str(),
+        "--spiffe-id",
+        spiffe_id,
+    ];
+    args.extend_from_slice(extra);
+    let proc = Proc::spawn(name, dir, &bin("nexusctl"), &args, &[]);
+    eventually(Duration::from_secs(20), "workload API socket", || {
+        socket.exists().then_some(())
+    });
+    WorkloadApi { proc, socket }
+}
+
+/// A running demo data API.
+pub struct DataApi {
+    /// The process.
+    pub proc: Proc,
+    /// HTTP `host:port`.
+    pub http: String,
+    /// gRPC `host:port`.
+    pub grpc: String,
+}
+
+/// Starts the demo data API (HTTP and gRPC) on port 0.
+pub fn data_api(dir: &Path) -> DataApi {
+    let file = dir.join("data-api.json");
+    let file_str = file.to_string_lossy().into_owned();
+    let proc = Proc::spawn(
+        "data-api",
+        dir,
+        &bin("nexusctl"),
+        &[
+            "dev",
+            "data-api",
+            "--listen",
+            "127.0.0.1:0",
+            "--grpc-listen",
+            "127.0.0.1:0",
+            "--address-file",
+            &file_str,
+        ],
+        &[],
+    );
+    let addrs = read_json(&file, Duration::from_secs(20));
+    DataApi {
+        proc,
+        http: addrs["http"].as_str().unwrap_or_default().to_string(),
+        grpc: addrs["grpc"].as_str().unwrap_or_default().to_string(),
+    }
+}
+
+/// A running sidecar.
+pub struct Sidecar {
+    /// The process.
+    pub proc: Proc,
+    /// The addresses it wrote.
+    pub addresses: serde_json::Value,
+    /// Its config file.
+    pub config: PathBuf,
+}
+
+impl Sidecar {
+    /// `host:port` of the inbound listener.
+    pub fn inbound(&self) -> String {
+        self.addresses["inbound"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string()
+    }
+
+    /// Port of the inbound listener.
+    pub fn inbound_port(&self) -> u16 {
+        port_of(&self.inbound())
+    }
+
+    /// `host:port` of an outbound listener.
+    pub fn outbound(&self, name: &str) -> String {
+        self.addresses["outbound"][name]
+            .as_str()
+            .unwrap_or_default()
+            .to_string()
+    }
+
+    /// Admin base URL.
+    pub fn admin(&self) -> String {
+        format!(
+            "http://{}",
+            self.addresses["admin"].as_str().unwrap_or_default()
+        )
+    }
+
+    /// The /metrics text.
+    pub fn metrics(&self) -> String {
+        let out = crate::curl(&[&format!("{}/metrics", self.admin())]);
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Sum of the metric samples whose line starts with `prefix` (name and labels).
+    pub fn metric_sum(&self, prefix: &str) -> f64 {
+        self.metrics()
+            .lines()
+            .filter(|l| l.starts_with(prefix))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    }
+}
+
+/// The port of `host:port`.
+pub fn port_of(addr: &str) -> u16 {
+    addr.rsplit(':')
+        .next()
+        .and_then(|p| p.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Writes `toml` (with `[admin]` added on port 0 and an address file) and starts a
+/// sidecar; waits until it listens, and, if `wait_ready`, until `/ready` answers 200.
+pub fn sidecar(dir: &Path, name: &str, toml: &str, wait_ready: bool) -> Sidecar {
+    let address_file = dir.join(format!("{name}.addresses.json"));
+    let config = dir.join(format!("{name}.toml"));
+    let full = format!(
+        "{toml}\n[admin]\nlisten = \"127.0.0.1:0\"\naddress_file = {:?}\n",
+        address_file.to_string_lossy()
+    );
+    std::fs::write(&config, full).expect("write config");
+    let config_str = config.to_string_lossy().into_owned();
+    let proc = Proc::spawn(
+        name,
+        dir,
+        &bin("nexus-sidecar"),
+        &["--config", &config_str],
+        &[("NEXUS_LOG", "info,nexus_sidecar=debug")],
+    );
+    let addresses = read_json(&address_file, Duration::from_secs(20));
+    let sidecar = Sidecar {
+        proc,
+        addresses,
+        config,
+    };
+    if wait_ready {
+        let url = format!("{}/ready", sidecar.admin());
+        eventually(Duration::from_secs(20), "sidecar /ready", || {
+            (curl_status(&[&url]) == 200).then_some(())
+        });
+    }
+    sidecar
+}
+
+impl Sidecar {
+    /// Waits until the sum of the samples matching `prefix` reaches `at_least`, and
+    /// returns it.
+    pub fn wait_metric(&self, prefix: &str, at_least: f64, timeout: Duration) -> f64 {
+        eventually(
+            timeout,
+            &format!("{prefix} >= {at_least} on {}", self.admin()),
+            || {
+                let v = self.metric_sum(prefix);
+                (v >= at_least).then_some(v)
+            },
+        )
+    }
+
+    /// The HTTP status of `/ready`.
+    pub fn ready_status(&self) -> u16 {
+        curl_status(&[&format!("{}/ready", self.admin())])
+    }
+}
+
+/// A certs-dev identity as curl arguments (`--cert`, `--key`), e.g.
+/// `nexus.local/flood-model`.
+pub fn client_cert_args(identity: &str) -> Vec<String> {
+    vec![
+        "--cert".into(),
+        crate::cert(&format!("{identity}.pem"))
+            .to_string_lossy()
+            .into_owned(),
+        "--key".into(),
+        crate::cert(&format!("{identity}.key"))
+            .to_string_lossy()
+            .into_owned(),
+    ]
+}
+
+/// curl arguments for `https://localhost:PORT` on an inbound listener: trust the
+/// nexus.local CA, resolve `localhost` to 127.0.0.1 only, and present `identity` (a
+/// certs-dev name such as `nexus.local/flood-model`) unless it is `None`.
+pub fn inbound_curl_args(port: u16, identity: Option<&str>) -> Vec<String> {
+    let mut args = vec![
+        "--cacert".into(),
+        crate::cert("nexus.local/ca.pem")
+            .to_string_lossy()
+            .into_owned(),
+        "--resolve".into(),
+        format!("localhost:{port}:127.0.0.1"),
+    ];
+    if let Some(identity) = identity {
+        args.extend(client_cert_args(identity));
+    }
+    args
+}
+
+/// Options of [`two_hop`].
+#[derive(Debug, Default, Clone)]
+pub struct TwoHopOptions {
+    /// The data sidecar's app is the data API's gRPC port instead of its HTTP port.
+    pub grpc_app: bool,
+    /// Extra arguments for the data API's Workload API (e.g. `--federate`).
+    pub data_workload_api_args: Vec<String>,
+    /// Appended to the data sidecar's TOML (e.g. a `[limits]` table).
+    pub data_toml: String,
+    /// Appended to the plugin sidecar's TOML (e.g. more `[[outbound]]` tables).
+    pub plugin_toml: String,
+    /// The data sidecar's `inbound.allowed_ids`; default `spiffe://nexus.local/ns/plugins/*`.
+    pub allowed_ids: Vec<String>,
+}
+
+/// The reference path of a request: plugin -> plugin sidecar (outbound `hazard`, plain)
+/// -> mTLS -> data sidecar (inbound) -> demo data API, each sidecar with its own dev
+/// Workload API (the data API's with `--dns-name localhost`, so curl can verify it).
+pub struct TwoHop {
+    /// The data API's Workload API (`hazard-api`).
+    pub data_workload_api: WorkloadApi,
+    /// The plugin's Workload API (`flood-model`).
+    pub plugin_workload_api: WorkloadApi,
+    /// The demo data API.
+    pub data_api: DataApi,
+    /// The sidecar in front of the data API.
+    pub data: Sidecar,
+    /// The plugin's sidecar.
+    pub plugin: Sidecar,
+}
+
+impl TwoHop {
+    /// `http://OUTBOUND{path}` on the plugin sidecar's `hazard` outbound.
+    pub fn outbound_url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.plugin.outbound("hazard"))
+    }
+
+    /// `https://localhost:PORT{path}` on the data sidecar's inbound.
+    pub fn inbound_url(&self, path: &str) -> String {
+        format!("https://localhost:{}{path}", self.data.inbound_port())
+    }
+
+    /// curl arguments to call the data sidecar's inbound as `identity` (see
+    /// [`inbound_curl_args`]).
+    pub fn inbound_args(&self, identity: Option<&str>) -> Vec<String> {
+        inbound_curl_args(self.data.inbound_port(), identity)
+    }
+}
+
+/// Starts a [`TwoHop`] stack in `dir` and waits until both sidecars are ready.
+pub fn two_hop(dir: &Path, options: &TwoHopOptions) -> TwoHop {
+    let mut data_args = vec!["--dns-name", "localhost"];
+    data_args.extend(options.data_workload_api_args.iter().map(String::as_str));
+    let data_workload_api = workload_api(dir, "data-workload-api", DATA_API_ID, &data_args);
+    let plugin_workload_api = workload_api(dir, "plugin-workload-api", PLUGIN_ID, &[]);
+    let data_api = data_api(dir);
+    let app = if options.grpc_app {
+        &data_api.grpc
+    } else {
+        &data_api.http
+    };
+    let allowed = if options.allowed_ids.is_empty() {
+        vec!["spiffe://nexus.local/ns/plugins/*".to_string()]
+    } else {
+        options.allowed_ids.clone()
+    };
+    let data = sidecar(
+        dir,
+        "data-sidecar",
+        &format!(
+            "[identity]\nworkload_api_socket = {socket:?}\n\n[inbound]\nlisten = \"127.0.0.1:0\"\napp = {app:?}\nallowed_ids = {allowed:?}\n\n{extra}\n",
+            socket = data_workload_api.url(),
+            extra = options.data_toml,
+        ),
+        true,
+    );
+    let plugin = sidecar(
+        dir,
+        "plugin-sidecar",
+        &format!(
+            "[identity]\nworkload_api_socket = {socket:?}\n\n[[outbound]]\nname = \"hazard\"\nlisten = \"127.0.0.1:0\"\nupstream = {upstream:?}\nexpected_id = {DATA_API_ID:?}\n\n{extra}\n",
+            socket = plugin_workload_api.url(),
+            upstream = data.inbound(),
+            extra = options.plugin_toml,
+        ),
+        true,
+    );
+    TwoHop {
+        data_workload_api,
+        plugin_workload_api,
+        data_api,
+        data,
+        plugin,
+    }
+}
