@@ -5,6 +5,7 @@
 mod demo;
 mod dev_identity;
 mod http;
+mod policy_cmd;
 mod up;
 
 pub(crate) use http::http_get;
@@ -26,6 +27,9 @@ struct Cli {
 enum Command {
     /// Run the local stack (dev Workload APIs, demo data API, two sidecars) until Ctrl-C.
     Up(up::UpArgs),
+    /// Author and test Rego policies (test, eval, check).
+    #[command(subcommand)]
+    Policy(policy_cmd::PolicyCommand),
     /// Development helpers: a Workload API, the dev PKI. Never for production.
     #[command(subcommand)]
     Dev(DevCommand),
@@ -58,6 +62,7 @@ fn main() -> std::process::ExitCode {
     }
     let cli = Cli::parse();
     let result = match cli.command {
+        Command::Policy(command) => policy_cmd::run(command),
         Command::Up(args) => runtime().block_on(up::run(args)),
         Command::Dev(DevCommand::WorkloadApi(args)) => {
             runtime().block_on(dev_identity::run_workload_api(args))

@@ -17,6 +17,54 @@ pub const PLUGIN_ID: &str = "spiffe://nexus.local/ns/plugins/sa/flood-model";
 /// The demo data API's workload.
 pub const DATA_API_ID: &str = "spiffe://nexus.local/ns/data/sa/hazard-api";
 
+/// The reference policies, embedded so `up` needs no checkout.
+const POLICY_FILES: &[(&str, &str)] = &[
+    (
+        "nexus/authz/authz.rego",
+        include_str!("../../policies/nexus/authz/authz.rego"),
+    ),
+    (
+        "nexus/authz/authz_test.rego",
+        include_str!("../../policies/nexus/authz/authz_test.rego"),
+    ),
+    (
+        "nexus/bindings.yaml",
+        include_str!("../../policies/nexus/bindings.yaml"),
+    ),
+];
+
+/// The execution the demo opens, so the first call succeeds.
+pub const DEMO_EXECUTION: &str = "ex-demo-1";
+
+/// Writes the policies and the runtime data (one open execution) for the demo.
+fn write_policy(dir: &Path) -> anyhow::Result<(PathBuf, PathBuf)> {
+    let policies = dir.join("policies");
+    for (rel, text) in POLICY_FILES {
+        let path = policies.join(rel);
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent)?;
+        }
+        std::fs::write(path, text)?;
+    }
+    let not_after = time::OffsetDateTime::now_utc() + time::Duration::hours(8);
+    let not_after = not_after.format(&time::format_description::well_known::Rfc3339)?;
+    let runtime = serde_json::json!({
+        "executions": {DEMO_EXECUTION: {"plugin": PLUGIN_ID, "clause": "c-flood-17", "not_after": not_after}},
+        "revoked": {},
+    });
+    let state = dir.join("runtime-data.json");
+    std::fs::write(&state, serde_json::to_vec_pretty(&runtime)?)?;
+    Ok((policies, state))
+}
+
+fn policy_section(policies: &Path, state: &Path) -> String {
+    format!(
+        "[policy]\ndir = {:?}\nstate_file = {:?}\n",
+        policies.to_string_lossy(),
+        state.to_string_lossy()
+    )
+}
+
 /// `nexusctl up`
 #[derive(clap::Args, Debug)]
 pub struct UpArgs {
@@ -54,6 +102,10 @@ pub struct State {
     pub admin_urls: BTreeMap<String, String>,
     /// Process ids by component, and of `nexusctl up` itself.
     pub pids: BTreeMap<String, u32>,
+    /// The policy folder both sidecars load (edit it: they reload within a second).
+    pub policy_dir: PathBuf,
+    /// Runtime data (open executions, revocations) both sidecars load.
+    pub runtime_data: PathBuf,
     /// The working folder.
     pub dir: PathBuf,
 }
@@ -205,6 +257,9 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     std::fs::write(&client_cert, &client.cert_pem)?;
     write_private(&client_key, client.key_pem.as_bytes())?;
 
+    let (policies, runtime_data) = write_policy(&dir)?;
+    let policy = policy_section(&policies, &runtime_data);
+
     let deadline = Instant::now() + args.ready_timeout;
     let mut stack = Stack {
         children: Vec::new(),
@@ -251,10 +306,11 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
                 "# nexusctl up: the sidecar in front of the demo data API\n\
                  [identity]\nworkload_api_socket = {sock:?}\n\n\
                  [admin]\nlisten = \"127.0.0.1:0\"\naddress_file = {addrs:?}\n\n\
-                 [inbound]\nlisten = \"127.0.0.1:0\"\napp = {app:?}\nallowed_ids = [\"spiffe://nexus.local/ns/plugins/*\"]\n",
+                 [inbound]\nlisten = \"127.0.0.1:0\"\napp = {app:?}\nallowed_ids = [\"spiffe://nexus.local/ns/plugins/*\"]\n\n{policy}",
                 sock = format!("unix://{}", data_sock.display()),
                 addrs = dir.join("data-sidecar.json"),
                 app = data_api_addr,
+                policy = policy,
             ),
         )?;
         let pid = stack.spawn("data-sidecar", Command::new(&sidecar).arg("--config").arg(&data_config), &dir)?;
@@ -270,11 +326,12 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
                 "# nexusctl up: the demo plugin's sidecar\n\
                  [identity]\nworkload_api_socket = {sock:?}\n\n\
                  [admin]\nlisten = \"127.0.0.1:0\"\naddress_file = {addrs:?}\n\n\
-                 [[outbound]]\nname = \"hazard-api\"\nlisten = \"127.0.0.1:0\"\nupstream = {up:?}\nexpected_id = {id:?}\n",
+                 [[outbound]]\nname = \"hazard-api\"\nlisten = \"127.0.0.1:0\"\nupstream = {up:?}\nexpected_id = {id:?}\n\n{policy}",
                 sock = format!("unix://{}", plugin_sock.display()),
                 addrs = dir.join("plugin-sidecar.json"),
                 up = inbound,
                 id = DATA_API_ID,
+                policy = policy,
             ),
         )?;
         let pid = stack.spawn("plugin-sidecar", Command::new(&sidecar).arg("--config").arg(&plugin_config), &dir)?;
@@ -299,6 +356,8 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
                 ("plugin-sidecar".to_string(), plugin_admin),
             ]),
             pids: pids.clone(),
+            policy_dir: policies.clone(),
+            runtime_data: runtime_data.clone(),
             dir: dir.clone(),
         };
         let tmp = state_file.with_extension("tmp");
@@ -354,15 +413,24 @@ fn print_welcome(state: &State, state_file: &Path) {
     let inb = &state.data_api_inbound_url;
     println!(
         "Nexus local stack is up (development identities; never for production).\n\n\
-         The plugin calls its sidecar in plain HTTP; the sidecar carries it over mTLS:\n  \
+         The plugin calls its sidecar in plain HTTP; the sidecar carries it over mTLS, and\n\
+         both sidecars check the policy (execution {exec} is open for clause c-flood-17):\n  \
          curl -s {out}/clauses/c-flood-17/rainfall\n\n\
+         Denied by policy (bound to c-flood-18 but no open execution; not bound to c-quake-3):\n  \
+         curl -s {out}/clauses/c-flood-18/rainfall\n  \
+         curl -s {out}/clauses/c-quake-3/magnitude\n\n\
          Call the data API's sidecar directly with the plugin's dev SVID:\n  \
          curl -s --cacert {ca} --cert {cert} --key {key} {inb}/clauses/c-flood-17/rainfall\n\n\
          Without a client certificate the sidecar refuses the connection:\n  \
          curl -s --cacert {ca} {inb}/clauses/c-flood-17/rainfall\n\n\
+         Policies: {policy_dir} (edit and save: reloaded within a second)\n\
+         Runtime data (executions, revocations): {runtime}\n\
          Health and metrics: {admins}\n\
          State file: {state_file}\n\
          Press Ctrl-C to stop.",
+        exec = DEMO_EXECUTION,
+        policy_dir = state.policy_dir.display(),
+        runtime = state.runtime_data.display(),
         ca = state.ca_bundle.display(),
         cert = state.client_cert.display(),
         key = state.client_key.display(),

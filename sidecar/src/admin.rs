@@ -14,6 +14,7 @@ use nexus_identity::IdentityStore;
 use tokio::net::TcpListener;
 
 use crate::metrics::Metrics;
+use crate::policy::PolicyRuntime;
 
 /// State the admin endpoints read.
 #[derive(Clone, Debug)]
@@ -22,24 +23,15 @@ pub struct Admin {
     pub store: Arc<IdentityStore>,
     /// The registry to expose.
     pub metrics: Arc<Metrics>,
+    /// Policy readiness, when policy is configured.
+    pub policy: Option<Arc<PolicyRuntime>>,
 }
 
 impl Admin {
     fn respond(&self, req: &Request<Incoming>) -> Response<Full<Bytes>> {
         let (status, content_type, body) = match req.uri().path() {
             "/live" => (StatusCode::OK, "text/plain", "live\n".to_string()),
-            "/ready" => match self.store.current() {
-                Some(identity) => (
-                    StatusCode::OK,
-                    "text/plain",
-                    format!("ready: {}\n", identity.spiffe_id()),
-                ),
-                None => (
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "text/plain",
-                    "not ready: no SVID yet\n".to_string(),
-                ),
-            },
+            "/ready" => self.readiness(),
             "/metrics" => (
                 StatusCode::OK,
                 "application/openmetrics-text; version=1.0.0; charset=utf-8",
@@ -59,6 +51,34 @@ impl Admin {
                 .insert(http::header::CONTENT_TYPE, value);
         }
         response
+    }
+
+    fn readiness(&self) -> (StatusCode, &'static str, String) {
+        let Some(identity) = self.store.current() else {
+            return (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "text/plain",
+                "not ready: no SVID yet\n".into(),
+            );
+        };
+        let policy = match &self.policy {
+            None => "policy: none (authentication only)".to_string(),
+            Some(runtime) => match runtime.current() {
+                Some(loaded) => format!("policy: {}", loaded.policy.revision()),
+                None => {
+                    return (
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "text/plain",
+                        "not ready: no policy revision loaded yet (see the log for file:line:col)\n".into(),
+                    );
+                }
+            },
+        };
+        (
+            StatusCode::OK,
+            "text/plain",
+            format!("ready: {}\n{policy}\n", identity.spiffe_id()),
+        )
     }
 
     /// Serves the admin endpoints forever.

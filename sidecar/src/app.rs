@@ -12,6 +12,7 @@ use tokio::net::TcpListener;
 use crate::admin::Admin;
 use crate::config::{Config, IdentitySource};
 use crate::metrics::Metrics;
+use crate::policy::PolicyRuntime;
 use crate::proxy::inbound::Inbound;
 use crate::proxy::outbound::Outbound;
 
@@ -78,6 +79,24 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         });
     }
 
+    let policy = match &config.policy {
+        Some(policy_config) => {
+            let runtime = PolicyRuntime::new(policy_config.clone(), metrics.clone());
+            // The first load happens before listening, so a good policy serves from the
+            // first request; a broken one leaves the sidecar not ready (denying).
+            let first = runtime.clone();
+            let _ = tokio::task::spawn_blocking(move || first.reload()).await;
+            tokio::spawn(runtime.clone().watch());
+            Some(runtime)
+        }
+        None => {
+            tracing::warn!(
+                "no [policy] configured: requests are authenticated (SPIFFE ID allow lists) but not authorized per request"
+            );
+            None
+        }
+    };
+
     let admin_listener = bind(config.admin.listen, "admin").await?;
     let mut addresses = Addresses {
         admin: admin_listener.local_addr()?,
@@ -87,7 +106,12 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     if let Some(inbound) = &config.inbound {
         let listener = bind(inbound.listen, "inbound").await?;
         addresses.inbound = Some(listener.local_addr()?);
-        let proxy = Arc::new(Inbound::new(&config, store.clone(), metrics.clone())?);
+        let proxy = Arc::new(Inbound::new(
+            &config,
+            store.clone(),
+            metrics.clone(),
+            policy.clone(),
+        )?);
         tokio::spawn(proxy.serve(listener));
     }
     for out in &config.outbound {
@@ -95,13 +119,20 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         addresses
             .outbound
             .insert(out.name.clone(), listener.local_addr()?);
-        let proxy = Arc::new(Outbound::new(&config, out, store.clone(), metrics.clone())?);
+        let proxy = Arc::new(Outbound::new(
+            &config,
+            out,
+            store.clone(),
+            metrics.clone(),
+            policy.clone(),
+        )?);
         tokio::spawn(proxy.serve(listener));
     }
     tokio::spawn(
         Admin {
             store: store.clone(),
             metrics,
+            policy,
         }
         .serve(admin_listener),
     );

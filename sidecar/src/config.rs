@@ -137,9 +137,16 @@ fn default_clause_segment() -> String {
     "clauses".into()
 }
 fn default_headers() -> Vec<String> {
-    ["content-type", "content-length", "user-agent", "x-nexus-execution", "x-request-id", "traceparent"]
-        .map(String::from)
-        .to_vec()
+    [
+        "content-type",
+        "content-length",
+        "user-agent",
+        "x-nexus-execution",
+        "x-request-id",
+        "traceparent",
+    ]
+    .map(String::from)
+    .to_vec()
 }
 fn default_eval_timeout() -> Duration {
     Duration::from_millis(50)
@@ -472,15 +479,26 @@ impl Config {
                     "point it at the folder holding your .rego files",
                 ));
             }
-            for (field, rule) in [("policy.decision_rule", Some(&policy.decision_rule)), ("policy.shadow_rule", policy.shadow_rule.as_ref())] {
+            for (field, rule) in [
+                ("policy.decision_rule", Some(&policy.decision_rule)),
+                ("policy.shadow_rule", policy.shadow_rule.as_ref()),
+            ] {
                 if let Some(rule) = rule
                     && !rule.starts_with("data.")
                 {
-                    return Err(invalid(field, format!("`{rule}` is not a rule path"), "write it as data.package.rule"));
+                    return Err(invalid(
+                        field,
+                        format!("`{rule}` is not a rule path"),
+                        "write it as data.package.rule",
+                    ));
                 }
             }
             if policy.eval_timeout.is_zero() {
-                return Err(invalid("policy.eval_timeout", "must be more than 0", "use the default, 50ms"));
+                return Err(invalid(
+                    "policy.eval_timeout",
+                    "must be more than 0",
+                    "use the default, 50ms",
+                ));
             }
         }
         let mut names = BTreeSet::new();

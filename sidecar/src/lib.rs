@@ -9,6 +9,7 @@ pub mod admin;
 pub mod app;
 pub mod config;
 pub mod metrics;
+pub mod policy;
 pub mod proxy;
 
 pub use app::{Addresses, Running, run, start};

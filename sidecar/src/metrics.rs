@@ -11,6 +11,7 @@ use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
 /// Inbound (mTLS from a peer) or outbound (plain from the local app).
@@ -37,6 +38,26 @@ pub struct Metrics {
     connection_errors: Family<ReasonLabels, Counter>,
     svid_expiry: Gauge<i64, AtomicI64>,
     rotations: Counter,
+    rejected: Family<ReasonLabels, Counter>,
+    decisions: Family<DecisionLabels, Counter>,
+    evaluation: Family<DirectionLabels, Histogram>,
+    reloads: Family<ResultLabels, Counter>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DecisionLabels {
+    direction: &'static str,
+    result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DirectionLabels {
+    direction: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ResultLabels {
+    result: &'static str,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -79,7 +100,39 @@ impl Metrics {
             "SVIDs published after the first",
             rotations.clone(),
         );
+        let rejected = Family::<ReasonLabels, Counter>::default();
+        registry.register(
+            "rejected_requests",
+            "Requests answered 400 before policy because their target is ambiguous or malformed, by reason",
+            rejected.clone(),
+        );
+        let decisions = Family::<DecisionLabels, Counter>::default();
+        registry.register(
+            "policy_decisions",
+            "Policy decisions by direction and result (allow, deny, error, dry_run_deny, no_policy, shadow_*)",
+            decisions.clone(),
+        );
+        let evaluation = Family::<DirectionLabels, Histogram>::new_with_constructor(|| {
+            Histogram::new([
+                1e-6, 2.5e-6, 5e-6, 1e-5, 2.5e-5, 5e-5, 1e-4, 1e-3, 1e-2, 5e-2,
+            ])
+        });
+        registry.register(
+            "policy_evaluation_seconds",
+            "Time to evaluate the decision rule",
+            evaluation.clone(),
+        );
+        let reloads = Family::<ResultLabels, Counter>::default();
+        registry.register(
+            "policy_reloads",
+            "Policy revision loads by result (ok, error: refused, the last good revision kept)",
+            reloads.clone(),
+        );
         Arc::new(Self {
+            rejected,
+            decisions,
+            evaluation,
+            reloads,
             registry,
             requests,
             handshake_failures,
@@ -112,6 +165,32 @@ impl Metrics {
         self.connection_errors
             .get_or_create(&ReasonLabels { direction, reason })
             .inc();
+    }
+
+    /// Counts a request refused before policy (bad target).
+    pub fn rejected_request(&self, direction: Direction, reason: &'static str) {
+        self.rejected
+            .get_or_create(&ReasonLabels { direction, reason })
+            .inc();
+    }
+
+    /// Counts a policy decision.
+    pub fn decision(&self, direction: Direction, result: &'static str) {
+        self.decisions
+            .get_or_create(&DecisionLabels { direction, result })
+            .inc();
+    }
+
+    /// Records the time one evaluation took.
+    pub fn policy_evaluation(&self, direction: Direction, elapsed: std::time::Duration) {
+        self.evaluation
+            .get_or_create(&DirectionLabels { direction })
+            .observe(elapsed.as_secs_f64());
+    }
+
+    /// Counts a policy load attempt.
+    pub fn policy_reload(&self, result: &'static str) {
+        self.reloads.get_or_create(&ResultLabels { result }).inc();
     }
 
     /// Records a newly published SVID.

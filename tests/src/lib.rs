@@ -197,22 +197,37 @@ pub fn run_bounded(secs: u32, program: &str, args: &[&str]) -> Output {
         .unwrap_or_else(|e| panic!("cannot run {program}: {e}"))
 }
 
-/// Lower-case hex SHA-256 of a certificate's DER (what `openssl x509 -fingerprint -sha256`
-/// prints, without the colons), from PEM text.
-pub fn cert_fingerprint_pem(pem: &str) -> Option<String> {
+/// Runs `openssl x509 ARGS` on PEM text; its stdout if it succeeded.
+fn openssl_x509(pem: &str, args: &[&str]) -> Option<String> {
     use std::io::Write;
     let mut child = Command::new("openssl")
-        .args(["x509", "-noout", "-fingerprint", "-sha256"])
+        .arg("x509")
+        .args(args)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
         .expect("openssl is installed");
-    child.stdin.take()?.write_all(pem.as_bytes()).ok()?;
+    // Dropping stdin after the write closes it, so openssl sees the end of its input.
+    let written = child
+        .stdin
+        .take()
+        .is_some_and(|mut stdin| stdin.write_all(pem.as_bytes()).is_ok());
     let out = child.wait_with_output().ok()?;
-    let text = String::from_utf8_lossy(&out.stdout);
-    let hex = text.trim().rsplit('=').next()?.replace(':', "").to_lowercase();
-    (out.status.success() && hex.len() == 64).then_some(hex)
+    (written && out.status.success()).then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Lower-case hex SHA-256 of a certificate's DER (what `openssl x509 -fingerprint -sha256`
+/// prints, without the colons), from PEM text.
+pub fn cert_fingerprint_pem(pem: &str) -> Option<String> {
+    let text = openssl_x509(pem, &["-noout", "-fingerprint", "-sha256"])?;
+    let hex = text
+        .trim()
+        .rsplit('=')
+        .next()?
+        .replace(':', "")
+        .to_lowercase();
+    (hex.len() == 64).then_some(hex)
 }
 
 /// [`cert_fingerprint_pem`] of a PEM file.
@@ -222,17 +237,7 @@ pub fn cert_fingerprint(path: &Path) -> Option<String> {
 
 /// The SPIFFE ID (URI SAN) of a PEM certificate.
 pub fn cert_uri_san(pem: &str) -> Option<String> {
-    use std::io::Write;
-    let mut child = Command::new("openssl")
-        .args(["x509", "-noout", "-ext", "subjectAltName"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("openssl is installed");
-    child.stdin.take()?.write_all(pem.as_bytes()).ok()?;
-    let out = child.wait_with_output().ok()?;
-    String::from_utf8_lossy(&out.stdout)
+    openssl_x509(pem, &["-noout", "-ext", "subjectAltName"])?
         .split([',', '\n'])
         .find_map(|s| s.trim().strip_prefix("URI:").map(String::from))
 }
@@ -248,7 +253,14 @@ pub fn presented_leaf(port: u16, cert: &Path, key: &Path) -> Option<String> {
         15,
         "openssl",
         &[
-            "s_client", "-connect", &addr, "-servername", "localhost", "-cert", &cert, "-key",
+            "s_client",
+            "-connect",
+            &addr,
+            "-servername",
+            "localhost",
+            "-cert",
+            &cert,
+            "-key",
             &key,
         ],
     );

@@ -70,7 +70,11 @@ impl Bundle {
                 let value = parse_data(&shown, &text)?;
                 let prefix: Vec<String> = rel
                     .parent()
-                    .map(|p| p.components().map(|c| c.as_os_str().to_string_lossy().into_owned()).collect())
+                    .map(|p| {
+                        p.components()
+                            .map(|c| c.as_os_str().to_string_lossy().into_owned())
+                            .collect()
+                    })
                     .unwrap_or_default();
                 merge_at(&mut data, &prefix, value, &shown)?;
             }
@@ -92,7 +96,9 @@ impl Bundle {
             hasher.update(m.path.as_bytes());
             hasher.update(m.text.as_bytes());
         }
-        let (tests, modules) = modules.into_iter().partition(|m| m.path.ends_with("_test.rego"));
+        let (tests, modules) = modules
+            .into_iter()
+            .partition(|m| m.path.ends_with("_test.rego"));
         let revision = hex(hasher.finish().as_ref());
         Self {
             root: PathBuf::new(),
@@ -120,10 +126,15 @@ fn collect(root: &Path, dir: &Path, out: &mut Vec<PathBuf>) -> Result<(), Policy
             continue;
         }
         let path = entry.path();
-        let Ok(meta) = std::fs::metadata(&path) else { continue };
+        let Ok(meta) = std::fs::metadata(&path) else {
+            continue;
+        };
         if meta.is_dir() {
             collect(root, &path, out)?;
-        } else if [".rego", ".json", ".yaml", ".yml"].iter().any(|ext| name.ends_with(ext)) {
+        } else if [".rego", ".json", ".yaml", ".yml"]
+            .iter()
+            .any(|ext| name.ends_with(ext))
+        {
             if meta.len() > MAX_FILE_BYTES {
                 return Err(PolicyError::Read {
                     file: path.to_string_lossy().into_owned(),
@@ -153,7 +164,12 @@ fn parse_data(file: &str, text: &str) -> Result<Value, PolicyError> {
 }
 
 /// Places `value` at `data.<prefix>`, merging objects; a conflicting scalar is an error.
-fn merge_at(data: &mut Value, prefix: &[String], value: Value, file: &str) -> Result<(), PolicyError> {
+fn merge_at(
+    data: &mut Value,
+    prefix: &[String],
+    value: Value,
+    file: &str,
+) -> Result<(), PolicyError> {
     let mut wrapped = value;
     for key in prefix.iter().rev() {
         let mut obj = Value::new_object();
@@ -190,7 +206,9 @@ pub(crate) fn merge(dst: &mut Value, src: Value) -> Result<(), String> {
 }
 
 fn key_str(k: &Value) -> String {
-    k.as_string().map(|s| s.to_string()).unwrap_or_else(|_| k.to_string())
+    k.as_string()
+        .map(|s| s.to_string())
+        .unwrap_or_else(|_| k.to_string())
 }
 
 fn hex(bytes: &[u8]) -> String {

@@ -94,7 +94,11 @@ impl std::fmt::Debug for Policy {
 /// A fresh engine holding `bundle`'s modules (and, if `with_tests`, its tests) and data.
 pub fn engine_for(bundle: &Bundle, with_tests: bool) -> Result<Engine, PolicyError> {
     let mut engine = Engine::new();
-    let modules = bundle.modules.iter().chain(if with_tests { bundle.tests.iter() } else { [].iter() });
+    let modules = bundle.modules.iter().chain(if with_tests {
+        bundle.tests.iter()
+    } else {
+        [].iter()
+    });
     for module in modules {
         engine
             .add_policy(module.path.clone(), module.text.clone())
@@ -112,7 +116,11 @@ pub fn engine_for(bundle: &Bundle, with_tests: bool) -> Result<Engine, PolicyErr
 impl Policy {
     /// Compiles `bundle` for `options.decision_rule`, with `runtime` data (e.g.
     /// `{"nexus": {"executions": ..., "revoked": ...}}`) merged over the bundle's.
-    pub fn compile(bundle: &Bundle, runtime: &Value, options: PolicyOptions) -> Result<Self, PolicyError> {
+    pub fn compile(
+        bundle: &Bundle,
+        runtime: &Value,
+        options: PolicyOptions,
+    ) -> Result<Self, PolicyError> {
         let mut engine = engine_for(bundle, false)?;
         engine.set_execution_timer_config(timer(options.eval_timeout));
         let rule: regorus::Rc<str> = options.decision_rule.as_str().into();
@@ -128,8 +136,13 @@ impl Policy {
         })?;
         let program = match options.mode {
             EvalMode::Compiled => Some(
-                regorus::languages::rego::compiler::Compiler::compile_from_policy(&compiled, &[rule.as_ref()])
-                    .map_err(|e| PolicyError::RegoUnlocated(format!("compiling {}: {e}", options.decision_rule)))?,
+                regorus::languages::rego::compiler::Compiler::compile_from_policy(
+                    &compiled,
+                    &[rule.as_ref()],
+                )
+                .map_err(|e| {
+                    PolicyError::RegoUnlocated(format!("compiling {}: {e}", options.decision_rule))
+                })?,
             ),
             EvalMode::Interpreted => None,
         };
@@ -204,7 +217,10 @@ impl Policy {
                     Err(e) => Err(e.to_string()),
                 }
             }
-            None => self.compiled.eval_with_input(input).map_err(|e| format!("{e:#}")),
+            None => self
+                .compiled
+                .eval_with_input(input)
+                .map_err(|e| format!("{e:#}")),
         };
         match result {
             Ok(value) => decision_from(&value),
@@ -231,10 +247,14 @@ fn timer(limit: Duration) -> ExecutionTimerConfig {
 /// have; unlike `merge`, a conflict means "runtime wins".
 fn overlay(dst: &mut Value, src: &Value) {
     let Ok(src_map) = src.as_object() else { return };
-    let Ok(dst_map) = dst.as_object_mut() else { return };
+    let Ok(dst_map) = dst.as_object_mut() else {
+        return;
+    };
     for (k, v) in src_map.iter() {
         match dst_map.get_mut(k) {
-            Some(existing) if existing.as_object().is_ok() && v.as_object().is_ok() => overlay(existing, v),
+            Some(existing) if existing.as_object().is_ok() && v.as_object().is_ok() => {
+                overlay(existing, v)
+            }
             _ => {
                 dst_map.insert(k.clone(), v.clone());
             }
@@ -275,4 +295,3 @@ fn reason_text(v: &Value) -> String {
         Err(_) => v.to_json_str().unwrap_or_default(),
     }
 }
-

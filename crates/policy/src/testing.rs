@@ -41,7 +41,11 @@ impl FileCoverage {
     /// Covered share in percent (100 when nothing is coverable).
     pub fn percent(&self) -> f64 {
         let total = self.covered.len() + self.not_covered.len();
-        if total == 0 { 100.0 } else { 100.0 * self.covered.len() as f64 / total as f64 }
+        if total == 0 {
+            100.0
+        } else {
+            100.0 * self.covered.len() as f64 / total as f64
+        }
     }
 }
 
@@ -84,7 +88,12 @@ fn test_rules(text: &str) -> Option<(String, Vec<String>)> {
         if package.is_none()
             && let Some(rest) = trimmed.strip_prefix("package ")
         {
-            package = Some(rest.split_whitespace().next().unwrap_or_default().to_string());
+            package = Some(
+                rest.split_whitespace()
+                    .next()
+                    .unwrap_or_default()
+                    .to_string(),
+            );
             continue;
         }
         if line.starts_with("test_") {
@@ -101,7 +110,11 @@ fn test_rules(text: &str) -> Option<(String, Vec<String>)> {
 }
 
 /// Runs every test of `bundle`; `filter` keeps tests whose name contains it.
-pub fn run_tests(bundle: &Bundle, coverage: bool, filter: Option<&str>) -> Result<TestReport, PolicyError> {
+pub fn run_tests(
+    bundle: &Bundle,
+    coverage: bool,
+    filter: Option<&str>,
+) -> Result<TestReport, PolicyError> {
     let mut engine = engine_for(bundle, true)?;
     engine.set_enable_coverage(coverage);
     let mut report = TestReport::default();
@@ -118,8 +131,17 @@ pub fn run_tests(bundle: &Bundle, coverage: bool, filter: Option<&str>) -> Resul
             let outcome = engine.eval_rule(name.clone());
             let (passed, failure) = match outcome {
                 Ok(Value::Bool(true)) => (true, None),
-                Ok(Value::Undefined) => (false, Some("undefined (a condition in the test did not hold)".into())),
-                Ok(other) => (false, Some(format!("evaluated to {}", other.to_json_str().unwrap_or_default()))),
+                Ok(Value::Undefined) => (
+                    false,
+                    Some("undefined (a condition in the test did not hold)".into()),
+                ),
+                Ok(other) => (
+                    false,
+                    Some(format!(
+                        "evaluated to {}",
+                        other.to_json_str().unwrap_or_default()
+                    )),
+                ),
                 Err(e) => (false, Some(PolicyError::from_regorus(&e).to_string())),
             };
             report.results.push(TestResult {
@@ -173,7 +195,13 @@ mod tests {
         assert_eq!(report.results.len(), 2);
         assert!(report.results[0].passed);
         assert!(!report.results[1].passed);
-        assert!(report.results[1].failure.as_deref().unwrap().contains("undefined"));
+        assert!(
+            report.results[1]
+                .failure
+                .as_deref()
+                .unwrap()
+                .contains("undefined")
+        );
         assert!(report.clone().into_result().is_err());
         assert_eq!(report.coverage.len(), 1);
         assert!(report.coverage[0].percent() > 0.0);

@@ -13,11 +13,14 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 use tower::ServiceBuilder;
 
+use super::authorize::{NormalizeLayer, Parties, PolicyLayer};
 use super::forward::{Forward, VersionPolicy};
 use super::layers::{CallerIdentityLayer, Peer, RecordLayer};
+use super::normalize::NormalizeLimits;
 use super::serve::{accept_loop, http_server, serve_http};
 use crate::config::{AppProtocol, Config};
 use crate::metrics::Metrics;
+use crate::policy::PolicyRuntime;
 
 const DIRECTION: &str = "inbound";
 
@@ -27,6 +30,7 @@ pub struct Inbound {
     forward: Forward<HttpConnector>,
     store: Arc<IdentityStore>,
     metrics: Arc<Metrics>,
+    policy: Option<Arc<PolicyRuntime>>,
     server: auto::Builder<TokioExecutor>,
     handshake_timeout: Duration,
     max_connections: usize,
@@ -38,6 +42,7 @@ impl Inbound {
         config: &Config,
         store: Arc<IdentityStore>,
         metrics: Arc<Metrics>,
+        policy: Option<Arc<PolicyRuntime>>,
     ) -> anyhow::Result<Self> {
         let inbound = config
             .inbound
@@ -78,6 +83,7 @@ impl Inbound {
             forward,
             store,
             metrics,
+            policy,
             server: http_server(&config.limits),
             handshake_timeout: config.tls.handshake_timeout,
             max_connections: config.limits.max_connections,
@@ -129,9 +135,30 @@ impl Inbound {
             self.metrics.handshake_failure(DIRECTION, "no_spiffe_id");
             return;
         };
+        let me: Arc<str> = self
+            .store
+            .current()
+            .map(|i| i.spiffe_id().into())
+            .unwrap_or_else(|| "".into());
+        let parties = Parties {
+            direction: DIRECTION,
+            source: peer.spiffe_id.clone(),
+            destination: me,
+        };
+        // The request path, top to bottom.
         let service = ServiceBuilder::new()
             .layer(RecordLayer::new(self.metrics.clone(), DIRECTION))
             .layer(CallerIdentityLayer::new(self.store.clone(), Some(peer)))
+            .layer(NormalizeLayer::new(
+                NormalizeLimits::default(),
+                self.metrics.clone(),
+                DIRECTION,
+            ))
+            .option_layer(
+                self.policy
+                    .clone()
+                    .map(|p| PolicyLayer::new(p, self.metrics.clone(), parties)),
+            )
             .service(self.forward.clone());
         serve_http(&self.server, tls, service, &self.metrics, DIRECTION).await;
     }

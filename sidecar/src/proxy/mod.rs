@@ -2,10 +2,12 @@
 //! `outbound` (plain HTTP from the local app to an upstream over mTLS). Both are a stack
 //! of tower layers over [`forward::Forward`], composed in one function each.
 
+pub mod authorize;
 pub mod forward;
 pub mod headers;
 pub mod inbound;
 pub mod layers;
+pub mod normalize;
 pub mod outbound;
 pub mod serve;
 

@@ -14,11 +14,14 @@ use nexus_identity::{AllowList, IdentityStore};
 use tokio::net::{TcpListener, TcpStream};
 use tower::ServiceBuilder;
 
+use super::authorize::{NormalizeLayer, Parties, PolicyLayer};
 use super::forward::{Forward, VersionPolicy};
 use super::layers::{CallerIdentityLayer, RecordLayer};
+use super::normalize::NormalizeLimits;
 use super::serve::{accept_loop, http_server, serve_http};
 use crate::config::{Config, OutboundConfig};
 use crate::metrics::Metrics;
+use crate::policy::PolicyRuntime;
 
 const DIRECTION: &str = "outbound";
 
@@ -27,6 +30,8 @@ pub struct Outbound {
     forward: Forward<HttpsConnector<HttpConnector>>,
     store: Arc<IdentityStore>,
     metrics: Arc<Metrics>,
+    policy: Option<Arc<PolicyRuntime>>,
+    expected_id: Arc<str>,
     server: auto::Builder<TokioExecutor>,
     max_connections: usize,
 }
@@ -38,6 +43,7 @@ impl Outbound {
         out: &OutboundConfig,
         store: Arc<IdentityStore>,
         metrics: Arc<Metrics>,
+        policy: Option<Arc<PolicyRuntime>>,
     ) -> anyhow::Result<Self> {
         let expected = AllowList::parse(&[&out.expected_id])?;
         let tls = nexus_identity::tls::client_config(
@@ -79,6 +85,8 @@ impl Outbound {
             forward,
             store,
             metrics,
+            policy,
+            expected_id: out.expected_id.as_str().into(),
             server: http_server(&config.limits),
             max_connections: config.limits.max_connections,
         })
@@ -94,9 +102,30 @@ impl Outbound {
     }
 
     async fn connection(self: Arc<Self>, stream: TcpStream) {
+        let me: Arc<str> = self
+            .store
+            .current()
+            .map(|i| i.spiffe_id().into())
+            .unwrap_or_else(|| "".into());
+        let parties = Parties {
+            direction: DIRECTION,
+            source: me,
+            destination: self.expected_id.clone(),
+        };
+        // The request path, top to bottom.
         let service = ServiceBuilder::new()
             .layer(RecordLayer::new(self.metrics.clone(), DIRECTION))
             .layer(CallerIdentityLayer::new(self.store.clone(), None))
+            .layer(NormalizeLayer::new(
+                NormalizeLimits::default(),
+                self.metrics.clone(),
+                DIRECTION,
+            ))
+            .option_layer(
+                self.policy
+                    .clone()
+                    .map(|p| PolicyLayer::new(p, self.metrics.clone(), parties)),
+            )
             .service(self.forward.clone());
         serve_http(&self.server, stream, service, &self.metrics, DIRECTION).await;
     }

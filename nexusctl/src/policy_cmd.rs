@@ -1,0 +1,249 @@
+//! `nexusctl policy test|eval|check`: author and test policies like OPA, with the same
+//! engine the sidecar embeds.
+
+use std::io::{BufRead, Write};
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, bail};
+use nexus_policy::{Bundle, Policy, PolicyOptions, Value};
+
+/// `nexusctl policy ...`
+#[derive(clap::Subcommand, Debug)]
+pub enum PolicyCommand {
+    /// Run the `test_*` rules of every `*_test.rego` (exit 1 if any fails).
+    Test(TestArgs),
+    /// Evaluate the decision rule for an input (or a JSON-lines file of inputs).
+    Eval(EvalArgs),
+    /// Compile a policy folder and report errors with file:line:col (exit 1 on error).
+    Check(CheckArgs),
+}
+
+/// `nexusctl policy test`
+#[derive(clap::Args, Debug)]
+pub struct TestArgs {
+    /// Policy folder.
+    #[arg(default_value = "policies")]
+    pub dir: PathBuf,
+    /// Report line coverage of the non-test modules.
+    #[arg(long)]
+    pub coverage: bool,
+    /// Only tests whose full name contains this.
+    #[arg(long)]
+    pub run: Option<String>,
+    /// Print every test, not only failures.
+    #[arg(long, short)]
+    pub verbose: bool,
+}
+
+/// `nexusctl policy eval`
+#[derive(clap::Args, Debug)]
+pub struct EvalArgs {
+    /// Policy folder.
+    #[arg(long, default_value = "policies")]
+    pub dir: PathBuf,
+    /// Input document (JSON file, `-` for stdin).
+    #[arg(long, conflicts_with = "inputs")]
+    pub input: Option<PathBuf>,
+    /// JSON lines, one input per line; prints one decision per line.
+    #[arg(long)]
+    pub inputs: Option<PathBuf>,
+    /// Extra data (JSON or YAML) merged over the folder's data, like the sidecar's
+    /// runtime data: e.g. {"nexus": {"executions": {...}, "revoked": {...}}}.
+    #[arg(long)]
+    pub data: Vec<PathBuf>,
+    /// The decision rule.
+    #[arg(long, default_value = "data.nexus.authz.decision")]
+    pub rule: String,
+    /// Also print every rule of the decision's package, to see why.
+    #[arg(long)]
+    pub explain: bool,
+}
+
+/// `nexusctl policy check`
+#[derive(clap::Args, Debug)]
+pub struct CheckArgs {
+    /// Policy folder.
+    #[arg(default_value = "policies")]
+    pub dir: PathBuf,
+    /// The decision rule that must exist.
+    #[arg(long, default_value = "data.nexus.authz.decision")]
+    pub rule: String,
+}
+
+/// Runs a policy subcommand.
+pub fn run(command: PolicyCommand) -> anyhow::Result<()> {
+    match command {
+        PolicyCommand::Test(args) => test(args),
+        PolicyCommand::Eval(args) => eval(args),
+        PolicyCommand::Check(args) => check(args),
+    }
+}
+
+fn load(dir: &Path) -> anyhow::Result<Bundle> {
+    Bundle::load(dir).map_err(|e| anyhow::anyhow!("{e}"))
+}
+
+fn test(args: TestArgs) -> anyhow::Result<()> {
+    let bundle = load(&args.dir)?;
+    let report = nexus_policy::testing::run_tests(&bundle, args.coverage, args.run.as_deref())
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let mut out = std::io::stdout().lock();
+    for result in &report.results {
+        if !result.passed {
+            writeln!(
+                out,
+                "FAIL {} ({})\n     {}",
+                result.name,
+                result.file,
+                result.failure.as_deref().unwrap_or("")
+            )?;
+        } else if args.verbose {
+            writeln!(out, "PASS {} ({:?})", result.name, result.duration)?;
+        }
+    }
+    let failed = report.failed().count();
+    let passed = report.results.len() - failed;
+    if args.coverage {
+        writeln!(out, "coverage:")?;
+        for file in &report.coverage {
+            let missing: Vec<String> = file.not_covered.iter().map(u32::to_string).collect();
+            writeln!(
+                out,
+                "  {:6.1}%  {}{}",
+                file.percent(),
+                file.file,
+                if missing.is_empty() {
+                    String::new()
+                } else {
+                    format!("  (lines not covered: {})", missing.join(","))
+                }
+            )?;
+        }
+    }
+    writeln!(out, "{passed} passed, {failed} failed")?;
+    if report.results.is_empty() {
+        bail!("no test_ rules found in {}", args.dir.display());
+    }
+    if failed > 0 {
+        bail!("{failed} policy test(s) failed");
+    }
+    Ok(())
+}
+
+fn read_value(path: &Path) -> anyhow::Result<Value> {
+    let text = if path == Path::new("-") {
+        std::io::read_to_string(std::io::stdin())?
+    } else {
+        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?
+    };
+    let name = path.to_string_lossy();
+    if name.ends_with(".yaml") || name.ends_with(".yml") {
+        Value::from_yaml_str(&text).map_err(|e| anyhow::anyhow!("{}: {e:#}", path.display()))
+    } else {
+        serde_json::from_str::<Value>(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
+    }
+}
+
+fn eval(args: EvalArgs) -> anyhow::Result<()> {
+    let bundle = load(&args.dir)?;
+    let mut runtime = Value::new_object();
+    for file in &args.data {
+        let value = read_value(file)?;
+        runtime = merge_over(runtime, value);
+    }
+    let options = PolicyOptions {
+        decision_rule: args.rule.clone(),
+        ..PolicyOptions::default()
+    };
+    let policy = Policy::compile(&bundle, &runtime, options).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let mut out = std::io::stdout().lock();
+    if let Some(inputs) = &args.inputs {
+        let file = std::fs::File::open(inputs)
+            .with_context(|| format!("cannot read {}", inputs.display()))?;
+        for (n, line) in std::io::BufReader::new(file).lines().enumerate() {
+            let line = line?;
+            if line.trim().is_empty() {
+                continue;
+            }
+            let input: Value = serde_json::from_str(&line)
+                .with_context(|| format!("{}:{}", inputs.display(), n + 1))?;
+            let decision = policy.evaluate(input);
+            writeln!(
+                out,
+                "{}",
+                serde_json::json!({"allow": decision.allow, "reasons": decision.reasons, "error": decision.error})
+            )?;
+        }
+        return Ok(());
+    }
+    let input_path = args.input.clone().unwrap_or_else(|| PathBuf::from("-"));
+    let input = read_value(&input_path)?;
+    let decision = policy.evaluate(input.clone());
+    let doc = serde_json::json!({
+        "allow": decision.allow,
+        "reasons": decision.reasons,
+        "error": decision.error,
+        "revision": policy.revision(),
+    });
+    writeln!(out, "{}", serde_json::to_string_pretty(&doc)?)?;
+    if args.explain {
+        let package = args
+            .rule
+            .rsplit_once('.')
+            .map(|(p, _)| p)
+            .unwrap_or(&args.rule);
+        let mut engine =
+            nexus_policy::engine_for(&bundle, false).map_err(|e| anyhow::anyhow!("{e}"))?;
+        engine
+            .add_data(runtime)
+            .map_err(|e| anyhow::anyhow!("{e:#}"))?;
+        engine.set_input(input);
+        let results = engine
+            .eval_query(package.to_string(), false)
+            .map_err(|e| anyhow::anyhow!("{e:#}"))?;
+        writeln!(out, "\nexplain: every rule of {package} for this input")?;
+        for result in results.result {
+            for expr in result.expressions {
+                writeln!(out, "{}", expr.value.to_json_str().unwrap_or_default())?;
+            }
+        }
+    }
+    Ok(())
+}
+
+fn merge_over(base: Value, over: Value) -> Value {
+    let mut base = base;
+    if let (Ok(map), Ok(over_map)) = (base.as_object_mut(), over.as_object()) {
+        for (k, v) in over_map.iter() {
+            let merged = match map.get_mut(k) {
+                Some(existing) if existing.as_object().is_ok() && v.as_object().is_ok() => {
+                    merge_over(existing.clone(), v.clone())
+                }
+                _ => v.clone(),
+            };
+            map.insert(k.clone(), merged);
+        }
+    }
+    base
+}
+
+fn check(args: CheckArgs) -> anyhow::Result<()> {
+    let bundle = load(&args.dir)?;
+    // Tests must compile too, though they are not run here.
+    nexus_policy::engine_for(&bundle, true).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let options = PolicyOptions {
+        decision_rule: args.rule.clone(),
+        ..PolicyOptions::default()
+    };
+    let policy = Policy::compile(&bundle, &Value::new_object(), options)
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    println!(
+        "{}: {} module(s), {} test module(s), decision rule {} compiles; revision {}",
+        args.dir.display(),
+        bundle.modules.len(),
+        bundle.tests.len(),
+        args.rule,
+        policy.revision()
+    );
+    Ok(())
+}

@@ -1,0 +1,89 @@
+# Clause-scoped data access: the reference decision of every Nexus sidecar.
+#
+# A request touching a clause's data (a path with a segment after /clauses/) is
+# allowed only when
+#   1. neither party is revoked (data.nexus.revoked),
+#   2. the plugin (the request's source) is bound to the clause (data.nexus.bindings),
+#   3. an execution for that plugin and clause is open (data.nexus.executions, the one
+#      the sidecar resolved into input.execution), and
+#   4. the method is one clause data may be read with (data.nexus.allowed_methods).
+# Paths listed in data.nexus.public_paths are allowed for GET without a clause; every
+# other request is denied ("no rule allows this request").
+package nexus.authz
+
+import rego.v1
+
+plugin := input.source.spiffe_id
+
+decision := {"allow": allow, "reasons": reasons}
+
+default allow := false
+
+allow if {
+	count(deny) == 0
+	count(grant) > 0
+}
+
+default reasons := ["no rule allows this request"]
+
+reasons := sort([r | some r in deny]) if count(deny) > 0
+
+reasons := sort([r | some r in grant]) if {
+	count(deny) == 0
+	count(grant) > 0
+}
+
+# --- denials -------------------------------------------------------------------------
+
+deny contains sprintf("workload %s is revoked", [id]) if {
+	some id in {input.source.spiffe_id, input.destination.spiffe_id}
+	data.nexus.revoked[id]
+}
+
+deny contains sprintf("%s is not bound to clause %s", [plugin, input.clause]) if {
+	is_string(input.clause)
+	not bound
+}
+
+deny contains sprintf("no open execution of clause %s for %s", [input.clause, plugin]) if {
+	is_string(input.clause)
+	bound
+	not execution_open
+}
+
+deny contains sprintf("method %s is not allowed on clause data", [input.request.method]) if {
+	is_string(input.clause)
+	not input.request.method in read_methods
+}
+
+# --- grants --------------------------------------------------------------------------
+
+grant contains sprintf("%s may read clause %s under execution %s", [plugin, input.clause, input.execution.id]) if {
+	is_string(input.clause)
+	bound
+	execution_open
+	input.request.method in read_methods
+}
+
+grant contains sprintf("public path %s", [input.request.path]) if {
+	not is_string(input.clause)
+	input.request.method in {"GET", "HEAD"}
+	input.request.path in data.nexus.public_paths
+}
+
+# --- helpers -------------------------------------------------------------------------
+
+default read_methods := ["GET", "HEAD"]
+
+read_methods := data.nexus.allowed_methods
+
+bound if input.clause in data.nexus.bindings[plugin]
+
+# The execution the sidecar resolved must be one the gateway opened, for this plugin
+# and clause, and still open at the request's time.
+execution_open if {
+	ex := data.nexus.executions[input.execution.id]
+	ex.plugin == plugin
+	ex.clause == input.clause
+	time.parse_rfc3339_ns(ex.not_after) > time.parse_rfc3339_ns(input.time)
+}

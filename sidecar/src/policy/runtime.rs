@@ -1,0 +1,298 @@
+//! Loading, testing and hot-swapping policy revisions.
+//!
+//! A revision is the whole policy folder. The reload loop notices a change (file
+//! names, sizes and modification times), loads and compiles the folder, runs its
+//! `*_test.rego`, and only then publishes it; a broken revision is logged with
+//! file:line:col and counted, and the last good one keeps serving. Runtime data (the
+//! state file) changes swap data without recompiling.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use arc_swap::ArcSwapOption;
+use nexus_policy::{Bundle, EvalMode, Policy, PolicyError, PolicyOptions, Value};
+use serde::Deserialize;
+
+use crate::config::{PolicyConfig, PolicyMode};
+use crate::metrics::Metrics;
+
+/// An execution event as the policy sees it (`data.nexus.executions[id]`).
+#[derive(Clone, Debug, Deserialize, serde::Serialize, PartialEq, Eq)]
+pub struct Execution {
+    /// Execution id.
+    #[serde(default)]
+    pub id: String,
+    /// The plugin workload it is open for.
+    pub plugin: String,
+    /// The clause.
+    pub clause: String,
+    /// RFC 3339 end of the grant.
+    pub not_after: String,
+    /// `not_after` in unix nanoseconds, parsed once at load.
+    #[serde(skip)]
+    pub ends_unix_nanos: i128,
+}
+
+/// Runtime data: what the gateway will push; for now a local file.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RuntimeData {
+    /// Open executions by id.
+    #[serde(default)]
+    pub executions: HashMap<String, Execution>,
+    /// Revoked workloads: SPIFFE ID -> details (reason, by, at).
+    #[serde(default)]
+    pub revoked: serde_json::Map<String, serde_json::Value>,
+}
+
+impl RuntimeData {
+    fn to_value(&self) -> Value {
+        let executions: serde_json::Map<String, serde_json::Value> = self
+            .executions
+            .iter()
+            .map(|(id, ex)| {
+                let mut ex = ex.clone();
+                ex.id = id.clone();
+                (id.clone(), serde_json::to_value(ex).unwrap_or_default())
+            })
+            .collect();
+        Value::from(
+            serde_json::json!({"nexus": {"executions": executions, "revoked": self.revoked}}),
+        )
+    }
+}
+
+/// A published revision with the data it was built with.
+#[derive(Debug)]
+pub struct Loaded {
+    /// The enforced decision rule.
+    pub policy: Policy,
+    /// The shadow (dry-run) rule, if configured.
+    pub shadow: Option<Policy>,
+    /// Executions by (plugin, clause), latest `not_after` first, for resolving
+    /// `input.execution`.
+    executions: HashMap<(String, String), Vec<Execution>>,
+    by_id: HashMap<String, Execution>,
+}
+
+impl Loaded {
+    /// The execution a request belongs to: the one named by `x-nexus-execution`, or
+    /// else the open one for (plugin, clause) that ends last.
+    pub fn execution_for(
+        &self,
+        named: Option<&str>,
+        plugin: &str,
+        clause: Option<&str>,
+        now_unix_nanos: i128,
+    ) -> Option<&Execution> {
+        if let Some(id) = named {
+            return self.by_id.get(id);
+        }
+        let clause = clause?;
+        self.executions
+            .get(&(plugin.to_string(), clause.to_string()))?
+            .iter()
+            .find(|ex| ex.ends_unix_nanos > now_unix_nanos)
+    }
+}
+
+/// The sidecar's policy state, read lock-free on every request.
+pub struct PolicyRuntime {
+    config: PolicyConfig,
+    current: ArcSwapOption<Loaded>,
+    metrics: Arc<Metrics>,
+}
+
+impl std::fmt::Debug for PolicyRuntime {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PolicyRuntime")
+            .field("dir", &self.config.dir)
+            .finish()
+    }
+}
+
+#[derive(PartialEq, Eq)]
+struct Fingerprint(Vec<(PathBuf, u64, Option<SystemTime>)>);
+
+fn fingerprint(dir: &Path, state_file: Option<&Path>) -> Fingerprint {
+    let mut entries = Vec::new();
+    walk(dir, &mut entries);
+    if let Some(state) = state_file {
+        let meta = std::fs::metadata(state).ok();
+        entries.push((
+            state.to_path_buf(),
+            meta.as_ref().map_or(0, |m| m.len()),
+            meta.and_then(|m| m.modified().ok()),
+        ));
+    }
+    entries.sort();
+    Fingerprint(entries)
+}
+
+fn walk(dir: &Path, out: &mut Vec<(PathBuf, u64, Option<SystemTime>)>) {
+    let Ok(read) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in read.flatten() {
+        let path = entry.path();
+        let Ok(meta) = std::fs::metadata(&path) else {
+            continue;
+        };
+        if meta.is_dir() {
+            walk(&path, out);
+        } else {
+            out.push((path, meta.len(), meta.modified().ok()));
+        }
+    }
+}
+
+impl PolicyRuntime {
+    /// A runtime with nothing loaded yet (every request is denied until the first load).
+    pub fn new(config: PolicyConfig, metrics: Arc<Metrics>) -> Arc<Self> {
+        Arc::new(Self {
+            config,
+            current: ArcSwapOption::empty(),
+            metrics,
+        })
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &PolicyConfig {
+        &self.config
+    }
+
+    /// The current revision, if one loaded.
+    pub fn current(&self) -> Option<Arc<Loaded>> {
+        self.current.load_full()
+    }
+
+    fn options(&self, rule: &str) -> PolicyOptions {
+        PolicyOptions {
+            decision_rule: rule.to_string(),
+            eval_timeout: self.config.eval_timeout,
+            max_instructions: self.config.max_instructions,
+            mode: match self.config.mode {
+                PolicyMode::Compiled => EvalMode::Compiled,
+                PolicyMode::Interpreted => EvalMode::Interpreted,
+            },
+        }
+    }
+
+    /// Loads, tests and compiles the folder with the state file; does not publish.
+    pub fn build(&self) -> Result<Loaded, PolicyError> {
+        let bundle = Bundle::load(&self.config.dir)?;
+        if self.config.run_tests_on_reload {
+            nexus_policy::testing::run_tests(&bundle, false, None)?.into_result()?;
+        }
+        let runtime = self.read_state()?;
+        let value = runtime.to_value();
+        let policy = Policy::compile(&bundle, &value, self.options(&self.config.decision_rule))?;
+        let shadow = match &self.config.shadow_rule {
+            Some(rule) => Some(Policy::compile(&bundle, &value, self.options(rule))?),
+            None => None,
+        };
+        let mut executions: HashMap<(String, String), Vec<Execution>> = HashMap::new();
+        let mut by_id = HashMap::new();
+        for (id, ex) in runtime.executions {
+            let mut ex = ex;
+            ex.id = id.clone();
+            ex.ends_unix_nanos = time::OffsetDateTime::parse(
+                &ex.not_after,
+                &time::format_description::well_known::Rfc3339,
+            )
+            .map_err(|e| PolicyError::Data {
+                file: self
+                    .config
+                    .state_file
+                    .as_ref()
+                    .map(|p| p.display().to_string())
+                    .unwrap_or_default(),
+                message: format!(
+                    "execution {id}: not_after `{}` is not RFC 3339: {e}",
+                    ex.not_after
+                ),
+            })?
+            .unix_timestamp_nanos();
+            executions
+                .entry((ex.plugin.clone(), ex.clause.clone()))
+                .or_default()
+                .push(ex.clone());
+            by_id.insert(id, ex);
+        }
+        for list in executions.values_mut() {
+            list.sort_by_key(|ex| std::cmp::Reverse(ex.ends_unix_nanos));
+        }
+        Ok(Loaded {
+            policy,
+            shadow,
+            executions,
+            by_id,
+        })
+    }
+
+    fn read_state(&self) -> Result<RuntimeData, PolicyError> {
+        let Some(path) = &self.config.state_file else {
+            return Ok(RuntimeData::default());
+        };
+        let text = match std::fs::read_to_string(path) {
+            Ok(text) => text,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(RuntimeData::default()),
+            Err(e) => {
+                return Err(PolicyError::Read {
+                    file: path.display().to_string(),
+                    reason: e.to_string(),
+                });
+            }
+        };
+        serde_json::from_str(&text).map_err(|e| PolicyError::Data {
+            file: path.display().to_string(),
+            message: format!("line {} column {}: {e}", e.line(), e.column()),
+        })
+    }
+
+    /// Builds and publishes once; on error keeps the previous revision.
+    pub fn reload(&self) -> Result<(), PolicyError> {
+        match self.build() {
+            Ok(loaded) => {
+                let revision = loaded.policy.revision().to_string();
+                let previous = self.current.swap(Some(Arc::new(loaded)));
+                self.metrics.policy_reload("ok");
+                if previous.as_ref().map(|p| p.policy.revision()) != Some(revision.as_str()) {
+                    tracing::info!(%revision, dir = %self.config.dir.display(), "policy revision loaded");
+                }
+                Ok(())
+            }
+            Err(error) => {
+                self.metrics.policy_reload("error");
+                let serving = self.current().map(|l| l.policy.revision().to_string());
+                tracing::error!(
+                    %error,
+                    location = error.location().map(|l| l.to_string()).unwrap_or_default(),
+                    serving = serving.as_deref().unwrap_or("none: denying every request"),
+                    "policy refused; the last good revision keeps serving"
+                );
+                Err(error)
+            }
+        }
+    }
+
+    /// Loads now, then watches the folder and state file forever.
+    pub async fn watch(self: Arc<Self>) {
+        let mut last = None;
+        loop {
+            let dir = self.config.dir.clone();
+            let state = self.config.state_file.clone();
+            let current = tokio::task::spawn_blocking(move || fingerprint(&dir, state.as_deref()))
+                .await
+                .ok();
+            if current.is_some() && current != last {
+                let this = self.clone();
+                let _ = tokio::task::spawn_blocking(move || this.reload()).await;
+                last = current;
+            }
+            tokio::time::sleep(self.config.reload_interval.max(Duration::from_millis(50))).await;
+        }
+    }
+}
