@@ -16,8 +16,10 @@ Subcommands (all print to stdout, exit non-zero on failure):
   row OUT NAME LOAD OHA_JSON      appends one result row (parsed from oha's JSON) to OUT
   rotation-row OUT NAME LOAD TOOL RESULT_JSON HS_BEFORE HS_AFTER ROT_BEFORE ROT_AFTER
                                   appends one rotation result to OUT
-  rss-row OUT NAME WHAT IDLE_JSON SAMPLE_JSON HWM_RATE_JSON HWM_MAX_JSON
-                                  appends one memory result to OUT
+  rss-row OUT NAME WHAT IDLE RATE_SAMPLE RATE_OHA AFTER_RATE MAX_SAMPLE MAX_OHA AFTER_MAX
+                                  appends one memory/CPU result to OUT; every argument
+                                  after WHAT is a JSON file written by `rss`,
+                                  `sample-rss` or oha
   report OUT BASELINE PEER        prints the markdown tables from OUT
 
 OUT is a JSON-lines file of results, so rows can be added by any number of
@@ -170,10 +172,54 @@ def fmt(x, digits=2):
     return "—" if x is None else f"{x:.{digits}f}"
 
 
+def median(values):
+    values = sorted(values)
+    n = len(values)
+    return values[n // 2] if n % 2 else (values[n // 2 - 1] + values[n // 2]) / 2
+
+
+def merge_rounds(rows, key, how):
+    """One row per key (first-seen order) from one row per round: each field combined
+    as `how` says (median, max, first or sum; error kinds are added up)."""
+    groups = {}
+    for r in rows:
+        groups.setdefault(key(r), []).append(r)
+    merged = []
+    for group in groups.values():
+        m = dict(group[0])
+        m["rounds"] = len(group)
+        for field, combine in how.items():
+            values = [r[field] for r in group]
+            m[field] = {"median": median, "max": max, "sum": sum, "first": lambda v: v[0]}[
+                combine
+            ](values)
+            if combine == "median" and len(group) > 1:
+                m[field + "_range"] = (min(values), max(values))
+        if "error_kinds" in m:
+            kinds = {}
+            for r in group:
+                for k, v in r["error_kinds"].items():
+                    kinds[k] = kinds.get(k, 0) + v
+            m["error_kinds"] = kinds
+        merged.append(m)
+    return merged
+
+
 def report(out, baseline, peer):
     rows = [json.loads(line) for line in open(out) if line.strip()]
-    latency = [r for r in rows if r["kind"] == "latency"]
-    memory = [r for r in rows if r["kind"] == "memory"]
+    latency = merge_rounds(
+        [r for r in rows if r["kind"] == "latency"],
+        lambda r: (r["name"], r["load"]),
+        {"rps": "median", "p50_ms": "median", "p99_ms": "median", "errors": "sum",
+         "requests": "sum", "ok": "sum"},
+    )
+    memory = merge_rounds(
+        [r for r in rows if r["kind"] == "memory"],
+        lambda r: r["name"],
+        {"idle_kib": "first", "peak_rate_kib": "max", "hwm_rate_kib": "max",
+         "peak_max_kib": "max", "pss_max_kib": "max", "cpu_pct_rate": "median",
+         "cpu_us_rate": "median", "cpu_us_max": "median"},
+    )
     rotation = [r for r in rows if r["kind"] == "rotation"]
 
     by_key = {(r["name"], r["load"]): r for r in latency}
@@ -187,10 +233,10 @@ def report(out, baseline, peer):
         return r[field] - base[field]
 
     print(
-        "| target | load | rps | p50 ms | p99 ms | added p50 ms | added p99 ms "
-        f"| added p99 nexus/{peer} | rps nexus/{peer} | errors |"
+        "| target | load | rps | p50 ms | p99 ms | p99 range over rounds | added p50 ms "
+        f"| added p99 ms | added p99 nexus/{peer} | rps nexus/{peer} | errors |"
     )
-    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in latency:
         ratio_p99 = ratio_rps = None
         other = by_key.get((peer, r["load"]))
@@ -204,9 +250,11 @@ def report(out, baseline, peer):
         if r["errors"]:
             kinds = ", ".join(f"{k}: {v}" for k, v in r["error_kinds"].items())
             errors += f" ({kinds})"
+        lo_hi = r.get("p99_ms_range")
+        p99_range = f"{lo_hi[0]:.3f}–{lo_hi[1]:.3f}" if lo_hi else "—"
         print(
             f"| {r['name']} | {r['load']} | {r['rps']:.0f} | {fmt(r['p50_ms'], 3)} "
-            f"| {fmt(r['p99_ms'], 3)} | {fmt(added(r, 'p50_ms'), 3)} "
+            f"| {fmt(r['p99_ms'], 3)} | {p99_range} | {fmt(added(r, 'p50_ms'), 3)} "
             f"| {fmt(added(r, 'p99_ms'), 3)} | {fmt(ratio_p99)} | {fmt(ratio_rps)} "
             f"| {errors} |"
         )
@@ -215,17 +263,19 @@ def report(out, baseline, peer):
         print()
         print(
             "| target | processes measured | idle RSS MiB | peak RSS MiB at fixed rate "
-            "(100 ms samples) | VmHWM MiB after fixed rate | VmHWM MiB after max rps "
-            "| PSS MiB after max rps | CPU % of one core at fixed rate |"
+            "| VmHWM MiB after fixed rate | peak RSS MiB at max | PSS MiB after max "
+            "| CPU % of a core at fixed rate | CPU µs/request at fixed rate "
+            "| CPU µs/request at max |"
         )
-        print("|---|---|---:|---:|---:|---:|---:|---:|")
+        print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
         mib = lambda kib: kib / 1024.0  # noqa: E731
         for r in memory:
             print(
                 f"| {r['name']} | {r['what']} | {mib(r['idle_kib']):.1f} "
-                f"| {mib(r['peak_kib']):.1f} | {mib(r['hwm_rate_kib']):.1f} "
-                f"| {mib(r['hwm_max_kib']):.1f} | {mib(r['pss_max_kib']):.1f} "
-                f"| {r['cpu_pct']:.0f} |"
+                f"| {mib(r['peak_rate_kib']):.1f} | {mib(r['hwm_rate_kib']):.1f} "
+                f"| {mib(r['peak_max_kib']):.1f} | {mib(r['pss_max_kib']):.1f} "
+                f"| {r['cpu_pct_rate']:.0f} | {r['cpu_us_rate']:.0f} "
+                f"| {r['cpu_us_max']:.0f} |"
             )
 
     if rotation:
@@ -286,20 +336,26 @@ def main(argv):
             },
         )
     elif cmd == "rss-row":
-        out, name, what, idle, sample, hwm_rate, hwm_max = args
-        sample = json.loads(sample)
+        out, name, what = args[:3]
+        idle, rate_s, after_rate, max_s, after_max = (
+            json.load(open(args[i])) for i in (3, 4, 6, 7, 9)
+        )
+        rate_oha, max_oha = parse_oha(args[5]), parse_oha(args[8])
+        us_per_req = lambda s, o: 1e6 * s["cpu_s"] / max(o["requests"], 1)  # noqa: E731
         append(
             out,
             {
                 "kind": "memory",
                 "name": name,
                 "what": what,
-                "idle_kib": json.loads(idle)["rss_kib"],
-                "peak_kib": sample["peak_kib"],
-                "cpu_pct": 100.0 * sample["cpu_s"] / max(sample["wall_s"], 1e-9),
-                "hwm_rate_kib": json.loads(hwm_rate)["hwm_kib"],
-                "hwm_max_kib": json.loads(hwm_max)["hwm_kib"],
-                "pss_max_kib": json.loads(hwm_max)["pss_kib"],
+                "idle_kib": idle["rss_kib"],
+                "peak_rate_kib": rate_s["peak_kib"],
+                "hwm_rate_kib": after_rate["hwm_kib"],
+                "peak_max_kib": max_s["peak_kib"],
+                "pss_max_kib": after_max["pss_kib"],
+                "cpu_pct_rate": 100.0 * rate_s["cpu_s"] / max(rate_s["wall_s"], 1e-9),
+                "cpu_us_rate": us_per_req(rate_s, rate_oha),
+                "cpu_us_max": us_per_req(max_s, max_oha),
             },
         )
     elif cmd == "report":

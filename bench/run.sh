@@ -9,8 +9,8 @@
 #
 # To add a row (e.g. "nexus with policy"): start the target in main() the way
 # start_sidecar does (it returns its URL and registers its PIDs for the memory table),
-# then call `run_target NAME URL [extra oha args]`. Rows whose NAME starts with
-# "nexus" get the nexus/nginx ratios.
+# then call `add_target NAME URL [extra oha args]` before run_targets. Rows whose NAME
+# starts with "nexus" get the nexus/nginx ratios.
 set -euo pipefail
 
 BENCH_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -21,9 +21,11 @@ DURATION=${DURATION:-20s}             # each measured oha run
 RATE=${RATE:-2000}                    # fixed-rate runs, requests/s
 CONNECTIONS=${CONNECTIONS:-32}        # oha -c
 WARMUP=${WARMUP:-3s}                  # per target, at RATE, not measured
+ROUNDS=${ROUNDS:-3}                   # rounds of runs; the tables show the median
 NGINX_WORKERS=${NGINX_WORKERS:-2}     # 2 cores; the sidecar runs a 2-thread tokio runtime
 ROTATION_TTL=${ROTATION_TTL:-4s}      # SVID lifetime in the rotation run (rotates at half)
-ROTATION_RATE=${ROTATION_RATE:-$RATE} # oha --disable-keepalive rotation run, requests/s
+ROTATION_RATE=${ROTATION_RATE:-1000} # oha --disable-keepalive rotation run, requests/s
+                                      # (2000 new connections/s saturate the 2 cores here)
 FULL_HANDSHAKE_RATE=${FULL_HANDSHAKE_RATE:-250} # python full-handshake rotation run
 OHA_LATENCY_CORRECTION=${OHA_LATENCY_CORRECTION:-0} # 1: oha --latency-correction
 KEEP_WORKDIR=${KEEP_WORKDIR:-0}       # 1: keep configs, logs and raw oha JSON
@@ -56,6 +58,7 @@ DURATION_S=$(seconds "$DURATION")
 WARMUP_S=$(seconds "$WARMUP")
 [[ $DURATION_S =~ ^[0-9]+$ && $WARMUP_S =~ ^[0-9]+$ ]] ||
   die "DURATION and WARMUP take whole seconds or minutes (e.g. 20s, 1m)"
+[[ $ROUNDS =~ ^[1-9][0-9]*$ ]] || die "ROUNDS must be a positive integer"
 
 # ---- process bookkeeping --------------------------------------------------------
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/nexus-bench.XXXXXX")
@@ -310,50 +313,93 @@ tls_args() {
   return 0
 }
 
-# run_target NAME URL_BASE [extra oha args...]: warm-up, a fixed-rate run (latency,
-# RSS, CPU), an unthrottled run (max rps); appends rows to $RESULTS.
-run_target() {
-  local name=$1 url="$2$REQUEST_PATH"
+# rss_snapshot PIDS OUT: summed VmRSS/VmHWM/Pss of PIDS into OUT (zeros if none).
+rss_snapshot() {
+  local pids=$1 out=$2
+  if [[ -n $pids ]]; then
+    # shellcheck disable=SC2086 # PID lists are space-separated on purpose
+    "$PY" "$LIB" rss $pids >"$out"
+  else
+    echo '{"rss_kib": 0, "hwm_kib": 0, "pss_kib": 0}' >"$out"
+  fi
+}
+
+# sampled PIDS OUT CMD...: runs CMD while sampling the PIDs' RSS and CPU into OUT.
+sampled() {
+  local pids=$1 out=$2 sampler=""
   shift 2
-  local extra=("$@") tls lc=()
-  mapfile -t tls < <(tls_args "$url")
-  [[ $OHA_LATENCY_CORRECTION == 1 ]] && lc=(--latency-correction)
-  local pids=${TARGET_PIDS[$name]:-}
-  local idle='{"rss_kib": 0, "hwm_kib": 0}'
-  # shellcheck disable=SC2086 # PID lists are space-separated on purpose
-  [[ -n $pids ]] && idle=$("$PY" "$LIB" rss $pids)
-
-  log "$name: warm-up $WARMUP at $RATE rps"
-  oha_run "$WORK/$name.warmup.json" "$WARMUP_S" -z "${WARMUP_S}s" -q "$RATE" "${tls[@]}" "${extra[@]}" "$url"
-
-  log "$name: $DURATION at $RATE rps, $CONNECTIONS connections"
-  local sampler=""
   if [[ -n $pids ]]; then
     # shellcheck disable=SC2086
-    start "$name-rss" "$PY" "$LIB" sample-rss "$WORK/$name.rss.json" $((DURATION_S + 60)) $pids
+    start "$(basename "$out" .json)" "$PY" "$LIB" sample-rss "$out" $((DURATION_S + 60)) $pids
     sampler=$STARTED_PID
   fi
-  oha_run "$WORK/$name.rate.json" "$DURATION_S" -z "${DURATION_S}s" -q "$RATE" "${lc[@]}" \
-    "${tls[@]}" "${extra[@]}" "$url"
-  "$PY" "$LIB" row "$RESULTS" "$name" "$RATE rps" "$WORK/$name.rate.json"
-  local hwm_rate='{"rss_kib": 0, "hwm_kib": 0}'
+  "$@"
   if [[ -n $sampler ]]; then
     kill -TERM "$sampler"
     wait "$sampler" || true
-    # shellcheck disable=SC2086
-    hwm_rate=$("$PY" "$LIB" rss $pids)
   fi
+}
 
-  log "$name: $DURATION unthrottled, $CONNECTIONS connections"
-  oha_run "$WORK/$name.max.json" "$DURATION_S" -z "${DURATION_S}s" "${tls[@]}" "${extra[@]}" "$url"
-  "$PY" "$LIB" row "$RESULTS" "$name" "max" "$WORK/$name.max.json"
-  if [[ -n $pids ]]; then
-    local hwm_max
-    # shellcheck disable=SC2086
-    hwm_max=$("$PY" "$LIB" rss $pids)
-    "$PY" "$LIB" rss-row "$RESULTS" "$name" "${TARGET_WHAT[$name]:-}" "$idle" \
-      "$(cat "$WORK/$name.rss.json")" "$hwm_rate" "$hwm_max"
-  fi
+# add_target NAME URL_BASE [extra oha args...]: adds NAME to the latency table: one
+# "RATE rps" row and one "max" row. Its memory/CPU row needs its PIDs in
+# TARGET_PIDS[NAME] (the start_* functions set them).
+TARGETS=()
+declare -A TARGET_URL=() TARGET_ARGS=()
+add_target() {
+  local name=$1
+  TARGETS+=("$name")
+  TARGET_URL[$name]="$2$REQUEST_PATH"
+  shift 2
+  TARGET_ARGS[$name]=""
+  (($# == 0)) || TARGET_ARGS[$name]=$(printf '%q ' "$@")
+}
+
+# oha_target NAME OUT_JSON DURATION_S [oha args...]: oha against NAME's URL with its
+# TLS and extra arguments.
+oha_target() {
+  local name=$1 out=$2 dur=$3 url=${TARGET_URL[$1]} tls
+  shift 3
+  eval "local extra=(${TARGET_ARGS[$name]})"
+  mapfile -t tls < <(tls_args "$url")
+  # shellcheck disable=SC2154 # extra is set by the eval
+  oha_run "$out" "$dur" "$@" "${tls[@]}" "${extra[@]}" "$url"
+}
+
+# run_targets: every target warmed up, then ROUNDS rounds; in each round every target
+# gets a fixed-rate run (latency, RSS, CPU) and an unthrottled run (max rps), in
+# turn, so background noise on the shared cores spreads over all targets. The report
+# shows the median over rounds.
+run_targets() {
+  local name round pids w lc=()
+  [[ $OHA_LATENCY_CORRECTION == 1 ]] && lc=(--latency-correction)
+  for name in "${TARGETS[@]}"; do
+    rss_snapshot "${TARGET_PIDS[$name]:-}" "$WORK/$name.idle.json"
+    log "$name: warm-up $WARMUP at $RATE rps"
+    oha_target "$name" "$WORK/$name.warmup.json" "$WARMUP_S" -z "${WARMUP_S}s" -q "$RATE"
+  done
+  for ((round = 1; round <= ROUNDS; round++)); do
+    for name in "${TARGETS[@]}"; do
+      pids=${TARGET_PIDS[$name]:-} w="$WORK/$name.$round"
+      log "round $round/$ROUNDS, $name: $DURATION at $RATE rps"
+      sampled "$pids" "$w.rate-sample.json" \
+        oha_target "$name" "$w.rate.json" "$DURATION_S" -z "${DURATION_S}s" -q "$RATE" "${lc[@]}"
+      "$PY" "$LIB" row "$RESULTS" "$name" "$RATE rps" "$w.rate.json"
+      rss_snapshot "$pids" "$w.after-rate.json"
+    done
+    for name in "${TARGETS[@]}"; do
+      pids=${TARGET_PIDS[$name]:-} w="$WORK/$name.$round"
+      log "round $round/$ROUNDS, $name: $DURATION unthrottled"
+      sampled "$pids" "$w.max-sample.json" \
+        oha_target "$name" "$w.max.json" "$DURATION_S" -z "${DURATION_S}s"
+      "$PY" "$LIB" row "$RESULTS" "$name" "max" "$w.max.json"
+      rss_snapshot "$pids" "$w.after-max.json"
+      if [[ -n $pids ]]; then
+        "$PY" "$LIB" rss-row "$RESULTS" "$name" "${TARGET_WHAT[$name]:-}" \
+          "$WORK/$name.idle.json" "$w.rate-sample.json" "$w.rate.json" "$w.after-rate.json" \
+          "$w.max-sample.json" "$w.max.json" "$w.after-max.json"
+      fi
+    done
+  done
 }
 
 # sighup_while PID_TO_WATCH PID_TO_SIGNAL: SIGHUP every second while the first runs.
@@ -414,7 +460,7 @@ run_rotation() {
 # ---- main -----------------------------------------------------------------------
 main() {
   prerequisites
-  log "work dir $WORK; DURATION=$DURATION RATE=$RATE CONNECTIONS=$CONNECTIONS WARMUP=$WARMUP"
+  log "work dir $WORK; DURATION=$DURATION RATE=$RATE CONNECTIONS=$CONNECTIONS WARMUP=$WARMUP ROUNDS=$ROUNDS"
   log "load average before start: $(cut -d' ' -f1-3 /proc/loadavg)"
 
   start_data_api
@@ -424,12 +470,13 @@ main() {
   start_workload_api workload-api 1h
   start_sidecar nexus "$WA_SOCKET"
 
-  run_target direct "http://$DATA_API"
-  run_target nginx "$NGINX_URL"
-  run_target nexus "$SIDECAR_URL"
+  add_target direct "http://$DATA_API"
+  add_target nginx "$NGINX_URL"
+  add_target nexus "$SIDECAR_URL"
   # More rows go here, e.g.:
   #   start_sidecar nexus-policy "$WA_SOCKET" "$POLICY_TOML"
-  #   run_target nexus-policy "$SIDECAR_URL"
+  #   add_target nexus-policy "$SIDECAR_URL"
+  run_targets
 
   run_rotation nexus-rotation
 
@@ -439,7 +486,7 @@ main() {
   echo "## Nexus bench: $(date -u +%Y-%m-%dT%H:%M:%SZ), $(nproc) cores, load average at end $load"
   echo
   echo "oha $("$OHA" --version | awk '{print $2}'), $CONNECTIONS connections, HTTP/1.1, GET $REQUEST_PATH;" \
-    "$DURATION per run after a $WARMUP warm-up; nginx $("$NGINX" -v 2>&1 | sed 's/.*nginx\///')" \
+    "$DURATION per run after a $WARMUP warm-up, median of $ROUNDS rounds; nginx $("$NGINX" -v 2>&1 | sed 's/.*nginx\///')" \
     "with worker_processes $NGINX_WORKERS; added = minus the direct row of the same load."
   echo
   "$PY" "$LIB" report "$RESULTS" direct nginx

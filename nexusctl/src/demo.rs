@@ -70,12 +70,14 @@ async fn serve_grpc(listener: TcpListener) {
     reporter
         .set_service_status("nexus.demo", tonic_health::ServingStatus::Serving)
         .await;
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1();
-    let reflection = match reflection {
-        Ok(r) => r,
-        Err(error) => {
+    let builder = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    // Both reflection versions: grpcurl 1.8 speaks only v1alpha.
+    let (reflection, reflection_alpha) = match (builder().build_v1(), builder().build_v1alpha()) {
+        (Ok(v1), Ok(alpha)) => (v1, alpha),
+        (Err(error), _) | (_, Err(error)) => {
             tracing::error!(%error, "gRPC reflection unavailable");
             return;
         }
@@ -84,6 +86,7 @@ async fn serve_grpc(listener: TcpListener) {
     if let Err(error) = tonic::transport::Server::builder()
         .add_service(health)
         .add_service(reflection)
+        .add_service(reflection_alpha)
         .serve_with_incoming(incoming)
         .await
     {

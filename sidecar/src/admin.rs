@@ -61,6 +61,20 @@ impl Admin {
                 "not ready: no SVID yet\n".into(),
             );
         };
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        if identity.not_after() <= i64::try_from(now).unwrap_or(i64::MAX) {
+            return (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "text/plain",
+                format!(
+                    "not ready: the SVID of {} expired and was not renewed (is the Workload API up?)\n",
+                    identity.spiffe_id()
+                ),
+            );
+        }
         let policy = match &self.policy {
             None => "policy: none (authentication only)".to_string(),
             Some(runtime) => match runtime.current() {

@@ -304,7 +304,9 @@ pub struct LimitsConfig {
     /// Connecting to the app or an upstream. Default 5s.
     #[serde(with = "humantime_serde")]
     pub connect_timeout: Duration,
-    /// Idle pooled connections to the app or upstream are closed after this. Default 90s.
+    /// Idle pooled connections to the app or upstream are closed after this. Default 5s:
+    /// shorter than a peer sidecar's `header_read_timeout`, so the pool drops an idle
+    /// connection before the far side does.
     #[serde(with = "humantime_serde")]
     pub pool_idle_timeout: Duration,
 }
@@ -317,7 +319,7 @@ impl Default for LimitsConfig {
             max_connections: 10_000,
             max_concurrent_streams: 256,
             connect_timeout: Duration::from_secs(5),
-            pool_idle_timeout: Duration::from_secs(90),
+            pool_idle_timeout: Duration::from_secs(5),
         }
     }
 }

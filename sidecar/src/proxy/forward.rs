@@ -123,7 +123,7 @@ where
 /// The response for a failed forward, with the most specific cause found.
 fn upstream_error(error: &hyper_util::client::legacy::Error) -> Response<ProxyBody> {
     if let Some(tls) = find_tls_error(error) {
-        let detail = tls.to_string();
+        let detail = describe_tls_error(tls);
         tracing::warn!(%detail, "upstream TLS handshake failed");
         return json_response(
             StatusCode::BAD_GATEWAY,
@@ -152,16 +152,27 @@ fn find_tls_error<'a>(error: &'a (dyn std::error::Error + 'static)) -> Option<&'
         if let Some(tls) = e.downcast_ref::<rustls::Error>() {
             return Some(tls);
         }
-        if let Some(tls) = e
-            .downcast_ref::<std::io::Error>()
-            .and_then(|io| io.get_ref())
-            .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+        // hyper-rustls wraps tokio-rustls's io::Error in another io::Error, and
+        // io::Error::source() skips the inner error: descend through get_ref() too.
+        if let Some(io) = e.downcast_ref::<std::io::Error>()
+            && let Some(inner) = io.get_ref()
+            && let Some(tls) = find_tls_error(inner)
         {
             return Some(tls);
         }
         current = e.source();
     }
     None
+}
+
+/// A readable account of a TLS error, with the SPIFFE reason in plain words.
+fn describe_tls_error(error: &rustls::Error) -> String {
+    if let rustls::Error::InvalidCertificate(rustls::CertificateError::Other(other)) = error
+        && let Some(spiffe) = other.0.downcast_ref::<nexus_identity::SpiffeVerifyError>()
+    {
+        return spiffe.to_string();
+    }
+    error.to_string()
 }
 
 fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {

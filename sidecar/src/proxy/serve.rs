@@ -82,9 +82,23 @@ pub async fn serve_http<I, S>(
         + 'static,
     S::Future: Send + 'static,
 {
+    let served = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let counter = served.clone();
+    let service = tower::ServiceBuilder::new()
+        .map_request(move |req: Request<Incoming>| {
+            counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            req
+        })
+        .service(service);
     let service = TowerToHyperService::new(service);
     if let Err(error) = server.serve_connection(TokioIo::new(io), service).await {
         let reason = classify(error.as_ref());
+        // hyper's header timer also runs while a keep-alive connection waits for its next
+        // request: closing an idle connection after a served request is not an error.
+        if reason == "header_timeout" && served.load(std::sync::atomic::Ordering::Relaxed) > 0 {
+            tracing::trace!(direction, "idle keep-alive connection closed");
+            return;
+        }
         tracing::debug!(%error, reason, direction, "connection ended with an error");
         metrics.connection_error(direction, reason);
     }

@@ -1,0 +1,169 @@
+//! Benchmark of one policy decision: the reference policy (policies/nexus/authz) with
+//! 10,000 bindings and 1,000 open executions, compiled (regorus RVM) and interpreted,
+//! on one thread and on every core. Run in release:
+//!
+//!     cargo run --release -p nexus-policy --example decision_bench [-- ITERATIONS]
+//!
+//! Prints µs per decision (p50, p99) and decisions per second.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use nexus_policy::{Bundle, EvalMode, Module, Policy, PolicyOptions, Value};
+
+const BINDINGS: usize = 10_000;
+const EXECUTIONS: usize = 1_000;
+
+fn plugin(i: usize) -> String {
+    format!("spiffe://nexus.local/ns/plugins/sa/model-{i}")
+}
+
+fn bundle(root: &Path) -> Bundle {
+    let text = std::fs::read_to_string(root.join("policies/nexus/authz/authz.rego"))
+        .expect("reference policy");
+    let mut bindings = serde_json::Map::new();
+    for i in 0..BINDINGS {
+        bindings.insert(
+            plugin(i),
+            serde_json::json!([format!("c-{i}"), format!("c-{}", i + 1)]),
+        );
+    }
+    let data = serde_json::json!({"nexus": {"bindings": bindings, "allowed_methods": ["GET", "HEAD"], "public_paths": ["/healthz"]}});
+    Bundle::from_modules(
+        vec![Module {
+            path: "authz.rego".into(),
+            text,
+        }],
+        Value::from(data),
+    )
+}
+
+fn runtime() -> Value {
+    let mut executions = serde_json::Map::new();
+    for i in 0..EXECUTIONS {
+        let id = format!("ex-{i}");
+        executions.insert(
+            id.clone(),
+            serde_json::json!({"id": id, "plugin": plugin(i * 10), "clause": format!("c-{}", i * 10), "not_after": "2030-01-01T00:00:00Z"}),
+        );
+    }
+    Value::from(serde_json::json!({"nexus": {"executions": executions, "revoked": {}}}))
+}
+
+fn input(n: usize) -> Value {
+    // Alternate allowed (bound + open execution) and denied (bound, no execution) requests.
+    let i = (n * 7919) % EXECUTIONS;
+    let allowed = n % 2 == 0;
+    let (clause, execution) = if allowed {
+        (
+            format!("c-{}", i * 10),
+            serde_json::json!({"id": format!("ex-{i}"), "plugin": plugin(i * 10), "clause": format!("c-{}", i * 10), "not_after": "2030-01-01T00:00:00Z"}),
+        )
+    } else {
+        (format!("c-{}", i * 10 + 1), serde_json::Value::Null)
+    };
+    Value::from(serde_json::json!({
+        "direction": "inbound",
+        "source": {"spiffe_id": plugin(i * 10)},
+        "destination": {"spiffe_id": "spiffe://nexus.local/ns/data/sa/hazard-api"},
+        "request": {"method": "GET", "path": format!("/clauses/{clause}/rainfall"), "segments": ["clauses", clause, "rainfall"], "query": {}, "headers": {}, "body_size": 0},
+        "clause": clause,
+        "execution": execution,
+        "time": "2026-11-26T09:41:07.123Z",
+    }))
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    let idx = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[idx.min(sorted.len() - 1)]
+}
+
+fn run(policy: &Policy, inputs: &[Value], iterations: usize) -> (Duration, Duration, f64) {
+    // Warm up.
+    for v in inputs.iter().take(200) {
+        let _ = policy.evaluate(v.clone());
+    }
+    let mut samples = Vec::with_capacity(iterations);
+    let start = Instant::now();
+    for n in 0..iterations {
+        let v = inputs[n % inputs.len()].clone();
+        let t = Instant::now();
+        let d = policy.evaluate(v);
+        samples.push(t.elapsed());
+        assert_eq!(
+            d.allow,
+            n % inputs.len() % 2 == 0,
+            "unexpected decision {d:?}"
+        );
+    }
+    let total = start.elapsed();
+    samples.sort();
+    (
+        percentile(&samples, 0.5),
+        percentile(&samples, 0.99),
+        iterations as f64 / total.as_secs_f64(),
+    )
+}
+
+fn run_parallel(policy: &Policy, inputs: &[Value], iterations: usize, threads: usize) -> f64 {
+    let start = Instant::now();
+    std::thread::scope(|s| {
+        for t in 0..threads {
+            s.spawn(move || {
+                for n in 0..iterations / threads {
+                    let _ = policy.evaluate(inputs[(n + t) % inputs.len()].clone());
+                }
+            });
+        }
+    });
+    (iterations / threads * threads) as f64 / start.elapsed().as_secs_f64()
+}
+
+fn main() {
+    let iterations: usize = std::env::args()
+        .nth(1)
+        .and_then(|a| a.parse().ok())
+        .unwrap_or(100_000);
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let bundle = bundle(&root);
+    let runtime = runtime();
+    let inputs: Vec<Value> = (0..1000).map(input).collect();
+    let threads = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
+    println!(
+        "reference policy, {BINDINGS} bindings, {EXECUTIONS} open executions, {iterations} decisions"
+    );
+    println!();
+    println!(
+        "| engine | compile ms | p50 µs | p99 µs | decisions/s (1 thread) | decisions/s ({threads} threads) |"
+    );
+    println!("|---|---|---|---|---|---|");
+    for (name, mode) in [
+        ("regorus RVM (compiled, default)", EvalMode::Compiled),
+        ("regorus interpreter", EvalMode::Interpreted),
+    ] {
+        let t = Instant::now();
+        let options = PolicyOptions {
+            mode,
+            ..PolicyOptions::default()
+        };
+        let policy = Policy::compile(&bundle, &runtime, options).expect("compiles");
+        let compile = t.elapsed();
+        let n = if mode == EvalMode::Interpreted {
+            iterations / 5
+        } else {
+            iterations
+        };
+        let (p50, p99, rate) = run(&policy, &inputs, n);
+        let par = run_parallel(&policy, &inputs, n, threads);
+        println!(
+            "| {name} | {:.1} | {:.2} | {:.2} | {:.0} | {:.0} |",
+            compile.as_secs_f64() * 1e3,
+            p50.as_secs_f64() * 1e6,
+            p99.as_secs_f64() * 1e6,
+            rate,
+            par
+        );
+    }
+}
