@@ -22,4 +22,12 @@ if ! python3 -c 'import spiffe, grpc' 2>/dev/null || ! command -v grpcurl >/dev/
   python3 -m pip install -q --disable-pip-version-check -r tests/requirements.txt
 fi
 command -v grpcurl >/dev/null || { echo "install-test-deps: grpcurl not on PATH after install" >&2; exit 1; }
+# OPA (Go library) for tests/opa/conformance.py: its wheel declares a newer Python than
+# it needs, so it is installed on its own with --ignore-requires-python.
+if ! python3 -c 'import opa_bindings' 2>/dev/null; then
+  opa_req=$(grep -E '^opa-golib-python-bindings==' tests/requirements.txt | cut -d';' -f1 | tr -d ' ')
+  echo "install-test-deps: pip install --ignore-requires-python $opa_req"
+  python3 -m pip install -q --disable-pip-version-check --ignore-requires-python "$opa_req"
+fi
+python3 -c 'import opa_bindings' || { echo "install-test-deps: opa_bindings not importable after install" >&2; exit 1; }
 echo "install-test-deps: ok"

@@ -19,8 +19,10 @@ fn plugin(i: usize) -> String {
 }
 
 fn bundle(root: &Path) -> Bundle {
-    let text = std::fs::read_to_string(root.join("policies/nexus/authz/authz.rego"))
-        .expect("reference policy");
+    let path = std::env::var("BENCH_POLICY")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|_| root.join("policies/nexus/authz/authz.rego"));
+    let text = std::fs::read_to_string(path).expect("policy file");
     let mut bindings = serde_json::Map::new();
     for i in 0..BINDINGS {
         bindings.insert(
@@ -53,7 +55,7 @@ fn runtime() -> Value {
 fn input(n: usize) -> Value {
     // Alternate allowed (bound + open execution) and denied (bound, no execution) requests.
     let i = (n * 7919) % EXECUTIONS;
-    let allowed = n % 2 == 0;
+    let allowed = n.is_multiple_of(2);
     let (clause, execution) = if allowed {
         (
             format!("c-{}", i * 10),
@@ -78,31 +80,62 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[idx.min(sorted.len() - 1)]
 }
 
-fn run(policy: &Policy, inputs: &[Value], iterations: usize) -> (Duration, Duration, f64) {
+struct Run {
+    p50: Duration,
+    p99: Duration,
+    allow_p50: Duration,
+    deny_p50: Duration,
+    rate: f64,
+}
+
+fn run(policy: &Policy, inputs: &[Value], iterations: usize) -> Run {
     // Warm up.
     for v in inputs.iter().take(200) {
         let _ = policy.evaluate(v.clone());
     }
+    let check = std::env::var_os("BENCH_POLICY").is_none();
     let mut samples = Vec::with_capacity(iterations);
+    let mut allowed = Vec::with_capacity(iterations / 2);
+    let mut denied = Vec::with_capacity(iterations / 2);
     let start = Instant::now();
     for n in 0..iterations {
         let v = inputs[n % inputs.len()].clone();
         let t = Instant::now();
         let d = policy.evaluate(v);
-        samples.push(t.elapsed());
-        assert_eq!(
-            d.allow,
-            n % inputs.len() % 2 == 0,
-            "unexpected decision {d:?}"
-        );
+        let elapsed = t.elapsed();
+        samples.push(elapsed);
+        if d.allow {
+            allowed.push(elapsed)
+        } else {
+            denied.push(elapsed)
+        }
+        if check {
+            assert_eq!(
+                d.allow,
+                (n % inputs.len()).is_multiple_of(2),
+                "unexpected decision {d:?}"
+            );
+        }
     }
     let total = start.elapsed();
     samples.sort();
-    (
-        percentile(&samples, 0.5),
-        percentile(&samples, 0.99),
-        iterations as f64 / total.as_secs_f64(),
-    )
+    allowed.sort();
+    denied.sort();
+    Run {
+        p50: percentile(&samples, 0.5),
+        p99: percentile(&samples, 0.99),
+        allow_p50: if allowed.is_empty() {
+            Duration::ZERO
+        } else {
+            percentile(&allowed, 0.5)
+        },
+        deny_p50: if denied.is_empty() {
+            Duration::ZERO
+        } else {
+            percentile(&denied, 0.5)
+        },
+        rate: iterations as f64 / total.as_secs_f64(),
+    }
 }
 
 fn run_parallel(policy: &Policy, inputs: &[Value], iterations: usize, threads: usize) -> f64 {
@@ -139,13 +172,19 @@ fn main() {
         "| engine | compile ms | p50 µs | p99 µs | decisions/s (1 thread) | decisions/s ({threads} threads) |"
     );
     println!("|---|---|---|---|---|---|");
+    let only = std::env::var("BENCH_MODE").ok();
     for (name, mode) in [
         ("regorus RVM (compiled, default)", EvalMode::Compiled),
         ("regorus interpreter", EvalMode::Interpreted),
     ] {
+        if only.as_deref().is_some_and(|m| !name.contains(m)) {
+            continue;
+        }
         let t = Instant::now();
         let options = PolicyOptions {
             mode,
+            // Generous: the limit is not what is measured (and valgrind runs slowly).
+            eval_timeout: Duration::from_secs(10),
             ..PolicyOptions::default()
         };
         let policy = Policy::compile(&bundle, &runtime, options).expect("compiles");
@@ -155,14 +194,16 @@ fn main() {
         } else {
             iterations
         };
-        let (p50, p99, rate) = run(&policy, &inputs, n);
+        let r = run(&policy, &inputs, n);
         let par = run_parallel(&policy, &inputs, n, threads);
         println!(
-            "| {name} | {:.1} | {:.2} | {:.2} | {:.0} | {:.0} |",
+            "| {name} | {:.1} | {:.2} | {:.2} | {:.2} | {:.2} | {:.0} | {:.0} |",
             compile.as_secs_f64() * 1e3,
-            p50.as_secs_f64() * 1e6,
-            p99.as_secs_f64() * 1e6,
-            rate,
+            r.p50.as_secs_f64() * 1e6,
+            r.p99.as_secs_f64() * 1e6,
+            r.allow_p50.as_secs_f64() * 1e6,
+            r.deny_p50.as_secs_f64() * 1e6,
+            r.rate,
             par
         );
     }

@@ -93,6 +93,14 @@ impl std::fmt::Debug for Policy {
 
 /// A fresh engine holding `bundle`'s modules (and, if `with_tests`, its tests) and data.
 pub fn engine_for(bundle: &Bundle, with_tests: bool) -> Result<Engine, PolicyError> {
+    engine_with_data(bundle, with_tests, &bundle.data)
+}
+
+fn engine_with_data(
+    bundle: &Bundle,
+    with_tests: bool,
+    data: &Value,
+) -> Result<Engine, PolicyError> {
     let mut engine = Engine::new();
     let modules = bundle.modules.iter().chain(if with_tests {
         bundle.tests.iter()
@@ -105,7 +113,7 @@ pub fn engine_for(bundle: &Bundle, with_tests: bool) -> Result<Engine, PolicyErr
             .map_err(|e| PolicyError::from_regorus(&e))?;
     }
     engine
-        .add_data(bundle.data.clone())
+        .add_data(data.clone())
         .map_err(|e| PolicyError::Data {
             file: bundle.root.display().to_string(),
             message: format!("{e:#}"),
@@ -121,7 +129,10 @@ impl Policy {
         runtime: &Value,
         options: PolicyOptions,
     ) -> Result<Self, PolicyError> {
-        let mut engine = engine_for(bundle, false)?;
+        // The interpreter evaluates with the data compiled in, so it needs the runtime
+        // data now; the VM gets data per evaluation, so its program is data-independent.
+        let data = with_runtime(&bundle.data, runtime);
+        let mut engine = engine_with_data(bundle, false, &data)?;
         engine.set_execution_timer_config(timer(options.eval_timeout));
         let rule: regorus::Rc<str> = options.decision_rule.as_str().into();
         let compiled = engine.compile_with_entrypoint(&rule).map_err(|e| {
@@ -178,12 +189,7 @@ impl Policy {
     }
 
     fn set_runtime_data(&mut self, runtime: &Value) {
-        let mut data = self.bundle_data.clone();
-        if runtime.as_object().is_ok() {
-            // Runtime keys replace the bundle's at the leaves they name.
-            overlay(&mut data, runtime);
-        }
-        self.data = data;
+        self.data = with_runtime(&self.bundle_data, runtime);
     }
 
     /// The revision id (a hash of the folder's files).
@@ -217,10 +223,16 @@ impl Policy {
                     Err(e) => Err(e.to_string()),
                 }
             }
-            None => self
-                .compiled
-                .eval_with_input(input)
-                .map_err(|e| format!("{e:#}")),
+            None => {
+                // A compiled policy's interpreter takes its time limit from regorus's
+                // process-wide fallback; every policy of a sidecar shares eval_timeout.
+                regorus::utils::limits::set_fallback_execution_timer_config(Some(timer(
+                    self.options.eval_timeout,
+                )));
+                self.compiled
+                    .eval_with_input(input)
+                    .map_err(|e| format!("{e:#}"))
+            }
         };
         match result {
             Ok(value) => decision_from(&value),
@@ -234,6 +246,13 @@ impl Policy {
         let decision = self.evaluate(input);
         (decision, start.elapsed())
     }
+}
+
+/// The bundle's data with the runtime data laid over it (runtime keys win).
+fn with_runtime(bundle_data: &Value, runtime: &Value) -> Value {
+    let mut data = bundle_data.clone();
+    overlay(&mut data, runtime);
+    data
 }
 
 fn timer(limit: Duration) -> ExecutionTimerConfig {
@@ -293,5 +312,83 @@ fn reason_text(v: &Value) -> String {
     match v.as_string() {
         Ok(s) => s.to_string(),
         Err(_) => v.to_json_str().unwrap_or_default(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bundle::Module;
+
+    fn bundle() -> Bundle {
+        Bundle::from_modules(
+            vec![Module {
+                path: "p.rego".into(),
+                text: "package nexus.authz\n\ndefault allow := false\n\nallow if data.nexus.executions[input.id].open\n\ndecision := {\"allow\": allow, \"reasons\": [\"r\"]}\n".into(),
+            }],
+            Value::from(serde_json::json!({"nexus": {"bindings": {}}})),
+        )
+    }
+
+    fn runtime(open: bool) -> Value {
+        Value::from(serde_json::json!({"nexus": {"executions": {"ex-1": {"open": open}}}}))
+    }
+
+    #[test]
+    fn both_modes_see_runtime_data_and_its_updates() {
+        let bundle = bundle();
+        let input = Value::from(serde_json::json!({"id": "ex-1"}));
+        for mode in [EvalMode::Compiled, EvalMode::Interpreted] {
+            let options = PolicyOptions {
+                mode,
+                ..PolicyOptions::default()
+            };
+            let policy = Policy::compile(&bundle, &runtime(true), options).unwrap();
+            assert!(policy.evaluate(input.clone()).allow, "{mode:?}");
+            let closed = policy.with_runtime_data(&bundle, &runtime(false)).unwrap();
+            assert!(!closed.evaluate(input.clone()).allow, "{mode:?}");
+        }
+    }
+
+    #[test]
+    fn undefined_error_and_malformed_decisions_deny() {
+        let bundle = Bundle::from_modules(
+            vec![Module {
+                path: "p.rego".into(),
+                text: "package x\n\nundefined_rule if input.never\n\nbad := {\"allow\": \"yes\"}\n\nerr := {\"allow\": true, \"n\": 1 / input.zero}\n\nloop := {\"allow\": true, \"reasons\": [n | some n in numbers.range(1, 1000000); m := n * 2]}\n".into(),
+            }],
+            Value::new_object(),
+        );
+        for (rule, expected) in [
+            ("data.x.undefined_rule", "undefined"),
+            ("data.x.bad", "boolean"),
+            // A builtin error: the RVM gives undefined (as OPA does without strict builtin
+            // errors), the interpreter an error; both deny.
+            ("data.x.err", "d"),
+            ("data.x.loop", "failed"),
+        ] {
+            for mode in [EvalMode::Compiled, EvalMode::Interpreted] {
+                let options = PolicyOptions {
+                    decision_rule: rule.into(),
+                    eval_timeout: Duration::from_millis(20),
+                    mode,
+                    ..PolicyOptions::default()
+                };
+                let policy = Policy::compile(&bundle, &Value::new_object(), options).unwrap();
+                let start = Instant::now();
+                let d = policy.evaluate(Value::from(serde_json::json!({"zero": 0})));
+                assert!(!d.allow, "{rule} {mode:?}");
+                assert!(
+                    d.reasons[0].contains(expected),
+                    "{rule} {mode:?}: {:?}",
+                    d.reasons
+                );
+                assert!(
+                    start.elapsed() < Duration::from_secs(2),
+                    "{rule} {mode:?} took {:?}",
+                    start.elapsed()
+                );
+            }
+        }
     }
 }

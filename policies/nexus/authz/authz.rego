@@ -15,23 +15,14 @@ import rego.v1
 
 plugin := input.source.spiffe_id
 
-decision := {"allow": allow, "reasons": reasons}
-
-default allow := false
-
-allow if {
-	count(deny) == 0
-	count(grant) > 0
-}
-
-default reasons := ["no rule allows this request"]
-
-reasons := sort([r | some r in deny]) if count(deny) > 0
-
-reasons := sort([r | some r in grant]) if {
-	count(deny) == 0
-	count(grant) > 0
-}
+# The allowed path is evaluated first and alone (`else` is only reached when it fails),
+# so an allowed request does not pay for collecting every denial reason.
+decision := {"allow": true, "reasons": [granted]} if {
+	not revoked
+	granted
+} else := {"allow": false, "reasons": sort([r | some r in deny])} if {
+	count(deny) > 0
+} else := {"allow": false, "reasons": ["no rule allows this request"]}
 
 # --- denials -------------------------------------------------------------------------
 
@@ -56,22 +47,26 @@ deny contains sprintf("method %s is not allowed on clause data", [input.request.
 	not input.request.method in read_methods
 }
 
-# --- grants --------------------------------------------------------------------------
+# --- grants (mutually exclusive: a string clause, or none) ----------------------------
 
-grant contains sprintf("%s may read clause %s under execution %s", [plugin, input.clause, input.execution.id]) if {
+granted := sprintf("%s may read clause %s under execution %s", [plugin, input.clause, input.execution.id]) if {
 	is_string(input.clause)
 	bound
 	execution_open
 	input.request.method in read_methods
 }
 
-grant contains sprintf("public path %s", [input.request.path]) if {
+granted := sprintf("public path %s", [input.request.path]) if {
 	not is_string(input.clause)
 	input.request.method in {"GET", "HEAD"}
 	input.request.path in data.nexus.public_paths
 }
 
 # --- helpers -------------------------------------------------------------------------
+
+revoked if data.nexus.revoked[input.source.spiffe_id]
+
+revoked if data.nexus.revoked[input.destination.spiffe_id]
 
 default read_methods := ["GET", "HEAD"]
 

@@ -1,0 +1,376 @@
+//! The execution record (the wire type the sidecar writes and the gateway stores), the
+//! draft the proxy fills in, and the chain hash (defined in the crate docs).
+
+use std::ops::Range;
+
+use ring::digest::{Context, SHA256};
+use serde::{Deserialize, Serialize};
+use time::OffsetDateTime;
+
+use crate::digest::hex;
+use crate::error::LineError;
+
+/// The `prev_hash` of the first record of a chain (`seq` 0): 64 zeros.
+pub const GENESIS_HASH: &str = "0000000000000000000000000000000000000000000000000000000000000000";
+
+/// One proxied request, as written: chain fields first, then what happened.
+///
+/// The field order is the serialization order and part of the hash definition: never
+/// reorder fields; new fields go at the end.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ExecutionRecord {
+    /// Position in the recording sidecar's chain: 0, 1, 2, ...
+    pub seq: u64,
+    /// The `hash` of the record before (`seq - 1`); [`GENESIS_HASH`] for `seq` 0.
+    pub prev_hash: String,
+    /// SHA-256 over `prev_hash` and this record without `hash` (see the crate docs).
+    pub hash: String,
+    /// The recording sidecar's SPIFFE ID.
+    pub sidecar: String,
+    /// The policy decision's id (as in the sidecar's decision log and traces).
+    pub decision_id: String,
+    /// When the request arrived: RFC 3339, milliseconds, UTC (`2026-11-26T09:41:07.123Z`).
+    pub time: String,
+    /// `inbound` or `outbound`.
+    pub direction: String,
+    /// The client's SPIFFE ID.
+    pub source: String,
+    /// The server's SPIFFE ID.
+    pub destination: String,
+    /// The clause the path names, if any.
+    pub clause: Option<String>,
+    /// The open execution the request ran under, if any.
+    pub execution_id: Option<String>,
+    /// HTTP method.
+    pub method: String,
+    /// The normalized path: what the policy saw and what was forwarded.
+    pub path: String,
+    /// The HTTP status returned to the client.
+    pub status: u16,
+    /// `allow`, `deny`, `dry_run_deny`, `error`, `no_policy` or `none`.
+    pub decision: String,
+    /// The policy's reasons.
+    pub reasons: Vec<String>,
+    /// The policy revision that decided.
+    pub policy_revision: Option<String>,
+    /// SHA-256 (hex) of the request body as forwarded.
+    pub request_sha256: String,
+    /// Request body size in bytes.
+    pub request_bytes: u64,
+    /// SHA-256 (hex) of the response body as returned.
+    pub response_sha256: String,
+    /// Response body size in bytes.
+    pub response_bytes: u64,
+    /// From request head to the end of the response, in milliseconds (rounded to µs).
+    pub latency_ms: f64,
+    /// The W3C trace id, when the request was traced.
+    pub trace_id: Option<String>,
+}
+
+/// What the proxy knows about a request: an [`ExecutionRecord`] without its chain
+/// fields (`seq`, `prev_hash`, `hash`) and `sidecar`, which the recorder adds.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct RecordDraft {
+    /// See [`ExecutionRecord::decision_id`].
+    pub decision_id: String,
+    /// See [`ExecutionRecord::time`]; [`rfc3339_ms`] formats it.
+    pub time: String,
+    /// See [`ExecutionRecord::direction`].
+    pub direction: String,
+    /// See [`ExecutionRecord::source`].
+    pub source: String,
+    /// See [`ExecutionRecord::destination`].
+    pub destination: String,
+    /// See [`ExecutionRecord::clause`].
+    pub clause: Option<String>,
+    /// See [`ExecutionRecord::execution_id`].
+    pub execution_id: Option<String>,
+    /// See [`ExecutionRecord::method`].
+    pub method: String,
+    /// See [`ExecutionRecord::path`].
+    pub path: String,
+    /// See [`ExecutionRecord::status`].
+    pub status: u16,
+    /// See [`ExecutionRecord::decision`].
+    pub decision: String,
+    /// See [`ExecutionRecord::reasons`].
+    pub reasons: Vec<String>,
+    /// See [`ExecutionRecord::policy_revision`].
+    pub policy_revision: Option<String>,
+    /// See [`ExecutionRecord::request_sha256`]; [`crate::BodyDigest`] computes it.
+    pub request_sha256: String,
+    /// See [`ExecutionRecord::request_bytes`].
+    pub request_bytes: u64,
+    /// See [`ExecutionRecord::response_sha256`].
+    pub response_sha256: String,
+    /// See [`ExecutionRecord::response_bytes`].
+    pub response_bytes: u64,
+    /// See [`ExecutionRecord::latency_ms`]; non-finite or negative values become 0.
+    pub latency_ms: f64,
+    /// See [`ExecutionRecord::trace_id`].
+    pub trace_id: Option<String>,
+}
+
+/// Formats a time as records carry it: RFC 3339, milliseconds, UTC.
+pub fn rfc3339_ms(t: OffsetDateTime) -> String {
+    let t = t.to_offset(time::UtcOffset::UTC);
+    format!(
+        "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:03}Z",
+        t.year(),
+        u8::from(t.month()),
+        t.day(),
+        t.hour(),
+        t.minute(),
+        t.second(),
+        t.millisecond()
+    )
+}
+
+impl ExecutionRecord {
+    fn from_draft(seq: u64, prev_hash: String, sidecar: String, draft: RecordDraft) -> Self {
+        // Rounded to whole microseconds so the number prints and parses back to the same
+        // text in any JSON library (a short decimal, never an exponent).
+        let latency_ms = if draft.latency_ms.is_finite() && draft.latency_ms > 0.0 {
+            (draft.latency_ms * 1000.0).round() / 1000.0
+        } else {
+            0.0
+        };
+        Self {
+            seq,
+            prev_hash,
+            hash: GENESIS_HASH.to_owned(),
+            sidecar,
+            decision_id: draft.decision_id,
+            time: draft.time,
+            direction: draft.direction,
+            source: draft.source,
+            destination: draft.destination,
+            clause: draft.clause,
+            execution_id: draft.execution_id,
+            method: draft.method,
+            path: draft.path,
+            status: draft.status,
+            decision: draft.decision,
+            reasons: draft.reasons,
+            policy_revision: draft.policy_revision,
+            request_sha256: draft.request_sha256,
+            request_bytes: draft.request_bytes,
+            response_sha256: draft.response_sha256,
+            response_bytes: draft.response_bytes,
+            latency_ms,
+            trace_id: draft.trace_id,
+        }
+    }
+
+    /// The record as the writer writes it: one line of compact JSON, without the `\n`.
+    pub fn to_line(&self) -> String {
+        // Serializing strings, integers and finite floats cannot fail; a non-finite float
+        // would become `null`, which `from_draft` rules out.
+        serde_json::to_string(self).unwrap_or_default()
+    }
+
+    /// The chain hash of this record as it stands (whatever its `hash` field says).
+    pub fn compute_hash(&self) -> String {
+        let mut unsealed = self.clone();
+        unsealed.hash = GENESIS_HASH.to_owned();
+        let line = unsealed.to_line();
+        match hash_member(line.as_bytes()) {
+            Some(member) => chain_hash(&self.prev_hash, line.as_bytes(), member),
+            // Only when prev_hash is not 64 lowercase hex digits: no valid hash exists.
+            None => String::new(),
+        }
+    }
+
+    /// Whether `hash` matches the record's content.
+    pub fn hash_is_valid(&self) -> bool {
+        self.compute_hash() == self.hash
+    }
+
+    /// Parses one line (without its `\n`) and checks its hash against its bytes: how the
+    /// gateway should ingest a shipped record.
+    pub fn from_line(line: &[u8]) -> Result<Self, LineError> {
+        check_line(line)?;
+        serde_json::from_slice(line).map_err(|e| LineError::Malformed(e.to_string()))
+    }
+}
+
+/// The chain fields of a line, all `verify` needs besides the bytes.
+#[derive(Debug, Deserialize)]
+pub(crate) struct ChainFields {
+    pub(crate) seq: u64,
+    pub(crate) prev_hash: String,
+    pub(crate) hash: String,
+}
+
+/// Seals a draft into its line (without `\n`): returns the record's hash and the line.
+pub(crate) fn seal(
+    seq: u64,
+    prev_hash: &str,
+    sidecar: &str,
+    draft: RecordDraft,
+) -> Result<(String, Vec<u8>), serde_json::Error> {
+    let record = ExecutionRecord::from_draft(seq, prev_hash.to_owned(), sidecar.to_owned(), draft);
+    let mut line = serde_json::to_vec(&record)?;
+    let Some(member) = hash_member(&line) else {
+        return Err(serde::ser::Error::custom(
+            "prev_hash is not 64 lowercase hex digits",
+        ));
+    };
+    let hash = chain_hash(prev_hash, &line, member.clone());
+    // The placeholder is 64 zeros, the hash 64 hex digits: patch it in place.
+    let value = member.start + HASH_KEY.len()..member.end - HASH_END.len();
+    line[value].copy_from_slice(hash.as_bytes());
+    Ok((hash, line))
+}
+
+/// Parses a line's chain fields and checks its hash.
+pub(crate) fn check_line(line: &[u8]) -> Result<ChainFields, LineError> {
+    let fields: ChainFields = serde_json::from_slice(line).map_err(|e| {
+        if e.is_eof() {
+            LineError::Truncated
+        } else {
+            LineError::Malformed(e.to_string())
+        }
+    })?;
+    let member = hash_member(line).ok_or_else(|| {
+        LineError::Malformed(
+            "the line does not begin {\"seq\":N,\"prev_hash\":\"<64 hex>\",\"hash\":\"<64 hex>\", as the sidecar writes it"
+                .to_owned(),
+        )
+    })?;
+    let computed = chain_hash(&fields.prev_hash, line, member);
+    if computed != fields.hash {
+        return Err(LineError::HashMismatch {
+            recorded: fields.hash,
+            computed,
+        });
+    }
+    Ok(fields)
+}
+
+const HASH_KEY: &[u8] = b"\"hash\":\"";
+const HASH_END: &[u8] = b"\",";
+
+/// The byte range of the `"hash":"<64 hex>",` member, if the line begins as the writer
+/// writes it: `{"seq":N,"prev_hash":"<64 hex>","hash":"<64 hex>",`.
+fn hash_member(line: &[u8]) -> Option<Range<usize>> {
+    let mut pos = expect(line, 0, b"{\"seq\":")?;
+    let digits = line
+        .get(pos..)?
+        .iter()
+        .take_while(|b| b.is_ascii_digit())
+        .count();
+    if digits == 0 {
+        return None;
+    }
+    pos = expect(line, pos + digits, b",\"prev_hash\":\"")?;
+    pos = hex64(line, pos)?;
+    pos = expect(line, pos, HASH_END)?;
+    let start = pos;
+    pos = expect(line, pos, HASH_KEY)?;
+    pos = hex64(line, pos)?;
+    pos = expect(line, pos, HASH_END)?;
+    Some(start..pos)
+}
+
+fn expect(line: &[u8], pos: usize, literal: &[u8]) -> Option<usize> {
+    line.get(pos..)?
+        .starts_with(literal)
+        .then_some(pos + literal.len())
+}
+
+fn hex64(line: &[u8], pos: usize) -> Option<usize> {
+    let digits = line.get(pos..pos + 64)?;
+    digits
+        .iter()
+        .all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+        .then_some(pos + 64)
+}
+
+/// `hex(SHA-256(prev_hash || line without the hash member))`.
+fn chain_hash(prev_hash: &str, line: &[u8], member: Range<usize>) -> String {
+    let mut context = Context::new(&SHA256);
+    context.update(prev_hash.as_bytes());
+    context.update(&line[..member.start]);
+    context.update(&line[member.end..]);
+    hex(context.finish().as_ref())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    pub(crate) fn draft(n: u64) -> RecordDraft {
+        RecordDraft {
+            decision_id: format!("d-{n}"),
+            time: "2026-11-26T09:41:07.123Z".into(),
+            direction: "inbound".into(),
+            source: "spiffe://nexus.local/ns/plugins/sa/flood-model".into(),
+            destination: "spiffe://nexus.local/ns/data/sa/hazard-api".into(),
+            clause: Some("c-flood-17".into()),
+            execution_id: None,
+            method: "GET".into(),
+            path: "/clauses/c-flood-17/rainfall".into(),
+            status: 200,
+            decision: "allow".into(),
+            reasons: vec!["bound \"clause\"\n".into()],
+            policy_revision: Some("r1".into()),
+            request_sha256: crate::EMPTY_SHA256.into(),
+            request_bytes: 0,
+            response_sha256: crate::EMPTY_SHA256.into(),
+            response_bytes: 10,
+            latency_ms: 1.234_567_8 * n as f64,
+            trace_id: None,
+        }
+    }
+
+    #[test]
+    fn sealed_line_checks_and_parses_back_to_the_same_bytes() {
+        let (hash, line) = seal(7, GENESIS_HASH, "spiffe://x/s", draft(3)).unwrap();
+        let fields = check_line(&line).unwrap();
+        assert_eq!((fields.seq, fields.hash.as_str()), (7, hash.as_str()));
+        let record = ExecutionRecord::from_line(&line).unwrap();
+        assert_eq!(record.latency_ms, 3.704);
+        assert!(record.hash_is_valid());
+        assert_eq!(record.to_line().as_bytes(), &line[..]);
+    }
+
+    #[test]
+    fn the_documented_definition_holds() {
+        let (hash, line) = seal(0, GENESIS_HASH, "spiffe://x/s", draft(1)).unwrap();
+        let text = String::from_utf8(line).unwrap();
+        let unhashed = text.replacen(&format!("\"hash\":\"{hash}\","), "", 1);
+        let mut context = Context::new(&SHA256);
+        context.update(GENESIS_HASH.as_bytes());
+        context.update(unhashed.as_bytes());
+        assert_eq!(hex(context.finish().as_ref()), hash);
+        let mut unsealed = ExecutionRecord::from_line(text.as_bytes()).unwrap();
+        unsealed.hash = String::new();
+        let without: serde_json::Value = serde_json::from_str(&unhashed).unwrap();
+        assert!(without.get("hash").is_none());
+        assert_eq!(without["seq"], 0);
+    }
+
+    #[test]
+    fn edits_and_cuts_are_told_apart() {
+        let (_, line) = seal(1, GENESIS_HASH, "spiffe://x/s", draft(1)).unwrap();
+        let text = String::from_utf8(line.clone()).unwrap();
+        let edited = text.replace("\"status\":200", "\"status\":201");
+        assert!(matches!(
+            check_line(edited.as_bytes()),
+            Err(LineError::HashMismatch { .. })
+        ));
+        assert_eq!(check_line(&line[..line.len() / 2]), Err(LineError::Truncated));
+        let spaced = text.replacen(",", ", ", 1);
+        assert!(matches!(
+            check_line(spaced.as_bytes()),
+            Err(LineError::Malformed(_))
+        ));
+    }
+
+    #[test]
+    fn time_format() {
+        let t = OffsetDateTime::from_unix_timestamp_nanos(1_795_685_267_123_456_789).unwrap();
+        assert_eq!(rfc3339_ms(t), "2026-11-26T09:27:47.123Z");
+    }
+}
