@@ -101,7 +101,8 @@ pub struct PolicyConfig {
     /// content-type, content-length, user-agent, x-nexus-execution, x-request-id, traceparent.
     #[serde(default = "default_headers")]
     pub input_headers: Vec<String>,
-    /// One evaluation may take this long, then it denies. Default 50ms.
+    /// One evaluation may take this long, then it denies. Default 250ms: generous, since
+    /// the clock also runs while a busy machine has the evaluating thread descheduled.
     #[serde(default = "default_eval_timeout", with = "humantime_serde")]
     pub eval_timeout: Duration,
     /// One evaluation may run this many VM instructions, then it denies. Default 1000000.
@@ -149,7 +150,7 @@ fn default_headers() -> Vec<String> {
     .to_vec()
 }
 fn default_eval_timeout() -> Duration {
-    Duration::from_millis(50)
+    Duration::from_millis(250)
 }
 fn default_max_instructions() -> usize {
     1_000_000
@@ -499,7 +500,7 @@ impl Config {
                 return Err(invalid(
                     "policy.eval_timeout",
                     "must be more than 0",
-                    "use the default, 50ms",
+                    "use the default, 250ms",
                 ));
             }
         }

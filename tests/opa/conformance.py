@@ -226,10 +226,9 @@ NOT_AFTER_SPELLINGS: list[tuple[str, Callable[[datetime], str]]] = [
     ("+05:30", _spell_offset),
     ("-08:00", _spell_negative_offset),
     ("-00:00", _spell_minus_zero),
-    # The sidecar accepts these two and so does regorus; OPA's (Go's) RFC 3339 parser
-    # does not: decisions diverge (see the conformance report).
-    ("lowercase", _spell_lowercase),
-    ("space", _spell_space),
+    # Not here: lowercase t/z and a space for T. regorus (chrono) accepts them, Go's
+    # RFC 3339 parser (OPA) does not; the sidecar rewrites every not_after it loads in
+    # the canonical spelling (sidecar/src/policy/runtime.rs), so policies never see them.
 ]
 
 
@@ -291,11 +290,11 @@ def authz_corpus(folder: Folder, n: int, rng: random.Random) -> Corpus:
         add_exec(f"ex-expired-{k}", plugin, clause, NOW - timedelta(minutes=5))
         add_exec(f"ex-edge-{k}", plugin, clause, NOW)  # not_after == request time: closed
         add_exec(f"ex-edge-plus-{k}", plugin, clause, NOW + timedelta(milliseconds=1))
-        add_exec(f"ex-expired-lc-{k}", plugin, clause, NOW - timedelta(hours=1), NOT_AFTER_SPELLINGS[-2])
-        # A leap second, as the sidecar's parser accepts it on a month's last day (it
-        # reads 23:59:59.999999999); regorus reads the next midnight; Go rejects it.
+        add_exec(f"ex-expired-lc-{k}", plugin, clause, NOW - timedelta(hours=1), NOT_AFTER_SPELLINGS[-1])
+        # A leap second (23:59:60Z) reaches policies as the sidecar rewrites it: the
+        # `time` crate reads it as 23:59:59.999999999 and the canonical spelling follows.
         execs[f"ex-leap-{k}"] = {"id": f"ex-leap-{k}", "plugin": plugin, "clause": clause,
-                                 "not_after": "2026-11-30T23:59:60Z"}
+                                 "not_after": "2026-11-30T23:59:59.999999999Z"}
         at[f"ex-leap-{k}"] = datetime(2026, 11, 30, 23, 59, 59, 999999, tzinfo=UTC)
     add_exec("ex-rogue", rogue, all_bound_clauses[0], NOW + timedelta(hours=2))
     add_exec("ex-unbound-clause", plugins[0], "c-flood-99", NOW + timedelta(hours=2))

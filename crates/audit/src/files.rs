@@ -9,8 +9,18 @@ use std::path::{Path, PathBuf};
 /// removed by hand) is skipped here and shows up in the chain as a `seq` gap. When none
 /// exists, returns `[path]` so that opening it names the missing file.
 pub fn rotated_files(path: &Path) -> io::Result<Vec<PathBuf>> {
-    let Some(name) = path.file_name().and_then(|n| n.to_str()) else {
+    let found = numbered_files(path)?;
+    if found.is_empty() {
         return Ok(vec![path.to_path_buf()]);
+    }
+    Ok(found.into_iter().map(|(_, path)| path).collect())
+}
+
+/// The existing files of the set `path`, with their rotation index (0 for `path`
+/// itself), oldest (highest index) first.
+pub(crate) fn numbered_files(path: &Path) -> io::Result<Vec<(u64, PathBuf)>> {
+    let Some(name) = path.file_name().and_then(|n| n.to_str()) else {
+        return Ok(Vec::new());
     };
     let dir = match path.parent() {
         Some(dir) if !dir.as_os_str().is_empty() => dir,
@@ -35,11 +45,8 @@ pub fn rotated_files(path: &Path) -> io::Result<Vec<PathBuf>> {
         };
         found.push((index, path.with_file_name(entry_name)));
     }
-    if found.is_empty() {
-        return Ok(vec![path.to_path_buf()]);
-    }
     found.sort_by_key(|(index, _)| std::cmp::Reverse(*index));
-    Ok(found.into_iter().map(|(_, path)| path).collect())
+    Ok(found)
 }
 
 /// What `nexusctl audit verify` was given, as files in chain order:

@@ -44,7 +44,7 @@ impl Default for PolicyOptions {
     fn default() -> Self {
         Self {
             decision_rule: "data.nexus.authz.decision".into(),
-            eval_timeout: Duration::from_millis(50),
+            eval_timeout: Duration::from_millis(250),
             max_instructions: 1_000_000,
             mode: EvalMode::Compiled,
         }

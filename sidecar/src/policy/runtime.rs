@@ -186,7 +186,39 @@ impl PolicyRuntime {
         if self.config.run_tests_on_reload {
             nexus_policy::testing::run_tests(&bundle, false, None)?.into_result()?;
         }
-        let runtime = self.read_state()?;
+        let mut runtime = self.read_state()?;
+        let state_file = self
+            .config
+            .state_file
+            .as_ref()
+            .map(|p| p.display().to_string())
+            .unwrap_or_default();
+        for (id, ex) in &mut runtime.executions {
+            ex.id = id.clone();
+            let ends = time::OffsetDateTime::parse(
+                &ex.not_after,
+                &time::format_description::well_known::Rfc3339,
+            )
+            .map_err(|e| PolicyError::Data {
+                file: state_file.clone(),
+                message: format!(
+                    "execution {id}: not_after `{}` is not RFC 3339: {e}",
+                    ex.not_after
+                ),
+            })?
+            .to_offset(time::UtcOffset::UTC);
+            ex.ends_unix_nanos = ends.unix_timestamp_nanos();
+            // One canonical spelling (UTC, `T`, `Z`): Go's RFC 3339 parser, and so OPA's
+            // time.parse_rfc3339_ns, refuses spellings the `time` crate accepts
+            // (lowercase t/z, a space for T, leap second 60), and policies must not
+            // depend on which engine reads them.
+            ex.not_after = ends
+                .format(&time::format_description::well_known::Rfc3339)
+                .map_err(|e| PolicyError::Data {
+                    file: state_file.clone(),
+                    message: format!("execution {id}: not_after cannot be written back: {e}"),
+                })?;
+        }
         let value = runtime.to_value();
         let policy = Policy::compile(&bundle, &value, self.options(&self.config.decision_rule))?;
         let shadow = match &self.config.shadow_rule {
@@ -196,25 +228,6 @@ impl PolicyRuntime {
         let mut executions: HashMap<(String, String), Vec<Execution>> = HashMap::new();
         let mut by_id = HashMap::new();
         for (id, ex) in runtime.executions {
-            let mut ex = ex;
-            ex.id = id.clone();
-            ex.ends_unix_nanos = time::OffsetDateTime::parse(
-                &ex.not_after,
-                &time::format_description::well_known::Rfc3339,
-            )
-            .map_err(|e| PolicyError::Data {
-                file: self
-                    .config
-                    .state_file
-                    .as_ref()
-                    .map(|p| p.display().to_string())
-                    .unwrap_or_default(),
-                message: format!(
-                    "execution {id}: not_after `{}` is not RFC 3339: {e}",
-                    ex.not_after
-                ),
-            })?
-            .unix_timestamp_nanos();
             executions
                 .entry((ex.plugin.clone(), ex.clause.clone()))
                 .or_default()
@@ -294,5 +307,84 @@ impl PolicyRuntime {
             }
             tokio::time::sleep(self.config.reload_interval.max(Duration::from_millis(50))).await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(dir: &Path, state: &Path) -> PolicyConfig {
+        let toml = format!(
+            "dir = {:?}\nstate_file = {:?}\n",
+            dir.to_string_lossy(),
+            state.to_string_lossy()
+        );
+        toml::from_str(&toml).unwrap()
+    }
+
+    #[test]
+    fn executions_are_canonicalized_and_indexed() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("p.rego"),
+            "package nexus.authz\n\ndecision := {\"allow\": true, \"reasons\": []}\n",
+        )
+        .unwrap();
+        let state = dir.path().join(".runtime.json");
+        std::fs::write(
+            &state,
+            r#"{"executions": {"ex-1": {"plugin": "spiffe://td/p", "clause": "c1", "not_after": "2026-11-26t10:00:00+01:00"},
+                               "ex-2": {"plugin": "spiffe://td/p", "clause": "c1", "not_after": "2026-11-26 12:00:00z"}}}"#,
+        )
+        .unwrap();
+        let runtime = PolicyRuntime::new(config(dir.path(), &state), Metrics::new());
+        let loaded = runtime.build().unwrap();
+        let ex = &loaded.policy.data()["nexus"]["executions"]["ex-1"]["not_after"];
+        assert_eq!(ex.as_string().unwrap().as_ref(), "2026-11-26T09:00:00Z");
+        // The open execution that ends last wins when none is named.
+        let at = time::macros::datetime!(2026-11-26 08:00 UTC).unix_timestamp_nanos();
+        assert_eq!(
+            loaded
+                .execution_for(None, "spiffe://td/p", Some("c1"), at)
+                .unwrap()
+                .id,
+            "ex-2"
+        );
+        let late = time::macros::datetime!(2026-11-26 13:00 UTC).unix_timestamp_nanos();
+        assert!(
+            loaded
+                .execution_for(None, "spiffe://td/p", Some("c1"), late)
+                .is_none()
+        );
+        assert_eq!(
+            loaded
+                .execution_for(Some("ex-1"), "x", None, late)
+                .unwrap()
+                .id,
+            "ex-1"
+        );
+    }
+
+    #[test]
+    fn a_bad_not_after_refuses_the_state_with_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("p.rego"),
+            "package nexus.authz\n\ndecision := {\"allow\": true}\n",
+        )
+        .unwrap();
+        let state = dir.path().join(".runtime.json");
+        std::fs::write(
+            &state,
+            r#"{"executions": {"ex-1": {"plugin": "p", "clause": "c", "not_after": "tomorrow"}}}"#,
+        )
+        .unwrap();
+        let runtime = PolicyRuntime::new(config(dir.path(), &state), Metrics::new());
+        let err = runtime.build().unwrap_err().to_string();
+        assert!(
+            err.contains(".runtime.json") && err.contains("ex-1") && err.contains("tomorrow"),
+            "{err}"
+        );
     }
 }

@@ -1,0 +1,546 @@
+//! `nexusctl policy test|check|eval` end to end: the real binary on the reference
+//! policies and on broken copies of them in a temp dir, asserting on exit codes and on
+//! what it prints.
+//!
+//! Needs `cargo build --workspace --bins` first (`scripts/test.sh` does it).
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use nexus_tests::{bin, repo_root, run_bounded, temp_dir};
+use serde_json::{Value, json};
+
+const FLOOD_ID: &str = "spiffe://nexus.local/ns/plugins/sa/flood-model";
+const HAZARD_ID: &str = "spiffe://nexus.local/ns/data/sa/hazard-api";
+
+/// What a run printed.
+#[derive(Debug)]
+struct Run {
+    code: i32,
+    stdout: String,
+    stderr: String,
+}
+
+fn nexusctl(args: &[&str]) -> Run {
+    let program = bin("nexusctl");
+    let out = run_bounded(60, &program.to_string_lossy(), args);
+    Run {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+fn policies() -> PathBuf {
+    repo_root().join("policies")
+}
+
+fn s(path: &Path) -> String {
+    path.to_string_lossy().into_owned()
+}
+
+/// A copy of `policies/` in `dir`.
+fn copy_policies(dir: &Path) -> PathBuf {
+    fn copy(from: &Path, to: &Path) {
+        std::fs::create_dir_all(to).expect("create folder");
+        for entry in std::fs::read_dir(from).expect("read folder") {
+            let entry = entry.expect("entry");
+            let target = to.join(entry.file_name());
+            if entry.file_type().expect("file type").is_dir() {
+                copy(&entry.path(), &target);
+            } else {
+                std::fs::copy(entry.path(), &target).expect("copy file");
+            }
+        }
+    }
+    let to = dir.join("policies");
+    copy(&policies(), &to);
+    to
+}
+
+/// The `test_` rules the reference test file defines (so the count stays current).
+fn reference_test_count() -> usize {
+    std::fs::read_to_string(policies().join("nexus/authz/authz_test.rego"))
+        .expect("authz_test.rego")
+        .lines()
+        .filter(|l| l.starts_with("test_"))
+        .count()
+}
+
+/// The "N passed, M failed" summary line.
+fn summary(stdout: &str) -> (usize, usize) {
+    let line = stdout
+        .lines()
+        .rfind(|l| l.contains(" passed, ") && l.ends_with(" failed"))
+        .unwrap_or_else(|| panic!("no summary line in {stdout:?}"));
+    let numbers: Vec<usize> = line
+        .split(' ')
+        .filter_map(|w| w.trim_end_matches(',').parse().ok())
+        .collect();
+    assert_eq!(numbers.len(), 2, "{line}");
+    (numbers[0], numbers[1])
+}
+
+/// `file:LINE:COL` somewhere in `text` for a path ending in `file`.
+fn has_file_line_col(text: &str, file: &str) -> bool {
+    text.match_indices(file).any(|(i, _)| {
+        let mut parts = text[i + file.len()..].splitn(3, ':');
+        let digits = |p: Option<&str>| {
+            p.is_some_and(|p| p.chars().next().is_some_and(|c| c.is_ascii_digit()))
+        };
+        parts.next() == Some("") && digits(parts.next()) && digits(parts.next())
+    })
+}
+
+// --- test ------------------------------------------------------------------------------
+
+#[test]
+fn policy_test_passes_on_the_reference_policies() {
+    let expected = reference_test_count();
+    assert!(expected > 0);
+    let run = nexusctl(&["policy", "test", &s(&policies())]);
+    assert_eq!(run.code, 0, "{run:?}");
+    assert_eq!(summary(&run.stdout), (expected, 0), "{run:?}");
+    assert!(!run.stdout.contains("FAIL"), "{run:?}");
+
+    // -v lists every test by its full name.
+    let run = nexusctl(&["policy", "test", "-v", &s(&policies())]);
+    assert_eq!(run.code, 0, "{run:?}");
+    let passed: Vec<&str> = run
+        .stdout
+        .lines()
+        .filter(|l| l.starts_with("PASS data.nexus.authz_test.test_"))
+        .collect();
+    assert_eq!(passed.len(), expected, "{}", run.stdout);
+    assert!(
+        passed
+            .iter()
+            .any(|l| l.contains("test_unbound_clause_is_denied")),
+        "{}",
+        run.stdout
+    );
+}
+
+#[test]
+fn policy_test_coverage_reports_a_percentage_per_module() {
+    let run = nexusctl(&["policy", "test", "--coverage", &s(&policies())]);
+    assert_eq!(run.code, 0, "{run:?}");
+    let line = run
+        .stdout
+        .lines()
+        .find(|l| l.contains("nexus/authz/authz.rego"))
+        .unwrap_or_else(|| panic!("no coverage line for authz.rego: {}", run.stdout));
+    let percent: f64 = line
+        .split_whitespace()
+        .find_map(|w| w.strip_suffix('%')?.parse().ok())
+        .unwrap_or_else(|| panic!("no percentage in {line:?}"));
+    assert!(percent > 50.0 && percent <= 100.0, "{line}");
+    assert!(
+        !run.stdout.contains("authz_test.rego"),
+        "tests are not covered modules: {}",
+        run.stdout
+    );
+    assert_eq!(summary(&run.stdout).1, 0);
+
+    // A rule no test reaches shows up as uncovered lines.
+    let dir = temp_dir("nexusctl-coverage");
+    let copy = copy_policies(dir.path());
+    let rego = copy.join("nexus/authz/authz.rego");
+    let mut text = std::fs::read_to_string(&rego).expect("authz.rego");
+    text.push_str("\ngrant contains \"untested\" if {\n\tinput.request.path == \"/never\"\n}\n");
+    std::fs::write(&rego, text).expect("write");
+    let run = nexusctl(&["policy", "test", "--coverage", &s(&copy)]);
+    assert_eq!(run.code, 0, "{run:?}");
+    let line = run
+        .stdout
+        .lines()
+        .find(|l| l.contains("authz.rego"))
+        .unwrap_or_default()
+        .to_string();
+    assert!(line.contains("lines not covered:"), "{line}");
+    let lower: f64 = line
+        .split_whitespace()
+        .find_map(|w| w.strip_suffix('%')?.parse().ok())
+        .unwrap_or(100.0);
+    assert!(lower < percent, "{line}");
+}
+
+#[test]
+fn policy_test_fails_naming_the_failing_test() {
+    let dir = temp_dir("nexusctl-failing");
+    let copy = copy_policies(dir.path());
+    let tests = copy.join("nexus/authz/authz_test.rego");
+    let mut text = std::fs::read_to_string(&tests).expect("authz_test.rego");
+    text.push_str(
+        "\ntest_healthz_is_denied_to_everyone if {\n\td := authz.decision with input as req(\"GET\", \"/healthz\", null, null)\n\t\twith data.nexus.revoked as {}\n\td.allow == false\n}\n",
+    );
+    std::fs::write(&tests, text).expect("write");
+    let run = nexusctl(&["policy", "test", &s(&copy)]);
+    assert_eq!(run.code, 1, "{run:?}");
+    assert!(
+        run.stdout
+            .contains("FAIL data.nexus.authz_test.test_healthz_is_denied_to_everyone"),
+        "{run:?}"
+    );
+    assert!(
+        run.stdout.contains("authz_test.rego"),
+        "names the file: {run:?}"
+    );
+    assert_eq!(summary(&run.stdout), (reference_test_count(), 1));
+    assert!(run.stderr.contains("1 policy test(s) failed"), "{run:?}");
+
+    // --run selects tests by name: without the failing one it passes.
+    let run = nexusctl(&["policy", "test", "--run", "unbound", &s(&copy)]);
+    assert_eq!(run.code, 0, "{run:?}");
+    assert_eq!(summary(&run.stdout), (1, 0));
+
+    // A folder without tests is an error, not a silent pass.
+    std::fs::remove_file(&tests).expect("remove tests");
+    let run = nexusctl(&["policy", "test", &s(&copy)]);
+    assert_eq!(run.code, 1, "{run:?}");
+    assert!(run.stderr.contains("no test_ rules found"), "{run:?}");
+}
+
+// --- check -----------------------------------------------------------------------------
+
+#[test]
+fn policy_check_reports_file_line_col() {
+    let run = nexusctl(&["policy", "check", &s(&policies())]);
+    assert_eq!(run.code, 0, "{run:?}");
+    assert!(
+        run.stdout.contains("data.nexus.authz.decision compiles")
+            && run.stdout.contains("revision sha256:"),
+        "{run:?}"
+    );
+
+    let dir = temp_dir("nexusctl-check");
+    let copy = copy_policies(dir.path());
+    let rego = copy.join("nexus/authz/authz.rego");
+    let original = std::fs::read_to_string(&rego).expect("authz.rego");
+
+    // A write cut off mid-rule.
+    let cut = original.find("allow if {").expect("`allow if {`") + "allow if {\n".len();
+    std::fs::write(&rego, &original[..cut]).expect("truncate");
+    let run = nexusctl(&["policy", "check", &s(&copy)]);
+    assert_eq!(run.code, 1, "{run:?}");
+    assert!(
+        has_file_line_col(&run.stderr, "nexus/authz/authz.rego"),
+        "{run:?}"
+    );
+
+    // A syntax error on a known line: the line number is that line.
+    let broken = original.replacen("plugin := input.source.spiffe_id", "plugin := := x", 1);
+    let line = broken
+        .lines()
+        .position(|l| l.contains(":= := x"))
+        .expect("the broken line")
+        + 1;
+    std::fs::write(&rego, &broken).expect("write");
+    let run = nexusctl(&["policy", "check", &s(&copy)]);
+    assert_eq!(run.code, 1, "{run:?}");
+    assert!(
+        run.stderr
+            .contains(&format!("nexus/authz/authz.rego:{line}:")),
+        "expected line {line}: {run:?}"
+    );
+
+    // Tests must compile too.
+    std::fs::write(&rego, &original).expect("restore");
+    let tests = copy.join("nexus/authz/authz_test.rego");
+    let mut text = std::fs::read_to_string(&tests).expect("tests");
+    text.push_str("\ntest_broken if {\n");
+    std::fs::write(&tests, text).expect("write");
+    let run = nexusctl(&["policy", "check", &s(&copy)]);
+    assert_eq!(run.code, 1, "{run:?}");
+    assert!(
+        has_file_line_col(&run.stderr, "nexus/authz/authz_test.rego"),
+        "{run:?}"
+    );
+
+    // A decision rule the folder does not define.
+    let run = nexusctl(&[
+        "policy",
+        "check",
+        "--rule",
+        "data.nexus.nope.decision",
+        &s(&policies()),
+    ]);
+    assert_eq!(run.code, 1, "{run:?}");
+    assert!(run.stderr.contains("data.nexus.nope.decision"), "{run:?}");
+}
+
+// --- eval ------------------------------------------------------------------------------
+
+fn input(method: &str, path: &str, clause: Option<&str>, execution: Option<&str>) -> Value {
+    let segments: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
+    json!({
+        "direction": "inbound",
+        "source": {"spiffe_id": FLOOD_ID},
+        "destination": {"spiffe_id": HAZARD_ID},
+        "request": {"method": method, "path": path, "segments": segments, "query": {}, "headers": {}, "body_size": 0},
+        "clause": clause,
+        "execution": execution.map(|id| json!({"id": id})),
+        "time": "2026-11-26T09:41:07.123Z",
+    })
+}
+
+/// Runtime data with ex-1 open for c-flood-17, as the sidecar's state file gives it.
+fn runtime_data(dir: &Path) -> PathBuf {
+    let path = dir.join("runtime.json");
+    let data = json!({"nexus": {
+        "executions": {"ex-1": {"id": "ex-1", "plugin": FLOOD_ID, "clause": "c-flood-17", "not_after": "2099-01-01T00:00:00Z"}},
+        "revoked": {},
+    }});
+    std::fs::write(&path, data.to_string()).expect("runtime data");
+    path
+}
+
+fn json_of(text: &str) -> Value {
+    serde_json::from_str(text).unwrap_or_else(|e| panic!("not JSON ({e}): {text:?}"))
+}
+
+#[test]
+fn policy_eval_prints_the_decision() {
+    let dir = temp_dir("nexusctl-eval");
+    let data = runtime_data(dir.path());
+    let write = |name: &str, value: &Value| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, value.to_string()).expect("input");
+        path
+    };
+    let eval = |input: &Path| {
+        nexusctl(&[
+            "policy",
+            "eval",
+            "--dir",
+            &s(&policies()),
+            "--data",
+            &s(&data),
+            "--input",
+            &s(input),
+        ])
+    };
+
+    let allowed = write(
+        "allowed.json",
+        &input(
+            "GET",
+            "/clauses/c-flood-17/rainfall",
+            Some("c-flood-17"),
+            Some("ex-1"),
+        ),
+    );
+    let run = eval(&allowed);
+    assert_eq!(run.code, 0, "{run:?}");
+    let doc = json_of(&run.stdout);
+    assert_eq!(doc["allow"], true, "{doc}");
+    assert_eq!(
+        doc["reasons"],
+        json!([format!(
+            "{FLOOD_ID} may read clause c-flood-17 under execution ex-1"
+        )])
+    );
+    assert!(
+        doc["revision"]
+            .as_str()
+            .is_some_and(|r| r.starts_with("sha256:"))
+    );
+    assert_eq!(doc["error"], Value::Null);
+
+    let unbound = write(
+        "unbound.json",
+        &input("GET", "/clauses/c-quake-3/x", Some("c-quake-3"), None),
+    );
+    let run = eval(&unbound);
+    assert_eq!(run.code, 0, "{run:?}");
+    let doc = json_of(&run.stdout);
+    assert_eq!(doc["allow"], false, "{doc}");
+    assert_eq!(
+        doc["reasons"],
+        json!([format!("{FLOOD_ID} is not bound to clause c-quake-3")])
+    );
+
+    // Without the runtime data, no execution is open.
+    let run = nexusctl(&[
+        "policy",
+        "eval",
+        "--dir",
+        &s(&policies()),
+        "--input",
+        &s(&allowed),
+    ]);
+    let doc = json_of(&run.stdout);
+    assert_eq!(doc["allow"], false, "{doc}");
+    assert_eq!(
+        doc["reasons"],
+        json!([format!(
+            "no open execution of clause c-flood-17 for {FLOOD_ID}"
+        )])
+    );
+
+    // The input from stdin.
+    let mut child = Command::new(bin("nexusctl"))
+        .args(["policy", "eval", "--dir", &s(&policies()), "--input", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("nexusctl");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(input("GET", "/healthz", None, None).to_string().as_bytes())
+        .expect("write stdin");
+    let out = child.wait_with_output().expect("nexusctl");
+    assert!(out.status.success(), "{out:?}");
+    let doc = json_of(&String::from_utf8_lossy(&out.stdout));
+    assert_eq!(doc["allow"], true, "{doc}");
+    assert_eq!(doc["reasons"], json!(["public path /healthz"]));
+
+    // A rule that is not there.
+    let run = nexusctl(&[
+        "policy",
+        "eval",
+        "--dir",
+        &s(&policies()),
+        "--rule",
+        "data.nexus.nope.decision",
+        "--input",
+        &s(&allowed),
+    ]);
+    assert_ne!(run.code, 0, "{run:?}");
+    assert!(run.stderr.contains("data.nexus.nope.decision"), "{run:?}");
+}
+
+#[test]
+fn policy_eval_inputs_prints_one_line_per_input() {
+    let dir = temp_dir("nexusctl-eval-lines");
+    let data = runtime_data(dir.path());
+    let cases = [
+        (
+            input(
+                "GET",
+                "/clauses/c-flood-17/rainfall",
+                Some("c-flood-17"),
+                Some("ex-1"),
+            ),
+            true,
+        ),
+        (
+            input(
+                "DELETE",
+                "/clauses/c-flood-17/rainfall",
+                Some("c-flood-17"),
+                Some("ex-1"),
+            ),
+            false,
+        ),
+        (
+            input("GET", "/clauses/c-flood-18/x", Some("c-flood-18"), None),
+            false,
+        ),
+        (input("GET", "/healthz", None, None), true),
+        (input("GET", "/admin", None, None), false),
+    ];
+    let mut lines: Vec<String> = cases.iter().map(|(i, _)| i.to_string()).collect();
+    lines.insert(2, String::new()); // blank lines are skipped
+    let file = dir.path().join("inputs.jsonl");
+    std::fs::write(&file, lines.join("\n") + "\n").expect("inputs");
+    let run = nexusctl(&[
+        "policy",
+        "eval",
+        "--dir",
+        &s(&policies()),
+        "--data",
+        &s(&data),
+        "--inputs",
+        &s(&file),
+    ]);
+    assert_eq!(run.code, 0, "{run:?}");
+    let out: Vec<Value> = run.stdout.lines().map(json_of).collect();
+    assert_eq!(out.len(), cases.len(), "{}", run.stdout);
+    for ((input, allow), decision) in cases.iter().zip(&out) {
+        assert_eq!(decision["allow"], *allow, "{input} -> {decision}");
+        assert!(
+            decision["reasons"]
+                .as_array()
+                .is_some_and(|r| !r.is_empty()),
+            "{decision}"
+        );
+    }
+    assert_eq!(
+        out[1]["reasons"],
+        json!(["method DELETE is not allowed on clause data"])
+    );
+    assert_eq!(out[4]["reasons"], json!(["no rule allows this request"]));
+
+    // A line that is not JSON is named by file and line.
+    std::fs::write(&file, format!("{}\n{{oops\n", lines[0])).expect("inputs");
+    let run = nexusctl(&[
+        "policy",
+        "eval",
+        "--dir",
+        &s(&policies()),
+        "--inputs",
+        &s(&file),
+    ]);
+    assert_ne!(run.code, 0, "{run:?}");
+    assert!(run.stderr.contains("inputs.jsonl:2"), "{run:?}");
+}
+
+#[test]
+fn policy_eval_explain_prints_every_rule_of_the_package() {
+    let dir = temp_dir("nexusctl-explain");
+    let data = runtime_data(dir.path());
+    let file = dir.path().join("input.json");
+    std::fs::write(
+        &file,
+        input(
+            "DELETE",
+            "/clauses/c-flood-17/rainfall",
+            Some("c-flood-17"),
+            Some("ex-1"),
+        )
+        .to_string(),
+    )
+    .expect("input");
+    let run = nexusctl(&[
+        "policy",
+        "eval",
+        "--dir",
+        &s(&policies()),
+        "--data",
+        &s(&data),
+        "--input",
+        &s(&file),
+        "--explain",
+    ]);
+    assert_eq!(run.code, 0, "{run:?}");
+    let (decision, explain) = run
+        .stdout
+        .split_once("\nexplain: every rule of data.nexus.authz for this input\n")
+        .unwrap_or_else(|| panic!("no explain header: {}", run.stdout));
+    assert_eq!(json_of(decision)["allow"], false);
+    let rules = json_of(explain);
+    for rule in [
+        "decision",
+        "allow",
+        "deny",
+        "grant",
+        "bound",
+        "execution_open",
+        "read_methods",
+    ] {
+        assert!(rules.get(rule).is_some(), "no {rule} in {rules}");
+    }
+    // Why: bound and under an open execution, but the method is not a read.
+    assert_eq!(rules["bound"], true);
+    assert_eq!(rules["execution_open"], true);
+    assert_eq!(
+        rules["deny"],
+        json!(["method DELETE is not allowed on clause data"])
+    );
+    assert_eq!(rules["grant"], json!([]));
+}
