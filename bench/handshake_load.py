@@ -49,19 +49,22 @@ async def run(args):
     ctx.load_cert_chain(args.cert, args.key)
     ctx.check_hostname = True
 
-    latencies, errors = [], {}
+    latencies, errors, samples = [], {}, []
     ok = 0
     limit = asyncio.Semaphore(args.concurrency)
 
     async def task():
         nonlocal ok
         async with limit:
+            sent = time.time()
             try:
                 status, latency = await one(url, ctx, args.timeout)
             except Exception as e:  # noqa: BLE001 - every failure is a counted error
                 kind = type(e).__name__ + (f": {e}" if str(e) else "")
                 errors[kind[:120]] = errors.get(kind[:120], 0) + 1
                 return
+            if args.dump:
+                samples.append((sent, latency, status))
             if status.split(" ")[1:2] == ["200"]:
                 ok += 1
                 latencies.append(latency)
@@ -79,6 +82,10 @@ async def run(args):
     await asyncio.gather(*tasks)
     elapsed = time.perf_counter() - start
 
+    if args.dump:
+        with open(args.dump, "w") as f:
+            for sent, latency, status in samples:
+                f.write(f"{sent:.6f} {latency * 1000:.3f} {status}\n")
     latencies.sort()
     pct = lambda q: latencies[min(len(latencies) - 1, int(q * len(latencies)))] * 1000 if latencies else None  # noqa: E731
     print(
@@ -106,6 +113,7 @@ def main():
     p.add_argument("--cacert", required=True)
     p.add_argument("--cert", required=True)
     p.add_argument("--key", required=True)
+    p.add_argument("--dump", help="also write 'unix_time latency_ms status' per request here")
     asyncio.run(run(p.parse_args()))
 
 

@@ -24,7 +24,7 @@ WARMUP=${WARMUP:-3s}                  # per target, at RATE, not measured
 ROUNDS=${ROUNDS:-3}                   # rounds of runs; the tables show the median
 NGINX_WORKERS=${NGINX_WORKERS:-2}     # 2 cores; the sidecar runs a 2-thread tokio runtime
 ROTATION_TTL=${ROTATION_TTL:-4s}      # SVID lifetime in the rotation run (rotates at half)
-ROTATION_RATE=${ROTATION_RATE:-1000} # oha --disable-keepalive rotation run, requests/s
+ROTATION_RATE=${ROTATION_RATE:-1000}  # oha --disable-keepalive rotation run, requests/s
                                       # (2000 new connections/s saturate the 2 cores here)
 FULL_HANDSHAKE_RATE=${FULL_HANDSHAKE_RATE:-250} # python full-handshake rotation run
 OHA_LATENCY_CORRECTION=${OHA_LATENCY_CORRECTION:-0} # 1: oha --latency-correction
@@ -46,7 +46,7 @@ REQUEST_PATH="/clauses/c-flood-17/rainfall"
 log() { printf '[bench %(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
 die() { log "error: $*"; exit 1; }
 
-# "20s" / "2m" / "20" -> seconds, and the same as an oha duration.
+# "20s" / "2m" / "20" -> whole seconds.
 seconds() {
   case $1 in
     *m) echo $((${1%m} * 60)) ;;

@@ -17,7 +17,7 @@ if [ ${#need_apt[@]} -gt 0 ]; then
   apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >/dev/null
 fi
 
-if ! python3 -c 'import spiffe, grpc' 2>/dev/null || ! command -v grpcurl >/dev/null; then
+if ! python3 -c 'import spiffe, grpc, opentelemetry.proto' 2>/dev/null || ! command -v grpcurl >/dev/null; then
   echo "install-test-deps: pip install -r tests/requirements.txt"
   python3 -m pip install -q --disable-pip-version-check -r tests/requirements.txt
 fi

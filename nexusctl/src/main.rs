@@ -2,10 +2,12 @@
 //! one rustls crypto provider (ring), run the subcommand, map errors to exit codes.
 #![forbid(unsafe_code)]
 
+mod audit_cmd;
 mod demo;
 mod dev_identity;
 mod http;
 mod policy_cmd;
+mod sandbox_cmd;
 mod up;
 
 pub(crate) use http::http_get;
@@ -27,12 +29,18 @@ struct Cli {
 enum Command {
     /// Run the local stack (dev Workload APIs, demo data API, two sidecars) until Ctrl-C.
     Up(up::UpArgs),
+    /// Execution records: verify a sidecar's hash chain.
+    #[command(subcommand)]
+    Audit(audit_cmd::AuditCommand),
     /// Author and test Rego policies (test, eval, check).
     #[command(subcommand)]
     Policy(policy_cmd::PolicyCommand),
     /// Development helpers: a Workload API, the dev PKI. Never for production.
     #[command(subcommand)]
     Dev(DevCommand),
+    /// Plugin sandbox profiles: export the seccomp filter for the kubelet.
+    #[command(subcommand)]
+    Sandbox(sandbox_cmd::SandboxCommand),
 }
 
 #[derive(Subcommand)]
@@ -62,7 +70,9 @@ fn main() -> std::process::ExitCode {
     }
     let cli = Cli::parse();
     let result = match cli.command {
+        Command::Audit(command) => audit_cmd::run(command),
         Command::Policy(command) => policy_cmd::run(command),
+        Command::Sandbox(command) => sandbox_cmd::run(command),
         Command::Up(args) => runtime().block_on(up::run(args)),
         Command::Dev(DevCommand::WorkloadApi(args)) => {
             runtime().block_on(dev_identity::run_workload_api(args))

@@ -14,7 +14,8 @@ pub enum PolicyCommand {
     Test(TestArgs),
     /// Evaluate the decision rule for an input (or a JSON-lines file of inputs).
     Eval(EvalArgs),
-    /// Compile a policy folder and report errors with file:line:col (exit 1 on error).
+    /// Compile a policy folder and report errors with file:line:col (exit 1 on error),
+    /// and warn where nexus would decide otherwise than OPA (`--strict`: exit 1 too).
     Check(CheckArgs),
 }
 
@@ -68,6 +69,9 @@ pub struct CheckArgs {
     /// The decision rule that must exist.
     #[arg(long, default_value = "data.nexus.authz.decision")]
     pub rule: String,
+    /// Treat OPA-compatibility warnings as errors (exit 1), for CI.
+    #[arg(long)]
+    pub strict: bool,
 }
 
 /// Runs a policy subcommand.
@@ -229,6 +233,29 @@ fn merge_over(base: Value, over: Value) -> Value {
 
 fn check(args: CheckArgs) -> anyhow::Result<()> {
     let bundle = load(&args.dir)?;
+    // Before compiling: some findings (a recursive rule) would crash the compiler.
+    let findings = nexus_policy::compat::check(&bundle);
+    let errors = findings
+        .iter()
+        .filter(|f| args.strict || f.severity == nexus_policy::compat::Severity::Error)
+        .count();
+    for finding in &findings {
+        let line = finding.to_string();
+        if args.strict {
+            eprintln!("{}", line.replacen(": warning: ", ": error: ", 1));
+        } else {
+            eprintln!("{line}");
+        }
+    }
+    if findings
+        .iter()
+        .any(|f| f.severity == nexus_policy::compat::Severity::Error)
+    {
+        bail!(
+            "{errors} OPA-compatibility error(s) in {} (see above)",
+            args.dir.display()
+        );
+    }
     // Tests must compile too, though they are not run here.
     nexus_policy::engine_for(&bundle, true).map_err(|e| anyhow::anyhow!("{e}"))?;
     let options = PolicyOptions {
@@ -238,12 +265,21 @@ fn check(args: CheckArgs) -> anyhow::Result<()> {
     let policy = Policy::compile(&bundle, &Value::new_object(), options)
         .map_err(|e| anyhow::anyhow!("{e}"))?;
     println!(
-        "{}: {} module(s), {} test module(s), decision rule {} compiles; revision {}",
+        "{}: {} module(s), {} test module(s), decision rule {} compiles ({} mode); revision {}; \
+         {} OPA-compatibility warning(s)",
         args.dir.display(),
         bundle.modules.len(),
         bundle.tests.len(),
         args.rule,
-        policy.revision()
+        format!("{:?}", policy.mode()).to_lowercase(),
+        policy.revision(),
+        findings.len()
     );
+    if errors > 0 {
+        bail!(
+            "{errors} OPA-compatibility warning(s) in {} are errors with --strict",
+            args.dir.display()
+        );
+    }
     Ok(())
 }

@@ -1,5 +1,6 @@
 //! The admin listener: `/live` (the process runs), `/ready` (an SVID is present; later
-//! conditions add to it), `/metrics` (Prometheus text).
+//! conditions add to it), `/metrics` (Prometheus text), `/v1/signals` (sandbox violations
+//! from `nexus-launch`, see [`crate::signals`]).
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -15,6 +16,7 @@ use tokio::net::TcpListener;
 
 use crate::metrics::Metrics;
 use crate::policy::PolicyRuntime;
+use crate::signals::Signals;
 
 /// State the admin endpoints read.
 #[derive(Clone, Debug)]
@@ -95,8 +97,14 @@ impl Admin {
         )
     }
 
-    /// Serves the admin endpoints forever.
+    /// Serves the admin endpoints forever, with a store of its own for sandbox signals.
     pub async fn serve(self, listener: TcpListener) {
+        let signals = Signals::new(self.metrics.clone(), crate::signals::DEFAULT_CAPACITY);
+        self.serve_with_signals(listener, signals).await
+    }
+
+    /// Serves the admin endpoints forever; `POST /v1/signals` feeds `signals`.
+    pub async fn serve_with_signals(self, listener: TcpListener, signals: Arc<Signals>) {
         let server = auto::Builder::new(TokioExecutor::new());
         loop {
             let Ok((stream, _)) = listener.accept().await else {
@@ -105,10 +113,17 @@ impl Admin {
             };
             let admin = self.clone();
             let server = server.clone();
+            let signals = signals.clone();
             tokio::spawn(async move {
-                let service = hyper::service::service_fn(move |req| {
-                    let response = admin.respond(&req);
-                    async move { Ok::<_, Infallible>(response) }
+                let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+                    let admin = admin.clone();
+                    let signals = signals.clone();
+                    async move {
+                        if req.uri().path() == crate::signals::PATH {
+                            return Ok::<_, Infallible>(signals.handle(req).await);
+                        }
+                        Ok::<_, Infallible>(admin.respond(&req))
+                    }
                 });
                 let _ = server.serve_connection(TokioIo::new(stream), service).await;
             });

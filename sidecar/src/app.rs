@@ -15,6 +15,7 @@ use crate::metrics::Metrics;
 use crate::policy::PolicyRuntime;
 use crate::proxy::inbound::Inbound;
 use crate::proxy::outbound::Outbound;
+use crate::telemetry::Telemetry;
 
 /// Where a started sidecar listens.
 #[derive(Clone, Debug, Serialize)]
@@ -34,6 +35,8 @@ pub struct Running {
     pub addresses: Addresses,
     /// Its identity store.
     pub store: Arc<IdentityStore>,
+    /// OpenTelemetry export, when `[telemetry] otlp_endpoint` is set: flush it on exit.
+    pub telemetry: Option<Telemetry>,
 }
 
 async fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<TcpListener> {
@@ -47,6 +50,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let store = IdentityStore::new(provider);
     let metrics = Metrics::new();
+    let telemetry = Telemetry::init(&config.telemetry, metrics.clone())?;
 
     match config.identity.source {
         IdentitySource::WorkloadApi => {
@@ -106,12 +110,10 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     if let Some(inbound) = &config.inbound {
         let listener = bind(inbound.listen, "inbound").await?;
         addresses.inbound = Some(listener.local_addr()?);
-        let proxy = Arc::new(Inbound::new(
-            &config,
-            store.clone(),
-            metrics.clone(),
-            policy.clone(),
-        )?);
+        let proxy = Arc::new(
+            Inbound::new(&config, store.clone(), metrics.clone(), policy.clone())?
+                .with_telemetry(telemetry.as_ref()),
+        );
         tokio::spawn(proxy.serve(listener));
     }
     for out in &config.outbound {
@@ -119,13 +121,10 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         addresses
             .outbound
             .insert(out.name.clone(), listener.local_addr()?);
-        let proxy = Arc::new(Outbound::new(
-            &config,
-            out,
-            store.clone(),
-            metrics.clone(),
-            policy.clone(),
-        )?);
+        let proxy = Arc::new(
+            Outbound::new(&config, out, store.clone(), metrics.clone(), policy.clone())?
+                .with_telemetry(telemetry.as_ref(), out),
+        );
         tokio::spawn(proxy.serve(listener));
     }
     tokio::spawn(
@@ -143,14 +142,21 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         std::fs::rename(&tmp, path)?;
     }
     tracing::info!(?addresses, "nexus-sidecar listening");
-    Ok(Running { addresses, store })
+    Ok(Running {
+        addresses,
+        store,
+        telemetry,
+    })
 }
 
 /// Starts and runs until SIGINT or SIGTERM.
 pub async fn run(config: Config) -> anyhow::Result<()> {
-    let _running = start(config).await?;
+    let running = start(config).await?;
     shutdown_signal().await;
     tracing::info!("shutting down");
+    if let Some(telemetry) = &running.telemetry {
+        telemetry.shutdown().await;
+    }
     Ok(())
 }
 

@@ -11,6 +11,8 @@ use nexus_identity::AllowList;
 use nexus_identity::source::files::FileSourceConfig;
 use serde::Deserialize;
 
+pub use crate::telemetry::TelemetryConfig;
+
 /// A configuration the sidecar cannot run with.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -72,6 +74,8 @@ pub struct Config {
     pub limits: LimitsConfig,
     /// Rego policy evaluated on every request; absent means authentication only.
     pub policy: Option<PolicyConfig>,
+    /// OpenTelemetry export (spans and metrics over OTLP/gRPC); off without an endpoint.
+    pub telemetry: TelemetryConfig,
 }
 
 /// `[policy]`
@@ -504,6 +508,7 @@ impl Config {
                 ));
             }
         }
+        self.telemetry.validate()?;
         let mut names = BTreeSet::new();
         for (i, out) in self.outbound.iter().enumerate() {
             let field = |f: &str| format!("outbound[{i}].{f}");

@@ -11,6 +11,8 @@ pub mod config;
 pub mod metrics;
 pub mod policy;
 pub mod proxy;
+pub mod signals;
+pub mod telemetry;
 
 pub use app::{Addresses, Running, run, start};
 pub use config::{Config, ConfigError};

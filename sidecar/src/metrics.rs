@@ -42,6 +42,20 @@ pub struct Metrics {
     decisions: Family<DecisionLabels, Counter>,
     evaluation: Family<DirectionLabels, Histogram>,
     reloads: Family<ResultLabels, Counter>,
+    sandbox_violations: Family<ActionLabels, Counter>,
+    otel_spans_exported: Counter,
+    otel_spans_dropped: Family<ReasonOnlyLabels, Counter>,
+    otel_export_failures: Family<SignalLabels, Counter>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonOnlyLabels {
+    reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct SignalLabels {
+    signal: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -58,6 +72,11 @@ struct DirectionLabels {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ResultLabels {
     result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ActionLabels {
+    action: &'static str,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -128,7 +147,35 @@ impl Metrics {
             "Policy revision loads by result (ok, error: refused, the last good revision kept)",
             reloads.clone(),
         );
+        let otel_spans_exported = Counter::default();
+        registry.register(
+            "otel_spans_exported",
+            "Spans delivered to the OTLP collector",
+            otel_spans_exported.clone(),
+        );
+        let otel_spans_dropped = Family::<ReasonOnlyLabels, Counter>::default();
+        registry.register(
+            "otel_spans_dropped",
+            "Spans that never reached the OTLP collector, by reason (queue_full: the bounded export queue was full; export_failed: lost in a failed export)",
+            otel_spans_dropped.clone(),
+        );
+        let otel_export_failures = Family::<SignalLabels, Counter>::default();
+        registry.register(
+            "otel_export_failures",
+            "OTLP exports that failed, by signal (traces, metrics)",
+            otel_export_failures.clone(),
+        );
+        let sandbox_violations = Family::<ActionLabels, Counter>::default();
+        registry.register(
+            "sandbox_violations",
+            "Sandbox violations reported by nexus-launch, by action (kill, eperm, log)",
+            sandbox_violations.clone(),
+        );
         Arc::new(Self {
+            sandbox_violations,
+            otel_spans_exported,
+            otel_spans_dropped,
+            otel_export_failures,
             rejected,
             decisions,
             evaluation,
@@ -191,6 +238,32 @@ impl Metrics {
     /// Counts a policy load attempt.
     pub fn policy_reload(&self, result: &'static str) {
         self.reloads.get_or_create(&ResultLabels { result }).inc();
+    }
+
+    /// Counts spans delivered to the OTLP collector.
+    pub fn otel_spans_exported(&self, n: u64) {
+        self.otel_spans_exported.inc_by(n);
+    }
+
+    /// Counts spans that will never reach the collector (`queue_full`, `export_failed`).
+    pub fn otel_spans_dropped(&self, reason: &'static str, n: u64) {
+        self.otel_spans_dropped
+            .get_or_create(&ReasonOnlyLabels { reason })
+            .inc_by(n);
+    }
+
+    /// Counts a failed OTLP export of `signal` (`traces`, `metrics`).
+    pub fn otel_export_failure(&self, signal: &'static str) {
+        self.otel_export_failures
+            .get_or_create(&SignalLabels { signal })
+            .inc();
+    }
+
+    /// Counts a sandbox violation reported by the launcher (`kill`, `eperm`, `log`).
+    pub fn sandbox_violation(&self, action: &'static str) {
+        self.sandbox_violations
+            .get_or_create(&ActionLabels { action })
+            .inc();
     }
 
     /// Records a newly published SVID.

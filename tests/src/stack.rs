@@ -328,3 +328,64 @@ pub fn two_hop(dir: &Path, options: &TwoHopOptions) -> TwoHop {
         plugin,
     }
 }
+
+/// A running OTLP/gRPC receiver (`tests/py/otlp_receiver.py`) writing what it gets to a
+/// JSON lines file.
+pub struct OtlpReceiver {
+    /// The process.
+    pub proc: Proc,
+    /// Its port on 127.0.0.1.
+    pub port: u16,
+    /// The JSON lines file.
+    pub out: PathBuf,
+}
+
+impl OtlpReceiver {
+    /// `http://127.0.0.1:PORT`, for `[telemetry] otlp_endpoint`.
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// Every record received so far whose `signal` is `span` or `metric`.
+    pub fn records(&self, signal: &str) -> Vec<serde_json::Value> {
+        std::fs::read_to_string(&self.out)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+            .filter(|record| record["signal"] == signal)
+            .collect()
+    }
+}
+
+/// Starts the OTLP receiver in `dir` as `name`; `delay` makes each export answer that
+/// many seconds late (a slow collector).
+pub fn otlp_receiver(dir: &Path, name: &str, delay: Option<f64>) -> OtlpReceiver {
+    let out = dir.join(format!("{name}.jsonl"));
+    let port_file = dir.join(format!("{name}.port"));
+    let script = crate::repo_root().join("tests/py/otlp_receiver.py");
+    let script = script.to_string_lossy().into_owned();
+    let out_str = out.to_string_lossy().into_owned();
+    let port_str = port_file.to_string_lossy().into_owned();
+    let delay = delay.unwrap_or(0.0).to_string();
+    let proc = Proc::spawn(
+        name,
+        dir,
+        Path::new("python3"),
+        &[
+            &script,
+            "--out",
+            &out_str,
+            "--port-file",
+            &port_str,
+            "--delay",
+            &delay,
+        ],
+        &[],
+    );
+    let port = eventually(Duration::from_secs(20), "OTLP receiver port", || {
+        std::fs::read_to_string(&port_file)
+            .ok()
+            .and_then(|text| text.trim().parse().ok())
+    });
+    OtlpReceiver { proc, port, out }
+}

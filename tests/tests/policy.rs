@@ -32,7 +32,7 @@ struct PolicyStack {
     hop: TwoHop,
     policies: PathBuf,
     state: PathBuf,
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
 }
 
 /// The `[policy]` table both sidecars get, plus `extra` lines.
@@ -135,7 +135,7 @@ fn start_with(
         hop,
         policies,
         state,
-        _dir: dir,
+        dir,
     }
 }
 
@@ -301,10 +301,7 @@ const NO_RULE: &str = "no rule allows this request";
 #[test]
 fn allowed_and_denied_requests_through_both_hops_and_on_the_inbound() {
     let st = start("policy-basic");
-    let revision = {
-        let reply = st.outbound("GET", "/clauses/c-flood-18/x", &[]);
-        reply.revision()
-    };
+    let revision = st.outbound("GET", "/clauses/c-flood-18/x", &[]).revision();
     assert!(revision.starts_with("sha256:"), "revision {revision:?}");
 
     for (way, reply) in st.both("GET", "/clauses/c-flood-17/rainfall") {
@@ -511,6 +508,30 @@ fn a_revoked_plugin_is_refused_everywhere_until_reinstated() {
     st.eventually_both(path, "reinstated", |r| r.status == 200);
 }
 
+#[test]
+#[ignore = "bug: a state file that disappears (rm before a rewrite, a deploy glitch) is read as empty data, so every revocation is dropped and revoked workloads pass again (public paths at once; clause data once an execution is reopened), whereas an unreadable or invalid state file keeps the last good data; sidecar/src/policy/runtime.rs:254 in read_state (NotFound => RuntimeData::default(), also after a revision was loaded)"]
+fn a_vanished_state_file_does_not_reinstate_revoked_workloads() {
+    let st = start("policy-vanished-state");
+    st.write_state(&json!({
+        "executions": {},
+        "revoked": {PLUGIN_ID: {"reason": "exfiltration"}},
+    }));
+    let reason = format!("workload {PLUGIN_ID} is revoked");
+    st.eventually_both("/healthz", "revocation applied", |r| {
+        r.denied_because(&reason)
+    });
+    let sidecars = [&st.hop.plugin, &st.hop.data];
+    let loads = sidecars.map(|s| s.metric_sum("nexus_policy_reloads_total"));
+    std::fs::remove_file(&st.state).expect("remove the state file");
+    // Both watchers notice (a load is counted once its result is in use).
+    for (sidecar, before) in sidecars.iter().zip(loads) {
+        sidecar.wait_metric("nexus_policy_reloads_total", before + 1.0, WAIT);
+    }
+    for (way, reply) in st.both("GET", "/healthz") {
+        assert!(reply.denied_because(&reason), "{way}: {reply:?}");
+    }
+}
+
 /// A policy test that takes a few seconds (e.g. a large table of cases).
 const SLOW_TEST_REGO: &str = r#"package nexus.slow_test
 
@@ -522,7 +543,7 @@ test_many_cases if {
 "#;
 
 #[test]
-#[ignore = "bug: every state-file change (a revocation, an execution) reloads the whole policy folder and reruns its *_test.rego before the new data is used, so revocation latency grows with the policy's test suite (here ~2-3 s instead of ~0.1 s; unbounded for an endless test, which also freezes all later reloads); sidecar/src/policy/runtime.rs:184-190 and 282-297 (watch -> reload -> build reruns the tests on any fingerprint change, state file included), although the module doc says data changes swap without recompiling"]
+#[ignore = "bug: every state-file change (a revocation, an execution) reloads the whole policy folder and reruns its *_test.rego before the new data is used, so revocation latency grows with the policy's test suite (here ~2-3 s instead of ~0.1 s; unbounded for an endless test, which also freezes all later reloads); sidecar/src/policy/runtime.rs:184-187 and 295-310 (watch -> reload -> build reruns the tests on any fingerprint change, state file included), although the module doc says data changes swap without recompiling"]
 fn a_revocation_does_not_wait_for_the_policy_tests() {
     let st = start_with("policy-slow-tests", "", "", |p| {
         std::fs::write(p.join("nexus/authz/slow_test.rego"), SLOW_TEST_REGO).expect("slow test");
@@ -595,10 +616,16 @@ enum Expect {
 
 use Expect::{Denied, Refused, Served, Unparsable};
 
+/// A corpus row: the target (or whole request head) and what it must come to.
+type Case<'a> = (&'a str, Expect);
+
+/// What came back for one row: status, body, and the raw response for messages.
+type Answer = (u16, Value, String);
+
 /// Bypass attempts. A target starting with `/` is sent as `GET TARGET HTTP/1.1` with a
 /// Host header; anything else is the whole request head, `{host}` filled in. All of
 /// them go out as raw bytes, so nothing on the client side tidies them up.
-const CORPUS: &[(&str, Expect)] = &[
+const CORPUS: &[Case<'static>] = &[
     // Dot segments are resolved before the policy looks: what it checks is served.
     (
         "/clauses/c-quake-3/../c-flood-17/x",
@@ -840,7 +867,7 @@ fn allowed_paths(log: &str) -> Vec<String> {
         .collect()
 }
 
-/// Whether `reply` is what `expect` says; a description of the mismatch if not.
+/// Whether a response (status and JSON body) is what `expect` says.
 fn judge(expect: Expect, status: u16, body: &Value) -> bool {
     match expect {
         Served(path) => status == 200 && body["path"] == path && body["clause"] == "c-flood-17",
@@ -862,8 +889,8 @@ fn check_corpus(
     st: &PolicyStack,
     direction: &str,
     pass: &str,
-    cases: &[(&str, Expect)],
-    send: impl FnOnce(&[(&str, Expect)]) -> Vec<(u16, Value, String)>,
+    cases: &[Case],
+    send: impl FnOnce(&[Case]) -> Vec<Answer>,
 ) {
     let sidecar = if direction == "outbound" {
         &st.hop.plugin
@@ -915,11 +942,7 @@ fn check_corpus(
 }
 
 /// Raw HTTP/1.1 on `port` (TLS as flood-model if `tls`), `Host: host`.
-fn send_raw(
-    port: u16,
-    host: &str,
-    tls: bool,
-) -> impl FnOnce(&[(&str, Expect)]) -> Vec<(u16, Value, String)> {
+fn send_raw(port: u16, host: &str, tls: bool) -> impl FnOnce(&[Case]) -> Vec<Answer> {
     move |cases| {
         let payloads: Vec<String> = cases
             .iter()
@@ -934,10 +957,7 @@ fn send_raw(
 
 /// HTTP/2 with curl `--path-as-is` (`:path` exactly as in the table), `args` before
 /// the URL `base` + target.
-fn send_h2(
-    args: Vec<String>,
-    base: String,
-) -> impl FnOnce(&[(&str, Expect)]) -> Vec<(u16, Value, String)> {
+fn send_h2(args: Vec<String>, base: String) -> impl FnOnce(&[Case]) -> Vec<Answer> {
     move |cases| {
         cases
             .iter()
@@ -979,7 +999,7 @@ fn path_bypass_corpus_never_reaches_another_clause() {
 
     // HTTP/2: the same paths as `:path` (curl cannot send a fragment or a raw request
     // head, so those rows are HTTP/1.1 only).
-    let paths: Vec<(&str, Expect)> = CORPUS
+    let paths: Vec<Case> = CORPUS
         .iter()
         .copied()
         .filter(|(target, _)| target.starts_with('/') && !target.contains('#'))
@@ -1026,14 +1046,26 @@ fn path_bypass_corpus_never_reaches_another_clause() {
 
 // 5 ------------------------------------------------------------------------------------
 
-/// A rule the reference policy does not have: GET /headers for any peer.
-const HEADERS_GRANT: &str = "\n# Added by the hot-reload test.\ngrant contains \"debug path /headers\" if {\n\tinput.request.method == \"GET\"\n\tinput.request.path == \"/headers\"\n}\n";
+/// A rule the reference policy does not have: GET /headers for any peer (one more
+/// definition of its `granted` rule).
+const HEADERS_GRANT: &str = "\n# Added by the hot-reload test.\ngranted := \"debug path /headers\" if {\n\tnot is_string(input.clause)\n\tinput.request.method == \"GET\"\n\tinput.request.path == \"/headers\"\n}\n";
+
+/// `text` cut off just after the first line of its first rule body, as a write
+/// interrupted mid-way leaves it.
+fn cut_mid_rule(text: &str) -> &str {
+    let body = text.find(" if {\n").expect("a rule with a body") + " if {\n".len();
+    &text[..body + text[body..].find('\n').expect("a line in the body") + 1]
+}
 
 #[test]
 fn policy_edits_reload_and_broken_or_untested_edits_are_refused() {
     let st = start("policy-reload");
     let rego = st.authz_rego();
     let original = std::fs::read_to_string(&rego).expect("authz.rego");
+    assert!(
+        original.contains("\ngranted := "),
+        "the reference policy grants through a `granted` rule; update HEADERS_GRANT"
+    );
     let first = st.outbound("GET", "/clauses/c-quake-3/x", &[]).revision();
     assert!(first.starts_with("sha256:"));
     for (way, reply) in st.both("GET", "/headers") {
@@ -1057,11 +1089,7 @@ fn policy_edits_reload_and_broken_or_untested_edits_are_refused() {
         st.hop.data.metric_sum(&reloads("error")),
         st.hop.plugin.metric_sum(&reloads("error")),
     );
-    let cut = original
-        .find("allow if {")
-        .expect("the reference policy has `allow if {`")
-        + "allow if {\n\tcount(deny) == 0".len();
-    std::fs::write(&rego, &original[..cut]).expect("truncate authz.rego");
+    std::fs::write(&rego, cut_mid_rule(&original)).expect("truncate authz.rego");
     st.hop
         .data
         .wait_metric(&reloads("error"), errors.0 + 1.0, WAIT);
@@ -1157,7 +1185,7 @@ fn a_broken_policy_at_start_fails_closed_until_fixed() {
     copy_dir(&repo_root().join("policies"), &policies);
     let rego = policies.join("nexus/authz/authz.rego");
     let original = std::fs::read_to_string(&rego).expect("authz.rego");
-    std::fs::write(&rego, original.replace("decision := {", "decision := {{")).expect("break");
+    std::fs::write(&rego, cut_mid_rule(&original)).expect("break");
     let state = dir.path().join("runtime-data.json");
     std::fs::write(
         &state,
@@ -1310,6 +1338,34 @@ fn expensive_decisions_are_cut_off_and_denied_quickly() {
     for (way, reply) in st.both("GET", "/healthz") {
         assert_eq!(reply.status, 200, "{way}: {reply:?}");
     }
+
+    // The interpreter honours the time limit too.
+    let interpreted = stack::sidecar(
+        st.dir.path(),
+        "plugin-interpreted",
+        &format!(
+            "[identity]\nworkload_api_socket = {:?}\n[[outbound]]\nname = \"hazard\"\nlisten = \"127.0.0.1:0\"\nupstream = {:?}\nexpected_id = {DATA_API_ID:?}\n{}",
+            st.hop.plugin_workload_api.url(),
+            st.hop.data.inbound(),
+            policy_toml(
+                &st.policies,
+                &st.state,
+                "mode = \"interpreted\"\neval_timeout = \"20ms\"\n"
+            ),
+        ),
+        true,
+    );
+    let base = format!("http://{}", interpreted.outbound("hazard"));
+    let started = Instant::now();
+    let reply = curl_reply(&[&format!("{base}/heavy")]);
+    let took = started.elapsed();
+    assert_eq!(reply.status, 403, "{reply:?}");
+    assert!(
+        reply.reasons().iter().any(|r| r.contains("time limit")),
+        "{reply:?}"
+    );
+    assert!(took < Duration::from_secs(2), "took {took:?}");
+    assert_eq!(curl_reply(&[&format!("{base}/healthz")]).status, 200);
 }
 
 /// One builtin call that builds a 20-million-element array.
@@ -1327,7 +1383,7 @@ decision := {"allow": true, "reasons": [sprintf("%d", [count(numbers.range(1, 20
 "#;
 
 #[test]
-#[ignore = "bug: eval_timeout does not bound one builtin call: numbers.range(1, 20000000) evaluates for ~3 s (limit 20ms) at ~500 MB RSS and its result is enforced; crates/policy/src/engine.rs:207-231 never compares the elapsed time with eval_timeout after vm.execute()"]
+#[ignore = "bug: eval_timeout does not bound one builtin call: numbers.range(1, 20000000) evaluates for ~3 s (limit 20ms) at ~500 MB RSS and its result is enforced; crates/policy/src/engine.rs:211-241 (Policy::evaluate) never compares the elapsed time with eval_timeout once vm.execute() returns"]
 fn a_single_huge_builtin_call_is_bounded_by_the_timeout() {
     let st = start_with(
         "policy-huge-builtin",

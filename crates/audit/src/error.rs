@@ -37,6 +37,9 @@ pub enum AuditError {
         #[source]
         source: std::io::Error,
     },
+    /// The sink could not be opened, or what it holds could not be read back.
+    #[error("audit sink could not be opened: {0}")]
+    Open(#[source] std::io::Error),
     /// Another process holds the record file's lock.
     #[error(
         "audit record file {path} is locked by another process: two writers would break its chain; give each sidecar its own file"

@@ -110,7 +110,14 @@ mod tests {
     #[test]
     fn rotated_files_oldest_first() {
         let dir = tempfile::tempdir().unwrap();
-        for name in ["r.jsonl", "r.jsonl.1", "r.jsonl.10", "r.jsonl.2", "r.jsonl.x", "other"] {
+        for name in [
+            "r.jsonl",
+            "r.jsonl.1",
+            "r.jsonl.10",
+            "r.jsonl.2",
+            "r.jsonl.x",
+            "other",
+        ] {
             std::fs::write(dir.path().join(name), "").unwrap();
         }
         let names = |files: Vec<PathBuf>| -> Vec<String> {
@@ -120,8 +127,14 @@ mod tests {
                 .collect()
         };
         let expected = ["r.jsonl.10", "r.jsonl.2", "r.jsonl.1", "r.jsonl"];
-        assert_eq!(names(rotated_files(&dir.path().join("r.jsonl")).unwrap()), expected);
-        assert_eq!(names(chain_files(&[dir.path().to_path_buf()]).unwrap()), expected);
+        assert_eq!(
+            names(rotated_files(&dir.path().join("r.jsonl")).unwrap()),
+            expected
+        );
+        assert_eq!(
+            names(chain_files(&[dir.path().to_path_buf()]).unwrap()),
+            expected
+        );
         std::fs::write(dir.path().join("s.jsonl"), "").unwrap();
         let err = chain_files(&[dir.path().to_path_buf()]).unwrap_err();
         assert!(err.to_string().contains("r.jsonl, s.jsonl"), "{err}");

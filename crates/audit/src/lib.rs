@@ -46,9 +46,11 @@
 //!
 //! What the chain detects: an edited record (its hash no longer matches), a deleted or
 //! inserted record (a `seq` gap or a `prev_hash` mismatch at the next record), reordered
-//! records. What it cannot detect alone: records cut from the end of the newest file, or
-//! whole oldest files removed (the chain then starts at a later `seq`; verify says so).
-//! The copy shipped to the gateway closes that gap.
+//! records. What it cannot detect alone: records cut from the end of the newest file,
+//! whole oldest files removed (the chain then starts at a later `seq`; verify says so),
+//! or a file rewritten from an edit onwards with every later hash recomputed (the hash
+//! has no key). The copy shipped to the gateway closes those gaps: compare its last
+//! `hash` with the `last_hash` of [`VerifyReport`].
 //!
 //! # Files, rotation and durability
 //!

@@ -195,7 +195,7 @@ impl ExecutionRecord {
 }
 
 /// The chain fields of a line, all `verify` needs besides the bytes.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, PartialEq, Eq, Deserialize)]
 pub(crate) struct ChainFields {
     pub(crate) seq: u64,
     pub(crate) prev_hash: String,
@@ -297,9 +297,10 @@ fn chain_hash(prev_hash: &str, line: &[u8], member: Range<usize>) -> String {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
+    /// A typical draft; `n` varies it.
     pub(crate) fn draft(n: u64) -> RecordDraft {
         RecordDraft {
             decision_id: format!("d-{n}"),
@@ -360,7 +361,10 @@ mod tests {
             check_line(edited.as_bytes()),
             Err(LineError::HashMismatch { .. })
         ));
-        assert_eq!(check_line(&line[..line.len() / 2]), Err(LineError::Truncated));
+        assert_eq!(
+            check_line(&line[..line.len() / 2]),
+            Err(LineError::Truncated)
+        );
         let spaced = text.replacen(",", ", ", 1);
         assert!(matches!(
             check_line(spaced.as_bytes()),

@@ -102,6 +102,9 @@ fn engine_with_data(
     data: &Value,
 ) -> Result<Engine, PolicyError> {
     let mut engine = Engine::new();
+    // Every engine sees nexus's builtins (io.jwt.*, crypto.*, net.cidr_*): evaluation,
+    // `nexusctl policy test` and `eval` alike.
+    crate::builtins::register(&mut engine)?;
     let modules = bundle.modules.iter().chain(if with_tests {
         bundle.tests.iter()
     } else {
@@ -129,6 +132,22 @@ impl Policy {
         runtime: &Value,
         options: PolicyOptions,
     ) -> Result<Self, PolicyError> {
+        let mut options = options;
+        // regorus's RVM calls no extension (nexus builtins) and gets some constructs
+        // wrong: such a revision is evaluated by the interpreter (logged once per
+        // revision: a runtime-data update recompiles in the mode already chosen).
+        if options.mode == EvalMode::Compiled {
+            let reasons = crate::compat::interpreter_reasons(bundle);
+            if !reasons.is_empty() {
+                tracing::info!(
+                    revision = %bundle.revision,
+                    because = %reasons.join(", "),
+                    "the policy uses what regorus's compiled mode (RVM) lacks or gets wrong; \
+                     this revision is evaluated by the interpreter"
+                );
+                options.mode = EvalMode::Interpreted;
+            }
+        }
         // The interpreter evaluates with the data compiled in, so it needs the runtime
         // data now; the VM gets data per evaluation, so its program is data-independent.
         let data = with_runtime(&bundle.data, runtime);
@@ -195,6 +214,12 @@ impl Policy {
     /// The revision id (a hash of the folder's files).
     pub fn revision(&self) -> &str {
         &self.revision
+    }
+
+    /// How this revision is evaluated: the requested mode, or the interpreter when the
+    /// revision needs it (`compat::interpreter_reasons`).
+    pub fn mode(&self) -> EvalMode {
+        self.options.mode
     }
 
     /// The decision rule.

@@ -4,7 +4,9 @@
 #![forbid(unsafe_code)]
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
 
+pub mod builtins;
 pub mod bundle;
+pub mod compat;
 pub mod engine;
 pub mod error;
 pub mod testing;

@@ -122,6 +122,6 @@ mod tests {
     #[test]
     fn time_format() {
         let t = OffsetDateTime::from_unix_timestamp_nanos(1_795_683_921_123_456_789).unwrap();
-        assert_eq!(rfc3339_millis(t), "2026-11-26T07:45:21.123Z");
+        assert_eq!(rfc3339_millis(t), "2026-11-26T09:05:21.123Z");
     }
 }

@@ -13,6 +13,7 @@ use http_body::Body;
 use time::OffsetDateTime;
 
 use super::normalize::{NormalizeLimits, Normalized, normalize};
+use super::trace::TraceFacts;
 use super::{ProxyBody, json_response};
 use crate::metrics::{Direction, Metrics};
 use crate::policy::PolicyRuntime;
@@ -176,6 +177,9 @@ where
         let direction = layer.parties.direction;
         let Some(loaded) = layer.runtime.current() else {
             layer.metrics.decision(direction, "no_policy");
+            if let Some(trace) = TraceFacts::get(req.extensions()) {
+                trace.set_decision("no_policy", &id, "", None);
+            }
             let response = json_response(
                 StatusCode::SERVICE_UNAVAILABLE,
                 serde_json::json!({"decision_id": id, "allow": false, "reasons": ["no policy revision is loaded yet"]}),
@@ -216,6 +220,15 @@ where
             (false, _, true) => "dry_run_deny",
         };
         layer.metrics.decision(direction, result);
+        if let Some(trace) = TraceFacts::get(req.extensions()) {
+            trace.set_decision(result, &id, loaded.policy.revision(), Some(elapsed));
+            if let Some(clause) = clause.as_deref() {
+                trace.set_clause(clause);
+            }
+            if let Some(execution) = execution.as_deref() {
+                trace.set_execution_id(execution);
+            }
+        }
         if let (Some(shadow), Some(input)) = (&loaded.shadow, shadow_input) {
             let shadow_decision = shadow.evaluate(input);
             let shadow_result = if shadow_decision.allow {

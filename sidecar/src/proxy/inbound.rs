@@ -18,9 +18,11 @@ use super::forward::{Forward, VersionPolicy};
 use super::layers::{CallerIdentityLayer, Peer, RecordLayer};
 use super::normalize::NormalizeLimits;
 use super::serve::{accept_loop, http_server, serve_http};
+use super::trace::TraceLayer;
 use crate::config::{AppProtocol, Config};
 use crate::metrics::Metrics;
 use crate::policy::PolicyRuntime;
+use crate::telemetry::Telemetry;
 
 const DIRECTION: &str = "inbound";
 
@@ -34,6 +36,7 @@ pub struct Inbound {
     server: auto::Builder<TokioExecutor>,
     handshake_timeout: Duration,
     max_connections: usize,
+    telemetry: Option<Telemetry>,
 }
 
 impl Inbound {
@@ -87,7 +90,14 @@ impl Inbound {
             server: http_server(&config.limits),
             handshake_timeout: config.tls.handshake_timeout,
             max_connections: config.limits.max_connections,
+            telemetry: None,
         })
+    }
+
+    /// Traces every request (a span each, `traceparent` carried on) when `telemetry` is on.
+    pub fn with_telemetry(mut self, telemetry: Option<&Telemetry>) -> Self {
+        self.telemetry = telemetry.cloned();
+        self
     }
 
     /// Serves connections from `listener` forever.
@@ -148,6 +158,11 @@ impl Inbound {
         // The request path, top to bottom.
         let service = ServiceBuilder::new()
             .layer(RecordLayer::new(self.metrics.clone(), DIRECTION))
+            .option_layer(
+                self.telemetry
+                    .as_ref()
+                    .map(|t| TraceLayer::inbound(t, DIRECTION, peer.spiffe_id.clone())),
+            )
             .layer(CallerIdentityLayer::new(self.store.clone(), Some(peer)))
             .layer(NormalizeLayer::new(
                 NormalizeLimits::default(),

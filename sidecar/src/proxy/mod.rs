@@ -10,6 +10,7 @@ pub mod layers;
 pub mod normalize;
 pub mod outbound;
 pub mod serve;
+pub mod trace;
 
 use bytes::Bytes;
 use http_body_util::BodyExt;

@@ -19,9 +19,11 @@ use super::forward::{Forward, VersionPolicy};
 use super::layers::{CallerIdentityLayer, RecordLayer};
 use super::normalize::NormalizeLimits;
 use super::serve::{accept_loop, http_server, serve_http};
+use super::trace::TraceLayer;
 use crate::config::{Config, OutboundConfig};
 use crate::metrics::Metrics;
 use crate::policy::PolicyRuntime;
+use crate::telemetry::Telemetry;
 
 const DIRECTION: &str = "outbound";
 
@@ -34,6 +36,7 @@ pub struct Outbound {
     expected_id: Arc<str>,
     server: auto::Builder<TokioExecutor>,
     max_connections: usize,
+    trace: Option<TraceLayer>,
 }
 
 impl Outbound {
@@ -89,7 +92,18 @@ impl Outbound {
             expected_id: out.expected_id.as_str().into(),
             server: http_server(&config.limits),
             max_connections: config.limits.max_connections,
+            trace: None,
         })
+    }
+
+    /// Traces every request (a span each, `traceparent` carried on) when `telemetry` is on.
+    pub fn with_telemetry(mut self, telemetry: Option<&Telemetry>, out: &OutboundConfig) -> Self {
+        self.trace = telemetry
+            .zip(out.upstream.parse().ok())
+            .map(|(t, upstream)| {
+                TraceLayer::outbound(t, DIRECTION, &upstream, self.expected_id.clone())
+            });
+        self
     }
 
     /// Serves connections from `listener` forever.
@@ -115,6 +129,7 @@ impl Outbound {
         // The request path, top to bottom.
         let service = ServiceBuilder::new()
             .layer(RecordLayer::new(self.metrics.clone(), DIRECTION))
+            .option_layer(self.trace.clone())
             .layer(CallerIdentityLayer::new(self.store.clone(), None))
             .layer(NormalizeLayer::new(
                 NormalizeLimits::default(),

@@ -94,45 +94,8 @@ impl FileSink {
         })
     }
 
-    fn open_active(&self) -> io::Result<File> {
-        let mut options = OpenOptions::new();
-        options.read(true).append(true).create(true);
-        #[cfg(unix)]
-        std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o640);
-        options.open(&self.path)
-    }
-
-    /// Shifts `path.N` to `path.N+1` (dropping those past `max_files`), `path` to
-    /// `path.1`, and starts a new `path`. The old file is synced first, the folder after.
-    fn rotate(&mut self) -> io::Result<()> {
-        self.flush()?;
-        if let Some(file) = self.file.take() {
-            file.sync_data()?;
-        }
-        let keep = self.max_files as u64 - 1;
-        for (index, file) in numbered_files(&self.path)? {
-            if index >= keep && index > 0 {
-                remove_if_exists(&file)?;
-            }
-        }
-        if keep == 0 {
-            remove_if_exists(&self.path)?;
-        } else {
-            for n in (1..keep).rev() {
-                rename_if_exists(&numbered(&self.path, n), &numbered(&self.path, n + 1))?;
-            }
-            rename_if_exists(&self.path, &numbered(&self.path, 1))?;
-        }
-        sync_dir(&self.path)?;
-        self.file = Some(self.open_active()?);
-        self.len = 0;
-        tracing::debug!(file = %self.path.display(), "audit record file rotated");
-        Ok(())
-    }
-}
-
-impl RecordWriter for FileSink {
-    fn open(&mut self) -> io::Result<Option<ChainHead>> {
+    /// Finds where the chain continues and opens the file being written.
+    fn resume(&mut self) -> io::Result<Option<ChainHead>> {
         self.file = None;
         self.buf.clear();
         let mut head = None;
@@ -186,6 +149,53 @@ impl RecordWriter for FileSink {
         self.file = Some(file);
         self.len = len;
         Ok(Some(head))
+    }
+
+    fn open_active(&self) -> io::Result<File> {
+        let mut options = OpenOptions::new();
+        options.read(true).append(true).create(true);
+        #[cfg(unix)]
+        std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o640);
+        options.open(&self.path)
+    }
+
+    /// Shifts `path.N` to `path.N+1` (dropping those past `max_files`), `path` to
+    /// `path.1`, and starts a new `path`. The old file is synced first, the folder after.
+    fn rotate(&mut self) -> io::Result<()> {
+        self.flush()?;
+        if let Some(file) = self.file.take() {
+            file.sync_data()?;
+        }
+        let keep = self.max_files as u64 - 1;
+        for (index, file) in numbered_files(&self.path)? {
+            if index >= keep && index > 0 {
+                remove_if_exists(&file)?;
+            }
+        }
+        if keep == 0 {
+            remove_if_exists(&self.path)?;
+        } else {
+            for n in (1..keep).rev() {
+                rename_if_exists(&numbered(&self.path, n), &numbered(&self.path, n + 1))?;
+            }
+            rename_if_exists(&self.path, &numbered(&self.path, 1))?;
+        }
+        sync_dir(&self.path)?;
+        self.file = Some(self.open_active()?);
+        self.len = 0;
+        tracing::debug!(file = %self.path.display(), "audit record file rotated");
+        Ok(())
+    }
+}
+
+impl RecordWriter for FileSink {
+    fn open(&mut self) -> io::Result<Option<ChainHead>> {
+        self.resume().map_err(|e| {
+            io::Error::new(
+                e.kind(),
+                format!("record file {}: {e}", self.path.display()),
+            )
+        })
     }
 
     fn write_line(&mut self, line: &[u8]) -> io::Result<()> {

@@ -1,0 +1,1011 @@
+//! OPA compatibility: finds, in a policy's Rego, the constructs on which nexus's engine
+//! (regorus) and OPA are known to decide differently (each one measured by the
+//! differential harness, `tests/opa/differential`, and listed in
+//! `docs/opa-compatibility.md`), so `nexusctl policy check` can say so at the line
+//! instead of a request being decided otherwise in production. Also: which revisions
+//! must run on regorus's interpreter rather than its RVM, and evaluating one rule the
+//! way the sidecar does (for tools comparing nexus with OPA).
+//!
+//! The checks read regorus's own AST (`regorus::unstable`, pinned by Cargo.lock), so
+//! they see exactly what the engine parses.
+
+use std::collections::BTreeSet;
+use std::num::NonZeroU32;
+use std::time::Duration;
+
+use regorus::Value;
+use regorus::languages::rego::compiler::Compiler;
+use regorus::rvm::RegoVM;
+use regorus::unstable::{Expr, Literal, Module as Ast, Parser, Query, Rule, RuleHead, Source};
+use regorus::utils::limits::ExecutionTimerConfig;
+
+use crate::bundle::Bundle;
+use crate::engine::{EvalMode, Policy, PolicyOptions, engine_for};
+use crate::error::{Location, PolicyError};
+
+/// Parses a module (None when it does not parse: compiling reports that).
+fn parse(path: &str, text: &str) -> Option<Ast> {
+    let source = Source::from_contents(path.to_string(), text.to_string()).ok()?;
+    let mut parser = Parser::new(&source).ok()?;
+    // As the engine parses: Rego v1 (`if` and `contains` are keywords).
+    parser.enable_rego_v1().ok()?;
+    parser.parse().ok()
+}
+
+/// The dotted name of a call's function (`io.jwt.decode`), if it is a plain ref.
+fn dotted(expr: &Expr) -> Option<String> {
+    match expr {
+        Expr::Var { value, .. } => value.as_string().ok().map(|s| s.to_string()),
+        Expr::RefDot { refr, field, .. } => {
+            let head = dotted(refr)?;
+            Some(format!("{head}.{}", field.1.as_string().ok()?))
+        }
+        _ => None,
+    }
+}
+
+/// Calls `f` on every expression of `module`, outermost first.
+fn each_expr(module: &Ast, f: &mut dyn FnMut(&Expr)) {
+    for rule in &module.policy {
+        match rule.as_ref() {
+            Rule::Spec { head, bodies, .. } => {
+                match head {
+                    RuleHead::Compr { refr, assign, .. } => {
+                        walk(refr, f);
+                        if let Some(a) = assign {
+                            walk(&a.value, f);
+                        }
+                    }
+                    RuleHead::Set { refr, key, .. } => {
+                        walk(refr, f);
+                        if let Some(k) = key {
+                            walk(k, f);
+                        }
+                    }
+                    RuleHead::Func {
+                        refr, args, assign, ..
+                    } => {
+                        walk(refr, f);
+                        for a in args {
+                            walk(a, f);
+                        }
+                        if let Some(a) = assign {
+                            walk(&a.value, f);
+                        }
+                    }
+                }
+                for body in bodies {
+                    if let Some(a) = &body.assign {
+                        walk(&a.value, f);
+                    }
+                    walk_query(&body.query, f);
+                }
+            }
+            Rule::Default {
+                refr, args, value, ..
+            } => {
+                walk(refr, f);
+                for a in args {
+                    walk(a, f);
+                }
+                walk(value, f);
+            }
+        }
+    }
+}
+
+fn walk_query(query: &Query, f: &mut dyn FnMut(&Expr)) {
+    for stmt in &query.stmts {
+        match &stmt.literal {
+            Literal::SomeVars { .. } => {}
+            Literal::SomeIn {
+                key,
+                value,
+                collection,
+                ..
+            } => {
+                if let Some(k) = key {
+                    walk(k, f);
+                }
+                walk(value, f);
+                walk(collection, f);
+            }
+            Literal::Expr { expr, .. } | Literal::NotExpr { expr, .. } => walk(expr, f),
+            Literal::Every { domain, query, .. } => {
+                walk(domain, f);
+                walk_query(query, f);
+            }
+        }
+        for w in &stmt.with_mods {
+            walk(&w.refr, f);
+            walk(&w.r#as, f);
+        }
+    }
+}
+
+fn walk(expr: &Expr, f: &mut dyn FnMut(&Expr)) {
+    f(expr);
+    match expr {
+        Expr::String { .. }
+        | Expr::RawString { .. }
+        | Expr::Number { .. }
+        | Expr::Bool { .. }
+        | Expr::Null { .. }
+        | Expr::Var { .. } => {}
+        Expr::Array { items, .. } | Expr::Set { items, .. } => {
+            for i in items {
+                walk(i, f);
+            }
+        }
+        Expr::Object { fields, .. } => {
+            for (_, k, v) in fields {
+                walk(k, f);
+                walk(v, f);
+            }
+        }
+        Expr::ArrayCompr { term, query, .. } | Expr::SetCompr { term, query, .. } => {
+            walk(term, f);
+            walk_query(query, f);
+        }
+        Expr::ObjectCompr {
+            key, value, query, ..
+        } => {
+            walk(key, f);
+            walk(value, f);
+            walk_query(query, f);
+        }
+        Expr::Call { fcn, params, .. } => {
+            walk(fcn, f);
+            for p in params {
+                walk(p, f);
+            }
+        }
+        Expr::UnaryExpr { expr, .. } => walk(expr, f),
+        Expr::RefDot { refr, .. } => walk(refr, f),
+        Expr::RefBrack { refr, index, .. } => {
+            walk(refr, f);
+            walk(index, f);
+        }
+        Expr::BinExpr { lhs, rhs, .. }
+        | Expr::BoolExpr { lhs, rhs, .. }
+        | Expr::ArithExpr { lhs, rhs, .. }
+        | Expr::AssignExpr { lhs, rhs, .. } => {
+            walk(lhs, f);
+            walk(rhs, f);
+        }
+        Expr::Membership {
+            key,
+            value,
+            collection,
+            ..
+        } => {
+            if let Some(k) = key {
+                walk(k, f);
+            }
+            walk(value, f);
+            walk(collection, f);
+        }
+    }
+}
+
+/// The dotted names of every function `text` calls.
+pub fn called_functions(path: &str, text: &str) -> BTreeSet<String> {
+    let mut out = BTreeSet::new();
+    if let Some(module) = parse(path, text) {
+        each_expr(&module, &mut |e| {
+            if let Expr::Call { fcn, .. } = e
+                && let Some(name) = dotted(fcn)
+            {
+                out.insert(name);
+            }
+        });
+    }
+    out
+}
+
+/// How one rule evaluated.
+#[derive(Clone, Debug, PartialEq)]
+pub enum RuleOutcome {
+    /// A value.
+    Value(Value),
+    /// Undefined.
+    Undefined,
+    /// An evaluation error (its message).
+    Error(String),
+}
+
+/// Evaluates `rule` for `input` the way the sidecar evaluates its decision rule (the
+/// mode `Policy::compile` chooses, the same VM or interpreter setup), returning the
+/// rule's value itself rather than a decision: what tools comparing nexus with OPA need.
+pub fn evaluate_rule(
+    bundle: &Bundle,
+    rule: &str,
+    input: Value,
+    timeout: Duration,
+) -> Result<(EvalMode, RuleOutcome), PolicyError> {
+    let options = PolicyOptions {
+        decision_rule: rule.to_string(),
+        eval_timeout: timeout,
+        ..PolicyOptions::default()
+    };
+    let mode = Policy::compile(bundle, &Value::new_object(), options.clone())?.mode();
+    let mut engine = engine_for(bundle, false)?;
+    let entry: regorus::Rc<str> = rule.into();
+    let compiled = engine
+        .compile_with_entrypoint(&entry)
+        .map_err(|e| PolicyError::from_regorus(&e))?;
+    let timer = ExecutionTimerConfig {
+        limit: timeout,
+        check_interval: NonZeroU32::new(64).unwrap_or(NonZeroU32::MIN),
+    };
+    let result = match mode {
+        EvalMode::Compiled => {
+            let program = Compiler::compile_from_policy(&compiled, &[rule])
+                .map_err(|e| PolicyError::RegoUnlocated(format!("compiling {rule}: {e}")))?;
+            let mut vm = RegoVM::new_with_policy(compiled);
+            vm.load_program(program);
+            vm.set_max_instructions(options.max_instructions);
+            vm.set_execution_timer_config(Some(timer));
+            vm.set_data(bundle.data.clone())
+                .map_err(|e| e.to_string())
+                .and_then(|()| {
+                    vm.set_input(input);
+                    vm.execute().map_err(|e| e.to_string())
+                })
+        }
+        EvalMode::Interpreted => {
+            regorus::utils::limits::set_fallback_execution_timer_config(Some(timer));
+            compiled
+                .eval_with_input(input)
+                .map_err(|e| format!("{e:#}"))
+        }
+    };
+    Ok((
+        mode,
+        match result {
+            Ok(Value::Undefined) => RuleOutcome::Undefined,
+            Ok(v) => RuleOutcome::Value(v),
+            Err(e) => RuleOutcome::Error(e),
+        },
+    ))
+}
+
+/// Whether a finding is a difference to know about or a certain failure.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Severity {
+    /// Evaluates, but not as OPA would (an error with `--strict`).
+    Warning,
+    /// Fails or crashes in nexus whatever OPA does: always an error.
+    Error,
+}
+
+/// One construct that nexus evaluates differently from OPA.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Finding {
+    /// Where.
+    pub location: Location,
+    /// Warning or error.
+    pub severity: Severity,
+    /// The construct, as written.
+    pub construct: String,
+    /// What OPA does.
+    pub opa: String,
+    /// What nexus does.
+    pub nexus: String,
+}
+
+impl std::fmt::Display for Finding {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let severity = match self.severity {
+            Severity::Warning => "warning",
+            Severity::Error => "error",
+        };
+        write!(
+            f,
+            "{}: {severity}: {}: OPA would {}; nexus {}",
+            self.location, self.construct, self.opa, self.nexus
+        )
+    }
+}
+
+/// OPA 1.20 builtins that nexus has neither from regorus nor from `builtins` (measured:
+/// a call fails to compile in the RVM and errors in the interpreter).
+const MISSING_BUILTINS: &[&str] = &[
+    "crypto.parse_private_keys",
+    "crypto.x509.parse_and_verify_certificates_with_options",
+    "crypto.x509.parse_certificate_request",
+    "crypto.x509.parse_keypair",
+    "crypto.x509.parse_rsa_private_key",
+    "graphql.is_valid",
+    "graphql.parse",
+    "graphql.parse_and_verify",
+    "graphql.parse_query",
+    "graphql.parse_schema",
+    "graphql.schema_is_valid",
+    "http.send",
+    "io.jwt.encode_sign",
+    "io.jwt.encode_sign_raw",
+    "json.match_schema",
+    "json.verify_schema",
+    "net.lookup_ip_addr",
+    "providers.aws.sign_req",
+    "regex.globs_match",
+    "rego.metadata.chain",
+    "rego.metadata.rule",
+    "rego.parse_module",
+    "strings.render_template",
+];
+
+/// Why a revision must be evaluated by regorus's interpreter rather than its RVM, one
+/// reason per construct the RVM lacks or gets wrong (measured): nexus builtins (the RVM
+/// calls no extension), default functions (the RVM makes them undefined), `with`,
+/// `print` and `walk` (the RVM refuses to compile them).
+pub fn interpreter_reasons(bundle: &Bundle) -> Vec<String> {
+    let mut reasons: Vec<String> = crate::builtins::called_by(bundle)
+        .into_iter()
+        .map(|b| format!("calls {b}"))
+        .collect();
+    let mut seen = BTreeSet::new();
+    for module in &bundle.modules {
+        let Some(ast) = parse(&module.path, &module.text) else {
+            continue;
+        };
+        for rule in &ast.policy {
+            if let Rule::Default { args, .. } = rule.as_ref()
+                && !args.is_empty()
+            {
+                seen.insert("has a default function");
+            }
+        }
+        each_expr(&ast, &mut |e| {
+            if let Expr::Call { fcn, .. } = e {
+                match dotted(fcn).as_deref() {
+                    Some("print") => {
+                        seen.insert("calls print");
+                    }
+                    Some("walk") => {
+                        seen.insert("calls walk");
+                    }
+                    _ => {}
+                }
+            }
+        });
+        each_query(&ast, &mut |q| {
+            if q.stmts.iter().any(|s| !s.with_mods.is_empty()) {
+                seen.insert("uses `with`");
+            }
+        });
+    }
+    reasons.extend(seen.into_iter().map(String::from));
+    reasons
+}
+
+/// Calls `f` on every query (rule bodies, comprehensions, `every` bodies).
+fn each_query(module: &Ast, f: &mut dyn FnMut(&Query)) {
+    fn in_query(q: &Query, f: &mut dyn FnMut(&Query)) {
+        f(q);
+        for stmt in &q.stmts {
+            if let Literal::Every { query, .. } = &stmt.literal {
+                in_query(query, f);
+            }
+        }
+    }
+    for rule in &module.policy {
+        if let Rule::Spec { bodies, .. } = rule.as_ref() {
+            for body in bodies {
+                in_query(&body.query, f);
+            }
+        }
+    }
+    let mut inner = Vec::new();
+    each_expr(module, &mut |e| match e {
+        Expr::ArrayCompr { query, .. }
+        | Expr::SetCompr { query, .. }
+        | Expr::ObjectCompr { query, .. } => inner.push(query.clone()),
+        _ => {}
+    });
+    for q in inner {
+        in_query(&q, f);
+    }
+}
+
+fn location(span: &regorus::unstable::Span) -> Location {
+    Location {
+        file: span.source.file().to_string(),
+        line: span.line,
+        col: span.col,
+    }
+}
+
+/// The root variable of a ref (`input` for `input.a.b[0]`).
+fn ref_root(expr: &Expr) -> Option<&str> {
+    match expr {
+        Expr::Var { value, .. } => value.as_string().ok().map(|s| s.as_ref()),
+        Expr::RefDot { refr, .. } | Expr::RefBrack { refr, .. } => ref_root(refr),
+        _ => None,
+    }
+}
+
+/// The fields the sidecar's input document always has (DESIGN.md "Policy input",
+/// sidecar/src/policy/input.rs): a ref to one of them is never undefined in the sidecar.
+const ALWAYS_IN_INPUT: &[&str] = &[
+    "input.direction",
+    "input.source",
+    "input.source.spiffe_id",
+    "input.destination",
+    "input.destination.spiffe_id",
+    "input.request",
+    "input.request.method",
+    "input.request.path",
+    "input.request.segments",
+    "input.request.query",
+    "input.request.headers",
+    "input.request.body_size",
+    "input.clause",
+    "input.execution",
+    "input.time",
+];
+
+/// A ref's path when every part is static (`input.request["method"]`).
+fn static_path(expr: &Expr) -> Option<String> {
+    match expr {
+        Expr::Var { value, .. } => Some(value.as_string().ok()?.to_string()),
+        Expr::RefDot { refr, field, .. } => Some(format!(
+            "{}.{}",
+            static_path(refr)?,
+            field.1.as_string().ok()?
+        )),
+        Expr::RefBrack { refr, index, .. } => match index.as_ref() {
+            Expr::String { value, .. } | Expr::RawString { value, .. } => Some(format!(
+                "{}.{}",
+                static_path(refr)?,
+                value.as_string().ok()?
+            )),
+            _ => None,
+        },
+        _ => None,
+    }
+}
+
+/// A ref into the input below its root (`input.role`) that a request may lack: not one
+/// the sidecar always sets.
+fn input_field(expr: &Expr) -> bool {
+    matches!(expr, Expr::RefDot { .. } | Expr::RefBrack { .. })
+        && ref_root(expr) == Some("input")
+        && !static_path(expr).is_some_and(|p| ALWAYS_IN_INPUT.contains(&p.as_str()))
+}
+
+fn snippet(span: &regorus::unstable::Span) -> String {
+    shorten(span.text())
+}
+
+/// Where an expression starts (a ref's span starts at its last `.`).
+fn leftmost(expr: &Expr) -> &regorus::unstable::Span {
+    match expr {
+        Expr::RefDot { refr, .. } | Expr::RefBrack { refr, .. } => leftmost(refr),
+        _ => expr.span(),
+    }
+}
+
+/// The source text from `from`'s start to `to`'s end.
+fn between(from: &regorus::unstable::Span, to: &regorus::unstable::Span) -> String {
+    let text = from.source.contents();
+    text.get(from.start as usize..to.end as usize)
+        .map_or_else(|| snippet(from), shorten)
+}
+
+fn shorten(text: &str) -> String {
+    let text = text.split_whitespace().collect::<Vec<_>>().join(" ");
+    if text.chars().count() > 60 {
+        format!("{}...", text.chars().take(57).collect::<String>())
+    } else {
+        text
+    }
+}
+
+/// Every construct of `bundle` (modules and tests) that nexus evaluates differently
+/// from OPA, in file and line order.
+pub fn check(bundle: &Bundle) -> Vec<Finding> {
+    let interpreted = !interpreter_reasons(bundle).is_empty();
+    let mut out = Vec::new();
+    let mut asts = Vec::new();
+    for (module, is_test) in bundle
+        .modules
+        .iter()
+        .map(|m| (m, false))
+        .chain(bundle.tests.iter().map(|m| (m, true)))
+    {
+        let Some(ast) = parse(&module.path, &module.text) else {
+            continue;
+        };
+        check_module(&ast, is_test || interpreted, &mut out);
+        asts.push(ast);
+    }
+    check_recursion(&asts, &mut out);
+    out.sort_by(|a, b| {
+        (&a.location.file, a.location.line, a.location.col).cmp(&(
+            &b.location.file,
+            b.location.line,
+            b.location.col,
+        ))
+    });
+    out.dedup();
+    out
+}
+
+fn check_module(ast: &Ast, interpreted: bool, out: &mut Vec<Finding>) {
+    // Membership: a positive statement `input.x in s` fails alike in both engines when
+    // input.x is missing; negated or used as a value, it does not.
+    let mut positive: Vec<*const Expr> = Vec::new();
+    let mut negated: Vec<*const Expr> = Vec::new();
+    each_query(ast, &mut |q| {
+        for stmt in &q.stmts {
+            match &stmt.literal {
+                Literal::Expr { expr, .. } => positive.push(expr.as_ref() as *const Expr),
+                Literal::NotExpr { expr, .. } => negated.push(expr.as_ref() as *const Expr),
+                Literal::SomeIn {
+                    collection, span, ..
+                } if interpreted && input_field(collection) => out.push(Finding {
+                    location: location(span),
+                    severity: Severity::Warning,
+                    construct: format!("`{}` over an input field", between(span, collection.span())),
+                    opa: format!(
+                        "treat `{}` as no elements (undefined) when it is not an array, set or object",
+                        snippet(collection.span())
+                    ),
+                    nexus: "raises an evaluation error in its interpreter (`nexusctl policy test`, and \
+                            revisions that need the interpreter): the test fails or the request is denied"
+                        .into(),
+                }),
+                _ => {}
+            }
+            for w in &stmt.with_mods {
+                if let Some(name) = dotted(&w.refr)
+                    && crate::builtins::names().any(|n| n == name)
+                {
+                    out.push(Finding {
+                        location: location(&w.span),
+                        severity: Severity::Warning,
+                        construct: format!("`with {name} as ...`"),
+                        opa: format!("replace {name} for this evaluation"),
+                        nexus: format!(
+                            "cannot replace a builtin it adds ({name}) and fails with `undefined rule`; \
+                             wrap the call in a function of your own and replace that"
+                        ),
+                    });
+                }
+            }
+        }
+    });
+    each_expr(ast, &mut |e| match e {
+        Expr::Membership {
+            span,
+            value,
+            collection,
+            key,
+            ..
+        } => {
+            let operand_may_be_missing = input_field(value)
+                || input_field(collection)
+                || key.as_ref().is_some_and(|k| input_field(k));
+            let ptr = e as *const Expr;
+            if !operand_may_be_missing || positive.contains(&ptr) {
+                return;
+            }
+            let start = leftmost(key.as_ref().unwrap_or(value));
+            let text = between(start, collection.span());
+            let (construct, opa, nexus) = if negated.contains(&ptr) {
+                (
+                    format!("`not {text}` on an input field that may be missing"),
+                    "make the membership undefined when the field is missing, so the `not` fails",
+                    "evaluates the membership to false, so the `not` succeeds",
+                )
+            } else {
+                (
+                    format!("`{text}` used as a value, on an input field that may be missing"),
+                    "make the expression (and what it builds) undefined when the field is missing",
+                    "evaluates it to false",
+                )
+            };
+            let _ = span;
+            out.push(Finding {
+                location: location(start),
+                severity: Severity::Warning,
+                construct,
+                opa: opa.into(),
+                nexus: nexus.into(),
+            });
+        }
+        Expr::ArithExpr { span, lhs, rhs, .. } => {
+            let fractional = |x: &Expr| {
+                matches!(x, Expr::Number { .. }) && x.span().text().contains(['.', 'e', 'E'])
+            };
+            if fractional(lhs) || fractional(rhs) {
+                out.push(Finding {
+                    location: location(span),
+                    severity: Severity::Warning,
+                    construct: format!("`{}`: arithmetic on a decimal fraction", snippet(span)),
+                    opa: "compute in exact decimal (0.1 + 0.2 is 0.3)".into(),
+                    nexus: "computes in binary floating point (0.1 + 0.2 is 0.30000000000000004); \
+                            compare with a tolerance, or scale to integers"
+                        .into(),
+                });
+            }
+        }
+        Expr::Call {
+            span, fcn, params, ..
+        } => {
+            let Some(name) = dotted(fcn) else { return };
+            if MISSING_BUILTINS.contains(&name.as_str()) {
+                out.push(Finding {
+                    location: location(span),
+                    severity: Severity::Error,
+                    construct: format!("`{name}`"),
+                    opa: "evaluate this builtin".into(),
+                    nexus: "does not have it: the revision does not compile".into(),
+                });
+            }
+            if name == "sprintf"
+                && let Some(Expr::String { value, .. } | Expr::RawString { value, .. }) =
+                    params.first().map(|p| p.as_ref())
+                && let Ok(format) = value.as_string()
+                && let Some(verb) = unsupported_verb(format)
+            {
+                out.push(Finding {
+                    location: location(span),
+                    severity: Severity::Warning,
+                    construct: format!("`{verb}` in a sprintf format"),
+                    opa: "format it as Go's fmt does".into(),
+                    nexus:
+                        "formats it differently (widths, flags and %x/%o/%b/%e/%g are not Go's); \
+                            build the string with format_int, concat or sprintf's %v/%s/%d"
+                            .into(),
+                });
+            }
+        }
+        _ => {}
+    });
+}
+
+/// The first sprintf verb nexus does not format as Go does: a width, precision or flag
+/// other than `%.Nf`, or a verb other than v, s, d, q, f, t.
+fn unsupported_verb(format: &str) -> Option<String> {
+    let bytes = format.as_bytes();
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] != b'%' {
+            i += 1;
+            continue;
+        }
+        let start = i;
+        i += 1;
+        if bytes.get(i) == Some(&b'%') {
+            i += 1;
+            continue;
+        }
+        while i < bytes.len() && b"+-# 0123456789.".contains(&bytes[i]) {
+            i += 1;
+        }
+        let &verb = bytes.get(i)?;
+        let spec = &format[start..=i];
+        let flags = &format[start + 1..i];
+        let ok = match verb {
+            b'v' | b's' | b'd' | b'q' | b't' => flags.is_empty(),
+            b'f' => {
+                flags.is_empty()
+                    || (flags.starts_with('.') && flags[1..].bytes().all(|b| b.is_ascii_digit()))
+            }
+            _ => false,
+        };
+        if !ok {
+            return Some(spec.to_string());
+        }
+        i += 1;
+    }
+    None
+}
+
+/// Rules that depend on themselves: OPA refuses them at compile time (recursion
+/// error); regorus recurses until the process's stack overflows, which aborts it.
+fn check_recursion(asts: &[Ast], out: &mut Vec<Finding>) {
+    use std::collections::BTreeMap;
+    // "pkg.rule" -> (where, the "pkg.rule"s it refers to)
+    let mut graph: BTreeMap<String, (Location, BTreeSet<String>)> = BTreeMap::new();
+    let package_of = |ast: &Ast| dotted(&ast.package.refr).unwrap_or_default();
+    let rule_name = |rule: &Rule| -> Option<(String, regorus::unstable::Span)> {
+        let refr = match rule {
+            Rule::Spec { head, .. } => match head {
+                RuleHead::Compr { refr, .. }
+                | RuleHead::Set { refr, .. }
+                | RuleHead::Func { refr, .. } => refr,
+            },
+            Rule::Default { refr, .. } => refr,
+        };
+        let mut root = refr.as_ref();
+        while let Expr::RefDot { refr, .. } | Expr::RefBrack { refr, .. } = root {
+            root = refr;
+        }
+        match root {
+            Expr::Var { value, span, .. } => {
+                Some((value.as_string().ok()?.to_string(), span.clone()))
+            }
+            _ => None,
+        }
+    };
+    let mut names_by_package: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    for ast in asts {
+        let package = package_of(ast);
+        for rule in &ast.policy {
+            if let Some((name, _)) = rule_name(rule) {
+                names_by_package
+                    .entry(package.clone())
+                    .or_default()
+                    .insert(name);
+            }
+        }
+    }
+    for ast in asts {
+        let package = package_of(ast);
+        let local = names_by_package.get(&package).cloned().unwrap_or_default();
+        for rule in &ast.policy {
+            let Some((name, span)) = rule_name(rule) else {
+                continue;
+            };
+            let mut deps = BTreeSet::new();
+            let mut visit = |e: &Expr| {
+                if let Expr::Var { value, .. } = e
+                    && let Ok(v) = value.as_string()
+                    && local.contains(v.as_ref())
+                {
+                    deps.insert(format!("{package}.{v}"));
+                }
+                if let Some(path) = dotted(e)
+                    && let Some(rest) = path.strip_prefix("data.")
+                {
+                    deps.insert(rest.to_string());
+                }
+            };
+            // The head names the rule itself: only its values and bodies refer.
+            match rule.as_ref() {
+                Rule::Spec { head, bodies, .. } => {
+                    match head {
+                        RuleHead::Compr { assign, .. } | RuleHead::Func { assign, .. } => {
+                            if let Some(a) = assign {
+                                walk(&a.value, &mut visit);
+                            }
+                        }
+                        RuleHead::Set { key, .. } => {
+                            if let Some(k) = key {
+                                walk(k, &mut visit);
+                            }
+                        }
+                    }
+                    for body in bodies {
+                        if let Some(a) = &body.assign {
+                            walk(&a.value, &mut visit);
+                        }
+                        walk_query(&body.query, &mut visit);
+                    }
+                }
+                Rule::Default { value, .. } => walk(value, &mut visit),
+            }
+            let key = format!("{package}.{name}");
+            let entry = graph
+                .entry(key)
+                .or_insert_with(|| (location(&span), BTreeSet::new()));
+            entry.1.extend(deps);
+        }
+    }
+    // A rule's own head names it (and its `else` bodies repeat it): only a path back
+    // to itself through another rule, or a call of itself, is recursion. Function
+    // calls and ref reads both appear as deps, so a rule "depends on itself" only
+    // when its body refers to its own name.
+    for (key, (loc, _)) in &graph {
+        let mut seen = BTreeSet::new();
+        let mut stack: Vec<(String, Vec<String>)> = graph[key]
+            .1
+            .iter()
+            .filter(|d| graph.contains_key(*d))
+            .map(|d| (d.clone(), vec![key.clone(), d.clone()]))
+            .collect();
+        while let Some((node, path)) = stack.pop() {
+            if node == *key {
+                out.push(Finding {
+                    location: loc.clone(),
+                    severity: Severity::Error,
+                    construct: format!("recursive rule data.{key} ({})", path.iter().map(|p| format!("data.{p}")).collect::<Vec<_>>().join(" -> ")),
+                    opa: "refuse it at compile time (rego_recursion_error)".into(),
+                    nexus: "recurses until the stack overflows, which aborts the process (the sidecar, \
+                            `nexusctl policy test`)"
+                        .into(),
+                });
+                break;
+            }
+            if !seen.insert(node.clone()) {
+                continue;
+            }
+            if let Some((_, deps)) = graph.get(&node) {
+                for d in deps.iter().filter(|d| graph.contains_key(*d)) {
+                    let mut p = path.clone();
+                    p.push(d.clone());
+                    stack.push((d.clone(), p));
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bundle::Module;
+
+    fn bundle(modules: &[(&str, &str)]) -> Bundle {
+        Bundle::from_modules(
+            modules
+                .iter()
+                .map(|(p, t)| Module {
+                    path: (*p).into(),
+                    text: (*t).into(),
+                })
+                .collect(),
+            Value::new_object(),
+        )
+    }
+
+    fn findings(text: &str) -> Vec<String> {
+        check(&bundle(&[("p.rego", text)]))
+            .iter()
+            .map(ToString::to_string)
+            .collect()
+    }
+
+    #[test]
+    fn negated_membership_on_a_missing_field_warns_at_the_line() {
+        let f = findings("package t\n\nx if not input.role in {\"admin\"}\n");
+        assert_eq!(f.len(), 1, "{f:?}");
+        assert!(
+            f[0].starts_with("p.rego:3:10: warning: `not input.role in {\"admin\"}`"),
+            "{f:?}"
+        );
+        assert!(
+            f[0].contains("OPA would make the membership undefined"),
+            "{f:?}"
+        );
+    }
+
+    #[test]
+    fn membership_as_a_value_warns_but_a_positive_statement_does_not() {
+        let f = findings("package t\n\nv := input.role in {\"a\"}\n\ny if input.role in {\"a\"}\n");
+        assert_eq!(f.len(), 1, "{f:?}");
+        assert!(
+            f[0].contains("p.rego:3:") && f[0].contains("used as a value"),
+            "{f:?}"
+        );
+    }
+
+    #[test]
+    fn fields_the_sidecar_always_sets_do_not_warn() {
+        assert!(findings("package t\n\nx if not input.request.method in {\"GET\"}\n").is_empty());
+        assert!(
+            findings("package t\n\nx if not input.request[\"method\"] in {\"GET\"}\n").is_empty()
+        );
+        // A header may be missing.
+        assert_eq!(
+            findings("package t\n\nx if not input.request.headers.role in {\"a\"}\n").len(),
+            1
+        );
+    }
+
+    #[test]
+    fn some_in_over_input_warns_only_where_the_interpreter_runs() {
+        let policy = "package t\n\nx if { some y in input.items; y == 1 }\n";
+        // The RVM agrees with OPA.
+        assert!(findings(policy).is_empty());
+        // A revision that calls a nexus builtin runs on the interpreter.
+        let f = findings(&format!("{policy}\nh := crypto.sha256(\"a\")\n"));
+        assert_eq!(f.len(), 1, "{f:?}");
+        assert!(f[0].contains("some y in input.items"), "{f:?}");
+        // Tests always run on the interpreter.
+        let b = bundle(&[("p_test.rego", policy)]);
+        assert_eq!(check(&b).len(), 1);
+    }
+
+    #[test]
+    fn float_arithmetic_sprintf_and_missing_builtins() {
+        let f = findings(
+            "package t\n\na := input.n * 1.1\n\nb := input.n * 2\n\nc := sprintf(\"%5s %v %.2f\", [1, 2, 3])\n\nd := sprintf(\"%s %d\", [1, 2])\n\ne := strings.render_template(\"{{.a}}\", {})\n",
+        );
+        assert_eq!(f.len(), 3, "{f:?}");
+        assert!(
+            f[0].contains("p.rego:3:") && f[0].contains("decimal fraction"),
+            "{f:?}"
+        );
+        assert!(
+            f[1].contains("p.rego:7:") && f[1].contains("`%5s`"),
+            "{f:?}"
+        );
+        assert!(
+            f[2].contains("p.rego:11:") && f[2].contains(": error: `strings.render_template`"),
+            "{f:?}"
+        );
+    }
+
+    #[test]
+    fn with_on_a_nexus_builtin_warns() {
+        let f = findings(
+            "package t\n\nc := io.jwt.decode(input.t)\n\ntest_c if c with io.jwt.decode as [{}, {}, \"\"]\n",
+        );
+        assert!(
+            f.iter()
+                .any(|l| l.contains("p.rego:5:") && l.contains("`with io.jwt.decode as ...`")),
+            "{f:?}"
+        );
+    }
+
+    #[test]
+    fn recursion_is_an_error_and_ordinary_references_are_not() {
+        let f = findings("package t\n\na if b\n\nb if a\n");
+        assert_eq!(f.len(), 2, "{f:?}");
+        assert!(
+            f[0].starts_with("p.rego:3:1: error: recursive rule data.t.a"),
+            "{f:?}"
+        );
+        let ok = findings(
+            "package t\n\ndefault allow := false\n\nallow if not deny\n\ndeny if input.x\n\nreasons contains \"r\" if deny\n\nf(x) := y if { y := x }\n\nz := f(1)\n",
+        );
+        assert!(ok.is_empty(), "{ok:?}");
+    }
+
+    #[test]
+    fn the_reference_policies_have_no_findings() {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../policies");
+        let b = Bundle::load(&root).unwrap();
+        let f: Vec<String> = check(&b).iter().map(ToString::to_string).collect();
+        assert!(f.is_empty(), "{f:?}");
+    }
+
+    #[test]
+    fn extension_calls_default_functions_and_print_choose_the_interpreter() {
+        let options = |rule: &str| PolicyOptions {
+            decision_rule: rule.into(),
+            ..PolicyOptions::default()
+        };
+        for (text, interpreted) in [
+            ("package t\n\nx := crypto.sha256(\"a\")\n", true),
+            ("package t\n\ndefault f(_) := 1\n\nx := f(2)\n", true),
+            ("package t\n\nx if { print(\"a\"); true }\n", true),
+            ("package t\n\nx := upper(\"a\")\n", false),
+        ] {
+            let b = bundle(&[("p.rego", text)]);
+            let policy = Policy::compile(&b, &Value::new_object(), options("data.t.x")).unwrap();
+            let want = if interpreted {
+                EvalMode::Interpreted
+            } else {
+                EvalMode::Compiled
+            };
+            assert_eq!(policy.mode(), want, "{text}");
+        }
+        // The default function's value, which the RVM would make undefined.
+        let b = bundle(&[("p.rego", "package t\n\ndefault f(_) := 1\n\nx := f(2)\n")]);
+        let (_, outcome) =
+            evaluate_rule(&b, "data.t.x", Value::Undefined, Duration::from_secs(5)).unwrap();
+        assert_eq!(outcome, RuleOutcome::Value(Value::from(1u64)));
+    }
+
+    #[test]
+    fn an_unknown_builtin_fails_the_compiled_mode_at_load_with_its_line() {
+        let b = bundle(&[("p.rego", "package t\n\nx := graphql.parse(\"q\", \"s\")\n")]);
+        let options = PolicyOptions {
+            decision_rule: "data.t.x".into(),
+            ..PolicyOptions::default()
+        };
+        let err = Policy::compile(&b, &Value::new_object(), options)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("p.rego:3:") && err.contains("graphql.parse"),
+            "{err}"
+        );
+    }
+}

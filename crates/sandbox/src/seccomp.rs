@@ -1,0 +1,367 @@
+//! Seccomp filters from a profile's syscall rules, compiled with seccompiler.
+//!
+//! seccompiler gives a filter one match action, so the rules become a stack of filters,
+//! one per action; the kernel runs every filter and takes the strictest answer
+//! (kill > errno > user notification > log > allow).
+//!
+//! How kills and logs are reported decides the stack ([`Reporting`]):
+//! - [`Reporting::Notify`] (the default where the kernel has it, Linux 5.5+): `kill` and
+//!   `log` rules return `SECCOMP_RET_USER_NOTIF` to a listener the launcher holds. The
+//!   launcher learns the exact syscall and the caller's pid before the call runs, then
+//!   SIGKILLs the caller (kill) or lets the call continue (log). A parent cannot learn the
+//!   syscall from a `SECCOMP_RET_KILL_PROCESS` death (the siginfo goes to the dying
+//!   process and the audit log is not readable in a pod), hence this design. seccompiler
+//!   has no notify action: the filter is compiled with a unique `Trace` marker and the
+//!   marker's return instructions are rewritten.
+//! - [`Reporting::Kernel`]: `SECCOMP_RET_KILL_PROCESS` and `SECCOMP_RET_LOG`; a kill is
+//!   reported as "seccomp kill (syscall unknown)" and logs go to the audit log only.
+//!
+//! `eperm`/`enosys` rules are answered by the kernel and not reported: a plugin probing
+//! for io_uring at start-up is not an incident.
+
+use std::collections::BTreeMap;
+use std::os::fd::{FromRawFd, OwnedFd};
+
+use seccompiler::{
+    SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter, SeccompRule,
+    TargetArch, sock_filter,
+};
+
+use crate::profile::{Action, Condition, Op, Profile};
+
+/// How `kill` and `log` rules reach the launcher.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reporting {
+    /// Seccomp user notification: exact syscall names (Linux 5.5+).
+    Notify,
+    /// Kernel actions only: kills reported without the syscall name.
+    Kernel,
+}
+
+/// One BPF program of the stack.
+#[derive(Clone, Debug)]
+pub struct Program {
+    /// What it enforces, for messages.
+    pub what: &'static str,
+    /// The instructions.
+    pub bpf: Vec<sock_filter>,
+    /// Install it with `SECCOMP_FILTER_FLAG_NEW_LISTENER`.
+    pub listener: bool,
+}
+
+/// Why filters could not be built or installed.
+#[derive(Debug, thiserror::Error)]
+pub enum SeccompError {
+    /// seccompiler refused a rule.
+    #[error("cannot compile the {what} filter: {source}")]
+    Compile {
+        /// Which filter.
+        what: &'static str,
+        /// seccompiler's error.
+        source: seccompiler::BackendError,
+    },
+    /// The kernel refused a filter.
+    #[error("cannot install the {what} filter: {source}")]
+    Install {
+        /// Which filter.
+        what: &'static str,
+        /// The OS error.
+        source: std::io::Error,
+    },
+}
+
+/// The marker `Trace` data whose returns become `SECCOMP_RET_USER_NOTIF`.
+const NOTIFY_MARKER: u32 = 0x4e58;
+
+/// The filters for a profile, in installation order.
+pub fn compile(profile: &Profile, reporting: Reporting) -> Result<Vec<Program>, SeccompError> {
+    let mut programs = Vec::new();
+    if let Some(guard) = abi_guard() {
+        programs.push(guard);
+    }
+    let by_action = |actions: &[Action]| -> Result<BTreeMap<i64, Vec<SeccompRule>>, SeccompError> {
+        let mut map: BTreeMap<i64, Option<Vec<SeccompRule>>> = BTreeMap::new();
+        for rule in profile
+            .syscalls
+            .iter()
+            .filter(|r| actions.contains(&r.action))
+        {
+            for (_, nr) in &rule.syscalls {
+                let entry = map.entry(*nr).or_insert_with(|| Some(Vec::new()));
+                if rule.when.is_empty() {
+                    // Unconditional: matches whatever else is listed.
+                    *entry = None;
+                    continue;
+                }
+                if let Some(rules) = entry {
+                    for group in &rule.when {
+                        let conditions = group
+                            .iter()
+                            .map(condition)
+                            .collect::<Result<Vec<_>, _>>()
+                            .map_err(|source| SeccompError::Compile {
+                                what: "syscall",
+                                source,
+                            })?;
+                        rules.push(SeccompRule::new(conditions).map_err(|source| {
+                            SeccompError::Compile {
+                                what: "syscall",
+                                source,
+                            }
+                        })?);
+                    }
+                }
+            }
+        }
+        Ok(map
+            .into_iter()
+            .map(|(nr, rules)| (nr, rules.unwrap_or_default()))
+            .collect())
+    };
+    let arch = target_arch();
+    let mut push = |what: &'static str,
+                    rules: BTreeMap<i64, Vec<SeccompRule>>,
+                    action: SeccompAction,
+                    listener: bool|
+     -> Result<(), SeccompError> {
+        if rules.is_empty() {
+            return Ok(());
+        }
+        let filter = SeccompFilter::new(rules, SeccompAction::Allow, action, arch)
+            .map_err(|source| SeccompError::Compile { what, source })?;
+        let mut bpf: Vec<sock_filter> = filter
+            .try_into()
+            .map_err(|source| SeccompError::Compile { what, source })?;
+        if listener {
+            let marker = libc::SECCOMP_RET_TRACE | NOTIFY_MARKER;
+            for insn in &mut bpf {
+                if insn.code == RET_K && insn.k == marker {
+                    insn.k = libc::SECCOMP_RET_USER_NOTIF;
+                }
+            }
+        }
+        programs.push(Program {
+            what,
+            bpf,
+            listener,
+        });
+        Ok(())
+    };
+    push(
+        "eperm",
+        by_action(&[Action::Eperm])?,
+        SeccompAction::Errno(libc::EPERM as u32),
+        false,
+    )?;
+    push(
+        "enosys",
+        by_action(&[Action::Enosys])?,
+        SeccompAction::Errno(libc::ENOSYS as u32),
+        false,
+    )?;
+    match reporting {
+        Reporting::Notify => push(
+            "kill/log (user notification)",
+            by_action(&[Action::Kill, Action::Log])?,
+            SeccompAction::Trace(NOTIFY_MARKER),
+            true,
+        )?,
+        Reporting::Kernel => {
+            push(
+                "kill",
+                by_action(&[Action::Kill])?,
+                SeccompAction::KillProcess,
+                false,
+            )?;
+            push("log", by_action(&[Action::Log])?, SeccompAction::Log, false)?;
+        }
+    }
+    Ok(programs)
+}
+
+const RET_K: u16 = (libc::BPF_RET | libc::BPF_K) as u16;
+
+fn condition(c: &Condition) -> Result<SeccompCondition, seccompiler::BackendError> {
+    let op = match c.op {
+        Op::Eq => SeccompCmpOp::Eq,
+        Op::Ne => SeccompCmpOp::Ne,
+        Op::Lt => SeccompCmpOp::Lt,
+        Op::Le => SeccompCmpOp::Le,
+        Op::Gt => SeccompCmpOp::Gt,
+        Op::Ge => SeccompCmpOp::Ge,
+        Op::MaskedEq(mask) => SeccompCmpOp::MaskedEq(mask),
+    };
+    SeccompCondition::new(c.arg, SeccompCmpArgLen::Dword, op, c.value)
+}
+
+/// The seccompiler architecture of this build.
+pub fn target_arch() -> TargetArch {
+    #[cfg(target_arch = "x86_64")]
+    {
+        TargetArch::x86_64
+    }
+    #[cfg(target_arch = "aarch64")]
+    {
+        TargetArch::aarch64
+    }
+}
+
+/// On x86_64 the x32 ABI reaches the same kernel entry points with the arch field still
+/// `AUDIT_ARCH_X86_64` and bit 30 set in the number, so a rule on `ptrace` (101) would
+/// not see x32 `ptrace` (0x40000209). This filter kills any x32 call; seccompiler's arch
+/// check already kills i386 (`int 0x80`) calls.
+fn abi_guard() -> Option<Program> {
+    #[cfg(target_arch = "x86_64")]
+    {
+        const X32_SYSCALL_BIT: u32 = 0x4000_0000;
+        let stmt = |code: u32, k: u32| sock_filter {
+            code: code as u16,
+            jt: 0,
+            jf: 0,
+            k,
+        };
+        let jump = |code: u32, k: u32, jt: u8, jf: u8| sock_filter {
+            code: code as u16,
+            jt,
+            jf,
+            k,
+        };
+        Some(Program {
+            what: "x32 guard",
+            bpf: vec![
+                // A = seccomp_data.nr
+                stmt(libc::BPF_LD | libc::BPF_W | libc::BPF_ABS, 0),
+                // if A >= X32_SYSCALL_BIT goto kill
+                jump(
+                    libc::BPF_JMP | libc::BPF_JGE | libc::BPF_K,
+                    X32_SYSCALL_BIT,
+                    1,
+                    0,
+                ),
+                stmt(libc::BPF_RET | libc::BPF_K, libc::SECCOMP_RET_ALLOW),
+                stmt(libc::BPF_RET | libc::BPF_K, libc::SECCOMP_RET_KILL_PROCESS),
+            ],
+            listener: false,
+        })
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        None
+    }
+}
+
+/// Whether this kernel has seccomp filters at all.
+#[allow(unsafe_code)]
+pub fn available() -> bool {
+    // SAFETY: PR_GET_SECCOMP takes no pointer arguments and only reads the caller's mode.
+    unsafe { libc::prctl(libc::PR_GET_SECCOMP, 0, 0, 0, 0) >= 0 }
+}
+
+/// Whether this kernel can return `SECCOMP_RET_USER_NOTIF`.
+#[allow(unsafe_code)]
+pub fn notify_available() -> bool {
+    let action: u32 = libc::SECCOMP_RET_USER_NOTIF;
+    // SAFETY: SECCOMP_GET_ACTION_AVAIL reads one u32 through the pointer, which points to
+    // a live local for the duration of the call.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_seccomp,
+            libc::SECCOMP_GET_ACTION_AVAIL,
+            0,
+            &action as *const u32,
+        )
+    };
+    rc == 0
+}
+
+/// Installs one program on the calling thread (which must have no_new_privs set);
+/// returns the notification listener when the program asks for one.
+///
+/// Async-signal-safe: no allocation, so it may run between fork and exec.
+#[allow(unsafe_code)]
+pub fn install(program: &Program) -> Result<Option<OwnedFd>, SeccompError> {
+    let Ok(len) = u16::try_from(program.bpf.len()) else {
+        return Err(SeccompError::Install {
+            what: program.what,
+            source: std::io::Error::from_raw_os_error(libc::E2BIG),
+        });
+    };
+    let prog = libc::sock_fprog {
+        len,
+        // seccompiler's sock_filter is #[repr(C)] with libc's layout.
+        filter: program.bpf.as_ptr() as *mut libc::sock_filter,
+    };
+    let flags = if program.listener {
+        libc::SECCOMP_FILTER_FLAG_NEW_LISTENER
+    } else {
+        0
+    };
+    // SAFETY: the kernel copies `len` instructions from `prog.filter`, which points into
+    // `program.bpf`, alive for the whole call; `prog` itself is a live local.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_seccomp,
+            libc::SECCOMP_SET_MODE_FILTER,
+            flags,
+            &prog as *const libc::sock_fprog,
+        )
+    };
+    if rc < 0 {
+        return Err(SeccompError::Install {
+            what: program.what,
+            source: std::io::Error::last_os_error(),
+        });
+    }
+    if program.listener {
+        let Ok(fd) = i32::try_from(rc) else {
+            return Err(SeccompError::Install {
+                what: program.what,
+                source: std::io::Error::from_raw_os_error(libc::EBADF),
+            });
+        };
+        // SAFETY: with NEW_LISTENER the kernel returns a fresh fd that nothing else owns.
+        return Ok(Some(unsafe { OwnedFd::from_raw_fd(fd) }));
+    }
+    Ok(None)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::profile::Profile;
+    use std::path::Path;
+
+    fn default_profile() -> Profile {
+        let text = include_str!("../../../profiles/default.toml");
+        Profile::parse(Path::new("default.toml"), text, &|_| None).expect("default profile")
+    }
+
+    #[test]
+    fn notify_stack_has_a_listener_and_no_marker_left() {
+        let programs = compile(&default_profile(), Reporting::Notify).expect("compile");
+        let listeners: Vec<_> = programs.iter().filter(|p| p.listener).collect();
+        assert_eq!(listeners.len(), 1);
+        let marker = libc::SECCOMP_RET_TRACE | NOTIFY_MARKER;
+        for p in &programs {
+            assert!(p.bpf.iter().all(|i| !(i.code == RET_K && i.k == marker)));
+        }
+        assert!(
+            listeners[0]
+                .bpf
+                .iter()
+                .any(|i| i.code == RET_K && i.k == libc::SECCOMP_RET_USER_NOTIF)
+        );
+    }
+
+    #[test]
+    fn kernel_stack_kills_and_logs_in_the_kernel() {
+        let programs = compile(&default_profile(), Reporting::Kernel).expect("compile");
+        assert!(programs.iter().all(|p| !p.listener));
+        assert!(programs.iter().any(|p| {
+            p.what == "kill"
+                && p.bpf
+                    .iter()
+                    .any(|i| i.code == RET_K && i.k == libc::SECCOMP_RET_KILL_PROCESS)
+        }));
+    }
+}
