@@ -106,8 +106,16 @@ pub struct State {
     pub policy_dir: PathBuf,
     /// Runtime data (open executions, revocations) both sidecars load.
     pub runtime_data: PathBuf,
+    /// The sidecars' execution-record files by component (hash-chained JSON lines;
+    /// check them with `nexusctl audit verify FILE`).
+    pub record_files: BTreeMap<String, PathBuf>,
     /// The working folder.
     pub dir: PathBuf,
+}
+
+/// The `[audit]` table of a sidecar writing its execution records to `file`.
+fn audit_section(file: &Path) -> String {
+    format!("[audit]\nsink = {{ file = {{ path = {file:?} }} }}\n")
 }
 
 /// The default working folder.
@@ -299,6 +307,8 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         let data_api = wait_for_file(&dir.join("data-api.json"), &mut stack, deadline).await?;
         let data_api_addr = addr(&data_api, "/http")?;
 
+        let data_records = dir.join("data-sidecar-records.jsonl");
+        let plugin_records = dir.join("plugin-sidecar-records.jsonl");
         let data_config = dir.join("data-sidecar.toml");
         std::fs::write(
             &data_config,
@@ -306,8 +316,9 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
                 "# nexusctl up: the sidecar in front of the demo data API\n\
                  [identity]\nworkload_api_socket = {sock:?}\n\n\
                  [admin]\nlisten = \"127.0.0.1:0\"\naddress_file = {addrs:?}\n\n\
-                 [inbound]\nlisten = \"127.0.0.1:0\"\napp = {app:?}\nallowed_ids = [\"spiffe://nexus.local/ns/plugins/*\"]\n\n{policy}",
+                 [inbound]\nlisten = \"127.0.0.1:0\"\napp = {app:?}\nallowed_ids = [\"spiffe://nexus.local/ns/plugins/*\"]\n\n{policy}\n{audit}",
                 sock = format!("unix://{}", data_sock.display()),
+                audit = audit_section(&data_records),
                 addrs = dir.join("data-sidecar.json"),
                 app = data_api_addr,
                 policy = policy,
@@ -326,8 +337,9 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
                 "# nexusctl up: the demo plugin's sidecar\n\
                  [identity]\nworkload_api_socket = {sock:?}\n\n\
                  [admin]\nlisten = \"127.0.0.1:0\"\naddress_file = {addrs:?}\n\n\
-                 [[outbound]]\nname = \"hazard-api\"\nlisten = \"127.0.0.1:0\"\nupstream = {up:?}\nexpected_id = {id:?}\n\n{policy}",
+                 [[outbound]]\nname = \"hazard-api\"\nlisten = \"127.0.0.1:0\"\nupstream = {up:?}\nexpected_id = {id:?}\n\n{policy}\n{audit}",
                 sock = format!("unix://{}", plugin_sock.display()),
+                audit = audit_section(&plugin_records),
                 addrs = dir.join("plugin-sidecar.json"),
                 up = inbound,
                 id = DATA_API_ID,
@@ -358,6 +370,10 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
             pids: pids.clone(),
             policy_dir: policies.clone(),
             runtime_data: runtime_data.clone(),
+            record_files: BTreeMap::from([
+                ("data-sidecar".to_string(), data_records.clone()),
+                ("plugin-sidecar".to_string(), plugin_records.clone()),
+            ]),
             dir: dir.clone(),
         };
         let tmp = state_file.with_extension("tmp");
@@ -425,6 +441,7 @@ fn print_welcome(state: &State, state_file: &Path) {
          curl -s --cacert {ca} {inb}/clauses/c-flood-17/rainfall\n\n\
          Policies: {policy_dir} (edit and save: reloaded within a second)\n\
          Runtime data (executions, revocations): {runtime}\n\
+         Execution records (one hash-chained line per request), and how to check them:\n{records}\n\
          Health and metrics: {admins}\n\
          State file: {state_file}\n\
          Press Ctrl-C to stop.",
@@ -440,6 +457,12 @@ fn print_welcome(state: &State, state_file: &Path) {
             .map(|u| format!("{u}/metrics"))
             .collect::<Vec<_>>()
             .join("  "),
+        records = state
+            .record_files
+            .values()
+            .map(|f| format!("  nexusctl audit verify {}", f.display()))
+            .collect::<Vec<_>>()
+            .join("\n"),
         state_file = state_file.display(),
     );
 }

@@ -13,6 +13,7 @@ use crate::admin::Admin;
 use crate::config::{Config, IdentitySource};
 use crate::metrics::Metrics;
 use crate::policy::PolicyRuntime;
+use crate::proxy::audit::Audit;
 use crate::proxy::inbound::Inbound;
 use crate::proxy::outbound::Outbound;
 use crate::telemetry::Telemetry;
@@ -37,6 +38,8 @@ pub struct Running {
     pub store: Arc<IdentityStore>,
     /// OpenTelemetry export, when `[telemetry] otlp_endpoint` is set: flush it on exit.
     pub telemetry: Option<Telemetry>,
+    /// Execution records, when `[audit]` is set: flush them on exit.
+    pub audit: Option<Arc<Audit>>,
 }
 
 async fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<TcpListener> {
@@ -89,8 +92,10 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
             // The first load happens before listening, so a good policy serves from the
             // first request; a broken one leaves the sidecar not ready (denying).
             let first = runtime.clone();
-            let _ = tokio::task::spawn_blocking(move || first.reload()).await;
-            tokio::spawn(runtime.clone().watch());
+            let start = tokio::task::spawn_blocking(move || first.load_initial())
+                .await
+                .unwrap_or_default();
+            tokio::spawn(runtime.clone().watch(start));
             Some(runtime)
         }
         None => {
@@ -100,6 +105,14 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
             None
         }
     };
+
+    // The records carry the sidecar's SPIFFE ID, known with the first SVID: the
+    // recorder starts then (see `proxy::audit`).
+    let audit = config.audit.as_ref().map(|audit_config| {
+        let audit = Audit::new(audit_config.mode, metrics.clone());
+        tokio::spawn(audit.clone().run(store.clone(), audit_config.clone()));
+        audit
+    });
 
     let admin_listener = bind(config.admin.listen, "admin").await?;
     let mut addresses = Addresses {
@@ -112,7 +125,8 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         addresses.inbound = Some(listener.local_addr()?);
         let proxy = Arc::new(
             Inbound::new(&config, store.clone(), metrics.clone(), policy.clone())?
-                .with_telemetry(telemetry.as_ref()),
+                .with_telemetry(telemetry.as_ref())
+                .with_audit(audit.as_ref()),
         );
         tokio::spawn(proxy.serve(listener));
     }
@@ -123,7 +137,8 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
             .insert(out.name.clone(), listener.local_addr()?);
         let proxy = Arc::new(
             Outbound::new(&config, out, store.clone(), metrics.clone(), policy.clone())?
-                .with_telemetry(telemetry.as_ref(), out),
+                .with_telemetry(telemetry.as_ref(), out)
+                .with_audit(audit.as_ref()),
         );
         tokio::spawn(proxy.serve(listener));
     }
@@ -146,6 +161,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         addresses,
         store,
         telemetry,
+        audit,
     })
 }
 
@@ -154,6 +170,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let running = start(config).await?;
     shutdown_signal().await;
     tracing::info!("shutting down");
+    if let Some(audit) = &running.audit {
+        audit.shutdown().await;
+    }
     if let Some(telemetry) = &running.telemetry {
         telemetry.shutdown().await;
     }

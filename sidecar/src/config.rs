@@ -7,6 +7,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+pub use nexus_audit::{AuditConfig, AuditMode, Sink as AuditSink};
 use nexus_identity::AllowList;
 use nexus_identity::source::files::FileSourceConfig;
 use serde::Deserialize;
@@ -76,6 +77,10 @@ pub struct Config {
     pub policy: Option<PolicyConfig>,
     /// OpenTelemetry export (spans and metrics over OTLP/gRPC); off without an endpoint.
     pub telemetry: TelemetryConfig,
+    /// Hash-chained execution records, one per request; absent means none are written.
+    /// `sink = "stdout"` or `sink = { file = { path = "...", max_bytes = N, max_files = N } }`,
+    /// `mode = "best_effort" | "strict"`, `queue_capacity = N`.
+    pub audit: Option<AuditConfig>,
 }
 
 /// `[policy]`
@@ -509,6 +514,9 @@ impl Config {
             }
         }
         self.telemetry.validate()?;
+        if let Some(audit) = &self.audit {
+            validate_audit(audit)?;
+        }
         let mut names = BTreeSet::new();
         for (i, out) in self.outbound.iter().enumerate() {
             let field = |f: &str| format!("outbound[{i}].{f}");
@@ -549,6 +557,48 @@ impl Config {
             nexus_identity::tls::TlsVersions::Tls13Only
         }
     }
+}
+
+fn validate_audit(audit: &AuditConfig) -> Result<(), ConfigError> {
+    if audit.queue_capacity == 0 || audit.queue_capacity > 1 << 24 {
+        return Err(invalid(
+            "audit.queue_capacity",
+            format!("{} is out of range", audit.queue_capacity),
+            format!(
+                "use 1..=16777216 (default {})",
+                nexus_audit::DEFAULT_QUEUE_CAPACITY
+            ),
+        ));
+    }
+    if let AuditSink::File {
+        path,
+        max_bytes,
+        max_files,
+    } = &audit.sink
+    {
+        if path.as_os_str().is_empty() || path.is_dir() {
+            return Err(invalid(
+                "audit.sink.file.path",
+                format!("`{}` is not a file path", path.display()),
+                "name the record file, e.g. /var/log/nexus/records.jsonl",
+            ));
+        }
+        if *max_bytes < 4096 {
+            return Err(invalid(
+                "audit.sink.file.max_bytes",
+                format!("{max_bytes} is too small for a few records"),
+                format!("use the default, {}", nexus_audit::DEFAULT_MAX_BYTES),
+            ));
+        }
+        if *max_files == 0 {
+            return Err(invalid(
+                "audit.sink.file.max_files",
+                "must be at least 1",
+                format!("use the default, {}", nexus_audit::DEFAULT_MAX_FILES),
+            ));
+        }
+    }
+    Ok(())
 }
 
 fn check_authority(field: &str, value: &str) -> Result<(), ConfigError> {
@@ -634,6 +684,61 @@ mod tests {
                 .to_string()
                 .contains("limits.max_header_bytes")
         );
+    }
+
+    #[test]
+    fn audit_section_parses_and_is_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = "[identity]\nworkload_api_socket = \"/tmp/s\"\n";
+        let none = Config::parse(base, "t").unwrap();
+        assert!(none.audit.is_none());
+        let path = dir.path().join("records.jsonl");
+        let text = format!(
+            "{base}[audit]\nmode = \"strict\"\nqueue_capacity = 16\nsink = {{ file = {{ path = {:?}, max_files = 3 }} }}\n",
+            path.to_string_lossy()
+        );
+        let config = Config::parse(&text, "t").unwrap();
+        config.validate().unwrap();
+        let audit = config.audit.unwrap();
+        assert_eq!(audit.mode, AuditMode::Strict);
+        assert_eq!(audit.queue_capacity, 16);
+        assert!(matches!(audit.sink, AuditSink::File { max_files: 3, .. }));
+        let stdout = Config::parse(&format!("{base}[audit]\nsink = \"stdout\"\n"), "t").unwrap();
+        assert_eq!(stdout.audit.unwrap().sink, AuditSink::Stdout);
+        let err = Config::parse(
+            &format!("{base}[audit]\nmode = \"sometimes\"\nsink = \"stdout\"\n"),
+            "t",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("sometimes"), "{err}");
+        let bad = Config::parse(
+            &format!("{base}[audit]\nqueue_capacity = 0\nsink = \"stdout\"\n"),
+            "t",
+        )
+        .unwrap();
+        let err = bad.validate().unwrap_err().to_string();
+        assert!(err.contains("audit.queue_capacity"), "{err}");
+        let folder = Config::parse(
+            &format!(
+                "{base}[audit]\nsink = {{ file = {{ path = {:?} }} }}\n",
+                dir.path().to_string_lossy()
+            ),
+            "t",
+        )
+        .unwrap();
+        let err = folder.validate().unwrap_err().to_string();
+        assert!(err.contains("audit.sink.file.path"), "{err}");
+        let tiny = Config::parse(
+            &format!(
+                "{base}[audit]\nsink = {{ file = {{ path = {:?}, max_bytes = 10 }} }}\n",
+                path.to_string_lossy()
+            ),
+            "t",
+        )
+        .unwrap();
+        let err = tiny.validate().unwrap_err().to_string();
+        assert!(err.contains("audit.sink.file.max_bytes"), "{err}");
     }
 
     #[test]

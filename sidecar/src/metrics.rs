@@ -4,8 +4,10 @@
 //! a fixed list of failure reasons) so the series count stays bounded whatever the
 //! traffic.
 
-use std::sync::Arc;
-use std::sync::atomic::AtomicI64;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::{Arc, OnceLock};
+
+use nexus_audit::AuditStats;
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -46,7 +48,17 @@ pub struct Metrics {
     otel_spans_exported: Counter,
     otel_spans_dropped: Family<ReasonOnlyLabels, Counter>,
     otel_export_failures: Family<SignalLabels, Counter>,
+    audit_written: Counter,
+    audit_dropped: Counter,
+    audit_write_errors: Counter,
+    audit_queue_depth: Gauge<i64, AtomicI64>,
+    audit_refused: Counter,
+    /// Where the audit counters are read at scrape time (the recorder keeps its own).
+    audit_stats: OnceLock<AuditStatsSource>,
 }
+
+/// Reads the execution recorder's counters; `None` before it has started.
+pub type AuditStatsSource = Box<dyn Fn() -> Option<AuditStats> + Send + Sync>;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ReasonOnlyLabels {
@@ -171,7 +183,43 @@ impl Metrics {
             "Sandbox violations reported by nexus-launch, by action (kill, eperm, log)",
             sandbox_violations.clone(),
         );
+        let audit_written = Counter::default();
+        registry.register(
+            "audit_records_written",
+            "Execution records handed to the audit sink",
+            audit_written.clone(),
+        );
+        let audit_dropped = Counter::default();
+        registry.register(
+            "audit_records_dropped",
+            "Execution records dropped because the recorder's queue was full or it was not running",
+            audit_dropped.clone(),
+        );
+        let audit_write_errors = Counter::default();
+        registry.register(
+            "audit_write_errors",
+            "Execution records lost because the audit sink failed to write them",
+            audit_write_errors.clone(),
+        );
+        let audit_queue_depth = Gauge::<i64, AtomicI64>::default();
+        registry.register(
+            "audit_queue_depth",
+            "Execution records waiting for the writer",
+            audit_queue_depth.clone(),
+        );
+        let audit_refused = Counter::default();
+        registry.register(
+            "audit_refused",
+            "Requests refused with 503 in strict audit mode because records could not be written",
+            audit_refused.clone(),
+        );
         Arc::new(Self {
+            audit_written,
+            audit_dropped,
+            audit_write_errors,
+            audit_queue_depth,
+            audit_refused,
+            audit_stats: OnceLock::new(),
             sandbox_violations,
             otel_spans_exported,
             otel_spans_dropped,
@@ -275,8 +323,35 @@ impl Metrics {
         }
     }
 
+    /// Reads the execution recorder's counters from `source` at every scrape.
+    pub fn watch_audit(&self, source: AuditStatsSource) {
+        let _ = self.audit_stats.set(source);
+    }
+
+    /// Counts a request refused because its record could not be written (strict mode).
+    pub fn audit_refused(&self) {
+        self.audit_refused.inc();
+    }
+
+    fn refresh_audit(&self) {
+        let Some(stats) = self.audit_stats.get().and_then(|source| source()) else {
+            return;
+        };
+        // The recorder owns these counts: mirror them (they only grow).
+        for (counter, value) in [
+            (&self.audit_written, stats.written),
+            (&self.audit_dropped, stats.dropped),
+            (&self.audit_write_errors, stats.write_errors),
+        ] {
+            counter.inner().fetch_max(value, Ordering::Relaxed);
+        }
+        self.audit_queue_depth
+            .set(i64::try_from(stats.queue_depth).unwrap_or(i64::MAX));
+    }
+
     /// The Prometheus text exposition.
     pub fn encode(&self) -> String {
+        self.refresh_audit();
         let mut out = String::new();
         if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
             out.clear();

@@ -59,6 +59,10 @@ pub fn server_config(
         .with_client_cert_verifier(verifier)
         .with_cert_resolver(Arc::new(StoreResolver(store)));
     config.alpn_protocols = alpn;
+    // No resumption: a resumed session skips the client-certificate check, so a peer
+    // removed from the allow list, or whose SVID expired, would keep getting in.
+    config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+    config.send_tls13_tickets = 0;
     Ok(config)
 }
 
@@ -80,6 +84,8 @@ pub fn client_config(
         .with_custom_certificate_verifier(verifier)
         .with_client_cert_resolver(Arc::new(StoreResolver(store)));
     config.alpn_protocols = alpn;
+    // Every connection verifies the upstream's current SVID (see server_config).
+    config.resumption = rustls::client::Resumption::disabled();
     Ok(config)
 }
 

@@ -132,6 +132,17 @@ impl Policy {
         runtime: &Value,
         options: PolicyOptions,
     ) -> Result<Self, PolicyError> {
+        // Constructs that crash or always fail in the engine (recursive rules overflow
+        // regorus's stack and abort the process) are refused before compiling.
+        if let Some(fatal) = crate::compat::check(bundle)
+            .into_iter()
+            .find(|f| f.severity == crate::compat::Severity::Error)
+        {
+            return Err(PolicyError::Rego {
+                message: format!("{}: {}", fatal.construct, fatal.nexus),
+                location: fatal.location,
+            });
+        }
         let mut options = options;
         // regorus's RVM calls no extension (nexus builtins) and gets some constructs
         // wrong: such a revision is evaluated by the interpreter (logged once per
@@ -234,6 +245,7 @@ impl Policy {
 
     /// Evaluates the decision rule for `input`.
     pub fn evaluate(&self, input: Value) -> Decision {
+        let started = Instant::now();
         let result = match &self.program {
             Some(program) => {
                 let mut vm = RegoVM::new_with_policy(self.compiled.clone());
@@ -259,6 +271,16 @@ impl Policy {
                     .map_err(|e| format!("{e:#}"))
             }
         };
+        // The VM and the interpreter check the clock between instructions; a single
+        // builtin call (e.g. numbers.range over a huge span) cannot be interrupted, so
+        // its result is refused here once it overran.
+        let elapsed = started.elapsed();
+        if elapsed > self.options.eval_timeout {
+            return Decision::deny_because(format!(
+                "policy evaluation failed: exceeded the time limit ({elapsed:?} > {:?})",
+                self.options.eval_timeout
+            ));
+        }
         match result {
             Ok(value) => decision_from(&value),
             Err(error) => Decision::deny_because(format!("policy evaluation failed: {error}")),

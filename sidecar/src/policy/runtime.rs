@@ -75,6 +75,8 @@ pub struct Loaded {
     /// `input.execution`.
     executions: HashMap<(String, String), Vec<Execution>>,
     by_id: HashMap<String, Execution>,
+    /// The folder as loaded, so a runtime-data change needs no reload or recompile.
+    bundle: Bundle,
 }
 
 impl Loaded {
@@ -103,6 +105,9 @@ pub struct PolicyRuntime {
     config: PolicyConfig,
     current: ArcSwapOption<Loaded>,
     metrics: Arc<Metrics>,
+    /// Set once the state file has been read: from then on its disappearance is an
+    /// error (the last data, with its revocations, keeps serving), not "no data".
+    state_seen: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for PolicyRuntime {
@@ -113,25 +118,35 @@ impl std::fmt::Debug for PolicyRuntime {
     }
 }
 
-#[derive(PartialEq, Eq)]
-struct Fingerprint(Vec<(PathBuf, u64, Option<SystemTime>)>);
-
-fn fingerprint(dir: &Path, state_file: Option<&Path>) -> Fingerprint {
-    let mut entries = Vec::new();
-    walk(dir, &mut entries);
-    if let Some(state) = state_file {
-        let meta = std::fs::metadata(state).ok();
-        entries.push((
-            state.to_path_buf(),
-            meta.as_ref().map_or(0, |m| m.len()),
-            meta.and_then(|m| m.modified().ok()),
-        ));
-    }
-    entries.sort();
-    Fingerprint(entries)
+/// What the watcher compares: the folder's files by name, size, modification and
+/// change time (ctime moves on every write, even when a tool restores the mtime), and
+/// the state file by content (it is small; a same-size rewrite within one clock tick
+/// must not be missed).
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct Fingerprints {
+    dir: Vec<(PathBuf, u64, Option<SystemTime>, i64, i64)>,
+    state: Option<Vec<u8>>,
 }
 
-fn walk(dir: &Path, out: &mut Vec<(PathBuf, u64, Option<SystemTime>)>) {
+impl Fingerprints {
+    fn take(dir: &Path, state_file: Option<&Path>) -> Self {
+        let mut entries = Vec::new();
+        walk(dir, &mut entries);
+        entries.sort();
+        let state = state_file.and_then(|p| std::fs::read(p).ok()).map(|bytes| {
+            ring::digest::digest(&ring::digest::SHA256, &bytes)
+                .as_ref()
+                .to_vec()
+        });
+        Self {
+            dir: entries,
+            state,
+        }
+    }
+}
+
+fn walk(dir: &Path, out: &mut Vec<(PathBuf, u64, Option<SystemTime>, i64, i64)>) {
+    use std::os::unix::fs::MetadataExt;
     let Ok(read) = std::fs::read_dir(dir) else {
         return;
     };
@@ -143,7 +158,13 @@ fn walk(dir: &Path, out: &mut Vec<(PathBuf, u64, Option<SystemTime>)>) {
         if meta.is_dir() {
             walk(&path, out);
         } else {
-            out.push((path, meta.len(), meta.modified().ok()));
+            out.push((
+                path,
+                meta.len(),
+                meta.modified().ok(),
+                meta.ctime(),
+                meta.ctime_nsec(),
+            ));
         }
     }
 }
@@ -155,6 +176,7 @@ impl PolicyRuntime {
             config,
             current: ArcSwapOption::empty(),
             metrics,
+            state_seen: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -186,6 +208,17 @@ impl PolicyRuntime {
         if self.config.run_tests_on_reload {
             nexus_policy::testing::run_tests(&bundle, false, None)?.into_result()?;
         }
+        self.build_with(bundle, None)
+    }
+
+    /// Re-reads only the state file and swaps the runtime data into the current
+    /// revision: no folder reload, no tests, and (compiled mode) no recompile, so a
+    /// revocation applies as fast as the file is noticed.
+    fn build_data(&self, current: &Loaded) -> Result<Loaded, PolicyError> {
+        self.build_with(current.bundle.clone(), Some(current))
+    }
+
+    fn build_with(&self, bundle: Bundle, current: Option<&Loaded>) -> Result<Loaded, PolicyError> {
         let mut runtime = self.read_state()?;
         let state_file = self
             .config
@@ -220,10 +253,25 @@ impl PolicyRuntime {
                 })?;
         }
         let value = runtime.to_value();
-        let policy = Policy::compile(&bundle, &value, self.options(&self.config.decision_rule))?;
-        let shadow = match &self.config.shadow_rule {
-            Some(rule) => Some(Policy::compile(&bundle, &value, self.options(rule))?),
-            None => None,
+        let policy = match current {
+            Some(current) => current.policy.with_runtime_data(&bundle, &value)?,
+            None => Policy::compile(&bundle, &value, self.options(&self.config.decision_rule))?,
+        };
+        let shadow = match (
+            &self.config.shadow_rule,
+            current.and_then(|c| c.shadow.as_ref()),
+        ) {
+            (Some(_), Some(shadow)) => Some(shadow.with_runtime_data(&bundle, &value)?),
+            (Some(rule), None) => match Policy::compile(&bundle, &value, self.options(rule)) {
+                Ok(shadow) => Some(shadow),
+                Err(error) => {
+                    // The shadow rule is never enforced: a broken one must not keep the
+                    // enforced revision from serving.
+                    tracing::warn!(%error, rule, "shadow rule does not compile; evaluating without it");
+                    None
+                }
+            },
+            (None, _) => None,
         };
         let mut executions: HashMap<(String, String), Vec<Execution>> = HashMap::new();
         let mut by_id = HashMap::new();
@@ -242,6 +290,7 @@ impl PolicyRuntime {
             shadow,
             executions,
             by_id,
+            bundle,
         })
     }
 
@@ -251,7 +300,14 @@ impl PolicyRuntime {
         };
         let text = match std::fs::read_to_string(path) {
             Ok(text) => text,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(RuntimeData::default()),
+            Err(e)
+                if e.kind() == std::io::ErrorKind::NotFound
+                    && !self.state_seen.load(std::sync::atomic::Ordering::Relaxed) =>
+            {
+                // Not written yet (e.g. before the first push): no executions, no
+                // revocations.
+                return Ok(RuntimeData::default());
+            }
             Err(e) => {
                 return Err(PolicyError::Read {
                     file: path.display().to_string(),
@@ -259,6 +315,8 @@ impl PolicyRuntime {
                 });
             }
         };
+        self.state_seen
+            .store(true, std::sync::atomic::Ordering::Relaxed);
         serde_json::from_str(&text).map_err(|e| PolicyError::Data {
             file: path.display().to_string(),
             message: format!("line {} column {}: {e}", e.line(), e.column()),
@@ -267,7 +325,21 @@ impl PolicyRuntime {
 
     /// Builds and publishes once; on error keeps the previous revision.
     pub fn reload(&self) -> Result<(), PolicyError> {
-        match self.build() {
+        let built = self.build();
+        self.publish(built)
+    }
+
+    /// Applies a state-file change to the current revision (a full reload if none).
+    pub fn reload_data(&self) -> Result<(), PolicyError> {
+        let built = match self.current() {
+            Some(current) => self.build_data(&current),
+            None => self.build(),
+        };
+        self.publish(built)
+    }
+
+    fn publish(&self, built: Result<Loaded, PolicyError>) -> Result<(), PolicyError> {
+        match built {
             Ok(loaded) => {
                 let revision = loaded.policy.revision().to_string();
                 let previous = self.current.swap(Some(Arc::new(loaded)));
@@ -291,21 +363,39 @@ impl PolicyRuntime {
         }
     }
 
-    /// Loads now, then watches the folder and state file forever.
-    pub async fn watch(self: Arc<Self>) {
-        let mut last = None;
+    /// The first load, before the sidecar listens; returns what the watcher starts from.
+    pub fn load_initial(&self) -> Fingerprints {
+        let before = Fingerprints::take(&self.config.dir, self.config.state_file.as_deref());
+        let _ = self.reload();
+        before
+    }
+
+    /// Watches the folder and the state file forever, from `last` (see `load_initial`).
+    pub async fn watch(self: Arc<Self>, mut last: Fingerprints) {
         loop {
-            let dir = self.config.dir.clone();
-            let state = self.config.state_file.clone();
-            let current = tokio::task::spawn_blocking(move || fingerprint(&dir, state.as_deref()))
-                .await
-                .ok();
-            if current.is_some() && current != last {
-                let this = self.clone();
-                let _ = tokio::task::spawn_blocking(move || this.reload()).await;
-                last = current;
-            }
             tokio::time::sleep(self.config.reload_interval.max(Duration::from_millis(50))).await;
+            let this = self.clone();
+            let Ok(current) = tokio::task::spawn_blocking(move || {
+                Fingerprints::take(&this.config.dir, this.config.state_file.as_deref())
+            })
+            .await
+            else {
+                continue;
+            };
+            if current == last {
+                continue;
+            }
+            let folder_changed = current.dir != last.dir;
+            let this = self.clone();
+            let _ = tokio::task::spawn_blocking(move || {
+                if folder_changed {
+                    this.reload()
+                } else {
+                    this.reload_data()
+                }
+            })
+            .await;
+            last = current;
         }
     }
 }

@@ -12,6 +12,7 @@ use http::{HeaderValue, Request, Response, StatusCode};
 use http_body::Body;
 use time::OffsetDateTime;
 
+use super::audit::AuditFacts;
 use super::normalize::{NormalizeLimits, Normalized, normalize};
 use super::trace::TraceFacts;
 use super::{ProxyBody, json_response};
@@ -84,6 +85,9 @@ where
                 if let Ok(uri) = http::Uri::from_parts(parts) {
                     *req.uri_mut() = uri;
                 }
+                if let Some(audit) = AuditFacts::get(req.extensions()) {
+                    audit.set_path(&normalized.path);
+                }
                 req.extensions_mut().insert(Arc::new(normalized));
                 Box::pin(self.inner.call(req))
             }
@@ -92,6 +96,14 @@ where
                     .metrics
                     .rejected_request(self.layer.direction, error.reason());
                 tracing::debug!(%error, uri = %req.uri(), "request target refused");
+                if let Some(audit) = AuditFacts::get(req.extensions()) {
+                    audit.set_decision(
+                        "deny",
+                        "",
+                        "",
+                        &[format!("ambiguous or malformed request target: {error}")],
+                    );
+                }
                 let response = json_response(
                     StatusCode::BAD_REQUEST,
                     serde_json::json!({"error": "ambiguous or malformed request target", "reason": error.reason(), "detail": error.to_string()}),
@@ -180,6 +192,14 @@ where
             if let Some(trace) = TraceFacts::get(req.extensions()) {
                 trace.set_decision("no_policy", &id, "", None);
             }
+            if let Some(audit) = AuditFacts::get(req.extensions()) {
+                audit.set_decision(
+                    "no_policy",
+                    &id,
+                    "",
+                    &["no policy revision is loaded yet".to_owned()],
+                );
+            }
             let response = json_response(
                 StatusCode::SERVICE_UNAVAILABLE,
                 serde_json::json!({"decision_id": id, "allow": false, "reasons": ["no policy revision is loaded yet"]}),
@@ -187,6 +207,9 @@ where
             return Box::pin(async move { Ok(response) });
         };
         let Some(target) = req.extensions().get::<Arc<Normalized>>().cloned() else {
+            if let Some(audit) = AuditFacts::get(req.extensions()) {
+                audit.set_decision("error", &id, "", &["request was not normalized".to_owned()]);
+            }
             let response = json_response(
                 StatusCode::INTERNAL_SERVER_ERROR,
                 serde_json::json!({"decision_id": id, "allow": false, "reasons": ["request was not normalized"]}),
@@ -227,6 +250,15 @@ where
             }
             if let Some(execution) = execution.as_deref() {
                 trace.set_execution_id(execution);
+            }
+        }
+        if let Some(audit) = AuditFacts::get(req.extensions()) {
+            audit.set_decision(result, &id, loaded.policy.revision(), &decision.reasons);
+            if let Some(clause) = clause.as_deref() {
+                audit.set_clause(clause);
+            }
+            if let Some(execution) = execution.as_deref() {
+                audit.set_execution_id(execution);
             }
         }
         if let (Some(shadow), Some(input)) = (&loaded.shadow, shadow_input) {

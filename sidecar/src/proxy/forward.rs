@@ -7,10 +7,11 @@ use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
+use bytes::Bytes;
 use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{Request, Response, StatusCode, Uri, Version};
+use http_body::Body;
 use http_body_util::BodyExt;
-use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::Connect;
 
@@ -30,8 +31,8 @@ pub enum VersionPolicy {
 /// Forwards to one target (`scheme://authority`).
 #[derive(Clone, Debug)]
 pub struct Forward<C> {
-    http1: Client<C, Incoming>,
-    http2: Client<C, Incoming>,
+    http1: Client<C, ProxyBody>,
+    http2: Client<C, ProxyBody>,
     scheme: Scheme,
     authority: Authority,
     versions: VersionPolicy,
@@ -43,8 +44,8 @@ where
 {
     /// `http1`/`http2` are clients restricted to one version each.
     pub fn new(
-        http1: Client<C, Incoming>,
-        http2: Client<C, Incoming>,
+        http1: Client<C, ProxyBody>,
+        http2: Client<C, ProxyBody>,
         scheme: Scheme,
         authority: Authority,
         versions: VersionPolicy,
@@ -70,9 +71,10 @@ where
     }
 }
 
-impl<C> tower::Service<Request<Incoming>> for Forward<C>
+impl<C, B> tower::Service<Request<B>> for Forward<C>
 where
     C: Connect + Clone + Send + Sync + 'static,
+    B: Body<Data = Bytes, Error = hyper::Error> + Send + Sync + 'static,
 {
     type Response = Response<ProxyBody>;
     type Error = Infallible;
@@ -82,7 +84,9 @@ where
         Poll::Ready(Ok(()))
     }
 
-    fn call(&mut self, mut req: Request<Incoming>) -> Self::Future {
+    fn call(&mut self, req: Request<B>) -> Self::Future {
+        // One body type for both clients, whatever the layers above wrapped it in.
+        let mut req = req.map(BodyExt::boxed);
         let use_h2 = match self.versions {
             VersionPolicy::Preserve => req.version() == Version::HTTP_2,
             VersionPolicy::Http1 => false,

@@ -13,6 +13,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 use tower::ServiceBuilder;
 
+use super::audit::{Audit, AuditLayer};
 use super::authorize::{NormalizeLayer, Parties, PolicyLayer};
 use super::forward::{Forward, VersionPolicy};
 use super::layers::{CallerIdentityLayer, Peer, RecordLayer};
@@ -37,6 +38,7 @@ pub struct Inbound {
     handshake_timeout: Duration,
     max_connections: usize,
     telemetry: Option<Telemetry>,
+    audit: Option<Arc<Audit>>,
 }
 
 impl Inbound {
@@ -91,12 +93,19 @@ impl Inbound {
             handshake_timeout: config.tls.handshake_timeout,
             max_connections: config.limits.max_connections,
             telemetry: None,
+            audit: None,
         })
     }
 
     /// Traces every request (a span each, `traceparent` carried on) when `telemetry` is on.
     pub fn with_telemetry(mut self, telemetry: Option<&Telemetry>) -> Self {
         self.telemetry = telemetry.cloned();
+        self
+    }
+
+    /// Makes an execution record of every request when `audit` is on.
+    pub fn with_audit(mut self, audit: Option<&Arc<Audit>>) -> Self {
+        self.audit = audit.cloned();
         self
     }
 
@@ -162,6 +171,11 @@ impl Inbound {
                 self.telemetry
                     .as_ref()
                     .map(|t| TraceLayer::inbound(t, DIRECTION, peer.spiffe_id.clone())),
+            )
+            .option_layer(
+                self.audit
+                    .clone()
+                    .map(|audit| AuditLayer::new(audit, parties.clone())),
             )
             .layer(CallerIdentityLayer::new(self.store.clone(), Some(peer)))
             .layer(NormalizeLayer::new(

@@ -2,6 +2,7 @@
 //! `outbound` (plain HTTP from the local app to an upstream over mTLS). Both are a stack
 //! of tower layers over [`forward::Forward`], composed in one function each.
 
+pub mod audit;
 pub mod authorize;
 pub mod forward;
 pub mod headers;

@@ -14,6 +14,7 @@ use nexus_identity::{AllowList, IdentityStore};
 use tokio::net::{TcpListener, TcpStream};
 use tower::ServiceBuilder;
 
+use super::audit::{Audit, AuditLayer};
 use super::authorize::{NormalizeLayer, Parties, PolicyLayer};
 use super::forward::{Forward, VersionPolicy};
 use super::layers::{CallerIdentityLayer, RecordLayer};
@@ -37,6 +38,7 @@ pub struct Outbound {
     server: auto::Builder<TokioExecutor>,
     max_connections: usize,
     trace: Option<TraceLayer>,
+    audit: Option<Arc<Audit>>,
 }
 
 impl Outbound {
@@ -93,6 +95,7 @@ impl Outbound {
             server: http_server(&config.limits),
             max_connections: config.limits.max_connections,
             trace: None,
+            audit: None,
         })
     }
 
@@ -103,6 +106,12 @@ impl Outbound {
             .map(|(t, upstream)| {
                 TraceLayer::outbound(t, DIRECTION, &upstream, self.expected_id.clone())
             });
+        self
+    }
+
+    /// Makes an execution record of every request when `audit` is on.
+    pub fn with_audit(mut self, audit: Option<&Arc<Audit>>) -> Self {
+        self.audit = audit.cloned();
         self
     }
 
@@ -130,6 +139,11 @@ impl Outbound {
         let service = ServiceBuilder::new()
             .layer(RecordLayer::new(self.metrics.clone(), DIRECTION))
             .option_layer(self.trace.clone())
+            .option_layer(
+                self.audit
+                    .clone()
+                    .map(|audit| AuditLayer::new(audit, parties.clone())),
+            )
             .layer(CallerIdentityLayer::new(self.store.clone(), None))
             .layer(NormalizeLayer::new(
                 NormalizeLimits::default(),
