@@ -473,9 +473,18 @@ main() {
   add_target direct "http://$DATA_API"
   add_target nginx "$NGINX_URL"
   add_target nexus "$SIDECAR_URL"
-  # More rows go here, e.g.:
-  #   start_sidecar nexus-policy "$WA_SOCKET" "$POLICY_TOML"
-  #   add_target nexus-policy "$SIDECAR_URL"
+  # The same sidecar with the reference policy evaluated on every request (one open
+  # execution for the plugin on the requested clause), to show what policy adds.
+  cp -r "$ROOT/policies" "$WORK/policies"
+  local not_after
+  not_after=$(date -u -d '+1 day' +%Y-%m-%dT%H:%M:%SZ)
+  printf '{"executions": {"ex-bench": {"plugin": "spiffe://nexus.local/ns/plugins/sa/flood-model", "clause": "c-flood-17", "not_after": "%s"}}, "revoked": {}}\n' \
+    "$not_after" >"$WORK/runtime-data.json"
+  start_sidecar nexus-policy "$WA_SOCKET" "
+[policy]
+dir = \"$WORK/policies\"
+state_file = \"$WORK/runtime-data.json\""
+  add_target nexus-policy "$SIDECAR_URL"
   run_targets
 
   run_rotation nexus-rotation

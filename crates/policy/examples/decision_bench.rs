@@ -169,9 +169,9 @@ fn main() {
     );
     println!();
     println!(
-        "| engine | compile ms | p50 µs | p99 µs | decisions/s (1 thread) | decisions/s ({threads} threads) |"
+        "| engine | compile ms | p50 µs | p99 µs | p50 allowed µs | p50 denied µs | decisions/s (1 thread) | decisions/s ({threads} threads) |"
     );
-    println!("|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|");
     let only = std::env::var("BENCH_MODE").ok();
     for (name, mode) in [
         ("regorus RVM (compiled, default)", EvalMode::Compiled),
