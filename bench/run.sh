@@ -485,7 +485,18 @@ main() {
 dir = \"$WORK/policies\"
 state_file = \"$WORK/runtime-data.json\""
   add_target nexus-policy "$SIDECAR_URL"
+  # ... and with an execution record per request too (file sink, hash chain).
+  start_sidecar nexus-policy-audit "$WA_SOCKET" "
+[policy]
+dir = \"$WORK/policies\"
+state_file = \"$WORK/runtime-data.json\"
+
+[audit]
+sink = { file = { path = \"$WORK/records.jsonl\", max_bytes = 1073741824 } }"
+  add_target nexus-policy-audit "$SIDECAR_URL"
   run_targets
+  # Every request the audited sidecar served must be in its chain.
+  log "audit: $("$NEXUSCTL" audit verify "$WORK/records.jsonl" 2>&1 | head -3 | tr '\n' ' ')"
 
   run_rotation nexus-rotation
 

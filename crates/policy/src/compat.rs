@@ -751,11 +751,30 @@ fn check_recursion(asts: &[Ast], out: &mut Vec<Finding>) {
             let Some((name, span)) = rule_name(rule) else {
                 continue;
             };
+            // A function's parameters are local variables, even when one has the name
+            // of a rule of the package (`f(x) := ...` beside a rule `x`).
+            let mut params = BTreeSet::new();
+            if let Rule::Spec {
+                head: RuleHead::Func { args, .. },
+                ..
+            } = rule.as_ref()
+            {
+                for arg in args {
+                    walk(arg, &mut |e: &Expr| {
+                        if let Expr::Var { value, .. } = e
+                            && let Ok(v) = value.as_string()
+                        {
+                            params.insert(v.to_string());
+                        }
+                    });
+                }
+            }
             let mut deps = BTreeSet::new();
             let mut visit = |e: &Expr| {
                 if let Expr::Var { value, .. } = e
                     && let Ok(v) = value.as_string()
                     && local.contains(v.as_ref())
+                    && !params.contains(v.as_ref())
                 {
                     deps.insert(format!("{package}.{v}"));
                 }
