@@ -2,6 +2,8 @@
 //! sidecar has verified: the peer's SPIFFE ID from the handshake, the normalized path
 //! (exactly what will be forwarded), the clause, and the execution the request is under.
 
+use std::collections::BTreeMap;
+
 use http::HeaderMap;
 use nexus_policy::Value;
 use time::OffsetDateTime;
@@ -53,11 +55,32 @@ pub fn rfc3339_millis(t: OffsetDateTime) -> String {
     )
 }
 
-fn execution_json(ex: &Execution) -> serde_json::Value {
-    serde_json::json!({"id": ex.id, "plugin": ex.plugin, "clause": ex.clause, "not_after": ex.not_after})
+/// An object from `(key, value)` pairs.
+fn object<const N: usize>(pairs: [(&str, Value); N]) -> Value {
+    Value::from(
+        pairs
+            .into_iter()
+            .map(|(k, v)| (Value::from(k), v))
+            .collect::<BTreeMap<Value, Value>>(),
+    )
+}
+
+fn optional(s: Option<&str>) -> Value {
+    s.map_or(Value::Null, Value::from)
+}
+
+fn execution_value(ex: &Execution) -> Value {
+    object([
+        ("id", Value::from(ex.id.as_str())),
+        ("plugin", Value::from(ex.plugin.as_str())),
+        ("clause", Value::from(ex.clause.as_str())),
+        ("not_after", Value::from(ex.not_after.as_str())),
+    ])
 }
 
 /// Builds the input document; also returns the clause and execution id for records.
+/// The document is built as a regorus `Value` directly: it is made once per request,
+/// and going through `serde_json` would allocate it twice.
 pub fn build(
     facts: &RequestFacts<'_>,
     config: &PolicyConfig,
@@ -71,40 +94,63 @@ pub fn build(
         .get(EXECUTION_HEADER)
         .and_then(|v| v.to_str().ok());
     let execution = loaded.execution_for(named, facts.source, clause, now.unix_timestamp_nanos());
-    let execution_value = match (execution, named) {
-        (Some(ex), _) => execution_json(ex),
+    let execution_doc = match (execution, named) {
+        (Some(ex), _) => execution_value(ex),
         // Named but unknown: the policy sees the id it cannot find.
-        (None, Some(id)) => serde_json::json!({"id": id}),
-        (None, None) => serde_json::Value::Null,
+        (None, Some(id)) => object([("id", Value::from(id))]),
+        (None, None) => Value::Null,
     };
-    let mut headers = serde_json::Map::new();
+    let mut headers = BTreeMap::new();
     for name in &config.input_headers {
         if let Some(value) = facts
             .headers
             .get(name.as_str())
             .and_then(|v| v.to_str().ok())
         {
-            headers.insert(name.clone(), serde_json::Value::from(value));
+            headers.insert(Value::from(name.as_str()), Value::from(value));
         }
     }
-    let input = serde_json::json!({
-        "direction": facts.direction,
-        "source": {"spiffe_id": facts.source},
-        "destination": {"spiffe_id": facts.destination},
-        "request": {
-            "method": facts.method,
-            "path": facts.target.path,
-            "segments": segments,
-            "query": facts.target.query,
-            "headers": headers,
-            "body_size": facts.body_size,
-        },
-        "clause": clause,
-        "execution": execution_value,
-        "time": rfc3339_millis(now),
-    });
+    let query: BTreeMap<Value, Value> = facts
+        .target
+        .query
+        .iter()
+        .map(|(k, values)| {
+            let values: Vec<Value> = values.iter().map(|v| Value::from(v.as_str())).collect();
+            (Value::from(k.as_str()), Value::from(values))
+        })
+        .collect();
+    let input = object([
+        ("direction", Value::from(facts.direction)),
+        ("source", object([("spiffe_id", Value::from(facts.source))])),
+        (
+            "destination",
+            object([("spiffe_id", Value::from(facts.destination))]),
+        ),
+        (
+            "request",
+            object([
+                ("method", Value::from(facts.method)),
+                ("path", Value::from(facts.target.path.as_str())),
+                (
+                    "segments",
+                    Value::from(
+                        segments
+                            .iter()
+                            .map(|s| Value::from(s.as_str()))
+                            .collect::<Vec<_>>(),
+                    ),
+                ),
+                ("query", Value::from(query)),
+                ("headers", Value::from(headers)),
+                ("body_size", Value::from(facts.body_size)),
+            ]),
+        ),
+        ("clause", optional(clause)),
+        ("execution", execution_doc),
+        ("time", Value::from(rfc3339_millis(now))),
+    ]);
     let execution_id = execution.map(|e| e.id.clone()).or(named.map(String::from));
-    (Value::from(input), clause.map(String::from), execution_id)
+    (input, clause.map(String::from), execution_id)
 }
 
 #[cfg(test)]
@@ -123,5 +169,73 @@ mod tests {
     fn time_format() {
         let t = OffsetDateTime::from_unix_timestamp_nanos(1_795_683_921_123_456_789).unwrap();
         assert_eq!(rfc3339_millis(t), "2026-11-26T09:05:21.123Z");
+    }
+
+    #[test]
+    fn the_document_is_the_one_of_design_md() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("p.rego"),
+            "package nexus.authz\n\ndecision := {\"allow\": true, \"reasons\": []}\n",
+        )
+        .unwrap();
+        let state = dir.path().join(".state.json");
+        std::fs::write(
+            &state,
+            r#"{"executions": {"ex-1": {"plugin": "spiffe://td/p", "clause": "c-1", "not_after": "2026-11-26T10:00:00Z"}}}"#,
+        )
+        .unwrap();
+        let config: PolicyConfig = toml::from_str(&format!(
+            "dir = {:?}\nstate_file = {:?}\n",
+            dir.path().to_string_lossy(),
+            state.to_string_lossy()
+        ))
+        .unwrap();
+        let runtime =
+            crate::policy::PolicyRuntime::new(config.clone(), crate::metrics::Metrics::new());
+        let loaded = runtime.build().unwrap();
+        let mut headers = HeaderMap::new();
+        headers.insert("content-type", "application/json".parse().unwrap());
+        headers.insert("x-secret", "not copied".parse().unwrap());
+        let uri: http::Uri = "/clauses/c-1/rain?from=2026&from=2027&x".parse().unwrap();
+        let mut h1 = HeaderMap::new();
+        h1.insert("host", "data".parse().unwrap());
+        let target = crate::proxy::normalize::normalize(
+            &uri,
+            &h1,
+            http::Version::HTTP_11,
+            &crate::proxy::normalize::NormalizeLimits::default(),
+        )
+        .unwrap();
+        let facts = RequestFacts {
+            direction: "inbound",
+            source: "spiffe://td/p",
+            destination: "spiffe://td/d",
+            method: "GET",
+            target: &target,
+            headers: &headers,
+            body_size: 0,
+        };
+        let now = OffsetDateTime::from_unix_timestamp(1_795_683_921).unwrap();
+        let (input, clause, execution) = build(&facts, &config, &loaded, now);
+        let expected = serde_json::json!({
+            "direction": "inbound",
+            "source": {"spiffe_id": "spiffe://td/p"},
+            "destination": {"spiffe_id": "spiffe://td/d"},
+            "request": {
+                "method": "GET",
+                "path": "/clauses/c-1/rain",
+                "segments": ["clauses", "c-1", "rain"],
+                "query": {"from": ["2026", "2027"], "x": [""]},
+                "headers": {"content-type": "application/json"},
+                "body_size": 0,
+            },
+            "clause": "c-1",
+            "execution": {"id": "ex-1", "plugin": "spiffe://td/p", "clause": "c-1", "not_after": "2026-11-26T10:00:00Z"},
+            "time": "2026-11-26T09:05:21.000Z",
+        });
+        assert_eq!(input, Value::from(expected));
+        assert_eq!(clause.as_deref(), Some("c-1"));
+        assert_eq!(execution.as_deref(), Some("ex-1"));
     }
 }
