@@ -9,7 +9,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .build_server(true)
         .compile_with_config(
             config,
-            &[std::path::Path::new("proto/workload.proto")],
+            &[
+                std::path::Path::new("proto/workload.proto"),
+                std::path::Path::new("proto/nexus/control/v1/control.proto"),
+            ],
             &[std::path::Path::new("proto"), well_known.as_path()],
         )?;
     println!("cargo:rerun-if-changed=proto");

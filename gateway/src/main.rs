@@ -1,1 +1,59 @@
-fn main() {}
+//! `nexus-gateway --config FILE`: thin; the wiring is in the library (`app`).
+#![forbid(unsafe_code)]
+
+use std::path::PathBuf;
+
+use clap::Parser;
+
+#[derive(Parser)]
+#[command(name = "nexus-gateway", version, about = "The Nexus control plane")]
+struct Args {
+    /// The TOML configuration file.
+    #[arg(long, env = "NEXUS_GATEWAY_CONFIG")]
+    config: PathBuf,
+}
+
+fn main() -> std::process::ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("NEXUS_LOG").unwrap_or_else(|_| {
+                tracing_subscriber::EnvFilter::new(
+                    "info,h2=warn,hyper=warn,tonic=warn,tower=warn,sqlx=warn",
+                )
+            }),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    if rustls::crypto::ring::default_provider()
+        .install_default()
+        .is_err()
+    {
+        eprintln!("nexus-gateway: a rustls crypto provider was already installed");
+    }
+    let args = Args::parse();
+    let config = match nexus_gateway::config::Config::load(&args.config) {
+        Ok(config) => config,
+        Err(error) => {
+            eprintln!("nexus-gateway: {error}");
+            return std::process::ExitCode::from(64);
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(error) => {
+            eprintln!("nexus-gateway: cannot start the runtime: {error}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(nexus_gateway::app::run(config)) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("nexus-gateway: {error:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

@@ -5,7 +5,9 @@
 mod audit_cmd;
 mod demo;
 mod dev_identity;
+mod gateway_cmd;
 mod http;
+mod inject_cmd;
 mod policy_cmd;
 mod sandbox_cmd;
 mod up;
@@ -41,6 +43,53 @@ enum Command {
     /// Plugin sandbox profiles: export the seccomp filter for the kubelet.
     #[command(subcommand)]
     Sandbox(sandbox_cmd::SandboxCommand),
+    /// Add the Nexus sidecar to Kubernetes manifests offline (as the admission webhook does).
+    Inject(inject_cmd::InjectArgs),
+    /// Revoke a workload (a SPIFFE ID or spiffe://td/path/* pattern) at the gateway:
+    /// every sidecar refuses it within milliseconds.
+    Revoke {
+        /// The SPIFFE ID or pattern.
+        subject: String,
+        /// Why (stored with who revoked).
+        #[arg(long, default_value = "")]
+        reason: String,
+        /// Lift it automatically after this long (e.g. 1h); default: until reinstated.
+        #[arg(long, value_parser = humantime::parse_duration)]
+        ttl: Option<std::time::Duration>,
+        #[command(flatten)]
+        target: gateway_cmd::Target,
+    },
+    /// Lift a revocation.
+    Reinstate {
+        /// The SPIFFE ID or pattern, as revoked.
+        subject: String,
+        #[command(flatten)]
+        target: gateway_cmd::Target,
+    },
+    /// The gateway's view: connected sidecars and the revision each acknowledged,
+    /// revoked workloads, and how long the last revocation took to reach all.
+    Status {
+        #[command(flatten)]
+        target: gateway_cmd::Target,
+    },
+    /// Execution events: open, close, list.
+    Exec {
+        #[command(subcommand)]
+        command: gateway_cmd::ExecCommand,
+        #[command(flatten)]
+        target: gateway_cmd::Target,
+    },
+    /// Anomaly signals the gateway received, with the revocation policy's decisions.
+    Signals {
+        /// Only signals about this workload.
+        #[arg(long)]
+        workload: Option<String>,
+        /// How far back (e.g. 10m).
+        #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
+        since: std::time::Duration,
+        #[command(flatten)]
+        target: gateway_cmd::Target,
+    },
 }
 
 #[derive(Subcommand)]
@@ -57,7 +106,9 @@ fn main() -> std::process::ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("NEXUS_LOG").unwrap_or_else(|_| {
-                tracing_subscriber::EnvFilter::new("info,h2=warn,hyper=warn,tonic=warn,tower=warn")
+                tracing_subscriber::EnvFilter::new(
+                    "info,h2=warn,hyper=warn,tonic=warn,tower=warn,nexus_identity::store=warn",
+                )
             }),
         )
         .with_writer(std::io::stderr)
@@ -74,6 +125,23 @@ fn main() -> std::process::ExitCode {
         Command::Audit(command) => audit_cmd::run(command),
         Command::Policy(command) => policy_cmd::run(command),
         Command::Sandbox(command) => sandbox_cmd::run(command),
+        Command::Inject(args) => inject_cmd::run(args),
+        Command::Revoke {
+            subject,
+            reason,
+            ttl,
+            target,
+        } => runtime().block_on(gateway_cmd::revoke(target, subject, reason, ttl)),
+        Command::Reinstate { subject, target } => {
+            runtime().block_on(gateway_cmd::reinstate(target, subject))
+        }
+        Command::Status { target } => runtime().block_on(gateway_cmd::status(target)),
+        Command::Exec { command, target } => runtime().block_on(gateway_cmd::exec(target, command)),
+        Command::Signals {
+            workload,
+            since,
+            target,
+        } => runtime().block_on(gateway_cmd::signals(target, workload, since)),
         Command::Up(args) => runtime().block_on(up::run(args)),
         Command::Dev(DevCommand::WorkloadApi(args)) => {
             runtime().block_on(dev_identity::run_workload_api(args))

@@ -33,10 +33,29 @@ const POLICY_FILES: &[(&str, &str)] = &[
     ),
 ];
 
-/// The execution the demo opens, so the first call succeeds.
-pub const DEMO_EXECUTION: &str = "ex-demo-1";
+/// The gateway's workload.
+pub const GATEWAY_ID: &str = "spiffe://nexus.local/ns/nexus/sa/gateway";
+/// The local operator (allowed to revoke, open executions).
+pub const OPERATOR_ID: &str = "spiffe://nexus.local/ns/nexus/sa/operator";
 
-/// Writes the policies and the runtime data (one open execution) for the demo.
+/// The reference revocation policy the gateway judges anomaly signals with.
+const REVOCATION_FILES: &[(&str, &str)] = &[
+    (
+        "revocation.rego",
+        include_str!("../../policies/revocation/revocation.rego"),
+    ),
+    (
+        "revocation_test.rego",
+        include_str!("../../policies/revocation/revocation_test.rego"),
+    ),
+    (
+        "data.yaml",
+        include_str!("../../policies/revocation/data.yaml"),
+    ),
+];
+
+/// Writes the policies for the demo: the sidecars' folder and the gateway's
+/// revocation policy folder.
 fn write_policy(dir: &Path) -> anyhow::Result<(PathBuf, PathBuf)> {
     let policies = dir.join("policies");
     for (rel, text) in POLICY_FILES {
@@ -46,22 +65,22 @@ fn write_policy(dir: &Path) -> anyhow::Result<(PathBuf, PathBuf)> {
         }
         std::fs::write(path, text)?;
     }
-    let not_after = time::OffsetDateTime::now_utc() + time::Duration::hours(8);
-    let not_after = not_after.format(&time::format_description::well_known::Rfc3339)?;
-    let runtime = serde_json::json!({
-        "executions": {DEMO_EXECUTION: {"plugin": PLUGIN_ID, "clause": "c-flood-17", "not_after": not_after}},
-        "revoked": {},
-    });
-    let state = dir.join("runtime-data.json");
-    std::fs::write(&state, serde_json::to_vec_pretty(&runtime)?)?;
-    Ok((policies, state))
+    let revocation = dir.join("revocation-policy");
+    std::fs::create_dir_all(&revocation)?;
+    for (rel, text) in REVOCATION_FILES {
+        std::fs::write(revocation.join(rel), text)?;
+    }
+    Ok((policies, revocation))
 }
 
-fn policy_section(policies: &Path, state: &Path) -> String {
+fn policy_section(policies: &Path) -> String {
+    format!("[policy]\ndir = {:?}\n", policies.to_string_lossy())
+}
+
+/// The `[gateway]` table of a sidecar: the control stream, its snapshot kept on disk.
+fn gateway_section(address: &str, snapshot: &Path) -> String {
     format!(
-        "[policy]\ndir = {:?}\nstate_file = {:?}\n",
-        policies.to_string_lossy(),
-        state.to_string_lossy()
+        "[gateway]\naddress = {address:?}\nidentity = {GATEWAY_ID:?}\nsnapshot_file = {snapshot:?}\n"
     )
 }
 
@@ -78,6 +97,9 @@ pub struct UpArgs {
     /// The nexus-sidecar binary. Default: next to nexusctl, else on PATH.
     #[arg(long, env = "NEXUS_SIDECAR_BIN")]
     pub sidecar_bin: Option<PathBuf>,
+    /// The nexus-gateway binary. Default: next to nexusctl, else on PATH.
+    #[arg(long, env = "NEXUS_GATEWAY_BIN")]
+    pub gateway_bin: Option<PathBuf>,
     /// How long to wait for everything to become ready.
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
     pub ready_timeout: Duration,
@@ -104,8 +126,18 @@ pub struct State {
     pub pids: BTreeMap<String, u32>,
     /// The policy folder both sidecars load (edit it: they reload within a second).
     pub policy_dir: PathBuf,
-    /// Runtime data (open executions, revocations) both sidecars load.
-    pub runtime_data: PathBuf,
+    /// The gateway's gRPC address (control streams, admin API).
+    pub gateway_address: String,
+    /// The gateway's SPIFFE ID.
+    pub gateway_id: String,
+    /// The local operator's dev SVID (nexusctl revoke/status/exec use it).
+    pub operator_cert: PathBuf,
+    /// Its key.
+    pub operator_key: PathBuf,
+    /// The execution the demo opened for the plugin on clause c-flood-17.
+    pub demo_execution: String,
+    /// The gateway's revocation policy folder.
+    pub revocation_policy_dir: PathBuf,
     /// The sidecars' execution-record files by component (hash-chained JSON lines;
     /// check them with `nexusctl audit verify FILE`).
     pub record_files: BTreeMap<String, PathBuf>,
@@ -229,22 +261,27 @@ fn addr(value: &serde_json::Value, pointer: &str) -> anyhow::Result<String> {
         .ok_or_else(|| anyhow::anyhow!("address {pointer} missing in {value}"))
 }
 
-fn sidecar_bin(args: &UpArgs) -> anyhow::Result<PathBuf> {
-    if let Some(bin) = &args.sidecar_bin {
+fn bin(flag: &Option<PathBuf>, name: &str) -> anyhow::Result<PathBuf> {
+    if let Some(bin) = flag {
         return Ok(bin.clone());
     }
-    let beside = std::env::current_exe()?.with_file_name("nexus-sidecar");
+    let beside = std::env::current_exe()?.with_file_name(name);
     if beside.exists() {
         return Ok(beside);
     }
-    Ok(PathBuf::from("nexus-sidecar"))
+    Ok(PathBuf::from(name))
 }
 
 /// Runs the stack until Ctrl-C or SIGTERM.
 pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     let dir = args.dir.clone().unwrap_or_else(default_dir);
     std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    for stale in ["data-api.json", "data-sidecar.json", "plugin-sidecar.json"] {
+    for stale in [
+        "data-api.json",
+        "data-sidecar.json",
+        "plugin-sidecar.json",
+        "gateway.json",
+    ] {
         let _ = std::fs::remove_file(dir.join(stale));
     }
     let state_file = args
@@ -252,7 +289,8 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         .clone()
         .unwrap_or_else(|| dir.join("state.json"));
     let me = std::env::current_exe()?;
-    let sidecar = sidecar_bin(&args)?;
+    let sidecar = bin(&args.sidecar_bin, "nexus-sidecar")?;
+    let gateway_bin = bin(&args.gateway_bin, "nexus-gateway")?;
 
     // Development PKI: the CA that the dev Workload APIs mint from, and a client SVID
     // of the demo plugin so curl can call the data API's sidecar directly.
@@ -265,8 +303,21 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     std::fs::write(&client_cert, &client.cert_pem)?;
     write_private(&client_key, client.key_pem.as_bytes())?;
 
-    let (policies, runtime_data) = write_policy(&dir)?;
-    let policy = policy_section(&policies, &runtime_data);
+    // The gateway and the local operator get dev SVIDs from files.
+    let mut minted = BTreeMap::new();
+    for (name, id) in [("gateway", GATEWAY_ID), ("operator", OPERATOR_ID)] {
+        let svid = ca.mint_svid(id, Duration::from_secs(24 * 3600))?;
+        let cert = dir.join(format!("{name}-svid.pem"));
+        let key = dir.join(format!("{name}-svid.key"));
+        std::fs::write(&cert, &svid.cert_pem)?;
+        write_private(&key, svid.key_pem.as_bytes())?;
+        minted.insert(name, (cert, key));
+    }
+    let (gateway_cert, gateway_key) = minted.remove("gateway").unwrap_or_default();
+    let (operator_cert, operator_key) = minted.remove("operator").unwrap_or_default();
+
+    let (policies, revocation_policy) = write_policy(&dir)?;
+    let policy = policy_section(&policies);
 
     let deadline = Instant::now() + args.ready_timeout;
     let mut stack = Stack {
@@ -307,6 +358,32 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         let data_api = wait_for_file(&dir.join("data-api.json"), &mut stack, deadline).await?;
         let data_api_addr = addr(&data_api, "/http")?;
 
+        // The gateway (SQLite in the working folder: state survives restarts of `up`).
+        let gateway_config = dir.join("gateway.toml");
+        std::fs::write(
+            &gateway_config,
+            format!(
+                "# nexusctl up: the gateway (development identity from files)\n\
+                 name = \"local\"\nlisten = \"127.0.0.1:0\"\noperators = [{op:?}]\n\n\
+                 [identity]\nsource = \"files\"\nfiles = {{ cert = {cert:?}, key = {key:?}, bundle = {ca:?} }}\n\n\
+                 [admin]\nlisten = \"127.0.0.1:0\"\naddress_file = {addrs:?}\n\n\
+                 [database]\nurl = {db:?}\n\n\
+                 [revocation_policy]\ndir = {rev:?}\n",
+                op = OPERATOR_ID,
+                cert = gateway_cert,
+                key = gateway_key,
+                ca = ca_bundle,
+                addrs = dir.join("gateway.json"),
+                db = format!("sqlite://{}", dir.join("gateway.db").display()),
+                rev = revocation_policy,
+            ),
+        )?;
+        let pid = stack.spawn("gateway", Command::new(&gateway_bin).arg("--config").arg(&gateway_config), &dir)?;
+        pids.insert("gateway".to_string(), pid);
+        let gateway = wait_for_file(&dir.join("gateway.json"), &mut stack, deadline).await?;
+        let gateway_address = addr(&gateway, "/grpc")?;
+        let gateway_admin = format!("http://{}", addr(&gateway, "/admin")?);
+
         let data_records = dir.join("data-sidecar-records.jsonl");
         let plugin_records = dir.join("plugin-sidecar-records.jsonl");
         let data_config = dir.join("data-sidecar.toml");
@@ -316,7 +393,8 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
                 "# nexusctl up: the sidecar in front of the demo data API\n\
                  [identity]\nworkload_api_socket = {sock:?}\n\n\
                  [admin]\nlisten = \"127.0.0.1:0\"\naddress_file = {addrs:?}\n\n\
-                 [inbound]\nlisten = \"127.0.0.1:0\"\napp = {app:?}\nallowed_ids = [\"spiffe://nexus.local/ns/plugins/*\"]\n\n{policy}\n{audit}",
+                 [inbound]\nlisten = \"127.0.0.1:0\"\napp = {app:?}\nallowed_ids = [\"spiffe://nexus.local/ns/plugins/*\"]\n\n{policy}\n{audit}\n{gateway}",
+                gateway = gateway_section(&gateway_address, &dir.join("data-sidecar-snapshot.json")),
                 sock = format!("unix://{}", data_sock.display()),
                 audit = audit_section(&data_records),
                 addrs = dir.join("data-sidecar.json"),
@@ -337,7 +415,8 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
                 "# nexusctl up: the demo plugin's sidecar\n\
                  [identity]\nworkload_api_socket = {sock:?}\n\n\
                  [admin]\nlisten = \"127.0.0.1:0\"\naddress_file = {addrs:?}\n\n\
-                 [[outbound]]\nname = \"hazard-api\"\nlisten = \"127.0.0.1:0\"\nupstream = {up:?}\nexpected_id = {id:?}\n\n{policy}\n{audit}",
+                 [[outbound]]\nname = \"hazard-api\"\nlisten = \"127.0.0.1:0\"\nupstream = {up:?}\nexpected_id = {id:?}\n\n{policy}\n{audit}\n{gateway}",
+                gateway = gateway_section(&gateway_address, &dir.join("plugin-sidecar-snapshot.json")),
                 sock = format!("unix://{}", plugin_sock.display()),
                 audit = audit_section(&plugin_records),
                 addrs = dir.join("plugin-sidecar.json"),
@@ -354,6 +433,32 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
 
         wait_ready(&data_admin, &mut stack, deadline).await?;
         wait_ready(&plugin_admin, &mut stack, deadline).await?;
+        wait_ready(&gateway_admin, &mut stack, deadline).await?;
+
+        // Both sidecars on the control stream, then the demo's execution, acknowledged
+        // by both before the first request.
+        let target = crate::gateway_cmd::Target::local(
+            &gateway_address,
+            GATEWAY_ID,
+            &operator_cert,
+            &operator_key,
+            &ca_bundle,
+        );
+        loop {
+            let connected = crate::gateway_cmd::connected_sidecars(&target).await.unwrap_or(0);
+            if connected >= 2 {
+                break;
+            }
+            check_alive(&mut stack, deadline, "both sidecars to connect to the gateway")?;
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let demo_execution = crate::gateway_cmd::open_execution(
+            &target,
+            PLUGIN_ID,
+            "c-flood-17",
+            Duration::from_secs(8 * 3600),
+        )
+        .await?;
 
         let inbound_port = inbound.rsplit(':').next().unwrap_or_default();
         let state = State {
@@ -366,10 +471,16 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
             admin_urls: BTreeMap::from([
                 ("data-sidecar".to_string(), data_admin),
                 ("plugin-sidecar".to_string(), plugin_admin),
+                ("gateway".to_string(), gateway_admin),
             ]),
+            gateway_address: gateway_address.clone(),
+            gateway_id: GATEWAY_ID.to_string(),
+            operator_cert: operator_cert.clone(),
+            operator_key: operator_key.clone(),
+            demo_execution,
+            revocation_policy_dir: revocation_policy.clone(),
             pids: pids.clone(),
             policy_dir: policies.clone(),
-            runtime_data: runtime_data.clone(),
             record_files: BTreeMap::from([
                 ("data-sidecar".to_string(), data_records.clone()),
                 ("plugin-sidecar".to_string(), plugin_records.clone()),
@@ -439,15 +550,23 @@ fn print_welcome(state: &State, state_file: &Path) {
          curl -s --cacert {ca} --cert {cert} --key {key} {inb}/clauses/c-flood-17/rainfall\n\n\
          Without a client certificate the sidecar refuses the connection:\n  \
          curl -s --cacert {ca} {inb}/clauses/c-flood-17/rainfall\n\n\
+         Revoke the plugin at the gateway: every sidecar refuses it within milliseconds\n\
+         (403 from its own sidecar and from the data API's), until reinstated:\n  \
+         nexusctl revoke {plugin} --reason \"demo\"\n  \
+         curl -s {out}/clauses/c-flood-17/rainfall\n  \
+         nexusctl status\n  \
+         nexusctl reinstate {plugin}\n\n\
+         Executions: nexusctl exec list | nexusctl exec open --plugin {plugin} --clause c-flood-18 --ttl 10m\n\
          Policies: {policy_dir} (edit and save: reloaded within a second)\n\
-         Runtime data (executions, revocations): {runtime}\n\
+         Revocation policy (anomaly signals): {revocation}\n\
          Execution records (one hash-chained line per request), and how to check them:\n{records}\n\
          Health and metrics: {admins}\n\
          State file: {state_file}\n\
          Press Ctrl-C to stop.",
-        exec = DEMO_EXECUTION,
+        exec = state.demo_execution,
+        plugin = PLUGIN_ID,
         policy_dir = state.policy_dir.display(),
-        runtime = state.runtime_data.display(),
+        revocation = state.revocation_policy_dir.display(),
         ca = state.ca_bundle.display(),
         cert = state.client_cert.display(),
         key = state.client_key.display(),

@@ -14,6 +14,7 @@ use hyper_util::server::conn::auto;
 use nexus_identity::IdentityStore;
 use tokio::net::TcpListener;
 
+use crate::control::{Enforcement, LinkState};
 use crate::metrics::Metrics;
 use crate::policy::PolicyRuntime;
 use crate::signals::Signals;
@@ -27,6 +28,8 @@ pub struct Admin {
     pub metrics: Arc<Metrics>,
     /// Policy readiness, when policy is configured.
     pub policy: Option<Arc<PolicyRuntime>>,
+    /// The gateway link.
+    pub enforcement: Arc<Enforcement>,
 }
 
 impl Admin {
@@ -90,10 +93,30 @@ impl Admin {
                 }
             },
         };
+        let link = self.enforcement.link();
+        self.metrics.gateway_link(link.as_str());
+        let gateway = match link {
+            LinkState::Standalone => "gateway: none (standalone)".to_string(),
+            LinkState::Connected => "gateway: connected".to_string(),
+            LinkState::Disconnected => format!(
+                "gateway: disconnected since unix ms {}; enforcing the last snapshot",
+                self.enforcement.lost_since_ms()
+            ),
+            LinkState::FailClosed => {
+                return (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "text/plain",
+                    format!(
+                        "not ready: gateway: fail_closed (unreachable since unix ms {}); refusing every request\n",
+                        self.enforcement.lost_since_ms()
+                    ),
+                );
+            }
+        };
         (
             StatusCode::OK,
             "text/plain",
-            format!("ready: {}\n{policy}\n", identity.spiffe_id()),
+            format!("ready: {}\n{policy}\n{gateway}\n", identity.spiffe_id()),
         )
     }
 

@@ -10,7 +10,8 @@ use serde::Serialize;
 use tokio::net::TcpListener;
 
 use crate::admin::Admin;
-use crate::config::{Config, IdentitySource};
+use crate::config::Config;
+use crate::control::{Control, Enforcement, SignalQueue};
 use crate::metrics::Metrics;
 use crate::policy::PolicyRuntime;
 use crate::proxy::audit::Audit;
@@ -36,6 +37,10 @@ pub struct Running {
     pub addresses: Addresses,
     /// Its identity store.
     pub store: Arc<IdentityStore>,
+    /// What the gateway link enforces.
+    pub enforcement: Arc<Enforcement>,
+    /// Signals waiting for the gateway.
+    pub signals: Arc<SignalQueue>,
     /// OpenTelemetry export, when `[telemetry] otlp_endpoint` is set: flush it on exit.
     pub telemetry: Option<Telemetry>,
     /// Execution records, when `[audit]` is set: flush them on exit.
@@ -55,24 +60,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     let metrics = Metrics::new();
     let telemetry = Telemetry::init(&config.telemetry, metrics.clone())?;
 
-    match config.identity.source {
-        IdentitySource::WorkloadApi => {
-            tokio::spawn(nexus_identity::source::workload_api::run(
-                config.identity.workload_api_socket.clone(),
-                store.clone(),
-            ));
-        }
-        IdentitySource::Files => {
-            let files = config.identity.files.clone().ok_or_else(|| {
-                anyhow::anyhow!("identity.files is required with source = \"files\"")
-            })?;
-            tokio::spawn(nexus_identity::source::files::run(
-                files,
-                store.clone(),
-                config.identity.file_reload_interval,
-            ));
-        }
-    }
+    nexus_identity::source::spawn(&config.identity, store.clone()).map_err(anyhow::Error::msg)?;
     {
         let store = store.clone();
         let metrics = metrics.clone();
@@ -86,9 +74,58 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         });
     }
 
+    // The gateway link: revocations and executions pushed over the control stream,
+    // the last snapshot kept on disk and restored before the first policy load.
+    let enforcement = match &config.gateway {
+        Some(gateway) => Enforcement::new(gateway.on_gateway_loss, gateway.fail_closed_after, true),
+        None => Enforcement::standalone(),
+    };
+    metrics.gateway_link(enforcement.link().as_str());
+    let policy_runtime = config
+        .policy
+        .as_ref()
+        .map(|policy_config| PolicyRuntime::new(policy_config.clone(), metrics.clone()));
+    let signal_queue = Arc::new(SignalQueue::new(
+        config
+            .gateway
+            .as_ref()
+            .map(|g| g.signal_buffer)
+            .unwrap_or(1),
+    ));
+    let control = config.gateway.as_ref().map(|gateway| {
+        let snapshot_file = gateway
+            .snapshot_file
+            .clone()
+            .or_else(|| config.policy.as_ref().and_then(|p| p.state_file.clone()))
+            .unwrap_or_else(|| "nexus-gateway-snapshot.json".into());
+        let records = match config.audit.as_ref().map(|a| &a.sink) {
+            Some(nexus_audit::Sink::File { path, .. }) if gateway.ship_records => {
+                Some(path.clone())
+            }
+            _ => None,
+        };
+        let control = Arc::new(Control {
+            config: gateway.clone(),
+            snapshot_file,
+            store: store.clone(),
+            enforcement: enforcement.clone(),
+            policy: policy_runtime.clone(),
+            metrics: metrics.clone(),
+            signals: signal_queue.clone(),
+            records,
+        });
+        let synced = control.restore();
+        (control, synced)
+    });
+    if let Some((control, synced)) = control {
+        tokio::spawn(control.run(synced));
+    }
+
     let policy = match &config.policy {
-        Some(policy_config) => {
-            let runtime = PolicyRuntime::new(policy_config.clone(), metrics.clone());
+        Some(_) => {
+            let runtime = policy_runtime
+                .clone()
+                .ok_or_else(|| anyhow::anyhow!("policy runtime"))?;
             // The first load happens before listening, so a good policy serves from the
             // first request; a broken one leaves the sidecar not ready (denying).
             let first = runtime.clone();
@@ -126,7 +163,8 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         let proxy = Arc::new(
             Inbound::new(&config, store.clone(), metrics.clone(), policy.clone())?
                 .with_telemetry(telemetry.as_ref())
-                .with_audit(audit.as_ref()),
+                .with_audit(audit.as_ref())
+                .with_enforcement(&enforcement),
         );
         tokio::spawn(proxy.serve(listener));
     }
@@ -138,7 +176,8 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         let proxy = Arc::new(
             Outbound::new(&config, out, store.clone(), metrics.clone(), policy.clone())?
                 .with_telemetry(telemetry.as_ref(), out)
-                .with_audit(audit.as_ref()),
+                .with_audit(audit.as_ref())
+                .with_enforcement(&enforcement),
         );
         tokio::spawn(proxy.serve(listener));
     }
@@ -147,6 +186,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
             store: store.clone(),
             metrics,
             policy,
+            enforcement: enforcement.clone(),
         }
         .serve(admin_listener),
     );
@@ -160,6 +200,8 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     Ok(Running {
         addresses,
         store,
+        enforcement,
+        signals: signal_queue,
         telemetry,
         audit,
     })

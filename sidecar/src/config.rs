@@ -9,7 +9,7 @@ use std::time::Duration;
 
 pub use nexus_audit::{AuditConfig, AuditMode, Sink as AuditSink};
 use nexus_identity::AllowList;
-use nexus_identity::source::files::FileSourceConfig;
+pub use nexus_identity::source::{IdentityConfig, IdentitySource};
 use serde::Deserialize;
 
 pub use crate::telemetry::TelemetryConfig;
@@ -81,6 +81,106 @@ pub struct Config {
     /// `sink = "stdout"` or `sink = { file = { path = "...", max_bytes = N, max_files = N } }`,
     /// `mode = "best_effort" | "strict"`, `queue_capacity = N`.
     pub audit: Option<AuditConfig>,
+    /// The control stream to the gateway (revocations, executions; signals and records
+    /// back); absent: standalone, runtime data from `policy.state_file`.
+    pub gateway: Option<GatewayConfig>,
+}
+
+/// What a sidecar does while its gateway is unreachable.
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum GatewayLoss {
+    /// Enforce the last snapshot, then refuse every request once the link has been
+    /// down for `fail_closed_after` (the default).
+    #[default]
+    FailClosed,
+    /// Enforce the last snapshot for as long as it takes.
+    KeepLast,
+}
+
+/// `[gateway]`
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GatewayConfig {
+    /// The gateway's gRPC address, `host:port`. Required.
+    pub address: String,
+    /// The gateway's SPIFFE ID (or a `spiffe://td/path/*` prefix); its certificate must
+    /// match. Required.
+    pub identity: String,
+    /// Where the last snapshot is kept (JSON, the `policy.state_file` format), so a
+    /// sidecar restarted while the gateway is down still enforces revocations.
+    /// Default: `policy.state_file`.
+    #[serde(default)]
+    pub snapshot_file: Option<PathBuf>,
+    /// `fail_closed` (default) or `keep_last`.
+    #[serde(default)]
+    pub on_gateway_loss: GatewayLoss,
+    /// With `fail_closed`: how long the link may be down before every request is
+    /// refused. Default 5m.
+    #[serde(default = "default_fail_closed_after", with = "humantime_serde")]
+    pub fail_closed_after: Duration,
+    /// Heartbeat period. Default 5s.
+    #[serde(default = "default_heartbeat", with = "humantime_serde")]
+    pub heartbeat_interval: Duration,
+    /// A stream silent this long is dropped and reconnected. Default 20s.
+    #[serde(default = "default_gateway_idle", with = "humantime_serde")]
+    pub idle_timeout: Duration,
+    /// Connect (TCP + TLS) timeout. Default 5s.
+    #[serde(default = "default_connect_timeout", with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// First reconnect delay; doubles up to `backoff_max`, with full jitter. Default 100ms.
+    #[serde(default = "default_backoff_initial", with = "humantime_serde")]
+    pub backoff_initial: Duration,
+    /// Longest reconnect delay. Default 5s.
+    #[serde(default = "default_backoff_max", with = "humantime_serde")]
+    pub backoff_max: Duration,
+    /// Largest message accepted from the gateway. Default 16 MiB (a snapshot).
+    #[serde(default = "default_gateway_max_message")]
+    pub max_message_bytes: usize,
+    /// Signals held while the gateway is away; beyond it the oldest are dropped and
+    /// counted. Default 1024.
+    #[serde(default = "default_signal_buffer")]
+    pub signal_buffer: usize,
+    /// Ship execution records (from `[audit]`'s file sink) to the gateway. Default true.
+    #[serde(default = "default_true")]
+    pub ship_records: bool,
+    /// Most record lines per batch. Default 500.
+    #[serde(default = "default_record_batch")]
+    pub record_batch: usize,
+    /// How often new records are looked for. Default 1s.
+    #[serde(default = "default_ship_interval", with = "humantime_serde")]
+    pub ship_interval: Duration,
+}
+
+fn default_fail_closed_after() -> Duration {
+    Duration::from_secs(300)
+}
+fn default_heartbeat() -> Duration {
+    Duration::from_secs(5)
+}
+fn default_gateway_idle() -> Duration {
+    Duration::from_secs(20)
+}
+fn default_connect_timeout() -> Duration {
+    Duration::from_secs(5)
+}
+fn default_backoff_initial() -> Duration {
+    Duration::from_millis(100)
+}
+fn default_backoff_max() -> Duration {
+    Duration::from_secs(5)
+}
+fn default_gateway_max_message() -> usize {
+    16 * 1024 * 1024
+}
+fn default_signal_buffer() -> usize {
+    1024
+}
+fn default_record_batch() -> usize {
+    500
+}
+fn default_ship_interval() -> Duration {
+    Duration::from_secs(1)
 }
 
 /// `[policy]`
@@ -169,43 +269,6 @@ fn default_reload_interval() -> Duration {
 }
 fn default_true() -> bool {
     true
-}
-
-/// Identity source selection.
-#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
-#[serde(rename_all = "snake_case")]
-pub enum IdentitySource {
-    /// The SPIFFE Workload API (SPIRE, or `nexusctl dev workload-api`).
-    #[default]
-    WorkloadApi,
-    /// Static PEM files, re-read when they change.
-    Files,
-}
-
-/// `[identity]`
-#[derive(Clone, Debug, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct IdentityConfig {
-    /// `workload_api` (default) or `files`.
-    pub source: IdentitySource,
-    /// Workload API socket (`unix:///path` or a path). Default: `SPIFFE_ENDPOINT_SOCKET`.
-    pub workload_api_socket: Option<String>,
-    /// Paths for `source = "files"`.
-    pub files: Option<FileSourceConfig>,
-    /// How often the files are checked for changes. Default 5s.
-    #[serde(with = "humantime_serde")]
-    pub file_reload_interval: Duration,
-}
-
-impl Default for IdentityConfig {
-    fn default() -> Self {
-        Self {
-            source: IdentitySource::WorkloadApi,
-            workload_api_socket: None,
-            files: None,
-            file_reload_interval: Duration::from_secs(5),
-        }
-    }
 }
 
 /// `[tls]`
@@ -429,6 +492,35 @@ impl Config {
 
     /// Checks what serde cannot.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        if let Some(gateway) = &self.gateway {
+            AllowList::parse(&[&gateway.identity]).map_err(|e| {
+                invalid(
+                    "gateway.identity",
+                    e.to_string(),
+                    "give the gateway's SPIFFE ID, e.g. spiffe://nexus.local/ns/nexus/sa/gateway",
+                )
+            })?;
+            if gateway.address.rsplit_once(':').is_none() {
+                return Err(invalid(
+                    "gateway.address",
+                    format!("`{}` has no port", gateway.address),
+                    "use host:port, e.g. nexus-gateway.nexus:7443",
+                ));
+            }
+            if gateway.snapshot_file.is_none()
+                && self
+                    .policy
+                    .as_ref()
+                    .and_then(|p| p.state_file.as_ref())
+                    .is_none()
+            {
+                return Err(invalid(
+                    "gateway.snapshot_file",
+                    "nowhere to keep the gateway's last snapshot",
+                    "set gateway.snapshot_file (or policy.state_file)",
+                ));
+            }
+        }
         match self.identity.source {
             IdentitySource::Files if self.identity.files.is_none() => {
                 return Err(invalid(

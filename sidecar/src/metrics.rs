@@ -27,6 +27,11 @@ struct RequestLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct LinkLabels {
+    state: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ReasonLabels {
     direction: &'static str,
     reason: &'static str,
@@ -45,6 +50,12 @@ pub struct Metrics {
     evaluation: Family<DirectionLabels, Histogram>,
     reloads: Family<ResultLabels, Counter>,
     sandbox_violations: Family<ActionLabels, Counter>,
+    gateway_link: Family<LinkLabels, Gauge<i64, AtomicI64>>,
+    gateway_revision: Gauge<i64, AtomicI64>,
+    records_shipped: Counter,
+    signals_dropped: Counter,
+    revoked_refusals: Family<DirectionLabels, Counter>,
+    connections_closed_revoked: Counter,
     otel_spans_exported: Counter,
     otel_spans_dropped: Family<ReasonOnlyLabels, Counter>,
     otel_export_failures: Family<SignalLabels, Counter>,
@@ -183,6 +194,42 @@ impl Metrics {
             "Sandbox violations reported by nexus-launch, by action (kill, eperm, log)",
             sandbox_violations.clone(),
         );
+        let gateway_link = Family::<LinkLabels, Gauge<i64, AtomicI64>>::default();
+        registry.register(
+            "gateway_link",
+            "1 for the control stream's current state (standalone, connected, disconnected, fail_closed)",
+            gateway_link.clone(),
+        );
+        let gateway_revision = Gauge::default();
+        registry.register(
+            "gateway_revision",
+            "The gateway revision this sidecar applied and acknowledged",
+            gateway_revision.clone(),
+        );
+        let records_shipped = Counter::default();
+        registry.register(
+            "records_shipped",
+            "Execution records the gateway acknowledged as stored",
+            records_shipped.clone(),
+        );
+        let signals_dropped = Counter::default();
+        registry.register(
+            "signals_dropped",
+            "Anomaly signals dropped because the buffer for the gateway was full",
+            signals_dropped.clone(),
+        );
+        let revoked_refusals = Family::<DirectionLabels, Counter>::default();
+        registry.register(
+            "revocation_refusals",
+            "Requests refused because a party is revoked or the gateway is lost past fail_closed_after",
+            revoked_refusals.clone(),
+        );
+        let connections_closed_revoked = Counter::default();
+        registry.register(
+            "revoked_connections_closed",
+            "Open connections closed because their peer (or this workload) was revoked",
+            connections_closed_revoked.clone(),
+        );
         let audit_written = Counter::default();
         registry.register(
             "audit_records_written",
@@ -221,6 +268,12 @@ impl Metrics {
             audit_refused,
             audit_stats: OnceLock::new(),
             sandbox_violations,
+            gateway_link,
+            gateway_revision,
+            records_shipped,
+            signals_dropped,
+            revoked_refusals,
+            connections_closed_revoked,
             otel_spans_exported,
             otel_spans_dropped,
             otel_export_failures,
@@ -284,6 +337,43 @@ impl Metrics {
     }
 
     /// Counts a policy load attempt.
+    /// The control stream's state: sets its label to 1 and the others to 0.
+    pub fn gateway_link(&self, state: &'static str) {
+        for s in ["standalone", "connected", "disconnected", "fail_closed"] {
+            self.gateway_link
+                .get_or_create(&LinkLabels { state: s })
+                .set(i64::from(s == state));
+        }
+    }
+
+    /// The gateway revision applied.
+    pub fn gateway_revision(&self, revision: u64) {
+        self.gateway_revision
+            .set(i64::try_from(revision).unwrap_or(i64::MAX));
+    }
+
+    /// Records acknowledged by the gateway.
+    pub fn records_shipped(&self, n: u64) {
+        self.records_shipped.inc_by(n);
+    }
+
+    /// Signals dropped from the buffer.
+    pub fn signals_dropped(&self, n: u64) {
+        self.signals_dropped.inc_by(n);
+    }
+
+    /// A request refused by revocation or gateway loss.
+    pub fn revocation_refusal(&self, direction: Direction) {
+        self.revoked_refusals
+            .get_or_create(&DirectionLabels { direction })
+            .inc();
+    }
+
+    /// A connection closed because of a revocation.
+    pub fn revoked_connection_closed(&self) {
+        self.connections_closed_revoked.inc();
+    }
+
     pub fn policy_reload(&self, result: &'static str) {
         self.reloads.get_or_create(&ResultLabels { result }).inc();
     }

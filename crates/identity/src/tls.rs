@@ -216,3 +216,60 @@ impl ServerCertVerifier for SpiffeServerVerifier {
 
     handshake_signatures!();
 }
+
+/// A gRPC channel over mTLS to `address` (`host:port`): presents the store's SVID and
+/// accepts only a server whose SPIFFE ID `expected` allows (the TLS name is not used).
+/// The sidecar's control stream and nexusctl's admin calls both connect with it.
+pub async fn grpc_channel(
+    store: Arc<IdentityStore>,
+    expected: AllowList,
+    address: &str,
+    connect_timeout: std::time::Duration,
+) -> Result<tonic::transport::Channel, String> {
+    let tls = Arc::new(
+        client_config(
+            store,
+            expected,
+            TlsVersions::Tls13Only,
+            vec![b"h2".to_vec()],
+        )
+        .map_err(|e| e.to_string())?,
+    );
+    let address = address.to_string();
+    let connector = tower::service_fn(move |_uri: http::Uri| {
+        let tls = tls.clone();
+        let address = address.clone();
+        async move {
+            let tcp = tokio::net::TcpStream::connect(&address).await?;
+            let _ = tcp.set_nodelay(true);
+            let name = ServerName::try_from("nexus-gateway")
+                .map_err(|e| std::io::Error::other(e.to_string()))?;
+            let stream = tokio_rustls::TlsConnector::from(tls)
+                .connect(name, tcp)
+                .await?;
+            Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(stream))
+        }
+    });
+    let endpoint = tonic::transport::Endpoint::from_static("http://nexus-gateway")
+        .connect_timeout(connect_timeout);
+    let connect = endpoint.connect_with_connector(connector);
+    match tokio::time::timeout(connect_timeout, connect).await {
+        Ok(Ok(channel)) => Ok(channel),
+        Ok(Err(e)) => Err(error_chain(&e)),
+        Err(_) => Err(format!("timed out after {connect_timeout:?}")),
+    }
+}
+
+fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = error.to_string();
+    let mut source = error.source();
+    while let Some(e) = source {
+        let text = e.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        source = e.source();
+    }
+    out
+}

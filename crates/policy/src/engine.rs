@@ -245,6 +245,16 @@ impl Policy {
 
     /// Evaluates the decision rule for `input`.
     pub fn evaluate(&self, input: Value) -> Decision {
+        match self.evaluate_value(input) {
+            Ok(value) => decision_from(&value),
+            Err(error) => Decision::deny_because(error),
+        }
+    }
+
+    /// Evaluates the decision rule for `input` and returns its value as is (for rules
+    /// whose answer is not an allow/deny decision, such as the gateway's revocation
+    /// policy). Errors, the time limit and the instruction limit are `Err`.
+    pub fn evaluate_value(&self, input: Value) -> Result<Value, String> {
         let started = Instant::now();
         let result = match &self.program {
             Some(program) => {
@@ -276,15 +286,12 @@ impl Policy {
         // its result is refused here once it overran.
         let elapsed = started.elapsed();
         if elapsed > self.options.eval_timeout {
-            return Decision::deny_because(format!(
+            return Err(format!(
                 "policy evaluation failed: exceeded the time limit ({elapsed:?} > {:?})",
                 self.options.eval_timeout
             ));
         }
-        match result {
-            Ok(value) => decision_from(&value),
-            Err(error) => Decision::deny_because(format!("policy evaluation failed: {error}")),
-        }
+        result.map_err(|error| format!("policy evaluation failed: {error}"))
     }
 
     /// Evaluates and measures.

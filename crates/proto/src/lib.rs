@@ -8,3 +8,10 @@
 pub mod workload {
     tonic::include_proto!("_");
 }
+
+/// The Nexus control protocol (`proto/nexus/control/v1/control.proto`): the sidecar's
+/// control stream and the operators' admin API, both served by the gateway.
+#[allow(clippy::all, missing_docs)]
+pub mod control {
+    tonic::include_proto!("nexus.control.v1");
+}

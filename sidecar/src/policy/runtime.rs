@@ -39,6 +39,9 @@ pub struct Execution {
 #[derive(Clone, Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RuntimeData {
+    /// The gateway revision this data is at (0: not from a gateway).
+    #[serde(default)]
+    pub revision: u64,
     /// Open executions by id.
     #[serde(default)]
     pub executions: HashMap<String, Execution>,
@@ -108,6 +111,10 @@ pub struct PolicyRuntime {
     /// Set once the state file has been read: from then on its disappearance is an
     /// error (the last data, with its revocations, keeps serving), not "no data".
     state_seen: std::sync::atomic::AtomicBool,
+    /// Runtime data pushed by the gateway's control stream; when set, the state file is
+    /// written by the control client and not read here (no stale re-read can race a
+    /// newer push).
+    external: std::sync::Mutex<Option<RuntimeData>>,
 }
 
 impl std::fmt::Debug for PolicyRuntime {
@@ -177,6 +184,7 @@ impl PolicyRuntime {
             current: ArcSwapOption::empty(),
             metrics,
             state_seen: std::sync::atomic::AtomicBool::new(false),
+            external: std::sync::Mutex::new(None),
         })
     }
 
@@ -219,7 +227,15 @@ impl PolicyRuntime {
     }
 
     fn build_with(&self, bundle: Bundle, current: Option<&Loaded>) -> Result<Loaded, PolicyError> {
-        let mut runtime = self.read_state()?;
+        let external = self
+            .external
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let mut runtime = match external {
+            Some(data) => data,
+            None => self.read_state()?,
+        };
         let state_file = self
             .config
             .state_file
@@ -329,6 +345,31 @@ impl PolicyRuntime {
         self.publish(built)
     }
 
+    /// Takes runtime data from the gateway from now on, without applying it yet (before
+    /// the first load: the last snapshot kept on disk).
+    pub fn use_external(&self, data: RuntimeData) {
+        *self.external.lock().unwrap_or_else(|p| p.into_inner()) = Some(data);
+    }
+
+    /// Takes runtime data from the gateway from now on (see `external`) and applies it.
+    pub fn set_external(&self, data: RuntimeData) -> Result<(), PolicyError> {
+        *self.external.lock().unwrap_or_else(|p| p.into_inner()) = Some(data);
+        self.reload_data()
+    }
+
+    fn state_watched(&self) -> Option<&Path> {
+        let external = self
+            .external
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_some();
+        if external {
+            None
+        } else {
+            self.config.state_file.as_deref()
+        }
+    }
+
     /// Applies a state-file change to the current revision (a full reload if none).
     pub fn reload_data(&self) -> Result<(), PolicyError> {
         let built = match self.current() {
@@ -365,7 +406,7 @@ impl PolicyRuntime {
 
     /// The first load, before the sidecar listens; returns what the watcher starts from.
     pub fn load_initial(&self) -> Fingerprints {
-        let before = Fingerprints::take(&self.config.dir, self.config.state_file.as_deref());
+        let before = Fingerprints::take(&self.config.dir, self.state_watched());
         let _ = self.reload();
         before
     }
@@ -376,7 +417,7 @@ impl PolicyRuntime {
             tokio::time::sleep(self.config.reload_interval.max(Duration::from_millis(50))).await;
             let this = self.clone();
             let Ok(current) = tokio::task::spawn_blocking(move || {
-                Fingerprints::take(&this.config.dir, this.config.state_file.as_deref())
+                Fingerprints::take(&this.config.dir, this.state_watched())
             })
             .await
             else {

@@ -18,9 +18,11 @@ use super::authorize::{NormalizeLayer, Parties, PolicyLayer};
 use super::forward::{Forward, VersionPolicy};
 use super::layers::{CallerIdentityLayer, Peer, RecordLayer};
 use super::normalize::NormalizeLimits;
+use super::revocation::{RevocationLayer, close_when_revoked};
 use super::serve::{accept_loop, http_server, serve_http};
 use super::trace::TraceLayer;
 use crate::config::{AppProtocol, Config};
+use crate::control::Enforcement;
 use crate::metrics::Metrics;
 use crate::policy::PolicyRuntime;
 use crate::telemetry::Telemetry;
@@ -39,6 +41,7 @@ pub struct Inbound {
     max_connections: usize,
     telemetry: Option<Telemetry>,
     audit: Option<Arc<Audit>>,
+    enforcement: Arc<Enforcement>,
 }
 
 impl Inbound {
@@ -94,12 +97,20 @@ impl Inbound {
             max_connections: config.limits.max_connections,
             telemetry: None,
             audit: None,
+            enforcement: Enforcement::standalone(),
         })
     }
 
     /// Traces every request (a span each, `traceparent` carried on) when `telemetry` is on.
     pub fn with_telemetry(mut self, telemetry: Option<&Telemetry>) -> Self {
         self.telemetry = telemetry.cloned();
+        self
+    }
+
+    /// Enforces the gateway's revocations (and gateway loss) on every request and
+    /// connection.
+    pub fn with_enforcement(mut self, enforcement: &Arc<Enforcement>) -> Self {
+        self.enforcement = enforcement.clone();
         self
     }
 
@@ -164,6 +175,8 @@ impl Inbound {
             source: peer.spiffe_id.clone(),
             destination: me,
         };
+        let peer_id = parties.source.clone();
+        let me = parties.destination.clone();
         // The request path, top to bottom.
         let service = ServiceBuilder::new()
             .layer(RecordLayer::new(self.metrics.clone(), DIRECTION))
@@ -178,6 +191,11 @@ impl Inbound {
                     .map(|audit| AuditLayer::new(audit, parties.clone())),
             )
             .layer(CallerIdentityLayer::new(self.store.clone(), Some(peer)))
+            .layer(RevocationLayer::new(
+                self.enforcement.clone(),
+                self.metrics.clone(),
+                parties.clone(),
+            ))
             .layer(NormalizeLayer::new(
                 NormalizeLimits::default(),
                 self.metrics.clone(),
@@ -189,6 +207,17 @@ impl Inbound {
                     .map(|p| PolicyLayer::new(p, self.metrics.clone(), parties)),
             )
             .service(self.forward.clone());
-        serve_http(&self.server, tls, service, &self.metrics, DIRECTION).await;
+        if self.enforcement.is_revoked(&peer_id) {
+            // Refused before any request: its connection closes now.
+            self.metrics.handshake_failure(DIRECTION, "revoked");
+            return;
+        }
+        tokio::select! {
+            () = serve_http(&self.server, tls, service, &self.metrics, DIRECTION) => {}
+            () = close_when_revoked(self.enforcement.clone(), peer_id.clone(), me) => {
+                self.metrics.revoked_connection_closed();
+                tracing::info!(peer = %peer_id, "connection closed: revoked");
+            }
+        }
     }
 }

@@ -10,6 +10,7 @@ pub mod inbound;
 pub mod layers;
 pub mod normalize;
 pub mod outbound;
+pub mod revocation;
 pub mod serve;
 pub mod trace;
 

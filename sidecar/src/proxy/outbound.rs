@@ -19,9 +19,11 @@ use super::authorize::{NormalizeLayer, Parties, PolicyLayer};
 use super::forward::{Forward, VersionPolicy};
 use super::layers::{CallerIdentityLayer, RecordLayer};
 use super::normalize::NormalizeLimits;
+use super::revocation::{RevocationLayer, close_when_revoked};
 use super::serve::{accept_loop, http_server, serve_http};
 use super::trace::TraceLayer;
 use crate::config::{Config, OutboundConfig};
+use crate::control::Enforcement;
 use crate::metrics::Metrics;
 use crate::policy::PolicyRuntime;
 use crate::telemetry::Telemetry;
@@ -39,6 +41,7 @@ pub struct Outbound {
     max_connections: usize,
     trace: Option<TraceLayer>,
     audit: Option<Arc<Audit>>,
+    enforcement: Arc<Enforcement>,
 }
 
 impl Outbound {
@@ -96,6 +99,7 @@ impl Outbound {
             max_connections: config.limits.max_connections,
             trace: None,
             audit: None,
+            enforcement: Enforcement::standalone(),
         })
     }
 
@@ -106,6 +110,12 @@ impl Outbound {
             .map(|(t, upstream)| {
                 TraceLayer::outbound(t, DIRECTION, &upstream, self.expected_id.clone())
             });
+        self
+    }
+
+    /// Makes an execution record of every request when `audit` is on.
+    pub fn with_enforcement(mut self, enforcement: &Arc<Enforcement>) -> Self {
+        self.enforcement = enforcement.clone();
         self
     }
 
@@ -135,6 +145,7 @@ impl Outbound {
             source: me,
             destination: self.expected_id.clone(),
         };
+        let me = parties.source.clone();
         // The request path, top to bottom.
         let service = ServiceBuilder::new()
             .layer(RecordLayer::new(self.metrics.clone(), DIRECTION))
@@ -145,6 +156,11 @@ impl Outbound {
                     .map(|audit| AuditLayer::new(audit, parties.clone())),
             )
             .layer(CallerIdentityLayer::new(self.store.clone(), None))
+            .layer(RevocationLayer::new(
+                self.enforcement.clone(),
+                self.metrics.clone(),
+                parties.clone(),
+            ))
             .layer(NormalizeLayer::new(
                 NormalizeLimits::default(),
                 self.metrics.clone(),
@@ -156,6 +172,12 @@ impl Outbound {
                     .map(|p| PolicyLayer::new(p, self.metrics.clone(), parties)),
             )
             .service(self.forward.clone());
-        serve_http(&self.server, stream, service, &self.metrics, DIRECTION).await;
+        tokio::select! {
+            () = serve_http(&self.server, stream, service, &self.metrics, DIRECTION) => {}
+            () = close_when_revoked(self.enforcement.clone(), self.expected_id.clone(), me) => {
+                self.metrics.revoked_connection_closed();
+                tracing::info!(upstream = %self.expected_id, "connection closed: revoked");
+            }
+        }
     }
 }

@@ -1,0 +1,188 @@
+//! Wiring: identity, store, hub, the mTLS gRPC listener (Control + Admin), the HTTP
+//! admin listener, the expiry and cross-replica catch-up loops.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use nexus_identity::tls::{TlsVersions, server_config};
+use nexus_identity::{AllowList, IdentityStore};
+use nexus_proto::control::admin_server::AdminServer;
+use nexus_proto::control::control_server::ControlServer;
+use serde::Serialize;
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::ReceiverStream;
+
+use crate::admin::AdminService;
+use crate::changes::Changes;
+use crate::config::Config;
+use crate::control::ControlService;
+use crate::hub::Hub;
+use crate::metrics::Metrics;
+use crate::signals::Signals;
+use crate::store::Store;
+
+/// Where a started gateway listens.
+#[derive(Clone, Debug, Serialize)]
+pub struct Addresses {
+    /// mTLS gRPC (control streams, admin API).
+    pub grpc: SocketAddr,
+    /// HTTP admin (`/live`, `/ready`, `/metrics`).
+    pub admin: SocketAddr,
+}
+
+/// A started gateway.
+pub struct Running {
+    /// Bound addresses.
+    pub addresses: Addresses,
+    /// The core, for in-process tests.
+    pub changes: Arc<Changes>,
+}
+
+/// Trust domains' workloads may connect unless `sidecars`/`operators` narrow it; the
+/// TLS layer admits the union, each service checks its own list.
+fn tls_allow(config: &Config, own_td: Option<&str>) -> anyhow::Result<AllowList> {
+    let mut entries: Vec<String> = Vec::new();
+    if config.sidecars.is_empty() {
+        let td = own_td.ok_or_else(|| anyhow::anyhow!("no SVID yet"))?;
+        entries.push(format!("spiffe://{td}/*"));
+    } else {
+        entries.extend(config.sidecars.iter().cloned());
+    }
+    entries.extend(config.operators.iter().cloned());
+    Ok(AllowList::parse(&entries)?)
+}
+
+/// Starts everything in the background and returns the addresses.
+pub async fn start(config: Config) -> anyhow::Result<Running> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let identity = IdentityStore::new(provider);
+    nexus_identity::source::spawn(&config.identity, identity.clone())
+        .map_err(anyhow::Error::msg)?;
+    let metrics = Metrics::new();
+    let store = Arc::new(
+        Store::open(&config.database.url, config.database.max_connections)
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot open the store {}: {e}", config.database.url))?,
+    );
+    let hub = Hub::load(&store, config.stream.delta_log, metrics.clone()).await?;
+    let changes = Arc::new(Changes {
+        store: store.clone(),
+        hub: hub.clone(),
+        metrics: metrics.clone(),
+        config: config.clone(),
+    });
+    let signals = Arc::new(Signals::new(changes.clone()).map_err(anyhow::Error::msg)?);
+
+    // The listener needs the SVID (and its trust domain for the default allow list).
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(60);
+    let mut updates = identity.subscribe();
+    while !identity.is_ready() {
+        if tokio::time::timeout_at(deadline, updates.changed())
+            .await
+            .is_err()
+        {
+            anyhow::bail!("no SVID within 60s from the identity source");
+        }
+    }
+    let own_td = identity.current().map(|i| i.trust_domain().to_string());
+    let allow = tls_allow(&config, own_td.as_deref())?;
+    let mut tls = server_config(
+        identity.clone(),
+        allow,
+        TlsVersions::Tls13Only,
+        vec![b"h2".to_vec()],
+    )?;
+    tls.max_early_data_size = 0;
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
+
+    let grpc_listener = TcpListener::bind(config.listen)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on {} (listen): {e}", config.listen))?;
+    let admin_listener = TcpListener::bind(config.admin.listen).await.map_err(|e| {
+        anyhow::anyhow!(
+            "cannot listen on {} (admin.listen): {e}",
+            config.admin.listen
+        )
+    })?;
+    let addresses = Addresses {
+        grpc: grpc_listener.local_addr()?,
+        admin: admin_listener.local_addr()?,
+    };
+
+    let incoming = crate::server::incoming(
+        grpc_listener,
+        acceptor,
+        config.stream.max_streams,
+        config.stream.handshake_timeout,
+        metrics.clone(),
+    );
+    let max = config.stream.max_message_bytes;
+    let control = ControlServer::new(
+        ControlService::new(changes.clone(), signals).map_err(anyhow::Error::msg)?,
+    )
+    .max_decoding_message_size(max);
+    let admin = AdminServer::new(AdminService::new(changes.clone()).map_err(anyhow::Error::msg)?)
+        .max_decoding_message_size(64 * 1024);
+    let router = tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(config.stream.heartbeat_interval))
+        .http2_keepalive_timeout(Some(config.stream.idle_timeout))
+        .add_service(control)
+        .add_service(admin);
+    tokio::spawn(async move {
+        if let Err(error) = router
+            .serve_with_incoming(ReceiverStream::new(incoming))
+            .await
+        {
+            tracing::error!(%error, "gRPC server stopped");
+        }
+    });
+    tokio::spawn(crate::admin::serve_http(
+        admin_listener,
+        changes.clone(),
+        identity.clone(),
+    ));
+
+    // Changes made through other replicas (PostgreSQL), within poll_interval.
+    {
+        let changes = changes.clone();
+        let interval = config.database.poll_interval;
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(interval).await;
+                if let Err(error) = changes.hub.catch_up(&changes.store).await {
+                    tracing::warn!(%error, "cannot read changes from the store");
+                }
+            }
+        });
+    }
+    {
+        let changes = changes.clone();
+        let interval = config.limits.expiry_interval;
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(interval).await;
+                changes.expire().await;
+            }
+        });
+    }
+    if let Some(path) = &config.admin.address_file {
+        let json = serde_json::to_vec(&addresses)?;
+        let tmp = path.with_extension("tmp");
+        std::fs::write(&tmp, json)?;
+        std::fs::rename(&tmp, path)?;
+    }
+    tracing::info!(grpc = %addresses.grpc, admin = %addresses.admin, store = %config.database.url.split('@').next_back().unwrap_or(""), revision = hub.revision(), "gateway listening");
+    Ok(Running { addresses, changes })
+}
+
+/// Runs until SIGTERM or Ctrl-C.
+pub async fn run(config: Config) -> anyhow::Result<()> {
+    let _running = start(config).await?;
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+    tracing::info!("gateway stopping");
+    Ok(())
+}

@@ -1,0 +1,324 @@
+//! The gateway's configuration: one TOML file, every limit named with a safe default,
+//! environment overrides for what a Deployment sets. Errors name the field; `main`
+//! exits 64 on them.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use nexus_identity::AllowList;
+pub use nexus_identity::source::{IdentityConfig, IdentitySource};
+use serde::Deserialize;
+
+/// A configuration the gateway cannot run with.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// Not valid TOML for this schema (line and column in the message).
+    #[error("config file {path}: {message}")]
+    Parse {
+        /// The file.
+        path: String,
+        /// toml's message.
+        message: String,
+    },
+    /// A field has a value the gateway cannot use.
+    #[error("config field `{field}`: {problem}")]
+    Invalid {
+        /// Dotted path of the field.
+        field: String,
+        /// What is wrong and what to do.
+        problem: String,
+    },
+}
+
+/// The whole gateway configuration.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// This replica's name in status output. Default: `$HOSTNAME` or `gateway`.
+    pub name: String,
+    /// The mTLS gRPC listener (control streams and the admin API). Default `0.0.0.0:7443`.
+    pub listen: SocketAddr,
+    /// Where the gateway's SVID comes from (as the sidecar's `[identity]`).
+    pub identity: IdentityConfig,
+    /// SPIFFE IDs or `spiffe://td/path/*` prefixes allowed to open control streams.
+    /// Default: every workload of the gateway's own trust domain (`[]`).
+    pub sidecars: Vec<String>,
+    /// SPIFFE IDs allowed to call the admin API (revoke, reinstate, executions, status).
+    /// Default: none, so nothing can be changed until operators are named.
+    pub operators: Vec<String>,
+    /// The HTTP admin listener: `/live`, `/ready`, `/metrics`.
+    pub admin: AdminConfig,
+    /// The state store.
+    pub database: DatabaseConfig,
+    /// Control-stream limits and timers.
+    pub stream: StreamConfig,
+    /// Limits on changes.
+    pub limits: LimitsConfig,
+    /// The anomaly revocation policy (Rego); absent: signals are stored, never acted on.
+    pub revocation_policy: Option<RevocationPolicyConfig>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            name: std::env::var("HOSTNAME").unwrap_or_else(|_| "gateway".into()),
+            listen: SocketAddr::from(([0, 0, 0, 0], 7443)),
+            identity: IdentityConfig::default(),
+            sidecars: Vec::new(),
+            operators: Vec::new(),
+            admin: AdminConfig::default(),
+            database: DatabaseConfig::default(),
+            stream: StreamConfig::default(),
+            limits: LimitsConfig::default(),
+            revocation_policy: None,
+        }
+    }
+}
+
+/// `[admin]`
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminConfig {
+    /// Default `127.0.0.1:9090`.
+    pub listen: SocketAddr,
+    /// Written once listening: JSON `{"grpc": "ip:port", "admin": "ip:port"}`.
+    pub address_file: Option<PathBuf>,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 9090)),
+            address_file: None,
+        }
+    }
+}
+
+/// `[database]`
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DatabaseConfig {
+    /// `sqlite://PATH` (default `sqlite://nexus-gateway.db`, created if missing) or
+    /// `postgres://user:pass@host/db` (several replicas share it). Env:
+    /// `NEXUS_GATEWAY_DATABASE_URL`.
+    pub url: String,
+    /// Pool size. Default 8.
+    pub max_connections: u32,
+    /// How often the store is checked for changes made through other replicas
+    /// (the bound on cross-replica propagation). Default 100ms.
+    #[serde(with = "humantime_serde")]
+    pub poll_interval: Duration,
+}
+
+impl Default for DatabaseConfig {
+    fn default() -> Self {
+        Self {
+            url: "sqlite://nexus-gateway.db".into(),
+            max_connections: 8,
+            poll_interval: Duration::from_millis(100),
+        }
+    }
+}
+
+/// `[stream]`
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StreamConfig {
+    /// The gateway sends a heartbeat this often. Default 5s.
+    #[serde(with = "humantime_serde")]
+    pub heartbeat_interval: Duration,
+    /// A stream silent this long is cut. Default 20s.
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Duration,
+    /// A hello must arrive within this. Default 5s.
+    #[serde(with = "humantime_serde")]
+    pub hello_timeout: Duration,
+    /// A TLS handshake that takes longer is dropped. Default 10s.
+    #[serde(with = "humantime_serde")]
+    pub handshake_timeout: Duration,
+    /// Largest message accepted from a sidecar (bytes). Default 1 MiB.
+    pub max_message_bytes: usize,
+    /// Most streams at once. Default 20000.
+    pub max_streams: usize,
+    /// Deltas kept in memory for resuming sidecars (older ones get a snapshot). Default 4096.
+    pub delta_log: usize,
+    /// Most lines in one record batch, signals in one signal batch. Default 1000.
+    pub max_batch: usize,
+}
+
+impl Default for StreamConfig {
+    fn default() -> Self {
+        Self {
+            heartbeat_interval: Duration::from_secs(5),
+            idle_timeout: Duration::from_secs(20),
+            hello_timeout: Duration::from_secs(5),
+            handshake_timeout: Duration::from_secs(10),
+            max_message_bytes: 1024 * 1024,
+            max_streams: 20_000,
+            delta_log: 4096,
+            max_batch: 1000,
+        }
+    }
+}
+
+/// `[limits]`
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    /// Longest execution a call may open. Default 24h.
+    #[serde(with = "humantime_serde")]
+    pub max_execution_ttl: Duration,
+    /// Longest wait an admin call may ask for. Default 30s.
+    #[serde(with = "humantime_serde")]
+    pub max_wait: Duration,
+    /// How often expired executions and revocations are closed. Default 1s.
+    #[serde(with = "humantime_serde")]
+    pub expiry_interval: Duration,
+    /// Longest reason text. Default 1024 bytes.
+    pub max_reason_bytes: usize,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        Self {
+            max_execution_ttl: Duration::from_secs(24 * 3600),
+            max_wait: Duration::from_secs(30),
+            expiry_interval: Duration::from_secs(1),
+            max_reason_bytes: 1024,
+        }
+    }
+}
+
+/// `[revocation_policy]`
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RevocationPolicyConfig {
+    /// The policy folder (e.g. `policies/`), loaded like `opa eval -d`.
+    pub dir: PathBuf,
+    /// The rule that decides. Default `data.nexus.revocation.decision`.
+    #[serde(default = "default_revocation_rule")]
+    pub decision_rule: String,
+    /// Signals about the same workload given to the policy as history. Default 10m.
+    #[serde(default = "default_history_window", with = "humantime_serde")]
+    pub history_window: Duration,
+    /// At most this many history entries. Default 100.
+    #[serde(default = "default_history_limit")]
+    pub history_limit: u32,
+    /// Evaluation time limit. Default 250ms.
+    #[serde(default = "default_eval_timeout", with = "humantime_serde")]
+    pub eval_timeout: Duration,
+}
+
+fn default_revocation_rule() -> String {
+    "data.nexus.revocation.decision".into()
+}
+fn default_history_window() -> Duration {
+    Duration::from_secs(600)
+}
+fn default_history_limit() -> u32 {
+    100
+}
+fn default_eval_timeout() -> Duration {
+    Duration::from_millis(250)
+}
+
+impl Config {
+    /// Reads, applies the environment, validates.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let mut config = Self::parse(&text, &path.display().to_string())?;
+        config.apply_env(|k| std::env::var(k).ok())?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Parses TOML text (`origin` names it in errors).
+    pub fn parse(text: &str, origin: &str) -> Result<Self, ConfigError> {
+        toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: origin.to_string(),
+            message: e.to_string(),
+        })
+    }
+
+    /// Environment overrides: `NEXUS_GATEWAY_DATABASE_URL`, `NEXUS_GATEWAY_LISTEN`,
+    /// `NEXUS_GATEWAY_ADMIN_LISTEN`, `SPIFFE_ENDPOINT_SOCKET`.
+    pub fn apply_env(&mut self, get: impl Fn(&str) -> Option<String>) -> Result<(), ConfigError> {
+        if let Some(url) = get("NEXUS_GATEWAY_DATABASE_URL") {
+            self.database.url = url;
+        }
+        for (var, field, target) in [
+            ("NEXUS_GATEWAY_LISTEN", "listen", &mut self.listen),
+            (
+                "NEXUS_GATEWAY_ADMIN_LISTEN",
+                "admin.listen",
+                &mut self.admin.listen,
+            ),
+        ] {
+            if let Some(v) = get(var) {
+                *target = v.parse().map_err(|e| ConfigError::Invalid {
+                    field: field.into(),
+                    problem: format!("{var}={v} is not ip:port: {e}"),
+                })?;
+            }
+        }
+        if self.identity.workload_api_socket.is_none() {
+            self.identity.workload_api_socket = get("SPIFFE_ENDPOINT_SOCKET");
+        }
+        Ok(())
+    }
+
+    /// Checks what serde cannot.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        AllowList::parse(&self.sidecars).map_err(|e| ConfigError::Invalid {
+            field: "sidecars".into(),
+            problem: e.to_string(),
+        })?;
+        AllowList::parse(&self.operators).map_err(|e| ConfigError::Invalid {
+            field: "operators".into(),
+            problem: e.to_string(),
+        })?;
+        if !(self.database.url.starts_with("sqlite:")
+            || self.database.url.starts_with("postgres:")
+            || self.database.url.starts_with("postgresql:"))
+        {
+            return Err(ConfigError::Invalid {
+                field: "database.url".into(),
+                problem: format!(
+                    "`{}` is neither sqlite://PATH nor postgres://…",
+                    self.database.url
+                ),
+            });
+        }
+        if self.stream.max_message_bytes < 1024 {
+            return Err(ConfigError::Invalid {
+                field: "stream.max_message_bytes".into(),
+                problem: "must be at least 1024".into(),
+            });
+        }
+        match self.identity.source {
+            IdentitySource::Files if self.identity.files.is_none() => Err(ConfigError::Invalid {
+                field: "identity.files".into(),
+                problem: "required with source = \"files\"".into(),
+            }),
+            IdentitySource::WorkloadApi if self.identity.workload_api_socket.is_none() => {
+                Err(ConfigError::Invalid {
+                    field: "identity.workload_api_socket".into(),
+                    problem: "no Workload API socket: set it or SPIFFE_ENDPOINT_SOCKET".into(),
+                })
+            }
+            _ => Ok(()),
+        }
+    }
+}

@@ -1,0 +1,364 @@
+//! The control stream (DESIGN.md): a sidecar is known by its certificate's SPIFFE ID;
+//! its hello must claim that same ID. It gets a snapshot or the deltas since its last
+//! revision, then every delta as it happens; it acknowledges each. Heartbeats both
+//! ways; a silent stream is cut. Signals and execution records are stored, and
+//! acknowledged only once stored.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Instant;
+
+use futures::Stream;
+use nexus_identity::AllowList;
+use nexus_proto::control::control_server::Control;
+use nexus_proto::control::{
+    BatchAck, GatewayMessage, Heartbeat, SidecarInfo, SidecarMessage, gateway_message,
+    sidecar_message,
+};
+use tokio::sync::{broadcast, mpsc};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::changes::{Changes, unix_ms};
+use crate::hub::Start;
+use crate::server::PeerInfo;
+use crate::signals::Signals;
+
+/// The Control service.
+pub struct ControlService {
+    changes: Arc<Changes>,
+    signals: Arc<Signals>,
+    sidecars: Option<AllowList>,
+}
+
+impl ControlService {
+    /// `sidecars` empty: any peer the TLS layer accepted (the gateway's trust domains).
+    pub fn new(changes: Arc<Changes>, signals: Arc<Signals>) -> Result<Self, String> {
+        let sidecars = if changes.config.sidecars.is_empty() {
+            None
+        } else {
+            Some(AllowList::parse(&changes.config.sidecars).map_err(|e| e.to_string())?)
+        };
+        Ok(Self {
+            changes,
+            signals,
+            sidecars,
+        })
+    }
+}
+
+type Out = Result<GatewayMessage, Status>;
+
+fn message(msg: gateway_message::Msg) -> Out {
+    Ok(GatewayMessage { msg: Some(msg) })
+}
+
+#[tonic::async_trait]
+impl Control for ControlService {
+    type StreamStream = Pin<Box<dyn Stream<Item = Out> + Send + 'static>>;
+
+    async fn stream(
+        &self,
+        request: Request<Streaming<SidecarMessage>>,
+    ) -> Result<Response<Self::StreamStream>, Status> {
+        let metrics = &self.changes.metrics;
+        let peer = request
+            .extensions()
+            .get::<PeerInfo>()
+            .cloned()
+            .ok_or_else(|| Status::unauthenticated("no client certificate"))?;
+        if let Some(allowed) = &self.sidecars
+            && !allowed.allows(&peer.spiffe_id)
+        {
+            metrics.stream_error("not_a_sidecar");
+            tracing::warn!(peer = %peer.spiffe_id, addr = %peer.addr, "control stream refused: not in `sidecars`");
+            return Err(Status::permission_denied(format!(
+                "{} may not open a control stream",
+                peer.spiffe_id
+            )));
+        }
+        let mut inbound = request.into_inner();
+        let config = &self.changes.config.stream;
+        let hello = match tokio::time::timeout(config.hello_timeout, inbound.message()).await {
+            Ok(Ok(Some(SidecarMessage {
+                msg: Some(sidecar_message::Msg::Hello(hello)),
+            }))) => hello,
+            Ok(Err(status)) => {
+                metrics.stream_error("malformed");
+                tracing::warn!(peer = %peer.spiffe_id, addr = %peer.addr, %status, "control stream cut before hello");
+                return Err(status);
+            }
+            Err(_) => {
+                metrics.stream_error("hello_timeout");
+                return Err(Status::deadline_exceeded(
+                    "no hello within stream.hello_timeout",
+                ));
+            }
+            Ok(_) => {
+                metrics.stream_error("no_hello");
+                return Err(Status::invalid_argument(
+                    "the first message must be a hello",
+                ));
+            }
+        };
+        if hello.spiffe_id != peer.spiffe_id {
+            metrics.stream_error("identity_mismatch");
+            tracing::warn!(
+                certificate = %peer.spiffe_id,
+                claimed = %hello.spiffe_id,
+                addr = %peer.addr,
+                "control stream refused: the hello claims another identity"
+            );
+            return Err(Status::permission_denied(format!(
+                "hello claims {} but the client certificate is {}",
+                hello.spiffe_id, peer.spiffe_id
+            )));
+        }
+        let now = unix_ms();
+        let info = SidecarInfo {
+            spiffe_id: peer.spiffe_id.clone(),
+            remote_addr: peer.addr.to_string(),
+            connected_unix_ms: now,
+            acknowledged_revision: hello.last_revision,
+            last_heard_unix_ms: now,
+            version: hello.version.clone(),
+        };
+        let (id, start, deltas) = self.changes.hub.connect(info, hello.last_revision);
+        tracing::info!(sidecar = %peer.spiffe_id, addr = %peer.addr, last_revision = hello.last_revision, "control stream open");
+        let (tx, rx) = mpsc::channel::<Out>(64);
+        let session = Session {
+            id,
+            peer,
+            changes: self.changes.clone(),
+            signals: self.signals.clone(),
+            tx,
+            sent: hello.last_revision,
+        };
+        tokio::spawn(session.run(start, deltas, inbound));
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+struct Session {
+    id: u64,
+    peer: PeerInfo,
+    changes: Arc<Changes>,
+    signals: Arc<Signals>,
+    tx: mpsc::Sender<Out>,
+    /// The highest revision sent.
+    sent: u64,
+}
+
+enum End {
+    Closed,
+    Idle,
+    Error(&'static str, String),
+}
+
+impl Session {
+    async fn send(&mut self, out: Out) -> Result<(), End> {
+        self.tx.send(out).await.map_err(|_| End::Closed)
+    }
+
+    async fn run(
+        mut self,
+        start: Start,
+        mut deltas: broadcast::Receiver<Arc<nexus_proto::control::Delta>>,
+        mut inbound: Streaming<SidecarMessage>,
+    ) {
+        let result = self.drive(start, &mut deltas, &mut inbound).await;
+        self.changes.hub.disconnect(self.id);
+        let metrics = &self.changes.metrics;
+        match result {
+            Err(End::Closed) | Ok(()) => {
+                tracing::info!(sidecar = %self.peer.spiffe_id, "control stream closed")
+            }
+            Err(End::Idle) => {
+                metrics.stream_error("idle");
+                tracing::warn!(sidecar = %self.peer.spiffe_id, "control stream cut: silent past stream.idle_timeout");
+                let _ = self
+                    .tx
+                    .send(Err(Status::deadline_exceeded(
+                        "no message within stream.idle_timeout",
+                    )))
+                    .await;
+            }
+            Err(End::Error(reason, detail)) => {
+                metrics.stream_error(reason);
+                tracing::warn!(sidecar = %self.peer.spiffe_id, addr = %self.peer.addr, reason, %detail, "control stream cut");
+                let _ = self.tx.send(Err(Status::invalid_argument(detail))).await;
+            }
+        }
+    }
+
+    async fn drive(
+        &mut self,
+        start: Start,
+        deltas: &mut broadcast::Receiver<Arc<nexus_proto::control::Delta>>,
+        inbound: &mut Streaming<SidecarMessage>,
+    ) -> Result<(), End> {
+        match start {
+            Start::Snapshot(snapshot) => {
+                self.sent = snapshot.revision;
+                self.send(message(gateway_message::Msg::Snapshot(snapshot)))
+                    .await?;
+            }
+            Start::Resume(list) => {
+                for delta in list {
+                    self.sent = delta.revision;
+                    self.send(message(gateway_message::Msg::Delta((*delta).clone())))
+                        .await?;
+                }
+            }
+        }
+        let config = self.changes.config.stream.clone();
+        let mut heartbeat = tokio::time::interval(config.heartbeat_interval);
+        heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut last_heard = Instant::now();
+        loop {
+            let idle_at = tokio::time::Instant::from_std(last_heard + config.idle_timeout);
+            tokio::select! {
+                delta = deltas.recv() => match delta {
+                    Ok(delta) => {
+                        if delta.revision > self.sent {
+                            self.sent = delta.revision;
+                            self.send(message(gateway_message::Msg::Delta((*delta).clone()))).await?;
+                        }
+                    }
+                    Err(broadcast::error::RecvError::Lagged(missed)) => {
+                        // Fell behind the broadcast: the whole state replaces the gap.
+                        tracing::info!(sidecar = %self.peer.spiffe_id, missed, "stream lagged; sending a snapshot");
+                        let snapshot = self.changes.hub.snapshot();
+                        self.sent = snapshot.revision;
+                        self.send(message(gateway_message::Msg::Snapshot(snapshot))).await?;
+                    }
+                    Err(broadcast::error::RecvError::Closed) => return Ok(()),
+                },
+                msg = inbound.message() => match msg {
+                    Ok(Some(msg)) => {
+                        last_heard = Instant::now();
+                        self.handle(msg).await?;
+                    }
+                    Ok(None) => return Ok(()),
+                    Err(status) => {
+                        let reason = if status.message().contains("message length too large") {
+                            "oversized"
+                        } else {
+                            "malformed"
+                        };
+                        return Err(End::Error(reason, status.message().to_string()));
+                    }
+                },
+                _ = heartbeat.tick() => {
+                    self.send(message(gateway_message::Msg::Heartbeat(Heartbeat { sent_unix_ms: unix_ms() }))).await?;
+                }
+                _ = tokio::time::sleep_until(idle_at) => return Err(End::Idle),
+            }
+        }
+    }
+
+    async fn handle(&mut self, msg: SidecarMessage) -> Result<(), End> {
+        let hub = &self.changes.hub;
+        match msg.msg {
+            Some(sidecar_message::Msg::Ack(ack)) => {
+                if ack.revision > self.sent {
+                    return Err(End::Error(
+                        "bad_ack",
+                        format!(
+                            "acknowledged revision {} but only {} was sent",
+                            ack.revision, self.sent
+                        ),
+                    ));
+                }
+                hub.ack(self.id, ack.revision);
+            }
+            Some(sidecar_message::Msg::Heartbeat(_)) => hub.heard(self.id),
+            Some(sidecar_message::Msg::Hello(_)) => {
+                return Err(End::Error("second_hello", "a stream has one hello".into()));
+            }
+            Some(sidecar_message::Msg::Records(batch)) => {
+                hub.heard(self.id);
+                let max = self.changes.config.stream.max_batch;
+                let ack = if batch.lines.len() > max {
+                    BatchAck {
+                        kind: "records".into(),
+                        batch: batch.batch,
+                        stored: 0,
+                        refused: batch.lines.len() as u64,
+                        refusal: format!(
+                            "{} lines in one batch; the limit is {max} (stream.max_batch)",
+                            batch.lines.len()
+                        ),
+                    }
+                } else {
+                    match self
+                        .changes
+                        .store
+                        .insert_records(&self.peer.spiffe_id, &batch.lines)
+                        .await
+                    {
+                        Ok(done) => {
+                            self.changes.metrics.records(done.stored, done.refused);
+                            if done.refused > 0 {
+                                tracing::warn!(sidecar = %self.peer.spiffe_id, refused = done.refused, refusal = %done.refusal, "execution records refused");
+                            }
+                            BatchAck {
+                                kind: "records".into(),
+                                batch: batch.batch,
+                                stored: done.stored,
+                                refused: done.refused,
+                                refusal: done.refusal,
+                            }
+                        }
+                        Err(error) => {
+                            // Not stored, so not acknowledged: the sidecar sends it again.
+                            tracing::error!(%error, "cannot store execution records");
+                            return Ok(());
+                        }
+                    }
+                };
+                self.send(message(gateway_message::Msg::BatchAck(ack)))
+                    .await?;
+            }
+            Some(sidecar_message::Msg::Signals(batch)) => {
+                hub.heard(self.id);
+                let max = self.changes.config.stream.max_batch;
+                if batch.signals.len() > max {
+                    return Err(End::Error(
+                        "oversized",
+                        format!(
+                            "{} signals in one batch; the limit is {max}",
+                            batch.signals.len()
+                        ),
+                    ));
+                }
+                if batch.dropped > 0 {
+                    self.changes.metrics.signals_dropped(batch.dropped);
+                }
+                let stored = match self
+                    .signals
+                    .receive(&self.peer.spiffe_id, batch.signals)
+                    .await
+                {
+                    Ok(n) => n,
+                    Err(error) => {
+                        tracing::error!(%error, "cannot store signals");
+                        return Ok(());
+                    }
+                };
+                self.send(message(gateway_message::Msg::BatchAck(BatchAck {
+                    kind: "signals".into(),
+                    batch: batch.batch,
+                    stored,
+                    refused: 0,
+                    refusal: String::new(),
+                })))
+                .await?;
+            }
+            None => {
+                return Err(End::Error("malformed", "an empty message".into()));
+            }
+        }
+        Ok(())
+    }
+}

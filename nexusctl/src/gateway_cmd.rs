@@ -1,0 +1,500 @@
+//! Operator commands against the gateway's admin API (gRPC over mTLS): revoke,
+//! reinstate, status, executions, signals.
+//!
+//! Which gateway and which operator identity: flags, else environment
+//! (`NEXUS_GATEWAY`, `NEXUS_GATEWAY_ID`, `NEXUS_OPERATOR_CERT`, `NEXUS_OPERATOR_KEY`,
+//! `NEXUS_CA_BUNDLE`), else the local stack that `nexusctl up` started (its state file),
+//! as kubectl falls back to its current context.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Args, Subcommand};
+use nexus_identity::source::files::{FileSourceConfig, load};
+use nexus_identity::{AllowList, IdentityStore};
+use nexus_proto::control::admin_client::AdminClient;
+use nexus_proto::control::{
+    ChangeResponse, CloseExecutionRequest, ListExecutionsRequest, ListSignalsRequest,
+    OpenExecutionRequest, ReinstateRequest, RevokeRequest, StatusRequest,
+};
+use tonic::transport::Channel;
+
+/// Where the gateway is and who is calling.
+#[derive(Args, Clone, Debug)]
+pub struct Target {
+    /// The gateway's gRPC address (host:port).
+    #[arg(long, env = "NEXUS_GATEWAY", global = true)]
+    gateway: Option<String>,
+    /// The gateway's SPIFFE ID (its certificate must match).
+    #[arg(long, env = "NEXUS_GATEWAY_ID", global = true)]
+    gateway_id: Option<String>,
+    /// The operator's certificate (PEM, an SVID listed in the gateway's `operators`).
+    #[arg(long, env = "NEXUS_OPERATOR_CERT", global = true)]
+    cert: Option<PathBuf>,
+    /// The operator's private key (PEM).
+    #[arg(long, env = "NEXUS_OPERATOR_KEY", global = true)]
+    key: Option<PathBuf>,
+    /// The trust bundle (PEM CA certificates) of the gateway's trust domain.
+    #[arg(long, env = "NEXUS_CA_BUNDLE", global = true)]
+    ca: Option<PathBuf>,
+    /// The local stack's state file (default: the one `nexusctl up` writes).
+    #[arg(long, global = true)]
+    up_state: Option<PathBuf>,
+    /// Output: `text` (default) or `json`.
+    #[arg(short = 'o', long, default_value = "text", global = true)]
+    output: String,
+}
+
+/// `nexusctl exec ...`
+#[derive(Subcommand)]
+pub enum ExecCommand {
+    /// Open an execution: the plugin may read the clause's data until it ends. Prints its id.
+    Open {
+        /// The plugin workload's SPIFFE ID.
+        #[arg(long)]
+        plugin: String,
+        /// The clause.
+        #[arg(long)]
+        clause: String,
+        /// How long it stays open (e.g. 10m).
+        #[arg(long, value_parser = humantime::parse_duration)]
+        ttl: Duration,
+    },
+    /// Close an open execution.
+    Close {
+        /// Its id.
+        id: String,
+    },
+    /// List executions.
+    List {
+        /// Include closed and expired ones.
+        #[arg(long)]
+        all: bool,
+    },
+}
+
+fn operator_files(target: &Target) -> anyhow::Result<(String, String, FileSourceConfig)> {
+    let up: Option<serde_json::Value> = {
+        let path = target
+            .up_state
+            .clone()
+            .unwrap_or_else(|| crate::up::default_dir().join("state.json"));
+        std::fs::read(&path)
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+    };
+    let from_up = |key: &str| -> Option<String> {
+        up.as_ref()
+            .and_then(|v| v.get(key))
+            .and_then(|v| v.as_str())
+            .map(str::to_string)
+    };
+    let missing = |what: &str, flag: &str| {
+        anyhow::anyhow!(
+            "no {what}: pass {flag} (or its environment variable), or start the local stack with `nexusctl up`"
+        )
+    };
+    let gateway = target
+        .gateway
+        .clone()
+        .or_else(|| from_up("gateway_address"))
+        .ok_or_else(|| missing("gateway address", "--gateway"))?;
+    let gateway_id = target
+        .gateway_id
+        .clone()
+        .or_else(|| from_up("gateway_id"))
+        .ok_or_else(|| missing("gateway SPIFFE ID", "--gateway-id"))?;
+    let path = |flag: &Option<PathBuf>, key: &str, name: &str| -> anyhow::Result<PathBuf> {
+        flag.clone()
+            .or_else(|| from_up(key).map(PathBuf::from))
+            .ok_or_else(|| {
+                missing(
+                    name,
+                    &format!("--{}", name.split(' ').next_back().unwrap_or(name)),
+                )
+            })
+    };
+    let files = FileSourceConfig {
+        cert: path(&target.cert, "operator_cert", "operator cert")?,
+        key: path(&target.key, "operator_key", "operator key")?,
+        bundle: path(&target.ca, "ca_bundle", "trust bundle ca")?,
+        federated_bundles: Default::default(),
+    };
+    Ok((gateway, gateway_id, files))
+}
+
+async fn client(target: &Target) -> anyhow::Result<AdminClient<Channel>> {
+    let (gateway, gateway_id, files) = operator_files(target)?;
+    let store = IdentityStore::new(Arc::new(rustls::crypto::ring::default_provider()));
+    let (svid, bundles) = load(&files).with_context(|| "cannot load the operator identity")?;
+    store
+        .publish(svid, &bundles)
+        .map_err(|e| anyhow::anyhow!("the operator identity is unusable: {e}"))?;
+    let expected = AllowList::parse(&[&gateway_id])?;
+    let channel =
+        nexus_identity::tls::grpc_channel(store, expected, &gateway, Duration::from_secs(5))
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot reach the gateway at {gateway}: {e}"))?;
+    Ok(AdminClient::new(channel))
+}
+
+fn status_error(status: tonic::Status) -> anyhow::Error {
+    anyhow::anyhow!("{}: {}", code_name(status.code()), status.message())
+}
+
+fn code_name(code: tonic::Code) -> &'static str {
+    match code {
+        tonic::Code::PermissionDenied => "PERMISSION_DENIED",
+        tonic::Code::InvalidArgument => "INVALID_ARGUMENT",
+        tonic::Code::FailedPrecondition => "FAILED_PRECONDITION",
+        tonic::Code::Unavailable => "UNAVAILABLE",
+        tonic::Code::Unauthenticated => "UNAUTHENTICATED",
+        _ => "ERROR",
+    }
+}
+
+fn print_change(target: &Target, what: &str, r: &ChangeResponse) {
+    if target.output == "json" {
+        println!(
+            "{}",
+            serde_json::json!({
+                "revision": r.revision, "id": r.id, "sidecars": r.sidecars,
+                "acknowledged": r.acknowledged,
+                "all_acknowledged_after_us": r.all_acknowledged_after_us,
+            })
+        );
+        return;
+    }
+    let acks = if r.all_acknowledged_after_us > 0 {
+        format!(
+            "acknowledged by all {} sidecars in {:.3} ms",
+            r.sidecars,
+            r.all_acknowledged_after_us as f64 / 1000.0
+        )
+    } else {
+        format!(
+            "acknowledged by {} of {} sidecars so far",
+            r.acknowledged, r.sidecars
+        )
+    };
+    println!("{what} at revision {}; {acks}", r.revision);
+}
+
+/// How long change commands wait for the sidecars' acknowledgements.
+const WAIT_MS: u64 = 5_000;
+
+/// `nexusctl revoke`.
+pub async fn revoke(
+    target: Target,
+    subject: String,
+    reason: String,
+    ttl: Option<Duration>,
+) -> anyhow::Result<()> {
+    let mut c = client(&target).await?;
+    let r = c
+        .revoke(RevokeRequest {
+            subject: subject.clone(),
+            reason,
+            ttl_ms: ttl.map(|t| t.as_millis() as u64).unwrap_or(0),
+            wait_ms: WAIT_MS,
+        })
+        .await
+        .map_err(status_error)?
+        .into_inner();
+    print_change(&target, &format!("revoked {subject}"), &r);
+    Ok(())
+}
+
+/// `nexusctl reinstate`.
+pub async fn reinstate(target: Target, subject: String) -> anyhow::Result<()> {
+    let mut c = client(&target).await?;
+    let r = c
+        .reinstate(ReinstateRequest {
+            subject: subject.clone(),
+            wait_ms: WAIT_MS,
+        })
+        .await
+        .map_err(status_error)?
+        .into_inner();
+    print_change(&target, &format!("reinstated {subject}"), &r);
+    Ok(())
+}
+
+/// `nexusctl exec ...`.
+pub async fn exec(target: Target, command: ExecCommand) -> anyhow::Result<()> {
+    let mut c = client(&target).await?;
+    match command {
+        ExecCommand::Open {
+            plugin,
+            clause,
+            ttl,
+        } => {
+            let r = c
+                .open_execution(OpenExecutionRequest {
+                    plugin,
+                    clause,
+                    ttl_ms: ttl.as_millis() as u64,
+                    wait_ms: WAIT_MS,
+                })
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            if target.output == "json" {
+                print_change(&target, "", &r);
+            } else {
+                println!("{}", r.id);
+            }
+        }
+        ExecCommand::Close { id } => {
+            let r = c
+                .close_execution(CloseExecutionRequest {
+                    id: id.clone(),
+                    wait_ms: WAIT_MS,
+                })
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            print_change(&target, &format!("closed {id}"), &r);
+        }
+        ExecCommand::List { all } => {
+            let list = c
+                .list_executions(ListExecutionsRequest {
+                    include_closed: all,
+                })
+                .await
+                .map_err(status_error)?
+                .into_inner()
+                .executions;
+            let rows: Vec<serde_json::Value> = list
+                .iter()
+                .filter_map(|e| {
+                    let x = e.execution.as_ref()?;
+                    Some(serde_json::json!({
+                        "id": x.id, "plugin": x.plugin, "clause": x.clause,
+                        "not_after": rfc3339(x.not_after_unix_ms), "opened_by": x.opened_by,
+                        "open": e.closed_revision == 0, "close_reason": e.close_reason,
+                    }))
+                })
+                .collect();
+            if target.output == "json" {
+                println!("{}", serde_json::Value::Array(rows));
+            } else {
+                println!(
+                    "{:<22} {:<10} {:<22} {:<7} PLUGIN",
+                    "ID", "CLAUSE", "NOT AFTER", "STATE"
+                );
+                for r in rows {
+                    println!(
+                        "{:<22} {:<10} {:<22} {:<7} {}",
+                        r["id"].as_str().unwrap_or(""),
+                        r["clause"].as_str().unwrap_or(""),
+                        r["not_after"].as_str().unwrap_or(""),
+                        if r["open"] == true {
+                            "open"
+                        } else {
+                            r["close_reason"].as_str().unwrap_or("closed")
+                        },
+                        r["plugin"].as_str().unwrap_or("")
+                    );
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+fn rfc3339(ms: u64) -> String {
+    time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
+        .ok()
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .unwrap_or_default()
+}
+
+/// `nexusctl status`.
+pub async fn status(target: Target) -> anyhow::Result<()> {
+    let mut c = client(&target).await?;
+    let s = c
+        .status(StatusRequest {})
+        .await
+        .map_err(status_error)?
+        .into_inner();
+    let last = s.last_revocation.as_ref().map(|p| {
+        serde_json::json!({
+            "revision": p.revision, "subject": p.subject, "started": rfc3339(p.started_unix_ms),
+            "sidecars": p.sidecars, "acknowledged": p.acknowledged,
+            "all_acknowledged_after_ms": (p.all_acknowledged_after_us > 0).then(|| p.all_acknowledged_after_us as f64 / 1000.0),
+        })
+    });
+    let json = serde_json::json!({
+        "gateway": s.gateway,
+        "store": s.store,
+        "revision": s.revision,
+        "open_executions": s.open_executions,
+        "sidecars": s.sidecars.iter().map(|x| serde_json::json!({
+            "spiffe_id": x.spiffe_id, "address": x.remote_addr, "connected": rfc3339(x.connected_unix_ms),
+            "acknowledged_revision": x.acknowledged_revision, "last_heard": rfc3339(x.last_heard_unix_ms),
+            "version": x.version,
+        })).collect::<Vec<_>>(),
+        "revoked": s.revoked.iter().map(|r| serde_json::json!({
+            "subject": r.subject, "reason": r.reason, "by": r.by, "at": rfc3339(r.at_unix_ms),
+            "expires": (r.expires_unix_ms > 0).then(|| rfc3339(r.expires_unix_ms)),
+        })).collect::<Vec<_>>(),
+        "last_revocation": last,
+    });
+    if target.output == "json" {
+        println!("{}", serde_json::to_string_pretty(&json)?);
+        return Ok(());
+    }
+    println!(
+        "gateway {} ({}), revision {}, {} open executions",
+        s.gateway, s.store, s.revision, s.open_executions
+    );
+    println!("\nSIDECARS ({})", s.sidecars.len());
+    for x in &s.sidecars {
+        let lag = if x.acknowledged_revision >= s.revision {
+            "in sync".to_string()
+        } else {
+            format!("behind ({} < {})", x.acknowledged_revision, s.revision)
+        };
+        println!(
+            "  {:<60} acked {:<6} {lag}  {}",
+            x.spiffe_id, x.acknowledged_revision, x.remote_addr
+        );
+    }
+    println!("\nREVOKED ({})", s.revoked.len());
+    for r in &s.revoked {
+        println!("  {:<60} by {}: {}", r.subject, r.by, r.reason);
+    }
+    if let Some(p) = &s.last_revocation {
+        if p.all_acknowledged_after_us > 0 {
+            println!(
+                "\nlast revocation: {} (revision {}) acknowledged by all {} sidecars in {:.3} ms",
+                p.subject,
+                p.revision,
+                p.sidecars,
+                p.all_acknowledged_after_us as f64 / 1000.0
+            );
+        } else {
+            println!(
+                "\nlast revocation: {} (revision {}) acknowledged by {} of {} sidecars so far",
+                p.subject, p.revision, p.acknowledged, p.sidecars
+            );
+        }
+    }
+    Ok(())
+}
+
+/// `nexusctl signals`.
+pub async fn signals(
+    target: Target,
+    workload: Option<String>,
+    since: Duration,
+) -> anyhow::Result<()> {
+    let mut c = client(&target).await?;
+    let since_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .saturating_sub(since)
+        .as_millis() as u64;
+    let list = c
+        .list_signals(ListSignalsRequest {
+            workload: workload.unwrap_or_default(),
+            since_unix_ms: since_ms,
+            limit: 1000,
+        })
+        .await
+        .map_err(status_error)?
+        .into_inner()
+        .signals;
+    let rows: Vec<serde_json::Value> = list
+        .iter()
+        .map(|s| {
+            let sig = s.signal.clone().unwrap_or_default();
+            serde_json::json!({
+                "id": s.id, "received": rfc3339(s.received_unix_ms), "kind": sig.kind,
+                "workload": sig.workload, "reporter": s.reporter, "observed_as": sig.observed_as,
+                "score": sig.score,
+                "evidence": serde_json::from_str::<serde_json::Value>(&sig.evidence_json).unwrap_or_default(),
+                "action": s.action, "reasons": s.reasons,
+            })
+        })
+        .collect();
+    if target.output == "json" {
+        println!("{}", serde_json::to_string_pretty(&rows)?);
+        return Ok(());
+    }
+    println!(
+        "{:<24} {:<18} {:>7} {:<7} WORKLOAD (REPORTER) REASONS",
+        "RECEIVED", "KIND", "SCORE", "ACTION"
+    );
+    for r in rows {
+        println!(
+            "{:<24} {:<18} {:>7.1} {:<7} {} ({}) {}",
+            r["received"].as_str().unwrap_or(""),
+            r["kind"].as_str().unwrap_or(""),
+            r["score"].as_f64().unwrap_or(0.0),
+            r["action"].as_str().unwrap_or(""),
+            r["workload"].as_str().unwrap_or(""),
+            r["reporter"].as_str().unwrap_or(""),
+            r["reasons"]
+        );
+    }
+    Ok(())
+}
+
+impl Target {
+    /// A target given in full (for `nexusctl up`).
+    pub fn local(
+        gateway: &str,
+        gateway_id: &str,
+        cert: &std::path::Path,
+        key: &std::path::Path,
+        ca: &std::path::Path,
+    ) -> Self {
+        Self {
+            gateway: Some(gateway.to_string()),
+            gateway_id: Some(gateway_id.to_string()),
+            cert: Some(cert.to_path_buf()),
+            key: Some(key.to_path_buf()),
+            ca: Some(ca.to_path_buf()),
+            up_state: None,
+            output: "text".into(),
+        }
+    }
+}
+
+/// How many sidecars are connected to the gateway.
+pub async fn connected_sidecars(target: &Target) -> anyhow::Result<usize> {
+    let mut c = client(target).await?;
+    Ok(c.status(StatusRequest {})
+        .await
+        .map_err(status_error)?
+        .into_inner()
+        .sidecars
+        .len())
+}
+
+/// Opens an execution and waits for the sidecars to apply it; returns its id.
+pub async fn open_execution(
+    target: &Target,
+    plugin: &str,
+    clause: &str,
+    ttl: Duration,
+) -> anyhow::Result<String> {
+    let mut c = client(target).await?;
+    Ok(c.open_execution(OpenExecutionRequest {
+        plugin: plugin.to_string(),
+        clause: clause.to_string(),
+        ttl_ms: ttl.as_millis() as u64,
+        wait_ms: WAIT_MS,
+    })
+    .await
+    .map_err(status_error)?
+    .into_inner()
+    .id)
+}
