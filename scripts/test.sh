@@ -5,4 +5,14 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/install-test-deps.sh
 cargo build --workspace --bins
+# A throwaway PostgreSQL for the several-gateways tests (the machine's binaries; a
+# temporary cluster on a free port, stopped on exit). Skipped when the caller gave one.
+if [ -z "${NEXUS_TEST_POSTGRES_URL:-}" ]; then
+  pgdir=$(mktemp -d /tmp/nexus-test-pg.XXXXXX)
+  pgport=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+  NEXUS_TEST_POSTGRES_URL=$(scripts/postgres.sh start "$pgdir/data" "$pgport")
+  export NEXUS_TEST_POSTGRES_URL
+  trap 'scripts/postgres.sh stop "$pgdir/data"; rm -rf "$pgdir"' EXIT
+  echo "PostgreSQL for the tests: $NEXUS_TEST_POSTGRES_URL"
+fi
 cargo test --workspace --no-fail-fast "$@"

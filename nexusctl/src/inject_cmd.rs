@@ -49,9 +49,8 @@ pub fn run(args: InjectArgs) -> anyhow::Result<()> {
         sandbox_profile: args.sandbox,
         config_map: args.config_map,
     };
-    let origin = args.file.display().to_string();
-    let injected =
-        inject_manifests(&input, &cfg, &overrides).with_context(|| format!("{origin}"))?;
+    let injected = inject_manifests(&input, &cfg, &overrides)
+        .with_context(|| args.file.display().to_string())?;
     print!("{}", injected.yaml);
     for w in &injected.workloads {
         let what = match &w.outcome {

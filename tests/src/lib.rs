@@ -329,3 +329,12 @@ pub fn raw_tcp(port: u16, payload: &[u8], wait: Duration) -> RawExchange {
         elapsed: json["elapsed"].as_f64().unwrap_or(f64::NAN),
     }
 }
+
+/// A TCP port on 127.0.0.1 that was free a moment ago (for a process that must keep
+/// its port across a restart).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}

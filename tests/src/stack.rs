@@ -389,3 +389,191 @@ pub fn otlp_receiver(dir: &Path, name: &str, delay: Option<f64>) -> OtlpReceiver
     });
     OtlpReceiver { proc, port, out }
 }
+
+/// The gateway's identity in tests.
+pub const GATEWAY_ID: &str = "spiffe://nexus.local/ns/nexus/sa/gateway";
+/// The certs-dev operator (`certs-dev/nexus.local/operator.pem`).
+pub const OPERATOR_ID: &str = "spiffe://nexus.local/ns/ops/sa/operator";
+
+/// A running gateway.
+pub struct Gateway {
+    /// The process.
+    pub proc: Proc,
+    /// `{"grpc": "ip:port", "admin": "ip:port"}`.
+    pub addresses: serde_json::Value,
+    /// Its config file (rewritten by `restart`).
+    pub config: PathBuf,
+    /// Its folder.
+    pub dir: PathBuf,
+    /// Its name (log file, config file).
+    pub name: String,
+}
+
+impl Gateway {
+    /// gRPC `host:port`.
+    pub fn grpc(&self) -> String {
+        self.addresses["grpc"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string()
+    }
+
+    /// Admin base URL.
+    pub fn admin(&self) -> String {
+        format!(
+            "http://{}",
+            self.addresses["admin"].as_str().unwrap_or_default()
+        )
+    }
+
+    /// Sum of the metric samples whose line starts with `prefix`.
+    pub fn metric_sum(&self, prefix: &str) -> f64 {
+        let out = crate::curl(&[&format!("{}/metrics", self.admin())]);
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter(|l| l.starts_with(prefix))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    }
+
+    /// Runs `nexusctl ARGS` against this gateway as `operator` (a certs-dev name such as
+    /// `nexus.local/operator`).
+    pub fn nexusctl_as(&self, operator: &str, args: &[&str]) -> std::process::Output {
+        let cert = crate::cert(&format!("{operator}.pem"));
+        let key = crate::cert(&format!("{operator}.key"));
+        let ca = crate::cert("nexus.local/ca.pem");
+        let mut full: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+        full.extend([
+            "--gateway".into(),
+            self.grpc(),
+            "--gateway-id".into(),
+            GATEWAY_ID.into(),
+            "--cert".into(),
+            cert.to_string_lossy().into_owned(),
+            "--key".into(),
+            key.to_string_lossy().into_owned(),
+            "--ca".into(),
+            ca.to_string_lossy().into_owned(),
+            "--up-state".into(),
+            "/nonexistent".into(),
+        ]);
+        let refs: Vec<&str> = full.iter().map(String::as_str).collect();
+        crate::run_bounded(30, &bin("nexusctl").to_string_lossy(), &refs)
+    }
+
+    /// `nexusctl ARGS` as the certs-dev operator; panics unless it succeeds; stdout.
+    pub fn nexusctl(&self, args: &[&str]) -> String {
+        let out = self.nexusctl_as("nexus.local/operator", args);
+        assert!(
+            out.status.success(),
+            "nexusctl {args:?} failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// `nexusctl status -o json`.
+    pub fn status(&self) -> serde_json::Value {
+        serde_json::from_str(&self.nexusctl(&["status", "-o", "json"])).expect("status JSON")
+    }
+
+    /// Waits until `n` sidecars are connected and in sync with the gateway's revision.
+    pub fn wait_in_sync(&self, n: usize) -> serde_json::Value {
+        eventually(
+            Duration::from_secs(30),
+            &format!("{n} sidecars in sync with the gateway"),
+            || {
+                let s = self.status();
+                let revision = s["revision"].as_u64()?;
+                let sidecars = s["sidecars"].as_array()?;
+                (sidecars.len() == n
+                    && sidecars
+                        .iter()
+                        .all(|x| x["acknowledged_revision"].as_u64() == Some(revision)))
+                .then_some(s)
+            },
+        )
+    }
+
+    /// Kills the process (SIGKILL) and waits for it.
+    pub fn kill9(&mut self) {
+        self.proc.signal("KILL");
+        eventually(Duration::from_secs(10), "gateway to die", || {
+            (!self.proc.is_running()).then_some(())
+        });
+    }
+
+    /// Starts the same config again (same ports: the address file is re-read).
+    pub fn restart(&mut self) {
+        let address_file = self.dir.join(format!("{}.addresses.json", self.name));
+        let _ = std::fs::remove_file(&address_file);
+        let config_str = self.config.to_string_lossy().into_owned();
+        self.proc = Proc::spawn(
+            &format!("{}-restarted", self.name),
+            &self.dir,
+            &bin("nexus-gateway"),
+            &["--config", &config_str],
+            &[("NEXUS_LOG", "info,nexus_gateway=debug")],
+        );
+        self.addresses = read_json(&address_file, Duration::from_secs(30));
+    }
+}
+
+/// Starts a gateway with its identity from `workload_api` (a Workload API serving
+/// [`GATEWAY_ID`]), the certs-dev operator allowed, on `database` (default: a SQLite
+/// file in `dir`); `extra` is appended to its TOML. `listen` may pin the gRPC port.
+pub fn gateway(
+    dir: &Path,
+    name: &str,
+    workload_api: &WorkloadApi,
+    database: Option<&str>,
+    listen: Option<&str>,
+    extra: &str,
+) -> Gateway {
+    let address_file = dir.join(format!("{name}.addresses.json"));
+    let config = dir.join(format!("{name}.toml"));
+    let db = database
+        .map(str::to_string)
+        .unwrap_or_else(|| format!("sqlite://{}", dir.join(format!("{name}.db")).display()));
+    let full = format!(
+        "name = {name:?}\nlisten = {listen:?}\noperators = [{OPERATOR_ID:?}]\n{extra}\n\n\
+         [identity]\nworkload_api_socket = {socket:?}\n\n\
+         [admin]\nlisten = \"127.0.0.1:0\"\naddress_file = {addrs:?}\n\n\
+         [database]\nurl = {db:?}\n",
+        listen = listen.unwrap_or("127.0.0.1:0"),
+        socket = workload_api.url(),
+        addrs = address_file.to_string_lossy(),
+    );
+    std::fs::write(&config, full).expect("write gateway config");
+    let config_str = config.to_string_lossy().into_owned();
+    let proc = Proc::spawn(
+        name,
+        dir,
+        &bin("nexus-gateway"),
+        &["--config", &config_str],
+        &[("NEXUS_LOG", "info,nexus_gateway=debug")],
+    );
+    let addresses = read_json(&address_file, Duration::from_secs(30));
+    let gateway = Gateway {
+        proc,
+        addresses,
+        config,
+        dir: dir.to_path_buf(),
+        name: name.to_string(),
+    };
+    let url = format!("{}/ready", gateway.admin());
+    eventually(Duration::from_secs(20), "gateway /ready", || {
+        (curl_status(&[&url]) == 200).then_some(())
+    });
+    gateway
+}
+
+/// A sidecar's `[gateway]` table for `gateway`, its snapshot in `dir/{name}.snapshot.json`.
+pub fn gateway_toml(gateway: &Gateway, dir: &Path, name: &str, extra: &str) -> String {
+    format!(
+        "[gateway]\naddress = {:?}\nidentity = {GATEWAY_ID:?}\nsnapshot_file = {:?}\nbackoff_max = \"500ms\"\n{extra}\n",
+        gateway.grpc(),
+        dir.join(format!("{name}.snapshot.json")).to_string_lossy(),
+    )
+}

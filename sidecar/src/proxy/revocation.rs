@@ -99,9 +99,14 @@ where
     }
 }
 
-/// Resolves once `peer` or `me` is revoked (never, while neither is).
+/// Resolves once `peer` or `me` becomes revoked while the connection is open. A
+/// connection that starts revoked is left to the layer, which answers each request
+/// with a 403 saying why.
 pub async fn close_when_revoked(enforcement: Arc<Enforcement>, peer: Arc<str>, me: Arc<str>) {
     let mut changes = enforcement.changes();
+    if enforcement.is_revoked(&peer) || enforcement.is_revoked(&me) {
+        std::future::pending::<()>().await;
+    }
     loop {
         if enforcement.is_revoked(&peer) || enforcement.is_revoked(&me) {
             return;

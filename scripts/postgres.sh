@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# A throwaway PostgreSQL for the tests: `scripts/postgres.sh start DIR PORT` creates a
+# cluster in DIR (initdb, trust auth on 127.0.0.1 only), starts it on PORT and prints
+# its URL; `scripts/postgres.sh stop DIR` stops it. Uses the machine's PostgreSQL
+# binaries (Debian's postgresql-15 layout, or initdb/pg_ctl on PATH). PostgreSQL refuses
+# to run as root, so as root the cluster runs as the `postgres` user.
+set -euo pipefail
+cmd=${1:?start|stop}
+dir=${2:?data directory}
+bin=""
+for d in /usr/lib/postgresql/*/bin; do [ -x "$d/initdb" ] && bin="$d/"; done
+as_pg() {
+  if [ "$(id -u)" = 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi
+}
+case "$cmd" in
+  start)
+    port=${3:?port}
+    if [ -z "$bin" ] && ! command -v initdb >/dev/null; then
+      echo "postgres.sh: no PostgreSQL binaries (initdb) on this machine" >&2; exit 2
+    fi
+    mkdir -p "$dir"
+    [ "$(id -u)" = 0 ] && chown postgres "$dir"
+    if [ ! -f "$dir/PG_VERSION" ]; then
+      as_pg "${bin}initdb" -D "$dir" -A trust -U nexus --no-sync >/dev/null
+    fi
+    as_pg "${bin}pg_ctl" -D "$dir" -l "$dir/server.log" -w -t 60 \
+      -o "-c listen_addresses=127.0.0.1 -p $port -k $dir -c fsync=on" start >/dev/null
+    "${bin}psql" -h 127.0.0.1 -p "$port" -U nexus -d postgres -qtAc "CREATE DATABASE nexus" >/dev/null 2>&1 || true
+    echo "postgres://nexus@127.0.0.1:$port/nexus"
+    ;;
+  stop)
+    as_pg "${bin}pg_ctl" -D "$dir" -m fast -w stop >/dev/null 2>&1 || true
+    ;;
+esac

@@ -1,0 +1,664 @@
+//! The gateway end to end: real `nexus-gateway`, real sidecars, `nexusctl` as the
+//! operator. Revocation reaches every sidecar and is acknowledged; open connections with
+//! the revoked workload close; executions open, close and expire everywhere; nothing
+//! acknowledged is lost on kill -9; a sidecar restarted while the gateway is down still
+//! enforces the last snapshot, and fails closed after the grace period; bad clients are
+//! cut off while the others keep being served; two gateways share PostgreSQL.
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use nexus_tests::stack::{
+    DATA_API_ID, GATEWAY_ID, Gateway, PLUGIN_ID, TwoHop, TwoHopOptions, WorkloadApi, gateway,
+    gateway_toml, sidecar, two_hop, workload_api,
+};
+use nexus_tests::{curl, curl_status, eventually, free_port, repo_root, temp_dir};
+
+fn policy_toml() -> String {
+    format!(
+        "[policy]\ndir = {:?}\nreload_interval = \"100ms\"\n",
+        repo_root().join("policies").to_string_lossy()
+    )
+}
+
+/// Gateway + two-hop stack: the plugin sidecar runs the reference policy, the data
+/// sidecar authenticates only; both are on the gateway's control stream.
+fn stack(
+    dir: &Path,
+    gateway_extra: &str,
+    data_gateway: &str,
+    plugin_gateway: &str,
+) -> (Gateway, TwoHop, WorkloadApi) {
+    let gw_api = workload_api(dir, "gateway-workload-api", GATEWAY_ID, &[]);
+    let gw = gateway(
+        dir,
+        "gateway",
+        &gw_api,
+        None,
+        Some(&format!("127.0.0.1:{}", free_port())),
+        gateway_extra,
+    );
+    let options = TwoHopOptions {
+        data_toml: gateway_toml(&gw, dir, "data", data_gateway),
+        plugin_toml: format!(
+            "{}\n{}",
+            policy_toml(),
+            gateway_toml(&gw, dir, "plugin", plugin_gateway)
+        ),
+        ..TwoHopOptions::default()
+    };
+    let hop = two_hop(dir, &options);
+    gw.wait_in_sync(2);
+    (gw, hop, gw_api)
+}
+
+fn get(url: &str) -> (u16, String) {
+    let out = curl(&["-s", "-w", "\n%{http_code}", url]);
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
+    (code.trim().parse().unwrap_or(0), body.to_string())
+}
+
+#[test]
+fn revocation_reaches_every_sidecar_closes_connections_and_is_lifted() {
+    let dir = temp_dir("gateway-revoke");
+    let (gw, hop, _api) = stack(dir.path(), "", "", "");
+    let exec = gw.nexusctl(&[
+        "exec",
+        "open",
+        "--plugin",
+        PLUGIN_ID,
+        "--clause",
+        "c-flood-17",
+        "--ttl",
+        "10m",
+    ]);
+    let exec = exec.trim().to_string();
+    assert!(exec.starts_with("ex-"), "execution id: {exec}");
+    let rainfall = hop.outbound_url("/clauses/c-flood-17/rainfall");
+    assert_eq!(get(&rainfall).0, 200, "allowed under the open execution");
+
+    // A long response from the data sidecar to the plugin's identity, in flight.
+    let mut args = hop.inbound_args(Some("nexus.local/flood-model"));
+    args.extend([
+        "-s".into(),
+        "-N".into(),
+        "--max-time".into(),
+        "30".into(),
+        hop.inbound_url("/stream?chunks=300&interval_ms=100"),
+    ]);
+    let stream = Command::new("curl")
+        .args(&args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("curl");
+    std::thread::sleep(Duration::from_millis(600));
+
+    let out = gw.nexusctl(&["revoke", PLUGIN_ID, "--reason", "test: stolen SVID"]);
+    let revoked_at = Instant::now();
+    assert!(out.contains("acknowledged by all 2 sidecars"), "{out}");
+
+    // Refused by its own sidecar (it stops forwarding for it) ...
+    let (status, body) = get(&rainfall);
+    assert_eq!(status, 403, "{body}");
+    assert!(body.contains("is revoked"), "{body}");
+    // ... and by the data API's sidecar: a new connection with its SVID is closed.
+    let mut args = hop.inbound_args(Some("nexus.local/flood-model"));
+    args.extend([
+        "-s".into(),
+        "-o".into(),
+        "/dev/null".into(),
+        "-w".into(),
+        "%{http_code}".into(),
+        hop.inbound_url("/clauses/c-flood-17/rainfall"),
+    ]);
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = curl(&refs);
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "000",
+        "no HTTP answer to a revoked peer"
+    );
+    // The open stream was cut well before its 30 s.
+    let out = stream.wait_with_output().expect("stream curl");
+    let chunks = String::from_utf8_lossy(&out.stdout).lines().count();
+    assert!(
+        revoked_at.elapsed() < Duration::from_secs(10),
+        "stream not cut"
+    );
+    assert!(
+        !out.status.success() && chunks < 300,
+        "stream ended with {:?} after {chunks} chunks",
+        out.status
+    );
+    hop.data.wait_metric(
+        "nexus_revoked_connections_closed_total",
+        1.0,
+        Duration::from_secs(5),
+    );
+
+    let status = gw.status();
+    let revoked = &status["revoked"][0];
+    assert_eq!(revoked["subject"], PLUGIN_ID);
+    assert_eq!(revoked["by"], nexus_tests::stack::OPERATOR_ID);
+    assert_eq!(revoked["reason"], "test: stolen SVID");
+    assert!(
+        status["last_revocation"]["all_acknowledged_after_ms"]
+            .as_f64()
+            .unwrap()
+            > 0.0,
+        "{status}"
+    );
+    let snapshot: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(dir.path().join("plugin.snapshot.json")).expect("snapshot on disk"),
+    )
+    .expect("snapshot JSON");
+    assert!(snapshot["revoked"][PLUGIN_ID].is_object(), "{snapshot}");
+
+    let out = gw.nexusctl(&["reinstate", PLUGIN_ID]);
+    assert!(out.contains("acknowledged by all 2 sidecars"), "{out}");
+    assert_eq!(get(&rainfall).0, 200, "allowed again after reinstatement");
+
+    // A pattern revokes the whole namespace, the data API is untouched.
+    gw.nexusctl(&[
+        "revoke",
+        "spiffe://nexus.local/ns/plugins/*",
+        "--reason",
+        "namespace",
+    ]);
+    assert_eq!(get(&rainfall).0, 403);
+    gw.nexusctl(&["reinstate", "spiffe://nexus.local/ns/plugins/*"]);
+    assert_eq!(get(&rainfall).0, 200);
+
+    // Revoking the destination: the plugin's sidecar refuses to call it.
+    gw.nexusctl(&["revoke", DATA_API_ID, "--reason", "data API compromised"]);
+    let (status, body) = get(&rainfall);
+    assert_eq!(status, 403, "{body}");
+    assert!(body.contains(DATA_API_ID), "{body}");
+    gw.nexusctl(&["reinstate", DATA_API_ID]);
+
+    // Closing the execution ends the plugin's access everywhere.
+    gw.nexusctl(&["exec", "close", &exec]);
+    let (status, body) = get(&rainfall);
+    assert_eq!(status, 403, "{body}");
+    assert!(body.contains("no open execution"), "{body}");
+    let list = gw.nexusctl(&["exec", "list", "--all", "-o", "json"]);
+    assert!(
+        list.contains(&format!("closed by {}", nexus_tests::stack::OPERATOR_ID)),
+        "{list}"
+    );
+}
+
+#[test]
+fn executions_expire_by_themselves_everywhere() {
+    let dir = temp_dir("gateway-expiry");
+    let (gw, hop, _api) = stack(
+        dir.path(),
+        "[limits]\nexpiry_interval = \"200ms\"\n",
+        "",
+        "",
+    );
+    let rainfall = hop.outbound_url("/clauses/c-flood-18/rainfall");
+    assert_eq!(get(&rainfall).0, 403, "no execution yet");
+    gw.nexusctl(&[
+        "exec",
+        "open",
+        "--plugin",
+        PLUGIN_ID,
+        "--clause",
+        "c-flood-18",
+        "--ttl",
+        "2s",
+    ]);
+    assert_eq!(get(&rainfall).0, 200);
+    eventually(Duration::from_secs(10), "the execution to expire", || {
+        (get(&rainfall).0 == 403).then_some(())
+    });
+    let list: serde_json::Value =
+        serde_json::from_str(&gw.nexusctl(&["exec", "list", "--all", "-o", "json"])).unwrap();
+    eventually(
+        Duration::from_secs(5),
+        "the gateway to close the expired execution",
+        || {
+            let list: serde_json::Value =
+                serde_json::from_str(&gw.nexusctl(&["exec", "list", "--all", "-o", "json"]))
+                    .ok()?;
+            (list[0]["close_reason"] == "expired").then_some(())
+        },
+    );
+    assert_eq!(list.as_array().map(Vec::len), Some(1));
+    // The sidecars dropped it from their data too.
+    gw.wait_in_sync(2);
+    let snapshot = std::fs::read_to_string(dir.path().join("plugin.snapshot.json")).unwrap();
+    assert!(!snapshot.contains("c-flood-18"), "{snapshot}");
+    // Bad input: a malformed plugin ID, a zero TTL.
+    let out = gw.nexusctl_as(
+        "nexus.local/operator",
+        &[
+            "exec",
+            "open",
+            "--plugin",
+            "flood-model",
+            "--clause",
+            "c1",
+            "--ttl",
+            "1m",
+        ],
+    );
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("INVALID_ARGUMENT"),
+        "{out:?}"
+    );
+}
+
+#[test]
+fn acknowledged_revocations_survive_kill_9_of_the_gateway() {
+    let dir = temp_dir("gateway-kill9");
+    let (mut gw, hop, _api) = stack(dir.path(), "", "", "");
+    const N: usize = 25;
+    for i in 0..N {
+        gw.nexusctl(&[
+            "revoke",
+            &format!("spiffe://nexus.local/ns/t/sa/w{i}"),
+            "--reason",
+            "kill-9 test",
+        ]);
+    }
+    gw.kill9();
+    // While it is down, the sidecars keep enforcing and say so.
+    eventually(
+        Duration::from_secs(10),
+        "plugin sidecar to notice the loss",
+        || {
+            hop.plugin
+                .metrics()
+                .contains("nexus_gateway_link{state=\"disconnected\"} 1")
+                .then_some(())
+        },
+    );
+    gw.restart();
+    let status = gw.wait_in_sync(2);
+    assert_eq!(
+        status["revoked"].as_array().map(Vec::len),
+        Some(N),
+        "{status}"
+    );
+    assert_eq!(status["revision"].as_u64(), Some(N as u64));
+    // The next change continues the revision sequence and reaches both.
+    gw.nexusctl(&[
+        "revoke",
+        "spiffe://nexus.local/ns/t/sa/after",
+        "--reason",
+        "after restart",
+    ]);
+    let status = gw.wait_in_sync(2);
+    assert_eq!(status["revision"].as_u64(), Some(N as u64 + 1));
+}
+
+#[test]
+fn sidecars_enforce_the_last_snapshot_without_the_gateway_and_fail_closed_when_asked() {
+    let dir = temp_dir("gateway-loss");
+    let (mut gw, mut hop, _api) = stack(
+        dir.path(),
+        "",
+        "fail_closed_after = \"2s\"\n",
+        "on_gateway_loss = \"keep_last\"\n",
+    );
+    gw.nexusctl(&[
+        "exec",
+        "open",
+        "--plugin",
+        PLUGIN_ID,
+        "--clause",
+        "c-flood-17",
+        "--ttl",
+        "10m",
+    ]);
+    gw.nexusctl(&[
+        "revoke",
+        "spiffe://nexus.local/ns/plugins/sa/other",
+        "--reason",
+        "loss test",
+    ]);
+    let rainfall = hop.outbound_url("/clauses/c-flood-17/rainfall");
+    assert_eq!(get(&rainfall).0, 200);
+    gw.kill9();
+
+    // The plugin sidecar, restarted while the gateway is down, still enforces the
+    // snapshot it kept: the execution is open, the revocation holds.
+    hop.plugin.proc.signal("KILL");
+    let plugin_toml = std::fs::read_to_string(&hop.plugin.config).unwrap();
+    let plugin_toml = plugin_toml.split("\n[admin]").next().unwrap().to_string();
+    let _ = std::fs::remove_file(dir.path().join("plugin-sidecar-2.addresses.json"));
+    let plugin = sidecar(dir.path(), "plugin-sidecar-2", &plugin_toml, true);
+    let rainfall = format!(
+        "http://{}/clauses/c-flood-17/rainfall",
+        plugin.outbound("hazard")
+    );
+    eventually(Duration::from_secs(5), "keep_last sidecar serving", || {
+        (get(&rainfall).0 == 200).then_some(())
+    });
+    let ready = curl(&[&format!("{}/ready", plugin.admin())]);
+    assert!(
+        String::from_utf8_lossy(&ready.stdout).contains("gateway: disconnected"),
+        "{ready:?}"
+    );
+    assert!(
+        plugin
+            .proc
+            .log_text()
+            .contains("restored the last gateway snapshot"),
+        "{}",
+        plugin.proc.log_text()
+    );
+
+    // The data sidecar fails closed after 2 s without its gateway.
+    eventually(
+        Duration::from_secs(10),
+        "data sidecar to fail closed",
+        || (hop.data.ready_status() == 503).then_some(()),
+    );
+    let (status, body) = get(&rainfall);
+    assert_eq!(status, 503, "the data sidecar refuses everything: {body}");
+    assert!(
+        hop.data
+            .metrics()
+            .contains("nexus_gateway_link{state=\"fail_closed\"} 1")
+    );
+
+    // Back: the gateway returns on the same port and the data sidecar reopens.
+    gw.restart();
+    eventually(Duration::from_secs(15), "data sidecar to reconnect", || {
+        (hop.data.ready_status() == 200).then_some(())
+    });
+    eventually(Duration::from_secs(5), "requests flow again", || {
+        (get(&rainfall).0 == 200).then_some(())
+    });
+    hop.plugin = plugin;
+}
+
+fn grpcurl(gw: &Gateway, identity: &str, data: &str) -> std::process::Output {
+    let proto = repo_root().join("crates/proto/proto");
+    let cert = nexus_tests::cert(&format!("{identity}.pem"));
+    let key = nexus_tests::cert(&format!("{identity}.key"));
+    nexus_tests::run_bounded(
+        20,
+        "grpcurl",
+        &[
+            "-insecure",
+            "-cert",
+            &cert.to_string_lossy(),
+            "-key",
+            &key.to_string_lossy(),
+            "-import-path",
+            &proto.to_string_lossy(),
+            "-proto",
+            "nexus/control/v1/control.proto",
+            "-max-time",
+            "5",
+            "-d",
+            data,
+            &gw.grpc(),
+            "nexus.control.v1.Control/Stream",
+        ],
+    )
+}
+
+#[test]
+fn bad_clients_are_cut_off_and_the_others_keep_being_served() {
+    let dir = temp_dir("gateway-bad-input");
+    let (gw, hop, _api) = stack(dir.path(), "[stream]\nmax_message_bytes = 4096\n", "", "");
+    let rainfall = hop.outbound_url("/clauses/c-flood-17/rainfall");
+
+    // An unknown operator.
+    let out = gw.nexusctl_as(
+        "nexus.local/flood-model",
+        &["revoke", DATA_API_ID, "--reason", "x"],
+    );
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("PERMISSION_DENIED") && err.contains("is not an operator"),
+        "{err}"
+    );
+    assert!(gw.metric_sum("nexus_gateway_admin_denied_total") >= 1.0);
+    // A malformed ID, with the reason.
+    let out = gw.nexusctl_as(
+        "nexus.local/operator",
+        &["revoke", "spiffe://nexus.local/a/*/b"],
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("INVALID_ARGUMENT") && err.contains("wildcard"),
+        "{err}"
+    );
+
+    // A hello claiming another identity (grpc-go's client, the plugin's SVID).
+    let out = grpcurl(
+        &gw,
+        "nexus.local/flood-model",
+        &format!("{{\"hello\":{{\"spiffe_id\":\"{DATA_API_ID}\"}}}}"),
+    );
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.contains("PermissionDenied") && text.contains("hello claims"),
+        "{text}"
+    );
+    // No hello first.
+    let out = grpcurl(&gw, "nexus.local/flood-model", "{\"ack\":{\"revision\":1}}");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("first message must be a hello"), "{text}");
+    // An oversized message after a correct hello.
+    let big = "x".repeat(8000);
+    let out = grpcurl(
+        &gw,
+        "nexus.local/flood-model",
+        &format!(
+            "{{\"hello\":{{\"spiffe_id\":\"{PLUGIN_ID}\"}}}} {{\"records\":{{\"batch\":1,\"lines\":[\"{big}\"]}}}}"
+        ),
+    );
+    assert!(!out.status.success(), "{out:?}");
+    // Garbage bytes on the gRPC port.
+    let port = nexus_tests::stack::port_of(&gw.grpc());
+    let _ = nexus_tests::raw_tcp(
+        port,
+        b"\x16\x03\x01garbage that is not TLS\r\n\r\n",
+        Duration::from_secs(1),
+    );
+    let log = gw.proc.log_text();
+    assert!(log.contains("claims another identity"), "{log}");
+    assert!(
+        gw.metric_sum("nexus_gateway_control_stream_errors_total{reason=\"identity_mismatch\"}")
+            >= 1.0
+    );
+    assert!(
+        gw.metric_sum("nexus_gateway_control_stream_errors_total{reason=\"handshake\"}") >= 1.0
+    );
+
+    // The real sidecars were never disturbed: a change still reaches both.
+    gw.nexusctl(&[
+        "exec",
+        "open",
+        "--plugin",
+        PLUGIN_ID,
+        "--clause",
+        "c-flood-17",
+        "--ttl",
+        "1m",
+    ]);
+    gw.wait_in_sync(2);
+    assert_eq!(get(&rainfall).0, 200);
+}
+
+/// A PostgreSQL for this test: `NEXUS_TEST_POSTGRES_URL` (scripts/test.sh starts one),
+/// else one started here with scripts/postgres.sh. Each test gets its own database.
+struct Postgres {
+    base: String,
+    own: Option<tempfile::TempDir>,
+}
+
+impl Postgres {
+    fn start() -> Self {
+        if let Ok(url) = std::env::var("NEXUS_TEST_POSTGRES_URL") {
+            return Self {
+                base: url,
+                own: None,
+            };
+        }
+        let dir = tempfile::Builder::new()
+            .prefix("nexus-pg")
+            .tempdir_in("/tmp")
+            .expect("pg dir");
+        let data = dir.path().join("data");
+        let out = Command::new(repo_root().join("scripts/postgres.sh"))
+            .args(["start", &data.to_string_lossy(), &free_port().to_string()])
+            .output()
+            .expect("scripts/postgres.sh");
+        assert!(
+            out.status.success(),
+            "cannot start PostgreSQL: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let base = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        Self {
+            base,
+            own: Some(dir),
+        }
+    }
+
+    /// A new empty database; its URL.
+    fn database(&self, name: &str) -> String {
+        let admin = self
+            .base
+            .rsplit_once('/')
+            .map(|(b, _)| format!("{b}/postgres"))
+            .unwrap_or_default();
+        let db = format!("{name}_{}", std::process::id());
+        for sql in [
+            format!("DROP DATABASE IF EXISTS {db}"),
+            format!("CREATE DATABASE {db}"),
+        ] {
+            let out = Command::new("psql")
+                .args([&admin, "-qtAc", &sql])
+                .output()
+                .expect("psql");
+            assert!(
+                out.status.success(),
+                "psql {sql}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        self.base
+            .rsplit_once('/')
+            .map(|(b, _)| format!("{b}/{db}"))
+            .unwrap_or_default()
+    }
+}
+
+impl Drop for Postgres {
+    fn drop(&mut self) {
+        if let Some(dir) = &self.own {
+            let _ = Command::new(repo_root().join("scripts/postgres.sh"))
+                .args(["stop", &dir.path().join("data").to_string_lossy()])
+                .output();
+        }
+    }
+}
+
+#[test]
+fn two_gateways_on_postgresql_share_state_and_reach_each_others_sidecars() {
+    let pg = Postgres::start();
+    let url = pg.database("nexus_two_gateways");
+    let dir = temp_dir("gateway-postgres");
+    let gw_api = workload_api(dir.path(), "gateway-workload-api", GATEWAY_ID, &[]);
+    let a = gateway(dir.path(), "gateway-a", &gw_api, Some(&url), None, "");
+    let b = gateway(dir.path(), "gateway-b", &gw_api, Some(&url), None, "");
+    // The plugin's sidecar is on gateway B; changes are made through gateway A.
+    let options = TwoHopOptions {
+        data_toml: gateway_toml(&a, dir.path(), "data", ""),
+        plugin_toml: format!(
+            "{}\n{}",
+            policy_toml(),
+            gateway_toml(&b, dir.path(), "plugin", "")
+        ),
+        ..TwoHopOptions::default()
+    };
+    let hop = two_hop(dir.path(), &options);
+    a.wait_in_sync(1);
+    b.wait_in_sync(1);
+    a.nexusctl(&[
+        "exec",
+        "open",
+        "--plugin",
+        PLUGIN_ID,
+        "--clause",
+        "c-flood-17",
+        "--ttl",
+        "10m",
+    ]);
+    let rainfall = hop.outbound_url("/clauses/c-flood-17/rainfall");
+    eventually(
+        Duration::from_secs(5),
+        "execution opened via A to reach B's sidecar",
+        || (get(&rainfall).0 == 200).then_some(()),
+    );
+    let started = Instant::now();
+    a.nexusctl(&["revoke", PLUGIN_ID, "--reason", "via A"]);
+    eventually(
+        Duration::from_secs(5),
+        "revocation via A enforced by B's sidecar",
+        || (get(&rainfall).0 == 403).then_some(()),
+    );
+    let took = started.elapsed();
+    eprintln!("revoke via gateway A -> refused by a sidecar of gateway B: {took:?}");
+    assert_eq!(
+        b.status()["revoked"][0]["by"],
+        nexus_tests::stack::OPERATOR_ID
+    );
+
+    // Concurrent changes through both replicas get dense, distinct revisions.
+    std::thread::scope(|scope| {
+        for (name, gw) in [("a", &a), ("b", &b)] {
+            scope.spawn(move || {
+                for i in 0..8 {
+                    gw.nexusctl(&[
+                        "revoke",
+                        &format!("spiffe://nexus.local/ns/c/sa/{name}{i}"),
+                        "--reason",
+                        "race",
+                    ]);
+                }
+            });
+        }
+    });
+    let end = 2 + 16; // open, revoke, then 16 revocations
+    for gw in [&a, &b] {
+        let status = eventually(
+            Duration::from_secs(5),
+            "both replicas at the last revision",
+            || {
+                let s = gw.status();
+                (s["revision"].as_u64() == Some(end)).then_some(s)
+            },
+        );
+        assert_eq!(
+            status["revoked"].as_array().map(Vec::len),
+            Some(17),
+            "{status}"
+        );
+        assert_eq!(status["store"], "postgres");
+    }
+    a.wait_in_sync(1);
+    b.wait_in_sync(1);
+}
