@@ -49,8 +49,12 @@ impl ControlService {
 
 type Out = Result<GatewayMessage, Status>;
 
-fn message(msg: gateway_message::Msg) -> Out {
-    Ok(GatewayMessage { msg: Some(msg) })
+/// Boxed in the per-stream queue: a queue slot is then a pointer, not a whole message
+/// (tokio allocates slots 32 at a time; this keeps an idle stream's queue small).
+type Queued = Box<Out>;
+
+fn message(msg: gateway_message::Msg) -> Queued {
+    Box::new(Ok(GatewayMessage { msg: Some(msg) }))
 }
 
 #[tonic::async_trait]
@@ -125,7 +129,7 @@ impl Control for ControlService {
         };
         let (id, start, deltas) = self.changes.hub.connect(info, hello.last_revision);
         tracing::info!(sidecar = %peer.spiffe_id, addr = %peer.addr, last_revision = hello.last_revision, "control stream open");
-        let (tx, rx) = mpsc::channel::<Out>(64);
+        let (tx, rx) = mpsc::channel::<Queued>(16);
         let session = Session {
             id,
             peer,
@@ -135,7 +139,10 @@ impl Control for ControlService {
             sent: hello.last_revision,
         };
         tokio::spawn(session.run(start, deltas, inbound));
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        Ok(Response::new(Box::pin(futures::StreamExt::map(
+            ReceiverStream::new(rx),
+            |queued| *queued,
+        ))))
     }
 }
 
@@ -144,7 +151,7 @@ struct Session {
     peer: PeerInfo,
     changes: Arc<Changes>,
     signals: Arc<Signals>,
-    tx: mpsc::Sender<Out>,
+    tx: mpsc::Sender<Queued>,
     /// The highest revision sent.
     sent: u64,
 }
@@ -156,7 +163,7 @@ enum End {
 }
 
 impl Session {
-    async fn send(&mut self, out: Out) -> Result<(), End> {
+    async fn send(&mut self, out: Queued) -> Result<(), End> {
         self.tx.send(out).await.map_err(|_| End::Closed)
     }
 
@@ -178,15 +185,18 @@ impl Session {
                 tracing::warn!(sidecar = %self.peer.spiffe_id, "control stream cut: silent past stream.idle_timeout");
                 let _ = self
                     .tx
-                    .send(Err(Status::deadline_exceeded(
+                    .send(Box::new(Err(Status::deadline_exceeded(
                         "no message within stream.idle_timeout",
-                    )))
+                    ))))
                     .await;
             }
             Err(End::Error(reason, detail)) => {
                 metrics.stream_error(reason);
                 tracing::warn!(sidecar = %self.peer.spiffe_id, addr = %self.peer.addr, reason, %detail, "control stream cut");
-                let _ = self.tx.send(Err(Status::invalid_argument(detail))).await;
+                let _ = self
+                    .tx
+                    .send(Box::new(Err(Status::invalid_argument(detail))))
+                    .await;
             }
         }
     }
