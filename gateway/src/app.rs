@@ -28,6 +28,8 @@ pub struct Addresses {
     pub grpc: SocketAddr,
     /// HTTP admin (`/live`, `/ready`, `/metrics`).
     pub admin: SocketAddr,
+    /// The admission webhook (HTTPS), if configured.
+    pub webhook: Option<SocketAddr>,
 }
 
 /// A started gateway.
@@ -65,11 +67,18 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
             .map_err(|e| anyhow::anyhow!("cannot open the store {}: {e}", config.database.url))?,
     );
     let hub = Hub::load(&store, config.stream.delta_log, metrics.clone()).await?;
+    let evictor = match &config.eviction {
+        Some(eviction) => Some(Arc::new(
+            nexus_kube::PodEvictor::new(eviction).map_err(|e| anyhow::anyhow!("eviction: {e}"))?,
+        )),
+        None => None,
+    };
     let changes = Arc::new(Changes {
         store: store.clone(),
         hub: hub.clone(),
         metrics: metrics.clone(),
         config: config.clone(),
+        evictor,
     });
     let signals = Arc::new(Signals::new(changes.clone()).map_err(anyhow::Error::msg)?);
 
@@ -104,10 +113,18 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
             config.admin.listen
         )
     })?;
-    let addresses = Addresses {
+    let mut addresses = Addresses {
         grpc: grpc_listener.local_addr()?,
         admin: admin_listener.local_addr()?,
+        webhook: None,
     };
+    if let Some(webhook) = &config.webhook {
+        let listener = TcpListener::bind(webhook.listen).await.map_err(|e| {
+            anyhow::anyhow!("cannot listen on {} (webhook.listen): {e}", webhook.listen)
+        })?;
+        addresses.webhook = Some(listener.local_addr()?);
+        crate::webhook::serve(listener, webhook.clone()).await?;
+    }
 
     let incoming = crate::server::incoming(
         grpc_listener,

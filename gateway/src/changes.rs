@@ -59,6 +59,8 @@ pub struct Changes {
     pub metrics: Arc<Metrics>,
     /// The configuration.
     pub config: Config,
+    /// Evicts a revoked workload's pods (opt-in, `[eviction]`).
+    pub evictor: Option<Arc<nexus_kube::PodEvictor>>,
 }
 
 pub(crate) fn unix_ms() -> u64 {
@@ -187,8 +189,28 @@ impl Changes {
             at_unix_ms: now,
             expires_unix_ms: expires,
         };
-        self.apply(Change::Revoke(revocation), actor, started, wait)
-            .await
+        let response = self
+            .apply(Change::Revoke(revocation), actor, started, wait)
+            .await?;
+        // Revocation reaching the pods: the sidecars already refuse the workload; its
+        // pods are evicted too when configured (an exact ID of the ns/NS/sa/SA form).
+        if let Some(evictor) = &self.evictor
+            && !subject.ends_with("/*")
+        {
+            let evictor = evictor.clone();
+            let subject = subject.to_string();
+            tokio::spawn(async move {
+                match evictor.evict_workload(&subject).await {
+                    Ok(report) => {
+                        tracing::warn!(%subject, evicted = ?report.evicted, blocked = ?report.blocked, "evicted the revoked workload's pods")
+                    }
+                    Err(error) => {
+                        tracing::error!(%subject, %error, "cannot evict the revoked workload's pods")
+                    }
+                }
+            });
+        }
+        Ok(response)
     }
 
     /// Lifts the revocation of `subject`.

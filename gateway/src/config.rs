@@ -65,6 +65,38 @@ pub struct Config {
     pub limits: LimitsConfig,
     /// The anomaly revocation policy (Rego); absent: signals are stored, never acted on.
     pub revocation_policy: Option<RevocationPolicyConfig>,
+    /// The Kubernetes admission webhook that injects the sidecar; absent: not served.
+    pub webhook: Option<WebhookConfig>,
+    /// Opt-in: a revocation also evicts the workload's pods through the Kubernetes API
+    /// (`spiffe://td/ns/NS/sa/SA` -> pods of NS running as SA); absent: off.
+    pub eviction: Option<nexus_kube::EvictorConfig>,
+}
+
+/// `[webhook]`
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WebhookConfig {
+    /// HTTPS listen address. Default `0.0.0.0:8443`.
+    #[serde(default = "default_webhook_listen")]
+    pub listen: SocketAddr,
+    /// PEM certificate chain the API server verifies (the webhook configuration's
+    /// caBundle signs it), e.g. from cert-manager.
+    pub cert: PathBuf,
+    /// Its PEM private key.
+    pub key: PathBuf,
+    /// What injection adds (nexus-kube's InjectConfig: images, resources, socket, ...).
+    #[serde(default)]
+    pub inject: nexus_kube::InjectConfig,
+    /// Most concurrent connections. Default 256.
+    #[serde(default = "default_webhook_connections")]
+    pub max_connections: usize,
+}
+
+fn default_webhook_listen() -> SocketAddr {
+    SocketAddr::from(([0, 0, 0, 0], 8443))
+}
+fn default_webhook_connections() -> usize {
+    256
 }
 
 impl Default for Config {
@@ -80,6 +112,8 @@ impl Default for Config {
             stream: StreamConfig::default(),
             limits: LimitsConfig::default(),
             revocation_policy: None,
+            webhook: None,
+            eviction: None,
         }
     }
 }

@@ -15,3 +15,4 @@ pub mod metrics;
 pub mod server;
 pub mod signals;
 pub mod store;
+pub mod webhook;

@@ -11,6 +11,9 @@ struct Args {
     /// The TOML configuration file.
     #[arg(long, env = "NEXUS_GATEWAY_CONFIG")]
     config: PathBuf,
+    /// Check the configuration (and the revocation policy) and exit: 0 if usable, 64 if not.
+    #[arg(long)]
+    check: bool,
 }
 
 fn main() -> std::process::ExitCode {
@@ -39,6 +42,16 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::from(64);
         }
     };
+    if args.check {
+        if let Some(policy) = &config.revocation_policy
+            && let Err(error) = nexus_policy::Bundle::load(&policy.dir)
+        {
+            eprintln!("nexus-gateway: revocation_policy.dir: {error}");
+            return std::process::ExitCode::from(64);
+        }
+        println!("nexus-gateway: {} is valid", args.config.display());
+        return std::process::ExitCode::SUCCESS;
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -662,3 +662,214 @@ fn two_gateways_on_postgresql_share_state_and_reach_each_others_sidecars() {
     a.wait_in_sync(1);
     b.wait_in_sync(1);
 }
+
+/// A self-signed serving certificate for `localhost` (what cert-manager would issue).
+fn serving_cert(dir: &Path) -> (std::path::PathBuf, std::path::PathBuf) {
+    let cert = dir.join("webhook.pem");
+    let key = dir.join("webhook.key");
+    let out = Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=localhost",
+            "-addext",
+            "subjectAltName=DNS:localhost",
+            "-keyout",
+        ])
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .output()
+        .expect("openssl");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (cert, key)
+}
+
+#[test]
+fn the_gateway_serves_the_admission_webhook_and_evicts_revoked_pods() {
+    let dir = temp_dir("gateway-kube");
+    let (cert, key) = serving_cert(dir.path());
+    // The recording stand-in for the API server.
+    let port_file = dir.path().join("api.port");
+    let record = dir.path().join("api.jsonl");
+    let _api = nexus_tests::Proc::spawn(
+        "recording-api",
+        dir.path(),
+        Path::new("python3"),
+        &[
+            &repo_root()
+                .join("tests/py/recording_api.py")
+                .to_string_lossy(),
+            &port_file.to_string_lossy(),
+            &record.to_string_lossy(),
+        ],
+        &[],
+    );
+    let port = eventually(Duration::from_secs(10), "recording API port", || {
+        std::fs::read_to_string(&port_file)
+            .ok()?
+            .trim()
+            .parse::<u16>()
+            .ok()
+    });
+    let token = dir.path().join("token");
+    std::fs::write(&token, "test-token").unwrap();
+    let gw_api = workload_api(dir.path(), "gateway-workload-api", GATEWAY_ID, &[]);
+    let gw = gateway(
+        dir.path(),
+        "gateway",
+        &gw_api,
+        None,
+        None,
+        &format!(
+            "\n[webhook]\nlisten = \"127.0.0.1:0\"\ncert = {cert:?}\nkey = {key:?}\n\n[webhook.inject]\nmax_review_bytes = 65536\n\n\
+             [eviction]\napi_server = \"http://127.0.0.1:{port}\"\ntoken_file = {token:?}\nca_file = {token:?}\ndanger_allow_plain_http = true\n"
+        ),
+    );
+    let webhook = gw.addresses["webhook"].as_str().unwrap().to_string();
+    let url = format!(
+        "https://localhost:{}/inject",
+        nexus_tests::stack::port_of(&webhook)
+    );
+    let resolve = format!(
+        "localhost:{}:127.0.0.1",
+        nexus_tests::stack::port_of(&webhook)
+    );
+    let post = |file: &Path| {
+        let out = curl(&[
+            "-s",
+            "--cacert",
+            &cert.to_string_lossy(),
+            "--resolve",
+            &resolve,
+            "-H",
+            "content-type: application/json",
+            "--data-binary",
+            &format!("@{}", file.display()),
+            "-w",
+            "\n%{http_code}",
+            &url,
+        ]);
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
+        (code.parse::<u16>().unwrap_or(0), body.to_string())
+    };
+    // A Deployment's pod: allowed with a JSONPatch that adds the sidecar.
+    let (status, body) = post(&repo_root().join("tests/kube/reviews/deployment-pod.json"));
+    assert_eq!(status, 200, "{body}");
+    let review: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(review["response"]["allowed"], true, "{body}");
+    assert_eq!(review["response"]["patchType"], "JSONPatch", "{body}");
+    // Malformed: a clear 400, never a 500.
+    let (status, body) = post(&repo_root().join("tests/kube/reviews/malformed.json"));
+    assert_eq!(status, 400, "{body}");
+    // Oversized: 413.
+    let big = dir.path().join("big.json");
+    std::fs::write(&big, format!("{{\"pad\":\"{}\"}}", "x".repeat(70_000))).unwrap();
+    assert_eq!(post(&big).0, 413);
+    assert_eq!(
+        curl_status(&[
+            "--cacert",
+            &cert.to_string_lossy(),
+            "--resolve",
+            &resolve,
+            &url
+        ]),
+        405
+    );
+
+    // Revocation reaches the pods: the workload's pods are listed and evicted.
+    gw.nexusctl(&["revoke", PLUGIN_ID, "--reason", "evict me"]);
+    let lines = eventually(Duration::from_secs(10), "eviction requests", || {
+        let text = std::fs::read_to_string(&record).ok()?;
+        let lines: Vec<serde_json::Value> = text
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect();
+        (lines.iter().filter(|l| l["method"] == "POST").count() >= 2).then_some(lines)
+    });
+    assert_eq!(lines[0]["method"], "GET");
+    assert_eq!(lines[0]["path"], "/api/v1/namespaces/plugins/pods");
+    assert!(
+        lines[0]["query"]
+            .as_str()
+            .unwrap()
+            .contains("spec.serviceAccountName%3Dflood-model"),
+        "{}",
+        lines[0]
+    );
+    assert_eq!(lines[0]["authorization"], "Bearer test-token");
+    assert_eq!(
+        lines[1]["path"],
+        "/api/v1/namespaces/plugins/pods/flood-model-0/eviction"
+    );
+    assert_eq!(lines[1]["body"]["kind"], "Eviction");
+    assert_eq!(lines[1]["body"]["apiVersion"], "policy/v1");
+    // A pattern never evicts (it names no single workload).
+    gw.nexusctl(&[
+        "revoke",
+        "spiffe://nexus.local/ns/other/*",
+        "--reason",
+        "pattern",
+    ]);
+    std::thread::sleep(Duration::from_millis(500));
+    let posts = std::fs::read_to_string(&record)
+        .unwrap()
+        .lines()
+        .filter(|l| l.contains("\"POST\""))
+        .count();
+    assert_eq!(posts, 2);
+}
+
+#[test]
+fn the_deployed_gateway_config_is_valid() {
+    // The gateway.toml inside deploy/base/gateway-config.yaml, checked by the binary.
+    let dir = temp_dir("gateway-deploy-config");
+    let toml = dir.path().join("gateway.toml");
+    let out = Command::new("python3")
+        .args([
+            "-c",
+            "import sys,yaml; d=yaml.safe_load(open(sys.argv[1])); open(sys.argv[2],'w').write(d['data']['gateway.toml'])",
+        ])
+        .arg(repo_root().join("deploy/base/gateway-config.yaml"))
+        .arg(&toml)
+        .output()
+        .expect("python3");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = Command::new(nexus_tests::bin("nexus-gateway"))
+        .args(["--check", "--config"])
+        .arg(&toml)
+        .env("SPIFFE_ENDPOINT_SOCKET", "unix:///run/spire/agent.sock")
+        .output()
+        .expect("nexus-gateway");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // A broken config exits 64 naming the field.
+    std::fs::write(&toml, "listen = \"nowhere\"\n").unwrap();
+    let out = Command::new(nexus_tests::bin("nexus-gateway"))
+        .args(["--check", "--config"])
+        .arg(&toml)
+        .output()
+        .expect("nexus-gateway");
+    assert_eq!(out.status.code(), Some(64));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("listen"));
+}

@@ -1,0 +1,125 @@
+//! The Kubernetes mutating admission webhook (`POST /inject`, HTTPS): the API server
+//! sends an AdmissionReview for each pod; nexus-kube answers with the JSONPatch that
+//! injects the sidecar (or allows, or denies with a message). Bodies are read up to
+//! `inject.max_review_bytes` (413 beyond); nothing here answers 500.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+
+use crate::config::WebhookConfig;
+
+fn load_tls(config: &WebhookConfig) -> anyhow::Result<rustls::ServerConfig> {
+    let certs: Vec<_> = rustls_pemfile::certs(&mut std::io::BufReader::new(
+        std::fs::File::open(&config.cert)
+            .map_err(|e| anyhow::anyhow!("webhook.cert {}: {e}", config.cert.display()))?,
+    ))
+    .collect::<Result<_, _>>()?;
+    let key = rustls_pemfile::private_key(&mut std::io::BufReader::new(
+        std::fs::File::open(&config.key)
+            .map_err(|e| anyhow::anyhow!("webhook.key {}: {e}", config.key.display()))?,
+    ))?
+    .ok_or_else(|| anyhow::anyhow!("webhook.key {}: no private key", config.key.display()))?;
+    let mut tls = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()?
+    .with_no_client_auth()
+    .with_single_cert(certs, key)?;
+    tls.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(tls)
+}
+
+fn json(status: u16, body: Vec<u8>) -> http::Response<Full<Bytes>> {
+    let mut response = http::Response::new(Full::new(Bytes::from(body)));
+    *response.status_mut() = http::StatusCode::from_u16(status).unwrap_or(http::StatusCode::OK);
+    response.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/json"),
+    );
+    response
+}
+
+/// Answers one request.
+pub async fn handle(
+    req: http::Request<Incoming>,
+    inject: &nexus_kube::InjectConfig,
+) -> http::Response<Full<Bytes>> {
+    if req.uri().path() != "/inject" {
+        return json(
+            404,
+            br#"{"error":"not found: the webhook is POST /inject"}"#.to_vec(),
+        );
+    }
+    if req.method() != http::Method::POST {
+        return json(
+            405,
+            br#"{"error":"POST an AdmissionReview to /inject"}"#.to_vec(),
+        );
+    }
+    let limit = inject.max_review_bytes;
+    let body = match Limited::new(req.into_body(), limit).collect().await {
+        Ok(body) => body.to_bytes(),
+        Err(error) => {
+            let (status, message) = if error.is::<http_body_util::LengthLimitError>() {
+                (
+                    413,
+                    format!("the AdmissionReview is larger than {limit} bytes (max_review_bytes)"),
+                )
+            } else {
+                (400, format!("cannot read the request body: {error}"))
+            };
+            return json(
+                status,
+                serde_json::json!({"error": message})
+                    .to_string()
+                    .into_bytes(),
+            );
+        }
+    };
+    let (status, body) = nexus_kube::review(&body, inject);
+    json(status, body)
+}
+
+/// Serves the webhook forever.
+pub async fn serve(listener: TcpListener, config: WebhookConfig) -> anyhow::Result<()> {
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(load_tls(&config)?));
+    let inject = Arc::new(config.inject.clone());
+    let slots = Arc::new(Semaphore::new(config.max_connections.max(1)));
+    tokio::spawn(async move {
+        loop {
+            let Ok(permit) = slots.clone().acquire_owned().await else {
+                return;
+            };
+            let Ok((tcp, _)) = listener.accept().await else {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                continue;
+            };
+            let acceptor = acceptor.clone();
+            let inject = inject.clone();
+            tokio::spawn(async move {
+                let _permit = permit;
+                let Ok(Ok(tls)) =
+                    tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await
+                else {
+                    return;
+                };
+                let service = hyper::service::service_fn(move |req| {
+                    let inject = inject.clone();
+                    async move { Ok::<_, Infallible>(handle(req, &inject).await) }
+                });
+                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(tls), service)
+                    .await;
+            });
+        }
+    });
+    Ok(())
+}
