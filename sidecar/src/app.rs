@@ -17,6 +17,8 @@ use crate::policy::PolicyRuntime;
 use crate::proxy::audit::Audit;
 use crate::proxy::inbound::Inbound;
 use crate::proxy::outbound::Outbound;
+use crate::proxy::watch::AnomalyWatch;
+use crate::signals::Signals;
 use crate::telemetry::Telemetry;
 
 /// Where a started sidecar listens.
@@ -120,6 +122,40 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     if let Some((control, synced)) = control {
         tokio::spawn(control.run(synced));
     }
+    // The anomaly watch: on whenever there is a gateway to report to.
+    let watch = config.gateway.as_ref().map(|_| {
+        AnomalyWatch::new(
+            config.anomaly.clone().unwrap_or_default(),
+            signal_queue.clone(),
+            metrics.clone(),
+        )
+    });
+    // Sandbox violations (POST /v1/signals from nexus-launch) feed the watch, always
+    // attributed to this sidecar's own workload.
+    let sandbox = Signals::new(metrics.clone(), crate::signals::DEFAULT_CAPACITY);
+    if let Some(watch) = &watch {
+        let watch = watch.clone();
+        let sandbox = sandbox.clone();
+        let store = store.clone();
+        tokio::spawn(async move {
+            let mut seen = 0;
+            loop {
+                for received in sandbox.since(seen) {
+                    seen = received.seq;
+                    let me = store
+                        .current()
+                        .map(|i| i.spiffe_id().to_string())
+                        .unwrap_or_default();
+                    watch.sandbox_violation(
+                        &me,
+                        &received.violation.syscall,
+                        &received.violation.action,
+                    );
+                }
+                sandbox.changed().await;
+            }
+        });
+    }
 
     let policy = match &config.policy {
         Some(_) => {
@@ -164,7 +200,8 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
             Inbound::new(&config, store.clone(), metrics.clone(), policy.clone())?
                 .with_telemetry(telemetry.as_ref())
                 .with_audit(audit.as_ref())
-                .with_enforcement(&enforcement),
+                .with_enforcement(&enforcement)
+                .with_watch(watch.as_ref()),
         );
         tokio::spawn(proxy.serve(listener));
     }
@@ -177,7 +214,8 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
             Outbound::new(&config, out, store.clone(), metrics.clone(), policy.clone())?
                 .with_telemetry(telemetry.as_ref(), out)
                 .with_audit(audit.as_ref())
-                .with_enforcement(&enforcement),
+                .with_enforcement(&enforcement)
+                .with_watch(watch.as_ref()),
         );
         tokio::spawn(proxy.serve(listener));
     }
@@ -188,7 +226,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
             policy,
             enforcement: enforcement.clone(),
         }
-        .serve(admin_listener),
+        .serve_with_signals(admin_listener, sandbox),
     );
     if let Some(path) = &config.admin.address_file {
         let json = serde_json::to_vec_pretty(&addresses)?;

@@ -84,6 +84,9 @@ pub struct Config {
     /// The control stream to the gateway (revocations, executions; signals and records
     /// back); absent: standalone, runtime data from `policy.state_file`.
     pub gateway: Option<GatewayConfig>,
+    /// Anomaly detectors (nexus-anomaly's thresholds). They run whenever `[gateway]` is
+    /// set (their signals go there), with these settings or the defaults.
+    pub anomaly: Option<nexus_anomaly::DetectorConfig>,
 }
 
 /// What a sidecar does while its gateway is unreachable.
@@ -492,6 +495,15 @@ impl Config {
 
     /// Checks what serde cannot.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        if let Some(anomaly) = &self.anomaly {
+            anomaly.validate().map_err(|e| {
+                invalid(
+                    "anomaly",
+                    e.to_string(),
+                    "see the [anomaly] reference in the README",
+                )
+            })?;
+        }
         if let Some(gateway) = &self.gateway {
             AllowList::parse(&[&gateway.identity]).map_err(|e| {
                 invalid(

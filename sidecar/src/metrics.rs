@@ -27,6 +27,11 @@ struct RequestLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct KindLabels {
+    kind: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct LinkLabels {
     state: &'static str,
 }
@@ -56,6 +61,7 @@ pub struct Metrics {
     signals_dropped: Counter,
     revoked_refusals: Family<DirectionLabels, Counter>,
     connections_closed_revoked: Counter,
+    anomaly_signals: Family<KindLabels, Counter>,
     otel_spans_exported: Counter,
     otel_spans_dropped: Family<ReasonOnlyLabels, Counter>,
     otel_export_failures: Family<SignalLabels, Counter>,
@@ -230,6 +236,12 @@ impl Metrics {
             "Open connections closed because their peer (or this workload) was revoked",
             connections_closed_revoked.clone(),
         );
+        let anomaly_signals = Family::<KindLabels, Counter>::default();
+        registry.register(
+            "anomaly_signals",
+            "Anomaly signals raised by this sidecar's detectors, by kind",
+            anomaly_signals.clone(),
+        );
         let audit_written = Counter::default();
         registry.register(
             "audit_records_written",
@@ -274,6 +286,7 @@ impl Metrics {
             signals_dropped,
             revoked_refusals,
             connections_closed_revoked,
+            anomaly_signals,
             otel_spans_exported,
             otel_spans_dropped,
             otel_export_failures,
@@ -366,6 +379,13 @@ impl Metrics {
     pub fn revocation_refusal(&self, direction: Direction) {
         self.revoked_refusals
             .get_or_create(&DirectionLabels { direction })
+            .inc();
+    }
+
+    /// An anomaly signal raised.
+    pub fn anomaly_signal(&self, kind: &'static str) {
+        self.anomaly_signals
+            .get_or_create(&KindLabels { kind })
             .inc();
     }
 

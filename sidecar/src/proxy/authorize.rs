@@ -15,10 +15,11 @@ use time::OffsetDateTime;
 use super::audit::AuditFacts;
 use super::normalize::{NormalizeLimits, Normalized, normalize};
 use super::trace::TraceFacts;
+use super::watch::WatchFacts;
 use super::{ProxyBody, json_response};
 use crate::metrics::{Direction, Metrics};
-use crate::policy::PolicyRuntime;
 use crate::policy::input::{RequestFacts, build};
+use crate::policy::{Loaded, PolicyRuntime};
 
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
 
@@ -161,6 +162,24 @@ pub struct Authorize<S> {
     layer: PolicyLayer,
 }
 
+/// Whether `plugin` is bound to `clause` in the policy data (`data.nexus.bindings`);
+/// `None` when the data has no bindings for anyone.
+fn bound(loaded: &Loaded, plugin: &str, clause: &str) -> Option<bool> {
+    let bindings = &loaded.policy.data()["nexus"]["bindings"];
+    if *bindings == nexus_policy::Value::Undefined {
+        return None;
+    }
+    let list = &bindings[plugin];
+    Some(
+        list.as_array()
+            .map(|a| {
+                a.iter()
+                    .any(|c| c.as_string().map(|s| s.as_ref() == clause).unwrap_or(false))
+            })
+            .unwrap_or(false),
+    )
+}
+
 fn decision_id() -> String {
     let mut bytes = [0u8; 16];
     if ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut bytes).is_err() {
@@ -260,6 +279,10 @@ where
             if let Some(execution) = execution.as_deref() {
                 audit.set_execution_id(execution);
             }
+        }
+        if let (Some(watch), Some(clause)) = (WatchFacts::get(req.extensions()), clause.as_deref())
+        {
+            watch.set_clause(clause, bound(&loaded, &layer.parties.source, clause));
         }
         if let (Some(shadow), Some(input)) = (&loaded.shadow, shadow_input) {
             let shadow_decision = shadow.evaluate(input);

@@ -21,6 +21,7 @@ use super::normalize::NormalizeLimits;
 use super::revocation::{RevocationLayer, close_when_revoked};
 use super::serve::{accept_loop, http_server, serve_http};
 use super::trace::TraceLayer;
+use super::watch::{AnomalyWatch, WatchLayer};
 use crate::config::{AppProtocol, Config};
 use crate::control::Enforcement;
 use crate::metrics::Metrics;
@@ -42,6 +43,7 @@ pub struct Inbound {
     telemetry: Option<Telemetry>,
     audit: Option<Arc<Audit>>,
     enforcement: Arc<Enforcement>,
+    watch: Option<Arc<AnomalyWatch>>,
 }
 
 impl Inbound {
@@ -98,12 +100,19 @@ impl Inbound {
             telemetry: None,
             audit: None,
             enforcement: Enforcement::standalone(),
+            watch: None,
         })
     }
 
     /// Traces every request (a span each, `traceparent` carried on) when `telemetry` is on.
     pub fn with_telemetry(mut self, telemetry: Option<&Telemetry>) -> Self {
         self.telemetry = telemetry.cloned();
+        self
+    }
+
+    /// Feeds every request to the anomaly detectors when `watch` is on.
+    pub fn with_watch(mut self, watch: Option<&Arc<AnomalyWatch>>) -> Self {
+        self.watch = watch.cloned();
         self
     }
 
@@ -136,6 +145,9 @@ impl Inbound {
             Ok(Ok(tls)) => tls,
             Ok(Err(error)) => {
                 let reason = handshake_failure_reason(&error);
+                if let Some(watch) = &self.watch {
+                    watch.auth_failure(None, reason);
+                }
                 tracing::debug!(%error, reason, "inbound handshake failed");
                 self.metrics.handshake_failure(DIRECTION, reason);
                 return;
@@ -190,6 +202,9 @@ impl Inbound {
                     .clone()
                     .map(|audit| AuditLayer::new(audit, parties.clone())),
             )
+            .option_layer(self.watch.clone().map(|watch| {
+                WatchLayer::new(watch, parties.source.clone(), nexus_anomaly::Observed::Peer)
+            }))
             .layer(CallerIdentityLayer::new(self.store.clone(), Some(peer)))
             .layer(RevocationLayer::new(
                 self.enforcement.clone(),

@@ -13,6 +13,7 @@ pub mod outbound;
 pub mod revocation;
 pub mod serve;
 pub mod trace;
+pub mod watch;
 
 use bytes::Bytes;
 use http_body_util::BodyExt;

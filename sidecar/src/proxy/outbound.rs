@@ -22,6 +22,7 @@ use super::normalize::NormalizeLimits;
 use super::revocation::{RevocationLayer, close_when_revoked};
 use super::serve::{accept_loop, http_server, serve_http};
 use super::trace::TraceLayer;
+use super::watch::{AnomalyWatch, WatchLayer};
 use crate::config::{Config, OutboundConfig};
 use crate::control::Enforcement;
 use crate::metrics::Metrics;
@@ -42,6 +43,7 @@ pub struct Outbound {
     trace: Option<TraceLayer>,
     audit: Option<Arc<Audit>>,
     enforcement: Arc<Enforcement>,
+    watch: Option<Arc<AnomalyWatch>>,
 }
 
 impl Outbound {
@@ -100,6 +102,7 @@ impl Outbound {
             trace: None,
             audit: None,
             enforcement: Enforcement::standalone(),
+            watch: None,
         })
     }
 
@@ -113,7 +116,14 @@ impl Outbound {
         self
     }
 
-    /// Makes an execution record of every request when `audit` is on.
+    /// Feeds every request to the anomaly detectors when `watch` is on.
+    pub fn with_watch(mut self, watch: Option<&Arc<AnomalyWatch>>) -> Self {
+        self.watch = watch.cloned();
+        self
+    }
+
+    /// Enforces the gateway's revocations (and gateway loss) on every request and
+    /// connection.
     pub fn with_enforcement(mut self, enforcement: &Arc<Enforcement>) -> Self {
         self.enforcement = enforcement.clone();
         self
@@ -155,6 +165,9 @@ impl Outbound {
                     .clone()
                     .map(|audit| AuditLayer::new(audit, parties.clone())),
             )
+            .option_layer(self.watch.clone().map(|watch| {
+                WatchLayer::new(watch, parties.source.clone(), nexus_anomaly::Observed::Own)
+            }))
             .layer(CallerIdentityLayer::new(self.store.clone(), None))
             .layer(RevocationLayer::new(
                 self.enforcement.clone(),
