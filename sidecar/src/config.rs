@@ -448,6 +448,47 @@ impl Config {
         if let Some(v) = get("NEXUS_ADDRESS_FILE") {
             self.admin.address_file = Some(PathBuf::from(v));
         }
+        // Injection (nexusctl inject, the admission webhook) names the gateway this way.
+        if let Some(address) = get("NEXUS_GATEWAY_ADDRESS").filter(|a| !a.is_empty()) {
+            match &mut self.gateway {
+                Some(gateway) => {
+                    gateway.address = address;
+                    if let Some(id) = get("NEXUS_GATEWAY_ID") {
+                        gateway.identity = id;
+                    }
+                    if gateway.snapshot_file.is_none() {
+                        gateway.snapshot_file =
+                            get("NEXUS_GATEWAY_SNAPSHOT_FILE").map(PathBuf::from);
+                    }
+                }
+                None => {
+                    let identity = get("NEXUS_GATEWAY_ID").ok_or_else(|| {
+                        invalid(
+                            "gateway.identity",
+                            "NEXUS_GATEWAY_ADDRESS is set but not the gateway's SPIFFE ID",
+                            "set NEXUS_GATEWAY_ID (or a [gateway] table with identity)",
+                        )
+                    })?;
+                    self.gateway = Some(GatewayConfig {
+                        address,
+                        identity,
+                        snapshot_file: get("NEXUS_GATEWAY_SNAPSHOT_FILE").map(PathBuf::from),
+                        on_gateway_loss: GatewayLoss::default(),
+                        fail_closed_after: default_fail_closed_after(),
+                        heartbeat_interval: default_heartbeat(),
+                        idle_timeout: default_gateway_idle(),
+                        connect_timeout: default_connect_timeout(),
+                        backoff_initial: default_backoff_initial(),
+                        backoff_max: default_backoff_max(),
+                        max_message_bytes: default_gateway_max_message(),
+                        signal_buffer: default_signal_buffer(),
+                        ship_records: true,
+                        record_batch: default_record_batch(),
+                        ship_interval: default_ship_interval(),
+                    });
+                }
+            }
+        }
         let listen = get("NEXUS_INBOUND_LISTEN");
         let app = get("NEXUS_INBOUND_APP");
         let allowed = get("NEXUS_INBOUND_ALLOWED_IDS");
@@ -744,6 +785,37 @@ mod tests {
         assert!(msg.contains("x.toml"), "{msg}");
         assert!(msg.contains("line 3"), "{msg}");
         assert!(msg.contains("alowed_ids"), "{msg}");
+    }
+
+    #[test]
+    fn injection_env_builds_the_gateway_link() {
+        let mut config = Config::default();
+        config
+            .apply_env(env(&[
+                (
+                    "NEXUS_GATEWAY_ADDRESS",
+                    "nexus-gateway.nexus-system.svc:7443",
+                ),
+                (
+                    "NEXUS_GATEWAY_ID",
+                    "spiffe://nexus.local/ns/nexus-system/sa/nexus-gateway",
+                ),
+                (
+                    "NEXUS_GATEWAY_SNAPSHOT_FILE",
+                    "/var/run/nexus/gateway-snapshot.json",
+                ),
+            ]))
+            .unwrap();
+        let gateway = config.gateway.as_ref().unwrap();
+        assert_eq!(gateway.address, "nexus-gateway.nexus-system.svc:7443");
+        assert_eq!(gateway.on_gateway_loss, GatewayLoss::FailClosed);
+        assert_eq!(gateway.fail_closed_after, Duration::from_secs(300));
+        // An address without the gateway's identity is refused with the fix.
+        let mut config = Config::default();
+        let err = config
+            .apply_env(env(&[("NEXUS_GATEWAY_ADDRESS", "gw:7443")]))
+            .unwrap_err();
+        assert!(err.to_string().contains("NEXUS_GATEWAY_ID"), "{err}");
     }
 
     #[test]

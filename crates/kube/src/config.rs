@@ -110,6 +110,8 @@ pub struct InjectConfig {
     pub policy_config_map: String,
     /// The gateway's control address, passed as `NEXUS_GATEWAY_ADDRESS`.
     pub gateway_address: String,
+    /// The gateway's SPIFFE ID, passed as `NEXUS_GATEWAY_ID` (its certificate must match).
+    pub gateway_id: String,
     /// The trust domain of the plugin's SPIFFE ID, given to the launcher as
     /// `NEXUS_WORKLOAD_ID=spiffe://<trust_domain>/ns/<namespace>/sa/<service account>`.
     pub trust_domain: String,
@@ -145,6 +147,7 @@ impl Default for InjectConfig {
             config_map: "nexus-sidecar".into(),
             policy_config_map: "nexus-policies".into(),
             gateway_address: "nexus-gateway.nexus-system.svc:7443".into(),
+            gateway_id: "spiffe://nexus.local/ns/nexus-system/sa/nexus-gateway".into(),
             trust_domain: "nexus.local".into(),
             inbound_port: 15006,
             admin_port: 15090,

@@ -54,6 +54,10 @@ const VOLUME_WORKLOAD_API: &str = "nexus-workload-api";
 const VOLUME_CONFIG: &str = "nexus-config";
 const VOLUME_POLICIES: &str = "nexus-policies";
 const VOLUME_LAUNCHER: &str = "nexus-launcher";
+/// The sidecar's own writable state (the gateway snapshot it keeps across restarts of
+/// the sidecar container).
+const VOLUME_STATE: &str = "nexus-state";
+const STATE_DIR: &str = "/var/run/nexus";
 const WORKLOAD_API_DIR: &str = "/spiffe-workload-api";
 const CONFIG_DIR: &str = "/etc/nexus/sidecar";
 const POLICY_DIR: &str = "/etc/nexus/policies";
@@ -382,6 +386,14 @@ impl Plan {
                 ..Default::default()
             },
         ];
+        volumes.push(Volume {
+            name: VOLUME_STATE.into(),
+            empty_dir: Some(EmptyDirVolumeSource {
+                size_limit: Some(Quantity("16Mi".into())),
+                ..Default::default()
+            }),
+            ..Default::default()
+        });
         if self.sandbox.is_some() {
             volumes.push(Volume {
                 name: VOLUME_LAUNCHER.into(),
@@ -409,6 +421,11 @@ impl Plan {
             env("SPIFFE_ENDPOINT_SOCKET", &socket),
             env("NEXUS_ADMIN_LISTEN", &format!("0.0.0.0:{}", cfg.admin_port)),
             env("NEXUS_GATEWAY_ADDRESS", &cfg.gateway_address),
+            env("NEXUS_GATEWAY_ID", &cfg.gateway_id),
+            env(
+                "NEXUS_GATEWAY_SNAPSHOT_FILE",
+                &format!("{STATE_DIR}/gateway-snapshot.json"),
+            ),
         ];
         if self.inbound_app.is_some() || self.inbound_allowed_ids.is_some() {
             vars.push(env(
@@ -457,6 +474,7 @@ impl Plan {
                 mount(VOLUME_WORKLOAD_API, WORKLOAD_API_DIR),
                 mount(VOLUME_CONFIG, CONFIG_DIR),
                 mount(VOLUME_POLICIES, POLICY_DIR),
+                state_mount(),
             ]),
             ..Default::default()
         }
@@ -673,6 +691,15 @@ fn resources(r: &Resources) -> ResourceRequirements {
     ResourceRequirements {
         requests: quantities(&r.requests),
         limits: quantities(&r.limits),
+        ..Default::default()
+    }
+}
+
+/// The sidecar's writable state folder (read-write, unlike its other mounts).
+fn state_mount() -> VolumeMount {
+    VolumeMount {
+        name: VOLUME_STATE.into(),
+        mount_path: STATE_DIR.into(),
         ..Default::default()
     }
 }
