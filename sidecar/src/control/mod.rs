@@ -284,9 +284,8 @@ impl Control {
                 *changed = true;
             }
             Some(gateway_message::Msg::Delta(delta)) => {
-                if synced.apply(&delta).map_err(SessionError::Protocol)? {
-                    *changed = true;
-                }
+                let applied = synced.apply(&delta).map_err(SessionError::Protocol)?;
+                *changed |= applied;
             }
             Some(gateway_message::Msg::Heartbeat(_)) => {}
             Some(gateway_message::Msg::BatchAck(ack)) => match ack.kind.as_str() {
@@ -306,13 +305,12 @@ impl Control {
                         self.metrics.records_shipped(ack.stored);
                     }
                 }
-                "signals" => {
+                "signals"
                     if signals_in_flight
                         .as_ref()
-                        .is_some_and(|(batch, _)| *batch == ack.batch)
-                    {
-                        *signals_in_flight = None;
-                    }
+                        .is_some_and(|(batch, _)| *batch == ack.batch) =>
+                {
+                    *signals_in_flight = None;
                 }
                 _ => {}
             },
