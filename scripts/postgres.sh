@@ -19,7 +19,11 @@ case "$cmd" in
       echo "postgres.sh: no PostgreSQL binaries (initdb) on this machine" >&2; exit 2
     fi
     mkdir -p "$dir"
-    [ "$(id -u)" = 0 ] && chown postgres "$dir"
+    if [ "$(id -u)" = 0 ]; then
+      chown postgres "$dir"
+      # The postgres user must be able to reach the folder (mktemp makes 0700 parents).
+      chmod a+x "$(dirname "$dir")"
+    fi
     if [ ! -f "$dir/PG_VERSION" ]; then
       as_pg "${bin}initdb" -D "$dir" -A trust -U nexus --no-sync >/dev/null
     fi

@@ -147,7 +147,9 @@ async fn handle(req: Request<Incoming>) -> Response<Body> {
                 .bytes()
                 .chain(item.bytes())
                 .fold(7u64, |h, b| h.wrapping_mul(31).wrapping_add(u64::from(b)));
-            let values: Vec<u64> = (0..5)
+            // `?n=` asks for more values (a bulk read; at most 1,000,000).
+            let n = query_param(&req, "n").unwrap_or(5).min(1_000_000);
+            let values: Vec<u64> = (0..n)
                 .map(|i| (seed.wrapping_add(i * 7919)) % 100)
                 .collect();
             json(

@@ -3,8 +3,10 @@
 //! the clause it named and whether that clause is bound to the plugin, and the bytes
 //! each way. Signals go to the bounded queue the control stream drains to the gateway.
 //!
-//! Inbound, the watched workload is the peer (`observed_as: peer`); outbound, it is this
-//! sidecar's own workload (`self`), whose request bodies are its egress.
+//! Inbound, the watched workload is the peer (`observed_as: peer`) and its egress is
+//! what it takes out of the app behind this sidecar (the response bytes: a plugin
+//! pulling far more clause data than usual). Outbound, it is this sidecar's own
+//! workload (`self`), and its egress is what it pushes out (the request bodies).
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -119,6 +121,16 @@ pub struct WatchLayer {
     watch: Arc<AnomalyWatch>,
     workload: Arc<str>,
     observed: Observed,
+}
+
+impl WatchLayer {
+    /// (egress, ingress) of the watched workload from (request, response) bytes.
+    fn directions(&self, request: u64, response: u64) -> (u64, u64) {
+        match self.observed {
+            Observed::Peer => (response, request),
+            Observed::Own => (request, response),
+        }
+    }
 }
 
 impl WatchLayer {
@@ -247,14 +259,17 @@ impl Drop for Report {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .take();
+        let (bytes_out, bytes_in) = self
+            .layer
+            .directions(self.sent.load(Ordering::Relaxed), self.received);
         let event = RequestEvent {
             workload: &self.layer.workload,
             observed_as: self.layer.observed,
             allowed: self.allowed,
             clause: clause.as_ref().map(|(c, _)| c.as_str()),
             clause_bound: clause.as_ref().and_then(|(_, b)| *b),
-            bytes_out: self.sent.load(Ordering::Relaxed),
-            bytes_in: self.received,
+            bytes_out,
+            bytes_in,
         };
         let signals = self.layer.watch.detectors.on_request(&event, unix_ms());
         if !signals.is_empty() {
