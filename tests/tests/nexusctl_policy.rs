@@ -181,6 +181,8 @@ fn policy_test_coverage_reports_a_percentage_per_module() {
 fn policy_test_fails_naming_the_failing_test() {
     let dir = temp_dir("nexusctl-failing");
     let copy = copy_policies(dir.path());
+    // Only the authz policy: the gateway's revocation policy has tests of its own.
+    std::fs::remove_dir_all(copy.join("revocation")).expect("remove revocation");
     let tests = copy.join("nexus/authz/authz_test.rego");
     let mut text = std::fs::read_to_string(&tests).expect("authz_test.rego");
     text.push_str(
@@ -198,11 +200,11 @@ fn policy_test_fails_naming_the_failing_test() {
         run.stdout.contains("authz_test.rego"),
         "names the file: {run:?}"
     );
-    assert_eq!(summary(&run.stdout), (all_test_count(), 1));
+    assert_eq!(summary(&run.stdout), (reference_test_count(), 1));
     assert!(run.stderr.contains("1 policy test(s) failed"), "{run:?}");
 
     // --run selects tests by name: without the failing one it passes.
-    let run = nexusctl(&["policy", "test", "--run", "unbound", &s(&copy)]);
+    let run = nexusctl(&["policy", "test", "--run", "unbound_clause_is", &s(&copy)]);
     assert_eq!(run.code, 0, "{run:?}");
     assert_eq!(summary(&run.stdout), (1, 0));
 
