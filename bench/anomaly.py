@@ -136,7 +136,9 @@ def main():
             kinds = sorted({s["kind"] for s in plugin_signals(40) if s["action"] == "revoke"})
             if PLUGIN in revoked():
                 ctl(state, "reinstate", PLUGIN)
-            time.sleep(2)
+            # Let the detectors' windows (10 s) forget the episode before the next one:
+            # what they still hold would revoke the reinstated plugin again.
+            time.sleep(12)
             return refused, kinds, statuses
 
         spikes, exfil = [], []

@@ -18,7 +18,7 @@ pub struct DetectorConfig {
     /// Least time between two signals of one kind about one workload; what arrives in
     /// between is counted as `suppressed` in the next signal's evidence. A signal whose
     /// score is at least twice the last one's still goes out (an escalating attack is
-    /// reported as it grows). Default 30s.
+    /// reported as it grows). Default 5s: a workload reinstated and re-offending is seen again within seconds.
     #[serde(with = "humantime_serde")]
     pub cooldown: Duration,
     /// The adaptive baseline shared by the rate and egress detectors.
@@ -41,7 +41,7 @@ impl Default for DetectorConfig {
     fn default() -> Self {
         Self {
             max_workloads: 4096,
-            cooldown: Duration::from_secs(30),
+            cooldown: Duration::from_secs(5),
             baseline: BaselineConfig::default(),
             rate_spike: RateSpikeConfig::default(),
             denial_burst: DenialBurstConfig::default(),

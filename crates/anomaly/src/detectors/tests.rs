@@ -179,7 +179,10 @@ fn idle_ticks_do_not_lower_the_baseline() {
 
 #[test]
 fn a_flood_yields_one_signal_per_cooldown_with_the_suppressed_count() {
-    let d = Detectors::new(DetectorConfig::default());
+    let d = Detectors::new(DetectorConfig {
+        cooldown: std::time::Duration::from_secs(30),
+        ..DetectorConfig::default()
+    });
     let mut ev = event(PLUGIN);
     ev.allowed = false;
     // 100 denials a second for 70 s: signals as the count in the first window doubles
