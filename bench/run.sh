@@ -149,12 +149,13 @@ prerequisites() {
   for tool in curl openssl "$PY"; do
     command -v "$tool" >/dev/null || die "$tool is required"
   done
-  if [[ ! -x $TARGET_DIR/release/nexus-sidecar || ! -x $TARGET_DIR/release/nexusctl ]]; then
-    log "building release binaries (cargo build --release -p nexus-sidecar -p nexusctl)"
-    (cd "$ROOT" && cargo build --release -p nexus-sidecar -p nexusctl)
+  if [[ ! -x $TARGET_DIR/release/nexus-sidecar || ! -x $TARGET_DIR/release/nexusctl || ! -x $TARGET_DIR/release/nexus-gateway ]]; then
+    log "building release binaries (cargo build --release -p nexus-sidecar -p nexusctl -p nexus-gateway)"
+    (cd "$ROOT" && cargo build --release -p nexus-sidecar -p nexusctl -p nexus-gateway)
   fi
   SIDECAR="$TARGET_DIR/release/nexus-sidecar"
   NEXUSCTL="$TARGET_DIR/release/nexusctl"
+  GATEWAY="$TARGET_DIR/release/nexus-gateway"
 }
 
 # ---- targets --------------------------------------------------------------------
@@ -180,6 +181,31 @@ start_workload_api() {
     sleep 0.1
   done
   die "timed out waiting for $WA_SOCKET"
+}
+
+# start_gateway: nexus-gateway (SQLite in the work dir) with its own dev Workload API.
+# Sets GATEWAY_GRPC and GATEWAY_ID.
+start_gateway() {
+  GATEWAY_ID="spiffe://nexus.local/ns/nexus/sa/gateway"
+  local socket="$WORK/gateway-workload-api.sock"
+  start gateway-workload-api "$NEXUSCTL" dev workload-api --socket "$socket" --spiffe-id "$GATEWAY_ID" --ttl 1h
+  for ((i = 0; i < 300; i++)); do [[ -S $socket ]] && break; sleep 0.1; done
+  cat >"$WORK/gateway.toml" <<EOF
+listen = "127.0.0.1:0"
+
+[identity]
+workload_api_socket = "unix://$socket"
+
+[admin]
+listen = "127.0.0.1:0"
+address_file = "$WORK/gateway.json"
+
+[database]
+url = "sqlite://$WORK/gateway.db"
+EOF
+  start gateway "$GATEWAY" --config "$WORK/gateway.toml"
+  wait_file "$WORK/gateway.json" "$STARTED_PID" gateway
+  GATEWAY_GRPC=$("$PY" "$LIB" addr "$WORK/gateway.json" grpc)
 }
 
 # start_sidecar NAME WORKLOAD_API_SOCKET [EXTRA_TOML]: nexus-sidecar inbound in front
@@ -494,6 +520,22 @@ state_file = \"$WORK/runtime-data.json\"
 [audit]
 sink = { file = { path = \"$WORK/records.jsonl\", max_bytes = 1073741824 } }"
   add_target nexus-policy-audit "$SIDECAR_URL"
+  # On a gateway's control stream, without and with the anomaly detectors on every
+  # request: what the watch costs on the request path.
+  start_gateway
+  start_sidecar nexus-gateway "$WA_SOCKET" "
+[gateway]
+address = \"$GATEWAY_GRPC\"
+identity = \"$GATEWAY_ID\"
+snapshot_file = \"$WORK/nexus-gateway.snapshot.json\"
+detect_anomalies = false"
+  add_target nexus-gateway "$SIDECAR_URL"
+  start_sidecar nexus-gateway-watch "$WA_SOCKET" "
+[gateway]
+address = \"$GATEWAY_GRPC\"
+identity = \"$GATEWAY_ID\"
+snapshot_file = \"$WORK/nexus-gateway-watch.snapshot.json\""
+  add_target nexus-gateway-watch "$SIDECAR_URL"
   run_targets
   # Every request the audited sidecar served must be in its chain.
   log "audit: $("$NEXUSCTL" audit verify "$WORK/records.jsonl" 2>&1 | head -3 | tr '\n' ' ')"

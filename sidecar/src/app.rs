@@ -123,13 +123,17 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         tokio::spawn(control.run(synced));
     }
     // The anomaly watch: on whenever there is a gateway to report to.
-    let watch = config.gateway.as_ref().map(|_| {
-        AnomalyWatch::new(
-            config.anomaly.clone().unwrap_or_default(),
-            signal_queue.clone(),
-            metrics.clone(),
-        )
-    });
+    let watch = config
+        .gateway
+        .as_ref()
+        .filter(|g| g.detect_anomalies)
+        .map(|_| {
+            AnomalyWatch::new(
+                config.anomaly.clone().unwrap_or_default(),
+                signal_queue.clone(),
+                metrics.clone(),
+            )
+        });
     // Sandbox violations (POST /v1/signals from nexus-launch) feed the watch, always
     // attributed to this sidecar's own workload.
     let sandbox = Signals::new(metrics.clone(), crate::signals::DEFAULT_CAPACITY);

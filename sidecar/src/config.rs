@@ -85,7 +85,8 @@ pub struct Config {
     /// back); absent: standalone, runtime data from `policy.state_file`.
     pub gateway: Option<GatewayConfig>,
     /// Anomaly detectors (nexus-anomaly's thresholds). They run whenever `[gateway]` is
-    /// set (their signals go there), with these settings or the defaults.
+    /// set (their signals go there) and `gateway.detect_anomalies` is not false, with
+    /// these settings or the defaults.
     pub anomaly: Option<nexus_anomaly::DetectorConfig>,
 }
 
@@ -153,6 +154,9 @@ pub struct GatewayConfig {
     /// How often new records are looked for. Default 1s.
     #[serde(default = "default_ship_interval", with = "humantime_serde")]
     pub ship_interval: Duration,
+    /// Run the anomaly detectors (`[anomaly]`) and send their signals. Default true.
+    #[serde(default = "default_true")]
+    pub detect_anomalies: bool,
 }
 
 fn default_fail_closed_after() -> Duration {
@@ -485,6 +489,7 @@ impl Config {
                         ship_records: true,
                         record_batch: default_record_batch(),
                         ship_interval: default_ship_interval(),
+                        detect_anomalies: true,
                     });
                 }
             }

@@ -374,6 +374,21 @@ pub fn interpreter_reasons(bundle: &Bundle) -> Vec<String> {
             if q.stmts.iter().any(|s| !s.with_mods.is_empty()) {
                 seen.insert("uses `with`");
             }
+            // regorus 0.14's RVM does not fail a body when a `:=` assigns an undefined
+            // value, so a later `not` in that body succeeds where OPA and the
+            // interpreter say undefined: a fail-open (measured: `x := cfg[input.k].a;
+            // not input.o in x` allows for an unknown k). Such bodies run on the
+            // interpreter.
+            let assigns = q.stmts.iter().any(|s| {
+                matches!(&s.literal, Literal::Expr { expr, .. } if matches!(expr.as_ref(), Expr::AssignExpr { .. }))
+            });
+            let negates = q
+                .stmts
+                .iter()
+                .any(|s| matches!(&s.literal, Literal::NotExpr { .. }));
+            if assigns && negates {
+                seen.insert("assigns with `:=` and negates with `not` in one body");
+            }
         });
     }
     reasons.extend(seen.into_iter().map(String::from));
@@ -960,6 +975,30 @@ mod tests {
                 .any(|l| l.contains("p.rego:5:") && l.contains("`with io.jwt.decode as ...`")),
             "{f:?}"
         );
+    }
+
+    #[test]
+    fn an_undefined_assignment_before_a_negation_runs_on_the_interpreter() {
+        let text = "package t\nimport rego.v1\ncfg := {\"a\": {\"obs\": [\"peer\"]}}\n\
+                    allow if {\n\tobs := cfg[input.kind].obs\n\tnot input.o in obs\n}\n\
+                    decision := {\"allow\": true, \"reasons\": []} if allow\n";
+        let b = bundle(&[("t.rego", text)]);
+        let reasons = interpreter_reasons(&b);
+        assert!(reasons.iter().any(|r| r.contains("negates")), "{reasons:?}");
+        // And the decision is then right: an unknown kind is not allowed.
+        let policy = crate::Policy::compile(
+            &b,
+            &crate::Value::new_object(),
+            crate::PolicyOptions {
+                decision_rule: "data.t.decision".into(),
+                ..crate::PolicyOptions::default()
+            },
+        )
+        .unwrap();
+        let input = crate::Value::from(serde_json::json!({"kind": "zzz", "o": "peer"}));
+        assert!(!policy.evaluate(input).allow);
+        let input = crate::Value::from(serde_json::json!({"kind": "a", "o": "self"}));
+        assert!(policy.evaluate(input).allow);
     }
 
     #[test]
