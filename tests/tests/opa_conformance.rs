@@ -53,3 +53,24 @@ fn every_decision_policy_matches_opa() {
         "no summary line in the conformance output:\n{stdout}"
     );
 }
+
+#[test]
+fn the_revocation_policy_matches_opa() {
+    let root = repo_root();
+    let out = Command::new("python3")
+        .arg(root.join("tests/opa/revocation_conformance.py"))
+        .arg("--nexusctl")
+        .arg(bin("nexusctl"))
+        .arg("--policies")
+        .arg(root.join("policies"))
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run tests/opa/revocation_conformance.py: {e}"));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    println!("{stdout}");
+    eprintln!("{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "nexus and OPA disagree on the revocation policy (see MISMATCH above)"
+    );
+    assert!(stdout.contains(" passed, 0 failed"), "{stdout}");
+}
