@@ -16,6 +16,7 @@ use nexus_proto::control::{
 };
 use tokio::sync::{Mutex as AsyncMutex, broadcast, watch};
 
+use crate::changes::unix_ms;
 use crate::metrics::Metrics;
 use crate::store::{Change, Store, StoreError};
 
@@ -111,16 +112,6 @@ pub struct Hub {
     /// Finished propagations by revision (the last 1024).
     recent: std::sync::Mutex<BTreeMap<u64, Propagation>>,
     metrics: Arc<Metrics>,
-}
-
-fn unix_ms() -> u64 {
-    u64::try_from(
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap_or_default()
-            .as_millis(),
-    )
-    .unwrap_or(u64::MAX)
 }
 
 impl Hub {

@@ -178,13 +178,7 @@ fn migrator() -> Migrator {
 }
 
 fn now_ms() -> i64 {
-    i64::try_from(
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap_or_default()
-            .as_millis(),
-    )
-    .unwrap_or(i64::MAX)
+    to_i64(crate::changes::unix_ms())
 }
 
 fn to_i64(v: u64) -> i64 {

@@ -473,6 +473,44 @@ impl Gateway {
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
+    /// `nexusctl exec open`: an execution of `clause` for `plugin`; its id.
+    pub fn open_execution(&self, plugin: &str, clause: &str, ttl: &str) -> String {
+        self.nexusctl(&[
+            "exec", "open", "--plugin", plugin, "--clause", clause, "--ttl", ttl,
+        ])
+        .trim()
+        .to_string()
+    }
+
+    /// Opens a control stream with grpcurl (grpc-go) as the certs-dev `identity` and
+    /// sends `messages` (grpcurl's JSON, several separated by spaces); its output.
+    pub fn grpcurl_stream(&self, identity: &str, messages: &str) -> std::process::Output {
+        let proto = crate::repo_root().join("crates/proto/proto");
+        let cert = crate::cert(&format!("{identity}.pem"));
+        let key = crate::cert(&format!("{identity}.key"));
+        crate::run_bounded(
+            20,
+            "grpcurl",
+            &[
+                "-insecure",
+                "-cert",
+                &cert.to_string_lossy(),
+                "-key",
+                &key.to_string_lossy(),
+                "-import-path",
+                &proto.to_string_lossy(),
+                "-proto",
+                "nexus/control/v1/control.proto",
+                "-max-time",
+                "5",
+                "-d",
+                messages,
+                &self.grpc(),
+                "nexus.control.v1.Control/Stream",
+            ],
+        )
+    }
+
     /// `nexusctl status -o json`.
     pub fn status(&self) -> serde_json::Value {
         serde_json::from_str(&self.nexusctl(&["status", "-o", "json"])).expect("status JSON")

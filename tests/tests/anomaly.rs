@@ -90,16 +90,7 @@ fn signals(gw: &Gateway) -> Vec<serde_json::Value> {
 fn a_flooding_plugin_is_revoked_automatically_and_refused_everywhere() {
     let dir = temp_dir("anomaly-flood");
     let (gw, hop, _api) = stack(dir.path());
-    gw.nexusctl(&[
-        "exec",
-        "open",
-        "--plugin",
-        PLUGIN_ID,
-        "--clause",
-        "c-flood-17",
-        "--ttl",
-        "10m",
-    ]);
+    gw.open_execution(PLUGIN_ID, "c-flood-17", "10m");
     let url = hop.outbound_url("/clauses/c-flood-17/rainfall");
     // Well-behaved: 20 requests/s, long enough to warm the baselines; no revocation.
     let calm = load(&url, 20, 3.5, None);
@@ -199,9 +190,6 @@ fn forged_signals_about_another_workload_do_not_revoke_it() {
     // The plugin's SVID (a compromised plugin) sends signals over its own control
     // stream: a sandbox "kill" about the data API, claimed as self-observed, and a
     // burst of them. The policy sees the reporter and ignores them.
-    let proto = repo_root().join("crates/proto/proto");
-    let cert = nexus_tests::cert("nexus.local/flood-model.pem");
-    let key = nexus_tests::cert("nexus.local/flood-model.key");
     let forged: Vec<String> = (0..20)
         .map(|i| {
             format!(
@@ -214,27 +202,7 @@ fn forged_signals_about_another_workload_do_not_revoke_it() {
         "{{\"hello\":{{\"spiffe_id\":\"{PLUGIN_ID}\"}}}} {}",
         forged.join(" ")
     );
-    let _ = nexus_tests::run_bounded(
-        20,
-        "grpcurl",
-        &[
-            "-insecure",
-            "-cert",
-            &cert.to_string_lossy(),
-            "-key",
-            &key.to_string_lossy(),
-            "-import-path",
-            &proto.to_string_lossy(),
-            "-proto",
-            "nexus/control/v1/control.proto",
-            "-max-time",
-            "3",
-            "-d",
-            &data,
-            &gw.grpc(),
-            "nexus.control.v1.Control/Stream",
-        ],
-    );
+    let _ = gw.grpcurl_stream("nexus.local/flood-model", &data);
     let out = gw.nexusctl(&[
         "signals",
         "--workload",

@@ -64,16 +64,7 @@ fn get(url: &str) -> (u16, String) {
 fn revocation_reaches_every_sidecar_closes_connections_and_is_lifted() {
     let dir = temp_dir("gateway-revoke");
     let (gw, hop, _api) = stack(dir.path(), "", "", "");
-    let exec = gw.nexusctl(&[
-        "exec",
-        "open",
-        "--plugin",
-        PLUGIN_ID,
-        "--clause",
-        "c-flood-17",
-        "--ttl",
-        "10m",
-    ]);
+    let exec = gw.open_execution(PLUGIN_ID, "c-flood-17", "10m");
     let exec = exec.trim().to_string();
     assert!(exec.starts_with("ex-"), "execution id: {exec}");
     let rainfall = hop.outbound_url("/clauses/c-flood-17/rainfall");
@@ -202,16 +193,7 @@ fn executions_expire_by_themselves_everywhere() {
     );
     let rainfall = hop.outbound_url("/clauses/c-flood-18/rainfall");
     assert_eq!(get(&rainfall).0, 403, "no execution yet");
-    gw.nexusctl(&[
-        "exec",
-        "open",
-        "--plugin",
-        PLUGIN_ID,
-        "--clause",
-        "c-flood-18",
-        "--ttl",
-        "2s",
-    ]);
+    gw.open_execution(PLUGIN_ID, "c-flood-18", "2s");
     assert_eq!(get(&rainfall).0, 200);
     eventually(Duration::from_secs(10), "the execution to expire", || {
         (get(&rainfall).0 == 403).then_some(())
@@ -307,16 +289,7 @@ fn sidecars_enforce_the_last_snapshot_without_the_gateway_and_fail_closed_when_a
         "fail_closed_after = \"2s\"\n",
         "on_gateway_loss = \"keep_last\"\n",
     );
-    gw.nexusctl(&[
-        "exec",
-        "open",
-        "--plugin",
-        PLUGIN_ID,
-        "--clause",
-        "c-flood-17",
-        "--ttl",
-        "10m",
-    ]);
+    gw.open_execution(PLUGIN_ID, "c-flood-17", "10m");
     gw.nexusctl(&[
         "revoke",
         "spiffe://nexus.local/ns/plugins/sa/other",
@@ -380,33 +353,6 @@ fn sidecars_enforce_the_last_snapshot_without_the_gateway_and_fail_closed_when_a
     hop.plugin = plugin;
 }
 
-fn grpcurl(gw: &Gateway, identity: &str, data: &str) -> std::process::Output {
-    let proto = repo_root().join("crates/proto/proto");
-    let cert = nexus_tests::cert(&format!("{identity}.pem"));
-    let key = nexus_tests::cert(&format!("{identity}.key"));
-    nexus_tests::run_bounded(
-        20,
-        "grpcurl",
-        &[
-            "-insecure",
-            "-cert",
-            &cert.to_string_lossy(),
-            "-key",
-            &key.to_string_lossy(),
-            "-import-path",
-            &proto.to_string_lossy(),
-            "-proto",
-            "nexus/control/v1/control.proto",
-            "-max-time",
-            "5",
-            "-d",
-            data,
-            &gw.grpc(),
-            "nexus.control.v1.Control/Stream",
-        ],
-    )
-}
-
 #[test]
 fn bad_clients_are_cut_off_and_the_others_keep_being_served() {
     let dir = temp_dir("gateway-bad-input");
@@ -437,8 +383,7 @@ fn bad_clients_are_cut_off_and_the_others_keep_being_served() {
     );
 
     // A hello claiming another identity (grpc-go's client, the plugin's SVID).
-    let out = grpcurl(
-        &gw,
+    let out = gw.grpcurl_stream(
         "nexus.local/flood-model",
         &format!("{{\"hello\":{{\"spiffe_id\":\"{DATA_API_ID}\"}}}}"),
     );
@@ -452,7 +397,7 @@ fn bad_clients_are_cut_off_and_the_others_keep_being_served() {
         "{text}"
     );
     // No hello first.
-    let out = grpcurl(&gw, "nexus.local/flood-model", "{\"ack\":{\"revision\":1}}");
+    let out = gw.grpcurl_stream("nexus.local/flood-model", "{\"ack\":{\"revision\":1}}");
     let text = format!(
         "{}{}",
         String::from_utf8_lossy(&out.stdout),
@@ -461,9 +406,7 @@ fn bad_clients_are_cut_off_and_the_others_keep_being_served() {
     assert!(text.contains("first message must be a hello"), "{text}");
     // An oversized message after a correct hello.
     let big = "x".repeat(8000);
-    let out = grpcurl(
-        &gw,
-        "nexus.local/flood-model",
+    let out = gw.grpcurl_stream("nexus.local/flood-model",
         &format!(
             "{{\"hello\":{{\"spiffe_id\":\"{PLUGIN_ID}\"}}}} {{\"records\":{{\"batch\":1,\"lines\":[\"{big}\"]}}}}"
         ),
@@ -487,16 +430,7 @@ fn bad_clients_are_cut_off_and_the_others_keep_being_served() {
     );
 
     // The real sidecars were never disturbed: a change still reaches both.
-    gw.nexusctl(&[
-        "exec",
-        "open",
-        "--plugin",
-        PLUGIN_ID,
-        "--clause",
-        "c-flood-17",
-        "--ttl",
-        "1m",
-    ]);
+    gw.open_execution(PLUGIN_ID, "c-flood-17", "1m");
     gw.wait_in_sync(2);
     assert_eq!(get(&rainfall).0, 200);
 }
@@ -597,16 +531,7 @@ fn two_gateways_on_postgresql_share_state_and_reach_each_others_sidecars() {
     let hop = two_hop(dir.path(), &options);
     a.wait_in_sync(1);
     b.wait_in_sync(1);
-    a.nexusctl(&[
-        "exec",
-        "open",
-        "--plugin",
-        PLUGIN_ID,
-        "--clause",
-        "c-flood-17",
-        "--ttl",
-        "10m",
-    ]);
+    a.open_execution(PLUGIN_ID, "c-flood-17", "10m");
     let rainfall = hop.outbound_url("/clauses/c-flood-17/rainfall");
     eventually(
         Duration::from_secs(5),

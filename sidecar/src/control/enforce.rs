@@ -105,13 +105,7 @@ pub struct Enforcement {
 }
 
 fn unix_ms() -> i64 {
-    i64::try_from(
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap_or_default()
-            .as_millis(),
-    )
-    .unwrap_or(i64::MAX)
+    i64::try_from(super::unix_ms()).unwrap_or(i64::MAX)
 }
 
 impl Enforcement {

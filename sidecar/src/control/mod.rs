@@ -53,7 +53,8 @@ pub struct Control {
     pub records: Option<std::path::PathBuf>,
 }
 
-fn unix_ms() -> u64 {
+/// Now, in unix milliseconds.
+pub(crate) fn unix_ms() -> u64 {
     u64::try_from(
         std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)

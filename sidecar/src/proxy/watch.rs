@@ -22,20 +22,10 @@ use http_body_util::BodyExt;
 use nexus_anomaly::{Detectors, Observed, RequestEvent, Signal};
 
 use super::ProxyBody;
-use crate::control::SignalQueue;
+use crate::control::{SignalQueue, unix_ms};
 use crate::metrics::Metrics;
 
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
-
-fn unix_ms() -> u64 {
-    u64::try_from(
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap_or_default()
-            .as_millis(),
-    )
-    .unwrap_or(u64::MAX)
-}
 
 /// Detectors and where their signals go.
 pub struct AnomalyWatch {
