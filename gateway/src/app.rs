@@ -159,7 +159,23 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         identity.clone(),
     ));
 
-    // Changes made through other replicas (PostgreSQL), within poll_interval.
+    // Changes made through other replicas (PostgreSQL): at once through LISTEN/NOTIFY,
+    // and within poll_interval whatever happens to the listening connection.
+    if store.backend() == crate::store::Backend::Postgres {
+        let changes = changes.clone();
+        let url = config.database.url.clone();
+        tokio::spawn(async move {
+            loop {
+                match listen(&url, &changes).await {
+                    Ok(()) => {}
+                    Err(error) => {
+                        tracing::warn!(%error, "LISTEN on the store failed; polling until it is back")
+                    }
+                }
+                tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+            }
+        });
+    }
     {
         let changes = changes.clone();
         let interval = config.database.poll_interval;
@@ -190,6 +206,20 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     }
     tracing::info!(grpc = %addresses.grpc, admin = %addresses.admin, store = %config.database.url.split('@').next_back().unwrap_or(""), revision = hub.revision(), "gateway listening");
     Ok(Running { addresses, changes })
+}
+
+/// Catches up on every notification from another replica's commit.
+async fn listen(url: &str, changes: &Changes) -> Result<(), sqlx::Error> {
+    let mut listener = sqlx::postgres::PgListener::connect(url).await?;
+    listener.listen(crate::store::NOTIFY_CHANNEL).await?;
+    // Whatever was committed while not listening.
+    let _ = changes.hub.catch_up(&changes.store).await;
+    loop {
+        listener.recv().await?;
+        if let Err(error) = changes.hub.catch_up(&changes.store).await {
+            tracing::warn!(%error, "cannot read changes from the store");
+        }
+    }
 }
 
 /// Runs until SIGTERM or Ctrl-C.

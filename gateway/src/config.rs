@@ -147,8 +147,9 @@ pub struct DatabaseConfig {
     pub url: String,
     /// Pool size. Default 8.
     pub max_connections: u32,
-    /// How often the store is checked for changes made through other replicas
-    /// (the bound on cross-replica propagation). Default 100ms.
+    /// How often the store is checked for changes made through other replicas. With
+    /// PostgreSQL they also arrive at once through LISTEN/NOTIFY; polling bounds the
+    /// delay if the listening connection is lost. Default 100ms.
     #[serde(with = "humantime_serde")]
     pub poll_interval: Duration,
 }

@@ -159,6 +159,9 @@ pub struct Store {
     writer: Mutex<()>,
 }
 
+/// The PostgreSQL channel every commit notifies, so replicas catch up at once.
+pub const NOTIFY_CHANNEL: &str = "nexus_changes";
+
 /// Largest number of changes read in one catch-up query.
 pub const CATCH_UP_BATCH: i64 = 1000;
 
@@ -360,6 +363,14 @@ impl Store {
         .bind(data_encoding::BASE64.encode(&delta.encode_to_vec()))
         .execute(&mut *tx)
         .await?;
+        if self.backend == Backend::Postgres {
+            // Other replicas LISTEN: delivered when (and only if) this commits.
+            sqlx::query("SELECT pg_notify($1, $2)")
+                .bind(NOTIFY_CHANNEL)
+                .bind(revision.to_string())
+                .execute(&mut *tx)
+                .await?;
+        }
         tx.commit().await?;
         Ok(delta)
     }

@@ -560,7 +560,8 @@ impl Gateway {
 
 /// Starts a gateway with its identity from `workload_api` (a Workload API serving
 /// [`GATEWAY_ID`]), the certs-dev operator allowed, on `database` (default: a SQLite
-/// file in `dir`); `extra` is appended to its TOML. `listen` may pin the gRPC port.
+/// file in `dir`); `extra` is appended to its TOML (after the `[database]` table, so
+/// bare keys land there). `listen` may pin the gRPC port.
 pub fn gateway(
     dir: &Path,
     name: &str,
@@ -575,10 +576,10 @@ pub fn gateway(
         .map(str::to_string)
         .unwrap_or_else(|| format!("sqlite://{}", dir.join(format!("{name}.db")).display()));
     let full = format!(
-        "name = {name:?}\nlisten = {listen:?}\noperators = [{OPERATOR_ID:?}]\n{extra}\n\n\
+        "name = {name:?}\nlisten = {listen:?}\noperators = [{OPERATOR_ID:?}]\n\n\
          [identity]\nworkload_api_socket = {socket:?}\n\n\
          [admin]\nlisten = \"127.0.0.1:0\"\naddress_file = {addrs:?}\n\n\
-         [database]\nurl = {db:?}\n",
+         [database]\nurl = {db:?}\n{extra}\n",
         listen = listen.unwrap_or("127.0.0.1:0"),
         socket = workload_api.url(),
         addrs = address_file.to_string_lossy(),

@@ -517,7 +517,15 @@ fn two_gateways_on_postgresql_share_state_and_reach_each_others_sidecars() {
     let dir = temp_dir("gateway-postgres");
     let gw_api = workload_api(dir.path(), "gateway-workload-api", GATEWAY_ID, &[]);
     let a = gateway(dir.path(), "gateway-a", &gw_api, Some(&url), None, "");
-    let b = gateway(dir.path(), "gateway-b", &gw_api, Some(&url), None, "");
+    // B polls only every 30 s: what reaches it fast comes through LISTEN/NOTIFY.
+    let b = gateway(
+        dir.path(),
+        "gateway-b",
+        &gw_api,
+        Some(&url),
+        None,
+        "poll_interval = \"30s\"",
+    );
     // The plugin's sidecar is on gateway B; changes are made through gateway A.
     let options = TwoHopOptions {
         data_toml: gateway_toml(&a, dir.path(), "data", ""),
@@ -547,6 +555,8 @@ fn two_gateways_on_postgresql_share_state_and_reach_each_others_sidecars() {
     );
     let took = started.elapsed();
     eprintln!("revoke via gateway A -> refused by a sidecar of gateway B: {took:?}");
+    // Well under B's 30 s poll: NOTIFY carried it.
+    assert!(took < Duration::from_secs(3), "{took:?}");
     assert_eq!(
         b.status()["revoked"][0]["by"],
         nexus_tests::stack::OPERATOR_ID
