@@ -1,7 +1,8 @@
 //! The Kubernetes mutating admission webhook (`POST /inject`, HTTPS): the API server
 //! sends an AdmissionReview for each pod; nexus-kube answers with the JSONPatch that
 //! injects the sidecar (or allows, or denies with a message). Bodies are read up to
-//! `inject.max_review_bytes` (413 beyond); nothing here answers 500.
+//! `inject.max_review_bytes` (413 beyond); nothing here answers 500. The serving
+//! certificate is re-read when its files change, without a restart.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -14,25 +15,93 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 
+use rustls::server::ResolvesServerCert;
+use rustls::sign::CertifiedKey;
+
 use crate::config::WebhookConfig;
 
-fn load_tls(config: &WebhookConfig) -> anyhow::Result<rustls::ServerConfig> {
+/// The serving certificate, re-read when its files change (cert-manager renews it in
+/// place): checked on each handshake by size and modification time; a renewal that
+/// does not load is logged and the previous certificate keeps serving.
+#[derive(Debug)]
+struct ReloadingCert {
+    cert: std::path::PathBuf,
+    key: std::path::PathBuf,
+    current: arc_swap::ArcSwap<(Vec<(u64, Option<std::time::SystemTime>)>, Arc<CertifiedKey>)>,
+}
+
+fn stamp(paths: [&std::path::Path; 2]) -> Vec<(u64, Option<std::time::SystemTime>)> {
+    paths
+        .iter()
+        .map(|p| {
+            std::fs::metadata(p)
+                .map(|m| (m.len(), m.modified().ok()))
+                .unwrap_or((0, None))
+        })
+        .collect()
+}
+
+fn load_key(cert: &std::path::Path, key: &std::path::Path) -> anyhow::Result<Arc<CertifiedKey>> {
     let certs: Vec<_> = rustls_pemfile::certs(&mut std::io::BufReader::new(
-        std::fs::File::open(&config.cert)
-            .map_err(|e| anyhow::anyhow!("webhook.cert {}: {e}", config.cert.display()))?,
+        std::fs::File::open(cert)
+            .map_err(|e| anyhow::anyhow!("webhook.cert {}: {e}", cert.display()))?,
     ))
     .collect::<Result<_, _>>()?;
-    let key = rustls_pemfile::private_key(&mut std::io::BufReader::new(
-        std::fs::File::open(&config.key)
-            .map_err(|e| anyhow::anyhow!("webhook.key {}: {e}", config.key.display()))?,
+    if certs.is_empty() {
+        anyhow::bail!("webhook.cert {}: no certificate", cert.display());
+    }
+    let key_der = rustls_pemfile::private_key(&mut std::io::BufReader::new(
+        std::fs::File::open(key)
+            .map_err(|e| anyhow::anyhow!("webhook.key {}: {e}", key.display()))?,
     ))?
-    .ok_or_else(|| anyhow::anyhow!("webhook.key {}: no private key", config.key.display()))?;
+    .ok_or_else(|| anyhow::anyhow!("webhook.key {}: no private key", key.display()))?;
+    let signing = rustls::crypto::ring::default_provider()
+        .key_provider
+        .load_private_key(key_der)?;
+    Ok(Arc::new(CertifiedKey::new(certs, signing)))
+}
+
+impl ReloadingCert {
+    fn new(cert: &std::path::Path, key: &std::path::Path) -> anyhow::Result<Self> {
+        let stamp = stamp([cert, key]);
+        let loaded = load_key(cert, key)?;
+        Ok(Self {
+            cert: cert.to_path_buf(),
+            key: key.to_path_buf(),
+            current: arc_swap::ArcSwap::from_pointee((stamp, loaded)),
+        })
+    }
+}
+
+impl ResolvesServerCert for ReloadingCert {
+    fn resolve(&self, _hello: rustls::server::ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        let now = stamp([&self.cert, &self.key]);
+        let current = self.current.load();
+        if current.0 != now {
+            match load_key(&self.cert, &self.key) {
+                Ok(loaded) => {
+                    tracing::info!(cert = %self.cert.display(), "webhook certificate reloaded");
+                    self.current.store(Arc::new((now, loaded.clone())));
+                    return Some(loaded);
+                }
+                Err(error) => {
+                    // Half-written renewal, most likely: keep serving the last good one.
+                    tracing::warn!(%error, "webhook certificate changed but does not load; keeping the previous one");
+                }
+            }
+        }
+        Some(current.1.clone())
+    }
+}
+
+fn load_tls(config: &WebhookConfig) -> anyhow::Result<rustls::ServerConfig> {
+    let resolver = ReloadingCert::new(&config.cert, &config.key)?;
     let mut tls = rustls::ServerConfig::builder_with_provider(Arc::new(
         rustls::crypto::ring::default_provider(),
     ))
     .with_safe_default_protocol_versions()?
     .with_no_client_auth()
-    .with_single_cert(certs, key)?;
+    .with_cert_resolver(Arc::new(resolver));
     tls.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(tls)
 }

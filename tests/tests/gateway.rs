@@ -725,6 +725,20 @@ fn the_gateway_serves_the_admission_webhook_and_evicts_revoked_pods() {
         405
     );
 
+    // cert-manager renews the certificate in place: the next handshake presents the new
+    // one, without a restart (the old CA no longer verifies it, the new one does).
+    let old_cert = std::fs::read(&cert).unwrap();
+    std::thread::sleep(Duration::from_millis(20));
+    let renewed = dir.path().join("renewed");
+    std::fs::create_dir_all(&renewed).unwrap();
+    let (new_cert, new_key) = serving_cert(&renewed);
+    std::fs::copy(&new_key, &key).unwrap();
+    std::fs::copy(&new_cert, &cert).unwrap();
+    assert_ne!(old_cert, std::fs::read(&cert).unwrap());
+    let (status, body) = post(&repo_root().join("tests/kube/reviews/job-pod.json"));
+    assert_eq!(status, 200, "after renewal: {body}");
+    assert!(gw.proc.log_text().contains("webhook certificate reloaded"));
+
     // Revocation reaches the pods: the workload's pods are listed and evicted.
     gw.nexusctl(&["revoke", PLUGIN_ID, "--reason", "evict me"]);
     let lines = eventually(Duration::from_secs(10), "eviction requests", || {
