@@ -822,3 +822,78 @@ fn the_deployed_gateway_config_is_valid() {
     assert_eq!(out.status.code(), Some(64));
     assert!(String::from_utf8_lossy(&out.stderr).contains("listen"));
 }
+
+fn sqlite_count(db: &Path, sql: &str) -> u64 {
+    let out = Command::new("python3")
+        .args([
+            "-c",
+            "import sqlite3,sys; print(sqlite3.connect(sys.argv[1]).execute(sys.argv[2]).fetchone()[0])",
+        ])
+        .arg(db)
+        .arg(sql)
+        .output()
+        .expect("python3 sqlite3");
+    String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse()
+        .unwrap_or(0)
+}
+
+#[test]
+fn execution_records_reach_the_gateway_once_each_across_a_kill_9() {
+    let dir = temp_dir("gateway-records");
+    let records = dir.path().join("plugin-records.jsonl");
+    let gw_api = workload_api(dir.path(), "gateway-workload-api", GATEWAY_ID, &[]);
+    let mut gw = gateway(
+        dir.path(),
+        "gateway",
+        &gw_api,
+        None,
+        Some(&format!("127.0.0.1:{}", free_port())),
+        "",
+    );
+    let options = TwoHopOptions {
+        plugin_toml: format!(
+            "[audit]\nsink = {{ file = {{ path = {:?} }} }}\n\n{}",
+            records.to_string_lossy(),
+            gateway_toml(
+                &gw,
+                dir.path(),
+                "plugin",
+                "ship_interval = \"200ms\"\nrecord_batch = 7\n"
+            )
+        ),
+        ..TwoHopOptions::default()
+    };
+    let hop = two_hop(dir.path(), &options);
+    gw.wait_in_sync(1);
+    let url = hop.outbound_url("/healthz");
+    for _ in 0..30 {
+        assert_eq!(get(&url).0, 200);
+    }
+    let db = dir.path().join("gateway.db");
+    eventually(Duration::from_secs(15), "30 records stored", || {
+        (sqlite_count(&db, "SELECT COUNT(*) FROM records") >= 30).then_some(())
+    });
+    // The gateway dies; the sidecar keeps recording; nothing is lost or doubled.
+    gw.kill9();
+    for _ in 0..20 {
+        assert_eq!(get(&url).0, 200);
+    }
+    gw.restart();
+    let lines = || {
+        std::fs::read_to_string(&records)
+            .unwrap_or_default()
+            .lines()
+            .count() as u64
+    };
+    eventually(Duration::from_secs(20), "every record line stored", || {
+        let stored = sqlite_count(&db, "SELECT COUNT(*) FROM records");
+        (stored == lines() && stored >= 50).then_some(())
+    });
+    assert_eq!(
+        sqlite_count(&db, "SELECT COUNT(DISTINCT hash) FROM records"),
+        lines()
+    );
+    assert!(hop.plugin.metric_sum("nexus_records_shipped_total") >= 50.0);
+}
