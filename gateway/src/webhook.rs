@@ -27,10 +27,13 @@ use crate::config::WebhookConfig;
 struct ReloadingCert {
     cert: std::path::PathBuf,
     key: std::path::PathBuf,
-    current: arc_swap::ArcSwap<(Vec<(u64, Option<std::time::SystemTime>)>, Arc<CertifiedKey>)>,
+    current: arc_swap::ArcSwap<(Stamp, Arc<CertifiedKey>)>,
 }
 
-fn stamp(paths: [&std::path::Path; 2]) -> Vec<(u64, Option<std::time::SystemTime>)> {
+/// Size and modification time of the certificate and key files.
+type Stamp = Vec<(u64, Option<std::time::SystemTime>)>;
+
+fn stamp(paths: [&std::path::Path; 2]) -> Stamp {
     paths
         .iter()
         .map(|p| {
