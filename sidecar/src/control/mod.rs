@@ -325,15 +325,21 @@ impl Control {
     async fn commit(&self, synced: &Synced) {
         let started = Instant::now();
         self.enforcement.set_revoked(synced.revoked_set());
-        if let Err(error) = synced.persist(&self.snapshot_file) {
-            tracing::error!(%error, file = %self.snapshot_file.display(), "cannot keep the gateway snapshot on disk");
-        }
-        if let Some(policy) = &self.policy {
-            let policy = policy.clone();
-            let data = synced.data().clone();
-            let _ = tokio::task::spawn_blocking(move || policy.set_external(data)).await;
-        }
-        self.metrics.gateway_revision(synced.revision());
-        tracing::debug!(revision = synced.revision(), took = ?started.elapsed(), "gateway revision applied");
+        // File I/O and the policy data rebuild run off the async workers.
+        let synced = synced.clone();
+        let file = self.snapshot_file.clone();
+        let policy = self.policy.clone();
+        let revision = synced.revision();
+        let _ = tokio::task::spawn_blocking(move || {
+            if let Err(error) = synced.persist(&file) {
+                tracing::error!(%error, file = %file.display(), "cannot keep the gateway snapshot on disk");
+            }
+            if let Some(policy) = policy {
+                let _ = policy.set_external(synced.data().clone());
+            }
+        })
+        .await;
+        self.metrics.gateway_revision(revision);
+        tracing::debug!(revision, took = ?started.elapsed(), "gateway revision applied");
     }
 }
