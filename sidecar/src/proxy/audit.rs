@@ -31,6 +31,7 @@ use nexus_identity::IdentityStore;
 use time::OffsetDateTime;
 
 use super::authorize::Parties;
+use super::observe::TappedBody;
 use super::trace::TraceFacts;
 use super::{ProxyBody, json_response};
 use crate::metrics::Metrics;
@@ -225,22 +226,7 @@ impl AuditLayer {
     }
 }
 
-impl<S> tower::Layer<S> for AuditLayer {
-    type Service = Audited<S>;
-    fn layer(&self, inner: S) -> Audited<S> {
-        Audited {
-            inner,
-            layer: self.clone(),
-        }
-    }
-}
-
-/// See [`AuditLayer`].
-#[derive(Clone, Debug)]
-pub struct Audited<S> {
-    inner: S,
-    layer: AuditLayer,
-}
+step_layer!(AuditLayer => Audited);
 
 impl<S, B> tower::Service<Request<B>> for Audited<S>
 where
@@ -300,13 +286,7 @@ where
         };
         let (mut parts, body) = req.into_parts();
         parts.extensions.insert(facts);
-        let req = Request::from_parts(
-            parts,
-            HashedBody {
-                inner: body,
-                digest: request_digest,
-            },
-        );
+        let req = Request::from_parts(parts, TappedBody::new(body, request_digest));
         let future = self.inner.call(req);
         Box::pin(async move {
             let response = match future.await {
@@ -326,43 +306,7 @@ where
 }
 
 /// A request body, hashed as the forward step streams it out.
-pub struct HashedBody<B> {
-    inner: B,
-    digest: Arc<Mutex<BodyDigest>>,
-}
-
-impl<B> Body for HashedBody<B>
-where
-    B: Body<Data = Bytes> + Unpin,
-{
-    type Data = Bytes;
-    type Error = B::Error;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
-        let this = &mut *self;
-        let polled = Pin::new(&mut this.inner).poll_frame(cx);
-        if let Poll::Ready(Some(Ok(frame))) = &polled
-            && let Some(data) = frame.data_ref()
-        {
-            this.digest
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .update(data);
-        }
-        polled
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
-    }
-}
+pub type HashedBody<B> = TappedBody<B, Arc<Mutex<BodyDigest>>>;
 
 /// A request whose record is not made yet. Dropping it makes the record (best effort).
 struct Pending {

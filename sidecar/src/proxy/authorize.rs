@@ -45,22 +45,7 @@ impl NormalizeLayer {
     }
 }
 
-impl<S> tower::Layer<S> for NormalizeLayer {
-    type Service = Normalize<S>;
-    fn layer(&self, inner: S) -> Normalize<S> {
-        Normalize {
-            inner,
-            layer: self.clone(),
-        }
-    }
-}
-
-/// See [`NormalizeLayer`].
-#[derive(Clone, Debug)]
-pub struct Normalize<S> {
-    inner: S,
-    layer: NormalizeLayer,
-}
+step_layer!(NormalizeLayer => Normalize);
 
 impl<S, B> tower::Service<Request<B>> for Normalize<S>
 where
@@ -145,22 +130,7 @@ impl PolicyLayer {
     }
 }
 
-impl<S> tower::Layer<S> for PolicyLayer {
-    type Service = Authorize<S>;
-    fn layer(&self, inner: S) -> Authorize<S> {
-        Authorize {
-            inner,
-            layer: self.clone(),
-        }
-    }
-}
-
-/// See [`PolicyLayer`].
-#[derive(Clone, Debug)]
-pub struct Authorize<S> {
-    inner: S,
-    layer: PolicyLayer,
-}
+step_layer!(PolicyLayer => Authorize);
 
 /// Whether `plugin` is bound to `clause` in the policy data (`data.nexus.bindings`);
 /// `None` when the data has no bindings for anyone.

@@ -29,22 +29,7 @@ impl RecordLayer {
     }
 }
 
-impl<S> tower::Layer<S> for RecordLayer {
-    type Service = Record<S>;
-    fn layer(&self, inner: S) -> Record<S> {
-        Record {
-            inner,
-            layer: self.clone(),
-        }
-    }
-}
-
-/// See [`RecordLayer`].
-#[derive(Clone, Debug)]
-pub struct Record<S> {
-    inner: S,
-    layer: RecordLayer,
-}
+step_layer!(RecordLayer => Record);
 
 impl<S, B> tower::Service<Request<B>> for Record<S>
 where
@@ -97,22 +82,7 @@ impl CallerIdentityLayer {
     }
 }
 
-impl<S> tower::Layer<S> for CallerIdentityLayer {
-    type Service = CallerIdentity<S>;
-    fn layer(&self, inner: S) -> CallerIdentity<S> {
-        CallerIdentity {
-            inner,
-            layer: self.clone(),
-        }
-    }
-}
-
-/// See [`CallerIdentityLayer`].
-#[derive(Clone, Debug)]
-pub struct CallerIdentity<S> {
-    inner: S,
-    layer: CallerIdentityLayer,
-}
+step_layer!(CallerIdentityLayer => CallerIdentity);
 
 impl<S, B> tower::Service<Request<B>> for CallerIdentity<S>
 where

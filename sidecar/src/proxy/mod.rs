@@ -2,6 +2,30 @@
 //! `outbound` (plain HTTP from the local app to an upstream over mTLS). Both are a stack
 //! of tower layers over [`forward::Forward`], composed in one function each.
 
+/// The `tower::Layer` half of a step of the request path: `step_layer!(XLayer => X)`
+/// declares the service `X<S>` (the inner service next to a clone of the layer's
+/// state) and makes `XLayer` produce it. Each step then only writes its `Service` impl.
+macro_rules! step_layer {
+    ($layer:ident => $service:ident) => {
+        impl<S> tower::Layer<S> for $layer {
+            type Service = $service<S>;
+            fn layer(&self, inner: S) -> $service<S> {
+                $service {
+                    inner,
+                    layer: self.clone(),
+                }
+            }
+        }
+
+        #[doc = concat!("The service of [`", stringify!($layer), "`].")]
+        #[derive(Clone, Debug)]
+        pub struct $service<S> {
+            inner: S,
+            layer: $layer,
+        }
+    };
+}
+
 pub mod audit;
 pub mod authorize;
 pub mod forward;
@@ -9,6 +33,7 @@ pub mod headers;
 pub mod inbound;
 pub mod layers;
 pub mod normalize;
+pub mod observe;
 pub mod outbound;
 pub mod revocation;
 pub mod serve;

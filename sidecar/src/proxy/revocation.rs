@@ -40,22 +40,7 @@ impl RevocationLayer {
     }
 }
 
-impl<S> tower::Layer<S> for RevocationLayer {
-    type Service = CheckRevocation<S>;
-    fn layer(&self, inner: S) -> CheckRevocation<S> {
-        CheckRevocation {
-            inner,
-            layer: self.clone(),
-        }
-    }
-}
-
-/// See [`RevocationLayer`].
-#[derive(Clone, Debug)]
-pub struct CheckRevocation<S> {
-    inner: S,
-    layer: RevocationLayer,
-}
+step_layer!(RevocationLayer => CheckRevocation);
 
 impl<S, B> tower::Service<Request<B>> for CheckRevocation<S>
 where

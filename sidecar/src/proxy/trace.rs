@@ -25,11 +25,8 @@ use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use http::header::{HeaderMap, HeaderName, HeaderValue};
 use http::{Request, Response, StatusCode, Version};
-use http_body::{Body, Frame, SizeHint};
-use http_body_util::BodyExt;
 use opentelemetry::propagation::{Extractor, TextMapPropagator};
 use opentelemetry::trace::{
     Span as _, SpanBuilder, SpanContext, SpanKind, Status, TraceFlags, Tracer as _,
@@ -37,6 +34,7 @@ use opentelemetry::trace::{
 use opentelemetry::{KeyValue, StringValue, Value};
 
 use super::ProxyBody;
+use super::observe::{EndObserver, ObservedBody};
 use crate::metrics::Direction;
 use crate::telemetry::Telemetry;
 
@@ -189,22 +187,7 @@ impl TraceLayer {
     }
 }
 
-impl<S> tower::Layer<S> for TraceLayer {
-    type Service = Trace<S>;
-    fn layer(&self, inner: S) -> Trace<S> {
-        Trace {
-            inner,
-            layer: self.clone(),
-        }
-    }
-}
-
-/// See [`TraceLayer`].
-#[derive(Clone, Debug)]
-pub struct Trace<S> {
-    inner: S,
-    layer: TraceLayer,
-}
+step_layer!(TraceLayer => Trace);
 
 impl<S, B> tower::Service<Request<B>> for Trace<S>
 where
@@ -259,12 +242,7 @@ where
                 Err(never) => match never {},
             };
             in_flight.status = Some(response.status());
-            let (parts, body) = response.into_parts();
-            let body = TracedBody {
-                inner: body,
-                in_flight: Some(in_flight),
-            };
-            Ok(Response::from_parts(parts, body.boxed()))
+            Ok(response.map(|body| ObservedBody::boxed(body, in_flight)))
         })
     }
 }
@@ -366,52 +344,16 @@ impl Drop for InFlight {
     }
 }
 
-/// The response body, ending the request's span when it ends.
-struct TracedBody {
-    inner: ProxyBody,
-    in_flight: Option<InFlight>,
-}
-
-impl Body for TracedBody {
-    type Data = Bytes;
-    type Error = hyper::Error;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        let this = &mut *self;
-        let polled = Pin::new(&mut this.inner).poll_frame(cx);
-        match &polled {
-            Poll::Ready(None) => {
-                this.in_flight.take();
-            }
-            Poll::Ready(Some(Err(_))) => {
-                if let Some(mut in_flight) = this.in_flight.take() {
-                    in_flight.error = Some("response_body");
-                }
-            }
-            _ => {}
-        }
-        polled
+/// The response body ends the request's span: at its end, or on an error or an early
+/// drop (marked `response_body` / `response_body_aborted`).
+impl EndObserver for InFlight {
+    fn error(&mut self) {
+        self.error = Some("response_body");
     }
 
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
-    }
-}
-
-impl Drop for TracedBody {
-    fn drop(&mut self) {
-        // hyper stops polling once `is_end_stream` says so: that is a complete body.
-        if let Some(in_flight) = &mut self.in_flight
-            && !self.inner.is_end_stream()
-        {
-            in_flight.error = Some("response_body_aborted");
+    fn end(mut self, complete: bool) {
+        if !complete && self.error.is_none() {
+            self.error = Some("response_body_aborted");
         }
     }
 }
@@ -540,7 +482,10 @@ fn inject(headers: &mut HeaderMap, context: &SpanContext) {
 mod tests {
     use std::sync::Mutex;
 
+    use bytes::Bytes;
     use futures::StreamExt as _;
+    use http_body::Frame;
+    use http_body_util::BodyExt;
     use opentelemetry::trace::{SpanId, TraceId};
     use opentelemetry_sdk::error::OTelSdkResult;
     use opentelemetry_sdk::trace::{Sampler, SimpleSpanProcessor, SpanData, SpanExporter};

@@ -17,11 +17,10 @@ use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use http::{Request, Response};
-use http_body::{Body, Frame, SizeHint};
-use http_body_util::BodyExt;
 use nexus_anomaly::{Detectors, Observed, RequestEvent, Signal};
 
 use super::ProxyBody;
+use super::observe::{EndObserver, ObservedBody, TappedBody};
 use crate::control::{SignalQueue, unix_ms};
 use crate::metrics::Metrics;
 
@@ -134,22 +133,7 @@ impl WatchLayer {
     }
 }
 
-impl<S> tower::Layer<S> for WatchLayer {
-    type Service = Watched<S>;
-    fn layer(&self, inner: S) -> Watched<S> {
-        Watched {
-            inner,
-            layer: self.clone(),
-        }
-    }
-}
-
-/// See [`WatchLayer`].
-#[derive(Clone, Debug)]
-pub struct Watched<S> {
-    inner: S,
-    layer: WatchLayer,
-}
+step_layer!(WatchLayer => Watched);
 
 impl<S, B> tower::Service<Request<B>> for Watched<S>
 where
@@ -169,13 +153,7 @@ where
         let sent = Arc::new(AtomicU64::new(0));
         let (mut parts, body) = req.into_parts();
         parts.extensions.insert(facts.clone());
-        let req = Request::from_parts(
-            parts,
-            CountedBody {
-                inner: body,
-                count: sent.clone(),
-            },
-        );
+        let req = Request::from_parts(parts, TappedBody::new(body, sent.clone()));
         let future = self.inner.call(req);
         let layer = self.layer.clone();
         Box::pin(async move {
@@ -187,51 +165,13 @@ where
                 received: 0,
                 allowed: response.status() != http::StatusCode::FORBIDDEN,
             };
-            Ok(response.map(|body| {
-                ReportingBody {
-                    inner: body,
-                    report: Some(report),
-                }
-                .boxed()
-            }))
+            Ok(response.map(|body| ObservedBody::boxed(body, report)))
         })
     }
 }
 
-/// A request body that counts its bytes.
-pub struct CountedBody<B> {
-    inner: B,
-    count: Arc<AtomicU64>,
-}
-
-impl<B> Body for CountedBody<B>
-where
-    B: Body<Data = Bytes> + Unpin,
-{
-    type Data = Bytes;
-    type Error = B::Error;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
-        let polled = Pin::new(&mut self.inner).poll_frame(cx);
-        if let Poll::Ready(Some(Ok(frame))) = &polled
-            && let Some(data) = frame.data_ref()
-        {
-            self.count.fetch_add(data.len() as u64, Ordering::Relaxed);
-        }
-        polled
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
-    }
-}
+/// A request body whose bytes are counted.
+pub type CountedBody<B> = TappedBody<B, Arc<AtomicU64>>;
 
 struct Report {
     layer: WatchLayer,
@@ -239,6 +179,16 @@ struct Report {
     sent: Arc<AtomicU64>,
     received: u64,
     allowed: bool,
+}
+
+/// The response body's bytes are the ingress; dropping the report (at the end of the
+/// body, or when it is dropped early) feeds the detectors.
+impl EndObserver for Report {
+    fn data(&mut self, data: &Bytes) {
+        self.received += data.len() as u64;
+    }
+
+    fn end(self, _complete: bool) {}
 }
 
 impl Drop for Report {
@@ -265,45 +215,5 @@ impl Drop for Report {
         if !signals.is_empty() {
             self.layer.watch.emit(signals);
         }
-    }
-}
-
-/// The response body; reports the exchange to the detectors when it ends (or is
-/// dropped, e.g. the client went away).
-struct ReportingBody {
-    inner: ProxyBody,
-    report: Option<Report>,
-}
-
-impl Body for ReportingBody {
-    type Data = Bytes;
-    type Error = hyper::Error;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        let polled = Pin::new(&mut self.inner).poll_frame(cx);
-        match &polled {
-            Poll::Ready(Some(Ok(frame))) => {
-                if let (Some(data), Some(report)) = (frame.data_ref(), self.report.as_mut()) {
-                    report.received += data.len() as u64;
-                }
-            }
-            Poll::Ready(None) => {
-                // End of stream: report now rather than when hyper drops the body.
-                self.report.take();
-            }
-            _ => {}
-        }
-        polled
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
     }
 }
