@@ -307,11 +307,7 @@ pub async fn exec(target: Target, command: ExecCommand) -> anyhow::Result<()> {
 
 fn rfc3339(ms: u64) -> String {
     time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
-        .ok()
-        .and_then(|t| {
-            t.format(&time::format_description::well_known::Rfc3339)
-                .ok()
-        })
+        .map(nexus_audit::rfc3339_ms)
         .unwrap_or_default()
 }
 

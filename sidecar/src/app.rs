@@ -14,6 +14,7 @@ use crate::config::Config;
 use crate::control::{Control, Enforcement, SignalQueue};
 use crate::metrics::Metrics;
 use crate::policy::PolicyRuntime;
+use crate::proxy::Steps;
 use crate::proxy::audit::Audit;
 use crate::proxy::inbound::Inbound;
 use crate::proxy::outbound::Outbound;
@@ -191,6 +192,11 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         audit
     });
 
+    let steps = Steps {
+        audit: audit.clone(),
+        enforcement: enforcement.clone(),
+        watch: watch.clone(),
+    };
     let admin_listener = bind(config.admin.listen, "admin").await?;
     let mut addresses = Addresses {
         admin: admin_listener.local_addr()?,
@@ -203,9 +209,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         let proxy = Arc::new(
             Inbound::new(&config, store.clone(), metrics.clone(), policy.clone())?
                 .with_telemetry(telemetry.as_ref())
-                .with_audit(audit.as_ref())
-                .with_enforcement(&enforcement)
-                .with_watch(watch.as_ref()),
+                .with_steps(&steps),
         );
         tokio::spawn(proxy.serve(listener));
     }
@@ -217,9 +221,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         let proxy = Arc::new(
             Outbound::new(&config, out, store.clone(), metrics.clone(), policy.clone())?
                 .with_telemetry(telemetry.as_ref(), out)
-                .with_audit(audit.as_ref())
-                .with_enforcement(&enforcement)
-                .with_watch(watch.as_ref()),
+                .with_steps(&steps),
         );
         tokio::spawn(proxy.serve(listener));
     }

@@ -42,17 +42,7 @@ pub fn clause_of<'a>(segments: &'a [String], after: &str) -> Option<&'a str> {
 
 /// RFC 3339 UTC with milliseconds, as OPA's `time.now_ns` users expect to parse.
 pub fn rfc3339_millis(t: OffsetDateTime) -> String {
-    let t = t.to_offset(time::UtcOffset::UTC);
-    format!(
-        "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:03}Z",
-        t.year(),
-        u8::from(t.month()),
-        t.day(),
-        t.hour(),
-        t.minute(),
-        t.second(),
-        t.millisecond()
-    )
+    nexus_audit::rfc3339_ms(t)
 }
 
 /// An object from `(key, value)` pairs.

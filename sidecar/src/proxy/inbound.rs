@@ -13,7 +13,8 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 use tower::ServiceBuilder;
 
-use super::audit::{Audit, AuditLayer};
+use super::Steps;
+use super::audit::AuditLayer;
 use super::authorize::{NormalizeLayer, Parties, PolicyLayer};
 use super::forward::{Forward, VersionPolicy};
 use super::layers::{CallerIdentityLayer, Peer, RecordLayer};
@@ -21,9 +22,8 @@ use super::normalize::NormalizeLimits;
 use super::revocation::{RevocationLayer, close_when_revoked};
 use super::serve::{accept_loop, http_server, serve_http};
 use super::trace::TraceLayer;
-use super::watch::{AnomalyWatch, WatchLayer};
+use super::watch::WatchLayer;
 use crate::config::{AppProtocol, Config};
-use crate::control::Enforcement;
 use crate::metrics::Metrics;
 use crate::policy::PolicyRuntime;
 use crate::telemetry::Telemetry;
@@ -41,9 +41,7 @@ pub struct Inbound {
     handshake_timeout: Duration,
     max_connections: usize,
     telemetry: Option<Telemetry>,
-    audit: Option<Arc<Audit>>,
-    enforcement: Arc<Enforcement>,
-    watch: Option<Arc<AnomalyWatch>>,
+    steps: Steps,
 }
 
 impl Inbound {
@@ -98,9 +96,7 @@ impl Inbound {
             handshake_timeout: config.tls.handshake_timeout,
             max_connections: config.limits.max_connections,
             telemetry: None,
-            audit: None,
-            enforcement: Enforcement::standalone(),
-            watch: None,
+            steps: Steps::default(),
         })
     }
 
@@ -110,22 +106,9 @@ impl Inbound {
         self
     }
 
-    /// Feeds every request to the anomaly detectors when `watch` is on.
-    pub fn with_watch(mut self, watch: Option<&Arc<AnomalyWatch>>) -> Self {
-        self.watch = watch.cloned();
-        self
-    }
-
-    /// Enforces the gateway's revocations (and gateway loss) on every request and
-    /// connection.
-    pub fn with_enforcement(mut self, enforcement: &Arc<Enforcement>) -> Self {
-        self.enforcement = enforcement.clone();
-        self
-    }
-
-    /// Makes an execution record of every request when `audit` is on.
-    pub fn with_audit(mut self, audit: Option<&Arc<Audit>>) -> Self {
-        self.audit = audit.cloned();
+    /// Execution records, revocation enforcement and the anomaly watch, as configured.
+    pub fn with_steps(mut self, steps: &Steps) -> Self {
+        self.steps = steps.clone();
         self
     }
 
@@ -145,7 +128,7 @@ impl Inbound {
             Ok(Ok(tls)) => tls,
             Ok(Err(error)) => {
                 let reason = handshake_failure_reason(&error);
-                if let Some(watch) = &self.watch {
+                if let Some(watch) = &self.steps.watch {
                     watch.auth_failure(None, reason);
                 }
                 tracing::debug!(%error, reason, "inbound handshake failed");
@@ -198,16 +181,17 @@ impl Inbound {
                     .map(|t| TraceLayer::inbound(t, DIRECTION, peer.spiffe_id.clone())),
             )
             .option_layer(
-                self.audit
+                self.steps
+                    .audit
                     .clone()
                     .map(|audit| AuditLayer::new(audit, parties.clone())),
             )
-            .option_layer(self.watch.clone().map(|watch| {
+            .option_layer(self.steps.watch.clone().map(|watch| {
                 WatchLayer::new(watch, parties.source.clone(), nexus_anomaly::Observed::Peer)
             }))
             .layer(CallerIdentityLayer::new(self.store.clone(), Some(peer)))
             .layer(RevocationLayer::new(
-                self.enforcement.clone(),
+                self.steps.enforcement.clone(),
                 self.metrics.clone(),
                 parties.clone(),
             ))
@@ -222,14 +206,14 @@ impl Inbound {
                     .map(|p| PolicyLayer::new(p, self.metrics.clone(), parties)),
             )
             .service(self.forward.clone());
-        if self.enforcement.is_revoked(&peer_id) {
+        if self.steps.enforcement.is_revoked(&peer_id) {
             // Refused before any request: its connection closes now.
             self.metrics.handshake_failure(DIRECTION, "revoked");
             return;
         }
         tokio::select! {
             () = serve_http(&self.server, tls, service, &self.metrics, DIRECTION) => {}
-            () = close_when_revoked(self.enforcement.clone(), peer_id.clone(), me) => {
+            () = close_when_revoked(self.steps.enforcement.clone(), peer_id.clone(), me) => {
                 self.metrics.revoked_connection_closed();
                 tracing::info!(peer = %peer_id, "connection closed: revoked");
             }

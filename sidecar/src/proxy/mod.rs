@@ -66,3 +66,26 @@ pub fn json_response(
     );
     response
 }
+
+/// The optional steps both directions share, set up once in `app` and handed to each
+/// listener: execution records, the gateway's revocations, the anomaly watch.
+#[derive(Clone, Debug)]
+pub struct Steps {
+    /// Makes an execution record of every request when on.
+    pub audit: Option<std::sync::Arc<audit::Audit>>,
+    /// Enforces the gateway's revocations (and gateway loss) on every request and
+    /// connection.
+    pub enforcement: std::sync::Arc<crate::control::Enforcement>,
+    /// Feeds every request to the anomaly detectors when on.
+    pub watch: Option<std::sync::Arc<watch::AnomalyWatch>>,
+}
+
+impl Default for Steps {
+    fn default() -> Self {
+        Self {
+            audit: None,
+            enforcement: crate::control::Enforcement::standalone(),
+            watch: None,
+        }
+    }
+}

@@ -14,7 +14,8 @@ use nexus_identity::{AllowList, IdentityStore};
 use tokio::net::{TcpListener, TcpStream};
 use tower::ServiceBuilder;
 
-use super::audit::{Audit, AuditLayer};
+use super::Steps;
+use super::audit::AuditLayer;
 use super::authorize::{NormalizeLayer, Parties, PolicyLayer};
 use super::forward::{Forward, VersionPolicy};
 use super::layers::{CallerIdentityLayer, RecordLayer};
@@ -22,9 +23,8 @@ use super::normalize::NormalizeLimits;
 use super::revocation::{RevocationLayer, close_when_revoked};
 use super::serve::{accept_loop, http_server, serve_http};
 use super::trace::TraceLayer;
-use super::watch::{AnomalyWatch, WatchLayer};
+use super::watch::WatchLayer;
 use crate::config::{Config, OutboundConfig};
-use crate::control::Enforcement;
 use crate::metrics::Metrics;
 use crate::policy::PolicyRuntime;
 use crate::telemetry::Telemetry;
@@ -41,9 +41,7 @@ pub struct Outbound {
     server: auto::Builder<TokioExecutor>,
     max_connections: usize,
     trace: Option<TraceLayer>,
-    audit: Option<Arc<Audit>>,
-    enforcement: Arc<Enforcement>,
-    watch: Option<Arc<AnomalyWatch>>,
+    steps: Steps,
 }
 
 impl Outbound {
@@ -100,9 +98,7 @@ impl Outbound {
             server: http_server(&config.limits),
             max_connections: config.limits.max_connections,
             trace: None,
-            audit: None,
-            enforcement: Enforcement::standalone(),
-            watch: None,
+            steps: Steps::default(),
         })
     }
 
@@ -116,22 +112,9 @@ impl Outbound {
         self
     }
 
-    /// Feeds every request to the anomaly detectors when `watch` is on.
-    pub fn with_watch(mut self, watch: Option<&Arc<AnomalyWatch>>) -> Self {
-        self.watch = watch.cloned();
-        self
-    }
-
-    /// Enforces the gateway's revocations (and gateway loss) on every request and
-    /// connection.
-    pub fn with_enforcement(mut self, enforcement: &Arc<Enforcement>) -> Self {
-        self.enforcement = enforcement.clone();
-        self
-    }
-
-    /// Makes an execution record of every request when `audit` is on.
-    pub fn with_audit(mut self, audit: Option<&Arc<Audit>>) -> Self {
-        self.audit = audit.cloned();
+    /// Execution records, revocation enforcement and the anomaly watch, as configured.
+    pub fn with_steps(mut self, steps: &Steps) -> Self {
+        self.steps = steps.clone();
         self
     }
 
@@ -161,16 +144,17 @@ impl Outbound {
             .layer(RecordLayer::new(self.metrics.clone(), DIRECTION))
             .option_layer(self.trace.clone())
             .option_layer(
-                self.audit
+                self.steps
+                    .audit
                     .clone()
                     .map(|audit| AuditLayer::new(audit, parties.clone())),
             )
-            .option_layer(self.watch.clone().map(|watch| {
+            .option_layer(self.steps.watch.clone().map(|watch| {
                 WatchLayer::new(watch, parties.source.clone(), nexus_anomaly::Observed::Own)
             }))
             .layer(CallerIdentityLayer::new(self.store.clone(), None))
             .layer(RevocationLayer::new(
-                self.enforcement.clone(),
+                self.steps.enforcement.clone(),
                 self.metrics.clone(),
                 parties.clone(),
             ))
@@ -187,7 +171,7 @@ impl Outbound {
             .service(self.forward.clone());
         tokio::select! {
             () = serve_http(&self.server, stream, service, &self.metrics, DIRECTION) => {}
-            () = close_when_revoked(self.enforcement.clone(), self.expected_id.clone(), me) => {
+            () = close_when_revoked(self.steps.enforcement.clone(), self.expected_id.clone(), me) => {
                 self.metrics.revoked_connection_closed();
                 tracing::info!(upstream = %self.expected_id, "connection closed: revoked");
             }
