@@ -198,11 +198,18 @@ impl Changes {
             && !subject.ends_with("/*")
         {
             let evictor = evictor.clone();
+            let hub = self.hub.clone();
             let subject = subject.to_string();
             tokio::spawn(async move {
-                match evictor.evict_workload(&subject).await {
+                // Pods a PodDisruptionBudget protects are retried (eviction.retry_interval,
+                // for at most eviction.retry_for) while the workload stays revoked.
+                let still_revoked = || hub.is_revoked(&subject);
+                match evictor
+                    .evict_workload_until_done(&subject, still_revoked)
+                    .await
+                {
                     Ok(report) => {
-                        tracing::warn!(%subject, evicted = ?report.evicted, blocked = ?report.blocked, "evicted the revoked workload's pods")
+                        tracing::warn!(%subject, evicted = ?report.evicted, blocked = ?report.blocked, gone = ?report.gone, failed = ?report.failed, "evicted the revoked workload's pods")
                     }
                     Err(error) => {
                         tracing::error!(%subject, %error, "cannot evict the revoked workload's pods")

@@ -1,16 +1,21 @@
 """A recording stand-in for the Kubernetes API server (pods list, pod eviction).
 
 Answers like the API server for what the gateway's evictor asks (PodList for
-GET /api/v1/namespaces/NS/pods, a Status 201 for POST .../pods/NAME/eviction) and appends
+GET /api/v1/namespaces/NS/pods with two pods, SA-0 and SA-1; a Status 201 for
+POST .../pods/NAME/eviction, except that a pod named *-1 is protected by a
+PodDisruptionBudget on its first eviction: 429, as the API server answers) and appends
 each request (method, path, query, authorization, body) as a JSON line to the record
 file. Usage: recording_api.py PORT_FILE RECORD_FILE
 """
 import json
 import sys
+import threading
 import urllib.parse
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 port_file, record_file = sys.argv[1], sys.argv[2]
+tries = {}
+lock = threading.Lock()
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -47,7 +52,15 @@ class Handler(BaseHTTPRequestHandler):
     def do_POST(self):
         length = int(self.headers.get("content-length", "0"))
         body = self.rfile.read(length).decode()
-        self._record(body)
+        url = self._record(body)
+        with lock:
+            tries[url.path] = tries.get(url.path, 0) + 1
+            first = tries[url.path] == 1
+        if first and url.path.endswith("-1/eviction"):
+            self._send(429, {"kind": "Status", "apiVersion": "v1", "status": "Failure", "code": 429,
+                             "reason": "TooManyRequests",
+                             "message": "Cannot evict pod as it would violate the pod's disruption budget."})
+            return
         self._send(201, {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success", "code": 201})
 
     def log_message(self, *args):

@@ -670,7 +670,7 @@ fn the_gateway_serves_the_admission_webhook_and_evicts_revoked_pods() {
         None,
         &format!(
             "\n[webhook]\nlisten = \"127.0.0.1:0\"\ncert = {cert:?}\nkey = {key:?}\n\n[webhook.inject]\nmax_review_bytes = 65536\n\n\
-             [eviction]\napi_server = \"http://127.0.0.1:{port}\"\ntoken_file = {token:?}\nca_file = {token:?}\ndanger_allow_plain_http = true\n"
+             [eviction]\napi_server = \"http://127.0.0.1:{port}\"\ntoken_file = {token:?}\nca_file = {token:?}\ndanger_allow_plain_http = true\nretry_interval = \"100ms\"\n"
         ),
     );
     let webhook = gw.addresses["webhook"].as_str().unwrap().to_string();
@@ -739,7 +739,8 @@ fn the_gateway_serves_the_admission_webhook_and_evicts_revoked_pods() {
     assert_eq!(status, 200, "after renewal: {body}");
     assert!(gw.proc.log_text().contains("webhook certificate reloaded"));
 
-    // Revocation reaches the pods: the workload's pods are listed and evicted.
+    // Revocation reaches the pods: the workload's pods are listed and evicted; the one a
+    // PodDisruptionBudget protects at first (429) is tried again and evicted.
     gw.nexusctl(&["revoke", PLUGIN_ID, "--reason", "evict me"]);
     let lines = eventually(Duration::from_secs(10), "eviction requests", || {
         let text = std::fs::read_to_string(&record).ok()?;
@@ -747,7 +748,7 @@ fn the_gateway_serves_the_admission_webhook_and_evicts_revoked_pods() {
             .lines()
             .filter_map(|l| serde_json::from_str(l).ok())
             .collect();
-        (lines.iter().filter(|l| l["method"] == "POST").count() >= 2).then_some(lines)
+        (lines.iter().filter(|l| l["method"] == "POST").count() >= 3).then_some(lines)
     });
     assert_eq!(lines[0]["method"], "GET");
     assert_eq!(lines[0]["path"], "/api/v1/namespaces/plugins/pods");
@@ -766,6 +767,20 @@ fn the_gateway_serves_the_admission_webhook_and_evicts_revoked_pods() {
     );
     assert_eq!(lines[1]["body"]["kind"], "Eviction");
     assert_eq!(lines[1]["body"]["apiVersion"], "policy/v1");
+    let pod_1 = "/api/v1/namespaces/plugins/pods/flood-model-1/eviction";
+    assert_eq!(lines[2]["path"], pod_1);
+    assert_eq!(lines[3]["path"], pod_1, "the blocked pod is retried");
+    eventually(
+        Duration::from_secs(5),
+        "the eviction outcome in the log",
+        || {
+            let log = gw.proc.log_text();
+            let line = log
+                .lines()
+                .find(|l| l.contains("evicted the revoked workload's pods"))?;
+            (line.contains("flood-model-1") && line.contains("blocked=[]")).then_some(())
+        },
+    );
     // A pattern never evicts (it names no single workload).
     gw.nexusctl(&[
         "revoke",
@@ -779,7 +794,7 @@ fn the_gateway_serves_the_admission_webhook_and_evicts_revoked_pods() {
         .lines()
         .filter(|l| l.contains("\"POST\""))
         .count();
-    assert_eq!(posts, 2);
+    assert_eq!(posts, 3);
 }
 
 #[test]

@@ -33,6 +33,14 @@ pub struct EvictorConfig {
     /// Per-request timeout.
     #[serde(with = "humantime_serde")]
     pub timeout: Duration,
+    /// How long to wait between tries of a pod a PodDisruptionBudget protects (429), as
+    /// `kubectl drain` waits 5 s.
+    #[serde(with = "humantime_serde")]
+    pub retry_interval: Duration,
+    /// How long to keep retrying blocked pods after the revocation (zero: one pass). The
+    /// retries stop as soon as the workload is reinstated.
+    #[serde(with = "humantime_serde")]
+    pub retry_for: Duration,
 }
 
 impl Default for EvictorConfig {
@@ -43,6 +51,8 @@ impl Default for EvictorConfig {
             ca_file: PathBuf::from(format!("{SERVICE_ACCOUNT_DIR}/ca.crt")),
             danger_allow_plain_http: false,
             timeout: Duration::from_secs(10),
+            retry_interval: Duration::from_secs(5),
+            retry_for: Duration::from_secs(300),
         }
     }
 }
@@ -148,6 +158,8 @@ impl WorkloadId {
 #[derive(Clone)]
 pub struct PodEvictor {
     client: kube::Client,
+    retry_interval: Duration,
+    retry_for: Duration,
 }
 
 impl std::fmt::Debug for PodEvictor {
@@ -204,7 +216,11 @@ impl PodEvictor {
         config.default_retry = false;
         let client = kube::Client::try_from(config)
             .map_err(|e| EvictError::Config(format!("cannot build the client: {e}")))?;
-        Ok(PodEvictor { client })
+        Ok(PodEvictor {
+            client,
+            retry_interval: cfg.retry_interval,
+            retry_for: cfg.retry_for,
+        })
     }
 
     /// Evicts every pod of the workload `spiffe_id` names: the pods in its namespace whose
@@ -227,18 +243,63 @@ impl PodEvictor {
             service_account: id.service_account.clone(),
             ..Default::default()
         };
+        let mut names = Vec::new();
         for pod in list.items {
             let Some(name) = pod.metadata.name else {
                 continue;
             };
             if pod.metadata.deletion_timestamp.is_some() {
                 report.gone.push(name);
-                continue;
+            } else {
+                names.push(name);
             }
+        }
+        self.evict_pods(&pods, spiffe_id, &names, &mut report).await;
+        Ok(report)
+    }
+
+    /// Evicts the workload's pods as [`PodEvictor::evict_workload`] does, then retries
+    /// the pods a PodDisruptionBudget blocked, every `retry_interval` for at most
+    /// `retry_for`, while `still_revoked()` holds. Only the blocked pods are retried:
+    /// replacements a controller started meanwhile are left to SPIRE and the sidecars.
+    /// The report's `blocked` lists the pods still protected when it gave up.
+    pub async fn evict_workload_until_done(
+        &self,
+        spiffe_id: &str,
+        still_revoked: impl Fn() -> bool,
+    ) -> Result<EvictionReport, EvictError> {
+        let mut report = self.evict_workload(spiffe_id).await?;
+        let pods: Api<Pod> = Api::namespaced(self.client.clone(), &report.namespace);
+        let deadline = tokio::time::Instant::now() + self.retry_for;
+        while !report.blocked.is_empty()
+            && tokio::time::Instant::now() + self.retry_interval <= deadline
+        {
+            tokio::time::sleep(self.retry_interval).await;
+            if !still_revoked() {
+                tracing::info!(spiffe_id, blocked = ?report.blocked, "reinstated: no more eviction retries");
+                break;
+            }
+            let blocked = std::mem::take(&mut report.blocked);
+            self.evict_pods(&pods, spiffe_id, &blocked, &mut report)
+                .await;
+        }
+        Ok(report)
+    }
+
+    async fn evict_pods(
+        &self,
+        pods: &Api<Pod>,
+        spiffe_id: &str,
+        names: &[String],
+        report: &mut EvictionReport,
+    ) {
+        for name in names {
+            let name = name.clone();
+            let namespace = &report.namespace;
             let eviction = Eviction {
                 metadata: ObjectMeta {
                     name: Some(name.clone()),
-                    namespace: Some(id.namespace.clone()),
+                    namespace: Some(namespace.clone()),
                     ..Default::default()
                 },
                 delete_options: None,
@@ -248,21 +309,20 @@ impl PodEvictor {
                 .await;
             match result {
                 Ok(_) => {
-                    tracing::info!(pod = %name, namespace = %id.namespace, spiffe_id, "evicted pod of revoked workload");
+                    tracing::info!(pod = %name, %namespace, spiffe_id, "evicted pod of revoked workload");
                     report.evicted.push(name);
                 }
                 Err(kube::Error::Api(status)) if status.code == 429 => {
-                    tracing::warn!(pod = %name, namespace = %id.namespace, "eviction blocked by a PodDisruptionBudget");
+                    tracing::warn!(pod = %name, %namespace, "eviction blocked by a PodDisruptionBudget");
                     report.blocked.push(name);
                 }
                 Err(kube::Error::Api(status)) if status.code == 404 => report.gone.push(name),
                 Err(e) => {
-                    tracing::warn!(pod = %name, namespace = %id.namespace, error = %e, "eviction failed");
+                    tracing::warn!(pod = %name, %namespace, error = %e, "eviction failed");
                     report.failed.push((name, e.to_string()));
                 }
             }
         }
-        Ok(report)
     }
 }
 

@@ -38,8 +38,9 @@ fn status(code: u16, reason: &str, message: &str) -> Value {
 }
 
 /// Answers like the API server: the pod list, then one eviction accepted (201), one
-/// blocked by a PodDisruptionBudget (429), one already gone (404).
-fn answer(method: &str, path: &str) -> (u16, Value) {
+/// blocked by a PodDisruptionBudget (429) on its first two tries (`earlier` counts the
+/// same request before this one) and accepted on the third, one already gone (404).
+fn answer(method: &str, path: &str, earlier: usize) -> (u16, Value) {
     match (method, path) {
         ("GET", "/api/v1/namespaces/plugins/pods") => (
             200,
@@ -47,6 +48,9 @@ fn answer(method: &str, path: &str) -> (u16, Value) {
                    "items": [pod("flood-a", false), pod("flood-b", false), pod("flood-c", true), pod("flood-d", false)]}),
         ),
         ("POST", "/api/v1/namespaces/plugins/pods/flood-a/eviction") => (201, status(201, "", "")),
+        ("POST", "/api/v1/namespaces/plugins/pods/flood-b/eviction") if earlier >= 2 => {
+            (201, status(201, "", ""))
+        }
         ("POST", "/api/v1/namespaces/plugins/pods/flood-b/eviction") => (
             429,
             status(
@@ -103,14 +107,22 @@ async fn serve(log: Log) -> std::net::SocketAddr {
                         let bytes = req.into_body().collect().await.expect("body").to_bytes();
                         let body = (!bytes.is_empty())
                             .then(|| serde_json::from_slice(&bytes).expect("JSON body"));
-                        log.lock().expect("log").push(Recorded {
-                            method: method.clone(),
-                            path: path.clone(),
-                            query,
-                            authorization,
-                            body,
-                        });
-                        let (code, doc) = answer(&method, &path);
+                        let earlier = {
+                            let mut log = log.lock().expect("log");
+                            let earlier = log
+                                .iter()
+                                .filter(|r| r.method == method && r.path == path)
+                                .count();
+                            log.push(Recorded {
+                                method: method.clone(),
+                                path: path.clone(),
+                                query,
+                                authorization,
+                                body,
+                            });
+                            earlier
+                        };
+                        let (code, doc) = answer(&method, &path, earlier);
                         let response = Response::builder()
                             .status(code)
                             .header("content-type", "application/json")
@@ -131,6 +143,10 @@ async fn serve(log: Log) -> std::net::SocketAddr {
 }
 
 async fn evictor(log: &Log) -> (PodEvictor, tempfile::TempDir) {
+    evictor_with(log, EvictorConfig::default()).await
+}
+
+async fn evictor_with(log: &Log, base: EvictorConfig) -> (PodEvictor, tempfile::TempDir) {
     let addr = serve(log.clone()).await;
     let dir = tempfile::tempdir().expect("tempdir");
     let token = dir.path().join("token");
@@ -140,7 +156,7 @@ async fn evictor(log: &Log) -> (PodEvictor, tempfile::TempDir) {
         api_server: format!("http://{addr}"),
         token_file: token,
         danger_allow_plain_http: true,
-        ..Default::default()
+        ..base
     };
     (PodEvictor::new(&cfg).expect("evictor"), dir)
 }
@@ -215,4 +231,85 @@ async fn a_refused_list_is_an_error_naming_namespace_and_account() {
     let message = err.to_string();
     assert!(message.contains("`x` in `forbidden`"), "{message}");
     assert!(message.contains("forbidden"), "{message}");
+}
+
+fn posts(log: &Log, pod: &str) -> usize {
+    let path = format!("/api/v1/namespaces/plugins/pods/{pod}/eviction");
+    log.lock()
+        .expect("log")
+        .iter()
+        .filter(|r| r.method == "POST" && r.path == path)
+        .count()
+}
+
+const FLOOD: &str = "spiffe://nexus.local/ns/plugins/sa/flood-model";
+
+fn retrying(interval_ms: u64, for_ms: u64) -> EvictorConfig {
+    EvictorConfig {
+        retry_interval: std::time::Duration::from_millis(interval_ms),
+        retry_for: std::time::Duration::from_millis(for_ms),
+        ..Default::default()
+    }
+}
+
+#[tokio::test]
+async fn a_pod_a_disruption_budget_blocks_is_retried_until_it_is_evicted() {
+    let log = Log::default();
+    let (evictor, _dir) = evictor_with(&log, retrying(20, 10_000)).await;
+    let report = evictor
+        .evict_workload_until_done(FLOOD, || true)
+        .await
+        .expect("evict");
+    assert_eq!(report.evicted, ["flood-a", "flood-b"]);
+    assert!(report.blocked.is_empty(), "{:?}", report.blocked);
+    assert_eq!(report.gone, ["flood-c", "flood-d"]);
+    // One list; only the blocked pod is tried again (twice refused, then accepted).
+    let lists = log
+        .lock()
+        .expect("log")
+        .iter()
+        .filter(|r| r.method == "GET")
+        .count();
+    assert_eq!(lists, 1);
+    assert_eq!(
+        (
+            posts(&log, "flood-a"),
+            posts(&log, "flood-b"),
+            posts(&log, "flood-d")
+        ),
+        (1, 3, 1)
+    );
+}
+
+#[tokio::test]
+async fn retries_stop_at_reinstatement_and_at_retry_for() {
+    // Reinstated before the first retry: the blocked pod is left alone.
+    let log = Log::default();
+    let (evictor, _dir) = evictor_with(&log, retrying(20, 10_000)).await;
+    let report = evictor
+        .evict_workload_until_done(FLOOD, || false)
+        .await
+        .expect("evict");
+    assert_eq!(report.blocked, ["flood-b"]);
+    assert_eq!(posts(&log, "flood-b"), 1);
+
+    // retry_for bounds the retries: 50 ms at 40 ms leaves room for one retry only.
+    let log = Log::default();
+    let (evictor, _dir) = evictor_with(&log, retrying(40, 50)).await;
+    let report = evictor
+        .evict_workload_until_done(FLOOD, || true)
+        .await
+        .expect("evict");
+    assert_eq!(report.blocked, ["flood-b"]);
+    assert_eq!(posts(&log, "flood-b"), 2);
+
+    // retry_for = 0: one pass, as evict_workload.
+    let log = Log::default();
+    let (evictor, _dir) = evictor_with(&log, retrying(20, 0)).await;
+    let report = evictor
+        .evict_workload_until_done(FLOOD, || true)
+        .await
+        .expect("evict");
+    assert_eq!(report.blocked, ["flood-b"]);
+    assert_eq!(posts(&log, "flood-b"), 1);
 }
