@@ -15,8 +15,7 @@ use nexus_proto::control::admin_server::Admin;
 use nexus_proto::control::{
     ChangeResponse, CloseExecutionRequest, ExecutionInfo, ListExecutionsRequest,
     ListExecutionsResponse, ListSignalsRequest, ListSignalsResponse, OpenExecutionRequest,
-    Propagation, ReinstateRequest, RevokeRequest, Signal, StatusRequest, StatusResponse,
-    StoredSignal,
+    ReinstateRequest, RevokeRequest, Signal, StatusRequest, StatusResponse, StoredSignal,
 };
 use tokio::net::TcpListener;
 use tonic::{Request, Response, Status};
@@ -170,24 +169,31 @@ impl Admin for AdminService {
         request: Request<StatusRequest>,
     ) -> Result<Response<StatusResponse>, Status> {
         self.operator(&request, "status")?;
-        let hub = &self.changes.hub;
-        let last = hub.last_revocation().map(|p| Propagation {
-            revision: p.revision,
-            subject: p.subject,
-            started_unix_ms: p.started_unix_ms,
-            sidecars: p.sidecars,
-            acknowledged: p.acknowledged,
-            all_acknowledged_after_us: p
-                .done_after
-                .map(|d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX).max(1))
-                .unwrap_or(0),
-        });
+        let changes = &self.changes;
+        let hub = &changes.hub;
+        // The other replicas' fresh rows (PostgreSQL); this replica's view is live.
+        let others = match changes.store.backend() {
+            Backend::Sqlite => Vec::new(),
+            Backend::Postgres => {
+                let stale_ms =
+                    u64::try_from(changes.config.database.status_stale_after.as_millis())
+                        .unwrap_or(0);
+                let since = crate::changes::unix_ms().saturating_sub(stale_ms);
+                changes
+                    .store
+                    .replicas(since, &changes.instance)
+                    .await
+                    .map_err(|e| Status::unavailable(e.to_string()))?
+            }
+        };
+        let merged = crate::replicas::merge(crate::replicas::local(changes), others);
         Ok(Response::new(StatusResponse {
-            gateway: self.changes.config.name.clone(),
+            gateway: changes.config.name.clone(),
             revision: hub.revision(),
-            sidecars: hub.sidecars(),
+            sidecars: merged.sidecars,
             revoked: hub.revoked(),
-            last_revocation: last,
+            last_revocation: merged.last_revocation,
+            replicas: merged.replicas,
             open_executions: u32::try_from(hub.executions().len()).unwrap_or(u32::MAX),
             store: match self.changes.store.backend() {
                 Backend::Sqlite => "sqlite".into(),

@@ -79,6 +79,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         metrics: metrics.clone(),
         config: config.clone(),
         evictor,
+        instance: crate::replicas::instance_id(&config.name),
     });
     let signals = Arc::new(Signals::new(changes.clone()).map_err(anyhow::Error::msg)?);
 
@@ -162,6 +163,8 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     // Changes made through other replicas (PostgreSQL): at once through LISTEN/NOTIFY,
     // and within poll_interval whatever happens to the listening connection.
     if store.backend() == crate::store::Backend::Postgres {
+        // Status across replicas: this replica's view, in the store for the others.
+        crate::replicas::spawn_reporter(changes.clone(), changes.instance.clone());
         let changes = changes.clone();
         let url = config.database.url.clone();
         tokio::spawn(async move {
@@ -224,12 +227,20 @@ async fn listen(url: &str, changes: &Changes) -> Result<(), sqlx::Error> {
 
 /// Runs until SIGTERM or Ctrl-C.
 pub async fn run(config: Config) -> anyhow::Result<()> {
-    let _running = start(config).await?;
+    let running = start(config).await?;
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {
         _ = term.recv() => {}
         _ = tokio::signal::ctrl_c() => {}
     }
     tracing::info!("gateway stopping");
+    // Other replicas' status stops listing this one at once (a killed replica drops out
+    // after database.status_stale_after).
+    let changes = &running.changes;
+    if changes.store.backend() == crate::store::Backend::Postgres
+        && let Err(error) = changes.store.remove_replica(&changes.instance).await
+    {
+        tracing::warn!(%error, "cannot remove this replica's status row");
+    }
     Ok(())
 }

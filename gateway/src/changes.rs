@@ -61,6 +61,8 @@ pub struct Changes {
     pub config: Config,
     /// Evicts a revoked workload's pods (opt-in, `[eviction]`).
     pub evictor: Option<Arc<nexus_kube::PodEvictor>>,
+    /// This process's key in the store's replicas table (`name` plus a random suffix).
+    pub instance: String,
 }
 
 pub(crate) fn unix_ms() -> u64 {

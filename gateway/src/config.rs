@@ -152,6 +152,15 @@ pub struct DatabaseConfig {
     /// delay if the listening connection is lost. Default 100ms.
     #[serde(with = "humantime_serde")]
     pub poll_interval: Duration,
+    /// PostgreSQL: how often this replica writes its status (connected sidecars, their
+    /// acknowledged revisions, its newest revocation's propagation) to the store, so that
+    /// status through any replica shows every replica. Default 1s.
+    #[serde(with = "humantime_serde")]
+    pub status_report_interval: Duration,
+    /// A replica silent this long is left out of status, and its row deleted (a killed
+    /// replica). Default 5s; at least twice `status_report_interval`.
+    #[serde(with = "humantime_serde")]
+    pub status_stale_after: Duration,
 }
 
 impl Default for DatabaseConfig {
@@ -160,6 +169,8 @@ impl Default for DatabaseConfig {
             url: "sqlite://nexus-gateway.db".into(),
             max_connections: 8,
             poll_interval: Duration::from_millis(100),
+            status_report_interval: Duration::from_secs(1),
+            status_stale_after: Duration::from_secs(5),
         }
     }
 }
@@ -333,6 +344,17 @@ impl Config {
                 problem: format!(
                     "`{}` is neither sqlite://PATH nor postgres://…",
                     self.database.url
+                ),
+            });
+        }
+        if self.database.status_report_interval.is_zero()
+            || self.database.status_stale_after < 2 * self.database.status_report_interval
+        {
+            return Err(ConfigError::Invalid {
+                field: "database.status_stale_after".into(),
+                problem: format!(
+                    "must be at least twice database.status_report_interval ({:?}), which must not be zero",
+                    self.database.status_report_interval
                 ),
             });
         }

@@ -126,6 +126,8 @@ impl Control for ControlService {
             acknowledged_revision: hello.last_revision,
             last_heard_unix_ms: now,
             version: hello.version.clone(),
+            // Filled in by status (replicas::local): no copy of the name per stream.
+            gateway: String::new(),
         };
         let (id, start, deltas) = self.changes.hub.connect(info, hello.last_revision);
         tracing::info!(sidecar = %peer.spiffe_id, addr = %peer.addr, last_revision = hello.last_revision, "control stream open");

@@ -105,6 +105,8 @@ pub struct Hub {
     /// Completed or current propagations by revision (bounded), for waiters.
     progress: watch::Sender<u64>,
     last_revocation: std::sync::Mutex<Option<Propagation>>,
+    /// The revision of the newest revocation ingested (0: none yet).
+    newest_revocation: AtomicU64,
     /// Start instants of this replica's own calls, by revision, so the measurement
     /// starts when the operator's call arrived.
     starts: std::sync::Mutex<HashMap<u64, (Instant, u64)>>,
@@ -144,6 +146,7 @@ impl Hub {
             pending: std::sync::Mutex::new(Vec::new()),
             progress,
             last_revocation: std::sync::Mutex::new(None),
+            newest_revocation: AtomicU64::new(0),
             starts: std::sync::Mutex::new(HashMap::new()),
             catch_up: AsyncMutex::new(()),
             recent: std::sync::Mutex::new(BTreeMap::new()),
@@ -246,6 +249,10 @@ impl Hub {
             Some(DeltaChange::Close(c)) => (c.id.clone(), false),
             None => (String::new(), false),
         };
+        if revocation {
+            self.newest_revocation
+                .fetch_max(delta.revision, Ordering::Relaxed);
+        }
         let mut propagation = Propagation {
             revision: delta.revision,
             subject,
@@ -480,5 +487,16 @@ impl Hub {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone()
+    }
+
+    /// The newest revocation's propagation, finished or still going (what this replica
+    /// reports for status across replicas).
+    pub fn newest_revocation(&self) -> Option<Propagation> {
+        match self.newest_revocation.load(Ordering::Relaxed) {
+            0 => None,
+            revision => self
+                .propagation(revision)
+                .or_else(|| self.last_revocation()),
+        }
     }
 }

@@ -13,7 +13,8 @@ use std::borrow::Cow;
 use std::time::Duration;
 
 use nexus_proto::control::{
-    Delta, Execution, ExecutionClosed, Reinstatement, Revocation, delta::Change as DeltaChange,
+    Delta, Execution, ExecutionClosed, Reinstatement, ReplicaStatus, Revocation,
+    delta::Change as DeltaChange,
 };
 use prost::Message;
 use sqlx::any::{AnyPoolOptions, AnyRow};
@@ -167,13 +168,22 @@ pub const CATCH_UP_BATCH: i64 = 1000;
 
 fn migrator() -> Migrator {
     Migrator {
-        migrations: Cow::Owned(vec![Migration::new(
-            1,
-            Cow::Borrowed("state"),
-            MigrationType::Simple,
-            Cow::Borrowed(include_str!("../migrations/0001_state.sql")),
-            false,
-        )]),
+        migrations: Cow::Owned(vec![
+            Migration::new(
+                1,
+                Cow::Borrowed("state"),
+                MigrationType::Simple,
+                Cow::Borrowed(include_str!("../migrations/0001_state.sql")),
+                false,
+            ),
+            Migration::new(
+                2,
+                Cow::Borrowed("replicas"),
+                MigrationType::Simple,
+                Cow::Borrowed(include_str!("../migrations/0002_replicas.sql")),
+                false,
+            ),
+        ]),
         ignore_missing: false,
         locking: true,
         no_tx: false,
@@ -567,6 +577,76 @@ impl Store {
         Ok(out)
     }
 
+    /// Writes this replica's status row (`instance` is unique per process) and deletes
+    /// the rows of replicas silent since before `prune_before_ms` (killed ones).
+    pub async fn report_replica(
+        &self,
+        instance: &str,
+        status: &ReplicaStatus,
+        prune_before_ms: u64,
+    ) -> Result<(), StoreError> {
+        let body = data_encoding::BASE64.encode(&status.encode_to_vec());
+        sqlx::query(
+            "INSERT INTO replicas (instance, name, reported_ms, body) VALUES ($1, $2, $3, $4) \
+             ON CONFLICT (instance) DO UPDATE SET name = excluded.name, \
+             reported_ms = excluded.reported_ms, body = excluded.body",
+        )
+        .bind(instance)
+        .bind(status.gateway.as_str())
+        .bind(to_i64(status.reported_unix_ms))
+        .bind(body)
+        .execute(&self.pool)
+        .await?;
+        sqlx::query("DELETE FROM replicas WHERE reported_ms < $1")
+            .bind(to_i64(prune_before_ms))
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// Deletes this replica's status row (a clean stop).
+    pub async fn remove_replica(&self, instance: &str) -> Result<(), StoreError> {
+        sqlx::query("DELETE FROM replicas WHERE instance = $1")
+            .bind(instance)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// The status rows reported at or after `since_ms`, other than `except` (this
+    /// replica, whose live view the caller has), by instance. A row that does not
+    /// decode (another version's) is skipped with a warning.
+    pub async fn replicas(
+        &self,
+        since_ms: u64,
+        except: &str,
+    ) -> Result<Vec<ReplicaStatus>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT instance, body FROM replicas WHERE reported_ms >= $1 AND instance <> $2 \
+             ORDER BY name, instance",
+        )
+        .bind(to_i64(since_ms))
+        .bind(except)
+        .fetch_all(&self.pool)
+        .await?;
+        let mut out = Vec::with_capacity(rows.len());
+        for row in rows {
+            let instance: String = row.try_get(0)?;
+            let body: String = row.try_get(1)?;
+            let decoded = data_encoding::BASE64
+                .decode(body.as_bytes())
+                .map_err(|e| e.to_string())
+                .and_then(|b| ReplicaStatus::decode(b.as_slice()).map_err(|e| e.to_string()));
+            match decoded {
+                Ok(status) => out.push(status),
+                Err(error) => {
+                    tracing::warn!(%instance, %error, "skipping a replica status row that does not decode")
+                }
+            }
+        }
+        Ok(out)
+    }
+
     /// Number of stored records (for status and tests).
     pub async fn record_count(&self) -> Result<u64, StoreError> {
         let row = sqlx::query("SELECT COUNT(*) FROM records")
@@ -645,5 +725,46 @@ mod tests {
         assert!(matches!(changes[0].change, Some(DeltaChange::Revoke(_))));
         assert_eq!(store.revocations().await.unwrap().len(), 1);
         assert_eq!(store.executions(false).await.unwrap().len(), 1);
+    }
+
+    #[tokio::test]
+    async fn replica_rows_are_upserted_listed_and_pruned() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("g.db").display());
+        let store = Store::open(&url, 2).await.unwrap();
+        let row = |name: &str, revision: u64, at: u64| ReplicaStatus {
+            gateway: name.into(),
+            revision,
+            reported_unix_ms: at,
+            ..Default::default()
+        };
+        store
+            .report_replica("a-1", &row("a", 1, 1000), 0)
+            .await
+            .unwrap();
+        store
+            .report_replica("b-1", &row("b", 1, 1000), 0)
+            .await
+            .unwrap();
+        // The same instance again: one row, updated.
+        store
+            .report_replica("b-1", &row("b", 2, 2000), 0)
+            .await
+            .unwrap();
+        let others = store.replicas(0, "a-1").await.unwrap();
+        assert_eq!(others.len(), 1);
+        assert_eq!((others[0].gateway.as_str(), others[0].revision), ("b", 2));
+        // Fresh only: a-1 reported at 1000 is older than 1500.
+        assert!(store.replicas(1500, "b-1").await.unwrap().is_empty());
+        // A report prunes rows silent since before the bound; removal deletes one.
+        store
+            .report_replica("c-1", &row("c", 2, 3000), 1500)
+            .await
+            .unwrap();
+        let all = store.replicas(0, "").await.unwrap();
+        let names: Vec<_> = all.iter().map(|r| r.gateway.as_str()).collect();
+        assert_eq!(names, ["b", "c"]);
+        store.remove_replica("c-1").await.unwrap();
+        assert_eq!(store.replicas(0, "").await.unwrap().len(), 1);
     }
 }

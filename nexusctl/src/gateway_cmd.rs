@@ -324,6 +324,7 @@ pub async fn status(target: Target) -> anyhow::Result<()> {
             "revision": p.revision, "subject": p.subject, "started": rfc3339(p.started_unix_ms),
             "sidecars": p.sidecars, "acknowledged": p.acknowledged,
             "all_acknowledged_after_ms": (p.all_acknowledged_after_us > 0).then(|| p.all_acknowledged_after_us as f64 / 1000.0),
+            "replicas": p.replicas,
         })
     });
     let json = serde_json::json!({
@@ -334,7 +335,11 @@ pub async fn status(target: Target) -> anyhow::Result<()> {
         "sidecars": s.sidecars.iter().map(|x| serde_json::json!({
             "spiffe_id": x.spiffe_id, "address": x.remote_addr, "connected": rfc3339(x.connected_unix_ms),
             "acknowledged_revision": x.acknowledged_revision, "last_heard": rfc3339(x.last_heard_unix_ms),
-            "version": x.version,
+            "version": x.version, "gateway": x.gateway,
+        })).collect::<Vec<_>>(),
+        "replicas": s.replicas.iter().map(|r| serde_json::json!({
+            "gateway": r.gateway, "revision": r.revision, "sidecars": r.sidecar_count,
+            "reported": rfc3339(r.reported_unix_ms),
         })).collect::<Vec<_>>(),
         "revoked": s.revoked.iter().map(|r| serde_json::json!({
             "subject": r.subject, "reason": r.reason, "by": r.by, "at": rfc3339(r.at_unix_ms),
@@ -358,9 +363,21 @@ pub async fn status(target: Target) -> anyhow::Result<()> {
             format!("behind ({} < {})", x.acknowledged_revision, s.revision)
         };
         println!(
-            "  {:<60} acked {:<6} {lag}  {}",
-            x.spiffe_id, x.acknowledged_revision, x.remote_addr
+            "  {:<60} acked {:<6} {lag}  {} via {}",
+            x.spiffe_id, x.acknowledged_revision, x.remote_addr, x.gateway
         );
+    }
+    if s.replicas.len() > 1 {
+        println!("\nREPLICAS ({})", s.replicas.len());
+        for r in &s.replicas {
+            println!(
+                "  {:<30} revision {:<6} {} sidecars, reported {}",
+                r.gateway,
+                r.revision,
+                r.sidecar_count,
+                rfc3339(r.reported_unix_ms)
+            );
+        }
     }
     println!("\nREVOKED ({})", s.revoked.len());
     for r in &s.revoked {
@@ -369,10 +386,15 @@ pub async fn status(target: Target) -> anyhow::Result<()> {
     if let Some(p) = &s.last_revocation {
         if p.all_acknowledged_after_us > 0 {
             println!(
-                "\nlast revocation: {} (revision {}) acknowledged by all {} sidecars in {:.3} ms",
+                "\nlast revocation: {} (revision {}) acknowledged by all {} sidecars{} in {:.3} ms",
                 p.subject,
                 p.revision,
                 p.sidecars,
+                if p.replicas > 1 {
+                    format!(" of {} replicas", p.replicas)
+                } else {
+                    String::new()
+                },
                 p.all_acknowledged_after_us as f64 / 1000.0
             );
         } else {

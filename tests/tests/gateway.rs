@@ -516,15 +516,24 @@ fn two_gateways_on_postgresql_share_state_and_reach_each_others_sidecars() {
     let url = pg.database("nexus_two_gateways");
     let dir = temp_dir("gateway-postgres");
     let gw_api = workload_api(dir.path(), "gateway-workload-api", GATEWAY_ID, &[]);
-    let a = gateway(dir.path(), "gateway-a", &gw_api, Some(&url), None, "");
+    // Each replica writes its status row every 200 ms; one silent for 1 s drops out.
+    let status_timers = "status_report_interval = \"200ms\"\nstatus_stale_after = \"1s\"";
+    let a = gateway(
+        dir.path(),
+        "gateway-a",
+        &gw_api,
+        Some(&url),
+        None,
+        status_timers,
+    );
     // B polls only every 30 s: what reaches it fast comes through LISTEN/NOTIFY.
-    let b = gateway(
+    let mut b = gateway(
         dir.path(),
         "gateway-b",
         &gw_api,
         Some(&url),
         None,
-        "poll_interval = \"30s\"",
+        &format!("poll_interval = \"30s\"\n{status_timers}"),
     );
     // The plugin's sidecar is on gateway B; changes are made through gateway A.
     let options = TwoHopOptions {
@@ -537,8 +546,32 @@ fn two_gateways_on_postgresql_share_state_and_reach_each_others_sidecars() {
         ..TwoHopOptions::default()
     };
     let hop = two_hop(dir.path(), &options);
-    a.wait_in_sync(1);
-    b.wait_in_sync(1);
+    // Status through either replica lists both sidecars, each with the replica holding
+    // its stream.
+    for gw in [&a, &b] {
+        let status = gw.wait_in_sync(2);
+        let via: Vec<(&str, &str)> = status["sidecars"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| {
+                (
+                    x["spiffe_id"].as_str().unwrap(),
+                    x["gateway"].as_str().unwrap(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            via,
+            [(DATA_API_ID, "gateway-a"), (PLUGIN_ID, "gateway-b")],
+            "{status}"
+        );
+        assert_eq!(
+            status["replicas"].as_array().map(Vec::len),
+            Some(2),
+            "{status}"
+        );
+    }
     a.open_execution(PLUGIN_ID, "c-flood-17", "10m");
     let rainfall = hop.outbound_url("/clauses/c-flood-17/rainfall");
     eventually(
@@ -561,6 +594,25 @@ fn two_gateways_on_postgresql_share_state_and_reach_each_others_sidecars() {
         b.status()["revoked"][0]["by"],
         nexus_tests::stack::OPERATOR_ID
     );
+    // The revocation's propagation across both replicas: A's sidecar and B's, both
+    // acknowledged, timed from the call at A to the last acknowledgement at B.
+    let last = eventually(
+        Duration::from_secs(5),
+        "the revocation measured across both replicas",
+        || {
+            let last = a.status()["last_revocation"].clone();
+            (last["replicas"] == 2 && last["all_acknowledged_after_ms"].is_number()).then_some(last)
+        },
+    );
+    assert_eq!(
+        (last["sidecars"].as_u64(), last["acknowledged"].as_u64()),
+        (Some(2), Some(2)),
+        "{last}"
+    );
+    assert_eq!(last["subject"], PLUGIN_ID);
+    let across_ms = last["all_acknowledged_after_ms"].as_f64().unwrap();
+    eprintln!("revocation acknowledged by both replicas' sidecars in {across_ms} ms");
+    assert!(across_ms < 3000.0, "{last}");
 
     // Concurrent changes through both replicas get dense, distinct revisions.
     std::thread::scope(|scope| {
@@ -594,8 +646,23 @@ fn two_gateways_on_postgresql_share_state_and_reach_each_others_sidecars() {
         );
         assert_eq!(status["store"], "postgres");
     }
-    a.wait_in_sync(1);
-    b.wait_in_sync(1);
+    a.wait_in_sync(2);
+    b.wait_in_sync(2);
+
+    // B killed with -9: it cannot say goodbye; A's status drops it once it is silent
+    // for status_stale_after, and lists only its own sidecar.
+    b.kill9();
+    let status = eventually(Duration::from_secs(10), "B dropped from A's status", || {
+        let s = a.status();
+        (s["replicas"].as_array()?.len() == 1).then_some(s)
+    });
+    assert_eq!(status["replicas"][0]["gateway"], "gateway-a", "{status}");
+    assert_eq!(
+        status["sidecars"].as_array().map(Vec::len),
+        Some(1),
+        "{status}"
+    );
+    assert_eq!(status["sidecars"][0]["spiffe_id"], DATA_API_ID);
 }
 
 /// A self-signed serving certificate for `localhost` (what cert-manager would issue).
