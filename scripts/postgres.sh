@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # A throwaway PostgreSQL for the tests: `scripts/postgres.sh start DIR PORT` creates a
 # cluster in DIR (initdb, trust auth on 127.0.0.1 only), starts it on PORT and prints
-# its URL; `scripts/postgres.sh stop DIR` stops it. Uses the machine's PostgreSQL
+# its URL; `scripts/postgres.sh stop DIR` stops it. TLS is on too (plain connections
+# still work): a test CA signs a server certificate for 127.0.0.1 and localhost, and the
+# CA is DIR/nexus-test-ca.pem, for `?sslmode=verify-full&sslrootcert=DIR/nexus-test-ca.pem`. Uses the machine's PostgreSQL
 # binaries (Debian's postgresql-15 layout, or initdb/pg_ctl on PATH). PostgreSQL refuses
 # to run as root, so as root the cluster runs as the `postgres` user.
 set -euo pipefail
@@ -27,8 +29,24 @@ case "$cmd" in
     if [ ! -f "$dir/PG_VERSION" ]; then
       as_pg "${bin}initdb" -D "$dir" -A trust -U nexus --no-sync >/dev/null
     fi
+    if [ ! -f "$dir/server.crt" ]; then
+      tls=$(mktemp -d)
+      openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 \
+        -subj "/CN=nexus test PostgreSQL CA" -keyout "$tls/ca.key" -out "$tls/ca.pem" 2>/dev/null
+      openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes \
+        -subj "/CN=localhost" -keyout "$tls/server.key" -out "$tls/server.csr" 2>/dev/null
+      printf 'subjectAltName=IP:127.0.0.1,DNS:localhost\n' >"$tls/ext"
+      openssl x509 -req -in "$tls/server.csr" -CA "$tls/ca.pem" -CAkey "$tls/ca.key" \
+        -CAcreateserial -days 2 -extfile "$tls/ext" -out "$tls/server.crt" 2>/dev/null
+      cp "$tls/server.crt" "$tls/server.key" "$dir/"
+      cp "$tls/ca.pem" "$dir/nexus-test-ca.pem"
+      chmod 600 "$dir/server.key"
+      chmod 644 "$dir/nexus-test-ca.pem"
+      if [ "$(id -u)" = 0 ]; then chown postgres "$dir/server.crt" "$dir/server.key"; fi
+      rm -rf "$tls"
+    fi
     as_pg "${bin}pg_ctl" -D "$dir" -l "$dir/server.log" -w -t 60 \
-      -o "-c listen_addresses=127.0.0.1 -p $port -k $dir -c fsync=on" start >/dev/null
+      -o "-c listen_addresses=127.0.0.1 -p $port -k $dir -c fsync=on -c ssl=on" start >/dev/null
     "${bin}psql" -h 127.0.0.1 -p "$port" -U nexus -d postgres -qtAc "CREATE DATABASE nexus" >/dev/null 2>&1 || true
     echo "postgres://nexus@127.0.0.1:$port/nexus"
     ;;

@@ -64,7 +64,12 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     let store = Arc::new(
         Store::open(&config.database.url, config.database.max_connections)
             .await
-            .map_err(|e| anyhow::anyhow!("cannot open the store {}: {e}", config.database.url))?,
+            .map_err(|e| {
+                anyhow::anyhow!(
+                    "cannot open the store {}: {e}",
+                    crate::config::redact_url(&config.database.url)
+                )
+            })?,
     );
     let hub = Hub::load(&store, config.stream.delta_log, metrics.clone()).await?;
     let evictor = match &config.eviction {
@@ -207,7 +212,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         std::fs::write(&tmp, json)?;
         std::fs::rename(&tmp, path)?;
     }
-    tracing::info!(grpc = %addresses.grpc, admin = %addresses.admin, store = %config.database.url.split('@').next_back().unwrap_or(""), revision = hub.revision(), "gateway listening");
+    tracing::info!(grpc = %addresses.grpc, admin = %addresses.admin, store = %crate::config::redact_url(&config.database.url), revision = hub.revision(), "gateway listening");
     Ok(Running { addresses, changes })
 }
 

@@ -137,6 +137,24 @@ impl Default for AdminConfig {
     }
 }
 
+/// `url` with the password of its user info (`scheme://user:PASSWORD@host/…`) replaced by
+/// `***`, for logs and errors.
+pub fn redact_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_string();
+    };
+    let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
+    let (authority, tail) = rest.split_at(authority_end);
+    match authority.rsplit_once('@') {
+        Some((userinfo, host)) => {
+            let user = userinfo.split_once(':').map_or(userinfo, |(user, _)| user);
+            let hidden = if userinfo.contains(':') { ":***" } else { "" };
+            format!("{scheme}://{user}{hidden}@{host}{tail}")
+        }
+        None => url.to_string(),
+    }
+}
+
 /// `[database]`
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -343,7 +361,7 @@ impl Config {
                 field: "database.url".into(),
                 problem: format!(
                     "`{}` is neither sqlite://PATH nor postgres://…",
-                    self.database.url
+                    redact_url(&self.database.url)
                 ),
             });
         }
@@ -376,6 +394,30 @@ impl Config {
                 })
             }
             _ => Ok(()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::redact_url;
+
+    #[test]
+    fn database_passwords_never_reach_logs() {
+        for (url, shown) in [
+            (
+                "postgres://nexus:s3cret@db.svc:5432/nexus?sslmode=verify-full",
+                "postgres://nexus:***@db.svc:5432/nexus?sslmode=verify-full",
+            ),
+            (
+                "postgres://nexus@127.0.0.1/nexus",
+                "postgres://nexus@127.0.0.1/nexus",
+            ),
+            ("postgres://a:b:c@h/d", "postgres://a:***@h/d"),
+            ("sqlite://nexus-gateway.db", "sqlite://nexus-gateway.db"),
+            ("nonsense", "nonsense"),
+        ] {
+            assert_eq!(redact_url(url), shown);
         }
     }
 }

@@ -437,8 +437,10 @@ fn bad_clients_are_cut_off_and_the_others_keep_being_served() {
 
 /// A PostgreSQL for this test: `NEXUS_TEST_POSTGRES_URL` (scripts/test.sh starts one),
 /// else one started here with scripts/postgres.sh. Each test gets its own database.
+/// TLS is on; `ca` signed its certificate (`NEXUS_TEST_POSTGRES_CA` with a given URL).
 struct Postgres {
     base: String,
+    ca: std::path::PathBuf,
     own: Option<tempfile::TempDir>,
 }
 
@@ -447,6 +449,9 @@ impl Postgres {
         if let Ok(url) = std::env::var("NEXUS_TEST_POSTGRES_URL") {
             return Self {
                 base: url,
+                ca: std::env::var_os("NEXUS_TEST_POSTGRES_CA")
+                    .expect("NEXUS_TEST_POSTGRES_CA with NEXUS_TEST_POSTGRES_URL")
+                    .into(),
                 own: None,
             };
         }
@@ -467,8 +472,23 @@ impl Postgres {
         let base = String::from_utf8_lossy(&out.stdout).trim().to_string();
         Self {
             base,
+            ca: data.join("nexus-test-ca.pem"),
             own: Some(dir),
         }
+    }
+
+    /// Runs `sql` as the test user in `url`'s database; its unaligned output.
+    fn query(url: &str, sql: &str) -> String {
+        let out = Command::new("psql")
+            .args([url, "-qtAc", sql])
+            .output()
+            .expect("psql");
+        assert!(
+            out.status.success(),
+            "psql {sql}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
     }
 
     /// A new empty database; its URL.
@@ -483,15 +503,7 @@ impl Postgres {
             format!("DROP DATABASE IF EXISTS {db}"),
             format!("CREATE DATABASE {db}"),
         ] {
-            let out = Command::new("psql")
-                .args([&admin, "-qtAc", &sql])
-                .output()
-                .expect("psql");
-            assert!(
-                out.status.success(),
-                "psql {sql}: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
+            Self::query(&admin, &sql);
         }
         self.base
             .rsplit_once('/')
@@ -663,6 +675,63 @@ fn two_gateways_on_postgresql_share_state_and_reach_each_others_sidecars() {
         "{status}"
     );
     assert_eq!(status["sidecars"][0]["spiffe_id"], DATA_API_ID);
+}
+
+#[test]
+fn the_gateway_reaches_postgresql_over_verified_tls() {
+    let pg = Postgres::start();
+    let url = pg.database("nexus_tls");
+    let dir = temp_dir("gateway-postgres-tls");
+    let app = format!("nexus-gateway-tls-{}", std::process::id());
+    let tls_url = format!(
+        "{url}?sslmode=verify-full&sslrootcert={}&application_name={app}",
+        pg.ca.display()
+    );
+    let gw_api = workload_api(dir.path(), "gateway-workload-api", GATEWAY_ID, &[]);
+    let gw = gateway(dir.path(), "gateway-tls", &gw_api, Some(&tls_url), None, "");
+    gw.nexusctl(&["revoke", PLUGIN_ID, "--reason", "over TLS"]);
+    assert_eq!(gw.status()["revoked"][0]["reason"], "over TLS");
+    // Every connection the gateway holds (the pool and the LISTEN one) is TLS 1.3.
+    let sessions = Postgres::query(
+        &url,
+        &format!(
+            "SELECT s.ssl, s.version FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid) \
+             WHERE a.application_name = '{app}'"
+        ),
+    );
+    let lines: Vec<&str> = sessions.lines().collect();
+    assert!(lines.len() >= 2, "gateway sessions: {sessions:?}");
+    assert!(lines.iter().all(|l| *l == "t|TLSv1.3"), "{sessions}");
+    drop(gw);
+
+    // A database whose certificate the configured CA did not sign: the gateway refuses
+    // to start, naming the store, and writes nothing.
+    let wrong_ca = repo_root().join("certs-dev/nexus.local/ca.pem");
+    let config = dir.path().join("wrong-ca.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[identity]\nworkload_api_socket = {:?}\n\n[database]\nurl = {:?}\n",
+            gw_api.url(),
+            format!(
+                "{url}?sslmode=verify-full&sslrootcert={}",
+                wrong_ca.display()
+            )
+        ),
+    )
+    .unwrap();
+    let out = nexus_tests::run_bounded(
+        30,
+        &nexus_tests::bin("nexus-gateway").to_string_lossy(),
+        &["--config", &config.to_string_lossy()],
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(stderr.contains("cannot open the store"), "{stderr}");
+    assert!(
+        stderr.to_lowercase().contains("certificate"),
+        "the reason names the certificate: {stderr}"
+    );
 }
 
 /// A self-signed serving certificate for `localhost` (what cert-manager would issue).
