@@ -380,3 +380,126 @@ spec:
     assert!(stderr.contains("document 0 (Job/nightly)"), "{stderr}");
     assert!(stderr.contains("set `command`"), "{stderr}");
 }
+
+/// The Dockerfile's targets, as `(target, base image, body lines)`.
+fn dockerfile_targets() -> Vec<(String, String, Vec<String>)> {
+    let text = std::fs::read_to_string(repo_root().join("Dockerfile")).expect("Dockerfile");
+    let mut targets: Vec<(String, String, Vec<String>)> = Vec::new();
+    for line in text.lines() {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        match words.as_slice() {
+            ["FROM", image, "AS", name] => {
+                targets.push(((*name).to_string(), (*image).to_string(), Vec::new()))
+            }
+            _ => {
+                if let Some(last) = targets.last_mut() {
+                    last.2.push(line.trim().to_string());
+                }
+            }
+        }
+    }
+    targets
+}
+
+#[test]
+fn the_dockerfile_builds_every_image_the_manifests_and_the_injector_use() {
+    // No Docker engine runs here: this checks the recipe against its users instead.
+    let targets = dockerfile_targets();
+    let header = std::fs::read_to_string(repo_root().join("Dockerfile")).expect("Dockerfile");
+    let target_of = |image: &str| -> String {
+        let line = header
+            .lines()
+            .find(|l| {
+                l.starts_with('#') && l.contains("--target") && l.contains(&format!("-t {image} "))
+            })
+            .unwrap_or_else(|| panic!("the Dockerfile says how to build {image}"));
+        let words: Vec<&str> = line.split_whitespace().collect();
+        let at = words
+            .iter()
+            .position(|w| *w == "--target")
+            .expect("--target");
+        words[at + 1].to_string()
+    };
+    let body = |target: &str| -> Vec<String> {
+        targets
+            .iter()
+            .find(|(name, _, _)| name == target)
+            .unwrap_or_else(|| panic!("no `FROM … AS {target}` in the Dockerfile"))
+            .2
+            .clone()
+    };
+    // Every Nexus image a manifest under deploy/ runs.
+    let mut files = Vec::new();
+    collect_yaml(&repo_root().join("deploy"), &mut files);
+    let mut images = std::collections::BTreeSet::new();
+    for file in &files {
+        for line in std::fs::read_to_string(file).unwrap().lines() {
+            if let Some(image) = line.trim().strip_prefix("image: ")
+                && image.starts_with("ghcr.io/nexus/")
+            {
+                images.insert(image.to_string());
+            }
+        }
+    }
+    // And the two the injector adds.
+    let inject = InjectConfig::default();
+    images.insert(inject.sidecar_image.clone());
+    images.insert(inject.launcher_image.clone());
+    assert!(images.len() >= 4, "{images:?}");
+    for image in &images {
+        let target = target_of(image);
+        let lines = body(&target);
+        let binary = image
+            .rsplit('/')
+            .next()
+            .and_then(|n| n.split(':').next())
+            .unwrap();
+        if image == &inject.launcher_image {
+            // The init container copies LAUNCHER_DIR; the wrapped command runs
+            // LAUNCHER_BIN with LAUNCHER_DIR/profiles/<profile>.toml.
+            assert!(
+                lines.contains(&format!(
+                    "COPY --from=build /out{} {}",
+                    nexus_kube::inject::LAUNCHER_DIR,
+                    nexus_kube::inject::LAUNCHER_DIR
+                )),
+                "{lines:?}"
+            );
+            let build = body("build").join("\n");
+            let bin_dir = nexus_kube::inject::LAUNCHER_BIN
+                .rsplit_once('/')
+                .map(|(d, _)| d)
+                .unwrap();
+            assert!(build.contains(&format!("/out{bin_dir}/")), "{build}");
+            assert!(
+                build.contains("+crt-static"),
+                "the launcher is static: {build}"
+            );
+            assert!(
+                build.contains(&format!(
+                    "/out{}/profiles/",
+                    nexus_kube::inject::LAUNCHER_DIR
+                )),
+                "{build}"
+            );
+        } else {
+            assert!(
+                lines.contains(&format!(
+                    "COPY --from=build /src/target/release/{binary} /usr/local/bin/{binary}"
+                )),
+                "{image}: {lines:?}"
+            );
+            assert!(
+                lines.contains(&format!("ENTRYPOINT [\"/usr/local/bin/{binary}\"]")),
+                "{image}: {lines:?}"
+            );
+        }
+        // Non-root, as the manifests and the injector run it.
+        assert!(lines.contains(&"USER 65532:65532".to_string()), "{image}");
+        assert!(
+            image.ends_with(&format!(":{}", env!("CARGO_PKG_VERSION"))),
+            "{image} is tagged with the workspace version"
+        );
+    }
+    assert_eq!(inject.sidecar_uid, 65532);
+}
