@@ -75,7 +75,8 @@ pub(crate) fn unix_ms() -> u64 {
     .unwrap_or(u64::MAX)
 }
 
-fn random_hex(bytes: usize) -> String {
+/// `bytes` random bytes as lowercase hex.
+pub(crate) fn random_hex(bytes: usize) -> String {
     let mut buf = vec![0u8; bytes];
     let _ = ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut buf);
     buf.iter().map(|b| format!("{b:02x}")).collect()

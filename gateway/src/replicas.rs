@@ -145,10 +145,7 @@ pub fn merge_propagation(replicas: &[ReplicaStatus]) -> Option<Propagation> {
 /// This process's key in the replicas table: the configured name is shared by the
 /// replicas of one Deployment, so a random suffix tells them apart.
 pub fn instance_id(name: &str) -> String {
-    let mut buf = [0u8; 8];
-    let _ = ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut buf);
-    let suffix: String = buf.iter().map(|b| format!("{b:02x}")).collect();
-    format!("{name}-{suffix}")
+    format!("{name}-{}", crate::changes::random_hex(8))
 }
 
 /// Writes this replica's status row every `database.status_report_interval` (PostgreSQL

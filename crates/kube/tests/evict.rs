@@ -281,35 +281,32 @@ async fn a_pod_a_disruption_budget_blocks_is_retried_until_it_is_evicted() {
     );
 }
 
+/// Evicts FLOOD with retries every `interval_ms` for `for_ms` while `still_revoked`;
+/// the pods still blocked and how often flood-b (blocked twice) was tried.
+async fn blocked_and_tries(
+    interval_ms: u64,
+    for_ms: u64,
+    still_revoked: bool,
+) -> (Vec<String>, usize) {
+    let log = Log::default();
+    let (evictor, _dir) = evictor_with(&log, retrying(interval_ms, for_ms)).await;
+    let report = evictor
+        .evict_workload_until_done(FLOOD, || still_revoked)
+        .await
+        .expect("evict");
+    (report.blocked, posts(&log, "flood-b"))
+}
+
 #[tokio::test]
 async fn retries_stop_at_reinstatement_and_at_retry_for() {
+    let blocked = vec!["flood-b".to_string()];
     // Reinstated before the first retry: the blocked pod is left alone.
-    let log = Log::default();
-    let (evictor, _dir) = evictor_with(&log, retrying(20, 10_000)).await;
-    let report = evictor
-        .evict_workload_until_done(FLOOD, || false)
-        .await
-        .expect("evict");
-    assert_eq!(report.blocked, ["flood-b"]);
-    assert_eq!(posts(&log, "flood-b"), 1);
-
+    assert_eq!(
+        blocked_and_tries(20, 10_000, false).await,
+        (blocked.clone(), 1)
+    );
     // retry_for bounds the retries: 50 ms at 40 ms leaves room for one retry only.
-    let log = Log::default();
-    let (evictor, _dir) = evictor_with(&log, retrying(40, 50)).await;
-    let report = evictor
-        .evict_workload_until_done(FLOOD, || true)
-        .await
-        .expect("evict");
-    assert_eq!(report.blocked, ["flood-b"]);
-    assert_eq!(posts(&log, "flood-b"), 2);
-
+    assert_eq!(blocked_and_tries(40, 50, true).await, (blocked.clone(), 2));
     // retry_for = 0: one pass, as evict_workload.
-    let log = Log::default();
-    let (evictor, _dir) = evictor_with(&log, retrying(20, 0)).await;
-    let report = evictor
-        .evict_workload_until_done(FLOOD, || true)
-        .await
-        .expect("evict");
-    assert_eq!(report.blocked, ["flood-b"]);
-    assert_eq!(posts(&log, "flood-b"), 1);
+    assert_eq!(blocked_and_tries(20, 0, true).await, (blocked, 1));
 }
