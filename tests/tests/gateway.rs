@@ -692,15 +692,17 @@ fn the_gateway_reaches_postgresql_over_verified_tls() {
     gw.nexusctl(&["revoke", PLUGIN_ID, "--reason", "over TLS"]);
     assert_eq!(gw.status()["revoked"][0]["reason"], "over TLS");
     // Every connection the gateway holds (the pool and the LISTEN one) is TLS 1.3.
-    let sessions = Postgres::query(
-        &url,
-        &format!(
-            "SELECT s.ssl, s.version FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid) \
-             WHERE a.application_name = '{app}'"
-        ),
-    );
+    let sessions = eventually(Duration::from_secs(10), "the gateway's sessions", || {
+        let sessions = Postgres::query(
+            &url,
+            &format!(
+                "SELECT s.ssl, s.version FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid) \
+                 WHERE a.application_name = '{app}'"
+            ),
+        );
+        (sessions.lines().count() >= 2).then_some(sessions)
+    });
     let lines: Vec<&str> = sessions.lines().collect();
-    assert!(lines.len() >= 2, "gateway sessions: {sessions:?}");
     assert!(lines.iter().all(|l| *l == "t|TLSv1.3"), "{sessions}");
     drop(gw);
 
