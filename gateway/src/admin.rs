@@ -171,7 +171,9 @@ impl Admin for AdminService {
         self.operator(&request, "status")?;
         let changes = &self.changes;
         let hub = &changes.hub;
-        // The other replicas' fresh rows (PostgreSQL); this replica's view is live.
+        // The other replicas' fresh rows (PostgreSQL); this replica's view is live, and
+        // is still shown when the store cannot be read (an outage is when it matters).
+        let mut warnings = Vec::new();
         let others = match changes.store.backend() {
             Backend::Sqlite => Vec::new(),
             Backend::Postgres => {
@@ -179,11 +181,17 @@ impl Admin for AdminService {
                     u64::try_from(changes.config.database.status_stale_after.as_millis())
                         .unwrap_or(0);
                 let since = crate::changes::unix_ms().saturating_sub(stale_ms);
-                changes
-                    .store
-                    .replicas(since, &changes.instance)
-                    .await
-                    .map_err(|e| Status::unavailable(e.to_string()))?
+                match changes.store.replicas(since, &changes.instance).await {
+                    Ok(others) => others,
+                    Err(error) => {
+                        tracing::warn!(%error, "status: cannot read the other replicas");
+                        warnings.push(format!(
+                            "only this replica ({}) is shown: cannot read the other replicas from the store: {error}",
+                            changes.config.name
+                        ));
+                        Vec::new()
+                    }
+                }
             }
         };
         let merged = crate::replicas::merge(crate::replicas::local(changes), others);
@@ -194,6 +202,7 @@ impl Admin for AdminService {
             revoked: hub.revoked(),
             last_revocation: merged.last_revocation,
             replicas: merged.replicas,
+            warnings,
             open_executions: u32::try_from(hub.executions().len()).unwrap_or(u32::MAX),
             store: match self.changes.store.backend() {
                 Backend::Sqlite => "sqlite".into(),

@@ -346,6 +346,7 @@ pub async fn status(target: Target) -> anyhow::Result<()> {
             "expires": (r.expires_unix_ms > 0).then(|| rfc3339(r.expires_unix_ms)),
         })).collect::<Vec<_>>(),
         "last_revocation": last,
+        "warnings": s.warnings,
     });
     if target.output == "json" {
         println!("{}", serde_json::to_string_pretty(&json)?);
@@ -355,6 +356,9 @@ pub async fn status(target: Target) -> anyhow::Result<()> {
         "gateway {} ({}), revision {}, {} open executions",
         s.gateway, s.store, s.revision, s.open_executions
     );
+    for warning in &s.warnings {
+        println!("warning: {warning}");
+    }
     println!("\nSIDECARS ({})", s.sidecars.len());
     for x in &s.sidecars {
         let lag = if x.acknowledged_revision >= s.revision {

@@ -675,6 +675,18 @@ fn two_gateways_on_postgresql_share_state_and_reach_each_others_sidecars() {
         "{status}"
     );
     assert_eq!(status["sidecars"][0]["spiffe_id"], DATA_API_ID);
+
+    // The other replicas cannot be read (here: their table is gone): status still shows
+    // this replica, and says what it left out.
+    Postgres::query(&url, "ALTER TABLE replicas RENAME TO replicas_gone");
+    let status = a.status();
+    assert!(
+        status["warnings"][0]
+            .as_str()
+            .is_some_and(|w| w.contains("cannot read the other replicas")),
+        "{status}"
+    );
+    assert_eq!(status["sidecars"][0]["spiffe_id"], DATA_API_ID, "{status}");
 }
 
 #[test]
