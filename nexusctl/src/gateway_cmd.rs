@@ -438,7 +438,8 @@ pub async fn signals(
         .map(|s| {
             let sig = s.signal.clone().unwrap_or_default();
             serde_json::json!({
-                "id": s.id, "received": rfc3339(s.received_unix_ms), "kind": sig.kind,
+                "id": s.id, "observed": rfc3339(sig.time_unix_ms),
+                "received": rfc3339(s.received_unix_ms), "kind": sig.kind,
                 "workload": sig.workload, "reporter": s.reporter, "observed_as": sig.observed_as,
                 "score": sig.score,
                 "evidence": serde_json::from_str::<serde_json::Value>(&sig.evidence_json).unwrap_or_default(),

@@ -616,3 +616,13 @@ pub fn gateway_toml(gateway: &Gateway, dir: &Path, name: &str, extra: &str) -> S
         dir.join(format!("{name}.snapshot.json")).to_string_lossy(),
     )
 }
+
+/// Now as `nexusctl` prints times (RFC 3339, UTC, milliseconds), so the two compare as
+/// strings.
+pub fn rfc3339_now() -> String {
+    let out = std::process::Command::new("date")
+        .args(["-u", "+%Y-%m-%dT%H:%M:%S.%3NZ"])
+        .output()
+        .expect("date");
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}

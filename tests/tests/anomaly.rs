@@ -19,6 +19,11 @@ const ANOMALY: &str =
     "[anomaly]\ncooldown = \"2s\"\n[anomaly.baseline]\ntick = \"250ms\"\nwarmup_ticks = 8\n";
 
 fn stack(dir: &Path) -> (Gateway, TwoHop, WorkloadApi) {
+    stack_with(dir, "")
+}
+
+/// The stack, with `plugin_gateway` added to the plugin sidecar's `[gateway]` table.
+fn stack_with(dir: &Path, plugin_gateway: &str) -> (Gateway, TwoHop, WorkloadApi) {
     let gw_api = workload_api(dir, "gateway-workload-api", GATEWAY_ID, &[]);
     let gw = gateway(
         dir,
@@ -42,7 +47,7 @@ fn stack(dir: &Path) -> (Gateway, TwoHop, WorkloadApi) {
         ),
         plugin_toml: format!(
             "{policy}\n{}\n{ANOMALY}",
-            gateway_toml(&gw, dir, "plugin", "")
+            gateway_toml(&gw, dir, "plugin", plugin_gateway)
         ),
         ..TwoHopOptions::default()
     };
@@ -221,4 +226,56 @@ fn forged_signals_about_another_workload_do_not_revoke_it() {
         "{out}"
     );
     assert!(gw.status()["revoked"].as_array().unwrap().is_empty());
+}
+
+#[test]
+fn signals_raised_while_the_gateway_is_away_wait_for_it_and_overflow_is_counted() {
+    let dir = temp_dir("anomaly-buffer");
+    // The plugin's sidecar keeps at most 2 signals while the gateway is away.
+    let (mut gw, hop, _api) = stack_with(dir.path(), "signal_buffer = 2");
+    gw.kill9();
+    // Reads of an unbound clause for 6 s: denied by the plugin's own sidecar (its kept
+    // snapshot), each cooldown (2 s) bringing new unbound_clause and denial signals.
+    let out = load(
+        &hop.outbound_url("/clauses/c-quake-3/magnitude"),
+        10,
+        6.0,
+        None,
+    );
+    assert!(out["statuses"]["403"].as_u64().unwrap_or(0) >= 30, "{out}");
+    let dropped = eventually(Duration::from_secs(5), "signals dropped", || {
+        let n = hop.plugin.metric_sum("nexus_signals_dropped_total");
+        (n >= 1.0).then_some(n)
+    });
+    let outage_ended = nexus_tests::stack::rfc3339_now();
+    gw.restart();
+    // The two kept signals arrive once the stream is back, observed during the outage,
+    // and the gateway learns how many the sidecar dropped.
+    let kept = eventually(Duration::from_secs(15), "the kept signals", || {
+        let kept: Vec<_> = signals(&gw)
+            .into_iter()
+            .filter(|s| s["reporter"] == PLUGIN_ID)
+            .collect();
+        (kept.len() >= 2).then_some(kept)
+    });
+    assert_eq!(kept.len(), 2, "at most signal_buffer were kept: {kept:?}");
+    for s in &kept {
+        let observed = s["observed"].as_str().unwrap();
+        assert!(observed < outage_ended.as_str(), "{s} vs {outage_ended}");
+        assert!(
+            s["received"].as_str().unwrap() > outage_ended.as_str(),
+            "{s}"
+        );
+    }
+    let reported = eventually(
+        Duration::from_secs(5),
+        "the drop count at the gateway",
+        || {
+            let n = gw.metric_sum("nexus_gateway_signals_dropped_by_sidecars_total");
+            (n >= dropped).then_some(n)
+        },
+    );
+    eprintln!(
+        "while the gateway was away: 2 signals kept, {dropped} dropped (gateway told: {reported})"
+    );
 }
