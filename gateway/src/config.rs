@@ -137,22 +137,37 @@ impl Default for AdminConfig {
     }
 }
 
-/// `url` with the password of its user info (`scheme://user:PASSWORD@host/…`) replaced by
-/// `***`, for logs and errors.
+/// `url` with its passwords replaced by `***` (of the user info,
+/// `scheme://user:PASSWORD@host/…`, and a `password=` query parameter), for logs and
+/// errors.
 pub fn redact_url(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else {
         return url.to_string();
     };
     let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
     let (authority, tail) = rest.split_at(authority_end);
-    match authority.rsplit_once('@') {
+    let authority = match authority.rsplit_once('@') {
         Some((userinfo, host)) => {
             let user = userinfo.split_once(':').map_or(userinfo, |(user, _)| user);
             let hidden = if userinfo.contains(':') { ":***" } else { "" };
-            format!("{scheme}://{user}{hidden}@{host}{tail}")
+            format!("{user}{hidden}@{host}")
         }
-        None => url.to_string(),
-    }
+        None => authority.to_string(),
+    };
+    let tail = match tail.split_once('?') {
+        Some((path, query)) => {
+            let params: Vec<String> = query
+                .split('&')
+                .map(|p| match p.split_once('=') {
+                    Some((key, _)) if key.eq_ignore_ascii_case("password") => format!("{key}=***"),
+                    _ => p.to_string(),
+                })
+                .collect();
+            format!("{path}?{}", params.join("&"))
+        }
+        None => tail.to_string(),
+    };
+    format!("{scheme}://{authority}{tail}")
 }
 
 /// `[database]`
@@ -414,6 +429,10 @@ mod tests {
                 "postgres://nexus@127.0.0.1/nexus",
             ),
             ("postgres://a:b:c@h/d", "postgres://a:***@h/d"),
+            (
+                "postgres://h/d?user=u&password=p&sslmode=require",
+                "postgres://h/d?user=u&password=***&sslmode=require",
+            ),
             ("sqlite://nexus-gateway.db", "sqlite://nexus-gateway.db"),
             ("nonsense", "nonsense"),
         ] {
