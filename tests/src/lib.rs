@@ -186,6 +186,20 @@ pub fn temp_dir(name: &str) -> tempfile::TempDir {
         .expect("temp dir")
 }
 
+/// Runs `command` to completion and returns its stdout (trimmed); panics with `what` and
+/// its stderr if it fails.
+pub fn stdout_of(command: &mut Command, what: &str) -> String {
+    let out = command
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {what}: {e}"));
+    assert!(
+        out.status.success(),
+        "{what}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
 /// Runs `program` with `args`, killed after `secs` seconds (coreutils `timeout`), and
 /// returns its output.
 pub fn run_bounded(secs: u32, program: &str, args: &[&str]) -> Output {

@@ -460,16 +460,14 @@ impl Postgres {
             .tempdir_in("/tmp")
             .expect("pg dir");
         let data = dir.path().join("data");
-        let out = Command::new(repo_root().join("scripts/postgres.sh"))
-            .args(["start", &data.to_string_lossy(), &free_port().to_string()])
-            .output()
-            .expect("scripts/postgres.sh");
-        assert!(
-            out.status.success(),
-            "cannot start PostgreSQL: {}",
-            String::from_utf8_lossy(&out.stderr)
+        let base = nexus_tests::stdout_of(
+            Command::new(repo_root().join("scripts/postgres.sh")).args([
+                "start",
+                &data.to_string_lossy(),
+                &free_port().to_string(),
+            ]),
+            "scripts/postgres.sh start",
         );
-        let base = String::from_utf8_lossy(&out.stdout).trim().to_string();
         Self {
             base,
             ca: data.join("nexus-test-ca.pem"),
@@ -479,16 +477,10 @@ impl Postgres {
 
     /// Runs `sql` as the test user in `url`'s database; its unaligned output.
     fn query(url: &str, sql: &str) -> String {
-        let out = Command::new("psql")
-            .args([url, "-qtAc", sql])
-            .output()
-            .expect("psql");
-        assert!(
-            out.status.success(),
-            "psql {sql}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).trim().to_string()
+        nexus_tests::stdout_of(
+            Command::new("psql").args([url, "-qtAc", sql]),
+            &format!("psql {sql}"),
+        )
     }
 
     /// A new empty database; its URL.
@@ -1089,17 +1081,12 @@ fn nexusctl_up_runs_the_local_stack_and_its_revocation_demo() {
             .then_some(state)
     });
     let nexusctl = |args: &[&str]| {
-        let out = Command::new(nexus_tests::bin("nexusctl"))
-            .args(args)
-            .env("NEXUS_HOME", &home)
-            .output()
-            .expect("nexusctl");
-        assert!(
-            out.status.success(),
-            "nexusctl {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
+        nexus_tests::stdout_of(
+            Command::new(nexus_tests::bin("nexusctl"))
+                .args(args)
+                .env("NEXUS_HOME", &home),
+            &format!("nexusctl {args:?}"),
+        )
     };
     let plugin = state["plugin_outbound_url"].as_str().unwrap().to_string();
     let read = |path: &str| {
