@@ -17,23 +17,10 @@ struct Args {
 }
 
 fn main() -> std::process::ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("NEXUS_LOG").unwrap_or_else(|_| {
-                tracing_subscriber::EnvFilter::new(
-                    "info,h2=warn,hyper=warn,tonic=warn,tower=warn,sqlx=warn",
-                )
-            }),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
-    if rustls::crypto::ring::default_provider()
-        .install_default()
-        .is_err()
-    {
-        eprintln!("nexus-gateway: a rustls crypto provider was already installed");
-    }
+    nexus_identity::process::init(
+        "nexus-gateway",
+        "info,h2=warn,hyper=warn,tonic=warn,tower=warn,sqlx=warn",
+    );
     let args = Args::parse();
     let config = match nexus_gateway::config::Config::load(&args.config) {
         Ok(config) => config,

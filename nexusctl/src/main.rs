@@ -103,23 +103,10 @@ enum DevCommand {
 }
 
 fn main() -> std::process::ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("NEXUS_LOG").unwrap_or_else(|_| {
-                tracing_subscriber::EnvFilter::new(
-                    "info,h2=warn,hyper=warn,tonic=warn,tower=warn,nexus_identity::store=warn",
-                )
-            }),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
-    if rustls::crypto::ring::default_provider()
-        .install_default()
-        .is_err()
-    {
-        eprintln!("nexusctl: a rustls crypto provider was already installed");
-    }
+    nexus_identity::process::init(
+        "nexusctl",
+        "info,h2=warn,hyper=warn,tonic=warn,tower=warn,nexus_identity::store=warn",
+    );
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Audit(command) => audit_cmd::run(command),

@@ -26,23 +26,10 @@ struct Args {
 const EXIT_CONFIG: u8 = 64;
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("NEXUS_LOG").unwrap_or_else(|_| {
-                tracing_subscriber::EnvFilter::new(
-                    "info,h2=warn,hyper=warn,hyper_util=warn,tonic=warn,tower=warn,rustls=warn",
-                )
-            }),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
-    if rustls::crypto::ring::default_provider()
-        .install_default()
-        .is_err()
-    {
-        eprintln!("nexus-sidecar: a rustls crypto provider was already installed");
-    }
+    nexus_identity::process::init(
+        "nexus-sidecar",
+        "info,h2=warn,hyper=warn,hyper_util=warn,tonic=warn,tower=warn,rustls=warn",
+    );
     let args = Args::parse();
     let config = match nexus_sidecar::Config::load(args.config.as_deref()) {
         Ok(config) => config,

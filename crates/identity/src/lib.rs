@@ -9,6 +9,7 @@
 
 pub mod allow;
 pub mod dev;
+pub mod process;
 pub mod source;
 pub mod store;
 pub mod tls;
