@@ -156,16 +156,15 @@ pub fn sidecar(dir: &Path, name: &str, toml: &str, wait_ready: bool) -> Sidecar 
         "{toml}\n[admin]\nlisten = \"127.0.0.1:0\"\naddress_file = {:?}\n",
         address_file.to_string_lossy()
     );
-    std::fs::write(&config, full).expect("write config");
-    let config_str = config.to_string_lossy().into_owned();
-    let proc = Proc::spawn(
-        name,
+    let (proc, addresses) = start_with_config(
         dir,
-        &bin("nexus-sidecar"),
-        &["--config", &config_str],
-        &[("NEXUS_LOG", "info,nexus_sidecar=debug")],
+        name,
+        "nexus-sidecar",
+        &config,
+        &full,
+        &address_file,
+        Duration::from_secs(20),
     );
-    let addresses = read_json(&address_file, Duration::from_secs(20));
     let sidecar = Sidecar {
         proc,
         addresses,
@@ -546,15 +545,16 @@ impl Gateway {
     pub fn restart(&mut self) {
         let address_file = self.dir.join(format!("{}.addresses.json", self.name));
         let _ = std::fs::remove_file(&address_file);
-        let config_str = self.config.to_string_lossy().into_owned();
-        self.proc = Proc::spawn(
-            &format!("{}-restarted", self.name),
+        let text = std::fs::read_to_string(&self.config).expect("gateway config");
+        (self.proc, self.addresses) = start_with_config(
             &self.dir,
-            &bin("nexus-gateway"),
-            &["--config", &config_str],
-            &[("NEXUS_LOG", "info,nexus_gateway=debug")],
+            &format!("{}-restarted", self.name),
+            "nexus-gateway",
+            &self.config,
+            &text,
+            &address_file,
+            Duration::from_secs(30),
         );
-        self.addresses = read_json(&address_file, Duration::from_secs(30));
     }
 }
 
@@ -584,16 +584,15 @@ pub fn gateway(
         socket = workload_api.url(),
         addrs = address_file.to_string_lossy(),
     );
-    std::fs::write(&config, full).expect("write gateway config");
-    let config_str = config.to_string_lossy().into_owned();
-    let proc = Proc::spawn(
-        name,
+    let (proc, addresses) = start_with_config(
         dir,
-        &bin("nexus-gateway"),
-        &["--config", &config_str],
-        &[("NEXUS_LOG", "info,nexus_gateway=debug")],
+        name,
+        "nexus-gateway",
+        &config,
+        &full,
+        &address_file,
+        Duration::from_secs(30),
     );
-    let addresses = read_json(&address_file, Duration::from_secs(30));
     let gateway = Gateway {
         proc,
         addresses,
@@ -625,4 +624,28 @@ pub fn rfc3339_now() -> String {
         .output()
         .expect("date");
     String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// Writes `text` to `config`, starts `binary --config config` (debug logs for its own
+/// crate) and waits up to `wait` for the address file it writes once listening.
+fn start_with_config(
+    dir: &Path,
+    name: &str,
+    binary: &str,
+    config: &Path,
+    text: &str,
+    address_file: &Path,
+    wait: Duration,
+) -> (Proc, serde_json::Value) {
+    std::fs::write(config, text).expect("write config");
+    let config_str = config.to_string_lossy().into_owned();
+    let log = format!("info,{}=debug", binary.replace('-', "_"));
+    let proc = Proc::spawn(
+        name,
+        dir,
+        &bin(binary),
+        &["--config", &config_str],
+        &[("NEXUS_LOG", log.as_str())],
+    );
+    (proc, read_json(address_file, wait))
 }
