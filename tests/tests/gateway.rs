@@ -616,7 +616,13 @@ fn two_gateways_on_postgresql_share_state_and_reach_each_others_sidecars() {
     assert_eq!(last["subject"], PLUGIN_ID);
     let across_ms = last["all_acknowledged_after_ms"].as_f64().unwrap();
     eprintln!("revocation acknowledged by both replicas' sidecars in {across_ms} ms");
-    assert!(across_ms < 3000.0, "{last}");
+    // Not a speed claim: the figure is consistent, between zero and the time this test
+    // saw pass since just before the revoke (a unit or clock mix-up would break it).
+    let observed_ms = started.elapsed().as_secs_f64() * 1000.0;
+    assert!(
+        across_ms > 0.0 && across_ms <= observed_ms,
+        "{across_ms} ms vs {observed_ms} ms observed: {last}"
+    );
 
     // Concurrent changes through both replicas get dense, distinct revisions.
     std::thread::scope(|scope| {
