@@ -245,10 +245,12 @@ impl Admin for AdminService {
                         score: s.score,
                         evidence_json: s.evidence,
                         time_unix_ms: u64::try_from(s.time_ms).unwrap_or(0),
+                        decision_ids: serde_json::from_str(&s.decision_ids).unwrap_or_default(),
                     }),
                     received_unix_ms: u64::try_from(s.received_ms).unwrap_or(0),
                     action: s.action,
                     reasons: serde_json::from_str(&s.reasons).unwrap_or_default(),
+                    verification_json: s.verification,
                 })
                 .collect(),
         }))

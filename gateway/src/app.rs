@@ -40,16 +40,10 @@ pub struct Running {
     pub changes: Arc<Changes>,
 }
 
-/// Trust domains' workloads may connect unless `sidecars`/`operators` narrow it; the
-/// TLS layer admits the union, each service checks its own list.
-fn tls_allow(config: &Config, own_td: Option<&str>) -> anyhow::Result<AllowList> {
-    let mut entries: Vec<String> = Vec::new();
-    if config.sidecars.is_empty() {
-        let td = own_td.ok_or_else(|| anyhow::anyhow!("no SVID yet"))?;
-        entries.push(format!("spiffe://{td}/*"));
-    } else {
-        entries.extend(config.sidecars.iter().cloned());
-    }
+/// Who may complete a TLS handshake: the listed sidecars and operators, nobody else
+/// (each service then checks its own list).
+fn tls_allow(config: &Config) -> anyhow::Result<AllowList> {
+    let mut entries: Vec<String> = config.sidecars.clone();
     entries.extend(config.operators.iter().cloned());
     Ok(AllowList::parse(&entries)?)
 }
@@ -86,9 +80,10 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         evictor,
         instance: crate::replicas::instance_id(&config.name),
     });
-    let signals = Arc::new(Signals::new(changes.clone()).map_err(anyhow::Error::msg)?);
+    let signals = Signals::new(changes.clone()).map_err(anyhow::Error::msg)?;
+    signals.spawn();
 
-    // The listener needs the SVID (and its trust domain for the default allow list).
+    // The listener needs the SVID.
     let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(60);
     let mut updates = identity.subscribe();
     while !identity.is_ready() {
@@ -99,8 +94,12 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
             anyhow::bail!("no SVID within 60s from the identity source");
         }
     }
-    let own_td = identity.current().map(|i| i.trust_domain().to_string());
-    let allow = tls_allow(&config, own_td.as_deref())?;
+    if config.sidecars.is_empty() {
+        tracing::warn!(
+            "`sidecars` is empty: no sidecar may open a control stream; list their SPIFFE IDs (or spiffe://td/path/* prefixes)"
+        );
+    }
+    let allow = tls_allow(&config)?;
     let mut tls = server_config(
         identity.clone(),
         allow,

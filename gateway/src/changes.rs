@@ -5,7 +5,6 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use nexus_identity::AllowList;
 use nexus_proto::control::{ChangeResponse, Execution, ExecutionClosed, Reinstatement, Revocation};
 
 use crate::config::Config;
@@ -82,16 +81,15 @@ pub(crate) fn random_hex(bytes: usize) -> String {
     buf.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// A revocation subject: a SPIFFE ID or a `spiffe://td/path/*` prefix.
-pub fn validate_subject(subject: &str) -> Result<(), ChangeError> {
+/// A revocation subject: a SPIFFE ID or a `spiffe://td/path/*` prefix, in its
+/// normalized spelling (lower-case trust domain), so that one workload has one entry.
+pub fn validate_subject(subject: &str) -> Result<String, ChangeError> {
     if subject.is_empty() {
         return Err(ChangeError::Invalid(
             "no workload given: pass a SPIFFE ID or a spiffe://trust-domain/path/* pattern".into(),
         ));
     }
-    AllowList::parse(&[subject])
-        .map(|_| ())
-        .map_err(|e| ChangeError::Invalid(e.to_string()))
+    nexus_identity::canonical_pattern(subject).map_err(|e| ChangeError::Invalid(e.to_string()))
 }
 
 fn validate_clause(clause: &str) -> Result<(), ChangeError> {
@@ -128,6 +126,12 @@ impl Changes {
             Change::Open(e) => e.id.clone(),
             _ => String::new(),
         };
+        let subject = match &change {
+            Change::Revoke(r) => r.subject.clone(),
+            Change::Reinstate(r) => r.subject.clone(),
+            Change::Open(e) => e.plugin.clone(),
+            Change::Close(c) => c.id.clone(),
+        };
         let started_ms =
             unix_ms().saturating_sub(u64::try_from(started.elapsed().as_millis()).unwrap_or(0));
         let delta = self
@@ -144,6 +148,7 @@ impl Changes {
         let mut response = ChangeResponse {
             revision: delta.revision,
             id,
+            subject,
             ..ChangeResponse::default()
         };
         if let Some(p) = propagation {
@@ -167,12 +172,20 @@ impl Changes {
         started: Instant,
         wait: Duration,
     ) -> Result<ChangeResponse, ChangeError> {
-        validate_subject(subject)?;
+        let subject = &validate_subject(subject)?;
         if reason.len() > self.config.limits.max_reason_bytes {
             return Err(ChangeError::Invalid(format!(
                 "reason is {} bytes; the limit is {} (limits.max_reason_bytes)",
                 reason.len(),
                 self.config.limits.max_reason_bytes
+            )));
+        }
+        let max = self.config.limits.max_revocation_ttl;
+        if ttl > max {
+            return Err(ChangeError::Invalid(format!(
+                "ttl {} is longer than {} (limits.max_revocation_ttl); give a shorter ttl, or none to revoke until reinstated",
+                humantime_serde::re::humantime::format_duration(ttl),
+                humantime_serde::re::humantime::format_duration(max)
             )));
         }
         let now = unix_ms();
@@ -231,7 +244,7 @@ impl Changes {
         started: Instant,
         wait: Duration,
     ) -> Result<ChangeResponse, ChangeError> {
-        validate_subject(subject)?;
+        let subject = &validate_subject(subject)?;
         let change = Change::Reinstate(Reinstatement {
             subject: subject.to_string(),
             by: actor.to_string(),
@@ -255,7 +268,8 @@ impl Changes {
                 "an execution is for one plugin workload: give its exact SPIFFE ID".into(),
             ));
         }
-        validate_subject(plugin)?;
+        let plugin = &nexus_identity::canonical_id(plugin)
+            .map_err(|e| ChangeError::Invalid(e.to_string()))?;
         validate_clause(clause)?;
         if ttl.is_zero() || ttl > self.config.limits.max_execution_ttl {
             return Err(ChangeError::Invalid(format!(
@@ -289,6 +303,8 @@ impl Changes {
         let change = Change::Close(ExecutionClosed {
             id: id.to_string(),
             reason: reason.to_string(),
+            // Filled in by the store, from the execution it closes.
+            plugin: String::new(),
         });
         self.apply(change, actor, started, wait).await
     }

@@ -50,8 +50,14 @@ pub struct Config {
     /// Where the gateway's SVID comes from (as the sidecar's `[identity]`).
     pub identity: IdentityConfig,
     /// SPIFFE IDs or `spiffe://td/path/*` prefixes allowed to open control streams.
-    /// Default: every workload of the gateway's own trust domain (`[]`).
+    /// Default: none (`[]`): no identity gets a control stream unless it is listed here.
     pub sidecars: Vec<String>,
+    /// Which of the `sidecars` stand in front of data APIs and so enforce any plugin's
+    /// executions: their streams carry every open execution and the full revocation
+    /// records (reason, by). Every other sidecar receives only the executions opened for
+    /// its own workload and revocations without reason or author (what its policy needs
+    /// to refuse a revoked peer). Default: none.
+    pub data_sidecars: Vec<String>,
     /// SPIFFE IDs allowed to call the admin API (revoke, reinstate, executions, status).
     /// Default: none, so nothing can be changed until operators are named.
     pub operators: Vec<String>,
@@ -65,6 +71,8 @@ pub struct Config {
     pub limits: LimitsConfig,
     /// The anomaly revocation policy (Rego); absent: signals are stored, never acted on.
     pub revocation_policy: Option<RevocationPolicyConfig>,
+    /// How anomaly signals are accepted and verified before the policy sees them.
+    pub signals: SignalsConfig,
     /// The Kubernetes admission webhook that injects the sidecar; absent: not served.
     pub webhook: Option<WebhookConfig>,
     /// Opt-in: a revocation also evicts the workload's pods through the Kubernetes API
@@ -106,12 +114,14 @@ impl Default for Config {
             listen: SocketAddr::from(([0, 0, 0, 0], 7443)),
             identity: IdentityConfig::default(),
             sidecars: Vec::new(),
+            data_sidecars: Vec::new(),
             operators: Vec::new(),
             admin: AdminConfig::default(),
             database: DatabaseConfig::default(),
             stream: StreamConfig::default(),
             limits: LimitsConfig::default(),
             revocation_policy: None,
+            signals: SignalsConfig::default(),
             webhook: None,
             eviction: None,
         }
@@ -264,6 +274,10 @@ pub struct LimitsConfig {
     pub expiry_interval: Duration,
     /// Longest reason text. Default 1024 bytes.
     pub max_reason_bytes: usize,
+    /// Longest revocation a call (or the revocation policy) may ask for with a ttl; a
+    /// revocation without ttl lasts until reinstated. Default 30d.
+    #[serde(with = "humantime_serde")]
+    pub max_revocation_ttl: Duration,
 }
 
 impl Default for LimitsConfig {
@@ -273,6 +287,7 @@ impl Default for LimitsConfig {
             max_wait: Duration::from_secs(30),
             expiry_interval: Duration::from_secs(1),
             max_reason_bytes: 1024,
+            max_revocation_ttl: Duration::from_secs(30 * 24 * 3600),
         }
     }
 }
@@ -295,6 +310,77 @@ pub struct RevocationPolicyConfig {
     /// Evaluation time limit. Default 250ms.
     #[serde(default = "default_eval_timeout", with = "humantime_serde")]
     pub eval_timeout: Duration,
+    /// How often the folder is checked for changes; a changed folder is loaded, tested
+    /// and swapped in only if it passes (the last good revision keeps judging). Default 1s.
+    #[serde(default = "default_policy_reload", with = "humantime_serde")]
+    pub reload_interval: Duration,
+    /// Run the folder's `*_test.rego` before using a revision. Default true.
+    #[serde(default = "default_true")]
+    pub run_tests_on_reload: bool,
+    /// Loading, testing and compiling a revision runs in a child process that is
+    /// killed past this wall-clock time. Default 10s.
+    #[serde(default = "default_load_timeout", with = "humantime_serde")]
+    pub load_timeout: Duration,
+    /// ... and past this much memory (address space, bytes). Default 1 GiB.
+    #[serde(default = "default_load_max_memory")]
+    pub load_max_memory: u64,
+}
+
+fn default_policy_reload() -> Duration {
+    Duration::from_secs(1)
+}
+fn default_true() -> bool {
+    true
+}
+fn default_load_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_load_max_memory() -> u64 {
+    1024 * 1024 * 1024
+}
+
+/// `[signals]`: what an anomaly signal must carry before the revocation policy trusts
+/// it (docs/threat-model.md).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SignalsConfig {
+    /// Signals one reporter may send at once before the rate limit applies. Default 60.
+    pub per_reporter_burst: u32,
+    /// Signals one reporter may send per minute, sustained; beyond, they are dropped
+    /// unstored and counted (`nexus_gateway_signals_total{result="rate_limited"}`).
+    /// Default 120.
+    pub per_reporter_per_minute: u32,
+    /// A peer-observed signal waits this long for the execution records it cites to
+    /// arrive from its reporter (records and signals travel in separate batches); then
+    /// it is judged with what arrived. Default 5s.
+    #[serde(with = "humantime_serde")]
+    pub evidence_wait: Duration,
+    /// Cited records count when they fall within this long before the signal's time.
+    /// Default 2m.
+    #[serde(with = "humantime_serde")]
+    pub evidence_window: Duration,
+    /// Clock difference tolerated between a sidecar and the gateway. Default 5s.
+    #[serde(with = "humantime_serde")]
+    pub clock_skew: Duration,
+    /// Most decision ids one signal may cite (more are ignored). Default 32.
+    pub max_cited: usize,
+    /// Most signals waiting for their evidence at once; a signal beyond it is judged at
+    /// once with what has arrived. Default 10000.
+    pub max_pending: usize,
+}
+
+impl Default for SignalsConfig {
+    fn default() -> Self {
+        Self {
+            per_reporter_burst: 60,
+            per_reporter_per_minute: 120,
+            evidence_wait: Duration::from_secs(5),
+            evidence_window: Duration::from_secs(120),
+            clock_skew: Duration::from_secs(5),
+            max_cited: 32,
+            max_pending: 10_000,
+        }
+    }
 }
 
 fn default_revocation_rule() -> String {
@@ -364,10 +450,34 @@ impl Config {
             field: "sidecars".into(),
             problem: e.to_string(),
         })?;
+        AllowList::parse(&self.data_sidecars).map_err(|e| ConfigError::Invalid {
+            field: "data_sidecars".into(),
+            problem: e.to_string(),
+        })?;
         AllowList::parse(&self.operators).map_err(|e| ConfigError::Invalid {
             field: "operators".into(),
             problem: e.to_string(),
         })?;
+        if self.limits.max_revocation_ttl.is_zero() {
+            return Err(ConfigError::Invalid {
+                field: "limits.max_revocation_ttl".into(),
+                problem: "must be more than 0 (e.g. \"30d\")".into(),
+            });
+        }
+        if self.signals.per_reporter_per_minute == 0 || self.signals.per_reporter_burst == 0 {
+            return Err(ConfigError::Invalid {
+                field: "signals.per_reporter_per_minute".into(),
+                problem: "signals.per_reporter_per_minute and signals.per_reporter_burst must be at least 1".into(),
+            });
+        }
+        if let Some(policy) = &self.revocation_policy
+            && (policy.load_timeout.is_zero() || policy.load_max_memory < 64 * 1024 * 1024)
+        {
+            return Err(ConfigError::Invalid {
+                field: "revocation_policy.load_timeout".into(),
+                problem: "load_timeout must be more than 0 and load_max_memory at least 64 MiB (67108864)".into(),
+            });
+        }
         if !(self.database.url.starts_with("sqlite:")
             || self.database.url.starts_with("postgres:")
             || self.database.url.starts_with("postgresql:"))

@@ -12,8 +12,8 @@ use futures::Stream;
 use nexus_identity::AllowList;
 use nexus_proto::control::control_server::Control;
 use nexus_proto::control::{
-    BatchAck, GatewayMessage, Heartbeat, SidecarInfo, SidecarMessage, gateway_message,
-    sidecar_message,
+    BatchAck, Delta, GatewayMessage, Heartbeat, Reinstatement, Revocation, SidecarInfo,
+    SidecarMessage, Snapshot, delta::Change as DeltaChange, gateway_message, sidecar_message,
 };
 use tokio::sync::{broadcast, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
@@ -28,21 +28,21 @@ use crate::signals::Signals;
 pub struct ControlService {
     changes: Arc<Changes>,
     signals: Arc<Signals>,
-    sidecars: Option<AllowList>,
+    sidecars: AllowList,
+    data_sidecars: AllowList,
 }
 
 impl ControlService {
-    /// `sidecars` empty: any peer the TLS layer accepted (the gateway's trust domains).
+    /// Only the identities listed in `sidecars` get a stream (empty: nobody).
     pub fn new(changes: Arc<Changes>, signals: Arc<Signals>) -> Result<Self, String> {
-        let sidecars = if changes.config.sidecars.is_empty() {
-            None
-        } else {
-            Some(AllowList::parse(&changes.config.sidecars).map_err(|e| e.to_string())?)
-        };
+        let sidecars = AllowList::parse(&changes.config.sidecars).map_err(|e| e.to_string())?;
+        let data_sidecars =
+            AllowList::parse(&changes.config.data_sidecars).map_err(|e| e.to_string())?;
         Ok(Self {
             changes,
             signals,
             sidecars,
+            data_sidecars,
         })
     }
 }
@@ -71,9 +71,7 @@ impl Control for ControlService {
             .get::<PeerInfo>()
             .cloned()
             .ok_or_else(|| Status::unauthenticated("no client certificate"))?;
-        if let Some(allowed) = &self.sidecars
-            && !allowed.allows(&peer.spiffe_id)
-        {
+        if !self.sidecars.allows(&peer.spiffe_id) {
             metrics.stream_error("not_a_sidecar");
             tracing::warn!(peer = %peer.spiffe_id, addr = %peer.addr, "control stream refused: not in `sidecars`");
             return Err(Status::permission_denied(format!(
@@ -128,9 +126,14 @@ impl Control for ControlService {
             version: hello.version.clone(),
             // Filled in by status (replicas::local): no copy of the name per stream.
             gateway: String::new(),
+            apply_error: String::new(),
         };
         let (id, start, deltas) = self.changes.hub.connect(info, hello.last_revision);
-        tracing::info!(sidecar = %peer.spiffe_id, addr = %peer.addr, last_revision = hello.last_revision, "control stream open");
+        let scope = Scope::new(
+            &peer.spiffe_id,
+            self.data_sidecars.allows(&peer.spiffe_id),
+        );
+        tracing::info!(sidecar = %peer.spiffe_id, addr = %peer.addr, last_revision = hello.last_revision, full_state = scope.full, "control stream open");
         let (tx, rx) = mpsc::channel::<Queued>(16);
         let session = Session {
             id,
@@ -139,12 +142,75 @@ impl Control for ControlService {
             signals: self.signals.clone(),
             tx,
             sent: hello.last_revision,
+            scope,
         };
         tokio::spawn(session.run(start, deltas, inbound));
         Ok(Response::new(Box::pin(futures::StreamExt::map(
             ReceiverStream::new(rx),
             |queued| *queued,
         ))))
+    }
+}
+
+/// What one stream is sent (docs/threat-model.md, "What a sidecar is told"). A sidecar
+/// in `data_sidecars` enforces any plugin's executions, so it gets the whole state.
+/// Any other sidecar gets the executions of its own workload only (its outbound policy
+/// checks them) and every revoked subject without reason or author (it must refuse a
+/// revoked peer, but needs not learn who reported whom). Revisions stay dense: a
+/// change a stream may not see is sent as an empty delta of the same revision.
+struct Scope {
+    full: bool,
+    me: String,
+}
+
+const REDACTED_REASON: &str = "revoked (details at the gateway)";
+
+impl Scope {
+    fn new(me: &str, full: bool) -> Self {
+        Self {
+            full,
+            me: me.to_string(),
+        }
+    }
+
+    fn redact(&self, r: &Revocation) -> Revocation {
+        Revocation {
+            subject: r.subject.clone(),
+            reason: REDACTED_REASON.into(),
+            by: String::new(),
+            at_unix_ms: r.at_unix_ms,
+            expires_unix_ms: r.expires_unix_ms,
+        }
+    }
+
+    fn snapshot(&self, mut snapshot: Snapshot) -> Snapshot {
+        if !self.full {
+            snapshot.executions.retain(|e| e.plugin == self.me);
+            snapshot.revoked = snapshot.revoked.iter().map(|r| self.redact(r)).collect();
+        }
+        snapshot
+    }
+
+    fn delta(&self, delta: &Delta) -> Delta {
+        if self.full {
+            return delta.clone();
+        }
+        let change = match &delta.change {
+            Some(DeltaChange::Open(e)) if e.plugin != self.me => None,
+            // A close from an older gateway has no plugin: sending it is harmless.
+            Some(DeltaChange::Close(c)) if !c.plugin.is_empty() && c.plugin != self.me => None,
+            Some(DeltaChange::Revoke(r)) => Some(DeltaChange::Revoke(self.redact(r))),
+            Some(DeltaChange::Reinstate(r)) => Some(DeltaChange::Reinstate(Reinstatement {
+                subject: r.subject.clone(),
+                by: String::new(),
+                at_unix_ms: r.at_unix_ms,
+            })),
+            other => other.clone(),
+        };
+        Delta {
+            revision: delta.revision,
+            change,
+        }
     }
 }
 
@@ -156,6 +222,7 @@ struct Session {
     tx: mpsc::Sender<Queued>,
     /// The highest revision sent.
     sent: u64,
+    scope: Scope,
 }
 
 enum End {
@@ -212,13 +279,15 @@ impl Session {
         match start {
             Start::Snapshot(snapshot) => {
                 self.sent = snapshot.revision;
+                let snapshot = self.scope.snapshot(snapshot);
                 self.send(message(gateway_message::Msg::Snapshot(snapshot)))
                     .await?;
             }
             Start::Resume(list) => {
                 for delta in list {
                     self.sent = delta.revision;
-                    self.send(message(gateway_message::Msg::Delta((*delta).clone())))
+                    let delta = self.scope.delta(&delta);
+                    self.send(message(gateway_message::Msg::Delta(delta)))
                         .await?;
                 }
             }
@@ -234,7 +303,8 @@ impl Session {
                     Ok(delta) => {
                         if delta.revision > self.sent {
                             self.sent = delta.revision;
-                            self.send(message(gateway_message::Msg::Delta((*delta).clone()))).await?;
+                            let delta = self.scope.delta(&delta);
+                            self.send(message(gateway_message::Msg::Delta(delta))).await?;
                         }
                     }
                     Err(broadcast::error::RecvError::Lagged(missed)) => {
@@ -242,6 +312,7 @@ impl Session {
                         tracing::info!(sidecar = %self.peer.spiffe_id, missed, "stream lagged; sending a snapshot");
                         let snapshot = self.changes.hub.snapshot();
                         self.sent = snapshot.revision;
+                        let snapshot = self.scope.snapshot(snapshot);
                         self.send(message(gateway_message::Msg::Snapshot(snapshot))).await?;
                     }
                     Err(broadcast::error::RecvError::Closed) => return Ok(()),
@@ -283,6 +354,24 @@ impl Session {
                     ));
                 }
                 hub.ack(self.id, ack.revision);
+                if ack.failed_revision > 0 {
+                    self.changes.metrics.apply_failure();
+                    tracing::error!(
+                        sidecar = %self.peer.spiffe_id,
+                        failed_revision = ack.failed_revision,
+                        applied = ack.revision,
+                        error = %ack.error,
+                        "the sidecar could not apply a revision; it refuses requests and retries"
+                    );
+                }
+                hub.apply_error(
+                    self.id,
+                    (ack.failed_revision > 0).then(|| {
+                        let mut error = ack.error.clone();
+                        error.truncate(512);
+                        format!("revision {}: {error}", ack.failed_revision)
+                    }),
+                );
             }
             Some(sidecar_message::Msg::Heartbeat(_)) => hub.heard(self.id),
             Some(sidecar_message::Msg::Hello(_)) => {
@@ -311,6 +400,7 @@ impl Session {
                     {
                         Ok(done) => {
                             self.changes.metrics.records(done.stored, done.refused);
+                            self.signals.records_arrived();
                             if done.refused > 0 {
                                 tracing::warn!(sidecar = %self.peer.spiffe_id, refused = done.refused, refusal = %done.refusal, "execution records refused");
                             }

@@ -376,6 +376,18 @@ impl Hub {
         }
     }
 
+    /// A stream reported (`Some`) or cleared (`None`) a revision it could not apply.
+    pub fn apply_error(&self, id: u64, error: Option<String>) {
+        if let Some(s) = self
+            .streams
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get_mut(&id)
+        {
+            s.info.apply_error = error.unwrap_or_default();
+        }
+    }
+
     /// A stream acknowledged `revision`.
     pub fn ack(&self, id: u64, revision: u64) {
         if let Some(s) = self

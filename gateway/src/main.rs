@@ -16,7 +16,17 @@ struct Args {
     check: bool,
 }
 
+/// How long a stopping gateway waits for work still running off the async workers (a
+/// revocation policy check) before it exits anyway.
+const STOP_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
+
 fn main() -> std::process::ExitCode {
+    // Re-executed as the isolated policy checker (nexus_policy::isolate): nothing else.
+    if std::env::args_os().nth(1).as_deref()
+        == Some(std::ffi::OsStr::new(nexus_policy::isolate::CHILD_ARG))
+    {
+        return nexus_policy::isolate::child_main();
+    }
     nexus_identity::process::init(
         "nexus-gateway",
         "info,h2=warn,hyper=warn,tonic=warn,tower=warn,sqlx=warn",
@@ -29,9 +39,18 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::from(64);
         }
     };
+    match std::env::current_exe() {
+        Ok(exe) => nexus_policy::isolate::install_checker(exe),
+        Err(error) => {
+            eprintln!(
+                "nexus-gateway: cannot find its own executable to check policies in a child process: {error}"
+            );
+            return std::process::ExitCode::FAILURE;
+        }
+    }
     if args.check {
         if let Some(policy) = &config.revocation_policy
-            && let Err(error) = nexus_policy::Bundle::load(&policy.dir)
+            && let Err(error) = nexus_gateway::signals::RevocationPolicy::build(policy)
         {
             eprintln!("nexus-gateway: revocation_policy.dir: {error}");
             return std::process::ExitCode::from(64);
@@ -49,7 +68,9 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(nexus_gateway::app::run(config)) {
+    let result = runtime.block_on(nexus_gateway::app::run(config));
+    runtime.shutdown_timeout(STOP_GRACE);
+    match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(error) => {
             eprintln!("nexus-gateway: {error:#}");

@@ -40,6 +40,19 @@ pub struct Metrics {
     records_refused: Counter,
     signals: Family<ActionLabels, Counter>,
     signals_dropped_by_sidecars: Counter,
+    evidence: Family<StatusLabels, Counter>,
+    apply_failures: Counter,
+    policy_reloads: Family<ResultLabels, Counter>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StatusLabels {
+    status: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ResultLabels {
+    result: &'static str,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -116,8 +129,29 @@ impl Metrics {
             "Signals the sidecars report having dropped from their bounded buffers",
             signals_dropped_by_sidecars.clone(),
         );
+        let evidence = Family::<StatusLabels, Counter>::default();
+        registry.register(
+            "signal_evidence",
+            "Anomaly signals by what their evidence showed (verified, unverified, not_required)",
+            evidence.clone(),
+        );
+        let apply_failures = Counter::default();
+        registry.register(
+            "sidecar_apply_failures",
+            "Reports from sidecars that could not apply a revision (they refuse requests and retry)",
+            apply_failures.clone(),
+        );
+        let policy_reloads = Family::<ResultLabels, Counter>::default();
+        registry.register(
+            "revocation_policy_reloads",
+            "Revocation policy revisions loaded (ok) or refused (error)",
+            policy_reloads.clone(),
+        );
         Arc::new(Self {
             registry,
+            evidence,
+            apply_failures,
+            policy_reloads,
             revision,
             streams,
             propagation,
@@ -179,5 +213,19 @@ impl Metrics {
 
     pub(crate) fn signals_dropped(&self, n: u64) {
         self.signals_dropped_by_sidecars.inc_by(n);
+    }
+
+    pub(crate) fn evidence(&self, status: &'static str) {
+        self.evidence.get_or_create(&StatusLabels { status }).inc();
+    }
+
+    pub(crate) fn apply_failure(&self) {
+        self.apply_failures.inc();
+    }
+
+    pub(crate) fn policy_reload(&self, result: &'static str) {
+        self.policy_reloads
+            .get_or_create(&ResultLabels { result })
+            .inc();
     }
 }

@@ -1,30 +1,202 @@
 //! Anomaly signals from sidecars: attributed to the sidecar that sent them (its
-//! certificate's SPIFFE ID, never a field), stored, and, when `[revocation_policy]` is
-//! set, judged by the Rego revocation policy with the workload's recent history. A
-//! `revoke` decision goes through the same path as `nexusctl revoke`, recorded as made
-//! by `policy:<signal id>`.
+//! certificate's SPIFFE ID, never a field), rate-limited per reporter, stored, checked
+//! against their evidence, and, when `[revocation_policy]` is set, judged by the Rego
+//! revocation policy with the workload's recent history. A `revoke` decision goes
+//! through the same path as `nexusctl revoke`, recorded as made by `policy:<signal id>`.
+//!
+//! What a signal is worth depends on who could have seen it (docs/threat-model.md):
+//!
+//! - observed as `self` by the workload's own sidecar (reporter = workload): the
+//!   sidecar that carries the workload's traffic; no evidence needed
+//!   (`verification.status = "not_required"`);
+//! - observed as `peer`: it counts only if the decision ids it cites are execution
+//!   records the reporter itself shipped, each showing a request between the reporter
+//!   and the workload within the signal's window (`"verified"`), else `"unverified"`.
+//!   Records and signals travel in separate batches, so a peer signal whose cited records
+//!   have not all arrived waits for them up to `signals.evidence_wait`, and is judged
+//!   with what arrived then;
+//! - observed as `self` by anyone else: a claim about another workload's insides that its
+//!   reporter cannot make (`"unverified"`).
+//!
+//! The policy sees the outcome as `input.signal.verification` (and each history entry's
+//! own), documented in policies/README.md. The revocation policy hot-reloads like the
+//! sidecars' policies: a changed folder is checked in an isolated child under
+//! `load_timeout`/`load_max_memory` (its tests included) and swapped in only if it
+//! passes; the last good revision keeps judging.
 
-use std::sync::Arc;
+use std::collections::{HashMap, VecDeque};
+use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use nexus_policy::{Bundle, EvalMode, Policy, PolicyOptions, Value};
+use arc_swap::ArcSwap;
+use nexus_identity::AllowList;
+use nexus_policy::{Bundle, EvalMode, Policy, PolicyError, PolicyOptions, Value, isolate};
 use nexus_proto::control::Signal;
+use tokio::sync::Notify;
 
 use crate::changes::{Changes, unix_ms};
 use crate::config::RevocationPolicyConfig;
-use crate::store::{StoreError, StoredSignal};
+use crate::store::{RecordFacts, StoreError, StoredSignal};
 
-/// Longest accepted signal kind, evidence (bytes).
+/// Longest accepted signal kind, evidence (bytes), decision id.
 const MAX_KIND: usize = 64;
 const MAX_EVIDENCE: usize = 16 * 1024;
+const MAX_DECISION_ID: usize = 64;
+
+/// The revocation policy: the revision judging now, reloaded when its folder changes.
+pub struct RevocationPolicy {
+    config: RevocationPolicyConfig,
+    current: ArcSwap<Policy>,
+    metrics: Arc<crate::metrics::Metrics>,
+    /// The last refusal, for logs and `--check` (empty when the current folder loaded).
+    last_error: Mutex<Option<String>>,
+}
+
+impl RevocationPolicy {
+    fn options(config: &RevocationPolicyConfig) -> PolicyOptions {
+        PolicyOptions {
+            decision_rule: config.decision_rule.clone(),
+            eval_timeout: config.eval_timeout,
+            max_instructions: 10_000_000,
+            mode: EvalMode::Compiled,
+        }
+    }
+
+    fn limits(config: &RevocationPolicyConfig) -> isolate::Limits {
+        isolate::Limits {
+            timeout: config.load_timeout,
+            max_memory: config.load_max_memory,
+        }
+    }
+
+    /// Checks `config.dir` in an isolated child (tests included), then compiles it here.
+    pub fn build(config: &RevocationPolicyConfig) -> Result<Policy, PolicyError> {
+        let options = Self::options(config);
+        let limits = Self::limits(config);
+        let request = isolate::request(
+            &config.dir,
+            vec![config.decision_rule.clone()],
+            config.run_tests_on_reload,
+            &options,
+            limits,
+        );
+        let checked = isolate::check(&request, limits)?;
+        let bundle = Bundle::load(&config.dir)?;
+        if bundle.revision != checked.revision {
+            return Err(PolicyError::Data {
+                file: config.dir.display().to_string(),
+                message: format!(
+                    "changed while revision {} was being checked; checking the new one next",
+                    checked.revision
+                ),
+            });
+        }
+        Policy::compile(&bundle, &Value::new_object(), options)
+    }
+
+    /// Loads the first revision (an error here stops the gateway: no policy, no start).
+    pub fn load(
+        config: RevocationPolicyConfig,
+        metrics: Arc<crate::metrics::Metrics>,
+    ) -> Result<Arc<Self>, PolicyError> {
+        let policy = Self::build(&config)?;
+        tracing::info!(dir = %config.dir.display(), rule = %config.decision_rule, revision = %policy.revision(), "revocation policy loaded");
+        metrics.policy_reload("ok");
+        Ok(Arc::new(Self {
+            config,
+            current: ArcSwap::from_pointee(policy),
+            metrics,
+            last_error: Mutex::new(None),
+        }))
+    }
+
+    /// The revision judging now.
+    pub fn current(&self) -> Arc<Policy> {
+        self.current.load_full()
+    }
+
+    /// Loads the folder again; swaps it in only if it passes. Blocking.
+    pub fn reload(&self) -> Result<(), PolicyError> {
+        match Self::build(&self.config) {
+            Ok(policy) => {
+                let revision = policy.revision().to_string();
+                let previous = self.current.swap(Arc::new(policy));
+                self.metrics.policy_reload("ok");
+                *self.last_error.lock().unwrap_or_else(|p| p.into_inner()) = None;
+                if previous.revision() != revision {
+                    tracing::info!(dir = %self.config.dir.display(), %revision, previous = %previous.revision(), "revocation policy revision loaded");
+                }
+                Ok(())
+            }
+            Err(error) => {
+                self.metrics.policy_reload("error");
+                tracing::error!(
+                    dir = %self.config.dir.display(),
+                    %error,
+                    location = error.location().map(|l| l.to_string()).unwrap_or_default(),
+                    serving = %self.current().revision(),
+                    "revocation policy refused; the last good revision keeps judging"
+                );
+                *self.last_error.lock().unwrap_or_else(|p| p.into_inner()) =
+                    Some(error.to_string());
+                Err(error)
+            }
+        }
+    }
+
+    /// Watches the folder forever (`reload_interval`), reloading on every change.
+    pub async fn watch(self: Arc<Self>) {
+        let dir = self.config.dir.clone();
+        let mut last = fingerprint(&dir).await;
+        loop {
+            tokio::time::sleep(self.config.reload_interval.max(Duration::from_millis(50))).await;
+            let now = fingerprint(&dir).await;
+            if now == last {
+                continue;
+            }
+            let this = self.clone();
+            // Bounded by load_timeout: the check runs in a child that is killed then.
+            let _ = tokio::task::spawn_blocking(move || this.reload()).await;
+            last = now;
+        }
+    }
+}
+
+async fn fingerprint(dir: &Path) -> isolate::Fingerprint {
+    let dir = dir.to_path_buf();
+    tokio::task::spawn_blocking(move || isolate::fingerprint(&dir))
+        .await
+        .unwrap_or_default()
+}
+
+/// A token bucket per reporter.
+#[derive(Clone, Copy, Debug)]
+struct Bucket {
+    tokens: f64,
+    at: Instant,
+}
+
+/// A peer-observed signal waiting for the records it cites.
+struct Pending {
+    row: StoredSignal,
+    cited: Vec<String>,
+    deadline: Instant,
+    started: Instant,
+}
 
 /// The signal intake.
 pub struct Signals {
     changes: Arc<Changes>,
-    policy: Option<(Policy, RevocationPolicyConfig)>,
+    policy: Option<Arc<RevocationPolicy>>,
     seq: AtomicU64,
     prefix: String,
+    sidecars: AllowList,
+    buckets: Mutex<HashMap<String, Bucket>>,
+    pending: Mutex<VecDeque<Pending>>,
+    /// Woken when records arrive, so waiting signals are checked again at once.
+    records_arrived: Notify,
 }
 
 /// What the policy decided about one signal.
@@ -34,35 +206,41 @@ pub struct Verdict {
     pub action: String,
     /// Why.
     pub reasons: Vec<String>,
-    /// How long a revocation lasts (zero: until reinstated).
+    /// How long a revocation lasts (zero: the policy named none).
     pub ttl: Duration,
 }
 
+/// A well-formed decision id (hex, as sidecars make them, or another opaque token).
+fn valid_decision_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= MAX_DECISION_ID
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
+fn valid_kind(kind: &str) -> bool {
+    !kind.is_empty()
+        && kind.len() <= MAX_KIND
+        && kind
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+}
+
 impl Signals {
-    /// Loads and compiles the revocation policy if one is configured.
-    pub fn new(changes: Arc<Changes>) -> Result<Self, String> {
+    /// Loads the revocation policy (if one is configured) and starts watching it.
+    pub fn new(changes: Arc<Changes>) -> Result<Arc<Self>, String> {
         let policy = match &changes.config.revocation_policy {
-            Some(cfg) => {
-                let bundle = Bundle::load(&cfg.dir).map_err(|e| e.to_string())?;
-                let policy = Policy::compile(
-                    &bundle,
-                    &Value::new_object(),
-                    PolicyOptions {
-                        decision_rule: cfg.decision_rule.clone(),
-                        eval_timeout: cfg.eval_timeout,
-                        max_instructions: 10_000_000,
-                        mode: EvalMode::Compiled,
-                    },
-                )
-                .map_err(|e| format!("revocation policy {}: {e}", cfg.dir.display()))?;
-                tracing::info!(dir = %cfg.dir.display(), rule = %cfg.decision_rule, revision = %policy.revision(), "revocation policy loaded");
-                Some((policy, cfg.clone()))
-            }
+            Some(cfg) => Some(
+                RevocationPolicy::load(cfg.clone(), changes.metrics.clone())
+                    .map_err(|e| format!("revocation policy {}: {e}", cfg.dir.display()))?,
+            ),
             None => None,
         };
+        let sidecars = AllowList::parse(&changes.config.sidecars).map_err(|e| e.to_string())?;
         let mut salt = [0u8; 4];
         let _ = ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut salt);
-        Ok(Self {
+        let this = Arc::new(Self {
             changes,
             policy,
             seq: AtomicU64::new(0),
@@ -74,98 +252,413 @@ impl Signals {
                 salt[2],
                 salt[3]
             ),
-        })
+            sidecars,
+            buckets: Mutex::new(HashMap::new()),
+            pending: Mutex::new(VecDeque::new()),
+            records_arrived: Notify::new(),
+        });
+        Ok(this)
     }
 
-    /// Stores (and judges) a batch from `reporter`; returns how many were stored.
+    /// Starts the background work: the policy watcher and the evidence waiter.
+    pub fn spawn(self: &Arc<Self>) {
+        if let Some(policy) = &self.policy {
+            tokio::spawn(policy.clone().watch());
+        }
+        tokio::spawn(self.clone().wait_for_evidence());
+    }
+
+    /// The revocation policy, if one is configured.
+    pub fn policy(&self) -> Option<&Arc<RevocationPolicy>> {
+        self.policy.as_ref()
+    }
+
+    /// Records from `reporter` were stored: signals waiting for them are checked again.
+    pub fn records_arrived(&self) {
+        self.records_arrived.notify_one();
+    }
+
+    /// Takes one token of `reporter`'s bucket; false when it is empty.
+    fn admit(&self, reporter: &str) -> bool {
+        let cfg = &self.changes.config.signals;
+        let burst = f64::from(cfg.per_reporter_burst);
+        let rate = f64::from(cfg.per_reporter_per_minute) / 60.0;
+        let now = Instant::now();
+        let mut buckets = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
+        if buckets.len() > 10_000 {
+            // Full buckets carry no state worth keeping.
+            buckets.retain(|_, b| b.tokens + b.at.elapsed().as_secs_f64() * rate < burst);
+        }
+        let bucket = buckets.entry(reporter.to_string()).or_insert(Bucket {
+            tokens: burst,
+            at: now,
+        });
+        bucket.tokens = (bucket.tokens + now.duration_since(bucket.at).as_secs_f64() * rate).min(burst);
+        bucket.at = now;
+        if bucket.tokens >= 1.0 {
+            bucket.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+
+    /// Stores (and judges, or queues for its evidence) a batch from `reporter`; returns
+    /// how many were stored (rate-limited and malformed ones are not).
     pub async fn receive(&self, reporter: &str, batch: Vec<Signal>) -> Result<u64, StoreError> {
         let mut stored = 0;
+        let mut limited = 0u64;
         for signal in batch {
-            let valid = !signal.kind.is_empty()
-                && signal.kind.len() <= MAX_KIND
-                && signal.evidence_json.len() <= MAX_EVIDENCE
-                && nexus_identity::AllowList::parse(&[&signal.workload]).is_ok()
-                && !signal.workload.ends_with("/*")
-                && signal.score.is_finite();
-            if !valid {
-                tracing::warn!(reporter, kind = %signal.kind, workload = %signal.workload, "malformed signal dropped");
-                self.changes.metrics.signal("malformed");
+            if !self.admit(reporter) {
+                limited += 1;
+                self.changes.metrics.signal("rate_limited");
                 continue;
             }
+            let workload = nexus_identity::canonical_id(&signal.workload).ok();
+            let valid = valid_kind(&signal.kind)
+                && signal.evidence_json.len() <= MAX_EVIDENCE
+                && workload.is_some()
+                && signal.score.is_finite();
+            let Some(workload) = workload.filter(|_| valid) else {
+                tracing::warn!(reporter, kind = %signal.kind.escape_debug(), workload = %signal.workload.escape_debug(), "malformed signal dropped");
+                self.changes.metrics.signal("malformed");
+                continue;
+            };
             let evidence = serde_json::from_str::<serde_json::Value>(&signal.evidence_json)
                 .ok()
                 .filter(|v| v.is_object())
                 .unwrap_or_else(|| serde_json::json!({}));
-            let row = StoredSignal {
+            let max_cited = self.changes.config.signals.max_cited;
+            let cited: Vec<String> = signal
+                .decision_ids
+                .iter()
+                .filter(|id| valid_decision_id(id))
+                .take(max_cited)
+                .cloned()
+                .collect();
+            let observed_as = if signal.observed_as == "self" {
+                "self"
+            } else {
+                "peer"
+            };
+            let mut row = StoredSignal {
                 id: format!(
                     "{}-{}",
                     self.prefix,
                     self.seq.fetch_add(1, Ordering::Relaxed)
                 ),
                 reporter: reporter.to_string(),
-                workload: signal.workload.clone(),
+                workload,
                 kind: signal.kind.clone(),
-                observed_as: if signal.observed_as == "self" {
-                    "self".into()
-                } else {
-                    "peer".into()
-                },
+                observed_as: observed_as.into(),
                 score: signal.score,
                 evidence: evidence.to_string(),
                 time_ms: i64::try_from(signal.time_unix_ms).unwrap_or(i64::MAX),
                 received_ms: i64::try_from(unix_ms()).unwrap_or(i64::MAX),
                 action: String::new(),
                 reasons: "[]".into(),
+                decision_ids: serde_json::to_string(&cited).unwrap_or_else(|_| "[]".into()),
+                verification: serde_json::json!({"status": "pending"}).to_string(),
             };
             self.changes.store.insert_signal(&row).await?;
             stored += 1;
-            tracing::info!(reporter, workload = %row.workload, kind = %row.kind, score = row.score, "signal");
-            let Some((policy, cfg)) = &self.policy else {
-                self.changes.metrics.signal("none");
-                continue;
-            };
+            tracing::info!(reporter, workload = %row.workload, kind = %row.kind, observed_as, score = row.score, cited = cited.len(), "signal");
             let started = Instant::now();
-            let since =
-                row.received_ms - i64::try_from(cfg.history_window.as_millis()).unwrap_or(i64::MAX);
-            let history: Vec<StoredSignal> = self
-                .changes
-                .store
-                .signals(Some(&row.workload), since, i64::from(cfg.history_limit) + 1)
-                .await?
-                .into_iter()
-                .filter(|s| s.id != row.id)
-                .take(cfg.history_limit as usize)
-                .collect();
-            let verdict = judge(
-                policy,
-                &row,
-                &history,
-                self.changes.hub.is_revoked(&row.workload),
+            match self.verify(&row, &cited, false).await? {
+                Some(verification) => {
+                    row.verification = verification.to_string();
+                    self.judge_and_act(row, started).await?;
+                }
+                None => {
+                    let queued = {
+                        let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+                        if pending.len() < self.changes.config.signals.max_pending {
+                            pending.push_back(Pending {
+                                row: row.clone(),
+                                cited: cited.clone(),
+                                deadline: Instant::now()
+                                    + self.changes.config.signals.evidence_wait,
+                                started,
+                            });
+                            true
+                        } else {
+                            false
+                        }
+                    };
+                    if !queued {
+                        // Beyond signals.max_pending a signal is judged now, with what
+                        // has arrived.
+                        if let Some(verification) = self.verify(&row, &cited, true).await? {
+                            row.verification = verification.to_string();
+                            self.judge_and_act(row, started).await?;
+                        }
+                    }
+                }
+            }
+        }
+        if limited > 0 {
+            tracing::warn!(
+                reporter,
+                dropped = limited,
+                limit_per_minute = self.changes.config.signals.per_reporter_per_minute,
+                burst = self.changes.config.signals.per_reporter_burst,
+                "signals over the reporter's rate limit dropped (signals.per_reporter_*)"
             );
-            let reasons = serde_json::to_string(&verdict.reasons).unwrap_or_else(|_| "[]".into());
+        }
+        Ok(stored)
+    }
+
+    /// Checks a signal's evidence. `None` when it waits for cited records that have not
+    /// arrived yet (and `last_chance` is false).
+    async fn verify(
+        &self,
+        row: &StoredSignal,
+        cited: &[String],
+        last_chance: bool,
+    ) -> Result<Option<serde_json::Value>, StoreError> {
+        let cfg = &self.changes.config.signals;
+        let listed = self.sidecars.allows(&row.reporter);
+        let own = row.reporter == row.workload;
+        let mut out = serde_json::json!({
+            "reporter_listed": listed,
+            "reporter_is_workload": own,
+            "cited": cited.len(),
+        });
+        let verdict = |out: &mut serde_json::Value, status: &str, reason: String| {
+            out["status"] = status.into();
+            out["reason"] = reason.into();
+        };
+        if row.observed_as == "self" {
+            if own && listed {
+                verdict(
+                    &mut out,
+                    "not_required",
+                    "observed by the workload's own sidecar".into(),
+                );
+            } else {
+                verdict(
+                    &mut out,
+                    "unverified",
+                    format!(
+                        "{} reported self-observed behaviour of {}: only the workload's own sidecar can see it",
+                        row.reporter, row.workload
+                    ),
+                );
+            }
+            return Ok(Some(out));
+        }
+        if !listed {
+            verdict(
+                &mut out,
+                "unverified",
+                format!("{} is not a listed sidecar (`sidecars`)", row.reporter),
+            );
+            return Ok(Some(out));
+        }
+        let skew = i64::try_from(cfg.clock_skew.as_millis()).unwrap_or(i64::MAX);
+        let window = i64::try_from(cfg.evidence_window.as_millis()).unwrap_or(i64::MAX);
+        if row.time_ms > row.received_ms.saturating_add(skew)
+            || row.time_ms < row.received_ms.saturating_sub(window)
+        {
+            verdict(
+                &mut out,
+                "unverified",
+                format!(
+                    "the signal's time ({} ms) is not within signals.evidence_window of its arrival ({} ms)",
+                    row.time_ms, row.received_ms
+                ),
+            );
+            return Ok(Some(out));
+        }
+        if cited.is_empty() {
+            verdict(
+                &mut out,
+                "unverified",
+                "the signal cites no execution record (does its reporter write and ship records?)"
+                    .into(),
+            );
+            return Ok(Some(out));
+        }
+        let found: Vec<RecordFacts> = self.changes.store.evidence(&row.reporter, cited).await?;
+        if found.len() < cited.len() && !last_chance {
+            return Ok(None);
+        }
+        let (from, to) = (
+            row.time_ms.saturating_sub(window),
+            row.time_ms.saturating_add(skew),
+        );
+        let matching: Vec<&RecordFacts> = found
+            .iter()
+            .filter(|r| {
+                let parties = (r.source == row.workload && r.destination == row.reporter)
+                    || (r.source == row.reporter && r.destination == row.workload);
+                parties && r.time_ms >= from && r.time_ms <= to
+            })
+            .collect();
+        out["found"] = found.len().into();
+        out["matching"] = matching.len().into();
+        out["window_ms"] = serde_json::json!([from, to]);
+        out["decision_ids"] = matching
+            .iter()
+            .map(|r| r.decision_id.clone())
+            .collect::<Vec<_>>()
+            .into();
+        if !matching.is_empty() && matching.len() == found.len() {
+            verdict(
+                &mut out,
+                "verified",
+                format!(
+                    "{} of {} cited records shipped by {} show requests between it and {} within the signal's window",
+                    matching.len(),
+                    cited.len(),
+                    row.reporter,
+                    row.workload
+                ),
+            );
+        } else if found.is_empty() {
+            verdict(
+                &mut out,
+                "unverified",
+                format!(
+                    "none of the {} cited records arrived from {} within signals.evidence_wait",
+                    cited.len(),
+                    row.reporter
+                ),
+            );
+        } else {
+            verdict(
+                &mut out,
+                "unverified",
+                format!(
+                    "{} of {} cited records shipped by {} do not show a request between it and {} within the signal's window",
+                    found.len() - matching.len(),
+                    found.len(),
+                    row.reporter,
+                    row.workload
+                ),
+            );
+        }
+        Ok(Some(out))
+    }
+
+    /// Judges waiting signals as their records arrive or their wait ends.
+    async fn wait_for_evidence(self: Arc<Self>) {
+        loop {
+            tokio::select! {
+                _ = self.records_arrived.notified() => {}
+                _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+            }
+            let waiting: Vec<Pending> = {
+                let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+                pending.drain(..).collect()
+            };
+            let mut keep = Vec::new();
+            for p in waiting {
+                let last_chance = Instant::now() >= p.deadline;
+                match self.verify(&p.row, &p.cited, last_chance).await {
+                    Ok(Some(verification)) => {
+                        let mut row = p.row;
+                        row.verification = verification.to_string();
+                        if let Err(error) = self.judge_and_act(row, p.started).await {
+                            tracing::error!(%error, "cannot judge a signal");
+                        }
+                    }
+                    Ok(None) => keep.push(p),
+                    Err(error) => {
+                        tracing::warn!(%error, "cannot read the records a signal cites; trying again");
+                        keep.push(p);
+                    }
+                }
+            }
+            if !keep.is_empty() {
+                let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+                for p in keep.into_iter().rev() {
+                    pending.push_front(p);
+                }
+            }
+        }
+    }
+
+    /// Runs the policy on a verified-or-not signal, stores the outcome, acts on it.
+    async fn judge_and_act(&self, row: StoredSignal, started: Instant) -> Result<(), StoreError> {
+        let verification: serde_json::Value =
+            serde_json::from_str(&row.verification).unwrap_or_default();
+        self.changes.metrics.evidence(match verification["status"].as_str() {
+            Some("verified") => "verified",
+            Some("not_required") => "not_required",
+            _ => "unverified",
+        });
+        let Some(policy) = &self.policy else {
             self.changes
                 .store
-                .set_signal_decision(&row.id, &verdict.action, &reasons)
+                .set_signal_decision(&row.id, "", "[]", &row.verification)
                 .await?;
-            self.changes.metrics.signal(match verdict.action.as_str() {
-                "revoke" => "revoke",
-                "alert" => "alert",
-                "ignore" => "ignore",
-                _ => "error",
-            });
-            if verdict.action == "revoke" {
+            self.changes.metrics.signal("none");
+            return Ok(());
+        };
+        let cfg = &policy.config;
+        let since =
+            row.received_ms - i64::try_from(cfg.history_window.as_millis()).unwrap_or(i64::MAX);
+        let history: Vec<StoredSignal> = self
+            .changes
+            .store
+            .signals(Some(&row.workload), since, i64::from(cfg.history_limit) + 1)
+            .await?
+            .into_iter()
+            .filter(|s| s.id != row.id)
+            .take(cfg.history_limit as usize)
+            .collect();
+        let verdict = judge(
+            &policy.current(),
+            &row,
+            &history,
+            self.changes.hub.is_revoked(&row.workload),
+        );
+        let reasons = serde_json::to_string(&verdict.reasons).unwrap_or_else(|_| "[]".into());
+        self.changes
+            .store
+            .set_signal_decision(&row.id, &verdict.action, &reasons, &row.verification)
+            .await?;
+        self.changes.metrics.signal(match verdict.action.as_str() {
+            "revoke" => "revoke",
+            "alert" => "alert",
+            "ignore" => "ignore",
+            _ => "error",
+        });
+        match verdict.action.as_str() {
+            "revoke" => {
                 let reason = format!(
                     "{} signal from {}: {}",
                     row.kind,
-                    reporter,
+                    row.reporter,
                     verdict.reasons.join("; ")
                 );
+                // An automatic revocation always ends: the policy's ttl, at most
+                // limits.max_revocation_ttl (also when it named none).
+                let max = self.changes.config.limits.max_revocation_ttl;
+                let ttl = if verdict.ttl.is_zero() || verdict.ttl > max {
+                    if !verdict.ttl.is_zero() {
+                        tracing::warn!(asked = ?verdict.ttl, max = ?max, "the revocation policy's ttl is capped at limits.max_revocation_ttl");
+                    }
+                    max
+                } else {
+                    verdict.ttl
+                };
+                let mut reason = reason;
+                if reason.len() > self.changes.config.limits.max_reason_bytes {
+                    let mut cut = self.changes.config.limits.max_reason_bytes.saturating_sub(3);
+                    while !reason.is_char_boundary(cut) {
+                        cut -= 1;
+                    }
+                    reason.truncate(cut);
+                    reason.push_str("...");
+                }
                 match self
                     .changes
                     .revoke(
                         &row.workload,
                         &reason,
-                        verdict.ttl,
+                        ttl,
                         &format!("policy:{}", row.id),
                         started,
                         Duration::ZERO,
@@ -179,11 +672,13 @@ impl Signals {
                         tracing::error!(%error, workload = %row.workload, "the revocation policy's revoke failed")
                     }
                 }
-            } else if verdict.action == "alert" {
-                tracing::warn!(workload = %row.workload, kind = %row.kind, reasons = ?verdict.reasons, "anomaly alert");
             }
+            "alert" => {
+                tracing::warn!(workload = %row.workload, kind = %row.kind, reporter = %row.reporter, verification = %verification["status"], reasons = ?verdict.reasons, "anomaly alert");
+            }
+            _ => {}
         }
-        Ok(stored)
+        Ok(())
     }
 }
 
@@ -196,6 +691,8 @@ fn signal_json(s: &StoredSignal) -> serde_json::Value {
         "observed_as": s.observed_as,
         "score": s.score,
         "evidence": serde_json::from_str::<serde_json::Value>(&s.evidence).unwrap_or_default(),
+        "decision_ids": serde_json::from_str::<serde_json::Value>(&s.decision_ids).unwrap_or_default(),
+        "verification": serde_json::from_str::<serde_json::Value>(&s.verification).unwrap_or_default(),
         "time_ms": s.time_ms,
         "received_ms": s.received_ms,
     })

@@ -137,6 +137,24 @@ pub struct StoredSignal {
     pub action: String,
     /// The policy's reasons, as a JSON array.
     pub reasons: String,
+    /// The decision ids the signal cites, as a JSON array.
+    pub decision_ids: String,
+    /// What the gateway verified, as a JSON object (`{}` until judged).
+    pub verification: String,
+}
+
+/// What a stored execution record says about who talked to whom, and when: the facts a
+/// signal's evidence is checked against.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RecordFacts {
+    /// The record's decision id.
+    pub decision_id: String,
+    /// The client's SPIFFE ID.
+    pub source: String,
+    /// The server's SPIFFE ID.
+    pub destination: String,
+    /// When the request arrived (unix ms).
+    pub time_ms: i64,
 }
 
 /// What a batch of records did.
@@ -181,6 +199,13 @@ fn migrator() -> Migrator {
                 Cow::Borrowed("replicas"),
                 MigrationType::Simple,
                 Cow::Borrowed(include_str!("../migrations/0002_replicas.sql")),
+                false,
+            ),
+            Migration::new(
+                3,
+                Cow::Borrowed("evidence"),
+                MigrationType::Simple,
+                Cow::Borrowed(include_str!("../migrations/0003_evidence.sql")),
                 false,
             ),
         ]),
@@ -289,6 +314,7 @@ impl Store {
             .await?;
         let revision = row.try_get::<i64, _>(0)? + 1;
         let at = now_ms();
+        let mut closed_plugin: Option<String> = None;
         match change {
             Change::Revoke(r) => {
                 sqlx::query(
@@ -344,6 +370,17 @@ impl Store {
                 .await?;
             }
             Change::Close(c) => {
+                // The plugin goes into the delta, so the gateway can send the close only
+                // to the streams that were sent the open (control::Scope).
+                let plugin = sqlx::query(
+                    "SELECT plugin FROM executions WHERE id = $1 AND closed_revision = 0",
+                )
+                .bind(&c.id)
+                .fetch_optional(&mut *tx)
+                .await?
+                .map(|row| row.try_get::<String, _>(0))
+                .transpose()?;
+                closed_plugin = plugin;
                 let done = sqlx::query(
                     "UPDATE executions SET closed_revision = $1, close_reason = $2 \
                      WHERE id = $3 AND closed_revision = 0",
@@ -360,6 +397,10 @@ impl Store {
                     )));
                 }
             }
+        }
+        let mut change = change.clone();
+        if let (Change::Close(c), Some(plugin)) = (&mut change, closed_plugin) {
+            c.plugin = plugin;
         }
         let delta = change.clone().into_delta(to_u64(revision));
         sqlx::query(
@@ -449,8 +490,8 @@ impl Store {
     /// Stores a signal.
     pub async fn insert_signal(&self, s: &StoredSignal) -> Result<(), StoreError> {
         sqlx::query(
-            "INSERT INTO signals (id, reporter, workload, kind, observed_as, score, evidence, time_ms, received_ms, action, reasons) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11) ON CONFLICT (id) DO NOTHING",
+            "INSERT INTO signals (id, reporter, workload, kind, observed_as, score, evidence, time_ms, received_ms, action, reasons, decision_ids, verification) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13) ON CONFLICT (id) DO NOTHING",
         )
         .bind(&s.id)
         .bind(&s.reporter)
@@ -463,25 +504,65 @@ impl Store {
         .bind(s.received_ms)
         .bind(&s.action)
         .bind(&s.reasons)
+        .bind(&s.decision_ids)
+        .bind(&s.verification)
         .execute(&self.pool)
         .await?;
         Ok(())
     }
 
-    /// Records the revocation policy's decision on a stored signal.
+    /// Records what was verified about a stored signal and the revocation policy's
+    /// decision on it.
     pub async fn set_signal_decision(
         &self,
         id: &str,
         action: &str,
         reasons: &str,
+        verification: &str,
     ) -> Result<(), StoreError> {
-        sqlx::query("UPDATE signals SET action = $1, reasons = $2 WHERE id = $3")
-            .bind(action)
-            .bind(reasons)
-            .bind(id)
-            .execute(&self.pool)
-            .await?;
+        sqlx::query(
+            "UPDATE signals SET action = $1, reasons = $2, verification = $3 WHERE id = $4",
+        )
+        .bind(action)
+        .bind(reasons)
+        .bind(verification)
+        .bind(id)
+        .execute(&self.pool)
+        .await?;
         Ok(())
+    }
+
+    /// The records `sidecar` shipped whose decision id is among `ids` (what a signal
+    /// from that sidecar cites).
+    pub async fn evidence(
+        &self,
+        sidecar: &str,
+        ids: &[String],
+    ) -> Result<Vec<RecordFacts>, StoreError> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let placeholders: Vec<String> = (0..ids.len()).map(|i| format!("${}", i + 2)).collect();
+        let sql = format!(
+            "SELECT decision_id, source, destination, time_ms FROM records \
+             WHERE sidecar = $1 AND decision_id IN ({})",
+            placeholders.join(", ")
+        );
+        let mut query = sqlx::query(&sql).bind(sidecar);
+        for id in ids {
+            query = query.bind(id.as_str());
+        }
+        let rows = query.fetch_all(&self.pool).await?;
+        rows.iter()
+            .map(|row| {
+                Ok(RecordFacts {
+                    decision_id: row.try_get(0)?,
+                    source: row.try_get(1)?,
+                    destination: row.try_get(2)?,
+                    time_ms: row.try_get(3)?,
+                })
+            })
+            .collect()
     }
 
     /// Signals received since `since_ms`, newest first, optionally about one workload.
@@ -491,7 +572,7 @@ impl Store {
         since_ms: i64,
         limit: i64,
     ) -> Result<Vec<StoredSignal>, StoreError> {
-        let base = "SELECT id, reporter, workload, kind, observed_as, score, evidence, time_ms, received_ms, action, reasons FROM signals";
+        let base = "SELECT id, reporter, workload, kind, observed_as, score, evidence, time_ms, received_ms, action, reasons, decision_ids, verification FROM signals";
         let rows = match workload {
             Some(w) => {
                 sqlx::query(&format!(
@@ -527,6 +608,8 @@ impl Store {
                     received_ms: row.try_get(8)?,
                     action: row.try_get(9)?,
                     reasons: row.try_get(10)?,
+                    decision_ids: row.try_get(11)?,
+                    verification: row.try_get(12)?,
                 })
             })
             .collect()
@@ -561,14 +644,24 @@ impl Store {
                     continue;
                 }
             };
+            let time_ms = time::OffsetDateTime::parse(
+                &record.time,
+                &time::format_description::well_known::Rfc3339,
+            )
+            .map(|t| i64::try_from(t.unix_timestamp_nanos() / 1_000_000).unwrap_or(0))
+            .unwrap_or(0);
             sqlx::query(
-                "INSERT INTO records (hash, sidecar, line, stored_ms) VALUES ($1, $2, $3, $4) \
-                 ON CONFLICT (hash) DO NOTHING",
+                "INSERT INTO records (hash, sidecar, line, stored_ms, decision_id, source, destination, time_ms) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT (hash) DO NOTHING",
             )
             .bind(&record.hash)
             .bind(sidecar)
             .bind(line.as_str())
             .bind(at)
+            .bind(&record.decision_id)
+            .bind(&record.source)
+            .bind(&record.destination)
+            .bind(time_ms)
             .execute(&mut *tx)
             .await?;
             out.stored += 1;

@@ -1,17 +1,31 @@
 # Automatic revocation: the gateway evaluates `decision` for every anomaly signal a
 # sidecar reports (input.signal, with input.signal.reporter = the SPIFFE ID of the
-# sending sidecar's certificate), given the recent signals about the same workload
-# (input.history, newest first) and whether it is revoked already (input.workload).
+# sending sidecar's certificate and input.signal.verification = what the gateway checked
+# of its evidence), given the recent signals about the same workload (input.history,
+# newest first, each with its own verification) and whether it is revoked already
+# (input.workload). policies/README.md documents the input; docs/threat-model.md why.
+#
+# Who may say what:
+#   - the workload's own sidecar (reporter = workload, observed_as self; verification
+#     "not_required") carries all its traffic: its strong signals revoke alone;
+#   - another sidecar (observed_as peer) counts only when the gateway verified that the
+#     decision ids it cites are its own shipped records of requests with the workload
+#     (verification "verified"); even then one such reporter never revokes alone: it
+#     revokes when corroborated by the workload's own sidecar or by a second,
+#     independent reporter;
+#   - anything unverified is at most an alert.
 #
 #   ignore  the workload is revoked already; the signal is not credible (a reporter
 #           describing another workload's self-observed behaviour, an observation its
 #           reporter cannot make, a workload document that does not match); or its
 #           score is below the kind's alert_score
-#   revoke  one strong signal (score >= revoke_score, or a sandbox `kill` reported by
-#           the workload's own sidecar), or an alert-grade signal corroborated within
-#           the history window by another kind or another reporter
-#   alert   everything else credible; also instead of revoke for a protected workload,
-#           a signal not about a SPIFFE ID, an unknown kind, or missing thresholds
+#   revoke  one strong signal from the workload's own sidecar (score >= revoke_score,
+#           or a sandbox `kill`), several kinds from the workload's own sidecar, or
+#           credible signals from at least two distinct reporters within the history
+#           window
+#   alert   everything else credible or alert-grade; also instead of revoke for a
+#           protected workload, a signal not about a SPIFFE ID, an unknown kind, or
+#           missing thresholds
 #
 # Thresholds: data.nexus.revocation (data.yaml here). Rules read its leaves only: the
 # package itself lives under data.nexus.revocation too.
@@ -78,21 +92,23 @@ ignore_reasons contains sprintf("%s cannot be observed as %s", [signal.kind, sig
 
 # --- revoke ----------------------------------------------------------------------------
 
-revoke_reasons contains sprintf("%s of %s observed as %s by %s: score %v >= %v", [signal.kind, signal.workload, signal.observed_as, signal.reporter, signal.score, kind_cfg.revoke_score]) if {
+revoke_reasons contains sprintf("%s of %s observed by its own sidecar: score %v >= %v", [signal.kind, signal.workload, signal.score, kind_cfg.revoke_score]) if {
 	attributable
+	own(signal)
 	is_number(kind_cfg.revoke_score)
 	signal.score >= kind_cfg.revoke_score
 }
 
 revoke_reasons contains sprintf("%s of %s: action %s on syscall %v, reported by its own sidecar", [signal.kind, signal.workload, signal.evidence.action, signal.evidence.syscall]) if {
 	attributable
+	own(signal)
 	signal.evidence.action in kind_cfg.revoke_actions
 }
 
-revoke_reasons contains sprintf("%s of %s corroborated by %d kinds within the history window: %s", [signal.kind, signal.workload, count(kinds_seen), concat(", ", sort(kinds_seen))]) if {
+revoke_reasons contains sprintf("%s of %s corroborated by %d kinds from its own sidecar within the history window: %s", [signal.kind, signal.workload, count(own_kinds_seen), concat(", ", sort(own_kinds_seen))]) if {
 	attributable
 	credible(signal)
-	count(kinds_seen) >= data.nexus.revocation.corroboration.distinct_kinds
+	count(own_kinds_seen) >= data.nexus.revocation.corroboration.distinct_kinds
 }
 
 revoke_reasons contains sprintf("%s of %s corroborated by %d reporters within the history window: %s", [signal.kind, signal.workload, count(reporters_seen), concat(", ", sort(reporters_seen))]) if {
@@ -104,6 +120,18 @@ revoke_reasons contains sprintf("%s of %s corroborated by %d reporters within th
 # --- alert -----------------------------------------------------------------------------
 
 alert_reasons contains sprintf("%s of %s observed as %s by %s: score %v >= %v", [signal.kind, signal.workload, signal.observed_as, signal.reporter, signal.score, kind_cfg.alert_score]) if {
+	signal.score >= kind_cfg.alert_score
+}
+
+alert_reasons contains sprintf("a single peer-observed signal never revokes: it needs %s's own sidecar or a second reporter to agree", [signal.workload]) if {
+	signal.observed_as == "peer"
+	verified(signal)
+	signal.score >= kind_cfg.alert_score
+}
+
+alert_reasons contains sprintf("evidence not verified (%v): alert only", [verification_reason]) if {
+	signal.observed_as == "peer"
+	not verified(signal)
 	signal.score >= kind_cfg.alert_score
 }
 
@@ -122,6 +150,10 @@ alert_reasons contains "no thresholds at data.nexus.revocation.kinds: load polic
 
 # --- helpers ---------------------------------------------------------------------------
 
+default verification_reason := "the gateway recorded no verification"
+
+verification_reason := signal.verification.reason
+
 attributable if startswith(signal.workload, "spiffe://")
 
 # (A rule rather than `not x in kind_cfg.observers` inline: regorus's compiled mode
@@ -134,24 +166,41 @@ foreign_self(s) if {
 	s.reporter != s.workload
 }
 
+# Observed by the workload's own sidecar (the gateway says no evidence is needed).
+own(s) if {
+	s.observed_as == "self"
+	s.reporter == s.workload
+	s.verification.status == "not_required"
+}
+
+# A peer observation whose cited records the gateway found and matched.
+verified(s) if {
+	s.observed_as == "peer"
+	s.verification.status == "verified"
+}
+
 # A signal (the current one or one from the history) that may corroborate: about this
-# workload, recent, of a kind that corroborates, observable as reported, from a reporter
-# that could observe it, and at least alert-grade.
+# workload, recent, of a kind that corroborates, observable as reported, from the
+# workload's own sidecar or verified, and at least alert-grade.
 credible(s) if {
 	k := cfg_kinds[s.kind]
 	k.corroborates == true
 	s.workload == signal.workload
 	input.now_ms - s.time_ms <= data.nexus.revocation.history_window_ms
 	s.observed_as in k.observers
-	not foreign_self(s)
+	trusted(s)
 	s.score >= k.alert_score
 }
+
+trusted(s) if own(s)
+
+trusted(s) if verified(s)
 
 corroborating contains [s.kind, s.reporter] if {
 	some s in array.concat([signal], input.history)
 	credible(s)
 }
 
-kinds_seen := {e[0] | some e in corroborating}
+own_kinds_seen := {e[0] | some e in corroborating; e[1] == signal.workload}
 
 reporters_seen := {e[1] | some e in corroborating}

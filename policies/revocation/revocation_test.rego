@@ -27,6 +27,9 @@ kinds := {
 
 corroboration := {"distinct_kinds": 2, "distinct_reporters": 2}
 
+# A signal as the gateway hands it to the policy: a self-observation by the workload's
+# own sidecar needs no evidence, a peer observation comes verified (its cited records
+# were found and matched) unless a test says otherwise with `unverified`.
 sig(kind, workload, reporter, observed_as, score, age_ms) := {
 	"id": "sig-1",
 	"kind": kind,
@@ -35,8 +38,19 @@ sig(kind, workload, reporter, observed_as, score, age_ms) := {
 	"observed_as": observed_as,
 	"score": score,
 	"evidence": {"count": 40, "window_ms": 250},
+	"decision_ids": ["d1", "d2"],
+	"verification": verification_of(workload, reporter, observed_as),
 	"time_ms": now - age_ms,
 }
+
+verification_of(workload, reporter, observed_as) := {"status": "not_required", "reason": "observed by the workload's own sidecar"} if {
+	observed_as == "self"
+	reporter == workload
+} else := {"status": "verified", "reason": "2 of 2 cited records match", "cited": 2, "found": 2, "matching": 2} if {
+	observed_as == "peer"
+} else := {"status": "unverified", "reason": "only the workload's own sidecar can see it"}
+
+unverified(s, why) := object.union(s, {"verification": {"status": "unverified", "reason": why}})
 
 kill := object.union(sig("sandbox_violation", flood, flood, "self", 100, 0), {"evidence": {"action": "kill", "syscall": "ptrace"}})
 
@@ -70,21 +84,17 @@ has_reason(d, fragment) if {
 	contains(r, fragment)
 }
 
-# --- strong single signals revoke ------------------------------------------------------
-
-test_tenfold_rate_spike_from_a_peer_revokes if {
-	d := decide(doc(sig("rate_spike", flood, hazard, "peer", 10.2, 0), []))
-	d.action == "revoke"
-	d.ttl == "1h"
-	has_reason(d, "rate_spike of spiffe://nexus.local/ns/plugins/sa/flood-model observed as peer by spiffe://nexus.local/ns/data/sa/hazard-api")
-}
+# --- strong single signals from the workload's own sidecar revoke ----------------------
 
 test_rate_spike_seen_by_the_workloads_own_sidecar_revokes if {
-	decide(doc(sig("rate_spike", flood, flood, "self", 9, 0), [])).action == "revoke"
+	d := decide(doc(sig("rate_spike", flood, flood, "self", 9, 0), []))
+	d.action == "revoke"
+	d.ttl == "1h"
+	has_reason(d, "rate_spike of spiffe://nexus.local/ns/plugins/sa/flood-model observed by its own sidecar: score 9 >= 8")
 }
 
-test_unbound_clause_burst_from_a_peer_revokes if {
-	decide(doc(sig("unbound_clause", flood, hazard, "peer", 1, 0), [])).action == "revoke"
+test_unbound_clause_reads_seen_by_the_own_sidecar_revoke if {
+	decide(doc(sig("unbound_clause", flood, flood, "self", 1, 0), [])).action == "revoke"
 }
 
 test_large_egress_revokes_small_egress_alerts if {
@@ -100,9 +110,47 @@ test_sandbox_kill_from_the_own_sidecar_revokes if {
 
 test_the_default_ttl_applies_without_one_in_data if {
 	# `ttl as false` stands for a missing or malformed one: the rule's default answers.
-	d := decide_default_data(doc(sig("rate_spike", flood, hazard, "peer", 12, 0), []))
+	d := decide_default_data(doc(sig("rate_spike", flood, flood, "self", 12, 0), []))
 	d.action == "revoke"
 	d.ttl == "1h"
+}
+
+test_an_own_signal_the_gateway_did_not_vouch_for_does_not_revoke if {
+	# reporter = workload but the gateway found it not self-observable as claimed.
+	s := unverified(sig("rate_spike", flood, flood, "self", 50, 0), "test")
+	decide(doc(s, [])).action == "alert"
+}
+
+# --- one peer reporter, verified or not, is at most an alert ---------------------------
+
+test_a_verified_tenfold_rate_spike_from_one_peer_only_alerts if {
+	d := decide(doc(sig("rate_spike", flood, hazard, "peer", 10.2, 0), []))
+	d.action == "alert"
+	not d.ttl
+	has_reason(d, "a single peer-observed signal never revokes")
+	has_reason(d, "rate_spike of spiffe://nexus.local/ns/plugins/sa/flood-model observed as peer by spiffe://nexus.local/ns/data/sa/hazard-api")
+}
+
+test_a_verified_unbound_clause_burst_from_one_peer_only_alerts if {
+	decide(doc(sig("unbound_clause", flood, hazard, "peer", 5, 0), [])).action == "alert"
+}
+
+test_an_unverified_peer_signal_alerts_with_why if {
+	s := unverified(sig("rate_spike", hazard, flood, "peer", 9, 0), "none of the 3 cited records arrived")
+	d := decide(doc(s, []))
+	d.action == "alert"
+	has_reason(d, "evidence not verified (none of the 3 cited records arrived): alert only")
+}
+
+test_two_kinds_from_one_peer_reporter_only_alert if {
+	history := [sig("rate_spike", flood, hazard, "peer", 5, 60000)]
+	d := decide(doc(sig("denial_burst", flood, hazard, "peer", 1, 0), history))
+	d.action == "alert"
+}
+
+test_a_flood_of_one_peer_reporters_signals_only_alerts if {
+	history := [sig(k, flood, hazard, "peer", 50, i * 1000) | some i in numbers.range(1, 20); some k in ["rate_spike", "denial_burst", "unbound_clause", "egress_bytes"]]
+	decide(doc(sig("rate_spike", flood, hazard, "peer", 50, 0), history)).action == "alert"
 }
 
 # --- what no reporter can do -----------------------------------------------------------
@@ -150,7 +198,7 @@ test_an_already_revoked_workload_is_ignored if {
 # --- weak signals alert, corroborated ones revoke --------------------------------------
 
 test_a_weak_rate_spike_alerts if {
-	d := decide(doc(sig("rate_spike", flood, hazard, "peer", 5, 0), []))
+	d := decide(doc(sig("rate_spike", flood, flood, "self", 5, 0), []))
 	d.action == "alert"
 	not d.ttl
 }
@@ -170,18 +218,33 @@ test_below_the_alert_score_is_ignored if {
 	d.reasons == ["rate_spike score 2 is below the alert threshold"]
 }
 
-test_two_kinds_from_one_reporter_revoke if {
-	history := [sig("rate_spike", flood, hazard, "peer", 5, 60000)]
-	d := decide(doc(sig("denial_burst", flood, hazard, "peer", 1, 0), history))
+test_two_kinds_from_the_own_sidecar_revoke if {
+	history := [sig("rate_spike", flood, flood, "self", 5, 60000)]
+	d := decide(doc(sig("denial_burst", flood, flood, "self", 1, 0), history))
 	d.action == "revoke"
-	d.reasons == ["denial_burst of spiffe://nexus.local/ns/plugins/sa/flood-model corroborated by 2 kinds within the history window: denial_burst, rate_spike"]
+	d.reasons == ["denial_burst of spiffe://nexus.local/ns/plugins/sa/flood-model corroborated by 2 kinds from its own sidecar within the history window: denial_burst, rate_spike"]
 }
 
-test_two_reporters_of_one_kind_revoke if {
+test_a_verified_peer_corroborated_by_the_own_sidecar_revokes if {
+	history := [sig("rate_spike", flood, flood, "self", 4.5, 2000)]
+	d := decide(doc(sig("rate_spike", flood, hazard, "peer", 10, 0), history))
+	d.action == "revoke"
+	has_reason(d, "corroborated by 2 reporters within the history window: spiffe://nexus.local/ns/data/sa/hazard-api, spiffe://nexus.local/ns/plugins/sa/flood-model")
+}
+
+test_two_verified_reporters_of_one_kind_revoke if {
 	history := [sig("denial_burst", flood, rates, "peer", 1.5, 1000)]
 	d := decide(doc(sig("denial_burst", flood, hazard, "peer", 1, 0), history))
 	d.action == "revoke"
 	has_reason(d, "corroborated by 2 reporters within the history window: spiffe://nexus.local/ns/data/sa/hazard-api, spiffe://nexus.local/ns/data/sa/rates-api")
+}
+
+test_an_unverified_second_reporter_does_not_corroborate if {
+	history := [unverified(sig("denial_burst", flood, rates, "peer", 1.5, 1000), "cited records do not match")]
+	decide(doc(sig("denial_burst", flood, hazard, "peer", 1, 0), history)).action == "alert"
+	# Nor does one still waiting for its evidence.
+	waiting := [object.union(sig("denial_burst", flood, rates, "peer", 1.5, 1000), {"verification": {"status": "pending"}})]
+	decide(doc(sig("denial_burst", flood, hazard, "peer", 1, 0), waiting)).action == "alert"
 }
 
 test_history_that_cannot_corroborate_leaves_an_alert if {
@@ -211,7 +274,7 @@ test_auth_failures_alert_even_when_corroborated if {
 # --- protected, unattributable, unknown ------------------------------------------------
 
 test_a_protected_workload_gets_an_alert_instead_of_a_revoke if {
-	d := decide(doc(sig("rate_spike", gateway, hazard, "peer", 20, 0), []))
+	d := decide(doc(sig("rate_spike", gateway, gateway, "self", 20, 0), []))
 	d.action == "alert"
 	has_reason(d, "is protected (data.nexus.revocation.protected)")
 	has_reason(d, "score 20 >= 8")
@@ -219,7 +282,7 @@ test_a_protected_workload_gets_an_alert_instead_of_a_revoke if {
 
 test_nothing_is_protected_without_a_list if {
 	# `protected as false` stands for a missing or malformed list: nobody is protected.
-	decide_default_data(doc(sig("rate_spike", gateway, hazard, "peer", 20, 0), [])).action == "revoke"
+	decide_default_data(doc(sig("rate_spike", gateway, gateway, "self", 20, 0), [])).action == "revoke"
 }
 
 test_unattributed_auth_failures_alert if {

@@ -1,6 +1,7 @@
-//! The admin listener: `/live` (the process runs), `/ready` (an SVID is present; later
-//! conditions add to it), `/metrics` (Prometheus text), `/v1/signals` (sandbox violations
-//! from `nexus-launch`, see [`crate::signals`]).
+//! The admin listener: `/live` (the process runs), `/ready` (an SVID is present, a
+//! policy revision loaded, the gateway state verified and applied), `/metrics`
+//! (Prometheus text), `GET /v1/signals` (recent sandbox violations). It is read-only:
+//! reports come over the in-pod socket ([`crate::signals::serve_socket`]).
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -93,6 +94,13 @@ impl Admin {
                 }
             },
         };
+        if let Some((_, why)) = self.enforcement.holds().into_iter().next() {
+            return (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "text/plain",
+                format!("not ready: {why}\n"),
+            );
+        }
         let link = self.enforcement.link();
         self.metrics.gateway_link(link.as_str());
         let gateway = match link {
@@ -143,6 +151,13 @@ impl Admin {
                     let signals = signals.clone();
                     async move {
                         if req.uri().path() == crate::signals::PATH {
+                            // The network listener is read-only: reports (writes) come
+                            // only over the in-pod socket.
+                            if req.method() != http::Method::GET {
+                                return Ok::<_, Infallible>(
+                                    crate::signals::refuse_on_network(&admin.metrics),
+                                );
+                            }
                             return Ok::<_, Infallible>(signals.handle(req).await);
                         }
                         Ok::<_, Infallible>(admin.respond(&req))

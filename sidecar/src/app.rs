@@ -116,6 +116,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
             metrics: metrics.clone(),
             signals: signal_queue.clone(),
             records,
+            applied: std::sync::atomic::AtomicU64::new(0),
         });
         let synced = control.restore();
         (control, synced)
@@ -224,6 +225,29 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
                 .with_steps(&steps),
         );
         tokio::spawn(proxy.serve(listener));
+    }
+    if let Some(reports) = &config.reports {
+        let token = match &reports.token_file {
+            Some(path) => Some(crate::signals::write_token(path).map_err(|e| {
+                anyhow::anyhow!("cannot write the report token {} (reports.token_file): {e}", path.display())
+            })?),
+            None => None,
+        };
+        let listener = crate::signals::bind_socket(&reports.socket).map_err(|e| {
+            anyhow::anyhow!(
+                "cannot listen on the report socket {} (reports.socket): {e}",
+                reports.socket.display()
+            )
+        })?;
+        tracing::info!(socket = %reports.socket.display(), peer_uids = ?reports.peer_uids, token_file = ?reports.token_file, "violation reports accepted on the in-pod socket");
+        tokio::spawn(crate::signals::serve_socket(
+            listener,
+            crate::signals::ReportAuth {
+                peer_uids: reports.peer_uids.clone(),
+                token,
+            },
+            sandbox.clone(),
+        ));
     }
     tokio::spawn(
         Admin {

@@ -88,6 +88,30 @@ pub struct Config {
     /// set (their signals go there) and `gateway.detect_anomalies` is not false, with
     /// these settings or the defaults.
     pub anomaly: Option<nexus_anomaly::DetectorConfig>,
+    /// The in-pod channel `nexus-launch` reports sandbox violations on; absent: reports
+    /// are refused. Never a TCP port: the admin listener refuses them.
+    pub reports: Option<ReportsConfig>,
+}
+
+/// `[reports]`: a unix socket in a folder only this pod shares (an `emptyDir` mounted in
+/// the sidecar and the plugin container), `POST /v1/signals` on it. Its callers are
+/// checked: their uid (`SO_PEERCRED`) against `peer_uids`, and/or the per-pod token of
+/// `token_file`; at least one of the two is required.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReportsConfig {
+    /// The socket to listen on (created at start, mode 0666: the checks below decide).
+    pub socket: PathBuf,
+    /// Callers must run as one of these uids (checked with `SO_PEERCRED`). Default:
+    /// none checked.
+    #[serde(default)]
+    pub peer_uids: Vec<u32>,
+    /// The sidecar writes a fresh random token here at start (mode 0644, beside the
+    /// socket) and requires it in every report (`Authorization: Bearer TOKEN`); the
+    /// launcher reads it (`NEXUS_REPORT_TOKEN_FILE`) outside the plugin's sandbox, whose
+    /// profile must not grant this folder. Default: no token.
+    #[serde(default)]
+    pub token_file: Option<PathBuf>,
 }
 
 /// What a sidecar does while its gateway is unreachable.
@@ -234,6 +258,23 @@ pub struct PolicyConfig {
     /// `compiled` (regorus RVM, default) or `interpreted`.
     #[serde(default)]
     pub mode: PolicyMode,
+    /// Loading a revision (reading the folder, running its tests, compiling the decision
+    /// rule and evaluating it once) runs in a child process, off the serving path, that
+    /// is killed past this wall-clock time; the revision is then refused with the test
+    /// or rule that was running, and the last good one keeps serving. Default 10s.
+    #[serde(default = "default_load_timeout", with = "humantime_serde")]
+    pub load_timeout: Duration,
+    /// ... and that may use at most this much memory (address space, bytes); beyond, it
+    /// stops and the revision is refused the same way. Default 1073741824 (1 GiB).
+    #[serde(default = "default_load_max_memory")]
+    pub load_max_memory: u64,
+}
+
+fn default_load_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_load_max_memory() -> u64 {
+    1024 * 1024 * 1024
 }
 
 /// Policy engine mode.
@@ -494,6 +535,33 @@ impl Config {
                 }
             }
         }
+        // Injection names the in-pod report channel this way.
+        if let Some(socket) = get("NEXUS_REPORT_SOCKET").filter(|s| !s.is_empty()) {
+            let mut reports = self.reports.take().unwrap_or(ReportsConfig {
+                socket: PathBuf::new(),
+                peer_uids: Vec::new(),
+                token_file: None,
+            });
+            reports.socket = PathBuf::from(socket);
+            if let Some(token) = get("NEXUS_REPORT_TOKEN_FILE").filter(|s| !s.is_empty()) {
+                reports.token_file = Some(PathBuf::from(token));
+            }
+            if let Some(uids) = get("NEXUS_REPORT_PEER_UIDS").filter(|s| !s.is_empty()) {
+                reports.peer_uids = uids
+                    .split(',')
+                    .map(|u| {
+                        u.trim().parse().map_err(|e| {
+                            invalid(
+                                "NEXUS_REPORT_PEER_UIDS",
+                                format!("`{u}`: {e}"),
+                                "give comma-separated numeric uids, e.g. 1000,1001",
+                            )
+                        })
+                    })
+                    .collect::<Result<_, _>>()?;
+            }
+            self.reports = Some(reports);
+        }
         let listen = get("NEXUS_INBOUND_LISTEN");
         let app = get("NEXUS_INBOUND_APP");
         let allowed = get("NEXUS_INBOUND_ALLOWED_IDS");
@@ -655,11 +723,49 @@ impl Config {
                     ));
                 }
             }
+            if policy.load_timeout.is_zero() {
+                return Err(invalid(
+                    "policy.load_timeout",
+                    "must be more than 0",
+                    "use the default, 10s",
+                ));
+            }
+            if policy.load_max_memory < 64 * 1024 * 1024 {
+                return Err(invalid(
+                    "policy.load_max_memory",
+                    format!("{} bytes is too little to load any policy", policy.load_max_memory),
+                    "use at least 67108864 (64 MiB); the default is 1073741824 (1 GiB)",
+                ));
+            }
             if policy.eval_timeout.is_zero() {
                 return Err(invalid(
                     "policy.eval_timeout",
                     "must be more than 0",
                     "use the default, 250ms",
+                ));
+            }
+        }
+        if let Some(reports) = &self.reports {
+            if reports.socket.as_os_str().is_empty() || !reports.socket.is_absolute() {
+                return Err(invalid(
+                    "reports.socket",
+                    format!("`{}` is not an absolute path", reports.socket.display()),
+                    "give the socket's path in the folder shared with the plugin container, e.g. /var/run/nexus/reports/signals.sock",
+                ));
+            }
+            // sun_path holds 108 bytes with its terminating NUL.
+            if reports.socket.as_os_str().len() > 107 {
+                return Err(invalid(
+                    "reports.socket",
+                    format!("`{}` is longer than a unix socket path may be (107 bytes)", reports.socket.display()),
+                    "use a shorter path",
+                ));
+            }
+            if reports.peer_uids.is_empty() && reports.token_file.is_none() {
+                return Err(invalid(
+                    "reports",
+                    "neither peer_uids nor token_file is set: any process that reaches the socket could report",
+                    "set reports.peer_uids = [UID of nexus-launch] and/or reports.token_file = \"/var/run/nexus/reports/token\"",
                 ));
             }
         }

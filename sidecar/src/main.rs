@@ -25,7 +25,16 @@ struct Args {
 /// sysexits EX_CONFIG: the configuration is wrong.
 const EXIT_CONFIG: u8 = 64;
 
+/// How long a stopping sidecar waits for work still running off the async workers (a
+/// policy check, a file write) before it exits anyway: SIGTERM ends the process within
+/// this, whatever a policy does (an abandoned policy checker dies with the process).
+const STOP_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
+
 fn main() -> ExitCode {
+    // Re-executed as the isolated policy checker (nexus_policy::isolate): nothing else.
+    if std::env::args_os().nth(1).as_deref() == Some(std::ffi::OsStr::new(nexus_policy::isolate::CHILD_ARG)) {
+        return nexus_policy::isolate::child_main();
+    }
     nexus_identity::process::init(
         "nexus-sidecar",
         "info,h2=warn,hyper=warn,hyper_util=warn,tonic=warn,tower=warn,rustls=warn",
@@ -52,7 +61,16 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(nexus_sidecar::run(config)) {
+    match std::env::current_exe() {
+        Ok(exe) => nexus_policy::isolate::install_checker(exe),
+        Err(error) => {
+            eprintln!("nexus-sidecar: cannot find its own executable to check policies in a child process: {error}");
+            return ExitCode::FAILURE;
+        }
+    }
+    let result = runtime.block_on(nexus_sidecar::run(config));
+    runtime.shutdown_timeout(STOP_GRACE);
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             eprintln!("nexus-sidecar: {error:#}");

@@ -54,6 +54,11 @@ pub struct Metrics {
     decisions: Family<DecisionLabels, Counter>,
     evaluation: Family<DirectionLabels, Histogram>,
     reloads: Family<ResultLabels, Counter>,
+    policy_checks: Histogram,
+    enforcement_hold: Family<ReasonOnlyLabels, Gauge<i64, AtomicI64>>,
+    snapshots_rejected: Counter,
+    apply_failures: Counter,
+    reports_refused: Family<ReasonOnlyLabels, Counter>,
     sandbox_violations: Family<ActionLabels, Counter>,
     gateway_link: Family<LinkLabels, Gauge<i64, AtomicI64>>,
     gateway_revision: Gauge<i64, AtomicI64>,
@@ -176,6 +181,36 @@ impl Metrics {
             "Policy revision loads by result (ok, error: refused, the last good revision kept)",
             reloads.clone(),
         );
+        let policy_checks = Histogram::new([0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0]);
+        registry.register(
+            "policy_check_seconds",
+            "Time to check a policy revision in the isolated child (spawn, load, tests, compile)",
+            policy_checks.clone(),
+        );
+        let enforcement_hold = Family::<ReasonOnlyLabels, Gauge<i64, AtomicI64>>::default();
+        registry.register(
+            "enforcement_hold",
+            "1 while every request is refused for this reason (no_valid_snapshot: no verified gateway state yet; apply_failed: a revision could not be applied)",
+            enforcement_hold.clone(),
+        );
+        let snapshots_rejected = Counter::default();
+        registry.register(
+            "snapshot_files_rejected",
+            "Kept gateway snapshot files refused at start (unreadable, damaged, checksum mismatch)",
+            snapshots_rejected.clone(),
+        );
+        let apply_failures = Counter::default();
+        registry.register(
+            "gateway_apply_failures",
+            "Gateway revisions that could not be applied (reported to the gateway, retried)",
+            apply_failures.clone(),
+        );
+        let reports_refused = Family::<ReasonOnlyLabels, Counter>::default();
+        registry.register(
+            "reports_refused",
+            "Violation reports refused (wrong listener, peer uid, token, malformed)",
+            reports_refused.clone(),
+        );
         let otel_spans_exported = Counter::default();
         registry.register(
             "otel_spans_exported",
@@ -294,6 +329,11 @@ impl Metrics {
             decisions,
             evaluation,
             reloads,
+            policy_checks,
+            enforcement_hold,
+            snapshots_rejected,
+            apply_failures,
+            reports_refused,
             registry,
             requests,
             handshake_failures,
@@ -396,6 +436,35 @@ impl Metrics {
 
     pub fn policy_reload(&self, result: &'static str) {
         self.reloads.get_or_create(&ResultLabels { result }).inc();
+    }
+
+    /// Observes the duration of one isolated policy check.
+    pub fn policy_check(&self, took: std::time::Duration) {
+        self.policy_checks.observe(took.as_secs_f64());
+    }
+
+    /// Sets whether every request is refused for `reason`.
+    pub fn enforcement_hold(&self, reason: &'static str, on: bool) {
+        self.enforcement_hold
+            .get_or_create(&ReasonOnlyLabels { reason })
+            .set(i64::from(on));
+    }
+
+    /// Counts a kept snapshot file refused at start.
+    pub fn snapshot_rejected(&self) {
+        self.snapshots_rejected.inc();
+    }
+
+    /// Counts a gateway revision that could not be applied.
+    pub fn apply_failure(&self) {
+        self.apply_failures.inc();
+    }
+
+    /// Counts a refused violation report.
+    pub fn report_refused(&self, reason: &'static str) {
+        self.reports_refused
+            .get_or_create(&ReasonOnlyLabels { reason })
+            .inc();
     }
 
     /// Counts spans delivered to the OTLP collector.

@@ -1,4 +1,12 @@
-//! Sandbox violation signals from `nexus-launch`, on the admin listener.
+//! Sandbox violation signals from `nexus-launch`, on the in-pod report socket.
+//!
+//! Reports are writes into the sidecar (a `kill` report revokes the pod's own workload
+//! through the gateway's revocation policy), so they are taken only on a unix socket in
+//! a folder the pod shares with nobody else (`[reports] socket`), from a caller whose
+//! uid is listed (`SO_PEERCRED`) and/or who presents the per-pod token the sidecar wrote
+//! at start ([`serve_socket`]). The admin listener, on the pod IP, answers `POST` with
+//! 403 and counts it (`nexus_reports_refused_total{reason="network"}`); it still lists
+//! the recent violations (`GET`), which is read-only.
 //!
 //! `POST /v1/signals` takes one JSON violation (`{"kind": "sandbox_violation", "workload",
 //! "syscall", "action": "kill|eperm|log", "pid", "exit_signal", "time"}`), answers 202,
@@ -10,8 +18,6 @@
 //! the last sequence number seen, woken by [`Signals::changed`]. A full ring drops its
 //! oldest entry and counts it ([`Signals::dropped`]).
 //!
-//! The admin listener is loopback-only in a pod, and a plugin's default sandbox profile
-//! cannot connect to it: only the launcher (outside the sandbox) reports.
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
@@ -211,6 +217,133 @@ impl Signals {
             .map_err(|e| SignalError::Malformed(e.to_string()))?;
         self.record(violation)
     }
+}
+
+/// Who may report on the socket.
+#[derive(Clone, Debug)]
+pub struct ReportAuth {
+    /// Allowed peer uids (empty: not checked).
+    pub peer_uids: Vec<u32>,
+    /// The token every report must carry, if any.
+    pub token: Option<String>,
+}
+
+/// Creates the per-pod token: 32 random bytes, hex, written to `path` (mode 0644 through
+/// a temporary file and a rename).
+pub fn write_token(path: &std::path::Path) -> std::io::Result<String> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut bytes = [0u8; 32];
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut bytes)
+        .map_err(|_| std::io::Error::other("no randomness for the report token"))?;
+    let token: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    let mut tmp_name = path.file_name().unwrap_or_default().to_os_string();
+    tmp_name.push(".tmp");
+    let tmp = path.with_file_name(tmp_name);
+    let _ = std::fs::remove_file(&tmp);
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o644)
+        .open(&tmp)?;
+    file.write_all(token.as_bytes())?;
+    file.sync_all()?;
+    std::fs::rename(&tmp, path)?;
+    Ok(token)
+}
+
+/// Binds the report socket at `path` (a stale socket left by a previous run is
+/// replaced; anything else in the way is an error), mode 0666: the peer checks decide.
+pub fn bind_socket(path: &std::path::Path) -> std::io::Result<tokio::net::UnixListener> {
+    use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) if meta.file_type().is_socket() => std::fs::remove_file(path)?,
+        Ok(_) => {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::AlreadyExists,
+                format!("{} exists and is not a socket", path.display()),
+            ));
+        }
+        Err(_) => {}
+    }
+    let listener = tokio::net::UnixListener::bind(path)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o666))?;
+    Ok(listener)
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// Serves `POST`/`GET /v1/signals` on the report socket forever, each connection's
+/// peer uid and each request's token checked first.
+pub async fn serve_socket(
+    listener: tokio::net::UnixListener,
+    auth: ReportAuth,
+    signals: Arc<Signals>,
+) {
+    let auth = Arc::new(auth);
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            continue;
+        };
+        let uid = stream.peer_cred().map(|c| c.uid()).ok();
+        let pid = stream.peer_cred().ok().and_then(|c| c.pid());
+        if !auth.peer_uids.is_empty() && !uid.is_some_and(|u| auth.peer_uids.contains(&u)) {
+            signals.metrics.report_refused("peer_uid");
+            tracing::warn!(?uid, ?pid, allowed = ?auth.peer_uids, "report refused: the caller's uid is not in reports.peer_uids");
+            // Dropped unanswered: nothing is read from a caller that may not report.
+            drop(stream);
+            continue;
+        }
+        let auth = auth.clone();
+        let signals = signals.clone();
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+                let auth = auth.clone();
+                let signals = signals.clone();
+                async move {
+                    if let Some(token) = &auth.token {
+                        let presented = req
+                            .headers()
+                            .get(http::header::AUTHORIZATION)
+                            .and_then(|v| v.to_str().ok())
+                            .and_then(|v| v.strip_prefix("Bearer "))
+                            .unwrap_or("");
+                        if !constant_time_eq(presented.as_bytes(), token.as_bytes()) {
+                            signals.metrics.report_refused("token");
+                            tracing::warn!(?uid, ?pid, "report refused: missing or wrong token (reports.token_file)");
+                            return Ok::<_, std::convert::Infallible>(json(
+                                StatusCode::UNAUTHORIZED,
+                                &serde_json::json!({"error": "a report needs the pod's report token: Authorization: Bearer <contents of reports.token_file>"}),
+                            ));
+                        }
+                    }
+                    if req.uri().path() != PATH {
+                        return Ok(json(
+                            StatusCode::NOT_FOUND,
+                            &serde_json::json!({"error": format!("only {PATH} is served here")}),
+                        ));
+                    }
+                    Ok(signals.handle(req).await)
+                }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                .await;
+        });
+    }
+}
+
+/// The answer to a report on the network listener: refused, pointing at the socket.
+pub fn refuse_on_network(metrics: &Metrics) -> Response<Full<Bytes>> {
+    metrics.report_refused("network");
+    tracing::warn!("report refused: POST /v1/signals arrived on the admin listener (network); reports are taken only on the in-pod socket ([reports] socket)");
+    json(
+        StatusCode::FORBIDDEN,
+        &serde_json::json!({"error": "reports are accepted only on the in-pod report socket ([reports] socket), never on the network listener"}),
+    )
 }
 
 /// Checks the fields; returns the action as a bounded label value.

@@ -29,10 +29,18 @@ def sig(workload):
     ev = {"count": rng.randint(0, 100)}
     if kind == "sandbox_violation" or rng.random() < 0.1:
         ev["action"] = rng.choice(["kill", "eperm", "log"]); ev["syscall"] = "ptrace"
-    return {"id": f"sig-{rng.randint(0,999)}", "kind": kind, "workload": workload if rng.random() < 0.9 else rng.choice(W),
-            "reporter": rep, "observed_as": rng.choice(["peer", "self", "self", "peer", "x"] if rng.random() < 0.1 else ["peer", "self"]),
-            "score": rng.choice([0.5, 1, 1.5, 2, 3, 3.5, 4, 5, 7.9, 8, 10, 12.5, 100]), "evidence": ev,
-            "time_ms": NOW - rng.choice([0, 10, 1000, 60000, 599999, 600000, 600124, 700000])}
+    s = {"id": f"sig-{rng.randint(0,999)}", "kind": kind, "workload": workload if rng.random() < 0.9 else rng.choice(W),
+         "reporter": rep, "observed_as": rng.choice(["peer", "self", "self", "peer", "x"] if rng.random() < 0.1 else ["peer", "self"]),
+         "score": rng.choice([0.5, 1, 1.5, 2, 3, 3.5, 4, 5, 7.9, 8, 10, 12.5, 100]), "evidence": ev,
+         "time_ms": NOW - rng.choice([0, 10, 1000, 60000, 599999, 600000, 600124, 700000])}
+    # What the gateway verified: mostly what it would say, sometimes anything (the
+    # policy must not trust a status it did not expect), sometimes nothing.
+    own = s["observed_as"] == "self" and s["reporter"] == s["workload"]
+    likely = "not_required" if own else ("verified" if s["observed_as"] == "peer" else "unverified")
+    status = rng.choice([likely, likely, likely, "verified", "unverified", "pending", "not_required", None])
+    if status is not None:
+        s["verification"] = {"status": status} if rng.random() < 0.3 else {"status": status, "reason": f"r{rng.randint(0, 9)}"}
+    return s
 
 docs = []
 for i in range(3000):

@@ -15,6 +15,6 @@ pub mod store;
 pub mod tls;
 mod verify;
 
-pub use allow::{AllowList, AllowListError};
+pub use allow::{AllowList, AllowListError, canonical_id, canonical_pattern};
 pub use store::{Bundles, Identity, IdentityError, IdentityStore, Svid};
 pub use verify::{SpiffeVerifyError, handshake_failure_reason, spiffe_id_of};

@@ -64,7 +64,16 @@ pub fn spiffe_id_of(cert: &CertificateDer<'_>) -> Result<String, SpiffeVerifyErr
     });
     match (ids.next(), ids.next()) {
         (Some(id), None) => {
-            spiffe::SpiffeId::new(id).map_err(|e| SpiffeVerifyError::NoSpiffeId(e.to_string()))?;
+            let parsed = spiffe::SpiffeId::new(id)
+                .map_err(|e| SpiffeVerifyError::NoSpiffeId(e.to_string()))?;
+            // The X509-SVID specification allows only the lower-case spelling; a
+            // certificate with another one would compare unequal to every list entry.
+            if parsed.to_string() != id {
+                return Err(SpiffeVerifyError::NoSpiffeId(format!(
+                    "`{}` is not in canonical form (scheme and trust domain must be lower case)",
+                    id.escape_debug()
+                )));
+            }
             Ok(id.to_string())
         }
         (None, _) => Err(SpiffeVerifyError::NoSpiffeId("no spiffe:// URI SAN".into())),

@@ -57,6 +57,19 @@ pub enum PolicyError {
         /// regorus's message.
         message: String,
     },
+    /// Loading, testing or compiling a revision did not finish within a limit (time or
+    /// memory), so the revision is refused.
+    #[error("{dir}: {step} did not finish within {limit}: {message}")]
+    Limit {
+        /// The policy folder.
+        dir: String,
+        /// What was running: the test (rule and file), the rule being compiled.
+        step: String,
+        /// The limit that stopped it, with its config field.
+        limit: String,
+        /// What happened.
+        message: String,
+    },
     /// A policy folder's tests failed, so the revision is refused.
     #[error("{failed} policy test(s) failed: {names}")]
     TestsFailed {

@@ -9,6 +9,7 @@ pub mod bundle;
 pub mod compat;
 pub mod engine;
 pub mod error;
+pub mod isolate;
 pub mod testing;
 
 pub use bundle::{Bundle, Module};

@@ -115,6 +115,17 @@ pub fn run_tests(
     coverage: bool,
     filter: Option<&str>,
 ) -> Result<TestReport, PolicyError> {
+    run_tests_observed(bundle, coverage, filter, &mut |_, _| {})
+}
+
+/// [`run_tests`], calling `starting(rule, file)` before each test (the isolated checker
+/// reports which test was running when a limit stopped it).
+pub fn run_tests_observed(
+    bundle: &Bundle,
+    coverage: bool,
+    filter: Option<&str>,
+    starting: &mut dyn FnMut(&str, &str),
+) -> Result<TestReport, PolicyError> {
     let mut engine = engine_for(bundle, true)?;
     engine.set_enable_coverage(coverage);
     let mut report = TestReport::default();
@@ -127,6 +138,7 @@ pub fn run_tests(
             if filter.is_some_and(|f| !name.contains(f)) {
                 continue;
             }
+            starting(&name, &module.path);
             let start = Instant::now();
             let outcome = engine.eval_rule(name.clone());
             let (passed, failure) = match outcome {

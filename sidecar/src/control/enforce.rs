@@ -1,8 +1,10 @@
 //! What the sidecar enforces from the gateway, read on every request without locks:
-//! the revoked workloads (exact SPIFFE IDs and `spiffe://td/path/*` prefixes) and the
+//! the revoked workloads (exact SPIFFE IDs and `spiffe://td/path/*` prefixes), the
 //! link to the gateway (connected, lost within grace, or lost past
-//! `fail_closed_after`, when every request is refused). A change bumps a watch
-//! generation so open connections with a now-revoked peer can close themselves.
+//! `fail_closed_after`, when every request is refused), and holds: reasons to refuse
+//! every request whatever the link says (no verified gateway state yet, a revision that
+//! could not be applied). A change bumps a watch generation so open connections with a
+//! now-revoked peer can close themselves.
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -91,10 +93,33 @@ pub struct Refusal {
     pub reason: String,
 }
 
+/// Why every request is refused, whatever the link says.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Hold {
+    /// No gateway state this sidecar can verify (no snapshot kept, or a damaged one that
+    /// could hide a newer revision): until the gateway answers.
+    NoValidSnapshot,
+    /// A revision could not be applied in full: until a retry succeeds.
+    ApplyFailed,
+}
+
+impl Hold {
+    /// The metric label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::NoValidSnapshot => "no_valid_snapshot",
+            Self::ApplyFailed => "apply_failed",
+        }
+    }
+}
+
 /// The enforcement state.
 #[derive(Debug)]
 pub struct Enforcement {
     revoked: ArcSwap<Revoked>,
+    /// Set while `holds` is not empty: the request path reads only this.
+    held: std::sync::atomic::AtomicBool,
+    holds: std::sync::Mutex<std::collections::BTreeMap<Hold, String>>,
     generation: watch::Sender<u64>,
     link: AtomicU8,
     /// Unix ms since the link was lost (0: connected or standalone).
@@ -119,6 +144,8 @@ impl Enforcement {
         let (generation, _) = watch::channel(0);
         let this = Self {
             revoked: ArcSwap::from_pointee(Revoked::default()),
+            held: std::sync::atomic::AtomicBool::new(false),
+            holds: std::sync::Mutex::new(std::collections::BTreeMap::new()),
             generation,
             link: AtomicU8::new(if gateway { 2 } else { 0 }),
             lost_since_ms: AtomicI64::new(if gateway { unix_ms() } else { 0 }),
@@ -133,6 +160,31 @@ impl Enforcement {
     pub fn set_revoked(&self, revoked: Revoked) {
         self.revoked.store(Arc::new(revoked));
         self.generation.send_modify(|g| *g += 1);
+    }
+
+    /// Refuses every request for `hold` (with `why` in each refusal) until released.
+    pub fn hold(&self, hold: Hold, why: String) {
+        let mut holds = self.holds.lock().unwrap_or_else(|p| p.into_inner());
+        holds.insert(hold, why);
+        self.held.store(true, Ordering::SeqCst);
+    }
+
+    /// Lifts `hold`; returns whether it was set.
+    pub fn release(&self, hold: Hold) -> bool {
+        let mut holds = self.holds.lock().unwrap_or_else(|p| p.into_inner());
+        let was = holds.remove(&hold).is_some();
+        self.held.store(!holds.is_empty(), Ordering::SeqCst);
+        was
+    }
+
+    /// The holds in force, with why.
+    pub fn holds(&self) -> Vec<(Hold, String)> {
+        self.holds
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|(h, w)| (*h, w.clone()))
+            .collect()
     }
 
     /// Whether `id` is revoked.
@@ -190,6 +242,14 @@ impl Enforcement {
 
     /// Whether a request between `source` and `destination` must be refused, and why.
     pub fn refusal(&self, source: &str, destination: &str) -> Option<Refusal> {
+        if self.held.load(Ordering::SeqCst)
+            && let Some((_, why)) = self.holds().into_iter().next()
+        {
+            return Some(Refusal {
+                status: 503,
+                reason: why,
+            });
+        }
         if self.link.load(Ordering::Relaxed) == 2 && self.link() == LinkState::FailClosed {
             return Some(Refusal {
                 status: 503,

@@ -8,7 +8,7 @@
 pub mod enforce;
 pub mod records;
 pub mod signals;
-mod state;
+pub mod state;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -24,9 +24,9 @@ use nexus_proto::control::{
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
-pub use enforce::{Enforcement, LinkState, Refusal};
+pub use enforce::{Enforcement, Hold, LinkState, Refusal};
 pub use signals::SignalQueue;
-pub use state::Synced;
+pub use state::{Restored, Synced};
 
 use crate::config::GatewayConfig;
 use crate::metrics::Metrics;
@@ -51,6 +51,8 @@ pub struct Control {
     pub signals: Arc<SignalQueue>,
     /// The audit file set to ship, if any.
     pub records: Option<std::path::PathBuf>,
+    /// The last revision applied in full (acknowledged).
+    pub applied: std::sync::atomic::AtomicU64,
 }
 
 /// Now, in unix milliseconds.
@@ -90,16 +92,38 @@ enum SessionError {
 }
 
 impl Control {
-    /// Loads the snapshot kept on disk into enforcement (and the policy, before its
-    /// first load), so a sidecar restarted while the gateway is down enforces it.
+    /// Loads the newest verified snapshot kept on disk into enforcement (and the policy,
+    /// before its first load), so a sidecar restarted while the gateway is down enforces
+    /// it. Without one it refuses every request until the gateway answers (fail closed).
     pub fn restore(&self) -> Synced {
-        let synced = Synced::load(&self.snapshot_file);
-        self.enforcement.set_revoked(synced.revoked_set());
+        let (synced, rejected) = match Synced::restore(&self.snapshot_file) {
+            Restored::Verified {
+                synced,
+                file,
+                rejected,
+            } => {
+                self.enforcement.set_revoked(synced.revoked_set());
+                self.applied
+                    .store(synced.revision(), std::sync::atomic::Ordering::SeqCst);
+                tracing::info!(revision = synced.revision(), revoked = self.enforcement.revoked_count(), file = %file.display(), "restored the last gateway snapshot");
+                (synced, rejected)
+            }
+            Restored::Unverified { reason, rejected } => {
+                let why = format!(
+                    "no verified gateway state ({reason}); refusing every request until the gateway answers"
+                );
+                tracing::error!(file = %self.snapshot_file.display(), %reason, "no verified gateway snapshot: refusing every request until the gateway answers");
+                self.enforcement.hold(Hold::NoValidSnapshot, why);
+                self.metrics.enforcement_hold(Hold::NoValidSnapshot.as_str(), true);
+                (Synced::default(), rejected)
+            }
+        };
+        for (file, why) in rejected {
+            self.metrics.snapshot_rejected();
+            tracing::error!(file = %file.display(), %why, "kept gateway snapshot refused");
+        }
         if let Some(policy) = &self.policy {
             policy.use_external(synced.data().clone());
-        }
-        if synced.revision() > 0 {
-            tracing::info!(revision = synced.revision(), revoked = self.enforcement.revoked_count(), file = %self.snapshot_file.display(), "restored the last gateway snapshot");
         }
         synced
     }
@@ -194,6 +218,12 @@ impl Control {
         ship.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut last_heard = Instant::now();
         let mut next_batch: u64 = 1;
+        // A revision that could not be applied in full is retried with backoff; until
+        // then requests are refused (Hold::ApplyFailed) and it is not acknowledged.
+        let mut retry: Option<(tokio::time::Instant, Duration)> = None;
+        if self.applied.load(std::sync::atomic::Ordering::SeqCst) != synced.revision() {
+            retry = Some((tokio::time::Instant::now(), RETRY_INITIAL));
+        }
         // The record batch in flight: (batch number, cursor after it).
         let mut records_in_flight: Option<(u64, records::Cursor)> = None;
         // The signal batch in flight: (batch number, signals) — re-queued on loss.
@@ -223,10 +253,16 @@ impl Control {
                         }
                     }
                     if changed {
-                        self.commit(synced).await;
-                        if tx.send(send(sidecar_message::Msg::Ack(Ack { revision: synced.revision() }))).await.is_err() {
+                        let ack = self.commit(synced, &mut retry).await;
+                        if tx.send(send(sidecar_message::Msg::Ack(ack))).await.is_err() {
                             break Err(SessionError::Closed);
                         }
+                    }
+                }
+                _ = sleep_until_retry(retry) => {
+                    let ack = self.commit(synced, &mut retry).await;
+                    if tx.send(send(sidecar_message::Msg::Ack(ack))).await.is_err() {
+                        break Err(SessionError::Closed);
                     }
                 }
                 _ = heartbeat.tick() => {
@@ -320,26 +356,85 @@ impl Control {
         Ok(())
     }
 
-    /// Persists and enforces the synced state: the revoked set first (it is what
-    /// refuses requests), then the snapshot file, then the policy data.
-    async fn commit(&self, synced: &Synced) {
+    /// Enforces, persists and applies the synced state: the revoked set first (it is
+    /// what refuses requests), then the snapshot file, then the policy data. Returns the
+    /// acknowledgement to send: the revision when every part applied; otherwise the last
+    /// revision fully applied, with the failure, and `retry` set.
+    async fn commit(&self, synced: &Synced, retry: &mut Option<(tokio::time::Instant, Duration)>) -> Ack {
         let started = Instant::now();
         self.enforcement.set_revoked(synced.revoked_set());
+        // The gateway answered: whatever was kept on disk no longer matters.
+        if self.enforcement.release(Hold::NoValidSnapshot) {
+            self.metrics.enforcement_hold(Hold::NoValidSnapshot.as_str(), false);
+            tracing::info!(revision = synced.revision(), "gateway state received: requests are served again");
+        }
         // File I/O and the policy data rebuild run off the async workers.
-        let synced = synced.clone();
+        let state = synced.clone();
         let file = self.snapshot_file.clone();
         let policy = self.policy.clone();
         let revision = synced.revision();
-        let _ = tokio::task::spawn_blocking(move || {
-            if let Err(error) = synced.persist(&file) {
-                tracing::error!(%error, file = %file.display(), "cannot keep the gateway snapshot on disk");
+        let outcome = tokio::task::spawn_blocking(move || -> Result<(), String> {
+            if let Err(error) = state.persist(&file) {
+                // A restart must not take an older generation for this one.
+                for (left, e) in Synced::invalidate(&file) {
+                    tracing::error!(file = %left.display(), error = %e, "cannot remove an outdated gateway snapshot");
+                }
+                return Err(format!("{error}; the kept generations were removed, so a restart refuses requests until the gateway answers"));
             }
             if let Some(policy) = policy {
-                let _ = policy.set_external(synced.data().clone());
+                policy
+                    .set_external(state.data().clone())
+                    .map_err(|e| format!("the policy data could not be applied: {e}"))?;
             }
+            Ok(())
         })
-        .await;
-        self.metrics.gateway_revision(revision);
-        tracing::debug!(revision, took = ?started.elapsed(), "gateway revision applied");
+        .await
+        .unwrap_or_else(|e| Err(format!("the apply task failed: {e}")));
+        match outcome {
+            Ok(()) => {
+                self.applied
+                    .store(revision, std::sync::atomic::Ordering::SeqCst);
+                *retry = None;
+                if self.enforcement.release(Hold::ApplyFailed) {
+                    self.metrics.enforcement_hold(Hold::ApplyFailed.as_str(), false);
+                    tracing::info!(revision, "gateway revision applied after a failure: requests are served again");
+                }
+                self.metrics.gateway_revision(revision);
+                tracing::debug!(revision, took = ?started.elapsed(), "gateway revision applied");
+                Ack {
+                    revision,
+                    ..Ack::default()
+                }
+            }
+            Err(error) => {
+                self.metrics.apply_failure();
+                // Policy data that did not apply may lack a closed execution: nothing is
+                // served until it does.
+                self.enforcement.hold(
+                    Hold::ApplyFailed,
+                    format!("gateway revision {revision} could not be applied ({error}); refusing every request until it is"),
+                );
+                self.metrics.enforcement_hold(Hold::ApplyFailed.as_str(), true);
+                let next = retry.map_or(RETRY_INITIAL, |(_, d)| (d * 2).min(RETRY_MAX));
+                *retry = Some((tokio::time::Instant::now() + next, next));
+                tracing::error!(revision, %error, retry_in = ?next, "cannot apply the gateway revision; not acknowledged, refusing requests, retrying");
+                Ack {
+                    revision: self.applied.load(std::sync::atomic::Ordering::SeqCst),
+                    failed_revision: revision,
+                    error,
+                }
+            }
+        }
+    }
+}
+
+/// First and longest delay between retries of a revision that could not be applied.
+const RETRY_INITIAL: Duration = Duration::from_millis(500);
+const RETRY_MAX: Duration = Duration::from_secs(10);
+
+async fn sleep_until_retry(retry: Option<(tokio::time::Instant, Duration)>) {
+    match retry {
+        Some((at, _)) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
     }
 }

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use arc_swap::ArcSwapOption;
-use nexus_policy::{Bundle, EvalMode, Policy, PolicyError, PolicyOptions, Value};
+use nexus_policy::{Bundle, EvalMode, Policy, PolicyError, PolicyOptions, Value, isolate};
 use serde::Deserialize;
 
 use crate::config::{PolicyConfig, PolicyMode};
@@ -210,12 +210,36 @@ impl PolicyRuntime {
         }
     }
 
-    /// Loads, tests and compiles the folder with the state file; does not publish.
+    /// Checks the folder in an isolated child under the load limits (its tests, the
+    /// decision rule compiled and evaluated once: `nexus_policy::isolate`), then loads and
+    /// compiles the same revision here with the state file; does not publish.
     pub fn build(&self) -> Result<Loaded, PolicyError> {
+        let limits = isolate::Limits {
+            timeout: self.config.load_timeout,
+            max_memory: self.config.load_max_memory,
+        };
+        let request = isolate::request(
+            &self.config.dir,
+            vec![self.config.decision_rule.clone()],
+            self.config.run_tests_on_reload,
+            &self.options(&self.config.decision_rule),
+            limits,
+        );
+        let checked = isolate::check(&request, limits)?;
         let bundle = Bundle::load(&self.config.dir)?;
-        if self.config.run_tests_on_reload {
-            nexus_policy::testing::run_tests(&bundle, false, None)?.into_result()?;
+        if bundle.revision != checked.revision {
+            // Edited between the check and this load: that edit is a new revision, checked
+            // on the watcher's next round.
+            return Err(PolicyError::Data {
+                file: self.config.dir.display().to_string(),
+                message: format!(
+                    "changed while revision {} was being checked; checking the new one next",
+                    checked.revision
+                ),
+            });
         }
+        tracing::debug!(revision = %checked.revision, tests = checked.tests, took = ?checked.took, "policy revision checked");
+        self.metrics.policy_check(checked.took);
         self.build_with(bundle, None)
     }
 
@@ -351,10 +375,19 @@ impl PolicyRuntime {
         *self.external.lock().unwrap_or_else(|p| p.into_inner()) = Some(data);
     }
 
-    /// Takes runtime data from the gateway from now on (see `external`) and applies it.
+    /// Takes runtime data from the gateway from now on (see `external`) and applies it
+    /// to the current revision. Without one (none loaded yet, or none passed its checks)
+    /// the data waits for the first revision and this is an error: requests are refused
+    /// meanwhile, and the caller must not count the data as applied.
     pub fn set_external(&self, data: RuntimeData) -> Result<(), PolicyError> {
         *self.external.lock().unwrap_or_else(|p| p.into_inner()) = Some(data);
-        self.reload_data()
+        let Some(current) = self.current() else {
+            return Err(PolicyError::RegoUnlocated(format!(
+                "no policy revision of {} is loaded yet (see the policy errors in the log), so the gateway's data cannot be applied to one",
+                self.config.dir.display()
+            )));
+        };
+        self.publish(self.build_data(&current))
     }
 
     fn state_watched(&self) -> Option<&Path> {

@@ -250,9 +250,11 @@ where
                 audit.set_execution_id(execution);
             }
         }
-        if let (Some(watch), Some(clause)) = (WatchFacts::get(req.extensions()), clause.as_deref())
-        {
-            watch.set_clause(clause, bound(&loaded, &layer.parties.source, clause));
+        if let Some(watch) = WatchFacts::get(req.extensions()) {
+            watch.set_decision_id(&id);
+            if let Some(clause) = clause.as_deref() {
+                watch.set_clause(clause, bound(&loaded, &layer.parties.source, clause));
+            }
         }
         if let (Some(shadow), Some(input)) = (&loaded.shadow, shadow_input) {
             let shadow_decision = shadow.evaluate(input);

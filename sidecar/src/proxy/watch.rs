@@ -11,6 +11,7 @@
 use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
@@ -26,11 +27,20 @@ use crate::metrics::Metrics;
 
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
 
+/// Decision ids kept per workload, to cite in its signals.
+const CITED_PER_WORKLOAD: usize = 32;
+/// Workloads whose recent decision ids are kept (the least recently seen go first).
+const CITED_WORKLOADS: usize = 4096;
+
 /// Detectors and where their signals go.
 pub struct AnomalyWatch {
     detectors: Detectors,
     queue: Arc<SignalQueue>,
     metrics: Arc<Metrics>,
+    /// The decision ids of each workload's latest requests, newest last: a signal about
+    /// a workload cites them, so the gateway can check them against this sidecar's
+    /// execution records (docs/threat-model.md).
+    recent: Mutex<HashMap<String, (u64, VecDeque<String>)>>,
 }
 
 impl std::fmt::Debug for AnomalyWatch {
@@ -50,11 +60,43 @@ impl AnomalyWatch {
             detectors: Detectors::new(config),
             queue,
             metrics,
+            recent: Mutex::new(HashMap::new()),
         })
+    }
+
+    /// Notes that `workload`'s request `decision_id` ended at `now_ms`.
+    fn note(&self, workload: &str, decision_id: &str, now_ms: u64) {
+        let mut recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
+        if !recent.contains_key(workload) && recent.len() >= CITED_WORKLOADS {
+            let oldest = recent
+                .iter()
+                .min_by_key(|(_, (seen, _))| *seen)
+                .map(|(w, _)| w.clone());
+            if let Some(oldest) = oldest {
+                recent.remove(&oldest);
+            }
+        }
+        let (seen, ids) = recent.entry(workload.to_string()).or_default();
+        *seen = now_ms;
+        if ids.len() >= CITED_PER_WORKLOAD {
+            ids.pop_front();
+        }
+        ids.push_back(decision_id.to_string());
+    }
+
+    /// The decision ids to cite for `workload`, newest first.
+    fn cited(&self, workload: &str) -> Vec<String> {
+        self.recent
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(workload)
+            .map(|(_, ids)| ids.iter().rev().cloned().collect())
+            .unwrap_or_default()
     }
 
     fn emit(&self, signals: Vec<Signal>) {
         for s in signals {
+            let decision_ids = self.cited(&s.workload);
             self.metrics.anomaly_signal(s.kind.as_str());
             tracing::warn!(kind = s.kind.as_str(), workload = %s.workload, observed_as = s.observed_as.as_str(), score = s.score, "anomaly signal");
             let kept = self.queue.push(nexus_proto::control::Signal {
@@ -64,6 +106,7 @@ impl AnomalyWatch {
                 score: s.score,
                 evidence_json: serde_json::Value::Object(s.evidence).to_string(),
                 time_unix_ms: s.time_ms,
+                decision_ids,
             });
             if !kept {
                 self.metrics.signals_dropped(1);
@@ -89,6 +132,7 @@ impl AnomalyWatch {
 #[derive(Debug, Default)]
 pub struct WatchFacts {
     clause: Mutex<Option<(String, Option<bool>)>>,
+    decision_id: std::sync::OnceLock<String>,
 }
 
 impl WatchFacts {
@@ -101,6 +145,11 @@ impl WatchFacts {
     /// unknown, e.g. no bindings in the policy data).
     pub fn set_clause(&self, clause: &str, bound: Option<bool>) {
         *self.clause.lock().unwrap_or_else(|p| p.into_inner()) = Some((clause.to_string(), bound));
+    }
+
+    /// The policy decision's id (the execution record's `decision_id`).
+    pub fn set_decision_id(&self, id: &str) {
+        let _ = self.decision_id.set(id.to_string());
     }
 }
 
@@ -211,7 +260,11 @@ impl Drop for Report {
             bytes_out,
             bytes_in,
         };
-        let signals = self.layer.watch.detectors.on_request(&event, unix_ms());
+        let now = unix_ms();
+        if let Some(id) = self.facts.decision_id.get() {
+            self.layer.watch.note(&self.layer.workload, id, now);
+        }
+        let signals = self.layer.watch.detectors.on_request(&event, now);
         if !signals.is_empty() {
             self.layer.watch.emit(signals);
         }
