@@ -162,7 +162,7 @@ async fn run(streams: usize, revocations: usize, cycles: usize, bins: &Path) -> 
     std::fs::write(
         &config,
         format!(
-            "listen = \"127.0.0.1:0\"\noperators = [{OPERATOR_ID:?}]\n\n[identity]\nsource = \"files\"\nfiles = {{ cert = {gcert:?}, key = {gkey:?}, bundle = {ca_pem:?} }}\n\n[admin]\nlisten = \"127.0.0.1:0\"\naddress_file = {addrs:?}\n\n[database]\nurl = \"sqlite://{}\"\n",
+            "listen = \"127.0.0.1:0\"\noperators = [{OPERATOR_ID:?}]\nsidecars = [{SIDECAR_ID:?}, {DATA_ID:?}]\ndata_sidecars = [{DATA_ID:?}]\n\n[identity]\nsource = \"files\"\nfiles = {{ cert = {gcert:?}, key = {gkey:?}, bundle = {ca_pem:?} }}\n\n[admin]\nlisten = \"127.0.0.1:0\"\naddress_file = {addrs:?}\n\n[database]\nurl = \"sqlite://{}\"\n",
             dir.path().join("gateway.db").display()
         ),
     )?;

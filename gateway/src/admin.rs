@@ -216,7 +216,11 @@ impl Admin for AdminService {
         request: Request<ListSignalsRequest>,
     ) -> Result<Response<ListSignalsResponse>, Status> {
         self.operator(&request, "list_signals")?;
-        let r = request.into_inner();
+        let mut r = request.into_inner();
+        if !r.workload.is_empty() {
+            r.workload = nexus_identity::canonical_id(&r.workload)
+                .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        }
         let limit = if r.limit == 0 {
             100
         } else {

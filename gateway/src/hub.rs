@@ -313,7 +313,10 @@ impl Hub {
         let id = self.next_stream.fetch_add(1, Ordering::Relaxed);
         let state = self.lock_state();
         let receiver = self.deltas.subscribe();
-        let start = if last_revision == state.revision {
+        // A sidecar at revision 0 holds nothing it can enforce (a first start, or a kept
+        // snapshot it could not verify): it refuses every request until it is sent the
+        // state, so it always gets a snapshot, even of an empty store.
+        let start = if last_revision == state.revision && last_revision != 0 {
             Start::Resume(Vec::new())
         } else if last_revision < state.revision
             && state

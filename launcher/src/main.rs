@@ -3,7 +3,9 @@
 //! Starts CMD under the sandbox profile and stays as its supervisor: reaps children,
 //! forwards SIGTERM/SIGINT/SIGHUP/SIGQUIT/SIGUSR1/SIGUSR2, and exits with the child's
 //! status (128 + signal when it was killed), as tini does. Violations go to `--report`
-//! (default: `$NEXUS_SIGNAL_URL`), e.g. `http://127.0.0.1:15090/v1/signals`.
+//! (default: `$NEXUS_SIGNAL_URL`): the sidecar's in-pod report socket, e.g.
+//! `unix:///var/run/nexus-reports/signals.sock`, with the per-pod token read from
+//! `$NEXUS_REPORT_TOKEN_FILE` (nothing on the network takes reports).
 //!
 //! Exit codes of its own: 64 usage or profile error, 69 `required` profile not
 //! enforceable here, 71 sandbox setup failed, 126 cannot execute, 127 not found.
@@ -19,7 +21,7 @@ use nexus_sandbox::{Profile, report};
 
 const USAGE: &str = "usage: nexus-launch --profile FILE [--report URL] [--check] -- CMD [ARGS...]\n\
   --profile FILE  sandbox profile (TOML; see docs/sandbox.md)\n\
-  --report URL    where violations are POSTed (default: $NEXUS_SIGNAL_URL)\n\
+  --report URL    the sidecar's report socket, unix:///PATH (default: $NEXUS_SIGNAL_URL)\n\
   --check         check the profile, print what this kernel enforces, and exit";
 
 /// sysexits EX_USAGE / EX_CONFIG family: the command line or the profile is wrong.

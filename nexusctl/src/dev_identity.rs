@@ -152,7 +152,7 @@ pub async fn run_workload_api(args: WorkloadApiArgs) -> anyhow::Result<()> {
 pub fn run_certs(args: CertsArgs) -> anyhow::Result<()> {
     let written = dev::write_dev_pki(&args.out)?;
     for path in &written {
-        println!("{}", path.display());
+        crate::outln!("{}", path.display());
     }
     tracing::info!(
         files = written.len(),

@@ -21,6 +21,8 @@ use nexus_proto::control::{
 };
 use tonic::transport::Channel;
 
+use crate::term::{json_line, json_pretty, safe};
+
 /// Where the gateway is and who is calling.
 #[derive(Args, Clone, Debug)]
 pub struct Target {
@@ -157,13 +159,13 @@ fn code_name(code: tonic::Code) -> &'static str {
 
 fn print_change(target: &Target, what: &str, r: &ChangeResponse) {
     if target.output == "json" {
-        println!(
+        crate::outln!(
             "{}",
-            serde_json::json!({
-                "revision": r.revision, "id": r.id, "sidecars": r.sidecars,
+            json_line(&serde_json::json!({
+                "revision": r.revision, "id": r.id, "subject": r.subject, "sidecars": r.sidecars,
                 "acknowledged": r.acknowledged,
                 "all_acknowledged_after_us": r.all_acknowledged_after_us,
-            })
+            }))
         );
         return;
     }
@@ -179,7 +181,7 @@ fn print_change(target: &Target, what: &str, r: &ChangeResponse) {
             r.acknowledged, r.sidecars
         )
     };
-    println!("{what} at revision {}; {acks}", r.revision);
+    crate::outln!("{} at revision {}; {acks}", safe(what), r.revision);
 }
 
 /// How long change commands wait for the sidecars' acknowledgements.
@@ -203,7 +205,9 @@ pub async fn revoke(
         .await
         .map_err(status_error)?
         .into_inner();
-    print_change(&target, &format!("revoked {subject}"), &r);
+    // The gateway answers with the subject as stored (its normalized spelling).
+    let shown = if r.subject.is_empty() { subject } else { r.subject.clone() };
+    print_change(&target, &format!("revoked {shown}"), &r);
     Ok(())
 }
 
@@ -218,7 +222,8 @@ pub async fn reinstate(target: Target, subject: String) -> anyhow::Result<()> {
         .await
         .map_err(status_error)?
         .into_inner();
-    print_change(&target, &format!("reinstated {subject}"), &r);
+    let shown = if r.subject.is_empty() { subject } else { r.subject.clone() };
+    print_change(&target, &format!("reinstated {shown}"), &r);
     Ok(())
 }
 
@@ -244,7 +249,7 @@ pub async fn exec(target: Target, command: ExecCommand) -> anyhow::Result<()> {
             if target.output == "json" {
                 print_change(&target, "", &r);
             } else {
-                println!("{}", r.id);
+                crate::outln!("{}", safe(&r.id));
             }
         }
         ExecCommand::Close { id } => {
@@ -279,24 +284,24 @@ pub async fn exec(target: Target, command: ExecCommand) -> anyhow::Result<()> {
                 })
                 .collect();
             if target.output == "json" {
-                println!("{}", serde_json::Value::Array(rows));
+                crate::outln!("{}", json_line(&serde_json::Value::Array(rows)));
             } else {
-                println!(
+                crate::outln!(
                     "{:<22} {:<10} {:<22} {:<7} PLUGIN",
                     "ID", "CLAUSE", "NOT AFTER", "STATE"
                 );
                 for r in rows {
-                    println!(
+                    crate::outln!(
                         "{:<22} {:<10} {:<22} {:<7} {}",
-                        r["id"].as_str().unwrap_or(""),
-                        r["clause"].as_str().unwrap_or(""),
-                        r["not_after"].as_str().unwrap_or(""),
-                        if r["open"] == true {
+                        safe(r["id"].as_str().unwrap_or("")),
+                        safe(r["clause"].as_str().unwrap_or("")),
+                        safe(r["not_after"].as_str().unwrap_or("")),
+                        safe(if r["open"] == true {
                             "open"
                         } else {
                             r["close_reason"].as_str().unwrap_or("closed")
-                        },
-                        r["plugin"].as_str().unwrap_or("")
+                        }),
+                        safe(r["plugin"].as_str().unwrap_or(""))
                     );
                 }
             }
@@ -336,6 +341,7 @@ pub async fn status(target: Target) -> anyhow::Result<()> {
             "spiffe_id": x.spiffe_id, "address": x.remote_addr, "connected": rfc3339(x.connected_unix_ms),
             "acknowledged_revision": x.acknowledged_revision, "last_heard": rfc3339(x.last_heard_unix_ms),
             "version": x.version, "gateway": x.gateway,
+            "apply_error": (!x.apply_error.is_empty()).then_some(&x.apply_error),
         })).collect::<Vec<_>>(),
         "replicas": s.replicas.iter().map(|r| serde_json::json!({
             "gateway": r.gateway, "revision": r.revision, "sidecars": r.sidecar_count,
@@ -349,49 +355,68 @@ pub async fn status(target: Target) -> anyhow::Result<()> {
         "warnings": s.warnings,
     });
     if target.output == "json" {
-        println!("{}", serde_json::to_string_pretty(&json)?);
+        crate::outln!("{}", json_pretty(&json));
         return Ok(());
     }
-    println!(
+    crate::outln!(
         "gateway {} ({}), revision {}, {} open executions",
-        s.gateway, s.store, s.revision, s.open_executions
+        safe(&s.gateway),
+        safe(&s.store),
+        s.revision,
+        s.open_executions
     );
     for warning in &s.warnings {
-        println!("warning: {warning}");
+        crate::outln!("warning: {}", safe(warning));
     }
-    println!("\nSIDECARS ({})", s.sidecars.len());
+    crate::outln!("\nSIDECARS ({})", s.sidecars.len());
     for x in &s.sidecars {
         let lag = if x.acknowledged_revision >= s.revision {
             "in sync".to_string()
         } else {
             format!("behind ({} < {})", x.acknowledged_revision, s.revision)
         };
-        println!(
+        crate::outln!(
             "  {:<60} acked {:<6} {lag}  {} via {}",
-            x.spiffe_id, x.acknowledged_revision, x.remote_addr, x.gateway
+            safe(&x.spiffe_id),
+            x.acknowledged_revision,
+            safe(&x.remote_addr),
+            safe(&x.gateway)
         );
+        if !x.apply_error.is_empty() {
+            crate::outln!("    cannot apply {}", safe(&x.apply_error));
+        }
     }
     if s.replicas.len() > 1 {
-        println!("\nREPLICAS ({})", s.replicas.len());
+        crate::outln!("\nREPLICAS ({})", s.replicas.len());
         for r in &s.replicas {
-            println!(
+            crate::outln!(
                 "  {:<30} revision {:<6} {} sidecars, reported {}",
-                r.gateway,
+                safe(&r.gateway),
                 r.revision,
                 r.sidecar_count,
                 rfc3339(r.reported_unix_ms)
             );
         }
     }
-    println!("\nREVOKED ({})", s.revoked.len());
+    crate::outln!("\nREVOKED ({})", s.revoked.len());
     for r in &s.revoked {
-        println!("  {:<60} by {}: {}", r.subject, r.by, r.reason);
+        let expires = if r.expires_unix_ms > 0 {
+            format!(" (until {})", rfc3339(r.expires_unix_ms))
+        } else {
+            String::new()
+        };
+        crate::outln!(
+            "  {:<60} by {}{expires}: {}",
+            safe(&r.subject),
+            safe(&r.by),
+            safe(&r.reason)
+        );
     }
     if let Some(p) = &s.last_revocation {
         if p.all_acknowledged_after_us > 0 {
-            println!(
+            crate::outln!(
                 "\nlast revocation: {} (revision {}) acknowledged by all {} sidecars{} in {:.3} ms",
-                p.subject,
+                safe(&p.subject),
                 p.revision,
                 p.sidecars,
                 if p.replicas > 1 {
@@ -402,9 +427,12 @@ pub async fn status(target: Target) -> anyhow::Result<()> {
                 p.all_acknowledged_after_us as f64 / 1000.0
             );
         } else {
-            println!(
+            crate::outln!(
                 "\nlast revocation: {} (revision {}) acknowledged by {} of {} sidecars so far",
-                p.subject, p.revision, p.acknowledged, p.sidecars
+                safe(&p.subject),
+                p.revision,
+                p.acknowledged,
+                p.sidecars
             );
         }
     }
@@ -443,28 +471,39 @@ pub async fn signals(
                 "workload": sig.workload, "reporter": s.reporter, "observed_as": sig.observed_as,
                 "score": sig.score,
                 "evidence": serde_json::from_str::<serde_json::Value>(&sig.evidence_json).unwrap_or_default(),
+                "decision_ids": sig.decision_ids,
+                "verification": serde_json::from_str::<serde_json::Value>(&s.verification_json).unwrap_or_default(),
                 "action": s.action, "reasons": s.reasons,
             })
         })
         .collect();
     if target.output == "json" {
-        println!("{}", serde_json::to_string_pretty(&rows)?);
+        crate::outln!("{}", json_pretty(&serde_json::Value::Array(rows)));
         return Ok(());
     }
-    println!(
-        "{:<24} {:<18} {:>7} {:<7} WORKLOAD (REPORTER) REASONS",
-        "RECEIVED", "KIND", "SCORE", "ACTION"
+    crate::outln!(
+        "{:<24} {:<18} {:>7} {:<7} {:<12} WORKLOAD (REPORTER) REASONS",
+        "RECEIVED", "KIND", "SCORE", "ACTION", "EVIDENCE"
     );
     for r in rows {
-        println!(
-            "{:<24} {:<18} {:>7.1} {:<7} {} ({}) {}",
-            r["received"].as_str().unwrap_or(""),
-            r["kind"].as_str().unwrap_or(""),
+        let reasons: Vec<String> = r["reasons"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .map(|x| safe(x.as_str().unwrap_or("")).into_owned())
+                    .collect()
+            })
+            .unwrap_or_default();
+        crate::outln!(
+            "{:<24} {:<18} {:>7.1} {:<7} {:<12} {} ({}) {}",
+            safe(r["received"].as_str().unwrap_or("")),
+            safe(r["kind"].as_str().unwrap_or("")),
             r["score"].as_f64().unwrap_or(0.0),
-            r["action"].as_str().unwrap_or(""),
-            r["workload"].as_str().unwrap_or(""),
-            r["reporter"].as_str().unwrap_or(""),
-            r["reasons"]
+            safe(r["action"].as_str().unwrap_or("")),
+            safe(r["verification"]["status"].as_str().unwrap_or("")),
+            safe(r["workload"].as_str().unwrap_or("")),
+            safe(r["reporter"].as_str().unwrap_or("")),
+            reasons.join("; ")
         );
     }
     Ok(())

@@ -51,7 +51,7 @@ pub fn run(args: InjectArgs) -> anyhow::Result<()> {
     };
     let injected = inject_manifests(&input, &cfg, &overrides)
         .with_context(|| args.file.display().to_string())?;
-    print!("{}", injected.yaml);
+    crate::out!("{}", injected.yaml);
     for w in &injected.workloads {
         let what = match &w.outcome {
             Outcome::Injected { sandbox: None } => "injected".to_string(),

@@ -10,6 +10,7 @@ mod http;
 mod inject_cmd;
 mod policy_cmd;
 mod sandbox_cmd;
+mod term;
 mod up;
 
 pub(crate) use http::http_get;

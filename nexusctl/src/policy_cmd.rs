@@ -264,7 +264,7 @@ fn check(args: CheckArgs) -> anyhow::Result<()> {
     };
     let policy = Policy::compile(&bundle, &Value::new_object(), options)
         .map_err(|e| anyhow::anyhow!("{e}"))?;
-    println!(
+    crate::outln!(
         "{}: {} module(s), {} test module(s), decision rule {} compiles ({} mode); revision {}; \
          {} OPA-compatibility warning(s)",
         args.dir.display(),

@@ -47,7 +47,7 @@ fn export_seccomp(args: &ExportSeccompArgs) -> anyhow::Result<()> {
                 args.profile.display()
             );
         }
-        None => print!("{json}"),
+        None => crate::out!("{json}"),
     }
     Ok(())
 }

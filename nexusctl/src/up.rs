@@ -364,12 +364,17 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
             &gateway_config,
             format!(
                 "# nexusctl up: the gateway (development identity from files)\n\
-                 name = \"local\"\nlisten = \"127.0.0.1:0\"\noperators = [{op:?}]\n\n\
+                 name = \"local\"\nlisten = \"127.0.0.1:0\"\noperators = [{op:?}]\n\
+                 # Who may open a control stream (nobody else), and which sidecars stand in\n\
+                 # front of data APIs (they receive every plugin's executions).\n\
+                 sidecars = [{plugin:?}, {data:?}]\ndata_sidecars = [{data:?}]\n\n\
                  [identity]\nsource = \"files\"\nfiles = {{ cert = {cert:?}, key = {key:?}, bundle = {ca:?} }}\n\n\
                  [admin]\nlisten = \"127.0.0.1:0\"\naddress_file = {addrs:?}\n\n\
                  [database]\nurl = {db:?}\n\n\
                  [revocation_policy]\ndir = {rev:?}\n",
                 op = OPERATOR_ID,
+                plugin = PLUGIN_ID,
+                data = DATA_API_ID,
                 cert = gateway_cert,
                 key = gateway_key,
                 ca = ca_bundle,
@@ -538,7 +543,7 @@ fn write_private(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
 fn print_welcome(state: &State, state_file: &Path) {
     let out = &state.plugin_outbound_url;
     let inb = &state.data_api_inbound_url;
-    println!(
+    crate::outln!(
         "Nexus local stack is up (development identities; never for production).\n\n\
          The plugin calls its sidecar in plain HTTP; the sidecar carries it over mTLS, and\n\
          both sidecars check the policy (execution {exec} is open for clause c-flood-17):\n  \

@@ -344,6 +344,15 @@ pub fn raw_tcp(port: u16, payload: &[u8], wait: Duration) -> RawExchange {
     }
 }
 
+/// The uid this test runs as (for `[reports] peer_uids`), from `id -u`.
+pub fn current_uid() -> u32 {
+    let out = Command::new("id").arg("-u").output().expect("id -u");
+    String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse()
+        .expect("a numeric uid")
+}
+
 /// A TCP port on 127.0.0.1 that was free a moment ago (for a process that must keep
 /// its port across a restart).
 pub fn free_port() -> u16 {

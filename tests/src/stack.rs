@@ -570,13 +570,33 @@ pub fn gateway(
     listen: Option<&str>,
     extra: &str,
 ) -> Gateway {
+    gateway_with(dir, name, workload_api, database, listen, GATEWAY_TOP, extra)
+}
+
+/// The top-level keys [`gateway`] sets besides the operator: the test sidecars' identities
+/// may open control streams (`plugins/*`, `data/*`), and the data sidecars get every
+/// plugin's executions.
+pub const GATEWAY_TOP: &str = "sidecars = [\"spiffe://nexus.local/ns/plugins/*\", \"spiffe://nexus.local/ns/data/*\"]\n\
+     data_sidecars = [\"spiffe://nexus.local/ns/data/*\"]\n";
+
+/// [`gateway`] with other top-level keys than [`GATEWAY_TOP`] (e.g. no `sidecars`).
+pub fn gateway_with(
+    dir: &Path,
+    name: &str,
+    workload_api: &WorkloadApi,
+    database: Option<&str>,
+    listen: Option<&str>,
+    top: &str,
+    extra: &str,
+) -> Gateway {
     let address_file = dir.join(format!("{name}.addresses.json"));
     let config = dir.join(format!("{name}.toml"));
     let db = database
         .map(str::to_string)
         .unwrap_or_else(|| format!("sqlite://{}", dir.join(format!("{name}.db")).display()));
     let full = format!(
-        "name = {name:?}\nlisten = {listen:?}\noperators = [{OPERATOR_ID:?}]\n\n\
+        "name = {name:?}\nlisten = {listen:?}\noperators = [{OPERATOR_ID:?}]\n\
+         {top}\n\
          [identity]\nworkload_api_socket = {socket:?}\n\n\
          [admin]\nlisten = \"127.0.0.1:0\"\naddress_file = {addrs:?}\n\n\
          [database]\nurl = {db:?}\n{extra}\n",

@@ -148,14 +148,25 @@ fn unsandboxed(probe: &[&str]) -> Run {
     wait_with_timeout(child, Duration::from_secs(30))
 }
 
-/// A real sidecar with no SVID (its admin listener serves regardless): the receiver of
-/// violation signals.
+/// A real sidecar with no SVID (its listeners serve regardless): the receiver of
+/// violation signals, on its in-pod report socket (callers of this test's uid).
 fn signal_sidecar(dir: &Path) -> stack::Sidecar {
     let toml = format!(
-        "[identity]\nworkload_api_socket = {:?}\n",
-        format!("unix://{}", dir.join("no-workload-api.sock").display())
+        "[identity]\nworkload_api_socket = {:?}\n\n[reports]\nsocket = {:?}\npeer_uids = [{}]\n",
+        format!("unix://{}", dir.join("no-workload-api.sock").display()),
+        dir.join("reports.sock").to_string_lossy(),
+        nexus_tests::current_uid(),
     );
     stack::sidecar(dir, "signals-sidecar", &toml, false)
+}
+
+/// The report URL of [`signal_sidecar`].
+fn report_url(dir: &Path) -> String {
+    let socket = dir.join("reports.sock");
+    eventually(Duration::from_secs(10), "the report socket", || {
+        socket.exists().then_some(())
+    });
+    format!("unix://{}", socket.display())
 }
 
 fn signals(sidecar: &stack::Sidecar) -> Vec<serde_json::Value> {
@@ -175,7 +186,7 @@ enum Expect {
 fn every_escape_is_blocked_and_every_kill_is_reported() {
     let w = world("escapes");
     let sidecar = signal_sidecar(w.dir.path());
-    let report = format!("{}/v1/signals", sidecar.admin());
+    let report = report_url(w.dir.path());
     let secret = w.secret.to_string_lossy().into_owned();
     let outside = w.dir.path().join("pwned").to_string_lossy().into_owned();
     let other = w.other_port.to_string();
@@ -370,7 +381,7 @@ fn log_rules_let_the_call_run_and_report_it() {
         "version = 1\nname = \"audit\"\nmode = \"best_effort\"\n\n[[syscall]]\nnames = [\"getcpu\"]\naction = \"log\"\n",
     )
     .expect("profile");
-    let report = format!("{}/v1/signals", sidecar.admin());
+    let report = report_url(w.dir.path());
     let child = launcher(&w, &profile, Some(&report), &["getcpu"])
         .spawn()
         .expect("start");

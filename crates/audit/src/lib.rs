@@ -63,8 +63,12 @@
 //! shutdown: a machine crash loses at most the last second of records. A crash in the
 //! middle of a write leaves a truncated last line; on restart the writer continues the
 //! chain from the last complete record on a new line, leaving the fragment visible, and
-//! [`verify()`] reports it as a warning ("truncated record (crash during write) ...; the
-//! chain continues"), not a break: the records on both sides still chain.
+//! [`verify()`] reports it as a warning ("truncated record (a crash or a failed write
+//! during write) ...; the chain continues"), not a break: the records on both sides still
+//! chain. A full disk
+//! (ENOSPC, a quota) is no crash: the records it costs are counted as dropped
+//! ([`Recorder::dropped`]) with a "disk full" log line, and the writer resumes once there
+//! is room.
 #![forbid(unsafe_code)]
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
 

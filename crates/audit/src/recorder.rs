@@ -186,6 +186,7 @@ impl Recorder {
             dirty: false,
             last_sync: Instant::now(),
             last_error: None,
+            disk_full: false,
             error_log: RateLimit::new(),
             closing: Vec::new(),
         };
@@ -339,9 +340,20 @@ struct Writer {
     dirty: bool,
     last_sync: Instant,
     last_error: Option<String>,
+    /// The last sink error was a full disk (or quota): what it loses is counted as
+    /// dropped, and said so.
+    disk_full: bool,
     error_log: RateLimit,
     /// Waiters of `shutdown`.
     closing: Vec<Ack<()>>,
+}
+
+/// Whether an I/O error means there is no room to write (ENOSPC, EDQUOT, EFBIG).
+fn no_room(error: &io::Error) -> bool {
+    matches!(
+        error.kind(),
+        io::ErrorKind::StorageFull | io::ErrorKind::QuotaExceeded | io::ErrorKind::FileTooLarge
+    )
 }
 
 impl Writer {
@@ -467,11 +479,19 @@ impl Writer {
     /// the rest as lost, and continue the chain after the last record written.
     fn failed(&mut self, error: &io::Error) {
         let message = error.to_string();
+        self.disk_full = no_room(error);
         if self.shared.sink_ok.swap(false, Ordering::AcqRel) {
-            tracing::error!(
-                error = %message,
-                "audit sink failed: execution records are not being written"
-            );
+            if self.disk_full {
+                tracing::error!(
+                    error = %message,
+                    "audit sink full (no space left for execution records): records are dropped and counted until there is room"
+                );
+            } else {
+                tracing::error!(
+                    error = %message,
+                    "audit sink failed: execution records are not being written"
+                );
+            }
         }
         self.last_error = Some(message.clone());
         let head = match self.sink.open() {
@@ -485,6 +505,7 @@ impl Writer {
             }
             Err(e) => {
                 self.reopen = true;
+                self.disk_full |= no_room(&e);
                 self.last_error = Some(format!("{message}; reopening the sink: {e}"));
                 self.committed.clone()
             }
@@ -504,9 +525,16 @@ impl Writer {
             .count() as u64;
         let lost = self.pending.len() as u64 - written;
         self.shared.written.fetch_add(written, Ordering::Relaxed);
-        let total = self.shared.write_errors.fetch_add(lost, Ordering::Relaxed) + lost;
-        if lost > 0 {
-            tracing::warn!(lost, write_errors_total = total, error = %message, "execution records lost");
+        if self.disk_full {
+            let total = self.shared.dropped.fetch_add(lost, Ordering::Relaxed) + lost;
+            if lost > 0 {
+                tracing::warn!(dropped = lost, dropped_total = total, error = %message, "disk full: execution records dropped");
+            }
+        } else {
+            let total = self.shared.write_errors.fetch_add(lost, Ordering::Relaxed) + lost;
+            if lost > 0 {
+                tracing::warn!(lost, write_errors_total = total, error = %message, "execution records lost");
+            }
         }
         for (seq, ack) in self.pending.drain(..) {
             if let Some(ack) = ack {
@@ -533,6 +561,7 @@ impl Writer {
                 true
             }
             Err(e) => {
+                self.disk_full = no_room(&e);
                 self.last_error = Some(format!("reopening the sink: {e}"));
                 false
             }
@@ -544,9 +573,16 @@ impl Writer {
             .last_error
             .clone()
             .unwrap_or_else(|| "the sink is unavailable".to_owned());
-        let total = self.shared.write_errors.fetch_add(1, Ordering::Relaxed) + 1;
-        if self.error_log.ready() {
-            tracing::warn!(write_errors_total = total, error = %message, "execution records lost");
+        if self.disk_full {
+            let total = self.shared.dropped.fetch_add(1, Ordering::Relaxed) + 1;
+            if self.error_log.ready() {
+                tracing::warn!(dropped_total = total, error = %message, "disk full: execution records dropped");
+            }
+        } else {
+            let total = self.shared.write_errors.fetch_add(1, Ordering::Relaxed) + 1;
+            if self.error_log.ready() {
+                tracing::warn!(write_errors_total = total, error = %message, "execution records lost");
+            }
         }
         if let Some(ack) = ack {
             let _ = ack.send(Err(RecordError::Sink(message)));

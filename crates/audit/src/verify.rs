@@ -199,7 +199,7 @@ impl Verifier {
                 Step::End => {
                     for (file, line) in std::mem::take(&mut self.truncated) {
                         let message = format!(
-                            "truncated record (crash during write) at {}; it is the last line",
+                            "truncated record (a crash or a failed write during write) at {}; it is the last line",
                             self.location(file, line)
                         );
                         self.warn_truncated(file, line, message);
@@ -332,7 +332,7 @@ impl Verifier {
         }
         for (file, number) in std::mem::take(&mut self.truncated) {
             let message = format!(
-                "truncated record (crash during write) at {}; the chain continues",
+                "truncated record (a crash or a failed write during write) at {}; the chain continues",
                 self.location(file, number)
             );
             self.warn_truncated(file, number, message);

@@ -117,7 +117,7 @@ pub struct InjectConfig {
     pub trust_domain: String,
     /// The sidecar's inbound port (`NEXUS_INBOUND_LISTEN=0.0.0.0:<port>`).
     pub inbound_port: u16,
-    /// The sidecar's admin port (`/live`, `/ready`, `/metrics`, `/v1/signals`), on the pod
+    /// The sidecar's admin port (`/live`, `/ready`, `/metrics`; read-only), on the pod
     /// IP so the kubelet can probe it.
     pub admin_port: u16,
     /// The uid the sidecar runs as (non-root).

@@ -58,6 +58,16 @@ const VOLUME_LAUNCHER: &str = "nexus-launcher";
 /// the sidecar container).
 const VOLUME_STATE: &str = "nexus-state";
 const STATE_DIR: &str = "/var/run/nexus";
+/// The in-pod report channel (sandboxed pods): an `emptyDir` shared by the sidecar and
+/// the sandboxed container only, holding the sidecar's report socket and the per-pod
+/// token nexus-launch presents. Nothing on the network takes reports.
+const VOLUME_REPORTS: &str = "nexus-reports";
+/// Where that folder is mounted in both containers.
+pub const REPORTS_DIR: &str = "/var/run/nexus-reports";
+/// The report socket in it.
+pub const REPORT_SOCKET: &str = "/var/run/nexus-reports/signals.sock";
+/// The per-pod report token in it.
+pub const REPORT_TOKEN: &str = "/var/run/nexus-reports/token";
 const WORKLOAD_API_DIR: &str = "/spiffe-workload-api";
 const CONFIG_DIR: &str = "/etc/nexus/sidecar";
 const POLICY_DIR: &str = "/etc/nexus/policies";
@@ -396,6 +406,14 @@ impl Plan {
         });
         if self.sandbox.is_some() {
             volumes.push(Volume {
+                name: VOLUME_REPORTS.into(),
+                empty_dir: Some(EmptyDirVolumeSource {
+                    medium: Some("Memory".into()),
+                    size_limit: Some(Quantity("1Mi".into())),
+                }),
+                ..Default::default()
+            });
+            volumes.push(Volume {
                 name: VOLUME_LAUNCHER.into(),
                 empty_dir: Some(EmptyDirVolumeSource {
                     size_limit: Some(Quantity("64Mi".into())),
@@ -427,6 +445,13 @@ impl Plan {
                 &format!("{STATE_DIR}/gateway-snapshot.json"),
             ),
         ];
+        // The admin listener stays on the pod IP for the kubelet's probes and metrics
+        // scrapes: it is read-only (POST /v1/signals is refused there). Sandbox reports
+        // come over the in-pod socket, checked by the per-pod token.
+        if self.sandbox.is_some() {
+            vars.push(env("NEXUS_REPORT_SOCKET", REPORT_SOCKET));
+            vars.push(env("NEXUS_REPORT_TOKEN_FILE", REPORT_TOKEN));
+        }
         if self.inbound_app.is_some() || self.inbound_allowed_ids.is_some() {
             vars.push(env(
                 "NEXUS_INBOUND_LISTEN",
@@ -470,12 +495,22 @@ impl Plan {
             startup_probe: Some(probe("/ready", 1, 120)),
             readiness_probe: Some(probe("/ready", 5, 3)),
             liveness_probe: Some(probe("/live", 10, 3)),
-            volume_mounts: Some(vec![
-                mount(VOLUME_WORKLOAD_API, WORKLOAD_API_DIR),
-                mount(VOLUME_CONFIG, CONFIG_DIR),
-                mount(VOLUME_POLICIES, POLICY_DIR),
-                state_mount(),
-            ]),
+            volume_mounts: Some({
+                let mut mounts = vec![
+                    mount(VOLUME_WORKLOAD_API, WORKLOAD_API_DIR),
+                    mount(VOLUME_CONFIG, CONFIG_DIR),
+                    mount(VOLUME_POLICIES, POLICY_DIR),
+                    state_mount(),
+                ];
+                if self.sandbox.is_some() {
+                    mounts.push(VolumeMount {
+                        name: VOLUME_REPORTS.into(),
+                        mount_path: REPORTS_DIR.into(),
+                        ..Default::default()
+                    });
+                }
+                mounts
+            }),
             ..Default::default()
         }
     }
@@ -553,6 +588,9 @@ impl Sandbox {
         container.remove("args");
 
         list_mut(container, "volumeMounts")?.push(to_value(mount(VOLUME_LAUNCHER, LAUNCHER_DIR)));
+        // Read-only: connecting to a socket needs no write access to its file system, and
+        // the launcher only reads the token (the plugin's profile must not grant it).
+        list_mut(container, "volumeMounts")?.push(to_value(mount(VOLUME_REPORTS, REPORTS_DIR)));
 
         let env_list = list_mut(container, "env")?;
         let present: Vec<String> = env_list
@@ -571,10 +609,8 @@ impl Sandbox {
             ..Default::default()
         };
         let added = [
-            env(
-                "NEXUS_SIGNAL_URL",
-                &format!("http://127.0.0.1:{}/v1/signals", cfg.admin_port),
-            ),
+            env("NEXUS_SIGNAL_URL", &format!("unix://{REPORT_SOCKET}")),
+            env("NEXUS_REPORT_TOKEN_FILE", REPORT_TOKEN),
             field("NEXUS_POD_NAMESPACE", "metadata.namespace"),
             field("NEXUS_SERVICE_ACCOUNT", "spec.serviceAccountName"),
             // Dependent variables: the kubelet expands $(NAME) from the ones defined above.

@@ -1,11 +1,18 @@
-//! Violation reports: the JSON the launcher POSTs to the sidecar's admin listener
-//! (`POST /v1/signals`), over a plain HTTP/1.1 client small enough for plugin images.
+//! Violation reports: the JSON the launcher POSTs to the sidecar (`POST /v1/signals`),
+//! over a plain HTTP/1.1 client small enough for plugin images.
 //!
-//! The sidecar is on loopback and the report is best effort: one attempt with short
-//! timeouts, failures logged to stderr, never blocking the plugin for long.
+//! Reports go over the pod's own report socket (`unix:///var/run/nexus-reports/signals.sock`,
+//! an `emptyDir` shared with the sidecar only), never a TCP port: the sidecar refuses
+//! them on its network listener. The sidecar checks the caller's uid and/or the per-pod
+//! token, which the launcher reads from `$NEXUS_REPORT_TOKEN_FILE` at each report (it
+//! runs outside the plugin's sandbox; the plugin's profile must not grant that file).
+//!
+//! The report is best effort: one attempt with short timeouts, failures logged to
+//! stderr, never blocking the plugin for long.
 
 use std::io::{Read, Write};
-use std::net::{TcpStream, ToSocketAddrs};
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -66,9 +73,19 @@ impl Violation {
 /// Why a report was not delivered.
 #[derive(Debug, thiserror::Error)]
 pub enum ReportError {
-    /// Only `http://host:port/path` is understood (the sidecar is on loopback).
-    #[error("report URL {0:?} is not http://host:port/path")]
+    /// Only `unix:///path/to/socket` is understood: reports never travel over the network.
+    #[error(
+        "report URL {0:?} is not unix:///path/to/socket (violations go to the sidecar's in-pod report socket, e.g. unix:///var/run/nexus-reports/signals.sock)"
+    )]
     Url(String),
+    /// The token file could not be read.
+    #[error("cannot read the report token {file}: {source}")]
+    Token {
+        /// The file (`NEXUS_REPORT_TOKEN_FILE`).
+        file: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
     /// Connecting, writing or reading failed.
     #[error("cannot deliver the report to {url}: {source}")]
     Io {
@@ -89,42 +106,52 @@ pub enum ReportError {
 
 /// Checks a report URL without sending anything.
 pub fn check_url(url: &str) -> Result<(), ReportError> {
-    split(url).map(|_| ())
+    socket_path(url).map(|_| ())
 }
 
-fn split(url: &str) -> Result<(&str, &str), ReportError> {
+/// The socket path of `unix:///abs/path` (or `unix:/abs/path`).
+fn socket_path(url: &str) -> Result<PathBuf, ReportError> {
     let rest = url
-        .strip_prefix("http://")
+        .strip_prefix("unix://")
+        .or_else(|| url.strip_prefix("unix:"))
         .ok_or_else(|| ReportError::Url(url.into()))?;
-    let (authority, path) = match rest.find('/') {
-        Some(i) => (&rest[..i], &rest[i..]),
-        None => (rest, "/"),
-    };
-    if authority.is_empty() || authority.contains('@') {
+    if !rest.starts_with('/') || rest.len() > 107 || rest.contains('\0') {
         return Err(ReportError::Url(url.into()));
     }
-    Ok((authority, path))
+    Ok(PathBuf::from(rest))
+}
+
+/// The per-pod token, from the file `$NEXUS_REPORT_TOKEN_FILE` names (none if unset).
+fn token() -> Result<Option<String>, ReportError> {
+    let Some(file) = std::env::var_os("NEXUS_REPORT_TOKEN_FILE").filter(|f| !f.is_empty()) else {
+        return Ok(None);
+    };
+    let file = PathBuf::from(file);
+    let text = std::fs::read_to_string(&file).map_err(|source| ReportError::Token {
+        file: file.clone(),
+        source,
+    })?;
+    Ok(Some(text.trim().to_string()))
 }
 
 /// POSTs one violation; returns once the sidecar answered 2xx.
 pub fn send(url: &str, violation: &Violation) -> Result<(), ReportError> {
-    let (authority, path) = split(url)?;
+    let path = socket_path(url)?;
     let io = |source| ReportError::Io {
         url: url.into(),
         source,
     };
     let body = serde_json::to_vec(violation).map_err(|e| io(std::io::Error::other(e)))?;
-    let addr = authority
-        .to_socket_addrs()
-        .map_err(io)?
-        .next()
-        .ok_or_else(|| io(std::io::Error::other("no address")))?;
+    let token = token()?;
     let timeout = Duration::from_secs(2);
-    let mut stream = TcpStream::connect_timeout(&addr, timeout).map_err(io)?;
+    let mut stream = UnixStream::connect(&path).map_err(io)?;
     stream.set_read_timeout(Some(timeout)).map_err(io)?;
     stream.set_write_timeout(Some(timeout)).map_err(io)?;
+    let authorization = token
+        .map(|t| format!("Authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
     let head = format!(
-        "POST {path} HTTP/1.1\r\nHost: {authority}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        "POST /v1/signals HTTP/1.1\r\nHost: nexus-sidecar\r\n{authorization}Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
         body.len()
     );
     stream.write_all(head.as_bytes()).map_err(io)?;
@@ -161,9 +188,12 @@ mod tests {
 
     #[test]
     fn urls() {
-        assert!(check_url("http://127.0.0.1:15090/v1/signals").is_ok());
+        assert!(check_url("unix:///var/run/nexus-reports/signals.sock").is_ok());
+        assert!(check_url("unix:/var/run/nexus-reports/signals.sock").is_ok());
+        // Never over the network, never a relative path.
+        assert!(check_url("http://127.0.0.1:15090/v1/signals").is_err());
         assert!(check_url("https://127.0.0.1/v1/signals").is_err());
-        assert!(check_url("http:///x").is_err());
+        assert!(check_url("unix://relative.sock").is_err());
     }
 
     #[test]

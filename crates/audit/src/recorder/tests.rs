@@ -48,6 +48,7 @@ struct ProbeState {
     released: Condvar,
     entered: AtomicBool,
     fail: AtomicBool,
+    full: AtomicBool,
     buffered: Mutex<Vec<Vec<u8>>>,
     flushed: Mutex<Vec<Vec<u8>>>,
 }
@@ -97,6 +98,9 @@ impl RecordWriter for Probe {
         let lines = std::mem::take(&mut *self.0.buffered.lock().unwrap());
         if self.0.fail.load(Ordering::SeqCst) {
             return Err(io::Error::other("disk on fire"));
+        }
+        if self.0.full.load(Ordering::SeqCst) {
+            return Err(io::Error::from(io::ErrorKind::StorageFull));
         }
         self.0.flushed.lock().unwrap().extend(lines);
         Ok(())
@@ -341,6 +345,22 @@ async fn a_failing_sink_is_unhealthy_and_leaves_no_gap() {
     let report = verify(&[path]);
     assert!(report.intact, "{report}");
     assert_eq!(report.records, 2);
+}
+
+#[tokio::test]
+async fn a_full_disk_counts_its_losses_as_dropped() {
+    let probe = Probe::default();
+    let recorder = probe.recorder(AuditMode::BestEffort, 16);
+    assert_eq!(recorder.record_strict(draft(0)).await, Ok(0));
+    probe.0.full.store(true, Ordering::SeqCst);
+    for n in 1..4 {
+        assert!(recorder.record_strict(draft(n)).await.is_err());
+    }
+    let stats = recorder.stats();
+    assert_eq!((stats.written, stats.dropped, stats.write_errors), (1, 3, 0));
+    probe.0.full.store(false, Ordering::SeqCst);
+    assert_eq!(recorder.record_strict(draft(4)).await, Ok(1));
+    assert!(recorder.is_healthy());
 }
 
 #[tokio::test]

@@ -28,6 +28,9 @@ pub(crate) struct FileSink {
     /// Size of the file being written, counting what is buffered.
     len: u64,
     buf: Vec<u8>,
+    /// The last write failed part-way (e.g. a full disk): a fragment at the end of the
+    /// file is its leftover, not a crash's.
+    failed_write: bool,
     /// Held (and locked) for as long as the sink lives.
     _lock: File,
 }
@@ -90,6 +93,7 @@ impl FileSink {
             file: None,
             len: 0,
             buf: Vec::new(),
+            failed_write: false,
             _lock: lock,
         })
     }
@@ -134,18 +138,29 @@ impl FileSink {
                 // End the cut line so the fragment stays visible to `verify` on its own
                 // line and the next record starts clean.
                 if let Some(at) = active_fragment {
-                    tracing::warn!(
-                        file = %self.path.display(),
-                        byte = at,
-                        next_seq = head.seq,
-                        "audit record file ends with a truncated record (crash during write); \
-                         the chain continues from the last complete record on a new line"
-                    );
+                    if self.failed_write {
+                        tracing::warn!(
+                            file = %self.path.display(),
+                            byte = at,
+                            next_seq = head.seq,
+                            "audit record file ends with part of a record whose write failed \
+                             (disk full?); the chain continues from the last complete record on a new line"
+                        );
+                    } else {
+                        tracing::warn!(
+                            file = %self.path.display(),
+                            byte = at,
+                            next_seq = head.seq,
+                            "audit record file ends with a truncated record (crash during write); \
+                             the chain continues from the last complete record on a new line"
+                        );
+                    }
                 }
                 file.write_all(b"\n")?;
                 len += 1;
             }
         }
+        self.failed_write = false;
         self.file = Some(file);
         self.len = len;
         Ok(Some(head))
@@ -221,6 +236,9 @@ impl RecordWriter for FileSink {
             None => Err(io::Error::other("the record file is not open")),
         };
         self.buf.clear();
+        if written.is_err() {
+            self.failed_write = true;
+        }
         written
     }
 

@@ -147,7 +147,7 @@ fn a_truncated_last_line_is_a_warning() {
     assert!(
         report
             .to_string()
-            .starts_with("warning: truncated record (crash during write) at ")
+            .starts_with("warning: truncated record (a crash or a failed write during write) at ")
     );
 }
 
