@@ -12,7 +12,7 @@ use futures::Stream;
 use nexus_identity::AllowList;
 use nexus_proto::control::control_server::Control;
 use nexus_proto::control::{
-    BatchAck, Delta, GatewayMessage, Heartbeat, Reinstatement, Revocation, SidecarInfo,
+    BatchAck, Delta, Execution, GatewayMessage, Heartbeat, Reinstatement, Revocation, SidecarInfo,
     SidecarMessage, Snapshot, delta::Change as DeltaChange, gateway_message, sidecar_message,
 };
 use tokio::sync::{broadcast, mpsc};
@@ -129,10 +129,7 @@ impl Control for ControlService {
             apply_error: String::new(),
         };
         let (id, start, deltas) = self.changes.hub.connect(info, hello.last_revision);
-        let scope = Scope::new(
-            &peer.spiffe_id,
-            self.data_sidecars.allows(&peer.spiffe_id),
-        );
+        let scope = Scope::new(&peer.spiffe_id, self.data_sidecars.allows(&peer.spiffe_id));
         tracing::info!(sidecar = %peer.spiffe_id, addr = %peer.addr, last_revision = hello.last_revision, full_state = scope.full, "control stream open");
         let (tx, rx) = mpsc::channel::<Queued>(16);
         let session = Session {
@@ -186,6 +183,9 @@ impl Scope {
     fn snapshot(&self, mut snapshot: Snapshot) -> Snapshot {
         if !self.full {
             snapshot.executions.retain(|e| e.plugin == self.me);
+            for e in &mut snapshot.executions {
+                e.opened_by.clear();
+            }
             snapshot.revoked = snapshot.revoked.iter().map(|r| self.redact(r)).collect();
         }
         snapshot
@@ -197,6 +197,10 @@ impl Scope {
         }
         let change = match &delta.change {
             Some(DeltaChange::Open(e)) if e.plugin != self.me => None,
+            Some(DeltaChange::Open(e)) => Some(DeltaChange::Open(Execution {
+                opened_by: String::new(),
+                ..e.clone()
+            })),
             // A close from an older gateway has no plugin: sending it is harmless.
             Some(DeltaChange::Close(c)) if !c.plugin.is_empty() && c.plugin != self.me => None,
             Some(DeltaChange::Revoke(r)) => Some(DeltaChange::Revoke(self.redact(r))),

@@ -293,7 +293,8 @@ impl Signals {
             tokens: burst,
             at: now,
         });
-        bucket.tokens = (bucket.tokens + now.duration_since(bucket.at).as_secs_f64() * rate).min(burst);
+        bucket.tokens =
+            (bucket.tokens + now.duration_since(bucket.at).as_secs_f64() * rate).min(burst);
         bucket.at = now;
         if bucket.tokens >= 1.0 {
             bucket.tokens -= 1.0;
@@ -583,11 +584,13 @@ impl Signals {
     async fn judge_and_act(&self, row: StoredSignal, started: Instant) -> Result<(), StoreError> {
         let verification: serde_json::Value =
             serde_json::from_str(&row.verification).unwrap_or_default();
-        self.changes.metrics.evidence(match verification["status"].as_str() {
-            Some("verified") => "verified",
-            Some("not_required") => "not_required",
-            _ => "unverified",
-        });
+        self.changes
+            .metrics
+            .evidence(match verification["status"].as_str() {
+                Some("verified") => "verified",
+                Some("not_required") => "not_required",
+                _ => "unverified",
+            });
         let Some(policy) = &self.policy else {
             self.changes
                 .store
@@ -646,7 +649,12 @@ impl Signals {
                 };
                 let mut reason = reason;
                 if reason.len() > self.changes.config.limits.max_reason_bytes {
-                    let mut cut = self.changes.config.limits.max_reason_bytes.saturating_sub(3);
+                    let mut cut = self
+                        .changes
+                        .config
+                        .limits
+                        .max_reason_bytes
+                        .saturating_sub(3);
                     while !reason.is_char_boundary(cut) {
                         cut -= 1;
                     }

@@ -206,7 +206,11 @@ pub async fn revoke(
         .map_err(status_error)?
         .into_inner();
     // The gateway answers with the subject as stored (its normalized spelling).
-    let shown = if r.subject.is_empty() { subject } else { r.subject.clone() };
+    let shown = if r.subject.is_empty() {
+        subject
+    } else {
+        r.subject.clone()
+    };
     print_change(&target, &format!("revoked {shown}"), &r);
     Ok(())
 }
@@ -222,7 +226,11 @@ pub async fn reinstate(target: Target, subject: String) -> anyhow::Result<()> {
         .await
         .map_err(status_error)?
         .into_inner();
-    let shown = if r.subject.is_empty() { subject } else { r.subject.clone() };
+    let shown = if r.subject.is_empty() {
+        subject
+    } else {
+        r.subject.clone()
+    };
     print_change(&target, &format!("reinstated {shown}"), &r);
     Ok(())
 }
@@ -288,7 +296,10 @@ pub async fn exec(target: Target, command: ExecCommand) -> anyhow::Result<()> {
             } else {
                 crate::outln!(
                     "{:<22} {:<10} {:<22} {:<7} PLUGIN",
-                    "ID", "CLAUSE", "NOT AFTER", "STATE"
+                    "ID",
+                    "CLAUSE",
+                    "NOT AFTER",
+                    "STATE"
                 );
                 for r in rows {
                     crate::outln!(
@@ -483,7 +494,11 @@ pub async fn signals(
     }
     crate::outln!(
         "{:<24} {:<18} {:>7} {:<7} {:<12} WORKLOAD (REPORTER) REASONS",
-        "RECEIVED", "KIND", "SCORE", "ACTION", "EVIDENCE"
+        "RECEIVED",
+        "KIND",
+        "SCORE",
+        "ACTION",
+        "EVIDENCE"
     );
     for r in rows {
         let reasons: Vec<String> = r["reasons"]

@@ -81,7 +81,13 @@ pub fn write_out(args: std::fmt::Arguments<'_>, newline: bool) {
     let mut out = stdout.lock();
     let result = out
         .write_fmt(args)
-        .and_then(|()| if newline { out.write_all(b"\n") } else { Ok(()) })
+        .and_then(|()| {
+            if newline {
+                out.write_all(b"\n")
+            } else {
+                Ok(())
+            }
+        })
         .and_then(|()| out.flush());
     if let Err(error) = result {
         if error.kind() == std::io::ErrorKind::BrokenPipe {
@@ -116,7 +122,10 @@ mod tests {
             safe("a\u{1b}[31mred\u{202e}txt\nforged line\\u{1b}"),
             "a\\u{1b}[31mred\\u{202e}txt\\nforged line\\\\u{1b}"
         );
-        assert_eq!(safe("\u{9b}31m\u{2066}x\u{feff}"), "\\u{9b}31m\\u{2066}x\\u{feff}");
+        assert_eq!(
+            safe("\u{9b}31m\u{2066}x\u{feff}"),
+            "\\u{9b}31m\\u{2066}x\\u{feff}"
+        );
         let v = serde_json::json!({"reason": "x\u{202e}y\u{1b}z"});
         let text = json_line(&v);
         assert_eq!(text, "{\"reason\":\"x\\u202ey\\u001bz\"}");
@@ -124,6 +133,9 @@ mod tests {
         assert_eq!(back, v);
         let pretty = json_pretty(&v);
         assert!(pretty.contains("\n") && !pretty.contains('\u{202e}'));
-        assert_eq!(serde_json::from_str::<serde_json::Value>(&pretty).unwrap(), v);
+        assert_eq!(
+            serde_json::from_str::<serde_json::Value>(&pretty).unwrap(),
+            v
+        );
     }
 }

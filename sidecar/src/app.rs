@@ -229,7 +229,10 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     if let Some(reports) = &config.reports {
         let token = match &reports.token_file {
             Some(path) => Some(crate::signals::write_token(path).map_err(|e| {
-                anyhow::anyhow!("cannot write the report token {} (reports.token_file): {e}", path.display())
+                anyhow::anyhow!(
+                    "cannot write the report token {} (reports.token_file): {e}",
+                    path.display()
+                )
             })?),
             None => None,
         };

@@ -733,7 +733,10 @@ impl Config {
             if policy.load_max_memory < 64 * 1024 * 1024 {
                 return Err(invalid(
                     "policy.load_max_memory",
-                    format!("{} bytes is too little to load any policy", policy.load_max_memory),
+                    format!(
+                        "{} bytes is too little to load any policy",
+                        policy.load_max_memory
+                    ),
                     "use at least 67108864 (64 MiB); the default is 1073741824 (1 GiB)",
                 ));
             }
@@ -757,7 +760,10 @@ impl Config {
             if reports.socket.as_os_str().len() > 107 {
                 return Err(invalid(
                     "reports.socket",
-                    format!("`{}` is longer than a unix socket path may be (107 bytes)", reports.socket.display()),
+                    format!(
+                        "`{}` is longer than a unix socket path may be (107 bytes)",
+                        reports.socket.display()
+                    ),
                     "use a shorter path",
                 ));
             }

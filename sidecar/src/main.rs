@@ -32,7 +32,9 @@ const STOP_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
 
 fn main() -> ExitCode {
     // Re-executed as the isolated policy checker (nexus_policy::isolate): nothing else.
-    if std::env::args_os().nth(1).as_deref() == Some(std::ffi::OsStr::new(nexus_policy::isolate::CHILD_ARG)) {
+    if std::env::args_os().nth(1).as_deref()
+        == Some(std::ffi::OsStr::new(nexus_policy::isolate::CHILD_ARG))
+    {
         return nexus_policy::isolate::child_main();
     }
     nexus_identity::process::init(
@@ -64,7 +66,9 @@ fn main() -> ExitCode {
     match std::env::current_exe() {
         Ok(exe) => nexus_policy::isolate::install_checker(exe),
         Err(error) => {
-            eprintln!("nexus-sidecar: cannot find its own executable to check policies in a child process: {error}");
+            eprintln!(
+                "nexus-sidecar: cannot find its own executable to check policies in a child process: {error}"
+            );
             return ExitCode::FAILURE;
         }
     }

@@ -313,7 +313,11 @@ pub async fn serve_socket(
                             .unwrap_or("");
                         if !constant_time_eq(presented.as_bytes(), token.as_bytes()) {
                             signals.metrics.report_refused("token");
-                            tracing::warn!(?uid, ?pid, "report refused: missing or wrong token (reports.token_file)");
+                            tracing::warn!(
+                                ?uid,
+                                ?pid,
+                                "report refused: missing or wrong token (reports.token_file)"
+                            );
                             return Ok::<_, std::convert::Infallible>(json(
                                 StatusCode::UNAUTHORIZED,
                                 &serde_json::json!({"error": "a report needs the pod's report token: Authorization: Bearer <contents of reports.token_file>"}),
@@ -339,7 +343,9 @@ pub async fn serve_socket(
 /// The answer to a report on the network listener: refused, pointing at the socket.
 pub fn refuse_on_network(metrics: &Metrics) -> Response<Full<Bytes>> {
     metrics.report_refused("network");
-    tracing::warn!("report refused: POST /v1/signals arrived on the admin listener (network); reports are taken only on the in-pod socket ([reports] socket)");
+    tracing::warn!(
+        "report refused: POST /v1/signals arrived on the admin listener (network); reports are taken only on the in-pod socket ([reports] socket)"
+    );
     json(
         StatusCode::FORBIDDEN,
         &serde_json::json!({"error": "reports are accepted only on the in-pod report socket ([reports] socket), never on the network listener"}),

@@ -570,7 +570,15 @@ pub fn gateway(
     listen: Option<&str>,
     extra: &str,
 ) -> Gateway {
-    gateway_with(dir, name, workload_api, database, listen, GATEWAY_TOP, extra)
+    gateway_with(
+        dir,
+        name,
+        workload_api,
+        database,
+        listen,
+        GATEWAY_TOP,
+        extra,
+    )
 }
 
 /// The top-level keys [`gateway`] sets besides the operator: the test sidecars' identities

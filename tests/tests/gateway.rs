@@ -142,11 +142,32 @@ fn revocation_reaches_every_sidecar_closes_connections_and_is_lifted() {
             > 0.0,
         "{status}"
     );
+    // Kept on disk with its checksum; the plugin's sidecar is told who is revoked, not
+    // who revoked them or why (it is not a data sidecar); the data sidecar is.
     let snapshot: serde_json::Value = serde_json::from_slice(
         &std::fs::read(dir.path().join("plugin.snapshot.json")).expect("snapshot on disk"),
     )
     .expect("snapshot JSON");
-    assert!(snapshot["revoked"][PLUGIN_ID].is_object(), "{snapshot}");
+    assert_eq!(snapshot["format"], "nexus-gateway-snapshot/2", "{snapshot}");
+    assert_eq!(
+        snapshot["sha256"].as_str().map(str::len),
+        Some(64),
+        "{snapshot}"
+    );
+    let revoked = &snapshot["state"]["revoked"][PLUGIN_ID];
+    assert_eq!(
+        revoked["reason"], "revoked (details at the gateway)",
+        "{snapshot}"
+    );
+    assert_eq!(revoked["by"], "", "{snapshot}");
+    let data: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(dir.path().join("data.snapshot.json")).expect("data snapshot on disk"),
+    )
+    .expect("snapshot JSON");
+    assert_eq!(
+        data["state"]["revoked"][PLUGIN_ID]["reason"], "test: stolen SVID",
+        "{data}"
+    );
 
     let out = gw.nexusctl(&["reinstate", PLUGIN_ID]);
     assert!(out.contains("acknowledged by all 2 sidecars"), "{out}");

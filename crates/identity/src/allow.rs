@@ -79,13 +79,11 @@ pub fn canonical_pattern(entry: &str) -> Result<String, AllowListError> {
             ));
         }
         // `spiffe://td/*` is the whole trust domain: the base is an ID or a bare TD.
-        let canonical = SpiffeId::new(base)
-            .map(|id| id.to_string())
-            .map_err(|e| {
-                err(format!(
-                    "the part before `/*` must be a SPIFFE ID or spiffe://trust-domain: {e}"
-                ))
-            })?;
+        let canonical = SpiffeId::new(base).map(|id| id.to_string()).map_err(|e| {
+            err(format!(
+                "the part before `/*` must be a SPIFFE ID or spiffe://trust-domain: {e}"
+            ))
+        })?;
         Ok(format!("{canonical}/*"))
     } else if entry.contains('*') {
         Err(err(

@@ -195,12 +195,15 @@ pub fn check(request: &CheckRequest, limits: Limits) -> Result<Checked, PolicyEr
             tests,
             took: started.elapsed(),
         }),
-        (_, Some(Step::Refused {
-            message,
-            file,
-            line,
-            col,
-        })) => Err(match (file, line, col) {
+        (
+            _,
+            Some(Step::Refused {
+                message,
+                file,
+                line,
+                col,
+            }),
+        ) => Err(match (file, line, col) {
             (Some(file), Some(line), Some(col)) => PolicyError::Rego {
                 location: crate::Location { file, line, col },
                 message,
@@ -274,15 +277,16 @@ fn run_checks(request: &CheckRequest, out: &mut dyn Write) -> Result<(String, us
     let bundle = Bundle::load(&request.dir)?;
     let mut tests = 0;
     if request.run_tests {
-        let report = crate::testing::run_tests_observed(&bundle, false, None, &mut |rule, file| {
-            emit(
-                out,
-                &Step::Test {
-                    rule: rule.to_string(),
-                    file: file.to_string(),
-                },
-            );
-        })?;
+        let report =
+            crate::testing::run_tests_observed(&bundle, false, None, &mut |rule, file| {
+                emit(
+                    out,
+                    &Step::Test {
+                        rule: rule.to_string(),
+                        file: file.to_string(),
+                    },
+                );
+            })?;
         tests = report.results.len();
         report.into_result()?;
     }

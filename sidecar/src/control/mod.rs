@@ -114,7 +114,8 @@ impl Control {
                 );
                 tracing::error!(file = %self.snapshot_file.display(), %reason, "no verified gateway snapshot: refusing every request until the gateway answers");
                 self.enforcement.hold(Hold::NoValidSnapshot, why);
-                self.metrics.enforcement_hold(Hold::NoValidSnapshot.as_str(), true);
+                self.metrics
+                    .enforcement_hold(Hold::NoValidSnapshot.as_str(), true);
                 (Synced::default(), rejected)
             }
         };
@@ -360,13 +361,21 @@ impl Control {
     /// what refuses requests), then the snapshot file, then the policy data. Returns the
     /// acknowledgement to send: the revision when every part applied; otherwise the last
     /// revision fully applied, with the failure, and `retry` set.
-    async fn commit(&self, synced: &Synced, retry: &mut Option<(tokio::time::Instant, Duration)>) -> Ack {
+    async fn commit(
+        &self,
+        synced: &Synced,
+        retry: &mut Option<(tokio::time::Instant, Duration)>,
+    ) -> Ack {
         let started = Instant::now();
         self.enforcement.set_revoked(synced.revoked_set());
         // The gateway answered: whatever was kept on disk no longer matters.
         if self.enforcement.release(Hold::NoValidSnapshot) {
-            self.metrics.enforcement_hold(Hold::NoValidSnapshot.as_str(), false);
-            tracing::info!(revision = synced.revision(), "gateway state received: requests are served again");
+            self.metrics
+                .enforcement_hold(Hold::NoValidSnapshot.as_str(), false);
+            tracing::info!(
+                revision = synced.revision(),
+                "gateway state received: requests are served again"
+            );
         }
         // File I/O and the policy data rebuild run off the async workers.
         let state = synced.clone();
@@ -396,8 +405,12 @@ impl Control {
                     .store(revision, std::sync::atomic::Ordering::SeqCst);
                 *retry = None;
                 if self.enforcement.release(Hold::ApplyFailed) {
-                    self.metrics.enforcement_hold(Hold::ApplyFailed.as_str(), false);
-                    tracing::info!(revision, "gateway revision applied after a failure: requests are served again");
+                    self.metrics
+                        .enforcement_hold(Hold::ApplyFailed.as_str(), false);
+                    tracing::info!(
+                        revision,
+                        "gateway revision applied after a failure: requests are served again"
+                    );
                 }
                 self.metrics.gateway_revision(revision);
                 tracing::debug!(revision, took = ?started.elapsed(), "gateway revision applied");
@@ -414,7 +427,8 @@ impl Control {
                     Hold::ApplyFailed,
                     format!("gateway revision {revision} could not be applied ({error}); refusing every request until it is"),
                 );
-                self.metrics.enforcement_hold(Hold::ApplyFailed.as_str(), true);
+                self.metrics
+                    .enforcement_hold(Hold::ApplyFailed.as_str(), true);
                 let next = retry.map_or(RETRY_INITIAL, |(_, d)| (d * 2).min(RETRY_MAX));
                 *retry = Some((tokio::time::Instant::now() + next, next));
                 tracing::error!(revision, %error, retry_in = ?next, "cannot apply the gateway revision; not acknowledged, refusing requests, retrying");

@@ -100,7 +100,11 @@ fn revocation(r: &nexus_proto::control::Revocation) -> serde_json::Value {
 /// The generations of `path`, newest-first by role: the file, the one being written,
 /// the previous one.
 fn generations(path: &Path) -> [PathBuf; 3] {
-    [path.to_path_buf(), sibling(path, "tmp"), sibling(path, "prev")]
+    [
+        path.to_path_buf(),
+        sibling(path, "tmp"),
+        sibling(path, "prev"),
+    ]
 }
 
 fn sibling(path: &Path, suffix: &str) -> PathBuf {
@@ -128,10 +132,7 @@ struct Header {
 enum Generation {
     Missing,
     Valid(RuntimeData),
-    Invalid {
-        why: String,
-        claims: Option<u64>,
-    },
+    Invalid { why: String, claims: Option<u64> },
 }
 
 fn read_generation(path: &Path) -> Generation {
@@ -225,7 +226,10 @@ impl Synced {
                 Generation::Missing => {}
                 Generation::Valid(data) => {
                     seen = true;
-                    if best.as_ref().is_none_or(|(b, _)| data.revision > b.revision) {
+                    if best
+                        .as_ref()
+                        .is_none_or(|(b, _)| data.revision > b.revision)
+                    {
                         best = Some((data, file));
                     }
                 }
@@ -256,15 +260,10 @@ impl Synced {
                 rejected,
             },
             (None, _) => Restored::Unverified {
-                reason: format!(
-                    "no kept gateway snapshot verifies: {}",
-                    describe(&rejected)
-                ),
+                reason: format!("no kept gateway snapshot verifies: {}", describe(&rejected)),
                 rejected,
             },
-            (Some((data, file)), Some(claims))
-                if claims.is_none_or(|c| c > data.revision) =>
-            {
+            (Some((data, file)), Some(claims)) if claims.is_none_or(|c| c > data.revision) => {
                 Restored::Unverified {
                     reason: format!(
                         "{} (revision {}) verifies, but a damaged generation may be newer ({}): enforcing it could forget a later change",
@@ -464,10 +463,7 @@ mod tests {
         assert!(sibling(&path, "prev").exists());
         // A crash between the two renames: the new generation is only in .tmp.
         std::fs::rename(&path, sibling(&path, "tmp")).unwrap();
-        assert_eq!(
-            verified(Synced::restore(&path)),
-            (5, sibling(&path, "tmp"))
-        );
+        assert_eq!(verified(Synced::restore(&path)), (5, sibling(&path, "tmp")));
     }
 
     #[test]
@@ -480,7 +476,10 @@ mod tests {
         // Truncated: nothing of it readable past the header.
         std::fs::write(&path, &good[..good.len() / 2]).unwrap();
         let reason = unverified(Synced::restore(&path));
-        assert!(reason.contains("s.json") && reason.contains("may be newer"), "{reason}");
+        assert!(
+            reason.contains("s.json") && reason.contains("may be newer"),
+            "{reason}"
+        );
         // Emptied: no header at all.
         std::fs::write(&path, b"").unwrap();
         unverified(Synced::restore(&path));

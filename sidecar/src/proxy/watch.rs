@@ -8,10 +8,10 @@
 //! pulling far more clause data than usual). Outbound, it is this sidecar's own
 //! workload (`self`), and its egress is what it pushes out (the request bodies).
 
+use std::collections::{HashMap, VecDeque};
 use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
-use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};

@@ -357,7 +357,10 @@ async fn a_full_disk_counts_its_losses_as_dropped() {
         assert!(recorder.record_strict(draft(n)).await.is_err());
     }
     let stats = recorder.stats();
-    assert_eq!((stats.written, stats.dropped, stats.write_errors), (1, 3, 0));
+    assert_eq!(
+        (stats.written, stats.dropped, stats.write_errors),
+        (1, 3, 0)
+    );
     probe.0.full.store(false, Ordering::SeqCst);
     assert_eq!(recorder.record_strict(draft(4)).await, Ok(1));
     assert!(recorder.is_healthy());

@@ -157,17 +157,25 @@ fn sandbox_wraps_the_original_command_and_sets_the_localhost_profile() {
     // Violations go to the in-pod socket with the per-pod token, never to a TCP port.
     assert!(env.iter().any(|e| e["name"] == "NEXUS_SIGNAL_URL"
         && e["value"] == "unix:///var/run/nexus-reports/signals.sock"));
-    assert!(env.iter().any(|e| e["name"] == "NEXUS_REPORT_TOKEN_FILE"
-        && e["value"] == "/var/run/nexus-reports/token"));
+    assert!(
+        env.iter().any(|e| e["name"] == "NEXUS_REPORT_TOKEN_FILE"
+            && e["value"] == "/var/run/nexus-reports/token")
+    );
     let sidecar = &init[0];
     let sidecar_env = sidecar["env"].as_array().expect("sidecar env");
-    assert!(sidecar_env.iter().any(|e| e["name"] == "NEXUS_REPORT_SOCKET"
-        && e["value"] == "/var/run/nexus-reports/signals.sock"));
-    assert!(sidecar["volumeMounts"]
-        .as_array()
-        .expect("mounts")
-        .iter()
-        .any(|m| m["name"] == "nexus-reports" && m.get("readOnly").is_none()));
+    assert!(
+        sidecar_env
+            .iter()
+            .any(|e| e["name"] == "NEXUS_REPORT_SOCKET"
+                && e["value"] == "/var/run/nexus-reports/signals.sock")
+    );
+    assert!(
+        sidecar["volumeMounts"]
+            .as_array()
+            .expect("mounts")
+            .iter()
+            .any(|m| m["name"] == "nexus-reports" && m.get("readOnly").is_none())
+    );
     assert!(env.iter().any(|e| e["name"] == "NEXUS_WORKLOAD_ID"
         && e["value"]
             == "spiffe://nexus.local/ns/$(NEXUS_POD_NAMESPACE)/sa/$(NEXUS_SERVICE_ACCOUNT)"));
