@@ -134,7 +134,10 @@ async fn stream_client(
             _ => continue,
         };
         tx.send(SidecarMessage {
-            msg: Some(sidecar_message::Msg::Ack(Ack { revision })),
+            msg: Some(sidecar_message::Msg::Ack(Ack {
+                revision,
+                ..Ack::default()
+            })),
         })
         .await?;
     }
