@@ -460,6 +460,7 @@ impl Config {
         };
         config.apply_env(|key| std::env::var(key).ok())?;
         config.validate()?;
+        config.normalize_ids();
         Ok(config)
     }
 
@@ -605,6 +606,26 @@ impl Config {
             self.inbound = Some(inbound);
         }
         Ok(())
+    }
+
+    /// Rewrites every SPIFFE ID and pattern in its canonical spelling (lower-case scheme
+    /// and trust domain), so the IDs in policy input, execution records and signals are
+    /// the ones certificates carry. Call after `validate` (which refuses invalid ones).
+    pub fn normalize_ids(&mut self) {
+        let canonical = |id: &mut String| {
+            if let Ok(c) = nexus_identity::canonical_pattern(id) {
+                *id = c;
+            }
+        };
+        if let Some(gateway) = &mut self.gateway {
+            canonical(&mut gateway.identity);
+        }
+        if let Some(inbound) = &mut self.inbound {
+            inbound.allowed_ids.iter_mut().for_each(canonical);
+        }
+        for out in &mut self.outbound {
+            canonical(&mut out.expected_id);
+        }
     }
 
     /// Checks what serde cannot.
