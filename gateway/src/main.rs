@@ -69,6 +69,8 @@ fn main() -> std::process::ExitCode {
         }
     };
     let result = runtime.block_on(nexus_gateway::app::run(config));
+    // A policy check still running is abandoned, not waited for.
+    nexus_policy::isolate::abandon_all();
     runtime.shutdown_timeout(STOP_GRACE);
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

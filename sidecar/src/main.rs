@@ -73,6 +73,8 @@ fn main() -> ExitCode {
         }
     }
     let result = runtime.block_on(nexus_sidecar::run(config));
+    // A policy check still running is abandoned, not waited for.
+    nexus_policy::isolate::abandon_all();
     runtime.shutdown_timeout(STOP_GRACE);
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -97,6 +97,27 @@ pub struct Checker {
 
 static CHECKER: OnceLock<Checker> = OnceLock::new();
 
+/// Set once the process is stopping: a check killed then says so.
+static STOPPING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// The checkers running now, so a stopping process can abandon them at once.
+static RUNNING: std::sync::Mutex<Vec<u32>> = std::sync::Mutex::new(Vec::new());
+
+/// Kills every running checker (a stopping process calls it: the checks waiting on them
+/// then end with an error at once, instead of holding up the shutdown).
+pub fn abandon_all() {
+    STOPPING.store(true, std::sync::atomic::Ordering::SeqCst);
+    let running = RUNNING.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    for pid in running {
+        if let Ok(pid) = i32::try_from(pid) {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+    }
+}
+
 /// Makes [`check`] run in child processes of `exe` from now on. The serving binaries
 /// call it at start; without it (a library embedded in a test) checks run in-process,
 /// unbounded.
@@ -146,6 +167,8 @@ pub fn check(request: &CheckRequest, limits: Limits) -> Result<Checked, PolicyEr
             limit: String::new(),
             message: format!("cannot run {}: {e}", checker.exe.display()),
         })?;
+    let pid = child.id();
+    RUNNING.lock().unwrap_or_else(|p| p.into_inner()).push(pid);
     if let Some(mut stdin) = child.stdin.take() {
         // A child that died at once is reported from its exit below.
         let _ = serde_json::to_writer(&mut stdin, request);
@@ -182,6 +205,10 @@ pub fn check(request: &CheckRequest, limits: Limits) -> Result<Checked, PolicyEr
             }
         }
     };
+    RUNNING
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .retain(|p| *p != pid);
     if let Some(reader) = reader {
         let _ = reader.join();
     }
@@ -223,6 +250,9 @@ pub fn check(request: &CheckRequest, limits: Limits) -> Result<Checked, PolicyEr
         (Some(status), _) => {
             use std::os::unix::process::ExitStatusExt;
             let limit = match status.signal() {
+                Some(9) if STOPPING.load(std::sync::atomic::Ordering::SeqCst) => {
+                    "the process stopping (abandoned)".into()
+                }
                 // An allocation past RLIMIT_AS aborts (SIGABRT); past RLIMIT_CPU the
                 // kernel sends SIGXCPU, then SIGKILL.
                 Some(6) => format!(
