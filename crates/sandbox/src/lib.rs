@@ -9,6 +9,7 @@
 //! This is the one crate of the workspace that makes raw syscalls: `unsafe` is denied by
 //! default and allowed at each site, with a `// SAFETY:` line.
 pub mod access;
+pub mod baseline;
 pub mod launch;
 pub mod oci;
 pub mod profile;

@@ -1,7 +1,8 @@
 //! The profile's syscall rules as an OCI runtime-spec / Kubernetes `Localhost` seccomp
 //! profile, so the kubelet's runtime enforces the same filter under the launcher.
 //!
-//! Semantics match the launcher's filter: default allow; `kill` → `SCMP_ACT_KILL_PROCESS`,
+//! Semantics match the launcher's filter: default allow; the rules the profile's shape
+//! implies ([`baseline`]) first become ordinary rules; `kill` → `SCMP_ACT_KILL_PROCESS`,
 //! `eperm` → `SCMP_ACT_ERRNO` (1), `enosys` → `SCMP_ACT_ERRNO` (38), `log` →
 //! `SCMP_ACT_LOG`. Each `when` group becomes its own entry (entries are OR'ed, the args of
 //! one entry AND'ed). runc ORs conditions that name the same argument twice in one entry,
@@ -9,6 +10,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::baseline;
 use crate::profile::{Action, Op, Profile};
 
 /// The top-level OCI `linux.seccomp` object (the subset this export writes).
@@ -66,10 +68,14 @@ pub struct ExportError {
     pub reason: String,
 }
 
-/// Converts the profile's syscall rules.
+/// Converts the profile's syscall rules and the rules its shape implies
+/// ([`baseline`]: the socket allow-list, terminal ioctls, IPC, nested seccomp, anonymous
+/// executables). The calls the launcher answers itself (`listen`, `connect` when it
+/// supervises them) cannot be decided by a runtime's filter and are left allowed there.
 pub fn export(profile: &Profile) -> Result<SeccompProfile, ExportError> {
     let mut syscalls = Vec::new();
-    for rule in &profile.syscalls {
+    let implied = baseline::of(profile);
+    for rule in profile.syscalls.iter().chain(implied.kernel_rules()) {
         let (action, errno_ret) = match rule.action {
             Action::Kill => ("SCMP_ACT_KILL_PROCESS", None),
             Action::Eperm => ("SCMP_ACT_ERRNO", Some(libc::EPERM as u32)),
@@ -101,7 +107,10 @@ pub fn export(profile: &Profile) -> Result<SeccompProfile, ExportError> {
                     });
                 }
                 let (op, value, value_two) = match c.op {
-                    Op::Eq => ("SCMP_CMP_EQ", c.value, None),
+                    // libseccomp compares 64 bits, the kernel reads an int argument's low
+                    // 32: `arg & 0xffffffff == value` matches what the kernel sees (an
+                    // ioctl number with bits above 32 is still TIOCSTI to the kernel).
+                    Op::Eq => ("SCMP_CMP_MASKED_EQ", u64::from(u32::MAX), Some(c.value)),
                     Op::Ne => ("SCMP_CMP_NE", c.value, None),
                     Op::Lt => ("SCMP_CMP_LT", c.value, None),
                     Op::Le => ("SCMP_CMP_LE", c.value, None),
@@ -142,7 +151,7 @@ mod tests {
 
     #[test]
     fn two_conditions_on_one_argument_are_refused() {
-        let text = "version = 1\nmode = \"required\"\n[[syscall]]\nnames = [\"personality\"]\naction = \"eperm\"\nwhen = [[{ arg = 0, op = \"ne\", value = 0 }, { arg = 0, op = \"ne\", value = 8 }]]\n";
+        let text = "version = 1\nmode = \"best_effort\"\n[[syscall]]\nnames = [\"personality\"]\naction = \"eperm\"\nwhen = [[{ arg = 0, op = \"ne\", value = 0 }, { arg = 0, op = \"ne\", value = 8 }]]\n";
         let profile = Profile::parse(Path::new("p.toml"), text, &|_| None).expect("parse");
         let e = export(&profile).expect_err("refused").to_string();
         assert!(e.starts_with("p.toml:3:"), "{e}");

@@ -27,7 +27,8 @@ use seccompiler::{
     TargetArch, sock_filter,
 };
 
-use crate::profile::{Action, Condition, Op, Profile};
+use crate::baseline;
+use crate::profile::{Action, Condition, Op, Profile, SyscallRule};
 
 /// How `kill` and `log` rules reach the launcher.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -73,110 +74,146 @@ pub enum SeccompError {
 /// The marker `Trace` data whose returns become `SECCOMP_RET_USER_NOTIF`.
 const NOTIFY_MARKER: u32 = 0x4e58;
 
-/// The filters for a profile, in installation order.
+/// The filters for a profile, in installation order: the x32 guard, the kernel-answered
+/// errno rules (the profile's `eperm` and the [`baseline`](crate::baseline)), `enosys`,
+/// the notification filter (`kill`, `log` and the calls the launcher answers), and last
+/// the lock, which refuses installing further filters (the launcher installs until then).
 pub fn compile(profile: &Profile, reporting: Reporting) -> Result<Vec<Program>, SeccompError> {
+    let baseline = baseline::of(profile);
+    let user = |actions: &'static [Action]| {
+        profile
+            .syscalls
+            .iter()
+            .filter(move |r| actions.contains(&r.action))
+    };
     let mut programs = Vec::new();
     if let Some(guard) = abi_guard() {
         programs.push(guard);
     }
-    let by_action = |actions: &[Action]| -> Result<BTreeMap<i64, Vec<SeccompRule>>, SeccompError> {
-        let mut map: BTreeMap<i64, Option<Vec<SeccompRule>>> = BTreeMap::new();
-        for rule in profile
-            .syscalls
-            .iter()
-            .filter(|r| actions.contains(&r.action))
-        {
-            for (_, nr) in &rule.syscalls {
-                let entry = map.entry(*nr).or_insert_with(|| Some(Vec::new()));
-                if rule.when.is_empty() {
-                    // Unconditional: matches whatever else is listed.
-                    *entry = None;
-                    continue;
-                }
-                if let Some(rules) = entry {
-                    for group in &rule.when {
-                        let conditions = group
-                            .iter()
-                            .map(condition)
-                            .collect::<Result<Vec<_>, _>>()
-                            .map_err(|source| SeccompError::Compile {
-                                what: "syscall",
-                                source,
-                            })?;
-                        rules.push(SeccompRule::new(conditions).map_err(|source| {
-                            SeccompError::Compile {
-                                what: "syscall",
-                                source,
-                            }
-                        })?);
-                    }
-                }
-            }
-        }
-        Ok(map
-            .into_iter()
-            .map(|(nr, rules)| (nr, rules.unwrap_or_default()))
-            .collect())
-    };
-    let arch = target_arch();
-    let mut push = |what: &'static str,
-                    rules: BTreeMap<i64, Vec<SeccompRule>>,
-                    action: SeccompAction,
-                    listener: bool|
-     -> Result<(), SeccompError> {
-        if rules.is_empty() {
-            return Ok(());
-        }
-        let filter = SeccompFilter::new(rules, SeccompAction::Allow, action, arch)
-            .map_err(|source| SeccompError::Compile { what, source })?;
-        let mut bpf: Vec<sock_filter> = filter
-            .try_into()
-            .map_err(|source| SeccompError::Compile { what, source })?;
-        if listener {
-            let marker = libc::SECCOMP_RET_TRACE | NOTIFY_MARKER;
-            for insn in &mut bpf {
-                if insn.code == RET_K && insn.k == marker {
-                    insn.k = libc::SECCOMP_RET_USER_NOTIF;
-                }
-            }
-        }
-        programs.push(Program {
-            what,
-            bpf,
-            listener,
-        });
-        Ok(())
+    let supervised: Vec<i64> = match reporting {
+        Reporting::Notify => baseline.supervised.iter().map(|s| s.nr()).collect(),
+        // No user notification: nothing can answer them, so they are left to the kernel
+        // (and `inspect` says so).
+        Reporting::Kernel => Vec::new(),
     };
     push(
+        &mut programs,
         "eperm",
-        by_action(&[Action::Eperm])?,
+        by_syscall(user(&[Action::Eperm]).chain(&baseline.rules), &[])?,
         SeccompAction::Errno(libc::EPERM as u32),
         false,
     )?;
     push(
+        &mut programs,
         "enosys",
-        by_action(&[Action::Enosys])?,
+        by_syscall(user(&[Action::Enosys]), &[])?,
         SeccompAction::Errno(libc::ENOSYS as u32),
         false,
     )?;
     match reporting {
         Reporting::Notify => push(
-            "kill/log (user notification)",
-            by_action(&[Action::Kill, Action::Log])?,
+            &mut programs,
+            "kill/log/supervised (user notification)",
+            by_syscall(user(&[Action::Kill, Action::Log]), &supervised)?,
             SeccompAction::Trace(NOTIFY_MARKER),
             true,
         )?,
         Reporting::Kernel => {
             push(
+                &mut programs,
                 "kill",
-                by_action(&[Action::Kill])?,
+                by_syscall(user(&[Action::Kill]), &[])?,
                 SeccompAction::KillProcess,
                 false,
             )?;
-            push("log", by_action(&[Action::Log])?, SeccompAction::Log, false)?;
+            push(
+                &mut programs,
+                "log",
+                by_syscall(user(&[Action::Log]), &[])?,
+                SeccompAction::Log,
+                false,
+            )?;
         }
     }
+    push(
+        &mut programs,
+        "lock",
+        by_syscall(baseline.lock.iter(), &[])?,
+        SeccompAction::Errno(libc::EPERM as u32),
+        false,
+    )?;
     Ok(programs)
+}
+
+/// seccompiler's map for `rules`, plus `always` matched unconditionally.
+fn by_syscall<'a>(
+    rules: impl Iterator<Item = &'a SyscallRule>,
+    always: &[i64],
+) -> Result<BTreeMap<i64, Vec<SeccompRule>>, SeccompError> {
+    let compile_error = |source| SeccompError::Compile {
+        what: "syscall",
+        source,
+    };
+    // None: unconditional (matches whatever else is listed for the syscall).
+    let mut map: BTreeMap<i64, Option<Vec<SeccompRule>>> = BTreeMap::new();
+    for nr in always {
+        map.insert(*nr, None);
+    }
+    for rule in rules {
+        for (_, nr) in &rule.syscalls {
+            let entry = map.entry(*nr).or_insert_with(|| Some(Vec::new()));
+            if rule.when.is_empty() {
+                *entry = None;
+                continue;
+            }
+            if let Some(rules) = entry {
+                for group in &rule.when {
+                    let conditions = group
+                        .iter()
+                        .map(condition)
+                        .collect::<Result<Vec<_>, _>>()
+                        .map_err(compile_error)?;
+                    rules.push(SeccompRule::new(conditions).map_err(compile_error)?);
+                }
+            }
+        }
+    }
+    Ok(map
+        .into_iter()
+        .map(|(nr, rules)| (nr, rules.unwrap_or_default()))
+        .collect())
+}
+
+/// Appends the filter matching `rules` with `action` (nothing when `rules` is empty).
+fn push(
+    programs: &mut Vec<Program>,
+    what: &'static str,
+    rules: BTreeMap<i64, Vec<SeccompRule>>,
+    action: SeccompAction,
+    listener: bool,
+) -> Result<(), SeccompError> {
+    if rules.is_empty() {
+        return Ok(());
+    }
+    let filter = SeccompFilter::new(rules, SeccompAction::Allow, action, target_arch())
+        .map_err(|source| SeccompError::Compile { what, source })?;
+    let mut bpf: Vec<sock_filter> = filter
+        .try_into()
+        .map_err(|source| SeccompError::Compile { what, source })?;
+    if listener {
+        let marker = libc::SECCOMP_RET_TRACE | NOTIFY_MARKER;
+        for insn in &mut bpf {
+            if insn.code == RET_K && insn.k == marker {
+                insn.k = libc::SECCOMP_RET_USER_NOTIF;
+            }
+        }
+    }
+    programs.push(Program {
+        what,
+        bpf,
+        listener,
+    });
+    Ok(())
 }
 
 const RET_K: u16 = (libc::BPF_RET | libc::BPF_K) as u16;
