@@ -18,6 +18,7 @@
 //! launcher by seccomp user notification and the launcher performs them itself
 //! ([`crate::emulate`]).
 
+use crate::access::Feature;
 use crate::profile::{Action, Condition, Op, Profile, SyscallRule};
 use crate::syscalls;
 
@@ -131,6 +132,12 @@ pub struct Baseline {
 }
 
 impl Baseline {
+    /// Whether the baseline refuses this call (for calls that reach the launcher).
+    pub fn denies(&self, nr: i64, args: &[u64; 6]) -> bool {
+        self.kernel_rules()
+            .any(|r| r.syscalls.iter().any(|(_, n)| *n == nr) && r.matches_args(args))
+    }
+
     /// Every kernel-answered rule (`rules` then `lock`).
     pub fn kernel_rules(&self) -> impl Iterator<Item = &SyscallRule> {
         self.rules.iter().chain(&self.lock)
@@ -209,6 +216,138 @@ pub fn of(profile: &Profile) -> Baseline {
         ));
     }
     b
+}
+
+/// What the baseline enforces for `profile`, given whether this kernel has seccomp filters
+/// and whether the launcher can answer calls itself (user notification + pidfd_getfd).
+pub fn features(profile: &Profile, seccomp: bool, supervise: bool) -> Vec<Feature> {
+    let mut out = Vec::new();
+    let no_seccomp = "no seccomp filters on this kernel";
+    let why = |enforced: bool, yes: String, no: String| (enforced, if enforced { yes } else { no });
+    match &profile.network {
+        None => out.push(Feature::unconfined(
+            "network",
+            "no [network] table: any socket family, address and port".into(),
+        )),
+        Some(net) => {
+            let mut kinds = vec!["TCP over AF_INET/AF_INET6"];
+            if net.unrestricted_udp {
+                kinds.push("UDP to any address (unrestricted_udp)");
+            }
+            if !net.unix_connect.is_empty() {
+                kinds.push("AF_UNIX stream/seqpacket");
+            }
+            let (on, detail) = why(
+                seccomp,
+                format!(
+                    "socket() only {}; socketpair() only AF_UNIX stream/seqpacket pairs; every other family, type and protocol (MPTCP, netlink, vsock, packet, UNIX datagram, ...) EPERM",
+                    kinds.join(", ")
+                ),
+                format!(
+                    "{no_seccomp}: any socket family and protocol (MPTCP bypasses the TCP rules)"
+                ),
+            );
+            out.push(Feature::new("sockets", on, detail));
+            let (on, detail) = if net.may_listen() {
+                why(
+                    seccomp && supervise,
+                    "listen() only on a socket bound to an allowed port or a UNIX path (performed by the launcher)".into(),
+                    "needs seccomp user notification and pidfd_getfd (Linux 5.6): listen() is unchecked, an unbound socket listens on an ephemeral port".into(),
+                )
+            } else {
+                why(
+                    seccomp,
+                    "listen() EPERM (bind_tcp is empty)".into(),
+                    format!("{no_seccomp}: an unbound socket listens on an ephemeral port"),
+                )
+            };
+            out.push(Feature::new("listen", on, detail));
+            if !net.unix_connect.is_empty() {
+                let paths: Vec<String> = net
+                    .unix_connect
+                    .iter()
+                    .map(|g| g.path.display().to_string())
+                    .collect();
+                let (on, detail) = why(
+                    seccomp && supervise,
+                    format!(
+                        "connect() to UNIX sockets only {} (performed by the launcher; TCP connects too, to connect_tcp ports)",
+                        paths.join(", ")
+                    ),
+                    "needs seccomp user notification and pidfd_getfd (Linux 5.6): AF_UNIX connect reaches any socket the plugin can name".into(),
+                );
+                out.push(Feature::new("unix", on, detail));
+            }
+        }
+    }
+    let ioctls: Vec<&str> = TTY_IOCTLS.iter().map(|(n, _)| *n).collect();
+    let (on, detail) = why(
+        seccomp,
+        format!(
+            "new session without a controlling terminal; ioctl {} EPERM",
+            ioctls.join(", ")
+        ),
+        format!("{no_seccomp}: new session only, terminal ioctls not filtered"),
+    );
+    out.push(Feature::new("terminal", on, detail));
+    out.push(Feature::new(
+        "fds",
+        true,
+        if profile.process.keep_fds.is_empty() {
+            "descriptors above 2 closed at exec".into()
+        } else {
+            format!(
+                "descriptors above 2 closed at exec, but {:?} (keep_fds)",
+                profile.process.keep_fds
+            )
+        },
+    ));
+    if profile.process.sysv_ipc {
+        out.push(Feature::unconfined(
+            "ipc",
+            "SysV IPC and POSIX message queues allowed (sysv_ipc)".into(),
+        ));
+    } else {
+        let (on, detail) = why(
+            seccomp,
+            "SysV shared memory, message queues, semaphores and POSIX message queues EPERM".into(),
+            format!("{no_seccomp}: SysV IPC made outside is reachable"),
+        );
+        out.push(Feature::new("ipc", on, detail));
+    }
+    if profile.process.danger_anonymous_exec {
+        out.push(Feature::unconfined(
+            "exec",
+            "executable memfds and execveat(AT_EMPTY_PATH) allowed (danger_anonymous_exec)".into(),
+        ));
+    } else {
+        let (on, detail) = why(
+            seccomp,
+            "executes only what Landlock grants: memfd_create only with MFD_NOEXEC_SEAL, no memfd_secret, no execveat(AT_EMPTY_PATH)".into(),
+            format!("{no_seccomp}: a memfd can be executed, outside Landlock's execute rules"),
+        );
+        out.push(Feature::new("exec", on, detail));
+    }
+    if profile.process.danger_nested_seccomp {
+        out.push(Feature::unconfined(
+            "nesting",
+            "the plugin may install seccomp filters, which can silence kill rules (danger_nested_seccomp)".into(),
+        ));
+    } else {
+        let (on, detail) = why(
+            seccomp,
+            "seccomp() and prctl(PR_SET_SECCOMP) EPERM: the plugin cannot answer a kill rule with a filter of its own".into(),
+            no_seccomp.into(),
+        );
+        out.push(Feature::new("nesting", on, detail));
+    }
+    let (on, detail) = why(
+        seccomp,
+        "io_uring EPERM (its operations bypass seccomp)".into(),
+        no_seccomp.into(),
+    );
+    out.push(Feature::new("io_uring", on, detail));
+    out
 }
 
 /// The (domain, type, protocol) triples `socket(2)` may create under `profile`.

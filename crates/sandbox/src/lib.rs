@@ -10,6 +10,7 @@
 //! default and allowed at each site, with a `// SAFETY:` line.
 pub mod access;
 pub mod baseline;
+pub mod emulate;
 pub mod launch;
 pub mod oci;
 pub mod profile;

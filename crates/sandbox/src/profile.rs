@@ -123,6 +123,14 @@ pub struct SyscallRule {
 }
 
 impl SyscallRule {
+    /// The same rule once per syscall it names.
+    pub fn per_syscall(&self) -> impl Iterator<Item = SyscallRule> + '_ {
+        self.syscalls.iter().map(|s| SyscallRule {
+            syscalls: vec![s.clone()],
+            ..self.clone()
+        })
+    }
+
     /// Whether a call with these arguments matches the rule.
     pub fn matches_args(&self, args: &[u64; 6]) -> bool {
         self.when.is_empty() || self.when.iter().any(|g| g.iter().all(|c| c.matches(args)))
@@ -736,6 +744,12 @@ impl Profile {
             syscalls,
             skipped_syscalls,
         })
+    }
+
+    /// No `[filesystem]` and no `[network]` table: the plugin may read, write and connect
+    /// wherever its uid can. Refused in `required` mode; warned about in `best_effort`.
+    pub fn confines_nothing(&self) -> bool {
+        self.filesystem.is_none() && self.network.is_none()
     }
 
     /// The first rule of `action` matching this call, if any.

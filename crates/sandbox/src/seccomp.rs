@@ -78,7 +78,14 @@ const NOTIFY_MARKER: u32 = 0x4e58;
 /// errno rules (the profile's `eperm` and the [`baseline`](crate::baseline)), `enosys`,
 /// the notification filter (`kill`, `log` and the calls the launcher answers), and last
 /// the lock, which refuses installing further filters (the launcher installs until then).
-pub fn compile(profile: &Profile, reporting: Reporting) -> Result<Vec<Program>, SeccompError> {
+///
+/// `supervise`: the launcher can answer calls itself (user notification and pidfd_getfd);
+/// without it the calls it would answer are left to the kernel (and `inspect` says so).
+pub fn compile(
+    profile: &Profile,
+    reporting: Reporting,
+    supervise: bool,
+) -> Result<Vec<Program>, SeccompError> {
     let baseline = baseline::of(profile);
     let user = |actions: &'static [Action]| {
         profile
@@ -91,15 +98,28 @@ pub fn compile(profile: &Profile, reporting: Reporting) -> Result<Vec<Program>, 
         programs.push(guard);
     }
     let supervised: Vec<i64> = match reporting {
-        Reporting::Notify => baseline.supervised.iter().map(|s| s.nr()).collect(),
-        // No user notification: nothing can answer them, so they are left to the kernel
-        // (and `inspect` says so).
+        Reporting::Notify if supervise => baseline.supervised.iter().map(|s| s.nr()).collect(),
+        _ => Vec::new(),
+    };
+    // The kernel ranks ERRNO above USER_NOTIF: a baseline EPERM on a call that a `kill` or
+    // `log` rule names would hide the kill and its report. Those syscalls' baseline rules
+    // go into the notification filter instead; the launcher answers EPERM for them
+    // (`baseline::Baseline::denies`) when no kill rule matches.
+    let notified: Vec<i64> = match reporting {
+        Reporting::Notify => user(&[Action::Kill, Action::Log])
+            .flat_map(|r| r.syscalls.iter().map(|(_, nr)| *nr))
+            .collect(),
         Reporting::Kernel => Vec::new(),
     };
+    let (to_listener, to_kernel): (Vec<SyscallRule>, Vec<SyscallRule>) = baseline
+        .rules
+        .iter()
+        .flat_map(SyscallRule::per_syscall)
+        .partition(|r| r.syscalls.iter().any(|(_, nr)| notified.contains(nr)));
     push(
         &mut programs,
         "eperm",
-        by_syscall(user(&[Action::Eperm]).chain(&baseline.rules), &[])?,
+        by_syscall(user(&[Action::Eperm]).chain(&to_kernel), &[])?,
         SeccompAction::Errno(libc::EPERM as u32),
         false,
     )?;
@@ -114,7 +134,10 @@ pub fn compile(profile: &Profile, reporting: Reporting) -> Result<Vec<Program>, 
         Reporting::Notify => push(
             &mut programs,
             "kill/log/supervised (user notification)",
-            by_syscall(user(&[Action::Kill, Action::Log]), &supervised)?,
+            by_syscall(
+                user(&[Action::Kill, Action::Log]).chain(&to_listener),
+                &supervised,
+            )?,
             SeccompAction::Trace(NOTIFY_MARKER),
             true,
         )?,
@@ -375,7 +398,7 @@ mod tests {
 
     #[test]
     fn notify_stack_has_a_listener_and_no_marker_left() {
-        let programs = compile(&default_profile(), Reporting::Notify).expect("compile");
+        let programs = compile(&default_profile(), Reporting::Notify, true).expect("compile");
         let listeners: Vec<_> = programs.iter().filter(|p| p.listener).collect();
         assert_eq!(listeners.len(), 1);
         let marker = libc::SECCOMP_RET_TRACE | NOTIFY_MARKER;
@@ -392,7 +415,7 @@ mod tests {
 
     #[test]
     fn kernel_stack_kills_and_logs_in_the_kernel() {
-        let programs = compile(&default_profile(), Reporting::Kernel).expect("compile");
+        let programs = compile(&default_profile(), Reporting::Kernel, false).expect("compile");
         assert!(programs.iter().all(|p| !p.listener));
         assert!(programs.iter().any(|p| {
             p.what == "kill"

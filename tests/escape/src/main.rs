@@ -466,6 +466,28 @@ fn main() -> ExitCode {
                 stream.read_exact(&mut buf)
             })(),
         ),
+        // The granted path swapped for a symlink to another socket (the plugin may write
+        // the folder it is in).
+        "unix-swap" => out(
+            &format!("connect to {} after making it a link to {}", arg(1), arg(2)),
+            (|| {
+                let _ = std::fs::remove_file(arg(1));
+                std::os::unix::fs::symlink(arg(2), arg(1))?;
+                let mut stream = std::os::unix::net::UnixStream::connect(arg(1))?;
+                stream.set_read_timeout(Some(std::time::Duration::from_secs(10)))?;
+                stream.write_all(b"hello")?;
+                let mut buf = [0u8; 2];
+                stream.read_exact(&mut buf)
+            })(),
+        ),
+        // `unix-race PORT PATH`: connect(fd, addr) while another thread swaps both the
+        // descriptor (a TCP or a UNIX socket) and the address (TCP PORT or UNIX PATH): a
+        // supervisor that checked, then let the call continue, would connect a UNIX socket
+        // to PATH some of the time.
+        "unix-race" => out(
+            &format!("race the connect check to reach {}", arg(2)),
+            unix_race(port_arg(&arg(1)), &arg(2)),
+        ),
         "unix-seqpacket" => out(
             &format!("SOCK_SEQPACKET connect to {}", arg(1)),
             socket(libc::AF_UNIX, libc::SOCK_SEQPACKET, 0).and_then(|fd| {
@@ -808,6 +830,101 @@ fn main() -> ExitCode {
             eprintln!("usage: nexus-escape-probe [--allowed] ESCAPE [ARGS] (see the source)");
             ExitCode::from(USAGE)
         }
+    }
+}
+
+/// See `unix-race` in `main`.
+#[allow(unsafe_code)]
+fn unix_race(port: u16, path: &str) -> std::io::Result<()> {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    // The address buffer both threads share: rewritten in place by the flipper.
+    #[repr(C)]
+    struct Shared {
+        bytes: std::cell::UnsafeCell<[u8; 112]>,
+    }
+    // SAFETY: the data race on `bytes` is the point of the probe; it is plain bytes.
+    unsafe impl Sync for Shared {}
+    let tcp = sockaddr_in(port);
+    let (unix, unix_len) = sockaddr_un(path.as_bytes());
+    let as_bytes = |p: *const u8, n: usize| {
+        // SAFETY: reads `n` bytes of a live local sockaddr.
+        unsafe { std::slice::from_raw_parts(p, n) }.to_vec()
+    };
+    let tcp_bytes = as_bytes((&tcp as *const libc::sockaddr_in).cast(), 16);
+    let unix_bytes = as_bytes(
+        (&unix as *const libc::sockaddr_un).cast(),
+        unix_len as usize,
+    );
+    let shared = Arc::new(Shared {
+        bytes: std::cell::UnsafeCell::new([0; 112]),
+    });
+    let target = 200; // the descriptor number both threads fight over
+    let stop = Arc::new(AtomicBool::new(false));
+    let flips = Arc::new(AtomicUsize::new(0));
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+    let mut attempts = 0usize;
+    let mut escaped = false;
+    while std::time::Instant::now() < deadline && !escaped {
+        let u = socket(libc::AF_UNIX, libc::SOCK_STREAM, 0)?;
+        let t = socket(libc::AF_INET, libc::SOCK_STREAM, 0)?;
+        let (uf, tf) = (u.as_raw_fd(), t.as_raw_fd());
+        let flipper = {
+            let (shared, stop, flips) = (shared.clone(), stop.clone(), flips.clone());
+            let (tcp_bytes, unix_bytes) = (tcp_bytes.clone(), unix_bytes.clone());
+            std::thread::spawn(move || {
+                let mut i = 0usize;
+                while !stop.load(Ordering::Relaxed) {
+                    let (fd, bytes) = if i % 2 == 0 {
+                        (uf, &unix_bytes)
+                    } else {
+                        (tf, &tcp_bytes)
+                    };
+                    // SAFETY: writes at most 112 bytes into the shared buffer; dup2 takes
+                    // integers.
+                    unsafe {
+                        let dst = (*shared.bytes.get()).as_mut_ptr();
+                        std::ptr::copy_nonoverlapping(bytes.as_ptr(), dst, bytes.len());
+                        libc::dup2(fd, target);
+                    }
+                    i += 1;
+                    flips.fetch_add(1, Ordering::Relaxed);
+                }
+            })
+        };
+        for _ in 0..20 {
+            attempts += 1;
+            raw_syscall(
+                libc::SYS_connect,
+                target as _,
+                shared.bytes.get() as _,
+                unix_len.max(16) as _,
+            );
+        }
+        stop.store(true, Ordering::Relaxed);
+        let _ = flipper.join();
+        stop.store(false, Ordering::Relaxed);
+        // Whatever the timing, a UNIX socket with a peer got connected somewhere.
+        let mut peer = sockaddr_un(b"").0;
+        let mut len = std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t;
+        let rc = raw_syscall(
+            libc::SYS_getpeername,
+            uf as _,
+            (&mut peer as *mut libc::sockaddr_un) as _,
+            (&mut len as *mut libc::socklen_t) as _,
+        );
+        escaped = rc == 0;
+    }
+    println!(
+        "{attempts} connects, {} swaps",
+        flips.load(Ordering::Relaxed)
+    );
+    if escaped {
+        Ok(())
+    } else {
+        Err(std::io::Error::other(
+            "no UNIX socket got connected (os error 13)",
+        ))
     }
 }
 
