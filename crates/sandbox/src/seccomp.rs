@@ -413,6 +413,150 @@ mod tests {
         );
     }
 
+    /// Runs one classic-BPF seccomp program (the instructions seccompiler and the x32
+    /// guard emit) on `seccomp_data { nr, arch, ip, args }`.
+    fn run(bpf: &[sock_filter], nr: i64, args: &[u64; 6]) -> u32 {
+        let mut data = [0u32; 16];
+        data[0] = nr as u32;
+        data[1] = if cfg!(target_arch = "x86_64") {
+            0xc000_003e
+        } else {
+            0xc000_00b7
+        };
+        for (i, a) in args.iter().enumerate() {
+            data[4 + 2 * i] = *a as u32;
+            data[5 + 2 * i] = (*a >> 32) as u32;
+        }
+        let (mut acc, mut pc) = (0u32, 0usize);
+        loop {
+            let insn = &bpf[pc];
+            let code = u32::from(insn.code);
+            pc += 1;
+            match code {
+                c if c == libc::BPF_LD | libc::BPF_W | libc::BPF_ABS => {
+                    acc = data[insn.k as usize / 4]
+                }
+                c if c == libc::BPF_ALU | libc::BPF_AND | libc::BPF_K => acc &= insn.k,
+                c if c == libc::BPF_RET | libc::BPF_K => return insn.k,
+                c if c == libc::BPF_JMP | libc::BPF_JA => pc += insn.k as usize,
+                c if c & 0x07 == libc::BPF_JMP => {
+                    let taken = match c & 0xf0 {
+                        x if x == libc::BPF_JEQ => acc == insn.k,
+                        x if x == libc::BPF_JGT => acc > insn.k,
+                        x if x == libc::BPF_JGE => acc >= insn.k,
+                        x if x == libc::BPF_JSET => acc & insn.k != 0,
+                        other => panic!("jump {other:#x}"),
+                    };
+                    pc += usize::from(if taken { insn.jt } else { insn.jf });
+                }
+                other => panic!("instruction {other:#x}"),
+            }
+        }
+    }
+
+    /// What the kernel answers for the stack: the most restrictive action (ties: the
+    /// filter installed last).
+    fn answer(programs: &[Program], nr: i64, args: &[u64; 6]) -> u32 {
+        let action = |r: u32| (r & libc::SECCOMP_RET_ACTION_FULL) as i32;
+        programs.iter().rev().map(|p| run(&p.bpf, nr, args)).fold(
+            libc::SECCOMP_RET_ALLOW,
+            |best, r| {
+                if action(r) < action(best) { r } else { best }
+            },
+        )
+    }
+
+    #[test]
+    fn the_stack_answers_what_the_rules_and_the_baseline_say() {
+        let profile = default_profile();
+        let implied = baseline::of(&profile);
+        let programs = compile(&profile, Reporting::Notify, true).expect("compile");
+        assert_eq!(programs.last().map(|p| p.what), Some("lock"));
+        let eperm = libc::SECCOMP_RET_ERRNO | libc::EPERM as u32;
+        let socket = libc::SYS_socket;
+        for d in [0u64, 1, 2, 3, 10, 16, 17, 40, 1 << 32 | 2] {
+            for t in [1u64, 2, 3, 5, 1 | 0x80800] {
+                for p in [0u64, 6, 17, 262] {
+                    let args = [d, t, p, 0, 0, 0];
+                    let got = answer(&programs, socket, &args);
+                    let expected = if profile.rule_for(Action::Kill, socket, &args).is_some()
+                        || implied.denies(socket, &args)
+                    {
+                        // Kill rules and the allow-list meet in the listener: the
+                        // launcher kills, or answers EPERM itself.
+                        libc::SECCOMP_RET_USER_NOTIF
+                    } else {
+                        libc::SECCOMP_RET_ALLOW
+                    };
+                    assert_eq!(got, expected, "socket{args:x?}");
+                }
+            }
+        }
+        let call = |name: &str, args: [u64; 6]| {
+            answer(&programs, crate::syscalls::number(name).expect(name), &args)
+        };
+        assert_eq!(call("listen", [3, 16, 0, 0, 0, 0]), eperm);
+        assert_eq!(call("ioctl", [0, 0x5412, 0, 0, 0, 0]), eperm);
+        assert_eq!(
+            call("ioctl", [0, 0x5401, 0, 0, 0, 0]),
+            libc::SECCOMP_RET_ALLOW
+        );
+        assert_eq!(call("shmget", [0; 6]), eperm);
+        assert_eq!(call("seccomp", [1, 0, 0, 0, 0, 0]), eperm);
+        assert_eq!(call("seccomp", [2, 0, 0, 0, 0, 0]), libc::SECCOMP_RET_ALLOW);
+        assert_eq!(call("memfd_create", [0, 1, 0, 0, 0, 0]), eperm);
+        assert_eq!(
+            call("memfd_create", [0, 9, 0, 0, 0, 0]),
+            libc::SECCOMP_RET_ALLOW
+        );
+        assert_eq!(call("ptrace", [0; 6]), libc::SECCOMP_RET_USER_NOTIF);
+        assert_eq!(
+            call("clone3", [0; 6]),
+            libc::SECCOMP_RET_ERRNO | libc::ENOSYS as u32
+        );
+        assert_eq!(call("read", [0; 6]), libc::SECCOMP_RET_ALLOW);
+        // The x32 ABI is killed by the guard.
+        if cfg!(target_arch = "x86_64") {
+            assert_eq!(
+                answer(&programs, 0x4000_0000 | 101, &[0; 6]),
+                libc::SECCOMP_RET_KILL_PROCESS
+            );
+        }
+        // Without user notification the allow-list stays in the kernel, kills too.
+        let kernel = compile(&profile, Reporting::Kernel, false).expect("compile");
+        assert_eq!(answer(&kernel, socket, &[2, 1, 262, 0, 0, 0]), eperm);
+        assert_eq!(
+            answer(&kernel, socket, &[17, 3, 0, 0, 0, 0]),
+            libc::SECCOMP_RET_KILL_PROCESS
+        );
+    }
+
+    #[test]
+    fn supervised_calls_go_to_the_listener() {
+        let dir = std::env::temp_dir();
+        let text = format!(
+            "version = 1\nmode = \"required\"\n[network]\nbind_tcp = [8081]\nunix_connect = [{:?}]\n",
+            dir.join("x.sock").display().to_string()
+        );
+        let profile = Profile::parse(Path::new("p.toml"), &text, &|_| None).expect("parse");
+        let programs = compile(&profile, Reporting::Notify, true).expect("compile");
+        for name in ["listen", "connect"] {
+            let nr = crate::syscalls::number(name).expect(name);
+            assert_eq!(
+                answer(&programs, nr, &[3, 0, 0, 0, 0, 0]),
+                libc::SECCOMP_RET_USER_NOTIF
+            );
+        }
+        // When the launcher cannot answer them, the kernel lets them through (and
+        // `inspect` lists them as not enforced).
+        let programs = compile(&profile, Reporting::Notify, false).expect("compile");
+        let nr = crate::syscalls::number("listen").expect("listen");
+        assert_eq!(
+            answer(&programs, nr, &[3, 0, 0, 0, 0, 0]),
+            libc::SECCOMP_RET_ALLOW
+        );
+    }
+
     #[test]
     fn kernel_stack_kills_and_logs_in_the_kernel() {
         let programs = compile(&default_profile(), Reporting::Kernel, false).expect("compile");
