@@ -69,13 +69,18 @@ pub struct ExportError {
 }
 
 /// Converts the profile's syscall rules and the rules its shape implies
-/// ([`baseline`]: the socket allow-list, terminal ioctls, IPC, nested seccomp, anonymous
-/// executables). The calls the launcher answers itself (`listen`, `connect` when it
-/// supervises them) cannot be decided by a runtime's filter and are left allowed there.
+/// ([`baseline`]: the socket allow-list, terminal ioctls, IPC, anonymous executables,
+/// io_uring).
+///
+/// The runtime's filter confines the whole container, the launcher included, so it leaves
+/// open what the launcher itself does: installing its filters (`seccomp`: the baseline's
+/// lock is not exported; the launcher's own filter refuses it to the plugin) and the
+/// calls the launcher answers for the plugin (`listen`, `connect` when it supervises
+/// them), which a runtime's filter could not decide anyway.
 pub fn export(profile: &Profile) -> Result<SeccompProfile, ExportError> {
     let mut syscalls = Vec::new();
     let implied = baseline::of(profile);
-    for rule in profile.syscalls.iter().chain(implied.kernel_rules()) {
+    for rule in profile.syscalls.iter().chain(&implied.rules) {
         let (action, errno_ret) = match rule.action {
             Action::Kill => ("SCMP_ACT_KILL_PROCESS", None),
             Action::Eperm => ("SCMP_ACT_ERRNO", Some(libc::EPERM as u32)),
