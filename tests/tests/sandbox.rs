@@ -706,7 +706,7 @@ mod libc_sig {
     pub const TERM: i32 = 15;
 }
 
-/// 2. TIOCSTI for real: the launcher runs on a pseudo-terminal that is its controlling
+/// Item 2 of issue 21: TIOCSTI for real: the launcher runs on a pseudo-terminal that is its controlling
 /// terminal (as from a login shell), and the harness prints what waits in the terminal's
 /// input queue afterwards: what the shell would read and run.
 #[test]
@@ -767,7 +767,7 @@ fn the_plugin_cannot_type_into_its_terminal() {
     }
 }
 
-/// 2. Descriptors: the caller's fd 5 (a secret) is not the plugin's, unless the profile
+/// Item 2 of issue 21: Descriptors: the caller's fd 5 (a secret) is not the plugin's, unless the profile
 /// names it in `keep_fds`.
 #[test]
 fn inherited_descriptors_are_closed_unless_the_profile_keeps_them() {
@@ -817,7 +817,7 @@ fn inherited_descriptors_are_closed_unless_the_profile_keeps_them() {
     assert_eq!(run.code, ESCAPED, "kept: {}\n{}", run.stdout, run.stderr);
 }
 
-/// 1. A profile that grants UNIX socket paths: the launcher performs connect and listen
+/// Item 1 of issue 21: A profile that grants UNIX socket paths: the launcher performs connect and listen
 /// for the plugin, so it reaches exactly the listed socket, never another one (not by a
 /// symlink swapped in, not by an abstract name, not by racing the check), and TCP still
 /// only to `connect_tcp`.
@@ -896,7 +896,7 @@ fn unix_connect_reaches_only_the_listed_sockets() {
     assert_eq!(control.code, ESCAPED, "{}", control.stdout);
 }
 
-/// 4. A profile with no [filesystem] and no [network] table confines nothing: refused in
+/// Item 4 of issue 21: A profile with no [filesystem] and no [network] table confines nothing: refused in
 /// required mode (before anything runs), warned about and reported in best_effort.
 #[test]
 fn a_profile_that_confines_nothing_is_refused_or_reported() {
@@ -1209,7 +1209,7 @@ fn check_reports_the_landlock_abi_and_what_is_enforced() {
     }
 }
 
-/// 4. docs/sandbox.md shows `--check` of both shipped profiles on the machines this
+/// Item 4 of issue 21: docs/sandbox.md shows `--check` of both shipped profiles on the machines this
 /// project runs on; this kernel must print exactly that.
 #[test]
 fn the_docs_show_what_check_prints_on_this_kernel() {
@@ -1503,7 +1503,7 @@ fn export_seccomp_writes_a_valid_oci_profile_with_the_same_rules() {
     assert!(oci_schema::validate(&broken).is_err());
 }
 
-/// 5. The exported profile carries the launcher's implied rules for both shipped
+/// Item 5 of issue 21: The exported profile carries the launcher's implied rules for both shipped
 /// profiles: evaluated as a runtime would, it refuses what the launcher refuses.
 #[test]
 fn the_exported_profile_refuses_what_the_launcher_refuses() {
@@ -1565,7 +1565,11 @@ fn the_exported_profile_refuses_what_the_launcher_refuses() {
         assert_eq!(act("pidfd_getfd", [3, 4, 0, 0, 0, 0]), allow);
         assert_eq!(act("pidfd_open", [42, 0, 0, 0, 0, 0]), allow);
         assert_eq!(act("socketpair", [1, 5 | 0x80000, 0, 0, 0, 0]), allow);
-        assert_eq!(act("prctl", [38, 1, 0, 0, 0, 0]), allow, "PR_SET_NO_NEW_PRIVS");
+        assert_eq!(
+            act("prctl", [38, 1, 0, 0, 0, 0]),
+            allow,
+            "PR_SET_NO_NEW_PRIVS"
+        );
         // Anonymous executables.
         assert_eq!(act("memfd_create", [0, 1, 0, 0, 0, 0]), errno);
         // Allowed (and audited by the python profile's log rule).

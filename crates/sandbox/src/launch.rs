@@ -1,13 +1,16 @@
 //! The launcher: start the plugin under its profile and supervise it, as tini does.
 //!
-//! The launcher is single-threaded on purpose: Landlock and seccomp apply to the calling
-//! thread only, and the child runs Rust code (the Landlock ruleset) between fork and exec,
-//! which is sound only when no other thread could hold a lock at fork time.
+//! The launcher is single-threaded until the plugin runs, on purpose: Landlock and seccomp
+//! apply to the calling thread only, and the child runs Rust code (the Landlock ruleset)
+//! between fork and exec, which is sound only when no other thread could hold a lock at
+//! fork time. Once the plugin runs, a connect the launcher performs for it may get a
+//! thread of its own (see [`crate::emulate`]); nothing forks after that.
 //!
-//! Order in the child, after fork: empty signal mask → Landlock (sets no_new_privs) →
+//! Order in the child, after fork: empty signal mask → setsid (no controlling terminal) →
+//! close-on-exec every descriptor above 2 but `keep_fds` → Landlock (sets no_new_privs) →
 //! drop every capability (bounding set included, so root gets none back at exec) →
-//! seccomp filters, the last one with a notification listener → the listener is passed to
-//! the parent over a SOCK_SEQPACKET pair (with the outcome) → exec.
+//! seccomp filters (the notification filter with a listener, the lock last) → the
+//! listener is passed to the parent over a SOCK_SEQPACKET pair (with the outcome) → exec.
 //!
 //! The parent blocks the signals it forwards and reads them from a signalfd, so one
 //! `poll` covers signals, child exits and seccomp notifications.

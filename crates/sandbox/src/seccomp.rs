@@ -18,6 +18,12 @@
 //!
 //! `eperm`/`enosys` rules are answered by the kernel and not reported: a plugin probing
 //! for io_uring at start-up is not an incident.
+//!
+//! The rules a profile's shape implies ([`crate::baseline`]) join the `eperm` filter,
+//! except on syscalls a `kill` or `log` rule names: errno outranks user notification, so
+//! there they join the notification filter and the launcher answers EPERM. The calls the
+//! launcher performs itself (`listen`, `connect`) join the notification filter. The
+//! baseline's lock (no `seccomp()` for the plugin) is a filter of its own, installed last.
 
 use std::collections::BTreeMap;
 use std::os::fd::{FromRawFd, OwnedFd};

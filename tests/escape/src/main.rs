@@ -875,7 +875,7 @@ fn unix_race(port: u16, path: &str) -> std::io::Result<()> {
             std::thread::spawn(move || {
                 let mut i = 0usize;
                 while !stop.load(Ordering::Relaxed) {
-                    let (fd, bytes) = if i % 2 == 0 {
+                    let (fd, bytes) = if i.is_multiple_of(2) {
                         (uf, &unix_bytes)
                     } else {
                         (tf, &tcp_bytes)
