@@ -438,6 +438,10 @@ fn escapes(w: &World, ipc: &Ipc) -> Vec<(Vec<String>, Expect)> {
         (vec!["memfd-exec"], Expect::Blocked(&[EPERM])),
         (vec!["memfd-proc-exec"], Expect::Blocked(&[EPERM])),
         (vec!["memfd-noexec-exec"], Expect::Blocked(denied)),
+        // A sealed memfd is allowed, but has no execute bit, ever.
+        (vec!["memfd-noexec-proc-exec"], Expect::Blocked(&[EACCES])),
+        // The launcher's descriptors (its seccomp listener among them).
+        (vec!["steal-fds"], Expect::Blocked(denied)),
         (vec!["tmpfile-exec", &work], Expect::Blocked(denied)),
         (vec!["file-exec", &work], Expect::Blocked(&[EACCES])),
     ];
@@ -566,6 +570,7 @@ fn the_escapes_are_real_without_the_sandbox() {
         vec!["mask-kill-prctl"],
         vec!["memfd-exec"],
         vec!["memfd-proc-exec"],
+        vec!["steal-fds"],
     ] {
         let run = unsandboxed(&probe);
         assert_eq!(

@@ -692,6 +692,13 @@ fn main() -> ExitCode {
             "execveat(MFD_NOEXEC_SEAL memfd)",
             memfd_exec(MemfdExec::NoexecSeal),
         ),
+        "memfd-noexec-proc-exec" => out(
+            "execve(/proc/self/fd/<MFD_NOEXEC_SEAL memfd>)",
+            memfd_exec(MemfdExec::NoexecSealProc),
+        ),
+        // The launcher holds the seccomp listener: with it the plugin could answer its own
+        // kill rules. Take any descriptor of the parent with pidfd_getfd.
+        "steal-fds" => out("pidfd_getfd on the launcher", steal_parent_fds()),
         "memfd-noexec" => out(
             "memfd_create(MFD_NOEXEC_SEAL)",
             ok(raw_syscall(
@@ -1029,6 +1036,27 @@ enum MemfdExec {
     Execveat,
     Proc,
     NoexecSeal,
+    NoexecSealProc,
+}
+
+fn steal_parent_fds() -> std::io::Result<()> {
+    let pidfd = check(raw_syscall(
+        libc::SYS_pidfd_open,
+        std::os::unix::process::parent_id() as _,
+        0,
+        0,
+    ))?;
+    let mut last = std::io::Error::from_raw_os_error(libc::EBADF);
+    for fd in 0..64 {
+        match check(raw_syscall(libc::SYS_pidfd_getfd, pidfd, fd, 0)) {
+            Ok(_) => {
+                println!("took the launcher's descriptor {fd}");
+                return Ok(());
+            }
+            Err(e) => last = e,
+        }
+    }
+    Err(last)
 }
 
 /// argv/envp for running a copy of the probe as `marker WHAT`.
@@ -1066,6 +1094,7 @@ fn memfd_exec(kind: MemfdExec) -> std::io::Result<()> {
         MemfdExec::Execveat => libc::MFD_CLOEXEC,
         MemfdExec::Proc => 0,
         MemfdExec::NoexecSeal => libc::MFD_CLOEXEC | libc::MFD_NOEXEC_SEAL,
+        MemfdExec::NoexecSealProc => libc::MFD_NOEXEC_SEAL,
     };
     let fd = check(raw_syscall(
         libc::SYS_memfd_create,
@@ -1077,7 +1106,7 @@ fn memfd_exec(kind: MemfdExec) -> std::io::Result<()> {
     let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
     copy_self(&fd)?;
     let argv = marker_argv("memfd exec");
-    if kind == MemfdExec::Proc {
+    if matches!(kind, MemfdExec::Proc | MemfdExec::NoexecSealProc) {
         let path = CString::new(format!("/proc/self/fd/{}", fd.as_raw_fd())).unwrap_or_default();
         return ok(raw_syscall(
             libc::SYS_execve,
