@@ -3,12 +3,19 @@
 
 Runs, N times each and interleaved so drift hits every variant alike:
   direct        /bin/true
-  launcher      nexus-launch with an empty profile (supervision only, nothing confined)
+  launcher      nexus-launch with an empty profile (supervision, and the filters every
+                profile gets; it confines nothing, so the launcher warns, on stderr)
   sandbox       nexus-launch --profile profiles/default.toml (Landlock + seccomp)
+  python        nexus-launch --profile profiles/example-python-model.toml
 and prints the median, p95 and mean wall time of each, and the overhead over `direct`.
 
     cargo build --release -p nexus-launch
     python3 bench/sandbox_launch.py [--runs 300] [--launcher target/release/nexus-launch]
+        [--before /path/to/an/older/nexus-launch]
+
+--before adds the launcher variants of an older build (named `...@before`), interleaved
+with the others in the same loop, so a before/after comparison sees the same machine
+load (the development machines are shared and noisy).
 
 The target is an added median <= 5 ms for the sandbox.
 """
@@ -25,7 +32,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def timed(argv, env):
     start = time.perf_counter_ns()
-    code = subprocess.call(argv, env=env, stdout=subprocess.DEVNULL)
+    code = subprocess.call(
+        argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     elapsed = (time.perf_counter_ns() - start) / 1e6
     if code != 0:
         raise SystemExit(f"{argv} exited {code}")
@@ -44,6 +53,7 @@ def main():
         "--launcher", default=os.path.join(ROOT, "target/release/nexus-launch")
     )
     parser.add_argument("--command", default="/bin/true")
+    parser.add_argument("--before", help="an older nexus-launch to compare with")
     args = parser.parse_args()
 
     env = dict(os.environ)
@@ -53,6 +63,7 @@ def main():
         with open(empty, "w") as f:
             f.write('version = 1\nname = "empty"\nmode = "best_effort"\n')
         env["NEXUS_PLUGIN_WORKDIR"] = tmp
+        env["NEXUS_PLUGIN_DATA"] = tmp
         variants = {
             "direct": [args.command],
             "launcher": [args.launcher, "--profile", empty, "--", args.command],
@@ -63,7 +74,17 @@ def main():
                 "--",
                 args.command,
             ],
+            "python": [
+                args.launcher,
+                "--profile",
+                os.path.join(ROOT, "profiles/example-python-model.toml"),
+                "--",
+                args.command,
+            ],
         }
+        if args.before:
+            for name in ["launcher", "sandbox", "python"]:
+                variants[f"{name}@before"] = [args.before] + variants[name][1:]
         for argv in variants.values():  # warm the page cache
             for _ in range(10):
                 timed(argv, env)
@@ -74,11 +95,11 @@ def main():
 
     base = statistics.median(samples["direct"])
     print(f"launch overhead, {args.runs} runs each, command {args.command}")
-    print(f"{'variant':<10} {'median ms':>10} {'p95 ms':>8} {'mean ms':>8} {'+median ms':>11}")
+    print(f"{'variant':<16} {'median ms':>10} {'p95 ms':>8} {'mean ms':>8} {'+median ms':>11}")
     for name, values in samples.items():
         med = statistics.median(values)
         print(
-            f"{name:<10} {med:>10.3f} {pct(values, 95):>8.3f} "
+            f"{name:<16} {med:>10.3f} {pct(values, 95):>8.3f} "
             f"{statistics.mean(values):>8.3f} {med - base:>11.3f}"
         )
 

@@ -10,6 +10,9 @@ command -v curl >/dev/null || need_apt+=(curl)
 command -v openssl >/dev/null || need_apt+=(openssl)
 command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || need_apt+=(nginx)
 command -v ip >/dev/null || need_apt+=(iproute2)
+# The distribution's interpreter (stdlib under /usr/lib): the sandbox suite runs a Python
+# model under the shipped profiles, which grant /usr/lib, not a pyenv tree.
+[ -x /usr/bin/python3 ] || need_apt+=(python3)
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "install-test-deps: apt-get install ${need_apt[*]}"
   export DEBIAN_FRONTEND=noninteractive

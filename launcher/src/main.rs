@@ -138,11 +138,7 @@ fn check(profile: &Profile) -> ExitCode {
         println!(
             "  {:<10} {:<12} {}",
             feature.name,
-            if feature.enforced {
-                "enforced"
-            } else {
-                "NOT enforced"
-            },
+            feature.state.as_str(),
             feature.detail
         );
     }

@@ -51,12 +51,65 @@ fn abi_of(version: i32) -> ABI {
 /// One feature of the profile and whether this kernel enforces it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Feature {
-    /// Short name (`filesystem`, `tcp`, `scopes`, `seccomp`, ...).
+    /// Short name (`filesystem`, `tcp`, `scopes`, `sockets`, `seccomp`, ...).
     pub name: &'static str,
-    /// Enforced on this kernel.
-    pub enforced: bool,
+    /// Enforced, not enforceable here, or left open by the profile.
+    pub state: State,
     /// What is or is not enforced, and what ABI or kernel would.
     pub detail: String,
+}
+
+/// Whether a feature holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum State {
+    /// This kernel enforces it.
+    Enforced,
+    /// The profile asks for it and this kernel cannot enforce it: `required` refuses to
+    /// start, `best_effort` starts and says so.
+    NotEnforced,
+    /// The profile itself leaves it open (no table, or an opt-in).
+    Unconfined,
+}
+
+impl State {
+    /// The word `--check` prints.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            State::Enforced => "enforced",
+            State::NotEnforced => "NOT enforced",
+            State::Unconfined => "unconfined",
+        }
+    }
+}
+
+impl Feature {
+    /// A feature the profile asks for: enforced or not, on this kernel.
+    pub fn new(name: &'static str, enforced: bool, detail: String) -> Feature {
+        Feature {
+            name,
+            state: if enforced {
+                State::Enforced
+            } else {
+                State::NotEnforced
+            },
+            detail,
+        }
+    }
+
+    /// Something the profile leaves open.
+    pub fn unconfined(name: &'static str, detail: String) -> Feature {
+        Feature {
+            name,
+            state: State::Unconfined,
+            detail,
+        }
+    }
+
+    /// Enforced on this kernel.
+    pub fn enforced(&self) -> bool {
+        self.state == State::Enforced
+    }
 }
 
 /// What the profile asks for against what the kernel enforces.
@@ -69,24 +122,33 @@ pub struct Enforcement {
 }
 
 impl Enforcement {
-    /// The features not enforced.
+    /// The features the profile asks for that this kernel does not enforce.
     pub fn missing(&self) -> impl Iterator<Item = &Feature> {
-        self.features.iter().filter(|f| !f.enforced)
+        self.features
+            .iter()
+            .filter(|f| f.state == State::NotEnforced)
     }
 }
 
 /// The Landlock part of the enforcement plan for `profile` on ABI `abi`.
 pub fn plan(profile: &Profile, abi: i32) -> Vec<Feature> {
     let mut features = Vec::new();
-    if let Some(fs) = &profile.filesystem {
-        let grants = fs.read.len() + fs.write.len() + fs.execute.len();
-        features.push(filesystem_feature(abi, grants));
+    match &profile.filesystem {
+        Some(fs) => {
+            let grants = fs.read.len() + fs.write.len() + fs.execute.len();
+            features.push(filesystem_feature(abi, grants));
+        }
+        None => features.push(Feature::unconfined(
+            "filesystem",
+            "no [filesystem] table: every file its uid can reach (and pathname UNIX sockets)"
+                .into(),
+        )),
     }
     if let Some(net) = &profile.network {
-        features.push(Feature {
-            name: "tcp",
-            enforced: abi >= 4,
-            detail: if abi >= 4 {
+        features.push(Feature::new(
+            "tcp",
+            abi >= 4,
+            if abi >= 4 {
                 format!(
                     "TCP connect only to ports {:?}, bind only {:?}",
                     net.connect_tcp, net.bind_tcp
@@ -96,29 +158,62 @@ pub fn plan(profile: &Profile, abi: i32) -> Vec<Feature> {
                     "Landlock ABI {abi} cannot restrict TCP (ABI 4, Linux 6.7): connect and bind are unrestricted"
                 )
             },
-        });
+        ));
     }
-    if profile.scopes.signal || profile.scopes.abstract_unix_socket {
-        features.push(Feature {
-            name: "scopes",
-            enforced: abi >= 6,
-            detail: if abi >= 6 {
-                "signals and abstract UNIX sockets confined to the sandbox".into()
+    let scopes = &profile.scopes;
+    let asked: Vec<&str> = [
+        (scopes.signal, "signals"),
+        (scopes.abstract_unix_socket, "abstract UNIX sockets"),
+    ]
+    .iter()
+    .filter(|(on, _)| *on)
+    .map(|(_, what)| *what)
+    .collect();
+    if !asked.is_empty() {
+        features.push(Feature::new(
+            "scopes",
+            abi >= 6,
+            if abi >= 6 {
+                format!("{} confined to the sandbox", asked.join(" and "))
             } else {
                 format!(
-                    "Landlock ABI {abi} has no scopes (ABI 6, Linux 6.12): the plugin can signal the launcher and reach abstract sockets"
+                    "Landlock ABI {abi} has no scopes (ABI 6, Linux 6.12): the plugin can reach {} outside the sandbox (the launcher among them); set them false in [scope] to accept that",
+                    asked.join(" and ")
                 )
             },
-        });
+        ));
+    }
+    if asked.len() < 2 {
+        features.push(Feature::unconfined(
+            "scopes",
+            format!(
+                "{} outside the sandbox reachable ([scope] turns it off)",
+                if asked.is_empty() {
+                    "signals and abstract UNIX sockets"
+                } else if scopes.signal {
+                    "abstract UNIX sockets"
+                } else {
+                    "signals"
+                }
+            ),
+        ));
     }
     features
 }
 
+/// Whether the profile asks Landlock for anything (then `required` checks the ruleset).
+pub fn uses_landlock(profile: &Profile) -> bool {
+    profile.filesystem.is_some()
+        || profile.network.is_some()
+        || profile.scopes.signal
+        || profile.scopes.abstract_unix_socket
+}
+
 fn filesystem_feature(abi: i32, grants: usize) -> Feature {
-    Feature {
-        name: "filesystem",
-        enforced: abi >= 3,
-        detail: match abi {
+    Feature::new(
+        "filesystem",
+        abi >= 3,
+        match abi {
             0 => "Landlock is not available: the plugin can read and write every file its uid can"
                 .into(),
             1 | 2 => format!(
@@ -129,7 +224,7 @@ fn filesystem_feature(abi: i32, grants: usize) -> Feature {
                 if abi >= 5 { ", device ioctl" } else { "" }
             ),
         },
-    }
+    )
 }
 
 const READ: &[AccessFs] = &[AccessFs::ReadFile, AccessFs::ReadDir];
@@ -267,7 +362,7 @@ mod tests {
         let missing = |abi| -> Vec<&'static str> {
             plan(&profile, abi)
                 .into_iter()
-                .filter(|f| !f.enforced)
+                .filter(|f| f.state == State::NotEnforced)
                 .map(|f| f.name)
                 .collect()
         };

@@ -1,13 +1,16 @@
 //! The launcher: start the plugin under its profile and supervise it, as tini does.
 //!
-//! The launcher is single-threaded on purpose: Landlock and seccomp apply to the calling
-//! thread only, and the child runs Rust code (the Landlock ruleset) between fork and exec,
-//! which is sound only when no other thread could hold a lock at fork time.
+//! The launcher is single-threaded until the plugin runs, on purpose: Landlock and seccomp
+//! apply to the calling thread only, and the child runs Rust code (the Landlock ruleset)
+//! between fork and exec, which is sound only when no other thread could hold a lock at
+//! fork time. Once the plugin runs, a connect the launcher performs for it may get a
+//! thread of its own (see [`crate::emulate`]); nothing forks after that.
 //!
-//! Order in the child, after fork: empty signal mask → Landlock (sets no_new_privs) →
+//! Order in the child, after fork: empty signal mask → setsid (no controlling terminal) →
+//! close-on-exec every descriptor above 2 but `keep_fds` → Landlock (sets no_new_privs) →
 //! drop every capability (bounding set included, so root gets none back at exec) →
-//! seccomp filters, the last one with a notification listener → the listener is passed to
-//! the parent over a SOCK_SEQPACKET pair (with the outcome) → exec.
+//! seccomp filters (the notification filter with a listener, the lock last) → the
+//! listener is passed to the parent over a SOCK_SEQPACKET pair (with the outcome) → exec.
 //!
 //! The parent blocks the signals it forwards and reads them from a signalfd, so one
 //! `poll` covers signals, child exits and seccomp notifications.
@@ -20,7 +23,11 @@ use std::sync::Arc;
 
 use landlock::RulesetStatus;
 
+use std::sync::atomic::{AtomicUsize, Ordering};
+
 use crate::access::{self, Enforcement, Feature};
+use crate::baseline::{self, Supervised};
+use crate::emulate::{self, Decision};
 use crate::profile::{Action, Mode, Profile};
 use crate::report::{self, Violation};
 use crate::seccomp::{self, Program, Reporting};
@@ -87,25 +94,63 @@ impl LaunchError {
     }
 }
 
+/// What this kernel offers the sandbox.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Kernel {
+    /// The Landlock ABI (0: none).
+    pub landlock_abi: i32,
+    /// seccomp filters.
+    pub seccomp: bool,
+    /// How kill and log rules reach the launcher.
+    pub reporting: Reporting,
+    /// The launcher can answer calls itself: user notification and pidfd_getfd.
+    pub supervise: bool,
+}
+
+impl Kernel {
+    /// Probes the running kernel.
+    pub fn probe() -> Kernel {
+        let reporting = if seccomp::notify_available() {
+            Reporting::Notify
+        } else {
+            Reporting::Kernel
+        };
+        Kernel {
+            landlock_abi: access::kernel_abi(),
+            seccomp: seccomp::available(),
+            reporting,
+            supervise: reporting == Reporting::Notify && sys::has_pidfd_getfd(),
+        }
+    }
+}
+
 /// What will be enforced for `profile` on this kernel, and how violations are reported.
-pub fn inspect(profile: &Profile) -> (Enforcement, Reporting) {
-    let abi = access::kernel_abi();
-    let mut features = access::plan(profile, abi);
-    let has_seccomp = seccomp::available();
-    let reporting = if seccomp::notify_available() {
-        Reporting::Notify
-    } else {
-        Reporting::Kernel
-    };
+pub fn inspect(profile: &Profile) -> (Enforcement, Kernel) {
+    let kernel = Kernel::probe();
+    let abi = kernel.landlock_abi;
+    let mut features = Vec::new();
+    if profile.confines_nothing() {
+        features.push(Feature::unconfined(
+            "profile",
+            "confines nothing: no [filesystem] and no [network] table (refused in required mode)"
+                .into(),
+        ));
+    }
+    features.extend(access::plan(profile, abi));
+    features.extend(baseline::features(
+        profile,
+        kernel.seccomp,
+        kernel.supervise,
+    ));
     if !profile.syscalls.is_empty() {
-        features.push(Feature {
-            name: "seccomp",
-            enforced: has_seccomp,
-            detail: if has_seccomp {
+        features.push(Feature::new(
+            "seccomp",
+            kernel.seccomp,
+            if kernel.seccomp {
                 format!(
                     "{} syscall rules; kill and log reported {}",
                     profile.syscalls.len(),
-                    match reporting {
+                    match kernel.reporting {
                         Reporting::Notify => "with the syscall name (user notification)",
                         Reporting::Kernel =>
                             "without the syscall name (no user notification on this kernel)",
@@ -114,14 +159,14 @@ pub fn inspect(profile: &Profile) -> (Enforcement, Reporting) {
             } else {
                 "seccomp filters are not available: no syscall is filtered".into()
             },
-        });
+        ));
     }
     (
         Enforcement {
             landlock_abi: abi,
             features,
         },
-        reporting,
+        kernel,
     )
 }
 
@@ -166,7 +211,7 @@ pub fn run(launch: Launch) -> Result<i32, LaunchError> {
     };
     let exe = resolve(program)?;
     let shown = exe.display().to_string();
-    let (enforcement, reporting) = inspect(&profile);
+    let (enforcement, kernel) = inspect(&profile);
     let missing: Vec<&Feature> = enforcement.missing().collect();
     if !missing.is_empty() {
         let lines = missing
@@ -186,13 +231,21 @@ pub fn run(launch: Launch) -> Result<i32, LaunchError> {
             enforcement.landlock_abi
         );
     }
+    if profile.confines_nothing() {
+        eprintln!(
+            "nexus-launch: WARNING: profile {} ({}) confines nothing: no [filesystem] and no [network] table, so the plugin may read, write and connect wherever its uid can",
+            profile.name,
+            profile.source.display()
+        );
+    }
     let start_error = |detail: String, exec: bool| LaunchError::Start {
         command: shown.clone(),
         detail,
         exec,
     };
-    let programs: Vec<Program> = if seccomp::available() {
-        seccomp::compile(&profile, reporting).map_err(|e| start_error(e.to_string(), false))?
+    let programs: Vec<Program> = if kernel.seccomp {
+        seccomp::compile(&profile, kernel.reporting, kernel.supervise)
+            .map_err(|e| start_error(e.to_string(), false))?
     } else {
         Vec::new()
     };
@@ -208,7 +261,7 @@ pub fn run(launch: Launch) -> Result<i32, LaunchError> {
     let mut command = std::process::Command::new(&exe);
     command.arg0(program).args(&launch.command[1..]);
     let child_socket = child_end.as_raw_fd();
-    let uses_landlock = !access::plan(&profile, enforcement.landlock_abi).is_empty();
+    let uses_landlock = access::uses_landlock(&profile);
     let setup = ChildSetup {
         profile: Arc::clone(&profile),
         abi: enforcement.landlock_abi,
@@ -256,8 +309,24 @@ pub fn run(launch: Launch) -> Result<i32, LaunchError> {
         report_url: launch.report_url.as_deref(),
         child: pid,
         reported: Vec::new(),
+        supervised: if kernel.supervise {
+            baseline::of(&profile).supervised
+        } else {
+            Vec::new()
+        },
+        baseline: baseline::of(&profile),
+        pending: Arc::new(AtomicUsize::new(0)),
     };
-    Ok(supervisor.run(&signals, listener))
+    if profile.confines_nothing() {
+        supervisor.report(Violation::now(
+            report::UNCONFINED,
+            Action::Log.as_str(),
+            child.id(),
+            None,
+            &profile.name,
+        ));
+    }
+    Ok(supervisor.run(&signals, listener.map(Arc::new)))
 }
 
 struct ChildSetup {
@@ -281,6 +350,11 @@ impl ChildSetup {
             std::io::Error::from_raw_os_error(libc::EPERM)
         };
         sys::unblock_all_signals().map_err(|e| fail(&format!("signal mask: {e}")))?;
+        // No controlling terminal: nothing typed into the plugin's terminal from inside.
+        sys::setsid().map_err(|e| fail(&format!("setsid: {e}")))?;
+        // Only stdio and the descriptors the profile names reach the plugin.
+        sys::cloexec_above_stdio(&self.profile.process.keep_fds)
+            .map_err(|e| fail(&format!("closing inherited descriptors: {e}")))?;
         let status = access::restrict(&self.profile, self.abi, &self.exe).map_err(|e| fail(&e))?;
         if self.profile.mode == Mode::Required
             && self.uses_landlock
@@ -324,10 +398,17 @@ struct Supervisor<'a> {
     child: i32,
     /// Pids already reported as killed (the exit is not reported twice).
     reported: Vec<u32>,
+    /// The calls this launcher answers itself (empty when the kernel cannot).
+    supervised: Vec<Supervised>,
+    /// The rules the profile's shape implies: some reach the launcher (see
+    /// `seccomp::compile`), which then answers EPERM.
+    baseline: baseline::Baseline,
+    /// Connects in progress on their own threads.
+    pending: Arc<AtomicUsize>,
 }
 
 impl Supervisor<'_> {
-    fn run(mut self, signals: &OwnedFd, mut listener: Option<OwnedFd>) -> i32 {
+    fn run(mut self, signals: &OwnedFd, mut listener: Option<Arc<OwnedFd>>) -> i32 {
         loop {
             let mut fds = [
                 libc::pollfd {
@@ -389,7 +470,7 @@ impl Supervisor<'_> {
         result
     }
 
-    fn notification(&mut self, listener: &OwnedFd) {
+    fn notification(&mut self, listener: &Arc<OwnedFd>) {
         let notif = match sys::notification_receive(listener) {
             Ok(Some(n)) => n,
             Ok(None) => return,
@@ -400,6 +481,7 @@ impl Supervisor<'_> {
         };
         let name = syscalls::name(notif.nr).unwrap_or("unknown");
         let pid = i32::try_from(notif.pid).unwrap_or(0);
+        let supervised = self.supervised.iter().find(|s| s.nr() == notif.nr).copied();
         if self
             .profile
             .rule_for(Action::Kill, notif.nr, &notif.args)
@@ -417,12 +499,28 @@ impl Supervisor<'_> {
                 Some(libc::SIGKILL),
                 &self.profile.name,
             ));
-        } else if self
+            return;
+        }
+        let logged = self
             .profile
             .rule_for(Action::Log, notif.nr, &notif.args)
-            .is_some()
-        {
-            let _ = sys::notification_respond(listener, notif.id, true, 0);
+            .is_some();
+        if self.baseline.denies(notif.nr, &notif.args) {
+            // Refused as the kernel would have refused it; reported only if a log rule
+            // asked to hear about this call.
+            if logged {
+                self.report(Violation::now(
+                    name,
+                    Action::Eperm.as_str(),
+                    notif.pid,
+                    None,
+                    &self.profile.name,
+                ));
+            }
+            let _ = sys::notification_answer(listener, notif.id, Err(libc::EPERM));
+            return;
+        }
+        if logged {
             self.report(Violation::now(
                 name,
                 Action::Log.as_str(),
@@ -430,13 +528,76 @@ impl Supervisor<'_> {
                 None,
                 &self.profile.name,
             ));
-        } else {
-            // The filter and the rules disagree: fail closed.
-            let _ = sys::notification_respond(listener, notif.id, false, libc::EPERM);
-            eprintln!("nexus-launch: unexpected notification for {name} from pid {pid}: denied");
+        }
+        match supervised {
+            Some(call) => self.supervise(listener, call, &notif),
+            // CONTINUE is sound here: a log rule decides nothing, it only reports.
+            None if logged => {
+                let _ = sys::notification_respond(listener, notif.id, true, 0);
+            }
+            None => {
+                // The filter and the rules disagree: fail closed.
+                let _ = sys::notification_respond(listener, notif.id, false, libc::EPERM);
+                eprintln!(
+                    "nexus-launch: unexpected notification for {name} from pid {pid}: denied"
+                );
+            }
         }
     }
 
+    /// Answers a call the launcher performs itself (see [`emulate`]): never by letting
+    /// the plugin's own call continue.
+    fn supervise(&mut self, listener: &Arc<OwnedFd>, call: Supervised, notif: &sys::Notification) {
+        let decision = emulate::decide(self.profile, listener, call, notif);
+        match decision {
+            Decision::Refuse { errno, why } => {
+                if errno == libc::EACCES || errno == libc::EPERM {
+                    eprintln!(
+                        "nexus-launch: refused {} from pid {}: {why}",
+                        call.name(),
+                        notif.pid
+                    );
+                    self.report(Violation::now(
+                        call.name(),
+                        Action::Eperm.as_str(),
+                        notif.pid,
+                        None,
+                        &self.profile.name,
+                    ));
+                }
+                let _ = sys::notification_answer(listener, notif.id, Err(errno));
+            }
+            Decision::Listen { .. } => {
+                let result = emulate::perform(decision);
+                let _ = sys::notification_answer(listener, notif.id, result);
+            }
+            Decision::Connect { .. } => {
+                // A blocking connect may take minutes: never on the supervisor's thread.
+                if self.pending.fetch_add(1, Ordering::SeqCst) >= emulate::MAX_PENDING_CONNECTS {
+                    self.pending.fetch_sub(1, Ordering::SeqCst);
+                    let _ = sys::notification_answer(listener, notif.id, Err(libc::EAGAIN));
+                    return;
+                }
+                let answer_on = Arc::clone(listener);
+                let pending = Arc::clone(&self.pending);
+                let id = notif.id;
+                let spawned = std::thread::Builder::new()
+                    .name("connect".into())
+                    .spawn(move || {
+                        let result = emulate::perform(decision);
+                        let _ = sys::notification_answer(&answer_on, id, result);
+                        pending.fetch_sub(1, Ordering::SeqCst);
+                    });
+                if spawned.is_err() {
+                    self.pending.fetch_sub(1, Ordering::SeqCst);
+                    let _ = sys::notification_answer(listener, id, Err(libc::EAGAIN));
+                }
+            }
+        }
+    }
+
+    /// The one place violations leave the launcher: stderr, and the sidecar if a report
+    /// URL is set (see [`report`]).
     fn report(&self, violation: Violation) {
         if let Ok(line) = serde_json::to_string(&violation) {
             eprintln!("nexus-launch: violation {line}");

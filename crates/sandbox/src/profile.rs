@@ -123,6 +123,14 @@ pub struct SyscallRule {
 }
 
 impl SyscallRule {
+    /// The same rule once per syscall it names.
+    pub fn per_syscall(&self) -> impl Iterator<Item = SyscallRule> + '_ {
+        self.syscalls.iter().map(|s| SyscallRule {
+            syscalls: vec![s.clone()],
+            ..self.clone()
+        })
+    }
+
     /// Whether a call with these arguments matches the rule.
     pub fn matches_args(&self, args: &[u64; 6]) -> bool {
         self.when.is_empty() || self.when.iter().any(|g| g.iter().all(|c| c.matches(args)))
@@ -151,17 +159,60 @@ pub struct Filesystem {
     pub skipped: Vec<(String, usize, String)>,
 }
 
-/// TCP grants (Landlock ABI 4+). `None` leaves TCP unrestricted.
+/// Network grants: TCP ports (Landlock ABI 4+) and which sockets the plugin may create
+/// at all (seccomp). `None` (no `[network]` table) leaves the network unrestricted.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Network {
     /// Ports the plugin may connect to (any address: Landlock matches ports only).
     pub connect_tcp: Vec<u16>,
     /// Ports the plugin may bind.
     pub bind_tcp: Vec<u16>,
+    /// UDP sockets are allowed, to any address and port (Landlock cannot restrict UDP).
+    pub unrestricted_udp: bool,
+    /// Pathname UNIX sockets the plugin may connect to; the launcher checks each connect.
+    /// Empty: no UNIX sockets at all (socketpair stream pairs excepted).
+    pub unix_connect: Vec<UnixGrant>,
+    /// 1-based line of the `[network]` table.
+    pub line: usize,
 }
 
-/// Landlock scopes (ABI 6+).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+impl Network {
+    /// Whether the plugin may listen at all (a bind port, or UNIX sockets).
+    pub fn may_listen(&self) -> bool {
+        !self.bind_tcp.is_empty() || !self.unix_connect.is_empty()
+    }
+}
+
+/// A UNIX socket the plugin may connect to.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UnixGrant {
+    /// The path as the plugin names it (after `${VAR}` expansion; absolute).
+    pub path: PathBuf,
+    /// The same socket with its folder's symlinks resolved at launch: the launcher opens
+    /// this one, refusing symlinks, so the plugin cannot redirect it later.
+    pub resolved: PathBuf,
+    /// 1-based line in the profile.
+    pub line: usize,
+}
+
+/// What the plugin process inherits and may do beyond files and sockets (seccomp).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Process {
+    /// Descriptors above 2 the plugin inherits; every other one is closed at exec.
+    pub keep_fds: Vec<i32>,
+    /// SysV IPC (shared memory, message queues, semaphores) and POSIX message queues.
+    pub sysv_ipc: bool,
+    /// The plugin may install seccomp filters of its own. They can turn a `kill` rule of
+    /// this profile into a silent failure (the call still does not run, but nothing is
+    /// killed or reported).
+    pub danger_nested_seccomp: bool,
+    /// The plugin may create executable memfds and execute by descriptor
+    /// (`execveat(AT_EMPTY_PATH)`), which Landlock's execute rules do not see.
+    pub danger_anonymous_exec: bool,
+}
+
+/// Landlock scopes (ABI 6+). Both default to on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Scopes {
     /// No signals to processes outside the sandbox (the launcher among them).
     pub signal: bool,
@@ -185,6 +236,8 @@ pub struct Profile {
     pub network: Option<Network>,
     /// Scopes.
     pub scopes: Scopes,
+    /// Descriptors, IPC, nested seccomp, anonymous executables.
+    pub process: Process,
     /// Syscall rules in file order.
     pub syscalls: Vec<SyscallRule>,
     /// Names skipped because they exist only on the other architecture (name, line).
@@ -228,6 +281,7 @@ pub enum ProfileError {
 /// a rule on one of them could never let the plugin start.
 const LAUNCH_PATH: &[&str] = &[
     "execve",
+    "seccomp",
     "sendmsg",
     "close",
     "exit_group",
@@ -270,9 +324,11 @@ struct RawProfile {
     description: Option<String>,
     mode: Spanned<String>,
     filesystem: Option<RawFilesystem>,
-    network: Option<RawNetwork>,
+    network: Option<Spanned<RawNetwork>>,
     #[serde(default)]
     scope: RawScope,
+    #[serde(default)]
+    process: RawProcess,
     #[serde(default)]
     syscall: Vec<Spanned<RawSyscall>>,
 }
@@ -310,6 +366,23 @@ struct RawNetwork {
     connect_tcp: Vec<Spanned<RawPort>>,
     #[serde(default)]
     bind_tcp: Vec<Spanned<RawPort>>,
+    #[serde(default)]
+    unrestricted_udp: bool,
+    #[serde(default)]
+    unix_connect: Vec<Spanned<RawPath>>,
+}
+
+#[derive(Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawProcess {
+    #[serde(default)]
+    keep_fds: Vec<Spanned<i64>>,
+    #[serde(default)]
+    sysv_ipc: bool,
+    #[serde(default)]
+    danger_nested_seccomp: bool,
+    #[serde(default)]
+    danger_anonymous_exec: bool,
 }
 
 #[derive(Deserialize)]
@@ -322,10 +395,8 @@ enum RawPort {
 #[derive(Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawScope {
-    #[serde(default)]
-    signal: bool,
-    #[serde(default)]
-    abstract_unix_socket: bool,
+    signal: Option<bool>,
+    abstract_unix_socket: Option<bool>,
 }
 
 #[derive(Deserialize)]
@@ -484,24 +555,68 @@ impl Profile {
         }
         let network = match &raw.network {
             None => None,
-            Some(_) if syscalls_only => None,
-            Some(net) => {
-                let mut network = Network::default();
+            Some(spanned) => {
+                let net = spanned.get_ref();
+                let mut network = Network {
+                    unrestricted_udp: net.unrestricted_udp,
+                    line: ctx.line(spanned.span().start),
+                    ..Network::default()
+                };
                 for (list, out) in [
                     (&net.connect_tcp, &mut network.connect_tcp),
                     (&net.bind_tcp, &mut network.bind_tcp),
                 ] {
                     for port in list {
-                        out.push(ctx.port(port, env)?);
+                        match ctx.port(port, env) {
+                            Ok(p) => out.push(p),
+                            // Exporting on an operator's machine: only whether the list is
+                            // empty matters (it decides the `listen` rule), not the port.
+                            Err(_) if syscalls_only => out.push(0),
+                            Err(e) => return Err(e),
+                        }
+                    }
+                }
+                for entry in &net.unix_connect {
+                    if let Some(grant) = ctx.unix_grant(entry, env, syscalls_only)? {
+                        network.unix_connect.push(grant);
                     }
                 }
                 Some(network)
             }
         };
         let scopes = Scopes {
-            signal: raw.scope.signal,
-            abstract_unix_socket: raw.scope.abstract_unix_socket,
+            signal: raw.scope.signal.unwrap_or(true),
+            abstract_unix_socket: raw.scope.abstract_unix_socket.unwrap_or(true),
         };
+        let mut process = Process {
+            sysv_ipc: raw.process.sysv_ipc,
+            danger_nested_seccomp: raw.process.danger_nested_seccomp,
+            danger_anonymous_exec: raw.process.danger_anonymous_exec,
+            ..Process::default()
+        };
+        for fd in &raw.process.keep_fds {
+            let n = *fd.get_ref();
+            if !(3..=i64::from(i32::MAX)).contains(&n) {
+                return Err(ctx.invalid(
+                    fd.span().start,
+                    format!(
+                        "keep_fds: {n} is not a descriptor above 2 (0, 1 and 2 are always inherited)"
+                    ),
+                ));
+            }
+            let n = n as i32;
+            if process.keep_fds.contains(&n) {
+                return Err(ctx.invalid(fd.span().start, format!("keep_fds: {n} is listed twice")));
+            }
+            process.keep_fds.push(n);
+        }
+        process.keep_fds.sort_unstable();
+        if mode == Mode::Required && raw_fs.is_none() && raw.network.is_none() {
+            return Err(ctx.invalid(
+                raw.mode.span().start,
+                "this required profile confines nothing: with no [filesystem] and no [network] table the plugin may read, write and connect anywhere its uid can; add the tables (see profiles/default.toml) or use mode = \"best_effort\" to run unconfined with a warning".into(),
+            ));
+        }
         let mut syscalls = Vec::new();
         let mut skipped_syscalls = Vec::new();
         // (syscall, action) -> line of an unconditional rule, to find contradictions.
@@ -625,9 +740,16 @@ impl Profile {
             filesystem: raw_fs.map(|_| filesystem),
             network,
             scopes,
+            process,
             syscalls,
             skipped_syscalls,
         })
+    }
+
+    /// No `[filesystem]` and no `[network]` table: the plugin may read, write and connect
+    /// wherever its uid can. Refused in `required` mode; warned about in `best_effort`.
+    pub fn confines_nothing(&self) -> bool {
+        self.filesystem.is_none() && self.network.is_none()
     }
 
     /// The first rule of `action` matching this call, if any.
@@ -685,6 +807,87 @@ impl Ctx<'_> {
         match value {
             Some(n) if (1..=65535).contains(&n) => Ok(n as u16),
             _ => Err(self.invalid(at, format!("port {shown} is not a TCP port (1-65535)"))),
+        }
+    }
+
+    /// A `unix_connect` entry: `None` when it is optional and absent.
+    fn unix_grant(
+        &self,
+        entry: &Spanned<RawPath>,
+        env: &dyn Fn(&str) -> Option<String>,
+        syscalls_only: bool,
+    ) -> Result<Option<UnixGrant>, ProfileError> {
+        let at = entry.span().start;
+        let line = self.line(at);
+        let (text, optional) = match entry.get_ref() {
+            RawPath::Plain(p) => (p.as_str(), false),
+            RawPath::Table(t) => (t.path.as_str(), t.optional),
+        };
+        if syscalls_only {
+            // Only whether UNIX sockets are granted at all shapes the exported filter.
+            let path = PathBuf::from(text);
+            return Ok(Some(UnixGrant {
+                resolved: path.clone(),
+                path,
+                line,
+            }));
+        }
+        let expanded = match expand(text, env) {
+            Ok(p) => p,
+            Err(_) if optional => return Ok(None),
+            Err(var) => {
+                return Err(self.invalid(
+                    at,
+                    format!(
+                        "{text:?}: environment variable {var} is not set (set it, give a default, or mark the entry optional = true)"
+                    ),
+                ));
+            }
+        };
+        let path = PathBuf::from(&expanded);
+        let normal = path.is_absolute()
+            && path.components().all(|c| {
+                !matches!(
+                    c,
+                    std::path::Component::CurDir | std::path::Component::ParentDir
+                )
+            })
+            && !expanded.contains("//")
+            && !expanded.ends_with('/');
+        if !normal {
+            return Err(self.invalid(
+                at,
+                format!(
+                    "unix_connect {expanded:?} is not a plain absolute path (no ., .., // or trailing /): the plugin's address is compared with it byte for byte"
+                ),
+            ));
+        }
+        // sun_path holds 108 bytes with its terminating NUL.
+        if expanded.len() > 107 || expanded.contains('\0') {
+            return Err(self.invalid(
+                at,
+                format!(
+                    "unix_connect {expanded:?} is longer than a UNIX socket path can be (107 bytes)"
+                ),
+            ));
+        }
+        let (Some(parent), Some(name)) = (path.parent(), path.file_name()) else {
+            return Err(self.invalid(at, format!("unix_connect {expanded:?} names no socket")));
+        };
+        match std::fs::canonicalize(parent) {
+            Ok(dir) => Ok(Some(UnixGrant {
+                resolved: dir.join(name),
+                path,
+                line,
+            })),
+            Err(_) if optional => Ok(None),
+            Err(e) => Err(self.invalid(
+                at,
+                format!(
+                    "unix_connect {expanded:?}: its folder {} cannot be resolved ({e}); the socket itself may appear later, its folder must exist (or mark the entry optional = true)",
+                    parent.display()
+                ),
+            )),
         }
     }
 

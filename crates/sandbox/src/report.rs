@@ -20,6 +20,10 @@ use serde::{Deserialize, Serialize};
 /// The `kind` of a sandbox violation signal.
 pub const KIND: &str = "sandbox_violation";
 
+/// The `syscall` of the report a `best_effort` launch of a profile that confines nothing
+/// sends once at start (`action` "log"): the plugin runs, and the sidecar hears of it.
+pub const UNCONFINED: &str = "profile_confines_nothing";
+
 /// One violation, as the sidecar receives it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Violation {

@@ -18,6 +18,12 @@
 //!
 //! `eperm`/`enosys` rules are answered by the kernel and not reported: a plugin probing
 //! for io_uring at start-up is not an incident.
+//!
+//! The rules a profile's shape implies ([`crate::baseline`]) join the `eperm` filter,
+//! except on syscalls a `kill` or `log` rule names: errno outranks user notification, so
+//! there they join the notification filter and the launcher answers EPERM. The calls the
+//! launcher performs itself (`listen`, `connect`) join the notification filter. The
+//! baseline's lock (no `seccomp()` for the plugin) is a filter of its own, installed last.
 
 use std::collections::BTreeMap;
 use std::os::fd::{FromRawFd, OwnedFd};
@@ -27,7 +33,8 @@ use seccompiler::{
     TargetArch, sock_filter,
 };
 
-use crate::profile::{Action, Condition, Op, Profile};
+use crate::baseline;
+use crate::profile::{Action, Condition, Op, Profile, SyscallRule};
 
 /// How `kill` and `log` rules reach the launcher.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -73,110 +80,169 @@ pub enum SeccompError {
 /// The marker `Trace` data whose returns become `SECCOMP_RET_USER_NOTIF`.
 const NOTIFY_MARKER: u32 = 0x4e58;
 
-/// The filters for a profile, in installation order.
-pub fn compile(profile: &Profile, reporting: Reporting) -> Result<Vec<Program>, SeccompError> {
+/// The filters for a profile, in installation order: the x32 guard, the kernel-answered
+/// errno rules (the profile's `eperm` and the [`baseline`](crate::baseline)), `enosys`,
+/// the notification filter (`kill`, `log` and the calls the launcher answers), and last
+/// the lock, which refuses installing further filters (the launcher installs until then).
+///
+/// `supervise`: the launcher can answer calls itself (user notification and pidfd_getfd);
+/// without it the calls it would answer are left to the kernel (and `inspect` says so).
+pub fn compile(
+    profile: &Profile,
+    reporting: Reporting,
+    supervise: bool,
+) -> Result<Vec<Program>, SeccompError> {
+    let baseline = baseline::of(profile);
+    let user = |actions: &'static [Action]| {
+        profile
+            .syscalls
+            .iter()
+            .filter(move |r| actions.contains(&r.action))
+    };
     let mut programs = Vec::new();
     if let Some(guard) = abi_guard() {
         programs.push(guard);
     }
-    let by_action = |actions: &[Action]| -> Result<BTreeMap<i64, Vec<SeccompRule>>, SeccompError> {
-        let mut map: BTreeMap<i64, Option<Vec<SeccompRule>>> = BTreeMap::new();
-        for rule in profile
-            .syscalls
-            .iter()
-            .filter(|r| actions.contains(&r.action))
-        {
-            for (_, nr) in &rule.syscalls {
-                let entry = map.entry(*nr).or_insert_with(|| Some(Vec::new()));
-                if rule.when.is_empty() {
-                    // Unconditional: matches whatever else is listed.
-                    *entry = None;
-                    continue;
-                }
-                if let Some(rules) = entry {
-                    for group in &rule.when {
-                        let conditions = group
-                            .iter()
-                            .map(condition)
-                            .collect::<Result<Vec<_>, _>>()
-                            .map_err(|source| SeccompError::Compile {
-                                what: "syscall",
-                                source,
-                            })?;
-                        rules.push(SeccompRule::new(conditions).map_err(|source| {
-                            SeccompError::Compile {
-                                what: "syscall",
-                                source,
-                            }
-                        })?);
-                    }
-                }
-            }
-        }
-        Ok(map
-            .into_iter()
-            .map(|(nr, rules)| (nr, rules.unwrap_or_default()))
-            .collect())
+    let supervised: Vec<i64> = match reporting {
+        Reporting::Notify if supervise => baseline.supervised.iter().map(|s| s.nr()).collect(),
+        _ => Vec::new(),
     };
-    let arch = target_arch();
-    let mut push = |what: &'static str,
-                    rules: BTreeMap<i64, Vec<SeccompRule>>,
-                    action: SeccompAction,
-                    listener: bool|
-     -> Result<(), SeccompError> {
-        if rules.is_empty() {
-            return Ok(());
-        }
-        let filter = SeccompFilter::new(rules, SeccompAction::Allow, action, arch)
-            .map_err(|source| SeccompError::Compile { what, source })?;
-        let mut bpf: Vec<sock_filter> = filter
-            .try_into()
-            .map_err(|source| SeccompError::Compile { what, source })?;
-        if listener {
-            let marker = libc::SECCOMP_RET_TRACE | NOTIFY_MARKER;
-            for insn in &mut bpf {
-                if insn.code == RET_K && insn.k == marker {
-                    insn.k = libc::SECCOMP_RET_USER_NOTIF;
-                }
-            }
-        }
-        programs.push(Program {
-            what,
-            bpf,
-            listener,
-        });
-        Ok(())
+    // The kernel ranks ERRNO above USER_NOTIF: a baseline EPERM on a call that a `kill` or
+    // `log` rule names would hide the kill and its report. Those syscalls' baseline rules
+    // go into the notification filter instead; the launcher answers EPERM for them
+    // (`baseline::Baseline::denies`) when no kill rule matches.
+    let notified: Vec<i64> = match reporting {
+        Reporting::Notify => user(&[Action::Kill, Action::Log])
+            .flat_map(|r| r.syscalls.iter().map(|(_, nr)| *nr))
+            .collect(),
+        Reporting::Kernel => Vec::new(),
     };
+    let (to_listener, to_kernel): (Vec<SyscallRule>, Vec<SyscallRule>) = baseline
+        .rules
+        .iter()
+        .flat_map(SyscallRule::per_syscall)
+        .partition(|r| r.syscalls.iter().any(|(_, nr)| notified.contains(nr)));
     push(
+        &mut programs,
         "eperm",
-        by_action(&[Action::Eperm])?,
+        by_syscall(user(&[Action::Eperm]).chain(&to_kernel), &[])?,
         SeccompAction::Errno(libc::EPERM as u32),
         false,
     )?;
     push(
+        &mut programs,
         "enosys",
-        by_action(&[Action::Enosys])?,
+        by_syscall(user(&[Action::Enosys]), &[])?,
         SeccompAction::Errno(libc::ENOSYS as u32),
         false,
     )?;
     match reporting {
         Reporting::Notify => push(
-            "kill/log (user notification)",
-            by_action(&[Action::Kill, Action::Log])?,
+            &mut programs,
+            "kill/log/supervised (user notification)",
+            by_syscall(
+                user(&[Action::Kill, Action::Log]).chain(&to_listener),
+                &supervised,
+            )?,
             SeccompAction::Trace(NOTIFY_MARKER),
             true,
         )?,
         Reporting::Kernel => {
             push(
+                &mut programs,
                 "kill",
-                by_action(&[Action::Kill])?,
+                by_syscall(user(&[Action::Kill]), &[])?,
                 SeccompAction::KillProcess,
                 false,
             )?;
-            push("log", by_action(&[Action::Log])?, SeccompAction::Log, false)?;
+            push(
+                &mut programs,
+                "log",
+                by_syscall(user(&[Action::Log]), &[])?,
+                SeccompAction::Log,
+                false,
+            )?;
         }
     }
+    push(
+        &mut programs,
+        "lock",
+        by_syscall(baseline.lock.iter(), &[])?,
+        SeccompAction::Errno(libc::EPERM as u32),
+        false,
+    )?;
     Ok(programs)
+}
+
+/// seccompiler's map for `rules`, plus `always` matched unconditionally.
+fn by_syscall<'a>(
+    rules: impl Iterator<Item = &'a SyscallRule>,
+    always: &[i64],
+) -> Result<BTreeMap<i64, Vec<SeccompRule>>, SeccompError> {
+    let compile_error = |source| SeccompError::Compile {
+        what: "syscall",
+        source,
+    };
+    // None: unconditional (matches whatever else is listed for the syscall).
+    let mut map: BTreeMap<i64, Option<Vec<SeccompRule>>> = BTreeMap::new();
+    for nr in always {
+        map.insert(*nr, None);
+    }
+    for rule in rules {
+        for (_, nr) in &rule.syscalls {
+            let entry = map.entry(*nr).or_insert_with(|| Some(Vec::new()));
+            if rule.when.is_empty() {
+                *entry = None;
+                continue;
+            }
+            if let Some(rules) = entry {
+                for group in &rule.when {
+                    let conditions = group
+                        .iter()
+                        .map(condition)
+                        .collect::<Result<Vec<_>, _>>()
+                        .map_err(compile_error)?;
+                    rules.push(SeccompRule::new(conditions).map_err(compile_error)?);
+                }
+            }
+        }
+    }
+    Ok(map
+        .into_iter()
+        .map(|(nr, rules)| (nr, rules.unwrap_or_default()))
+        .collect())
+}
+
+/// Appends the filter matching `rules` with `action` (nothing when `rules` is empty).
+fn push(
+    programs: &mut Vec<Program>,
+    what: &'static str,
+    rules: BTreeMap<i64, Vec<SeccompRule>>,
+    action: SeccompAction,
+    listener: bool,
+) -> Result<(), SeccompError> {
+    if rules.is_empty() {
+        return Ok(());
+    }
+    let filter = SeccompFilter::new(rules, SeccompAction::Allow, action, target_arch())
+        .map_err(|source| SeccompError::Compile { what, source })?;
+    let mut bpf: Vec<sock_filter> = filter
+        .try_into()
+        .map_err(|source| SeccompError::Compile { what, source })?;
+    if listener {
+        let marker = libc::SECCOMP_RET_TRACE | NOTIFY_MARKER;
+        for insn in &mut bpf {
+            if insn.code == RET_K && insn.k == marker {
+                insn.k = libc::SECCOMP_RET_USER_NOTIF;
+            }
+        }
+    }
+    programs.push(Program {
+        what,
+        bpf,
+        listener,
+    });
+    Ok(())
 }
 
 const RET_K: u16 = (libc::BPF_RET | libc::BPF_K) as u16;
@@ -338,7 +404,7 @@ mod tests {
 
     #[test]
     fn notify_stack_has_a_listener_and_no_marker_left() {
-        let programs = compile(&default_profile(), Reporting::Notify).expect("compile");
+        let programs = compile(&default_profile(), Reporting::Notify, true).expect("compile");
         let listeners: Vec<_> = programs.iter().filter(|p| p.listener).collect();
         assert_eq!(listeners.len(), 1);
         let marker = libc::SECCOMP_RET_TRACE | NOTIFY_MARKER;
@@ -353,9 +419,153 @@ mod tests {
         );
     }
 
+    /// Runs one classic-BPF seccomp program (the instructions seccompiler and the x32
+    /// guard emit) on `seccomp_data { nr, arch, ip, args }`.
+    fn run(bpf: &[sock_filter], nr: i64, args: &[u64; 6]) -> u32 {
+        let mut data = [0u32; 16];
+        data[0] = nr as u32;
+        data[1] = if cfg!(target_arch = "x86_64") {
+            0xc000_003e
+        } else {
+            0xc000_00b7
+        };
+        for (i, a) in args.iter().enumerate() {
+            data[4 + 2 * i] = *a as u32;
+            data[5 + 2 * i] = (*a >> 32) as u32;
+        }
+        let (mut acc, mut pc) = (0u32, 0usize);
+        loop {
+            let insn = &bpf[pc];
+            let code = u32::from(insn.code);
+            pc += 1;
+            match code {
+                c if c == libc::BPF_LD | libc::BPF_W | libc::BPF_ABS => {
+                    acc = data[insn.k as usize / 4]
+                }
+                c if c == libc::BPF_ALU | libc::BPF_AND | libc::BPF_K => acc &= insn.k,
+                c if c == libc::BPF_RET | libc::BPF_K => return insn.k,
+                c if c == libc::BPF_JMP | libc::BPF_JA => pc += insn.k as usize,
+                c if c & 0x07 == libc::BPF_JMP => {
+                    let taken = match c & 0xf0 {
+                        x if x == libc::BPF_JEQ => acc == insn.k,
+                        x if x == libc::BPF_JGT => acc > insn.k,
+                        x if x == libc::BPF_JGE => acc >= insn.k,
+                        x if x == libc::BPF_JSET => acc & insn.k != 0,
+                        other => panic!("jump {other:#x}"),
+                    };
+                    pc += usize::from(if taken { insn.jt } else { insn.jf });
+                }
+                other => panic!("instruction {other:#x}"),
+            }
+        }
+    }
+
+    /// What the kernel answers for the stack: the most restrictive action (ties: the
+    /// filter installed last).
+    fn answer(programs: &[Program], nr: i64, args: &[u64; 6]) -> u32 {
+        let action = |r: u32| (r & libc::SECCOMP_RET_ACTION_FULL) as i32;
+        programs.iter().rev().map(|p| run(&p.bpf, nr, args)).fold(
+            libc::SECCOMP_RET_ALLOW,
+            |best, r| {
+                if action(r) < action(best) { r } else { best }
+            },
+        )
+    }
+
+    #[test]
+    fn the_stack_answers_what_the_rules_and_the_baseline_say() {
+        let profile = default_profile();
+        let implied = baseline::of(&profile);
+        let programs = compile(&profile, Reporting::Notify, true).expect("compile");
+        assert_eq!(programs.last().map(|p| p.what), Some("lock"));
+        let eperm = libc::SECCOMP_RET_ERRNO | libc::EPERM as u32;
+        let socket = libc::SYS_socket;
+        for d in [0u64, 1, 2, 3, 10, 16, 17, 40, 1 << 32 | 2] {
+            for t in [1u64, 2, 3, 5, 1 | 0x80800] {
+                for p in [0u64, 6, 17, 262] {
+                    let args = [d, t, p, 0, 0, 0];
+                    let got = answer(&programs, socket, &args);
+                    let expected = if profile.rule_for(Action::Kill, socket, &args).is_some()
+                        || implied.denies(socket, &args)
+                    {
+                        // Kill rules and the allow-list meet in the listener: the
+                        // launcher kills, or answers EPERM itself.
+                        libc::SECCOMP_RET_USER_NOTIF
+                    } else {
+                        libc::SECCOMP_RET_ALLOW
+                    };
+                    assert_eq!(got, expected, "socket{args:x?}");
+                }
+            }
+        }
+        let call = |name: &str, args: [u64; 6]| {
+            answer(&programs, crate::syscalls::number(name).expect(name), &args)
+        };
+        assert_eq!(call("listen", [3, 16, 0, 0, 0, 0]), eperm);
+        assert_eq!(call("ioctl", [0, 0x5412, 0, 0, 0, 0]), eperm);
+        assert_eq!(
+            call("ioctl", [0, 0x5401, 0, 0, 0, 0]),
+            libc::SECCOMP_RET_ALLOW
+        );
+        assert_eq!(call("shmget", [0; 6]), eperm);
+        assert_eq!(call("seccomp", [1, 0, 0, 0, 0, 0]), eperm);
+        assert_eq!(call("seccomp", [2, 0, 0, 0, 0, 0]), libc::SECCOMP_RET_ALLOW);
+        assert_eq!(call("memfd_create", [0, 1, 0, 0, 0, 0]), eperm);
+        assert_eq!(
+            call("memfd_create", [0, 9, 0, 0, 0, 0]),
+            libc::SECCOMP_RET_ALLOW
+        );
+        assert_eq!(call("ptrace", [0; 6]), libc::SECCOMP_RET_USER_NOTIF);
+        assert_eq!(
+            call("clone3", [0; 6]),
+            libc::SECCOMP_RET_ERRNO | libc::ENOSYS as u32
+        );
+        assert_eq!(call("read", [0; 6]), libc::SECCOMP_RET_ALLOW);
+        // The x32 ABI is killed by the guard.
+        if cfg!(target_arch = "x86_64") {
+            assert_eq!(
+                answer(&programs, 0x4000_0000 | 101, &[0; 6]),
+                libc::SECCOMP_RET_KILL_PROCESS
+            );
+        }
+        // Without user notification the allow-list stays in the kernel, kills too.
+        let kernel = compile(&profile, Reporting::Kernel, false).expect("compile");
+        assert_eq!(answer(&kernel, socket, &[2, 1, 262, 0, 0, 0]), eperm);
+        assert_eq!(
+            answer(&kernel, socket, &[17, 3, 0, 0, 0, 0]),
+            libc::SECCOMP_RET_KILL_PROCESS
+        );
+    }
+
+    #[test]
+    fn supervised_calls_go_to_the_listener() {
+        let dir = std::env::temp_dir();
+        let text = format!(
+            "version = 1\nmode = \"required\"\n[network]\nbind_tcp = [8081]\nunix_connect = [{:?}]\n",
+            dir.join("x.sock").display().to_string()
+        );
+        let profile = Profile::parse(Path::new("p.toml"), &text, &|_| None).expect("parse");
+        let programs = compile(&profile, Reporting::Notify, true).expect("compile");
+        for name in ["listen", "connect"] {
+            let nr = crate::syscalls::number(name).expect(name);
+            assert_eq!(
+                answer(&programs, nr, &[3, 0, 0, 0, 0, 0]),
+                libc::SECCOMP_RET_USER_NOTIF
+            );
+        }
+        // When the launcher cannot answer them, the kernel lets them through (and
+        // `inspect` lists them as not enforced).
+        let programs = compile(&profile, Reporting::Notify, false).expect("compile");
+        let nr = crate::syscalls::number("listen").expect("listen");
+        assert_eq!(
+            answer(&programs, nr, &[3, 0, 0, 0, 0, 0]),
+            libc::SECCOMP_RET_ALLOW
+        );
+    }
+
     #[test]
     fn kernel_stack_kills_and_logs_in_the_kernel() {
-        let programs = compile(&default_profile(), Reporting::Kernel).expect("compile");
+        let programs = compile(&default_profile(), Reporting::Kernel, false).expect("compile");
         assert!(programs.iter().all(|p| !p.listener));
         assert!(programs.iter().any(|p| {
             p.what == "kill"

@@ -393,3 +393,275 @@ pub fn notification_respond(
     }
     Ok(())
 }
+
+/// Starts a new session: the plugin loses its controlling terminal, so the terminal's
+/// input cannot be driven from inside (TIOCSTI needs it) and terminal signals reach only
+/// the launcher, which forwards them.
+pub fn setsid() -> io::Result<()> {
+    // SAFETY: setsid takes no arguments.
+    cvt(unsafe { libc::setsid() }).map(|_| ())
+}
+
+/// Marks every descriptor from 3 up close-on-exec, except those in `keep` (sorted): they
+/// are closed by the kernel at exec, while the launcher's own close-on-exec pipes keep
+/// working until then. Allocates nothing.
+pub fn cloexec_above_stdio(keep: &[i32]) -> io::Result<()> {
+    let mut first: u32 = 3;
+    let ranges = keep
+        .iter()
+        .filter_map(|k| u32::try_from(*k).ok())
+        .map(|k| (k, k.saturating_add(1)))
+        .chain(std::iter::once((u32::MAX, u32::MAX)));
+    for (gap_end, next) in ranges {
+        if gap_end > first {
+            mark_cloexec(first, gap_end - 1)?;
+        }
+        first = first.max(next);
+    }
+    Ok(())
+}
+
+fn mark_cloexec(first: u32, last: u32) -> io::Result<()> {
+    // SAFETY: close_range takes integers only.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_close_range,
+            first,
+            last,
+            libc::CLOSE_RANGE_CLOEXEC,
+        )
+    };
+    if rc == 0 {
+        return Ok(());
+    }
+    let err = io::Error::last_os_error();
+    if !matches!(err.raw_os_error(), Some(libc::ENOSYS) | Some(libc::EINVAL)) {
+        return Err(err);
+    }
+    // Before Linux 5.11: one fcntl per possible descriptor, up to the soft limit.
+    // SAFETY: rlimit is plain data written by getrlimit.
+    let mut limit: libc::rlimit = unsafe { std::mem::zeroed() };
+    // SAFETY: `limit` is a live, writable rlimit.
+    cvt(unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) })?;
+    let top = u32::try_from(limit.rlim_cur.min(1 << 20))
+        .unwrap_or(1 << 20)
+        .min(last.saturating_add(1));
+    for fd in first..top {
+        // SAFETY: F_SETFD on a number that may or may not be open: EBADF is ignored.
+        unsafe { libc::fcntl(fd as i32, libc::F_SETFD, libc::FD_CLOEXEC) };
+    }
+    Ok(())
+}
+
+/// A pidfd for the thread `tid` (as a seccomp notification names it): the thread itself
+/// where the kernel allows it (PIDFD_THREAD, Linux 6.9), else its thread group leader.
+pub fn pidfd_for_thread(tid: u32) -> io::Result<OwnedFd> {
+    let open = |pid: libc::pid_t, flags: libc::c_uint| -> io::Result<OwnedFd> {
+        // SAFETY: pidfd_open takes integers only.
+        let rc = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, flags) };
+        if rc < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: pidfd_open returned a fresh descriptor that nothing else owns.
+        Ok(unsafe { OwnedFd::from_raw_fd(rc as RawFd) })
+    };
+    let pid = libc::pid_t::try_from(tid).map_err(|_| io::Error::from_raw_os_error(libc::ESRCH))?;
+    if let Ok(fd) = open(pid, libc::PIDFD_THREAD) {
+        return Ok(fd);
+    }
+    match open(pid, 0) {
+        Ok(fd) => Ok(fd),
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+            let status = std::fs::read_to_string(format!("/proc/{tid}/status"))?;
+            let tgid = status
+                .lines()
+                .find_map(|l| l.strip_prefix("Tgid:"))
+                .and_then(|v| v.trim().parse::<libc::pid_t>().ok())
+                .ok_or_else(|| io::Error::from_raw_os_error(libc::ESRCH))?;
+            open(tgid, 0)
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// A duplicate of descriptor `fd` of the process behind `pidfd` (the same open file).
+pub fn pidfd_getfd(pidfd: &OwnedFd, fd: i32) -> io::Result<OwnedFd> {
+    // SAFETY: pidfd_getfd takes integers only.
+    let rc = unsafe { libc::syscall(libc::SYS_pidfd_getfd, pidfd.as_raw_fd(), fd, 0) };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: pidfd_getfd returned a fresh descriptor (close-on-exec) that nothing owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(rc as RawFd) })
+}
+
+/// Whether this kernel has pidfd_getfd (Linux 5.6).
+pub fn has_pidfd_getfd() -> bool {
+    // SAFETY: integers only; -1 is never a pidfd, so this only tells EBADF from ENOSYS.
+    let rc = unsafe { libc::syscall(libc::SYS_pidfd_getfd, -1, 0, 0) };
+    rc >= 0 || io::Error::last_os_error().raw_os_error() != Some(libc::ENOSYS)
+}
+
+/// Whether notification `id` is still pending (its caller alive and waiting): checked
+/// after reading the caller's memory, so a recycled pid is never trusted.
+pub fn notification_id_valid(listener: &OwnedFd, id: u64) -> bool {
+    // SAFETY: SECCOMP_IOCTL_NOTIF_ID_VALID reads one u64 from the live local.
+    let rc = unsafe {
+        libc::ioctl(
+            listener.as_raw_fd(),
+            libc::SECCOMP_IOCTL_NOTIF_ID_VALID as _,
+            &id as *const u64,
+        )
+    };
+    rc == 0
+}
+
+/// Answers a notification with the result of a call the launcher made itself: `Ok(value)`
+/// is returned to the caller, `Err(errno)` fails it. Never lets the caller's own call run.
+pub fn notification_answer(
+    listener: &OwnedFd,
+    id: u64,
+    result: Result<i64, i32>,
+) -> io::Result<()> {
+    let (val, error) = match result {
+        Ok(v) => (v, 0),
+        Err(errno) => (0, -errno.abs()),
+    };
+    let resp = libc::seccomp_notif_resp {
+        id,
+        val,
+        error,
+        flags: 0,
+    };
+    // SAFETY: SECCOMP_IOCTL_NOTIF_SEND reads one seccomp_notif_resp from the live local.
+    let rc = unsafe {
+        libc::ioctl(
+            listener.as_raw_fd(),
+            libc::SECCOMP_IOCTL_NOTIF_SEND as _,
+            &resp as *const libc::seccomp_notif_resp,
+        )
+    };
+    if rc < 0 {
+        let err = io::Error::last_os_error();
+        if err.raw_os_error() == Some(libc::ENOENT) {
+            return Ok(());
+        }
+        return Err(err);
+    }
+    Ok(())
+}
+
+/// A socket's (domain, type, protocol).
+pub fn socket_kind(fd: &OwnedFd) -> io::Result<(i32, i32, i32)> {
+    let get = |option: libc::c_int| -> io::Result<i32> {
+        let mut value: libc::c_int = 0;
+        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+        // SAFETY: getsockopt writes at most `len` bytes into the live int.
+        cvt(unsafe {
+            libc::getsockopt(
+                fd.as_raw_fd(),
+                libc::SOL_SOCKET,
+                option,
+                (&mut value as *mut libc::c_int).cast(),
+                &mut len,
+            )
+        })?;
+        Ok(value)
+    };
+    Ok((
+        get(libc::SO_DOMAIN)?,
+        get(libc::SO_TYPE)?,
+        get(libc::SO_PROTOCOL)?,
+    ))
+}
+
+/// A socket's local address, as raw sockaddr bytes.
+pub fn local_address(fd: &OwnedFd) -> io::Result<Vec<u8>> {
+    // SAFETY: sockaddr_storage is plain data.
+    let mut storage: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+    // SAFETY: getsockname writes at most `len` bytes into the live storage.
+    cvt(unsafe {
+        libc::getsockname(
+            fd.as_raw_fd(),
+            (&mut storage as *mut libc::sockaddr_storage).cast(),
+            &mut len,
+        )
+    })?;
+    let len = (len as usize).min(std::mem::size_of::<libc::sockaddr_storage>());
+    // SAFETY: the first `len` bytes of `storage` were written by the kernel.
+    let bytes = unsafe {
+        std::slice::from_raw_parts(
+            (&storage as *const libc::sockaddr_storage).cast::<u8>(),
+            len,
+        )
+    };
+    Ok(bytes.to_vec())
+}
+
+/// connect(2) with raw sockaddr bytes.
+pub fn connect(fd: &OwnedFd, address: &[u8]) -> io::Result<()> {
+    // SAFETY: sockaddr_storage is plain data; `address` is copied in, bounded by its size.
+    let mut storage: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    let len = address
+        .len()
+        .min(std::mem::size_of::<libc::sockaddr_storage>());
+    // SAFETY: copies `len` bytes into the storage, which holds at least that many.
+    unsafe {
+        std::ptr::copy_nonoverlapping(
+            address.as_ptr(),
+            (&mut storage as *mut libc::sockaddr_storage).cast::<u8>(),
+            len,
+        );
+    }
+    // SAFETY: `storage` is a live sockaddr of `len` meaningful bytes.
+    cvt(unsafe {
+        libc::connect(
+            fd.as_raw_fd(),
+            (&storage as *const libc::sockaddr_storage).cast(),
+            len as libc::socklen_t,
+        )
+    })
+    .map(|_| ())
+}
+
+/// listen(2).
+pub fn listen(fd: &OwnedFd, backlog: i32) -> io::Result<()> {
+    // SAFETY: listen takes integers only.
+    cvt(unsafe { libc::listen(fd.as_raw_fd(), backlog) }).map(|_| ())
+}
+
+/// Opens a UNIX socket's inode (O_PATH) at `path` without following any symlink in it,
+/// and checks it is a socket.
+pub fn open_socket_inode(path: &std::path::Path) -> io::Result<OwnedFd> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+    // SAFETY: open_how is plain data (libc marks it non-exhaustive); zeroed, then set.
+    let mut how: libc::open_how = unsafe { std::mem::zeroed() };
+    how.flags = (libc::O_PATH | libc::O_CLOEXEC) as u64;
+    how.resolve = libc::RESOLVE_NO_SYMLINKS | libc::RESOLVE_NO_MAGICLINKS;
+    // SAFETY: openat2 reads the NUL-terminated path and one open_how, both live locals.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_openat2,
+            libc::AT_FDCWD,
+            c.as_ptr(),
+            &how as *const libc::open_how,
+            std::mem::size_of::<libc::open_how>(),
+        )
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: openat2 returned a fresh descriptor that nothing else owns.
+    let fd = unsafe { OwnedFd::from_raw_fd(rc as RawFd) };
+    // SAFETY: stat is plain data written by fstat.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: fstat writes one stat into the live local.
+    cvt(unsafe { libc::fstat(fd.as_raw_fd(), &mut st) })?;
+    if st.st_mode & libc::S_IFMT != libc::S_IFSOCK {
+        return Err(io::Error::from_raw_os_error(libc::ECONNREFUSED));
+    }
+    Ok(fd)
+}

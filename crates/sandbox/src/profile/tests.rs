@@ -12,7 +12,9 @@ fn err(text: &str) -> String {
     parse(text).expect_err("must be refused").to_string()
 }
 
-const HEAD: &str = "version = 1\nmode = \"required\"\n";
+// best_effort: a required profile must confine something (see
+// `a_required_profile_that_confines_nothing_is_refused`); these tests are about the rest.
+const HEAD: &str = "version = 1\nmode = \"best_effort\"\n";
 
 #[test]
 fn default_profile_parses() {
@@ -46,7 +48,10 @@ fn default_profile_parses() {
             .is_some()
     );
     assert!(p.rule_for(Action::Kill, nr, &[2, 1, 0, 0, 0, 0]).is_none());
-    assert!(p.rule_for(Action::Eperm, nr, &[2, 2, 0, 0, 0, 0]).is_some());
+    // UDP is refused by the socket allow-list the [network] table implies.
+    let implied = crate::baseline::of(&p);
+    assert!(implied.denies(nr, &[2, 2, 0, 0, 0, 0]));
+    assert!(!implied.denies(nr, &[2, 1 | 0x80000, 0, 0, 0, 0]));
     // clone with CLONE_NEWUSER is refused, a thread's clone is not.
     let clone = libc::SYS_clone;
     assert!(
@@ -159,4 +164,85 @@ fn every_shipped_profile_parses() {
         }
     }
     assert!(seen >= 2);
+}
+
+#[test]
+fn a_required_profile_that_confines_nothing_is_refused() {
+    let e = err(
+        "version = 1\nmode = \"required\"\n\n[[syscall]]\nnames = [\"ptrace\"]\naction = \"kill\"\n",
+    );
+    assert!(e.starts_with("p.toml:2:"), "{e}");
+    assert!(e.contains("confines nothing"), "{e}");
+    assert!(e.contains("[filesystem]"), "{e}");
+    // Either table is confinement enough; best_effort is accepted (and warned about at
+    // launch).
+    parse("version = 1\nmode = \"required\"\n[network]\n").expect("network only");
+    parse("version = 1\nmode = \"required\"\n[filesystem]\n").expect("filesystem only");
+    parse("version = 1\nmode = \"best_effort\"\n").expect("best_effort");
+}
+
+#[test]
+fn process_and_network_options() {
+    let p = parse(&format!(
+        "{HEAD}[network]\nunrestricted_udp = true\n[process]\nkeep_fds = [5, 3]\nsysv_ipc = true\n"
+    ))
+    .expect("parse");
+    assert_eq!(p.process.keep_fds, [3, 5]);
+    assert!(p.process.sysv_ipc && !p.process.danger_nested_seccomp);
+    assert!(p.network.as_ref().is_some_and(|n| n.unrestricted_udp));
+    // Scopes are on unless a profile turns them off.
+    assert!(p.scopes.signal && p.scopes.abstract_unix_socket);
+    let off = parse(&format!("{HEAD}[scope]\nsignal = false\n")).expect("parse");
+    assert!(!off.scopes.signal && off.scopes.abstract_unix_socket);
+
+    let e = err(&format!("{HEAD}[process]\nkeep_fds = [\n  3,\n  2,\n]\n"));
+    assert!(e.starts_with("p.toml:6:"), "{e}");
+    assert!(e.contains("always inherited"), "{e}");
+    assert!(err(&format!("{HEAD}[process]\nkeep_fds = [4, 4]\n")).contains("twice"));
+    assert!(err(&format!("{HEAD}[process]\nexec = true\n")).contains("unknown field"));
+}
+
+#[test]
+fn unix_connect_paths_are_checked() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let real = dir.path().join("real");
+    std::fs::create_dir(&real).expect("dir");
+    let link = dir.path().join("link");
+    std::os::unix::fs::symlink(&real, &link).expect("symlink");
+    let via_link = link.join("app.sock");
+    let p = parse(&format!(
+        "{HEAD}[network]\nunix_connect = [{:?}, {{ path = \"/no/such/dir/x.sock\", optional = true }}]\n",
+        via_link.display().to_string()
+    ))
+    .expect("parse");
+    let grants = &p.network.expect("network").unix_connect;
+    assert_eq!(grants.len(), 1, "the optional absent one is skipped");
+    assert_eq!(grants[0].path, via_link);
+    // The folder's symlink is resolved at launch: the launcher opens that path.
+    let canonical = std::fs::canonicalize(&real).expect("canonical");
+    assert_eq!(grants[0].resolved, canonical.join("app.sock"));
+    assert_eq!(grants[0].line, 4);
+
+    for (path, expected) in [
+        ("relative.sock", "plain absolute path"),
+        ("/run/../etc/x.sock", "plain absolute path"),
+        (
+            "/no/such/dir/x.sock",
+            "its folder /no/such/dir cannot be resolved",
+        ),
+    ] {
+        let e = err(&format!("{HEAD}[network]\nunix_connect = [{path:?}]\n"));
+        assert!(e.starts_with("p.toml:4:"), "{e}");
+        assert!(e.contains(expected), "{path}: {e}");
+    }
+    let long = format!("/tmp/{}", "x".repeat(120));
+    assert!(err(&format!("{HEAD}[network]\nunix_connect = [{long:?}]\n")).contains("107 bytes"));
+}
+
+#[test]
+fn seccomp_itself_cannot_be_ruled() {
+    let e = err(&format!(
+        "{HEAD}[[syscall]]\nnames = [\"seccomp\"]\naction = \"eperm\"\n"
+    ));
+    assert!(e.contains("could never start"), "{e}");
 }
