@@ -10,21 +10,17 @@
 //! they see exactly what the engine parses.
 
 use std::collections::BTreeSet;
-use std::num::NonZeroU32;
 use std::time::Duration;
 
 use regorus::Value;
-use regorus::languages::rego::compiler::Compiler;
-use regorus::rvm::RegoVM;
 use regorus::unstable::{Expr, Literal, Module as Ast, Parser, Query, Rule, RuleHead, Source};
-use regorus::utils::limits::ExecutionTimerConfig;
 
 use crate::bundle::Bundle;
-use crate::engine::{EvalMode, Policy, PolicyOptions, engine_for};
+use crate::engine::{EvalMode, Policy, PolicyOptions};
 use crate::error::{Location, PolicyError};
 
 /// Parses a module (None when it does not parse: compiling reports that).
-fn parse(path: &str, text: &str) -> Option<Ast> {
+pub(crate) fn parse(path: &str, text: &str) -> Option<Ast> {
     let source = Source::from_contents(path.to_string(), text.to_string()).ok()?;
     let mut parser = Parser::new(&source).ok()?;
     // As the engine parses: Rego v1 (`if` and `contains` are keywords).
@@ -33,7 +29,7 @@ fn parse(path: &str, text: &str) -> Option<Ast> {
 }
 
 /// The dotted name of a call's function (`io.jwt.decode`), if it is a plain ref.
-fn dotted(expr: &Expr) -> Option<String> {
+pub(crate) fn dotted(expr: &Expr) -> Option<String> {
     match expr {
         Expr::Var { value, .. } => value.as_string().ok().map(|s| s.to_string()),
         Expr::RefDot { refr, field, .. } => {
@@ -94,7 +90,7 @@ fn each_expr(module: &Ast, f: &mut dyn FnMut(&Expr)) {
     }
 }
 
-fn walk_query(query: &Query, f: &mut dyn FnMut(&Expr)) {
+pub(crate) fn walk_query(query: &Query, f: &mut dyn FnMut(&Expr)) {
     for stmt in &query.stmts {
         match &stmt.literal {
             Literal::SomeVars { .. } => {}
@@ -123,7 +119,7 @@ fn walk_query(query: &Query, f: &mut dyn FnMut(&Expr)) {
     }
 }
 
-fn walk(expr: &Expr, f: &mut dyn FnMut(&Expr)) {
+pub(crate) fn walk(expr: &Expr, f: &mut dyn FnMut(&Expr)) {
     f(expr);
     match expr {
         Expr::String { .. }
@@ -223,51 +219,30 @@ pub fn evaluate_rule(
     input: Value,
     timeout: Duration,
 ) -> Result<(EvalMode, RuleOutcome), PolicyError> {
+    evaluate_rule_in(bundle, rule, input, timeout, EvalMode::Compiled)
+}
+
+/// `evaluate_rule` with a requested mode (`Interpreted` forces the interpreter).
+pub fn evaluate_rule_in(
+    bundle: &Bundle,
+    rule: &str,
+    input: Value,
+    timeout: Duration,
+    mode: EvalMode,
+) -> Result<(EvalMode, RuleOutcome), PolicyError> {
     let options = PolicyOptions {
         decision_rule: rule.to_string(),
         eval_timeout: timeout,
+        mode,
         ..PolicyOptions::default()
     };
-    let mode = Policy::compile(bundle, &Value::new_object(), options.clone())?.mode();
-    let mut engine = engine_for(bundle, false)?;
-    let entry: regorus::Rc<str> = rule.into();
-    let compiled = engine
-        .compile_with_entrypoint(&entry)
-        .map_err(|e| PolicyError::from_regorus(&e))?;
-    let timer = ExecutionTimerConfig {
-        limit: timeout,
-        check_interval: NonZeroU32::new(64).unwrap_or(NonZeroU32::MIN),
+    let policy = Policy::compile(bundle, &Value::new_object(), options)?;
+    let outcome = match policy.evaluate_value(input) {
+        Ok(Value::Undefined) => RuleOutcome::Undefined,
+        Ok(v) => RuleOutcome::Value(v),
+        Err(e) => RuleOutcome::Error(e),
     };
-    let result = match mode {
-        EvalMode::Compiled => {
-            let program = Compiler::compile_from_policy(&compiled, &[rule])
-                .map_err(|e| PolicyError::RegoUnlocated(format!("compiling {rule}: {e}")))?;
-            let mut vm = RegoVM::new_with_policy(compiled);
-            vm.load_program(program);
-            vm.set_max_instructions(options.max_instructions);
-            vm.set_execution_timer_config(Some(timer));
-            vm.set_data(bundle.data.clone())
-                .map_err(|e| e.to_string())
-                .and_then(|()| {
-                    vm.set_input(input);
-                    vm.execute().map_err(|e| e.to_string())
-                })
-        }
-        EvalMode::Interpreted => {
-            regorus::utils::limits::set_fallback_execution_timer_config(Some(timer));
-            compiled
-                .eval_with_input(input)
-                .map_err(|e| format!("{e:#}"))
-        }
-    };
-    Ok((
-        mode,
-        match result {
-            Ok(Value::Undefined) => RuleOutcome::Undefined,
-            Ok(v) => RuleOutcome::Value(v),
-            Err(e) => RuleOutcome::Error(e),
-        },
-    ))
+    Ok((policy.mode(), outcome))
 }
 
 /// Whether a finding is a difference to know about or a certain failure.
@@ -336,63 +311,13 @@ const MISSING_BUILTINS: &[&str] = &[
     "strings.render_template",
 ];
 
-/// Why a revision must be evaluated by regorus's interpreter rather than its RVM, one
-/// reason per construct the RVM lacks or gets wrong (measured): nexus builtins (the RVM
-/// calls no extension), default functions (the RVM makes them undefined), `with`,
-/// `print` and `walk` (the RVM refuses to compile them).
+/// The constructs of `bundle` that put a rule depending on them on regorus's
+/// interpreter rather than its RVM (`routing`), as text.
 pub fn interpreter_reasons(bundle: &Bundle) -> Vec<String> {
-    let mut reasons: Vec<String> = crate::builtins::called_by(bundle)
-        .into_iter()
-        .map(|b| format!("calls {b}"))
-        .collect();
-    let mut seen = BTreeSet::new();
-    for module in &bundle.modules {
-        let Some(ast) = parse(&module.path, &module.text) else {
-            continue;
-        };
-        for rule in &ast.policy {
-            if let Rule::Default { args, .. } = rule.as_ref()
-                && !args.is_empty()
-            {
-                seen.insert("has a default function");
-            }
-        }
-        each_expr(&ast, &mut |e| {
-            if let Expr::Call { fcn, .. } = e {
-                match dotted(fcn).as_deref() {
-                    Some("print") => {
-                        seen.insert("calls print");
-                    }
-                    Some("walk") => {
-                        seen.insert("calls walk");
-                    }
-                    _ => {}
-                }
-            }
-        });
-        each_query(&ast, &mut |q| {
-            if q.stmts.iter().any(|s| !s.with_mods.is_empty()) {
-                seen.insert("uses `with`");
-            }
-            // regorus 0.14's RVM does not fail a body when a `:=` assigns an undefined
-            // value, so a later `not` in that body succeeds where OPA and the
-            // interpreter say undefined: a fail-open (measured: `x := cfg[input.k].a;
-            // not input.o in x` allows for an unknown k). Such bodies run on the
-            // interpreter.
-            let assigns = q.stmts.iter().any(|s| {
-                matches!(&s.literal, Literal::Expr { expr, .. } if matches!(expr.as_ref(), Expr::AssignExpr { .. }))
-            });
-            let negates = q
-                .stmts
-                .iter()
-                .any(|s| matches!(&s.literal, Literal::NotExpr { .. }));
-            if assigns && negates {
-                seen.insert("assigns with `:=` and negates with `not` in one body");
-            }
-        });
-    }
-    reasons.extend(seen.into_iter().map(String::from));
-    reasons
+    crate::routing::all_reasons(bundle)
+        .iter()
+        .map(ToString::to_string)
+        .collect()
 }
 
 /// Calls `f` on every query (rule bodies, comprehensions, `every` bodies).
@@ -424,7 +349,7 @@ fn each_query(module: &Ast, f: &mut dyn FnMut(&Query)) {
     }
 }
 
-fn location(span: &regorus::unstable::Span) -> Location {
+pub(crate) fn location(span: &regorus::unstable::Span) -> Location {
     Location {
         file: span.source.file().to_string(),
         line: span.line,
@@ -433,7 +358,7 @@ fn location(span: &regorus::unstable::Span) -> Location {
 }
 
 /// The root variable of a ref (`input` for `input.a.b[0]`).
-fn ref_root(expr: &Expr) -> Option<&str> {
+pub(crate) fn ref_root(expr: &Expr) -> Option<&str> {
     match expr {
         Expr::Var { value, .. } => value.as_string().ok().map(|s| s.as_ref()),
         Expr::RefDot { refr, .. } | Expr::RefBrack { refr, .. } => ref_root(refr),
@@ -443,7 +368,7 @@ fn ref_root(expr: &Expr) -> Option<&str> {
 
 /// The fields the sidecar's input document always has (DESIGN.md "Policy input",
 /// sidecar/src/policy/input.rs): a ref to one of them is never undefined in the sidecar.
-const ALWAYS_IN_INPUT: &[&str] = &[
+pub(crate) const ALWAYS_IN_INPUT: &[&str] = &[
     "input.direction",
     "input.source",
     "input.source.spiffe_id",
@@ -462,7 +387,7 @@ const ALWAYS_IN_INPUT: &[&str] = &[
 ];
 
 /// A ref's path when every part is static (`input.request["method"]`).
-fn static_path(expr: &Expr) -> Option<String> {
+pub(crate) fn static_path(expr: &Expr) -> Option<String> {
     match expr {
         Expr::Var { value, .. } => Some(value.as_string().ok()?.to_string()),
         Expr::RefDot { refr, field, .. } => Some(format!(
@@ -509,7 +434,7 @@ fn between(from: &regorus::unstable::Span, to: &regorus::unstable::Span) -> Stri
         .map_or_else(|| snippet(from), shorten)
 }
 
-fn shorten(text: &str) -> String {
+pub(crate) fn shorten(text: &str) -> String {
     let text = text.split_whitespace().collect::<Vec<_>>().join(" ");
     if text.chars().count() > 60 {
         format!("{}...", text.chars().take(57).collect::<String>())
@@ -936,8 +861,9 @@ mod tests {
         let policy = "package t\n\nx if { some y in input.items; y == 1 }\n";
         // The RVM agrees with OPA.
         assert!(findings(policy).is_empty());
-        // A revision that calls a nexus builtin runs on the interpreter.
-        let f = findings(&format!("{policy}\nh := crypto.sha256(\"a\")\n"));
+        // A revision with a rule the RVM cannot run (a default function) may run on the
+        // interpreter.
+        let f = findings(&format!("{policy}\ndefault f(_) := 1\n"));
         assert_eq!(f.len(), 1, "{f:?}");
         assert!(f[0].contains("some y in input.items"), "{f:?}");
         // Tests always run on the interpreter.
@@ -978,14 +904,12 @@ mod tests {
     }
 
     #[test]
-    fn an_undefined_assignment_before_a_negation_runs_on_the_interpreter() {
+    fn an_undefined_assignment_before_a_negation_fails_the_body_in_compiled_mode() {
         let text = "package t\nimport rego.v1\ncfg := {\"a\": {\"obs\": [\"peer\"]}}\n\
                     allow if {\n\tobs := cfg[input.kind].obs\n\tnot input.o in obs\n}\n\
                     decision := {\"allow\": true, \"reasons\": []} if allow\n";
         let b = bundle(&[("t.rego", text)]);
-        let reasons = interpreter_reasons(&b);
-        assert!(reasons.iter().any(|r| r.contains("negates")), "{reasons:?}");
-        // And the decision is then right: an unknown kind is not allowed.
+        // The RVM's text guards `obs := ...` (`rewrite`): it stays compiled, and right.
         let policy = crate::Policy::compile(
             &b,
             &crate::Value::new_object(),
@@ -995,6 +919,7 @@ mod tests {
             },
         )
         .unwrap();
+        assert_eq!(policy.mode(), EvalMode::Compiled, "{:?}", policy.report());
         let input = crate::Value::from(serde_json::json!({"kind": "zzz", "o": "peer"}));
         assert!(!policy.evaluate(input).allow);
         let input = crate::Value::from(serde_json::json!({"kind": "a", "o": "self"}));
@@ -1024,13 +949,13 @@ mod tests {
     }
 
     #[test]
-    fn extension_calls_default_functions_and_print_choose_the_interpreter() {
+    fn default_functions_and_print_choose_the_interpreter_and_nexus_builtins_do_not() {
         let options = |rule: &str| PolicyOptions {
             decision_rule: rule.into(),
             ..PolicyOptions::default()
         };
         for (text, interpreted) in [
-            ("package t\n\nx := crypto.sha256(\"a\")\n", true),
+            ("package t\n\nx := crypto.sha256(\"a\")\n", false),
             ("package t\n\ndefault f(_) := 1\n\nx := f(2)\n", true),
             ("package t\n\nx if { print(\"a\"); true }\n", true),
             ("package t\n\nx := upper(\"a\")\n", false),

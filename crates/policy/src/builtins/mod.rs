@@ -199,6 +199,28 @@ pub fn register(engine: &mut Engine) -> Result<(), PolicyError> {
     Ok(())
 }
 
+/// The builtins the RVM calls back into nexus for, with their arity: every nexus
+/// builtin (regorus's RVM calls no extension, but it suspends on a registered
+/// host-await name and nexus answers).
+pub(crate) fn host_calls() -> impl Iterator<Item = (&'static str, usize)> {
+    BUILTINS.iter().map(|b| (b.name, usize::from(b.nargs)))
+}
+
+/// Calls nexus builtin `name`: its value, or undefined on an error (as OPA does without
+/// strict builtin errors) or for an unknown name.
+pub(crate) fn call(name: &str, args: &[Value]) -> Value {
+    match BUILTINS.iter().find(|b| b.name == name) {
+        Some(b) if args.len() == usize::from(b.nargs) => match (b.f)(args) {
+            Ok(v) => v,
+            Err(e) => {
+                tracing::debug!(builtin = name, error = %e, "builtin error: the call is undefined");
+                Value::Undefined
+            }
+        },
+        _ => Value::Undefined,
+    }
+}
+
 /// The nexus builtins that `bundle`'s decision modules call (tests are not evaluated
 /// by the sidecar). A module that does not parse calls none: compiling it reports that.
 pub fn called_by(bundle: &Bundle) -> BTreeSet<&'static str> {
