@@ -31,3 +31,17 @@ pub(crate) fn catch_panic<T>(f: impl FnOnce() -> T) -> Result<T, String> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_panic_becomes_an_error_and_is_counted() {
+        let before = crate::metrics::counters().panics;
+        let r: Result<(), String> = super::catch(|| panic!("boom"));
+        assert!(
+            r.unwrap_err()
+                .contains("panicked (a regorus bug; denied): boom")
+        );
+        assert!(crate::metrics::counters().panics > before);
+    }
+}

@@ -10,6 +10,7 @@
 
 mod crypto;
 mod encoding;
+mod fixes;
 mod jwt;
 mod keys;
 mod net;
@@ -170,6 +171,23 @@ const BUILTINS: &[Builtin] = &[
         name: "net.cidr_merge",
         nargs: 1,
         f: net::cidr_merge,
+    },
+    // Replacements of regorus builtins that differ from OPA, and OPA builtins regorus
+    // lacks (`fixes`).
+    Builtin {
+        name: "regex.template_match",
+        nargs: 4,
+        f: fixes::template_match,
+    },
+    Builtin {
+        name: "urlquery.decode",
+        nargs: 1,
+        f: fixes::urlquery_decode,
+    },
+    Builtin {
+        name: "array.flatten",
+        nargs: 1,
+        f: fixes::array_flatten,
     },
 ];
 

@@ -1,0 +1,183 @@
+//! Builtins regorus 0.14 has but evaluates differently from OPA 1.20 (or panics on),
+//! replaced by nexus's own implementations of OPA's behaviour, and OPA builtins regorus
+//! lacks entirely. Registered like every nexus builtin: an interpreter extension (which
+//! regorus looks up before its own builtin of the same name) and an RVM host call.
+//!
+//! - `regex.template_match`: regorus slices the subject by the template's literal
+//!   prefix and panics when the subject is shorter; OPA builds one anchored regex from
+//!   the template and matches it.
+//! - `urlquery.decode`: regorus decodes as a form (and drops a decoded `&`); OPA is Go's
+//!   `url.QueryUnescape`: `+` is a space, `%XX` a byte, an invalid escape an error.
+//! - `array.flatten`: missing in regorus; OPA flattens one level.
+
+use anyhow::{Result, bail};
+use regorus::Value;
+
+use super::string_arg;
+
+/// The `(start, end)` byte spans of each delimited part of `template` (delimiters
+/// included), counting nested delimiters as Go's `delimiterIndices` does.
+fn delimiter_spans(template: &str, open: &str, close: &str) -> Result<Vec<(usize, usize)>> {
+    if open.is_empty() || close.is_empty() {
+        bail!("empty delimiter");
+    }
+    let mut level = 0i64;
+    let mut start = 0usize;
+    let mut spans = Vec::new();
+    let mut i = 0usize;
+    while i < template.len() {
+        let rest = &template[i..];
+        if rest.starts_with(open) {
+            level += 1;
+            if level == 1 {
+                start = i;
+            }
+            i += open.len();
+        } else if rest.starts_with(close) {
+            level -= 1;
+            if level == 0 {
+                spans.push((start, i + close.len()));
+            } else if level < 0 {
+                bail!("unbalanced braces in {template:?}");
+            }
+            i += close.len();
+        } else {
+            i += rest.chars().next().map_or(1, char::len_utf8);
+        }
+    }
+    if level != 0 {
+        bail!("unbalanced braces in {template:?}");
+    }
+    Ok(spans)
+}
+
+/// `regex.template_match(template, value, delimiter_start, delimiter_end)`.
+pub(super) fn template_match(args: &[Value]) -> Result<Value> {
+    let template = string_arg(args, 0)?;
+    let value = string_arg(args, 1)?;
+    let open = string_arg(args, 2)?;
+    let close = string_arg(args, 3)?;
+    let spans = delimiter_spans(template, open, close)?;
+    let mut pattern = String::from("^");
+    let mut last = 0;
+    for (start, end) in spans {
+        pattern.push_str(&regex::escape(&template[last..start]));
+        pattern.push('(');
+        pattern.push_str(&template[start + open.len()..end - close.len()]);
+        pattern.push(')');
+        last = end;
+    }
+    pattern.push_str(&regex::escape(&template[last..]));
+    pattern.push('$');
+    let re = regex::Regex::new(&pattern)?;
+    Ok(Value::from(re.is_match(value)))
+}
+
+/// `urlquery.decode(x)`: Go's `url.QueryUnescape`.
+pub(super) fn urlquery_decode(args: &[Value]) -> Result<Value> {
+    let s = string_arg(args, 0)?;
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'%' => {
+                let hex = bytes.get(i + 1..i + 3).unwrap_or_default();
+                let digits = std::str::from_utf8(hex).ok();
+                match digits.and_then(|d| {
+                    (d.len() == 2 && d.bytes().all(|b| b.is_ascii_hexdigit()))
+                        .then(|| u8::from_str_radix(d, 16).ok())
+                        .flatten()
+                }) {
+                    Some(b) => out.push(b),
+                    None => {
+                        let shown: String = s[i..].chars().take(3).collect();
+                        bail!("invalid URL escape {shown:?}");
+                    }
+                }
+                i += 3;
+            }
+            b'+' => {
+                out.push(b' ');
+                i += 1;
+            }
+            b => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    match String::from_utf8(out) {
+        Ok(text) => Ok(Value::from(text)),
+        Err(_) => bail!("the decoded bytes are not UTF-8"),
+    }
+}
+
+/// `array.flatten(arr)`: one level.
+pub(super) fn array_flatten(args: &[Value]) -> Result<Value> {
+    let Some(Value::Array(items)) = args.first() else {
+        bail!("operand 1 must be array");
+    };
+    let mut out = Vec::new();
+    for item in items.iter() {
+        match item {
+            Value::Array(inner) => out.extend(inner.iter().cloned()),
+            other => out.push(other.clone()),
+        }
+    }
+    Ok(Value::from(out))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tm(t: &str, v: &str) -> Result<Value> {
+        template_match(&[
+            Value::from(t),
+            Value::from(v),
+            Value::from("{"),
+            Value::from("}"),
+        ])
+    }
+
+    /// Each expected answer is OPA 1.20's.
+    #[test]
+    fn template_match_as_opa() {
+        assert_eq!(tm("urn:foo:{.*}", "urn").unwrap(), Value::from(false));
+        assert_eq!(
+            tm("urn:foo:{.*}", "urn:foo:bar:baz").unwrap(),
+            Value::from(true)
+        );
+        assert_eq!(
+            tm("urn:foo.bar.com:{.*}", "urn:fooXbar.com:x").unwrap(),
+            Value::from(false)
+        );
+        assert_eq!(
+            tm("a{[0-9]+}b{[a-z]*}", "a12bxy").unwrap(),
+            Value::from(true)
+        );
+        assert_eq!(tm("a{b|c}", "ac").unwrap(), Value::from(true));
+        assert_eq!(tm("", "").unwrap(), Value::from(true));
+        assert!(tm("{.*", "abc").is_err());
+        assert!(tm("a{x}}", "ax}").is_err());
+    }
+
+    #[test]
+    fn urlquery_decode_as_go() {
+        let d = |s: &str| urlquery_decode(&[Value::from(s)]);
+        assert_eq!(d("a%26b&c").unwrap(), Value::from("a&b&c"));
+        assert_eq!(d("a+b%20c").unwrap(), Value::from("a b c"));
+        assert!(d("%zz").is_err());
+        assert!(d("%2").is_err());
+    }
+
+    #[test]
+    fn array_flatten_one_level() {
+        let v = Value::from(serde_json::json!([1, [2, [3, [4]]], []]));
+        assert_eq!(
+            array_flatten(&[v]).unwrap(),
+            Value::from(serde_json::json!([1, 2, [3, [4]]]))
+        );
+    }
+}
