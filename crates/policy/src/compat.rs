@@ -420,7 +420,7 @@ fn snippet(span: &regorus::unstable::Span) -> String {
 }
 
 /// Where an expression starts (a ref's span starts at its last `.`).
-fn leftmost(expr: &Expr) -> &regorus::unstable::Span {
+pub(crate) fn leftmost(expr: &Expr) -> &regorus::unstable::Span {
     match expr {
         Expr::RefDot { refr, .. } | Expr::RefBrack { refr, .. } => leftmost(refr),
         _ => expr.span(),

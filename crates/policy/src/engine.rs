@@ -92,6 +92,8 @@ pub struct ModeReport {
     pub guarded_assignments: usize,
     /// Comprehension heads guarded against undefined elements (`rewrite`).
     pub guarded_comprehensions: usize,
+    /// Negations whose arguments are evaluated first, as OPA does (`rewrite`).
+    pub guarded_negations: usize,
     /// Builtins the RVM calls back into nexus for (nexus's own and its replacements).
     pub host_builtins: Vec<String>,
     /// The RVM checked against the interpreter before serving (None: not checked).
@@ -148,7 +150,9 @@ struct Rvm {
 pub struct Policy {
     revision: String,
     options: PolicyOptions,
-    compiled: CompiledPolicy,
+    /// The interpreter: an engine holding the modules and the data, cloned per
+    /// evaluation (regorus's `CompiledPolicy` interpreter fails on `with`).
+    interpreter: Engine,
     rvm: Option<Arc<Rvm>>,
     bundle_data: Value,
     data: Value,
@@ -181,6 +185,9 @@ fn length_config() -> regorus::utils::limits::PolicyLengthConfig {
 pub(crate) fn new_engine() -> Result<Engine, PolicyError> {
     let mut engine = Engine::new();
     engine.set_policy_length_config(length_config());
+    // OPA's default (`opa eval`, the server, `opa test`): a builtin error makes the call
+    // undefined; regorus's interpreter raises it by default (its RVM does not).
+    engine.set_strict_builtin_errors(false);
     // Every engine sees nexus's builtins (io.jwt.*, crypto.*, net.cidr_*, and the
     // replacements of regorus builtins that differ from OPA): evaluation,
     // `nexusctl policy test` and `eval` alike.
@@ -205,7 +212,8 @@ fn engine_with_data(
         [].iter()
     });
     for module in modules {
-        add_policy(&mut engine, &module.path, &module.text)?;
+        let text = crate::rewrite::interpreter_text(&module.path, &module.text);
+        add_policy(&mut engine, &module.path, &text)?;
     }
     engine
         .add_data(data.clone())
@@ -281,7 +289,8 @@ impl Policy {
         let mut engine = engine_with_data(bundle, false, &data)?;
         engine.set_execution_timer_config(timer(options.eval_timeout));
         let rule: regorus::Rc<str> = options.decision_rule.as_str().into();
-        let compiled = engine.compile_with_entrypoint(&rule).map_err(|e| {
+        // Compiling checks that the rule exists and the modules are consistent.
+        engine.compile_with_entrypoint(&rule).map_err(|e| {
             let error = PolicyError::from_regorus(&e);
             match error {
                 PolicyError::RegoUnlocated(message) => PolicyError::NoDecisionRule {
@@ -313,7 +322,7 @@ impl Policy {
                     inputs,
                     verify.time_budget,
                     &|input| eval_rvm(built, &data, input, &check_options),
-                    &|input| eval_interpreter(&compiled, input, &check_options),
+                    &|input| eval_interpreter(&engine, input, &check_options),
                 );
                 crate::metrics::count_verified(verification.disagreement.is_some());
                 if let Some(d) = &verification.disagreement {
@@ -332,6 +341,8 @@ impl Policy {
                 report.verification = Some(verification);
             }
             if rvm.is_none() {
+                options.mode = EvalMode::Interpreted;
+                report.mode = EvalMode::Interpreted;
                 if !report.routed.is_empty() {
                     crate::metrics::count_routed();
                     tracing::info!(
@@ -342,14 +353,12 @@ impl Policy {
                          it is evaluated by the interpreter"
                     );
                 }
-                options.mode = EvalMode::Interpreted;
-                report.mode = EvalMode::Interpreted;
             }
         }
         let mut policy = Self {
             revision: bundle.revision.clone(),
             options,
-            compiled,
+            interpreter: engine,
             rvm,
             bundle_data: bundle.data.clone(),
             data: bundle.data.clone(),
@@ -366,7 +375,7 @@ impl Policy {
                 let mut next = Self {
                     revision: self.revision.clone(),
                     options: self.options.clone(),
-                    compiled: self.compiled.clone(),
+                    interpreter: self.interpreter.clone(),
                     rvm: self.rvm.clone(),
                     bundle_data: self.bundle_data.clone(),
                     data: Value::Null,
@@ -443,7 +452,7 @@ impl Policy {
         let started = Instant::now();
         let result = match &self.rvm {
             Some(rvm) => eval_rvm(rvm, &self.data, input, &self.options),
-            None => eval_interpreter(&self.compiled, input, &self.options),
+            None => eval_interpreter(&self.interpreter, input, &self.options),
         };
         // The VM and the interpreter check the clock between instructions; a single
         // builtin call (e.g. numbers.range over a huge span) cannot be interrupted, so
@@ -483,6 +492,7 @@ fn build_rvm(
                 let rewritten = crate::rewrite::for_rvm(&module.text, &ast);
                 report.guarded_assignments += rewritten.assignments;
                 report.guarded_comprehensions += rewritten.comprehensions;
+                report.guarded_negations += rewritten.negations;
                 rewritten.text
             }
             None => module.text.clone(),
@@ -490,10 +500,14 @@ fn build_rvm(
         called.extend(crate::compat::called_functions(&module.path, &module.text));
         add_policy(&mut engine, &module.path, &text)?;
     }
-    let host: Vec<(&'static str, usize)> = crate::builtins::host_calls()
+    // Every nexus builtin is a host call (the rewrites may add calls the source does
+    // not have); the program suspends only if it calls one.
+    let host: Vec<(&'static str, usize)> = crate::builtins::host_calls().collect();
+    report.host_builtins = host
+        .iter()
         .filter(|(name, _)| called.contains(*name))
+        .map(|(n, _)| (*n).to_string())
         .collect();
-    report.host_builtins = host.iter().map(|(n, _)| (*n).to_string()).collect();
     let entry: regorus::Rc<str> = rule.into();
     let compiled = match engine.compile_with_entrypoint(&entry) {
         Ok(c) => c,
@@ -506,8 +520,8 @@ fn build_rvm(
     ) {
         Ok(program) => Ok(Ok(Rvm {
             compiled,
+            host: program.has_host_await(),
             program,
-            host: !host.is_empty(),
         })),
         Err(e) => {
             let text = format!("{e:#}");
@@ -567,20 +581,18 @@ fn eval_rvm(
     })
 }
 
-/// One evaluation on the interpreter.
+/// One evaluation on the interpreter (a clone of the revision's engine: the engine
+/// holds per-evaluation state).
 fn eval_interpreter(
-    compiled: &CompiledPolicy,
+    engine: &Engine,
     input: Value,
     options: &PolicyOptions,
 ) -> Result<Value, String> {
     crate::isolate::catch(|| {
-        // A compiled policy's interpreter takes its time limit from regorus's
-        // process-wide fallback; every policy of a sidecar shares eval_timeout.
-        regorus::utils::limits::set_fallback_execution_timer_config(Some(timer(
-            options.eval_timeout,
-        )));
-        compiled
-            .eval_with_input(input)
+        let mut engine = engine.clone();
+        engine.set_input(input);
+        engine
+            .eval_rule(options.decision_rule.clone())
             .map_err(|e| format!("{e:#}"))
     })
 }
@@ -786,16 +798,27 @@ mod tests {
             p.report().summary()
         );
         assert_eq!(eval(&p, serde_json::json!({"a": ["b"]})), "undefined");
-        // A multi-value rule with a variable in its ref head is one flat set in the RVM.
+        // A multi-value rule with a variable in its ref head is one flat set in the RVM
+        // (and undefined rather than {} in the interpreter when empty): rewritten into a
+        // partial object, it stays compiled.
         let p = compiled(
             "package t\n\ngrants[u] contains p if { some u, ps in input.g; some p in ps }\n",
             "data.t.grants",
         );
-        assert_eq!(p.mode(), EvalMode::Interpreted);
+        assert_eq!(p.mode(), EvalMode::Compiled, "{}", p.report().summary());
         assert_eq!(
             eval(&p, serde_json::json!({"g": {"alice": ["r"], "bob": ["w"]}})),
             r#"{ "alice": [ "r" ], "bob": [ "w" ] }"#
         );
+        assert_eq!(eval(&p, serde_json::json!({"g": {}})), "{}");
+        // `not startswith(input.p, ...)` with no `p`: OPA evaluates the argument first,
+        // so the body fails.
+        let p = compiled(
+            "package t\n\nallow if not startswith(input.p, \"/admin\")\n",
+            "data.t.allow",
+        );
+        assert_eq!(eval(&p, serde_json::json!({})), "undefined");
+        assert_eq!(eval(&p, serde_json::json!({"p": "/x"})), "true");
     }
 
     #[test]

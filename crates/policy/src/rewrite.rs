@@ -1,88 +1,300 @@
-//! Source rewrites that make regorus's compiled mode (RVM) fail where OPA fails.
+//! Source rewrites that make regorus evaluate as OPA does where it does not.
 //!
-//! regorus 0.14's RVM does not check that the value bound by `x := E` is defined: when
-//! `E` is undefined (a missing input field, a failed builtin), the body goes on with an
-//! undefined `x`, and whatever does not read `x` as a condition still succeeds
-//! (`allow if { role := input.role; not role == "guest" }` allows a request without a
-//! role: a fail-open). Likewise a comprehension whose head reads a missing field keeps an
-//! undefined element (`count([a.id | some a in xs])` counts it).
+//! In both of regorus's modes (so in the text the interpreter, `nexusctl policy test`
+//! and the RVM all load):
+//! - `not E` where `E` calls a function or an operator other than `==` (`startswith`,
+//!   `in`, `!=`, `>`, arithmetic) or indexes with a ref: OPA evaluates the refs and
+//!   calls in `E`'s arguments before the negation, so an undefined argument (a missing
+//!   input field) fails the body; regorus negates the undefined call, so the body
+//!   succeeds (`allow if not startswith(input.path, "/admin")` allows a request without
+//!   a path: a fail-open). The arguments are evaluated first here too, in a guard
+//!   `[__nexus_nN, ...] := [arg, ...]` just before the `not`.
+//! - `V in C` used as a value (not a statement): OPA makes it undefined when `V` or `C`
+//!   is, regorus false; it becomes a call of nexus's `__nexus_member(V, C)` (undefined
+//!   on an undefined argument, as every call).
 //!
-//! Both are closed here, in the text the RVM compiles (never in what the interpreter,
-//! `nexusctl policy test` or error messages see), by forms the RVM does check:
+//! Only in the interpreter's text: `some x in E` over a value that is not a collection
+//! is undefined in OPA (and in the RVM) but an error in regorus's interpreter; `E`
+//! becomes `__nexus_iter(E)` (the collection itself, or an empty array).
+//!
+//! Only in the RVM's text (regorus 0.14's RVM does not check that the value bound by
+//! `x := E` is defined: the body goes on with an undefined `x`, and whatever does not
+//! read `x` as a condition still succeeds; a comprehension whose head reads a missing
+//! field keeps an undefined element, so `count([a.id | some a in xs])` counts it):
 //! - `x := E` becomes `[x] := [E]`: an array holding an undefined element is undefined,
 //!   and destructuring an undefined value fails the body, exactly as OPA's `x := E` does;
 //! - a comprehension `[H | body]` gets the guard `; [__nexus_gN] := [H]` at the end of its
 //!   body (object comprehensions guard key and value), so an undefined head skips the
 //!   element as OPA does.
 //!
-//! Every insertion stays on the line it starts on (a copied head is written on one line),
-//! so line numbers in compile errors stay right. A head that cannot be copied onto one
-//! line safely (it holds a comment or a raw string) is not rewritten; the module is then
-//! reported as needing the interpreter (`routing`).
+//! Every edit stays on the line it is made on (copied text is written on one line), so
+//! line numbers in errors and coverage stay right; columns after an edit move. A term
+//! that cannot be copied onto one line safely (it holds a comment or a raw string) is
+//! not rewritten; a comprehension head of that kind is reported by `routing`.
 
-use regorus::unstable::{AssignOp, Expr, Literal, Module as Ast, Query, Rule, RuleHead};
+use regorus::unstable::{AssignOp, BoolOp, Expr, Literal, Module as Ast, Query, Rule, RuleHead};
 
-/// One module's text for the RVM, and what was done to it.
+/// One module's rewritten text, and what was done to it.
 #[derive(Clone, Debug, Default)]
 pub struct Rewritten {
-    /// The text the RVM compiles.
+    /// The text to load.
     pub text: String,
-    /// `:=` assignments guarded.
+    /// `:=` assignments guarded (RVM).
     pub assignments: usize,
-    /// Comprehension heads guarded.
+    /// Comprehension heads guarded (RVM).
     pub comprehensions: usize,
+    /// Negations whose arguments are evaluated first.
+    pub negations: usize,
+    /// Memberships used as values, made calls.
+    pub memberships: usize,
+    /// `some x in E` made tolerant of a non-collection (interpreter).
+    pub iterations: usize,
     /// Comprehension heads that could not be guarded (line of each).
     pub unguarded: Vec<u32>,
 }
 
-/// An insertion at a byte offset.
+/// An insertion at a byte offset, replacing `delete` bytes there.
 struct Edit {
     at: usize,
+    delete: usize,
     text: String,
+}
+
+fn insert(at: u32, text: impl Into<String>) -> Edit {
+    Edit {
+        at: at as usize,
+        delete: 0,
+        text: text.into(),
+    }
+}
+
+/// The first and last byte of an expression, its subexpressions included (a ref's own
+/// span starts at its last `.`, a call's at its `(`).
+fn extent(e: &Expr) -> (u32, u32) {
+    let mut start = e.span().start;
+    let mut end = e.span().end;
+    crate::compat::walk(e, &mut |x| {
+        start = start.min(x.span().start);
+        end = end.max(x.span().end);
+    });
+    (start, end)
+}
+
+/// The source text of `e`, on one line, or None when that is not safe.
+fn term_text(source: &str, e: &Expr) -> Option<String> {
+    let (start, end) = extent(e);
+    one_line(source.get(start as usize..end as usize)?)
+}
+
+/// Whether `e` is a ref rooted in a name (not a call result).
+fn is_ref(e: &Expr) -> bool {
+    match e {
+        Expr::RefDot { refr, .. } => is_ref(refr) || matches!(refr.as_ref(), Expr::Var { .. }),
+        Expr::RefBrack { refr, .. } => is_ref(refr) || matches!(refr.as_ref(), Expr::Var { .. }),
+        _ => false,
+    }
+}
+
+/// Whether `e` mentions the wildcard `_` (a guard would iterate over it).
+fn has_wildcard(e: &Expr) -> bool {
+    let mut found = false;
+    crate::compat::walk(e, &mut |x| {
+        if let Expr::Var { value, .. } = x
+            && value.as_string().is_ok_and(|v| v.as_ref() == "_")
+        {
+            found = true;
+        }
+    });
+    found
+}
+
+/// The terms OPA evaluates before negating `e`: refs and calls among the arguments of
+/// calls and operators (not `==`), and refs used as indexes.
+fn hoisted<'a>(e: &'a Expr, top: bool, out: &mut Vec<&'a Expr>) {
+    let operand = |x: &'a Expr, out: &mut Vec<&'a Expr>| {
+        if is_ref(x) {
+            out.push(x);
+            index_refs(x, out);
+        } else if matches!(
+            x,
+            Expr::Call { .. } | Expr::ArithExpr { .. } | Expr::BinExpr { .. }
+        ) {
+            out.push(x);
+        } else {
+            hoisted(x, false, out);
+        }
+    };
+    match e {
+        Expr::Call { params, .. } => {
+            for p in params {
+                operand(p, out);
+            }
+        }
+        Expr::BoolExpr { op, lhs, rhs, .. } => {
+            if matches!(op, BoolOp::Eq) && top {
+                for side in [lhs, rhs] {
+                    if is_ref(side) {
+                        index_refs(side, out);
+                    } else {
+                        hoisted(side, false, out);
+                    }
+                }
+            } else {
+                operand(lhs, out);
+                operand(rhs, out);
+            }
+        }
+        Expr::ArithExpr { lhs, rhs, .. } | Expr::BinExpr { lhs, rhs, .. } => {
+            operand(lhs, out);
+            operand(rhs, out);
+        }
+        Expr::Membership {
+            key,
+            value,
+            collection,
+            ..
+        } => {
+            if let Some(k) = key {
+                operand(k, out);
+            }
+            operand(value, out);
+            operand(collection, out);
+        }
+        Expr::Array { items, .. } | Expr::Set { items, .. } => {
+            for i in items {
+                operand(i, out);
+            }
+        }
+        Expr::Object { fields, .. } => {
+            for (_, k, v) in fields {
+                operand(k, out);
+                operand(v, out);
+            }
+        }
+        Expr::RefDot { .. } | Expr::RefBrack { .. } => index_refs(e, out),
+        _ => {}
+    }
+}
+
+/// Refs used as an index of `e` (`input.m` in `data.s[input.m]`).
+fn index_refs<'a>(e: &'a Expr, out: &mut Vec<&'a Expr>) {
+    match e {
+        Expr::RefBrack { refr, index, .. } => {
+            if is_ref(index) {
+                out.push(index);
+            }
+            index_refs(refr, out);
+        }
+        Expr::RefDot { refr, .. } => index_refs(refr, out),
+        _ => {}
+    }
+}
+
+/// Which rewrites to make.
+#[derive(Clone, Copy)]
+struct Targets {
+    rvm: bool,
 }
 
 /// Rewrites `text` (parsed as `ast`) for the RVM.
 pub fn for_rvm(text: &str, ast: &Ast) -> Rewritten {
-    let mut edits = Vec::new();
+    rewrite(text, ast, Targets { rvm: true })
+}
+
+/// Rewrites `text` (parsed as `ast`) for the interpreter.
+pub fn for_interpreter(text: &str, ast: &Ast) -> Rewritten {
+    rewrite(text, ast, Targets { rvm: false })
+}
+
+/// The text a module is loaded with by the interpreter (`for_interpreter`), or the text
+/// itself when it does not parse (loading reports that).
+pub fn interpreter_text(path: &str, text: &str) -> String {
+    match crate::compat::parse(path, text) {
+        Some(ast) => for_interpreter(text, &ast).text,
+        None => text.to_string(),
+    }
+}
+
+fn rewrite(text: &str, ast: &Ast, targets: Targets) -> Rewritten {
+    let mut edits: Vec<Edit> = Vec::new();
     let mut out = Rewritten::default();
     let mut guard_id = 0usize;
-    let visit_query = |q: &Query, edits: &mut Vec<Edit>, out: &mut Rewritten| {
+    let mut statement_exprs: Vec<*const Expr> = Vec::new();
+    for_each_query(ast, &mut |q, head| {
         for stmt in &q.stmts {
-            if let Literal::Expr { expr, .. } = &stmt.literal
-                && let Expr::AssignExpr {
-                    op: AssignOp::ColEq,
-                    lhs,
-                    rhs,
-                    ..
-                } = expr.as_ref()
-                && matches!(lhs.as_ref(), Expr::Var { .. })
-            {
-                let (l, r) = (lhs.span(), rhs.span());
-                edits.push(Edit {
-                    at: l.start as usize,
-                    text: "[".into(),
-                });
-                edits.push(Edit {
-                    at: l.end as usize,
-                    text: "]".into(),
-                });
-                edits.push(Edit {
-                    at: r.start as usize,
-                    text: "[".into(),
-                });
-                edits.push(Edit {
-                    at: r.end as usize,
-                    text: "]".into(),
-                });
-                out.assignments += 1;
+            match &stmt.literal {
+                Literal::Expr { expr, .. } => {
+                    statement_exprs.push(expr.as_ref() as *const Expr);
+                    if targets.rvm
+                        && let Expr::AssignExpr {
+                            op: AssignOp::ColEq,
+                            lhs,
+                            rhs,
+                            ..
+                        } = expr.as_ref()
+                        && matches!(lhs.as_ref(), Expr::Var { .. })
+                    {
+                        let (ls, le) = extent(lhs);
+                        let (rs, re) = extent(rhs);
+                        edits.push(insert(ls, "["));
+                        edits.push(insert(le, "]"));
+                        edits.push(insert(rs, "["));
+                        edits.push(insert(re, "]"));
+                        out.assignments += 1;
+                    }
+                }
+                Literal::NotExpr { expr, span } => {
+                    statement_exprs.push(expr.as_ref() as *const Expr);
+                    let mut terms = Vec::new();
+                    hoisted(expr, true, &mut terms);
+                    let texts: Option<Vec<String>> = terms
+                        .iter()
+                        .filter(|t| !has_wildcard(t))
+                        .map(|t| term_text(text, t))
+                        .collect();
+                    if let Some(texts) = texts
+                        && !texts.is_empty()
+                    {
+                        let vars: Vec<String> = texts
+                            .iter()
+                            .map(|_| {
+                                guard_id += 1;
+                                format!("__nexus_n{guard_id}")
+                            })
+                            .collect();
+                        let guard = format!("[{}] := [{}]", vars.join(", "), texts.join(", "));
+                        // A rule body of one literal without braces (`a if not f(x)`)
+                        // gets braces, so the guard can stand before the `not`.
+                        let end = std::iter::once(stmt.span.end)
+                            .chain(stmt.with_mods.iter().map(|w| w.span.end))
+                            .max()
+                            .unwrap_or(span.end);
+                        let before = text
+                            .get(..span.start as usize)
+                            .unwrap_or_default()
+                            .trim_end();
+                        if before.ends_with("if") || before.ends_with("else") {
+                            edits.push(insert(span.start, format!("{{ {guard}; ")));
+                            edits.push(insert(end, " }"));
+                        } else {
+                            edits.push(insert(span.start, format!("{guard}; ")));
+                        }
+                        out.negations += 1;
+                    }
+                }
+                Literal::SomeIn { collection, .. } if !targets.rvm => {
+                    let (cs, ce) = extent(collection);
+                    edits.push(insert(cs, "__nexus_iter("));
+                    edits.push(insert(ce, ")"));
+                    out.iterations += 1;
+                }
+                _ => {}
             }
         }
-    };
-    for_each_query(ast, &mut |q, head| {
-        visit_query(q, &mut edits, &mut out);
-        if let Some(heads) = head {
-            let texts: Option<Vec<String>> =
-                heads.iter().map(|h| one_line(h.span().text())).collect();
+        if targets.rvm
+            && let Some(heads) = head
+        {
+            let texts: Option<Vec<String>> = heads.iter().map(|h| term_text(text, h)).collect();
             match texts {
                 Some(texts) => {
                     let vars: Vec<String> = texts
@@ -103,18 +315,68 @@ pub fn for_rvm(text: &str, ast: &Ast) -> Rewritten {
                         })
                         .max()
                         .unwrap_or(q.span.end);
-                    edits.push(Edit {
-                        at: end as usize,
-                        text: format!("; [{}] := [{}]", vars.join(", "), texts.join(", ")),
-                    });
+                    edits.push(insert(
+                        end,
+                        format!("; [{}] := [{}]", vars.join(", "), texts.join(", ")),
+                    ));
                     out.comprehensions += 1;
                 }
                 None => out.unguarded.push(q.span.line),
             }
         }
     });
-    // Apply from the end so earlier offsets stay valid; at one offset, keep the order in
-    // which the edits were made (a `]` closing one span before a `[` opening the next).
+    for rule in &ast.policy {
+        if let Some((start, end, head, body_end, suffix, function)) =
+            multi_value_rewrite(rule, text)
+        {
+            edits.push(Edit {
+                at: start as usize,
+                delete: (end - start) as usize,
+                text: head,
+            });
+            edits.push(insert(body_end, suffix));
+            edits.push(insert(text.len() as u32, function));
+        }
+    }
+    // Memberships used as values (not a statement, not negated: those fail alike).
+    let mut members = Vec::new();
+    for rule in &ast.policy {
+        each_rule_expr(rule, &mut |e| {
+            if let Expr::Membership {
+                key,
+                value,
+                collection,
+                ..
+            } = e
+                && !statement_exprs.contains(&(e as *const Expr))
+            {
+                members.push((key.clone(), value.clone(), collection.clone()));
+            }
+        });
+    }
+    for (key, value, collection) in members {
+        let first = key.as_ref().map_or_else(|| extent(&value), |k| extent(k));
+        let (vs, ve) = extent(&value);
+        let (cs, ce) = extent(&collection);
+        let between = text.get(ve as usize..cs as usize).unwrap_or_default();
+        if between.trim() != "in" || vs < first.0 {
+            continue;
+        }
+        let name = if key.is_some() {
+            "__nexus_member_kv("
+        } else {
+            "__nexus_member("
+        };
+        edits.push(insert(first.0, name));
+        edits.push(Edit {
+            at: ve as usize,
+            delete: between.len(),
+            text: ", ".into(),
+        });
+        edits.push(insert(ce, ")"));
+        out.memberships += 1;
+    }
+    // Apply in offset order; at one offset, in the order the edits were made.
     edits.sort_by_key(|e| e.at);
     let mut result = String::with_capacity(text.len() + edits.len() * 8);
     let mut last = 0;
@@ -124,11 +386,124 @@ pub fn for_rvm(text: &str, ast: &Ast) -> Rewritten {
         }
         result.push_str(&text[last..edit.at]);
         result.push_str(&edit.text);
-        last = edit.at;
+        last = edit.at + edit.delete;
     }
-    result.push_str(&text[last..]);
+    result.push_str(text.get(last..).unwrap_or_default());
     out.text = result;
     out
+}
+
+/// `NAME[k] contains p if { body }` (a multi-value rule with a variable in its ref
+/// head, one body): regorus's interpreter makes it undefined when no body holds (OPA:
+/// `{}`) and its RVM builds one flat set. It becomes the partial object
+/// `NAME[__nexus_k] := __nexus_mv_NAME(__nexus_k) if { body; __nexus_k := k }` with the
+/// function `__nexus_mv_NAME(__nexus_k) := {p | body; k == __nexus_k}` added at the end
+/// of the module, which both modes evaluate as OPA evaluates the original. Returns
+/// (head start, head end, new head, body end, body suffix, function) or None when the
+/// rule has another shape.
+#[allow(clippy::type_complexity)]
+pub(crate) fn multi_value_rewrite(
+    rule: &Rule,
+    text: &str,
+) -> Option<(u32, u32, String, u32, String, String)> {
+    let Rule::Spec {
+        head:
+            RuleHead::Set {
+                refr,
+                key: Some(member),
+                span,
+            },
+        bodies,
+        ..
+    } = rule
+    else {
+        return None;
+    };
+    let Expr::RefBrack {
+        refr: name, index, ..
+    } = refr.as_ref()
+    else {
+        return None;
+    };
+    let Expr::Var { value, .. } = name.as_ref() else {
+        return None;
+    };
+    let [body] = bodies.as_slice() else {
+        return None;
+    };
+    if body.assign.is_some() {
+        return None;
+    }
+    let name = value.as_string().ok()?.to_string();
+    let key = term_text(text, index)?;
+    let member = term_text(text, member)?;
+    let q = &body.query;
+    let first = q.stmts.first()?.span.start;
+    let last = q
+        .stmts
+        .iter()
+        .flat_map(|s| std::iter::once(s.span.end).chain(s.with_mods.iter().map(|w| w.span.end)))
+        .max()?;
+    let body_text = one_line(text.get(first as usize..last as usize)?)?;
+    // Statements on one line need `;` between them.
+    let body_text = if q.stmts.len() > 1 {
+        let mut parts = Vec::new();
+        for stmt in &q.stmts {
+            let end = std::iter::once(stmt.span.end)
+                .chain(stmt.with_mods.iter().map(|w| w.span.end))
+                .max()?;
+            parts.push(one_line(text.get(stmt.span.start as usize..end as usize)?)?);
+        }
+        parts.join("; ")
+    } else {
+        body_text
+    };
+    let (start, _) = extent(refr);
+    let end = span.end.max(extent(refr).1);
+    let head_end = text
+        .get(start as usize..)?
+        .find(&member)
+        .map(|i| start as usize + i + member.len())?;
+    let new_head = format!("{name}[__nexus_k] := __nexus_mv_{name}(__nexus_k)");
+    let function = format!(
+        "\n__nexus_mv_{name}(__nexus_k) := {{{member} | {body_text}; {key} == __nexus_k}}\n"
+    );
+    Some((
+        start,
+        head_end as u32,
+        new_head,
+        last,
+        format!("; __nexus_k := {key}"),
+        function,
+    ))
+    .filter(|_| end as usize <= head_end)
+}
+
+/// Calls `f` on every expression of a rule (heads, bodies, nested queries).
+fn each_rule_expr(rule: &Rule, f: &mut dyn FnMut(&Expr)) {
+    match rule {
+        Rule::Spec { head, bodies, .. } => {
+            match head {
+                RuleHead::Compr { assign, .. } | RuleHead::Func { assign, .. } => {
+                    if let Some(a) = assign {
+                        crate::compat::walk(&a.value, f);
+                    }
+                }
+                RuleHead::Set { key, .. } => {
+                    if let Some(k) = key {
+                        crate::compat::walk(k, f);
+                    }
+                }
+            }
+            for body in bodies {
+                if let Some(a) = &body.assign {
+                    crate::compat::walk(&a.value, f);
+                }
+                crate::compat::walk_query(&body.query, f);
+            }
+        }
+        Rule::Default { value, .. } => crate::compat::walk(value, f),
+    }
 }
 
 /// A head's text on one line, or None when that is not safe (a comment or raw string).
@@ -288,6 +663,42 @@ mod tests {
     fn rewrite(text: &str) -> String {
         let ast = crate::compat::parse("p.rego", text).unwrap();
         for_rvm(text, &ast).text
+    }
+
+    fn interp(text: &str) -> String {
+        interpreter_text("p.rego", text)
+    }
+
+    #[test]
+    fn negated_calls_evaluate_their_arguments_first() {
+        assert_eq!(
+            interp("package t\n\na if not startswith(input.p, \"/admin\")\n"),
+            "package t\n\na if { [__nexus_n1] := [input.p]; not startswith(input.p, \"/admin\") }\n"
+        );
+        assert_eq!(
+            interp(
+                "package t\n\na if {\n\tnot input.m in {\"x\"}\n\tnot input.n == 1\n\tnot data.s[input.k]\n}\n"
+            ),
+            "package t\n\na if {\n\t[__nexus_n1] := [input.m]; not input.m in {\"x\"}\n\tnot input.n == 1\n\t[__nexus_n2] := [input.k]; not data.s[input.k]\n}\n"
+        );
+    }
+
+    #[test]
+    fn membership_as_a_value_is_a_call_and_some_in_tolerates_non_collections() {
+        assert_eq!(
+            interp("package t\n\ng := input.m in {\"a\"}\n\nh if { some x in input.xs; x }\n"),
+            "package t\n\ng := __nexus_member(input.m, {\"a\"})\n\nh if { some x in __nexus_iter(input.xs); x }\n"
+        );
+    }
+
+    #[test]
+    fn multi_value_rules_with_a_variable_key_become_partial_objects() {
+        assert_eq!(
+            interp(
+                "package t\n\ng[u] contains p if {\n\tsome u, ps in input.g\n\tsome p in ps\n}\n"
+            ),
+            "package t\n\ng[__nexus_k] := __nexus_mv_g(__nexus_k) if {\n\tsome u, ps in __nexus_iter(input.g)\n\tsome p in __nexus_iter(ps); __nexus_k := u\n}\n\n__nexus_mv_g(__nexus_k) := {p | some u, ps in input.g; some p in ps; u == __nexus_k}\n"
+        );
     }
 
     #[test]

@@ -192,10 +192,8 @@ pub(crate) fn test_inputs(bundle: &Bundle, data: &Value, limit: usize) -> Vec<Va
         return Vec::new();
     }
     for module in &bundle.modules {
-        if engine
-            .add_policy(module.path.clone(), module.text.clone())
-            .is_err()
-        {
+        let text = crate::rewrite::interpreter_text(&module.path, &module.text);
+        if engine.add_policy(module.path.clone(), text).is_err() {
             return Vec::new();
         }
     }

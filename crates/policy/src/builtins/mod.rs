@@ -189,6 +189,22 @@ const BUILTINS: &[Builtin] = &[
         nargs: 1,
         f: fixes::array_flatten,
     },
+    // Helpers of `rewrite` (names no OPA policy uses).
+    Builtin {
+        name: "__nexus_member",
+        nargs: 2,
+        f: fixes::member,
+    },
+    Builtin {
+        name: "__nexus_member_kv",
+        nargs: 3,
+        f: fixes::member_kv,
+    },
+    Builtin {
+        name: "__nexus_iter",
+        nargs: 1,
+        f: fixes::iter,
+    },
 ];
 
 /// The names of the builtins nexus adds to regorus.
