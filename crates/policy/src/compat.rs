@@ -245,6 +245,32 @@ pub fn evaluate_rule_in(
     Ok((policy.mode(), outcome))
 }
 
+/// What to write instead of a builtin nexus does not have.
+fn instead(name: &str) -> &'static str {
+    match name {
+        "strings.render_template" => "build the string with sprintf or concat",
+        "regex.globs_match" => {
+            "compare the patterns with glob.match or regex.match on known values"
+        }
+        "json.match_schema" | "json.verify_schema" => {
+            "check the fields with is_string/is_number and comparisons"
+        }
+        "http.send" | "net.lookup_ip_addr" | "providers.aws.sign_req" => {
+            "push what the policy needs as data (nexus policies make no network calls)"
+        }
+        "io.jwt.encode_sign" | "io.jwt.encode_sign_raw" => {
+            "sign tokens outside the policy; io.jwt.decode_verify checks them"
+        }
+        "rego.metadata.rule" | "rego.metadata.chain" | "rego.parse_module" => {
+            "put the values in data or in the rule itself"
+        }
+        _ if name.starts_with("graphql.") => {
+            "validate GraphQL outside the policy and pass the result in the input"
+        }
+        _ => "parse the material outside the policy, or use crypto.x509.parse_certificates",
+    }
+}
+
 /// Whether a finding is a difference to know about or a certain failure.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Severity {
@@ -462,6 +488,7 @@ pub fn check(bundle: &Bundle) -> Vec<Finding> {
         asts.push(ast);
     }
     check_recursion(&asts, &mut out);
+    check_ref_head_prefixes(&asts, &mut out);
     out.sort_by(|a, b| {
         (&a.location.file, a.location.line, a.location.col).cmp(&(
             &b.location.file,
@@ -582,7 +609,11 @@ fn check_module(ast: &Ast, interpreted: bool, out: &mut Vec<Finding>) {
                     severity: Severity::Error,
                     construct: format!("`{name}`"),
                     opa: "evaluate this builtin".into(),
-                    nexus: "does not have it: the revision does not compile".into(),
+                    nexus: format!(
+                        "does not have this builtin: the policy is refused at load (rather than \
+                         one rule silently failing); {}",
+                        instead(&name)
+                    ),
                 });
             }
             if name == "sprintf"
@@ -643,6 +674,91 @@ fn unsupported_verb(format: &str) -> Option<String> {
         i += 1;
     }
     None
+}
+
+/// A reference to a prefix of a ref-head rule (`r` or `r.a` of `r.a.b := ...`): OPA
+/// builds that document from the rules under it (`{"a": {}}` even when no body holds);
+/// nexus evaluates rules, not documents, and has no value for it. A `not r` then
+/// succeeds in nexus where it fails in OPA (a fail-open), so it is refused at load.
+fn check_ref_head_prefixes(asts: &[Ast], out: &mut Vec<Finding>) {
+    use std::collections::BTreeMap;
+    let mut heads: BTreeMap<String, (BTreeSet<String>, BTreeSet<String>)> = BTreeMap::new();
+    for ast in asts {
+        let package = dotted(&ast.package.refr).unwrap_or_default();
+        let entry = heads.entry(package).or_default();
+        for rule in &ast.policy {
+            let refr = match rule.as_ref() {
+                Rule::Spec { head, .. } => match head {
+                    RuleHead::Compr { refr, .. }
+                    | RuleHead::Set { refr, .. }
+                    | RuleHead::Func { refr, .. } => refr,
+                },
+                Rule::Default { refr, .. } => refr,
+            };
+            match static_path(refr) {
+                Some(path) if path.contains('.') => {
+                    entry.0.insert(path);
+                }
+                _ => {
+                    let mut root = refr.as_ref();
+                    while let Expr::RefDot { refr, .. } | Expr::RefBrack { refr, .. } = root {
+                        root = refr;
+                    }
+                    if let Some(name) = dotted(root) {
+                        entry.1.insert(name);
+                    }
+                }
+            }
+        }
+    }
+    for ast in asts {
+        let package = dotted(&ast.package.refr).unwrap_or_default();
+        let Some((paths, direct)) = heads.get(&package) else {
+            continue;
+        };
+        if paths.is_empty() {
+            continue;
+        }
+        let is_prefix = |p: &str| {
+            !direct.contains(p)
+                && !paths.contains(p)
+                && paths
+                    .iter()
+                    .any(|full| full.strip_prefix(p).is_some_and(|r| r.starts_with('.')))
+        };
+        let mut inner: BTreeSet<*const Expr> = BTreeSet::new();
+        each_expr(ast, &mut |e| {
+            if let Expr::RefDot { refr, .. } | Expr::RefBrack { refr, .. } = e {
+                inner.insert(refr.as_ref() as *const Expr);
+            }
+        });
+        let data_prefix = format!("data.{package}.");
+        each_expr(ast, &mut |e| {
+            if inner.contains(&(e as *const Expr)) {
+                return;
+            }
+            let Some(path) = static_path(e) else { return };
+            let local = path.strip_prefix(&data_prefix).unwrap_or(&path);
+            if is_prefix(local) {
+                let full = paths
+                    .iter()
+                    .find(|f| f.strip_prefix(local).is_some_and(|r| r.starts_with('.')))
+                    .cloned()
+                    .unwrap_or_default();
+                out.push(Finding {
+                    location: location(leftmost(e)),
+                    severity: Severity::Error,
+                    construct: format!("`{path}` is a prefix of the ref-head rule `{full}`"),
+                    opa: format!("build the document `{local}` from the rules under it (an object, even when no body holds)"),
+                    nexus: format!(
+                        "evaluates rules, not the documents they build, so it has no value for `{local}` \
+                         (a `not {local}` would succeed where OPA fails): refused at load; refer to \
+                         `{full}` itself, or define `{local}` as a rule"
+                    ),
+                });
+            }
+        });
+    }
 }
 
 /// Rules that depend on themselves: OPA refuses them at compile time (recursion
@@ -775,7 +891,7 @@ fn check_recursion(asts: &[Ast], out: &mut Vec<Finding>) {
                     construct: format!("recursive rule data.{key} ({})", path.iter().map(|p| format!("data.{p}")).collect::<Vec<_>>().join(" -> ")),
                     opa: "refuse it at compile time (rego_recursion_error)".into(),
                     nexus: "recurses until the stack overflows, which aborts the process (the sidecar, \
-                            `nexusctl policy test`)"
+                            `nexusctl policy test`): refused at load; write the rule without recursion"
                         .into(),
                 });
                 break;

@@ -49,15 +49,19 @@ pub struct Rewritten {
     pub memberships: usize,
     /// `some x in E` made tolerant of a non-collection (interpreter).
     pub iterations: usize,
+    /// Partial-object values moved into their bodies.
+    pub partial_objects: usize,
     /// Comprehension heads that could not be guarded (line of each).
     pub unguarded: Vec<u32>,
 }
 
-/// An insertion at a byte offset, replacing `delete` bytes there.
+/// An insertion at a byte offset, replacing `delete` bytes there. At one offset, edits
+/// apply by `order` (an opening brace first, a closing one last), then as made.
 struct Edit {
     at: usize,
     delete: usize,
     text: String,
+    order: i8,
 }
 
 fn insert(at: u32, text: impl Into<String>) -> Edit {
@@ -65,6 +69,21 @@ fn insert(at: u32, text: impl Into<String>) -> Edit {
         at: at as usize,
         delete: 0,
         text: text.into(),
+        order: 0,
+    }
+}
+
+fn opening(at: u32, text: impl Into<String>) -> Edit {
+    Edit {
+        order: -1,
+        ..insert(at, text)
+    }
+}
+
+fn closing(at: u32, text: impl Into<String>) -> Edit {
+    Edit {
+        order: 1,
+        ..insert(at, text)
     }
 }
 
@@ -274,8 +293,8 @@ fn rewrite(text: &str, ast: &Ast, targets: Targets) -> Rewritten {
                             .unwrap_or_default()
                             .trim_end();
                         if before.ends_with("if") || before.ends_with("else") {
-                            edits.push(insert(span.start, format!("{{ {guard}; ")));
-                            edits.push(insert(end, " }"));
+                            edits.push(opening(span.start, format!("{{ {guard}; ")));
+                            edits.push(closing(end, " }"));
                         } else {
                             edits.push(insert(span.start, format!("{guard}; ")));
                         }
@@ -315,7 +334,7 @@ fn rewrite(text: &str, ast: &Ast, targets: Targets) -> Rewritten {
                         })
                         .max()
                         .unwrap_or(q.span.end);
-                    edits.push(insert(
+                    edits.push(closing(
                         end,
                         format!("; [{}] := [{}]", vars.join(", "), texts.join(", ")),
                     ));
@@ -325,17 +344,24 @@ fn rewrite(text: &str, ast: &Ast, targets: Targets) -> Rewritten {
             }
         }
     });
-    for rule in &ast.policy {
-        if let Some((start, end, head, body_end, suffix, function)) =
-            multi_value_rewrite(rule, text)
+    for (i, rule) in ast.policy.iter().enumerate() {
+        if let Some((start, end, head, _, suffix, function)) = multi_value_rewrite(rule, text)
+            && let Rule::Spec { bodies, .. } = rule.as_ref()
+            && let Some(append) = bodies
+                .first()
+                .and_then(|b| append_to_body(&b.query, text, &suffix))
         {
             edits.push(Edit {
                 at: start as usize,
                 delete: (end - start) as usize,
                 text: head,
+                order: 0,
             });
-            edits.push(insert(body_end, suffix));
+            edits.extend(append);
             edits.push(insert(text.len() as u32, function));
+        } else if let Some(moved) = partial_object_value(rule, text, i) {
+            edits.extend(moved);
+            out.partial_objects += 1;
         }
     }
     // Memberships used as values (not a statement, not negated: those fail alike).
@@ -372,12 +398,13 @@ fn rewrite(text: &str, ast: &Ast, targets: Targets) -> Rewritten {
             at: ve as usize,
             delete: between.len(),
             text: ", ".into(),
+            order: 0,
         });
         edits.push(insert(ce, ")"));
         out.memberships += 1;
     }
     // Apply in offset order; at one offset, in the order the edits were made.
-    edits.sort_by_key(|e| e.at);
+    edits.sort_by_key(|e| (e.at, e.order));
     let mut result = String::with_capacity(text.len() + edits.len() * 8);
     let mut last = 0;
     for edit in &edits {
@@ -477,6 +504,76 @@ pub(crate) fn multi_value_rewrite(
         function,
     ))
     .filter(|_| end as usize <= head_end)
+}
+
+/// Edits appending `suffix` (`; ...`) to the body `q`; a body of one literal without
+/// braces (`if lit`) gets braces.
+fn append_to_body(q: &Query, text: &str, suffix: &str) -> Option<Vec<Edit>> {
+    let first = q.stmts.first()?.span.start;
+    let last = q
+        .stmts
+        .iter()
+        .flat_map(|s| std::iter::once(s.span.end).chain(s.with_mods.iter().map(|w| w.span.end)))
+        .max()?;
+    let before = text.get(..first as usize)?.trim_end();
+    if before.ends_with("if") || before.ends_with("else") {
+        Some(vec![
+            opening(first, "{ "),
+            closing(last, format!("{suffix} }}")),
+        ])
+    } else {
+        Some(vec![closing(last, suffix.to_string())])
+    }
+}
+
+/// `NAME[k] := V if { body }` (a partial object): when `V` is undefined for one key,
+/// regorus's interpreter drops every key and its RVM keeps the key with an undefined
+/// value; OPA leaves only that key out. `V` moves into the body as a guarded
+/// assignment: `NAME[k] := __nexus_vN if { body; [__nexus_vN] := [V] }`.
+fn partial_object_value(rule: &Rule, text: &str, id: usize) -> Option<Vec<Edit>> {
+    let Rule::Spec {
+        head:
+            RuleHead::Compr {
+                refr,
+                assign: Some(assign),
+                ..
+            },
+        bodies,
+        ..
+    } = rule
+    else {
+        return None;
+    };
+    let Expr::RefBrack { index, .. } = refr.as_ref() else {
+        return None;
+    };
+    if matches!(
+        index.as_ref(),
+        Expr::String { .. } | Expr::RawString { .. } | Expr::Number { .. } | Expr::Bool { .. }
+    ) {
+        return None;
+    }
+    let [body] = bodies.as_slice() else {
+        return None;
+    };
+    if body.assign.is_some() || body.is_else {
+        return None;
+    }
+    let value = term_text(text, &assign.value)?;
+    let (vs, ve) = extent(&assign.value);
+    let var = format!("__nexus_v{id}");
+    let mut edits = vec![Edit {
+        at: vs as usize,
+        delete: (ve - vs) as usize,
+        text: var.clone(),
+        order: 0,
+    }];
+    edits.extend(append_to_body(
+        &body.query,
+        text,
+        &format!("; [{var}] := [{value}]"),
+    )?);
+    Some(edits)
 }
 
 /// Calls `f` on every expression of a rule (heads, bodies, nested queries).

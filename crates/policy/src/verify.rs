@@ -299,6 +299,22 @@ enum Step {
 #[derive(Debug, Default)]
 pub(crate) struct InputShape {
     paths: BTreeMap<Vec<Step>, BTreeSet<Value>>,
+    /// Every string literal of the policy and the keys of the data's objects: values
+    /// that may reach the policy through a variable (`some r in input.roles;
+    /// data.perms[r]`), tried anywhere and as array elements.
+    pool: BTreeSet<Value>,
+}
+
+fn data_keys(v: &Value, depth: usize, out: &mut BTreeSet<Value>) {
+    if depth == 0 || out.len() >= 64 {
+        return;
+    }
+    if let Value::Object(m) = v {
+        for (k, child) in m.iter().take(32) {
+            out.insert(k.clone());
+            data_keys(child, depth - 1, out);
+        }
+    }
 }
 
 /// The steps of `input.a.b[x]` (None when not rooted at input).
@@ -359,6 +375,7 @@ impl InputShape {
     /// Reads the decision modules of `bundle`.
     pub(crate) fn of(bundle: &Bundle, data: &Value) -> Self {
         let mut shape = Self::default();
+        data_keys(data, 4, &mut shape.pool);
         let asts: Vec<Ast> = bundle
             .modules
             .iter()
@@ -409,6 +426,11 @@ impl InputShape {
     }
 
     fn visit(&mut self, e: &Expr, data: &Value) {
+        if let Expr::String { value, .. } = e
+            && self.pool.len() < 128
+        {
+            self.pool.insert(value.clone());
+        }
         if ref_root(e) == Some("input")
             && let Some(steps) = input_steps(e)
         {
@@ -492,6 +514,7 @@ impl InputShape {
                 Value::new_object(),
             ]
         };
+        let pool: Vec<Value> = self.pool.iter().cloned().collect();
         let paths: Vec<(&Vec<Step>, Vec<Value>)> = self
             .paths
             .iter()
@@ -507,8 +530,19 @@ impl InputShape {
                 if rng.chance(15) {
                     continue;
                 }
-                let value = if !values.is_empty() && rng.chance(75) {
+                let value = if !values.is_empty() && rng.chance(65) {
                     values[rng.below(values.len())].clone()
+                } else if !pool.is_empty() && rng.chance(40) {
+                    if rng.chance(50) {
+                        pool[rng.below(pool.len())].clone()
+                    } else {
+                        let n = 1 + rng.below(3);
+                        Value::from(
+                            (0..n)
+                                .map(|_| pool[rng.below(pool.len())].clone())
+                                .collect::<Vec<_>>(),
+                        )
+                    }
                 } else {
                     let g = generic();
                     g[rng.below(g.len())].clone()
