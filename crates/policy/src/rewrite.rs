@@ -359,7 +359,7 @@ fn rewrite(text: &str, ast: &Ast, targets: Targets) -> Rewritten {
             });
             edits.extend(append);
             edits.push(insert(text.len() as u32, function));
-        } else if let Some(moved) = partial_object_value(rule, text, i) {
+        } else if let Some(moved) = partial_object_value(rule, text, i, targets.rvm) {
             edits.extend(moved);
             out.partial_objects += 1;
         }
@@ -530,7 +530,7 @@ fn append_to_body(q: &Query, text: &str, suffix: &str) -> Option<Vec<Edit>> {
 /// regorus's interpreter drops every key and its RVM keeps the key with an undefined
 /// value; OPA leaves only that key out. `V` moves into the body as a guarded
 /// assignment: `NAME[k] := __nexus_vN if { body; [__nexus_vN] := [V] }`.
-fn partial_object_value(rule: &Rule, text: &str, id: usize) -> Option<Vec<Edit>> {
+fn partial_object_value(rule: &Rule, text: &str, id: usize, rvm: bool) -> Option<Vec<Edit>> {
     let Rule::Spec {
         head:
             RuleHead::Compr {
@@ -568,11 +568,14 @@ fn partial_object_value(rule: &Rule, text: &str, id: usize) -> Option<Vec<Edit>>
         text: var.clone(),
         order: 0,
     }];
-    edits.extend(append_to_body(
-        &body.query,
-        text,
-        &format!("; [{var}] := [{value}]"),
-    )?);
+    // The RVM needs the guarded form; regorus's interpreter checks `:=` itself (and
+    // does not count a destructuring as binding a head variable).
+    let assign = if rvm {
+        format!("; [{var}] := [{value}]")
+    } else {
+        format!("; {var} := {value}")
+    };
+    edits.extend(append_to_body(&body.query, text, &assign)?);
     Some(edits)
 }
 

@@ -168,6 +168,11 @@ const BUILTINS: &[Builtin] = &[
         f: net::cidr_contains_matches,
     },
     Builtin {
+        name: "net.cidr_contains",
+        nargs: 2,
+        f: net::cidr_contains,
+    },
+    Builtin {
         name: "net.cidr_merge",
         nargs: 1,
         f: net::cidr_merge,

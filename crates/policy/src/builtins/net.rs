@@ -162,6 +162,15 @@ pub(super) fn cidr_intersects(args: &[Value]) -> Result<Value> {
     Ok(Value::from(a.contains(&b.ip) || b.contains(&a.ip)))
 }
 
+/// `net.cidr_contains(cidr, cidr_or_ip)` as OPA (Go's `IPNet.Contains`): replaces
+/// regorus's, which does not match an IPv4 address (or the IPv4 form of an
+/// IPv4-mapped one) as Go does.
+pub(super) fn cidr_contains(args: &[Value]) -> Result<Value> {
+    let a = cidr_arg(args, 0)?;
+    let b = string_arg(args, 1)?;
+    Ok(Value::from(contains_str(&a, b)?))
+}
+
 fn contains_str(a: &Net, b: &str) -> Result<bool> {
     if let Some(ip) = parse_ip(b) {
         return Ok(a.contains(&ip));
