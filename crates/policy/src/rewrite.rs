@@ -88,20 +88,49 @@ fn closing(at: u32, text: impl Into<String>) -> Edit {
 }
 
 /// The first and last byte of an expression, its subexpressions included (a ref's own
-/// span starts at its last `.`, a call's at its `(`).
-fn extent(e: &Expr) -> (u32, u32) {
+/// span starts at its last `.`, a call's at its `(`, a string's inside its quotes).
+fn extent_of(text: &str, e: &Expr) -> (u32, u32) {
     let mut start = e.span().start;
     let mut end = e.span().end;
     crate::compat::walk(e, &mut |x| {
         start = start.min(x.span().start);
         end = end.max(x.span().end);
     });
-    (start, end)
+    widen(text, start, end)
+}
+
+/// `start..end` widened to take in the quotes of a string literal it cuts.
+fn widen(text: &str, start: u32, end: u32) -> (u32, u32) {
+    let (mut s, mut e) = (start as usize, end as usize);
+    let bytes = text.as_bytes();
+    for quote in [b'"', b'`'] {
+        let unescaped = |from: usize, to: usize| {
+            (from..to.min(bytes.len()))
+                .filter(|&i| bytes[i] == quote && (quote == b'`' || i == 0 || bytes[i - 1] != b'\\'))
+                .count()
+        };
+        if e < bytes.len() && bytes[e] == quote && unescaped(s, e) % 2 == 1 {
+            e += 1;
+        }
+        if s > 0 && bytes[s - 1] == quote && unescaped(s, e) % 2 == 1 {
+            s -= 1;
+        }
+    }
+    (s as u32, e as u32)
+}
+
+/// The end of a statement, its `with`s and a closing quote included.
+fn stmt_end(text: &str, stmt: &regorus::unstable::LiteralStmt) -> u32 {
+    let end = std::iter::once(stmt.span.end)
+        .chain(stmt.with_mods.iter().map(|w| w.span.end))
+        .max()
+        .unwrap_or(stmt.span.end);
+    widen(text, stmt.span.start, end).1
 }
 
 /// The source text of `e`, on one line, or None when that is not safe.
 fn term_text(source: &str, e: &Expr) -> Option<String> {
-    let (start, end) = extent(e);
+    let (start, end) = extent_of(source, e);
     one_line(source.get(start as usize..end as usize)?)
 }
 
@@ -253,8 +282,8 @@ fn rewrite(text: &str, ast: &Ast, targets: Targets) -> Rewritten {
                         } = expr.as_ref()
                         && matches!(lhs.as_ref(), Expr::Var { .. })
                     {
-                        let (ls, le) = extent(lhs);
-                        let (rs, re) = extent(rhs);
+                        let (ls, le) = extent_of(text, lhs);
+                        let (rs, re) = extent_of(text, rhs);
                         edits.push(insert(ls, "["));
                         edits.push(insert(le, "]"));
                         edits.push(insert(rs, "["));
@@ -284,10 +313,7 @@ fn rewrite(text: &str, ast: &Ast, targets: Targets) -> Rewritten {
                         let guard = format!("[{}] := [{}]", vars.join(", "), texts.join(", "));
                         // A rule body of one literal without braces (`a if not f(x)`)
                         // gets braces, so the guard can stand before the `not`.
-                        let end = std::iter::once(stmt.span.end)
-                            .chain(stmt.with_mods.iter().map(|w| w.span.end))
-                            .max()
-                            .unwrap_or(span.end);
+                        let end = stmt_end(text, stmt);
                         let before = text
                             .get(..span.start as usize)
                             .unwrap_or_default()
@@ -302,7 +328,7 @@ fn rewrite(text: &str, ast: &Ast, targets: Targets) -> Rewritten {
                     }
                 }
                 Literal::SomeIn { collection, .. } if !targets.rvm => {
-                    let (cs, ce) = extent(collection);
+                    let (cs, ce) = extent_of(text, collection);
                     edits.push(insert(cs, "__nexus_iter("));
                     edits.push(insert(ce, ")"));
                     out.iterations += 1;
@@ -328,10 +354,7 @@ fn rewrite(text: &str, ast: &Ast, targets: Targets) -> Rewritten {
                     let end = q
                         .stmts
                         .iter()
-                        .flat_map(|s| {
-                            std::iter::once(s.span.end)
-                                .chain(s.with_mods.iter().map(|w| w.span.end))
-                        })
+                        .map(|s| stmt_end(text, s))
                         .max()
                         .unwrap_or(q.span.end);
                     edits.push(closing(
@@ -381,9 +404,9 @@ fn rewrite(text: &str, ast: &Ast, targets: Targets) -> Rewritten {
         });
     }
     for (key, value, collection) in members {
-        let first = key.as_ref().map_or_else(|| extent(&value), |k| extent(k));
-        let (vs, ve) = extent(&value);
-        let (cs, ce) = extent(&collection);
+        let first = key.as_ref().map_or_else(|| extent_of(text, &value), |k| extent_of(text, k));
+        let (vs, ve) = extent_of(text, &value);
+        let (cs, ce) = extent_of(text, &collection);
         let between = text.get(ve as usize..cs as usize).unwrap_or_default();
         if between.trim() != "in" || vs < first.0 {
             continue;
@@ -469,24 +492,22 @@ pub(crate) fn multi_value_rewrite(
     let last = q
         .stmts
         .iter()
-        .flat_map(|s| std::iter::once(s.span.end).chain(s.with_mods.iter().map(|w| w.span.end)))
+        .map(|s| stmt_end(text, s))
         .max()?;
     let body_text = one_line(text.get(first as usize..last as usize)?)?;
     // Statements on one line need `;` between them.
     let body_text = if q.stmts.len() > 1 {
         let mut parts = Vec::new();
         for stmt in &q.stmts {
-            let end = std::iter::once(stmt.span.end)
-                .chain(stmt.with_mods.iter().map(|w| w.span.end))
-                .max()?;
+            let end = stmt_end(text, stmt);
             parts.push(one_line(text.get(stmt.span.start as usize..end as usize)?)?);
         }
         parts.join("; ")
     } else {
         body_text
     };
-    let (start, _) = extent(refr);
-    let end = span.end.max(extent(refr).1);
+    let (start, _) = extent_of(text, refr);
+    let end = span.end.max(extent_of(text, refr).1);
     let head_end = text
         .get(start as usize..)?
         .find(&member)
@@ -513,7 +534,7 @@ fn append_to_body(q: &Query, text: &str, suffix: &str) -> Option<Vec<Edit>> {
     let last = q
         .stmts
         .iter()
-        .flat_map(|s| std::iter::once(s.span.end).chain(s.with_mods.iter().map(|w| w.span.end)))
+        .map(|s| stmt_end(text, s))
         .max()?;
     let before = text.get(..first as usize)?.trim_end();
     if before.ends_with("if") || before.ends_with("else") {
@@ -560,7 +581,7 @@ fn partial_object_value(rule: &Rule, text: &str, id: usize, rvm: bool) -> Option
         return None;
     }
     let value = term_text(text, &assign.value)?;
-    let (vs, ve) = extent(&assign.value);
+    let (vs, ve) = extent_of(text, &assign.value);
     let var = format!("__nexus_v{id}");
     let mut edits = vec![Edit {
         at: vs as usize,
