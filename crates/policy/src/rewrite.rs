@@ -88,35 +88,103 @@ fn closing(at: u32, text: impl Into<String>) -> Edit {
 }
 
 /// The first and last byte of an expression, its subexpressions included (a ref's own
-/// span starts at its last `.`, a call's at its `(`, a string's inside its quotes).
+/// span starts at its last `.`, a call's at its `(`, a string's inside its quotes, a
+/// collection's may leave out its brackets).
 fn extent_of(text: &str, e: &Expr) -> (u32, u32) {
-    let mut start = e.span().start;
-    let mut end = e.span().end;
-    crate::compat::walk(e, &mut |x| {
-        start = start.min(x.span().start);
-        end = end.max(x.span().end);
-    });
-    widen(text, start, end)
+    let bytes = text.as_bytes();
+    let mut start = u32::MAX;
+    let mut end = 0;
+    let mut visit = |x: &Expr| {
+        let (mut s, mut t) = (x.span().start, x.span().end);
+        if matches!(x, Expr::String { .. } | Expr::RawString { .. }) {
+            if s > 0 && matches!(bytes.get(s as usize - 1), Some(b'"' | b'`')) {
+                s -= 1;
+            }
+            if matches!(bytes.get(t as usize), Some(b'"' | b'`')) {
+                t += 1;
+            }
+        }
+        start = start.min(s);
+        end = end.max(t);
+    };
+    visit(e);
+    crate::compat::walk(e, &mut visit);
+    balance(text, start, end)
+}
+
+/// `start..end` widened to the brackets it leaves open or closed.
+fn balance(text: &str, start: u32, end: u32) -> (u32, u32) {
+    let bytes = text.as_bytes();
+    let (mut s, mut e) = (start as usize, (end as usize).min(bytes.len()));
+    let depth = |s: usize, e: usize| {
+        let mut d = 0i32;
+        let mut quote: Option<u8> = None;
+        let mut i = s;
+        while i < e {
+            let c = bytes[i];
+            match quote {
+                Some(q) => {
+                    if c == b'\\' && q == b'"' {
+                        i += 1;
+                    } else if c == q {
+                        quote = None;
+                    }
+                }
+                None => match c {
+                    b'"' | b'`' => quote = Some(c),
+                    b'(' | b'[' | b'{' => d += 1,
+                    b')' | b']' | b'}' => d -= 1,
+                    _ => {}
+                },
+            }
+            i += 1;
+        }
+        d
+    };
+    let mut d = depth(s, e);
+    while d > 0 {
+        let Some(off) = bytes[e..].iter().position(|c| !c.is_ascii_whitespace()) else {
+            break;
+        };
+        if matches!(bytes[e + off], b')' | b']' | b'}') {
+            e += off + 1;
+            d -= 1;
+        } else {
+            break;
+        }
+    }
+    while d < 0 {
+        let Some(pos) = bytes[..s].iter().rposition(|c| !c.is_ascii_whitespace()) else {
+            break;
+        };
+        if matches!(bytes[pos], b'(' | b'[' | b'{') {
+            s = pos;
+            d += 1;
+        } else {
+            break;
+        }
+    }
+    (s as u32, e as u32)
 }
 
 /// `start..end` widened to take in the quotes of a string literal it cuts.
 fn widen(text: &str, start: u32, end: u32) -> (u32, u32) {
-    let (mut s, mut e) = (start as usize, end as usize);
     let bytes = text.as_bytes();
-    for quote in [b'"', b'`'] {
-        let unescaped = |from: usize, to: usize| {
-            (from..to.min(bytes.len()))
-                .filter(|&i| bytes[i] == quote && (quote == b'`' || i == 0 || bytes[i - 1] != b'\\'))
-                .count()
-        };
-        if e < bytes.len() && bytes[e] == quote && unescaped(s, e) % 2 == 1 {
-            e += 1;
+    let mut e = end as usize;
+    if matches!(bytes.get(e), Some(b'"' | b'`')) && {
+        let mut inside = None;
+        for &c in bytes.get(start as usize..e).unwrap_or_default() {
+            match inside {
+                Some(q) if c == q => inside = None,
+                None if c == b'"' || c == b'`' => inside = Some(c),
+                _ => {}
+            }
         }
-        if s > 0 && bytes[s - 1] == quote && unescaped(s, e) % 2 == 1 {
-            s -= 1;
-        }
+        inside.is_some()
+    } {
+        e += 1;
     }
-    (s as u32, e as u32)
+    balance(text, start, e as u32)
 }
 
 /// The end of a statement, its `with`s and a closing quote included.
@@ -404,7 +472,9 @@ fn rewrite(text: &str, ast: &Ast, targets: Targets) -> Rewritten {
         });
     }
     for (key, value, collection) in members {
-        let first = key.as_ref().map_or_else(|| extent_of(text, &value), |k| extent_of(text, k));
+        let first = key
+            .as_ref()
+            .map_or_else(|| extent_of(text, &value), |k| extent_of(text, k));
         let (vs, ve) = extent_of(text, &value);
         let (cs, ce) = extent_of(text, &collection);
         let between = text.get(ve as usize..cs as usize).unwrap_or_default();
@@ -489,11 +559,7 @@ pub(crate) fn multi_value_rewrite(
     let member = term_text(text, member)?;
     let q = &body.query;
     let first = q.stmts.first()?.span.start;
-    let last = q
-        .stmts
-        .iter()
-        .map(|s| stmt_end(text, s))
-        .max()?;
+    let last = q.stmts.iter().map(|s| stmt_end(text, s)).max()?;
     let body_text = one_line(text.get(first as usize..last as usize)?)?;
     // Statements on one line need `;` between them.
     let body_text = if q.stmts.len() > 1 {
@@ -531,11 +597,7 @@ pub(crate) fn multi_value_rewrite(
 /// braces (`if lit`) gets braces.
 fn append_to_body(q: &Query, text: &str, suffix: &str) -> Option<Vec<Edit>> {
     let first = q.stmts.first()?.span.start;
-    let last = q
-        .stmts
-        .iter()
-        .map(|s| stmt_end(text, s))
-        .max()?;
+    let last = q.stmts.iter().map(|s| stmt_end(text, s)).max()?;
     let before = text.get(..first as usize)?.trim_end();
     if before.ends_with("if") || before.ends_with("else") {
         Some(vec![
@@ -835,6 +897,25 @@ mod tests {
         assert_eq!(
             rewrite("package t\n\nd := {a.id: a.x | some a in input.a}\n"),
             "package t\n\nd := {a.id: a.x | some a in input.a; [__nexus_g1, __nexus_g2] := [a.id, a.x]}\n"
+        );
+    }
+}
+#[cfg(test)]
+mod spans {
+    #[test]
+    fn collections_and_strings_keep_their_delimiters() {
+        let r = |t: &str| super::interpreter_text("p.rego", t);
+        assert_eq!(
+            r("package t\n\nx := {k: v | some k, v in {\"a\": 1, \"b\": 2}; v > 1}\n"),
+            "package t\n\nx := {k: v | some k, v in __nexus_iter({\"a\": 1, \"b\": 2}); v > 1}\n"
+        );
+        assert_eq!(
+            r("package t\n\nx := \"a\", 1 in {\"a\": 1}\n"),
+            "package t\n\nx := __nexus_member_kv(\"a\", 1, {\"a\": 1})\n"
+        );
+        assert_eq!(
+            r("package t\n\nx if { r := \"a\"; not startswith(input.p, \"/x\") }\n"),
+            "package t\n\nx if { r := \"a\"; [__nexus_n1] := [input.p]; not startswith(input.p, \"/x\") }\n"
         );
     }
 }

@@ -147,6 +147,13 @@ fn analyze(bundle: &Bundle) -> BTreeMap<String, RuleNode> {
                         construct: "key-value membership `k, v in c` (the RVM ignores the key)"
                             .into(),
                     }),
+                    Expr::ObjectCompr { span, .. } => reasons.borrow_mut().push(RouteReason {
+                        location: location(span),
+                        rule: rule_name.clone(),
+                        construct: "object comprehension (the RVM keeps the last value for a key \
+                                    generated twice; OPA and the interpreter raise a conflict)"
+                            .into(),
+                    }),
                     Expr::Call { fcn, span, .. } => match dotted(fcn).as_deref() {
                         Some(name @ ("print" | "walk")) => reasons.borrow_mut().push(RouteReason {
                             location: location(span),
@@ -166,10 +173,20 @@ fn analyze(bundle: &Bundle) -> BTreeMap<String, RuleNode> {
             match rule.as_ref() {
                 Rule::Spec { head, bodies, .. } => {
                     match head {
-                        RuleHead::Compr { refr, assign, .. } => {
+                        RuleHead::Compr { refr, assign, span } => {
                             walk(refr, &mut visit);
                             if let Some(a) = assign {
                                 walk(&a.value, &mut visit);
+                            }
+                            if has_variable_key(refr) {
+                                reasons.borrow_mut().push(RouteReason {
+                                    location: location(span),
+                                    rule: rule_name.clone(),
+                                    construct: "partial object with a variable key (the RVM keeps \
+                                                the last of two values for one key; OPA and the \
+                                                interpreter raise a conflict)"
+                                        .into(),
+                                });
                             }
                         }
                         RuleHead::Set { refr, key, span } => {

@@ -748,6 +748,40 @@ mod tests {
     use crate::bundle::Module;
 
     #[test]
+    fn the_first_disagreement_stops_the_check_and_is_reported() {
+        let inputs = vec![
+            (InputSource::Test, Value::from(1u64)),
+            (InputSource::Generated, Value::from(2u64)),
+            (InputSource::Generated, Value::from(3u64)),
+        ];
+        let v = run(
+            inputs,
+            Duration::from_secs(5),
+            &|i| {
+                Ok(if i == Value::from(2u64) {
+                    Value::Bool(true)
+                } else {
+                    Value::Undefined
+                })
+            },
+            &|i| {
+                if i == Value::from(1u64) {
+                    Err("boom".into())
+                } else {
+                    Ok(Value::Undefined)
+                }
+            },
+        );
+        // Undefined and an error are the same answer (no value); true is not.
+        assert_eq!(v.checked, 2);
+        let d = v.disagreement.unwrap();
+        assert_eq!(
+            (d.source, d.compiled.as_str(), d.interpreted.as_str()),
+            (InputSource::Generated, "true", "undefined")
+        );
+    }
+
+    #[test]
     fn test_inputs_are_captured() {
         let b = Bundle::from_modules(
             vec![

@@ -305,10 +305,15 @@ class Gen:
         parts.extend(self.condition())
         self.lines.append("default allow := false")
         self.lines.append("allow if {\n\t" + "\n\t".join(parts) + "\n}")
-        # A variable key: `out` is one partial-object rule (a literal key would make
-        # `out.rN` ref-head rules, and `out` a prefix rather than a rule).
-        outs = [f"out[k] := x if {{\n\tk := {json.dumps(n)}\n\tx := {n}\n}}" for n, _ in self.rules + [("allow", "")]]
-        return "package fz\n\n" + "\n\n".join(self.lines + outs) + "\n"
+        # `out`: [name, value] pairs of the rules that are defined, in one complete rule
+        # (array comprehensions: a partial object would put `out` itself on the
+        # interpreter, and the RVM is what most needs checking).
+        parts = [f"[[{json.dumps(n)}, x] | x := {n}]" for n, _ in self.rules + [("allow", "")]]
+        expr = parts[0]
+        for p in parts[1:]:
+            expr = f"array.concat({expr}, {p})"
+        out = f"out := {expr}"
+        return "package fz\n\n" + "\n\n".join(self.lines + [out]) + "\n"
 
 
 def gen_input(rng: random.Random) -> dict:
@@ -432,7 +437,9 @@ def compare(names: list[str], opa: dict, nexus: dict) -> list[tuple[str, str, st
             return [("out", json.dumps({k: v for k, v in opa.items() if v is not ABSENT and v is not UNKNOWN}, default=str)[:200],
                      f"no value ({what[:200]})", False)]
         return []
-    got = nexus.get("value", {})
+    got = nexus.get("value", [])
+    if isinstance(got, list):
+        got = {pair[0]: pair[1] for pair in got if isinstance(pair, list) and len(pair) == 2}
     diffs = []
     for n in names:
         o = opa.get(n, ABSENT)
