@@ -14,6 +14,7 @@ mod fixes;
 mod jwt;
 mod keys;
 mod net;
+mod sprintf;
 mod x509;
 
 use std::collections::BTreeSet;
@@ -183,6 +184,11 @@ const BUILTINS: &[Builtin] = &[
         name: "regex.template_match",
         nargs: 4,
         f: fixes::template_match,
+    },
+    Builtin {
+        name: "sprintf",
+        nargs: 2,
+        f: sprintf::sprintf,
     },
     Builtin {
         name: "urlquery.decode",
