@@ -167,33 +167,20 @@ fn balance(text: &str, start: u32, end: u32) -> (u32, u32) {
     (s as u32, e as u32)
 }
 
-/// `start..end` widened to take in the quotes of a string literal it cuts.
-fn widen(text: &str, start: u32, end: u32) -> (u32, u32) {
-    let bytes = text.as_bytes();
-    let mut e = end as usize;
-    if matches!(bytes.get(e), Some(b'"' | b'`')) && {
-        let mut inside = None;
-        for &c in bytes.get(start as usize..e).unwrap_or_default() {
-            match inside {
-                Some(q) if c == q => inside = None,
-                None if c == b'"' || c == b'`' => inside = Some(c),
-                _ => {}
-            }
-        }
-        inside.is_some()
-    } {
-        e += 1;
-    }
-    balance(text, start, e as u32)
-}
-
 /// The end of a statement, its `with`s and a closing quote included.
 fn stmt_end(text: &str, stmt: &regorus::unstable::LiteralStmt) -> u32 {
-    let end = std::iter::once(stmt.span.end)
-        .chain(stmt.with_mods.iter().map(|w| w.span.end))
-        .max()
-        .unwrap_or(stmt.span.end);
-    widen(text, stmt.span.start, end).1
+    let mut end = stmt.span.end;
+    match &stmt.literal {
+        Literal::Expr { expr, .. } | Literal::NotExpr { expr, .. } => {
+            end = end.max(extent_of(text, expr).1);
+        }
+        Literal::SomeIn { collection, .. } => end = end.max(extent_of(text, collection).1),
+        _ => {}
+    }
+    for w in &stmt.with_mods {
+        end = end.max(w.span.end).max(extent_of(text, &w.r#as).1);
+    }
+    end
 }
 
 /// The source text of `e`, on one line, or None when that is not safe.
@@ -453,6 +440,8 @@ fn rewrite(text: &str, ast: &Ast, targets: Targets) -> Rewritten {
         } else if let Some(moved) = partial_object_value(rule, text, i, targets.rvm) {
             edits.extend(moved);
             out.partial_objects += 1;
+        } else {
+            edits.extend(else_values(rule, text, i, targets.rvm));
         }
     }
     // Memberships used as values (not a statement, not negated: those fail alike).
@@ -660,6 +649,69 @@ fn partial_object_value(rule: &Rule, text: &str, id: usize, rvm: bool) -> Option
     };
     edits.extend(append_to_body(&body.query, text, &assign)?);
     Some(edits)
+}
+
+/// `r := V if { A } else := W if { B }`: OPA takes an `else` when the branch before it
+/// has no value, its body failing or its value undefined; regorus stops at the first
+/// body that holds, so an undefined `V` makes the rule undefined. Each branch's value
+/// moves into its body (guarded as in `partial_object_value`), so an undefined value
+/// fails the body and the next branch is tried.
+fn else_values(rule: &Rule, text: &str, id: usize, rvm: bool) -> Vec<Edit> {
+    let Rule::Spec { head, bodies, .. } = rule else {
+        return Vec::new();
+    };
+    let first = match head {
+        RuleHead::Compr {
+            assign: Some(a), ..
+        }
+        | RuleHead::Func {
+            assign: Some(a), ..
+        } => a,
+        _ => return Vec::new(),
+    };
+    if !bodies.iter().any(|b| b.is_else) {
+        return Vec::new();
+    }
+    let mut edits = Vec::new();
+    for (i, body) in bodies.iter().enumerate() {
+        let value = if i == 0 {
+            Some(first)
+        } else {
+            body.assign.as_ref()
+        };
+        let Some(value) = value else { continue };
+        if matches!(
+            value.value.as_ref(),
+            Expr::String { .. }
+                | Expr::RawString { .. }
+                | Expr::Number { .. }
+                | Expr::Bool { .. }
+                | Expr::Null { .. }
+        ) {
+            continue;
+        }
+        let Some(value_text) = term_text(text, &value.value) else {
+            continue;
+        };
+        let var = format!("__nexus_e{id}_{i}");
+        let assign = if rvm {
+            format!("; [{var}] := [{value_text}]")
+        } else {
+            format!("; {var} := {value_text}")
+        };
+        let Some(append) = append_to_body(&body.query, text, &assign) else {
+            continue;
+        };
+        let (vs, ve) = extent_of(text, &value.value);
+        edits.push(Edit {
+            at: vs as usize,
+            delete: (ve - vs) as usize,
+            text: var,
+            order: 0,
+        });
+        edits.extend(append);
+    }
+    edits
 }
 
 /// Calls `f` on every expression of a rule (heads, bodies, nested queries).
@@ -902,6 +954,26 @@ mod tests {
 }
 #[cfg(test)]
 mod spans {
+    #[test]
+    fn a_statement_ending_in_a_string_keeps_its_quote() {
+        let r = |t: &str| super::interpreter_text("p.rego", t);
+        assert_eq!(
+            r("package t\n\nr := input.a if {\n\t\"w\" != \"d\"\n} else := 1\n"),
+            "package t\n\nr := __nexus_e0_0 if {\n\t\"w\" != \"d\"; __nexus_e0_0 := input.a\n} else := 1\n"
+        );
+    }
+
+    #[test]
+    fn an_undefined_value_takes_the_else_branch() {
+        let r = |t: &str| super::interpreter_text("p.rego", t);
+        assert_eq!(
+            r(
+                "package t\n\nr := input.a if {\n\tinput.x\n} else := input.b if {\n\tinput.y\n} else := \"none\"\n"
+            ),
+            "package t\n\nr := __nexus_e0_0 if {\n\tinput.x; __nexus_e0_0 := input.a\n} else := __nexus_e0_1 if {\n\tinput.y; __nexus_e0_1 := input.b\n} else := \"none\"\n"
+        );
+    }
+
     #[test]
     fn collections_and_strings_keep_their_delimiters() {
         let r = |t: &str| super::interpreter_text("p.rego", t);

@@ -368,7 +368,7 @@ pub(super) fn sprintf(args: &[Value]) -> Result<Value> {
             }
             i += 1;
         }
-        let mut number = |i: &mut usize, next: &mut usize| -> Option<usize> {
+        let number = |i: &mut usize, next: &mut usize| -> Option<usize> {
             if chars.get(*i) == Some(&'*') {
                 *i += 1;
                 let v = values.get(*next);
