@@ -340,9 +340,10 @@ fn check(args: CheckArgs) -> anyhow::Result<()> {
         || !report.host_builtins.is_empty()
     {
         println!(
-            "  compiled with {} `:=` and {} comprehension guard(s){}",
+            "  compiled with {} `:=`, {} comprehension and {} negation guard(s){}",
             report.guarded_assignments,
             report.guarded_comprehensions,
+            report.guarded_negations,
             if report.host_builtins.is_empty() {
                 String::new()
             } else {

@@ -227,6 +227,24 @@ fn analyze(bundle: &Bundle) -> BTreeMap<String, RuleNode> {
                         }
                         crate::compat::walk_query(&body.query, &mut visit);
                     }
+                    // The RVM does not take an `else` after a body that iterates
+                    // (`some x in xs`, `xs[i]`) without a solution: the rule is
+                    // undefined where OPA takes the `else`.
+                    if bodies.iter().any(|b| b.is_else) {
+                        for body in &bodies[..bodies.len().saturating_sub(1)] {
+                            if iterates(&body.query) {
+                                reasons.borrow_mut().push(RouteReason {
+                                    location: location(&body.span),
+                                    rule: rule_name.clone(),
+                                    construct: "a body that iterates before an `else` (the RVM \
+                                                does not take the `else` when the iteration \
+                                                finds nothing)"
+                                        .into(),
+                                });
+                                break;
+                            }
+                        }
+                    }
                 }
                 Rule::Default {
                     args, value, span, ..
@@ -273,6 +291,72 @@ fn analyze(bundle: &Bundle) -> BTreeMap<String, RuleNode> {
         }
     }
     nodes
+}
+
+/// Whether a body iterates: `some`, or a ref indexed by a variable, outside
+/// comprehensions.
+fn iterates(q: &regorus::unstable::Query) -> bool {
+    use regorus::unstable::Literal;
+    let mut found = false;
+    for stmt in &q.stmts {
+        match &stmt.literal {
+            Literal::SomeIn { .. } | Literal::SomeVars { .. } => found = true,
+            Literal::Expr { expr, .. } | Literal::NotExpr { expr, .. } => {
+                let mut check = |e: &Expr| {
+                    if let Expr::RefBrack { index, .. } = e
+                        && matches!(index.as_ref(), Expr::Var { .. })
+                    {
+                        found = true;
+                    }
+                };
+                shallow_walk(expr, &mut check);
+            }
+            Literal::Every { .. } => {}
+        }
+    }
+    found
+}
+
+/// `walk` without entering comprehensions (their iteration is their own).
+fn shallow_walk(e: &Expr, f: &mut dyn FnMut(&Expr)) {
+    f(e);
+    match e {
+        Expr::ArrayCompr { .. } | Expr::SetCompr { .. } | Expr::ObjectCompr { .. } => {}
+        Expr::Array { items, .. } | Expr::Set { items, .. } => {
+            items.iter().for_each(|i| shallow_walk(i, f))
+        }
+        Expr::Object { fields, .. } => fields.iter().for_each(|(_, k, v)| {
+            shallow_walk(k, f);
+            shallow_walk(v, f);
+        }),
+        Expr::Call { params, .. } => params.iter().for_each(|p| shallow_walk(p, f)),
+        Expr::UnaryExpr { expr, .. } => shallow_walk(expr, f),
+        Expr::RefDot { refr, .. } => shallow_walk(refr, f),
+        Expr::RefBrack { refr, index, .. } => {
+            shallow_walk(refr, f);
+            shallow_walk(index, f);
+        }
+        Expr::BinExpr { lhs, rhs, .. }
+        | Expr::BoolExpr { lhs, rhs, .. }
+        | Expr::ArithExpr { lhs, rhs, .. }
+        | Expr::AssignExpr { lhs, rhs, .. } => {
+            shallow_walk(lhs, f);
+            shallow_walk(rhs, f);
+        }
+        Expr::Membership {
+            key,
+            value,
+            collection,
+            ..
+        } => {
+            if let Some(k) = key {
+                shallow_walk(k, f);
+            }
+            shallow_walk(value, f);
+            shallow_walk(collection, f);
+        }
+        _ => {}
+    }
 }
 
 /// Whether rule key `key` is named by the reference `path` (equal, or one is a prefix
