@@ -15,6 +15,128 @@ use regorus::Value;
 
 use super::string_arg;
 
+/// Calls regorus's own builtin `name` (after a check nexus makes first).
+fn delegate(name: &str, args: &[Value]) -> Result<Value> {
+    use regorus::unstable::{BUILTINS, Expr, Ref, Source, Span};
+    let Some((f, _)) = BUILTINS.get(name) else {
+        bail!("no regorus builtin {name}");
+    };
+    let source = Source::from_contents(name.to_string(), String::new())?;
+    let span = Span {
+        source,
+        line: 1,
+        col: 1,
+        start: 0,
+        end: 0,
+    };
+    let params: Vec<Ref<Expr>> = args
+        .iter()
+        .map(|_| {
+            Ref::new(Expr::Null {
+                span: span.clone(),
+                value: Value::Null,
+                eidx: 0,
+            })
+        })
+        .collect();
+    f(&span, &params, args, false)
+}
+
+/// `time.parse_rfc3339_ns(t)`: Go's `time.Parse(time.RFC3339, t)` accepts only `T` and
+/// `Z` in upper case, no space for `T`, seconds up to 59 (chrono, under regorus, accepts
+/// all three, so a timestamp OPA refuses would be a time in nexus); a valid one is
+/// parsed by regorus.
+pub(super) fn parse_rfc3339_ns(args: &[Value]) -> Result<Value> {
+    let t = string_arg(args, 0)?;
+    let b = t.as_bytes();
+    let digits = |r: std::ops::Range<usize>| {
+        b.get(r.clone())
+            .is_some_and(|d| d.iter().all(u8::is_ascii_digit))
+    };
+    let num =
+        |r: std::ops::Range<usize>| t.get(r).and_then(|d| d.parse::<u32>().ok()).unwrap_or(99);
+    let shape = b.len() >= 20
+        && digits(0..4)
+        && b[4] == b'-'
+        && digits(5..7)
+        && b[7] == b'-'
+        && digits(8..10)
+        && b[10] == b'T'
+        && digits(11..13)
+        && b[13] == b':'
+        && digits(14..16)
+        && b[16] == b':'
+        && digits(17..19);
+    if !shape || num(11..13) > 23 || num(14..16) > 59 || num(17..19) > 59 {
+        bail!("parsing time {t:?} as RFC 3339: cannot parse");
+    }
+    let mut i = 19;
+    if b.get(i) == Some(&b'.') {
+        i += 1;
+        let start = i;
+        while b.get(i).is_some_and(u8::is_ascii_digit) {
+            i += 1;
+        }
+        if i == start {
+            bail!("parsing time {t:?} as RFC 3339: cannot parse");
+        }
+    }
+    let zone_ok = match &b[i..] {
+        [b'Z'] => true,
+        [sign, h1, h2, b':', m1, m2]
+            if (*sign == b'+' || *sign == b'-')
+                && [h1, h2, m1, m2].iter().all(|d| d.is_ascii_digit()) =>
+        {
+            num(i + 1..i + 3) < 24 && num(i + 4..i + 6) < 60
+        }
+        _ => false,
+    };
+    if !zone_ok {
+        bail!("parsing time {t:?} as RFC 3339: cannot parse");
+    }
+    delegate("time.parse_rfc3339_ns", args)
+}
+
+/// `to_number(x)`: Go's `strconv.ParseFloat` rejects surrounding spaces, which regorus
+/// trims.
+pub(super) fn to_number(args: &[Value]) -> Result<Value> {
+    if let Some(Value::String(s)) = args.first()
+        && s.trim() != s.as_ref()
+    {
+        bail!("invalid syntax: {s:?}");
+    }
+    delegate("to_number", args)
+}
+
+/// Go's `unicode.ToUpper`/`ToLower` map rune to rune: a character whose case mapping
+/// is several characters (`ß` -> `SS`) stays as it is; Rust's string mapping expands it.
+fn map_case(s: &str, upper: bool) -> String {
+    s.chars()
+        .map(|c| {
+            let mut m: Vec<char> = if upper {
+                c.to_uppercase().collect()
+            } else {
+                c.to_lowercase().collect()
+            };
+            if m.len() == 1 {
+                m.pop().unwrap_or(c)
+            } else {
+                c
+            }
+        })
+        .collect()
+}
+
+/// `upper(s)` as Go's `strings.ToUpper`.
+pub(super) fn upper(args: &[Value]) -> Result<Value> {
+    Ok(Value::from(map_case(string_arg(args, 0)?, true)))
+}
+
+/// `lower(s)` as Go's `strings.ToLower`.
+pub(super) fn lower(args: &[Value]) -> Result<Value> {
+    Ok(Value::from(map_case(string_arg(args, 0)?, false)))
+}
+
 /// The `(start, end)` byte spans of each delimited part of `template` (delimiters
 /// included), counting nested delimiters as Go's `delimiterIndices` does.
 fn delimiter_spans(template: &str, open: &str, close: &str) -> Result<Vec<(usize, usize)>> {
@@ -161,6 +283,30 @@ mod tests {
         assert_eq!(tm("", "").unwrap(), Value::from(true));
         assert!(tm("{.*", "abc").is_err());
         assert!(tm("a{x}}", "ax}").is_err());
+    }
+
+    /// Expected answers are OPA 1.20's (`tests/opa/differential/cases/time.yaml`).
+    #[test]
+    fn rfc3339_as_go() {
+        let p = |s: &str| parse_rfc3339_ns(&[Value::from(s)]);
+        assert!(p("2026-01-01T10:00:00Z").is_ok());
+        assert!(p("2026-06-30T23:59:59.5+02:00").is_ok());
+        for bad in [
+            "2026-01-01t10:00:00Z",
+            "2026-01-01T10:00:00z",
+            "2026-01-01 10:00:00Z",
+            "2026-01-01T10:00:60Z",
+            "2026-01-01T10:00:00",
+            "yesterday",
+        ] {
+            assert!(p(bad).is_err(), "{bad}");
+        }
+        assert_eq!(to_number(&[Value::from("42")]).unwrap(), Value::from(42u64));
+        assert!(to_number(&[Value::from(" 42")]).is_err());
+        assert_eq!(
+            upper(&[Value::from("straße")]).unwrap(),
+            Value::from("STRAßE")
+        );
     }
 
     #[test]

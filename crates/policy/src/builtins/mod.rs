@@ -191,6 +191,26 @@ const BUILTINS: &[Builtin] = &[
         f: sprintf::sprintf,
     },
     Builtin {
+        name: "time.parse_rfc3339_ns",
+        nargs: 1,
+        f: fixes::parse_rfc3339_ns,
+    },
+    Builtin {
+        name: "to_number",
+        nargs: 1,
+        f: fixes::to_number,
+    },
+    Builtin {
+        name: "upper",
+        nargs: 1,
+        f: fixes::upper,
+    },
+    Builtin {
+        name: "lower",
+        nargs: 1,
+        f: fixes::lower,
+    },
+    Builtin {
         name: "urlquery.decode",
         nargs: 1,
         f: fixes::urlquery_decode,
