@@ -318,7 +318,49 @@ pub fn interpreter_text(path: &str, text: &str) -> String {
     }
 }
 
+/// Two passes: the structural rewrites (values moved into bodies, multi-value rules made
+/// partial objects) first, then the term rewrites on the result, so a moved value gets
+/// the same guards as the rest.
 fn rewrite(text: &str, ast: &Ast, targets: Targets) -> Rewritten {
+    let mut edits = Vec::new();
+    let mut partial_objects = 0;
+    for (i, rule) in ast.policy.iter().enumerate() {
+        if let Some((start, end, head, _, suffix, function)) = multi_value_rewrite(rule, text)
+            && let Rule::Spec { bodies, .. } = rule.as_ref()
+            && let Some(append) = bodies
+                .first()
+                .and_then(|b| append_to_body(&b.query, text, &suffix))
+        {
+            edits.push(Edit {
+                at: start as usize,
+                delete: (end - start) as usize,
+                text: head,
+                order: 0,
+            });
+            edits.extend(append);
+            edits.push(insert(text.len() as u32, function));
+        } else if let Some(moved) = partial_object_value(rule, text, i, targets.rvm) {
+            edits.extend(moved);
+            partial_objects += 1;
+        } else {
+            edits.extend(else_values(rule, text, i, targets.rvm));
+        }
+    }
+    if edits.is_empty() {
+        return rewrite_terms(text, ast, targets);
+    }
+    let moved = apply(text, edits);
+    match crate::compat::parse(&ast.package.span.source.file().clone(), &moved) {
+        Some(moved_ast) => {
+            let mut out = rewrite_terms(&moved, &moved_ast, targets);
+            out.partial_objects = partial_objects;
+            out
+        }
+        None => rewrite_terms(text, ast, targets),
+    }
+}
+
+fn rewrite_terms(text: &str, ast: &Ast, targets: Targets) -> Rewritten {
     let mut edits: Vec<Edit> = Vec::new();
     let mut out = Rewritten::default();
     let mut guard_id = 0usize;
@@ -422,28 +464,6 @@ fn rewrite(text: &str, ast: &Ast, targets: Targets) -> Rewritten {
             }
         }
     });
-    for (i, rule) in ast.policy.iter().enumerate() {
-        if let Some((start, end, head, _, suffix, function)) = multi_value_rewrite(rule, text)
-            && let Rule::Spec { bodies, .. } = rule.as_ref()
-            && let Some(append) = bodies
-                .first()
-                .and_then(|b| append_to_body(&b.query, text, &suffix))
-        {
-            edits.push(Edit {
-                at: start as usize,
-                delete: (end - start) as usize,
-                text: head,
-                order: 0,
-            });
-            edits.extend(append);
-            edits.push(insert(text.len() as u32, function));
-        } else if let Some(moved) = partial_object_value(rule, text, i, targets.rvm) {
-            edits.extend(moved);
-            out.partial_objects += 1;
-        } else {
-            edits.extend(else_values(rule, text, i, targets.rvm));
-        }
-    }
     // Memberships used as values (not a statement, not negated: those fail alike).
     let mut members = Vec::new();
     for rule in &ast.policy {
@@ -485,7 +505,13 @@ fn rewrite(text: &str, ast: &Ast, targets: Targets) -> Rewritten {
         edits.push(insert(ce, ")"));
         out.memberships += 1;
     }
-    // Apply in offset order; at one offset, in the order the edits were made.
+    out.text = apply(text, edits);
+    out
+}
+
+/// Applies `edits` to `text`: in offset order, at one offset by `order` then as made;
+/// an edit inside a span another one deleted is dropped.
+fn apply(text: &str, mut edits: Vec<Edit>) -> String {
     edits.sort_by_key(|e| (e.at, e.order));
     let mut result = String::with_capacity(text.len() + edits.len() * 8);
     let mut last = 0;
@@ -498,8 +524,7 @@ fn rewrite(text: &str, ast: &Ast, targets: Targets) -> Rewritten {
         last = edit.at + edit.delete;
     }
     result.push_str(text.get(last..).unwrap_or_default());
-    out.text = result;
-    out
+    result
 }
 
 /// `NAME[k] contains p if { body }` (a multi-value rule with a variable in its ref
@@ -932,7 +957,7 @@ mod tests {
             interp(
                 "package t\n\ng[u] contains p if {\n\tsome u, ps in input.g\n\tsome p in ps\n}\n"
             ),
-            "package t\n\ng[__nexus_k] := __nexus_mv_g(__nexus_k) if {\n\tsome u, ps in __nexus_iter(input.g)\n\tsome p in __nexus_iter(ps); __nexus_k := u\n}\n\n__nexus_mv_g(__nexus_k) := {p | some u, ps in input.g; some p in ps; u == __nexus_k}\n"
+            "package t\n\ng[__nexus_k] := __nexus_mv_g(__nexus_k) if {\n\tsome u, ps in __nexus_iter(input.g)\n\tsome p in __nexus_iter(ps); __nexus_k := u\n}\n\n__nexus_mv_g(__nexus_k) := {p | some u, ps in __nexus_iter(input.g); some p in __nexus_iter(ps); u == __nexus_k}\n"
         );
     }
 
