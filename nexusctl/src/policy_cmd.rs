@@ -205,6 +205,7 @@ fn eval(args: EvalArgs) -> anyhow::Result<()> {
         let file = std::fs::File::open(inputs)
             .with_context(|| format!("cannot read {}", inputs.display()))?;
         let mut failed = 0usize;
+        let mut unreadable = 0usize;
         for (n, line) in std::io::BufReader::new(file).lines().enumerate() {
             let line = line.with_context(|| format!("{}:{}", inputs.display(), n + 1))?;
             if line.trim().is_empty() {
@@ -215,7 +216,8 @@ fn eval(args: EvalArgs) -> anyhow::Result<()> {
             let result = match serde_json::from_str::<Value>(&line) {
                 Ok(input) => eval_line(&policy, input, args.value),
                 Err(e) => {
-                    serde_json::json!({"allow": false, "error": format!("{}:{}: not a JSON input: {e}", inputs.display(), n + 1)})
+                    unreadable += 1;
+                    serde_json::json!({"allow": false, "error": format!("not a JSON input: {e}")})
                 }
             };
             if let Some(error) = result.get("error").and_then(|e| e.as_str()) {
@@ -226,6 +228,12 @@ fn eval(args: EvalArgs) -> anyhow::Result<()> {
         }
         if failed > 0 {
             eprintln!("{failed} input(s) gave an error (denied); see the lines above");
+        }
+        if unreadable > 0 {
+            bail!(
+                "{unreadable} line(s) of {} are not JSON inputs",
+                inputs.display()
+            );
         }
         return Ok(());
     }

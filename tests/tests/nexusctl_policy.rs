@@ -490,8 +490,9 @@ fn policy_eval_inputs_prints_one_line_per_input() {
     );
     assert_eq!(out[4]["reasons"], json!(["no rule allows this request"]));
 
-    // A line that is not JSON is named by file and line.
-    std::fs::write(&file, format!("{}\n{{oops\n", lines[0])).expect("inputs");
+    // A line that is not JSON is named by file and line; the lines after it are still
+    // evaluated, and the run exits non-zero.
+    std::fs::write(&file, format!("{}\n{{oops\n{}\n", lines[0], lines[1])).expect("inputs");
     let run = nexusctl(&[
         "policy",
         "eval",
@@ -501,7 +502,18 @@ fn policy_eval_inputs_prints_one_line_per_input() {
         &s(&file),
     ]);
     assert_ne!(run.code, 0, "{run:?}");
-    assert!(run.stderr.contains("inputs.jsonl:2"), "{run:?}");
+    assert!(
+        run.stderr.contains("inputs.jsonl:2: not a JSON input"),
+        "{run:?}"
+    );
+    assert_eq!(run.stdout.lines().count(), 3, "{run:?}");
+    assert!(
+        run.stdout
+            .lines()
+            .nth(2)
+            .is_some_and(|l| l.contains("DELETE")),
+        "{run:?}"
+    );
 }
 
 #[test]

@@ -245,6 +245,42 @@ pub fn evaluate_rule_in(
     Ok((policy.mode(), outcome))
 }
 
+/// Builtins whose answer differs from OPA's on some values (each a listed difference of
+/// `tests/opa/differential/known_differences.yaml`): flagged at every call, since the
+/// values are known only when evaluating.
+const DIFFERING_BUILTINS: &[(&str, &str, &str)] = &[
+    (
+        "time.format",
+        "write a zone abbreviation (EST) for a MST layout",
+        "writes the numeric offset (-05:00); compare times as numbers",
+    ),
+    (
+        "time.add_date",
+        "normalize a day past the month's end (Jan 31 + 1 month = Mar 3)",
+        "clamps it (Feb 28); add days instead",
+    ),
+    (
+        "time.parse_duration_ns",
+        "accept a `d` unit",
+        "does not (undefined); write hours",
+    ),
+    (
+        "json.marshal",
+        "keep a number's spelling (1e3) and escape < > &",
+        "writes 1000 and does not escape; compare parsed values, not text",
+    ),
+    (
+        "yaml.unmarshal",
+        "read YAML 1.1 (`y` is true)",
+        "reads YAML 1.2 (`y` is a string); quote YAML strings",
+    ),
+    (
+        "glob.quote_meta",
+        "escape [ and ]",
+        "does not; escape brackets yourself",
+    ),
+];
+
 /// What to write instead of a builtin nexus does not have.
 fn instead(name: &str) -> &'static str {
     match name {
@@ -603,6 +639,15 @@ fn check_module(ast: &Ast, interpreted: bool, out: &mut Vec<Finding>) {
             span, fcn, params, ..
         } => {
             let Some(name) = dotted(fcn) else { return };
+            if let Some((_, opa, nexus)) = DIFFERING_BUILTINS.iter().find(|(n, _, _)| *n == name) {
+                out.push(Finding {
+                    location: location(span),
+                    severity: Severity::Warning,
+                    construct: format!("`{name}`"),
+                    opa: (*opa).into(),
+                    nexus: (*nexus).into(),
+                });
+            }
             if MISSING_BUILTINS.contains(&name.as_str()) {
                 out.push(Finding {
                     location: location(span),

@@ -97,6 +97,55 @@ pub(super) fn parse_rfc3339_ns(args: &[Value]) -> Result<Value> {
     delegate("time.parse_rfc3339_ns", args)
 }
 
+/// `json.unmarshal(s)`: Go's decoder turns a lone UTF-16 surrogate escape (`"\ud800"`)
+/// into U+FFFD; serde_json (under regorus) refuses the document. Lone surrogates are
+/// replaced in the text first, then regorus decodes it.
+pub(super) fn json_unmarshal(args: &[Value]) -> Result<Value> {
+    let text = string_arg(args, 0)?;
+    if !text.contains("\\u") {
+        return delegate("json.unmarshal", args);
+    }
+    let is_hex = |s: &str| s.len() == 4 && s.bytes().all(|b| b.is_ascii_hexdigit());
+    let unit = |s: &str| u16::from_str_radix(s, 16).ok();
+    let mut out = String::with_capacity(text.len());
+    let mut i = 0;
+    let b = text.as_bytes();
+    while i < b.len() {
+        if b[i] == b'\\'
+            && b.get(i + 1) == Some(&b'u')
+            && text.get(i + 2..i + 6).is_some_and(is_hex)
+        {
+            let u = unit(&text[i + 2..i + 6]).unwrap_or(0);
+            let high = (0xd800..0xdc00).contains(&u);
+            let low = (0xdc00..0xe000).contains(&u);
+            let next_low = text.get(i + 6..i + 8) == Some("\\u")
+                && text.get(i + 8..i + 12).is_some_and(|h| {
+                    is_hex(h) && unit(h).is_some_and(|n| (0xdc00..0xe000).contains(&n))
+                });
+            if low || (high && !next_low) {
+                out.push_str("\\ufffd");
+                i += 6;
+                continue;
+            }
+            let len = if high { 12 } else { 6 };
+            out.push_str(&text[i..i + len]);
+            i += len;
+            continue;
+        }
+        if b[i] == b'\\' && i + 1 < b.len() {
+            // Any other escape, kept whole (so `\\u` is not read as an escape).
+            let c = text[i + 1..].chars().next().map_or(1, char::len_utf8);
+            out.push_str(&text[i..i + 1 + c]);
+            i += 1 + c;
+            continue;
+        }
+        let c = text[i..].chars().next().map_or(1, char::len_utf8);
+        out.push_str(&text[i..i + c]);
+        i += c;
+    }
+    delegate("json.unmarshal", &[Value::from(out)])
+}
+
 /// `to_number(x)`: Go's `strconv.ParseFloat` rejects surrounding spaces, which regorus
 /// trims.
 pub(super) fn to_number(args: &[Value]) -> Result<Value> {

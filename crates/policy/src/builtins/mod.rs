@@ -196,6 +196,11 @@ const BUILTINS: &[Builtin] = &[
         f: fixes::parse_rfc3339_ns,
     },
     Builtin {
+        name: "json.unmarshal",
+        nargs: 1,
+        f: fixes::json_unmarshal,
+    },
+    Builtin {
         name: "to_number",
         nargs: 1,
         f: fixes::to_number,
