@@ -428,26 +428,6 @@ pub(crate) fn ref_root(expr: &Expr) -> Option<&str> {
     }
 }
 
-/// The fields the sidecar's input document always has (DESIGN.md "Policy input",
-/// sidecar/src/policy/input.rs): a ref to one of them is never undefined in the sidecar.
-pub(crate) const ALWAYS_IN_INPUT: &[&str] = &[
-    "input.direction",
-    "input.source",
-    "input.source.spiffe_id",
-    "input.destination",
-    "input.destination.spiffe_id",
-    "input.request",
-    "input.request.method",
-    "input.request.path",
-    "input.request.segments",
-    "input.request.query",
-    "input.request.headers",
-    "input.request.body_size",
-    "input.clause",
-    "input.execution",
-    "input.time",
-];
-
 /// A ref's path when every part is static (`input.request["method"]`).
 pub(crate) fn static_path(expr: &Expr) -> Option<String> {
     match expr {
@@ -469,14 +449,6 @@ pub(crate) fn static_path(expr: &Expr) -> Option<String> {
     }
 }
 
-/// A ref into the input below its root (`input.role`) that a request may lack: not one
-/// the sidecar always sets.
-fn input_field(expr: &Expr) -> bool {
-    matches!(expr, Expr::RefDot { .. } | Expr::RefBrack { .. })
-        && ref_root(expr) == Some("input")
-        && !static_path(expr).is_some_and(|p| ALWAYS_IN_INPUT.contains(&p.as_str()))
-}
-
 fn snippet(span: &regorus::unstable::Span) -> String {
     shorten(span.text())
 }
@@ -487,13 +459,6 @@ pub(crate) fn leftmost(expr: &Expr) -> &regorus::unstable::Span {
         Expr::RefDot { refr, .. } | Expr::RefBrack { refr, .. } => leftmost(refr),
         _ => expr.span(),
     }
-}
-
-/// The source text from `from`'s start to `to`'s end.
-fn between(from: &regorus::unstable::Span, to: &regorus::unstable::Span) -> String {
-    let text = from.source.contents();
-    text.get(from.start as usize..to.end as usize)
-        .map_or_else(|| snippet(from), shorten)
 }
 
 pub(crate) fn shorten(text: &str) -> String {
@@ -508,7 +473,6 @@ pub(crate) fn shorten(text: &str) -> String {
 /// Every construct of `bundle` (modules and tests) that nexus evaluates differently
 /// from OPA, in file and line order.
 pub fn check(bundle: &Bundle) -> Vec<Finding> {
-    let interpreted = !interpreter_reasons(bundle).is_empty();
     let mut out = Vec::new();
     let mut asts = Vec::new();
     for (module, is_test) in bundle
@@ -520,7 +484,8 @@ pub fn check(bundle: &Bundle) -> Vec<Finding> {
         let Some(ast) = parse(&module.path, &module.text) else {
             continue;
         };
-        check_module(&ast, is_test || interpreted, &mut out);
+        let _ = is_test;
+        check_module(&ast, &mut out);
         asts.push(ast);
     }
     check_recursion(&asts, &mut out);
@@ -536,32 +501,9 @@ pub fn check(bundle: &Bundle) -> Vec<Finding> {
     out
 }
 
-fn check_module(ast: &Ast, interpreted: bool, out: &mut Vec<Finding>) {
-    // Membership: a positive statement `input.x in s` fails alike in both engines when
-    // input.x is missing; negated or used as a value, it does not.
-    let mut positive: Vec<*const Expr> = Vec::new();
-    let mut negated: Vec<*const Expr> = Vec::new();
+fn check_module(ast: &Ast, out: &mut Vec<Finding>) {
     each_query(ast, &mut |q| {
         for stmt in &q.stmts {
-            match &stmt.literal {
-                Literal::Expr { expr, .. } => positive.push(expr.as_ref() as *const Expr),
-                Literal::NotExpr { expr, .. } => negated.push(expr.as_ref() as *const Expr),
-                Literal::SomeIn {
-                    collection, span, ..
-                } if interpreted && input_field(collection) => out.push(Finding {
-                    location: location(span),
-                    severity: Severity::Warning,
-                    construct: format!("`{}` over an input field", between(span, collection.span())),
-                    opa: format!(
-                        "treat `{}` as no elements (undefined) when it is not an array, set or object",
-                        snippet(collection.span())
-                    ),
-                    nexus: "raises an evaluation error in its interpreter (`nexusctl policy test`, and \
-                            revisions that need the interpreter): the test fails or the request is denied"
-                        .into(),
-                }),
-                _ => {}
-            }
             for w in &stmt.with_mods {
                 if let Some(name) = dotted(&w.refr)
                     && crate::builtins::names().any(|n| n == name)
@@ -581,44 +523,6 @@ fn check_module(ast: &Ast, interpreted: bool, out: &mut Vec<Finding>) {
         }
     });
     each_expr(ast, &mut |e| match e {
-        Expr::Membership {
-            span,
-            value,
-            collection,
-            key,
-            ..
-        } => {
-            let operand_may_be_missing = input_field(value)
-                || input_field(collection)
-                || key.as_ref().is_some_and(|k| input_field(k));
-            let ptr = e as *const Expr;
-            if !operand_may_be_missing || positive.contains(&ptr) {
-                return;
-            }
-            let start = leftmost(key.as_ref().unwrap_or(value));
-            let text = between(start, collection.span());
-            let (construct, opa, nexus) = if negated.contains(&ptr) {
-                (
-                    format!("`not {text}` on an input field that may be missing"),
-                    "make the membership undefined when the field is missing, so the `not` fails",
-                    "evaluates the membership to false, so the `not` succeeds",
-                )
-            } else {
-                (
-                    format!("`{text}` used as a value, on an input field that may be missing"),
-                    "make the expression (and what it builds) undefined when the field is missing",
-                    "evaluates it to false",
-                )
-            };
-            let _ = span;
-            out.push(Finding {
-                location: location(start),
-                severity: Severity::Warning,
-                construct,
-                opa: opa.into(),
-                nexus: nexus.into(),
-            });
-        }
         Expr::ArithExpr { span, lhs, rhs, .. } => {
             let fractional = |x: &Expr| {
                 matches!(x, Expr::Number { .. }) && x.span().text().contains(['.', 'e', 'E'])
@@ -978,58 +882,6 @@ mod tests {
             .iter()
             .map(ToString::to_string)
             .collect()
-    }
-
-    #[test]
-    fn negated_membership_on_a_missing_field_warns_at_the_line() {
-        let f = findings("package t\n\nx if not input.role in {\"admin\"}\n");
-        assert_eq!(f.len(), 1, "{f:?}");
-        assert!(
-            f[0].starts_with("p.rego:3:10: warning: `not input.role in {\"admin\"}`"),
-            "{f:?}"
-        );
-        assert!(
-            f[0].contains("OPA would make the membership undefined"),
-            "{f:?}"
-        );
-    }
-
-    #[test]
-    fn membership_as_a_value_warns_but_a_positive_statement_does_not() {
-        let f = findings("package t\n\nv := input.role in {\"a\"}\n\ny if input.role in {\"a\"}\n");
-        assert_eq!(f.len(), 1, "{f:?}");
-        assert!(
-            f[0].contains("p.rego:3:") && f[0].contains("used as a value"),
-            "{f:?}"
-        );
-    }
-
-    #[test]
-    fn fields_the_sidecar_always_sets_do_not_warn() {
-        assert!(findings("package t\n\nx if not input.request.method in {\"GET\"}\n").is_empty());
-        assert!(
-            findings("package t\n\nx if not input.request[\"method\"] in {\"GET\"}\n").is_empty()
-        );
-        // A header may be missing.
-        assert_eq!(
-            findings("package t\n\nx if not input.request.headers.role in {\"a\"}\n").len(),
-            1
-        );
-    }
-
-    #[test]
-    fn some_in_over_input_warns_only_where_the_interpreter_runs() {
-        let policy = "package t\n\nx if { some y in input.items; y == 1 }\n";
-        // The RVM agrees with OPA.
-        assert!(findings(policy).is_empty());
-        // A revision with a rule the RVM cannot run (a default function) may run on the
-        // interpreter.
-        let f = findings(&format!("{policy}\ndefault f(_) := 1\n"));
-        assert_eq!(f.len(), 1, "{f:?}");
-        assert!(f[0].contains("some y in input.items"), "{f:?}");
-        // Tests always run on the interpreter.
-        let b = bundle(&[("p_test.rego", policy)]);
-        assert_eq!(check(&b).len(), 1);
     }
 
     #[test]

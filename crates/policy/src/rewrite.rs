@@ -11,7 +11,8 @@
 //!   `[__nexus_nN, ...] := [arg, ...]` just before the `not`.
 //! - `V in C` used as a value (not a statement): OPA makes it undefined when `V` or `C`
 //!   is, regorus false; it becomes a call of nexus's `__nexus_member(V, C)` (undefined
-//!   on an undefined argument, as every call).
+//!   on an undefined argument, as every call). `K, V in C` anywhere becomes
+//!   `__nexus_member_kv(K, V, C)`: the RVM ignores `K`.
 //!
 //! Only in the interpreter's text: `some x in E` over a value that is not a collection
 //! is undefined in OPA (and in the RVM) but an error in regorus's interpreter; `E`
@@ -474,7 +475,7 @@ fn rewrite_terms(text: &str, ast: &Ast, targets: Targets) -> Rewritten {
                 collection,
                 ..
             } = e
-                && !statement_exprs.contains(&(e as *const Expr))
+                && (key.is_some() || !statement_exprs.contains(&(e as *const Expr)))
             {
                 members.push((key.clone(), value.clone(), collection.clone()));
             }

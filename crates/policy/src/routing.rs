@@ -139,14 +139,6 @@ fn analyze(bundle: &Bundle) -> BTreeMap<String, RuleNode> {
                             }
                         }
                     }
-                    Expr::Membership {
-                        key: Some(_), span, ..
-                    } => reasons.borrow_mut().push(RouteReason {
-                        location: location(span),
-                        rule: rule_name.clone(),
-                        construct: "key-value membership `k, v in c` (the RVM ignores the key)"
-                            .into(),
-                    }),
                     Expr::ObjectCompr { span, .. } => reasons.borrow_mut().push(RouteReason {
                         location: location(span),
                         rule: rule_name.clone(),
@@ -435,9 +427,8 @@ mod tests {
         // `grants[u] contains p` is rewritten (`rewrite::multi_value_rewrite`): no reason.
         assert!(reasons_for(&b, "data.t.d").is_empty());
         assert!(reasons_for(&b, "data.t.e").is_empty());
-        let f = reasons_for(&b, "data.t.f");
-        assert!(f[0].construct.contains("key-value membership"), "{f:?}");
-        assert_eq!(f[0].location.line, 9);
+        // `k, v in c` is rewritten into a call (`rewrite`): no reason either.
+        assert!(reasons_for(&b, "data.t.f").is_empty());
     }
 
     #[test]
