@@ -146,14 +146,15 @@ fn analyze(bundle: &Bundle) -> BTreeMap<String, RuleNode> {
                                     generated twice; OPA and the interpreter raise a conflict)"
                             .into(),
                     }),
-                    Expr::Call { fcn, span, .. } => match dotted(fcn).as_deref() {
-                        Some(name @ ("print" | "walk")) => reasons.borrow_mut().push(RouteReason {
-                            location: location(span),
-                            rule: rule_name.clone(),
-                            construct: format!("calls {name} (the RVM cannot compile it)"),
-                        }),
-                        _ => {}
-                    },
+                    Expr::Call { fcn, span, .. } => {
+                        if let Some(name @ ("print" | "walk")) = dotted(fcn).as_deref() {
+                            reasons.borrow_mut().push(RouteReason {
+                                location: location(span),
+                                rule: rule_name.clone(),
+                                construct: format!("calls {name} (the RVM cannot compile it)"),
+                            });
+                        }
+                    }
                     _ => {}
                 }
                 if let Some(path) = dotted(e)

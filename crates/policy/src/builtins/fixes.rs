@@ -299,6 +299,48 @@ pub(super) fn array_flatten(args: &[Value]) -> Result<Value> {
     Ok(Value::from(out))
 }
 
+/// `__nexus_member(v, c)` (`rewrite`: `v in c` used as a value): OPA's
+/// `internal.member_2`, reached only with both operands defined.
+pub(super) fn member(args: &[Value]) -> Result<Value> {
+    let [v, c] = args else {
+        bail!("two operands");
+    };
+    Ok(Value::from(match c {
+        Value::Array(items) => items.iter().any(|x| x == v),
+        Value::Set(items) => items.contains(v),
+        Value::Object(fields) => fields.values().any(|x| x == v),
+        _ => false,
+    }))
+}
+
+/// `__nexus_member_kv(k, v, c)` (`rewrite`: `k, v in c` used as a value): OPA's
+/// `internal.member_3`.
+pub(super) fn member_kv(args: &[Value]) -> Result<Value> {
+    let [k, v, c] = args else {
+        bail!("three operands");
+    };
+    Ok(Value::from(match c {
+        Value::Array(items) => k
+            .as_u64()
+            .ok()
+            .and_then(|i| items.get(i as usize))
+            .is_some_and(|x| x == v),
+        Value::Object(fields) => fields.get(k).is_some_and(|x| x == v),
+        Value::Set(items) => k == v && items.contains(v),
+        _ => false,
+    }))
+}
+
+/// `__nexus_iter(c)` (`rewrite`, interpreter only: `some x in c`): `c` when it is a
+/// collection, else an empty array, so a non-collection is undefined as in OPA rather
+/// than an error.
+pub(super) fn iter(args: &[Value]) -> Result<Value> {
+    Ok(match args.first() {
+        Some(c @ (Value::Array(_) | Value::Set(_) | Value::Object(_))) => c.clone(),
+        _ => Value::new_array(),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -375,46 +417,4 @@ mod tests {
             Value::from(serde_json::json!([1, 2, [3, [4]]]))
         );
     }
-}
-
-/// `__nexus_member(v, c)` (`rewrite`: `v in c` used as a value): OPA's
-/// `internal.member_2`, reached only with both operands defined.
-pub(super) fn member(args: &[Value]) -> Result<Value> {
-    let [v, c] = args else {
-        bail!("two operands");
-    };
-    Ok(Value::from(match c {
-        Value::Array(items) => items.iter().any(|x| x == v),
-        Value::Set(items) => items.contains(v),
-        Value::Object(fields) => fields.values().any(|x| x == v),
-        _ => false,
-    }))
-}
-
-/// `__nexus_member_kv(k, v, c)` (`rewrite`: `k, v in c` used as a value): OPA's
-/// `internal.member_3`.
-pub(super) fn member_kv(args: &[Value]) -> Result<Value> {
-    let [k, v, c] = args else {
-        bail!("three operands");
-    };
-    Ok(Value::from(match c {
-        Value::Array(items) => k
-            .as_u64()
-            .ok()
-            .and_then(|i| items.get(i as usize))
-            .is_some_and(|x| x == v),
-        Value::Object(fields) => fields.get(k).is_some_and(|x| x == v),
-        Value::Set(items) => k == v && items.contains(v),
-        _ => false,
-    }))
-}
-
-/// `__nexus_iter(c)` (`rewrite`, interpreter only: `some x in c`): `c` when it is a
-/// collection, else an empty array, so a non-collection is undefined as in OPA rather
-/// than an error.
-pub(super) fn iter(args: &[Value]) -> Result<Value> {
-    Ok(match args.first() {
-        Some(c @ (Value::Array(_) | Value::Set(_) | Value::Object(_))) => c.clone(),
-        _ => Value::new_array(),
-    })
 }

@@ -165,7 +165,7 @@ fn g_form(f: f64, prec: Option<usize>, upper: bool) -> String {
         None => 6,
         Some(p) => {
             let p = p.max(1) as i32;
-            if p > digits && digits >= exp + 1 {
+            if p > digits && digits > exp {
                 digits
             } else {
                 p
@@ -489,7 +489,7 @@ mod tests {
             ("%b", serde_json::json!([5]), "101"),
             ("%q", serde_json::json!([65]), "'A'"),
             ("%c", serde_json::json!([65]), "A"),
-            ("%5.1f|", serde_json::json!([3.14159]), "  3.1|"),
+            ("%5.1f|", serde_json::json!([3.125]), "  3.1|"),
             ("%-6d|", serde_json::json!([42]), "42    |"),
             ("%06d", serde_json::json!([-42]), "-00042"),
             ("%+d", serde_json::json!([5]), "+5"),
