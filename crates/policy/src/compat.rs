@@ -523,7 +523,38 @@ fn check_module(ast: &Ast, out: &mut Vec<Finding>) {
         }
     });
     each_expr(ast, &mut |e| match e {
-        Expr::ArithExpr { span, lhs, rhs, .. } => {
+        Expr::ArithExpr {
+            span, lhs, rhs, op, ..
+        } => {
+            // A line that starts with `-` (`x` newline `-1 < 0`): OPA starts a new
+            // statement, regorus's parser continues the expression (`x - 1 < 0`).
+            if matches!(op, regorus::unstable::ArithOp::Sub) {
+                let text = span.source.contents();
+                let lhs_end = {
+                    let mut end = lhs.span().end;
+                    walk(lhs, &mut |x| end = end.max(x.span().end));
+                    end as usize
+                };
+                let op_at = text
+                    .get(lhs_end..)
+                    .and_then(|t| t.find('-'))
+                    .map(|i| lhs_end + i);
+                if let Some(op_at) = op_at
+                    && text
+                        .get(lhs_end..op_at)
+                        .is_some_and(|gap| gap.contains('\n'))
+                {
+                    out.push(Finding {
+                        location: location(leftmost(rhs)),
+                        severity: Severity::Error,
+                        construct: "a line that starts with `-`".into(),
+                        opa: "start a new statement there".into(),
+                        nexus: "continues the previous line's expression (a subtraction): refused at load; \
+                                write `0 - n` or put the number on the right of the comparison"
+                            .into(),
+                    });
+                }
+            }
             let fractional = |x: &Expr| {
                 matches!(x, Expr::Number { .. }) && x.span().text().contains(['.', 'e', 'E'])
             };
@@ -937,6 +968,16 @@ mod tests {
         assert!(!policy.evaluate(input).allow);
         let input = crate::Value::from(serde_json::json!({"kind": "a", "o": "self"}));
         assert!(policy.evaluate(input).allow);
+    }
+
+    #[test]
+    fn a_line_starting_with_minus_is_refused_and_a_subtraction_is_not() {
+        let f = findings("package t\n\nr := 1\n\nx if {\n\tr\n\t-2 < 5\n}\n\ny := 3 - 1\n");
+        assert_eq!(f.len(), 1, "{f:?}");
+        assert!(
+            f[0].starts_with("p.rego:7:") && f[0].contains("error: a line that starts with `-`"),
+            "{f:?}"
+        );
     }
 
     #[test]
