@@ -9,6 +9,7 @@
 //! Needs `cargo build --workspace --bins` first and the OPA bindings
 //! (`scripts/install-test-deps.sh`); without them this test fails, never skips.
 
+use std::io::Write;
 use std::process::Command;
 
 use nexus_tests::{bin, repo_root};
@@ -32,6 +33,9 @@ fn the_fuzzer_finds_no_difference_from_opa_on_the_ci_seed() {
         .lines()
         .find(|l| l.starts_with("fuzz seed 1: "))
         .unwrap_or_else(|| panic!("no summary line in the fuzzer's output:\n{stdout}"));
+    // The per-run figures belong in the CI log even when the test passes (libtest
+    // captures `println!`, not a direct write to stderr).
+    let _ = writeln!(std::io::stderr(), "opa_fuzz: {summary}");
     assert!(summary.contains(" 0 mismatches, 0 fail-open"), "{summary}");
     let cases: usize = summary
         .trim_start_matches("fuzz seed 1: ")

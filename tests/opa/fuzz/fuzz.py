@@ -297,12 +297,13 @@ class Gen:
     def module(self) -> str:
         for i in range(self.rng.randint(2, 6)):
             self.rule(i)
-        bools = [n for n, k in self.rules]
         parts = []
-        if bools:
+        if self.rules:
             for _ in range(self.rng.randint(1, 2)):
-                n = self.pick(bools)
-                parts.append(self.pick([n, f"not {n}", f"count({n}) > 0" if n else n]))
+                n, kind = self.pick(self.rules)
+                # count() only of collections: OPA's type checker refuses the rest.
+                forms = [n, f"not {n}"] + ([f"count({n}) > 0"] if kind in ("set", "object") else [])
+                parts.append(self.pick(forms))
         parts.extend(self.condition())
         self.lines.append("default allow := false")
         self.lines.append("allow if {\n\t" + "\n\t".join(parts) + "\n}")
