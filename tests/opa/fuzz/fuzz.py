@@ -426,11 +426,13 @@ def run_nexus(nexusctl: str, work: Path, docs: list[dict], mode: str) -> list[di
     return lines
 
 
-# Differences listed in tests/opa/differential/known_differences.yaml (and
-# docs/opa-compatibility.md) that the generator reaches: (pattern of nexus's error, the
-# listed case). Both are errors on nexus's side, so a deny: never a fail-open.
+# Differences listed in docs/opa-compatibility.md that the generator reaches: (pattern
+# of nexus's error, the difference). Errors on nexus's side, so a deny: never a
+# fail-open.
 KNOWN = [
-    (re.compile(r"`(add|sub|mul|div|rem)` expects numeric argument"), "numbers/arith-non-number"),
+    # Arithmetic on a non-number: the interpreter's and the RVM's messages.
+    (re.compile(r"`(add|sub|mul|div|rem)` expects numeric argument"), "arithmetic on a non-number"),
+    (re.compile(r"Cannot (add|subtract|multiply|divide|modulo|mod)\b"), "arithmetic on a non-number"),
 ]
 
 
