@@ -490,6 +490,7 @@ pub fn check(bundle: &Bundle) -> Vec<Finding> {
     }
     check_recursion(&asts, &mut out);
     check_ref_head_prefixes(&asts, &mut out);
+    check_negated_conflicts(&asts, &mut out);
     out.sort_by(|a, b| {
         (&a.location.file, a.location.line, a.location.col).cmp(&(
             &b.location.file,
@@ -741,6 +742,87 @@ fn check_ref_head_prefixes(asts: &[Ast], out: &mut Vec<Finding>) {
     }
 }
 
+/// `not r` where `r` (a complete rule or a function) has several definitions that may
+/// give different values: OPA raises a conflict error when two hold (a deny); the RVM
+/// makes `r` undefined, so the `not` holds. Not decidable without the values: a warning
+/// at the `not`.
+fn check_negated_conflicts(asts: &[Ast], out: &mut Vec<Finding>) {
+    use std::collections::BTreeMap;
+    for ast in asts {
+        let package = dotted(&ast.package.refr).unwrap_or_default();
+        let mut values: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+        for other in asts
+            .iter()
+            .filter(|a| dotted(&a.package.refr).unwrap_or_default() == package)
+        {
+            for rule in &other.policy {
+                let Rule::Spec { head, bodies, .. } = rule.as_ref() else {
+                    continue;
+                };
+                let (refr, assign) = match head {
+                    RuleHead::Compr { refr, assign, .. } | RuleHead::Func { refr, assign, .. } => {
+                        (refr, assign)
+                    }
+                    RuleHead::Set { .. } => continue,
+                };
+                let Expr::Var { value, .. } = refr.as_ref() else {
+                    continue;
+                };
+                let Ok(name) = value.as_string() else {
+                    continue;
+                };
+                let entry = values.entry(name.to_string()).or_default();
+                entry.insert(
+                    assign
+                        .as_ref()
+                        .map_or_else(|| "true".to_string(), |a| a.value.span().text().to_string()),
+                );
+                for body in bodies.iter().skip(1) {
+                    if let Some(a) = &body.assign {
+                        entry.insert(a.value.span().text().to_string());
+                    }
+                }
+                // Two definitions of one value still count once; mark a second one.
+                entry.insert(format!("#definition {}", rule.span().start));
+            }
+        }
+        let conflicting: BTreeSet<String> = values
+            .into_iter()
+            .filter(|(_, v)| {
+                let defs = v.iter().filter(|x| x.starts_with("#definition")).count();
+                let vals = v.iter().filter(|x| !x.starts_with("#definition")).count();
+                defs > 1 && vals > 1
+            })
+            .map(|(k, _)| k)
+            .collect();
+        if conflicting.is_empty() {
+            continue;
+        }
+        each_query(ast, &mut |q| {
+            for stmt in &q.stmts {
+                if let Literal::NotExpr { expr, span } = &stmt.literal {
+                    let target = match expr.as_ref() {
+                        Expr::Call { fcn, .. } => dotted(fcn),
+                        other => dotted(other),
+                    };
+                    if let Some(name) = target.filter(|n| conflicting.contains(n)) {
+                        out.push(Finding {
+                            location: location(span),
+                            severity: Severity::Warning,
+                            construct: format!("`not {name}` of a rule whose definitions may give different values"),
+                            opa: "raise a conflict error when two definitions hold (a deny)".into(),
+                            nexus: format!(
+                                "makes `{name}` undefined in its compiled mode, so the `not` holds; \
+                                 make the definitions exclude each other (`else`)"
+                            ),
+                        });
+                    }
+                }
+            }
+        });
+    }
+}
+
 /// Rules that depend on themselves: OPA refuses them at compile time (recursion
 /// error); regorus recurses until the process's stack overflows, which aborts it.
 fn check_recursion(asts: &[Ast], out: &mut Vec<Finding>) {
@@ -968,6 +1050,18 @@ mod tests {
         assert!(!policy.evaluate(input).allow);
         let input = crate::Value::from(serde_json::json!({"kind": "a", "o": "self"}));
         assert!(policy.evaluate(input).allow);
+    }
+
+    #[test]
+    fn negating_a_rule_that_may_conflict_warns() {
+        let f = findings(
+            "package t\n\nr := 1 if input.a\n\nr := 2 if input.b\n\nx if not r\n\ns if input.a\n\ns if input.b\n\ny if not s\n",
+        );
+        assert_eq!(f.len(), 1, "{f:?}");
+        assert!(
+            f[0].starts_with("p.rego:7:") && f[0].contains("`not r`"),
+            "{f:?}"
+        );
     }
 
     #[test]
