@@ -5,7 +5,7 @@ use std::io::{BufRead, Write};
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
-use nexus_policy::{Bundle, Policy, PolicyOptions, Value};
+use nexus_policy::{Bundle, EvalMode, Policy, PolicyOptions, Value};
 
 /// `nexusctl policy ...`
 #[derive(clap::Subcommand, Debug)]
@@ -58,6 +58,24 @@ pub struct EvalArgs {
     /// Also print every rule of the decision's package, to see why.
     #[arg(long)]
     pub explain: bool,
+    /// The engine mode: `auto` is the sidecar's (the RVM unless the rule needs the
+    /// interpreter or the RVM disagreed with it), `interpreted` forces the interpreter.
+    #[arg(long, value_enum, default_value_t = ModeArg::Auto)]
+    pub mode: ModeArg,
+    /// Print the rule's value itself (`{"value": ...}`, `{"undefined": true}` or
+    /// `{"error": ...}`) instead of an allow/deny decision: for rules that are not
+    /// decisions, and for comparing with `opa eval`.
+    #[arg(long)]
+    pub value: bool,
+}
+
+/// `--mode`
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ModeArg {
+    /// As the sidecar decides.
+    Auto,
+    /// regorus's interpreter.
+    Interpreted,
 }
 
 /// `nexusctl policy check`
@@ -148,6 +166,24 @@ fn read_value(path: &Path) -> anyhow::Result<Value> {
     }
 }
 
+/// One evaluation's output line: a decision, or (`--value`) the rule's value.
+fn eval_line(policy: &Policy, input: Value, value: bool) -> serde_json::Value {
+    if value {
+        return match policy.evaluate_value(input) {
+            Ok(Value::Undefined) => serde_json::json!({"undefined": true}),
+            Ok(v) => match serde_json::to_value(&v) {
+                Ok(json) => serde_json::json!({"value": json}),
+                Err(e) => {
+                    serde_json::json!({"error": format!("the value cannot be written as JSON: {e}")})
+                }
+            },
+            Err(e) => serde_json::json!({"error": e}),
+        };
+    }
+    let decision = policy.evaluate(input);
+    serde_json::json!({"allow": decision.allow, "reasons": decision.reasons, "error": decision.error})
+}
+
 fn eval(args: EvalArgs) -> anyhow::Result<()> {
     let bundle = load(&args.dir)?;
     let mut runtime = Value::new_object();
@@ -157,6 +193,10 @@ fn eval(args: EvalArgs) -> anyhow::Result<()> {
     }
     let options = PolicyOptions {
         decision_rule: args.rule.clone(),
+        mode: match args.mode {
+            ModeArg::Auto => EvalMode::Compiled,
+            ModeArg::Interpreted => EvalMode::Interpreted,
+        },
         ..PolicyOptions::default()
     };
     let policy = Policy::compile(&bundle, &runtime, options).map_err(|e| anyhow::anyhow!("{e}"))?;
@@ -164,30 +204,52 @@ fn eval(args: EvalArgs) -> anyhow::Result<()> {
     if let Some(inputs) = &args.inputs {
         let file = std::fs::File::open(inputs)
             .with_context(|| format!("cannot read {}", inputs.display()))?;
+        let mut failed = 0usize;
+        let mut unreadable = 0usize;
         for (n, line) in std::io::BufReader::new(file).lines().enumerate() {
-            let line = line?;
+            let line = line.with_context(|| format!("{}:{}", inputs.display(), n + 1))?;
             if line.trim().is_empty() {
                 continue;
             }
-            let input: Value = serde_json::from_str(&line)
-                .with_context(|| format!("{}:{}", inputs.display(), n + 1))?;
-            let decision = policy.evaluate(input);
-            writeln!(
-                out,
-                "{}",
-                serde_json::json!({"allow": decision.allow, "reasons": decision.reasons, "error": decision.error})
-            )?;
+            // One bad line (not JSON, or an input that breaks the engine) is reported
+            // with its line number; the batch goes on.
+            let result = match serde_json::from_str::<Value>(&line) {
+                Ok(input) => eval_line(&policy, input, args.value),
+                Err(e) => {
+                    unreadable += 1;
+                    serde_json::json!({"allow": false, "error": format!("not a JSON input: {e}")})
+                }
+            };
+            if let Some(error) = result.get("error").and_then(|e| e.as_str()) {
+                failed += 1;
+                eprintln!("{}:{}: {error}", inputs.display(), n + 1);
+            }
+            writeln!(out, "{result}")?;
+        }
+        if failed > 0 {
+            eprintln!("{failed} input(s) gave an error (denied); see the lines above");
+        }
+        if unreadable > 0 {
+            bail!(
+                "{unreadable} line(s) of {} are not JSON inputs",
+                inputs.display()
+            );
         }
         return Ok(());
     }
     let input_path = args.input.clone().unwrap_or_else(|| PathBuf::from("-"));
     let input = read_value(&input_path)?;
+    if args.value {
+        writeln!(out, "{}", eval_line(&policy, input, true))?;
+        return Ok(());
+    }
     let decision = policy.evaluate(input.clone());
     let doc = serde_json::json!({
         "allow": decision.allow,
         "reasons": decision.reasons,
         "error": decision.error,
         "revision": policy.revision(),
+        "mode": format!("{:?}", policy.mode()).to_lowercase(),
     });
     writeln!(out, "{}", serde_json::to_string_pretty(&doc)?)?;
     if args.explain {
@@ -275,6 +337,31 @@ fn check(args: CheckArgs) -> anyhow::Result<()> {
         policy.revision(),
         findings.len()
     );
+    // Which mode the rule runs in and why: the constructs that keep it off the RVM
+    // (file:line), or the input on which the RVM disagreed with the interpreter.
+    let report = policy.report();
+    println!("mode: {}", report.summary());
+    for reason in &report.routed {
+        println!("  interpreter because of {reason}");
+    }
+    if report.guarded_assignments + report.guarded_comprehensions > 0
+        || !report.host_builtins.is_empty()
+    {
+        println!(
+            "  compiled with {} `:=`, {} comprehension and {} negation guard(s){}",
+            report.guarded_assignments,
+            report.guarded_comprehensions,
+            report.guarded_negations,
+            if report.host_builtins.is_empty() {
+                String::new()
+            } else {
+                format!(
+                    "; nexus builtins called back: {}",
+                    report.host_builtins.join(", ")
+                )
+            }
+        );
+    }
     if errors > 0 {
         bail!(
             "{errors} OPA-compatibility warning(s) in {} are errors with --strict",

@@ -490,8 +490,9 @@ fn policy_eval_inputs_prints_one_line_per_input() {
     );
     assert_eq!(out[4]["reasons"], json!(["no rule allows this request"]));
 
-    // A line that is not JSON is named by file and line.
-    std::fs::write(&file, format!("{}\n{{oops\n", lines[0])).expect("inputs");
+    // A line that is not JSON is named by file and line; the lines after it are still
+    // evaluated, and the run exits non-zero.
+    std::fs::write(&file, format!("{}\n{{oops\n{}\n", lines[0], lines[1])).expect("inputs");
     let run = nexusctl(&[
         "policy",
         "eval",
@@ -501,7 +502,18 @@ fn policy_eval_inputs_prints_one_line_per_input() {
         &s(&file),
     ]);
     assert_ne!(run.code, 0, "{run:?}");
-    assert!(run.stderr.contains("inputs.jsonl:2"), "{run:?}");
+    assert!(
+        run.stderr.contains("inputs.jsonl:2: not a JSON input"),
+        "{run:?}"
+    );
+    assert_eq!(run.stdout.lines().count(), 3, "{run:?}");
+    assert!(
+        run.stdout
+            .lines()
+            .nth(2)
+            .is_some_and(|l| l.contains("DELETE")),
+        "{run:?}"
+    );
 }
 
 #[test]
@@ -557,4 +569,93 @@ fn policy_eval_explain_prints_every_rule_of_the_package() {
     );
     assert_eq!(rules["decision"]["allow"], false);
     assert_eq!(rules["decision"]["reasons"], rules["deny"]);
+}
+
+/// Attack: requests crafted to reach the constructs on which regorus allowed where OPA
+/// denies (each measured before this fix: the old engine printed `"allow": true`).
+/// `nexusctl policy eval` (the sidecar's `Policy`, default mode) must deny each, and
+/// still allow the request the policy means to allow.
+#[test]
+fn fail_open_constructs_deny_as_opa_does() {
+    let dir = temp_dir("nexusctl-fail-open");
+    let cases: &[(&str, &str, Value, Value)] = &[
+        // `x := <missing>` then a negation: the RVM went on with an undefined `x`.
+        (
+            "role := input.role\n\tnot role == \"guest\"",
+            "assign-then-not",
+            json!({}),
+            json!({"role": "dev"}),
+        ),
+        // A negated call on a missing field: OPA evaluates the argument first.
+        (
+            "not startswith(input.path, \"/admin\")",
+            "not-call",
+            json!({}),
+            json!({"path": "/docs"}),
+        ),
+        // A comprehension head reading a missing field kept an undefined element.
+        (
+            "count([u.admin | some u in input.users]) == count(input.users)",
+            "comprehension-head",
+            json!({"users": [{"admin": true}, {"id": 2}]}),
+            json!({"users": [{"admin": true}]}),
+        ),
+        // `k, v in c`: the RVM ignored the index.
+        (
+            "0, \"admin\" in input.roles",
+            "key-value-membership",
+            json!({"roles": ["dev", "admin"]}),
+            json!({"roles": ["admin"]}),
+        ),
+        // A multi-value rule with a variable key: one flat set in the RVM, so
+        // `grants.admin` was undefined and its negation held.
+        (
+            "not grants.admin",
+            "multi-value-ref-head",
+            json!({"roles": ["admin"]}),
+            json!({"roles": ["dev"]}),
+        ),
+    ];
+    for (body, name, attack, good) in cases {
+        let policy = dir.path().join(name);
+        std::fs::create_dir_all(&policy).expect("policy dir");
+        std::fs::write(
+            policy.join("p.rego"),
+            format!(
+                "package t\n\ngrants[r] contains p if {{\n\tsome r in input.roles\n\tsome p in [\"read\"]\n}}\n\ndefault allow := false\n\nallow if {{\n\t{body}\n}}\n\ndecision := {{\"allow\": allow, \"reasons\": []}}\n"
+            ),
+        )
+        .expect("policy");
+        let inputs = policy.join("inputs.jsonl");
+        std::fs::write(&inputs, format!("{attack}\n{good}\n")).expect("inputs");
+        let run = nexusctl(&[
+            "policy",
+            "eval",
+            "--dir",
+            &s(&policy),
+            "--rule",
+            "data.t.decision",
+            "--inputs",
+            &s(&inputs),
+        ]);
+        assert_eq!(run.code, 0, "{name}: {run:?}");
+        let out: Vec<Value> = run
+            .stdout
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("a decision line"))
+            .collect();
+        assert_eq!(
+            out[0]["allow"],
+            json!(false),
+            "{name}: the attack is allowed: {run:?}"
+        );
+        assert_eq!(
+            out[1]["allow"],
+            json!(true),
+            "{name}: the good request is denied: {run:?}"
+        );
+        // And the rule runs compiled (the fix is not "always the interpreter").
+        let check = nexusctl(&["policy", "check", &s(&policy), "--rule", "data.t.decision"]);
+        assert!(check.stdout.contains("mode: compiled"), "{name}: {check:?}");
+    }
 }

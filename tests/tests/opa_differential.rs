@@ -419,17 +419,45 @@ fn policy_check_reports_compatibility_findings() {
         )
     };
     write(
-        "package t\n\ndefault allow := false\n\nallow if not input.role in {\"banned\"}\n\ndecision := {\"allow\": allow}\n",
+        "package t\n\ndefault allow := false\n\nallow if input.score * 1.5 > 3\n\ndecision := {\"allow\": allow}\n",
     );
     let (code, stderr) = check(false);
     assert_eq!(code, Some(0), "{stderr}");
     assert!(
-        stderr.contains("authz.rego:5:14: warning: `not input.role in {\"banned\"}`"),
+        stderr.contains("authz.rego:5:")
+            && stderr.contains("warning: `input.score * 1.5`: arithmetic on a decimal fraction"),
         "{stderr}"
     );
     let (code, stderr) = check(true);
     assert_eq!(code, Some(1), "{stderr}");
-    assert!(stderr.contains("authz.rego:5:14: error:"), "{stderr}");
+    assert!(
+        stderr.contains("authz.rego:5:") && stderr.contains(": error: `input.score * 1.5`"),
+        "{stderr}"
+    );
+
+    // A builtin whose answer still differs from OPA's is flagged at its call.
+    write(
+        "package t\n\nallow if time.format([input.t, \"UTC\", \"MST\"]) == \"UTC\"\n\ndecision := {\"allow\": allow}\n",
+    );
+    let (code, stderr) = check(true);
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(
+        stderr.contains("authz.rego:3:") && stderr.contains("`time.format`"),
+        "{stderr}"
+    );
+
+    // A builtin nexus does not have is refused at its line, with what to write instead.
+    write(
+        "package t\n\nx := strings.render_template(\"{{.a}}\", {\"a\": 1})\n\ndecision := {\"allow\": true}\n",
+    );
+    let (code, stderr) = check(false);
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(
+        stderr.contains("authz.rego:3:")
+            && stderr.contains("strings.render_template")
+            && stderr.contains("sprintf or concat"),
+        "{stderr}"
+    );
 
     write("package t\n\na if b\n\nb if a\n\ndecision := {\"allow\": a}\n");
     let (code, stderr) = check(false);

@@ -10,21 +10,17 @@
 //! they see exactly what the engine parses.
 
 use std::collections::BTreeSet;
-use std::num::NonZeroU32;
 use std::time::Duration;
 
 use regorus::Value;
-use regorus::languages::rego::compiler::Compiler;
-use regorus::rvm::RegoVM;
 use regorus::unstable::{Expr, Literal, Module as Ast, Parser, Query, Rule, RuleHead, Source};
-use regorus::utils::limits::ExecutionTimerConfig;
 
 use crate::bundle::Bundle;
-use crate::engine::{EvalMode, Policy, PolicyOptions, engine_for};
+use crate::engine::{EvalMode, Policy, PolicyOptions};
 use crate::error::{Location, PolicyError};
 
 /// Parses a module (None when it does not parse: compiling reports that).
-fn parse(path: &str, text: &str) -> Option<Ast> {
+pub(crate) fn parse(path: &str, text: &str) -> Option<Ast> {
     let source = Source::from_contents(path.to_string(), text.to_string()).ok()?;
     let mut parser = Parser::new(&source).ok()?;
     // As the engine parses: Rego v1 (`if` and `contains` are keywords).
@@ -33,7 +29,7 @@ fn parse(path: &str, text: &str) -> Option<Ast> {
 }
 
 /// The dotted name of a call's function (`io.jwt.decode`), if it is a plain ref.
-fn dotted(expr: &Expr) -> Option<String> {
+pub(crate) fn dotted(expr: &Expr) -> Option<String> {
     match expr {
         Expr::Var { value, .. } => value.as_string().ok().map(|s| s.to_string()),
         Expr::RefDot { refr, field, .. } => {
@@ -94,7 +90,7 @@ fn each_expr(module: &Ast, f: &mut dyn FnMut(&Expr)) {
     }
 }
 
-fn walk_query(query: &Query, f: &mut dyn FnMut(&Expr)) {
+pub(crate) fn walk_query(query: &Query, f: &mut dyn FnMut(&Expr)) {
     for stmt in &query.stmts {
         match &stmt.literal {
             Literal::SomeVars { .. } => {}
@@ -123,7 +119,7 @@ fn walk_query(query: &Query, f: &mut dyn FnMut(&Expr)) {
     }
 }
 
-fn walk(expr: &Expr, f: &mut dyn FnMut(&Expr)) {
+pub(crate) fn walk(expr: &Expr, f: &mut dyn FnMut(&Expr)) {
     f(expr);
     match expr {
         Expr::String { .. }
@@ -223,51 +219,92 @@ pub fn evaluate_rule(
     input: Value,
     timeout: Duration,
 ) -> Result<(EvalMode, RuleOutcome), PolicyError> {
+    evaluate_rule_in(bundle, rule, input, timeout, EvalMode::Compiled)
+}
+
+/// `evaluate_rule` with a requested mode (`Interpreted` forces the interpreter).
+pub fn evaluate_rule_in(
+    bundle: &Bundle,
+    rule: &str,
+    input: Value,
+    timeout: Duration,
+    mode: EvalMode,
+) -> Result<(EvalMode, RuleOutcome), PolicyError> {
     let options = PolicyOptions {
         decision_rule: rule.to_string(),
         eval_timeout: timeout,
+        mode,
         ..PolicyOptions::default()
     };
-    let mode = Policy::compile(bundle, &Value::new_object(), options.clone())?.mode();
-    let mut engine = engine_for(bundle, false)?;
-    let entry: regorus::Rc<str> = rule.into();
-    let compiled = engine
-        .compile_with_entrypoint(&entry)
-        .map_err(|e| PolicyError::from_regorus(&e))?;
-    let timer = ExecutionTimerConfig {
-        limit: timeout,
-        check_interval: NonZeroU32::new(64).unwrap_or(NonZeroU32::MIN),
+    let policy = Policy::compile(bundle, &Value::new_object(), options)?;
+    let outcome = match policy.evaluate_value(input) {
+        Ok(Value::Undefined) => RuleOutcome::Undefined,
+        Ok(v) => RuleOutcome::Value(v),
+        Err(e) => RuleOutcome::Error(e),
     };
-    let result = match mode {
-        EvalMode::Compiled => {
-            let program = Compiler::compile_from_policy(&compiled, &[rule])
-                .map_err(|e| PolicyError::RegoUnlocated(format!("compiling {rule}: {e}")))?;
-            let mut vm = RegoVM::new_with_policy(compiled);
-            vm.load_program(program);
-            vm.set_max_instructions(options.max_instructions);
-            vm.set_execution_timer_config(Some(timer));
-            vm.set_data(bundle.data.clone())
-                .map_err(|e| e.to_string())
-                .and_then(|()| {
-                    vm.set_input(input);
-                    vm.execute().map_err(|e| e.to_string())
-                })
+    Ok((policy.mode(), outcome))
+}
+
+/// Builtins whose answer differs from OPA's on some values (each a listed difference of
+/// `tests/opa/differential/known_differences.yaml`): flagged at every call, since the
+/// values are known only when evaluating.
+const DIFFERING_BUILTINS: &[(&str, &str, &str)] = &[
+    (
+        "time.format",
+        "write a zone abbreviation (EST) for a MST layout",
+        "writes the numeric offset (-05:00); compare times as numbers",
+    ),
+    (
+        "time.add_date",
+        "normalize a day past the month's end (Jan 31 + 1 month = Mar 3)",
+        "clamps it (Feb 28); add days instead",
+    ),
+    (
+        "time.parse_duration_ns",
+        "accept a `d` unit",
+        "does not (undefined); write hours",
+    ),
+    (
+        "json.marshal",
+        "keep a number's spelling (1e3) and escape < > &",
+        "writes 1000 and does not escape; compare parsed values, not text",
+    ),
+    (
+        "yaml.unmarshal",
+        "read YAML 1.1 (`y` is true)",
+        "reads YAML 1.2 (`y` is a string); quote YAML strings",
+    ),
+    (
+        "glob.quote_meta",
+        "escape [ and ]",
+        "does not; escape brackets yourself",
+    ),
+];
+
+/// What to write instead of a builtin nexus does not have.
+fn instead(name: &str) -> &'static str {
+    match name {
+        "strings.render_template" => "build the string with sprintf or concat",
+        "regex.globs_match" => {
+            "compare the patterns with glob.match or regex.match on known values"
         }
-        EvalMode::Interpreted => {
-            regorus::utils::limits::set_fallback_execution_timer_config(Some(timer));
-            compiled
-                .eval_with_input(input)
-                .map_err(|e| format!("{e:#}"))
+        "json.match_schema" | "json.verify_schema" => {
+            "check the fields with is_string/is_number and comparisons"
         }
-    };
-    Ok((
-        mode,
-        match result {
-            Ok(Value::Undefined) => RuleOutcome::Undefined,
-            Ok(v) => RuleOutcome::Value(v),
-            Err(e) => RuleOutcome::Error(e),
-        },
-    ))
+        "http.send" | "net.lookup_ip_addr" | "providers.aws.sign_req" => {
+            "push what the policy needs as data (nexus policies make no network calls)"
+        }
+        "io.jwt.encode_sign" | "io.jwt.encode_sign_raw" => {
+            "sign tokens outside the policy; io.jwt.decode_verify checks them"
+        }
+        "rego.metadata.rule" | "rego.metadata.chain" | "rego.parse_module" => {
+            "put the values in data or in the rule itself"
+        }
+        _ if name.starts_with("graphql.") => {
+            "validate GraphQL outside the policy and pass the result in the input"
+        }
+        _ => "parse the material outside the policy, or use crypto.x509.parse_certificates",
+    }
 }
 
 /// Whether a finding is a difference to know about or a certain failure.
@@ -336,63 +373,13 @@ const MISSING_BUILTINS: &[&str] = &[
     "strings.render_template",
 ];
 
-/// Why a revision must be evaluated by regorus's interpreter rather than its RVM, one
-/// reason per construct the RVM lacks or gets wrong (measured): nexus builtins (the RVM
-/// calls no extension), default functions (the RVM makes them undefined), `with`,
-/// `print` and `walk` (the RVM refuses to compile them).
+/// The constructs of `bundle` that put a rule depending on them on regorus's
+/// interpreter rather than its RVM (`routing`), as text.
 pub fn interpreter_reasons(bundle: &Bundle) -> Vec<String> {
-    let mut reasons: Vec<String> = crate::builtins::called_by(bundle)
-        .into_iter()
-        .map(|b| format!("calls {b}"))
-        .collect();
-    let mut seen = BTreeSet::new();
-    for module in &bundle.modules {
-        let Some(ast) = parse(&module.path, &module.text) else {
-            continue;
-        };
-        for rule in &ast.policy {
-            if let Rule::Default { args, .. } = rule.as_ref()
-                && !args.is_empty()
-            {
-                seen.insert("has a default function");
-            }
-        }
-        each_expr(&ast, &mut |e| {
-            if let Expr::Call { fcn, .. } = e {
-                match dotted(fcn).as_deref() {
-                    Some("print") => {
-                        seen.insert("calls print");
-                    }
-                    Some("walk") => {
-                        seen.insert("calls walk");
-                    }
-                    _ => {}
-                }
-            }
-        });
-        each_query(&ast, &mut |q| {
-            if q.stmts.iter().any(|s| !s.with_mods.is_empty()) {
-                seen.insert("uses `with`");
-            }
-            // regorus 0.14's RVM does not fail a body when a `:=` assigns an undefined
-            // value, so a later `not` in that body succeeds where OPA and the
-            // interpreter say undefined: a fail-open (measured: `x := cfg[input.k].a;
-            // not input.o in x` allows for an unknown k). Such bodies run on the
-            // interpreter.
-            let assigns = q.stmts.iter().any(|s| {
-                matches!(&s.literal, Literal::Expr { expr, .. } if matches!(expr.as_ref(), Expr::AssignExpr { .. }))
-            });
-            let negates = q
-                .stmts
-                .iter()
-                .any(|s| matches!(&s.literal, Literal::NotExpr { .. }));
-            if assigns && negates {
-                seen.insert("assigns with `:=` and negates with `not` in one body");
-            }
-        });
-    }
-    reasons.extend(seen.into_iter().map(String::from));
-    reasons
+    crate::routing::all_reasons(bundle)
+        .iter()
+        .map(ToString::to_string)
+        .collect()
 }
 
 /// Calls `f` on every query (rule bodies, comprehensions, `every` bodies).
@@ -424,7 +411,7 @@ fn each_query(module: &Ast, f: &mut dyn FnMut(&Query)) {
     }
 }
 
-fn location(span: &regorus::unstable::Span) -> Location {
+pub(crate) fn location(span: &regorus::unstable::Span) -> Location {
     Location {
         file: span.source.file().to_string(),
         line: span.line,
@@ -433,7 +420,7 @@ fn location(span: &regorus::unstable::Span) -> Location {
 }
 
 /// The root variable of a ref (`input` for `input.a.b[0]`).
-fn ref_root(expr: &Expr) -> Option<&str> {
+pub(crate) fn ref_root(expr: &Expr) -> Option<&str> {
     match expr {
         Expr::Var { value, .. } => value.as_string().ok().map(|s| s.as_ref()),
         Expr::RefDot { refr, .. } | Expr::RefBrack { refr, .. } => ref_root(refr),
@@ -441,28 +428,8 @@ fn ref_root(expr: &Expr) -> Option<&str> {
     }
 }
 
-/// The fields the sidecar's input document always has (DESIGN.md "Policy input",
-/// sidecar/src/policy/input.rs): a ref to one of them is never undefined in the sidecar.
-const ALWAYS_IN_INPUT: &[&str] = &[
-    "input.direction",
-    "input.source",
-    "input.source.spiffe_id",
-    "input.destination",
-    "input.destination.spiffe_id",
-    "input.request",
-    "input.request.method",
-    "input.request.path",
-    "input.request.segments",
-    "input.request.query",
-    "input.request.headers",
-    "input.request.body_size",
-    "input.clause",
-    "input.execution",
-    "input.time",
-];
-
 /// A ref's path when every part is static (`input.request["method"]`).
-fn static_path(expr: &Expr) -> Option<String> {
+pub(crate) fn static_path(expr: &Expr) -> Option<String> {
     match expr {
         Expr::Var { value, .. } => Some(value.as_string().ok()?.to_string()),
         Expr::RefDot { refr, field, .. } => Some(format!(
@@ -482,34 +449,19 @@ fn static_path(expr: &Expr) -> Option<String> {
     }
 }
 
-/// A ref into the input below its root (`input.role`) that a request may lack: not one
-/// the sidecar always sets.
-fn input_field(expr: &Expr) -> bool {
-    matches!(expr, Expr::RefDot { .. } | Expr::RefBrack { .. })
-        && ref_root(expr) == Some("input")
-        && !static_path(expr).is_some_and(|p| ALWAYS_IN_INPUT.contains(&p.as_str()))
-}
-
 fn snippet(span: &regorus::unstable::Span) -> String {
     shorten(span.text())
 }
 
 /// Where an expression starts (a ref's span starts at its last `.`).
-fn leftmost(expr: &Expr) -> &regorus::unstable::Span {
+pub(crate) fn leftmost(expr: &Expr) -> &regorus::unstable::Span {
     match expr {
         Expr::RefDot { refr, .. } | Expr::RefBrack { refr, .. } => leftmost(refr),
         _ => expr.span(),
     }
 }
 
-/// The source text from `from`'s start to `to`'s end.
-fn between(from: &regorus::unstable::Span, to: &regorus::unstable::Span) -> String {
-    let text = from.source.contents();
-    text.get(from.start as usize..to.end as usize)
-        .map_or_else(|| snippet(from), shorten)
-}
-
-fn shorten(text: &str) -> String {
+pub(crate) fn shorten(text: &str) -> String {
     let text = text.split_whitespace().collect::<Vec<_>>().join(" ");
     if text.chars().count() > 60 {
         format!("{}...", text.chars().take(57).collect::<String>())
@@ -521,7 +473,6 @@ fn shorten(text: &str) -> String {
 /// Every construct of `bundle` (modules and tests) that nexus evaluates differently
 /// from OPA, in file and line order.
 pub fn check(bundle: &Bundle) -> Vec<Finding> {
-    let interpreted = !interpreter_reasons(bundle).is_empty();
     let mut out = Vec::new();
     let mut asts = Vec::new();
     for (module, is_test) in bundle
@@ -533,10 +484,13 @@ pub fn check(bundle: &Bundle) -> Vec<Finding> {
         let Some(ast) = parse(&module.path, &module.text) else {
             continue;
         };
-        check_module(&ast, is_test || interpreted, &mut out);
+        let _ = is_test;
+        check_module(&ast, &mut out);
         asts.push(ast);
     }
     check_recursion(&asts, &mut out);
+    check_ref_head_prefixes(&asts, &mut out);
+    check_negated_conflicts(&asts, &mut out);
     out.sort_by(|a, b| {
         (&a.location.file, a.location.line, a.location.col).cmp(&(
             &b.location.file,
@@ -548,32 +502,9 @@ pub fn check(bundle: &Bundle) -> Vec<Finding> {
     out
 }
 
-fn check_module(ast: &Ast, interpreted: bool, out: &mut Vec<Finding>) {
-    // Membership: a positive statement `input.x in s` fails alike in both engines when
-    // input.x is missing; negated or used as a value, it does not.
-    let mut positive: Vec<*const Expr> = Vec::new();
-    let mut negated: Vec<*const Expr> = Vec::new();
+fn check_module(ast: &Ast, out: &mut Vec<Finding>) {
     each_query(ast, &mut |q| {
         for stmt in &q.stmts {
-            match &stmt.literal {
-                Literal::Expr { expr, .. } => positive.push(expr.as_ref() as *const Expr),
-                Literal::NotExpr { expr, .. } => negated.push(expr.as_ref() as *const Expr),
-                Literal::SomeIn {
-                    collection, span, ..
-                } if interpreted && input_field(collection) => out.push(Finding {
-                    location: location(span),
-                    severity: Severity::Warning,
-                    construct: format!("`{}` over an input field", between(span, collection.span())),
-                    opa: format!(
-                        "treat `{}` as no elements (undefined) when it is not an array, set or object",
-                        snippet(collection.span())
-                    ),
-                    nexus: "raises an evaluation error in its interpreter (`nexusctl policy test`, and \
-                            revisions that need the interpreter): the test fails or the request is denied"
-                        .into(),
-                }),
-                _ => {}
-            }
             for w in &stmt.with_mods {
                 if let Some(name) = dotted(&w.refr)
                     && crate::builtins::names().any(|n| n == name)
@@ -593,45 +524,38 @@ fn check_module(ast: &Ast, interpreted: bool, out: &mut Vec<Finding>) {
         }
     });
     each_expr(ast, &mut |e| match e {
-        Expr::Membership {
-            span,
-            value,
-            collection,
-            key,
-            ..
+        Expr::ArithExpr {
+            span, lhs, rhs, op, ..
         } => {
-            let operand_may_be_missing = input_field(value)
-                || input_field(collection)
-                || key.as_ref().is_some_and(|k| input_field(k));
-            let ptr = e as *const Expr;
-            if !operand_may_be_missing || positive.contains(&ptr) {
-                return;
+            // A line that starts with `-` (`x` newline `-1 < 0`): OPA starts a new
+            // statement, regorus's parser continues the expression (`x - 1 < 0`).
+            if matches!(op, regorus::unstable::ArithOp::Sub) {
+                let text = span.source.contents();
+                let lhs_end = {
+                    let mut end = lhs.span().end;
+                    walk(lhs, &mut |x| end = end.max(x.span().end));
+                    end as usize
+                };
+                let op_at = text
+                    .get(lhs_end..)
+                    .and_then(|t| t.find('-'))
+                    .map(|i| lhs_end + i);
+                if let Some(op_at) = op_at
+                    && text
+                        .get(lhs_end..op_at)
+                        .is_some_and(|gap| gap.contains('\n'))
+                {
+                    out.push(Finding {
+                        location: location(leftmost(rhs)),
+                        severity: Severity::Error,
+                        construct: "a line that starts with `-`".into(),
+                        opa: "start a new statement there".into(),
+                        nexus: "continues the previous line's expression (a subtraction): refused at load; \
+                                write `0 - n` or put the number on the right of the comparison"
+                            .into(),
+                    });
+                }
             }
-            let start = leftmost(key.as_ref().unwrap_or(value));
-            let text = between(start, collection.span());
-            let (construct, opa, nexus) = if negated.contains(&ptr) {
-                (
-                    format!("`not {text}` on an input field that may be missing"),
-                    "make the membership undefined when the field is missing, so the `not` fails",
-                    "evaluates the membership to false, so the `not` succeeds",
-                )
-            } else {
-                (
-                    format!("`{text}` used as a value, on an input field that may be missing"),
-                    "make the expression (and what it builds) undefined when the field is missing",
-                    "evaluates it to false",
-                )
-            };
-            let _ = span;
-            out.push(Finding {
-                location: location(start),
-                severity: Severity::Warning,
-                construct,
-                opa: opa.into(),
-                nexus: nexus.into(),
-            });
-        }
-        Expr::ArithExpr { span, lhs, rhs, .. } => {
             let fractional = |x: &Expr| {
                 matches!(x, Expr::Number { .. }) && x.span().text().contains(['.', 'e', 'E'])
             };
@@ -651,13 +575,26 @@ fn check_module(ast: &Ast, interpreted: bool, out: &mut Vec<Finding>) {
             span, fcn, params, ..
         } => {
             let Some(name) = dotted(fcn) else { return };
+            if let Some((_, opa, nexus)) = DIFFERING_BUILTINS.iter().find(|(n, _, _)| *n == name) {
+                out.push(Finding {
+                    location: location(span),
+                    severity: Severity::Warning,
+                    construct: format!("`{name}`"),
+                    opa: (*opa).into(),
+                    nexus: (*nexus).into(),
+                });
+            }
             if MISSING_BUILTINS.contains(&name.as_str()) {
                 out.push(Finding {
                     location: location(span),
                     severity: Severity::Error,
                     construct: format!("`{name}`"),
                     opa: "evaluate this builtin".into(),
-                    nexus: "does not have it: the revision does not compile".into(),
+                    nexus: format!(
+                        "does not have this builtin: the policy is refused at load (rather than \
+                         one rule silently failing); {}",
+                        instead(&name)
+                    ),
                 });
             }
             if name == "sprintf"
@@ -718,6 +655,172 @@ fn unsupported_verb(format: &str) -> Option<String> {
         i += 1;
     }
     None
+}
+
+/// A reference to a prefix of a ref-head rule (`r` or `r.a` of `r.a.b := ...`): OPA
+/// builds that document from the rules under it (`{"a": {}}` even when no body holds);
+/// nexus evaluates rules, not documents, and has no value for it. A `not r` then
+/// succeeds in nexus where it fails in OPA (a fail-open), so it is refused at load.
+fn check_ref_head_prefixes(asts: &[Ast], out: &mut Vec<Finding>) {
+    use std::collections::BTreeMap;
+    let mut heads: BTreeMap<String, (BTreeSet<String>, BTreeSet<String>)> = BTreeMap::new();
+    for ast in asts {
+        let package = dotted(&ast.package.refr).unwrap_or_default();
+        let entry = heads.entry(package).or_default();
+        for rule in &ast.policy {
+            let refr = match rule.as_ref() {
+                Rule::Spec { head, .. } => match head {
+                    RuleHead::Compr { refr, .. }
+                    | RuleHead::Set { refr, .. }
+                    | RuleHead::Func { refr, .. } => refr,
+                },
+                Rule::Default { refr, .. } => refr,
+            };
+            match static_path(refr) {
+                Some(path) if path.contains('.') => {
+                    entry.0.insert(path);
+                }
+                _ => {
+                    let mut root = refr.as_ref();
+                    while let Expr::RefDot { refr, .. } | Expr::RefBrack { refr, .. } = root {
+                        root = refr;
+                    }
+                    if let Some(name) = dotted(root) {
+                        entry.1.insert(name);
+                    }
+                }
+            }
+        }
+    }
+    for ast in asts {
+        let package = dotted(&ast.package.refr).unwrap_or_default();
+        let Some((paths, direct)) = heads.get(&package) else {
+            continue;
+        };
+        if paths.is_empty() {
+            continue;
+        }
+        let is_prefix = |p: &str| {
+            !direct.contains(p)
+                && !paths.contains(p)
+                && paths
+                    .iter()
+                    .any(|full| full.strip_prefix(p).is_some_and(|r| r.starts_with('.')))
+        };
+        let mut inner: BTreeSet<*const Expr> = BTreeSet::new();
+        each_expr(ast, &mut |e| {
+            if let Expr::RefDot { refr, .. } | Expr::RefBrack { refr, .. } = e {
+                inner.insert(refr.as_ref() as *const Expr);
+            }
+        });
+        let data_prefix = format!("data.{package}.");
+        each_expr(ast, &mut |e| {
+            if inner.contains(&(e as *const Expr)) {
+                return;
+            }
+            let Some(path) = static_path(e) else { return };
+            let local = path.strip_prefix(&data_prefix).unwrap_or(&path);
+            if is_prefix(local) {
+                let full = paths
+                    .iter()
+                    .find(|f| f.strip_prefix(local).is_some_and(|r| r.starts_with('.')))
+                    .cloned()
+                    .unwrap_or_default();
+                out.push(Finding {
+                    location: location(leftmost(e)),
+                    severity: Severity::Error,
+                    construct: format!("`{path}` is a prefix of the ref-head rule `{full}`"),
+                    opa: format!("build the document `{local}` from the rules under it (an object, even when no body holds)"),
+                    nexus: format!(
+                        "evaluates rules, not the documents they build, so it has no value for `{local}` \
+                         (a `not {local}` would succeed where OPA fails): refused at load; refer to \
+                         `{full}` itself, or define `{local}` as a rule"
+                    ),
+                });
+            }
+        });
+    }
+}
+
+/// `not r` where `r` (a complete rule or a function) has several definitions that may
+/// give different values: OPA raises a conflict error when two hold (a deny); the RVM
+/// makes `r` undefined, so the `not` holds. Not decidable without the values: a warning
+/// at the `not`.
+fn check_negated_conflicts(asts: &[Ast], out: &mut Vec<Finding>) {
+    use std::collections::BTreeMap;
+    for ast in asts {
+        let package = dotted(&ast.package.refr).unwrap_or_default();
+        let mut values: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+        for other in asts
+            .iter()
+            .filter(|a| dotted(&a.package.refr).unwrap_or_default() == package)
+        {
+            for rule in &other.policy {
+                let Rule::Spec { head, bodies, .. } = rule.as_ref() else {
+                    continue;
+                };
+                let (refr, assign) = match head {
+                    RuleHead::Compr { refr, assign, .. } | RuleHead::Func { refr, assign, .. } => {
+                        (refr, assign)
+                    }
+                    RuleHead::Set { .. } => continue,
+                };
+                let Expr::Var { value, .. } = refr.as_ref() else {
+                    continue;
+                };
+                let Ok(name) = value.as_string() else {
+                    continue;
+                };
+                let entry = values.entry(name.to_string()).or_default();
+                entry.insert(
+                    assign
+                        .as_ref()
+                        .map_or_else(|| "true".to_string(), |a| a.value.span().text().to_string()),
+                );
+                for body in bodies.iter().skip(1) {
+                    if let Some(a) = &body.assign {
+                        entry.insert(a.value.span().text().to_string());
+                    }
+                }
+                // Two definitions of one value still count once; mark a second one.
+                entry.insert(format!("#definition {}", rule.span().start));
+            }
+        }
+        let conflicting: BTreeSet<String> = values
+            .into_iter()
+            .filter(|(_, v)| {
+                let defs = v.iter().filter(|x| x.starts_with("#definition")).count();
+                let vals = v.iter().filter(|x| !x.starts_with("#definition")).count();
+                defs > 1 && vals > 1
+            })
+            .map(|(k, _)| k)
+            .collect();
+        if conflicting.is_empty() {
+            continue;
+        }
+        each_query(ast, &mut |q| {
+            for stmt in &q.stmts {
+                if let Literal::NotExpr { expr, span } = &stmt.literal {
+                    let target = match expr.as_ref() {
+                        Expr::Call { fcn, .. } => dotted(fcn),
+                        other => dotted(other),
+                    };
+                    if let Some(name) = target.filter(|n| conflicting.contains(n)) {
+                        out.push(Finding {
+                            location: location(span),
+                            severity: Severity::Warning,
+                            construct: format!("`not {name}` of a rule whose definitions may give different values"),
+                            opa: "raise a conflict error when two definitions hold (a deny)".into(),
+                            nexus: format!(
+                                "makes `{name}` undefined in its compiled mode, so the `not` holds; \
+                                 make the definitions exclude each other (`else`)"
+                            ),
+                        });
+                    }
+                }
+            }
+        });
+    }
 }
 
 /// Rules that depend on themselves: OPA refuses them at compile time (recursion
@@ -850,7 +953,7 @@ fn check_recursion(asts: &[Ast], out: &mut Vec<Finding>) {
                     construct: format!("recursive rule data.{key} ({})", path.iter().map(|p| format!("data.{p}")).collect::<Vec<_>>().join(" -> ")),
                     opa: "refuse it at compile time (rego_recursion_error)".into(),
                     nexus: "recurses until the stack overflows, which aborts the process (the sidecar, \
-                            `nexusctl policy test`)"
+                            `nexusctl policy test`): refused at load; write the rule without recursion"
                         .into(),
                 });
                 break;
@@ -895,57 +998,6 @@ mod tests {
     }
 
     #[test]
-    fn negated_membership_on_a_missing_field_warns_at_the_line() {
-        let f = findings("package t\n\nx if not input.role in {\"admin\"}\n");
-        assert_eq!(f.len(), 1, "{f:?}");
-        assert!(
-            f[0].starts_with("p.rego:3:10: warning: `not input.role in {\"admin\"}`"),
-            "{f:?}"
-        );
-        assert!(
-            f[0].contains("OPA would make the membership undefined"),
-            "{f:?}"
-        );
-    }
-
-    #[test]
-    fn membership_as_a_value_warns_but_a_positive_statement_does_not() {
-        let f = findings("package t\n\nv := input.role in {\"a\"}\n\ny if input.role in {\"a\"}\n");
-        assert_eq!(f.len(), 1, "{f:?}");
-        assert!(
-            f[0].contains("p.rego:3:") && f[0].contains("used as a value"),
-            "{f:?}"
-        );
-    }
-
-    #[test]
-    fn fields_the_sidecar_always_sets_do_not_warn() {
-        assert!(findings("package t\n\nx if not input.request.method in {\"GET\"}\n").is_empty());
-        assert!(
-            findings("package t\n\nx if not input.request[\"method\"] in {\"GET\"}\n").is_empty()
-        );
-        // A header may be missing.
-        assert_eq!(
-            findings("package t\n\nx if not input.request.headers.role in {\"a\"}\n").len(),
-            1
-        );
-    }
-
-    #[test]
-    fn some_in_over_input_warns_only_where_the_interpreter_runs() {
-        let policy = "package t\n\nx if { some y in input.items; y == 1 }\n";
-        // The RVM agrees with OPA.
-        assert!(findings(policy).is_empty());
-        // A revision that calls a nexus builtin runs on the interpreter.
-        let f = findings(&format!("{policy}\nh := crypto.sha256(\"a\")\n"));
-        assert_eq!(f.len(), 1, "{f:?}");
-        assert!(f[0].contains("some y in input.items"), "{f:?}");
-        // Tests always run on the interpreter.
-        let b = bundle(&[("p_test.rego", policy)]);
-        assert_eq!(check(&b).len(), 1);
-    }
-
-    #[test]
     fn float_arithmetic_sprintf_and_missing_builtins() {
         let f = findings(
             "package t\n\na := input.n * 1.1\n\nb := input.n * 2\n\nc := sprintf(\"%5s %v %.2f\", [1, 2, 3])\n\nd := sprintf(\"%s %d\", [1, 2])\n\ne := strings.render_template(\"{{.a}}\", {})\n",
@@ -978,14 +1030,12 @@ mod tests {
     }
 
     #[test]
-    fn an_undefined_assignment_before_a_negation_runs_on_the_interpreter() {
+    fn an_undefined_assignment_before_a_negation_fails_the_body_in_compiled_mode() {
         let text = "package t\nimport rego.v1\ncfg := {\"a\": {\"obs\": [\"peer\"]}}\n\
                     allow if {\n\tobs := cfg[input.kind].obs\n\tnot input.o in obs\n}\n\
                     decision := {\"allow\": true, \"reasons\": []} if allow\n";
         let b = bundle(&[("t.rego", text)]);
-        let reasons = interpreter_reasons(&b);
-        assert!(reasons.iter().any(|r| r.contains("negates")), "{reasons:?}");
-        // And the decision is then right: an unknown kind is not allowed.
+        // The RVM's text guards `obs := ...` (`rewrite`): it stays compiled, and right.
         let policy = crate::Policy::compile(
             &b,
             &crate::Value::new_object(),
@@ -995,10 +1045,33 @@ mod tests {
             },
         )
         .unwrap();
+        assert_eq!(policy.mode(), EvalMode::Compiled, "{:?}", policy.report());
         let input = crate::Value::from(serde_json::json!({"kind": "zzz", "o": "peer"}));
         assert!(!policy.evaluate(input).allow);
         let input = crate::Value::from(serde_json::json!({"kind": "a", "o": "self"}));
         assert!(policy.evaluate(input).allow);
+    }
+
+    #[test]
+    fn negating_a_rule_that_may_conflict_warns() {
+        let f = findings(
+            "package t\n\nr := 1 if input.a\n\nr := 2 if input.b\n\nx if not r\n\ns if input.a\n\ns if input.b\n\ny if not s\n",
+        );
+        assert_eq!(f.len(), 1, "{f:?}");
+        assert!(
+            f[0].starts_with("p.rego:7:") && f[0].contains("`not r`"),
+            "{f:?}"
+        );
+    }
+
+    #[test]
+    fn a_line_starting_with_minus_is_refused_and_a_subtraction_is_not() {
+        let f = findings("package t\n\nr := 1\n\nx if {\n\tr\n\t-2 < 5\n}\n\ny := 3 - 1\n");
+        assert_eq!(f.len(), 1, "{f:?}");
+        assert!(
+            f[0].starts_with("p.rego:7:") && f[0].contains("error: a line that starts with `-`"),
+            "{f:?}"
+        );
     }
 
     #[test]
@@ -1024,13 +1097,13 @@ mod tests {
     }
 
     #[test]
-    fn extension_calls_default_functions_and_print_choose_the_interpreter() {
+    fn default_functions_and_print_choose_the_interpreter_and_nexus_builtins_do_not() {
         let options = |rule: &str| PolicyOptions {
             decision_rule: rule.into(),
             ..PolicyOptions::default()
         };
         for (text, interpreted) in [
-            ("package t\n\nx := crypto.sha256(\"a\")\n", true),
+            ("package t\n\nx := crypto.sha256(\"a\")\n", false),
             ("package t\n\ndefault f(_) := 1\n\nx := f(2)\n", true),
             ("package t\n\nx if { print(\"a\"); true }\n", true),
             ("package t\n\nx := upper(\"a\")\n", false),

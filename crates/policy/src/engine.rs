@@ -10,12 +10,15 @@ use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use regorus::rvm::vm::{ExecutionMode, ExecutionState, SuspendReason};
 use regorus::rvm::{Program, RegoVM};
 use regorus::utils::limits::ExecutionTimerConfig;
 use regorus::{CompiledPolicy, Engine, Value};
 
 use crate::bundle::Bundle;
 use crate::error::PolicyError;
+use crate::routing::RouteReason;
+use crate::verify::{Verification, VerifyOptions};
 
 /// How a revision is evaluated.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -72,14 +75,88 @@ impl Decision {
     }
 }
 
+/// Which mode a revision's decision rule runs in, and why: inspectable by operators
+/// (`nexusctl policy check`) and by tools.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ModeReport {
+    /// The mode asked for (configuration).
+    pub requested: EvalMode,
+    /// The mode the rule actually runs in.
+    pub mode: EvalMode,
+    /// Constructs that keep the rule off the RVM (each with file:line and the rule
+    /// holding it); only rules the decision rule depends on count.
+    pub routed: Vec<RouteReason>,
+    /// The RVM could not compile the policy (its message); the interpreter serves.
+    pub rvm_error: Option<String>,
+    /// `x := E` assignments rewritten so the RVM fails on an undefined `E` (`rewrite`).
+    pub guarded_assignments: usize,
+    /// Comprehension heads guarded against undefined elements (`rewrite`).
+    pub guarded_comprehensions: usize,
+    /// Negations whose arguments are evaluated first, as OPA does (`rewrite`).
+    pub guarded_negations: usize,
+    /// Builtins the RVM calls back into nexus for (nexus's own and its replacements).
+    pub host_builtins: Vec<String>,
+    /// The RVM checked against the interpreter before serving (None: not checked).
+    pub verification: Option<Verification>,
+}
+
+impl ModeReport {
+    /// One line: the mode and, when it is not the one asked for, why.
+    pub fn summary(&self) -> String {
+        let mode = format!("{:?}", self.mode).to_lowercase();
+        if self.mode == self.requested {
+            match (&self.verification, self.mode) {
+                (Some(v), EvalMode::Compiled) => format!(
+                    "{mode} (checked against the interpreter on {} input(s): {} from tests, {} generated, {} recent{})",
+                    v.checked,
+                    v.from_tests,
+                    v.generated,
+                    v.sampled,
+                    if v.budget_exhausted {
+                        "; time budget reached"
+                    } else {
+                        ""
+                    }
+                ),
+                _ => mode,
+            }
+        } else if let Some(d) = self
+            .verification
+            .as_ref()
+            .and_then(|v| v.disagreement.as_ref())
+        {
+            format!(
+                "{mode}: the compiled program disagreed with the interpreter on {} {}: compiled {}, interpreted {}",
+                d.source, d.input, d.compiled, d.interpreted
+            )
+        } else if let Some(e) = &self.rvm_error {
+            format!("{mode}: the RVM cannot compile this policy: {e}")
+        } else {
+            let why: Vec<String> = self.routed.iter().map(ToString::to_string).collect();
+            format!("{mode}: {}", why.join("; "))
+        }
+    }
+}
+
+/// The RVM side of a revision.
+struct Rvm {
+    compiled: CompiledPolicy,
+    program: Arc<Program>,
+    /// The program calls nexus builtins (HostAwait): it runs suspendable.
+    host: bool,
+}
+
 /// A compiled revision, ready to evaluate.
 pub struct Policy {
     revision: String,
     options: PolicyOptions,
-    compiled: CompiledPolicy,
-    program: Option<Arc<Program>>,
+    /// The interpreter: an engine holding the modules and the data, cloned per
+    /// evaluation (regorus's `CompiledPolicy` interpreter fails on `with`).
+    interpreter: Engine,
+    rvm: Option<Arc<Rvm>>,
     bundle_data: Value,
     data: Value,
+    report: Arc<ModeReport>,
 }
 
 impl std::fmt::Debug for Policy {
@@ -87,8 +164,35 @@ impl std::fmt::Debug for Policy {
         f.debug_struct("Policy")
             .field("revision", &self.revision)
             .field("rule", &self.options.decision_rule)
+            .field("mode", &self.options.mode)
             .finish()
     }
+}
+
+/// The policy length limits nexus loads with: regorus's default refuses lines over
+/// 1024 columns and files over 1 MiB, which OPA accepts; a policy folder's own file
+/// limit (16 MiB, `bundle`) is the one that applies.
+fn length_config() -> regorus::utils::limits::PolicyLengthConfig {
+    use std::num::NonZeroUsize;
+    regorus::utils::limits::PolicyLengthConfig {
+        max_col: NonZeroU32::new(16 * 1024 * 1024).unwrap_or(NonZeroU32::MIN),
+        max_file_bytes: NonZeroUsize::new(16 * 1024 * 1024).unwrap_or(NonZeroUsize::MIN),
+        max_lines: NonZeroUsize::new(1_000_000).unwrap_or(NonZeroUsize::MIN),
+    }
+}
+
+/// A fresh engine with nexus's builtins and length limits.
+pub(crate) fn new_engine() -> Result<Engine, PolicyError> {
+    let mut engine = Engine::new();
+    engine.set_policy_length_config(length_config());
+    // OPA's default (`opa eval`, the server, `opa test`): a builtin error makes the call
+    // undefined; regorus's interpreter raises it by default (its RVM does not).
+    engine.set_strict_builtin_errors(false);
+    // Every engine sees nexus's builtins (io.jwt.*, crypto.*, net.cidr_*, and the
+    // replacements of regorus builtins that differ from OPA): evaluation,
+    // `nexusctl policy test` and `eval` alike.
+    crate::builtins::register(&mut engine)?;
+    Ok(engine)
 }
 
 /// A fresh engine holding `bundle`'s modules (and, if `with_tests`, its tests) and data.
@@ -101,19 +205,15 @@ fn engine_with_data(
     with_tests: bool,
     data: &Value,
 ) -> Result<Engine, PolicyError> {
-    let mut engine = Engine::new();
-    // Every engine sees nexus's builtins (io.jwt.*, crypto.*, net.cidr_*): evaluation,
-    // `nexusctl policy test` and `eval` alike.
-    crate::builtins::register(&mut engine)?;
+    let mut engine = new_engine()?;
     let modules = bundle.modules.iter().chain(if with_tests {
         bundle.tests.iter()
     } else {
         [].iter()
     });
     for module in modules {
-        engine
-            .add_policy(module.path.clone(), module.text.clone())
-            .map_err(|e| PolicyError::from_regorus(&e))?;
+        let text = crate::rewrite::interpreter_text(&module.path, &module.text);
+        add_policy(&mut engine, &module.path, &text)?;
     }
     engine
         .add_data(data.clone())
@@ -124,16 +224,50 @@ fn engine_with_data(
     Ok(engine)
 }
 
+/// Adds a module; a parser panic is an error at the file.
+fn add_policy(engine: &mut Engine, path: &str, text: &str) -> Result<(), PolicyError> {
+    crate::panics::catch_panic(|| engine.add_policy(path.to_string(), text.to_string()))
+        .map_err(|panic| PolicyError::Internal {
+            message: format!("{path}: {panic}"),
+        })?
+        .map(|_| ())
+        .map_err(|e| PolicyError::from_regorus(&e))
+}
+
 impl Policy {
     /// Compiles `bundle` for `options.decision_rule`, with `runtime` data (e.g.
-    /// `{"nexus": {"executions": ..., "revoked": ...}}`) merged over the bundle's.
+    /// `{"nexus": {"executions": ..., "revoked": ...}}`) merged over the bundle's. In
+    /// compiled mode the RVM program is checked against the interpreter first
+    /// (`VerifyOptions::default()`).
     pub fn compile(
         bundle: &Bundle,
         runtime: &Value,
         options: PolicyOptions,
     ) -> Result<Self, PolicyError> {
+        Self::compile_with(bundle, runtime, options, &VerifyOptions::default())
+    }
+
+    /// `compile`, with the RVM-against-interpreter check bounded and fed by `verify`
+    /// (e.g. a sample of recently seen inputs).
+    pub fn compile_with(
+        bundle: &Bundle,
+        runtime: &Value,
+        options: PolicyOptions,
+        verify: &VerifyOptions,
+    ) -> Result<Self, PolicyError> {
+        crate::panics::catch_panic(|| Self::compile_inner(bundle, runtime, options, verify))
+            .map_err(|message| PolicyError::Internal { message })?
+    }
+
+    fn compile_inner(
+        bundle: &Bundle,
+        runtime: &Value,
+        options: PolicyOptions,
+        verify: &VerifyOptions,
+    ) -> Result<Self, PolicyError> {
         // Constructs that crash or always fail in the engine (recursive rules overflow
-        // regorus's stack and abort the process) are refused before compiling.
+        // regorus's stack and abort the process; builtins nexus does not have) are
+        // refused before compiling, at their line.
         if let Some(fatal) = crate::compat::check(bundle)
             .into_iter()
             .find(|f| f.severity == crate::compat::Severity::Error)
@@ -144,28 +278,19 @@ impl Policy {
             });
         }
         let mut options = options;
-        // regorus's RVM calls no extension (nexus builtins) and gets some constructs
-        // wrong: such a revision is evaluated by the interpreter (logged once per
-        // revision: a runtime-data update recompiles in the mode already chosen).
-        if options.mode == EvalMode::Compiled {
-            let reasons = crate::compat::interpreter_reasons(bundle);
-            if !reasons.is_empty() {
-                tracing::info!(
-                    revision = %bundle.revision,
-                    because = %reasons.join(", "),
-                    "the policy uses what regorus's compiled mode (RVM) lacks or gets wrong; \
-                     this revision is evaluated by the interpreter"
-                );
-                options.mode = EvalMode::Interpreted;
-            }
-        }
+        let mut report = ModeReport {
+            requested: options.mode,
+            mode: options.mode,
+            ..ModeReport::default()
+        };
         // The interpreter evaluates with the data compiled in, so it needs the runtime
         // data now; the VM gets data per evaluation, so its program is data-independent.
         let data = with_runtime(&bundle.data, runtime);
         let mut engine = engine_with_data(bundle, false, &data)?;
         engine.set_execution_timer_config(timer(options.eval_timeout));
         let rule: regorus::Rc<str> = options.decision_rule.as_str().into();
-        let compiled = engine.compile_with_entrypoint(&rule).map_err(|e| {
+        // Compiling checks that the rule exists and the modules are consistent.
+        engine.compile_with_entrypoint(&rule).map_err(|e| {
             let error = PolicyError::from_regorus(&e);
             match error {
                 PolicyError::RegoUnlocated(message) => PolicyError::NoDecisionRule {
@@ -175,25 +300,69 @@ impl Policy {
                 other => other,
             }
         })?;
-        let program = match options.mode {
-            EvalMode::Compiled => Some(
-                regorus::languages::rego::compiler::Compiler::compile_from_policy(
-                    &compiled,
-                    &[rule.as_ref()],
-                )
-                .map_err(|e| {
-                    PolicyError::RegoUnlocated(format!("compiling {}: {e}", options.decision_rule))
-                })?,
-            ),
-            EvalMode::Interpreted => None,
-        };
+        let mut rvm = None;
+        if options.mode == EvalMode::Compiled {
+            report.routed = crate::routing::reasons_for(bundle, &options.decision_rule);
+            if report.routed.is_empty() {
+                match build_rvm(bundle, &options.decision_rule, &mut report)? {
+                    Ok(built) => rvm = Some(Arc::new(built)),
+                    Err(message) => report.rvm_error = Some(message),
+                }
+            }
+            if let Some(built) = &rvm
+                && verify.enabled
+            {
+                let inputs = crate::verify::inputs(bundle, &data, verify);
+                let check_options = PolicyOptions {
+                    // A slow machine must not turn the check itself into a disagreement.
+                    eval_timeout: options.eval_timeout.max(Duration::from_secs(1)),
+                    ..options.clone()
+                };
+                let verification = crate::verify::run(
+                    inputs,
+                    verify.time_budget,
+                    &|input| eval_rvm(built, &data, input, &check_options),
+                    &|input| eval_interpreter(&engine, input, &check_options),
+                );
+                crate::metrics::count_verified(verification.disagreement.is_some());
+                if let Some(d) = &verification.disagreement {
+                    tracing::warn!(
+                        revision = %bundle.revision,
+                        rule = %options.decision_rule,
+                        input = %d.input,
+                        compiled = %d.compiled,
+                        interpreted = %d.interpreted,
+                        source = %d.source,
+                        "regorus's compiled mode (RVM) disagrees with its interpreter on this \
+                         revision; the rule is evaluated by the interpreter"
+                    );
+                    rvm = None;
+                }
+                report.verification = Some(verification);
+            }
+            if rvm.is_none() {
+                options.mode = EvalMode::Interpreted;
+                report.mode = EvalMode::Interpreted;
+                if !report.routed.is_empty() {
+                    crate::metrics::count_routed();
+                    tracing::info!(
+                        revision = %bundle.revision,
+                        rule = %options.decision_rule,
+                        because = %report.summary(),
+                        "the rule uses what regorus's compiled mode (RVM) gets wrong or lacks; \
+                         it is evaluated by the interpreter"
+                    );
+                }
+            }
+        }
         let mut policy = Self {
             revision: bundle.revision.clone(),
             options,
-            compiled,
-            program,
+            interpreter: engine,
+            rvm,
             bundle_data: bundle.data.clone(),
             data: bundle.data.clone(),
+            report: Arc::new(report),
         };
         policy.set_runtime_data(runtime);
         Ok(policy)
@@ -206,15 +375,34 @@ impl Policy {
                 let mut next = Self {
                     revision: self.revision.clone(),
                     options: self.options.clone(),
-                    compiled: self.compiled.clone(),
-                    program: self.program.clone(),
+                    interpreter: self.interpreter.clone(),
+                    rvm: self.rvm.clone(),
                     bundle_data: self.bundle_data.clone(),
                     data: Value::Null,
+                    report: self.report.clone(),
                 };
                 next.set_runtime_data(runtime);
                 Ok(next)
             }
-            EvalMode::Interpreted => Self::compile(bundle, runtime, self.options.clone()),
+            EvalMode::Interpreted => {
+                // The mode was decided once for this revision; an update does not
+                // re-run the check (nor move the rule back to the RVM).
+                let options = PolicyOptions {
+                    mode: EvalMode::Interpreted,
+                    ..self.options.clone()
+                };
+                let mut next = Self::compile_with(
+                    bundle,
+                    runtime,
+                    options,
+                    &VerifyOptions {
+                        enabled: false,
+                        ..VerifyOptions::default()
+                    },
+                )?;
+                next.report = self.report.clone();
+                Ok(next)
+            }
         }
     }
 
@@ -228,9 +416,14 @@ impl Policy {
     }
 
     /// How this revision is evaluated: the requested mode, or the interpreter when the
-    /// revision needs it (`compat::interpreter_reasons`).
+    /// rule needs it (see `report`).
     pub fn mode(&self) -> EvalMode {
         self.options.mode
+    }
+
+    /// Which mode the decision rule runs in and why, and what the RVM was checked on.
+    pub fn report(&self) -> &ModeReport {
+        &self.report
     }
 
     /// The decision rule.
@@ -253,33 +446,13 @@ impl Policy {
 
     /// Evaluates the decision rule for `input` and returns its value as is (for rules
     /// whose answer is not an allow/deny decision, such as the gateway's revocation
-    /// policy). Errors, the time limit and the instruction limit are `Err`.
+    /// policy). Errors, the time limit, the instruction limit and an engine panic are
+    /// `Err`.
     pub fn evaluate_value(&self, input: Value) -> Result<Value, String> {
         let started = Instant::now();
-        let result = match &self.program {
-            Some(program) => {
-                let mut vm = RegoVM::new_with_policy(self.compiled.clone());
-                vm.load_program(program.clone());
-                vm.set_max_instructions(self.options.max_instructions);
-                vm.set_execution_timer_config(Some(timer(self.options.eval_timeout)));
-                match vm.set_data(self.data.clone()) {
-                    Ok(()) => {
-                        vm.set_input(input);
-                        vm.execute().map_err(|e| e.to_string())
-                    }
-                    Err(e) => Err(e.to_string()),
-                }
-            }
-            None => {
-                // A compiled policy's interpreter takes its time limit from regorus's
-                // process-wide fallback; every policy of a sidecar shares eval_timeout.
-                regorus::utils::limits::set_fallback_execution_timer_config(Some(timer(
-                    self.options.eval_timeout,
-                )));
-                self.compiled
-                    .eval_with_input(input)
-                    .map_err(|e| format!("{e:#}"))
-            }
+        let result = match &self.rvm {
+            Some(rvm) => eval_rvm(rvm, &self.data, input, &self.options),
+            None => eval_interpreter(&self.interpreter, input, &self.options),
         };
         // The VM and the interpreter check the clock between instructions; a single
         // builtin call (e.g. numbers.range over a huge span) cannot be interrupted, so
@@ -300,6 +473,128 @@ impl Policy {
         let decision = self.evaluate(input);
         (decision, start.elapsed())
     }
+}
+
+/// Compiles the RVM program of `rule` from `bundle`'s modules rewritten for the RVM
+/// (`rewrite`), with nexus's builtins as host calls. `Ok(Err(message))`: the RVM cannot
+/// compile this policy (the interpreter serves); `Err`: the policy is wrong (an unknown
+/// function), refused as OPA refuses it.
+fn build_rvm(
+    bundle: &Bundle,
+    rule: &str,
+    report: &mut ModeReport,
+) -> Result<Result<Rvm, String>, PolicyError> {
+    let mut engine = new_engine()?;
+    let mut called = std::collections::BTreeSet::new();
+    for module in &bundle.modules {
+        let text = match crate::compat::parse(&module.path, &module.text) {
+            Some(ast) => {
+                let rewritten = crate::rewrite::for_rvm(&module.text, &ast);
+                report.guarded_assignments += rewritten.assignments;
+                report.guarded_comprehensions += rewritten.comprehensions;
+                report.guarded_negations += rewritten.negations;
+                rewritten.text
+            }
+            None => module.text.clone(),
+        };
+        called.extend(crate::compat::called_functions(&module.path, &module.text));
+        add_policy(&mut engine, &module.path, &text)?;
+    }
+    // Every nexus builtin is a host call (the rewrites may add calls the source does
+    // not have); the program suspends only if it calls one.
+    let host: Vec<(&'static str, usize)> = crate::builtins::host_calls().collect();
+    report.host_builtins = host
+        .iter()
+        .filter(|(name, _)| called.contains(*name))
+        .map(|(n, _)| (*n).to_string())
+        .collect();
+    let entry: regorus::Rc<str> = rule.into();
+    let compiled = match engine.compile_with_entrypoint(&entry) {
+        Ok(c) => c,
+        Err(e) => return Ok(Err(format!("{e:#}"))),
+    };
+    match regorus::languages::rego::compiler::Compiler::compile_from_policy_with_host_await(
+        &compiled,
+        &[rule],
+        &host,
+    ) {
+        Ok(program) => Ok(Ok(Rvm {
+            compiled,
+            host: program.has_host_await(),
+            program,
+        })),
+        Err(e) => {
+            let text = format!("{e:#}");
+            if text.contains("Unknown function") {
+                // OPA refuses an unknown function at compile time; so does nexus, at
+                // its line.
+                Err(PolicyError::from_regorus(&anyhow::anyhow!("{text}")))
+            } else {
+                Ok(Err(text.lines().last().unwrap_or_default().to_string()))
+            }
+        }
+    }
+}
+
+/// One evaluation on the RVM; a host call (a nexus builtin) is answered by nexus.
+fn eval_rvm(
+    rvm: &Rvm,
+    data: &Value,
+    input: Value,
+    options: &PolicyOptions,
+) -> Result<Value, String> {
+    crate::panics::catch(|| {
+        let mut vm = RegoVM::new_with_policy(rvm.compiled.clone());
+        vm.load_program(rvm.program.clone());
+        vm.set_max_instructions(options.max_instructions);
+        vm.set_execution_timer_config(Some(timer(options.eval_timeout)));
+        vm.set_data(data.clone()).map_err(|e| e.to_string())?;
+        vm.set_input(input);
+        if !rvm.host {
+            return vm.execute().map_err(|e| e.to_string());
+        }
+        vm.set_execution_mode(ExecutionMode::Suspendable);
+        let mut step = vm.execute();
+        loop {
+            step.map_err(|e| e.to_string())?;
+            let (name, args) = match vm.execution_state() {
+                ExecutionState::Completed { result } => return Ok(result.clone()),
+                ExecutionState::Error { error } => return Err(error.to_string()),
+                ExecutionState::Suspended {
+                    reason:
+                        SuspendReason::HostAwait {
+                            identifier,
+                            argument,
+                            ..
+                        },
+                    ..
+                } => (identifier.clone(), argument.clone()),
+                other => return Err(format!("the RVM stopped unexpectedly: {other:?}")),
+            };
+            let name = name.as_string().map(|s| s.to_string()).unwrap_or_default();
+            let args = match args {
+                Value::Array(items) => items.to_vec(),
+                other => vec![other],
+            };
+            step = vm.resume(Some(crate::builtins::call(&name, &args)));
+        }
+    })
+}
+
+/// One evaluation on the interpreter (a clone of the revision's engine: the engine
+/// holds per-evaluation state).
+fn eval_interpreter(
+    engine: &Engine,
+    input: Value,
+    options: &PolicyOptions,
+) -> Result<Value, String> {
+    crate::panics::catch(|| {
+        let mut engine = engine.clone();
+        engine.set_input(input);
+        engine
+            .eval_rule(options.decision_rule.clone())
+            .map_err(|e| format!("{e:#}"))
+    })
 }
 
 /// The bundle's data with the runtime data laid over it (runtime keys win).
@@ -443,6 +738,145 @@ mod tests {
                     start.elapsed()
                 );
             }
+        }
+    }
+
+    fn compiled(text: &str, rule: &str) -> Policy {
+        let b = Bundle::from_modules(
+            vec![Module {
+                path: "p.rego".into(),
+                text: text.into(),
+            }],
+            Value::new_object(),
+        );
+        Policy::compile(
+            &b,
+            &Value::new_object(),
+            PolicyOptions {
+                decision_rule: rule.into(),
+                ..PolicyOptions::default()
+            },
+        )
+        .unwrap()
+    }
+
+    fn eval(p: &Policy, input: serde_json::Value) -> String {
+        crate::verify::show(&p.evaluate_value(Value::from(input)))
+    }
+
+    /// The RVM bugs that turn undefined into true (each measured against OPA 1.20) give
+    /// OPA's answer in the default mode.
+    #[test]
+    fn known_rvm_fail_opens_give_opas_answer() {
+        // `x := <undefined>` does not fail the body in the RVM.
+        let p = compiled(
+            "package t\n\nallow if { r := input.role; not r == \"guest\" }\n",
+            "data.t.allow",
+        );
+        assert_eq!(p.mode(), EvalMode::Compiled);
+        assert_eq!(eval(&p, serde_json::json!({})), "undefined");
+        assert_eq!(eval(&p, serde_json::json!({"role": "dev"})), "true");
+        // A comprehension head reading a missing field keeps an undefined element.
+        let p = compiled(
+            "package t\n\nadmins := [u.admin | some u in input.users]\n\nany_admin if { count(admins) > 1 }\n",
+            "data.t.any_admin",
+        );
+        assert_eq!(p.mode(), EvalMode::Compiled, "{}", p.report().summary());
+        assert_eq!(
+            eval(
+                &p,
+                serde_json::json!({"users": [{"admin": true}, {"id": 2}]})
+            ),
+            "undefined"
+        );
+        // `k, v in c` ignores the key in the RVM: rewritten into a nexus call.
+        let p = compiled("package t\n\nx if { 1, \"b\" in input.a }\n", "data.t.x");
+        assert_eq!(p.mode(), EvalMode::Compiled);
+        assert_eq!(eval(&p, serde_json::json!({"a": ["b"]})), "undefined");
+        // A multi-value rule with a variable in its ref head is one flat set in the RVM
+        // (and undefined rather than {} in the interpreter when empty): rewritten into a
+        // partial object, it stays compiled.
+        let p = compiled(
+            "package t\n\ngrants[u] contains p if { some u, ps in input.g; some p in ps }\n",
+            "data.t.grants",
+        );
+        assert_eq!(p.mode(), EvalMode::Compiled, "{}", p.report().summary());
+        assert_eq!(
+            eval(&p, serde_json::json!({"g": {"alice": ["r"], "bob": ["w"]}})),
+            r#"{ "alice": [ "r" ], "bob": [ "w" ] }"#
+        );
+        assert_eq!(eval(&p, serde_json::json!({"g": {}})), "{}");
+        // `not startswith(input.p, ...)` with no `p`: OPA evaluates the argument first,
+        // so the body fails.
+        let p = compiled(
+            "package t\n\nallow if not startswith(input.p, \"/admin\")\n",
+            "data.t.allow",
+        );
+        assert_eq!(eval(&p, serde_json::json!({})), "undefined");
+        assert_eq!(eval(&p, serde_json::json!({"p": "/x"})), "true");
+    }
+
+    #[test]
+    fn nexus_builtins_run_in_the_compiled_mode() {
+        let p = compiled("package t\n\nx := crypto.sha256(input.s)\n", "data.t.x");
+        assert_eq!(p.mode(), EvalMode::Compiled);
+        assert_eq!(p.report().host_builtins, vec!["crypto.sha256".to_string()]);
+        assert_eq!(
+            eval(&p, serde_json::json!({"s": "a"})),
+            "\"ca978112ca1bbdcafac231b39a23dc4da786eff8147c4e72b9807785afee48bb\""
+        );
+        assert_eq!(eval(&p, serde_json::json!({"s": 1})), "undefined");
+    }
+
+    #[test]
+    fn a_conflict_the_rvm_misses_runs_on_the_interpreter() {
+        // Two values for one key of a partial object: the RVM keeps the last, the
+        // interpreter raises a conflict (as OPA does); the check sees it on the
+        // generated inputs.
+        let p = compiled(
+            "package t\n\no[k] := 1 if k := input.k\n\no[k] := 2 if k := input.k\n",
+            "data.t.o",
+        );
+        assert_eq!(p.mode(), EvalMode::Interpreted, "{:?}", p.report());
+        let summary = p.report().summary();
+        // The RVM would keep the last of the two values: the rule is routed to the
+        // interpreter, which raises the conflict OPA raises.
+        assert!(summary.contains("p.rego:3:1: partial object"), "{summary}");
+        let conflict = eval(&p, serde_json::json!({"k": "a"}));
+        assert!(conflict.starts_with("error"), "{conflict}");
+    }
+
+    #[test]
+    fn template_match_with_a_short_subject_is_opas_false_not_a_panic() {
+        for mode in [EvalMode::Compiled, EvalMode::Interpreted] {
+            let b = Bundle::from_modules(
+                vec![Module {
+                    path: "p.rego".into(),
+                    text: "package t\n\ndecision := {\"allow\": true} if regex.template_match(\"urn:foo:{.*}\", input.s, \"{\", \"}\")\n".into(),
+                }],
+                Value::new_object(),
+            );
+            let p = Policy::compile(
+                &b,
+                &Value::new_object(),
+                PolicyOptions {
+                    decision_rule: "data.t.decision".into(),
+                    mode,
+                    ..PolicyOptions::default()
+                },
+            )
+            .unwrap();
+            let d = p.evaluate(Value::from(serde_json::json!({"s": "urn"})));
+            assert!(!d.allow, "{mode:?}");
+            assert_eq!(
+                d.reasons,
+                vec!["policy decision is undefined".to_string()],
+                "{mode:?}"
+            );
+            assert!(
+                p.evaluate(Value::from(serde_json::json!({"s": "urn:foo:bar"})))
+                    .allow
+            );
         }
     }
 }

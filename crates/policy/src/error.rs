@@ -70,6 +70,13 @@ pub enum PolicyError {
         /// What happened.
         message: String,
     },
+    /// The engine failed where it should not (a regorus panic, caught): the revision is
+    /// refused, the process goes on.
+    #[error("the policy engine failed: {message}")]
+    Internal {
+        /// What failed.
+        message: String,
+    },
     /// A policy folder's tests failed, so the revision is refused.
     #[error("{failed} policy test(s) failed: {names}")]
     TestsFailed {

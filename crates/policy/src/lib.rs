@@ -10,9 +10,17 @@ pub mod compat;
 pub mod engine;
 pub mod error;
 pub mod isolate;
+pub mod metrics;
+mod panics;
+mod rewrite;
+pub mod routing;
 pub mod testing;
+pub mod verify;
 
 pub use bundle::{Bundle, Module};
-pub use engine::{Decision, EvalMode, Policy, PolicyOptions, decision_from, engine_for};
+pub use engine::{
+    Decision, EvalMode, ModeReport, Policy, PolicyOptions, decision_from, engine_for,
+};
 pub use error::{Location, PolicyError};
 pub use regorus::Value;
+pub use verify::{Verification, VerifyOptions};

@@ -80,7 +80,7 @@ impl TestReport {
 
 /// `(package, rule)` names of the `test_` rules of a module, from its text: a rule head
 /// starts a line (as `opa fmt` writes it) with `test_name`.
-fn test_rules(text: &str) -> Option<(String, Vec<String>)> {
+pub(crate) fn test_rules(text: &str) -> Option<(String, Vec<String>)> {
     let mut package = None;
     let mut rules = Vec::new();
     for line in text.lines() {
@@ -140,7 +140,12 @@ pub fn run_tests_observed(
             }
             starting(&name, &module.path);
             let start = Instant::now();
-            let outcome = engine.eval_rule(name.clone());
+            // A regorus panic fails this test, not the run (nor the sidecar's reload).
+            let outcome = crate::panics::catch(|| {
+                engine
+                    .eval_rule(name.clone())
+                    .map_err(|e| PolicyError::from_regorus(&e).to_string())
+            });
             let (passed, failure) = match outcome {
                 Ok(Value::Bool(true)) => (true, None),
                 Ok(Value::Undefined) => (
@@ -154,7 +159,7 @@ pub fn run_tests_observed(
                         other.to_json_str().unwrap_or_default()
                     )),
                 ),
-                Err(e) => (false, Some(PolicyError::from_regorus(&e).to_string())),
+                Err(e) => (false, Some(e)),
             };
             report.results.push(TestResult {
                 name,

@@ -10,9 +10,11 @@
 
 mod crypto;
 mod encoding;
+mod fixes;
 mod jwt;
 mod keys;
 mod net;
+mod sprintf;
 mod x509;
 
 use std::collections::BTreeSet;
@@ -167,9 +169,77 @@ const BUILTINS: &[Builtin] = &[
         f: net::cidr_contains_matches,
     },
     Builtin {
+        name: "net.cidr_contains",
+        nargs: 2,
+        f: net::cidr_contains,
+    },
+    Builtin {
         name: "net.cidr_merge",
         nargs: 1,
         f: net::cidr_merge,
+    },
+    // Replacements of regorus builtins that differ from OPA, and OPA builtins regorus
+    // lacks (`fixes`).
+    Builtin {
+        name: "regex.template_match",
+        nargs: 4,
+        f: fixes::template_match,
+    },
+    Builtin {
+        name: "sprintf",
+        nargs: 2,
+        f: sprintf::sprintf,
+    },
+    Builtin {
+        name: "time.parse_rfc3339_ns",
+        nargs: 1,
+        f: fixes::parse_rfc3339_ns,
+    },
+    Builtin {
+        name: "json.unmarshal",
+        nargs: 1,
+        f: fixes::json_unmarshal,
+    },
+    Builtin {
+        name: "to_number",
+        nargs: 1,
+        f: fixes::to_number,
+    },
+    Builtin {
+        name: "upper",
+        nargs: 1,
+        f: fixes::upper,
+    },
+    Builtin {
+        name: "lower",
+        nargs: 1,
+        f: fixes::lower,
+    },
+    Builtin {
+        name: "urlquery.decode",
+        nargs: 1,
+        f: fixes::urlquery_decode,
+    },
+    Builtin {
+        name: "array.flatten",
+        nargs: 1,
+        f: fixes::array_flatten,
+    },
+    // Helpers of `rewrite` (names no OPA policy uses).
+    Builtin {
+        name: "__nexus_member",
+        nargs: 2,
+        f: fixes::member,
+    },
+    Builtin {
+        name: "__nexus_member_kv",
+        nargs: 3,
+        f: fixes::member_kv,
+    },
+    Builtin {
+        name: "__nexus_iter",
+        nargs: 1,
+        f: fixes::iter,
     },
 ];
 
@@ -197,6 +267,28 @@ pub fn register(engine: &mut Engine) -> Result<(), PolicyError> {
             .map_err(|e| PolicyError::RegoUnlocated(format!("registering {name}: {e:#}")))?;
     }
     Ok(())
+}
+
+/// The builtins the RVM calls back into nexus for, with their arity: every nexus
+/// builtin (regorus's RVM calls no extension, but it suspends on a registered
+/// host-await name and nexus answers).
+pub(crate) fn host_calls() -> impl Iterator<Item = (&'static str, usize)> {
+    BUILTINS.iter().map(|b| (b.name, usize::from(b.nargs)))
+}
+
+/// Calls nexus builtin `name`: its value, or undefined on an error (as OPA does without
+/// strict builtin errors) or for an unknown name.
+pub(crate) fn call(name: &str, args: &[Value]) -> Value {
+    match BUILTINS.iter().find(|b| b.name == name) {
+        Some(b) if args.len() == usize::from(b.nargs) => match (b.f)(args) {
+            Ok(v) => v,
+            Err(e) => {
+                tracing::debug!(builtin = name, error = %e, "builtin error: the call is undefined");
+                Value::Undefined
+            }
+        },
+        _ => Value::Undefined,
+    }
 }
 
 /// The nexus builtins that `bundle`'s decision modules call (tests are not evaluated

@@ -32,15 +32,22 @@ impl Net {
         self.first() | !mask(self.prefix, self.bits()) & all_ones(self.bits())
     }
 
-    /// Go's `IPNet.Contains`: an IPv4 network holds IPv4 (and IPv4-mapped) addresses.
+    /// Go's `IPNet.Contains`: the network and the address are both taken in their
+    /// 4-byte form when they have one (an IPv4-mapped IPv6 network is an IPv4 network,
+    /// its mask's last 32 bits), and an address of the other length is not contained:
+    /// no IPv4 address is inside `::/0`.
     fn contains(&self, ip: &[u8]) -> bool {
-        let ip = if self.ip.len() == 4 {
-            to4(ip)
-        } else {
-            to16(ip)
+        let (net, prefix) = match to4(&self.ip) {
+            Some(v4) if self.ip.len() == 16 => (v4, self.prefix.saturating_sub(96)),
+            Some(v4) => (v4, self.prefix),
+            None => (self.ip.clone(), self.prefix),
         };
-        let Some(ip) = ip else { return false };
-        to_int(&ip) & mask(self.prefix, self.bits()) == self.first()
+        let ip = to4(ip).unwrap_or_else(|| ip.to_vec());
+        if ip.len() != net.len() {
+            return false;
+        }
+        let bits = (net.len() * 8) as u32;
+        to_int(&ip) & mask(prefix, bits) == to_int(&net) & mask(prefix, bits)
     }
 
     fn to_string_go(&self) -> String {
@@ -153,6 +160,15 @@ pub(super) fn cidr_intersects(args: &[Value]) -> Result<Value> {
     let a = cidr_arg(args, 0)?;
     let b = cidr_arg(args, 1)?;
     Ok(Value::from(a.contains(&b.ip) || b.contains(&a.ip)))
+}
+
+/// `net.cidr_contains(cidr, cidr_or_ip)` as OPA (Go's `IPNet.Contains`): replaces
+/// regorus's, which does not match an IPv4 address (or the IPv4 form of an
+/// IPv4-mapped one) as Go does.
+pub(super) fn cidr_contains(args: &[Value]) -> Result<Value> {
+    let a = cidr_arg(args, 0)?;
+    let b = string_arg(args, 1)?;
+    Ok(Value::from(contains_str(&a, b)?))
 }
 
 fn contains_str(a: &Net, b: &str) -> Result<bool> {
