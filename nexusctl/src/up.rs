@@ -628,3 +628,20 @@ fn print_welcome(state: &State, state_file: &Path) {
         state_file = state_file.display(),
     );
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn printed_commands_name_a_state_file_that_is_not_the_default() {
+        let line = nexusctl_line(Path::new("/tmp/my stack/state.json"), "status");
+        assert!(
+            line.ends_with(" status --up-state '/tmp/my stack/state.json'"),
+            "{line}"
+        );
+        let default = nexusctl_line(&default_dir().join("state.json"), "status");
+        assert!(default.ends_with(" status"), "{default}");
+        assert_eq!(shell_quote("it's"), "'it'\\''s'");
+    }
+}
