@@ -44,7 +44,12 @@ pub struct Target {
     /// Take the operator's SVID and trust bundle from this SPIFFE Workload API socket
     /// (`unix:///path`), as a workload does, when no --cert is given. In a pod registered
     /// with SPIRE, `SPIFFE_ENDPOINT_SOCKET` names it.
-    #[arg(long, env = "SPIFFE_ENDPOINT_SOCKET", global = true, value_name = "SOCKET")]
+    #[arg(
+        long,
+        env = "SPIFFE_ENDPOINT_SOCKET",
+        global = true,
+        value_name = "SOCKET"
+    )]
     workload_api: Option<String>,
     /// The local stack's state file (default: the one `nexusctl up` writes).
     #[arg(long, global = true)]

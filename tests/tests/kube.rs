@@ -185,7 +185,10 @@ fn kubectl() -> PathBuf {
     std::env::var_os("NEXUS_KUBECTL")
         .map(PathBuf::from)
         .into_iter()
-        .chain([repo_root().join("target/tools/kubectl"), PathBuf::from("kubectl")])
+        .chain([
+            repo_root().join("target/tools/kubectl"),
+            PathBuf::from("kubectl"),
+        ])
         .find(|k| {
             Command::new(k)
                 .args(["kustomize", "--help"])

@@ -33,7 +33,10 @@ fn kubectl() -> PathBuf {
     let candidates: Vec<PathBuf> = std::env::var_os("NEXUS_KUBECTL")
         .map(PathBuf::from)
         .into_iter()
-        .chain([repo_root().join("target/tools/kubectl"), PathBuf::from("kubectl")])
+        .chain([
+            repo_root().join("target/tools/kubectl"),
+            PathBuf::from("kubectl"),
+        ])
         .collect();
     for k in &candidates {
         let ok = Command::new(k)
@@ -44,9 +47,7 @@ fn kubectl() -> PathBuf {
             return k.clone();
         }
     }
-    panic!(
-        "no kubectl with kustomize v5 ({candidates:?}): run scripts/install-test-deps.sh"
-    );
+    panic!("no kubectl with kustomize v5 ({candidates:?}): run scripts/install-test-deps.sh");
 }
 
 fn kustomize_is_v5(kubectl: &Path) -> bool {
@@ -56,7 +57,13 @@ fn kustomize_is_v5(kubectl: &Path) -> bool {
     out.ok()
         .and_then(|o| serde_json::from_slice::<Value>(&o.stdout).ok())
         .and_then(|v| v["kustomizeVersion"].as_str().map(String::from))
-        .is_some_and(|v| v.trim_start_matches('v').split('.').next().and_then(|m| m.parse::<u32>().ok()).is_some_and(|m| m >= 5))
+        .is_some_and(|v| {
+            v.trim_start_matches('v')
+                .split('.')
+                .next()
+                .and_then(|m| m.parse::<u32>().ok())
+                .is_some_and(|m| m >= 5)
+        })
 }
 
 /// Renders a kustomization with kubectl's built-in kustomize; the objects.
@@ -94,13 +101,23 @@ fn postgres() -> (String, String, PathBuf) {
         let (url, ca) = match std::env::var("NEXUS_TEST_POSTGRES_URL") {
             Ok(url) => (
                 url,
-                PathBuf::from(std::env::var("NEXUS_TEST_POSTGRES_CA").expect("NEXUS_TEST_POSTGRES_CA with NEXUS_TEST_POSTGRES_URL")),
+                PathBuf::from(
+                    std::env::var("NEXUS_TEST_POSTGRES_CA")
+                        .expect("NEXUS_TEST_POSTGRES_CA with NEXUS_TEST_POSTGRES_URL"),
+                ),
             ),
             Err(_) => {
-                let dir = tempfile::Builder::new().prefix("nexus-rehearsal-pg").tempdir_in("/tmp").expect("pg dir");
+                let dir = tempfile::Builder::new()
+                    .prefix("nexus-rehearsal-pg")
+                    .tempdir_in("/tmp")
+                    .expect("pg dir");
                 let data = dir.path().join("data");
                 let url = nexus_tests::stdout_of(
-                    Command::new(repo_root().join("scripts/postgres.sh")).args(["start", &data.to_string_lossy(), &free_port().to_string()]),
+                    Command::new(repo_root().join("scripts/postgres.sh")).args([
+                        "start",
+                        &data.to_string_lossy(),
+                        &free_port().to_string(),
+                    ]),
                     "scripts/postgres.sh start",
                 );
                 let ca = data.join("nexus-test-ca.pem");
@@ -109,7 +126,12 @@ fn postgres() -> (String, String, PathBuf) {
                 (url, ca)
             }
         };
-        let host = url.split("://").nth(1).and_then(|r| r.split('/').next()).map(|a| a.rsplit('@').next().unwrap_or(a).to_string()).unwrap_or_default();
+        let host = url
+            .split("://")
+            .nth(1)
+            .and_then(|r| r.split('/').next())
+            .map(|a| a.rsplit('@').next().unwrap_or(a).to_string())
+            .unwrap_or_default();
         (host, url, ca)
     })
     .clone()
@@ -118,10 +140,19 @@ fn postgres() -> (String, String, PathBuf) {
 /// A fresh database for one rehearsal.
 fn database(name: &str) -> (String, String, PathBuf) {
     let (host, url, ca) = postgres();
-    let admin = url.rsplit_once('/').map(|(b, _)| format!("{b}/postgres")).unwrap_or_default();
+    let admin = url
+        .rsplit_once('/')
+        .map(|(b, _)| format!("{b}/postgres"))
+        .unwrap_or_default();
     let db = format!("{name}_{}", std::process::id());
-    for sql in [format!("DROP DATABASE IF EXISTS {db}"), format!("CREATE DATABASE {db}")] {
-        nexus_tests::stdout_of(Command::new("psql").args([admin.as_str(), "-qtAc", &sql]), &format!("psql {sql}"));
+    for sql in [
+        format!("DROP DATABASE IF EXISTS {db}"),
+        format!("CREATE DATABASE {db}"),
+    ] {
+        nexus_tests::stdout_of(
+            Command::new("psql").args([admin.as_str(), "-qtAc", &sql]),
+            &format!("psql {sql}"),
+        );
     }
     (host, db, ca)
 }
@@ -158,8 +189,18 @@ struct Runbook {
 impl Runbook {
     fn new(variant: &str, dir: &Path, database: (String, String, PathBuf)) -> Self {
         let work = working_copy(dir);
-        let cluster = Cluster::new(repo_root(), work, dir.to_path_buf(), kubectl(), variant == "cert-manager", database);
-        Runbook { cluster, transcript: String::new() }
+        let cluster = Cluster::new(
+            repo_root(),
+            work,
+            dir.to_path_buf(),
+            kubectl(),
+            variant == "cert-manager",
+            database,
+        );
+        Runbook {
+            cluster,
+            transcript: String::new(),
+        }
     }
 
     fn note(&mut self, text: &str) {
@@ -208,15 +249,31 @@ impl Runbook {
             std::env::var("PATH").unwrap_or_default()
         );
         let out = Command::new("timeout")
-            .args(["--kill-after=5", "60", "bash", "-euo", "pipefail", "-c", &text])
+            .args([
+                "--kill-after=5",
+                "60",
+                "bash",
+                "-euo",
+                "pipefail",
+                "-c",
+                &text,
+            ])
             .current_dir(&self.cluster.work)
             .env("PATH", path)
             .env_remove("SPIFFE_ENDPOINT_SOCKET")
             .output()
             .map_err(|e| format!("bash: {e}"))?;
-        let output = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        let output = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
         if !out.status.success() {
-            return Err(format!("`{line}` failed ({}): {}", out.status, output.trim()));
+            return Err(format!(
+                "`{line}` failed ({}): {}",
+                out.status,
+                output.trim()
+            ));
         }
         Ok(output)
     }
@@ -240,30 +297,50 @@ impl Runbook {
             w.strip_prefix("deploy/")
                 .or_else(|| w.strip_prefix("deployment/"))
                 .map(String::from)
-                .ok_or_else(|| format!("kubectl {verb} {w}: the rehearsal knows deploy/NAME targets"))
+                .ok_or_else(|| {
+                    format!("kubectl {verb} {w}: the rehearsal knows deploy/NAME targets")
+                })
         };
         match verb {
             "apply" => {
                 let mut objects = match (rest.get(1).map(String::as_str), rest.get(2)) {
-                    (Some("-k"), Some(dir)) => render(&self.cluster.kubectl, &self.cluster.work, dir)?,
+                    (Some("-k"), Some(dir)) => {
+                        render(&self.cluster.kubectl, &self.cluster.work, dir)?
+                    }
                     (Some("-f"), Some(f)) if f == "-" => yaml_docs(&stdin.unwrap_or_default())?,
                     (Some("-f"), Some(f)) => {
                         let p = self.cluster.work.join(f);
                         let mut text = String::new();
                         let files: Vec<PathBuf> = if p.is_dir() {
-                            let mut v: Vec<PathBuf> = std::fs::read_dir(&p).map_err(|e| format!("{f}: {e}"))?.flatten().map(|e| e.path()).filter(|p| p.extension().is_some_and(|e| e == "yaml" || e == "yml" || e == "json")).collect();
+                            let mut v: Vec<PathBuf> = std::fs::read_dir(&p)
+                                .map_err(|e| format!("{f}: {e}"))?
+                                .flatten()
+                                .map(|e| e.path())
+                                .filter(|p| {
+                                    p.extension()
+                                        .is_some_and(|e| e == "yaml" || e == "yml" || e == "json")
+                                })
+                                .collect();
                             v.sort();
                             v
                         } else {
                             vec![p]
                         };
                         for file in files {
-                            text.push_str(&std::fs::read_to_string(&file).map_err(|e| format!("{}: {e}", file.display()))?);
+                            text.push_str(
+                                &std::fs::read_to_string(&file)
+                                    .map_err(|e| format!("{}: {e}", file.display()))?,
+                            );
                             text.push_str("\n---\n");
                         }
                         yaml_docs(&text)?
                     }
-                    _ => return Err(format!("kubectl {}: the rehearsal knows apply -k DIR and apply -f FILE|-", rest.join(" "))),
+                    _ => {
+                        return Err(format!(
+                            "kubectl {}: the rehearsal knows apply -k DIR and apply -f FILE|-",
+                            rest.join(" ")
+                        ));
+                    }
                 };
                 if let Some(n) = &namespace {
                     for o in &mut objects {
@@ -294,12 +371,17 @@ impl Runbook {
                 }
                 let out = cmd.output().map_err(|e| format!("kubectl: {e}"))?;
                 if !out.status.success() {
-                    return Err(format!("kubectl {}: {}", rest.join(" "), String::from_utf8_lossy(&out.stderr).trim()));
+                    return Err(format!(
+                        "kubectl {}: {}",
+                        rest.join(" "),
+                        String::from_utf8_lossy(&out.stderr).trim()
+                    ));
                 }
                 if dry_run {
                     return Ok(String::from_utf8_lossy(&out.stdout).into_owned());
                 }
-                let mut obj: Value = serde_json::from_slice(&out.stdout).map_err(|e| format!("kubectl create: {e}"))?;
+                let mut obj: Value = serde_json::from_slice(&out.stdout)
+                    .map_err(|e| format!("kubectl create: {e}"))?;
                 if obj["metadata"]["namespace"].is_null() {
                     obj["metadata"]["namespace"] = Value::String(ns.clone());
                 }
@@ -309,7 +391,14 @@ impl Runbook {
                 let kind = rest.get(1).ok_or("kubectl label KIND NAME k=v")?;
                 let name = rest.get(2).ok_or("kubectl label KIND NAME k=v")?;
                 let overwrite = rest.iter().any(|a| a == "--overwrite");
-                let pairs: Vec<(String, String)> = rest[3..].iter().filter(|a| !a.starts_with("--")).filter_map(|a| a.split_once('=').map(|(k, v)| (k.to_string(), v.to_string()))).collect();
+                let pairs: Vec<(String, String)> = rest[3..]
+                    .iter()
+                    .filter(|a| !a.starts_with("--"))
+                    .filter_map(|a| {
+                        a.split_once('=')
+                            .map(|(k, v)| (k.to_string(), v.to_string()))
+                    })
+                    .collect();
                 self.cluster.label(kind, name, &pairs, overwrite)
             }
             "rollout" if rest.get(1).map(String::as_str) == Some("status") => {
@@ -319,12 +408,24 @@ impl Runbook {
             }
             "exec" => {
                 let name = target(rest.get(1).ok_or("kubectl exec deploy/NAME -- CMD")?)?;
-                let dash = rest.iter().position(|a| a == "--").ok_or("kubectl exec: `--` before the command")?;
-                let container = rest[..dash].iter().position(|a| a == "-c" || a == "--container").and_then(|i| rest.get(i + 1)).cloned();
+                let dash = rest
+                    .iter()
+                    .position(|a| a == "--")
+                    .ok_or("kubectl exec: `--` before the command")?;
+                let container = rest[..dash]
+                    .iter()
+                    .position(|a| a == "-c" || a == "--container")
+                    .and_then(|i| rest.get(i + 1))
+                    .cloned();
                 let key = self.cluster.ensure_pod(&ns, &name)?;
-                let (ok, out) = self.cluster.exec(&key, container.as_deref(), &rest[dash + 1..])?;
+                let (ok, out) = self
+                    .cluster
+                    .exec(&key, container.as_deref(), &rest[dash + 1..])?;
                 if !ok {
-                    return Err(format!("the command failed in the container: {}", out.trim()));
+                    return Err(format!(
+                        "the command failed in the container: {}",
+                        out.trim()
+                    ));
                 }
                 Ok(out)
             }
@@ -332,7 +433,10 @@ impl Runbook {
                 let name = target(rest.get(1).ok_or("kubectl port-forward deploy/NAME L:R")?)?;
                 let spec = rest.get(2).ok_or("kubectl port-forward deploy/NAME L:R")?;
                 let (l, r) = spec.split_once(':').unwrap_or((spec, spec));
-                let (l, r): (u16, u16) = (l.parse().map_err(|_| format!("port {l}"))?, r.parse().map_err(|_| format!("port {r}"))?);
+                let (l, r): (u16, u16) = (
+                    l.parse().map_err(|_| format!("port {l}"))?,
+                    r.parse().map_err(|_| format!("port {r}"))?,
+                );
                 let key = self.cluster.ensure_pod(&ns, &name)?;
                 let port = self.cluster.pod_port(&key, r);
                 self.cluster.forwards.insert(l, port);
@@ -340,11 +444,18 @@ impl Runbook {
             }
             "logs" => {
                 let name = target(rest.get(1).ok_or("kubectl logs deploy/NAME")?)?;
-                let container = rest.iter().position(|a| a == "-c" || a == "--container").and_then(|i| rest.get(i + 1)).cloned();
+                let container = rest
+                    .iter()
+                    .position(|a| a == "-c" || a == "--container")
+                    .and_then(|i| rest.get(i + 1))
+                    .cloned();
                 let key = self.cluster.ensure_pod(&ns, &name)?;
                 self.cluster.logs(&key, container.as_deref())
             }
-            _ => Err(format!("the rehearsal does not know `kubectl {}`: teach tests/tests/rehearsal.rs, or mark the block `<!-- rehearsal: skip (why) -->`", rest.join(" "))),
+            _ => Err(format!(
+                "the rehearsal does not know `kubectl {}`: teach tests/tests/rehearsal.rs, or mark the block `<!-- rehearsal: skip (why) -->`",
+                rest.join(" ")
+            )),
         }
     }
 
@@ -362,15 +473,24 @@ impl Runbook {
                             self.note(&format!("## {name}:{} skipped: {m}", block.line));
                             continue;
                         }
-                        Some(m) if m.starts_with("overlay ") && m != format!("overlay {variant}") => continue,
+                        Some(m)
+                            if m.starts_with("overlay ") && m != format!("overlay {variant}") =>
+                        {
+                            continue;
+                        }
                         Some(m) if !m.starts_with("overlay ") && !m.starts_with("skip") => {
-                            return Err(format!("{name}:{}: unknown rehearsal marker `{m}`", block.line));
+                            return Err(format!(
+                                "{name}:{}: unknown rehearsal marker `{m}`",
+                                block.line
+                            ));
                         }
                         _ => {}
                     }
                     for cmd in doc::commands(&block.text, block.line) {
                         self.note(&format!("$ {}    # {name}:{}", cmd.text, cmd.line));
-                        last_output = self.run(&cmd.text).map_err(|e| format!("{name}:{}: `{}`: {e}", cmd.line, cmd.text))?;
+                        last_output = self
+                            .run(&cmd.text)
+                            .map_err(|e| format!("{name}:{}: `{}`: {e}", cmd.line, cmd.text))?;
                         let shown: Vec<&str> = last_output.lines().take(12).collect();
                         self.note(&shown.join("\n"));
                     }
@@ -391,14 +511,25 @@ impl Runbook {
 
 fn rehearse(variant: &str) {
     let dir = nexus_tests::temp_dir(&format!("rehearsal-{variant}"));
-    let runbook = std::fs::read_to_string(repo_root().join("docs/deployment.md")).expect("docs/deployment.md");
-    let mut book = Runbook::new(variant, dir.path(), database(&format!("rehearsal_{}", variant.replace('-', "_"))));
+    let runbook = std::fs::read_to_string(repo_root().join("docs/deployment.md"))
+        .expect("docs/deployment.md");
+    let mut book = Runbook::new(
+        variant,
+        dir.path(),
+        database(&format!("rehearsal_{}", variant.replace('-', "_"))),
+    );
     let started = std::time::Instant::now();
     if let Err(fault) = book.follow(&runbook, "docs/deployment.md", variant) {
         let dir = dir.keep();
-        panic!("rehearsal of docs/deployment.md with the {variant} overlay failed (files in {}):\n{fault}", dir.display());
+        panic!(
+            "rehearsal of docs/deployment.md with the {variant} overlay failed (files in {}):\n{fault}",
+            dir.display()
+        );
     }
-    eprintln!("rehearsal ({variant}) passed in {:.1}s", started.elapsed().as_secs_f64());
+    eprintln!(
+        "rehearsal ({variant}) passed in {:.1}s",
+        started.elapsed().as_secs_f64()
+    );
 }
 
 #[test]
@@ -417,11 +548,19 @@ fn the_runbook_works_with_the_manual_tls_overlay() {
 fn the_runbook_covers_every_overlay_and_kustomization() {
     let runbook = std::fs::read_to_string(repo_root().join("docs/deployment.md")).expect("runbook");
     let blocks = doc::blocks(&runbook);
-    let overlays: Vec<String> = std::fs::read_dir(repo_root().join("deploy/overlays")).expect("overlays").flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect();
+    let overlays: Vec<String> = std::fs::read_dir(repo_root().join("deploy/overlays"))
+        .expect("overlays")
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
     assert!(overlays.len() >= 2, "{overlays:?}");
     for overlay in &overlays {
         assert!(
-            blocks.iter().any(|b| b.marker.as_deref() == Some(&format!("overlay {overlay}")) && b.text.contains(&format!("kubectl apply -k deploy/overlays/{overlay}"))),
+            blocks.iter().any(
+                |b| b.marker.as_deref() == Some(&format!("overlay {overlay}"))
+                    && b.text
+                        .contains(&format!("kubectl apply -k deploy/overlays/{overlay}"))
+            ),
             "docs/deployment.md has no `<!-- rehearsal: overlay {overlay} -->` block applying it"
         );
     }
@@ -431,20 +570,33 @@ fn the_runbook_covers_every_overlay_and_kustomization() {
             if e.path().is_dir() {
                 find(&e.path(), out);
             } else if e.file_name() == "kustomization.yaml" {
-                let rel = e.path().parent().and_then(|p| p.strip_prefix(repo_root()).ok()).map(|p| p.to_string_lossy().into_owned()).unwrap_or_default();
+                let rel = e
+                    .path()
+                    .parent()
+                    .and_then(|p| p.strip_prefix(repo_root()).ok())
+                    .map(|p| p.to_string_lossy().into_owned())
+                    .unwrap_or_default();
                 out.push(rel);
             }
         }
     }
     find(&repo_root().join("deploy"), &mut kustomizations);
-    let rehearsed: String = blocks.iter().filter(|b| b.lang == "sh" && !b.marker.as_deref().is_some_and(|m| m.starts_with("skip"))).map(|b| b.text.clone()).collect::<Vec<_>>().join("\n");
+    let rehearsed: String = blocks
+        .iter()
+        .filter(|b| b.lang == "sh" && !b.marker.as_deref().is_some_and(|m| m.starts_with("skip")))
+        .map(|b| b.text.clone())
+        .collect::<Vec<_>>()
+        .join("\n");
     for k in kustomizations {
         let applied = rehearsed.contains(&format!("apply -k {k}"));
         let built_on = match k.as_str() {
             "deploy/base" | "deploy/images" => rehearsed.contains("apply -k deploy/overlays/"),
             _ => false,
         };
-        assert!(applied || built_on, "{k} is neither applied by the runbook nor part of what it applies");
+        assert!(
+            applied || built_on,
+            "{k} is neither applied by the runbook nor part of what it applies"
+        );
     }
 }
 
@@ -453,7 +605,15 @@ fn the_runbook_covers_every_overlay_and_kustomization() {
 #[test]
 fn a_pod_that_cannot_start_is_reported_with_its_object_and_field() {
     let dir = nexus_tests::temp_dir("rehearsal-base");
-    let mut book = Runbook::new("base", dir.path(), ("127.0.0.1:1".into(), "none".into(), PathBuf::from("/nonexistent")));
+    let mut book = Runbook::new(
+        "base",
+        dir.path(),
+        (
+            "127.0.0.1:1".into(),
+            "none".into(),
+            PathBuf::from("/nonexistent"),
+        ),
+    );
     for line in [
         "kubectl apply -k deploy/spire",
         "kubectl apply -f deploy/base/namespace.yaml",
@@ -463,15 +623,30 @@ fn a_pod_that_cannot_start_is_reported_with_its_object_and_field() {
     ] {
         book.run(line).unwrap_or_else(|e| panic!("{line}: {e}"));
     }
-    let fault = book.run("kubectl -n nexus-system rollout status deploy/nexus-gateway").expect_err("the base alone has no webhook certificate");
-    for part in ["Deployment/nexus-gateway", "spec.volumes", "webhook-tls", "secret.secretName", "Secret nexus-system/nexus-webhook-tls not found"] {
+    let fault = book
+        .run("kubectl -n nexus-system rollout status deploy/nexus-gateway")
+        .expect_err("the base alone has no webhook certificate");
+    for part in [
+        "Deployment/nexus-gateway",
+        "spec.volumes",
+        "webhook-tls",
+        "secret.secretName",
+        "Secret nexus-system/nexus-webhook-tls not found",
+    ] {
         assert!(fault.contains(part), "`{part}` missing in: {fault}");
     }
     // Applying a kustomization's folder with -f submits its kustomization.yaml.
-    let fault = book.run("kubectl apply -f deploy/spire/").expect_err("-f on a kustomization");
-    assert!(fault.contains("Kustomization") && fault.contains("-k"), "{fault}");
+    let fault = book
+        .run("kubectl apply -f deploy/spire/")
+        .expect_err("-f on a kustomization");
+    assert!(
+        fault.contains("Kustomization") && fault.contains("-k"),
+        "{fault}"
+    );
     // Labelling what the base already labels needs --overwrite.
-    let fault = book.run("kubectl label namespace plugins nexus.io/inject=enabled").expect_err("label twice");
+    let fault = book
+        .run("kubectl label namespace plugins nexus.io/inject=enabled")
+        .expect_err("label twice");
     assert!(fault.contains("already has a value"), "{fault}");
 }
 
@@ -480,10 +655,28 @@ fn a_pod_that_cannot_start_is_reported_with_its_object_and_field() {
 #[test]
 fn manifest_drift_is_reported_with_the_object_and_field() {
     let dir = nexus_tests::temp_dir("rehearsal-drift");
-    let mut book = Runbook::new("cert-manager", dir.path(), ("127.0.0.1:1".into(), "none".into(), PathBuf::from("/nonexistent")));
-    let deployment = book.cluster.work.join("deploy/base/gateway-deployment.yaml");
+    let mut book = Runbook::new(
+        "cert-manager",
+        dir.path(),
+        (
+            "127.0.0.1:1".into(),
+            "none".into(),
+            PathBuf::from("/nonexistent"),
+        ),
+    );
+    let deployment = book
+        .cluster
+        .work
+        .join("deploy/base/gateway-deployment.yaml");
     let text = std::fs::read_to_string(&deployment).expect("deployment");
-    std::fs::write(&deployment, text.replace("mountPath: /etc/nexus/webhook-tls", "mountPath: /etc/nexus/gateway/webhook-tls")).expect("write");
+    std::fs::write(
+        &deployment,
+        text.replace(
+            "mountPath: /etc/nexus/webhook-tls",
+            "mountPath: /etc/nexus/gateway/webhook-tls",
+        ),
+    )
+    .expect("write");
     for line in [
         "kubectl apply -k deploy/spire",
         "kubectl apply -f deploy/base/namespace.yaml",
@@ -493,15 +686,30 @@ fn manifest_drift_is_reported_with_the_object_and_field() {
     ] {
         book.run(line).unwrap_or_else(|e| panic!("{line}: {e}"));
     }
-    let fault = book.run("kubectl -n nexus-system rollout status deploy/nexus-gateway").expect_err("nested mount");
-    for part in ["Deployment/nexus-gateway", "volumeMounts", "webhook-tls", "read-only"] {
+    let fault = book
+        .run("kubectl -n nexus-system rollout status deploy/nexus-gateway")
+        .expect_err("nested mount");
+    for part in [
+        "Deployment/nexus-gateway",
+        "volumeMounts",
+        "webhook-tls",
+        "read-only",
+    ] {
         assert!(fault.contains(part), "`{part}` missing in: {fault}");
     }
     let service = book.cluster.work.join("deploy/base/gateway-service.yaml");
     let text = std::fs::read_to_string(&service).expect("service");
-    std::fs::write(&service, text.replace("targetPort: webhook", "targetPort: https")).expect("write");
-    book.run("kubectl apply -k deploy/overlays/cert-manager").expect("apply");
-    let fault = book.run("kubectl apply -k deploy/examples").and_then(|_| book.run("kubectl -n data rollout status deploy/hazard-api")).expect_err("no such port");
+    std::fs::write(
+        &service,
+        text.replace("targetPort: webhook", "targetPort: https"),
+    )
+    .expect("write");
+    book.run("kubectl apply -k deploy/overlays/cert-manager")
+        .expect("apply");
+    let fault = book
+        .run("kubectl apply -k deploy/examples")
+        .and_then(|_| book.run("kubectl -n data rollout status deploy/hazard-api"))
+        .expect_err("no such port");
     for part in ["Service/nexus-gateway", "targetPort", "https"] {
         assert!(fault.contains(part), "`{part}` missing in: {fault}");
     }
@@ -515,33 +723,69 @@ fn every_image_is_named_in_deploy_images() {
     let work = working_copy(dir.path());
     let images = work.join("deploy/images/kustomization.yaml");
     let text = std::fs::read_to_string(&images).expect("images");
-    std::fs::write(&images, text.replace("newName: ghcr.io/nexus/", "newName: registry.test/team/").replace("newTag: \"0.1.0\"", "newTag: \"9.9.9\"")).expect("write");
+    std::fs::write(
+        &images,
+        text.replace("newName: ghcr.io/nexus/", "newName: registry.test/team/")
+            .replace("newTag: \"0.1.0\"", "newTag: \"9.9.9\""),
+    )
+    .expect("write");
     let k = kubectl();
     let mut objects = render(&k, &work, "deploy/overlays/cert-manager").expect("render");
     objects.extend(render(&k, &work, "deploy/examples").expect("render"));
     let mut seen = 0;
     for o in &objects {
-        for c in o["spec"]["template"]["spec"]["containers"].as_array().into_iter().flatten() {
+        for c in o["spec"]["template"]["spec"]["containers"]
+            .as_array()
+            .into_iter()
+            .flatten()
+        {
             let image = c["image"].as_str().unwrap_or("");
-            assert!(!image.contains("ghcr.io/nexus"), "{}: {image} not renamed", sim::describe(o));
+            assert!(
+                !image.contains("ghcr.io/nexus"),
+                "{}: {image} not renamed",
+                sim::describe(o)
+            );
             if image.starts_with("registry.test/team/") {
                 assert!(image.ends_with(":9.9.9"), "{image}");
                 seen += 1;
             }
             for e in c["env"].as_array().into_iter().flatten() {
-                assert!(!e["value"].as_str().unwrap_or("").contains("ghcr.io/nexus"), "{}: env {} not renamed", sim::describe(o), e["name"]);
+                assert!(
+                    !e["value"].as_str().unwrap_or("").contains("ghcr.io/nexus"),
+                    "{}: env {} not renamed",
+                    sim::describe(o),
+                    e["name"]
+                );
             }
         }
     }
     assert!(seen >= 3, "gateway, toolbox and data API images: {seen}");
     // The injector, configured as the rendered gateway is (config file + environment).
-    let gateway = objects.iter().find(|o| o["kind"] == "Deployment" && o["metadata"]["name"] == "nexus-gateway").expect("gateway");
-    let config = objects.iter().find(|o| o["kind"] == "ConfigMap" && o["metadata"]["name"] == "nexus-gateway").expect("config");
-    let toml_text = config["data"]["gateway.toml"].as_str().expect("gateway.toml");
-    let inject_table = toml_text.split("[webhook.inject]").nth(1).expect("[webhook.inject]").split("\n[").next().unwrap_or("");
+    let gateway = objects
+        .iter()
+        .find(|o| o["kind"] == "Deployment" && o["metadata"]["name"] == "nexus-gateway")
+        .expect("gateway");
+    let config = objects
+        .iter()
+        .find(|o| o["kind"] == "ConfigMap" && o["metadata"]["name"] == "nexus-gateway")
+        .expect("config");
+    let toml_text = config["data"]["gateway.toml"]
+        .as_str()
+        .expect("gateway.toml");
+    let inject_table = toml_text
+        .split("[webhook.inject]")
+        .nth(1)
+        .expect("[webhook.inject]")
+        .split("\n[")
+        .next()
+        .unwrap_or("");
     let mut cfg: nexus_kube::InjectConfig = toml::from_str(inject_table).expect("inject table");
     let env = gateway["spec"]["template"]["spec"]["containers"][0]["env"].clone();
-    cfg.apply_env(|k| env.as_array().and_then(|a| a.iter().find(|e| e["name"] == k)).and_then(|e| e["value"].as_str().map(String::from)));
+    cfg.apply_env(|k| {
+        env.as_array()
+            .and_then(|a| a.iter().find(|e| e["name"] == k))
+            .and_then(|e| e["value"].as_str().map(String::from))
+    });
     assert_eq!(cfg.sidecar_image, "registry.test/team/nexus-sidecar:9.9.9");
     assert_eq!(cfg.launcher_image, "registry.test/team/nexus-launch:9.9.9");
 }

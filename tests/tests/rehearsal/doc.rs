@@ -49,8 +49,8 @@ pub fn blocks(markdown: &str) -> Vec<Block> {
                         .and_then(|m| m.strip_suffix("-->"))
                         .map(|m| m.trim().to_string())
                 });
-            let follows_previous =
-                last_end.is_some_and(|end| lines[end + 1..start].iter().all(|l| l.trim().is_empty()));
+            let follows_previous = last_end
+                .is_some_and(|end| lines[end + 1..start].iter().all(|l| l.trim().is_empty()));
             out.push(Block {
                 line: start + 1,
                 lang: lang.trim().to_string(),
@@ -255,7 +255,13 @@ fn runbook_reading_rules() {
     assert_eq!(pipeline("a 'x|y' | b"), ["a 'x|y'", "b"]);
     assert!(output_matches("ex-...", "ex-0193abc\n").is_ok());
     assert!(output_matches("...is revoked...", "{\"reasons\":[\"w is revoked\"]}").is_ok());
-    assert!(output_matches("revoked ... at revision ...; acknowledged by all 2 sidecars in ... ms", "revoked x at revision 3; acknowledged by all 2 sidecars in 4.2 ms").is_ok());
+    assert!(
+        output_matches(
+            "revoked ... at revision ...; acknowledged by all 2 sidecars in ... ms",
+            "revoked x at revision 3; acknowledged by all 2 sidecars in 4.2 ms"
+        )
+        .is_ok()
+    );
     assert!(output_matches("...is revoked...", "allowed").is_err());
     assert!(output_matches("ex-...", "error: ex-1").is_err());
 }

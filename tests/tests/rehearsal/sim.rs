@@ -110,12 +110,18 @@ pub fn dockerfile_images(repo: &Path) -> BTreeMap<String, Image> {
         if let Some((target, _)) = current
             && let Some(name) = target_image.get(target)
         {
-            out.insert(name.clone(), std::mem::replace(image, Image {
-                files: Vec::new(),
-                entrypoint: Vec::new(),
-                extra_path: Vec::new(),
-                base_programs: Vec::new(),
-            }));
+            out.insert(
+                name.clone(),
+                std::mem::replace(
+                    image,
+                    Image {
+                        files: Vec::new(),
+                        entrypoint: Vec::new(),
+                        extra_path: Vec::new(),
+                        base_programs: Vec::new(),
+                    },
+                ),
+            );
         }
         *image = Image {
             files: Vec::new(),
@@ -143,9 +149,10 @@ pub fn dockerfile_images(repo: &Path) -> BTreeMap<String, Image> {
                     image.files.push((dst.to_string(), debug.join(bin_name)));
                 } else if *src == "/out/nexus" {
                     // The launcher's tree, as the build stage makes it.
-                    image
-                        .files
-                        .push((format!("{dst}/bin/nexus-launch"), debug.join("nexus-launch")));
+                    image.files.push((
+                        format!("{dst}/bin/nexus-launch"),
+                        debug.join("nexus-launch"),
+                    ));
                     image
                         .files
                         .push((format!("{dst}/profiles"), repo.join("profiles")));
@@ -302,7 +309,10 @@ impl Cluster {
                 return Err(format!("{kind}: metadata.name is required"));
             }
             if namespaced {
-                let ns = obj["metadata"]["namespace"].as_str().unwrap_or("default").to_string();
+                let ns = obj["metadata"]["namespace"]
+                    .as_str()
+                    .unwrap_or("default")
+                    .to_string();
                 obj["metadata"]["namespace"] = json!(ns);
                 if self.get("Namespace", None, &ns).is_none() {
                     return Err(format!(
@@ -340,9 +350,17 @@ impl Cluster {
     }
 
     /// `kubectl label namespace NAME k=v [--overwrite]`.
-    pub fn label(&mut self, kind: &str, name: &str, pairs: &[(String, String)], overwrite: bool) -> Result<String, Fault> {
+    pub fn label(
+        &mut self,
+        kind: &str,
+        name: &str,
+        pairs: &[(String, String)],
+        overwrite: bool,
+    ) -> Result<String, Fault> {
         if kind != "namespace" && kind != "ns" {
-            return Err(format!("kubectl label {kind}: only namespaces are rehearsed"));
+            return Err(format!(
+                "kubectl label {kind}: only namespaces are rehearsed"
+            ));
         }
         let obj = self
             .objects
@@ -376,16 +394,26 @@ impl Cluster {
                 .cloned()
                 .collect();
             for cert in certs {
-                let ns = cert["metadata"]["namespace"].as_str().unwrap_or("").to_string();
-                let secret = cert["spec"]["secretName"].as_str().ok_or_else(|| {
-                    format!("{}: spec.secretName is required", describe(&cert))
-                })?;
+                let ns = cert["metadata"]["namespace"]
+                    .as_str()
+                    .unwrap_or("")
+                    .to_string();
+                let secret = cert["spec"]["secretName"]
+                    .as_str()
+                    .ok_or_else(|| format!("{}: spec.secretName is required", describe(&cert)))?;
                 if self.get("Secret", Some(&ns), secret).is_some() {
                     continue;
                 }
                 let issuer_name = cert["spec"]["issuerRef"]["name"].as_str().unwrap_or("");
-                if cert["spec"]["issuerRef"]["kind"].as_str().unwrap_or("Issuer") != "Issuer" {
-                    return Err(format!("{}: spec.issuerRef.kind: only Issuer is rehearsed", describe(&cert)));
+                if cert["spec"]["issuerRef"]["kind"]
+                    .as_str()
+                    .unwrap_or("Issuer")
+                    != "Issuer"
+                {
+                    return Err(format!(
+                        "{}: spec.issuerRef.kind: only Issuer is rehearsed",
+                        describe(&cert)
+                    ));
                 }
                 let Some(issuer) = self.get("Issuer", Some(&ns), issuer_name).cloned() else {
                     continue;
@@ -394,21 +422,41 @@ impl Cluster {
                 std::fs::create_dir_all(&dir).expect("dir");
                 let dns: Vec<String> = cert["spec"]["dnsNames"]
                     .as_array()
-                    .map(|a| a.iter().filter_map(|v| v.as_str().map(String::from)).collect())
+                    .map(|a| {
+                        a.iter()
+                            .filter_map(|v| v.as_str().map(String::from))
+                            .collect()
+                    })
                     .unwrap_or_default();
-                let cn = cert["spec"]["commonName"].as_str().unwrap_or(secret).to_string();
+                let cn = cert["spec"]["commonName"]
+                    .as_str()
+                    .unwrap_or(secret)
+                    .to_string();
                 let (ca_cert, ca_key) = if issuer["spec"].get("selfSigned").is_some() {
                     (None, None)
                 } else if let Some(ca_secret) = issuer["spec"]["ca"]["secretName"].as_str() {
                     let Some(s) = self.get("Secret", Some(&ns), ca_secret) else {
                         continue;
                     };
-                    (Some(secret_value(s, "tls.crt")?), Some(secret_value(s, "tls.key")?))
+                    (
+                        Some(secret_value(s, "tls.crt")?),
+                        Some(secret_value(s, "tls.key")?),
+                    )
                 } else {
-                    return Err(format!("{}: spec: only selfSigned and ca issuers are rehearsed", describe(&issuer)));
+                    return Err(format!(
+                        "{}: spec: only selfSigned and ca issuers are rehearsed",
+                        describe(&issuer)
+                    ));
                 };
                 let is_ca = cert["spec"]["isCA"].as_bool().unwrap_or(false);
-                let (crt, key) = issue(&dir, &cn, &dns, is_ca, ca_cert.as_deref(), ca_key.as_deref());
+                let (crt, key) = issue(
+                    &dir,
+                    &cn,
+                    &dns,
+                    is_ca,
+                    ca_cert.as_deref(),
+                    ca_key.as_deref(),
+                );
                 let ca = ca_cert.clone().unwrap_or_else(|| crt.clone());
                 let encode = |b: &[u8]| data_encoding::BASE64.encode(b);
                 self.objects.push(json!({
@@ -429,7 +477,9 @@ impl Cluster {
             if obj["kind"] != "MutatingWebhookConfiguration" {
                 continue;
             }
-            let Some(from) = obj["metadata"]["annotations"]["cert-manager.io/inject-ca-from"].as_str() else {
+            let Some(from) =
+                obj["metadata"]["annotations"]["cert-manager.io/inject-ca-from"].as_str()
+            else {
                 continue;
             };
             let (ns, name) = from.split_once('/').ok_or_else(|| {
@@ -438,7 +488,10 @@ impl Cluster {
             let cert = self.get("Certificate", Some(ns), name).ok_or_else(|| {
                 format!("{}: metadata.annotations[cert-manager.io/inject-ca-from]: Certificate {from} not found", describe(&obj))
             })?;
-            let secret_name = cert["spec"]["secretName"].as_str().unwrap_or("").to_string();
+            let secret_name = cert["spec"]["secretName"]
+                .as_str()
+                .unwrap_or("")
+                .to_string();
             let Some(secret) = self.get("Secret", Some(ns), &secret_name) else {
                 continue;
             };
@@ -476,14 +529,20 @@ impl Cluster {
         let [name, ns, "svc"] = parts.as_slice() else {
             return Err(format!("`{host}` is not NAME.NAMESPACE.svc"));
         };
-        let svc = self.get("Service", Some(ns), name).cloned().ok_or_else(|| {
-            format!("`{host}:{port}`: Service {ns}/{name} does not exist")
-        })?;
+        let svc = self
+            .get("Service", Some(ns), name)
+            .cloned()
+            .ok_or_else(|| format!("`{host}:{port}`: Service {ns}/{name} does not exist"))?;
         let entry = svc["spec"]["ports"]
             .as_array()
             .and_then(|ps| ps.iter().find(|p| p["port"] == port))
             .cloned()
-            .ok_or_else(|| format!("`{host}:{port}`: {} has no port {port} (spec.ports)", describe(&svc)))?;
+            .ok_or_else(|| {
+                format!(
+                    "`{host}:{port}`: {} has no port {port} (spec.ports)",
+                    describe(&svc)
+                )
+            })?;
         let selector = svc["spec"]["selector"].clone();
         let deploy = self
             .objects
@@ -491,10 +550,18 @@ impl Cluster {
             .find(|o| {
                 o["kind"] == "Deployment"
                     && o["metadata"]["namespace"] == **ns
-                    && selector_matches_labels(&selector, &o["spec"]["template"]["metadata"]["labels"])
+                    && selector_matches_labels(
+                        &selector,
+                        &o["spec"]["template"]["metadata"]["labels"],
+                    )
             })
             .cloned()
-            .ok_or_else(|| format!("{}: spec.selector matches no Deployment's pods", describe(&svc)))?;
+            .ok_or_else(|| {
+                format!(
+                    "{}: spec.selector matches no Deployment's pods",
+                    describe(&svc)
+                )
+            })?;
         let key = format!("{ns}/{}", deploy["metadata"]["name"].as_str().unwrap_or(""));
         let target = match &entry["targetPort"] {
             Value::Null => port,
@@ -519,12 +586,18 @@ impl Cluster {
         while let Some(colon) = rest.find(':') {
             let before = &rest[..colon];
             let host_start = before
-                .rfind(|c: char| !(c.is_ascii_alphanumeric() || c == '.' || c == '-' || c == '[' || c == ']'))
+                .rfind(|c: char| {
+                    !(c.is_ascii_alphanumeric() || c == '.' || c == '-' || c == '[' || c == ']')
+                })
                 .map_or(0, |i| i + 1);
             let host = &before[host_start..];
             let after = &rest[colon + 1..];
             let digits: String = after.chars().take_while(char::is_ascii_digit).collect();
-            let port: Option<u16> = if digits.is_empty() { None } else { digits.parse().ok() };
+            let port: Option<u16> = if digits.is_empty() {
+                None
+            } else {
+                digits.parse().ok()
+            };
             // An address rewritten once already (the webhook's gateway_address, read from
             // the gateway's rewritten config, reaches the injected pods) stays as it is.
             let port = port.filter(|p| !self.ports.values().any(|mine| mine == p));
@@ -576,7 +649,10 @@ impl Cluster {
 
     /// Mutating admission: every webhook whose selectors match, called over HTTPS.
     fn admit(&mut self, pod: &mut Value, what: &str) -> Result<(), Fault> {
-        let ns = pod["metadata"]["namespace"].as_str().unwrap_or("").to_string();
+        let ns = pod["metadata"]["namespace"]
+            .as_str()
+            .unwrap_or("")
+            .to_string();
         let ns_labels = self
             .get("Namespace", None, &ns)
             .map(|n| n["metadata"]["labels"].clone())
@@ -588,10 +664,18 @@ impl Cluster {
             .cloned()
             .collect();
         for config in configs {
-            for (i, hook) in config["webhooks"].as_array().cloned().unwrap_or_default().iter().enumerate() {
+            for (i, hook) in config["webhooks"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default()
+                .iter()
+                .enumerate()
+            {
                 let pods_create = hook["rules"].as_array().is_some_and(|rules| {
                     rules.iter().any(|r| {
-                        has(&r["operations"], "CREATE") && has(&r["resources"], "pods") && has(&r["apiVersions"], "v1")
+                        has(&r["operations"], "CREATE")
+                            && has(&r["resources"], "pods")
+                            && has(&r["apiVersions"], "v1")
                     })
                 });
                 if !pods_create
@@ -607,10 +691,20 @@ impl Cluster {
         Ok(())
     }
 
-    fn call_webhook(&mut self, _config: &Value, hook: &Value, field: &str, pod: &mut Value, what: &str) -> Result<(), Fault> {
+    fn call_webhook(
+        &mut self,
+        _config: &Value,
+        hook: &Value,
+        field: &str,
+        pod: &mut Value,
+        what: &str,
+    ) -> Result<(), Fault> {
         let service = &hook["clientConfig"]["service"];
-        let (Some(name), Some(ns)) = (service["name"].as_str(), service["namespace"].as_str()) else {
-            return Err(format!("{field}.clientConfig.service: name and namespace are required"));
+        let (Some(name), Some(ns)) = (service["name"].as_str(), service["namespace"].as_str())
+        else {
+            return Err(format!(
+                "{field}.clientConfig.service: name and namespace are required"
+            ));
         };
         let port = service["port"].as_u64().unwrap_or(443) as u16;
         let path = service["path"].as_str().unwrap_or("/");
@@ -661,10 +755,14 @@ impl Cluster {
         std::fs::write(&body, serde_json::to_vec(&review).expect("json")).expect("write");
         let url = format!("https://{host}:{port}{path}?timeout=5s");
         let out = nexus_tests::curl(&[
-            "--cacert", &ca.to_string_lossy(),
-            "--connect-to", &format!("{host}:{port}:127.0.0.1:{local}"),
-            "-H", "content-type: application/json",
-            "--data-binary", &format!("@{}", body.display()),
+            "--cacert",
+            &ca.to_string_lossy(),
+            "--connect-to",
+            &format!("{host}:{port}:127.0.0.1:{local}"),
+            "-H",
+            "content-type: application/json",
+            "--data-binary",
+            &format!("@{}", body.display()),
             &url,
         ]);
         if !out.status.success() {
@@ -673,8 +771,9 @@ impl Cluster {
                 String::from_utf8_lossy(&out.stderr).trim()
             ));
         }
-        let answer: Value = serde_json::from_slice(&out.stdout)
-            .map_err(|e| format!("{field}: the webhook's answer is not an AdmissionReview ({e})"))?;
+        let answer: Value = serde_json::from_slice(&out.stdout).map_err(|e| {
+            format!("{field}: the webhook's answer is not an AdmissionReview ({e})")
+        })?;
         if answer["response"]["allowed"] != true {
             return Err(format!(
                 "admission webhook {} denied {what}: {}",
@@ -683,7 +782,8 @@ impl Cluster {
             ));
         }
         if let Some(patch) = nexus_kube::admission::answer_patch(&out.stdout) {
-            json_patch::patch(pod, &patch).map_err(|e| format!("{field}: the webhook's JSONPatch does not apply: {e}"))?;
+            json_patch::patch(pod, &patch)
+                .map_err(|e| format!("{field}: the webhook's JSONPatch does not apply: {e}"))?;
         }
         Ok(())
     }
@@ -694,13 +794,22 @@ impl Cluster {
         // Short paths: a unix socket's path must fit in 108 bytes.
         let dir = self.dir.join(format!("p{}", self.pods.len()));
         std::fs::create_dir_all(&dir).expect("pod dir");
-        self.pods.insert(key.to_string(), Pod {
-            spec: pod.clone(),
-            dir: dir.clone(),
-            volumes: BTreeMap::new(),
-            containers: BTreeMap::new(),
-        });
-        for (i, volume) in pod["spec"]["volumes"].as_array().cloned().unwrap_or_default().iter().enumerate() {
+        self.pods.insert(
+            key.to_string(),
+            Pod {
+                spec: pod.clone(),
+                dir: dir.clone(),
+                volumes: BTreeMap::new(),
+                containers: BTreeMap::new(),
+            },
+        );
+        for (i, volume) in pod["spec"]["volumes"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+            .iter()
+            .enumerate()
+        {
             let name = volume["name"].as_str().unwrap_or("").to_string();
             let field = format!("{what}: spec.volumes[{i}] ({name})");
             let path = dir.join(format!("v{i}"));
@@ -710,8 +819,17 @@ impl Cluster {
                 p.volumes.insert(name, path);
             }
         }
-        for (i, c) in pod["spec"]["initContainers"].as_array().cloned().unwrap_or_default().iter().enumerate() {
-            let field = format!("{what}: spec.initContainers[{i}] ({})", c["name"].as_str().unwrap_or("?"));
+        for (i, c) in pod["spec"]["initContainers"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+            .iter()
+            .enumerate()
+        {
+            let field = format!(
+                "{what}: spec.initContainers[{i}] ({})",
+                c["name"].as_str().unwrap_or("?")
+            );
             if c["restartPolicy"] == "Always" {
                 self.run_container(key, c, &field, false)?;
                 self.wait_probe(key, c, "startupProbe", &field)?;
@@ -719,8 +837,17 @@ impl Cluster {
                 self.run_container(key, c, &field, true)?;
             }
         }
-        for (i, c) in pod["spec"]["containers"].as_array().cloned().unwrap_or_default().iter().enumerate() {
-            let field = format!("{what}: spec.containers[{i}] ({})", c["name"].as_str().unwrap_or("?"));
+        for (i, c) in pod["spec"]["containers"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+            .iter()
+            .enumerate()
+        {
+            let field = format!(
+                "{what}: spec.containers[{i}] ({})",
+                c["name"].as_str().unwrap_or("?")
+            );
             self.run_container(key, c, &field, false)?;
             self.wait_probe(key, c, "startupProbe", &field)?;
             self.wait_probe(key, c, "readinessProbe", &field)?;
@@ -728,14 +855,22 @@ impl Cluster {
         Ok(())
     }
 
-    fn materialize(&mut self, key: &str, volume: &Value, path: &Path, field: &str) -> Result<(), Fault> {
+    fn materialize(
+        &mut self,
+        key: &str,
+        volume: &Value,
+        path: &Path,
+        field: &str,
+    ) -> Result<(), Fault> {
         let ns = key.split('/').next().unwrap_or("").to_string();
         if volume.get("emptyDir").is_some() {
             return Ok(());
         }
         if let Some(csi) = volume.get("csi") {
             if csi["driver"] != "csi.spiffe.io" {
-                return Err(format!("{field}.csi.driver: only csi.spiffe.io is rehearsed"));
+                return Err(format!(
+                    "{field}.csi.driver: only csi.spiffe.io is rehearsed"
+                ));
             }
             return self.spiffe_csi(key, path, field);
         }
@@ -744,7 +879,9 @@ impl Cluster {
         } else if let Some(s) = volume.get("secret") {
             (s, "Secret", "secretName")
         } else {
-            return Err(format!("{field}: this volume type is not rehearsed (configMap, secret, emptyDir, csi)"));
+            return Err(format!(
+                "{field}: this volume type is not rehearsed (configMap, secret, emptyDir, csi)"
+            ));
         };
         let name = source[name_field].as_str().unwrap_or("");
         let optional = source["optional"].as_bool().unwrap_or(false);
@@ -754,7 +891,11 @@ impl Cluster {
             }
             return Err(format!(
                 "{field}.{}.{name_field}: {kind} {ns}/{name} not found (the kubelet keeps the pod in ContainerCreating)",
-                if kind == "Secret" { "secret" } else { "configMap" }
+                if kind == "Secret" {
+                    "secret"
+                } else {
+                    "configMap"
+                }
             ));
         };
         let files = self.volume_files(key, &obj, source, optional, field, kind == "ConfigMap")?;
@@ -768,18 +909,33 @@ impl Cluster {
     }
 
     /// The files a ConfigMap or Secret volume holds (relative path -> bytes).
-    fn volume_files(&mut self, key: &str, obj: &Value, source: &Value, optional: bool, field: &str, rewrite: bool) -> Result<Vec<(String, Vec<u8>)>, Fault> {
+    fn volume_files(
+        &mut self,
+        key: &str,
+        obj: &Value,
+        source: &Value,
+        optional: bool,
+        field: &str,
+        rewrite: bool,
+    ) -> Result<Vec<(String, Vec<u8>)>, Fault> {
         let mut data: BTreeMap<String, Vec<u8>> = BTreeMap::new();
         for (k, v) in obj["data"].as_object().cloned().unwrap_or_default() {
             let bytes = if obj["kind"] == "Secret" {
-                data_encoding::BASE64.decode(v.as_str().unwrap_or("").as_bytes()).map_err(|e| format!("{}: data[{k}]: {e}", describe(obj)))?
+                data_encoding::BASE64
+                    .decode(v.as_str().unwrap_or("").as_bytes())
+                    .map_err(|e| format!("{}: data[{k}]: {e}", describe(obj)))?
             } else {
                 v.as_str().unwrap_or("").as_bytes().to_vec()
             };
             data.insert(k, bytes);
         }
         for (k, v) in obj["binaryData"].as_object().cloned().unwrap_or_default() {
-            data.insert(k, data_encoding::BASE64.decode(v.as_str().unwrap_or("").as_bytes()).unwrap_or_default());
+            data.insert(
+                k,
+                data_encoding::BASE64
+                    .decode(v.as_str().unwrap_or("").as_bytes())
+                    .unwrap_or_default(),
+            );
         }
         let mut files = Vec::new();
         match source["items"].as_array() {
@@ -790,7 +946,12 @@ impl Cluster {
                     match data.get(k) {
                         Some(b) => files.push((p.to_string(), b.clone())),
                         None if optional => {}
-                        None => return Err(format!("{field}.items[{i}].key: `{k}` is not in {}", describe(obj))),
+                        None => {
+                            return Err(format!(
+                                "{field}.items[{i}].key: `{k}` is not in {}",
+                                describe(obj)
+                            ));
+                        }
                     }
                 }
             }
@@ -816,7 +977,11 @@ impl Cluster {
                 (p.spec.clone(), p.volumes.clone())
             };
             let ns = key.split('/').next().unwrap_or("").to_string();
-            for volume in spec["spec"]["volumes"].as_array().cloned().unwrap_or_default() {
+            for volume in spec["spec"]["volumes"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default()
+            {
                 let name = volume["name"].as_str().unwrap_or("").to_string();
                 let (source, kind, nf) = if let Some(cm) = volume.get("configMap") {
                     (cm.clone(), "ConfigMap", "name")
@@ -825,11 +990,17 @@ impl Cluster {
                 } else {
                     continue;
                 };
-                let Some(obj) = self.get(kind, Some(&ns), source[nf].as_str().unwrap_or("")).cloned() else {
+                let Some(obj) = self
+                    .get(kind, Some(&ns), source[nf].as_str().unwrap_or(""))
+                    .cloned()
+                else {
                     continue;
                 };
-                let Some(path) = volumes.get(&name) else { continue };
-                let files = self.volume_files(&key, &obj, &source, true, &name, kind == "ConfigMap")?;
+                let Some(path) = volumes.get(&name) else {
+                    continue;
+                };
+                let files =
+                    self.volume_files(&key, &obj, &source, true, &name, kind == "ConfigMap")?;
                 let current = read_atomic(path);
                 if current != files {
                     write_atomic(path, &files, self.next_generation());
@@ -844,7 +1015,10 @@ impl Cluster {
     fn spiffe_csi(&mut self, key: &str, path: &Path, field: &str) -> Result<(), Fault> {
         let pod = self.pods[key].spec.clone();
         let ns = key.split('/').next().unwrap_or("");
-        let ns_labels = self.get("Namespace", None, ns).map(|n| n["metadata"]["labels"].clone()).unwrap_or(Value::Null);
+        let ns_labels = self
+            .get("Namespace", None, ns)
+            .map(|n| n["metadata"]["labels"].clone())
+            .unwrap_or(Value::Null);
         let matching: Vec<Value> = self
             .objects
             .iter()
@@ -873,110 +1047,238 @@ impl Cluster {
             for (var, value) in [
                 (".TrustDomain", TRUST_DOMAIN.to_string()),
                 (".PodMeta.Namespace", ns.to_string()),
-                (".PodMeta.Name", pod["metadata"]["name"].as_str().unwrap_or("").to_string()),
-                (".PodSpec.ServiceAccountName", pod["spec"]["serviceAccountName"].as_str().unwrap_or("default").to_string()),
+                (
+                    ".PodMeta.Name",
+                    pod["metadata"]["name"].as_str().unwrap_or("").to_string(),
+                ),
+                (
+                    ".PodSpec.ServiceAccountName",
+                    pod["spec"]["serviceAccountName"]
+                        .as_str()
+                        .unwrap_or("default")
+                        .to_string(),
+                ),
             ] {
                 for spelled in [format!("{{{{ {var} }}}}"), format!("{{{{{var}}}}}")] {
                     out = out.replace(&spelled, &value);
                 }
             }
             if out.contains("{{") {
-                return Err(format!("{}: {what}: a template variable the rehearsal does not know: {t}", describe(&entry)));
+                return Err(format!(
+                    "{}: {what}: a template variable the rehearsal does not know: {t}",
+                    describe(&entry)
+                ));
             }
             Ok(out)
         };
-        let id = template(entry["spec"]["spiffeIDTemplate"].as_str().unwrap_or(""), "spec.spiffeIDTemplate")?;
+        let id = template(
+            entry["spec"]["spiffeIDTemplate"].as_str().unwrap_or(""),
+            "spec.spiffeIDTemplate",
+        )?;
         let socket = path.join(SPIRE_SOCKET);
         let socket_s = socket.to_string_lossy().into_owned();
-        let mut args = vec!["dev".to_string(), "workload-api".into(), "--socket".into(), socket_s, "--spiffe-id".into(), id.clone()];
-        for t in entry["spec"]["dnsNameTemplates"].as_array().cloned().unwrap_or_default() {
+        let mut args = vec![
+            "dev".to_string(),
+            "workload-api".into(),
+            "--socket".into(),
+            socket_s,
+            "--spiffe-id".into(),
+            id.clone(),
+        ];
+        for t in entry["spec"]["dnsNameTemplates"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+        {
             args.push("--dns-name".into());
             args.push(template(t.as_str().unwrap_or(""), "spec.dnsNameTemplates")?);
         }
         let name = format!("spire-agent-{}", key.replace('/', "_"));
         let argv: Vec<&str> = args.iter().map(String::as_str).collect();
         let proc = Proc::spawn(&name, &self.dir, &bin("nexusctl"), &argv, &[]);
-        eventually(Duration::from_secs(20), "the Workload API socket", || socket.exists().then_some(()));
+        eventually(Duration::from_secs(20), "the Workload API socket", || {
+            socket.exists().then_some(())
+        });
         self.procs.push(proc);
         Ok(())
     }
 
     /// The environment of a container, as the kubelet computes it.
-    fn env(&mut self, key: &str, c: &Value, image_path: &str, field: &str) -> Result<Vec<(String, String)>, Fault> {
+    fn env(
+        &mut self,
+        key: &str,
+        c: &Value,
+        image_path: &str,
+        field: &str,
+    ) -> Result<Vec<(String, String)>, Fault> {
         let pod = self.pods[key].spec.clone();
         let ns = key.split('/').next().unwrap_or("").to_string();
         let mut env: Vec<(String, String)> = vec![
             ("PATH".into(), image_path.to_string()),
-            ("HOSTNAME".into(), pod["metadata"]["name"].as_str().unwrap_or("").to_string()),
+            (
+                "HOSTNAME".into(),
+                pod["metadata"]["name"].as_str().unwrap_or("").to_string(),
+            ),
             ("HOME".into(), "/home/nonroot".into()),
         ];
         // Service links (enableServiceLinks defaults to true).
         if pod["spec"]["enableServiceLinks"] != false {
-            let services: Vec<Value> = self.objects.iter().filter(|o| o["kind"] == "Service" && (o["metadata"]["namespace"] == ns.as_str() || (o["metadata"]["name"] == "kubernetes" && o["metadata"]["namespace"] == "default"))).cloned().collect();
+            let services: Vec<Value> = self
+                .objects
+                .iter()
+                .filter(|o| {
+                    o["kind"] == "Service"
+                        && (o["metadata"]["namespace"] == ns.as_str()
+                            || (o["metadata"]["name"] == "kubernetes"
+                                && o["metadata"]["namespace"] == "default"))
+                })
+                .cloned()
+                .collect();
             for (n, svc) in services.iter().enumerate() {
-                let prefix = svc["metadata"]["name"].as_str().unwrap_or("").to_uppercase().replace('-', "_");
+                let prefix = svc["metadata"]["name"]
+                    .as_str()
+                    .unwrap_or("")
+                    .to_uppercase()
+                    .replace('-', "_");
                 let ip = format!("10.96.0.{}", n + 10);
                 let ports = svc["spec"]["ports"].as_array().cloned().unwrap_or_default();
                 env.push((format!("{prefix}_SERVICE_HOST"), ip.clone()));
                 if let Some(first) = ports.first() {
                     env.push((format!("{prefix}_SERVICE_PORT"), first["port"].to_string()));
-                    env.push((format!("{prefix}_PORT"), format!("tcp://{ip}:{}", first["port"])));
+                    env.push((
+                        format!("{prefix}_PORT"),
+                        format!("tcp://{ip}:{}", first["port"]),
+                    ));
                 }
                 for p in &ports {
                     if let Some(pn) = p["name"].as_str() {
-                        env.push((format!("{prefix}_SERVICE_PORT_{}", pn.to_uppercase().replace('-', "_")), p["port"].to_string()));
+                        env.push((
+                            format!(
+                                "{prefix}_SERVICE_PORT_{}",
+                                pn.to_uppercase().replace('-', "_")
+                            ),
+                            p["port"].to_string(),
+                        ));
                     }
                     let proto = p["protocol"].as_str().unwrap_or("TCP");
                     let base = format!("{prefix}_PORT_{}_{}", p["port"], proto);
-                    env.push((base.clone(), format!("{}://{ip}:{}", proto.to_lowercase(), p["port"])));
+                    env.push((
+                        base.clone(),
+                        format!("{}://{ip}:{}", proto.to_lowercase(), p["port"]),
+                    ));
                     env.push((format!("{base}_PROTO"), proto.to_lowercase()));
                     env.push((format!("{base}_PORT"), p["port"].to_string()));
                     env.push((format!("{base}_ADDR"), ip.clone()));
                 }
             }
         }
-        for (i, from) in c["envFrom"].as_array().cloned().unwrap_or_default().iter().enumerate() {
-            let (kind, r) = if let Some(r) = from.get("configMapRef") { ("ConfigMap", r) } else if let Some(r) = from.get("secretRef") { ("Secret", r) } else { continue };
+        for (i, from) in c["envFrom"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+            .iter()
+            .enumerate()
+        {
+            let (kind, r) = if let Some(r) = from.get("configMapRef") {
+                ("ConfigMap", r)
+            } else if let Some(r) = from.get("secretRef") {
+                ("Secret", r)
+            } else {
+                continue;
+            };
             let name = r["name"].as_str().unwrap_or("");
             let Some(obj) = self.get(kind, Some(&ns), name).cloned() else {
-                if r["optional"] == true { continue; }
-                return Err(format!("{field}.envFrom[{i}]: {kind} {ns}/{name} not found (CreateContainerConfigError)"));
+                if r["optional"] == true {
+                    continue;
+                }
+                return Err(format!(
+                    "{field}.envFrom[{i}]: {kind} {ns}/{name} not found (CreateContainerConfigError)"
+                ));
             };
             for (k, v) in obj["data"].as_object().cloned().unwrap_or_default() {
-                let value = if kind == "Secret" { String::from_utf8_lossy(&data_encoding::BASE64.decode(v.as_str().unwrap_or("").as_bytes()).unwrap_or_default()).into_owned() } else { v.as_str().unwrap_or("").to_string() };
-                set(&mut env, &format!("{}{k}", from["prefix"].as_str().unwrap_or("")), value);
+                let value = if kind == "Secret" {
+                    String::from_utf8_lossy(
+                        &data_encoding::BASE64
+                            .decode(v.as_str().unwrap_or("").as_bytes())
+                            .unwrap_or_default(),
+                    )
+                    .into_owned()
+                } else {
+                    v.as_str().unwrap_or("").to_string()
+                };
+                set(
+                    &mut env,
+                    &format!("{}{k}", from["prefix"].as_str().unwrap_or("")),
+                    value,
+                );
             }
         }
-        for (i, e) in c["env"].as_array().cloned().unwrap_or_default().iter().enumerate() {
+        for (i, e) in c["env"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+            .iter()
+            .enumerate()
+        {
             let name = e["name"].as_str().unwrap_or("").to_string();
             let f = format!("{field}.env[{i}] ({name})");
             let value = if let Some(v) = e["value"].as_str() {
                 expand(v, &env)
             } else if let Some(from) = e.get("valueFrom") {
-                if let Some(r) = from.get("secretKeyRef").or_else(|| from.get("configMapKeyRef")) {
-                    let kind = if from.get("secretKeyRef").is_some() { "Secret" } else { "ConfigMap" };
-                    let (n, k) = (r["name"].as_str().unwrap_or(""), r["key"].as_str().unwrap_or(""));
+                if let Some(r) = from
+                    .get("secretKeyRef")
+                    .or_else(|| from.get("configMapKeyRef"))
+                {
+                    let kind = if from.get("secretKeyRef").is_some() {
+                        "Secret"
+                    } else {
+                        "ConfigMap"
+                    };
+                    let (n, k) = (
+                        r["name"].as_str().unwrap_or(""),
+                        r["key"].as_str().unwrap_or(""),
+                    );
                     let obj = self.get(kind, Some(&ns), n).cloned();
-                    let raw = obj.as_ref().and_then(|o| o["data"][k].as_str().map(String::from));
+                    let raw = obj
+                        .as_ref()
+                        .and_then(|o| o["data"][k].as_str().map(String::from));
                     match raw {
-                        Some(raw) if kind == "Secret" => String::from_utf8_lossy(&data_encoding::BASE64.decode(raw.as_bytes()).map_err(|e| format!("{f}: {e}"))?).into_owned(),
+                        Some(raw) if kind == "Secret" => String::from_utf8_lossy(
+                            &data_encoding::BASE64
+                                .decode(raw.as_bytes())
+                                .map_err(|e| format!("{f}: {e}"))?,
+                        )
+                        .into_owned(),
                         Some(raw) => raw,
                         None if r["optional"] == true => continue,
                         None => {
                             return Err(format!(
                                 "{f}.valueFrom: {kind} {ns}/{n} {} (CreateContainerConfigError)",
-                                if obj.is_some() { format!("has no key `{k}`") } else { "not found".into() }
+                                if obj.is_some() {
+                                    format!("has no key `{k}`")
+                                } else {
+                                    "not found".into()
+                                }
                             ));
                         }
                     }
                 } else if let Some(r) = from.get("fieldRef") {
                     match r["fieldPath"].as_str().unwrap_or("") {
                         "metadata.namespace" => ns.clone(),
-                        "metadata.name" => pod["metadata"]["name"].as_str().unwrap_or("").to_string(),
-                        "spec.serviceAccountName" => pod["spec"]["serviceAccountName"].as_str().unwrap_or("default").to_string(),
+                        "metadata.name" => {
+                            pod["metadata"]["name"].as_str().unwrap_or("").to_string()
+                        }
+                        "spec.serviceAccountName" => pod["spec"]["serviceAccountName"]
+                            .as_str()
+                            .unwrap_or("default")
+                            .to_string(),
                         "spec.nodeName" => "node-1".into(),
                         "status.podIP" | "status.hostIP" => "127.0.0.1".into(),
-                        other => return Err(format!("{f}.valueFrom.fieldRef.fieldPath: `{other}` is not rehearsed")),
+                        other => {
+                            return Err(format!(
+                                "{f}.valueFrom.fieldRef.fieldPath: `{other}` is not rehearsed"
+                            ));
+                        }
                     }
                 } else {
                     return Err(format!("{f}.valueFrom: not rehearsed"));
@@ -1003,21 +1305,42 @@ impl Cluster {
     /// machine's /usr stands in for it).
     fn image_of(&self, c: &Value) -> Option<Image> {
         let image = c["image"].as_str()?;
-        let name = image.rsplit_once(':').map_or(image, |(n, t)| if t.contains('/') { image } else { n });
+        let name = image
+            .rsplit_once(':')
+            .map_or(image, |(n, t)| if t.contains('/') { image } else { n });
         let original = self.image_names.get(name).map_or(name, String::as_str);
         self.images.get(original).cloned()
     }
 
     /// Starts a container (or, `to_completion`, runs it and waits for exit 0).
-    fn run_container(&mut self, key: &str, c: &Value, field: &str, to_completion: bool) -> Result<(), Fault> {
+    fn run_container(
+        &mut self,
+        key: &str,
+        c: &Value,
+        field: &str,
+        to_completion: bool,
+    ) -> Result<(), Fault> {
         let name = c["name"].as_str().unwrap_or("").to_string();
         // A Localhost seccomp profile is read by the kubelet from the node.
-        for (scope, sc) in [("securityContext", &c["securityContext"]), ("pod securityContext", &self.pods[key].spec["spec"]["securityContext"])] {
+        for (scope, sc) in [
+            ("securityContext", &c["securityContext"]),
+            (
+                "pod securityContext",
+                &self.pods[key].spec["spec"]["securityContext"],
+            ),
+        ] {
             if sc["seccompProfile"]["type"] == "Localhost" {
-                let rel = sc["seccompProfile"]["localhostProfile"].as_str().unwrap_or("");
+                let rel = sc["seccompProfile"]["localhostProfile"]
+                    .as_str()
+                    .unwrap_or("");
                 let file = self.node.join("var/lib/kubelet/seccomp").join(rel);
-                let parsed: Option<Value> = std::fs::read(&file).ok().and_then(|b| serde_json::from_slice(&b).ok());
-                if !parsed.as_ref().is_some_and(|p| p["defaultAction"].is_string()) {
+                let parsed: Option<Value> = std::fs::read(&file)
+                    .ok()
+                    .and_then(|b| serde_json::from_slice(&b).ok());
+                if !parsed
+                    .as_ref()
+                    .is_some_and(|p| p["defaultAction"].is_string())
+                {
                     return Err(format!(
                         "{field}: {scope}.seccompProfile.localhostProfile: {rel} is not a seccomp profile under the node's /var/lib/kubelet/seccomp (CreateContainerError)"
                     ));
@@ -1033,11 +1356,22 @@ impl Cluster {
             }
         }
         let env = self.env(key, c, &path, field)?;
-        let strings = |v: &Value| -> Vec<String> { v.as_array().map(|a| a.iter().filter_map(|s| s.as_str().map(String::from)).collect()).unwrap_or_default() };
+        let strings = |v: &Value| -> Vec<String> {
+            v.as_array()
+                .map(|a| {
+                    a.iter()
+                        .filter_map(|s| s.as_str().map(String::from))
+                        .collect()
+                })
+                .unwrap_or_default()
+        };
         let mut argv = strings(&c["command"]);
         let args = strings(&c["args"]);
         if argv.is_empty() {
-            argv = image.as_ref().map(|i| i.entrypoint.clone()).unwrap_or_default();
+            argv = image
+                .as_ref()
+                .map(|i| i.entrypoint.clone())
+                .unwrap_or_default();
             if argv.is_empty() {
                 return Err(format!("{field}: neither command nor an image entrypoint"));
             }
@@ -1049,12 +1383,16 @@ impl Cluster {
         }
         let log = self.pods[key].dir.join(format!("{name}.log"));
         if let Some(p) = self.pods.get_mut(key) {
-            p.containers.insert(name.clone(), (log.clone(), env.clone()));
+            p.containers
+                .insert(name.clone(), (log.clone(), env.clone()));
         }
         // A program of the base image (busybox's sleep in the toolbox) is not ours to
         // run: the container is taken as running, and `kubectl exec` runs in its mounts.
         if let Some(img) = &image
-            && img.base_programs.iter().any(|p| expanded[0].starts_with(p.as_str()))
+            && img
+                .base_programs
+                .iter()
+                .any(|p| expanded[0].starts_with(p.as_str()))
         {
             return Ok(());
         }
@@ -1063,10 +1401,22 @@ impl Cluster {
         let rest: Vec<&str> = rest.iter().map(String::as_str).collect();
         let label = format!("{}-{name}", key.replace('/', "_"));
         if to_completion {
-            let out = Command::new(program).args(&rest).stdin(Stdio::null()).output().expect("bwrap");
-            std::fs::write(&log, [out.stdout.as_slice(), out.stderr.as_slice()].concat()).expect("log");
+            let out = Command::new(program)
+                .args(&rest)
+                .stdin(Stdio::null())
+                .output()
+                .expect("bwrap");
+            std::fs::write(
+                &log,
+                [out.stdout.as_slice(), out.stderr.as_slice()].concat(),
+            )
+            .expect("log");
             if !out.status.success() {
-                return Err(format!("{field}: exited with {}: {}", out.status, String::from_utf8_lossy(&out.stderr).trim()));
+                return Err(format!(
+                    "{field}: exited with {}: {}",
+                    out.status,
+                    String::from_utf8_lossy(&out.stderr).trim()
+                ));
             }
             return Ok(());
         }
@@ -1074,7 +1424,10 @@ impl Cluster {
         std::thread::sleep(Duration::from_millis(50));
         if !proc.is_running() {
             let _ = proc.child.wait();
-            return Err(format!("{field}: exited at once: {}", proc.log_text().trim()));
+            return Err(format!(
+                "{field}: exited at once: {}",
+                proc.log_text().trim()
+            ));
         }
         // The kubelet's log is the container's output.
         let _ = std::fs::remove_file(&log);
@@ -1084,15 +1437,49 @@ impl Cluster {
     }
 
     /// The bubblewrap command that runs `argv` in the container's file system view.
-    pub fn bwrap(&mut self, key: &str, c: &Value, image: Option<&Image>, env: &[(String, String)], argv: &[String], field: &str) -> Result<Vec<String>, Fault> {
-        let mut a: Vec<String> = vec!["bwrap".into(), "--die-with-parent".into(), "--new-session".into()];
+    pub fn bwrap(
+        &mut self,
+        key: &str,
+        c: &Value,
+        image: Option<&Image>,
+        env: &[(String, String)],
+        argv: &[String],
+        field: &str,
+    ) -> Result<Vec<String>, Fault> {
+        let mut a: Vec<String> = vec![
+            "bwrap".into(),
+            "--die-with-parent".into(),
+            "--new-session".into(),
+        ];
         let mut push = |v: &[&str]| a.extend(v.iter().map(|s| s.to_string()));
-        push(&["--ro-bind", "/usr", "/usr", "--symlink", "usr/bin", "/bin", "--symlink", "usr/sbin", "/sbin", "--symlink", "usr/lib", "/lib"]);
+        push(&[
+            "--ro-bind",
+            "/usr",
+            "/usr",
+            "--symlink",
+            "usr/bin",
+            "/bin",
+            "--symlink",
+            "usr/sbin",
+            "/sbin",
+            "--symlink",
+            "usr/lib",
+            "/lib",
+        ]);
         if Path::new("/usr/lib64").exists() {
             push(&["--symlink", "usr/lib64", "/lib64"]);
         }
         push(&["--proc", "/proc", "--dev", "/dev", "--dir", "/etc"]);
-        for f in ["/etc/hosts", "/etc/resolv.conf", "/etc/nsswitch.conf", "/etc/ld.so.cache", "/etc/ssl", "/etc/passwd", "/etc/group", "/etc/localtime"] {
+        for f in [
+            "/etc/hosts",
+            "/etc/resolv.conf",
+            "/etc/nsswitch.conf",
+            "/etc/ld.so.cache",
+            "/etc/ssl",
+            "/etc/passwd",
+            "/etc/group",
+            "/etc/localtime",
+        ] {
             if Path::new(f).exists() {
                 push(&["--ro-bind", f, f]);
             }
@@ -1101,19 +1488,34 @@ impl Cluster {
         if let Some(img) = image {
             for (dst, src) in &img.files {
                 if !src.exists() {
-                    return Err(format!("{field}: the image's {dst} would come from {}, which is missing (cargo build --workspace --bins)", src.display()));
+                    return Err(format!(
+                        "{field}: the image's {dst} would come from {}, which is missing (cargo build --workspace --bins)",
+                        src.display()
+                    ));
                 }
-                a.extend(["--ro-bind".into(), src.to_string_lossy().into_owned(), dst.clone()]);
+                a.extend([
+                    "--ro-bind".into(),
+                    src.to_string_lossy().into_owned(),
+                    dst.clone(),
+                ]);
             }
         }
         // Volume mounts, parents first; a mount point inside a read-only volume cannot
         // be created by the runtime.
         let volumes = self.pods[key].volumes.clone();
         let mut mounts: Vec<(String, PathBuf, bool, String)> = Vec::new();
-        for (i, m) in c["volumeMounts"].as_array().cloned().unwrap_or_default().iter().enumerate() {
+        for (i, m) in c["volumeMounts"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+            .iter()
+            .enumerate()
+        {
             let vname = m["name"].as_str().unwrap_or("");
             let mpath = m["mountPath"].as_str().unwrap_or("").to_string();
-            let src = volumes.get(vname).ok_or_else(|| format!("{field}.volumeMounts[{i}].name: the pod has no volume `{vname}`"))?;
+            let src = volumes.get(vname).ok_or_else(|| {
+                format!("{field}.volumeMounts[{i}].name: the pod has no volume `{vname}`")
+            })?;
             let src = match m["subPath"].as_str() {
                 Some(sub) if !sub.is_empty() => {
                     let p = src.join(sub);
@@ -1124,7 +1526,12 @@ impl Cluster {
                 }
                 _ => src.clone(),
             };
-            mounts.push((mpath, src, m["readOnly"] == true, format!("{field}.volumeMounts[{i}] ({vname})")));
+            mounts.push((
+                mpath,
+                src,
+                m["readOnly"] == true,
+                format!("{field}.volumeMounts[{i}] ({vname})"),
+            ));
         }
         mounts.sort_by(|x, y| x.0.cmp(&y.0));
         for (i, (path, _, _, mfield)) in mounts.iter().enumerate() {
@@ -1142,17 +1549,29 @@ impl Cluster {
             }
         }
         for (path, src, ro, _) in &mounts {
-            a.extend([if *ro { "--ro-bind" } else { "--bind" }.to_string(), src.to_string_lossy().into_owned(), path.clone()]);
+            a.extend([
+                if *ro { "--ro-bind" } else { "--bind" }.to_string(),
+                src.to_string_lossy().into_owned(),
+                path.clone(),
+            ]);
         }
         if env.iter().any(|(_, v)| v.contains(DATABASE_CA)) {
-            a.extend(["--ro-bind".into(), self.database.2.to_string_lossy().into_owned(), DATABASE_CA.into()]);
+            a.extend([
+                "--ro-bind".into(),
+                self.database.2.to_string_lossy().into_owned(),
+                DATABASE_CA.into(),
+            ]);
         }
         if c["securityContext"]["readOnlyRootFilesystem"] == true {
             a.extend(["--remount-ro".into(), "/".into()]);
         } else {
             a.extend(["--tmpfs".into(), "/tmp".into()]);
         }
-        a.extend(["--chdir".into(), c["workingDir"].as_str().unwrap_or("/").to_string(), "--clearenv".into()]);
+        a.extend([
+            "--chdir".into(),
+            c["workingDir"].as_str().unwrap_or("/").to_string(),
+            "--clearenv".into(),
+        ]);
         for (k, v) in env {
             a.extend(["--setenv".into(), k.clone(), v.clone()]);
         }
@@ -1168,23 +1587,37 @@ impl Cluster {
             // No probe: ready once it listens on the addresses it was given.
             let ports: Vec<u16> = self.own_ports(key, c);
             for port in ports {
-                eventually(Duration::from_secs(30), &format!("{field} to listen on 127.0.0.1:{port}"), || {
-                    std::net::TcpStream::connect(("127.0.0.1", port)).ok().map(|_| ())
-                });
+                eventually(
+                    Duration::from_secs(30),
+                    &format!("{field} to listen on 127.0.0.1:{port}"),
+                    || {
+                        std::net::TcpStream::connect(("127.0.0.1", port))
+                            .ok()
+                            .map(|_| ())
+                    },
+                );
             }
             return Ok(());
         }
         let Some(get) = p.get("httpGet") else {
-            return Err(format!("{field}.{probe}: only httpGet probes are rehearsed"));
+            return Err(format!(
+                "{field}.{probe}: only httpGet probes are rehearsed"
+            ));
         };
         let port = match &get["port"] {
             Value::Number(n) => n.as_u64().unwrap_or(0) as u16,
-            Value::String(name) => container_port(&self.pods[key].spec["spec"], name)
-                .ok_or_else(|| format!("{field}.{probe}.httpGet.port: no container port named `{name}`"))?,
+            Value::String(name) => {
+                container_port(&self.pods[key].spec["spec"], name).ok_or_else(|| {
+                    format!("{field}.{probe}.httpGet.port: no container port named `{name}`")
+                })?
+            }
             _ => 0,
         };
         let local = self.pod_port(key, port);
-        let url = format!("http://127.0.0.1:{local}{}", get["path"].as_str().unwrap_or("/"));
+        let url = format!(
+            "http://127.0.0.1:{local}{}",
+            get["path"].as_str().unwrap_or("/")
+        );
         let deadline = std::time::Instant::now() + Duration::from_secs(40);
         loop {
             let status = curl_status(&["--max-time", "2", &url]);
@@ -1192,7 +1625,11 @@ impl Cluster {
                 return Ok(());
             }
             if std::time::Instant::now() > deadline {
-                let log = self.pods[key].containers.get(c["name"].as_str().unwrap_or("")).and_then(|(l, _)| std::fs::read_to_string(l).ok()).unwrap_or_default();
+                let log = self.pods[key]
+                    .containers
+                    .get(c["name"].as_str().unwrap_or(""))
+                    .and_then(|(l, _)| std::fs::read_to_string(l).ok())
+                    .unwrap_or_default();
                 let tail: Vec<&str> = log.lines().rev().take(15).collect();
                 return Err(format!(
                     "{field}.{probe}: {url} answered {status} for 40s (container {port}); its log ends:\n{}",
@@ -1206,7 +1643,11 @@ impl Cluster {
     /// Local ports a container was told to listen on (`127.0.0.1:N` in its rewritten
     /// args), for containers without probes.
     fn own_ports(&self, key: &str, c: &Value) -> Vec<u16> {
-        let args: Vec<String> = ["command", "args"].iter().flat_map(|f| c[*f].as_array().cloned().unwrap_or_default()).filter_map(|v| v.as_str().map(String::from)).collect();
+        let args: Vec<String> = ["command", "args"]
+            .iter()
+            .flat_map(|f| c[*f].as_array().cloned().unwrap_or_default())
+            .filter_map(|v| v.as_str().map(String::from))
+            .collect();
         let mut out = Vec::new();
         for a in args {
             for host in ["127.0.0.1:", "0.0.0.0:"] {
@@ -1221,24 +1662,61 @@ impl Cluster {
     }
 
     /// `kubectl exec`: `argv` in container `name` of pod `key`, with its env and mounts.
-    pub fn exec(&mut self, key: &str, container: Option<&str>, argv: &[String]) -> Result<(bool, String), Fault> {
+    pub fn exec(
+        &mut self,
+        key: &str,
+        container: Option<&str>,
+        argv: &[String],
+    ) -> Result<(bool, String), Fault> {
         let spec = self.pods[key].spec.clone();
-        let containers = spec["spec"]["containers"].as_array().cloned().unwrap_or_default();
-        let wanted = container.map(String::from).or_else(|| spec["metadata"]["annotations"]["kubectl.kubernetes.io/default-container"].as_str().map(String::from));
+        let containers = spec["spec"]["containers"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        let wanted = container.map(String::from).or_else(|| {
+            spec["metadata"]["annotations"]["kubectl.kubernetes.io/default-container"]
+                .as_str()
+                .map(String::from)
+        });
         let c = match &wanted {
-            Some(w) => containers.iter().chain(spec["spec"]["initContainers"].as_array().into_iter().flatten()).find(|c| c["name"] == w.as_str()).cloned().ok_or_else(|| format!("container {w} not found in pod of {key}"))?,
+            Some(w) => containers
+                .iter()
+                .chain(
+                    spec["spec"]["initContainers"]
+                        .as_array()
+                        .into_iter()
+                        .flatten(),
+                )
+                .find(|c| c["name"] == w.as_str())
+                .cloned()
+                .ok_or_else(|| format!("container {w} not found in pod of {key}"))?,
             None => containers.first().cloned().ok_or("no containers")?,
         };
         let name = c["name"].as_str().unwrap_or("").to_string();
-        let env = self.pods[key].containers.get(&name).map(|(_, e)| e.clone()).ok_or_else(|| format!("container {name} of {key} is not running"))?;
+        let env = self.pods[key]
+            .containers
+            .get(&name)
+            .map(|(_, e)| e.clone())
+            .ok_or_else(|| format!("container {name} of {key} is not running"))?;
         let image = self.image_of(&c);
         let mut args = Vec::new();
         for a in argv {
             args.push(self.rewrite(key, a)?);
         }
-        let command = self.bwrap(key, &c, image.as_ref(), &env, &args, &format!("exec in {key}/{name}"))?;
+        let command = self.bwrap(
+            key,
+            &c,
+            image.as_ref(),
+            &env,
+            &args,
+            &format!("exec in {key}/{name}"),
+        )?;
         let out = run_bounded_vec(60, &command);
-        let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
         Ok((out.status.success(), text))
     }
 
@@ -1247,9 +1725,15 @@ impl Cluster {
         let pod = &self.pods[key];
         let name = match container {
             Some(c) => c.to_string(),
-            None => pod.spec["spec"]["containers"][0]["name"].as_str().unwrap_or("").to_string(),
+            None => pod.spec["spec"]["containers"][0]["name"]
+                .as_str()
+                .unwrap_or("")
+                .to_string(),
         };
-        let (log, _) = pod.containers.get(&name).ok_or_else(|| format!("container {name} not found in pod of {key}"))?;
+        let (log, _) = pod
+            .containers
+            .get(&name)
+            .ok_or_else(|| format!("container {name} not found in pod of {key}"))?;
         Ok(std::fs::read_to_string(log).unwrap_or_default())
     }
 }
@@ -1276,15 +1760,23 @@ fn namespace_object(name: &str, given: &Value) -> Value {
 fn normalize_secret(obj: &mut Value) -> Result<(), Fault> {
     if let Some(string_data) = obj["stringData"].as_object().cloned() {
         for (k, v) in string_data {
-            obj["data"][k.as_str()] = json!(data_encoding::BASE64.encode(v.as_str().unwrap_or("").as_bytes()));
+            obj["data"][k.as_str()] =
+                json!(data_encoding::BASE64.encode(v.as_str().unwrap_or("").as_bytes()));
         }
         if let Some(m) = obj.as_object_mut() {
             m.remove("stringData");
         }
     }
     for (k, v) in obj["data"].as_object().cloned().unwrap_or_default() {
-        let clean: String = v.as_str().unwrap_or("").chars().filter(|c| !c.is_whitespace()).collect();
-        data_encoding::BASE64.decode(clean.as_bytes()).map_err(|e| format!("{}: data[{k}]: not base64: {e}", describe(obj)))?;
+        let clean: String = v
+            .as_str()
+            .unwrap_or("")
+            .chars()
+            .filter(|c| !c.is_whitespace())
+            .collect();
+        data_encoding::BASE64
+            .decode(clean.as_bytes())
+            .map_err(|e| format!("{}: data[{k}]: not base64: {e}", describe(obj)))?;
         obj["data"][k.as_str()] = json!(clean);
     }
     Ok(())
@@ -1297,7 +1789,14 @@ fn secret_value(secret: &Value, key: &str) -> Result<Vec<u8>, Fault> {
 }
 
 /// Issues a certificate with openssl: self-signed when no CA is given.
-fn issue(dir: &Path, cn: &str, dns: &[String], is_ca: bool, ca_cert: Option<&[u8]>, ca_key: Option<&[u8]>) -> (Vec<u8>, Vec<u8>) {
+fn issue(
+    dir: &Path,
+    cn: &str,
+    dns: &[String],
+    is_ca: bool,
+    ca_cert: Option<&[u8]>,
+    ca_key: Option<&[u8]>,
+) -> (Vec<u8>, Vec<u8>) {
     let key = dir.join("tls.key");
     let crt = dir.join("tls.crt");
     let ext = dir.join("ext.cnf");
@@ -1308,12 +1807,26 @@ fn issue(dir: &Path, cn: &str, dns: &[String], is_ca: bool, ca_cert: Option<&[u8
         ext_text.push_str("basicConstraints=CA:FALSE\nkeyUsage=digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth\n");
     }
     if !dns.is_empty() {
-        ext_text.push_str(&format!("subjectAltName={}\n", dns.iter().map(|d| format!("DNS:{d}")).collect::<Vec<_>>().join(",")));
+        ext_text.push_str(&format!(
+            "subjectAltName={}\n",
+            dns.iter()
+                .map(|d| format!("DNS:{d}"))
+                .collect::<Vec<_>>()
+                .join(",")
+        ));
     }
     std::fs::write(&ext, ext_text).expect("ext");
     let run = |args: &[&str]| {
-        let out = Command::new("openssl").args(args).current_dir(dir).output().expect("openssl");
-        assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        let out = Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .expect("openssl");
+        assert!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     };
     let subj = format!("/CN={cn}");
     let ext_s = ext.to_string_lossy().into_owned();
@@ -1321,20 +1834,72 @@ fn issue(dir: &Path, cn: &str, dns: &[String], is_ca: bool, ca_cert: Option<&[u8
         (Some(c), Some(k)) => {
             std::fs::write(dir.join("ca.crt"), c).expect("ca");
             std::fs::write(dir.join("ca.key"), k).expect("ca key");
-            run(&["req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-subj", &subj, "-keyout", "tls.key", "-out", "tls.csr"]);
-            run(&["x509", "-req", "-in", "tls.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-set_serial", "1", "-days", "90", "-extfile", &ext_s, "-out", "tls.crt"]);
+            run(&[
+                "req",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:P-256",
+                "-nodes",
+                "-subj",
+                &subj,
+                "-keyout",
+                "tls.key",
+                "-out",
+                "tls.csr",
+            ]);
+            run(&[
+                "x509",
+                "-req",
+                "-in",
+                "tls.csr",
+                "-CA",
+                "ca.crt",
+                "-CAkey",
+                "ca.key",
+                "-set_serial",
+                "1",
+                "-days",
+                "90",
+                "-extfile",
+                &ext_s,
+                "-out",
+                "tls.crt",
+            ]);
         }
         _ => {
             // openssl's default req -x509 extensions (v3_ca) make it a CA.
-            run(&["req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-days", "3650", "-subj", &subj, "-keyout", "tls.key", "-out", "tls.crt"]);
+            run(&[
+                "req",
+                "-x509",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:P-256",
+                "-nodes",
+                "-days",
+                "3650",
+                "-subj",
+                &subj,
+                "-keyout",
+                "tls.key",
+                "-out",
+                "tls.crt",
+            ]);
         }
     }
-    (std::fs::read(crt).expect("crt"), std::fs::read(key).expect("key"))
+    (
+        std::fs::read(crt).expect("crt"),
+        std::fs::read(key).expect("key"),
+    )
 }
 
 /// The kubelet's AtomicWriter layout.
 fn write_atomic(dir: &Path, files: &[(String, Vec<u8>)], generation: u32) {
-    let ts = format!("..2026_01_01_00_00_{generation:02}.{}", 100_000 + generation);
+    let ts = format!(
+        "..2026_01_01_00_00_{generation:02}.{}",
+        100_000 + generation
+    );
     let data_dir = dir.join(&ts);
     for (rel, bytes) in files {
         let p = data_dir.join(rel);
@@ -1346,7 +1911,10 @@ fn write_atomic(dir: &Path, files: &[(String, Vec<u8>)], generation: u32) {
     let _ = std::fs::remove_file(&tmp);
     std::os::unix::fs::symlink(&ts, &tmp).expect("symlink");
     std::fs::rename(&tmp, dir.join("..data")).expect("swap ..data");
-    let mut tops: Vec<String> = files.iter().filter_map(|(rel, _)| rel.split('/').next().map(String::from)).collect();
+    let mut tops: Vec<String> = files
+        .iter()
+        .filter_map(|(rel, _)| rel.split('/').next().map(String::from))
+        .collect();
     tops.sort();
     tops.dedup();
     for top in tops {
@@ -1365,7 +1933,13 @@ fn read_atomic(dir: &Path) -> Vec<(String, Vec<u8>)> {
             if p.is_dir() {
                 walk(root, &p, out);
             } else if let Ok(b) = std::fs::read(&p) {
-                out.push((p.strip_prefix(root).unwrap_or(&p).to_string_lossy().into_owned(), b));
+                out.push((
+                    p.strip_prefix(root)
+                        .unwrap_or(&p)
+                        .to_string_lossy()
+                        .into_owned(),
+                    b,
+                ));
             }
         }
     }
@@ -1376,7 +1950,8 @@ fn read_atomic(dir: &Path) -> Vec<(String, Vec<u8>)> {
 }
 
 fn has(list: &Value, item: &str) -> bool {
-    list.as_array().is_some_and(|a| a.iter().any(|v| v == item || v == "*"))
+    list.as_array()
+        .is_some_and(|a| a.iter().any(|v| v == item || v == "*"))
 }
 
 /// A `LabelSelector` (matchLabels, matchExpressions) against labels; null matches all.
@@ -1385,11 +1960,16 @@ pub fn selector_matches(selector: &Value, labels: &Value) -> bool {
         return true;
     }
     let label = |k: &str| labels[k].as_str();
-    let labels_ok = selector["matchLabels"].as_object().is_none_or(|m| m.iter().all(|(k, v)| label(k) == v.as_str()));
+    let labels_ok = selector["matchLabels"]
+        .as_object()
+        .is_none_or(|m| m.iter().all(|(k, v)| label(k) == v.as_str()));
     let exprs_ok = selector["matchExpressions"].as_array().is_none_or(|es| {
         es.iter().all(|e| {
             let k = e["key"].as_str().unwrap_or("");
-            let values: Vec<&str> = e["values"].as_array().map(|a| a.iter().filter_map(Value::as_str).collect()).unwrap_or_default();
+            let values: Vec<&str> = e["values"]
+                .as_array()
+                .map(|a| a.iter().filter_map(Value::as_str).collect())
+                .unwrap_or_default();
             match e["operator"].as_str().unwrap_or("") {
                 "In" => label(k).is_some_and(|v| values.contains(&v)),
                 "NotIn" => label(k).is_none_or(|v| !values.contains(&v)),
@@ -1404,11 +1984,19 @@ pub fn selector_matches(selector: &Value, labels: &Value) -> bool {
 
 /// A Service's `selector` (a plain map) against labels.
 fn selector_matches_labels(selector: &Value, labels: &Value) -> bool {
-    selector.as_object().is_some_and(|m| !m.is_empty() && m.iter().all(|(k, v)| labels[k.as_str()] == *v))
+    selector
+        .as_object()
+        .is_some_and(|m| !m.is_empty() && m.iter().all(|(k, v)| labels[k.as_str()] == *v))
 }
 
 fn container_port(pod_spec: &Value, name: &str) -> Option<u16> {
-    ["containers", "initContainers"].iter().flat_map(|f| pod_spec[*f].as_array().cloned().unwrap_or_default()).flat_map(|c| c["ports"].as_array().cloned().unwrap_or_default()).find(|p| p["name"] == name).and_then(|p| p["containerPort"].as_u64()).and_then(|p| u16::try_from(p).ok())
+    ["containers", "initContainers"]
+        .iter()
+        .flat_map(|f| pod_spec[*f].as_array().cloned().unwrap_or_default())
+        .flat_map(|c| c["ports"].as_array().cloned().unwrap_or_default())
+        .find(|p| p["name"] == name)
+        .and_then(|p| p["containerPort"].as_u64())
+        .and_then(|p| u16::try_from(p).ok())
 }
 
 fn set(env: &mut Vec<(String, String)>, k: &str, v: String) {
@@ -1444,11 +2032,21 @@ pub fn expand(text: &str, env: &[(String, String)]) -> String {
 fn rewrite_database_url(url: &str, host: &str, database: &str, ca: &Path) -> String {
     let (scheme, rest) = url.split_once("://").unwrap_or(("postgres", url));
     let (authority, tail) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
-    let userinfo = authority.rsplit_once('@').map(|(u, _)| format!("{u}@")).unwrap_or_default();
+    let userinfo = authority
+        .rsplit_once('@')
+        .map(|(u, _)| format!("{u}@"))
+        .unwrap_or_default();
     let query = tail.split_once('?').map(|(_, q)| q).unwrap_or("");
-    let mut params: Vec<String> = query.split('&').filter(|p| !p.is_empty() && !p.starts_with("sslrootcert=")).map(String::from).collect();
+    let mut params: Vec<String> = query
+        .split('&')
+        .filter(|p| !p.is_empty() && !p.starts_with("sslrootcert="))
+        .map(String::from)
+        .collect();
     params.push(format!("sslrootcert={}", ca.display()));
-    format!("{scheme}://{userinfo}{host}/{database}?{}", params.join("&"))
+    format!(
+        "{scheme}://{userinfo}{host}/{database}?{}",
+        params.join("&")
+    )
 }
 
 fn run_bounded_vec(secs: u32, argv: &[String]) -> std::process::Output {
@@ -1464,10 +2062,21 @@ fn run_bounded_vec(secs: u32, argv: &[String]) -> std::process::Output {
 fn kubelet_rules() {
     let env = vec![("A".to_string(), "x".to_string())];
     assert_eq!(expand("$(A)/$(B)/$$(A)", &env), "x/$(B)/$(A)");
-    assert!(selector_matches(&json!({"matchExpressions": [{"key": "k", "operator": "NotIn", "values": ["disabled"]}]}), &json!({})));
-    assert!(!selector_matches(&json!({"matchLabels": {"a": "b"}}), &json!({"a": "c"})));
+    assert!(selector_matches(
+        &json!({"matchExpressions": [{"key": "k", "operator": "NotIn", "values": ["disabled"]}]}),
+        &json!({})
+    ));
+    assert!(!selector_matches(
+        &json!({"matchLabels": {"a": "b"}}),
+        &json!({"a": "c"})
+    ));
     assert_eq!(
-        rewrite_database_url("postgres://nexus:PW@db.svc:5432/nexus?sslmode=verify-full", "127.0.0.1:5", "d1", Path::new("/ca.pem")),
+        rewrite_database_url(
+            "postgres://nexus:PW@db.svc:5432/nexus?sslmode=verify-full",
+            "127.0.0.1:5",
+            "d1",
+            Path::new("/ca.pem")
+        ),
         "postgres://nexus:PW@127.0.0.1:5/d1?sslmode=verify-full&sslrootcert=/ca.pem"
     );
 }
