@@ -955,7 +955,7 @@ impl Cluster {
                     }
                 }
             }
-            None => files.extend(data.into_iter()),
+            None => files.extend(data),
         }
         if rewrite {
             for (_, bytes) in &mut files {
