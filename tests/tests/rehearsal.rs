@@ -93,18 +93,25 @@ fn yaml_docs(text: &str) -> Result<Vec<Value>, Fault> {
     Ok(out)
 }
 
-/// The test PostgreSQL: (host:port, admin URL, CA file); the caller's, or one started
-/// for this test binary (kept for its lifetime).
-fn postgres() -> (String, String, PathBuf) {
-    static PG: std::sync::OnceLock<(String, String, PathBuf)> = std::sync::OnceLock::new();
-    PG.get_or_init(|| {
-        let (url, ca) = match std::env::var("NEXUS_TEST_POSTGRES_URL") {
+/// The test PostgreSQL: the caller's (`NEXUS_TEST_POSTGRES_URL`, as scripts/test.sh
+/// sets it), or one started for this test and stopped when dropped.
+struct Postgres {
+    host: String,
+    url: String,
+    ca: PathBuf,
+    own: Option<tempfile::TempDir>,
+}
+
+impl Postgres {
+    fn start() -> Self {
+        let (url, ca, own) = match std::env::var("NEXUS_TEST_POSTGRES_URL") {
             Ok(url) => (
                 url,
                 PathBuf::from(
                     std::env::var("NEXUS_TEST_POSTGRES_CA")
                         .expect("NEXUS_TEST_POSTGRES_CA with NEXUS_TEST_POSTGRES_URL"),
                 ),
+                None,
             ),
             Err(_) => {
                 let dir = tempfile::Builder::new()
@@ -120,10 +127,7 @@ fn postgres() -> (String, String, PathBuf) {
                     ]),
                     "scripts/postgres.sh start",
                 );
-                let ca = data.join("nexus-test-ca.pem");
-                // Stopped with the machine's other leftovers: the test binary exits first.
-                std::mem::forget(dir);
-                (url, ca)
+                (url, data.join("nexus-test-ca.pem"), Some(dir))
             }
         };
         let host = url
@@ -132,29 +136,38 @@ fn postgres() -> (String, String, PathBuf) {
             .and_then(|r| r.split('/').next())
             .map(|a| a.rsplit('@').next().unwrap_or(a).to_string())
             .unwrap_or_default();
-        (host, url, ca)
-    })
-    .clone()
+        Postgres { host, url, ca, own }
+    }
+
+    /// A fresh database: (host:port, name, CA file).
+    fn database(&self, name: &str) -> (String, String, PathBuf) {
+        let admin = self
+            .url
+            .rsplit_once('/')
+            .map(|(b, _)| format!("{b}/postgres"))
+            .unwrap_or_default();
+        let db = format!("{name}_{}", std::process::id());
+        for sql in [
+            format!("DROP DATABASE IF EXISTS {db}"),
+            format!("CREATE DATABASE {db}"),
+        ] {
+            nexus_tests::stdout_of(
+                Command::new("psql").args([admin.as_str(), "-qtAc", &sql]),
+                &format!("psql {sql}"),
+            );
+        }
+        (self.host.clone(), db, self.ca.clone())
+    }
 }
 
-/// A fresh database for one rehearsal.
-fn database(name: &str) -> (String, String, PathBuf) {
-    let (host, url, ca) = postgres();
-    let admin = url
-        .rsplit_once('/')
-        .map(|(b, _)| format!("{b}/postgres"))
-        .unwrap_or_default();
-    let db = format!("{name}_{}", std::process::id());
-    for sql in [
-        format!("DROP DATABASE IF EXISTS {db}"),
-        format!("CREATE DATABASE {db}"),
-    ] {
-        nexus_tests::stdout_of(
-            Command::new("psql").args([admin.as_str(), "-qtAc", &sql]),
-            &format!("psql {sql}"),
-        );
+impl Drop for Postgres {
+    fn drop(&mut self) {
+        if let Some(dir) = &self.own {
+            let _ = Command::new(repo_root().join("scripts/postgres.sh"))
+                .args(["stop", &dir.path().join("data").to_string_lossy()])
+                .output();
+        }
     }
-    (host, db, ca)
 }
 
 fn copy_tree(from: &Path, to: &Path) {
@@ -513,13 +526,13 @@ fn rehearse(variant: &str) {
     let dir = nexus_tests::temp_dir(&format!("rehearsal-{variant}"));
     let runbook = std::fs::read_to_string(repo_root().join("docs/deployment.md"))
         .expect("docs/deployment.md");
-    let mut book = Runbook::new(
-        variant,
-        dir.path(),
-        database(&format!("rehearsal_{}", variant.replace('-', "_"))),
-    );
+    let postgres = Postgres::start();
+    let db = postgres.database(&format!("rehearsal_{}", variant.replace('-', "_")));
+    let mut book = Runbook::new(variant, dir.path(), db);
     let started = std::time::Instant::now();
     if let Err(fault) = book.follow(&runbook, "docs/deployment.md", variant) {
+        drop(book);
+        drop(postgres);
         let dir = dir.keep();
         panic!(
             "rehearsal of docs/deployment.md with the {variant} overlay failed (files in {}):\n{fault}",
