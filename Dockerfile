@@ -1,5 +1,6 @@
 # syntax=docker/dockerfile:1
-# The Nexus images, one target each (tags as deploy/ and nexus-kube's InjectConfig name them):
+# The Nexus images, one target each (names and tags as deploy/images/kustomization.yaml
+# sets them for every manifest and for the webhook's injected sidecar and launcher):
 #   docker build --target sidecar  -t ghcr.io/nexus/nexus-sidecar:0.1.0 .
 #   docker build --target gateway  -t ghcr.io/nexus/nexus-gateway:0.1.0 .
 #   docker build --target launcher -t ghcr.io/nexus/nexus-launch:0.1.0 .
@@ -30,7 +31,9 @@ COPY --from=build /src/target/release/nexus-gateway /usr/local/bin/nexus-gateway
 USER 65532:65532
 ENTRYPOINT ["/usr/local/bin/nexus-gateway"]
 
-FROM gcr.io/distroless/cc-debian12:nonroot AS nexusctl
+# The debug variant adds busybox in /busybox: the operator toolbox pod
+# (deploy/base/operator.yaml) idles with /busybox/sleep until `kubectl exec`.
+FROM gcr.io/distroless/cc-debian12:debug-nonroot AS nexusctl
 COPY --from=build /src/target/release/nexusctl /usr/local/bin/nexusctl
 USER 65532:65532
 ENTRYPOINT ["/usr/local/bin/nexusctl"]

@@ -418,7 +418,8 @@ impl Config {
     }
 
     /// Environment overrides: `NEXUS_GATEWAY_DATABASE_URL`, `NEXUS_GATEWAY_LISTEN`,
-    /// `NEXUS_GATEWAY_ADMIN_LISTEN`, `SPIFFE_ENDPOINT_SOCKET`.
+    /// `NEXUS_GATEWAY_ADMIN_LISTEN`, `SPIFFE_ENDPOINT_SOCKET`, and the webhook's injected
+    /// images `NEXUS_INJECT_SIDECAR_IMAGE`, `NEXUS_INJECT_LAUNCHER_IMAGE`.
     pub fn apply_env(&mut self, get: impl Fn(&str) -> Option<String>) -> Result<(), ConfigError> {
         if let Some(url) = get("NEXUS_GATEWAY_DATABASE_URL") {
             self.database.url = url;
@@ -440,6 +441,9 @@ impl Config {
         }
         if self.identity.workload_api_socket.is_none() {
             self.identity.workload_api_socket = get("SPIFFE_ENDPOINT_SOCKET");
+        }
+        if let Some(webhook) = &mut self.webhook {
+            webhook.inject.apply_env(&get);
         }
         Ok(())
     }

@@ -4,7 +4,9 @@
 //! Which gateway and which operator identity: flags, else environment
 //! (`NEXUS_GATEWAY`, `NEXUS_GATEWAY_ID`, `NEXUS_OPERATOR_CERT`, `NEXUS_OPERATOR_KEY`,
 //! `NEXUS_CA_BUNDLE`), else the local stack that `nexusctl up` started (its state file),
-//! as kubectl falls back to its current context.
+//! as kubectl falls back to its current context. In a cluster the operator's SVID comes
+//! from the SPIFFE Workload API instead (`--workload-api` or `SPIFFE_ENDPOINT_SOCKET`, as
+//! in the `nexus-operator` toolbox pod of deploy/), when no certificate file is named.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -41,6 +43,16 @@ pub struct Target {
     /// The trust bundle (PEM CA certificates) of the gateway's trust domain.
     #[arg(long, env = "NEXUS_CA_BUNDLE", global = true)]
     ca: Option<PathBuf>,
+    /// Take the operator's SVID and trust bundle from this SPIFFE Workload API socket
+    /// (`unix:///path`), as a workload does, when no --cert is given. In a pod registered
+    /// with SPIRE, `SPIFFE_ENDPOINT_SOCKET` names it.
+    #[arg(
+        long,
+        env = "SPIFFE_ENDPOINT_SOCKET",
+        global = true,
+        value_name = "SOCKET"
+    )]
+    workload_api: Option<String>,
     /// The local stack's state file (default: the one `nexusctl up` writes).
     #[arg(long, global = true)]
     up_state: Option<PathBuf>,
@@ -77,7 +89,18 @@ pub enum ExecCommand {
     },
 }
 
-fn operator_files(target: &Target) -> anyhow::Result<(String, String, FileSourceConfig)> {
+/// Where the operator's SVID comes from.
+enum OperatorIdentity {
+    /// PEM files (flags, environment, or the local stack's state file).
+    Files(FileSourceConfig),
+    /// A SPIFFE Workload API socket.
+    WorkloadApi(String),
+}
+
+/// How long to wait for the Workload API's first SVID.
+const WORKLOAD_API_WAIT: Duration = Duration::from_secs(15);
+
+fn operator_identity(target: &Target) -> anyhow::Result<(String, String, OperatorIdentity)> {
     let up: Option<serde_json::Value> = {
         let path = target
             .up_state
@@ -108,6 +131,16 @@ fn operator_files(target: &Target) -> anyhow::Result<(String, String, FileSource
         .clone()
         .or_else(|| from_up("gateway_id"))
         .ok_or_else(|| missing("gateway SPIFFE ID", "--gateway-id"))?;
+    // Certificate files named on the command line or in the environment win; else the
+    // Workload API when one is named; else the local stack's files.
+    let files_named = target.cert.is_some() || target.key.is_some() || target.ca.is_some();
+    if !files_named && let Some(socket) = &target.workload_api {
+        return Ok((
+            gateway,
+            gateway_id,
+            OperatorIdentity::WorkloadApi(socket.clone()),
+        ));
+    }
     let path = |flag: &Option<PathBuf>, key: &str, name: &str| -> anyhow::Result<PathBuf> {
         flag.clone()
             .or_else(|| from_up(key).map(PathBuf::from))
@@ -124,16 +157,44 @@ fn operator_files(target: &Target) -> anyhow::Result<(String, String, FileSource
         bundle: path(&target.ca, "ca_bundle", "trust bundle ca")?,
         federated_bundles: Default::default(),
     };
-    Ok((gateway, gateway_id, files))
+    Ok((gateway, gateway_id, OperatorIdentity::Files(files)))
 }
 
 async fn client(target: &Target) -> anyhow::Result<AdminClient<Channel>> {
-    let (gateway, gateway_id, files) = operator_files(target)?;
+    let (gateway, gateway_id, identity) = operator_identity(target)?;
     let store = IdentityStore::new(Arc::new(rustls::crypto::ring::default_provider()));
-    let (svid, bundles) = load(&files).with_context(|| "cannot load the operator identity")?;
-    store
-        .publish(svid, &bundles)
-        .map_err(|e| anyhow::anyhow!("the operator identity is unusable: {e}"))?;
+    match identity {
+        OperatorIdentity::Files(files) => {
+            let (svid, bundles) =
+                load(&files).with_context(|| "cannot load the operator identity")?;
+            store
+                .publish(svid, &bundles)
+                .map_err(|e| anyhow::anyhow!("the operator identity is unusable: {e}"))?;
+        }
+        OperatorIdentity::WorkloadApi(socket) => {
+            let mut updates = store.subscribe();
+            tokio::spawn(nexus_identity::source::workload_api::run(
+                Some(socket.clone()),
+                store.clone(),
+            ));
+            let first = tokio::time::timeout(WORKLOAD_API_WAIT, async {
+                while !store.is_ready() {
+                    if updates.changed().await.is_err() {
+                        break;
+                    }
+                }
+            })
+            .await;
+            if first.is_err() || !store.is_ready() {
+                anyhow::bail!(
+                    "no SVID from the Workload API at {socket} within {}s: is the agent \
+                     running there, and is this workload registered (in Kubernetes, does a \
+                     ClusterSPIFFEID select this pod)?",
+                    WORKLOAD_API_WAIT.as_secs()
+                );
+            }
+        }
+    }
     let expected = AllowList::parse(&[&gateway_id])?;
     let channel =
         nexus_identity::tls::grpc_channel(store, expected, &gateway, Duration::from_secs(5))
@@ -539,6 +600,7 @@ impl Target {
             cert: Some(cert.to_path_buf()),
             key: Some(key.to_path_buf()),
             ca: Some(ca.to_path_buf()),
+            workload_api: None,
             up_state: None,
             output: "text".into(),
         }

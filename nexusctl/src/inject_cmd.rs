@@ -20,7 +20,9 @@ pub struct InjectArgs {
     /// The sidecar ConfigMap (the `nexus.io/config-map` annotation; a workload's own wins).
     #[arg(long, value_name = "NAME")]
     pub config_map: Option<String>,
-    /// Injection settings (TOML, the gateway's `[inject]` table's fields); default: built-in.
+    /// Injection settings: a TOML file with the fields of the gateway config's
+    /// `[webhook.inject]` table (sidecar_image, launcher_image, config_map, ...), at its top
+    /// level; default: the built-in values.
     #[arg(long, value_name = "FILE")]
     pub inject_config: Option<PathBuf>,
 }

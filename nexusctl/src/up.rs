@@ -540,9 +540,44 @@ fn write_private(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `text` quoted for a POSIX shell when it holds anything but safe characters.
+fn shell_quote(text: &str) -> String {
+    let safe = !text.is_empty()
+        && text
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"/._-+:=@%,".contains(&b));
+    if safe {
+        text.to_string()
+    } else {
+        format!("'{}'", text.replace('\'', "'\\''"))
+    }
+}
+
+/// The printed `nexusctl` lines: the full path of this binary (the quick start builds it
+/// in target/debug, which is not on PATH) and, when the state file is not the default
+/// one, `--up-state FILE` at the end so the commands find this stack.
+fn nexusctl_line(state_file: &Path, args: &str) -> String {
+    let me = std::env::current_exe()
+        .map(|p| p.to_string_lossy().into_owned())
+        .unwrap_or_else(|_| "nexusctl".into());
+    let mut line = format!("{} {args}", shell_quote(&me));
+    if state_file != default_dir().join("state.json") {
+        line.push_str(" --up-state ");
+        line.push_str(&shell_quote(&state_file.to_string_lossy()));
+    }
+    line
+}
+
 fn print_welcome(state: &State, state_file: &Path) {
     let out = &state.plugin_outbound_url;
     let inb = &state.data_api_inbound_url;
+    let ctl = |args: &str| nexusctl_line(state_file, args);
+    let plain = shell_quote(
+        &std::env::current_exe()
+            .map(|p| p.to_string_lossy().into_owned())
+            .unwrap_or_else(|_| "nexusctl".into()),
+    );
+    let q = |p: &Path| shell_quote(&p.to_string_lossy());
     crate::outln!(
         "Nexus local stack is up (development identities; never for production).\n\n\
          The plugin calls its sidecar in plain HTTP; the sidecar carries it over mTLS, and\n\
@@ -557,11 +592,13 @@ fn print_welcome(state: &State, state_file: &Path) {
          curl -s --cacert {ca} {inb}/clauses/c-flood-17/rainfall\n\n\
          Revoke the plugin at the gateway: every sidecar refuses it within milliseconds\n\
          (403 from its own sidecar and from the data API's), until reinstated:\n  \
-         nexusctl revoke {plugin} --reason \"demo\"\n  \
+         {revoke}\n  \
          curl -s {out}/clauses/c-flood-17/rainfall\n  \
-         nexusctl status\n  \
-         nexusctl reinstate {plugin}\n\n\
-         Executions: nexusctl exec list | nexusctl exec open --plugin {plugin} --clause c-flood-18 --ttl 10m\n\
+         {status}\n  \
+         {reinstate}\n\n\
+         Executions:\n  \
+         {exec_list}\n  \
+         {exec_open}\n\n\
          Policies: {policy_dir} (edit and save: reloaded within a second)\n\
          Revocation policy (anomaly signals): {revocation}\n\
          Execution records (one hash-chained line per request), and how to check them:\n{records}\n\
@@ -569,12 +606,18 @@ fn print_welcome(state: &State, state_file: &Path) {
          State file: {state_file}\n\
          Press Ctrl-C to stop.",
         exec = state.demo_execution,
-        plugin = PLUGIN_ID,
+        revoke = ctl(&format!("revoke {PLUGIN_ID} --reason demo")),
+        status = ctl("status"),
+        reinstate = ctl(&format!("reinstate {PLUGIN_ID}")),
+        exec_list = ctl("exec list"),
+        exec_open = ctl(&format!(
+            "exec open --plugin {PLUGIN_ID} --clause c-flood-18 --ttl 10m"
+        )),
         policy_dir = state.policy_dir.display(),
         revocation = state.revocation_policy_dir.display(),
-        ca = state.ca_bundle.display(),
-        cert = state.client_cert.display(),
-        key = state.client_key.display(),
+        ca = q(&state.ca_bundle),
+        cert = q(&state.client_cert),
+        key = q(&state.client_key),
         admins = state
             .admin_urls
             .values()
@@ -584,9 +627,26 @@ fn print_welcome(state: &State, state_file: &Path) {
         records = state
             .record_files
             .values()
-            .map(|f| format!("  nexusctl audit verify {}", f.display()))
+            .map(|f| format!("  {plain} audit verify {}", q(f)))
             .collect::<Vec<_>>()
             .join("\n"),
         state_file = state_file.display(),
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn printed_commands_name_a_state_file_that_is_not_the_default() {
+        let line = nexusctl_line(Path::new("/tmp/my stack/state.json"), "status");
+        assert!(
+            line.ends_with(" status --up-state '/tmp/my stack/state.json'"),
+            "{line}"
+        );
+        let default = nexusctl_line(&default_dir().join("state.json"), "status");
+        assert!(default.ends_with(" status"), "{default}");
+        assert_eq!(shell_quote("it's"), "'it'\\''s'");
+    }
 }

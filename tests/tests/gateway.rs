@@ -968,16 +968,20 @@ fn the_gateway_serves_the_admission_webhook_and_evicts_revoked_pods() {
 
 #[test]
 fn the_deployed_gateway_config_is_valid() {
-    // The gateway.toml inside deploy/base/gateway-config.yaml, checked by the binary.
+    // The gateway.toml inside deploy/base/gateway-config.yaml, checked by the binary, with
+    // its revocation policy folder where this checkout has it (in the cluster, the
+    // ConfigMap made from policies/revocation/; tests/tests/rehearsal.rs starts the
+    // gateway from the mounted files themselves).
     let dir = temp_dir("gateway-deploy-config");
     let toml = dir.path().join("gateway.toml");
     let out = Command::new("python3")
         .args([
             "-c",
-            "import sys,yaml; d=yaml.safe_load(open(sys.argv[1])); open(sys.argv[2],'w').write(d['data']['gateway.toml'])",
+            "import sys,yaml; d=yaml.safe_load(open(sys.argv[1])); open(sys.argv[2],'w').write(d['data']['gateway.toml'].replace('/etc/nexus/revocation-policy', sys.argv[3]))",
         ])
         .arg(repo_root().join("deploy/base/gateway-config.yaml"))
         .arg(&toml)
+        .arg(repo_root().join("policies/revocation"))
         .output()
         .expect("python3");
     assert!(
@@ -1145,8 +1149,33 @@ fn nexusctl_up_runs_the_local_stack_and_its_revocation_demo() {
     );
     assert_eq!(curl_status(&["--cacert", ca, &direct]), 0);
 
-    // The revocation demo, as printed.
-    let revoked = nexusctl(&["revoke", PLUGIN_ID, "--reason", "demo"]);
+    // The revocation demo, as printed: each line run by a shell whose PATH does not hold
+    // target/debug (the quick start does not put nexusctl on PATH).
+    let printed = up.log_text();
+    let printed_line = |needle: &str| -> String {
+        printed
+            .lines()
+            .map(str::trim)
+            .find(|l| l.contains("nexusctl ") && l.contains(needle))
+            .unwrap_or_else(|| panic!("nexusctl up printed no `{needle}` command:\n{printed}"))
+            .to_string()
+    };
+    let as_printed = |line: &str| {
+        nexus_tests::stdout_of(
+            Command::new("sh")
+                .arg("-c")
+                .arg(line)
+                .env("NEXUS_HOME", &home)
+                .env("PATH", "/usr/bin:/bin"),
+            line,
+        )
+    };
+    let revoke_line = printed_line(" revoke ");
+    assert!(
+        revoke_line.starts_with(&nexus_tests::bin("nexusctl").to_string_lossy().into_owned()),
+        "printed with the full path: {revoke_line}"
+    );
+    let revoked = as_printed(&revoke_line);
     assert!(
         revoked.contains("acknowledged by all 2 sidecars"),
         "{revoked}"
@@ -1154,6 +1183,7 @@ fn nexusctl_up_runs_the_local_stack_and_its_revocation_demo() {
     let (code, body) = read("/clauses/c-flood-17/rainfall");
     assert_eq!(code, 403, "{body}");
     assert!(body.contains("revoked"), "{body}");
+    assert!(as_printed(&printed_line(" status")).contains("REVOKED (1)"));
     let status: serde_json::Value =
         serde_json::from_str(&nexusctl(&["status", "-o", "json"])).unwrap();
     assert_eq!(
@@ -1162,9 +1192,14 @@ fn nexusctl_up_runs_the_local_stack_and_its_revocation_demo() {
         "{status}"
     );
     assert_eq!(status["revoked"][0]["subject"], PLUGIN_ID, "{status}");
-    nexusctl(&["reinstate", PLUGIN_ID]);
+    as_printed(&printed_line(" reinstate "));
     assert_eq!(read("/clauses/c-flood-17/rainfall").0, 200);
-    // Every request left a record, and the chain verifies.
+    assert!(as_printed(&printed_line(" exec list")).contains("c-flood-17"));
+    let opened = as_printed(&printed_line(" exec open "));
+    assert!(opened.starts_with("ex-"), "{opened}");
+    assert_eq!(read("/clauses/c-flood-18/rainfall").0, 200);
+    // Every request left a record, and the chain verifies (the printed command).
+    as_printed(&printed_line(" audit verify "));
     let records = state["record_files"]["data-sidecar"].as_str().unwrap();
     nexusctl(&["audit", "verify", records]);
 

@@ -158,6 +158,28 @@ impl Default for InjectConfig {
     }
 }
 
+/// Environment variables that override the injected images, so a kustomize `images:`
+/// entry (which rewrites env values of the gateway Deployment through deploy/images'
+/// transformer configuration) names the sidecar and launcher images in the same place as
+/// every other Nexus image.
+pub const SIDECAR_IMAGE_ENV: &str = "NEXUS_INJECT_SIDECAR_IMAGE";
+/// See [`SIDECAR_IMAGE_ENV`].
+pub const LAUNCHER_IMAGE_ENV: &str = "NEXUS_INJECT_LAUNCHER_IMAGE";
+
+impl InjectConfig {
+    /// Applies [`SIDECAR_IMAGE_ENV`] and [`LAUNCHER_IMAGE_ENV`] (an empty value is ignored).
+    pub fn apply_env(&mut self, get: impl Fn(&str) -> Option<String>) {
+        for (var, field) in [
+            (SIDECAR_IMAGE_ENV, &mut self.sidecar_image),
+            (LAUNCHER_IMAGE_ENV, &mut self.launcher_image),
+        ] {
+            if let Some(value) = get(var).filter(|v| !v.trim().is_empty()) {
+                *field = value.trim().to_string();
+            }
+        }
+    }
+}
+
 fn default_csi_driver() -> String {
     "csi.spiffe.io".into()
 }
@@ -181,6 +203,18 @@ mod tests {
         let err = serde_json::from_str::<InjectConfig>(r#"{"sidecar_imag": "x"}"#)
             .expect_err("typo must fail");
         assert!(err.to_string().contains("sidecar_imag"), "{err}");
+    }
+
+    #[test]
+    fn image_environment_overrides_the_configured_images() {
+        let mut cfg = InjectConfig::default();
+        cfg.apply_env(|k| match k {
+            SIDECAR_IMAGE_ENV => Some("registry.test/nexus-sidecar:9".into()),
+            LAUNCHER_IMAGE_ENV => Some("  ".into()),
+            _ => None,
+        });
+        assert_eq!(cfg.sidecar_image, "registry.test/nexus-sidecar:9");
+        assert_eq!(cfg.launcher_image, InjectConfig::default().launcher_image);
     }
 
     #[test]

@@ -16,7 +16,10 @@ pub mod inject;
 pub mod manifests;
 
 pub use admission::review;
-pub use config::{DEFAULT_MAX_REVIEW_BYTES, InjectConfig, Resources, WorkloadApiSocket};
+pub use config::{
+    DEFAULT_MAX_REVIEW_BYTES, InjectConfig, LAUNCHER_IMAGE_ENV, Resources, SIDECAR_IMAGE_ENV,
+    WorkloadApiSocket,
+};
 pub use evict::{EvictError, EvictionReport, EvictorConfig, PodEvictor, WorkloadId};
 pub use inject::{InjectError, Outcome};
 pub use manifests::{Injected, ManifestError, Overrides, inject_manifests};
