@@ -1119,10 +1119,16 @@ fn policy_edits_reload_and_broken_or_untested_edits_are_refused() {
         "still ready on the last good one"
     );
 
-    // Fixed: the original revision is back (the id hashes the files).
-    let ok = st.hop.data.metric_sum(&reloads("ok"));
+    // Fixed: the original revision is back (the id hashes the files). Both sidecars
+    // must have reloaded it: a request the plugin's sidecar still judges on `second`
+    // would be refused there, under that revision, before the data sidecar sees it.
+    let ok = (
+        st.hop.data.metric_sum(&reloads("ok")),
+        st.hop.plugin.metric_sum(&reloads("ok")),
+    );
     write_atomically(&rego, original.as_bytes());
-    st.hop.data.wait_metric(&reloads("ok"), ok + 1.0, WAIT);
+    st.hop.data.wait_metric(&reloads("ok"), ok.0 + 1.0, WAIT);
+    st.hop.plugin.wait_metric(&reloads("ok"), ok.1 + 1.0, WAIT);
     st.eventually_both("/headers", "the grant is gone", |r| {
         r.denied_because(NO_RULE) && r.revision() == first
     });
