@@ -17,6 +17,7 @@ pub mod manifests;
 
 pub use admission::review;
 pub use config::{
+    MAX_SHUTDOWN_GRACE_SECS, SHUTDOWN_FLUSH_MARGIN_SECS,
     DEFAULT_MAX_REVIEW_BYTES, InjectConfig, LAUNCHER_IMAGE_ENV, Resources, SIDECAR_IMAGE_ENV,
     WorkloadApiSocket,
 };

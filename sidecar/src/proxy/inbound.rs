@@ -20,7 +20,8 @@ use super::forward::{Forward, VersionPolicy};
 use super::layers::{CallerIdentityLayer, Peer, RecordLayer};
 use super::normalize::NormalizeLimits;
 use super::revocation::{RevocationLayer, close_when_revoked};
-use super::serve::{accept_loop, http_server, serve_http};
+use super::overload::{ShedLayer, TimeoutLayer};
+use super::serve::serve_http;
 use super::trace::TraceLayer;
 use super::watch::WatchLayer;
 use crate::config::{AppProtocol, Config};
@@ -40,6 +41,8 @@ pub struct Inbound {
     server: auto::Builder<TokioExecutor>,
     handshake_timeout: Duration,
     max_connections: usize,
+    shed: ShedLayer,
+    request_timeout: std::time::Duration,
     telemetry: Option<Telemetry>,
     steps: Steps,
 }
@@ -86,15 +89,18 @@ impl Inbound {
             inbound.app.parse()?,
             versions,
         );
+        let self_metrics = metrics.clone();
         Ok(Self {
             acceptor: TlsAcceptor::from(Arc::new(tls)),
             forward,
             store,
             metrics,
             policy,
-            server: http_server(&config.limits),
+            server: nexus_serve::http_server(&config.limits.conn()),
             handshake_timeout: config.tls.handshake_timeout,
             max_connections: config.limits.max_connections,
+            shed: ShedLayer::new(config.limits.max_in_flight, self_metrics, DIRECTION),
+            request_timeout: config.limits.request_timeout,
             telemetry: None,
             steps: Steps::default(),
         })
@@ -112,16 +118,16 @@ impl Inbound {
         self
     }
 
-    /// Serves connections from `listener` forever.
-    pub async fn serve(self: Arc<Self>, listener: TcpListener) {
+    /// Serves connections from `listener` until the drain starts.
+    pub async fn serve(self: Arc<Self>, listener: TcpListener, drain: nexus_serve::Watch) {
         let max = self.max_connections;
-        accept_loop(listener, max, move |stream, _addr| {
-            self.clone().connection(stream)
+        nexus_serve::accept(listener, max, drain, DIRECTION, move |stream, _addr, drain| {
+            self.clone().connection(stream, drain)
         })
         .await;
     }
 
-    async fn connection(self: Arc<Self>, stream: TcpStream) {
+    async fn connection(self: Arc<Self>, stream: TcpStream, drain: nexus_serve::Watch) {
         let tls = match tokio::time::timeout(self.handshake_timeout, self.acceptor.accept(stream))
             .await
         {
@@ -175,6 +181,9 @@ impl Inbound {
         // The request path, top to bottom.
         let service = ServiceBuilder::new()
             .layer(RecordLayer::new(self.metrics.clone(), DIRECTION))
+            // Overload is answered first and cheaply: a shed request costs no policy
+            // evaluation, record or upstream connection.
+            .layer(self.shed.clone())
             .option_layer(
                 self.telemetry
                     .as_ref()
@@ -189,6 +198,11 @@ impl Inbound {
             .option_layer(self.steps.watch.clone().map(|watch| {
                 WatchLayer::new(watch, parties.source.clone(), nexus_anomaly::Observed::Peer)
             }))
+            .layer(TimeoutLayer::new(
+                self.request_timeout,
+                self.metrics.clone(),
+                DIRECTION,
+            ))
             .layer(CallerIdentityLayer::new(self.store.clone(), Some(peer)))
             .layer(RevocationLayer::new(
                 self.steps.enforcement.clone(),
@@ -212,7 +226,7 @@ impl Inbound {
             return;
         }
         tokio::select! {
-            () = serve_http(&self.server, tls, service, &self.metrics, DIRECTION) => {}
+            () = serve_http(&self.server, tls, service, drain, &self.metrics, DIRECTION) => {}
             () = close_when_revoked(self.steps.enforcement.clone(), peer_id.clone(), me) => {
                 self.metrics.revoked_connection_closed();
                 tracing::info!(peer = %peer_id, "connection closed: revoked");

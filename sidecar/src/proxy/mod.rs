@@ -35,6 +35,7 @@ pub mod layers;
 pub mod normalize;
 pub mod observe;
 pub mod outbound;
+pub mod overload;
 pub mod revocation;
 pub mod serve;
 pub mod trace;
