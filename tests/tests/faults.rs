@@ -7,7 +7,8 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use nexus_tests::stack::{
-    GATEWAY_ID, PLUGIN_ID, SlowTwoHop, gateway, gateway_toml, sidecar, slow_two_hop, workload_api,
+    DATA_API_ID, GATEWAY_ID, PLUGIN_ID, SlowTwoHop, gateway, gateway_toml, sidecar, slow_app,
+    slow_two_hop, workload_api,
 };
 use nexus_tests::{bin, curl_status, eventually, raw_tcp, stack::port_of, temp_dir};
 
@@ -339,4 +340,53 @@ fn gateway_sigterm_drains_and_ends_control_streams() {
         1.0,
         Duration::from_secs(20),
     );
+}
+
+/// The Workload API goes away until the SVID expires: the sidecar turns not ready and
+/// serves nothing with the expired SVID (no fail-open); when the Workload API is back,
+/// the sidecar picks up a fresh SVID by itself and serves again.
+#[test]
+fn workload_api_gone_until_the_svid_expires_and_back() {
+    let dir = temp_dir("fault-workload-api");
+    let d = dir.path();
+    let args = ["--dns-name", "localhost", "--ttl", "4s"];
+    let mut wl = workload_api(d, "data-workload-api", DATA_API_ID, &args);
+    let app = slow_app(d);
+    let data = sidecar(
+        d,
+        "data-sidecar",
+        &format!(
+            "[identity]\nworkload_api_socket = {:?}\n[inbound]\nlisten = \"127.0.0.1:0\"\napp = {:?}\napp_protocol = \"http1\"\nallowed_ids = [\"spiffe://nexus.local/ns/plugins/*\"]\n",
+            wl.url(),
+            app.addr
+        ),
+        true,
+    );
+    let port = data.inbound_port();
+    let call = || {
+        let args = nexus_tests::stack::inbound_curl_args(port, Some("nexus.local/flood-model"));
+        let url = format!("https://localhost:{port}/slow/1/x");
+        let mut all: Vec<&str> = args.iter().map(String::as_str).collect();
+        all.extend(["--max-time", "5", url.as_str()]);
+        curl_status(&all)
+    };
+    assert_eq!(call(), 200);
+    wl.proc.signal("TERM");
+    eventually(Duration::from_secs(20), "the Workload API to stop", || {
+        (!wl.proc.is_running()).then_some(())
+    });
+    eventually(Duration::from_secs(20), "/ready 503 on the expired SVID", || {
+        (data.ready_status() == 503).then_some(())
+    });
+    assert_eq!(call(), 0, "a request was served with an expired SVID");
+    let socket = wl.socket.clone();
+    let _ = std::fs::remove_file(&socket);
+    let back = workload_api(d, "data-workload-api-back", DATA_API_ID, &args);
+    assert_eq!(back.socket, socket.with_file_name("data-workload-api-back.sock"));
+    // Same socket path as the sidecar's config: move the new socket into place.
+    std::fs::rename(&back.socket, &socket).expect("move the socket into place");
+    eventually(Duration::from_secs(30), "/ready 200 with a fresh SVID", || {
+        (data.ready_status() == 200).then_some(())
+    });
+    assert_eq!(call(), 200);
 }
