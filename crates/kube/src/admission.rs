@@ -181,3 +181,5 @@ pub fn answer_patch(answer_body: &[u8]) -> Option<json_patch::Patch> {
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod props;

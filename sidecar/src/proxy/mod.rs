@@ -33,6 +33,8 @@ pub mod headers;
 pub mod inbound;
 pub mod layers;
 pub mod normalize;
+#[cfg(test)]
+mod normalize_props;
 pub mod observe;
 pub mod outbound;
 pub mod overload;
