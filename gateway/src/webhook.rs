@@ -179,7 +179,8 @@ pub async fn serve(
             let inject = inject.clone();
             let server = server.clone();
             async move {
-                let Ok(Ok(tls)) = tokio::time::timeout(handshake_timeout, acceptor.accept(tcp)).await
+                let Ok(Ok(tls)) =
+                    tokio::time::timeout(handshake_timeout, acceptor.accept(tcp)).await
                 else {
                     return;
                 };
@@ -187,7 +188,9 @@ pub async fn serve(
                     let inject = inject.clone();
                     async move { Ok::<_, Infallible>(handle(req, &inject).await) }
                 });
-                if let Err(error) = nexus_serve::serve_connection(&server, tls, service, drain).await {
+                if let Err(error) =
+                    nexus_serve::serve_connection(&server, tls, service, drain).await
+                {
                     tracing::debug!(%error, "webhook connection ended with an error");
                 }
             }

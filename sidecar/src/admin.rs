@@ -178,9 +178,9 @@ impl Admin {
                                 // The network listener is read-only: reports (writes)
                                 // come only over the in-pod socket.
                                 if req.method() != http::Method::GET {
-                                    return Ok::<_, Infallible>(
-                                        crate::signals::refuse_on_network(&admin.metrics),
-                                    );
+                                    return Ok::<_, Infallible>(crate::signals::refuse_on_network(
+                                        &admin.metrics,
+                                    ));
                                 }
                                 return Ok::<_, Infallible>(signals.handle(req).await);
                             }

@@ -768,7 +768,10 @@ impl Config {
         for (field, value) in [
             ("limits.request_timeout", self.limits.request_timeout),
             ("limits.shutdown_grace", self.limits.shutdown_grace),
-            ("limits.header_read_timeout", self.limits.header_read_timeout),
+            (
+                "limits.header_read_timeout",
+                self.limits.header_read_timeout,
+            ),
         ] {
             if value.is_zero() || value > MAX_TIMEOUT {
                 return Err(invalid(

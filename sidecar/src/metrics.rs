@@ -441,7 +441,9 @@ impl Metrics {
 
     /// A request shed: the listener was at `limits.max_in_flight`.
     pub fn request_shed(&self, direction: Direction) {
-        self.shed.get_or_create(&DirectionLabels { direction }).inc();
+        self.shed
+            .get_or_create(&DirectionLabels { direction })
+            .inc();
     }
 
     /// A request answered 504: no response within `limits.request_timeout`.

@@ -41,7 +41,10 @@ fn fire(url: String, h2: bool) -> JoinHandle<Answer> {
         let mut fields = last.split(' ');
         Answer {
             status: fields.next().and_then(|s| s.parse().ok()).unwrap_or(0),
-            seconds: fields.next().and_then(|s| s.parse().ok()).unwrap_or(f64::NAN),
+            seconds: fields
+                .next()
+                .and_then(|s| s.parse().ok())
+                .unwrap_or(f64::NAN),
             retry_after: fields.next().unwrap_or_default().trim().to_string(),
             body: body.to_string(),
         }
@@ -58,7 +61,11 @@ fn collect(calls: Vec<JoinHandle<Answer>>) -> Vec<Answer> {
 /// Waits (bounded) for the process to exit and returns its exit code.
 fn exit_code(proc: &mut nexus_tests::Proc, within: Duration, what: &str) -> Option<i32> {
     eventually(within, what, || {
-        proc.child.try_wait().ok().flatten().map(|status| status.code())
+        proc.child
+            .try_wait()
+            .ok()
+            .flatten()
+            .map(|status| status.code())
     })
 }
 
@@ -94,9 +101,11 @@ fn sigterm_under_load_fails_no_request_in_flight() {
     );
     stack.data.proc.signal("TERM");
     let signaled = Instant::now();
-    eventually(Duration::from_secs(2), "/ready 503 right after SIGTERM", || {
-        (stack.data.ready_status() == 503).then_some(())
-    });
+    eventually(
+        Duration::from_secs(2),
+        "/ready 503 right after SIGTERM",
+        || (stack.data.ready_status() == 503).then_some(()),
+    );
     // Still accepting during the drain delay: a request sent now is served.
     let during = fire(stack.outbound_url("/slow/10/during-delay"), false);
     eventually(
@@ -110,11 +119,21 @@ fn sigterm_under_load_fails_no_request_in_flight() {
         signaled.elapsed()
     );
     let during = during.join().expect("client");
-    assert_eq!(during.status, 200, "a request during the drain delay: {during:?}");
+    assert_eq!(
+        during.status, 200,
+        "a request during the drain delay: {during:?}"
+    );
     let answers = collect(calls);
     let failed: Vec<&Answer> = answers.iter().filter(|a| a.status != 200).collect();
-    assert!(failed.is_empty(), "in-flight requests failed across SIGTERM: {failed:?}");
-    let code = exit_code(&mut stack.data.proc, Duration::from_secs(25), "sidecar exit");
+    assert!(
+        failed.is_empty(),
+        "in-flight requests failed across SIGTERM: {failed:?}"
+    );
+    let code = exit_code(
+        &mut stack.data.proc,
+        Duration::from_secs(25),
+        "sidecar exit",
+    );
     assert_eq!(code, Some(0), "log:\n{}", stack.data.proc.log_text());
     assert!(stack.data.proc.log_text().contains("drained"));
 }
@@ -143,7 +162,9 @@ fn overload_is_shed_with_503_not_queued() {
             "a shed request waited behind the slow ones: {answer:?}"
         );
     }
-    let counted = stack.data.metric_sum("nexus_requests_shed_total{direction=\"inbound\"}");
+    let counted = stack
+        .data
+        .metric_sum("nexus_requests_shed_total{direction=\"inbound\"}");
     assert_eq!(counted, (n - 4) as f64);
     assert_eq!(
         curl_status(&[&stack.outbound_url("/slow/10/after")]),
@@ -192,9 +213,16 @@ fn grace_expiry_or_second_sigterm_stops_at_once() {
     );
     let signaled = Instant::now();
     stack.plugin.proc.signal("TERM");
-    let code = exit_code(&mut stack.plugin.proc, Duration::from_secs(15), "exit at the grace");
+    let code = exit_code(
+        &mut stack.plugin.proc,
+        Duration::from_secs(15),
+        "exit at the grace",
+    );
     let took = signaled.elapsed();
-    assert!(took >= Duration::from_millis(2500) && took < Duration::from_secs(10), "{took:?}");
+    assert!(
+        took >= Duration::from_millis(2500) && took < Duration::from_secs(10),
+        "{took:?}"
+    );
     assert_eq!(code, Some(1), "log:\n{}", stack.plugin.proc.log_text());
     assert!(stack.plugin.proc.log_text().contains("shutdown_grace"));
     assert_ne!(cut.join().expect("client").status, 200);
@@ -223,8 +251,16 @@ fn grace_expiry_or_second_sigterm_stops_at_once() {
     assert!(stack.data.proc.is_running(), "still draining (grace 60s)");
     let second = Instant::now();
     stack.data.proc.signal("TERM");
-    let code = exit_code(&mut stack.data.proc, Duration::from_secs(10), "exit on the second SIGTERM");
-    assert!(second.elapsed() < Duration::from_secs(5), "{:?}", second.elapsed());
+    let code = exit_code(
+        &mut stack.data.proc,
+        Duration::from_secs(10),
+        "exit on the second SIGTERM",
+    );
+    assert!(
+        second.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        second.elapsed()
+    );
     assert_eq!(code, Some(1));
     assert_ne!(in_flight.join().expect("client"), 200);
 }
@@ -234,12 +270,27 @@ fn grace_expiry_or_second_sigterm_stops_at_once() {
 fn out_of_bounds_limits_are_refused_naming_the_field() {
     let dir = temp_dir("fault-limits");
     for (toml, field) in [
-        ("[limits]\nshutdown_grace = \"0s\"\n", "limits.shutdown_grace"),
-        ("[limits]\nshutdown_grace = \"2h\"\n", "limits.shutdown_grace"),
-        ("[limits]\nrequest_timeout = \"0s\"\n", "limits.request_timeout"),
-        ("[limits]\nrequest_timeout = \"3h\"\n", "limits.request_timeout"),
+        (
+            "[limits]\nshutdown_grace = \"0s\"\n",
+            "limits.shutdown_grace",
+        ),
+        (
+            "[limits]\nshutdown_grace = \"2h\"\n",
+            "limits.shutdown_grace",
+        ),
+        (
+            "[limits]\nrequest_timeout = \"0s\"\n",
+            "limits.request_timeout",
+        ),
+        (
+            "[limits]\nrequest_timeout = \"3h\"\n",
+            "limits.request_timeout",
+        ),
         ("[limits]\nmax_in_flight = 0\n", "limits.max_in_flight"),
-        ("[limits]\nmax_in_flight = 5000000\n", "limits.max_in_flight"),
+        (
+            "[limits]\nmax_in_flight = 5000000\n",
+            "limits.max_in_flight",
+        ),
         (
             "[limits]\ndrain_delay = \"40s\"\nshutdown_grace = \"30s\"\n",
             "limits.drain_delay",
@@ -260,12 +311,18 @@ fn out_of_bounds_limits_are_refused_naming_the_field() {
         assert!(stderr.contains(field), "{toml}: {stderr}");
     }
     for (toml, field) in [
-        ("[limits]\nshutdown_grace = \"0s\"\n", "limits.shutdown_grace"),
+        (
+            "[limits]\nshutdown_grace = \"0s\"\n",
+            "limits.shutdown_grace",
+        ),
         (
             "[limits]\ndrain_delay = \"30s\"\nshutdown_grace = \"30s\"\n",
             "limits.drain_delay",
         ),
-        ("[admin]\nheader_read_timeout = \"0s\"\n", "admin.header_read_timeout"),
+        (
+            "[admin]\nheader_read_timeout = \"0s\"\n",
+            "admin.header_read_timeout",
+        ),
     ] {
         let path = dir.path().join("bad-gateway.toml");
         std::fs::write(&path, toml).expect("write");
@@ -313,7 +370,11 @@ fn gateway_sigterm_drains_and_ends_control_streams() {
         Duration::from_secs(20),
     );
     let admin_port = port_of(gw.addresses["admin"].as_str().unwrap_or_default());
-    let idle = raw_tcp(admin_port, b"GET /ready HTTP/1.1\r\n", Duration::from_secs(20));
+    let idle = raw_tcp(
+        admin_port,
+        b"GET /ready HTTP/1.1\r\n",
+        Duration::from_secs(20),
+    );
     assert!(
         idle.end == "eof" || idle.end == "reset",
         "an unfinished head was not cut: {} after {}s",
@@ -375,18 +436,25 @@ fn workload_api_gone_until_the_svid_expires_and_back() {
     eventually(Duration::from_secs(20), "the Workload API to stop", || {
         (!wl.proc.is_running()).then_some(())
     });
-    eventually(Duration::from_secs(20), "/ready 503 on the expired SVID", || {
-        (data.ready_status() == 503).then_some(())
-    });
+    eventually(
+        Duration::from_secs(20),
+        "/ready 503 on the expired SVID",
+        || (data.ready_status() == 503).then_some(()),
+    );
     assert_eq!(call(), 0, "a request was served with an expired SVID");
     let socket = wl.socket.clone();
     let _ = std::fs::remove_file(&socket);
     let back = workload_api(d, "data-workload-api-back", DATA_API_ID, &args);
-    assert_eq!(back.socket, socket.with_file_name("data-workload-api-back.sock"));
+    assert_eq!(
+        back.socket,
+        socket.with_file_name("data-workload-api-back.sock")
+    );
     // Same socket path as the sidecar's config: move the new socket into place.
     std::fs::rename(&back.socket, &socket).expect("move the socket into place");
-    eventually(Duration::from_secs(30), "/ready 200 with a fresh SVID", || {
-        (data.ready_status() == 200).then_some(())
-    });
+    eventually(
+        Duration::from_secs(30),
+        "/ready 200 with a fresh SVID",
+        || (data.ready_status() == 200).then_some(()),
+    );
     assert_eq!(call(), 200);
 }

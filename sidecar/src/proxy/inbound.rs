@@ -19,8 +19,8 @@ use super::authorize::{NormalizeLayer, Parties, PolicyLayer};
 use super::forward::{Forward, VersionPolicy};
 use super::layers::{CallerIdentityLayer, Peer, RecordLayer};
 use super::normalize::NormalizeLimits;
-use super::revocation::{RevocationLayer, close_when_revoked};
 use super::overload::{ShedLayer, TimeoutLayer};
+use super::revocation::{RevocationLayer, close_when_revoked};
 use super::serve::serve_http;
 use super::trace::TraceLayer;
 use super::watch::WatchLayer;
@@ -121,9 +121,13 @@ impl Inbound {
     /// Serves connections from `listener` until the drain starts.
     pub async fn serve(self: Arc<Self>, listener: TcpListener, drain: nexus_serve::Watch) {
         let max = self.max_connections;
-        nexus_serve::accept(listener, max, drain, DIRECTION, move |stream, _addr, drain| {
-            self.clone().connection(stream, drain)
-        })
+        nexus_serve::accept(
+            listener,
+            max,
+            drain,
+            DIRECTION,
+            move |stream, _addr, drain| self.clone().connection(stream, drain),
+        )
         .await;
     }
 

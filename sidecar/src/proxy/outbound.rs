@@ -20,8 +20,8 @@ use super::authorize::{NormalizeLayer, Parties, PolicyLayer};
 use super::forward::{Forward, VersionPolicy};
 use super::layers::{CallerIdentityLayer, RecordLayer};
 use super::normalize::NormalizeLimits;
-use super::revocation::{RevocationLayer, close_when_revoked};
 use super::overload::{ShedLayer, TimeoutLayer};
+use super::revocation::{RevocationLayer, close_when_revoked};
 use super::serve::serve_http;
 use super::trace::TraceLayer;
 use super::watch::WatchLayer;
@@ -127,9 +127,13 @@ impl Outbound {
     /// Serves connections from `listener` until the drain starts.
     pub async fn serve(self: Arc<Self>, listener: TcpListener, drain: nexus_serve::Watch) {
         let max = self.max_connections;
-        nexus_serve::accept(listener, max, drain, DIRECTION, move |stream, _addr, drain| {
-            self.clone().connection(stream, drain)
-        })
+        nexus_serve::accept(
+            listener,
+            max,
+            drain,
+            DIRECTION,
+            move |stream, _addr, drain| self.clone().connection(stream, drain),
+        )
         .await;
     }
 

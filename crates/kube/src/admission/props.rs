@@ -39,8 +39,17 @@ fn annotation() -> impl Strategy<Value = (String, Value)> {
     ]);
     let value = prop_oneof![
         prop::sample::select(vec![
-            "default", "false", "true", "m", "sidecar", "127.0.0.1:8080", "Bad Name!", "",
-            "spiffe://nexus.local/ns/plugins/*", "../../etc", "a.b-c_d",
+            "default",
+            "false",
+            "true",
+            "m",
+            "sidecar",
+            "127.0.0.1:8080",
+            "Bad Name!",
+            "",
+            "spiffe://nexus.local/ns/plugins/*",
+            "../../etc",
+            "a.b-c_d",
         ])
         .prop_map(|s| json!(s)),
         Just(json!(7)),
