@@ -438,26 +438,7 @@ impl Gateway {
     /// Runs `nexusctl ARGS` against this gateway as `operator` (a certs-dev name such as
     /// `nexus.local/operator`).
     pub fn nexusctl_as(&self, operator: &str, args: &[&str]) -> std::process::Output {
-        let cert = crate::cert(&format!("{operator}.pem"));
-        let key = crate::cert(&format!("{operator}.key"));
-        let ca = crate::cert("nexus.local/ca.pem");
-        let mut full: Vec<String> = args.iter().map(|s| s.to_string()).collect();
-        full.extend([
-            "--gateway".into(),
-            self.grpc(),
-            "--gateway-id".into(),
-            GATEWAY_ID.into(),
-            "--cert".into(),
-            cert.to_string_lossy().into_owned(),
-            "--key".into(),
-            key.to_string_lossy().into_owned(),
-            "--ca".into(),
-            ca.to_string_lossy().into_owned(),
-            "--up-state".into(),
-            "/nonexistent".into(),
-        ]);
-        let refs: Vec<&str> = full.iter().map(String::as_str).collect();
-        crate::run_bounded(30, &bin("nexusctl").to_string_lossy(), &refs)
+        nexusctl_at(&self.grpc(), operator, args)
     }
 
     /// `nexusctl ARGS` as the certs-dev operator; panics unless it succeeds; stdout.
@@ -556,6 +537,31 @@ impl Gateway {
             Duration::from_secs(30),
         );
     }
+}
+
+/// Runs `nexusctl ARGS` against the gateway at `grpc` as `operator` (a certs-dev name
+/// such as `nexus.local/operator`); usable from another thread than the [`Gateway`]'s.
+pub fn nexusctl_at(grpc: &str, operator: &str, args: &[&str]) -> std::process::Output {
+    let cert = crate::cert(&format!("{operator}.pem"));
+    let key = crate::cert(&format!("{operator}.key"));
+    let ca = crate::cert("nexus.local/ca.pem");
+    let mut full: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+    full.extend([
+        "--gateway".into(),
+        grpc.to_string(),
+        "--gateway-id".into(),
+        GATEWAY_ID.into(),
+        "--cert".into(),
+        cert.to_string_lossy().into_owned(),
+        "--key".into(),
+        key.to_string_lossy().into_owned(),
+        "--ca".into(),
+        ca.to_string_lossy().into_owned(),
+        "--up-state".into(),
+        "/nonexistent".into(),
+    ]);
+    let refs: Vec<&str> = full.iter().map(String::as_str).collect();
+    crate::run_bounded(30, &bin("nexusctl").to_string_lossy(), &refs)
 }
 
 /// Starts a gateway with its identity from `workload_api` (a Workload API serving

@@ -2,13 +2,14 @@
 //! asserting that nothing fails open and nothing acknowledged is lost. Faults covered in
 //! other targets are listed in docs/faults.md with their test.
 
+use std::collections::BTreeSet;
 use std::process::Command;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use nexus_tests::stack::{
-    DATA_API_ID, GATEWAY_ID, PLUGIN_ID, SlowTwoHop, gateway, gateway_toml, sidecar, slow_app,
-    slow_two_hop, workload_api,
+    DATA_API_ID, GATEWAY_ID, PLUGIN_ID, SlowTwoHop, gateway, gateway_toml, nexusctl_at, sidecar,
+    slow_app, slow_two_hop, workload_api,
 };
 use nexus_tests::{bin, curl_status, eventually, raw_tcp, stack::port_of, temp_dir};
 
@@ -457,4 +458,119 @@ fn workload_api_gone_until_the_svid_expires_and_back() {
         || (data.ready_status() == 200).then_some(()),
     );
     assert_eq!(call(), 200);
+}
+
+/// The gateway is killed with -9 while operators are revoking workloads and opening
+/// executions: every call that was acknowledged (exit 0, an id printed) is in the state
+/// after the restart and reaches the sidecar; calls made while it was down fail
+/// visibly instead of being acknowledged.
+#[test]
+fn gateway_kill_9_mid_revoke_and_mid_execution_open_loses_nothing_acknowledged() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
+    let dir = temp_dir("fault-gateway-kill9");
+    let gw_api = workload_api(dir.path(), "gateway-workload-api", GATEWAY_ID, &[]);
+    let mut gw = gateway(
+        dir.path(),
+        "gateway",
+        &gw_api,
+        None,
+        Some(&format!("127.0.0.1:{}", nexus_tests::free_port())),
+        "",
+    );
+    let api = workload_api(dir.path(), "data-workload-api", DATA_API_ID, &[]);
+    let data = sidecar(
+        dir.path(),
+        "data-sidecar",
+        &format!(
+            "[identity]\nworkload_api_socket = {:?}\n\n{}",
+            api.url(),
+            gateway_toml(&gw, dir.path(), "data-sidecar", "")
+        ),
+        true,
+    );
+    gw.wait_in_sync(1);
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let acked = Arc::new(AtomicUsize::new(0));
+    let grpc = gw.grpc();
+    let worker = {
+        let (stop, acked) = (stop.clone(), acked.clone());
+        std::thread::spawn(move || {
+            let (mut revoked, mut opened, mut failed) = (Vec::new(), Vec::new(), 0);
+            let mut i = 0;
+            while !stop.load(Ordering::SeqCst) {
+                let subject = format!("spiffe://nexus.local/ns/t/sa/k{i}");
+                let out = nexusctl_at(
+                    &grpc,
+                    "nexus.local/operator",
+                    &["revoke", &subject, "--reason", "kill-9 fault"],
+                );
+                if out.status.success() {
+                    revoked.push(subject);
+                    acked.fetch_add(1, Ordering::SeqCst);
+                } else {
+                    failed += 1;
+                }
+                let out = nexusctl_at(
+                    &grpc,
+                    "nexus.local/operator",
+                    &[
+                        "exec", "open", "--plugin", PLUGIN_ID, "--clause", &format!("c-{i}"),
+                        "--ttl", "1h",
+                    ],
+                );
+                let id = String::from_utf8_lossy(&out.stdout).trim().to_string();
+                if out.status.success() && !id.is_empty() {
+                    opened.push(id);
+                    acked.fetch_add(1, Ordering::SeqCst);
+                } else {
+                    failed += 1;
+                }
+                i += 1;
+            }
+            (revoked, opened, failed)
+        })
+    };
+    eventually(Duration::from_secs(60), "calls acknowledged before the kill", || {
+        (acked.load(Ordering::SeqCst) >= 6).then_some(())
+    });
+    gw.kill9();
+    std::thread::sleep(Duration::from_millis(500));
+    gw.restart();
+    let after = acked.load(Ordering::SeqCst);
+    eventually(Duration::from_secs(60), "calls acknowledged after the restart", || {
+        (acked.load(Ordering::SeqCst) >= after + 4).then_some(())
+    });
+    stop.store(true, Ordering::SeqCst);
+    let (revoked, opened, failed) = worker.join().expect("worker");
+    assert!(failed > 0, "no call was made while the gateway was down");
+
+    let status = gw.wait_in_sync(1);
+    let kept: BTreeSet<String> = status["revoked"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|r| r["subject"].as_str().map(str::to_string))
+        .collect();
+    for subject in &revoked {
+        assert!(kept.contains(subject), "acknowledged revocation {subject} lost: {status}");
+    }
+    let list: serde_json::Value =
+        serde_json::from_str(&gw.nexusctl(&["exec", "list", "-o", "json"])).expect("JSON");
+    let open: BTreeSet<String> = list
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|e| e["open"] == true)
+        .filter_map(|e| e["id"].as_str().map(str::to_string))
+        .collect();
+    for id in &opened {
+        assert!(open.contains(id), "acknowledged execution {id} lost: {list}");
+    }
+    // The sidecar applied everything: the revision it acknowledged is the gateway's.
+    let revision = status["revision"].as_u64().expect("revision");
+    assert!(revision >= (revoked.len() + opened.len()) as u64);
+    drop(data);
 }
