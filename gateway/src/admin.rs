@@ -260,6 +260,10 @@ impl Admin for AdminService {
     }
 }
 
+/// How long `/ready` waits for the store before answering 503 (a kubelet probe gives
+/// up after 1s by default).
+const READY_STORE_TIMEOUT: Duration = Duration::from_secs(1);
+
 /// What the HTTP admin listener needs besides the core.
 #[derive(Clone, Debug)]
 pub struct HttpAdmin {
@@ -306,13 +310,20 @@ pub async fn serve_http(
                                     .to_string(),
                             ),
                             "/ready" => {
-                                let store_ok = changes.store.revision().await.is_ok();
+                                // A store that does not answer is a probe failure now,
+                                // not after the pool's own connection wait.
+                                let store_ok = tokio::time::timeout(
+                                    READY_STORE_TIMEOUT,
+                                    changes.store.revision(),
+                                )
+                                .await
+                                .is_ok_and(|r| r.is_ok());
                                 match (identity.is_ready(), store_ok) {
                                     (true, true) => (200, "ready\n".to_string()),
                                     (false, _) => (503, "not ready: no SVID yet\n".to_string()),
                                     (_, false) => (
                                         503,
-                                        "not ready: the store does not answer\n".to_string(),
+                                        "not ready: the store does not answer (within 1s)\n".to_string(),
                                     ),
                                 }
                             }

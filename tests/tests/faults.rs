@@ -517,8 +517,14 @@ fn gateway_kill_9_mid_revoke_and_mid_execution_open_loses_nothing_acknowledged()
                     &grpc,
                     "nexus.local/operator",
                     &[
-                        "exec", "open", "--plugin", PLUGIN_ID, "--clause", &format!("c-{i}"),
-                        "--ttl", "1h",
+                        "exec",
+                        "open",
+                        "--plugin",
+                        PLUGIN_ID,
+                        "--clause",
+                        &format!("c-{i}"),
+                        "--ttl",
+                        "1h",
                     ],
                 );
                 let id = String::from_utf8_lossy(&out.stdout).trim().to_string();
@@ -533,16 +539,20 @@ fn gateway_kill_9_mid_revoke_and_mid_execution_open_loses_nothing_acknowledged()
             (revoked, opened, failed)
         })
     };
-    eventually(Duration::from_secs(60), "calls acknowledged before the kill", || {
-        (acked.load(Ordering::SeqCst) >= 6).then_some(())
-    });
+    eventually(
+        Duration::from_secs(60),
+        "calls acknowledged before the kill",
+        || (acked.load(Ordering::SeqCst) >= 6).then_some(()),
+    );
     gw.kill9();
     std::thread::sleep(Duration::from_millis(500));
     gw.restart();
     let after = acked.load(Ordering::SeqCst);
-    eventually(Duration::from_secs(60), "calls acknowledged after the restart", || {
-        (acked.load(Ordering::SeqCst) >= after + 4).then_some(())
-    });
+    eventually(
+        Duration::from_secs(60),
+        "calls acknowledged after the restart",
+        || (acked.load(Ordering::SeqCst) >= after + 4).then_some(()),
+    );
     stop.store(true, Ordering::SeqCst);
     let (revoked, opened, failed) = worker.join().expect("worker");
     assert!(failed > 0, "no call was made while the gateway was down");
@@ -555,7 +565,10 @@ fn gateway_kill_9_mid_revoke_and_mid_execution_open_loses_nothing_acknowledged()
         .filter_map(|r| r["subject"].as_str().map(str::to_string))
         .collect();
     for subject in &revoked {
-        assert!(kept.contains(subject), "acknowledged revocation {subject} lost: {status}");
+        assert!(
+            kept.contains(subject),
+            "acknowledged revocation {subject} lost: {status}"
+        );
     }
     let list: serde_json::Value =
         serde_json::from_str(&gw.nexusctl(&["exec", "list", "-o", "json"])).expect("JSON");
@@ -567,10 +580,146 @@ fn gateway_kill_9_mid_revoke_and_mid_execution_open_loses_nothing_acknowledged()
         .filter_map(|e| e["id"].as_str().map(str::to_string))
         .collect();
     for id in &opened {
-        assert!(open.contains(id), "acknowledged execution {id} lost: {list}");
+        assert!(
+            open.contains(id),
+            "acknowledged execution {id} lost: {list}"
+        );
     }
     // The sidecar applied everything: the revision it acknowledged is the gateway's.
     let revision = status["revision"].as_u64().expect("revision");
     assert!(revision >= (revoked.len() + opened.len()) as u64);
     drop(data);
+}
+
+/// PostgreSQL restarts under two gateways: while it is down a change is refused, never
+/// acknowledged; the sidecars keep enforcing; once it is back, both gateways serve again
+/// by themselves, every acknowledged change is kept, and a change made through one
+/// gateway reaches the other's sidecar.
+#[test]
+fn postgresql_restart_under_two_gateways() {
+    let dir = temp_dir("fault-postgres-restart");
+    let pg_dir = tempfile::Builder::new()
+        .prefix("nexus-pg")
+        .tempdir_in("/tmp")
+        .expect("pg dir");
+    let data = pg_dir.path().join("data");
+    let port = nexus_tests::free_port().to_string();
+    let script = nexus_tests::repo_root().join("scripts/postgres.sh");
+    let pg = |what: &str| {
+        let mut command = Command::new(&script);
+        command.arg(what).arg(&data);
+        if what == "start" {
+            command.arg(&port);
+        }
+        nexus_tests::stdout_of(&mut command, &format!("scripts/postgres.sh {what}"))
+    };
+    struct Stop<F: Fn()>(F);
+    impl<F: Fn()> Drop for Stop<F> {
+        fn drop(&mut self) {
+            (self.0)();
+        }
+    }
+    let url = pg("start");
+    let _stop = Stop(|| {
+        let _ = Command::new(&script).arg("stop").arg(&data).output();
+    });
+
+    let gw_api = workload_api(dir.path(), "gateway-workload-api", GATEWAY_ID, &[]);
+    let a = gateway(dir.path(), "gateway-a", &gw_api, Some(&url), None, "");
+    let b = gateway(dir.path(), "gateway-b", &gw_api, Some(&url), None, "");
+    let api = workload_api(dir.path(), "data-workload-api", DATA_API_ID, &[]);
+    let sc = sidecar(
+        dir.path(),
+        "data-sidecar",
+        &format!(
+            "[identity]\nworkload_api_socket = {:?}\n\n{}",
+            api.url(),
+            gateway_toml(&b, dir.path(), "data-sidecar", "")
+        ),
+        true,
+    );
+    a.nexusctl(&[
+        "revoke",
+        "spiffe://nexus.local/ns/t/sa/before",
+        "--reason",
+        "pg fault",
+    ]);
+    sc.wait_metric("nexus_gateway_revision", 1.0, Duration::from_secs(20));
+
+    pg("stop");
+    let refused = a.nexusctl_as(
+        "nexus.local/operator",
+        &[
+            "revoke",
+            "spiffe://nexus.local/ns/t/sa/during",
+            "--reason",
+            "pg down",
+        ],
+    );
+    assert!(
+        !refused.status.success(),
+        "a change was acknowledged while the store was down: {}",
+        String::from_utf8_lossy(&refused.stdout)
+    );
+    for gw in [&a, &b] {
+        eventually(
+            Duration::from_secs(20),
+            "gateway /ready 503 without its store",
+            || (curl_status(&[&format!("{}/ready", gw.admin())]) == 503).then_some(()),
+        );
+    }
+    // The sidecar keeps enforcing what it has.
+    assert_eq!(sc.ready_status(), 200);
+
+    pg("start");
+    for gw in [&a, &b] {
+        eventually(
+            Duration::from_secs(30),
+            "gateway /ready 200 with its store back",
+            || (curl_status(&[&format!("{}/ready", gw.admin())]) == 200).then_some(()),
+        );
+    }
+    eventually(
+        Duration::from_secs(30),
+        "a change through A after the restart",
+        || {
+            a.nexusctl_as(
+                "nexus.local/operator",
+                &[
+                    "revoke",
+                    "spiffe://nexus.local/ns/t/sa/after",
+                    "--reason",
+                    "pg back",
+                ],
+            )
+            .status
+            .success()
+            .then_some(())
+        },
+    );
+    let status = b.status();
+    let kept: BTreeSet<String> = status["revoked"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|r| r["subject"].as_str().map(str::to_string))
+        .collect();
+    assert!(
+        kept.contains("spiffe://nexus.local/ns/t/sa/before"),
+        "{status}"
+    );
+    let revision = eventually(Duration::from_secs(30), "B to see A's change", || {
+        let s = b.status();
+        s["revoked"]
+            .as_array()?
+            .iter()
+            .any(|r| r["subject"] == "spiffe://nexus.local/ns/t/sa/after")
+            .then(|| s["revision"].as_u64())
+            .flatten()
+    });
+    sc.wait_metric(
+        "nexus_gateway_revision",
+        revision as f64,
+        Duration::from_secs(30),
+    );
 }
