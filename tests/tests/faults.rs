@@ -723,3 +723,67 @@ fn postgresql_restart_under_two_gateways() {
         Duration::from_secs(30),
     );
 }
+
+/// A peer's SVID expires in the middle of a connection (its Workload API is gone, so it
+/// is not renewed): the connection authenticated with it is closed at the certificate's
+/// not-after instead of carrying requests on an expired identity, and new handshakes
+/// with it fail. Counted as `reason="peer_certificate_expired"`.
+#[test]
+fn svid_expiry_mid_connection_closes_the_connection() {
+    let dir = temp_dir("fault-svid-expiry");
+    let d = dir.path();
+    let data_api = workload_api(d, "data-workload-api", DATA_API_ID, &[]);
+    let mut plugin_api = workload_api(d, "plugin-workload-api", PLUGIN_ID, &["--ttl", "5s"]);
+    let app = slow_app(d);
+    let data = sidecar(
+        d,
+        "data-sidecar",
+        &format!(
+            "[identity]\nworkload_api_socket = {:?}\n[inbound]\nlisten = \"127.0.0.1:0\"\napp = {:?}\napp_protocol = \"http1\"\nallowed_ids = [\"spiffe://nexus.local/ns/plugins/*\"]\n",
+            data_api.url(),
+            app.addr
+        ),
+        true,
+    );
+    let plugin = sidecar(
+        d,
+        "plugin-sidecar",
+        &format!(
+            "[identity]\nworkload_api_socket = {socket:?}\n\n[[outbound]]\nname = \"hazard\"\nlisten = \"127.0.0.1:0\"\nupstream = {upstream:?}\nexpected_id = {DATA_API_ID:?}\n",
+            socket = plugin_api.url(),
+            upstream = data.inbound(),
+        ),
+        true,
+    );
+    // The plugin's agent goes away: its SVID is not renewed and expires within 5s.
+    plugin_api.proc.signal("KILL");
+    let url = format!("http://{}/slow/1/keep-alive", plugin.outbound("hazard"));
+    // One keep-alive connection from the plugin sidecar to the data sidecar carries
+    // these (its pool keeps it between requests 200 ms apart).
+    let started = Instant::now();
+    let mut served_after_expiry = 0;
+    let mut refused = 0;
+    while started.elapsed() < Duration::from_secs(12) {
+        let status = curl_status(&["--max-time", "5", &url]);
+        if started.elapsed() > Duration::from_secs(8) {
+            if status == 200 {
+                served_after_expiry += 1;
+            } else {
+                refused += 1;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(
+        served_after_expiry, 0,
+        "requests were served on a connection whose peer SVID had expired"
+    );
+    assert!(refused > 0);
+    assert!(
+        data.metric_sum(
+            "nexus_connection_errors_total{direction=\"inbound\",reason=\"peer_certificate_expired\"}"
+        ) >= 1.0,
+        "{}",
+        data.metrics()
+    );
+}

@@ -150,6 +150,15 @@ impl Inbound {
                 return;
             }
         };
+        // The identity the handshake verified is good until its certificate's not-after:
+        // the connection ends then (a peer whose agent stopped renewing gets no requests
+        // through on an expired SVID).
+        let peer_not_after = tls
+            .get_ref()
+            .1
+            .peer_certificates()
+            .and_then(|certs| certs.first())
+            .and_then(|leaf| nexus_identity::not_after_of(leaf).ok());
         let Some(peer) = tls
             .get_ref()
             .1
@@ -235,6 +244,24 @@ impl Inbound {
                 self.metrics.revoked_connection_closed();
                 tracing::info!(peer = %peer_id, "connection closed: revoked");
             }
+            () = until_unix(peer_not_after) => {
+                self.metrics.connection_error(DIRECTION, "peer_certificate_expired");
+                tracing::info!(peer = %peer_id, "connection closed: the peer's certificate expired");
+            }
         }
     }
+}
+
+/// Completes at `unix_secs` (at once if past); never without one.
+async fn until_unix(unix_secs: Option<i64>) {
+    let Some(at) = unix_secs else {
+        return std::future::pending().await;
+    };
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0);
+    #[allow(clippy::cast_precision_loss)]
+    let left = (at as f64 - now).max(0.0);
+    tokio::time::sleep(Duration::from_secs_f64(left)).await;
 }
