@@ -787,3 +787,47 @@ fn svid_expiry_mid_connection_closes_the_connection() {
         data.metrics()
     );
 }
+
+/// The plugin's own shutdown is not cut by its sidecar: when both get SIGTERM together
+/// (as outside Kubernetes' native-sidecar ordering), the calls the plugin makes while it
+/// shuts down (new connections, during the sidecar's drain delay) still go through, and
+/// a call in flight finishes.
+#[test]
+fn the_plugins_shutdown_calls_pass_while_its_sidecar_drains() {
+    let dir = temp_dir("fault-plugin-shutdown");
+    let mut stack = slow_two_hop(
+        dir.path(),
+        "",
+        "[limits]\ndrain_delay = \"3s\"\nshutdown_grace = \"15s\"\n",
+    );
+    let in_flight = fire(stack.outbound_url("/slow/2500/in-flight"), false);
+    stack.plugin.wait_metric(
+        "nexus_requests_in_flight{direction=\"outbound\"}",
+        1.0,
+        Duration::from_secs(20),
+    );
+    stack.plugin.proc.signal("TERM");
+    let signaled = Instant::now();
+    // The plugin's last calls, each on a new connection, during the drain delay.
+    let mut last_calls = Vec::new();
+    while signaled.elapsed() < Duration::from_millis(2000) {
+        last_calls.push(curl_status(&[
+            "--max-time",
+            "5",
+            &stack.outbound_url("/slow/10/flush"),
+        ]));
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(!last_calls.is_empty());
+    assert!(
+        last_calls.iter().all(|s| *s == 200),
+        "a call made during the sidecar's drain delay failed: {last_calls:?}"
+    );
+    assert_eq!(in_flight.join().expect("client").status, 200);
+    let code = exit_code(
+        &mut stack.plugin.proc,
+        Duration::from_secs(20),
+        "plugin sidecar exit",
+    );
+    assert_eq!(code, Some(0), "{}", stack.plugin.proc.log_text());
+}
