@@ -733,7 +733,7 @@ fn svid_expiry_mid_connection_closes_the_connection() {
     let dir = temp_dir("fault-svid-expiry");
     let d = dir.path();
     let data_api = workload_api(d, "data-workload-api", DATA_API_ID, &[]);
-    let mut plugin_api = workload_api(d, "plugin-workload-api", PLUGIN_ID, &["--ttl", "5s"]);
+    let plugin_api = workload_api(d, "plugin-workload-api", PLUGIN_ID, &["--ttl", "5s"]);
     let app = slow_app(d);
     let data = sidecar(
         d,
