@@ -9,7 +9,6 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioExecutor, TokioIo};
 use nexus_identity::{AllowList, IdentityStore};
 use nexus_proto::control::admin_server::Admin;
 use nexus_proto::control::{
@@ -261,44 +260,89 @@ impl Admin for AdminService {
     }
 }
 
-/// Serves `/live`, `/ready` (identity present and the store answering) and `/metrics`.
-pub async fn serve_http(listener: TcpListener, changes: Arc<Changes>, store: Arc<IdentityStore>) {
-    loop {
-        let Ok((tcp, _)) = listener.accept().await else {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-            continue;
-        };
-        let changes = changes.clone();
-        let identity = store.clone();
-        tokio::spawn(async move {
-            let service = hyper::service::service_fn(move |req: http::Request<Incoming>| {
-                let changes = changes.clone();
-                let identity = identity.clone();
-                async move {
-                    let (status, body) = match req.uri().path() {
-                        "/live" => (200, "live\n".to_string()),
-                        "/ready" => {
-                            let store_ok = changes.store.revision().await.is_ok();
-                            match (identity.is_ready(), store_ok) {
-                                (true, true) => (200, "ready\n".to_string()),
-                                (false, _) => (503, "not ready: no SVID yet\n".to_string()),
-                                (_, false) => {
-                                    (503, "not ready: the store does not answer\n".to_string())
+/// How long `/ready` waits for the store before answering 503 (a kubelet probe gives
+/// up after 1s by default).
+const READY_STORE_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// What the HTTP admin listener needs besides the core.
+#[derive(Clone, Debug)]
+pub struct HttpAdmin {
+    /// Connection cap, head limits (`[admin]`).
+    pub limits: nexus_serve::ConnLimits,
+    /// `admin.max_connections`.
+    pub max_connections: usize,
+    /// `/ready` answers 503 from the first SIGTERM on.
+    pub draining: nexus_serve::Readiness,
+}
+
+/// Serves `/live`, `/ready` (identity present, the store answering, not draining) and
+/// `/metrics` until the drain starts.
+pub async fn serve_http(
+    listener: TcpListener,
+    changes: Arc<Changes>,
+    store: Arc<IdentityStore>,
+    http: HttpAdmin,
+    drain: nexus_serve::Watch,
+) {
+    let server = nexus_serve::http_server(&http.limits);
+    let draining = http.draining.clone();
+    nexus_serve::accept(
+        listener,
+        http.max_connections,
+        drain,
+        "admin",
+        move |tcp, _addr, drain| {
+            let changes = changes.clone();
+            let identity = store.clone();
+            let server = server.clone();
+            let draining = draining.clone();
+            async move {
+                let service = hyper::service::service_fn(move |req: http::Request<Incoming>| {
+                    let changes = changes.clone();
+                    let identity = identity.clone();
+                    let draining = draining.clone();
+                    async move {
+                        let (status, body) = match req.uri().path() {
+                            "/live" => (200, "live\n".to_string()),
+                            "/ready" if draining.is_draining() => (
+                                503,
+                                "not ready: draining (shutting down; limits.drain_delay, then limits.shutdown_grace)\n"
+                                    .to_string(),
+                            ),
+                            "/ready" => {
+                                // A store that does not answer is a probe failure now,
+                                // not after the pool's own connection wait.
+                                let store_ok = tokio::time::timeout(
+                                    READY_STORE_TIMEOUT,
+                                    changes.store.revision(),
+                                )
+                                .await
+                                .is_ok_and(|r| r.is_ok());
+                                match (identity.is_ready(), store_ok) {
+                                    (true, true) => (200, "ready\n".to_string()),
+                                    (false, _) => (503, "not ready: no SVID yet\n".to_string()),
+                                    (_, false) => (
+                                        503,
+                                        "not ready: the store does not answer (within 1s)\n".to_string(),
+                                    ),
                                 }
                             }
-                        }
-                        "/metrics" => (200, changes.metrics.encode()),
-                        _ => (404, "not found\n".to_string()),
-                    };
-                    let mut response = http::Response::new(Full::new(Bytes::from(body)));
-                    *response.status_mut() =
-                        http::StatusCode::from_u16(status).unwrap_or(http::StatusCode::OK);
-                    Ok::<_, Infallible>(response)
+                            "/metrics" => (200, changes.metrics.encode()),
+                            _ => (404, "not found\n".to_string()),
+                        };
+                        let mut response = http::Response::new(Full::new(Bytes::from(body)));
+                        *response.status_mut() =
+                            http::StatusCode::from_u16(status).unwrap_or(http::StatusCode::OK);
+                        Ok::<_, Infallible>(response)
+                    }
+                });
+                if let Err(error) =
+                    nexus_serve::serve_connection(&server, tcp, service, drain).await
+                {
+                    tracing::debug!(%error, "admin connection ended with an error");
                 }
-            });
-            let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                .serve_connection(TokioIo::new(tcp), service)
-                .await;
-        });
-    }
+            }
+        },
+    )
+    .await;
 }

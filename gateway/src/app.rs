@@ -38,6 +38,8 @@ pub struct Running {
     pub addresses: Addresses,
     /// The core, for in-process tests.
     pub changes: Arc<Changes>,
+    /// Every listener's drain (see [`nexus_serve`]).
+    pub drain: nexus_serve::Drain,
 }
 
 /// Who may complete a TLS handshake: the listed sidecars and operators, nobody else
@@ -109,6 +111,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     tls.max_early_data_size = 0;
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
 
+    let drain = nexus_serve::Drain::new();
     let grpc_listener = TcpListener::bind(config.listen)
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen on {} (listen): {e}", config.listen))?;
@@ -128,7 +131,13 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
             anyhow::anyhow!("cannot listen on {} (webhook.listen): {e}", webhook.listen)
         })?;
         addresses.webhook = Some(listener.local_addr()?);
-        crate::webhook::serve(listener, webhook.clone()).await?;
+        crate::webhook::serve(
+            listener,
+            webhook.clone(),
+            config.admin.conn(),
+            drain.watch(),
+        )
+        .await?;
     }
 
     let incoming = crate::server::incoming(
@@ -137,10 +146,13 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         config.stream.max_streams,
         config.stream.handshake_timeout,
         metrics.clone(),
+        drain.watch(),
     );
     let max = config.stream.max_message_bytes;
     let control = ControlServer::new(
-        ControlService::new(changes.clone(), signals).map_err(anyhow::Error::msg)?,
+        ControlService::new(changes.clone(), signals)
+            .map_err(anyhow::Error::msg)?
+            .with_drain(drain.watch()),
     )
     .max_decoding_message_size(max);
     let admin = AdminServer::new(AdminService::new(changes.clone()).map_err(anyhow::Error::msg)?)
@@ -148,20 +160,38 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     let router = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(config.stream.heartbeat_interval))
         .http2_keepalive_timeout(Some(config.stream.idle_timeout))
+        // The same head limit as every other listener.
+        .http2_max_header_list_size(
+            u32::try_from(config.admin.max_header_bytes).unwrap_or(u32::MAX),
+        )
         .add_service(control)
         .add_service(admin);
+    // Held until tonic has finished its graceful shutdown (GOAWAY, then the calls in
+    // flight), so the drain waits for it.
+    let held = drain.watch();
+    let mut stop = drain.watch();
     tokio::spawn(async move {
         if let Err(error) = router
-            .serve_with_incoming(ReceiverStream::new(incoming))
+            .serve_with_incoming_shutdown(ReceiverStream::new(incoming), async move {
+                stop.signaled().await
+            })
             .await
         {
             tracing::error!(%error, "gRPC server stopped");
         }
+        drop(held);
     });
     tokio::spawn(crate::admin::serve_http(
         admin_listener,
         changes.clone(),
         identity.clone(),
+        crate::admin::HttpAdmin {
+            limits: config.admin.conn(),
+            max_connections: config.admin.max_connections,
+            draining: drain.readiness(),
+        },
+        // Open until exit: /ready answers 503 through the whole drain.
+        nexus_serve::Watch::never(),
     ));
 
     // Changes made through other replicas (PostgreSQL): at once through LISTEN/NOTIFY,
@@ -212,7 +242,11 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         std::fs::rename(&tmp, path)?;
     }
     tracing::info!(grpc = %addresses.grpc, admin = %addresses.admin, store = %crate::config::redact_url(&config.database.url), revision = hub.revision(), "gateway listening");
-    Ok(Running { addresses, changes })
+    Ok(Running {
+        addresses,
+        changes,
+        drain,
+    })
 }
 
 /// Catches up on every notification from another replica's commit.
@@ -229,14 +263,14 @@ async fn listen(url: &str, changes: &Changes) -> Result<(), sqlx::Error> {
     }
 }
 
-/// Runs until SIGTERM or Ctrl-C.
-pub async fn run(config: Config) -> anyhow::Result<()> {
+/// Runs until SIGTERM or Ctrl-C, then drains (see [`nexus_serve::shutdown`]); the
+/// result says whether everything in flight finished.
+pub async fn run(config: Config) -> anyhow::Result<nexus_serve::Stopped> {
+    // Installed before anything listens: a SIGTERM during start-up is not lost.
+    let mut signals = nexus_serve::Signals::install()?;
+    let timing = config.limits.shutdown();
     let running = start(config).await?;
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = tokio::signal::ctrl_c() => {}
-    }
+    signals.recv().await;
     tracing::info!("gateway stopping");
     // Other replicas' status stops listing this one at once (a killed replica drops out
     // after database.status_stale_after).
@@ -246,5 +280,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     {
         tracing::warn!(%error, "cannot remove this replica's status row");
     }
-    Ok(())
+    let stopped = nexus_serve::shutdown(&running.drain, timing, &mut signals).await;
+    tracing::info!(?stopped, "gateway stopped");
+    Ok(stopped)
 }

@@ -136,6 +136,14 @@ pub struct AdminConfig {
     pub listen: SocketAddr,
     /// Written once listening: JSON `{"grpc": "ip:port", "admin": "ip:port"}`.
     pub address_file: Option<PathBuf>,
+    /// Concurrent connections; more wait in the accept queue. Default 10000, as the
+    /// sidecar's listeners.
+    pub max_connections: usize,
+    /// A client must send its request head within this time. Default 10s.
+    #[serde(with = "humantime_serde")]
+    pub header_read_timeout: Duration,
+    /// Largest request head, bytes. Default 16384; at least 8192.
+    pub max_header_bytes: usize,
 }
 
 impl Default for AdminConfig {
@@ -143,6 +151,20 @@ impl Default for AdminConfig {
         Self {
             listen: SocketAddr::from(([127, 0, 0, 1], 9090)),
             address_file: None,
+            max_connections: 10_000,
+            header_read_timeout: Duration::from_secs(10),
+            max_header_bytes: 16 * 1024,
+        }
+    }
+}
+
+impl AdminConfig {
+    /// The connection limits of the admin listener (and the webhook's head limits).
+    pub fn conn(&self) -> nexus_serve::ConnLimits {
+        nexus_serve::ConnLimits {
+            header_read_timeout: self.header_read_timeout,
+            max_header_bytes: self.max_header_bytes,
+            max_concurrent_streams: 100,
         }
     }
 }
@@ -278,6 +300,25 @@ pub struct LimitsConfig {
     /// revocation without ttl lasts until reinstated. Default 30d.
     #[serde(with = "humantime_serde")]
     pub max_revocation_ttl: Duration,
+    /// On SIGTERM, unary calls, webhook reviews and admin requests in flight get this
+    /// long (from the signal) to finish. Default 30s; more than 0, at most 1h.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_grace: Duration,
+    /// On SIGTERM, `/ready` answers 503 at once; listeners keep accepting for this long,
+    /// then close and control streams end (sidecars reconnect to another replica).
+    /// Default 5s; less than `shutdown_grace`.
+    #[serde(with = "humantime_serde")]
+    pub drain_delay: Duration,
+}
+
+impl LimitsConfig {
+    /// The SIGTERM sequence's timing.
+    pub fn shutdown(&self) -> nexus_serve::ShutdownTiming {
+        nexus_serve::ShutdownTiming {
+            drain_delay: self.drain_delay,
+            grace: self.shutdown_grace,
+        }
+    }
 }
 
 impl Default for LimitsConfig {
@@ -288,6 +329,8 @@ impl Default for LimitsConfig {
             expiry_interval: Duration::from_secs(1),
             max_reason_bytes: 1024,
             max_revocation_ttl: Duration::from_secs(30 * 24 * 3600),
+            shutdown_grace: Duration::from_secs(30),
+            drain_delay: Duration::from_secs(5),
         }
     }
 }
@@ -462,6 +505,43 @@ impl Config {
             field: "operators".into(),
             problem: e.to_string(),
         })?;
+        for (field, value) in [
+            ("limits.shutdown_grace", self.limits.shutdown_grace),
+            ("admin.header_read_timeout", self.admin.header_read_timeout),
+        ] {
+            if value.is_zero() || value > Duration::from_secs(3600) {
+                return Err(ConfigError::Invalid {
+                    field: field.into(),
+                    problem: format!(
+                        "{value:?} is outside 1ms..=1h: use a duration more than 0 and at most 1h (defaults: shutdown_grace 30s, header_read_timeout 10s)"
+                    ),
+                });
+            }
+        }
+        if self.limits.drain_delay >= self.limits.shutdown_grace {
+            return Err(ConfigError::Invalid {
+                field: "limits.drain_delay".into(),
+                problem: format!(
+                    "{:?} is not less than limits.shutdown_grace ({:?}): make it shorter (defaults 5s and 30s)",
+                    self.limits.drain_delay, self.limits.shutdown_grace
+                ),
+            });
+        }
+        if let Some(webhook) = &self.webhook {
+            let grace = webhook.inject.sidecar_shutdown_grace_seconds;
+            if grace == 0 || grace > nexus_kube::MAX_SHUTDOWN_GRACE_SECS {
+                return Err(ConfigError::Invalid {
+                    field: "webhook.inject.sidecar_shutdown_grace_seconds".into(),
+                    problem: format!("{grace} is outside 1..=3600 seconds (default 30)"),
+                });
+            }
+        }
+        if self.admin.max_connections == 0 || self.admin.max_header_bytes < 8192 {
+            return Err(ConfigError::Invalid {
+                field: "admin.max_connections".into(),
+                problem: "admin.max_connections must be at least 1 and admin.max_header_bytes at least 8192 (defaults 10000 and 16384)".into(),
+            });
+        }
         if self.limits.max_revocation_ttl.is_zero() {
             return Err(ConfigError::Invalid {
                 field: "limits.max_revocation_ttl".into(),

@@ -30,6 +30,7 @@ pub struct ControlService {
     signals: Arc<Signals>,
     sidecars: AllowList,
     data_sidecars: AllowList,
+    drain: Option<nexus_serve::Watch>,
 }
 
 impl ControlService {
@@ -43,7 +44,15 @@ impl ControlService {
             signals,
             sidecars,
             data_sidecars,
+            drain: None,
         })
+    }
+
+    /// Ends every control stream with UNAVAILABLE when the drain starts, so sidecars
+    /// reconnect to another replica instead of holding this one open.
+    pub fn with_drain(mut self, drain: nexus_serve::Watch) -> Self {
+        self.drain = Some(drain);
+        self
     }
 }
 
@@ -140,6 +149,7 @@ impl Control for ControlService {
             tx,
             sent: hello.last_revision,
             scope,
+            drain: self.drain.clone(),
         };
         tokio::spawn(session.run(start, deltas, inbound));
         Ok(Response::new(Box::pin(futures::StreamExt::map(
@@ -227,10 +237,13 @@ struct Session {
     /// The highest revision sent.
     sent: u64,
     scope: Scope,
+    /// Held while the stream runs: the gateway's drain waits for it to end.
+    drain: Option<nexus_serve::Watch>,
 }
 
 enum End {
     Closed,
+    Draining,
     Idle,
     Error(&'static str, String),
 }
@@ -252,6 +265,15 @@ impl Session {
         match result {
             Err(End::Closed) | Ok(()) => {
                 tracing::info!(sidecar = %self.peer.spiffe_id, "control stream closed")
+            }
+            Err(End::Draining) => {
+                tracing::info!(sidecar = %self.peer.spiffe_id, "control stream ended: the gateway is draining");
+                let _ = self
+                    .tx
+                    .send(Box::new(Err(Status::unavailable(
+                        "the gateway is shutting down: reconnect (to another replica)",
+                    ))))
+                    .await;
             }
             Err(End::Idle) => {
                 metrics.stream_error("idle");
@@ -300,6 +322,14 @@ impl Session {
         let mut heartbeat = tokio::time::interval(config.heartbeat_interval);
         heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut last_heard = Instant::now();
+        let mut drain = self.drain.clone();
+        let draining = async move {
+            match drain.as_mut() {
+                Some(drain) => drain.signaled().await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::pin!(draining);
         loop {
             let idle_at = tokio::time::Instant::from_std(last_heard + config.idle_timeout);
             tokio::select! {
@@ -340,6 +370,7 @@ impl Session {
                     self.send(message(gateway_message::Msg::Heartbeat(Heartbeat { sent_unix_ms: unix_ms() }))).await?;
                 }
                 _ = tokio::time::sleep_until(idle_at) => return Err(End::Idle),
+                () = &mut draining => return Err(End::Draining),
             }
         }
     }

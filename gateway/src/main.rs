@@ -73,7 +73,13 @@ fn main() -> std::process::ExitCode {
     nexus_policy::isolate::abandon_all();
     runtime.shutdown_timeout(STOP_GRACE);
     match result {
-        Ok(()) => std::process::ExitCode::SUCCESS,
+        Ok(nexus_serve::Stopped::Drained) => std::process::ExitCode::SUCCESS,
+        Ok(stopped) => {
+            eprintln!(
+                "nexus-gateway: stopped without draining ({stopped:?}): calls still in flight were cut (limits.shutdown_grace)"
+            );
+            std::process::ExitCode::FAILURE
+        }
         Err(error) => {
             eprintln!("nexus-gateway: {error:#}");
             std::process::ExitCode::FAILURE

@@ -83,23 +83,36 @@ impl AsyncWrite for PeerStream {
     }
 }
 
-/// Accepts and handshakes connections forever; yields them to tonic through the
-/// returned channel.
+/// Accepts and handshakes connections until the drain starts; yields them to tonic
+/// through the returned channel (which ends with the drain, closing the listener).
 pub fn incoming(
     listener: TcpListener,
     acceptor: TlsAcceptor,
     max_connections: usize,
     handshake_timeout: Duration,
     metrics: Arc<Metrics>,
+    mut drain: nexus_serve::Watch,
 ) -> mpsc::Receiver<Result<PeerStream, std::io::Error>> {
     let (tx, rx) = mpsc::channel(128);
     let slots = Arc::new(Semaphore::new(max_connections.max(1)));
     tokio::spawn(async move {
         loop {
-            let Ok(permit) = slots.clone().acquire_owned().await else {
+            let next = async {
+                let permit = slots.clone().acquire_owned().await;
+                (permit, listener.accept().await)
+            };
+            let (permit, accepted) = tokio::select! {
+                biased;
+                () = drain.signaled() => {
+                    tracing::info!("draining: the control listener no longer accepts connections");
+                    return;
+                }
+                next = next => next,
+            };
+            let Ok(permit) = permit else {
                 return;
             };
-            let (tcp, addr) = match listener.accept().await {
+            let (tcp, addr) = match accepted {
                 Ok(accepted) => accepted,
                 Err(error) => {
                     tracing::warn!(%error, "accept failed");

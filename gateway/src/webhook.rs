@@ -6,14 +6,11 @@
 
 use std::convert::Infallible;
 use std::sync::Arc;
-use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
 
 use rustls::server::ResolvesServerCert;
 use rustls::sign::CertifiedKey;
@@ -160,26 +157,30 @@ pub async fn handle(
     json(status, body)
 }
 
-/// Serves the webhook forever.
-pub async fn serve(listener: TcpListener, config: WebhookConfig) -> anyhow::Result<()> {
+/// Serves the webhook until the drain starts, with the admin listener's head limits
+/// (header-read timeout, head size) and `webhook.max_connections`.
+pub async fn serve(
+    listener: TcpListener,
+    config: WebhookConfig,
+    limits: nexus_serve::ConnLimits,
+    drain: nexus_serve::Watch,
+) -> anyhow::Result<()> {
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(load_tls(&config)?));
     let inject = Arc::new(config.inject.clone());
-    let slots = Arc::new(Semaphore::new(config.max_connections.max(1)));
-    tokio::spawn(async move {
-        loop {
-            let Ok(permit) = slots.clone().acquire_owned().await else {
-                return;
-            };
-            let Ok((tcp, _)) = listener.accept().await else {
-                tokio::time::sleep(Duration::from_millis(20)).await;
-                continue;
-            };
+    let server = nexus_serve::http_server(&limits);
+    let handshake_timeout = limits.header_read_timeout;
+    tokio::spawn(nexus_serve::accept(
+        listener,
+        config.max_connections,
+        drain,
+        "webhook",
+        move |tcp, _addr, drain| {
             let acceptor = acceptor.clone();
             let inject = inject.clone();
-            tokio::spawn(async move {
-                let _permit = permit;
+            let server = server.clone();
+            async move {
                 let Ok(Ok(tls)) =
-                    tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await
+                    tokio::time::timeout(handshake_timeout, acceptor.accept(tcp)).await
                 else {
                     return;
                 };
@@ -187,11 +188,13 @@ pub async fn serve(listener: TcpListener, config: WebhookConfig) -> anyhow::Resu
                     let inject = inject.clone();
                     async move { Ok::<_, Infallible>(handle(req, &inject).await) }
                 });
-                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                    .serve_connection(TokioIo::new(tls), service)
-                    .await;
-            });
-        }
-    });
+                if let Err(error) =
+                    nexus_serve::serve_connection(&server, tls, service, drain).await
+                {
+                    tracing::debug!(%error, "webhook connection ended with an error");
+                }
+            }
+        },
+    ));
     Ok(())
 }

@@ -370,6 +370,9 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
                  sidecars = [{plugin:?}, {data:?}]\ndata_sidecars = [{data:?}]\n\n\
                  [identity]\nsource = \"files\"\nfiles = {{ cert = {cert:?}, key = {key:?}, bundle = {ca:?} }}\n\n\
                  [admin]\nlisten = \"127.0.0.1:0\"\naddress_file = {addrs:?}\n\n\
+                 # One machine, no load balancer to wait for: close the listeners at once\n\
+                 # on Ctrl-C; `up` waits 5s for each child.\n\
+                 [limits]\ndrain_delay = \"0s\"\nshutdown_grace = \"3s\"\n\n\
                  [database]\nurl = {db:?}\n\n\
                  [revocation_policy]\ndir = {rev:?}\n",
                 op = OPERATOR_ID,
@@ -398,6 +401,9 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
                 "# nexusctl up: the sidecar in front of the demo data API\n\
                  [identity]\nworkload_api_socket = {sock:?}\n\n\
                  [admin]\nlisten = \"127.0.0.1:0\"\naddress_file = {addrs:?}\n\n\
+                 # One machine, no load balancer to wait for: close the listeners at once\n\
+                 # on Ctrl-C; `up` waits 5s for each child.\n\
+                 [limits]\ndrain_delay = \"0s\"\nshutdown_grace = \"3s\"\n\n\
                  [inbound]\nlisten = \"127.0.0.1:0\"\napp = {app:?}\nallowed_ids = [\"spiffe://nexus.local/ns/plugins/*\"]\n\n{policy}\n{audit}\n{gateway}",
                 gateway = gateway_section(&gateway_address, &dir.join("data-sidecar-snapshot.json")),
                 sock = format!("unix://{}", data_sock.display()),
@@ -420,6 +426,9 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
                 "# nexusctl up: the demo plugin's sidecar\n\
                  [identity]\nworkload_api_socket = {sock:?}\n\n\
                  [admin]\nlisten = \"127.0.0.1:0\"\naddress_file = {addrs:?}\n\n\
+                 # One machine, no load balancer to wait for: close the listeners at once\n\
+                 # on Ctrl-C; `up` waits 5s for each child.\n\
+                 [limits]\ndrain_delay = \"0s\"\nshutdown_grace = \"3s\"\n\n\
                  [[outbound]]\nname = \"hazard-api\"\nlisten = \"127.0.0.1:0\"\nupstream = {up:?}\nexpected_id = {id:?}\n\n{policy}\n{audit}\n{gateway}",
                 gateway = gateway_section(&gateway_address, &dir.join("plugin-sidecar-snapshot.json")),
                 sock = format!("unix://{}", plugin_sock.display()),

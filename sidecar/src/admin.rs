@@ -10,8 +10,6 @@ use bytes::Bytes;
 use http::{Request, Response, StatusCode};
 use http_body_util::Full;
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use hyper_util::server::conn::auto;
 use nexus_identity::IdentityStore;
 use tokio::net::TcpListener;
 
@@ -31,6 +29,8 @@ pub struct Admin {
     pub policy: Option<Arc<PolicyRuntime>>,
     /// The gateway link.
     pub enforcement: Arc<Enforcement>,
+    /// Draining after SIGTERM: `/ready` answers 503 from the first signal on.
+    pub draining: nexus_serve::Readiness,
 }
 
 impl Admin {
@@ -60,6 +60,13 @@ impl Admin {
     }
 
     fn readiness(&self) -> (StatusCode, &'static str, String) {
+        if self.draining.is_draining() {
+            return (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "text/plain",
+                "not ready: draining (shutting down; limits.drain_delay, then limits.shutdown_grace)\n".into(),
+            );
+        }
         let Some(identity) = self.store.current() else {
             return (
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -128,43 +135,66 @@ impl Admin {
         )
     }
 
-    /// Serves the admin endpoints forever, with a store of its own for sandbox signals.
-    pub async fn serve(self, listener: TcpListener) {
+    /// Serves the admin endpoints until the drain starts, with a store of its own for
+    /// sandbox signals.
+    pub async fn serve(
+        self,
+        listener: TcpListener,
+        limits: nexus_serve::ConnLimits,
+        max_connections: usize,
+        drain: nexus_serve::Watch,
+    ) {
         let signals = Signals::new(self.metrics.clone(), crate::signals::DEFAULT_CAPACITY);
-        self.serve_with_signals(listener, signals).await
+        self.serve_with_signals(listener, limits, max_connections, drain, signals)
+            .await
     }
 
-    /// Serves the admin endpoints forever; `POST /v1/signals` feeds `signals`.
-    pub async fn serve_with_signals(self, listener: TcpListener, signals: Arc<Signals>) {
-        let server = auto::Builder::new(TokioExecutor::new());
-        loop {
-            let Ok((stream, _)) = listener.accept().await else {
-                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-                continue;
-            };
-            let admin = self.clone();
-            let server = server.clone();
-            let signals = signals.clone();
-            tokio::spawn(async move {
-                let service = hyper::service::service_fn(move |req: Request<Incoming>| {
-                    let admin = admin.clone();
-                    let signals = signals.clone();
-                    async move {
-                        if req.uri().path() == crate::signals::PATH {
-                            // The network listener is read-only: reports (writes) come
-                            // only over the in-pod socket.
-                            if req.method() != http::Method::GET {
-                                return Ok::<_, Infallible>(crate::signals::refuse_on_network(
-                                    &admin.metrics,
-                                ));
+    /// Serves the admin endpoints until the drain starts (with the same connection cap
+    /// and header timeout as the proxy's listeners); `GET /v1/signals` reads `signals`.
+    pub async fn serve_with_signals(
+        self,
+        listener: TcpListener,
+        limits: nexus_serve::ConnLimits,
+        max_connections: usize,
+        drain: nexus_serve::Watch,
+        signals: Arc<Signals>,
+    ) {
+        let server = nexus_serve::http_server(&limits);
+        nexus_serve::accept(
+            listener,
+            max_connections,
+            drain,
+            "admin",
+            move |stream, _addr, drain| {
+                let admin = self.clone();
+                let server = server.clone();
+                let signals = signals.clone();
+                async move {
+                    let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+                        let admin = admin.clone();
+                        let signals = signals.clone();
+                        async move {
+                            if req.uri().path() == crate::signals::PATH {
+                                // The network listener is read-only: reports (writes)
+                                // come only over the in-pod socket.
+                                if req.method() != http::Method::GET {
+                                    return Ok::<_, Infallible>(crate::signals::refuse_on_network(
+                                        &admin.metrics,
+                                    ));
+                                }
+                                return Ok::<_, Infallible>(signals.handle(req).await);
                             }
-                            return Ok::<_, Infallible>(signals.handle(req).await);
+                            Ok::<_, Infallible>(admin.respond(&req))
                         }
-                        Ok::<_, Infallible>(admin.respond(&req))
+                    });
+                    if let Err(error) =
+                        nexus_serve::serve_connection(&server, stream, service, drain).await
+                    {
+                        tracing::debug!(%error, "admin connection ended with an error");
                     }
-                });
-                let _ = server.serve_connection(TokioIo::new(stream), service).await;
-            });
-        }
+                }
+            },
+        )
+        .await;
     }
 }

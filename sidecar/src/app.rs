@@ -48,6 +48,8 @@ pub struct Running {
     pub telemetry: Option<Telemetry>,
     /// Execution records, when `[audit]` is set: flush them on exit.
     pub audit: Option<Arc<Audit>>,
+    /// Every listener's drain (see [`nexus_serve`]).
+    pub drain: nexus_serve::Drain,
 }
 
 async fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<TcpListener> {
@@ -198,6 +200,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         enforcement: enforcement.clone(),
         watch: watch.clone(),
     };
+    let drain = nexus_serve::Drain::new();
     let admin_listener = bind(config.admin.listen, "admin").await?;
     let mut addresses = Addresses {
         admin: admin_listener.local_addr()?,
@@ -212,7 +215,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
                 .with_telemetry(telemetry.as_ref())
                 .with_steps(&steps),
         );
-        tokio::spawn(proxy.serve(listener));
+        tokio::spawn(proxy.serve(listener, drain.watch()));
     }
     for out in &config.outbound {
         let listener = bind(out.listen, &format!("outbound {}", out.name)).await?;
@@ -224,7 +227,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
                 .with_telemetry(telemetry.as_ref(), out)
                 .with_steps(&steps),
         );
-        tokio::spawn(proxy.serve(listener));
+        tokio::spawn(proxy.serve(listener, drain.watch()));
     }
     if let Some(reports) = &config.reports {
         let token = match &reports.token_file {
@@ -258,8 +261,16 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
             metrics,
             policy,
             enforcement: enforcement.clone(),
+            draining: drain.readiness(),
         }
-        .serve_with_signals(admin_listener, sandbox),
+        .serve_with_signals(
+            admin_listener,
+            config.limits.conn(),
+            config.limits.max_connections,
+            // Open until exit: /ready answers 503 through the whole drain.
+            nexus_serve::Watch::never(),
+            sandbox,
+        ),
     );
     if let Some(path) = &config.admin.address_file {
         let json = serde_json::to_vec_pretty(&addresses)?;
@@ -275,40 +286,42 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         signals: signal_queue,
         telemetry,
         audit,
+        drain,
     })
 }
 
-/// Starts and runs until SIGINT or SIGTERM.
-pub async fn run(config: Config) -> anyhow::Result<()> {
+/// How a stopped sidecar ended, for its exit code.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Exit {
+    /// Every in-flight request finished and records and telemetry were flushed.
+    Drained,
+    /// `limits.shutdown_grace` ran out with requests still in flight (they were cut);
+    /// records and telemetry were flushed.
+    GraceExpired,
+    /// A second SIGTERM/SIGINT: stopped at once, nothing more flushed.
+    Forced,
+}
+
+/// Starts and runs until SIGTERM or SIGINT, then drains (see [`nexus_serve::shutdown`]).
+pub async fn run(config: Config) -> anyhow::Result<Exit> {
+    // Installed before anything listens: a SIGTERM during start-up is not lost.
+    let mut signals = nexus_serve::Signals::install()?;
+    let timing = config.limits.shutdown();
     let running = start(config).await?;
-    shutdown_signal().await;
+    signals.recv().await;
     tracing::info!("shutting down");
+    let exit = match nexus_serve::shutdown(&running.drain, timing, &mut signals).await {
+        nexus_serve::Stopped::Forced => return Ok(Exit::Forced),
+        nexus_serve::Stopped::Drained => Exit::Drained,
+        _ => Exit::GraceExpired,
+    };
     if let Some(audit) = &running.audit {
         audit.shutdown().await;
     }
     if let Some(telemetry) = &running.telemetry {
         telemetry.shutdown().await;
     }
-    Ok(())
-}
-
-async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    {
-        let mut term =
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(term) => term,
-                Err(_) => {
-                    let _ = ctrl_c.await;
-                    return;
-                }
-            };
-        tokio::select! {
-            _ = ctrl_c => {}
-            _ = term.recv() => {}
-        }
-    }
-    #[cfg(not(unix))]
-    let _ = ctrl_c.await;
+    tracing::info!(?exit, "stopped");
+    Ok(exit)
 }

@@ -430,6 +430,47 @@ pub struct LimitsConfig {
     /// connection before the far side does.
     #[serde(with = "humantime_serde")]
     pub pool_idle_timeout: Duration,
+    /// A request whose response head has not come within this gets 504 with the reason.
+    /// Default 30s; more than 0, at most 1h. Streaming after the head is not cut.
+    #[serde(with = "humantime_serde")]
+    pub request_timeout: Duration,
+    /// Requests in flight per listener (until their response body ends); more are shed
+    /// at once with 503 and `retry-after`, never queued. Default 10000; 1 to 1000000.
+    pub max_in_flight: usize,
+    /// On SIGTERM, in-flight requests and streams get this long (from the signal) to
+    /// finish before the sidecar stops waiting. Default 30s; more than 0, at most 1h.
+    /// The pod's terminationGracePeriodSeconds must be longer.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_grace: Duration,
+    /// On SIGTERM, `/ready` answers 503 at once; listeners keep accepting for this long
+    /// (so load balancers and endpoints stop sending) and then close. Default 5s; 0 or
+    /// more, less than `shutdown_grace`.
+    #[serde(with = "humantime_serde")]
+    pub drain_delay: Duration,
+}
+
+/// Largest `request_timeout` and `shutdown_grace`.
+pub const MAX_TIMEOUT: Duration = Duration::from_secs(3600);
+/// Largest `max_in_flight`.
+pub const MAX_IN_FLIGHT: usize = 1_000_000;
+
+impl LimitsConfig {
+    /// The connection limits of every listener (`nexus_serve`).
+    pub fn conn(&self) -> nexus_serve::ConnLimits {
+        nexus_serve::ConnLimits {
+            header_read_timeout: self.header_read_timeout,
+            max_header_bytes: self.max_header_bytes,
+            max_concurrent_streams: self.max_concurrent_streams,
+        }
+    }
+
+    /// The SIGTERM sequence's timing.
+    pub fn shutdown(&self) -> nexus_serve::ShutdownTiming {
+        nexus_serve::ShutdownTiming {
+            drain_delay: self.drain_delay,
+            grace: self.shutdown_grace,
+        }
+    }
 }
 
 impl Default for LimitsConfig {
@@ -441,6 +482,10 @@ impl Default for LimitsConfig {
             max_concurrent_streams: 256,
             connect_timeout: Duration::from_secs(5),
             pool_idle_timeout: Duration::from_secs(5),
+            request_timeout: Duration::from_secs(30),
+            max_in_flight: 10_000,
+            shutdown_grace: Duration::from_secs(30),
+            drain_delay: Duration::from_secs(5),
         }
     }
 }
@@ -493,6 +538,17 @@ impl Config {
         }
         if let Some(v) = get("NEXUS_ADDRESS_FILE") {
             self.admin.address_file = Some(PathBuf::from(v));
+        }
+        // Injection sets it from the same value it gives the pod's
+        // terminationGracePeriodSeconds, so the two cannot disagree.
+        if let Some(v) = get("NEXUS_SHUTDOWN_GRACE") {
+            self.limits.shutdown_grace = humantime::parse_duration(&v).map_err(|e| {
+                invalid(
+                    "NEXUS_SHUTDOWN_GRACE",
+                    format!("`{v}`: {e}"),
+                    "use a duration such as 30s",
+                )
+            })?;
         }
         // Injection (nexusctl inject, the admission webhook) names the gateway this way.
         if let Some(address) = get("NEXUS_GATEWAY_ADDRESS").filter(|a| !a.is_empty()) {
@@ -706,6 +762,39 @@ impl Config {
             return Err(invalid(
                 "limits.max_connections",
                 "must be at least 1",
+                "use the default, 10000",
+            ));
+        }
+        for (field, value) in [
+            ("limits.request_timeout", self.limits.request_timeout),
+            ("limits.shutdown_grace", self.limits.shutdown_grace),
+            (
+                "limits.header_read_timeout",
+                self.limits.header_read_timeout,
+            ),
+        ] {
+            if value.is_zero() || value > MAX_TIMEOUT {
+                return Err(invalid(
+                    field,
+                    format!("{value:?} is outside 1ms..=1h"),
+                    "use a duration more than 0 and at most 1h (the defaults: request_timeout 30s, shutdown_grace 30s, header_read_timeout 10s)",
+                ));
+            }
+        }
+        if self.limits.drain_delay >= self.limits.shutdown_grace {
+            return Err(invalid(
+                "limits.drain_delay",
+                format!(
+                    "{:?} is not less than limits.shutdown_grace ({:?}): in-flight requests would get no time to finish",
+                    self.limits.drain_delay, self.limits.shutdown_grace
+                ),
+                "make drain_delay shorter than shutdown_grace (defaults 5s and 30s)",
+            ));
+        }
+        if self.limits.max_in_flight == 0 || self.limits.max_in_flight > MAX_IN_FLIGHT {
+            return Err(invalid(
+                "limits.max_in_flight",
+                format!("{} is outside 1..=1000000", self.limits.max_in_flight),
                 "use the default, 10000",
             ));
         }

@@ -15,5 +15,5 @@ pub mod proxy;
 pub mod signals;
 pub mod telemetry;
 
-pub use app::{Addresses, Running, run, start};
+pub use app::{Addresses, Exit, Running, run, start};
 pub use config::{Config, ConfigError};

@@ -77,7 +77,13 @@ fn main() -> ExitCode {
     nexus_policy::isolate::abandon_all();
     runtime.shutdown_timeout(STOP_GRACE);
     match result {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(nexus_sidecar::Exit::Drained) => ExitCode::SUCCESS,
+        Ok(exit) => {
+            eprintln!(
+                "nexus-sidecar: stopped without draining ({exit:?}): requests still in flight were cut (limits.shutdown_grace)"
+            );
+            ExitCode::FAILURE
+        }
         Err(error) => {
             eprintln!("nexus-sidecar: {error:#}");
             ExitCode::FAILURE

@@ -75,6 +75,9 @@ pub struct Metrics {
     audit_write_errors: Counter,
     audit_queue_depth: Gauge<i64, AtomicI64>,
     audit_refused: Counter,
+    shed: Family<DirectionLabels, Counter>,
+    timed_out: Family<DirectionLabels, Counter>,
+    in_flight: Family<DirectionLabels, Gauge<i64, AtomicI64>>,
     /// Where the audit counters are read at scrape time (the recorder keeps its own).
     audit_stats: OnceLock<AuditStatsSource>,
 }
@@ -307,7 +310,28 @@ impl Metrics {
             "Requests refused with 503 in strict audit mode because records could not be written",
             audit_refused.clone(),
         );
+        let shed = Family::<DirectionLabels, Counter>::default();
+        registry.register(
+            "requests_shed",
+            "Requests answered 503 with retry-after because limits.max_in_flight requests were already in flight on the listener",
+            shed.clone(),
+        );
+        let timed_out = Family::<DirectionLabels, Counter>::default();
+        registry.register(
+            "requests_timed_out",
+            "Requests answered 504 because no response came within limits.request_timeout",
+            timed_out.clone(),
+        );
+        let in_flight = Family::<DirectionLabels, Gauge<i64, AtomicI64>>::default();
+        registry.register(
+            "requests_in_flight",
+            "Requests in flight (until their response body ends), by direction",
+            in_flight.clone(),
+        );
         Arc::new(Self {
+            shed,
+            timed_out,
+            in_flight,
             audit_written,
             audit_dropped,
             audit_write_errors,
@@ -413,6 +437,27 @@ impl Metrics {
     /// Signals dropped from the buffer.
     pub fn signals_dropped(&self, n: u64) {
         self.signals_dropped.inc_by(n);
+    }
+
+    /// A request shed: the listener was at `limits.max_in_flight`.
+    pub fn request_shed(&self, direction: Direction) {
+        self.shed
+            .get_or_create(&DirectionLabels { direction })
+            .inc();
+    }
+
+    /// A request answered 504: no response within `limits.request_timeout`.
+    pub fn request_timed_out(&self, direction: Direction) {
+        self.timed_out
+            .get_or_create(&DirectionLabels { direction })
+            .inc();
+    }
+
+    /// One more (`delta` 1) or one fewer (`delta` -1) request in flight.
+    pub fn in_flight(&self, direction: Direction, delta: i64) {
+        self.in_flight
+            .get_or_create(&DirectionLabels { direction })
+            .inc_by(delta);
     }
 
     /// A request refused by revocation or gateway loss.

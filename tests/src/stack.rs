@@ -438,26 +438,7 @@ impl Gateway {
     /// Runs `nexusctl ARGS` against this gateway as `operator` (a certs-dev name such as
     /// `nexus.local/operator`).
     pub fn nexusctl_as(&self, operator: &str, args: &[&str]) -> std::process::Output {
-        let cert = crate::cert(&format!("{operator}.pem"));
-        let key = crate::cert(&format!("{operator}.key"));
-        let ca = crate::cert("nexus.local/ca.pem");
-        let mut full: Vec<String> = args.iter().map(|s| s.to_string()).collect();
-        full.extend([
-            "--gateway".into(),
-            self.grpc(),
-            "--gateway-id".into(),
-            GATEWAY_ID.into(),
-            "--cert".into(),
-            cert.to_string_lossy().into_owned(),
-            "--key".into(),
-            key.to_string_lossy().into_owned(),
-            "--ca".into(),
-            ca.to_string_lossy().into_owned(),
-            "--up-state".into(),
-            "/nonexistent".into(),
-        ]);
-        let refs: Vec<&str> = full.iter().map(String::as_str).collect();
-        crate::run_bounded(30, &bin("nexusctl").to_string_lossy(), &refs)
+        nexusctl_at(&self.grpc(), operator, args)
     }
 
     /// `nexusctl ARGS` as the certs-dev operator; panics unless it succeeds; stdout.
@@ -556,6 +537,31 @@ impl Gateway {
             Duration::from_secs(30),
         );
     }
+}
+
+/// Runs `nexusctl ARGS` against the gateway at `grpc` as `operator` (a certs-dev name
+/// such as `nexus.local/operator`); usable from another thread than the [`Gateway`]'s.
+pub fn nexusctl_at(grpc: &str, operator: &str, args: &[&str]) -> std::process::Output {
+    let cert = crate::cert(&format!("{operator}.pem"));
+    let key = crate::cert(&format!("{operator}.key"));
+    let ca = crate::cert("nexus.local/ca.pem");
+    let mut full: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+    full.extend([
+        "--gateway".into(),
+        grpc.to_string(),
+        "--gateway-id".into(),
+        GATEWAY_ID.into(),
+        "--cert".into(),
+        cert.to_string_lossy().into_owned(),
+        "--key".into(),
+        key.to_string_lossy().into_owned(),
+        "--ca".into(),
+        ca.to_string_lossy().into_owned(),
+        "--up-state".into(),
+        "/nonexistent".into(),
+    ]);
+    let refs: Vec<&str> = full.iter().map(String::as_str).collect();
+    crate::run_bounded(30, &bin("nexusctl").to_string_lossy(), &refs)
 }
 
 /// Starts a gateway with its identity from `workload_api` (a Workload API serving
@@ -676,4 +682,97 @@ fn start_with_config(
         &[("NEXUS_LOG", log.as_str())],
     );
     (proc, read_json(address_file, wait))
+}
+
+/// A running slow app (`tests/py/slow_app.py`): `GET /slow/MS/...` answers after MS ms.
+pub struct SlowApp {
+    /// The process.
+    pub proc: Proc,
+    /// `127.0.0.1:PORT`.
+    pub addr: String,
+}
+
+/// Starts the slow app on a free port.
+pub fn slow_app(dir: &Path) -> SlowApp {
+    let port_file = dir.join("slow-app.port");
+    let script = crate::repo_root().join("tests/py/slow_app.py");
+    let proc = Proc::spawn(
+        "slow-app",
+        dir,
+        Path::new("python3"),
+        &[&script.to_string_lossy(), &port_file.to_string_lossy()],
+        &[],
+    );
+    let port = eventually(Duration::from_secs(20), "slow app port file", || {
+        std::fs::read_to_string(&port_file)
+            .ok()
+            .and_then(|p| p.trim().parse::<u16>().ok())
+    });
+    SlowApp {
+        proc,
+        addr: format!("127.0.0.1:{port}"),
+    }
+}
+
+/// The reference two-hop path (plugin sidecar outbound `hazard` -> mTLS -> data sidecar
+/// inbound) in front of the [`slow_app`] instead of the demo data API.
+pub struct SlowTwoHop {
+    /// The data API's Workload API.
+    pub data_workload_api: WorkloadApi,
+    /// The plugin's Workload API.
+    pub plugin_workload_api: WorkloadApi,
+    /// The slow app.
+    pub app: SlowApp,
+    /// The sidecar in front of the app.
+    pub data: Sidecar,
+    /// The plugin's sidecar.
+    pub plugin: Sidecar,
+}
+
+impl SlowTwoHop {
+    /// `http://OUTBOUND{path}` on the plugin sidecar's `hazard` outbound.
+    pub fn outbound_url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.plugin.outbound("hazard"))
+    }
+}
+
+/// Starts a [`SlowTwoHop`]; `data_toml` and `plugin_toml` are appended to each sidecar's
+/// TOML (e.g. a `[limits]` table).
+pub fn slow_two_hop(dir: &Path, data_toml: &str, plugin_toml: &str) -> SlowTwoHop {
+    // `--dns-name localhost`: curl can also call the data sidecar's inbound directly.
+    let data_workload_api = workload_api(
+        dir,
+        "data-workload-api",
+        DATA_API_ID,
+        &["--dns-name", "localhost"],
+    );
+    let plugin_workload_api = workload_api(dir, "plugin-workload-api", PLUGIN_ID, &[]);
+    let app = slow_app(dir);
+    let data = sidecar(
+        dir,
+        "data-sidecar",
+        &format!(
+            "[identity]\nworkload_api_socket = {socket:?}\n\n[inbound]\nlisten = \"127.0.0.1:0\"\napp = {app:?}\napp_protocol = \"http1\"\nallowed_ids = [\"spiffe://nexus.local/ns/plugins/*\"]\n\n{data_toml}\n",
+            socket = data_workload_api.url(),
+            app = app.addr,
+        ),
+        true,
+    );
+    let plugin = sidecar(
+        dir,
+        "plugin-sidecar",
+        &format!(
+            "[identity]\nworkload_api_socket = {socket:?}\n\n[[outbound]]\nname = \"hazard\"\nlisten = \"127.0.0.1:0\"\nupstream = {upstream:?}\nexpected_id = {DATA_API_ID:?}\n\n{plugin_toml}\n",
+            socket = plugin_workload_api.url(),
+            upstream = data.inbound(),
+        ),
+        true,
+    );
+    SlowTwoHop {
+        data_workload_api,
+        plugin_workload_api,
+        app,
+        data,
+        plugin,
+    }
 }

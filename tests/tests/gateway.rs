@@ -307,7 +307,10 @@ fn sidecars_enforce_the_last_snapshot_without_the_gateway_and_fail_closed_when_a
     let (mut gw, mut hop, _api) = stack(
         dir.path(),
         "",
-        "fail_closed_after = \"2s\"\n",
+        // Long enough for the plugin sidecar's restart below (its policy loads in a
+        // child process: 2s here, 8.5s seen under the whole suite) to be served before
+        // this fails closed.
+        "fail_closed_after = \"20s\"\n",
         "on_gateway_loss = \"keep_last\"\n",
     );
     gw.open_execution(PLUGIN_ID, "c-flood-17", "10m");
@@ -332,7 +335,7 @@ fn sidecars_enforce_the_last_snapshot_without_the_gateway_and_fail_closed_when_a
         "http://{}/clauses/c-flood-17/rainfall",
         plugin.outbound("hazard")
     );
-    eventually(Duration::from_secs(5), "keep_last sidecar serving", || {
+    eventually(Duration::from_secs(15), "keep_last sidecar serving", || {
         (get(&rainfall).0 == 200).then_some(())
     });
     let ready = curl(&[&format!("{}/ready", plugin.admin())]);
@@ -349,9 +352,9 @@ fn sidecars_enforce_the_last_snapshot_without_the_gateway_and_fail_closed_when_a
         plugin.proc.log_text()
     );
 
-    // The data sidecar fails closed after 2 s without its gateway.
+    // The data sidecar fails closed after 20 s without its gateway.
     eventually(
-        Duration::from_secs(10),
+        Duration::from_secs(40),
         "data sidecar to fail closed",
         || (hop.data.ready_status() == 503).then_some(()),
     );

@@ -117,6 +117,22 @@ fn admission_answers_match_golden_files_and_patched_pods_validate() {
         );
         if expect_patch {
             let pod = patched_pod(&review, &body);
+            // The kubelet's one grace period holds the sidecar's shutdown_grace and a flush.
+            let grace = pod["spec"]["terminationGracePeriodSeconds"].as_i64();
+            let needed = i64::from(cfg.sidecar_shutdown_grace_seconds)
+                + nexus_kube::SHUTDOWN_FLUSH_MARGIN_SECS;
+            assert!(
+                grace >= Some(needed),
+                "{name}: terminationGracePeriodSeconds {grace:?}"
+            );
+            let sidecar = pod["spec"]["initContainers"][0].clone();
+            assert!(
+                sidecar["env"]
+                    .as_array()
+                    .is_some_and(|env| env.iter().any(|e| e["name"] == "NEXUS_SHUTDOWN_GRACE"
+                        && e["value"] == format!("{}s", cfg.sidecar_shutdown_grace_seconds))),
+                "{name}: {sidecar}"
+            );
             let file = dir.path().join(format!("{name}.json"));
             std::fs::write(&file, serde_json::to_vec_pretty(&pod).expect("pod")).expect("write");
             patched.push(file);

@@ -717,7 +717,7 @@ fn a_policy_that_never_finishes_is_refused_and_later_edits_still_load() {
     );
     let data_api = nexus_tests::stack::data_api(d);
     let toml = format!(
-        "[identity]\nworkload_api_socket = {:?}\n\n[inbound]\nlisten = \"127.0.0.1:0\"\napp = {:?}\nallowed_ids = [\"spiffe://nexus.local/ns/plugins/*\"]\n\n[policy]\ndir = {:?}\nreload_interval = \"100ms\"\nload_timeout = \"3s\"\nload_max_memory = 268435456\n",
+        "[identity]\nworkload_api_socket = {:?}\n\n[inbound]\nlisten = \"127.0.0.1:0\"\napp = {:?}\nallowed_ids = [\"spiffe://nexus.local/ns/plugins/*\"]\n\n[policy]\ndir = {:?}\nreload_interval = \"100ms\"\nload_timeout = \"3s\"\nload_max_memory = 268435456\n\n[limits]\ndrain_delay = \"1s\"\n",
         api.url(),
         data_api.http,
         policies.to_string_lossy(),
@@ -811,8 +811,8 @@ fn a_policy_that_never_finishes_is_refused_and_later_edits_still_load() {
         (headers() == "200").then_some(())
     });
 
-    // SIGTERM while a check spins: the sidecar is gone within its grace, and so is the
-    // checker it started.
+    // SIGTERM while a check spins: the sidecar is gone within its grace (after its 1s
+    // drain delay; no connection is open), and so is the checker it started.
     let mut side = side;
     write_atomically(
         &spin,

@@ -16,5 +16,5 @@ pub mod tls;
 mod verify;
 
 pub use allow::{AllowList, AllowListError, canonical_id, canonical_pattern};
-pub use store::{Bundles, Identity, IdentityError, IdentityStore, Svid};
+pub use store::{Bundles, Identity, IdentityError, IdentityStore, Svid, not_after_of};
 pub use verify::{SpiffeVerifyError, handshake_failure_reason, spiffe_id_of};

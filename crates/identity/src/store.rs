@@ -247,7 +247,8 @@ pub(crate) fn trust_domain_of(id: &str) -> &str {
     rest.split('/').next().unwrap_or(rest)
 }
 
-fn not_after_of(cert: &CertificateDer<'_>) -> Result<i64, String> {
+/// A certificate's not-after, Unix seconds.
+pub fn not_after_of(cert: &CertificateDer<'_>) -> Result<i64, String> {
     let (_, parsed) = x509_parser::parse_x509_certificate(cert).map_err(|e| e.to_string())?;
     Ok(parsed.validity().not_after.timestamp())
 }

@@ -180,4 +180,6 @@ pub fn answer_patch(answer_body: &[u8]) -> Option<json_patch::Patch> {
 }
 
 #[cfg(test)]
+mod props;
+#[cfg(test)]
 mod tests;

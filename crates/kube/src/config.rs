@@ -127,7 +127,17 @@ pub struct InjectConfig {
     pub seccomp_profile_dir: String,
     /// Reviews larger than this get 413.
     pub max_review_bytes: usize,
+    /// The injected sidecar's `limits.shutdown_grace`, seconds (`NEXUS_SHUTDOWN_GRACE`);
+    /// the pod's `terminationGracePeriodSeconds` is raised to at least this plus
+    /// [`SHUTDOWN_FLUSH_MARGIN_SECS`]. Default 30; 1 to 3600.
+    pub sidecar_shutdown_grace_seconds: u32,
 }
+
+/// Seconds a stopping sidecar gets beyond its shutdown grace to flush records and
+/// telemetry before the kubelet's SIGKILL.
+pub const SHUTDOWN_FLUSH_MARGIN_SECS: i64 = 5;
+/// Largest `sidecar_shutdown_grace_seconds`.
+pub const MAX_SHUTDOWN_GRACE_SECS: u32 = 3600;
 
 impl Default for InjectConfig {
     fn default() -> Self {
@@ -154,6 +164,7 @@ impl Default for InjectConfig {
             sidecar_uid: 65532,
             seccomp_profile_dir: "nexus".into(),
             max_review_bytes: DEFAULT_MAX_REVIEW_BYTES,
+            sidecar_shutdown_grace_seconds: 30,
         }
     }
 }

@@ -41,6 +41,9 @@ pub const INJECTED_ANNOTATION: &str = "nexus.io/injected";
 /// kubectl's default container annotation, the sandbox's fallback target.
 const KUBECTL_DEFAULT_CONTAINER: &str = "kubectl.kubernetes.io/default-container";
 
+/// Kubernetes' `terminationGracePeriodSeconds` when a pod sets none.
+const KUBERNETES_DEFAULT_GRACE_SECS: i64 = 30;
+
 /// The injected native sidecar's container name.
 pub const SIDECAR_CONTAINER: &str = "nexus-sidecar";
 /// The init container that copies the launcher into the pod.
@@ -376,6 +379,21 @@ impl Plan {
         init.extend(existing);
         spec.insert("initContainers".into(), Value::Array(init));
 
+        // The kubelet stops a native sidecar after the app containers, within the pod's
+        // one grace period: it must hold the sidecar's shutdown_grace and a flush. A
+        // longer period the pod asks for is kept.
+        let needed = i64::from(
+            cfg.sidecar_shutdown_grace_seconds
+                .clamp(1, crate::config::MAX_SHUTDOWN_GRACE_SECS),
+        ) + crate::config::SHUTDOWN_FLUSH_MARGIN_SECS;
+        let current = spec
+            .get("terminationGracePeriodSeconds")
+            .and_then(Value::as_i64)
+            .unwrap_or(KUBERNETES_DEFAULT_GRACE_SECS);
+        if current < needed {
+            spec.insert("terminationGracePeriodSeconds".into(), Value::from(needed));
+        }
+
         let mut volumes = vec![
             workload_api_volume(&cfg.workload_api),
             Volume {
@@ -440,6 +458,14 @@ impl Plan {
             env("NEXUS_ADMIN_LISTEN", &format!("0.0.0.0:{}", cfg.admin_port)),
             env("NEXUS_GATEWAY_ADDRESS", &cfg.gateway_address),
             env("NEXUS_GATEWAY_ID", &cfg.gateway_id),
+            env(
+                "NEXUS_SHUTDOWN_GRACE",
+                &format!(
+                    "{}s",
+                    cfg.sidecar_shutdown_grace_seconds
+                        .clamp(1, crate::config::MAX_SHUTDOWN_GRACE_SECS)
+                ),
+            ),
             env(
                 "NEXUS_GATEWAY_SNAPSHOT_FILE",
                 &format!("{STATE_DIR}/gateway-snapshot.json"),

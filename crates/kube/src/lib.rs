@@ -17,8 +17,8 @@ pub mod manifests;
 
 pub use admission::review;
 pub use config::{
-    DEFAULT_MAX_REVIEW_BYTES, InjectConfig, LAUNCHER_IMAGE_ENV, Resources, SIDECAR_IMAGE_ENV,
-    WorkloadApiSocket,
+    DEFAULT_MAX_REVIEW_BYTES, InjectConfig, LAUNCHER_IMAGE_ENV, MAX_SHUTDOWN_GRACE_SECS, Resources,
+    SHUTDOWN_FLUSH_MARGIN_SECS, SIDECAR_IMAGE_ENV, WorkloadApiSocket,
 };
 pub use evict::{EvictError, EvictionReport, EvictorConfig, PodEvictor, WorkloadId};
 pub use inject::{InjectError, Outcome};

@@ -9,6 +9,8 @@ pub mod enforce;
 pub mod records;
 pub mod signals;
 pub mod state;
+#[cfg(test)]
+mod state_props;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};

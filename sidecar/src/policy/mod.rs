@@ -3,6 +3,8 @@
 //! once it compiles and its tests pass, and the input document of each request.
 
 pub mod input;
+#[cfg(test)]
+mod input_props;
 pub mod runtime;
 
 pub use runtime::{Loaded, PolicyRuntime};

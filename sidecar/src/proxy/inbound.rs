@@ -19,8 +19,9 @@ use super::authorize::{NormalizeLayer, Parties, PolicyLayer};
 use super::forward::{Forward, VersionPolicy};
 use super::layers::{CallerIdentityLayer, Peer, RecordLayer};
 use super::normalize::NormalizeLimits;
+use super::overload::{ShedLayer, TimeoutLayer};
 use super::revocation::{RevocationLayer, close_when_revoked};
-use super::serve::{accept_loop, http_server, serve_http};
+use super::serve::serve_http;
 use super::trace::TraceLayer;
 use super::watch::WatchLayer;
 use crate::config::{AppProtocol, Config};
@@ -40,6 +41,8 @@ pub struct Inbound {
     server: auto::Builder<TokioExecutor>,
     handshake_timeout: Duration,
     max_connections: usize,
+    shed: ShedLayer,
+    request_timeout: std::time::Duration,
     telemetry: Option<Telemetry>,
     steps: Steps,
 }
@@ -86,15 +89,18 @@ impl Inbound {
             inbound.app.parse()?,
             versions,
         );
+        let self_metrics = metrics.clone();
         Ok(Self {
             acceptor: TlsAcceptor::from(Arc::new(tls)),
             forward,
             store,
             metrics,
             policy,
-            server: http_server(&config.limits),
+            server: nexus_serve::http_server(&config.limits.conn()),
             handshake_timeout: config.tls.handshake_timeout,
             max_connections: config.limits.max_connections,
+            shed: ShedLayer::new(config.limits.max_in_flight, self_metrics, DIRECTION),
+            request_timeout: config.limits.request_timeout,
             telemetry: None,
             steps: Steps::default(),
         })
@@ -112,16 +118,20 @@ impl Inbound {
         self
     }
 
-    /// Serves connections from `listener` forever.
-    pub async fn serve(self: Arc<Self>, listener: TcpListener) {
+    /// Serves connections from `listener` until the drain starts.
+    pub async fn serve(self: Arc<Self>, listener: TcpListener, drain: nexus_serve::Watch) {
         let max = self.max_connections;
-        accept_loop(listener, max, move |stream, _addr| {
-            self.clone().connection(stream)
-        })
+        nexus_serve::accept(
+            listener,
+            max,
+            drain,
+            DIRECTION,
+            move |stream, _addr, drain| self.clone().connection(stream, drain),
+        )
         .await;
     }
 
-    async fn connection(self: Arc<Self>, stream: TcpStream) {
+    async fn connection(self: Arc<Self>, stream: TcpStream, drain: nexus_serve::Watch) {
         let tls = match tokio::time::timeout(self.handshake_timeout, self.acceptor.accept(stream))
             .await
         {
@@ -140,6 +150,15 @@ impl Inbound {
                 return;
             }
         };
+        // The identity the handshake verified is good until its certificate's not-after:
+        // the connection ends then (a peer whose agent stopped renewing gets no requests
+        // through on an expired SVID).
+        let peer_not_after = tls
+            .get_ref()
+            .1
+            .peer_certificates()
+            .and_then(|certs| certs.first())
+            .and_then(|leaf| nexus_identity::not_after_of(leaf).ok());
         let Some(peer) = tls
             .get_ref()
             .1
@@ -175,6 +194,9 @@ impl Inbound {
         // The request path, top to bottom.
         let service = ServiceBuilder::new()
             .layer(RecordLayer::new(self.metrics.clone(), DIRECTION))
+            // Overload is answered first and cheaply: a shed request costs no policy
+            // evaluation, record or upstream connection.
+            .layer(self.shed.clone())
             .option_layer(
                 self.telemetry
                     .as_ref()
@@ -189,6 +211,11 @@ impl Inbound {
             .option_layer(self.steps.watch.clone().map(|watch| {
                 WatchLayer::new(watch, parties.source.clone(), nexus_anomaly::Observed::Peer)
             }))
+            .layer(TimeoutLayer::new(
+                self.request_timeout,
+                self.metrics.clone(),
+                DIRECTION,
+            ))
             .layer(CallerIdentityLayer::new(self.store.clone(), Some(peer)))
             .layer(RevocationLayer::new(
                 self.steps.enforcement.clone(),
@@ -212,11 +239,29 @@ impl Inbound {
             return;
         }
         tokio::select! {
-            () = serve_http(&self.server, tls, service, &self.metrics, DIRECTION) => {}
+            () = serve_http(&self.server, tls, service, drain, &self.metrics, DIRECTION) => {}
             () = close_when_revoked(self.steps.enforcement.clone(), peer_id.clone(), me) => {
                 self.metrics.revoked_connection_closed();
                 tracing::info!(peer = %peer_id, "connection closed: revoked");
             }
+            () = until_unix(peer_not_after) => {
+                self.metrics.connection_error(DIRECTION, "peer_certificate_expired");
+                tracing::info!(peer = %peer_id, "connection closed: the peer's certificate expired");
+            }
         }
     }
+}
+
+/// Completes at `unix_secs` (at once if past); never without one.
+async fn until_unix(unix_secs: Option<i64>) {
+    let Some(at) = unix_secs else {
+        return std::future::pending().await;
+    };
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0);
+    #[allow(clippy::cast_precision_loss)]
+    let left = (at as f64 - now).max(0.0);
+    tokio::time::sleep(Duration::from_secs_f64(left)).await;
 }

@@ -33,8 +33,11 @@ pub mod headers;
 pub mod inbound;
 pub mod layers;
 pub mod normalize;
+#[cfg(test)]
+mod normalize_props;
 pub mod observe;
 pub mod outbound;
+pub mod overload;
 pub mod revocation;
 pub mod serve;
 pub mod trace;

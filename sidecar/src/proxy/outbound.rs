@@ -20,8 +20,9 @@ use super::authorize::{NormalizeLayer, Parties, PolicyLayer};
 use super::forward::{Forward, VersionPolicy};
 use super::layers::{CallerIdentityLayer, RecordLayer};
 use super::normalize::NormalizeLimits;
+use super::overload::{ShedLayer, TimeoutLayer};
 use super::revocation::{RevocationLayer, close_when_revoked};
-use super::serve::{accept_loop, http_server, serve_http};
+use super::serve::serve_http;
 use super::trace::TraceLayer;
 use super::watch::WatchLayer;
 use crate::config::{Config, OutboundConfig};
@@ -40,6 +41,8 @@ pub struct Outbound {
     expected_id: Arc<str>,
     server: auto::Builder<TokioExecutor>,
     max_connections: usize,
+    shed: ShedLayer,
+    request_timeout: std::time::Duration,
     trace: Option<TraceLayer>,
     steps: Steps,
 }
@@ -89,14 +92,17 @@ impl Outbound {
             out.upstream.parse()?,
             VersionPolicy::Preserve,
         );
+        let self_metrics = metrics.clone();
         Ok(Self {
             forward,
             store,
             metrics,
             policy,
             expected_id: out.expected_id.as_str().into(),
-            server: http_server(&config.limits),
+            server: nexus_serve::http_server(&config.limits.conn()),
             max_connections: config.limits.max_connections,
+            shed: ShedLayer::new(config.limits.max_in_flight, self_metrics, DIRECTION),
+            request_timeout: config.limits.request_timeout,
             trace: None,
             steps: Steps::default(),
         })
@@ -118,16 +124,20 @@ impl Outbound {
         self
     }
 
-    /// Serves connections from `listener` forever.
-    pub async fn serve(self: Arc<Self>, listener: TcpListener) {
+    /// Serves connections from `listener` until the drain starts.
+    pub async fn serve(self: Arc<Self>, listener: TcpListener, drain: nexus_serve::Watch) {
         let max = self.max_connections;
-        accept_loop(listener, max, move |stream, _addr| {
-            self.clone().connection(stream)
-        })
+        nexus_serve::accept(
+            listener,
+            max,
+            drain,
+            DIRECTION,
+            move |stream, _addr, drain| self.clone().connection(stream, drain),
+        )
         .await;
     }
 
-    async fn connection(self: Arc<Self>, stream: TcpStream) {
+    async fn connection(self: Arc<Self>, stream: TcpStream, drain: nexus_serve::Watch) {
         let me: Arc<str> = self
             .store
             .current()
@@ -142,6 +152,9 @@ impl Outbound {
         // The request path, top to bottom.
         let service = ServiceBuilder::new()
             .layer(RecordLayer::new(self.metrics.clone(), DIRECTION))
+            // Overload is answered first and cheaply: a shed request costs no policy
+            // evaluation, record or upstream connection.
+            .layer(self.shed.clone())
             .option_layer(self.trace.clone())
             .option_layer(
                 self.steps
@@ -152,6 +165,11 @@ impl Outbound {
             .option_layer(self.steps.watch.clone().map(|watch| {
                 WatchLayer::new(watch, parties.source.clone(), nexus_anomaly::Observed::Own)
             }))
+            .layer(TimeoutLayer::new(
+                self.request_timeout,
+                self.metrics.clone(),
+                DIRECTION,
+            ))
             .layer(CallerIdentityLayer::new(self.store.clone(), None))
             .layer(RevocationLayer::new(
                 self.steps.enforcement.clone(),
@@ -170,7 +188,7 @@ impl Outbound {
             )
             .service(self.forward.clone());
         tokio::select! {
-            () = serve_http(&self.server, stream, service, &self.metrics, DIRECTION) => {}
+            () = serve_http(&self.server, stream, service, drain, &self.metrics, DIRECTION) => {}
             () = close_when_revoked(self.steps.enforcement.clone(), self.expected_id.clone(), me) => {
                 self.metrics.revoked_connection_closed();
                 tracing::info!(upstream = %self.expected_id, "connection closed: revoked");

@@ -367,3 +367,35 @@ fn malformed_pods_are_errors_not_panics() {
         assert!(inject_pod(&mut p, &cfg).is_err(), "{bad}");
     }
 }
+
+#[test]
+fn the_pod_grace_period_holds_the_sidecar_shutdown_grace() {
+    let cfg = InjectConfig {
+        sidecar_shutdown_grace_seconds: 50,
+        ..InjectConfig::default()
+    };
+    // No period (Kubernetes' 30s) or a shorter one: raised to grace + flush margin.
+    let pod = injected(pod(json!({}), None), &cfg);
+    assert_eq!(pod["spec"]["terminationGracePeriodSeconds"], 55);
+    let mut short = pod_with_grace(10);
+    inject_pod(&mut short, &cfg).expect("inject");
+    assert_eq!(short["spec"]["terminationGracePeriodSeconds"], 55);
+    // A longer period the pod asks for is kept.
+    let mut long = pod_with_grace(300);
+    inject_pod(&mut long, &cfg).expect("inject");
+    assert_eq!(long["spec"]["terminationGracePeriodSeconds"], 300);
+    let env = &pod["spec"]["initContainers"][0]["env"];
+    assert!(
+        env.as_array()
+            .expect("env")
+            .iter()
+            .any(|e| e["name"] == "NEXUS_SHUTDOWN_GRACE" && e["value"] == "50s"),
+        "{env}"
+    );
+}
+
+fn pod_with_grace(seconds: i64) -> Value {
+    let mut p = pod(json!({}), None);
+    p["spec"]["terminationGracePeriodSeconds"] = json!(seconds);
+    p
+}
