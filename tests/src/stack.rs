@@ -172,7 +172,7 @@ pub fn sidecar(dir: &Path, name: &str, toml: &str, wait_ready: bool) -> Sidecar 
     };
     if wait_ready {
         let url = format!("{}/ready", sidecar.admin());
-        eventually(Duration::from_secs(20), "sidecar /ready", || {
+        eventually(Duration::from_secs(60), "sidecar /ready", || {
             (curl_status(&[&url]) == 200).then_some(())
         });
     }
