@@ -45,6 +45,7 @@ pub struct Running {
 fn tls_allow(config: &Config) -> anyhow::Result<AllowList> {
     let mut entries: Vec<String> = config.sidecars.clone();
     entries.extend(config.operators.iter().cloned());
+    entries.extend(config.reviewers.iter().cloned());
     Ok(AllowList::parse(&entries)?)
 }
 
