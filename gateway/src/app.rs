@@ -129,7 +129,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
             anyhow::anyhow!("cannot listen on {} (webhook.listen): {e}", webhook.listen)
         })?;
         addresses.webhook = Some(listener.local_addr()?);
-        crate::webhook::serve(listener, webhook.clone()).await?;
+        crate::webhook::serve(listener, webhook.clone(), changes.clone()).await?;
     }
 
     let incoming = crate::server::incoming(

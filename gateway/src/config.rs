@@ -156,6 +156,10 @@ pub struct RegistryConfig {
     pub max_description_bytes: usize,
     /// Largest `budgets` JSON object of a version (bytes). Default 4096.
     pub max_budgets_bytes: usize,
+    /// Namespaces whose pods are plugin pods: the webhook admits them only with images
+    /// pinned to certified versions (so are pods anywhere that ask for the sandbox).
+    /// Default `["plugins"]`.
+    pub plugin_namespaces: Vec<String>,
 }
 
 impl Default for RegistryConfig {
@@ -168,6 +172,7 @@ impl Default for RegistryConfig {
             max_payload_bytes: 4096,
             max_description_bytes: 1024,
             max_budgets_bytes: 4096,
+            plugin_namespaces: vec!["plugins".into()],
         }
     }
 }

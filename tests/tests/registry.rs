@@ -14,7 +14,7 @@ use nexus_tests::stack::{
     GATEWAY_ID, GATEWAY_TOP, Gateway, OPERATOR_ID, PLUGIN_ID, gateway_toml, gateway_with, sidecar,
     workload_api,
 };
-use nexus_tests::temp_dir;
+use nexus_tests::{repo_root, temp_dir};
 
 const DIGEST_A: &str = "sha256:aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa";
 const DIGEST_B: &str = "sha256:bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb";
@@ -700,5 +700,131 @@ fn a_mirror_imports_only_what_verifies_and_never_trusts_the_file() {
             &["plugin", "import", &big.to_string_lossy()],
         ),
         "registry.max_bundle_bytes",
+    );
+}
+
+/// A self-signed serving certificate for `localhost` (what cert-manager would issue).
+fn serving_cert(dir: &Path) -> (PathBuf, PathBuf) {
+    let cert = dir.join("webhook.pem");
+    let key = dir.join("webhook.key");
+    openssl(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
+        "-nodes",
+        "-days",
+        "1",
+        "-subj",
+        "/CN=localhost",
+        "-addext",
+        "subjectAltName=DNS:localhost",
+        "-keyout",
+        &key.to_string_lossy(),
+        "-out",
+        &cert.to_string_lossy(),
+    ]);
+    (cert, key)
+}
+
+#[test]
+fn admission_admits_only_pods_pinned_to_a_certified_version_of_their_identity() {
+    let dir = temp_dir("registry-admission");
+    let d = dir.path();
+    let (acme_key, acme_pub) = keypair(d, "acme");
+    let (cert, key) = serving_cert(d);
+    let gw_api = workload_api(d, "gateway-workload-api", GATEWAY_ID, &[]);
+    let extra = format!(
+        "{}\n[webhook]\nlisten = \"127.0.0.1:0\"\ncert = {:?}\nkey = {:?}\n",
+        registry_toml(&acme_pub),
+        cert.to_string_lossy(),
+        key.to_string_lossy()
+    );
+    let gw = gateway_with(d, "gateway", &gw_api, None, None, &top(), &extra);
+    for (version, digest, tag) in [("1.4.2", DIGEST_A, "a"), ("1.5.0", DIGEST_C, "c")] {
+        let signed = sign(d, &acme_key, digest, tag);
+        let (ok, out) = register(
+            &gw,
+            "acme",
+            version,
+            &format!("{REPO}@{digest}"),
+            &["c-flood-17"],
+            Some(&signed),
+        );
+        assert!(ok, "{out}");
+    }
+    let uid = plugins(&gw)[0]["uid"].as_str().unwrap().to_string();
+    gw.nexusctl_as(REVIEWER, &["plugin", "certify", &uid, "--version", "1.4.2"]);
+
+    let port = nexus_tests::stack::port_of(gw.addresses["webhook"].as_str().unwrap());
+    let template: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(repo_root().join("tests/kube/reviews/deployment-pod.json"))
+            .unwrap(),
+    )
+    .unwrap();
+    let review = |image: &str, account: &str| -> serde_json::Value {
+        let mut r = template.clone();
+        r["request"]["object"]["spec"]["containers"][0]["image"] = image.into();
+        r["request"]["object"]["spec"]["serviceAccountName"] = account.into();
+        let file = d.join("review.json");
+        std::fs::write(&file, r.to_string()).unwrap();
+        let out = nexus_tests::curl(&[
+            "-s",
+            "--cacert",
+            &cert.to_string_lossy(),
+            "--resolve",
+            &format!("localhost:{port}:127.0.0.1"),
+            "-H",
+            "content-type: application/json",
+            "--data-binary",
+            &format!("@{}", file.display()),
+            &format!("https://localhost:{port}/inject"),
+        ]);
+        serde_json::from_slice(&out.stdout).expect("an AdmissionReview")
+    };
+    let denied = |answer: serde_json::Value, why: &str| {
+        assert_eq!(answer["response"]["allowed"], false, "{answer}");
+        let message = answer["response"]["status"]["message"]
+            .as_str()
+            .unwrap_or("");
+        assert!(message.contains(why), "expected `{why}`: {message}");
+        assert_eq!(
+            answer["response"]["uid"], template["request"]["uid"],
+            "the answer names the request"
+        );
+    };
+    denied(
+        review(&format!("{REPO}:1.4.2"), "flood-model"),
+        "not pinned by digest",
+    );
+    denied(
+        review(&format!("{REPO}@{DIGEST_B}"), "flood-model"),
+        "not a registered plugin version",
+    );
+    denied(
+        review(&format!("{REPO}@{DIGEST_C}"), "flood-model"),
+        "not certified",
+    );
+    denied(
+        review(&format!("{REPO}@{DIGEST_A}"), "intruder"),
+        "would run as spiffe://nexus.local/ns/plugins/sa/intruder",
+    );
+    let admitted = review(&format!("{REPO}@{DIGEST_A}"), "flood-model");
+    assert_eq!(admitted["response"]["allowed"], true, "{admitted}");
+    assert_eq!(admitted["response"]["patchType"], "JSONPatch", "{admitted}");
+    gw.nexusctl(&[
+        "plugin",
+        "retire",
+        &uid,
+        "--version",
+        "1.4.2",
+        "--reason",
+        "superseded",
+    ]);
+    denied(
+        review(&format!("{REPO}@{DIGEST_A}"), "flood-model"),
+        "is retired",
     );
 }
