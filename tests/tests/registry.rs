@@ -828,3 +828,155 @@ fn admission_admits_only_pods_pinned_to_a_certified_version_of_their_identity() 
         "is retired",
     );
 }
+
+/// A PostgreSQL: `NEXUS_TEST_POSTGRES_URL` (scripts/test.sh starts one), else one started
+/// here with scripts/postgres.sh (stopped on drop).
+struct Postgres {
+    base: String,
+    own: Option<tempfile::TempDir>,
+}
+
+impl Postgres {
+    fn start() -> Self {
+        if let Ok(url) = std::env::var("NEXUS_TEST_POSTGRES_URL") {
+            return Self {
+                base: url,
+                own: None,
+            };
+        }
+        let dir = tempfile::Builder::new()
+            .prefix("nexus-pg")
+            .tempdir_in("/tmp")
+            .expect("pg dir");
+        let base = nexus_tests::stdout_of(
+            Command::new(repo_root().join("scripts/postgres.sh")).args([
+                "start",
+                &dir.path().join("data").to_string_lossy(),
+                &nexus_tests::free_port().to_string(),
+            ]),
+            "scripts/postgres.sh start",
+        );
+        Self {
+            base: base.trim().to_string(),
+            own: Some(dir),
+        }
+    }
+
+    /// A new empty database; its URL.
+    fn database(&self, name: &str) -> String {
+        let (base, _) = self.base.rsplit_once('/').expect("a database URL");
+        let db = format!("{name}_{}", std::process::id());
+        for sql in [
+            format!("DROP DATABASE IF EXISTS {db}"),
+            format!("CREATE DATABASE {db}"),
+        ] {
+            nexus_tests::stdout_of(
+                Command::new("psql").args([&format!("{base}/postgres"), "-qtAc", &sql]),
+                "psql",
+            );
+        }
+        format!("{base}/{db}")
+    }
+}
+
+impl Drop for Postgres {
+    fn drop(&mut self) {
+        if let Some(dir) = &self.own {
+            let _ = Command::new(repo_root().join("scripts/postgres.sh"))
+                .args(["stop", &dir.path().join("data").to_string_lossy()])
+                .output();
+        }
+    }
+}
+
+#[test]
+fn two_gateways_on_postgresql_agree_on_the_registry() {
+    let pg = Postgres::start();
+    let url = pg.database("nexus_registry");
+    let dir = temp_dir("registry-postgres");
+    let d = dir.path();
+    let (acme_key, acme_pub) = keypair(d, "acme");
+    let gw_api = workload_api(d, "gateway-workload-api", GATEWAY_ID, &[]);
+    let a = gateway_with(
+        d,
+        "gateway-a",
+        &gw_api,
+        Some(&url),
+        None,
+        &top(),
+        &registry_toml(&acme_pub),
+    );
+    let b = gateway_with(
+        d,
+        "gateway-b",
+        &gw_api,
+        Some(&url),
+        None,
+        &top(),
+        &registry_toml(&acme_pub),
+    );
+    let signed = sign(d, &acme_key, DIGEST_A, "a");
+    let (ok, out) = register(
+        &a,
+        "acme",
+        "1.4.2",
+        &format!("{REPO}@{DIGEST_A}"),
+        &["c-flood-17"],
+        Some(&signed),
+    );
+    assert!(ok, "{out}");
+    // Registered through A, certified through B, run through A, retired through B.
+    let on_b = plugins(&b);
+    assert_eq!(on_b, plugins(&a), "both replicas read one registry");
+    let uid = on_b[0]["uid"].as_str().unwrap().to_string();
+    let (ok, out) = ctl(
+        &b,
+        REVIEWER,
+        &["plugin", "certify", &uid, "--version", "1.4.2"],
+    );
+    assert!(ok, "{out}");
+    // The same registration through B is a duplicate (the UNIQUE digest is shared).
+    refused(
+        register(
+            &b,
+            "acme",
+            "1.4.2",
+            &format!("{REPO}@{DIGEST_A}"),
+            &["c-flood-17"],
+            Some(&signed),
+        ),
+        "already registered",
+    );
+    let exec = a.open_execution(&uid, "c-flood-17", "10m");
+    assert!(exec.starts_with("ex-"), "{exec}");
+    b.nexusctl(&[
+        "plugin",
+        "retire",
+        &uid,
+        "--version",
+        "1.4.2",
+        "--reason",
+        "both agree",
+    ]);
+    assert_eq!(plugins(&a)[0]["versions"][0]["state"], "retired");
+    refused(
+        ctl(
+            &a,
+            OPERATOR,
+            &[
+                "exec",
+                "open",
+                "--plugin",
+                &uid,
+                "--version",
+                "1.4.2",
+                "--clause",
+                "c-flood-17",
+                "--ttl",
+                "10m",
+            ],
+        ),
+        "retired",
+    );
+    assert_eq!(a.status()["revision"], b.status()["revision"]);
+}
