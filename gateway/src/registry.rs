@@ -387,7 +387,7 @@ pub(crate) async fn check_runnable(
             v.version, v.plugin_uid
         )));
     }
-    if !v.clauses.iter().any(|c| *c == e.clause) {
+    if !v.clauses.contains(&e.clause) {
         return Err(conflict(format!(
             "clause {} is not bound to version {} of plugin {} (bound: {}); bind it with `nexusctl plugin bind`",
             e.clause,
@@ -743,7 +743,7 @@ impl Changes {
         started: Instant,
     ) -> Result<u64, ChangeError> {
         Ok(self
-            .apply(Change::Registry(op), actor, started, Duration::ZERO)
+            .apply(Change::Registry(Box::new(op)), actor, started, Duration::ZERO)
             .await?
             .revision)
     }
@@ -806,8 +806,8 @@ impl Changes {
         let revision = self
             .commit_registry(
                 RegistryOp::Register {
-                    plugin: checked.plugin,
-                    version: checked.version,
+                    plugin: Box::new(checked.plugin),
+                    version: Box::new(checked.version),
                 },
                 actor,
                 started,

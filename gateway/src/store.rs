@@ -66,7 +66,7 @@ pub enum Change {
     Close(ExecutionClosed),
     /// Change the plugin registry (checked against the stored state in the same
     /// transaction: `crate::registry`).
-    Registry(RegistryOp),
+    Registry(Box<RegistryOp>),
 }
 
 /// A plugin registry change, before it is checked against the store.
@@ -75,9 +75,9 @@ pub enum RegistryOp {
     /// Add a version (and the plugin, when `plugin.uid` is not stored yet).
     Register {
         /// The plugin (its stored row wins when it exists).
-        plugin: Plugin,
+        plugin: Box<Plugin>,
         /// The verified version, state `registered`.
-        version: PluginVersion,
+        version: Box<PluginVersion>,
     },
     /// A reviewer certifies a registered version.
     Certify {
@@ -888,6 +888,7 @@ mod tests {
             clause: "c1".into(),
             not_after_unix_ms: 5,
             opened_by: "op".into(),
+            ..Execution::default()
         };
         assert_eq!(
             store

@@ -72,7 +72,7 @@ fn cosign_payload(repo: &str, digest: &str) -> String {
 /// signature file).
 fn sign(dir: &Path, key: &Path, digest: &str, tag: &str) -> (PathBuf, PathBuf) {
     let payload = dir.join(format!("{tag}.payload.json"));
-    std::fs::write(&payload, cosign_payload(REPO, digest)).unwrap();
+    std::fs::write(&payload, cosign_payload(REPO, digest)).expect("write the payload");
     let der = openssl(&[
         "dgst",
         "-sha256",
@@ -81,7 +81,7 @@ fn sign(dir: &Path, key: &Path, digest: &str, tag: &str) -> (PathBuf, PathBuf) {
         &payload.to_string_lossy(),
     ]);
     let signature = dir.join(format!("{tag}.sig"));
-    std::fs::write(&signature, data_b64(&der)).unwrap();
+    std::fs::write(&signature, data_b64(&der)).expect("write the signature");
     (payload, signature)
 }
 
