@@ -743,7 +743,12 @@ impl Changes {
         started: Instant,
     ) -> Result<u64, ChangeError> {
         Ok(self
-            .apply(Change::Registry(Box::new(op)), actor, started, Duration::ZERO)
+            .apply(
+                Change::Registry(Box::new(op)),
+                actor,
+                started,
+                Duration::ZERO,
+            )
             .await?
             .revision)
     }

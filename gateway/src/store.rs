@@ -300,10 +300,14 @@ fn to_u64(v: i64) -> u64 {
     u64::try_from(v).unwrap_or(0)
 }
 
-/// Whether an error is a primary-key clash (another replica took the revision).
+/// Whether an error is a primary-key clash (another replica took the revision), or
+/// SQLite's SQLITE_BUSY / SQLITE_BUSY_SNAPSHOT (a deferred transaction that read before
+/// another connection, e.g. a record batch, wrote): both are retried.
 fn is_unique_violation(error: &sqlx::Error) -> bool {
     match error {
-        sqlx::Error::Database(db) => db.is_unique_violation(),
+        sqlx::Error::Database(db) => {
+            db.is_unique_violation() || matches!(db.code().as_deref(), Some("5" | "517"))
+        }
         _ => false,
     }
 }
