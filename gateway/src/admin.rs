@@ -12,6 +12,11 @@ use hyper::body::Incoming;
 use nexus_identity::{AllowList, IdentityStore};
 use nexus_proto::control::admin_server::Admin;
 use nexus_proto::control::{
+    BindPluginRequest, ExportPluginsRequest, ExportPluginsResponse, ImportPluginsRequest,
+    ListPluginsRequest, ListPluginsResponse, PluginVersionRequest, RegisterPluginRequest,
+    RegistryResponse, RetirePluginRequest,
+};
+use nexus_proto::control::{
     ChangeResponse, CloseExecutionRequest, ExecutionInfo, ListExecutionsRequest,
     ListExecutionsResponse, ListSignalsRequest, ListSignalsResponse, OpenExecutionRequest,
     ReinstateRequest, RevokeRequest, Signal, StatusRequest, StatusResponse, StoredSignal,
@@ -27,13 +32,37 @@ use crate::store::Backend;
 pub struct AdminService {
     changes: Arc<Changes>,
     operators: AllowList,
+    reviewers: AllowList,
 }
 
 impl AdminService {
     /// With the configured operators.
     pub fn new(changes: Arc<Changes>) -> Result<Self, String> {
         let operators = AllowList::parse(&changes.config.operators).map_err(|e| e.to_string())?;
-        Ok(Self { changes, operators })
+        let reviewers = AllowList::parse(&changes.config.reviewers).map_err(|e| e.to_string())?;
+        Ok(Self {
+            changes,
+            operators,
+            reviewers,
+        })
+    }
+
+    /// The caller, if it is on `reviewers` (certification is theirs, not operators').
+    fn reviewer<T>(&self, request: &Request<T>) -> Result<String, Status> {
+        let peer = request
+            .extensions()
+            .get::<PeerInfo>()
+            .ok_or_else(|| Status::unauthenticated("no client certificate"))?;
+        if self.reviewers.allows(&peer.spiffe_id) {
+            Ok(peer.spiffe_id.clone())
+        } else {
+            self.changes.metrics.admin_denied();
+            tracing::warn!(caller = %peer.spiffe_id, addr = %peer.addr, "certify refused: not a reviewer");
+            Err(Status::permission_denied(format!(
+                "{} is not a reviewer of this gateway (config `reviewers`): only reviewers certify plugin versions",
+                peer.spiffe_id
+            )))
+        }
     }
 
     fn operator<T>(&self, request: &Request<T>, call: &str) -> Result<String, Status> {
@@ -108,6 +137,7 @@ impl Admin for AdminService {
             .changes
             .open(
                 &r.plugin,
+                &r.plugin_version,
                 &r.clause,
                 ms(r.ttl_ms),
                 &actor,
@@ -208,6 +238,139 @@ impl Admin for AdminService {
                 Backend::Postgres => "postgres".into(),
             },
         }))
+    }
+
+    async fn register_plugin(
+        &self,
+        request: Request<RegisterPluginRequest>,
+    ) -> Result<Response<RegistryResponse>, Status> {
+        let started = Instant::now();
+        let actor = self.operator(&request, "register_plugin")?;
+        let r = request.into_inner();
+        let (name, version) = (r.name.clone(), r.version.clone());
+        let response = self.changes.register_plugin(r, &actor, started).await?;
+        tracing::info!(plugin = %name, %version, by = %actor, revision = response.revision, "plugin version registered");
+        Ok(Response::new(response))
+    }
+
+    async fn certify_plugin(
+        &self,
+        request: Request<PluginVersionRequest>,
+    ) -> Result<Response<RegistryResponse>, Status> {
+        let started = Instant::now();
+        let actor = self.reviewer(&request)?;
+        let r = request.into_inner();
+        let response = self
+            .changes
+            .certify_plugin(&r.plugin, &r.version, &actor, started)
+            .await?;
+        tracing::warn!(plugin = %r.plugin, version = %r.version, by = %actor, "plugin version certified");
+        Ok(Response::new(response))
+    }
+
+    async fn retire_plugin(
+        &self,
+        request: Request<RetirePluginRequest>,
+    ) -> Result<Response<RegistryResponse>, Status> {
+        let started = Instant::now();
+        let actor = self.operator(&request, "retire_plugin")?;
+        let r = request.into_inner();
+        let response = self
+            .changes
+            .retire_plugin(
+                &r.plugin,
+                &r.version,
+                &r.reason,
+                &actor,
+                started,
+                ms(r.wait_ms),
+            )
+            .await?;
+        tracing::warn!(plugin = %r.plugin, version = %r.version, by = %actor, reason = %r.reason, "plugin version retired");
+        Ok(Response::new(response))
+    }
+
+    async fn bind_plugin(
+        &self,
+        request: Request<BindPluginRequest>,
+    ) -> Result<Response<RegistryResponse>, Status> {
+        let started = Instant::now();
+        let actor = self.operator(&request, "bind_plugin")?;
+        let r = request.into_inner();
+        let response = self
+            .changes
+            .bind_plugin(&r.plugin, &r.version, &r.clause, true, &actor, started)
+            .await?;
+        Ok(Response::new(response))
+    }
+
+    async fn unbind_plugin(
+        &self,
+        request: Request<BindPluginRequest>,
+    ) -> Result<Response<RegistryResponse>, Status> {
+        let started = Instant::now();
+        let actor = self.operator(&request, "unbind_plugin")?;
+        let r = request.into_inner();
+        let response = self
+            .changes
+            .bind_plugin(&r.plugin, &r.version, &r.clause, false, &actor, started)
+            .await?;
+        Ok(Response::new(response))
+    }
+
+    async fn verify_plugin(
+        &self,
+        request: Request<PluginVersionRequest>,
+    ) -> Result<Response<RegistryResponse>, Status> {
+        self.operator(&request, "verify_plugin")?;
+        let r = request.into_inner();
+        Ok(Response::new(
+            self.changes.verify_plugin(&r.plugin, &r.version).await?,
+        ))
+    }
+
+    async fn list_plugins(
+        &self,
+        request: Request<ListPluginsRequest>,
+    ) -> Result<Response<ListPluginsResponse>, Status> {
+        self.operator(&request, "list_plugins")?;
+        let r = request.into_inner();
+        let plugins = if r.plugin.is_empty() {
+            self.changes
+                .store
+                .plugins(None)
+                .await
+                .map_err(|e| Status::unavailable(e.to_string()))?
+        } else {
+            vec![self.changes.find_plugin(&r.plugin).await?]
+        };
+        Ok(Response::new(ListPluginsResponse { plugins }))
+    }
+
+    async fn export_plugins(
+        &self,
+        request: Request<ExportPluginsRequest>,
+    ) -> Result<Response<ExportPluginsResponse>, Status> {
+        self.operator(&request, "export_plugins")?;
+        let bundle = self
+            .changes
+            .export_plugins(&request.get_ref().plugins)
+            .await?;
+        Ok(Response::new(ExportPluginsResponse { bundle }))
+    }
+
+    async fn import_plugins(
+        &self,
+        request: Request<ImportPluginsRequest>,
+    ) -> Result<Response<RegistryResponse>, Status> {
+        let started = Instant::now();
+        let actor = self.operator(&request, "import_plugins")?;
+        let response = self
+            .changes
+            .import_plugins(&request.get_ref().bundle, &actor, started)
+            .await?;
+        tracing::warn!(by = %actor, revision = response.revision, notes = ?response.notes, "plugin bundle imported");
+        Ok(Response::new(response))
     }
 
     async fn list_signals(

@@ -47,6 +47,7 @@ pub struct Running {
 fn tls_allow(config: &Config) -> anyhow::Result<AllowList> {
     let mut entries: Vec<String> = config.sidecars.clone();
     entries.extend(config.operators.iter().cloned());
+    entries.extend(config.reviewers.iter().cloned());
     Ok(AllowList::parse(&entries)?)
 }
 
@@ -134,6 +135,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         crate::webhook::serve(
             listener,
             webhook.clone(),
+            changes.clone(),
             config.admin.conn(),
             drain.watch(),
         )
@@ -156,7 +158,13 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     )
     .max_decoding_message_size(max);
     let admin = AdminServer::new(AdminService::new(changes.clone()).map_err(anyhow::Error::msg)?)
-        .max_decoding_message_size(64 * 1024);
+        .max_decoding_message_size(
+            64 * 1024
+                + config
+                    .registry
+                    .as_ref()
+                    .map_or(0, |r| r.max_bundle_bytes.saturating_mul(2)),
+        );
     let router = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(config.stream.heartbeat_interval))
         .http2_keepalive_timeout(Some(config.stream.idle_timeout))

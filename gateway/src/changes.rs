@@ -92,7 +92,7 @@ pub fn validate_subject(subject: &str) -> Result<String, ChangeError> {
     nexus_identity::canonical_pattern(subject).map_err(|e| ChangeError::Invalid(e.to_string()))
 }
 
-fn validate_clause(clause: &str) -> Result<(), ChangeError> {
+pub(crate) fn validate_clause(clause: &str) -> Result<(), ChangeError> {
     let ok = !clause.is_empty()
         && clause.len() <= 128
         && clause
@@ -121,6 +121,7 @@ impl Changes {
             Change::Reinstate(_) => "reinstate",
             Change::Open(_) => "open",
             Change::Close(_) => "close",
+            Change::Registry(_) => "registry",
         };
         let id = match &change {
             Change::Open(e) => e.id.clone(),
@@ -131,6 +132,7 @@ impl Changes {
             Change::Reinstate(r) => r.subject.clone(),
             Change::Open(e) => e.plugin.clone(),
             Change::Close(c) => c.id.clone(),
+            Change::Registry(_) => String::new(),
         };
         let started_ms =
             unix_ms().saturating_sub(u64::try_from(started.elapsed().as_millis()).unwrap_or(0));
@@ -253,16 +255,33 @@ impl Changes {
         self.apply(change, actor, started, wait).await
     }
 
-    /// Opens an execution of `clause` for `plugin`; the response carries its id.
+    /// Opens an execution of `clause` for `plugin`; the response carries its id. With a
+    /// registry, `plugin` may be a SPIFFE ID, plugin UUID or name, and the execution
+    /// runs a certified version (`version`, or the plugin's one certified version).
+    #[allow(clippy::too_many_arguments)]
     pub async fn open(
         &self,
         plugin: &str,
+        version: &str,
         clause: &str,
         ttl: Duration,
         actor: &str,
         started: Instant,
         wait: Duration,
     ) -> Result<ChangeResponse, ChangeError> {
+        let registered = if self.config.registry.is_some() {
+            Some(self.resolve_version(plugin, version).await?)
+        } else if !version.is_empty() {
+            return Err(ChangeError::Invalid(
+                "this gateway has no plugin registry: open the execution by SPIFFE ID without a version".into(),
+            ));
+        } else {
+            None
+        };
+        let plugin = match &registered {
+            Some(v) => v.spiffe_id.as_str(),
+            None => plugin,
+        };
         if plugin.contains('*') {
             return Err(ChangeError::Invalid(
                 "an execution is for one plugin workload: give its exact SPIFFE ID".into(),
@@ -286,6 +305,18 @@ impl Changes {
             not_after_unix_ms: unix_ms()
                 .saturating_add(u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX)),
             opened_by: actor.to_string(),
+            plugin_uid: registered
+                .as_ref()
+                .map(|v| v.plugin_uid.clone())
+                .unwrap_or_default(),
+            plugin_version: registered
+                .as_ref()
+                .map(|v| v.version.clone())
+                .unwrap_or_default(),
+            image_digest: registered
+                .as_ref()
+                .map(|v| v.image_digest.clone())
+                .unwrap_or_default(),
         };
         self.apply(Change::Open(execution), actor, started, wait)
             .await

@@ -61,6 +61,12 @@ pub struct Config {
     /// SPIFFE IDs allowed to call the admin API (revoke, reinstate, executions, status).
     /// Default: none, so nothing can be changed until operators are named.
     pub operators: Vec<String>,
+    /// SPIFFE IDs or prefixes allowed to certify plugin versions (`nexusctl plugin
+    /// certify`); nobody certifies a version they registered. Default: none.
+    pub reviewers: Vec<String>,
+    /// The plugin registry (docs/registry.md). Present: executions run only certified
+    /// plugin versions. Absent: executions name a SPIFFE ID only (no registry).
+    pub registry: Option<RegistryConfig>,
     /// The HTTP admin listener: `/live`, `/ready`, `/metrics`.
     pub admin: AdminConfig,
     /// The state store.
@@ -116,6 +122,8 @@ impl Default for Config {
             sidecars: Vec::new(),
             data_sidecars: Vec::new(),
             operators: Vec::new(),
+            reviewers: Vec::new(),
+            registry: None,
             admin: AdminConfig::default(),
             database: DatabaseConfig::default(),
             stream: StreamConfig::default(),
@@ -126,6 +134,57 @@ impl Default for Config {
             eviction: None,
         }
     }
+}
+
+/// `[registry]`
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RegistryConfig {
+    /// Trusted publisher keys: `[[registry.publishers]] name = "acme", key = "acme.pub"`
+    /// (a cosign.pub: PEM ECDSA P-256). A version is accepted only with a signature by
+    /// its plugin's publisher's key. Default: none (nothing can be registered).
+    pub publishers: Vec<PublisherConfig>,
+    /// Largest export bundle accepted by `plugin import` (bytes). Default 1 MiB.
+    pub max_bundle_bytes: usize,
+    /// Most versions in one bundle. Default 500.
+    pub max_bundle_versions: usize,
+    /// Most clauses bound to one version. Default 64.
+    pub max_clauses: usize,
+    /// Largest signed payload (bytes). Default 4096.
+    pub max_payload_bytes: usize,
+    /// Largest plugin description (bytes). Default 1024.
+    pub max_description_bytes: usize,
+    /// Largest `budgets` JSON object of a version (bytes). Default 4096.
+    pub max_budgets_bytes: usize,
+    /// Namespaces whose pods are plugin pods: the webhook admits them only with images
+    /// pinned to certified versions (so are pods anywhere that ask for the sandbox).
+    /// Default `["plugins"]`.
+    pub plugin_namespaces: Vec<String>,
+}
+
+impl Default for RegistryConfig {
+    fn default() -> Self {
+        Self {
+            publishers: Vec::new(),
+            max_bundle_bytes: 1024 * 1024,
+            max_bundle_versions: 500,
+            max_clauses: 64,
+            max_payload_bytes: 4096,
+            max_description_bytes: 1024,
+            max_budgets_bytes: 4096,
+            plugin_namespaces: vec!["plugins".into()],
+        }
+    }
+}
+
+/// `[[registry.publishers]]`
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PublisherConfig {
+    /// The publisher's name, as plugins name it.
+    pub name: String,
+    /// Its public key (PEM `PUBLIC KEY`, ECDSA P-256, as `cosign generate-key-pair` writes).
+    pub key: PathBuf,
 }
 
 /// `[admin]`
@@ -501,6 +560,29 @@ impl Config {
             field: "data_sidecars".into(),
             problem: e.to_string(),
         })?;
+        AllowList::parse(&self.reviewers).map_err(|e| ConfigError::Invalid {
+            field: "reviewers".into(),
+            problem: e.to_string(),
+        })?;
+        if let Some(registry) = &self.registry {
+            let mut names = std::collections::HashSet::new();
+            for (i, p) in registry.publishers.iter().enumerate() {
+                let field = format!("registry.publishers[{i}]");
+                if !crate::registry::valid_name(&p.name) || !names.insert(p.name.clone()) {
+                    return Err(ConfigError::Invalid {
+                        field: format!("{field}.name"),
+                        problem: format!(
+                            "`{}` must be a unique name of 1-64 letters, digits, `-`, `_`, `.`",
+                            p.name
+                        ),
+                    });
+                }
+                crate::registry::read_key(&p.key).map_err(|problem| ConfigError::Invalid {
+                    field: format!("{field}.key"),
+                    problem,
+                })?;
+            }
+        }
         AllowList::parse(&self.operators).map_err(|e| ConfigError::Invalid {
             field: "operators".into(),
             problem: e.to_string(),

@@ -12,8 +12,9 @@ use futures::Stream;
 use nexus_identity::AllowList;
 use nexus_proto::control::control_server::Control;
 use nexus_proto::control::{
-    BatchAck, Delta, Execution, GatewayMessage, Heartbeat, Reinstatement, Revocation, SidecarInfo,
-    SidecarMessage, Snapshot, delta::Change as DeltaChange, gateway_message, sidecar_message,
+    BatchAck, Delta, Execution, GatewayMessage, Heartbeat, PluginVersion, RegistryEvent,
+    Reinstatement, Revocation, SidecarInfo, SidecarMessage, Snapshot, delta::Change as DeltaChange,
+    gateway_message, sidecar_message,
 };
 use tokio::sync::{broadcast, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
@@ -218,6 +219,27 @@ impl Scope {
                 subject: r.subject.clone(),
                 by: String::new(),
                 at_unix_ms: r.at_unix_ms,
+            })),
+            // What enforcement needs of a registry change (identity, clauses, budgets,
+            // state), not who registered or certified it, nor the signatures.
+            Some(DeltaChange::Registry(r)) => Some(DeltaChange::Registry(RegistryEvent {
+                action: r.action.clone(),
+                plugins: Vec::new(),
+                versions: r
+                    .versions
+                    .iter()
+                    .map(|v| PluginVersion {
+                        plugin_uid: v.plugin_uid.clone(),
+                        version: v.version.clone(),
+                        image_digest: v.image_digest.clone(),
+                        spiffe_id: v.spiffe_id.clone(),
+                        clauses: v.clauses.clone(),
+                        budgets_json: v.budgets_json.clone(),
+                        state: v.state.clone(),
+                        revision: v.revision,
+                        ..PluginVersion::default()
+                    })
+                    .collect(),
             })),
             other => other.clone(),
         };

@@ -51,7 +51,8 @@ impl State {
             Some(DeltaChange::Close(c)) => {
                 self.executions.remove(&c.id);
             }
-            None => {}
+            // The registry is read from the store (crate::registry).
+            Some(DeltaChange::Registry(_)) | None => {}
         }
         self.revision = delta.revision;
     }
@@ -247,6 +248,7 @@ impl Hub {
             Some(DeltaChange::Reinstate(r)) => (r.subject.clone(), false),
             Some(DeltaChange::Open(e)) => (e.id.clone(), false),
             Some(DeltaChange::Close(c)) => (c.id.clone(), false),
+            Some(DeltaChange::Registry(r)) => (r.action.clone(), false),
             None => (String::new(), false),
         };
         if revocation {

@@ -12,6 +12,7 @@ pub mod config;
 pub mod control;
 pub mod hub;
 pub mod metrics;
+pub mod registry;
 pub mod replicas;
 pub mod server;
 pub mod signals;

@@ -13,8 +13,8 @@ use std::borrow::Cow;
 use std::time::Duration;
 
 use nexus_proto::control::{
-    Delta, Execution, ExecutionClosed, Reinstatement, ReplicaStatus, Revocation,
-    delta::Change as DeltaChange,
+    Delta, Execution, ExecutionClosed, Plugin, PluginVersion, RegistryEvent, Reinstatement,
+    ReplicaStatus, Revocation, delta::Change as DeltaChange,
 };
 use prost::Message;
 use sqlx::any::{AnyPoolOptions, AnyRow};
@@ -64,6 +64,69 @@ pub enum Change {
     Open(Execution),
     /// Close an open execution.
     Close(ExecutionClosed),
+    /// Change the plugin registry (checked against the stored state in the same
+    /// transaction: `crate::registry`).
+    Registry(Box<RegistryOp>),
+}
+
+/// A plugin registry change, before it is checked against the store.
+#[derive(Clone, Debug)]
+pub enum RegistryOp {
+    /// Add a version (and the plugin, when `plugin.uid` is not stored yet).
+    Register {
+        /// The plugin (its stored row wins when it exists).
+        plugin: Box<Plugin>,
+        /// The verified version, state `registered`.
+        version: Box<PluginVersion>,
+    },
+    /// A reviewer certifies a registered version.
+    Certify {
+        /// Plugin UUID.
+        uid: String,
+        /// Version.
+        version: String,
+        /// The reviewer.
+        by: String,
+    },
+    /// Retire a version (registered or certified).
+    Retire {
+        /// Plugin UUID.
+        uid: String,
+        /// Version.
+        version: String,
+        /// Who.
+        by: String,
+        /// Why.
+        reason: String,
+    },
+    /// Add (`bind: true`) or remove a clause binding of a version.
+    Bind {
+        /// Plugin UUID.
+        uid: String,
+        /// Version.
+        version: String,
+        /// The clause.
+        clause: String,
+        /// Add or remove.
+        bind: bool,
+    },
+    /// Add verified versions from a bundle, all or none.
+    Import {
+        /// Plugins (new ones are created; a stored one must have the same publisher).
+        plugins: Vec<Plugin>,
+        /// Versions, state `registered`.
+        versions: Vec<PluginVersion>,
+    },
+}
+
+impl RegistryOp {
+    fn subject(&self) -> &str {
+        match self {
+            Self::Register { plugin, .. } => &plugin.uid,
+            Self::Certify { uid, .. } | Self::Retire { uid, .. } | Self::Bind { uid, .. } => uid,
+            Self::Import { .. } => "import",
+        }
+    }
 }
 
 impl Change {
@@ -73,6 +136,7 @@ impl Change {
             Self::Reinstate(_) => "reinstate",
             Self::Open(_) => "open",
             Self::Close(_) => "close",
+            Self::Registry(_) => "registry",
         }
     }
 
@@ -82,15 +146,17 @@ impl Change {
             Self::Reinstate(r) => &r.subject,
             Self::Open(e) => &e.id,
             Self::Close(c) => &c.id,
+            Self::Registry(op) => op.subject(),
         }
     }
 
-    fn into_delta(self, revision: u64) -> Delta {
+    fn into_delta(self, revision: u64, registry: Option<RegistryEvent>) -> Delta {
         let change = match self {
             Self::Revoke(r) => DeltaChange::Revoke(r),
             Self::Reinstate(r) => DeltaChange::Reinstate(r),
             Self::Open(e) => DeltaChange::Open(e),
             Self::Close(c) => DeltaChange::Close(c),
+            Self::Registry(_) => DeltaChange::Registry(registry.unwrap_or_default()),
         };
         Delta {
             revision,
@@ -171,7 +237,7 @@ pub struct RecordsStored {
 /// The database.
 #[derive(Debug)]
 pub struct Store {
-    pool: AnyPool,
+    pub(crate) pool: AnyPool,
     backend: Backend,
     /// One writer per process: SQLite allows one anyway, and it keeps this replica's
     /// own changes from racing each other for a revision.
@@ -208,6 +274,13 @@ fn migrator() -> Migrator {
                 Cow::Borrowed(include_str!("../migrations/0003_evidence.sql")),
                 false,
             ),
+            Migration::new(
+                5,
+                Cow::Borrowed("registry"),
+                MigrationType::Simple,
+                Cow::Borrowed(include_str!("../migrations/0005_registry.sql")),
+                false,
+            ),
         ]),
         ignore_missing: false,
         locking: true,
@@ -227,10 +300,14 @@ fn to_u64(v: i64) -> u64 {
     u64::try_from(v).unwrap_or(0)
 }
 
-/// Whether an error is a primary-key clash (another replica took the revision).
+/// Whether an error is a primary-key clash (another replica took the revision), or
+/// SQLite's SQLITE_BUSY / SQLITE_BUSY_SNAPSHOT (a deferred transaction that read before
+/// another connection, e.g. a record batch, wrote): both are retried.
 fn is_unique_violation(error: &sqlx::Error) -> bool {
     match error {
-        sqlx::Error::Database(db) => db.is_unique_violation(),
+        sqlx::Error::Database(db) => {
+            db.is_unique_violation() || matches!(db.code().as_deref(), Some("5" | "517"))
+        }
         _ => false,
     }
 }
@@ -327,6 +404,7 @@ impl Store {
         let revision = row.try_get::<i64, _>(0)? + 1;
         let at = now_ms();
         let mut closed_plugin: Option<String> = None;
+        let mut registry_event = None;
         match change {
             Change::Revoke(r) => {
                 sqlx::query(
@@ -368,9 +446,14 @@ impl Store {
                         e.id
                     )));
                 }
+                if !e.plugin_uid.is_empty() {
+                    // Checked in the transaction that opens it: a retire committed
+                    // first wins, and no execution opens for a version it retired.
+                    crate::registry::check_runnable(&mut tx, e).await?;
+                }
                 sqlx::query(
-                    "INSERT INTO executions (id, plugin, clause, not_after_ms, opened_by, opened_revision, closed_revision, close_reason) \
-                     VALUES ($1, $2, $3, $4, $5, $6, 0, '')",
+                    "INSERT INTO executions (id, plugin, clause, not_after_ms, opened_by, opened_revision, closed_revision, close_reason, plugin_uid, plugin_version, image_digest) \
+                     VALUES ($1, $2, $3, $4, $5, $6, 0, '', $7, $8, $9)",
                 )
                 .bind(&e.id)
                 .bind(&e.plugin)
@@ -378,6 +461,9 @@ impl Store {
                 .bind(to_i64(e.not_after_unix_ms))
                 .bind(&e.opened_by)
                 .bind(revision)
+                .bind(&e.plugin_uid)
+                .bind(&e.plugin_version)
+                .bind(&e.image_digest)
                 .execute(&mut *tx)
                 .await?;
             }
@@ -409,12 +495,15 @@ impl Store {
                     )));
                 }
             }
+            Change::Registry(op) => {
+                registry_event = Some(crate::registry::apply(&mut tx, op, revision, at).await?);
+            }
         }
         let mut change = change.clone();
         if let (Change::Close(c), Some(plugin)) = (&mut change, closed_plugin) {
             c.plugin = plugin;
         }
-        let delta = change.clone().into_delta(to_u64(revision));
+        let delta = change.clone().into_delta(to_u64(revision), registry_event);
         sqlx::query(
             "INSERT INTO changes (revision, kind, subject, actor, at_ms, body) VALUES ($1, $2, $3, $4, $5, $6)",
         )
@@ -476,9 +565,9 @@ impl Store {
         include_closed: bool,
     ) -> Result<Vec<StoredExecution>, StoreError> {
         let sql = if include_closed {
-            "SELECT id, plugin, clause, not_after_ms, opened_by, opened_revision, closed_revision, close_reason FROM executions ORDER BY opened_revision"
+            "SELECT id, plugin, clause, not_after_ms, opened_by, opened_revision, closed_revision, close_reason, plugin_uid, plugin_version, image_digest FROM executions ORDER BY opened_revision"
         } else {
-            "SELECT id, plugin, clause, not_after_ms, opened_by, opened_revision, closed_revision, close_reason FROM executions WHERE closed_revision = 0 ORDER BY opened_revision"
+            "SELECT id, plugin, clause, not_after_ms, opened_by, opened_revision, closed_revision, close_reason, plugin_uid, plugin_version, image_digest FROM executions WHERE closed_revision = 0 ORDER BY opened_revision"
         };
         let rows = sqlx::query(sql).fetch_all(&self.pool).await?;
         rows.iter()
@@ -490,6 +579,9 @@ impl Store {
                         clause: row.try_get(2)?,
                         not_after_unix_ms: to_u64(row.try_get(3)?),
                         opened_by: row.try_get(4)?,
+                        plugin_uid: row.try_get(8)?,
+                        plugin_version: row.try_get(9)?,
+                        image_digest: row.try_get(10)?,
                     },
                     opened_revision: to_u64(row.try_get(5)?),
                     closed_revision: to_u64(row.try_get(6)?),
@@ -812,6 +904,7 @@ mod tests {
             clause: "c1".into(),
             not_after_unix_ms: 5,
             opened_by: "op".into(),
+            ..Execution::default()
         };
         assert_eq!(
             store

@@ -116,10 +116,136 @@ fn json(status: u16, body: Vec<u8>) -> http::Response<Full<Bytes>> {
     response
 }
 
+/// With a registry: a plugin pod (in one of `registry.plugin_namespaces`, or asking for
+/// the sandbox) is admitted only when every container image is pinned by digest and that
+/// digest is a certified, unretired version whose SPIFFE ID is the pod's
+/// (`spiffe://TD/ns/NAMESPACE/sa/SERVICE_ACCOUNT`). `Some(message)`: deny with it.
+async fn registry_denial(body: &[u8], changes: &crate::changes::Changes) -> Option<String> {
+    let registry = changes.config.registry.as_ref()?;
+    let doc: serde_json::Value = serde_json::from_slice(body).ok()?;
+    let request = doc.get("request")?;
+    let is_pod_create = request.pointer("/kind/kind").and_then(|v| v.as_str()) == Some("Pod")
+        && request.get("operation").and_then(|v| v.as_str()) == Some("CREATE");
+    if !is_pod_create {
+        return None;
+    }
+    let pod = request.get("object")?;
+    let namespace = request
+        .get("namespace")
+        .and_then(|v| v.as_str())
+        .filter(|n| !n.is_empty())
+        .or_else(|| pod.pointer("/metadata/namespace").and_then(|v| v.as_str()))
+        .unwrap_or("default");
+    let sandboxed = pod
+        .pointer("/metadata/annotations")
+        .and_then(|a| a.get(nexus_kube::inject::SANDBOX_ANNOTATION))
+        .is_some();
+    if !sandboxed && !registry.plugin_namespaces.iter().any(|n| n == namespace) {
+        return None;
+    }
+    let account = pod
+        .pointer("/spec/serviceAccountName")
+        .and_then(|v| v.as_str())
+        .filter(|n| !n.is_empty())
+        .unwrap_or("default");
+    let trust_domain = changes
+        .config
+        .webhook
+        .as_ref()
+        .map(|w| w.inject.trust_domain.clone())
+        .unwrap_or_default();
+    let pod_id = format!("spiffe://{trust_domain}/ns/{namespace}/sa/{account}");
+    let mut images = Vec::new();
+    for list in ["initContainers", "containers"] {
+        if let Some(containers) = pod
+            .pointer(&format!("/spec/{list}"))
+            .and_then(|v| v.as_array())
+        {
+            for c in containers {
+                let name = c.get("name").and_then(|v| v.as_str()).unwrap_or("?");
+                let image = c.get("image").and_then(|v| v.as_str()).unwrap_or("");
+                images.push((name.to_string(), image.to_string()));
+            }
+        }
+    }
+    if images.is_empty() {
+        return Some("the plugin pod names no container image".into());
+    }
+    for (name, image) in images {
+        let (_, digest) = nexus_identity::cosign::split_image(&image);
+        let Some(digest) = digest.filter(|d| nexus_identity::cosign::validate_digest(d).is_ok())
+        else {
+            return Some(format!(
+                "container {name}: image `{image}` is not pinned by digest: use REPO@sha256:… of a certified plugin version (`nexusctl plugin list`), registered with `nexusctl plugin register ...`"
+            ));
+        };
+        let found = match changes.store.version_by_digest(digest).await {
+            Ok(found) => found,
+            Err(error) => {
+                tracing::error!(%error, "admission: the registry cannot be read");
+                return Some(format!(
+                    "the plugin registry cannot be read ({error}); the pod is refused until it can"
+                ));
+            }
+        };
+        let Some((plugin, version)) = found else {
+            return Some(format!(
+                "container {name}: image {digest} is not a registered plugin version: register it with `nexusctl plugin register ...` and have a reviewer certify it"
+            ));
+        };
+        if version.state != crate::registry::CERTIFIED {
+            return Some(format!(
+                "container {name}: {} v{} ({digest}) is {}, not certified{}",
+                plugin.name,
+                version.version,
+                version.state,
+                if version.state == crate::registry::REGISTERED {
+                    ": a reviewer certifies it with `nexusctl plugin certify`"
+                } else {
+                    ": it may not run again"
+                }
+            ));
+        }
+        if version.spiffe_id != pod_id {
+            return Some(format!(
+                "container {name}: {} v{} runs as {}, but this pod would run as {pod_id}: use its namespace and service account",
+                plugin.name, version.version, version.spiffe_id
+            ));
+        }
+    }
+    None
+}
+
+fn denial(body: &[u8], message: &str) -> http::Response<Full<Bytes>> {
+    let uid = serde_json::from_slice::<serde_json::Value>(body)
+        .ok()
+        .and_then(|d| {
+            d.pointer("/request/uid")
+                .and_then(|v| v.as_str())
+                .map(str::to_string)
+        })
+        .unwrap_or_default();
+    json(
+        200,
+        serde_json::json!({
+            "apiVersion": "admission.k8s.io/v1",
+            "kind": "AdmissionReview",
+            "response": {
+                "uid": uid,
+                "allowed": false,
+                "status": {"status": "Failure", "code": 403, "reason": "Forbidden", "message": message},
+            }
+        })
+        .to_string()
+        .into_bytes(),
+    )
+}
+
 /// Answers one request.
 pub async fn handle(
     req: http::Request<Incoming>,
     inject: &nexus_kube::InjectConfig,
+    changes: Option<&crate::changes::Changes>,
 ) -> http::Response<Full<Bytes>> {
     if req.uri().path() != "/inject" {
         return json(
@@ -153,6 +279,12 @@ pub async fn handle(
             );
         }
     };
+    if let Some(changes) = changes
+        && let Some(message) = registry_denial(&body, changes).await
+    {
+        tracing::warn!(%message, "admission denied by the plugin registry");
+        return denial(&body, &format!("nexus plugin registry: {message}"));
+    }
     let (status, body) = nexus_kube::review(&body, inject);
     json(status, body)
 }
@@ -162,6 +294,7 @@ pub async fn handle(
 pub async fn serve(
     listener: TcpListener,
     config: WebhookConfig,
+    changes: Arc<crate::changes::Changes>,
     limits: nexus_serve::ConnLimits,
     drain: nexus_serve::Watch,
 ) -> anyhow::Result<()> {
@@ -178,6 +311,7 @@ pub async fn serve(
             let acceptor = acceptor.clone();
             let inject = inject.clone();
             let server = server.clone();
+            let changes = changes.clone();
             async move {
                 let Ok(Ok(tls)) =
                     tokio::time::timeout(handshake_timeout, acceptor.accept(tcp)).await
@@ -186,7 +320,8 @@ pub async fn serve(
                 };
                 let service = hyper::service::service_fn(move |req| {
                     let inject = inject.clone();
-                    async move { Ok::<_, Infallible>(handle(req, &inject).await) }
+                    let changes = changes.clone();
+                    async move { Ok::<_, Infallible>(handle(req, &inject, Some(&changes)).await) }
                 });
                 if let Err(error) =
                     nexus_serve::serve_connection(&server, tls, service, drain).await

@@ -58,7 +58,7 @@ pub struct Target {
     up_state: Option<PathBuf>,
     /// Output: `text` (default) or `json`.
     #[arg(short = 'o', long, default_value = "text", global = true)]
-    output: String,
+    pub(crate) output: String,
 }
 
 /// `nexusctl exec ...`
@@ -66,9 +66,12 @@ pub struct Target {
 pub enum ExecCommand {
     /// Open an execution: the plugin may read the clause's data until it ends. Prints its id.
     Open {
-        /// The plugin workload's SPIFFE ID.
+        /// The plugin: its workload's SPIFFE ID, or (with a registry) its UUID or name.
         #[arg(long)]
         plugin: String,
+        /// The plugin version to run (a certified one; default: its one certified version).
+        #[arg(long, default_value = "")]
+        version: String,
         /// The clause.
         #[arg(long)]
         clause: String,
@@ -160,7 +163,7 @@ fn operator_identity(target: &Target) -> anyhow::Result<(String, String, Operato
     Ok((gateway, gateway_id, OperatorIdentity::Files(files)))
 }
 
-async fn client(target: &Target) -> anyhow::Result<AdminClient<Channel>> {
+pub(crate) async fn client(target: &Target) -> anyhow::Result<AdminClient<Channel>> {
     let (gateway, gateway_id, identity) = operator_identity(target)?;
     let store = IdentityStore::new(Arc::new(rustls::crypto::ring::default_provider()));
     match identity {
@@ -203,7 +206,7 @@ async fn client(target: &Target) -> anyhow::Result<AdminClient<Channel>> {
     Ok(AdminClient::new(channel))
 }
 
-fn status_error(status: tonic::Status) -> anyhow::Error {
+pub(crate) fn status_error(status: tonic::Status) -> anyhow::Error {
     anyhow::anyhow!("{}: {}", code_name(status.code()), status.message())
 }
 
@@ -218,7 +221,7 @@ fn code_name(code: tonic::Code) -> &'static str {
     }
 }
 
-fn print_change(target: &Target, what: &str, r: &ChangeResponse) {
+pub(crate) fn print_change(target: &Target, what: &str, r: &ChangeResponse) {
     if target.output == "json" {
         crate::outln!(
             "{}",
@@ -246,7 +249,7 @@ fn print_change(target: &Target, what: &str, r: &ChangeResponse) {
 }
 
 /// How long change commands wait for the sidecars' acknowledgements.
-const WAIT_MS: u64 = 5_000;
+pub(crate) const WAIT_MS: u64 = 5_000;
 
 /// `nexusctl revoke`.
 pub async fn revoke(
@@ -302,6 +305,7 @@ pub async fn exec(target: Target, command: ExecCommand) -> anyhow::Result<()> {
     match command {
         ExecCommand::Open {
             plugin,
+            version,
             clause,
             ttl,
         } => {
@@ -311,6 +315,7 @@ pub async fn exec(target: Target, command: ExecCommand) -> anyhow::Result<()> {
                     clause,
                     ttl_ms: ttl.as_millis() as u64,
                     wait_ms: WAIT_MS,
+                    plugin_version: version,
                 })
                 .await
                 .map_err(status_error)?
@@ -349,6 +354,8 @@ pub async fn exec(target: Target, command: ExecCommand) -> anyhow::Result<()> {
                         "id": x.id, "plugin": x.plugin, "clause": x.clause,
                         "not_after": rfc3339(x.not_after_unix_ms), "opened_by": x.opened_by,
                         "open": e.closed_revision == 0, "close_reason": e.close_reason,
+                        "plugin_uid": x.plugin_uid, "plugin_version": x.plugin_version,
+                        "image_digest": x.image_digest,
                     }))
                 })
                 .collect();
@@ -363,8 +370,16 @@ pub async fn exec(target: Target, command: ExecCommand) -> anyhow::Result<()> {
                     "STATE"
                 );
                 for r in rows {
+                    let version = match r["plugin_version"].as_str().unwrap_or("") {
+                        "" => String::new(),
+                        v => format!(
+                            " v{v} ({}, {})",
+                            r["plugin_uid"].as_str().unwrap_or(""),
+                            r["image_digest"].as_str().unwrap_or("")
+                        ),
+                    };
                     crate::outln!(
-                        "{:<22} {:<10} {:<22} {:<7} {}",
+                        "{:<22} {:<10} {:<22} {:<7} {}{}",
                         safe(r["id"].as_str().unwrap_or("")),
                         safe(r["clause"].as_str().unwrap_or("")),
                         safe(r["not_after"].as_str().unwrap_or("")),
@@ -373,7 +388,8 @@ pub async fn exec(target: Target, command: ExecCommand) -> anyhow::Result<()> {
                         } else {
                             r["close_reason"].as_str().unwrap_or("closed")
                         }),
-                        safe(r["plugin"].as_str().unwrap_or(""))
+                        safe(r["plugin"].as_str().unwrap_or("")),
+                        safe(&version)
                     );
                 }
             }
@@ -382,7 +398,7 @@ pub async fn exec(target: Target, command: ExecCommand) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn rfc3339(ms: u64) -> String {
+pub(crate) fn rfc3339(ms: u64) -> String {
     time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
         .map(nexus_audit::rfc3339_ms)
         .unwrap_or_default()
@@ -631,6 +647,7 @@ pub async fn open_execution(
         clause: clause.to_string(),
         ttl_ms: ttl.as_millis() as u64,
         wait_ms: WAIT_MS,
+        plugin_version: String::new(),
     })
     .await
     .map_err(status_error)?

@@ -8,6 +8,7 @@ mod dev_identity;
 mod gateway_cmd;
 mod http;
 mod inject_cmd;
+mod plugin_cmd;
 mod policy_cmd;
 mod sandbox_cmd;
 mod term;
@@ -80,6 +81,14 @@ enum Command {
         #[command(flatten)]
         target: gateway_cmd::Target,
     },
+    /// The plugin registry: register, verify, certify, retire, list, show, bind,
+    /// unbind, export, import (docs/registry.md).
+    Plugin {
+        #[command(subcommand)]
+        command: plugin_cmd::PluginCommand,
+        #[command(flatten)]
+        target: gateway_cmd::Target,
+    },
     /// Anomaly signals the gateway received, with the revocation policy's decisions.
     Signals {
         /// Only signals about this workload.
@@ -125,6 +134,7 @@ fn main() -> std::process::ExitCode {
         }
         Command::Status { target } => runtime().block_on(gateway_cmd::status(target)),
         Command::Exec { command, target } => runtime().block_on(gateway_cmd::exec(target, command)),
+        Command::Plugin { command, target } => runtime().block_on(plugin_cmd::run(target, command)),
         Command::Signals {
             workload,
             since,

@@ -38,6 +38,12 @@ pub const GATEWAY_ID: &str = "spiffe://nexus.local/ns/nexus/sa/gateway";
 /// The local operator (allowed to revoke, open executions).
 pub const OPERATOR_ID: &str = "spiffe://nexus.local/ns/nexus/sa/operator";
 
+/// The local reviewer (certifies plugin versions; not the operator who registers them).
+pub const REVIEWER_ID: &str = "spiffe://nexus.local/ns/nexus/sa/reviewer";
+/// The demo plugin's image (there is no image locally: its digest stands for one).
+const DEMO_REPO: &str = "localhost/nexus/demo-flood-model";
+const DEMO_VERSION: &str = "1.0.0";
+
 /// The reference revocation policy the gateway judges anomaly signals with.
 const REVOCATION_FILES: &[(&str, &str)] = &[
     (
@@ -53,6 +59,89 @@ const REVOCATION_FILES: &[(&str, &str)] = &[
         include_str!("../../policies/revocation/data.yaml"),
     ),
 ];
+
+/// Registers the demo plugin version (signed with the development publisher key) as the
+/// operator and certifies it as the reviewer, unless the kept registry has it already;
+/// a line for the welcome text.
+async fn register_demo(
+    operator: &crate::gateway_cmd::Target,
+    publisher: &nexus_identity::cosign::SigningKey,
+    reviewer: &crate::gateway_cmd::Target,
+) -> anyhow::Result<String> {
+    use nexus_proto::control::{ListPluginsRequest, PluginVersionRequest, RegisterPluginRequest};
+    let digest = nexus_identity::cosign::sha256_digest(b"nexus demo flood-model 1.0.0");
+    let mut c = crate::gateway_cmd::client(operator).await?;
+    let listed = c
+        .list_plugins(ListPluginsRequest::default())
+        .await
+        .map_err(crate::gateway_cmd::status_error)?
+        .into_inner();
+    let known = listed
+        .plugins
+        .iter()
+        .flat_map(|p| p.versions.iter())
+        .find(|v| v.image_digest == digest)
+        .cloned();
+    let version = match known {
+        Some(v) => v,
+        None => {
+            let payload = nexus_identity::cosign::image_payload(DEMO_REPO, &digest);
+            let signature = publisher.sign(payload.as_bytes())?;
+            let r = c
+                .register_plugin(RegisterPluginRequest {
+                    name: "flood-model".into(),
+                    publisher: "nexus-dev".into(),
+                    description: "the demo flood model".into(),
+                    license_tier: "public-good".into(),
+                    version: DEMO_VERSION.into(),
+                    image: format!("{DEMO_REPO}@{digest}"),
+                    spiffe_id: PLUGIN_ID.into(),
+                    clauses: vec!["c-flood-17".into(), "c-flood-18".into()],
+                    budgets_json: String::new(),
+                    payload,
+                    signature,
+                })
+                .await
+                .map_err(crate::gateway_cmd::status_error)?
+                .into_inner();
+            r.plugin
+                .and_then(|p| p.versions.into_iter().find(|v| v.image_digest == digest))
+                .context("the gateway did not return the registered version")?
+        }
+    };
+    let version = if version.state == "registered" {
+        let r = crate::gateway_cmd::client(reviewer)
+            .await?
+            .certify_plugin(PluginVersionRequest {
+                plugin: version.plugin_uid.clone(),
+                version: version.version.clone(),
+            })
+            .await
+            .map_err(crate::gateway_cmd::status_error)?
+            .into_inner();
+        r.plugin
+            .and_then(|p| p.versions.into_iter().find(|v| v.image_digest == digest))
+            .context("the gateway did not return the certified version")?
+    } else {
+        version
+    };
+    if version.state != "certified" {
+        bail!(
+            "the demo plugin version {} is {} in the kept registry ({}): start with a fresh --dir",
+            version.version,
+            version.state,
+            version.retire_reason
+        );
+    }
+    Ok(format!(
+        "flood-model v{} ({}, {}) {} by {}",
+        version.version,
+        version.plugin_uid,
+        version.image_digest,
+        version.state,
+        version.certified_by
+    ))
+}
 
 /// Writes the policies for the demo: the sidecars' folder and the gateway's
 /// revocation policy folder.
@@ -108,6 +197,8 @@ pub struct UpArgs {
 /// What `nexusctl up` leaves for users, scripts and later `nexusctl` commands.
 #[derive(Debug, Serialize)]
 pub struct State {
+    /// The demo plugin in the registry: "flood-model v1.0.0 (UUID, sha256:…) certified by …".
+    pub registry: String,
     /// The plain URL the plugin calls (its sidecar's outbound listener).
     pub plugin_outbound_url: String,
     /// The data API sidecar's mTLS URL.
@@ -305,7 +396,11 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
 
     // The gateway and the local operator get dev SVIDs from files.
     let mut minted = BTreeMap::new();
-    for (name, id) in [("gateway", GATEWAY_ID), ("operator", OPERATOR_ID)] {
+    for (name, id) in [
+        ("gateway", GATEWAY_ID),
+        ("operator", OPERATOR_ID),
+        ("reviewer", REVIEWER_ID),
+    ] {
         let svid = ca.mint_svid(id, Duration::from_secs(24 * 3600))?;
         let cert = dir.join(format!("{name}-svid.pem"));
         let key = dir.join(format!("{name}-svid.key"));
@@ -315,6 +410,19 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     }
     let (gateway_cert, gateway_key) = minted.remove("gateway").unwrap_or_default();
     let (operator_cert, operator_key) = minted.remove("operator").unwrap_or_default();
+    let (reviewer_cert, reviewer_key) = minted.remove("reviewer").unwrap_or_default();
+    // The development publisher key (kept in the folder: the registry is kept too).
+    let publisher_key_file = dir.join("dev-publisher.key");
+    let publisher = match std::fs::read(&publisher_key_file) {
+        Ok(pem) => nexus_identity::cosign::SigningKey::from_pem(&pem)?,
+        Err(_) => {
+            let key = nexus_identity::cosign::SigningKey::generate()?;
+            write_private(&publisher_key_file, key.to_pem().as_bytes())?;
+            key
+        }
+    };
+    let publisher_pub = dir.join("dev-publisher.pub");
+    std::fs::write(&publisher_pub, publisher.public_key().to_pem())?;
 
     let (policies, revocation_policy) = write_policy(&dir)?;
     let policy = policy_section(&policies);
@@ -364,7 +472,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
             &gateway_config,
             format!(
                 "# nexusctl up: the gateway (development identity from files)\n\
-                 name = \"local\"\nlisten = \"127.0.0.1:0\"\noperators = [{op:?}]\n\
+                 name = \"local\"\nlisten = \"127.0.0.1:0\"\noperators = [{op:?}]\nreviewers = [{reviewer:?}]\n\
                  # Who may open a control stream (nobody else), and which sidecars stand in\n\
                  # front of data APIs (they receive every plugin's executions).\n\
                  sidecars = [{plugin:?}, {data:?}]\ndata_sidecars = [{data:?}]\n\n\
@@ -374,8 +482,12 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
                  # on Ctrl-C; `up` waits 5s for each child.\n\
                  [limits]\ndrain_delay = \"0s\"\nshutdown_grace = \"3s\"\n\n\
                  [database]\nurl = {db:?}\n\n\
-                 [revocation_policy]\ndir = {rev:?}\n",
+                 [revocation_policy]\ndir = {rev:?}\n\n\
+                 # The plugin registry: only certified versions run (docs/registry.md).\n\
+                 [registry]\n[[registry.publishers]]\nname = \"nexus-dev\"\nkey = {publisher:?}\n",
                 op = OPERATOR_ID,
+                reviewer = REVIEWER_ID,
+                publisher = publisher_pub,
                 plugin = PLUGIN_ID,
                 data = DATA_API_ID,
                 cert = gateway_cert,
@@ -466,6 +578,14 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
             check_alive(&mut stack, deadline, "both sidecars to connect to the gateway")?;
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+        let registry = register_demo(&target, &publisher, &crate::gateway_cmd::Target::local(
+            &gateway_address,
+            GATEWAY_ID,
+            &reviewer_cert,
+            &reviewer_key,
+            &ca_bundle,
+        ))
+        .await?;
         let demo_execution = crate::gateway_cmd::open_execution(
             &target,
             PLUGIN_ID,
@@ -492,6 +612,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
             operator_cert: operator_cert.clone(),
             operator_key: operator_key.clone(),
             demo_execution,
+            registry,
             revocation_policy_dir: revocation_policy.clone(),
             pids: pids.clone(),
             policy_dir: policies.clone(),
@@ -608,6 +729,8 @@ fn print_welcome(state: &State, state_file: &Path) {
          Executions:\n  \
          {exec_list}\n  \
          {exec_open}\n\n\
+         Plugin registry (only certified versions run): {registry}\n  \
+         {plugin_list}\n\n\
          Policies: {policy_dir} (edit and save: reloaded within a second)\n\
          Revocation policy (anomaly signals): {revocation}\n\
          Execution records (one hash-chained line per request), and how to check them:\n{records}\n\
@@ -622,6 +745,8 @@ fn print_welcome(state: &State, state_file: &Path) {
         exec_open = ctl(&format!(
             "exec open --plugin {PLUGIN_ID} --clause c-flood-18 --ttl 10m"
         )),
+        registry = state.registry,
+        plugin_list = ctl("plugin list"),
         policy_dir = state.policy_dir.display(),
         revocation = state.revocation_policy_dir.display(),
         ca = q(&state.ca_bundle),

@@ -1132,6 +1132,19 @@ fn nexusctl_up_runs_the_local_stack_and_its_revocation_demo() {
     assert_eq!(read("/clauses/c-flood-17/rainfall").0, 200);
     assert_eq!(read("/clauses/c-flood-18/rainfall").0, 403);
     assert_eq!(read("/clauses/c-quake-3/magnitude").0, 403);
+    // The demo plugin is registered and certified (docs/registry.md), and the demo's
+    // execution runs that version.
+    let plugins: serde_json::Value =
+        serde_json::from_str(&nexusctl(&["plugin", "list", "-o", "json"])).unwrap();
+    assert_eq!(plugins[0]["name"], "flood-model", "{plugins}");
+    assert_eq!(plugins[0]["versions"][0]["state"], "certified", "{plugins}");
+    assert!(
+        up.log_text()
+            .contains("Plugin registry (only certified versions run): flood-model v1.0.0")
+    );
+    let execs: serde_json::Value =
+        serde_json::from_str(&nexusctl(&["exec", "list", "-o", "json"])).unwrap();
+    assert_eq!(execs[0]["plugin_version"], "1.0.0", "{execs}");
     // Straight to the data API's sidecar with the plugin's dev SVID; without one, refused.
     let direct = format!(
         "{}/clauses/c-flood-17/rainfall",

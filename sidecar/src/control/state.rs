@@ -336,7 +336,8 @@ impl Synced {
             Some(Change::Close(c)) => {
                 self.data.executions.remove(&c.id);
             }
-            None => {}
+            // Registry changes are the gateway's; a sidecar enforces their executions.
+            Some(Change::Registry(_)) | None => {}
         }
         self.data.revision = delta.revision;
         Ok(true)
