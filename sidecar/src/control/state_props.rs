@@ -47,7 +47,7 @@ fn change() -> impl Strategy<Value = Change> {
             plugin,
             clause: "c-1".into(),
             not_after_unix_ms: 1_900_000_000_000,
-            opened_by: String::new(),
+            ..Execution::default()
         })),
         execution_id().prop_map(|id| Change::Close(ExecutionClosed {
             id,
@@ -112,7 +112,7 @@ proptest! {
                         revoked: revoked.iter().map(|s| Revocation { subject: s.clone(), ..Revocation::default() }).collect(),
                         executions: executions.iter().map(|(id, plugin)| Execution {
                             id: id.clone(), plugin: plugin.clone(), clause: "c-1".into(),
-                            not_after_unix_ms: 1_900_000_000_000, opened_by: String::new(),
+                            not_after_unix_ms: 1_900_000_000_000, ..Execution::default()
                         }).collect(),
                     });
                     model = Model {
@@ -134,6 +134,8 @@ proptest! {
                             Change::Reinstate(r) => { model.revoked.remove(&r.subject); }
                             Change::Open(e) => { model.executions.insert(e.id, e.plugin); }
                             Change::Close(c) => { model.executions.remove(&c.id); }
+                            // The generator makes none; a sidecar keeps no registry state.
+                            Change::Registry(_) => {}
                         }
                     } else if revision <= model.revision {
                         prop_assert_eq!(result, Ok(false));
