@@ -16,6 +16,7 @@ use regorus::utils::limits::ExecutionTimerConfig;
 use regorus::{CompiledPolicy, Engine, Value};
 
 use crate::bundle::Bundle;
+use crate::cache::{DecisionCache, KeyPlan};
 use crate::error::PolicyError;
 use crate::routing::RouteReason;
 use crate::verify::{Verification, VerifyOptions};
@@ -157,7 +158,28 @@ pub struct Policy {
     bundle_data: Value,
     data: Value,
     report: Arc<ModeReport>,
+    /// How decisions of this revision are keyed in a `DecisionCache`, or why they
+    /// cannot be (`cache`).
+    cache_plan: Arc<Result<KeyPlan, String>>,
+    /// Unique per policy and data revision: a cache entry of another generation is
+    /// never served.
+    generation: u64,
+    /// Every number in the data, sorted: when a time comparison may change its answer.
+    time_bounds: Arc<Vec<i128>>,
 }
+
+/// A decision and whether it came from the cache.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CachedDecision {
+    /// The decision.
+    pub decision: Decision,
+    /// Answered from the cache (no evaluation).
+    pub cached: bool,
+    /// Time taken, lookup included.
+    pub elapsed: Duration,
+}
+
+static GENERATION: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
 
 impl std::fmt::Debug for Policy {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -363,6 +385,9 @@ impl Policy {
             bundle_data: bundle.data.clone(),
             data: bundle.data.clone(),
             report: Arc::new(report),
+            cache_plan: Arc::new(crate::cache::plan(bundle)),
+            generation: 0,
+            time_bounds: Arc::default(),
         };
         policy.set_runtime_data(runtime);
         Ok(policy)
@@ -380,6 +405,9 @@ impl Policy {
                     bundle_data: self.bundle_data.clone(),
                     data: Value::Null,
                     report: self.report.clone(),
+                    cache_plan: self.cache_plan.clone(),
+                    generation: 0,
+                    time_bounds: Arc::default(),
                 };
                 next.set_runtime_data(runtime);
                 Ok(next)
@@ -408,6 +436,106 @@ impl Policy {
 
     fn set_runtime_data(&mut self, runtime: &Value) {
         self.data = with_runtime(&self.bundle_data, runtime);
+        self.generation = GENERATION.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if self
+            .cache_plan
+            .as_ref()
+            .as_ref()
+            .is_ok_and(|p| p.time_bounded)
+        {
+            let mut bounds = Vec::new();
+            crate::cache::numbers(&self.data, &mut bounds);
+            bounds.sort_unstable();
+            bounds.dedup();
+            self.time_bounds = Arc::new(bounds);
+        }
+    }
+
+    /// How this revision's decisions are keyed in a cache (the input paths), or why
+    /// they are evaluated uncached.
+    pub fn cache_plan(&self) -> Result<&KeyPlan, &str> {
+        match self.cache_plan.as_ref() {
+            Ok(p) => Ok(p),
+            Err(e) => Err(e.as_str()),
+        }
+    }
+
+    /// Evaluates the decision rule for `input` through `cache` (see `cache`): a kept
+    /// decision of this revision for the same values at the keyed input paths, not
+    /// expired at `input.time_ns`, is returned as is; otherwise the rule is evaluated
+    /// and its decision kept (errors never are). A revision that cannot be keyed, or an
+    /// input without the integer `time_ns` the revision compares, is evaluated
+    /// uncached.
+    pub fn evaluate_cached(&self, cache: &DecisionCache, input: Value) -> CachedDecision {
+        let started = Instant::now();
+        let uncached = |input: Value| {
+            cache.count_uncached();
+            let decision = self.evaluate(input);
+            CachedDecision {
+                decision,
+                cached: false,
+                elapsed: started.elapsed(),
+            }
+        };
+        let Ok(plan) = self.cache_plan.as_ref() else {
+            return uncached(input);
+        };
+        if cache.limits().max_entries == 0 {
+            return uncached(input);
+        }
+        let now = if plan.time_bounded {
+            match input[crate::cache::TIME_NS]
+                .as_number()
+                .ok()
+                .and_then(|n| n.as_i64())
+            {
+                Some(t) => i128::from(t),
+                None => return uncached(input),
+            }
+        } else {
+            0
+        };
+        let mut key = Vec::with_capacity(256);
+        crate::cache::key_of(plan, &input, &mut key);
+        if let Some(decision) = cache.get(&key, self.generation, now) {
+            return CachedDecision {
+                decision,
+                cached: true,
+                elapsed: started.elapsed(),
+            };
+        }
+        let expires = if plan.time_bounded {
+            // The earliest stored number at or after now, in the data or in the keyed
+            // input values: no comparison with the time changes its answer before it.
+            let mut own = Vec::new();
+            for path in &plan.paths {
+                let mut v = &input;
+                for step in path {
+                    v = &v[step];
+                }
+                crate::cache::numbers(v, &mut own);
+            }
+            own.sort_unstable();
+            [
+                crate::cache::next_bound(&self.time_bounds, now),
+                crate::cache::next_bound(&own, now),
+            ]
+            .into_iter()
+            .flatten()
+            .min()
+            .unwrap_or(i128::MAX)
+        } else {
+            i128::MAX
+        };
+        let decision = self.evaluate(input);
+        if decision.error.is_none() && expires > now {
+            cache.insert(key, self.generation, expires, &decision);
+        }
+        CachedDecision {
+            decision,
+            cached: false,
+            elapsed: started.elapsed(),
+        }
     }
 
     /// The revision id (a hash of the folder's files).

@@ -223,7 +223,8 @@ where
         let config = layer.runtime.config();
         let (input, clause, execution) = build(&facts, config, &loaded, OffsetDateTime::now_utc());
         let shadow_input = loaded.shadow.as_ref().map(|_| input.clone());
-        let (decision, elapsed) = loaded.policy.evaluate_timed(input);
+        let decided = layer.runtime.decide(&loaded, input);
+        let (decision, elapsed, cached) = (decided.decision, decided.elapsed, decided.cached);
         layer.metrics.policy_evaluation(direction, elapsed);
         let result = match (decision.allow, decision.error.is_some(), config.dry_run) {
             (true, _, _) => "allow",
@@ -243,6 +244,9 @@ where
         }
         if let Some(audit) = AuditFacts::get(req.extensions()) {
             audit.set_decision(result, &id, loaded.policy.revision(), &decision.reasons);
+            if cached {
+                audit.set_cached();
+            }
             if let Some(clause) = clause.as_deref() {
                 audit.set_clause(clause);
             }
@@ -276,6 +280,7 @@ where
             clause = clause.as_deref().unwrap_or(""),
             execution = execution.as_deref().unwrap_or(""),
             allow = decision.allow,
+            cached,
             reasons = ?decision.reasons,
             revision = loaded.policy.revision(),
             "policy decision"
