@@ -545,6 +545,8 @@ pub struct CacheStats {
 struct Entry {
     key: Box<[u8]>,
     generation: u64,
+    /// The decision holds for request times in `[from_ns, expires_ns)`.
+    from_ns: i128,
     expires_ns: i128,
     decision: Decision,
     bytes: usize,
@@ -632,7 +634,12 @@ impl DecisionCache {
         let found = shard
             .map
             .get(&hash)
-            .filter(|e| *e.key == *key && e.generation == generation && now_ns < e.expires_ns)
+            .filter(|e| {
+                *e.key == *key
+                    && e.generation == generation
+                    && e.from_ns <= now_ns
+                    && now_ns < e.expires_ns
+            })
             .map(|e| e.decision.clone());
         drop(shard);
         match &found {
@@ -642,15 +649,16 @@ impl DecisionCache {
         found
     }
 
-    /// Keeps `decision` for `key` until `expires_ns`, evicting the oldest entries of
-    /// the shard (and any of an older generation) to stay within the bounds.
+    /// Keeps `decision` for `key` for request times in `valid` (`[from, until)`),
+    /// evicting the oldest entries of the shard to stay within the bounds.
     pub(crate) fn insert(
         &self,
         key: Vec<u8>,
         generation: u64,
-        expires_ns: i128,
+        valid: (i128, i128),
         decision: &Decision,
     ) {
+        let (from_ns, expires_ns) = valid;
         let per_shard_entries = (self.limits.max_entries / SHARDS).max(1);
         let per_shard_bytes = self.limits.max_bytes / SHARDS;
         let bytes = key.len()
@@ -688,6 +696,7 @@ impl DecisionCache {
             Entry {
                 key: key.into_boxed_slice(),
                 generation,
+                from_ns,
                 expires_ns,
                 decision: decision.clone(),
                 bytes,
@@ -796,6 +805,14 @@ pub(crate) fn numbers(v: &Value, out: &mut Vec<i128>) {
         }),
         _ => {}
     }
+}
+
+/// One past the latest stored number before `now` (None: none): with `next_bound`,
+/// the request times around `now` at which every comparison of the time with a
+/// stored number answers as it does at `now` (time may step back: clocks are set).
+pub(crate) fn prev_bound(sorted: &[i128], now: i128) -> Option<i128> {
+    let at = sorted.partition_point(|&n| n < now);
+    at.checked_sub(1).and_then(|i| sorted.get(i)).map(|n| n + 1)
 }
 
 /// The earliest stored number at or after `now` (None: none, the entry never expires
@@ -928,7 +945,7 @@ mod tests {
             error: None,
         };
         for i in 0..10_000u32 {
-            cache.insert(format!("key-{i}").into_bytes(), 1, i128::MAX, &d);
+            cache.insert(format!("key-{i}").into_bytes(), 1, (0, i128::MAX), &d);
             let s = cache.stats();
             assert!(s.entries <= 64 && s.bytes <= 16 * 1024, "{s:?}");
         }
@@ -936,6 +953,10 @@ mod tests {
         assert!(cache.get(b"key-9999", 1, 0).is_some());
         assert!(cache.get(b"key-9999", 2, 0).is_none(), "another generation");
         assert!(cache.get(b"key-9999", 1, i128::MAX).is_none(), "expired");
+        assert!(
+            cache.get(b"key-9999", 1, -1).is_none(),
+            "before its interval"
+        );
         cache.clear();
         assert_eq!(cache.stats().entries, 0);
         assert_eq!(cache.stats().bytes, 0);
@@ -948,5 +969,8 @@ mod tests {
         assert_eq!(next_bound(&v, 5), Some(5));
         assert_eq!(next_bound(&v, 6), Some(9));
         assert_eq!(next_bound(&v, 10), None);
+        assert_eq!(prev_bound(&v, 0), None);
+        assert_eq!(prev_bound(&v, 5), Some(2));
+        assert_eq!(prev_bound(&v, 6), Some(6));
     }
 }

@@ -504,7 +504,7 @@ impl Policy {
                 elapsed: started.elapsed(),
             };
         }
-        let expires = if plan.time_bounded {
+        let valid = if plan.time_bounded {
             // The earliest stored number at or after now, in the data or in the keyed
             // input values: no comparison with the time changes its answer before it.
             let mut own = Vec::new();
@@ -516,20 +516,29 @@ impl Policy {
                 crate::cache::numbers(v, &mut own);
             }
             own.sort_unstable();
-            [
+            let from = [
+                crate::cache::prev_bound(&self.time_bounds, now),
+                crate::cache::prev_bound(&own, now),
+            ]
+            .into_iter()
+            .flatten()
+            .max()
+            .unwrap_or(i128::MIN);
+            let until = [
                 crate::cache::next_bound(&self.time_bounds, now),
                 crate::cache::next_bound(&own, now),
             ]
             .into_iter()
             .flatten()
             .min()
-            .unwrap_or(i128::MAX)
+            .unwrap_or(i128::MAX);
+            (from, until)
         } else {
-            i128::MAX
+            (i128::MIN, i128::MAX)
         };
         let decision = self.evaluate(input);
-        if decision.error.is_none() && expires > now {
-            cache.insert(key, self.generation, expires, &decision);
+        if decision.error.is_none() && valid.0 <= now && now < valid.1 {
+            cache.insert(key, self.generation, valid, &decision);
         }
         CachedDecision {
             decision,
