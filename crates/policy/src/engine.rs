@@ -588,7 +588,7 @@ impl Policy {
     pub fn evaluate_value(&self, input: Value) -> Result<Value, String> {
         let started = Instant::now();
         let result = match &self.rvm {
-            Some(rvm) => eval_rvm(rvm, &self.data, input, &self.options),
+            Some(rvm) => eval_rvm_reusing(rvm, self.generation, &self.data, input, &self.options),
             None => eval_interpreter(&self.interpreter, input, &self.options),
         };
         // The VM and the interpreter check the clock between instructions; a single
@@ -673,6 +673,67 @@ fn build_rvm(
     }
 }
 
+/// A VM kept per worker thread for one program and one data revision: the program,
+/// the data (and regorus's check of the data against the rule tree) are set once, and
+/// each evaluation only sets the input and runs (`execute` resets the VM's execution
+/// state first: registers, rule cache, memoized values).
+struct ThreadVm {
+    program: *const Rvm,
+    generation: u64,
+    vm: RegoVM,
+}
+
+thread_local! {
+    static THREAD_VM: std::cell::RefCell<Option<ThreadVm>> = const { std::cell::RefCell::new(None) };
+}
+
+/// `eval_rvm` on this thread's VM when it was set up for `rvm` and `generation`
+/// (else on a new one, then kept). A VM whose evaluation failed or panicked is
+/// dropped, never reused.
+fn eval_rvm_reusing(
+    rvm: &Arc<Rvm>,
+    generation: u64,
+    data: &Value,
+    input: Value,
+    options: &PolicyOptions,
+) -> Result<Value, String> {
+    let kept = THREAD_VM.with(|cell| cell.borrow_mut().take());
+    let mut vm = match kept {
+        // The pointer is compared only while `rvm` is alive (borrowed here); the
+        // generation tells revisions apart even if an address is reused.
+        Some(t) if std::ptr::eq(t.program, Arc::as_ptr(rvm)) && t.generation == generation => t.vm,
+        _ => match new_vm(rvm, data, options) {
+            Ok(vm) => vm,
+            Err(e) => return Err(e),
+        },
+    };
+    let result = run_vm(&mut vm, rvm, input);
+    if result.is_ok() {
+        THREAD_VM.with(|cell| {
+            *cell.borrow_mut() = Some(ThreadVm {
+                program: Arc::as_ptr(rvm),
+                generation,
+                vm,
+            })
+        });
+    }
+    result
+}
+
+fn new_vm(rvm: &Rvm, data: &Value, options: &PolicyOptions) -> Result<RegoVM, String> {
+    crate::panics::catch(|| {
+        let mut vm = RegoVM::new_with_policy(rvm.compiled.clone());
+        vm.load_program(rvm.program.clone());
+        vm.set_max_instructions(options.max_instructions);
+        vm.set_execution_timer_config(Some(timer(options.eval_timeout)));
+        vm.set_data(data.clone()).map_err(|e| e.to_string())?;
+        if rvm.host {
+            vm.set_execution_mode(ExecutionMode::Suspendable);
+        }
+        Ok(vm)
+    })
+}
+
 /// One evaluation on the RVM; a host call (a nexus builtin) is answered by nexus.
 fn eval_rvm(
     rvm: &Rvm,
@@ -680,17 +741,16 @@ fn eval_rvm(
     input: Value,
     options: &PolicyOptions,
 ) -> Result<Value, String> {
+    let mut vm = new_vm(rvm, data, options)?;
+    run_vm(&mut vm, rvm, input)
+}
+
+fn run_vm(vm: &mut RegoVM, rvm: &Rvm, input: Value) -> Result<Value, String> {
     crate::panics::catch(|| {
-        let mut vm = RegoVM::new_with_policy(rvm.compiled.clone());
-        vm.load_program(rvm.program.clone());
-        vm.set_max_instructions(options.max_instructions);
-        vm.set_execution_timer_config(Some(timer(options.eval_timeout)));
-        vm.set_data(data.clone()).map_err(|e| e.to_string())?;
         vm.set_input(input);
         if !rvm.host {
             return vm.execute().map_err(|e| e.to_string());
         }
-        vm.set_execution_mode(ExecutionMode::Suspendable);
         let mut step = vm.execute();
         loop {
             step.map_err(|e| e.to_string())?;
