@@ -702,10 +702,7 @@ fn eval_rvm_reusing(
         // The pointer is compared only while `rvm` is alive (borrowed here); the
         // generation tells revisions apart even if an address is reused.
         Some(t) if std::ptr::eq(t.program, Arc::as_ptr(rvm)) && t.generation == generation => t.vm,
-        _ => match new_vm(rvm, data, options) {
-            Ok(vm) => vm,
-            Err(e) => return Err(e),
-        },
+        _ => new_vm(rvm, data, options)?,
     };
     let result = run_vm(&mut vm, rvm, input);
     if result.is_ok() {

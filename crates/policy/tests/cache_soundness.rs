@@ -260,7 +260,7 @@ fn check(text: &str, mode: EvalMode, cases: u32) {
                 Ok(())
             },
         )
-        .unwrap();
+        .unwrap_or_else(|e| panic!("cached and uncached decisions differ: {e}"));
     // The property must have been exercised on hits, not only on misses.
     assert!(hits.into_inner() > u64::from(cases), "too few cache hits");
 }

@@ -237,7 +237,7 @@ impl PolicyRuntime {
     pub fn decide(&self, loaded: &Loaded, input: Value) -> CachedDecision {
         let n = self.seen.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         if self.config.verify_sample > 0
-            && n % SAMPLE_EVERY == 0
+            && n.is_multiple_of(SAMPLE_EVERY)
             && let Ok(mut samples) = self.samples.try_lock()
         {
             if samples.len() >= self.config.verify_sample {
