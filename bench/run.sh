@@ -500,8 +500,11 @@ main() {
   add_target nginx "$NGINX_URL"
   add_target nexus "$SIDECAR_URL"
   # The same sidecar with the reference policy evaluated on every request (one open
-  # execution for the plugin on the requested clause), to show what policy adds.
-  cp -r "$ROOT/policies" "$WORK/policies"
+  # execution for the plugin on the requested clause), to show what policy adds. Only
+  # what a sidecar loads (policies/nexus, as `nexusctl up` and docs/deployment.md do):
+  # policies/revocation is the gateway's.
+  mkdir -p "$WORK/policies"
+  cp -r "$ROOT/policies/nexus" "$WORK/policies/nexus"
   local not_after
   not_after=$(date -u -d '+1 day' +%Y-%m-%dT%H:%M:%SZ)
   printf '{"executions": {"ex-bench": {"plugin": "spiffe://nexus.local/ns/plugins/sa/flood-model", "clause": "c-flood-17", "not_after": "%s"}}, "revoked": {}}\n' \

@@ -362,6 +362,19 @@ fn check(args: CheckArgs) -> anyhow::Result<()> {
             }
         );
     }
+    // Whether the sidecar's decision cache can key this rule (docs/policy-cache.md).
+    match policy.cache_plan() {
+        Ok(plan) => println!(
+            "cache: keyed on {}{}",
+            plan.describe().join(", "),
+            if plan.time_bounded {
+                "; entries expire at the next stored time input.time_ns is compared with"
+            } else {
+                ""
+            }
+        ),
+        Err(why) => println!("cache: off for this revision: {why}"),
+    }
     if errors > 0 {
         bail!(
             "{errors} OPA-compatibility warning(s) in {} are errors with --strict",

@@ -90,6 +90,31 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         .policy
         .as_ref()
         .map(|policy_config| PolicyRuntime::new(policy_config.clone(), metrics.clone()));
+    if let Some(runtime) = &policy_runtime {
+        let weak = Arc::downgrade(runtime);
+        metrics.watch_policy(Box::new(move || {
+            let runtime = weak.upgrade()?;
+            let loaded = runtime.current()?;
+            let mode = |p: &nexus_policy::Policy| match p.mode() {
+                nexus_policy::EvalMode::Compiled => "compiled",
+                nexus_policy::EvalMode::Interpreted => "interpreted",
+            };
+            let cache_on = runtime.config().cache_max_entries > 0;
+            let mut rules = vec![(
+                loaded.policy.rule().to_string(),
+                mode(&loaded.policy),
+                cache_on && loaded.policy.cache_plan().is_ok(),
+            )];
+            if let Some(shadow) = &loaded.shadow {
+                // The shadow rule is evaluated uncached (it is never enforced).
+                rules.push((shadow.rule().to_string(), mode(shadow), false));
+            }
+            Some(crate::metrics::PolicyStats {
+                rules,
+                cache: runtime.cache().stats(),
+            })
+        }));
+    }
     let signal_queue = Arc::new(SignalQueue::new(
         config
             .gateway

@@ -268,6 +268,27 @@ pub struct PolicyConfig {
     /// stops and the revision is refused the same way. Default 1073741824 (1 GiB).
     #[serde(default = "default_load_max_memory")]
     pub load_max_memory: u64,
+    /// Decisions kept in the decision cache (docs/policy-cache.md); 0 turns the cache
+    /// off. Default 10000.
+    #[serde(default = "default_cache_max_entries")]
+    pub cache_max_entries: usize,
+    /// Bytes the decision cache may hold (keys and decisions). Default 8388608 (8 MiB).
+    #[serde(default = "default_cache_max_bytes")]
+    pub cache_max_bytes: usize,
+    /// Recent request inputs kept to check the next revision's compiled program against
+    /// the interpreter (`nexus_policy::VerifyOptions::sample`). Default 64.
+    #[serde(default = "default_verify_sample")]
+    pub verify_sample: usize,
+}
+
+fn default_cache_max_entries() -> usize {
+    10_000
+}
+fn default_cache_max_bytes() -> usize {
+    8 * 1024 * 1024
+}
+fn default_verify_sample() -> usize {
+    64
 }
 
 fn default_load_timeout() -> Duration {

@@ -80,6 +80,39 @@ pub struct Metrics {
     in_flight: Family<DirectionLabels, Gauge<i64, AtomicI64>>,
     /// Where the audit counters are read at scrape time (the recorder keeps its own).
     audit_stats: OnceLock<AuditStatsSource>,
+    policy_mode: Family<ModeLabels, Gauge<i64, AtomicI64>>,
+    policy_cached: Family<ModeLabels, Gauge<i64, AtomicI64>>,
+    cache_hits: Counter,
+    cache_misses: Counter,
+    cache_uncached: Counter,
+    cache_evictions: Counter,
+    cache_entries: Gauge<i64, AtomicI64>,
+    cache_bytes: Gauge<i64, AtomicI64>,
+    engine_panics: Counter,
+    rvm_checks: Counter,
+    rvm_disagreements: Counter,
+    rvm_routed: Counter,
+    /// Where the policy's mode and cache counters are read at scrape time.
+    policy_stats: OnceLock<PolicyStatsSource>,
+}
+
+/// What the policy layer reports at scrape time.
+#[derive(Clone, Debug, Default)]
+pub struct PolicyStats {
+    /// Per decision rule (enforced and shadow): the mode it runs in
+    /// (`compiled`/`interpreted`) and whether its decisions are cached.
+    pub rules: Vec<(String, &'static str, bool)>,
+    /// The decision cache's counters.
+    pub cache: nexus_policy::CacheStats,
+}
+
+/// Reads the policy layer's state; `None` before a revision is loaded.
+pub type PolicyStatsSource = Box<dyn Fn() -> Option<PolicyStats> + Send + Sync>;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ModeLabels {
+    rule: String,
+    mode: &'static str,
 }
 
 /// Reads the execution recorder's counters; `None` before it has started.
@@ -328,10 +361,91 @@ impl Metrics {
             "Requests in flight (until their response body ends), by direction",
             in_flight.clone(),
         );
+        let policy_mode = Family::<ModeLabels, Gauge<i64, AtomicI64>>::default();
+        registry.register(
+            "policy_mode",
+            "1 for the mode each decision rule of the current revision runs in (compiled: regorus RVM checked against the interpreter; interpreted)",
+            policy_mode.clone(),
+        );
+        let policy_cached = Family::<ModeLabels, Gauge<i64, AtomicI64>>::default();
+        registry.register(
+            "policy_cache_enabled",
+            "1 when the rule's decisions are cached (the revision can be keyed soundly, docs/policy-cache.md), else 0",
+            policy_cached.clone(),
+        );
+        let cache_hits = Counter::default();
+        registry.register(
+            "policy_cache_hits",
+            "Decisions answered from the decision cache",
+            cache_hits.clone(),
+        );
+        let cache_misses = Counter::default();
+        registry.register(
+            "policy_cache_misses",
+            "Cacheable decisions that were evaluated (not kept, expired or of an older revision)",
+            cache_misses.clone(),
+        );
+        let cache_uncached = Counter::default();
+        registry.register("policy_cache_bypassed", "Decisions evaluated without the cache (revision not keyable, or no time_ns in the input)", cache_uncached.clone());
+        let cache_evictions = Counter::default();
+        registry.register(
+            "policy_cache_evictions",
+            "Cache entries removed to stay within cache_max_entries / cache_max_bytes",
+            cache_evictions.clone(),
+        );
+        let cache_entries = Gauge::<i64, AtomicI64>::default();
+        registry.register(
+            "policy_cache_entries",
+            "Decisions in the cache",
+            cache_entries.clone(),
+        );
+        let cache_bytes = Gauge::<i64, AtomicI64>::default();
+        registry.register(
+            "policy_cache_bytes",
+            "Bytes held by the decision cache",
+            cache_bytes.clone(),
+        );
+        let engine_panics = Counter::default();
+        registry.register(
+            "policy_engine_panics",
+            "Policy engine panics caught (each a deny)",
+            engine_panics.clone(),
+        );
+        let rvm_checks = Counter::default();
+        registry.register(
+            "policy_rvm_checks",
+            "Compiled programs checked against the interpreter",
+            rvm_checks.clone(),
+        );
+        let rvm_disagreements = Counter::default();
+        registry.register(
+            "policy_rvm_disagreements",
+            "Checks that found a disagreement (the rule then runs interpreted)",
+            rvm_disagreements.clone(),
+        );
+        let rvm_routed = Counter::default();
+        registry.register(
+            "policy_rvm_routed",
+            "Compilations routed to the interpreter by a construct the RVM gets wrong",
+            rvm_routed.clone(),
+        );
         Arc::new(Self {
             shed,
             timed_out,
             in_flight,
+            policy_mode,
+            policy_cached,
+            cache_hits,
+            cache_misses,
+            cache_uncached,
+            cache_evictions,
+            cache_entries,
+            cache_bytes,
+            engine_panics,
+            rvm_checks,
+            rvm_disagreements,
+            rvm_routed,
+            policy_stats: OnceLock::new(),
             audit_written,
             audit_dropped,
             audit_write_errors,
@@ -573,9 +687,59 @@ impl Metrics {
             .set(i64::try_from(stats.queue_depth).unwrap_or(i64::MAX));
     }
 
+    /// Reads the policy layer's mode and cache counters from `source` at every scrape.
+    pub fn watch_policy(&self, source: PolicyStatsSource) {
+        let _ = self.policy_stats.set(source);
+    }
+
+    fn refresh_policy(&self) {
+        let engine = nexus_policy::metrics::counters();
+        for (counter, value) in [
+            (&self.engine_panics, engine.panics),
+            (&self.rvm_checks, engine.verified),
+            (&self.rvm_disagreements, engine.disagreements),
+            (&self.rvm_routed, engine.routed),
+        ] {
+            counter.inner().fetch_max(value, Ordering::Relaxed);
+        }
+        let Some(stats) = self.policy_stats.get().and_then(|source| source()) else {
+            return;
+        };
+        for (rule, mode, cached) in &stats.rules {
+            for m in ["compiled", "interpreted"] {
+                self.policy_mode
+                    .get_or_create(&ModeLabels {
+                        rule: rule.clone(),
+                        mode: m,
+                    })
+                    .set(i64::from(*mode == m));
+            }
+            self.policy_cached
+                .get_or_create(&ModeLabels {
+                    rule: rule.clone(),
+                    mode,
+                })
+                .set(i64::from(*cached));
+        }
+        let c = stats.cache;
+        for (counter, value) in [
+            (&self.cache_hits, c.hits),
+            (&self.cache_misses, c.misses),
+            (&self.cache_uncached, c.uncached),
+            (&self.cache_evictions, c.evictions),
+        ] {
+            counter.inner().fetch_max(value, Ordering::Relaxed);
+        }
+        self.cache_entries
+            .set(i64::try_from(c.entries).unwrap_or(i64::MAX));
+        self.cache_bytes
+            .set(i64::try_from(c.bytes).unwrap_or(i64::MAX));
+    }
+
     /// The Prometheus text exposition.
     pub fn encode(&self) -> String {
         self.refresh_audit();
+        self.refresh_policy();
         let mut out = String::new();
         if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
             out.clear();

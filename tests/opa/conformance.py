@@ -276,7 +276,9 @@ def authz_corpus(folder: Folder, n: int, rng: random.Random) -> Corpus:
 
     def add_exec(ex_id, plugin, clause, end, spelling=None):
         name, spell = spelling or NOT_AFTER_SPELLINGS[0]
-        execs[ex_id] = {"id": ex_id, "plugin": plugin, "clause": clause, "not_after": spell(end)}
+        # not_after_ns: the sidecar parses not_after once at load (runtime.rs).
+        execs[ex_id] = {"id": ex_id, "plugin": plugin, "clause": clause, "not_after": spell(end),
+                        "not_after_ns": ns(end)}
         at[ex_id] = end
 
     for k, (plugin, clause) in enumerate(bound_pairs):
@@ -294,7 +296,8 @@ def authz_corpus(folder: Folder, n: int, rng: random.Random) -> Corpus:
         # A leap second (23:59:60Z) reaches policies as the sidecar rewrites it: the
         # `time` crate reads it as 23:59:59.999999999 and the canonical spelling follows.
         execs[f"ex-leap-{k}"] = {"id": f"ex-leap-{k}", "plugin": plugin, "clause": clause,
-                                 "not_after": "2026-11-30T23:59:59.999999999Z"}
+                                 "not_after": "2026-11-30T23:59:59.999999999Z",
+                                 "not_after_ns": ns(datetime(2026, 11, 30, 23, 59, 59, tzinfo=UTC)) + 999_999_999}
         at[f"ex-leap-{k}"] = datetime(2026, 11, 30, 23, 59, 59, 999999, tzinfo=UTC)
     add_exec("ex-rogue", rogue, all_bound_clauses[0], NOW + timedelta(hours=2))
     add_exec("ex-unbound-clause", plugins[0], "c-flood-99", NOW + timedelta(hours=2))
@@ -373,6 +376,7 @@ def authz_corpus(folder: Folder, n: int, rng: random.Random) -> Corpus:
             "clause": clause_v,
             "execution": execution,
             "time": ms_time(when),
+            "time_ns": now_ns,
         }
 
     def tail():
@@ -410,7 +414,9 @@ def authz_corpus(folder: Folder, n: int, rng: random.Random) -> Corpus:
             return doc(sc, p, hazard, "GET", clause_path(c), when, ("named", f"ex-edge-plus-{k}"))
         # the resolved (open) execution, sent back at a time after it ended
         d = doc(sc, p, hazard, "GET", clause_path(c), NOW)
-        d["time"] = ms_time(NOW + timedelta(hours=rng.choice([2, 5, 9])))
+        later = NOW + timedelta(hours=rng.choice([2, 5, 9]))
+        d["time"] = ms_time(later)
+        d["time_ns"] = ns(later)
         return d
 
     def k_forged(sc):

@@ -296,6 +296,7 @@ fn input(method: &str, path: &str, clause: Option<&str>, execution: Option<&str>
         "clause": clause,
         "execution": execution.map(|id| json!({"id": id})),
         "time": "2026-11-26T09:41:07.123Z",
+        "time_ns": 1_795_686_067_123_000_000_i64,
     })
 }
 
@@ -303,7 +304,7 @@ fn input(method: &str, path: &str, clause: Option<&str>, execution: Option<&str>
 fn runtime_data(dir: &Path) -> PathBuf {
     let path = dir.join("runtime.json");
     let data = json!({"nexus": {
-        "executions": {"ex-1": {"id": "ex-1", "plugin": FLOOD_ID, "clause": "c-flood-17", "not_after": "2099-01-01T00:00:00Z"}},
+        "executions": {"ex-1": {"id": "ex-1", "plugin": FLOOD_ID, "clause": "c-flood-17", "not_after": "2099-01-01T00:00:00Z", "not_after_ns": 4_070_908_800_000_000_000_i64}},
         "revoked": {},
     }});
     std::fs::write(&path, data.to_string()).expect("runtime data");

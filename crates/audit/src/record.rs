@@ -65,6 +65,10 @@ pub struct ExecutionRecord {
     pub latency_ms: f64,
     /// The W3C trace id, when the request was traced.
     pub trace_id: Option<String>,
+    /// The decision was answered by the decision cache (docs/policy-cache.md), not by
+    /// an evaluation; absent (false) otherwise, so records without it hash as before.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub cached: bool,
 }
 
 /// What the proxy knows about a request: an [`ExecutionRecord`] without its chain
@@ -109,6 +113,8 @@ pub struct RecordDraft {
     pub latency_ms: f64,
     /// See [`ExecutionRecord::trace_id`].
     pub trace_id: Option<String>,
+    /// See [`ExecutionRecord::cached`].
+    pub cached: bool,
 }
 
 /// Formats a time as records carry it: RFC 3339, milliseconds, UTC.
@@ -159,6 +165,7 @@ impl ExecutionRecord {
             response_bytes: draft.response_bytes,
             latency_ms,
             trace_id: draft.trace_id,
+            cached: draft.cached,
         }
     }
 
@@ -322,6 +329,7 @@ pub(crate) mod tests {
             response_bytes: 10,
             latency_ms: 1.234_567_8 * n as f64,
             trace_id: None,
+            cached: false,
         }
     }
 

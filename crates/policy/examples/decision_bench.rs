@@ -1,6 +1,10 @@
 //! Benchmark of one policy decision: the reference policy (policies/nexus/authz) with
-//! 10,000 bindings and 1,000 open executions, compiled (regorus RVM) and interpreted,
-//! on one thread and on every core. Run in release:
+//! 10,000 bindings and 1,000 open executions, asked for compiled (regorus RVM) and
+//! interpreted, on one thread and on every core; each row names the mode the revision
+//! actually runs in (a compiled request can end up interpreted, see
+//! docs/opa-compatibility.md). "cold" is an evaluation (the decision cache misses:
+//! every input is new to it); "warm" is a decision cache hit (docs/policy-cache.md).
+//! Run in release:
 //!
 //!     cargo run --release -p nexus-policy --example decision_bench [-- ITERATIONS]
 //!
@@ -9,10 +13,15 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use nexus_policy::{Bundle, EvalMode, Module, Policy, PolicyOptions, Value};
+use nexus_policy::{
+    Bundle, CacheLimits, DecisionCache, EvalMode, Module, Policy, PolicyOptions, Value,
+};
 
 const BINDINGS: usize = 10_000;
 const EXECUTIONS: usize = 1_000;
+/// 2030-01-01T00:00:00Z and 2026-11-26T09:41:07.123Z in unix nanoseconds.
+const NOT_AFTER_NS: i64 = 1_893_456_000_000_000_000;
+const TIME_NS: i64 = 1_795_686_067_123_000_000;
 
 fn plugin(i: usize) -> String {
     format!("spiffe://nexus.local/ns/plugins/sa/model-{i}")
@@ -46,7 +55,7 @@ fn runtime() -> Value {
         let id = format!("ex-{i}");
         executions.insert(
             id.clone(),
-            serde_json::json!({"id": id, "plugin": plugin(i * 10), "clause": format!("c-{}", i * 10), "not_after": "2030-01-01T00:00:00Z"}),
+            serde_json::json!({"id": id, "plugin": plugin(i * 10), "clause": format!("c-{}", i * 10), "not_after": "2030-01-01T00:00:00Z", "not_after_ns": NOT_AFTER_NS}),
         );
     }
     Value::from(serde_json::json!({"nexus": {"executions": executions, "revoked": {}}}))
@@ -59,7 +68,7 @@ fn input(n: usize) -> Value {
     let (clause, execution) = if allowed {
         (
             format!("c-{}", i * 10),
-            serde_json::json!({"id": format!("ex-{i}"), "plugin": plugin(i * 10), "clause": format!("c-{}", i * 10), "not_after": "2030-01-01T00:00:00Z"}),
+            serde_json::json!({"id": format!("ex-{i}"), "plugin": plugin(i * 10), "clause": format!("c-{}", i * 10), "not_after": "2030-01-01T00:00:00Z", "not_after_ns": NOT_AFTER_NS}),
         )
     } else {
         (format!("c-{}", i * 10 + 1), serde_json::Value::Null)
@@ -72,6 +81,8 @@ fn input(n: usize) -> Value {
         "clause": clause,
         "execution": execution,
         "time": "2026-11-26T09:41:07.123Z",
+        // A distinct time per input (as requests have), all before not_after.
+        "time_ns": TIME_NS + n as i64,
     }))
 }
 
@@ -88,10 +99,46 @@ struct Run {
     rate: f64,
 }
 
-fn run(policy: &Policy, inputs: &[Value], iterations: usize) -> Run {
-    // Warm up.
-    for v in inputs.iter().take(200) {
-        let _ = policy.evaluate(v.clone());
+/// How decisions are taken in a run.
+#[derive(Clone, Copy, PartialEq)]
+enum Through {
+    /// `Policy::evaluate`: no cache.
+    Evaluate,
+    /// The cache, each input new to it (the cache is emptied before each call, which
+    /// is included: every call misses, and pays the key and the insert on top of the
+    /// evaluation).
+    Cold,
+    /// The cache, every input already in it.
+    Warm,
+}
+
+fn limits() -> CacheLimits {
+    CacheLimits {
+        max_entries: 100_000,
+        max_bytes: 256 * 1024 * 1024,
+    }
+}
+
+fn decide(policy: &Policy, cache: &DecisionCache, v: Value, through: Through) -> bool {
+    match through {
+        Through::Evaluate => policy.evaluate(v).allow,
+        Through::Cold => {
+            cache.clear();
+            policy.evaluate_cached(cache, v).decision.allow
+        }
+        Through::Warm => {
+            let d = policy.evaluate_cached(cache, v);
+            assert!(d.cached, "a warm run missed the cache");
+            d.decision.allow
+        }
+    }
+}
+
+fn run(policy: &Policy, inputs: &[Value], iterations: usize, through: Through) -> Run {
+    let cache = DecisionCache::new(limits());
+    // Warm up (and fill the cache for the warm run).
+    for v in inputs {
+        let _ = policy.evaluate_cached(&cache, v.clone());
     }
     let check = std::env::var_os("BENCH_POLICY").is_none();
     let mut samples = Vec::with_capacity(iterations);
@@ -101,19 +148,19 @@ fn run(policy: &Policy, inputs: &[Value], iterations: usize) -> Run {
     for n in 0..iterations {
         let v = inputs[n % inputs.len()].clone();
         let t = Instant::now();
-        let d = policy.evaluate(v);
+        let allow = decide(policy, &cache, v, through);
         let elapsed = t.elapsed();
         samples.push(elapsed);
-        if d.allow {
+        if allow {
             allowed.push(elapsed)
         } else {
             denied.push(elapsed)
         }
         if check {
             assert_eq!(
-                d.allow,
+                allow,
                 (n % inputs.len()).is_multiple_of(2),
-                "unexpected decision {d:?}"
+                "unexpected decision for input {n}"
             );
         }
     }
@@ -138,13 +185,29 @@ fn run(policy: &Policy, inputs: &[Value], iterations: usize) -> Run {
     }
 }
 
-fn run_parallel(policy: &Policy, inputs: &[Value], iterations: usize, threads: usize) -> f64 {
+fn run_parallel(
+    policy: &Policy,
+    inputs: &[Value],
+    iterations: usize,
+    threads: usize,
+    through: Through,
+) -> f64 {
+    let cache = DecisionCache::new(limits());
+    for v in inputs {
+        let _ = policy.evaluate_cached(&cache, v.clone());
+    }
+    let cache = &cache;
     let start = Instant::now();
     std::thread::scope(|s| {
         for t in 0..threads {
             s.spawn(move || {
                 for n in 0..iterations / threads {
-                    let _ = policy.evaluate(inputs[(n + t) % inputs.len()].clone());
+                    let _ = decide(
+                        policy,
+                        cache,
+                        inputs[(n + t) % inputs.len()].clone(),
+                        through,
+                    );
                 }
             });
         }
@@ -169,13 +232,13 @@ fn main() {
     );
     println!();
     println!(
-        "| engine | compile ms | p50 µs | p99 µs | p50 allowed µs | p50 denied µs | decisions/s (1 thread) | decisions/s ({threads} threads) |"
+        "| mode asked | mode run | decision | compile ms | p50 µs | p99 µs | p50 allowed µs | p50 denied µs | decisions/s (1 thread) | decisions/s ({threads} threads) |"
     );
-    println!("|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|");
     let only = std::env::var("BENCH_MODE").ok();
     for (name, mode) in [
-        ("regorus RVM (compiled, default)", EvalMode::Compiled),
-        ("regorus interpreter", EvalMode::Interpreted),
+        ("compiled (default)", EvalMode::Compiled),
+        ("interpreted", EvalMode::Interpreted),
     ] {
         if only.as_deref().is_some_and(|m| !name.contains(m)) {
             continue;
@@ -189,22 +252,40 @@ fn main() {
         };
         let policy = Policy::compile(&bundle, &runtime, options).expect("compiles");
         let compile = t.elapsed();
-        let n = if mode == EvalMode::Interpreted {
-            iterations / 5
-        } else {
-            iterations
-        };
-        let r = run(&policy, &inputs, n);
-        let par = run_parallel(&policy, &inputs, n, threads);
-        println!(
-            "| {name} | {:.1} | {:.2} | {:.2} | {:.2} | {:.2} | {:.0} | {:.0} |",
-            compile.as_secs_f64() * 1e3,
-            r.p50.as_secs_f64() * 1e6,
-            r.p99.as_secs_f64() * 1e6,
-            r.allow_p50.as_secs_f64() * 1e6,
-            r.deny_p50.as_secs_f64() * 1e6,
-            r.rate,
-            par
-        );
+        // The mode the revision actually runs in, and why when it is not the one asked.
+        let ran = policy.report().summary();
+        let ran = ran.split(" (checked").next().unwrap_or(&ran).to_string();
+        if policy.cache_plan().is_err() {
+            eprintln!(
+                "decision cache off for this policy: {}",
+                policy.cache_plan().err().unwrap_or_default()
+            );
+        }
+        for (label, through) in [
+            ("evaluate (no cache)", Through::Evaluate),
+            ("cold (cache miss)", Through::Cold),
+            ("warm (cache hit)", Through::Warm),
+        ] {
+            if through != Through::Evaluate && policy.cache_plan().is_err() {
+                continue;
+            }
+            let n = if mode == EvalMode::Interpreted && through != Through::Warm {
+                iterations / 5
+            } else {
+                iterations
+            };
+            let r = run(&policy, &inputs, n, through);
+            let par = run_parallel(&policy, &inputs, n, threads, through);
+            println!(
+                "| {name} | {ran} | {label} | {:.1} | {:.2} | {:.2} | {:.2} | {:.2} | {:.0} | {:.0} |",
+                compile.as_secs_f64() * 1e3,
+                r.p50.as_secs_f64() * 1e6,
+                r.p99.as_secs_f64() * 1e6,
+                r.allow_p50.as_secs_f64() * 1e6,
+                r.deny_p50.as_secs_f64() * 1e6,
+                r.rate,
+                par
+            );
+        }
     }
 }

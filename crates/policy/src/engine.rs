@@ -16,6 +16,7 @@ use regorus::utils::limits::ExecutionTimerConfig;
 use regorus::{CompiledPolicy, Engine, Value};
 
 use crate::bundle::Bundle;
+use crate::cache::{DecisionCache, KeyPlan};
 use crate::error::PolicyError;
 use crate::routing::RouteReason;
 use crate::verify::{Verification, VerifyOptions};
@@ -157,7 +158,28 @@ pub struct Policy {
     bundle_data: Value,
     data: Value,
     report: Arc<ModeReport>,
+    /// How decisions of this revision are keyed in a `DecisionCache`, or why they
+    /// cannot be (`cache`).
+    cache_plan: Arc<Result<KeyPlan, String>>,
+    /// Unique per policy and data revision: a cache entry of another generation is
+    /// never served.
+    generation: u64,
+    /// Every number in the data, sorted: when a time comparison may change its answer.
+    time_bounds: Arc<Vec<i128>>,
 }
+
+/// A decision and whether it came from the cache.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CachedDecision {
+    /// The decision.
+    pub decision: Decision,
+    /// Answered from the cache (no evaluation).
+    pub cached: bool,
+    /// Time taken, lookup included.
+    pub elapsed: Duration,
+}
+
+static GENERATION: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
 
 impl std::fmt::Debug for Policy {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -363,6 +385,9 @@ impl Policy {
             bundle_data: bundle.data.clone(),
             data: bundle.data.clone(),
             report: Arc::new(report),
+            cache_plan: Arc::new(crate::cache::plan(bundle)),
+            generation: 0,
+            time_bounds: Arc::default(),
         };
         policy.set_runtime_data(runtime);
         Ok(policy)
@@ -380,6 +405,9 @@ impl Policy {
                     bundle_data: self.bundle_data.clone(),
                     data: Value::Null,
                     report: self.report.clone(),
+                    cache_plan: self.cache_plan.clone(),
+                    generation: 0,
+                    time_bounds: Arc::default(),
                 };
                 next.set_runtime_data(runtime);
                 Ok(next)
@@ -408,6 +436,115 @@ impl Policy {
 
     fn set_runtime_data(&mut self, runtime: &Value) {
         self.data = with_runtime(&self.bundle_data, runtime);
+        self.generation = GENERATION.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if self
+            .cache_plan
+            .as_ref()
+            .as_ref()
+            .is_ok_and(|p| p.time_bounded)
+        {
+            let mut bounds = Vec::new();
+            crate::cache::numbers(&self.data, &mut bounds);
+            bounds.sort_unstable();
+            bounds.dedup();
+            self.time_bounds = Arc::new(bounds);
+        }
+    }
+
+    /// How this revision's decisions are keyed in a cache (the input paths), or why
+    /// they are evaluated uncached.
+    pub fn cache_plan(&self) -> Result<&KeyPlan, &str> {
+        match self.cache_plan.as_ref() {
+            Ok(p) => Ok(p),
+            Err(e) => Err(e.as_str()),
+        }
+    }
+
+    /// Evaluates the decision rule for `input` through `cache` (see `cache`): a kept
+    /// decision of this revision for the same values at the keyed input paths, not
+    /// expired at `input.time_ns`, is returned as is; otherwise the rule is evaluated
+    /// and its decision kept (errors never are). A revision that cannot be keyed, or an
+    /// input without the integer `time_ns` the revision compares, is evaluated
+    /// uncached.
+    pub fn evaluate_cached(&self, cache: &DecisionCache, input: Value) -> CachedDecision {
+        let started = Instant::now();
+        let uncached = |input: Value| {
+            cache.count_uncached();
+            let decision = self.evaluate(input);
+            CachedDecision {
+                decision,
+                cached: false,
+                elapsed: started.elapsed(),
+            }
+        };
+        let Ok(plan) = self.cache_plan.as_ref() else {
+            return uncached(input);
+        };
+        if cache.limits().max_entries == 0 {
+            return uncached(input);
+        }
+        let now = if plan.time_bounded {
+            match input[crate::cache::TIME_NS]
+                .as_number()
+                .ok()
+                .and_then(|n| n.as_i64())
+            {
+                Some(t) => i128::from(t),
+                None => return uncached(input),
+            }
+        } else {
+            0
+        };
+        let mut key = Vec::with_capacity(256);
+        crate::cache::key_of(plan, &input, &mut key);
+        if let Some(decision) = cache.get(&key, self.generation, now) {
+            return CachedDecision {
+                decision,
+                cached: true,
+                elapsed: started.elapsed(),
+            };
+        }
+        let valid = if plan.time_bounded {
+            // The earliest stored number at or after now, in the data or in the keyed
+            // input values: no comparison with the time changes its answer before it.
+            let mut own = Vec::new();
+            for path in &plan.paths {
+                let mut v = &input;
+                for step in path {
+                    v = &v[step];
+                }
+                crate::cache::numbers(v, &mut own);
+            }
+            own.sort_unstable();
+            let from = [
+                crate::cache::prev_bound(&self.time_bounds, now),
+                crate::cache::prev_bound(&own, now),
+            ]
+            .into_iter()
+            .flatten()
+            .max()
+            .unwrap_or(i128::MIN);
+            let until = [
+                crate::cache::next_bound(&self.time_bounds, now),
+                crate::cache::next_bound(&own, now),
+            ]
+            .into_iter()
+            .flatten()
+            .min()
+            .unwrap_or(i128::MAX);
+            (from, until)
+        } else {
+            (i128::MIN, i128::MAX)
+        };
+        let decision = self.evaluate(input);
+        if decision.error.is_none() && valid.0 <= now && now < valid.1 {
+            cache.insert(key, self.generation, valid, &decision);
+        }
+        CachedDecision {
+            decision,
+            cached: false,
+            elapsed: started.elapsed(),
+        }
     }
 
     /// The revision id (a hash of the folder's files).
@@ -451,7 +588,7 @@ impl Policy {
     pub fn evaluate_value(&self, input: Value) -> Result<Value, String> {
         let started = Instant::now();
         let result = match &self.rvm {
-            Some(rvm) => eval_rvm(rvm, &self.data, input, &self.options),
+            Some(rvm) => eval_rvm_reusing(rvm, self.generation, &self.data, input, &self.options),
             None => eval_interpreter(&self.interpreter, input, &self.options),
         };
         // The VM and the interpreter check the clock between instructions; a single
@@ -536,6 +673,64 @@ fn build_rvm(
     }
 }
 
+/// A VM kept per worker thread for one program and one data revision: the program,
+/// the data (and regorus's check of the data against the rule tree) are set once, and
+/// each evaluation only sets the input and runs (`execute` resets the VM's execution
+/// state first: registers, rule cache, memoized values).
+struct ThreadVm {
+    program: *const Rvm,
+    generation: u64,
+    vm: RegoVM,
+}
+
+thread_local! {
+    static THREAD_VM: std::cell::RefCell<Option<ThreadVm>> = const { std::cell::RefCell::new(None) };
+}
+
+/// `eval_rvm` on this thread's VM when it was set up for `rvm` and `generation`
+/// (else on a new one, then kept). A VM whose evaluation failed or panicked is
+/// dropped, never reused.
+fn eval_rvm_reusing(
+    rvm: &Arc<Rvm>,
+    generation: u64,
+    data: &Value,
+    input: Value,
+    options: &PolicyOptions,
+) -> Result<Value, String> {
+    let kept = THREAD_VM.with(|cell| cell.borrow_mut().take());
+    let mut vm = match kept {
+        // The pointer is compared only while `rvm` is alive (borrowed here); the
+        // generation tells revisions apart even if an address is reused.
+        Some(t) if std::ptr::eq(t.program, Arc::as_ptr(rvm)) && t.generation == generation => t.vm,
+        _ => new_vm(rvm, data, options)?,
+    };
+    let result = run_vm(&mut vm, rvm, input);
+    if result.is_ok() {
+        THREAD_VM.with(|cell| {
+            *cell.borrow_mut() = Some(ThreadVm {
+                program: Arc::as_ptr(rvm),
+                generation,
+                vm,
+            })
+        });
+    }
+    result
+}
+
+fn new_vm(rvm: &Rvm, data: &Value, options: &PolicyOptions) -> Result<RegoVM, String> {
+    crate::panics::catch(|| {
+        let mut vm = RegoVM::new_with_policy(rvm.compiled.clone());
+        vm.load_program(rvm.program.clone());
+        vm.set_max_instructions(options.max_instructions);
+        vm.set_execution_timer_config(Some(timer(options.eval_timeout)));
+        vm.set_data(data.clone()).map_err(|e| e.to_string())?;
+        if rvm.host {
+            vm.set_execution_mode(ExecutionMode::Suspendable);
+        }
+        Ok(vm)
+    })
+}
+
 /// One evaluation on the RVM; a host call (a nexus builtin) is answered by nexus.
 fn eval_rvm(
     rvm: &Rvm,
@@ -543,17 +738,16 @@ fn eval_rvm(
     input: Value,
     options: &PolicyOptions,
 ) -> Result<Value, String> {
+    let mut vm = new_vm(rvm, data, options)?;
+    run_vm(&mut vm, rvm, input)
+}
+
+fn run_vm(vm: &mut RegoVM, rvm: &Rvm, input: Value) -> Result<Value, String> {
     crate::panics::catch(|| {
-        let mut vm = RegoVM::new_with_policy(rvm.compiled.clone());
-        vm.load_program(rvm.program.clone());
-        vm.set_max_instructions(options.max_instructions);
-        vm.set_execution_timer_config(Some(timer(options.eval_timeout)));
-        vm.set_data(data.clone()).map_err(|e| e.to_string())?;
         vm.set_input(input);
         if !rvm.host {
             return vm.execute().map_err(|e| e.to_string());
         }
-        vm.set_execution_mode(ExecutionMode::Suspendable);
         let mut step = vm.execute();
         loop {
             step.map_err(|e| e.to_string())?;

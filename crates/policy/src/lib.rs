@@ -6,6 +6,7 @@
 
 pub mod builtins;
 pub mod bundle;
+pub mod cache;
 pub mod compat;
 pub mod engine;
 pub mod error;
@@ -18,8 +19,10 @@ pub mod testing;
 pub mod verify;
 
 pub use bundle::{Bundle, Module};
+pub use cache::{CacheLimits, CacheStats, DecisionCache, KeyPlan};
 pub use engine::{
-    Decision, EvalMode, ModeReport, Policy, PolicyOptions, decision_from, engine_for,
+    CachedDecision, Decision, EvalMode, ModeReport, Policy, PolicyOptions, decision_from,
+    engine_for,
 };
 pub use error::{Location, PolicyError};
 pub use regorus::Value;

@@ -8,7 +8,7 @@ flood := "spiffe://nexus.local/ns/plugins/sa/flood-model"
 
 hazard := "spiffe://nexus.local/ns/data/sa/hazard-api"
 
-ex := {"id": "ex-1", "plugin": flood, "clause": "c-flood-17", "not_after": "2026-11-26T10:00:00Z"}
+ex := {"id": "ex-1", "plugin": flood, "clause": "c-flood-17", "not_after": "2026-11-26T10:00:00Z", "not_after_ns": 1795687200000000000}
 
 # `with` replaces base documents key by key (data.nexus itself also holds the policy's
 # rules, which `with` must not replace, in OPA as here).
@@ -24,6 +24,7 @@ req(method, path, clause, execution) := {
 	"clause": clause,
 	"execution": execution,
 	"time": "2026-11-26T09:41:07.123Z",
+	"time_ns": 1795686067123000000,
 }
 
 test_bound_with_open_execution_is_allowed if {
@@ -66,7 +67,7 @@ test_execution_for_another_clause_is_denied if {
 }
 
 test_expired_execution_is_denied if {
-	late := object.union(req("GET", "/clauses/c-flood-17/x", "c-flood-17", ex), {"time": "2026-11-26T10:00:01Z"})
+	late := object.union(req("GET", "/clauses/c-flood-17/x", "c-flood-17", ex), {"time": "2026-11-26T10:00:01Z", "time_ns": 1795687201000000000})
 	d := authz.decision with input as late
 		with data.nexus.bindings as bindings
 		with data.nexus.executions as executions
@@ -76,7 +77,7 @@ test_expired_execution_is_denied if {
 }
 
 test_execution_not_opened_by_gateway_is_denied if {
-	forged := {"id": "ex-forged", "plugin": flood, "clause": "c-flood-17", "not_after": "2099-01-01T00:00:00Z"}
+	forged := {"id": "ex-forged", "plugin": flood, "clause": "c-flood-17", "not_after": "2099-01-01T00:00:00Z", "not_after_ns": 4070908800000000000}
 	d := authz.decision with input as req("GET", "/clauses/c-flood-17/x", "c-flood-17", forged)
 		with data.nexus.bindings as bindings
 		with data.nexus.executions as executions

@@ -65,6 +65,10 @@ fn execution_value(ex: &Execution) -> Value {
         ("plugin", Value::from(ex.plugin.as_str())),
         ("clause", Value::from(ex.clause.as_str())),
         ("not_after", Value::from(ex.not_after.as_str())),
+        (
+            "not_after_ns",
+            Value::from(super::runtime::ns_i64(ex.ends_unix_nanos)),
+        ),
     ])
 }
 
@@ -138,6 +142,10 @@ pub fn build(
         ("clause", optional(clause)),
         ("execution", execution_doc),
         ("time", Value::from(rfc3339_millis(now))),
+        (
+            "time_ns",
+            Value::from(super::runtime::ns_i64(now.unix_timestamp_nanos())),
+        ),
     ]);
     let execution_id = execution.map(|e| e.id.clone()).or(named.map(String::from));
     (input, clause.map(String::from), execution_id)
@@ -221,8 +229,9 @@ mod tests {
                 "body_size": 0,
             },
             "clause": "c-1",
-            "execution": {"id": "ex-1", "plugin": "spiffe://td/p", "clause": "c-1", "not_after": "2026-11-26T10:00:00Z"},
+            "execution": {"id": "ex-1", "plugin": "spiffe://td/p", "clause": "c-1", "not_after": "2026-11-26T10:00:00Z", "not_after_ns": 1_795_687_200_000_000_000_i64},
             "time": "2026-11-26T09:05:21.000Z",
+            "time_ns": 1_795_683_921_000_000_000_i64,
         });
         assert_eq!(input, Value::from(expected));
         assert_eq!(clause.as_deref(), Some("c-1"));

@@ -12,7 +12,10 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use arc_swap::ArcSwapOption;
-use nexus_policy::{Bundle, EvalMode, Policy, PolicyError, PolicyOptions, Value, isolate};
+use nexus_policy::{
+    Bundle, CacheLimits, CachedDecision, DecisionCache, EvalMode, Policy, PolicyError,
+    PolicyOptions, Value, VerifyOptions, isolate,
+};
 use serde::Deserialize;
 
 use crate::config::{PolicyConfig, PolicyMode};
@@ -33,6 +36,11 @@ pub struct Execution {
     /// `not_after` in unix nanoseconds, parsed once at load.
     #[serde(skip)]
     pub ends_unix_nanos: i128,
+}
+
+/// Unix nanoseconds as the i64 a policy compares (saturating outside 1677-2262).
+pub fn ns_i64(ns: i128) -> i64 {
+    i64::try_from(ns).unwrap_or(if ns < 0 { i64::MIN } else { i64::MAX })
 }
 
 /// Runtime data: what the gateway will push; for now a local file.
@@ -58,7 +66,17 @@ impl RuntimeData {
             .map(|(id, ex)| {
                 let mut ex = ex.clone();
                 ex.id = id.clone();
-                (id.clone(), serde_json::to_value(ex).unwrap_or_default())
+                let mut value = serde_json::to_value(&ex).unwrap_or_default();
+                // The end in unix nanoseconds, parsed once here, so a policy compares
+                // integers (`ex.not_after_ns > input.time_ns`) instead of parsing RFC
+                // 3339 on every decision.
+                if let Some(fields) = value.as_object_mut() {
+                    fields.insert(
+                        "not_after_ns".into(),
+                        serde_json::json!(ns_i64(ex.ends_unix_nanos)),
+                    );
+                }
+                (id.clone(), value)
             })
             .collect();
         Value::from(
@@ -115,7 +133,17 @@ pub struct PolicyRuntime {
     /// written by the control client and not read here (no stale re-read can race a
     /// newer push).
     external: std::sync::Mutex<Option<RuntimeData>>,
+    /// Decisions of the current revision (docs/policy-cache.md): keyed per revision,
+    /// cleared when one is published.
+    cache: DecisionCache,
+    /// A few recent inputs (one request in `SAMPLE_EVERY`), on which the next
+    /// revision's compiled program is checked against the interpreter.
+    samples: std::sync::Mutex<std::collections::VecDeque<Value>>,
+    seen: std::sync::atomic::AtomicU64,
 }
+
+/// One request in this many leaves its input in the verification sample.
+const SAMPLE_EVERY: u64 = 64;
 
 impl std::fmt::Debug for PolicyRuntime {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -180,17 +208,55 @@ impl PolicyRuntime {
     /// A runtime with nothing loaded yet (every request is denied until the first load).
     pub fn new(config: PolicyConfig, metrics: Arc<Metrics>) -> Arc<Self> {
         Arc::new(Self {
-            config,
             current: ArcSwapOption::empty(),
             metrics,
             state_seen: std::sync::atomic::AtomicBool::new(false),
             external: std::sync::Mutex::new(None),
+            cache: DecisionCache::new(CacheLimits {
+                max_entries: config.cache_max_entries,
+                max_bytes: config.cache_max_bytes,
+            }),
+            samples: std::sync::Mutex::new(std::collections::VecDeque::new()),
+            seen: std::sync::atomic::AtomicU64::new(0),
+            config,
         })
     }
 
     /// The configuration.
     pub fn config(&self) -> &PolicyConfig {
         &self.config
+    }
+
+    /// The decision cache.
+    pub fn cache(&self) -> &DecisionCache {
+        &self.cache
+    }
+
+    /// Evaluates `loaded`'s enforced rule for `input` through the decision cache, and
+    /// keeps the input in the verification sample now and then.
+    pub fn decide(&self, loaded: &Loaded, input: Value) -> CachedDecision {
+        let n = self.seen.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if self.config.verify_sample > 0
+            && n.is_multiple_of(SAMPLE_EVERY)
+            && let Ok(mut samples) = self.samples.try_lock()
+        {
+            if samples.len() >= self.config.verify_sample {
+                samples.pop_front();
+            }
+            samples.push_back(input.clone());
+        }
+        loaded.policy.evaluate_cached(&self.cache, input)
+    }
+
+    fn verify_options(&self) -> VerifyOptions {
+        VerifyOptions {
+            sample: self
+                .samples
+                .lock()
+                .map(|s| s.iter().cloned().collect())
+                .unwrap_or_default(),
+            ..VerifyOptions::default()
+        }
     }
 
     /// The current revision, if one loaded.
@@ -295,7 +361,12 @@ impl PolicyRuntime {
         let value = runtime.to_value();
         let policy = match current {
             Some(current) => current.policy.with_runtime_data(&bundle, &value)?,
-            None => Policy::compile(&bundle, &value, self.options(&self.config.decision_rule))?,
+            None => Policy::compile_with(
+                &bundle,
+                &value,
+                self.options(&self.config.decision_rule),
+                &self.verify_options(),
+            )?,
         };
         let shadow = match (
             &self.config.shadow_rule,
@@ -416,10 +487,29 @@ impl PolicyRuntime {
         match built {
             Ok(loaded) => {
                 let revision = loaded.policy.revision().to_string();
+                let cache_plan = loaded
+                    .policy
+                    .cache_plan()
+                    .map(|p| p.describe())
+                    .map_err(String::from);
                 let previous = self.current.swap(Some(Arc::new(loaded)));
+                // Entries of the previous policy or data can never be served again
+                // (their generation is gone): free them now.
+                self.cache.clear();
                 self.metrics.policy_reload("ok");
                 if previous.as_ref().map(|p| p.policy.revision()) != Some(revision.as_str()) {
                     tracing::info!(%revision, dir = %self.config.dir.display(), "policy revision loaded");
+                    match cache_plan {
+                        Ok(paths) if self.config.cache_max_entries > 0 => {
+                            tracing::info!(%revision, key = ?paths, "decisions are cached, keyed on these input paths")
+                        }
+                        Ok(_) => {}
+                        Err(why) => tracing::warn!(
+                            %revision,
+                            because = %why,
+                            "decisions of this revision are not cached: the cache cannot key them soundly"
+                        ),
+                    }
                 }
                 Ok(())
             }

@@ -171,6 +171,7 @@ pub struct AuditFacts {
     policy_revision: OnceLock<String>,
     clause: OnceLock<String>,
     execution_id: OnceLock<String>,
+    cached: std::sync::atomic::AtomicBool,
 }
 
 impl AuditFacts {
@@ -199,6 +200,12 @@ impl AuditFacts {
             let _ = self.policy_revision.set(revision.to_owned());
         }
         let _ = self.reasons.set(reasons.to_vec());
+    }
+
+    /// The decision came from the decision cache.
+    pub fn set_cached(&self) {
+        self.cached
+            .store(true, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// The clause the request touches.
@@ -343,6 +350,7 @@ impl Pending {
         draft.decision_id = facts.decision_id.get().cloned().unwrap_or_default();
         draft.reasons = facts.reasons.get().cloned().unwrap_or_default();
         draft.policy_revision = facts.policy_revision.get().cloned();
+        draft.cached = facts.cached.load(std::sync::atomic::Ordering::Relaxed);
         draft.clause = facts.clause.get().cloned();
         draft.execution_id = facts.execution_id.get().cloned();
         // 499: the client went away before the response head (nginx's convention).

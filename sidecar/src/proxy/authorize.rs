@@ -155,7 +155,14 @@ fn decision_id() -> String {
     if ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut bytes).is_err() {
         return "unavailable".into();
     }
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+    // Hex by table: this runs on every request (no formatting machinery per byte).
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut out = String::with_capacity(32);
+    for b in bytes {
+        out.push(char::from(HEX[usize::from(b >> 4)]));
+        out.push(char::from(HEX[usize::from(b & 0xf)]));
+    }
+    out
 }
 
 impl<S, B> tower::Service<Request<B>> for Authorize<S>
@@ -223,7 +230,8 @@ where
         let config = layer.runtime.config();
         let (input, clause, execution) = build(&facts, config, &loaded, OffsetDateTime::now_utc());
         let shadow_input = loaded.shadow.as_ref().map(|_| input.clone());
-        let (decision, elapsed) = loaded.policy.evaluate_timed(input);
+        let decided = layer.runtime.decide(&loaded, input);
+        let (decision, elapsed, cached) = (decided.decision, decided.elapsed, decided.cached);
         layer.metrics.policy_evaluation(direction, elapsed);
         let result = match (decision.allow, decision.error.is_some(), config.dry_run) {
             (true, _, _) => "allow",
@@ -243,6 +251,9 @@ where
         }
         if let Some(audit) = AuditFacts::get(req.extensions()) {
             audit.set_decision(result, &id, loaded.policy.revision(), &decision.reasons);
+            if cached {
+                audit.set_cached();
+            }
             if let Some(clause) = clause.as_deref() {
                 audit.set_clause(clause);
             }
@@ -276,6 +287,7 @@ where
             clause = clause.as_deref().unwrap_or(""),
             execution = execution.as_deref().unwrap_or(""),
             allow = decision.allow,
+            cached,
             reasons = ?decision.reasons,
             revision = loaded.policy.revision(),
             "policy decision"

@@ -1,0 +1,976 @@
+//! A decision cache that is sound by construction (docs/policy-cache.md).
+//!
+//! A decision is a function of the input, the data and (through comparisons) the time.
+//! The cache keys an entry on exactly what the decision can read:
+//! - the values of the input paths the revision's modules refer to, found statically
+//!   from the parsed policy (`input.request.path` → the value at `request.path`; a ref
+//!   with a computed index, `input.request.segments[i]`, keys the whole
+//!   `request.segments`);
+//! - the revision (policy and data): every policy or data change makes a new
+//!   [`Policy`](crate::Policy) with a new generation, and an entry of another
+//!   generation is never served;
+//! - the time, only when the policy compares `input.time_ns` directly with a value
+//!   stored in the data or the input (`ex.not_after_ns > input.time_ns` with
+//!   `ex := data.nexus.executions[...]`): then the decision cannot change before the
+//!   earliest such stored number at or after the request's time, and the entry expires
+//!   there.
+//!
+//! A revision the cache cannot key this way (it reads `input` whole, walks it, calls a
+//! non-deterministic builtin, uses time in another form, or puts `with input` in a
+//! module) is evaluated uncached, and the reason is kept for logs and metrics. Entries
+//! are bounded in count and bytes; errors are never cached.
+
+use std::collections::{HashMap, VecDeque};
+use std::hash::{BuildHasher, Hasher};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+
+use regorus::Value;
+use regorus::unstable::{AssignOp, BoolOp, Expr, Literal, Module as Ast, Query, Rule, RuleHead};
+
+use crate::bundle::Bundle;
+use crate::compat::{dotted, location, parse};
+use crate::engine::Decision;
+
+/// The input field holding the request's time in unix nanoseconds.
+pub const TIME_NS: &str = "time_ns";
+
+/// Builtins whose answer is not a function of their arguments: a policy calling one is
+/// never cached. (Time is handled through `input.time_ns`, see the module docs.)
+const NON_DETERMINISTIC: &[&str] = &[
+    "time.now_ns",
+    "rand.intn",
+    "uuid.rfc4122",
+    "http.send",
+    "net.lookup_ip_addr",
+    "opa.runtime",
+    "io.jwt.decode_verify",
+    "crypto.x509.parse_and_verify_certificates",
+    "crypto.x509.parse_and_verify_certificates_with_options",
+    "trace",
+    "print",
+];
+
+/// How a revision's decisions are keyed (computed once per compile).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KeyPlan {
+    /// Input paths whose values form the key (no path is a prefix of another).
+    pub paths: Vec<Vec<Value>>,
+    /// Whether the decision compares `input.time_ns` with stored values (entries
+    /// expire at the next such value) rather than not reading the time at all.
+    pub time_bounded: bool,
+}
+
+impl KeyPlan {
+    /// The key paths as `input.a.b` text (for logs and `nexusctl policy check`).
+    pub fn describe(&self) -> Vec<String> {
+        self.paths
+            .iter()
+            .map(|p| {
+                let mut s = String::from("input");
+                for step in p {
+                    match step.as_string() {
+                        Ok(f) => {
+                            s.push('.');
+                            s.push_str(f);
+                        }
+                        Err(_) => {
+                            s.push_str(&format!("[{}]", step.to_json_str().unwrap_or_default()))
+                        }
+                    }
+                }
+                s
+            })
+            .collect()
+    }
+}
+
+/// Where a statically found reason to not cache is.
+fn at(span: &regorus::unstable::Span, why: &str) -> String {
+    format!("{}: {why}", location(span))
+}
+
+/// Analyses `bundle`'s modules (every module, not only those the rule reaches: a
+/// superset is sound): the key plan, or why the revision cannot be cached.
+pub fn plan(bundle: &Bundle) -> Result<KeyPlan, String> {
+    let mut asts = Vec::new();
+    for m in &bundle.modules {
+        match parse(&m.path, &m.text) {
+            Some(ast) => asts.push(ast),
+            None => return Err(format!("{} does not parse", m.path)),
+        }
+    }
+    let packages: Vec<Vec<String>> = asts
+        .iter()
+        .filter_map(|a| dotted(&a.package.refr))
+        .map(|p| p.split('.').skip(1).map(String::from).collect())
+        .collect();
+    let mut scan = Scan {
+        paths: Vec::new(),
+        time_bounded: false,
+        packages,
+    };
+    for ast in &asts {
+        scan.module(ast)?;
+    }
+    // Keep only the shortest of paths that are prefixes of each other: the shorter
+    // one's value holds the longer one's.
+    let mut paths = scan.paths;
+    paths.sort();
+    paths.dedup();
+    let mut kept: Vec<Vec<Value>> = Vec::new();
+    for p in paths {
+        if !kept.iter().any(|k| p.starts_with(k)) {
+            kept.push(p);
+        }
+    }
+    Ok(KeyPlan {
+        paths: kept,
+        time_bounded: scan.time_bounded,
+    })
+}
+
+struct Scan {
+    paths: Vec<Vec<Value>>,
+    time_bounded: bool,
+    /// Package paths under `data` (rules, whose values are computed, not stored).
+    packages: Vec<Vec<String>>,
+}
+
+/// Local variables assigned `v := <ref rooted at data or input>` in one query.
+type Stored<'a> = HashMap<String, &'a Expr>;
+
+impl Scan {
+    fn module(&mut self, ast: &Ast) -> Result<(), String> {
+        for import in &ast.imports {
+            if dotted(&import.refr).is_some_and(|d| d == "input" || d.starts_with("input.")) {
+                match input_path(&import.refr) {
+                    Some((path, true)) if !path.is_empty() => self.key(path, &import.span)?,
+                    _ => return Err(at(&import.span, "imports `input` whole")),
+                }
+            }
+        }
+        for rule in &ast.policy {
+            match rule.as_ref() {
+                Rule::Spec { head, bodies, .. } => {
+                    match head {
+                        RuleHead::Compr { refr, assign, .. } => {
+                            self.expr(refr, &Stored::new())?;
+                            if let Some(a) = assign {
+                                self.expr(&a.value, &Stored::new())?;
+                            }
+                        }
+                        RuleHead::Set { refr, key, .. } => {
+                            self.expr(refr, &Stored::new())?;
+                            if let Some(k) = key {
+                                self.expr(k, &Stored::new())?;
+                            }
+                        }
+                        RuleHead::Func {
+                            refr, args, assign, ..
+                        } => {
+                            self.expr(refr, &Stored::new())?;
+                            for a in args {
+                                self.expr(a, &Stored::new())?;
+                            }
+                            if let Some(a) = assign {
+                                self.expr(&a.value, &Stored::new())?;
+                            }
+                        }
+                    }
+                    for body in bodies {
+                        if let Some(a) = &body.assign {
+                            self.expr(&a.value, &Stored::new())?;
+                        }
+                        self.query(&body.query)?;
+                    }
+                }
+                Rule::Default {
+                    refr, args, value, ..
+                } => {
+                    self.expr(refr, &Stored::new())?;
+                    for a in args {
+                        self.expr(a, &Stored::new())?;
+                    }
+                    self.expr(value, &Stored::new())?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn query(&mut self, q: &Query) -> Result<(), String> {
+        // `v := R` with R a ref into stored data or input: `v.x` is a stored value.
+        let mut stored: Stored<'_> = HashMap::new();
+        let mut assigned: HashMap<String, usize> = HashMap::new();
+        for stmt in &q.stmts {
+            if let Literal::Expr { expr, .. } = &stmt.literal
+                && let Expr::AssignExpr { op, lhs, rhs, .. } = expr.as_ref()
+                && let Expr::Var { value, .. } = lhs.as_ref()
+                && let Ok(name) = value.as_string()
+            {
+                *assigned.entry(name.to_string()).or_default() += 1;
+                if *op == AssignOp::ColEq && self.stored_ref(rhs, &Stored::new()) {
+                    stored.insert(name.to_string(), rhs.as_ref());
+                }
+            }
+        }
+        stored.retain(|name, _| assigned.get(name) == Some(&1));
+        for stmt in &q.stmts {
+            if let Some(w) = stmt.with_mods.first() {
+                return Err(at(
+                    &w.span,
+                    "`with` in a policy module (the cache cannot key what it replaces)",
+                ));
+            }
+            match &stmt.literal {
+                Literal::SomeVars { .. } => {}
+                Literal::SomeIn {
+                    key,
+                    value,
+                    collection,
+                    ..
+                } => {
+                    if let Some(k) = key {
+                        self.expr(k, &stored)?;
+                    }
+                    self.expr(value, &stored)?;
+                    self.expr(collection, &stored)?;
+                }
+                Literal::Expr { expr, .. } | Literal::NotExpr { expr, .. } => {
+                    self.expr(expr, &stored)?
+                }
+                Literal::Every { domain, query, .. } => {
+                    self.expr(domain, &stored)?;
+                    self.query(query)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn key(&mut self, path: Vec<Value>, span: &regorus::unstable::Span) -> Result<(), String> {
+        if path
+            .first()
+            .and_then(|s| s.as_string().ok())
+            .is_some_and(|s| s.as_ref() == TIME_NS)
+        {
+            return Err(at(
+                span,
+                "reads input.time_ns other than in a comparison with a stored value (its value is unique per request)",
+            ));
+        }
+        if path
+            .first()
+            .and_then(|s| s.as_string().ok())
+            .is_some_and(|s| s.as_ref() == "time")
+        {
+            return Err(at(
+                span,
+                "reads input.time (unique per request; compare input.time_ns with a stored value instead)",
+            ));
+        }
+        self.paths.push(path);
+        Ok(())
+    }
+
+    /// Whether `e` is a ref to a value stored in the data (not a rule) or the input
+    /// (not the time): `data.a.b[x]`, `input.execution.not_after_ns`, `v.f` with `v`
+    /// such a ref.
+    fn stored_ref(&self, e: &Expr, stored: &Stored<'_>) -> bool {
+        let mut root = e;
+        let mut steps = Vec::new();
+        while let Expr::RefDot { refr, field, .. } = root {
+            steps.push(field.1.as_string().ok().map(|s| s.to_string()));
+            root = refr;
+        }
+        loop {
+            match root {
+                Expr::RefDot { refr, field, .. } => {
+                    steps.push(field.1.as_string().ok().map(|s| s.to_string()));
+                    root = refr;
+                }
+                Expr::RefBrack { refr, index, .. } => {
+                    steps.push(match index.as_ref() {
+                        Expr::String { value, .. } | Expr::RawString { value, .. } => {
+                            value.as_string().ok().map(|s| s.to_string())
+                        }
+                        _ => None,
+                    });
+                    root = refr;
+                }
+                _ => break,
+            }
+        }
+        steps.reverse();
+        let Expr::Var { value, .. } = root else {
+            return false;
+        };
+        let Ok(name) = value.as_string() else {
+            return false;
+        };
+        match name.as_ref() {
+            "data" => {
+                // The static prefix must leave every package: under one, the value may
+                // be a rule's (computed, possibly from the time).
+                let prefix: Vec<&str> = steps.iter().map_while(|s| s.as_deref()).collect();
+                !self.packages.iter().any(|p| {
+                    let n = p.len().min(prefix.len());
+                    p[..n]
+                        .iter()
+                        .map(String::as_str)
+                        .eq(prefix[..n].iter().copied())
+                        && (prefix.len() < p.len() || n == p.len())
+                })
+            }
+            "input" => {
+                !matches!(steps.first(), Some(Some(f)) if f == TIME_NS || f == "time")
+                    && !steps.is_empty()
+            }
+            other => !steps.is_empty() && stored.contains_key(other),
+        }
+    }
+
+    fn expr(&mut self, e: &Expr, stored: &Stored<'_>) -> Result<(), String> {
+        match e {
+            Expr::Var { value, span, .. } => {
+                if value.as_string().is_ok_and(|s| s.as_ref() == "input") {
+                    return Err(at(span, "reads `input` whole"));
+                }
+                Ok(())
+            }
+            Expr::RefDot { .. } | Expr::RefBrack { .. } => {
+                if crate::compat::ref_root(e) == Some("input") {
+                    let Some((path, _)) = input_path(e) else {
+                        return Err(at(e.span(), "reads `input` in a form the cache cannot key"));
+                    };
+                    if path.is_empty() {
+                        return Err(at(
+                            e.span(),
+                            "reads `input` whole (a computed key at its root)",
+                        ));
+                    }
+                    self.key(path, e.span())?;
+                }
+                // Indexes may hold refs of their own.
+                let mut cur = e;
+                loop {
+                    match cur {
+                        Expr::RefDot { refr, .. } => cur = refr,
+                        Expr::RefBrack { refr, index, .. } => {
+                            self.expr(index, stored)?;
+                            cur = refr;
+                        }
+                        _ => break,
+                    }
+                }
+                if !matches!(cur, Expr::Var { .. }) {
+                    self.expr(cur, stored)?;
+                }
+                Ok(())
+            }
+            Expr::BoolExpr {
+                op, lhs, rhs, span, ..
+            } => {
+                let is_time = |x: &Expr| {
+                    input_path(x).is_some_and(|(p, _)| {
+                        p.first()
+                            .and_then(|s| s.as_string().ok())
+                            .is_some_and(|s| s.as_ref() == TIME_NS)
+                    })
+                };
+                let ordered = matches!(
+                    op,
+                    BoolOp::Lt | BoolOp::Le | BoolOp::Gt | BoolOp::Ge | BoolOp::Eq | BoolOp::Ne
+                );
+                for (time, other) in [(lhs, rhs), (rhs, lhs)] {
+                    if ordered && is_time(time) {
+                        let exact =
+                            input_path(time).is_some_and(|(p, complete)| complete && p.len() == 1);
+                        if !exact || !self.stored_ref(other, stored) {
+                            return Err(at(
+                                span,
+                                "compares input.time_ns with something other than a value stored in the data or the input",
+                            ));
+                        }
+                        self.time_bounded = true;
+                        return self.expr(other, stored);
+                    }
+                }
+                self.expr(lhs, stored)?;
+                self.expr(rhs, stored)
+            }
+            Expr::Call {
+                fcn, params, span, ..
+            } => {
+                if let Some(name) = dotted(fcn) {
+                    if NON_DETERMINISTIC.contains(&name.as_str()) {
+                        return Err(at(
+                            span,
+                            &format!(
+                                "calls {name}, whose answer is not a function of its arguments"
+                            ),
+                        ));
+                    }
+                    if name == "walk" {
+                        return Err(at(span, "calls walk"));
+                    }
+                } else {
+                    self.expr(fcn, stored)?;
+                }
+                for p in params {
+                    self.expr(p, stored)?;
+                }
+                Ok(())
+            }
+            Expr::String { .. }
+            | Expr::RawString { .. }
+            | Expr::Number { .. }
+            | Expr::Bool { .. }
+            | Expr::Null { .. } => Ok(()),
+            Expr::Array { items, .. } | Expr::Set { items, .. } => {
+                items.iter().try_for_each(|i| self.expr(i, stored))
+            }
+            Expr::Object { fields, .. } => fields.iter().try_for_each(|(_, k, v)| {
+                self.expr(k, stored)?;
+                self.expr(v, stored)
+            }),
+            Expr::ArrayCompr { term, query, .. } | Expr::SetCompr { term, query, .. } => {
+                self.expr(term, stored)?;
+                self.query(query)
+            }
+            Expr::ObjectCompr {
+                key, value, query, ..
+            } => {
+                self.expr(key, stored)?;
+                self.expr(value, stored)?;
+                self.query(query)
+            }
+            Expr::UnaryExpr { expr, .. } => self.expr(expr, stored),
+            Expr::BinExpr { lhs, rhs, .. }
+            | Expr::ArithExpr { lhs, rhs, .. }
+            | Expr::AssignExpr { lhs, rhs, .. } => {
+                self.expr(lhs, stored)?;
+                self.expr(rhs, stored)
+            }
+            Expr::Membership {
+                key,
+                value,
+                collection,
+                ..
+            } => {
+                if let Some(k) = key {
+                    self.expr(k, stored)?;
+                }
+                self.expr(value, stored)?;
+                self.expr(collection, stored)
+            }
+        }
+    }
+}
+
+/// The static prefix of an `input` ref (`input.a["b"][x].c` → `[a, b]`) and whether
+/// it is the whole ref (no computed index cut it short). None: not rooted at `input`.
+fn input_path(e: &Expr) -> Option<(Vec<Value>, bool)> {
+    let mut chain = Vec::new();
+    let mut cur = e;
+    loop {
+        match cur {
+            Expr::RefDot { refr, field, .. } => {
+                chain.push(Some(Value::from(field.1.as_string().ok()?.as_ref())));
+                cur = refr;
+            }
+            Expr::RefBrack { refr, index, .. } => {
+                chain.push(match index.as_ref() {
+                    Expr::String { value, .. }
+                    | Expr::RawString { value, .. }
+                    | Expr::Number { value, .. }
+                    | Expr::Bool { value, .. } => Some(value.clone()),
+                    Expr::Null { .. } => Some(Value::Null),
+                    _ => None,
+                });
+                cur = refr;
+            }
+            Expr::Var { value, .. } if value.as_string().ok()?.as_ref() == "input" => break,
+            _ => return None,
+        }
+    }
+    chain.reverse();
+    let mut path = Vec::new();
+    for step in chain {
+        match step {
+            Some(v) => path.push(v),
+            None => return Some((path, false)),
+        }
+    }
+    Some((path, true))
+}
+
+/// Bounds of a [`DecisionCache`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CacheLimits {
+    /// Most entries kept (0: no cache).
+    pub max_entries: usize,
+    /// Most bytes kept (keys plus decisions, as counted by the cache).
+    pub max_bytes: usize,
+}
+
+impl Default for CacheLimits {
+    fn default() -> Self {
+        Self {
+            max_entries: 10_000,
+            max_bytes: 8 * 1024 * 1024,
+        }
+    }
+}
+
+/// Counters and sizes of a cache.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CacheStats {
+    /// Decisions answered from the cache.
+    pub hits: u64,
+    /// Cacheable decisions that were evaluated (not found, expired, other revision).
+    pub misses: u64,
+    /// Decisions evaluated without the cache (the revision cannot be keyed, or the
+    /// input has no integer `time_ns` the revision needs).
+    pub uncached: u64,
+    /// Entries removed to stay within the bounds.
+    pub evictions: u64,
+    /// Entries now.
+    pub entries: u64,
+    /// Bytes now.
+    pub bytes: u64,
+}
+
+struct Entry {
+    key: Box<[u8]>,
+    generation: u64,
+    /// The decision holds for request times in `[from_ns, expires_ns)`.
+    from_ns: i128,
+    expires_ns: i128,
+    decision: Decision,
+    bytes: usize,
+}
+
+#[derive(Default)]
+struct Shard {
+    map: HashMap<u64, Entry>,
+    order: VecDeque<u64>,
+    bytes: usize,
+}
+
+const SHARDS: usize = 8;
+
+/// A bounded decision cache shared by the request workers (sharded locks; each held
+/// for a lookup or an insert only, never during an evaluation).
+pub struct DecisionCache {
+    shards: Vec<Mutex<Shard>>,
+    limits: CacheLimits,
+    hasher: std::collections::hash_map::RandomState,
+    hits: AtomicU64,
+    misses: AtomicU64,
+    uncached: AtomicU64,
+    evictions: AtomicU64,
+    entries: AtomicUsize,
+    bytes: AtomicUsize,
+}
+
+impl std::fmt::Debug for DecisionCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DecisionCache")
+            .field("limits", &self.limits)
+            .finish()
+    }
+}
+
+impl DecisionCache {
+    /// An empty cache with these bounds.
+    pub fn new(limits: CacheLimits) -> Self {
+        Self {
+            shards: (0..SHARDS).map(|_| Mutex::new(Shard::default())).collect(),
+            limits,
+            hasher: std::collections::hash_map::RandomState::new(),
+            hits: AtomicU64::new(0),
+            misses: AtomicU64::new(0),
+            uncached: AtomicU64::new(0),
+            evictions: AtomicU64::new(0),
+            entries: AtomicUsize::new(0),
+            bytes: AtomicUsize::new(0),
+        }
+    }
+
+    /// The bounds.
+    pub fn limits(&self) -> CacheLimits {
+        self.limits
+    }
+
+    /// Counters and sizes now.
+    pub fn stats(&self) -> CacheStats {
+        CacheStats {
+            hits: self.hits.load(Ordering::Relaxed),
+            misses: self.misses.load(Ordering::Relaxed),
+            uncached: self.uncached.load(Ordering::Relaxed),
+            evictions: self.evictions.load(Ordering::Relaxed),
+            entries: self.entries.load(Ordering::Relaxed) as u64,
+            bytes: self.bytes.load(Ordering::Relaxed) as u64,
+        }
+    }
+
+    pub(crate) fn count_uncached(&self) {
+        self.uncached.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn slot(&self, key: &[u8]) -> (u64, &Mutex<Shard>) {
+        let mut h = self.hasher.build_hasher();
+        h.write(key);
+        let hash = h.finish();
+        (hash, &self.shards[(hash as usize) % SHARDS])
+    }
+
+    /// The decision for `key` in `generation`, if kept and not expired at `now_ns`.
+    pub(crate) fn get(&self, key: &[u8], generation: u64, now_ns: i128) -> Option<Decision> {
+        let (hash, shard) = self.slot(key);
+        let shard = shard.lock().unwrap_or_else(|p| p.into_inner());
+        let found = shard
+            .map
+            .get(&hash)
+            .filter(|e| {
+                *e.key == *key
+                    && e.generation == generation
+                    && e.from_ns <= now_ns
+                    && now_ns < e.expires_ns
+            })
+            .map(|e| e.decision.clone());
+        drop(shard);
+        match &found {
+            Some(_) => self.hits.fetch_add(1, Ordering::Relaxed),
+            None => self.misses.fetch_add(1, Ordering::Relaxed),
+        };
+        found
+    }
+
+    /// Keeps `decision` for `key` for request times in `valid` (`[from, until)`),
+    /// evicting the oldest entries of the shard to stay within the bounds.
+    pub(crate) fn insert(
+        &self,
+        key: Vec<u8>,
+        generation: u64,
+        valid: (i128, i128),
+        decision: &Decision,
+    ) {
+        let (from_ns, expires_ns) = valid;
+        let per_shard_entries = (self.limits.max_entries / SHARDS).max(1);
+        let per_shard_bytes = self.limits.max_bytes / SHARDS;
+        let bytes = key.len()
+            + std::mem::size_of::<Entry>()
+            + 16
+            + decision.reasons.iter().map(|r| r.len() + 24).sum::<usize>();
+        if self.limits.max_entries == 0 || bytes > per_shard_bytes {
+            return;
+        }
+        let (hash, shard) = self.slot(&key);
+        let mut shard = shard.lock().unwrap_or_else(|p| p.into_inner());
+        let mut removed = 0usize;
+        let mut freed = 0usize;
+        let mut evicted = 0u64;
+        if let Some(old) = shard.map.remove(&hash) {
+            removed += 1;
+            freed += old.bytes;
+        }
+        while shard.map.len() + 1 > per_shard_entries
+            || shard.bytes - freed + bytes > per_shard_bytes
+        {
+            let Some(oldest) = shard.order.pop_front() else {
+                break;
+            };
+            if let Some(old) = shard.map.remove(&oldest) {
+                removed += 1;
+                freed += old.bytes;
+                evicted += 1;
+            }
+        }
+        shard.order.retain(|h| *h != hash);
+        shard.order.push_back(hash);
+        shard.map.insert(
+            hash,
+            Entry {
+                key: key.into_boxed_slice(),
+                generation,
+                from_ns,
+                expires_ns,
+                decision: decision.clone(),
+                bytes,
+            },
+        );
+        shard.bytes = shard.bytes - freed + bytes;
+        // The order queue may hold hashes of entries replaced in place: trim it.
+        if shard.order.len() > 2 * per_shard_entries {
+            let live: std::collections::HashSet<u64> = shard.map.keys().copied().collect();
+            shard.order.retain(|h| live.contains(h));
+        }
+        drop(shard);
+        self.entries.fetch_add(1, Ordering::Relaxed);
+        self.entries.fetch_sub(removed, Ordering::Relaxed);
+        self.bytes.fetch_add(bytes, Ordering::Relaxed);
+        self.bytes.fetch_sub(freed, Ordering::Relaxed);
+        self.evictions.fetch_add(evicted, Ordering::Relaxed);
+    }
+
+    /// Drops every entry (e.g. when a new revision is published: old entries could
+    /// never be served again, they would only hold memory).
+    pub fn clear(&self) {
+        for shard in &self.shards {
+            let mut shard = shard.lock().unwrap_or_else(|p| p.into_inner());
+            let (n, b) = (shard.map.len(), shard.bytes);
+            *shard = Shard::default();
+            drop(shard);
+            self.entries.fetch_sub(n, Ordering::Relaxed);
+            self.bytes.fetch_sub(b, Ordering::Relaxed);
+        }
+    }
+}
+
+/// Appends the key of `input` under `plan`: each path's value, encoded so that two
+/// different values never give the same bytes.
+pub(crate) fn key_of(plan: &KeyPlan, input: &Value, out: &mut Vec<u8>) {
+    for path in &plan.paths {
+        let mut v = input;
+        for step in path {
+            v = &v[step];
+        }
+        encode(v, out);
+    }
+}
+
+fn encode(v: &Value, out: &mut Vec<u8>) {
+    fn bytes(tag: u8, b: &[u8], out: &mut Vec<u8>) {
+        out.push(tag);
+        out.extend_from_slice(&(b.len() as u64).to_le_bytes());
+        out.extend_from_slice(b);
+    }
+    match v {
+        Value::Undefined => out.push(b'u'),
+        Value::Null => out.push(b'n'),
+        Value::Bool(b) => out.push(if *b { b't' } else { b'f' }),
+        Value::Number(n) => match n.as_i64() {
+            Some(i) => {
+                out.push(b'i');
+                out.extend_from_slice(&i.to_le_bytes());
+            }
+            None => bytes(b'd', v.to_json_str().unwrap_or_default().as_bytes(), out),
+        },
+        Value::String(s) => bytes(b's', s.as_bytes(), out),
+        Value::Array(items) => {
+            bytes(b'a', &[], out);
+            out.extend_from_slice(&(items.len() as u64).to_le_bytes());
+            items.iter().for_each(|i| encode(i, out));
+        }
+        Value::Set(items) => {
+            bytes(b'S', &[], out);
+            out.extend_from_slice(&(items.len() as u64).to_le_bytes());
+            items.iter().for_each(|i| encode(i, out));
+        }
+        Value::Object(fields) => {
+            bytes(b'o', &[], out);
+            out.extend_from_slice(&(fields.len() as u64).to_le_bytes());
+            for (k, v) in fields.iter() {
+                encode(k, out);
+                encode(v, out);
+            }
+        }
+    }
+}
+
+/// Every number stored in `v`, as the integer at or below it, sorted: the times at
+/// which a comparison with `input.time_ns` may change its answer.
+pub(crate) fn numbers(v: &Value, out: &mut Vec<i128>) {
+    match v {
+        Value::Number(n) => {
+            if let Some(i) = n.as_i64() {
+                out.push(i128::from(i));
+            } else if let Some(f) = n.as_f64() {
+                if f.is_finite() {
+                    out.push(f.floor() as i128);
+                } else {
+                    // Cannot place it: expire at once (the caller takes the minimum).
+                    out.push(i128::MIN);
+                }
+            }
+        }
+        Value::Array(items) => items.iter().for_each(|i| numbers(i, out)),
+        Value::Set(items) => items.iter().for_each(|i| numbers(i, out)),
+        Value::Object(fields) => fields.iter().for_each(|(k, v)| {
+            numbers(k, out);
+            numbers(v, out);
+        }),
+        _ => {}
+    }
+}
+
+/// One past the latest stored number before `now` (None: none): with `next_bound`,
+/// the request times around `now` at which every comparison of the time with a
+/// stored number answers as it does at `now` (time may step back: clocks are set).
+pub(crate) fn prev_bound(sorted: &[i128], now: i128) -> Option<i128> {
+    let at = sorted.partition_point(|&n| n < now);
+    at.checked_sub(1).and_then(|i| sorted.get(i)).map(|n| n + 1)
+}
+
+/// The earliest stored number at or after `now` (None: none, the entry never expires
+/// by time). A non-finite number counts as `now` (no caching).
+pub(crate) fn next_bound(sorted: &[i128], now: i128) -> Option<i128> {
+    if sorted.first() == Some(&i128::MIN) {
+        return Some(now);
+    }
+    let at = sorted.partition_point(|&n| n < now);
+    sorted.get(at).copied()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bundle::Module;
+
+    fn plan_of(text: &str) -> Result<KeyPlan, String> {
+        plan(&Bundle::from_modules(
+            vec![Module {
+                path: "p.rego".into(),
+                text: text.into(),
+            }],
+            Value::new_object(),
+        ))
+    }
+
+    #[test]
+    fn the_reference_policy_is_keyed_on_what_it_reads() {
+        let text = std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../policies/nexus/authz/authz.rego"
+        ))
+        .unwrap();
+        let p = plan_of(&text).unwrap();
+        assert!(p.time_bounded);
+        let d = p.describe();
+        for path in [
+            "input.source.spiffe_id",
+            "input.destination.spiffe_id",
+            "input.clause",
+            "input.execution.id",
+            "input.request.method",
+            "input.request.path",
+        ] {
+            assert!(d.contains(&path.to_string()), "{d:?}");
+        }
+        assert!(!d.iter().any(|p| p.contains("time")), "{d:?}");
+    }
+
+    #[test]
+    fn unkeyable_policies_say_why() {
+        for (text, why) in [
+            ("package t\n\nx := input\n", "whole"),
+            ("package t\n\nx if walk(input.a, _)\n", "walk"),
+            ("package t\n\nx if input[k] == 1\n", "whole"),
+            ("package t\n\nx if time.now_ns() > 1\n", "time.now_ns"),
+            ("package t\n\nx if input.time == \"a\"\n", "input.time"),
+            ("package t\n\nx if input.time_ns + 5 > data.d\n", "time_ns"),
+            (
+                "package t\n\nd := 5\n\nx if input.time_ns > data.t.d\n",
+                "time_ns",
+            ),
+            (
+                "package t\n\nx if { t := input.time_ns; t > 1 }\n",
+                "time_ns",
+            ),
+            (
+                "package t\n\nx if { e := count(input.a); e > input.time_ns }\n",
+                "time_ns",
+            ),
+            (
+                "package t\n\nx if input.time_ns > input.time_ns\n",
+                "time_ns",
+            ),
+            ("package t\n\nimport input\n\nx if input.a\n", "input"),
+        ] {
+            let err = plan_of(text).unwrap_err();
+            assert!(err.contains(why), "{text}: {err}");
+            assert!(err.starts_with("p.rego:"), "{err}");
+        }
+    }
+
+    #[test]
+    fn computed_indexes_key_the_collection() {
+        let p =
+            plan_of("package t\n\nx if { some i; input.a.b[i] == input.c[\"d\"].e }\n").unwrap();
+        assert_eq!(p.describe(), vec!["input.a.b", "input.c.d.e"]);
+        assert!(!p.time_bounded);
+    }
+
+    #[test]
+    fn keys_tell_values_apart() {
+        let plan = KeyPlan {
+            paths: vec![vec![Value::from("a")], vec![Value::from("b")]],
+            time_bounded: false,
+        };
+        let key = |j: serde_json::Value| {
+            let mut out = Vec::new();
+            key_of(&plan, &Value::from(j), &mut out);
+            out
+        };
+        let cases = [
+            serde_json::json!({}),
+            serde_json::json!({"a": null}),
+            serde_json::json!({"a": "x", "b": "y"}),
+            serde_json::json!({"a": "xy", "b": ""}),
+            serde_json::json!({"a": ["x"], "b": "y"}),
+            serde_json::json!({"a": 1}),
+            serde_json::json!({"a": "1"}),
+            serde_json::json!({"a": 1.5}),
+            serde_json::json!({"a": {"x": "y"}}),
+        ];
+        for (i, a) in cases.iter().enumerate() {
+            for (j, b) in cases.iter().enumerate() {
+                assert_eq!(key(a.clone()) == key(b.clone()), i == j, "{a} {b}");
+            }
+        }
+    }
+
+    #[test]
+    fn bounds_hold_under_unique_keys() {
+        let cache = DecisionCache::new(CacheLimits {
+            max_entries: 64,
+            max_bytes: 16 * 1024,
+        });
+        let d = Decision {
+            allow: true,
+            reasons: vec!["r".repeat(100)],
+            error: None,
+        };
+        for i in 0..10_000u32 {
+            cache.insert(format!("key-{i}").into_bytes(), 1, (0, i128::MAX), &d);
+            let s = cache.stats();
+            assert!(s.entries <= 64 && s.bytes <= 16 * 1024, "{s:?}");
+        }
+        assert!(cache.stats().evictions > 9_000);
+        assert!(cache.get(b"key-9999", 1, 0).is_some());
+        assert!(cache.get(b"key-9999", 2, 0).is_none(), "another generation");
+        assert!(cache.get(b"key-9999", 1, i128::MAX).is_none(), "expired");
+        assert!(
+            cache.get(b"key-9999", 1, -1).is_none(),
+            "before its interval"
+        );
+        cache.clear();
+        assert_eq!(cache.stats().entries, 0);
+        assert_eq!(cache.stats().bytes, 0);
+    }
+
+    #[test]
+    fn next_bound_is_the_earliest_at_or_after_now() {
+        let v = vec![1, 5, 9];
+        assert_eq!(next_bound(&v, 0), Some(1));
+        assert_eq!(next_bound(&v, 5), Some(5));
+        assert_eq!(next_bound(&v, 6), Some(9));
+        assert_eq!(next_bound(&v, 10), None);
+        assert_eq!(prev_bound(&v, 0), None);
+        assert_eq!(prev_bound(&v, 5), Some(2));
+        assert_eq!(prev_bound(&v, 6), Some(6));
+    }
+}
