@@ -61,6 +61,10 @@ pub struct Config {
     /// SPIFFE IDs allowed to call the admin API (revoke, reinstate, executions, status).
     /// Default: none, so nothing can be changed until operators are named.
     pub operators: Vec<String>,
+    /// SPIFFE IDs allowed to watch the gateway read-only (the Admin `Watch` feed that
+    /// `nexusctl console` shows), without changing anything. Operators may watch too.
+    /// Default: none.
+    pub viewers: Vec<String>,
     /// The HTTP admin listener: `/live`, `/ready`, `/metrics`.
     pub admin: AdminConfig,
     /// The state store.
@@ -116,6 +120,7 @@ impl Default for Config {
             sidecars: Vec::new(),
             data_sidecars: Vec::new(),
             operators: Vec::new(),
+            viewers: Vec::new(),
             admin: AdminConfig::default(),
             database: DatabaseConfig::default(),
             stream: StreamConfig::default(),
@@ -460,6 +465,10 @@ impl Config {
         })?;
         AllowList::parse(&self.operators).map_err(|e| ConfigError::Invalid {
             field: "operators".into(),
+            problem: e.to_string(),
+        })?;
+        AllowList::parse(&self.viewers).map_err(|e| ConfigError::Invalid {
+            field: "viewers".into(),
             problem: e.to_string(),
         })?;
         if self.limits.max_revocation_ttl.is_zero() {

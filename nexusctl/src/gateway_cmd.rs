@@ -160,7 +160,7 @@ fn operator_identity(target: &Target) -> anyhow::Result<(String, String, Operato
     Ok((gateway, gateway_id, OperatorIdentity::Files(files)))
 }
 
-async fn client(target: &Target) -> anyhow::Result<AdminClient<Channel>> {
+pub(crate) async fn client(target: &Target) -> anyhow::Result<AdminClient<Channel>> {
     let (gateway, gateway_id, identity) = operator_identity(target)?;
     let store = IdentityStore::new(Arc::new(rustls::crypto::ring::default_provider()));
     match identity {
@@ -203,7 +203,7 @@ async fn client(target: &Target) -> anyhow::Result<AdminClient<Channel>> {
     Ok(AdminClient::new(channel))
 }
 
-fn status_error(status: tonic::Status) -> anyhow::Error {
+pub(crate) fn status_error(status: tonic::Status) -> anyhow::Error {
     anyhow::anyhow!("{}: {}", code_name(status.code()), status.message())
 }
 
@@ -283,6 +283,7 @@ pub async fn reinstate(target: Target, subject: String) -> anyhow::Result<()> {
         .reinstate(ReinstateRequest {
             subject: subject.clone(),
             wait_ms: WAIT_MS,
+            ..Default::default()
         })
         .await
         .map_err(status_error)?
@@ -311,6 +312,7 @@ pub async fn exec(target: Target, command: ExecCommand) -> anyhow::Result<()> {
                     clause,
                     ttl_ms: ttl.as_millis() as u64,
                     wait_ms: WAIT_MS,
+                    ..Default::default()
                 })
                 .await
                 .map_err(status_error)?
@@ -326,6 +328,7 @@ pub async fn exec(target: Target, command: ExecCommand) -> anyhow::Result<()> {
                 .close_execution(CloseExecutionRequest {
                     id: id.clone(),
                     wait_ms: WAIT_MS,
+                    ..Default::default()
                 })
                 .await
                 .map_err(status_error)?
@@ -631,6 +634,7 @@ pub async fn open_execution(
         clause: clause.to_string(),
         ttl_ms: ttl.as_millis() as u64,
         wait_ms: WAIT_MS,
+        ..Default::default()
     })
     .await
     .map_err(status_error)?

@@ -3,6 +3,7 @@
 #![forbid(unsafe_code)]
 
 mod audit_cmd;
+mod console;
 mod demo;
 mod dev_identity;
 mod gateway_cmd;
@@ -80,6 +81,9 @@ enum Command {
         #[command(flatten)]
         target: gateway_cmd::Target,
     },
+    /// A local web console: every sidecar, revocation, execution and signal, live, and
+    /// actions (revoke, reinstate, open, close) with your operator identity.
+    Console(console::ConsoleArgs),
     /// Anomaly signals the gateway received, with the revocation policy's decisions.
     Signals {
         /// Only signals about this workload.
@@ -130,6 +134,7 @@ fn main() -> std::process::ExitCode {
             since,
             target,
         } => runtime().block_on(gateway_cmd::signals(target, workload, since)),
+        Command::Console(args) => runtime().block_on(console::run(args)),
         Command::Up(args) => runtime().block_on(up::run(args)),
         Command::Dev(DevCommand::WorkloadApi(args)) => {
             runtime().block_on(dev_identity::run_workload_api(args))
