@@ -495,7 +495,11 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         let tmp = state_file.with_extension("tmp");
         std::fs::write(&tmp, serde_json::to_vec_pretty(&state)?)?;
         std::fs::rename(&tmp, &state_file)?;
-        print_welcome(&state, &state_file);
+        // The web console, on a free loopback port, as the stack's operator.
+        let (console_url, console) =
+            crate::console::start(crate::console::for_up(target.clone())).await?;
+        tokio::spawn(console);
+        print_welcome(&state, &state_file, &console_url);
         anyhow::Ok(())
     }
     .await;
@@ -568,7 +572,7 @@ fn nexusctl_line(state_file: &Path, args: &str) -> String {
     line
 }
 
-fn print_welcome(state: &State, state_file: &Path) {
+fn print_welcome(state: &State, state_file: &Path, console_url: &str) {
     let out = &state.plugin_outbound_url;
     let inb = &state.data_api_inbound_url;
     let ctl = |args: &str| nexusctl_line(state_file, args);
@@ -603,6 +607,7 @@ fn print_welcome(state: &State, state_file: &Path) {
          Revocation policy (anomaly signals): {revocation}\n\
          Execution records (one hash-chained line per request), and how to check them:\n{records}\n\
          Health and metrics: {admins}\n\
+         Web console (live view and actions; the URL holds its session token):\n  {console_url}\n\
          State file: {state_file}\n\
          Press Ctrl-C to stop.",
         exec = state.demo_execution,

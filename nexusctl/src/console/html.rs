@@ -71,6 +71,9 @@ pub struct View<'a> {
     pub query: &'a [(String, String)],
     /// Now (unix ms).
     pub now: u64,
+    /// The session's CSRF token (in a meta tag: scripts and crafted forms alike must
+    /// send it, and only a page of this console's origin can read it).
+    pub csrf: &'a str,
 }
 
 impl View<'_> {
@@ -135,11 +138,13 @@ pub fn page(model: &Model, view: &View<'_>) -> String {
         h,
         "<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">\
          <meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\
+         <meta name=\"nexus-csrf\" content=\"{}\">\
          <title>{} · Nexus console</title>\
          <link rel=\"stylesheet\" href=\"/assets/console.css\">\
          <script src=\"/assets/console.js\" defer></script></head><body>\
          <a class=\"skip\" href=\"#live\">Skip to content</a>\
          <header><strong>Nexus console</strong> <nav aria-label=\"Pages\"><ul>",
+        e(view.csrf),
         e(title)
     );
     for (path, name) in PAGES {

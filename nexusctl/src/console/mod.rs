@@ -85,6 +85,24 @@ pub(crate) fn unix_ms() -> u64 {
 
 /// Runs the console until Ctrl-C.
 pub async fn run(args: ConsoleArgs) -> anyhow::Result<()> {
+    let no_browser = args.no_browser;
+    let (url, serve) = start(args).await?;
+    crate::outln!("Nexus console: {url}");
+    crate::outln!("(the URL holds this session's token: do not share it) Press Ctrl-C to stop.");
+    if !no_browser {
+        open_browser(&url);
+    }
+    tokio::select! {
+        () = serve => Ok(()),
+        _ = tokio::signal::ctrl_c() => Ok(()),
+    }
+}
+
+/// Binds the console and starts following the gateway; returns its URL (with the
+/// session token) and the server to run.
+pub async fn start(
+    args: ConsoleArgs,
+) -> anyhow::Result<(String, std::pin::Pin<Box<dyn Future<Output = ()> + Send>>)> {
     if !args.listen.ip().is_loopback() && !args.danger_listen_non_loopback {
         anyhow::bail!(
             "--listen {}: the console listens on loopback only (127.0.0.1 or [::1]); it acts with your operator identity. Use ssh -L to reach it from elsewhere, or pass --danger-listen-non-loopback",
@@ -113,20 +131,26 @@ pub async fn run(args: ConsoleArgs) -> anyhow::Result<()> {
         hosts,
     });
     tokio::spawn(watch_gateway(shared.clone(), args.signals.min(10_000)));
-    let shown = if local.ip().is_unspecified() || local.ip().is_loopback() {
-        format!("127.0.0.1:{port}")
+    let shown = if local.ip().is_loopback() {
+        match local {
+            SocketAddr::V4(_) => format!("127.0.0.1:{port}"),
+            SocketAddr::V6(_) => format!("[::1]:{port}"),
+        }
     } else {
         local.to_string()
     };
     let url = format!("http://{shown}/login?token={}", shared.token);
-    crate::outln!("Nexus console: {url}");
-    crate::outln!("(the URL holds this session's token: do not share it) Press Ctrl-C to stop.");
-    if !args.no_browser {
-        open_browser(&url);
-    }
-    tokio::select! {
-        () = server::serve(listener, shared) => Ok(()),
-        _ = tokio::signal::ctrl_c() => Ok(()),
+    Ok((url, Box::pin(server::serve(listener, shared))))
+}
+
+/// The console `nexusctl up` runs beside its stack: loopback, a free port, no browser.
+pub fn for_up(target: Target) -> ConsoleArgs {
+    ConsoleArgs {
+        listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+        no_browser: true,
+        danger_listen_non_loopback: false,
+        signals: 1000,
+        target,
     }
 }
 

@@ -78,7 +78,7 @@ fn secure(r: &mut Response<Body>, content_type: &str) {
         ("content-security-policy", CSP),
         ("x-frame-options", "DENY"),
         ("x-content-type-options", "nosniff"),
-        ("referrer-policy", "no-referrer"),
+        ("referrer-policy", "same-origin"),
         ("cache-control", "no-store"),
     ] {
         if let Ok(v) = http::HeaderValue::from_str(v) {
@@ -261,6 +261,7 @@ async fn handle(shared: &Arc<Shared>, req: Request<Incoming>) -> Response<Body> 
                         path: p,
                         query: &q,
                         now: unix_ms(),
+                        csrf: &shared.csrf,
                     },
                 )
             };
@@ -309,6 +310,7 @@ fn events(shared: Arc<Shared>, req: &Request<Incoming>) -> Response<Body> {
                     path,
                     query: &page_query,
                     now: unix_ms(),
+                    csrf: &shared.csrf,
                 },
             ))
         };
