@@ -621,6 +621,19 @@ pub async fn connected_sidecars(target: &Target) -> anyhow::Result<usize> {
         .len())
 }
 
+/// The gateway's revocations and its number of open executions.
+pub async fn current_state(
+    target: &Target,
+) -> anyhow::Result<(Vec<nexus_proto::control::Revocation>, u32)> {
+    let mut c = client(target).await?;
+    let status = c
+        .status(StatusRequest {})
+        .await
+        .map_err(status_error)?
+        .into_inner();
+    Ok((status.revoked, status.open_executions))
+}
+
 /// Opens an execution and waits for the sidecars to apply it; returns its id.
 pub async fn open_execution(
     target: &Target,

@@ -288,6 +288,16 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         .state_file
         .clone()
         .unwrap_or_else(|| dir.join("state.json"));
+    // A --state-file in a folder that does not exist yet: create it, or say which.
+    if let Some(parent) = state_file.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent).map_err(|e| {
+            anyhow::anyhow!(
+                "--state-file {}: cannot create its folder {}: {e}",
+                state_file.display(),
+                parent.display()
+            )
+        })?;
+    }
     let me = std::env::current_exe()?;
     let sidecar = bin(&args.sidecar_bin, "nexus-sidecar")?;
     let gateway_bin = bin(&args.gateway_bin, "nexus-gateway")?;
@@ -457,6 +467,10 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
             check_alive(&mut stack, deadline, "both sidecars to connect to the gateway")?;
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+        // What this stack's store kept from a previous run in the same folder: said, so
+        // a refused request is not a surprise.
+        let (inherited_revoked, inherited_open) =
+            crate::gateway_cmd::current_state(&target).await?;
         let demo_execution = crate::gateway_cmd::open_execution(
             &target,
             PLUGIN_ID,
@@ -500,6 +514,27 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
             crate::console::start(crate::console::for_up(target.clone())).await?;
         tokio::spawn(console);
         print_welcome(&state, &state_file, &console_url);
+        if !inherited_revoked.is_empty() || inherited_open > 0 {
+            crate::outln!(
+                "\nInherited from a previous run in {} (its store, gateway.db):",
+                dir.display()
+            );
+            for r in &inherited_revoked {
+                crate::outln!(
+                    "  revoked: {} ({}); lift it with: {}",
+                    crate::term::safe(&r.subject),
+                    crate::term::safe(&r.reason),
+                    nexusctl_line(&state_file, &format!("reinstate {}", shell_quote(&r.subject)))
+                );
+            }
+            if inherited_open > 0 {
+                crate::outln!(
+                    "  {inherited_open} execution(s) still open: {}",
+                    nexusctl_line(&state_file, "exec list")
+                );
+            }
+            crate::outln!("  (start with an empty store: stop, then remove {})", dir.join("gateway.db").display());
+        }
         anyhow::Ok(())
     }
     .await;

@@ -113,6 +113,7 @@ def direct_status():
 
 def nexusctl(*args):
     env = dict(os.environ, NEXUS_HOME=CFG["home"])
+    args = [*args, "--up-state", CFG["state"]]
     out = subprocess.run([CFG["nexusctl"], *args], env=env, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     return out.stdout

@@ -71,11 +71,15 @@ fn console_in_a_browser_drives_the_local_stack() {
     let dir = temp_dir("console-browser");
     let home = dir.path().join("home");
     let home_str = home.to_string_lossy().into_owned();
+    // Item 7: a --state-file in folders that do not exist yet is created.
+    let state_file = dir.path().join("not/yet/state.json");
+    let state_str = state_file.to_string_lossy().into_owned();
+    let up_args = ["up", "--state-file", state_str.as_str()];
     let mut up = Proc::spawn(
         "nexusctl-up",
         dir.path(),
         &bin("nexusctl"),
-        &["up"],
+        &up_args,
         &[("NEXUS_HOME", home_str.as_str())],
     );
     let url = eventually(Duration::from_secs(90), "nexusctl up ready", || {
@@ -86,7 +90,6 @@ fn console_in_a_browser_drives_the_local_stack() {
             None
         }
     });
-    let state_file = home.join("up/state.json");
     let state: serde_json::Value =
         serde_json::from_slice(&std::fs::read(&state_file).expect("state file")).expect("json");
     let (_driver, driver_url) = chromedriver(dir.path());
@@ -155,10 +158,64 @@ fn console_in_a_browser_drives_the_local_stack() {
     {
         assert!(ms.as_u64().unwrap_or(u64::MAX) < 3000, "{report:#}");
     }
+    // Item 7: a second `up` in the same folder says what it inherited.
+    let left = Command::new(bin("nexusctl"))
+        .args([
+            "revoke",
+            PLUGIN,
+            "--reason",
+            "left over",
+            "--up-state",
+            &state_str,
+        ])
+        .output()
+        .expect("nexusctl revoke");
+    assert!(left.status.success(), "{left:?}");
     up.signal("INT");
     eventually(Duration::from_secs(20), "nexusctl up stopped", || {
         (!up.is_running()).then_some(())
     });
+    let mut again = Proc::spawn(
+        "nexusctl-up-again",
+        dir.path(),
+        &bin("nexusctl"),
+        &up_args,
+        &[("NEXUS_HOME", home_str.as_str())],
+    );
+    let log = eventually(Duration::from_secs(90), "second nexusctl up ready", || {
+        let log = again.log_text();
+        log.contains("Inherited from a previous run").then_some(log)
+    });
+    assert!(log.contains("left over"), "{log}");
+    assert!(log.contains("execution(s) still open"), "{log}");
+    again.signal("INT");
+    eventually(
+        Duration::from_secs(20),
+        "second nexusctl up stopped",
+        || (!again.is_running()).then_some(()),
+    );
+}
+
+/// Item 7: shell completions name the subcommands.
+#[test]
+fn completion_scripts_for_bash_zsh_and_fish() {
+    for shell in ["bash", "zsh", "fish"] {
+        let out = Command::new(bin("nexusctl"))
+            .args(["completion", shell])
+            .output()
+            .expect("nexusctl completion");
+        assert!(out.status.success(), "{shell}: {out:?}");
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            text.contains("console") && text.contains("revoke"),
+            "{shell}: {text}"
+        );
+    }
+    let out = Command::new(bin("nexusctl"))
+        .args(["completion", "tcsh"])
+        .output()
+        .expect("nexusctl completion");
+    assert!(!out.status.success());
 }
 
 fn console(dir: &Path, name: &str, gateway: &str, identity: &str, extra: &[&str]) -> Proc {
