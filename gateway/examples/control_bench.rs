@@ -340,6 +340,7 @@ async fn run(streams: usize, revocations: usize, cycles: usize, bins: &Path) -> 
             .reinstate(ReinstateRequest {
                 subject: PLUGIN_ID.into(),
                 wait_ms: 10_000,
+                ..Default::default()
             })
             .await?;
         let deadline = Instant::now() + Duration::from_secs(10);

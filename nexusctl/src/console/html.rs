@@ -470,10 +470,10 @@ fn sparkline(h: &mut String, model: &Model, workload: &str, now: u64) {
             continue;
         }
         let age = now.saturating_sub(s.received_unix_ms) / 60_000;
-        if let Some(slot) = per_minute.get_mut(29usize.saturating_sub(age as usize)) {
-            if age < 30 {
-                *slot += 1;
-            }
+        if age < 30
+            && let Some(slot) = per_minute.get_mut(29usize.saturating_sub(age as usize))
+        {
+            *slot += 1;
         }
     }
     let top = per_minute.iter().copied().max().unwrap_or(0).max(1);
