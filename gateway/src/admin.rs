@@ -14,9 +14,9 @@ use nexus_identity::{AllowList, IdentityStore};
 use nexus_proto::control::admin_server::Admin;
 use nexus_proto::control::{
     ChangeResponse, CloseExecutionRequest, ExecutionInfo, ListExecutionsRequest,
-    ListExecutionsResponse, ListSignalsRequest, ListSignalsResponse, OpenExecutionRequest,
-    ReinstateRequest, RevokeRequest, Signal, StatusRequest, StatusResponse, StoredSignal,
-    WatchEvent, WatchRequest, WatchState, watch_event,
+    ListExecutionsResponse, ListRecordsRequest, ListRecordsResponse, ListSignalsRequest,
+    ListSignalsResponse, OpenExecutionRequest, ReinstateRequest, RevokeRequest, Signal,
+    StatusRequest, StatusResponse, StoredSignal, WatchEvent, WatchRequest, WatchState, watch_event,
 };
 use tokio::net::TcpListener;
 use tonic::{Request, Response, Status};
@@ -271,6 +271,37 @@ impl Admin for AdminService {
         Ok(Response::new(ListSignalsResponse {
             signals: list.iter().map(signal_to_proto).collect(),
         }))
+    }
+
+    async fn list_records(
+        &self,
+        request: Request<ListRecordsRequest>,
+    ) -> Result<Response<ListRecordsResponse>, Status> {
+        self.watcher(&request)?;
+        let r = request.into_inner();
+        let valid = !r.execution_id.is_empty()
+            && r.execution_id.len() <= 128
+            && r.execution_id
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"._:-".contains(&b));
+        if !valid {
+            return Err(Status::invalid_argument(
+                "execution_id: an execution id ([A-Za-z0-9._:-], at most 128 bytes)",
+            ));
+        }
+        let limit = match r.limit {
+            0 => 1000,
+            n => n.min(10_000),
+        };
+        let mut lines = self
+            .changes
+            .store
+            .records_of_execution(&r.execution_id, i64::from(limit) + 1)
+            .await
+            .map_err(|e| Status::unavailable(e.to_string()))?;
+        let truncated = lines.len() > limit as usize;
+        lines.truncate(limit as usize);
+        Ok(Response::new(ListRecordsResponse { lines, truncated }))
     }
 
     type WatchStream =

@@ -215,6 +215,15 @@ try:
     until("the timeline", lambda: js("return !!document.getElementById('timeline')"))
     shot("executions.png")
     step("execution opened")
+    # Its records (the plugin's request above, from both sidecars) with the chain check;
+    # sidecars ship records in batches, so reload until they arrived.
+    link = js("var a=[...document.querySelectorAll('#open-executions a')].find(a=>a.textContent=='Records'&&a.closest('tr').innerText.includes('c-flood-18')); return a && a.href")
+    def records_in():
+        go(link)
+        return "c-flood-18" in text() and "every hash recomputes" in text()
+    until("the execution's records", records_in, 30, 1.0)
+    shot("records.png")
+    step("records", chain=js("return document.getElementById('chain').textContent"))
 
     # 7. An action the gateway refuses shows the gateway's reason.
     go(BASE + "/confirm?action=revoke&subject=not-a-spiffe-id&reason=x")

@@ -547,7 +547,11 @@ fn executions(h: &mut String, model: &Model, view: &View<'_>) {
                 e(&x.clause),
                 e(&x.opened_by),
                 time(x.not_after_unix_ms),
-                act_link(model, "close", &[("id", &x.id)], "Close…")
+                format!(
+                    "<a href=\"/records?execution={}\">Records</a> {}",
+                    e(&q(&x.id)),
+                    act_link(model, "close", &[("id", &x.id)], "Close…")
+                )
             );
         }
         h.push_str("</tbody></table>");
@@ -766,6 +770,94 @@ fn forms(model: &Model, view: &View<'_>) -> String {
             <button type=\"submit\">Open…</button></form>".into(),
         _ => String::new(),
     }
+}
+
+/// The records page body: one execution's records by sidecar and seq, each hash
+/// recomputed, and each link checked where two records are consecutive in their
+/// sidecar's chain (other executions' records sit between the others).
+pub fn records(id: &str, lines: &[String], truncated: bool) -> String {
+    let mut list: Vec<Result<nexus_audit::ExecutionRecord, String>> = lines
+        .iter()
+        .map(|l| nexus_audit::ExecutionRecord::from_line(l.as_bytes()).map_err(|e| e.to_string()))
+        .collect();
+    list.sort_by(|a, b| match (a, b) {
+        (Ok(a), Ok(b)) => (&a.sidecar, a.seq).cmp(&(&b.sidecar, b.seq)),
+        (Ok(_), Err(_)) => std::cmp::Ordering::Less,
+        (Err(_), Ok(_)) => std::cmp::Ordering::Greater,
+        _ => std::cmp::Ordering::Equal,
+    });
+    let (mut bad, mut links, mut gaps) = (0, 0, 0);
+    let mut rows = String::new();
+    let mut previous: Option<&nexus_audit::ExecutionRecord> = None;
+    for r in &list {
+        let Ok(r) = r else {
+            bad += 1;
+            let _ = write!(
+                rows,
+                "<tr><td colspan=\"11\" class=\"bad\">unreadable record</td></tr>"
+            );
+            continue;
+        };
+        let mut check = if r.hash_is_valid() {
+            "hash ok".to_string()
+        } else {
+            bad += 1;
+            "<span class=\"bad\">hash mismatch</span>".to_string()
+        };
+        if let Some(p) = previous.filter(|p| p.sidecar == r.sidecar) {
+            if p.seq + 1 == r.seq {
+                links += 1;
+                if r.prev_hash != p.hash {
+                    bad += 1;
+                    check.push_str(" · <span class=\"bad\">link broken</span>");
+                } else {
+                    check.push_str(" · linked");
+                }
+            } else {
+                gaps += 1;
+            }
+        }
+        previous = Some(r);
+        let short = |h: &str| h.chars().take(12).collect::<String>();
+        let _ = write!(
+            rows,
+            "<tr><td><code>{}</code></td><td>{}</td><td>{}</td><td>{}</td><td>{} <code>{}</code></td><td>{}</td><td>{}</td><td>{}</td><td><code title=\"{}\">{}</code></td><td><code title=\"{}\">{}</code></td><td>{check}</td></tr>",
+            e(&r.sidecar),
+            r.seq,
+            e(&r.time),
+            e(&r.direction),
+            e(&r.method),
+            e(&r.path),
+            e(r.clause.as_deref().unwrap_or("-")),
+            e(&r.decision),
+            r.status,
+            e(&r.request_sha256),
+            e(&short(&r.request_sha256)),
+            e(&r.response_sha256),
+            e(&short(&r.response_sha256)),
+        );
+    }
+    let verdict = if list.is_empty() {
+        "No record of this execution has reached the gateway (sidecars ship them in batches)."
+            .to_string()
+    } else if bad == 0 {
+        format!(
+            "{} records: every hash recomputes; {links} consecutive links checked; {gaps} gaps (other requests of the same sidecar between){}.",
+            list.len(),
+            if truncated { "; more not shown" } else { "" }
+        )
+    } else {
+        format!(
+            "<span class=\"bad\">{bad} problems</span> in {} records.",
+            list.len()
+        )
+    };
+    format!(
+        "<p>Execution <code>{}</code>.</p><p id=\"chain\" role=\"status\">{verdict}</p>\
+         <table id=\"records\"><thead><tr><th scope=\"col\">Sidecar</th><th scope=\"col\">Seq</th><th scope=\"col\">Time</th><th scope=\"col\">Direction</th><th scope=\"col\">Request</th><th scope=\"col\">Clause</th><th scope=\"col\">Decision</th><th scope=\"col\">Status</th><th scope=\"col\">Request body SHA-256</th><th scope=\"col\">Response body SHA-256</th><th scope=\"col\">Check</th></tr></thead><tbody>{rows}</tbody></table>\
+         <p><a href=\"/executions\">Executions</a></p>",
+        e(id)
+    )
 }
 
 /// A page of its own (confirmation, result, error) in the console's layout.

@@ -250,6 +250,7 @@ async fn handle(shared: &Arc<Shared>, req: Request<Incoming>) -> Response<Body> 
     match (req.method(), path.as_str()) {
         (&Method::GET, "/events") => events(shared.clone(), &req),
         (&Method::GET, "/confirm") => confirm(shared, &req),
+        (&Method::GET, "/records") => records(shared, &req).await,
         (&Method::POST, "/action") => action(shared, req).await,
         (&Method::GET, p) if html::PAGES.iter().any(|(known, _)| *known == p) => {
             let q = query(&req);
@@ -343,6 +344,39 @@ fn events(shared: Arc<Shared>, req: &Request<Incoming>) -> Response<Body> {
     let mut r = Response::new(BodyExt::boxed(StreamBody::new(stream)));
     secure(&mut r, "text/event-stream");
     r
+}
+
+/// `GET /records?execution=ID`: the execution's records as the gateway stored them,
+/// with the hash-chain check (asked of the gateway when the page is opened).
+async fn records(shared: &Shared, req: &Request<Incoming>) -> Response<Body> {
+    let q = query(req);
+    let id = param(&q, "execution").to_string();
+    let result = async {
+        let mut c = client(&shared.target).await.map_err(|e| format!("{e:#}"))?;
+        c.list_records(nexus_proto::control::ListRecordsRequest {
+            execution_id: id.clone(),
+            limit: 0,
+        })
+        .await
+        .map(|r| r.into_inner())
+        .map_err(|status| format!("{}", crate::gateway_cmd::status_error(status)))
+    }
+    .await;
+    match result {
+        Ok(r) => page(
+            StatusCode::OK,
+            "Records",
+            &html::records(&id, &r.lines, r.truncated),
+        ),
+        Err(why) => page(
+            StatusCode::BAD_GATEWAY,
+            "Records",
+            &format!(
+                "<p role=\"alert\" id=\"refused\">The gateway refused: {}</p>",
+                e(&why)
+            ),
+        ),
+    }
 }
 
 /// What an action names, from a query or a form.
