@@ -541,17 +541,14 @@ fn executions(h: &mut String, model: &Model, view: &View<'_>) {
         for x in model.executions.values().take(MAX_ROWS) {
             let _ = write!(
                 h,
-                "<tr><td><code>{}</code></td><td><code>{}</code></td><td>{}</td><td><code>{}</code></td><td>{}</td><td>{}</td></tr>",
+                "<tr><td><code>{}</code></td><td><code>{}</code></td><td>{}</td><td><code>{}</code></td><td>{}</td><td><a href=\"/records?execution={}\">Records</a> {}</td></tr>",
                 e(&x.id),
                 e(&x.plugin),
                 e(&x.clause),
                 e(&x.opened_by),
                 time(x.not_after_unix_ms),
-                format!(
-                    "<a href=\"/records?execution={}\">Records</a> {}",
-                    e(&q(&x.id)),
-                    act_link(model, "close", &[("id", &x.id)], "Close…")
-                )
+                e(&q(&x.id)),
+                act_link(model, "close", &[("id", &x.id)], "Close…")
             );
         }
         h.push_str("</tbody></table>");
