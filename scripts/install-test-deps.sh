@@ -17,6 +17,10 @@ command -v ip >/dev/null || need_apt+=(iproute2)
 # The deployment rehearsal (tests/tests/rehearsal.rs) runs each container in its own
 # mount namespace.
 command -v bwrap >/dev/null || need_apt+=(bubblewrap)
+# The web console's browser tests (tests/tests/console.rs): Debian's chromium, driven
+# headless through chromedriver's WebDriver API.
+command -v chromium >/dev/null || need_apt+=(chromium)
+command -v chromedriver >/dev/null || need_apt+=(chromium-driver)
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "install-test-deps: apt-get install ${need_apt[*]}"
   export DEBIAN_FRONTEND=noninteractive

@@ -13,6 +13,11 @@
 //!
 //! `cargo run --release -p nexus-gateway --example control_bench -- [N ...]`
 //! (default N = 100 1000; env REVOCATIONS=50, CYCLES=20). Prints a Markdown table.
+//!
+//! `CONSOLE_HOLD=FILE`: once the streams are open, write the gateway's address, store
+//! and an operator's SVID files to FILE (JSON) and wait until `FILE.done` exists, so a
+//! console can be measured against a gateway with N real sidecar streams
+//! (bench/console_scale.py).
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -207,6 +212,23 @@ async fn run(streams: usize, revocations: usize, cycles: usize, bins: &Path) -> 
         )
         .await?,
     );
+    if let Ok(hold) = std::env::var("CONSOLE_HOLD") {
+        let (ocert, okey) = write_svid(&ca, OPERATOR_ID, dir.path(), "operator")?;
+        let info = serde_json::json!({
+            "grpc": grpc,
+            "gateway_id": GATEWAY_ID,
+            "cert": ocert,
+            "key": okey,
+            "ca": ca_pem,
+            "db": dir.path().join("gateway.db"),
+            "sidecar_id": SIDECAR_ID,
+        });
+        std::fs::write(&hold, info.to_string())?;
+        let done = PathBuf::from(format!("{hold}.done"));
+        while !done.exists() {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
     // Let the streams settle, then measure idle RSS.
     tokio::time::sleep(Duration::from_secs(2)).await;
     let rss_streams_kib = rss_kib(gateway.0.id());
@@ -340,6 +362,7 @@ async fn run(streams: usize, revocations: usize, cycles: usize, bins: &Path) -> 
             .reinstate(ReinstateRequest {
                 subject: PLUGIN_ID.into(),
                 wait_ms: 10_000,
+                ..Default::default()
             })
             .await?;
         let deadline = Instant::now() + Duration::from_secs(10);

@@ -18,8 +18,9 @@ use nexus_proto::control::{
 };
 use nexus_proto::control::{
     ChangeResponse, CloseExecutionRequest, ExecutionInfo, ListExecutionsRequest,
-    ListExecutionsResponse, ListSignalsRequest, ListSignalsResponse, OpenExecutionRequest,
-    ReinstateRequest, RevokeRequest, Signal, StatusRequest, StatusResponse, StoredSignal,
+    ListExecutionsResponse, ListRecordsRequest, ListRecordsResponse, ListSignalsRequest,
+    ListSignalsResponse, OpenExecutionRequest, ReinstateRequest, RevokeRequest, Signal,
+    StatusRequest, StatusResponse, StoredSignal, WatchEvent, WatchRequest, WatchState, watch_event,
 };
 use tokio::net::TcpListener;
 use tonic::{Request, Response, Status};
@@ -33,17 +34,20 @@ pub struct AdminService {
     changes: Arc<Changes>,
     operators: AllowList,
     reviewers: AllowList,
+    viewers: AllowList,
 }
 
 impl AdminService {
-    /// With the configured operators.
+    /// With the configured operators, reviewers and viewers.
     pub fn new(changes: Arc<Changes>) -> Result<Self, String> {
         let operators = AllowList::parse(&changes.config.operators).map_err(|e| e.to_string())?;
         let reviewers = AllowList::parse(&changes.config.reviewers).map_err(|e| e.to_string())?;
+        let viewers = AllowList::parse(&changes.config.viewers).map_err(|e| e.to_string())?;
         Ok(Self {
             changes,
             operators,
             reviewers,
+            viewers,
         })
     }
 
@@ -60,6 +64,27 @@ impl AdminService {
             tracing::warn!(caller = %peer.spiffe_id, addr = %peer.addr, "certify refused: not a reviewer");
             Err(Status::permission_denied(format!(
                 "{} is not a reviewer of this gateway (config `reviewers`): only reviewers certify plugin versions",
+                peer.spiffe_id
+            )))
+        }
+    }
+
+    /// The caller of a read-only call (Watch): an operator or a viewer; `true` for an
+    /// operator.
+    fn watcher<T>(&self, request: &Request<T>) -> Result<(String, bool), Status> {
+        let peer = request
+            .extensions()
+            .get::<PeerInfo>()
+            .ok_or_else(|| Status::unauthenticated("no client certificate"))?;
+        if self.operators.allows(&peer.spiffe_id) {
+            Ok((peer.spiffe_id.clone(), true))
+        } else if self.viewers.allows(&peer.spiffe_id) {
+            Ok((peer.spiffe_id.clone(), false))
+        } else {
+            self.changes.metrics.admin_denied();
+            tracing::warn!(caller = %peer.spiffe_id, addr = %peer.addr, call = "watch", "admin call refused: neither an operator nor a viewer");
+            Err(Status::permission_denied(format!(
+                "{} is neither an operator nor a viewer of this gateway (config `operators`, `viewers`)",
                 peer.spiffe_id
             )))
         }
@@ -122,7 +147,7 @@ impl Admin for AdminService {
             .changes
             .reinstate(&r.subject, &actor, started, ms(r.wait_ms))
             .await?;
-        tracing::info!(subject = %r.subject, by = %actor, revision = response.revision, "reinstated");
+        tracing::info!(subject = %r.subject, by = %actor, reason = %r.reason, revision = response.revision, "reinstated");
         Ok(Response::new(response))
     }
 
@@ -145,7 +170,7 @@ impl Admin for AdminService {
                 ms(r.wait_ms),
             )
             .await?;
-        tracing::info!(id = %response.id, plugin = %r.plugin, clause = %r.clause, by = %actor, "execution opened");
+        tracing::info!(id = %response.id, plugin = %r.plugin, clause = %r.clause, by = %actor, reason = %r.reason, "execution opened");
         Ok(Response::new(response))
     }
 
@@ -160,7 +185,11 @@ impl Admin for AdminService {
             .changes
             .close(
                 &r.id,
-                &format!("closed by {actor}"),
+                &if r.reason.is_empty() {
+                    format!("closed by {actor}")
+                } else {
+                    format!("closed by {actor}: {}", r.reason)
+                },
                 &actor,
                 started,
                 ms(r.wait_ms),
@@ -399,27 +428,152 @@ impl Admin for AdminService {
             .await
             .map_err(|e| Status::unavailable(e.to_string()))?;
         Ok(Response::new(ListSignalsResponse {
-            signals: list
-                .into_iter()
-                .map(|s| StoredSignal {
-                    id: s.id,
-                    reporter: s.reporter,
-                    signal: Some(Signal {
-                        kind: s.kind,
-                        workload: s.workload,
-                        observed_as: s.observed_as,
-                        score: s.score,
-                        evidence_json: s.evidence,
-                        time_unix_ms: u64::try_from(s.time_ms).unwrap_or(0),
-                        decision_ids: serde_json::from_str(&s.decision_ids).unwrap_or_default(),
-                    }),
-                    received_unix_ms: u64::try_from(s.received_ms).unwrap_or(0),
-                    action: s.action,
-                    reasons: serde_json::from_str(&s.reasons).unwrap_or_default(),
-                    verification_json: s.verification,
-                })
-                .collect(),
+            signals: list.iter().map(signal_to_proto).collect(),
         }))
+    }
+
+    async fn list_records(
+        &self,
+        request: Request<ListRecordsRequest>,
+    ) -> Result<Response<ListRecordsResponse>, Status> {
+        self.watcher(&request)?;
+        let r = request.into_inner();
+        let valid = !r.execution_id.is_empty()
+            && r.execution_id.len() <= 128
+            && r.execution_id
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"._:-".contains(&b));
+        if !valid {
+            return Err(Status::invalid_argument(
+                "execution_id: an execution id ([A-Za-z0-9._:-], at most 128 bytes)",
+            ));
+        }
+        let limit = match r.limit {
+            0 => 1000,
+            n => n.min(10_000),
+        };
+        let mut lines = self
+            .changes
+            .store
+            .records_of_execution(&r.execution_id, i64::from(limit) + 1)
+            .await
+            .map_err(|e| Status::unavailable(e.to_string()))?;
+        let truncated = lines.len() > limit as usize;
+        lines.truncate(limit as usize);
+        Ok(Response::new(ListRecordsResponse { lines, truncated }))
+    }
+
+    type WatchStream =
+        std::pin::Pin<Box<dyn futures::Stream<Item = Result<WatchEvent, Status>> + Send + 'static>>;
+
+    async fn watch(
+        &self,
+        request: Request<WatchRequest>,
+    ) -> Result<Response<Self::WatchStream>, Status> {
+        let (caller, operator) = self.watcher(&request)?;
+        let limit = match request.get_ref().signals {
+            0 => 1000,
+            n => n.min(10_000),
+        };
+        let changes = self.changes.clone();
+        let (tx, rx) = tokio::sync::mpsc::channel::<Result<WatchEvent, Status>>(64);
+        tracing::info!(%caller, operator, "watch started");
+        tokio::spawn(async move {
+            // Subscribed before the state is read: an event in both is applied twice,
+            // which the watcher's model makes harmless (upserts, revision order).
+            let mut events = changes.hub.watch();
+            loop {
+                let state = match watch_state(&changes, &caller, operator, limit).await {
+                    Ok(state) => state,
+                    Err(status) => {
+                        let _ = tx.send(Err(status)).await;
+                        return;
+                    }
+                };
+                let event = WatchEvent {
+                    event: Some(watch_event::Event::State(state)),
+                };
+                if tx.send(Ok(event)).await.is_err() {
+                    return;
+                }
+                loop {
+                    match events.recv().await {
+                        Ok(event) => {
+                            if tx.send(Ok((*event).clone())).await.is_err() {
+                                return;
+                            }
+                        }
+                        Err(tokio::sync::broadcast::error::RecvError::Lagged(missed)) => {
+                            tracing::info!(%caller, missed, "watcher fell behind: sending the state again");
+                            events = events.resubscribe();
+                            break;
+                        }
+                        Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+                    }
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
+    }
+}
+
+async fn watch_state(
+    changes: &Changes,
+    caller: &str,
+    operator: bool,
+    signals: u32,
+) -> Result<WatchState, Status> {
+    let hub = &changes.hub;
+    // Read in the order that keeps the state no newer than the events that follow.
+    let snapshot = hub.snapshot();
+    let sidecars = hub.sidecar_streams();
+    let propagations = hub
+        .propagations()
+        .iter()
+        .map(crate::replicas::to_proto)
+        .collect();
+    let stored = changes
+        .store
+        .signals(None, 0, i64::from(signals))
+        .await
+        .map_err(|e| Status::unavailable(e.to_string()))?;
+    Ok(WatchState {
+        gateway: changes.config.name.clone(),
+        revision: snapshot.revision,
+        sidecars,
+        revoked: snapshot.revoked,
+        executions: snapshot.executions,
+        propagations,
+        signals: stored.iter().map(signal_to_proto).collect(),
+        operator,
+        caller: caller.to_string(),
+        store: match changes.store.backend() {
+            Backend::Sqlite => "sqlite".into(),
+            Backend::Postgres => "postgres".into(),
+        },
+    })
+}
+
+/// The wire form of a stored signal.
+pub(crate) fn signal_to_proto(s: &crate::store::StoredSignal) -> StoredSignal {
+    StoredSignal {
+        id: s.id.clone(),
+        reporter: s.reporter.clone(),
+        signal: Some(Signal {
+            kind: s.kind.clone(),
+            workload: s.workload.clone(),
+            observed_as: s.observed_as.clone(),
+            score: s.score,
+            evidence_json: s.evidence.clone(),
+            time_unix_ms: u64::try_from(s.time_ms).unwrap_or(0),
+            decision_ids: serde_json::from_str(&s.decision_ids).unwrap_or_default(),
+        }),
+        received_unix_ms: u64::try_from(s.received_ms).unwrap_or(0),
+        action: s.action.clone(),
+        reasons: serde_json::from_str(&s.reasons).unwrap_or_default(),
+        verification_json: s.verification.clone(),
     }
 }
 

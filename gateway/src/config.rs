@@ -67,6 +67,10 @@ pub struct Config {
     /// The plugin registry (docs/registry.md). Present: executions run only certified
     /// plugin versions. Absent: executions name a SPIFFE ID only (no registry).
     pub registry: Option<RegistryConfig>,
+    /// SPIFFE IDs allowed to watch the gateway read-only (the Admin `Watch` feed that
+    /// `nexusctl console` shows), without changing anything. Operators may watch too.
+    /// Default: none.
+    pub viewers: Vec<String>,
     /// The HTTP admin listener: `/live`, `/ready`, `/metrics`.
     pub admin: AdminConfig,
     /// The state store.
@@ -124,6 +128,7 @@ impl Default for Config {
             operators: Vec::new(),
             reviewers: Vec::new(),
             registry: None,
+            viewers: Vec::new(),
             admin: AdminConfig::default(),
             database: DatabaseConfig::default(),
             stream: StreamConfig::default(),
@@ -624,6 +629,10 @@ impl Config {
                 problem: "admin.max_connections must be at least 1 and admin.max_header_bytes at least 8192 (defaults 10000 and 16384)".into(),
             });
         }
+        AllowList::parse(&self.viewers).map_err(|e| ConfigError::Invalid {
+            field: "viewers".into(),
+            problem: e.to_string(),
+        })?;
         if self.limits.max_revocation_ttl.is_zero() {
             return Err(ConfigError::Invalid {
                 field: "limits.max_revocation_ttl".into(),

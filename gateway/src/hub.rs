@@ -12,7 +12,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use nexus_proto::control::{
-    Delta, Execution, Revocation, SidecarInfo, Snapshot, delta::Change as DeltaChange,
+    Delta, Execution, Revocation, SidecarEvent, SidecarInfo, Snapshot, StoredSignal, WatchEvent,
+    delta::Change as DeltaChange, watch_event,
 };
 use tokio::sync::{Mutex as AsyncMutex, broadcast, watch};
 
@@ -115,7 +116,13 @@ pub struct Hub {
     /// Finished propagations by revision (the last 1024).
     recent: std::sync::Mutex<BTreeMap<u64, Propagation>>,
     metrics: Arc<Metrics>,
+    /// The Admin `Watch` feed: every change, sidecar event, signal and finished
+    /// propagation. A watcher that lags gets a fresh state instead (admin.rs).
+    events: broadcast::Sender<Arc<WatchEvent>>,
 }
+
+/// How many watch events are buffered for a slow watcher before it is resent the state.
+const WATCH_BUFFER: usize = 4096;
 
 impl Hub {
     /// A hub holding the store's current state.
@@ -152,7 +159,81 @@ impl Hub {
             catch_up: AsyncMutex::new(()),
             recent: std::sync::Mutex::new(BTreeMap::new()),
             metrics,
+            events: broadcast::channel(WATCH_BUFFER).0,
         }))
+    }
+
+    /// Subscribes to the watch feed (before reading the state it follows, so nothing is
+    /// missed; events already in the state are applied idempotently by the watcher).
+    pub fn watch(&self) -> broadcast::Receiver<Arc<WatchEvent>> {
+        self.events.subscribe()
+    }
+
+    fn emit(&self, event: watch_event::Event) {
+        // No watcher is the common case: nothing to build or send then.
+        if self.events.receiver_count() > 0 {
+            let _ = self
+                .events
+                .send(Arc::new(WatchEvent { event: Some(event) }));
+        }
+    }
+
+    fn emit_sidecar(&self, stream: u64, info: Option<SidecarInfo>) {
+        if self.events.receiver_count() == 0 {
+            return;
+        }
+        let gone = info.is_none();
+        self.emit(watch_event::Event::Sidecar(SidecarEvent {
+            stream,
+            info,
+            gone,
+        }));
+    }
+
+    fn emit_propagation(&self, p: &Propagation) {
+        if self.events.receiver_count() > 0 {
+            self.emit(watch_event::Event::Propagation(crate::replicas::to_proto(
+                p,
+            )));
+        }
+    }
+
+    /// A signal was stored or judged (for watchers).
+    pub fn signal_changed(&self, signal: impl FnOnce() -> StoredSignal) {
+        if self.events.receiver_count() > 0 {
+            self.emit(watch_event::Event::Signal(signal()));
+        }
+    }
+
+    /// The connected sidecars with their stream ids.
+    pub fn sidecar_streams(&self) -> Vec<SidecarEvent> {
+        let mut list: Vec<SidecarEvent> = self
+            .streams
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|(id, s)| SidecarEvent {
+                stream: *id,
+                info: Some(s.info.clone()),
+                gone: false,
+            })
+            .collect();
+        list.sort_by_key(|s| s.stream);
+        list
+    }
+
+    /// The recent propagations (pending and finished), oldest first.
+    pub fn propagations(&self) -> Vec<Propagation> {
+        let mut list: Vec<Propagation> = self.recent().values().cloned().collect();
+        list.extend(
+            self.pending
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .iter()
+                .cloned(),
+        );
+        list.sort_by_key(|p| p.revision);
+        list
     }
 
     /// The latest ingested revision.
@@ -289,6 +370,12 @@ impl Hub {
             }
             let _ = self.deltas.send(delta.clone());
             self.metrics.set_revision(state.revision);
+            // Under the state lock, as the sidecars' broadcast: a watcher's state and
+            // its events agree on the order.
+            self.emit(watch_event::Event::Delta((*delta).clone()));
+        }
+        if let Some(p) = self.propagation(delta.revision) {
+            self.emit_propagation(&p);
         }
         self.progress.send_replace(delta.revision);
     }
@@ -340,8 +427,9 @@ impl Hub {
         self.streams
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .insert(id, StreamEntry { info });
+            .insert(id, StreamEntry { info: info.clone() });
         drop(state);
+        self.emit_sidecar(id, Some(info));
         self.metrics.set_streams(self.stream_count());
         (id, start, receiver)
     }
@@ -390,6 +478,8 @@ impl Hub {
             .get_mut(&id)
         {
             s.info.apply_error = error.unwrap_or_default();
+            let info = s.info.clone();
+            self.emit_sidecar(id, Some(info));
         }
     }
 
@@ -401,8 +491,13 @@ impl Hub {
             .unwrap_or_else(|p| p.into_inner())
             .get_mut(&id)
         {
+            let before = s.info.acknowledged_revision;
             s.info.acknowledged_revision = s.info.acknowledged_revision.max(revision);
             s.info.last_heard_unix_ms = unix_ms();
+            if s.info.acknowledged_revision != before {
+                let info = s.info.clone();
+                self.emit_sidecar(id, Some(info));
+            }
         }
         self.settle(id, Some(revision));
     }
@@ -414,6 +509,7 @@ impl Hub {
             .unwrap_or_else(|p| p.into_inner())
             .remove(&id);
         self.metrics.set_streams(self.stream_count());
+        self.emit_sidecar(id, None);
         // A sidecar that left no longer holds anything up; it gets a snapshot or the
         // deltas when it comes back.
         self.settle(id, None);
@@ -443,6 +539,7 @@ impl Hub {
                 pending.retain(|p| p.done_after.is_none());
                 for p in &done {
                     self.finish(p);
+                    self.emit_propagation(p);
                 }
                 let mut recent = self.recent();
                 for p in done {

@@ -24,6 +24,7 @@ pub fn to_proto(p: &hub::Propagation) -> Propagation {
             .map(|d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX).max(1))
             .unwrap_or(0),
         replicas: 1,
+        revocation: p.revocation,
     }
 }
 
@@ -101,6 +102,7 @@ pub fn merge_propagation(replicas: &[ReplicaStatus]) -> Option<Propagation> {
         acknowledged: 0,
         all_acknowledged_after_us: 0,
         replicas: 0,
+        revocation: true,
     };
     let mut unfinished = false;
     let mut finished_at_us = 0u64;
@@ -187,6 +189,7 @@ mod tests {
                     acknowledged,
                     all_acknowledged_after_us: after_us,
                     replicas: 1,
+                    revocation: true,
                 }
             }),
             ..Default::default()

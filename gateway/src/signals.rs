@@ -362,6 +362,9 @@ impl Signals {
                 verification: serde_json::json!({"status": "pending"}).to_string(),
             };
             self.changes.store.insert_signal(&row).await?;
+            self.changes
+                .hub
+                .signal_changed(|| crate::admin::signal_to_proto(&row));
             stored += 1;
             tracing::info!(reporter, workload = %row.workload, kind = %row.kind, observed_as, score = row.score, cited = cited.len(), "signal");
             let started = Instant::now();
@@ -596,6 +599,9 @@ impl Signals {
                 .store
                 .set_signal_decision(&row.id, "", "[]", &row.verification)
                 .await?;
+            self.changes
+                .hub
+                .signal_changed(|| crate::admin::signal_to_proto(&row));
             self.changes.metrics.signal("none");
             return Ok(());
         };
@@ -622,6 +628,12 @@ impl Signals {
             .store
             .set_signal_decision(&row.id, &verdict.action, &reasons, &row.verification)
             .await?;
+        self.changes.hub.signal_changed(|| {
+            let mut judged = row.clone();
+            judged.action = verdict.action.clone();
+            judged.reasons = reasons.clone();
+            crate::admin::signal_to_proto(&judged)
+        });
         self.changes.metrics.signal(match verdict.action.as_str() {
             "revoke" => "revoke",
             "alert" => "alert",

@@ -774,6 +774,30 @@ impl Store {
         Ok(out)
     }
 
+    /// The stored records of execution `id` (the raw lines), at most `limit` + 1.
+    /// `id` holds only `[A-Za-z0-9._:-]` (checked by the caller), so the pattern needs no
+    /// escaping beyond LIKE's own wildcards, which such an id cannot hold but `_`.
+    pub async fn records_of_execution(
+        &self,
+        id: &str,
+        limit: i64,
+    ) -> Result<Vec<String>, StoreError> {
+        let pattern = format!(
+            "%\"execution_id\":\"{}\"%",
+            id.replace('\\', "\\\\")
+                .replace('_', "\\_")
+                .replace('%', "\\%")
+        );
+        let rows: Vec<(String,)> = sqlx::query_as(
+            "SELECT line FROM records WHERE line LIKE $1 ESCAPE '\\' ORDER BY sidecar, time_ms LIMIT $2",
+        )
+        .bind(pattern)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows.into_iter().map(|(l,)| l).collect())
+    }
+
     /// Writes this replica's status row (`instance` is unique per process) and deletes
     /// the rows of replicas silent since before `prune_before_ms` (killed ones).
     pub async fn report_replica(

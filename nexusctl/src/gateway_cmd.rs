@@ -286,6 +286,7 @@ pub async fn reinstate(target: Target, subject: String) -> anyhow::Result<()> {
         .reinstate(ReinstateRequest {
             subject: subject.clone(),
             wait_ms: WAIT_MS,
+            ..Default::default()
         })
         .await
         .map_err(status_error)?
@@ -316,6 +317,7 @@ pub async fn exec(target: Target, command: ExecCommand) -> anyhow::Result<()> {
                     ttl_ms: ttl.as_millis() as u64,
                     wait_ms: WAIT_MS,
                     plugin_version: version,
+                    ..Default::default()
                 })
                 .await
                 .map_err(status_error)?
@@ -331,6 +333,7 @@ pub async fn exec(target: Target, command: ExecCommand) -> anyhow::Result<()> {
                 .close_execution(CloseExecutionRequest {
                     id: id.clone(),
                     wait_ms: WAIT_MS,
+                    ..Default::default()
                 })
                 .await
                 .map_err(status_error)?
@@ -634,6 +637,19 @@ pub async fn connected_sidecars(target: &Target) -> anyhow::Result<usize> {
         .len())
 }
 
+/// The gateway's revocations and its number of open executions.
+pub async fn current_state(
+    target: &Target,
+) -> anyhow::Result<(Vec<nexus_proto::control::Revocation>, u32)> {
+    let mut c = client(target).await?;
+    let status = c
+        .status(StatusRequest {})
+        .await
+        .map_err(status_error)?
+        .into_inner();
+    Ok((status.revoked, status.open_executions))
+}
+
 /// Opens an execution and waits for the sidecars to apply it; returns its id.
 pub async fn open_execution(
     target: &Target,
@@ -648,6 +664,7 @@ pub async fn open_execution(
         ttl_ms: ttl.as_millis() as u64,
         wait_ms: WAIT_MS,
         plugin_version: String::new(),
+        ..Default::default()
     })
     .await
     .map_err(status_error)?

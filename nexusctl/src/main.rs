@@ -3,6 +3,7 @@
 #![forbid(unsafe_code)]
 
 mod audit_cmd;
+mod console;
 mod demo;
 mod dev_identity;
 mod gateway_cmd;
@@ -16,7 +17,7 @@ mod up;
 
 pub(crate) use http::http_get;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 
 #[derive(Parser)]
 #[command(
@@ -89,6 +90,17 @@ enum Command {
         #[command(flatten)]
         target: gateway_cmd::Target,
     },
+    /// A local web console: every sidecar, revocation, execution and signal, live, and
+    /// actions (revoke, reinstate, open, close) with your operator identity.
+    Console(console::ConsoleArgs),
+    /// Print a shell completion script: `source <(nexusctl completion bash)`, or save it
+    /// where your shell loads completions from (zsh: a `_nexusctl` file on $fpath; fish:
+    /// ~/.config/fish/completions/nexusctl.fish).
+    Completion {
+        /// The shell.
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
     /// Anomaly signals the gateway received, with the revocation policy's decisions.
     Signals {
         /// Only signals about this workload.
@@ -140,6 +152,16 @@ fn main() -> std::process::ExitCode {
             since,
             target,
         } => runtime().block_on(gateway_cmd::signals(target, workload, since)),
+        Command::Completion { shell } => {
+            clap_complete::generate(
+                shell,
+                &mut Cli::command(),
+                "nexusctl",
+                &mut std::io::stdout(),
+            );
+            Ok(())
+        }
+        Command::Console(args) => runtime().block_on(console::run(args)),
         Command::Up(args) => runtime().block_on(up::run(args)),
         Command::Dev(DevCommand::WorkloadApi(args)) => {
             runtime().block_on(dev_identity::run_workload_api(args))

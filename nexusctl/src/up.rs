@@ -379,6 +379,16 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         .state_file
         .clone()
         .unwrap_or_else(|| dir.join("state.json"));
+    // A --state-file in a folder that does not exist yet: create it, or say which.
+    if let Some(parent) = state_file.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent).map_err(|e| {
+            anyhow::anyhow!(
+                "--state-file {}: cannot create its folder {}: {e}",
+                state_file.display(),
+                parent.display()
+            )
+        })?;
+    }
     let me = std::env::current_exe()?;
     let sidecar = bin(&args.sidecar_bin, "nexus-sidecar")?;
     let gateway_bin = bin(&args.gateway_bin, "nexus-gateway")?;
@@ -578,6 +588,10 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
             check_alive(&mut stack, deadline, "both sidecars to connect to the gateway")?;
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+        // What this stack's store kept from a previous run in the same folder: said, so
+        // a refused request is not a surprise.
+        let (inherited_revoked, inherited_open) =
+            crate::gateway_cmd::current_state(&target).await?;
         let registry = register_demo(&target, &publisher, &crate::gateway_cmd::Target::local(
             &gateway_address,
             GATEWAY_ID,
@@ -625,7 +639,32 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         let tmp = state_file.with_extension("tmp");
         std::fs::write(&tmp, serde_json::to_vec_pretty(&state)?)?;
         std::fs::rename(&tmp, &state_file)?;
-        print_welcome(&state, &state_file);
+        // The web console, on a free loopback port, as the stack's operator.
+        let (console_url, console) =
+            crate::console::start(crate::console::for_up(target.clone())).await?;
+        tokio::spawn(console);
+        print_welcome(&state, &state_file, &console_url);
+        if !inherited_revoked.is_empty() || inherited_open > 0 {
+            crate::outln!(
+                "\nInherited from a previous run in {} (its store, gateway.db):",
+                dir.display()
+            );
+            for r in &inherited_revoked {
+                crate::outln!(
+                    "  revoked: {} ({}); lift it with: {}",
+                    crate::term::safe(&r.subject),
+                    crate::term::safe(&r.reason),
+                    nexusctl_line(&state_file, &format!("reinstate {}", shell_quote(&r.subject)))
+                );
+            }
+            if inherited_open > 0 {
+                crate::outln!(
+                    "  {inherited_open} execution(s) still open: {}",
+                    nexusctl_line(&state_file, "exec list")
+                );
+            }
+            crate::outln!("  (start with an empty store: stop, then remove {})", dir.join("gateway.db").display());
+        }
         anyhow::Ok(())
     }
     .await;
@@ -698,7 +737,7 @@ fn nexusctl_line(state_file: &Path, args: &str) -> String {
     line
 }
 
-fn print_welcome(state: &State, state_file: &Path) {
+fn print_welcome(state: &State, state_file: &Path, console_url: &str) {
     let out = &state.plugin_outbound_url;
     let inb = &state.data_api_inbound_url;
     let ctl = |args: &str| nexusctl_line(state_file, args);
@@ -735,6 +774,7 @@ fn print_welcome(state: &State, state_file: &Path) {
          Revocation policy (anomaly signals): {revocation}\n\
          Execution records (one hash-chained line per request), and how to check them:\n{records}\n\
          Health and metrics: {admins}\n\
+         Web console (live view and actions; the URL holds its session token):\n  {console_url}\n\
          State file: {state_file}\n\
          Press Ctrl-C to stop.",
         exec = state.demo_execution,
