@@ -15,7 +15,8 @@ use nexus_proto::control::admin_server::Admin;
 use nexus_proto::control::{
     ChangeResponse, CloseExecutionRequest, ExecutionInfo, ListExecutionsRequest,
     ListExecutionsResponse, ListSignalsRequest, ListSignalsResponse, OpenExecutionRequest,
-    ReinstateRequest, RevokeRequest, Signal, StatusRequest, StatusResponse, StoredSignal,
+    ReinstateRequest, RevokeRequest, Signal, SignalEvidenceRequest, SignalEvidenceResponse,
+    StatusRequest, StatusResponse, StoredSignal,
 };
 use tokio::net::TcpListener;
 use tonic::{Request, Response, Status};
@@ -237,27 +238,64 @@ impl Admin for AdminService {
             .await
             .map_err(|e| Status::unavailable(e.to_string()))?;
         Ok(Response::new(ListSignalsResponse {
-            signals: list
-                .into_iter()
-                .map(|s| StoredSignal {
-                    id: s.id,
-                    reporter: s.reporter,
-                    signal: Some(Signal {
-                        kind: s.kind,
-                        workload: s.workload,
-                        observed_as: s.observed_as,
-                        score: s.score,
-                        evidence_json: s.evidence,
-                        time_unix_ms: u64::try_from(s.time_ms).unwrap_or(0),
-                        decision_ids: serde_json::from_str(&s.decision_ids).unwrap_or_default(),
-                    }),
-                    received_unix_ms: u64::try_from(s.received_ms).unwrap_or(0),
-                    action: s.action,
-                    reasons: serde_json::from_str(&s.reasons).unwrap_or_default(),
-                    verification_json: s.verification,
-                })
-                .collect(),
+            signals: list.into_iter().map(stored_signal).collect(),
         }))
+    }
+
+    async fn signal_evidence(
+        &self,
+        request: Request<SignalEvidenceRequest>,
+    ) -> Result<Response<SignalEvidenceResponse>, Status> {
+        self.operator(&request, "signal_evidence")?;
+        let id = request.into_inner().id;
+        let store = &self.changes.store;
+        let signal = store
+            .signal(&id)
+            .await
+            .map_err(|e| Status::unavailable(e.to_string()))?
+            .ok_or_else(|| {
+                Status::not_found(format!("no signal {id}: list them with `nexusctl signals`"))
+            })?;
+        let cited: Vec<String> = serde_json::from_str(&signal.decision_ids).unwrap_or_default();
+        // The records the reporter shipped: what the signal rests on (a signal is
+        // judged by its reporter's own records, docs/threat-model.md).
+        let found = store
+            .record_lines(&signal.reporter, &cited)
+            .await
+            .map_err(|e| Status::unavailable(e.to_string()))?;
+        let mut records = Vec::new();
+        let mut missing = Vec::new();
+        for id in &cited {
+            match found.iter().find(|(d, _)| d == id) {
+                Some((_, line)) => records.push(line.clone()),
+                None => missing.push(id.clone()),
+            }
+        }
+        Ok(Response::new(SignalEvidenceResponse {
+            signal: Some(stored_signal(signal)),
+            records,
+            missing,
+        }))
+    }
+}
+
+fn stored_signal(s: crate::store::StoredSignal) -> StoredSignal {
+    StoredSignal {
+        id: s.id,
+        reporter: s.reporter,
+        signal: Some(Signal {
+            kind: s.kind,
+            workload: s.workload,
+            observed_as: s.observed_as,
+            score: s.score,
+            evidence_json: s.evidence,
+            time_unix_ms: u64::try_from(s.time_ms).unwrap_or(0),
+            decision_ids: serde_json::from_str(&s.decision_ids).unwrap_or_default(),
+        }),
+        received_unix_ms: u64::try_from(s.received_ms).unwrap_or(0),
+        action: s.action,
+        reasons: serde_json::from_str(&s.reasons).unwrap_or_default(),
+        verification_json: s.verification,
     }
 }
 

@@ -192,15 +192,51 @@ mod tests {
         let good = json!({"requests_per_s": 100, "egress_bytes": 1024, "distinct_clauses": 4, "window": "10s"});
         let cases = [
             (json!({ID: {"clauses": ["c-1"]}}), "`budgets` is missing"),
-            (with(json!({"egress_bytes": 1, "distinct_clauses": 1, "window": "1s"})), "requests_per_s` is missing"),
-            (with(json!({"requests_per_s": 0, "egress_bytes": 1, "distinct_clauses": 1, "window": "1s"})), "requests_per_s` must be"),
-            (with(json!({"requests_per_s": 1, "egress_bytes": -5, "distinct_clauses": 1, "window": "1s"})), "egress_bytes` must be"),
-            (with(json!({"requests_per_s": 1, "egress_bytes": 1, "distinct_clauses": 0, "window": "1s"})), "distinct_clauses` must be"),
-            (with(json!({"requests_per_s": 1, "egress_bytes": 1, "distinct_clauses": 1, "window": "soon"})), "window` must be"),
-            (with(json!({"requests_per_s": "lots", "egress_bytes": 1, "distinct_clauses": 1, "window": "1s"})), "requests_per_s` must be"),
+            (
+                with(json!({"egress_bytes": 1, "distinct_clauses": 1, "window": "1s"})),
+                "requests_per_s` is missing",
+            ),
+            (
+                with(
+                    json!({"requests_per_s": 0, "egress_bytes": 1, "distinct_clauses": 1, "window": "1s"}),
+                ),
+                "requests_per_s` must be",
+            ),
+            (
+                with(
+                    json!({"requests_per_s": 1, "egress_bytes": -5, "distinct_clauses": 1, "window": "1s"}),
+                ),
+                "egress_bytes` must be",
+            ),
+            (
+                with(
+                    json!({"requests_per_s": 1, "egress_bytes": 1, "distinct_clauses": 0, "window": "1s"}),
+                ),
+                "distinct_clauses` must be",
+            ),
+            (
+                with(
+                    json!({"requests_per_s": 1, "egress_bytes": 1, "distinct_clauses": 1, "window": "soon"}),
+                ),
+                "window` must be",
+            ),
+            (
+                with(
+                    json!({"requests_per_s": "lots", "egress_bytes": 1, "distinct_clauses": 1, "window": "1s"}),
+                ),
+                "requests_per_s` must be",
+            ),
             (with(json!([1, 2])), "must be an object"),
-            (with(json!({"requests_per_s": 1, "egress_bytes": 1, "distinct_clauses": 1, "window": "1s", "rps": 3})), "unknown budget"),
-            (json!({ID: {"clauses": "c-1", "budgets": good}}), "`clauses` must be"),
+            (
+                with(
+                    json!({"requests_per_s": 1, "egress_bytes": 1, "distinct_clauses": 1, "window": "1s", "rps": 3}),
+                ),
+                "unknown budget",
+            ),
+            (
+                json!({ID: {"clauses": "c-1", "budgets": good}}),
+                "`clauses` must be",
+            ),
             (json!({ID: 7}), "not a list or an object"),
         ];
         for (bindings, want) in cases {

@@ -324,7 +324,10 @@ impl DetectorConfig {
         )?;
         for (field, prior) in [
             ("baseline.prior_rate_per_s", self.baseline.prior_rate_per_s),
-            ("baseline.prior_bytes_per_s", self.baseline.prior_bytes_per_s),
+            (
+                "baseline.prior_bytes_per_s",
+                self.baseline.prior_bytes_per_s,
+            ),
         ] {
             range(
                 field,

@@ -6,9 +6,9 @@
 //! Authentication failures live in a table of their own, since the peer id of a failed
 //! handshake is not authenticated and anyone can invent new ones.
 
+use std::collections::HashMap;
 use std::hash::BuildHasher;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::collections::HashMap;
 use std::sync::{Mutex, MutexGuard, PoisonError, RwLock};
 use std::time::Duration;
 
@@ -118,9 +118,8 @@ impl Settings {
             },
             prior_rate: positive(c.baseline.prior_rate_per_s, 25.0) * tick_s(c),
             prior_bytes: positive(c.baseline.prior_bytes_per_s, 65536.0) * tick_s(c),
-            growth_per_tick: factor(c.baseline.max_growth).powf(
-                ms(c.baseline.tick) as f64 / ms(c.baseline.growth_period) as f64,
-            ),
+            growth_per_tick: factor(c.baseline.max_growth)
+                .powf(ms(c.baseline.tick) as f64 / ms(c.baseline.growth_period) as f64),
             long_alpha: (ms(c.baseline.tick) as f64 / ms(c.baseline.long_horizon) as f64)
                 .clamp(f64::MIN_POSITIVE, 1.0),
             long_factor: factor(c.baseline.long_factor),
@@ -819,10 +818,7 @@ impl Detectors {
         }
 
         // The worst overrun speaks for the request (one gate for the kind).
-        if let Some((score, evidence)) = overruns
-            .into_iter()
-            .max_by(|a, b| a.0.total_cmp(&b.0))
-        {
+        if let Some((score, evidence)) = overruns.into_iter().max_by(|a, b| a.0.total_cmp(&b.0)) {
             let gate = &mut st.gates[gate_index(SignalKind::BudgetExceeded)];
             emit(
                 out,

@@ -22,10 +22,11 @@ mod signal;
 mod table;
 mod window;
 
+pub use budget::{Budget, BudgetError, Budgets};
 pub use config::{
     AuthFailuresConfig, BaselineConfig, BudgetConfig, ConfigError, DenialBurstConfig,
-    DetectorConfig, EgressConfig, FleetConfig, RateSpikeConfig, SandboxViolationConfig, UnboundClauseConfig,
+    DetectorConfig, EgressConfig, FleetConfig, RateSpikeConfig, SandboxViolationConfig,
+    UnboundClauseConfig,
 };
 pub use detectors::{Detectors, UNKNOWN_PEER};
-pub use budget::{Budget, BudgetError, Budgets};
 pub use signal::{Baseline, FleetSample, Observed, RequestEvent, Signal, SignalKind};

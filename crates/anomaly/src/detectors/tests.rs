@@ -155,7 +155,10 @@ fn ten_minutes_of_jittered_steady_load_never_signals() {
             c.baseline.prior_rate_per_s = rps;
             let d = Detectors::new(c);
             let ev = event(PLUGIN);
-            let signals: Vec<Signal> = times.iter().flat_map(|&t| d.on_request(&ev, None, t)).collect();
+            let signals: Vec<Signal> = times
+                .iter()
+                .flat_map(|&t| d.on_request(&ev, None, t))
+                .collect();
             assert!(
                 signals.is_empty(),
                 "{rps} rps, factor {factor}: {signals:?}"
@@ -556,8 +559,14 @@ fn a_slow_ramp_to_20x_is_caught_before_4x_lasts_a_minute() {
     let (at, rate) = ramp(&d, start, 300, 20.0, 400.0).expect("the ramp was never caught");
     // The ramp passes 4x (80/s) at 300 * 60/380 s = 47.4 s.
     let past_4x_ms = (at - start) as f64 - 47_400.0;
-    eprintln!("caught at {rate:.0}/s, {:.1} s into the ramp", (at - start) as f64 / 1000.0);
-    assert!(past_4x_ms < 60_000.0, "caught {past_4x_ms} ms after passing 4x");
+    eprintln!(
+        "caught at {rate:.0}/s, {:.1} s into the ramp",
+        (at - start) as f64 / 1000.0
+    );
+    assert!(
+        past_4x_ms < 60_000.0,
+        "caught {past_4x_ms} ms after passing 4x"
+    );
     assert!(rate < 4.0 * 20.0 * 1.3, "caught at {rate}/s");
 }
 
@@ -600,7 +609,10 @@ fn the_long_window_catches_what_the_short_one_learned_within_the_drift_bound() {
         t += (1000.0 / rate) as u64;
     }
     let (at, rate, s) = caught.expect("the long window never tripped");
-    eprintln!("long window tripped at {rate:.0}/s after {} s: {s:?}", (at - T0) / 1000);
+    eprintln!(
+        "long window tripped at {rate:.0}/s after {} s: {s:?}",
+        (at - T0) / 1000
+    );
     assert!(rate < 400.0, "{rate}");
     assert!(num(&s, "baseline_per_s") >= 4.0 * num(&s, "long_baseline_per_s"));
 }
