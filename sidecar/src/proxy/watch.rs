@@ -113,6 +113,7 @@ impl AnomalyWatch {
                     },
                 )
             }));
+        self.metrics.fleet_baselines(n);
         tracing::debug!(workloads = n, "fleet baselines received");
     }
 
