@@ -38,7 +38,7 @@ pub enum Merged {
     Stored,
     /// About another workload than the reporter's own: dropped.
     NotOwn,
-    /// A value not finite or not above 0: dropped.
+    /// A value not finite or negative, or no request rate: dropped.
     Unusable,
 }
 
@@ -54,8 +54,8 @@ fn values(b: &StoredBaseline) -> [f64; 4] {
 /// Clamps `b` to the configured bounds; `None` when a value cannot be used at all.
 /// Logs what it changed (`source` says where the values came from).
 fn clamp(mut b: StoredBaseline, c: &BaselinesConfig, source: &str) -> Option<StoredBaseline> {
-    if !values(&b).iter().all(|v| v.is_finite() && *v > 0.0) {
-        tracing::warn!(workload = %b.workload, source, values = ?values(&b), "unusable baseline (not finite or not above 0): ignored");
+    if !(values(&b).iter().all(|v| v.is_finite() && *v >= 0.0) && b.rate_per_s > 0.0) {
+        tracing::warn!(workload = %b.workload, source, values = ?values(&b), "unusable baseline (not finite, negative, or no requests): ignored");
         return None;
     }
     let mut clamped = false;
@@ -100,13 +100,16 @@ pub fn merge(
     let elapsed = (now - old.updated_ms).max(0) as f64;
     let period = c.growth_period.as_millis().max(1) as f64;
     let up = c.max_growth.powf((elapsed / period).min(1.0));
-    let step = |o: f64, r: f64| (o + c.weight * (r - o)).min(o * up);
+    // Growth counts on the value plus the prior, so a value that fell to zero can grow
+    // back (by at most the prior per period).
+    let step = |o: f64, r: f64, prior: f64| (o + c.weight * (r - o)).min((o + prior) * up - prior);
+    let (pr, pb) = (c.prior_rate_per_s, c.prior_bytes_per_s);
     StoredBaseline {
         workload: old.workload.clone(),
-        rate_per_s: step(old.rate_per_s, reported.rate_per_s),
-        bytes_per_s: step(old.bytes_per_s, reported.bytes_per_s),
-        long_rate_per_s: step(old.long_rate_per_s, reported.long_rate_per_s),
-        long_bytes_per_s: step(old.long_bytes_per_s, reported.long_bytes_per_s),
+        rate_per_s: step(old.rate_per_s, reported.rate_per_s, pr),
+        bytes_per_s: step(old.bytes_per_s, reported.bytes_per_s, pb),
+        long_rate_per_s: step(old.long_rate_per_s, reported.long_rate_per_s, pr),
+        long_bytes_per_s: step(old.long_bytes_per_s, reported.long_bytes_per_s, pb),
         reports: old.reports.saturating_add(1),
         updated_ms: now,
     }
@@ -214,13 +217,15 @@ mod tests {
         for i in 1..=1000 {
             b = merge(&b, &row(100_000.0, 0), &c, i);
         }
-        assert!(
-            b.rate_per_s < 20.0 * 2f64.powf(1.0 / 3600.0) * 1.0001,
-            "{b:?}"
-        );
+        // (20 + prior 25) * 2^(1s/1h) - 25
+        let bound = 45.0 * 2f64.powf(1.0 / 3600.0) - 25.0;
+        assert!(b.rate_per_s <= bound + 1e-9, "{b:?} vs {bound}");
         // An hour later: at most x2 more, however long the silence was.
         let later = merge(&b, &row(100_000.0, 0), &c, 1000 + 10 * 3_600_000);
-        assert!(later.rate_per_s <= b.rate_per_s * 2.0 + 1e-9, "{later:?}");
+        assert!(
+            later.rate_per_s <= (b.rate_per_s + 25.0) * 2.0 - 25.0 + 1e-9,
+            "{later:?}"
+        );
         // Falling is by the weight.
         let down = merge(&row(100.0, 0), &row(50.0, 0), &c, 1);
         assert!((down.rate_per_s - 90.0).abs() < 1e-9, "{down:?}");

@@ -821,7 +821,7 @@ fn a_new_replica_of_a_known_good_workload_under_its_usual_load_raises_nothing() 
     );
     gw.open_execution(PLUGIN_ID, "c-flood-17", "10m");
     let url = hop.outbound_url("/clauses/c-flood-17/rainfall");
-    let first = load(&url, 60, 8.0, None);
+    let first = load(&url, 60, 15.0, None);
     assert_eq!(first["statuses"]["200"], first["sent"], "{first}");
     let flagged: Vec<_> = plugin_signals_since(&gw, "")
         .into_iter()

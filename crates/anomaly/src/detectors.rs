@@ -305,18 +305,30 @@ impl WorkloadState {
                     && requests >= s.rate_factor * self.rate_base.value();
                 let (up, relax) = (s.growth_per_tick, s.long_alpha);
                 self.rate_base
-                    .fold(requests, s.alpha, rate_anomalous, up, relax);
-                self.long_rate
-                    .fold(requests, s.long_alpha, rate_anomalous, up, relax);
+                    .fold(requests, s.alpha, rate_anomalous, up, relax, s.prior_rate);
+                self.long_rate.fold(
+                    requests,
+                    s.long_alpha,
+                    rate_anomalous,
+                    up,
+                    relax,
+                    s.prior_rate,
+                );
                 let bytes = self.tick_bytes as f64;
                 let min_per_tick =
                     s.egress_min as f64 * s.tick_ms as f64 / s.egress.window_ms() as f64;
                 let bytes_anomalous =
                     bytes > (s.egress_factor * self.bytes_base.value()).max(min_per_tick);
                 self.bytes_base
-                    .fold(bytes, s.alpha, bytes_anomalous, up, relax);
-                self.long_bytes
-                    .fold(bytes, s.long_alpha, bytes_anomalous, up, relax);
+                    .fold(bytes, s.alpha, bytes_anomalous, up, relax, s.prior_bytes);
+                self.long_bytes.fold(
+                    bytes,
+                    s.long_alpha,
+                    bytes_anomalous,
+                    up,
+                    relax,
+                    s.prior_bytes,
+                );
                 self.report_ticks = self.report_ticks.saturating_add(1);
                 let short = self.rate_base.value() / tick_s;
                 let long = self.long_rate.value() / tick_s;

@@ -136,8 +136,13 @@ pub struct Baseline {
 }
 
 impl Baseline {
-    /// Whether every value is a finite number above 0 (anything else is never used).
+    /// Whether every value is a finite number, 0 or more, and the request rate above 0
+    /// (anything else is never used).
     pub fn is_usable(&self) -> bool {
+        self.rate_per_s > 0.0 && self.all_finite_non_negative()
+    }
+
+    fn all_finite_non_negative(&self) -> bool {
         [
             self.rate_per_s,
             self.bytes_per_s,
@@ -145,7 +150,7 @@ impl Baseline {
             self.long_bytes_per_s,
         ]
         .iter()
-        .all(|v| v.is_finite() && *v > 0.0)
+        .all(|v| v.is_finite() && *v >= 0.0)
     }
 }
 
