@@ -854,3 +854,71 @@ fn a_new_replica_of_a_known_good_workload_under_its_usual_load_raises_nothing() 
     assert!(raised.is_empty(), "the new replica raised {raised:?}");
     assert!(gw.status()["revoked"].as_array().unwrap().is_empty());
 }
+
+/// A fleet baseline (requests/s) of `workload` in the gateway's store, if any.
+fn fleet_rate_of(dir: &Path, workload: &str) -> Option<f64> {
+    let out = Command::new("python3")
+        .args([
+            "-c",
+            "import sqlite3, sys\n\
+             c = sqlite3.connect(sys.argv[1])\n\
+             r = c.execute('SELECT rate_per_s FROM baselines WHERE workload = ?', (sys.argv[2],)).fetchone()\n\
+             print(r[0] if r else '')",
+        ])
+        .arg(dir.join("gateway.db"))
+        .arg(workload)
+        .output()
+        .ok()?;
+    String::from_utf8_lossy(&out.stdout).trim().parse().ok()
+}
+
+#[test]
+fn a_sidecar_cannot_poison_the_fleet_baseline() {
+    // A compromised plugin sidecar (the plugin's SVID) reports, over its own control
+    // stream: an absurd baseline about the data API (another workload), a storm of
+    // absurd baselines about its own workload (as many replicas would), and values
+    // that are not numbers. The gateway keeps no baseline for the data API, clamps and
+    // growth-bounds its own, and refuses the rest.
+    let dir = temp_dir("anomaly-poison");
+    let (gw, _hop, _api) = stack(dir.path());
+    let data_id = nexus_tests::stack::DATA_API_ID;
+    let report = |workload: &str, rate: &str| {
+        format!(
+            "{{\"baselines\":{{\"baselines\":[{{\"workload\":\"{workload}\",\"rate_per_s\":{rate},\"bytes_per_s\":1e15,\"long_rate_per_s\":{rate},\"long_bytes_per_s\":1e15,\"ticks\":1000}}]}}}}"
+        )
+    };
+    let mut messages = vec![format!("{{\"hello\":{{\"spiffe_id\":\"{PLUGIN_ID}\"}}}}")];
+    messages.push(report(data_id, "1e9"));
+    for _ in 0..50 {
+        messages.push(report(PLUGIN_ID, "1e12"));
+    }
+    messages.push(report(PLUGIN_ID, "\"NaN\""));
+    messages.push(report(PLUGIN_ID, "-5"));
+    let _ = gw.grpcurl_stream("nexus.local/flood-model", &messages.join(" "));
+    eventually(Duration::from_secs(10), "the reports counted", || {
+        let n = gw.metric_sum("nexus_gateway_baseline_reports_total");
+        (n >= 53.0).then_some(())
+    });
+    assert_eq!(fleet_rate_of(dir.path(), data_id), None);
+    let own = fleet_rate_of(dir.path(), PLUGIN_ID).expect("the plugin's own row");
+    // From the prior (25/s), within seconds: at most (25 + 25) * 2^(elapsed / 1h) - 25.
+    assert!(
+        own < 26.0,
+        "a storm of 1e12 reports moved the fleet baseline to {own}"
+    );
+    let metrics = String::from_utf8_lossy(
+        &nexus_tests::curl(&["-s", &format!("{}/metrics", gw.admin())]).stdout,
+    )
+    .into_owned();
+    for (result, at_least) in [("not_own", 1.0), ("unusable", 2.0), ("stored", 50.0)] {
+        let line = metrics
+            .lines()
+            .find(|l| {
+                l.starts_with("nexus_gateway_baseline_reports_total")
+                    && l.contains(&format!("result=\"{result}\""))
+            })
+            .unwrap_or_else(|| panic!("no {result} count: {metrics}"));
+        let n: f64 = line.rsplit(' ').next().unwrap().parse().unwrap();
+        assert!(n >= at_least, "{line}");
+    }
+}
