@@ -421,7 +421,7 @@ fn revoking_signal(gw: &Gateway) -> serde_json::Value {
         (r["subject"] == PLUGIN_ID).then(|| r["by"].as_str().unwrap_or("").to_string())
     });
     let id = by.trim_start_matches("policy:").to_string();
-    signals(&gw)
+    signals(gw)
         .into_iter()
         .find(|s| s["id"] == id)
         .unwrap_or_else(|| panic!("revoked by {by}, a signal that is not listed"))
@@ -724,19 +724,7 @@ fn fleet_stack(
 
 /// The plugin's fleet baseline (requests/s) in the gateway's store, if it has one.
 fn fleet_rate(dir: &Path) -> Option<f64> {
-    let out = Command::new("python3")
-        .args([
-            "-c",
-            "import sqlite3, sys\n\
-             c = sqlite3.connect(sys.argv[1])\n\
-             r = c.execute('SELECT rate_per_s FROM baselines WHERE workload = ?', (sys.argv[2],)).fetchone()\n\
-             print(r[0] if r else '')",
-        ])
-        .arg(dir.join("gateway.db"))
-        .arg(PLUGIN_ID)
-        .output()
-        .ok()?;
-    String::from_utf8_lossy(&out.stdout).trim().parse().ok()
+    fleet_rate_of(dir, PLUGIN_ID)
 }
 
 fn plugin_signals_since(gw: &Gateway, since: &str) -> Vec<serde_json::Value> {
@@ -771,7 +759,7 @@ fn a_pod_restarted_in_the_middle_of_a_flood_starts_from_the_fleet_baseline() {
     });
     eprintln!("fleet baseline before the flood: {known:.1}/s");
     // The flood starts; the pod is restarted in the middle of it.
-    let mut flood = load_command(&url, 200, 10.0, None, None)
+    let flood = load_command(&url, 200, 10.0, None, None)
         .stdout(std::process::Stdio::piped())
         .spawn()
         .expect("load.py");
