@@ -5,14 +5,19 @@ Runs the local stack (`target/release/nexusctl up`: gateway with the reference
 revocation policy, both sidecars with the default detector settings) and drives the
 demo plugin through its sidecar, on loopback only, every phase bounded in time:
 
+  0. hostile from the start: the plugin's very first traffic is a flood (200/s) until
+     refused; onset -> first refusal; reinstated (docs/anomaly.md: budgets and the
+     prior, no warm-up);
   1. well-behaved: RATE requests/s with +-30% jitter (a new rate each second) for
      DURATION seconds; counts the signals it caused and whether it was revoked;
   2. spike: 15 s at 20/s, then 10x (200/s) until refused; onset -> first refusal;
      reinstated, ROUNDS times;
   3. exfiltration: 15 s of small reads at 20/s, then bulk reads (~1 MB each) at 20/s
-     until refused; onset -> first refusal; reinstated, ROUNDS times.
+     until refused; onset -> first refusal; reinstated, ROUNDS times;
+  4. slow ramp: 20/s -> 400/s linearly over RAMP seconds (300: the issue's ramp), until
+     refused; when the first signal came and at what rate, and when it was refused.
 
-Usage: bench/anomaly.py [--duration 600] [--rate 50] [--rounds 3]
+Usage: bench/anomaly.py [--duration 600] [--rate 50] [--rounds 3] [--ramp 300]
 Prints a Markdown table.
 """
 import argparse
@@ -87,6 +92,7 @@ def main():
     p.add_argument("--duration", type=float, default=600)
     p.add_argument("--rate", type=float, default=50)
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--ramp", type=float, default=300)
     a = p.parse_args()
     work = tempfile.mkdtemp(prefix="nexus-anomaly-bench-")
     state = os.path.join(work, "state.json")
@@ -110,6 +116,16 @@ def main():
         def plugin_signals(since_s):
             out = json.loads(ctl(state, "signals", "--workload", PLUGIN, "--since", f"{int(since_s) + 5}s", "-o", "json"))
             return out
+
+        # 0. Hostile from its first request: no history, no calm phase.
+        t0 = time.time()
+        _, hostile_refused = paced(client, path, lambda t: 200, 20, stop_on_refusal=True)
+        hostile_kinds = sorted({s["kind"] for s in plugin_signals(time.time() - t0) if s["action"] == "revoke"})
+        print(f"hostile from the start: refused after {hostile_refused} s, revoked on {hostile_kinds}",
+              file=sys.stderr)
+        if PLUGIN in revoked():
+            ctl(state, "reinstate", PLUGIN)
+        time.sleep(12)
 
         # 1. Well-behaved, +-30% jitter.
         rnd = random.Random(7)
@@ -149,6 +165,25 @@ def main():
             exfil.append(episode(path + "?n=200000", 20))
             print(f"exfiltration: refused after {exfil[-1][0]} s, revoked on {exfil[-1][1]}", file=sys.stderr)
 
+        # 4. Slow ramp, 20/s -> 400/s over a.ramp seconds.
+        t0 = time.time()
+        ramp_rate = lambda t: 20 + 380 * min(t, a.ramp) / a.ramp
+        _, ramp_refused = paced(client, path, ramp_rate, a.ramp + 10, stop_on_refusal=True)
+        ramp_signals = sorted(
+            (s for s in plugin_signals(time.time() - t0) if s["received"] >= time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t0))),
+            key=lambda s: s["observed"])
+        first = ramp_signals[0] if ramp_signals else None
+        first_t = None
+        if first is not None:
+            import datetime
+            obs = datetime.datetime.strptime(first["observed"], "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=datetime.timezone.utc)
+            first_t = obs.timestamp() - t0
+        ramp_kinds = sorted({s["kind"] for s in ramp_signals if s["action"] == "revoke"})
+        print(f"slow ramp: first signal {first and first['kind']} at {first_t} s, refused after {ramp_refused} s, "
+              f"revoked on {ramp_kinds}", file=sys.stderr)
+        if PLUGIN in revoked():
+            ctl(state, "reinstate", PLUGIN)
+
         def fmt(rows):
             times = [r[0] for r in rows if r[0] is not None]
             if not times:
@@ -160,9 +195,18 @@ def main():
         print("| scenario | onset -> refused, median / max ms | revoked on |")
         print("|---|---|---|")
         s, k = fmt(spikes)
+        print(f"| hostile from the first request (200/s, no history) | "
+              f"{'never' if hostile_refused is None else f'{hostile_refused * 1000:.0f}'} | {', '.join(hostile_kinds) or '-'} |")
         print(f"| 10x rate spike (20/s -> 200/s) | {s} | {k} |")
         s, k = fmt(exfil)
         print(f"| exfiltration (small reads -> ~1 MB reads at 20/s) | {s} | {k} |")
+        if first_t is None:
+            ramp_cell = "no signal"
+        else:
+            ramp_cell = (f"first signal ({first['kind']}) {first_t:.1f} s in, at {ramp_rate(first_t):.0f}/s "
+                         f"(4x = 80/s at {a.ramp * 60 / 380:.1f} s)")
+        refused_cell = "never" if ramp_refused is None else f"refused {ramp_refused:.1f} s in, at {ramp_rate(ramp_refused):.0f}/s"
+        print(f"| slow ramp 20/s -> 400/s over {a.ramp:.0f} s | {ramp_cell}; {refused_cell} | {', '.join(ramp_kinds) or '-'} |")
         print()
         print(f"well-behaved plugin, {a.rate:.0f}/s +-30% for {a.duration:.0f} s: "
               f"{sum(calm.values())} requests, {len(calm_signals)} signals "

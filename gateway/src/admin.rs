@@ -20,7 +20,8 @@ use nexus_proto::control::{
     ChangeResponse, CloseExecutionRequest, ExecutionInfo, ListExecutionsRequest,
     ListExecutionsResponse, ListRecordsRequest, ListRecordsResponse, ListSignalsRequest,
     ListSignalsResponse, OpenExecutionRequest, ReinstateRequest, RevokeRequest, Signal,
-    StatusRequest, StatusResponse, StoredSignal, WatchEvent, WatchRequest, WatchState, watch_event,
+    SignalEvidenceRequest, SignalEvidenceResponse, StatusRequest, StatusResponse, StoredSignal,
+    WatchEvent, WatchRequest, WatchState, watch_event,
 };
 use tokio::net::TcpListener;
 use tonic::{Request, Response, Status};
@@ -516,6 +517,42 @@ impl Admin for AdminService {
         Ok(Response::new(Box::pin(
             tokio_stream::wrappers::ReceiverStream::new(rx),
         )))
+    }
+
+    async fn signal_evidence(
+        &self,
+        request: Request<SignalEvidenceRequest>,
+    ) -> Result<Response<SignalEvidenceResponse>, Status> {
+        self.operator(&request, "signal_evidence")?;
+        let id = request.into_inner().id;
+        let store = &self.changes.store;
+        let signal = store
+            .signal(&id)
+            .await
+            .map_err(|e| Status::unavailable(e.to_string()))?
+            .ok_or_else(|| {
+                Status::not_found(format!("no signal {id}: list them with `nexusctl signals`"))
+            })?;
+        let cited: Vec<String> = serde_json::from_str(&signal.decision_ids).unwrap_or_default();
+        // The records the reporter shipped: what the signal rests on (a signal is
+        // judged by its reporter's own records, docs/threat-model.md).
+        let found = store
+            .record_lines(&signal.reporter, &cited)
+            .await
+            .map_err(|e| Status::unavailable(e.to_string()))?;
+        let mut records = Vec::new();
+        let mut missing = Vec::new();
+        for id in &cited {
+            match found.iter().find(|(d, _)| d == id) {
+                Some((_, line)) => records.push(line.clone()),
+                None => missing.push(id.clone()),
+            }
+        }
+        Ok(Response::new(SignalEvidenceResponse {
+            signal: Some(signal_to_proto(&signal)),
+            records,
+            missing,
+        }))
     }
 }
 

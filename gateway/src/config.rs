@@ -83,6 +83,8 @@ pub struct Config {
     pub revocation_policy: Option<RevocationPolicyConfig>,
     /// How anomaly signals are accepted and verified before the policy sees them.
     pub signals: SignalsConfig,
+    /// The anomaly watch's fleet baselines (docs/anomaly.md).
+    pub baselines: BaselinesConfig,
     /// The Kubernetes admission webhook that injects the sidecar; absent: not served.
     pub webhook: Option<WebhookConfig>,
     /// Opt-in: a revocation also evicts the workload's pods through the Kubernetes API
@@ -135,6 +137,7 @@ impl Default for Config {
             limits: LimitsConfig::default(),
             revocation_policy: None,
             signals: SignalsConfig::default(),
+            baselines: BaselinesConfig::default(),
             webhook: None,
             eviction: None,
         }
@@ -490,6 +493,94 @@ impl Default for SignalsConfig {
     }
 }
 
+/// `[baselines]`: the per-workload baselines the gateway keeps for the fleet of
+/// sidecars (docs/anomaly.md): where a new workload starts, how fast a baseline may
+/// move, and what is never believed.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BaselinesConfig {
+    /// Where a workload with no history starts (requests per second while active):
+    /// the first reports move it from here, within the growth bound. Default 25.
+    pub prior_rate_per_s: f64,
+    /// The same for egress bytes per second. Default 65536.
+    pub prior_bytes_per_s: f64,
+    /// A fleet baseline grows at most by this factor per `growth_period` of the
+    /// gateway's clock, however many sidecars report and whatever they say. Default 2.
+    pub max_growth: f64,
+    /// See `max_growth`. Default 1h.
+    #[serde(with = "humantime_serde")]
+    pub growth_period: Duration,
+    /// How far one report moves the baseline toward what it says (0 < w <= 1).
+    /// Default 0.2.
+    pub weight: f64,
+    /// Clamp bounds: a reported or stored requests-per-second above this is clamped
+    /// to it and logged. Default 100000.
+    pub max_rate_per_s: f64,
+    /// The same for bytes per second. Default 1073741824 (1 GiB/s).
+    pub max_bytes_per_s: f64,
+    /// Most baselines sent to a sidecar at once (the most recently updated first).
+    /// Default 4096.
+    pub max_workloads: u32,
+}
+
+impl Default for BaselinesConfig {
+    fn default() -> Self {
+        Self {
+            prior_rate_per_s: 25.0,
+            prior_bytes_per_s: 65536.0,
+            max_growth: 2.0,
+            growth_period: Duration::from_secs(3600),
+            weight: 0.2,
+            max_rate_per_s: 100_000.0,
+            max_bytes_per_s: 1_073_741_824.0,
+            max_workloads: 4096,
+        }
+    }
+}
+
+impl BaselinesConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |field: &str, problem: &str| {
+            Err(ConfigError::Invalid {
+                field: format!("baselines.{field}"),
+                problem: problem.into(),
+            })
+        };
+        let positive = |v: f64| v.is_finite() && v > 0.0;
+        if !positive(self.prior_rate_per_s) || self.prior_rate_per_s > self.max_rate_per_s {
+            return bad(
+                "prior_rate_per_s",
+                "must be above 0 and at most max_rate_per_s",
+            );
+        }
+        if !positive(self.prior_bytes_per_s) || self.prior_bytes_per_s > self.max_bytes_per_s {
+            return bad(
+                "prior_bytes_per_s",
+                "must be above 0 and at most max_bytes_per_s",
+            );
+        }
+        if !(self.max_growth.is_finite() && self.max_growth > 1.0) {
+            return bad("max_growth", "must be a number above 1 (e.g. 2)");
+        }
+        if self.growth_period < Duration::from_secs(1) {
+            return bad("growth_period", "must be at least 1s (e.g. \"1h\")");
+        }
+        if !(positive(self.weight) && self.weight <= 1.0) {
+            return bad("weight", "must be in (0, 1] (e.g. 0.2)");
+        }
+        if !positive(self.max_rate_per_s) || !positive(self.max_bytes_per_s) {
+            return bad(
+                "max_rate_per_s",
+                "max_rate_per_s and max_bytes_per_s must be above 0",
+            );
+        }
+        if self.max_workloads == 0 {
+            return bad("max_workloads", "must be at least 1");
+        }
+        Ok(())
+    }
+}
+
 fn default_revocation_rule() -> String {
     "data.nexus.revocation.decision".into()
 }
@@ -639,6 +730,7 @@ impl Config {
                 problem: "must be more than 0 (e.g. \"30d\")".into(),
             });
         }
+        self.baselines.validate()?;
         if self.signals.per_reporter_per_minute == 0 || self.signals.per_reporter_burst == 0 {
             return Err(ConfigError::Invalid {
                 field: "signals.per_reporter_per_minute".into(),

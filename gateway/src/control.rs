@@ -20,6 +20,7 @@ use tokio::sync::{broadcast, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
+use crate::baselines::Fleet;
 use crate::changes::{Changes, unix_ms};
 use crate::hub::Start;
 use crate::server::PeerInfo;
@@ -29,6 +30,7 @@ use crate::signals::Signals;
 pub struct ControlService {
     changes: Arc<Changes>,
     signals: Arc<Signals>,
+    fleet: Arc<Fleet>,
     sidecars: AllowList,
     data_sidecars: AllowList,
     drain: Option<nexus_serve::Watch>,
@@ -41,6 +43,7 @@ impl ControlService {
         let data_sidecars =
             AllowList::parse(&changes.config.data_sidecars).map_err(|e| e.to_string())?;
         Ok(Self {
+            fleet: Arc::new(Fleet::new(changes.clone())),
             changes,
             signals,
             sidecars,
@@ -147,6 +150,7 @@ impl Control for ControlService {
             peer,
             changes: self.changes.clone(),
             signals: self.signals.clone(),
+            fleet: self.fleet.clone(),
             tx,
             sent: hello.last_revision,
             scope,
@@ -255,6 +259,7 @@ struct Session {
     peer: PeerInfo,
     changes: Arc<Changes>,
     signals: Arc<Signals>,
+    fleet: Arc<Fleet>,
     tx: mpsc::Sender<Queued>,
     /// The highest revision sent.
     sent: u64,
@@ -273,6 +278,20 @@ enum End {
 impl Session {
     async fn send(&mut self, out: Queued) -> Result<(), End> {
         self.tx.send(out).await.map_err(|_| End::Closed)
+    }
+
+    /// Sends the fleet's baselines; a store error leaves the sidecar on what it had.
+    async fn send_baselines(&mut self) -> Result<(), End> {
+        match self.fleet.all().await {
+            Ok(all) => {
+                self.send(message(gateway_message::Msg::Baselines(all)))
+                    .await
+            }
+            Err(error) => {
+                tracing::warn!(%error, "cannot read fleet baselines");
+                Ok(())
+            }
+        }
     }
 
     async fn run(
@@ -340,6 +359,8 @@ impl Session {
                 }
             }
         }
+        // The fleet's baselines, so a new pod starts from its workload's, not from zero.
+        self.send_baselines().await?;
         let config = self.changes.config.stream.clone();
         let mut heartbeat = tokio::time::interval(config.heartbeat_interval);
         heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -513,6 +534,28 @@ impl Session {
                     refusal: String::new(),
                 })))
                 .await?;
+            }
+            Some(sidecar_message::Msg::Baselines(report)) => {
+                hub.heard(self.id);
+                let max = self.changes.config.stream.max_batch;
+                if report.baselines.len() > max {
+                    return Err(End::Error(
+                        "oversized",
+                        format!(
+                            "{} baselines in one report; the limit is {max}",
+                            report.baselines.len()
+                        ),
+                    ));
+                }
+                if let Err(error) = self
+                    .fleet
+                    .report(&self.peer.spiffe_id, &report.baselines)
+                    .await
+                {
+                    tracing::error!(%error, "cannot store fleet baselines");
+                    return Ok(());
+                }
+                self.send_baselines().await?;
             }
             None => {
                 return Err(End::Error("malformed", "an empty message".into()));

@@ -7,6 +7,7 @@
 
 pub mod admin;
 pub mod app;
+pub mod baselines;
 pub mod changes;
 pub mod config;
 pub mod control;

@@ -43,6 +43,7 @@ pub struct Metrics {
     evidence: Family<StatusLabels, Counter>,
     apply_failures: Counter,
     policy_reloads: Family<ResultLabels, Counter>,
+    baseline_reports: Family<ResultLabels, Counter>,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -147,7 +148,14 @@ impl Metrics {
             "Revocation policy revisions loaded (ok) or refused (error)",
             policy_reloads.clone(),
         );
+        let baseline_reports = Family::<ResultLabels, Counter>::default();
+        registry.register(
+            "baseline_reports",
+            "Fleet baseline reports from sidecars: stored, not_own (about another workload), unusable",
+            baseline_reports.clone(),
+        );
         Arc::new(Self {
+            baseline_reports,
             registry,
             evidence,
             apply_failures,
@@ -163,6 +171,13 @@ impl Metrics {
             signals,
             signals_dropped_by_sidecars,
         })
+    }
+
+    /// A fleet baseline report, by result.
+    pub fn baseline_report(&self, result: &'static str) {
+        self.baseline_reports
+            .get_or_create(&ResultLabels { result })
+            .inc();
     }
 
     /// The text exposition.

@@ -234,6 +234,25 @@ pub struct RecordsStored {
     pub refusal: String,
 }
 
+/// A workload's fleet baseline as stored (per second while active).
+#[derive(Clone, Debug, PartialEq)]
+pub struct StoredBaseline {
+    /// The workload's SPIFFE ID.
+    pub workload: String,
+    /// Requests per second (short window).
+    pub rate_per_s: f64,
+    /// Egress bytes per second (short window).
+    pub bytes_per_s: f64,
+    /// Requests per second (long window).
+    pub long_rate_per_s: f64,
+    /// Egress bytes per second (long window).
+    pub long_bytes_per_s: f64,
+    /// Reports merged into it.
+    pub reports: i64,
+    /// When it last changed (gateway clock, unix ms).
+    pub updated_ms: i64,
+}
+
 /// The database.
 #[derive(Debug)]
 pub struct Store {
@@ -275,6 +294,13 @@ fn migrator() -> Migrator {
                 false,
             ),
             Migration::new(
+                4,
+                Cow::Borrowed("baselines"),
+                MigrationType::Simple,
+                Cow::Borrowed(include_str!("../migrations/0004_baselines.sql")),
+                false,
+            ),
+            Migration::new(
                 5,
                 Cow::Borrowed("registry"),
                 MigrationType::Simple,
@@ -286,6 +312,36 @@ fn migrator() -> Migrator {
         locking: true,
         no_tx: false,
     }
+}
+
+fn signal_row(row: &sqlx::any::AnyRow) -> Result<StoredSignal, StoreError> {
+    Ok(StoredSignal {
+        id: row.try_get(0)?,
+        reporter: row.try_get(1)?,
+        workload: row.try_get(2)?,
+        kind: row.try_get(3)?,
+        observed_as: row.try_get(4)?,
+        score: row.try_get(5)?,
+        evidence: row.try_get(6)?,
+        time_ms: row.try_get(7)?,
+        received_ms: row.try_get(8)?,
+        action: row.try_get(9)?,
+        reasons: row.try_get(10)?,
+        decision_ids: row.try_get(11)?,
+        verification: row.try_get(12)?,
+    })
+}
+
+fn baseline_row(row: &sqlx::any::AnyRow) -> Result<StoredBaseline, StoreError> {
+    Ok(StoredBaseline {
+        workload: row.try_get(0)?,
+        rate_per_s: row.try_get(1)?,
+        bytes_per_s: row.try_get(2)?,
+        long_rate_per_s: row.try_get(3)?,
+        long_bytes_per_s: row.try_get(4)?,
+        reports: row.try_get(5)?,
+        updated_ms: row.try_get(6)?,
+    })
 }
 
 fn now_ms() -> i64 {
@@ -698,25 +754,87 @@ impl Store {
                 .await?
             }
         };
+        rows.iter().map(signal_row).collect()
+    }
+
+    /// The fleet baseline of `workload`, if there is one.
+    pub async fn baseline(&self, workload: &str) -> Result<Option<StoredBaseline>, StoreError> {
+        let row = sqlx::query(
+            "SELECT workload, rate_per_s, bytes_per_s, long_rate_per_s, long_bytes_per_s, reports, updated_ms \
+             FROM baselines WHERE workload = $1",
+        )
+        .bind(workload)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.as_ref().map(baseline_row).transpose()
+    }
+
+    /// Up to `limit` fleet baselines, the most recently updated first.
+    pub async fn baselines(&self, limit: i64) -> Result<Vec<StoredBaseline>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT workload, rate_per_s, bytes_per_s, long_rate_per_s, long_bytes_per_s, reports, updated_ms \
+             FROM baselines ORDER BY updated_ms DESC LIMIT $1",
+        )
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(baseline_row).collect()
+    }
+
+    /// Writes a fleet baseline (insert or replace).
+    pub async fn put_baseline(&self, b: &StoredBaseline) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO baselines (workload, rate_per_s, bytes_per_s, long_rate_per_s, long_bytes_per_s, reports, updated_ms) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (workload) DO UPDATE SET \
+             rate_per_s = excluded.rate_per_s, bytes_per_s = excluded.bytes_per_s, \
+             long_rate_per_s = excluded.long_rate_per_s, long_bytes_per_s = excluded.long_bytes_per_s, \
+             reports = excluded.reports, updated_ms = excluded.updated_ms",
+        )
+        .bind(&b.workload)
+        .bind(b.rate_per_s)
+        .bind(b.bytes_per_s)
+        .bind(b.long_rate_per_s)
+        .bind(b.long_bytes_per_s)
+        .bind(b.reports)
+        .bind(b.updated_ms)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// The stored records of `sidecar` with these decision ids, as (decision id, line).
+    pub async fn record_lines(
+        &self,
+        sidecar: &str,
+        ids: &[String],
+    ) -> Result<Vec<(String, String)>, StoreError> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let placeholders: Vec<String> = (0..ids.len()).map(|i| format!("${}", i + 2)).collect();
+        let sql = format!(
+            "SELECT decision_id, line FROM records WHERE sidecar = $1 AND decision_id IN ({})",
+            placeholders.join(", ")
+        );
+        let mut query = sqlx::query(&sql).bind(sidecar);
+        for id in ids {
+            query = query.bind(id.as_str());
+        }
+        let rows = query.fetch_all(&self.pool).await?;
         rows.iter()
-            .map(|row| {
-                Ok(StoredSignal {
-                    id: row.try_get(0)?,
-                    reporter: row.try_get(1)?,
-                    workload: row.try_get(2)?,
-                    kind: row.try_get(3)?,
-                    observed_as: row.try_get(4)?,
-                    score: row.try_get(5)?,
-                    evidence: row.try_get(6)?,
-                    time_ms: row.try_get(7)?,
-                    received_ms: row.try_get(8)?,
-                    action: row.try_get(9)?,
-                    reasons: row.try_get(10)?,
-                    decision_ids: row.try_get(11)?,
-                    verification: row.try_get(12)?,
-                })
-            })
+            .map(|row| Ok((row.try_get(0)?, row.try_get(1)?)))
             .collect()
+    }
+
+    /// One stored signal by id.
+    pub async fn signal(&self, id: &str) -> Result<Option<StoredSignal>, StoreError> {
+        let row = sqlx::query(
+            "SELECT id, reporter, workload, kind, observed_as, score, evidence, time_ms, received_ms, action, reasons, decision_ids, verification FROM signals WHERE id = $1",
+        )
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.as_ref().map(signal_row).transpose()
     }
 
     /// Stores a batch of execution-record lines from `sidecar` in one transaction.

@@ -530,6 +530,104 @@ pub async fn status(target: Target) -> anyhow::Result<()> {
     Ok(())
 }
 
+fn signal_row(s: &nexus_proto::control::StoredSignal) -> serde_json::Value {
+    let sig = s.signal.clone().unwrap_or_default();
+    serde_json::json!({
+        "id": s.id, "observed": rfc3339(sig.time_unix_ms),
+        "received": rfc3339(s.received_unix_ms), "kind": sig.kind,
+        "workload": sig.workload, "reporter": s.reporter, "observed_as": sig.observed_as,
+        "score": sig.score,
+        "evidence": serde_json::from_str::<serde_json::Value>(&sig.evidence_json).unwrap_or_default(),
+        "decision_ids": sig.decision_ids,
+        "verification": serde_json::from_str::<serde_json::Value>(&s.verification_json).unwrap_or_default(),
+        "action": s.action, "reasons": s.reasons,
+    })
+}
+
+/// `nexusctl signals --show ID`: the signal and the execution records it cites.
+pub async fn signal_evidence(target: Target, id: String) -> anyhow::Result<()> {
+    let mut c = client(&target).await?;
+    let answer = c
+        .signal_evidence(nexus_proto::control::SignalEvidenceRequest { id })
+        .await
+        .map_err(status_error)?
+        .into_inner();
+    let signal = answer.signal.as_ref().map(signal_row).unwrap_or_default();
+    let records: Vec<serde_json::Value> = answer
+        .records
+        .iter()
+        .map(|line| {
+            serde_json::from_str(line).unwrap_or_else(|_| serde_json::Value::String(line.clone()))
+        })
+        .collect();
+    if target.output == "json" {
+        crate::outln!(
+            "{}",
+            json_pretty(&serde_json::json!({
+                "signal": signal,
+                "records": records,
+                "missing": answer.missing,
+            }))
+        );
+        return Ok(());
+    }
+    let text = |v: &serde_json::Value| safe(v.as_str().unwrap_or("")).into_owned();
+    crate::outln!(
+        "signal {}: {} of {} (observed as {} by {}), score {:.2}, action {}",
+        text(&signal["id"]),
+        text(&signal["kind"]),
+        text(&signal["workload"]),
+        text(&signal["observed_as"]),
+        text(&signal["reporter"]),
+        signal["score"].as_f64().unwrap_or(0.0),
+        text(&signal["action"]),
+    );
+    crate::outln!(
+        "  observed {}  received {}",
+        text(&signal["observed"]),
+        text(&signal["received"])
+    );
+    crate::outln!("  evidence {}", safe(&signal["evidence"].to_string()));
+    if let Some(reasons) = signal["reasons"].as_array() {
+        for r in reasons {
+            crate::outln!("  reason: {}", text(r));
+        }
+    }
+    crate::outln!(
+        "records cited: {} ({} found in the record store, {} missing)",
+        records.len() + answer.missing.len(),
+        records.len(),
+        answer.missing.len()
+    );
+    crate::outln!(
+        "{:<24} {:<32} {:<6} {:<12} {:<8} {:<6} PATH (SOURCE -> DESTINATION)",
+        "TIME",
+        "DECISION ID",
+        "METHOD",
+        "CLAUSE",
+        "DECISION",
+        "STATUS"
+    );
+    for r in &records {
+        crate::outln!(
+            "{:<24} {:<32} {:<6} {:<12} {:<8} {:<6} {} ({} -> {})",
+            text(&r["time"]),
+            text(&r["decision_id"]),
+            text(&r["method"]),
+            text(&r["clause"]),
+            text(&r["decision"]),
+            r["status"].as_u64().unwrap_or(0),
+            text(&r["path"]),
+            text(&r["source"]),
+            text(&r["destination"]),
+        );
+    }
+    for id in &answer.missing {
+        crate::outln!("(not in the record store: {})", safe(id));
+    }
+    Ok(())
+}
+
 /// `nexusctl signals`.
 pub async fn signals(
     target: Target,
@@ -552,22 +650,7 @@ pub async fn signals(
         .map_err(status_error)?
         .into_inner()
         .signals;
-    let rows: Vec<serde_json::Value> = list
-        .iter()
-        .map(|s| {
-            let sig = s.signal.clone().unwrap_or_default();
-            serde_json::json!({
-                "id": s.id, "observed": rfc3339(sig.time_unix_ms),
-                "received": rfc3339(s.received_unix_ms), "kind": sig.kind,
-                "workload": sig.workload, "reporter": s.reporter, "observed_as": sig.observed_as,
-                "score": sig.score,
-                "evidence": serde_json::from_str::<serde_json::Value>(&sig.evidence_json).unwrap_or_default(),
-                "decision_ids": sig.decision_ids,
-                "verification": serde_json::from_str::<serde_json::Value>(&s.verification_json).unwrap_or_default(),
-                "action": s.action, "reasons": s.reasons,
-            })
-        })
-        .collect();
+    let rows: Vec<serde_json::Value> = list.iter().map(signal_row).collect();
     if target.output == "json" {
         crate::outln!("{}", json_pretty(&serde_json::Value::Array(rows)));
         return Ok(());

@@ -109,6 +109,10 @@ enum Command {
         /// How far back (e.g. 10m).
         #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
         since: std::time::Duration,
+        /// Show one signal (by id) and the execution records it cites, from the
+        /// gateway's record store: the requests behind it.
+        #[arg(long, value_name = "ID", conflicts_with_all = ["workload"])]
+        show: Option<String>,
         #[command(flatten)]
         target: gateway_cmd::Target,
     },
@@ -148,9 +152,15 @@ fn main() -> std::process::ExitCode {
         Command::Exec { command, target } => runtime().block_on(gateway_cmd::exec(target, command)),
         Command::Plugin { command, target } => runtime().block_on(plugin_cmd::run(target, command)),
         Command::Signals {
+            show: Some(id),
+            target,
+            ..
+        } => runtime().block_on(gateway_cmd::signal_evidence(target, id)),
+        Command::Signals {
             workload,
             since,
             target,
+            show: None,
         } => runtime().block_on(gateway_cmd::signals(target, workload, since)),
         Command::Completion { shell } => {
             clap_complete::generate(

@@ -23,6 +23,7 @@ kinds := {
 	"unbound_clause": {"observers": ["peer", "self"], "alert_score": 1, "revoke_score": 1, "corroborates": true},
 	"auth_failures": {"observers": ["peer"], "alert_score": 1, "corroborates": false},
 	"sandbox_violation": {"observers": ["self"], "alert_score": 1, "revoke_actions": ["kill"], "corroborates": true},
+	"budget_exceeded": {"observers": ["peer", "self"], "alert_score": 1, "revoke_score": 2, "corroborates": false},
 }
 
 corroboration := {"distinct_kinds": 2, "distinct_reporters": 2}
@@ -322,4 +323,33 @@ shipped_as_tested if {
 	data.nexus.revocation.corroboration == corroboration
 	data.nexus.revocation.history_window_ms == 600000
 	data.nexus.revocation.ttl == "1h"
+}
+
+# --- declared budgets (docs/anomaly.md) -------------------------------------------------
+
+test_budget_twice_over_from_its_own_sidecar_revokes if {
+	d := decide(doc(sig("budget_exceeded", flood, flood, "self", 2.1, 0), []))
+	d.action == "revoke"
+	d.reasons == ["budget_exceeded of spiffe://nexus.local/ns/plugins/sa/flood-model observed by its own sidecar: score 2.1 >= 2"]
+}
+
+test_budget_just_over_is_an_alert if {
+	d := decide(doc(sig("budget_exceeded", flood, flood, "self", 1.2, 0), []))
+	d.action == "alert"
+}
+
+test_budget_overrun_seen_by_one_peer_does_not_revoke_alone if {
+	d := decide(doc(sig("budget_exceeded", flood, hazard, "peer", 5, 0), []))
+	d.action == "alert"
+}
+
+test_budget_overrun_claimed_by_another_sidecar_as_self_is_ignored if {
+	d := decide(doc(sig("budget_exceeded", flood, hazard, "self", 50, 0), []))
+	d.action == "ignore"
+}
+
+test_a_burst_over_budget_and_its_rate_spike_are_not_two_kinds if {
+	spike := sig("rate_spike", flood, flood, "self", 4, 1000)
+	d := decide(doc(sig("budget_exceeded", flood, flood, "self", 1.1, 0), [spike]))
+	d.action == "alert"
 }

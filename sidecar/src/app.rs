@@ -122,6 +122,19 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
             .map(|g| g.signal_buffer)
             .unwrap_or(1),
     ));
+    // The anomaly watch: on whenever there is a gateway to report to.
+    let watch = config
+        .gateway
+        .as_ref()
+        .filter(|g| g.detect_anomalies)
+        .map(|_| {
+            AnomalyWatch::new(
+                config.anomaly.clone().unwrap_or_default(),
+                signal_queue.clone(),
+                metrics.clone(),
+                policy_runtime.clone(),
+            )
+        });
     let control = config.gateway.as_ref().map(|gateway| {
         let snapshot_file = gateway
             .snapshot_file
@@ -142,6 +155,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
             policy: policy_runtime.clone(),
             metrics: metrics.clone(),
             signals: signal_queue.clone(),
+            watch: watch.clone(),
             records,
             applied: std::sync::atomic::AtomicU64::new(0),
         });
@@ -151,18 +165,6 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     if let Some((control, synced)) = control {
         tokio::spawn(control.run(synced));
     }
-    // The anomaly watch: on whenever there is a gateway to report to.
-    let watch = config
-        .gateway
-        .as_ref()
-        .filter(|g| g.detect_anomalies)
-        .map(|_| {
-            AnomalyWatch::new(
-                config.anomaly.clone().unwrap_or_default(),
-                signal_queue.clone(),
-                metrics.clone(),
-            )
-        });
     // Sandbox violations (POST /v1/signals from nexus-launch) feed the watch, always
     // attributed to this sidecar's own workload.
     let sandbox = Signals::new(metrics.clone(), crate::signals::DEFAULT_CAPACITY);

@@ -62,6 +62,7 @@ pub struct Metrics {
     sandbox_violations: Family<ActionLabels, Counter>,
     gateway_link: Family<LinkLabels, Gauge<i64, AtomicI64>>,
     gateway_revision: Gauge<i64, AtomicI64>,
+    fleet_baselines: Gauge<i64, AtomicI64>,
     records_shipped: Counter,
     signals_dropped: Counter,
     revoked_refusals: Family<DirectionLabels, Counter>,
@@ -277,6 +278,12 @@ impl Metrics {
             "1 for the control stream's current state (standalone, connected, disconnected, fail_closed)",
             gateway_link.clone(),
         );
+        let fleet_baselines = Gauge::default();
+        registry.register(
+            "anomaly_fleet_baselines",
+            "Workloads whose fleet baseline the gateway last sent (a workload new here starts from it)",
+            fleet_baselines.clone(),
+        );
         let gateway_revision = Gauge::default();
         registry.register(
             "gateway_revision",
@@ -455,6 +462,7 @@ impl Metrics {
             sandbox_violations,
             gateway_link,
             gateway_revision,
+            fleet_baselines,
             records_shipped,
             signals_dropped,
             revoked_refusals,
@@ -579,6 +587,12 @@ impl Metrics {
         self.revoked_refusals
             .get_or_create(&DirectionLabels { direction })
             .inc();
+    }
+
+    /// Fleet baselines received from the gateway.
+    pub fn fleet_baselines(&self, n: usize) {
+        self.fleet_baselines
+            .set(i64::try_from(n).unwrap_or(i64::MAX));
     }
 
     /// An anomaly signal raised.

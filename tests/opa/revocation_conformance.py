@@ -20,7 +20,7 @@ work = Path(tempfile.mkdtemp(prefix="nexus-revocation-conformance-"))
 rng = random.Random(7)
 W = ["spiffe://nexus.local/ns/plugins/sa/flood-model", "spiffe://nexus.local/ns/data/sa/hazard-api",
      "spiffe://nexus.local/ns/data/sa/rates-api", "unknown", "spiffe://nexus.local/ns/nexus/sa/gateway"]
-KINDS = ["rate_spike", "denial_burst", "egress_bytes", "unbound_clause", "auth_failures", "sandbox_violation", "mystery"]
+KINDS = ["rate_spike", "denial_burst", "egress_bytes", "unbound_clause", "auth_failures", "sandbox_violation", "budget_exceeded", "mystery"]
 NOW = 1764150000123
 
 def sig(workload):

@@ -25,6 +25,13 @@ fn run(workloads: usize, threads: usize) {
             std::thread::spawn(move || {
                 let mut ns = Vec::with_capacity(CALLS as usize);
                 let mut signals = 0usize;
+                // Every call also checks a declared budget (never exceeded here).
+                let budget = nexus_anomaly::Budget {
+                    requests_per_s: 1e9,
+                    egress_bytes: u64::MAX,
+                    distinct_clauses: 32,
+                    window: std::time::Duration::from_secs(10),
+                };
                 for i in 0..CALLS {
                     let id = &ids[(i as usize + t * 7919) % ids.len()];
                     let ev = RequestEvent {
@@ -38,7 +45,7 @@ fn run(workloads: usize, threads: usize) {
                     };
                     let now = T0 + i / 100;
                     let start = Instant::now();
-                    let out = d.on_request(&ev, now);
+                    let out = d.on_request(&ev, Some(&budget), now);
                     ns.push(start.elapsed().as_nanos() as u64);
                     signals += out.len();
                 }

@@ -23,6 +23,10 @@ pub struct DetectorConfig {
     pub cooldown: Duration,
     /// The adaptive baseline shared by the rate and egress detectors.
     pub baseline: BaselineConfig,
+    /// Declared budgets from the bindings.
+    pub budget: BudgetConfig,
+    /// Fleet baselines shared through the gateway.
+    pub fleet: FleetConfig,
     /// Request-rate spikes against the baseline.
     pub rate_spike: RateSpikeConfig,
     /// Bursts of policy denials.
@@ -43,6 +47,8 @@ impl Default for DetectorConfig {
             max_workloads: 4096,
             cooldown: Duration::from_secs(5),
             baseline: BaselineConfig::default(),
+            budget: BudgetConfig::default(),
+            fleet: FleetConfig::default(),
             rate_spike: RateSpikeConfig::default(),
             denial_burst: DenialBurstConfig::default(),
             egress_bytes: EgressConfig::default(),
@@ -53,7 +59,8 @@ impl Default for DetectorConfig {
     }
 }
 
-/// The per-workload EWMA of requests and bytes per tick.
+/// The per-workload EWMA of requests and bytes per tick, where it starts, and how fast
+/// it may move (docs/anomaly.md: a plugin must not be able to train it).
 #[derive(Clone, Debug, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct BaselineConfig {
@@ -66,9 +73,28 @@ pub struct BaselineConfig {
     /// Ticks without requests are not sampled: the baseline is the rate while active,
     /// so a workload resuming after a pause is not a spike. Default 0.05 (about 20 ticks).
     pub alpha: f64,
-    /// Full ticks of history before the rate and relative egress detectors may signal.
-    /// Default 10.
-    pub warmup_ticks: u32,
+    /// Where a workload with no fleet baseline (the gateway has no history of it yet)
+    /// starts: it is watched against this from its first request, never against
+    /// itself. Requests per second while active. Default 25.
+    pub prior_rate_per_s: f64,
+    /// The same for bytes the workload takes out, per second while active. Default
+    /// 65536 (64 KiB/s).
+    pub prior_bytes_per_s: f64,
+    /// The baseline may grow at most by this factor per `growth_period` (a slow ramp
+    /// cannot teach it faster than this). Default 2.
+    pub max_growth: f64,
+    /// See `max_growth`. Default 1h. (Tests compress time by shortening it.)
+    #[serde(with = "humantime_serde")]
+    pub growth_period: Duration,
+    /// The long-window baseline: an EWMA over about this long (also growth-bounded),
+    /// against which the short baseline is compared; it is kept in the fleet baseline,
+    /// so a restart does not reset it. Default 24h.
+    #[serde(with = "humantime_serde")]
+    pub long_horizon: Duration,
+    /// Signal (`rate_spike`, trigger `long_window`) when the short baseline has grown
+    /// to at least this multiple of the long one: what a ramp inside the growth bound
+    /// taught the short window over hours. Default 4.
+    pub long_factor: f64,
 }
 
 impl Default for BaselineConfig {
@@ -76,7 +102,48 @@ impl Default for BaselineConfig {
         Self {
             tick: Duration::from_secs(1),
             alpha: 0.05,
-            warmup_ticks: 10,
+            prior_rate_per_s: 25.0,
+            prior_bytes_per_s: 65536.0,
+            max_growth: 2.0,
+            growth_period: Duration::from_secs(3600),
+            long_horizon: Duration::from_secs(24 * 3600),
+            long_factor: 4.0,
+        }
+    }
+}
+
+/// Declared budgets (`data.nexus.bindings[ID].budgets`): how they are measured.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct BudgetConfig {
+    /// The sliding window a budget's `requests_per_s` is measured over. Default 1s.
+    #[serde(with = "humantime_serde")]
+    pub rate_window: Duration,
+}
+
+impl Default for BudgetConfig {
+    fn default() -> Self {
+        Self {
+            rate_window: Duration::from_secs(1),
+        }
+    }
+}
+
+/// Fleet baselines: what this sidecar contributes to the gateway's per-workload
+/// baselines, and how often.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct FleetConfig {
+    /// How often the sidecar reports its own workload's baseline to the gateway (and
+    /// gets the fleet's back). Default 10s.
+    #[serde(with = "humantime_serde")]
+    pub report_interval: Duration,
+}
+
+impl Default for FleetConfig {
+    fn default() -> Self {
+        Self {
+            report_interval: Duration::from_secs(10),
         }
     }
 }
@@ -215,6 +282,10 @@ impl DetectorConfig {
         let durations = [
             ("cooldown", self.cooldown),
             ("baseline.tick", self.baseline.tick),
+            ("baseline.growth_period", self.baseline.growth_period),
+            ("baseline.long_horizon", self.baseline.long_horizon),
+            ("budget.rate_window", self.budget.rate_window),
+            ("fleet.report_interval", self.fleet.report_interval),
             ("rate_spike.window", self.rate_spike.window),
             ("denial_burst.window", self.denial_burst.window),
             ("egress_bytes.window", self.egress_bytes.window),
@@ -251,7 +322,23 @@ impl DetectorConfig {
             alpha > 0.0 && alpha <= 1.0,
             alpha.to_string(),
         )?;
+        for (field, prior) in [
+            ("baseline.prior_rate_per_s", self.baseline.prior_rate_per_s),
+            (
+                "baseline.prior_bytes_per_s",
+                self.baseline.prior_bytes_per_s,
+            ),
+        ] {
+            range(
+                field,
+                "above 0",
+                prior > 0.0 && prior.is_finite(),
+                prior.to_string(),
+            )?;
+        }
         for (field, factor) in [
+            ("baseline.max_growth", self.baseline.max_growth),
+            ("baseline.long_factor", self.baseline.long_factor),
             ("rate_spike.factor", self.rate_spike.factor),
             ("egress_bytes.factor", self.egress_bytes.factor),
         ] {

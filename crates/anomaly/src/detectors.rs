@@ -6,17 +6,19 @@
 //! Authentication failures live in a table of their own, since the peer id of a failed
 //! handshake is not authenticated and anyone can invent new ones.
 
+use std::collections::HashMap;
 use std::hash::BuildHasher;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::sync::{Mutex, MutexGuard, PoisonError, RwLock};
 use std::time::Duration;
 
 use serde_json::{Map, Value, json};
 
+use crate::budget::{Budget, MAX_DISTINCT_CLAUSES};
 use crate::config::DetectorConfig;
-use crate::signal::{Observed, RequestEvent, Signal, SignalKind};
+use crate::signal::{Baseline, FleetSample, Observed, RequestEvent, Signal, SignalKind};
 use crate::table::{Lru, Outcome};
-use crate::window::{Ewma, Gate, Ring, Span};
+use crate::window::{Bounded, Gate, Ring, Span};
 
 /// The key authentication failures without a parsable peer identity are counted under.
 pub const UNKNOWN_PEER: &str = "unknown";
@@ -39,6 +41,10 @@ pub struct Detectors {
     hasher: std::hash::RandomState,
     tracked: AtomicUsize,
     evicted: AtomicU64,
+    /// The fleet's baselines (from the gateway): a workload first seen here starts from
+    /// its fleet baseline, else from the prior.
+    fleet: RwLock<HashMap<String, Baseline>>,
+    max_fleet: usize,
 }
 
 impl std::fmt::Debug for Detectors {
@@ -61,7 +67,14 @@ struct Settings {
     cooldown_ms: u64,
     tick_ms: u64,
     alpha: f64,
-    warmup: u32,
+    /// Priors, per tick.
+    prior_rate: f64,
+    prior_bytes: f64,
+    /// Most a baseline may grow in one tick.
+    growth_per_tick: f64,
+    long_alpha: f64,
+    long_factor: f64,
+    budget_rate: Span,
     rate: Span,
     rate_factor: f64,
     rate_min: f64,
@@ -77,6 +90,14 @@ struct Settings {
     auth_threshold: u64,
     sandbox: Span,
     sandbox_threshold: u64,
+}
+
+fn positive(v: f64, default: f64) -> f64 {
+    if v.is_finite() && v > 0.0 { v } else { default }
+}
+
+fn tick_s(c: &DetectorConfig) -> f64 {
+    ms(c.baseline.tick) as f64 / 1000.0
 }
 
 fn ms(d: Duration) -> u64 {
@@ -95,7 +116,14 @@ impl Settings {
             } else {
                 0.05
             },
-            warmup: c.baseline.warmup_ticks,
+            prior_rate: positive(c.baseline.prior_rate_per_s, 25.0) * tick_s(c),
+            prior_bytes: positive(c.baseline.prior_bytes_per_s, 65536.0) * tick_s(c),
+            growth_per_tick: factor(c.baseline.max_growth)
+                .powf(ms(c.baseline.tick) as f64 / ms(c.baseline.growth_period) as f64),
+            long_alpha: (ms(c.baseline.tick) as f64 / ms(c.baseline.long_horizon) as f64)
+                .clamp(f64::MIN_POSITIVE, 1.0),
+            long_factor: factor(c.baseline.long_factor),
+            budget_rate: Span::new(c.budget.rate_window),
             rate: Span::new(c.rate_spike.window),
             rate_factor: factor(c.rate_spike.factor),
             rate_min: if c.rate_spike.min_rate_per_s.is_finite() {
@@ -129,9 +157,23 @@ struct WorkloadState {
     tick: u64,
     tick_requests: u64,
     tick_bytes: u64,
-    /// Requests and bytes per tick while active.
-    rate_base: Ewma,
-    bytes_base: Ewma,
+    /// Requests and bytes per tick while active: the short baseline, and the long one
+    /// it is compared against (both growth-bounded).
+    rate_base: Bounded,
+    bytes_base: Bounded,
+    long_rate: Bounded,
+    long_bytes: Bounded,
+    /// Still on the prior: replaced by the fleet's baseline when that arrives.
+    from_prior: bool,
+    /// Active ticks folded in since the last fleet report.
+    report_ticks: u32,
+    /// Budget windows: requests over `budget.rate_window`, bytes over the budget's own
+    /// window (whose slot length is `budget_slot_ms`), and the clauses named in it
+    /// (hash, last seen), at most `MAX_DISTINCT_CLAUSES`.
+    budget_rate: Ring,
+    budget_bytes: Ring,
+    budget_slot_ms: u64,
+    clauses: Vec<(u64, u64)>,
     rate: Ring,
     denials: Ring,
     egress: Ring,
@@ -202,18 +244,37 @@ fn emit(
 }
 
 impl WorkloadState {
-    fn new(now_ms: u64, s: &Settings) -> Self {
+    /// A workload first seen now: it starts from the fleet's baseline when the gateway
+    /// has one, else from the prior; never from nothing, so it is never its own
+    /// baseline.
+    fn new(now_ms: u64, s: &Settings, fleet: Option<&Baseline>) -> Self {
         let tick = now_ms / s.tick_ms;
-        Self {
+        let mut st = Self {
             last_ms: now_ms,
             first_tick: tick,
             tick,
             ..Self::default()
-        }
+        };
+        st.seed(s, fleet);
+        st
     }
 
-    fn warm(&self, s: &Settings) -> bool {
-        self.rate_base.samples() >= s.warmup
+    fn seed(&mut self, s: &Settings, fleet: Option<&Baseline>) {
+        let tick_s = s.tick_ms as f64 / 1000.0;
+        let (rate, bytes, long_rate, long_bytes) = match fleet {
+            Some(b) => (
+                b.rate_per_s * tick_s,
+                b.bytes_per_s * tick_s,
+                b.long_rate_per_s * tick_s,
+                b.long_bytes_per_s * tick_s,
+            ),
+            None => (s.prior_rate, s.prior_bytes, s.prior_rate, s.prior_bytes),
+        };
+        self.rate_base = Bounded::seeded(rate);
+        self.bytes_base = Bounded::seeded(bytes);
+        self.long_rate = Bounded::seeded(long_rate);
+        self.long_bytes = Bounded::seeded(long_bytes);
+        self.from_prior = fleet.is_none();
     }
 
     /// Requests per second the baseline expects.
@@ -227,33 +288,69 @@ impl WorkloadState {
     }
 
     /// Moves the clock to `now_ms` (never backwards), sampling the tick that ended.
-    fn advance(&mut self, now_ms: u64, s: &Settings) -> u64 {
+    /// Returns (short, long) baseline requests per second when the short baseline has
+    /// outgrown the long one by `long_factor`.
+    fn advance(&mut self, now_ms: u64, s: &Settings) -> (u64, Option<(f64, f64)>) {
         let now = now_ms.max(self.last_ms);
         self.last_ms = now;
         let tick = now / s.tick_ms;
+        let mut drift = None;
         if tick != self.tick {
             // Idle ticks in between are not sampled (the baseline is the rate while
             // active), nor is the partial tick the entry was created in.
             if self.tick != self.first_tick && self.tick_requests > 0 {
-                let warm = self.warm(s);
                 let requests = self.tick_requests as f64;
                 let tick_s = s.tick_ms as f64 / 1000.0;
-                let rate_anomalous = warm
-                    && requests / tick_s >= s.rate_min
+                let rate_anomalous = requests / tick_s >= s.rate_min
                     && requests >= s.rate_factor * self.rate_base.value();
-                self.rate_base.fold(requests, s.alpha, rate_anomalous);
+                let (up, relax) = (s.growth_per_tick, s.long_alpha);
+                self.rate_base
+                    .fold(requests, s.alpha, rate_anomalous, up, relax, s.prior_rate);
+                self.long_rate.fold(
+                    requests,
+                    s.long_alpha,
+                    rate_anomalous,
+                    up,
+                    relax,
+                    s.prior_rate,
+                );
                 let bytes = self.tick_bytes as f64;
                 let min_per_tick =
                     s.egress_min as f64 * s.tick_ms as f64 / s.egress.window_ms() as f64;
                 let bytes_anomalous =
-                    warm && bytes > (s.egress_factor * self.bytes_base.value()).max(min_per_tick);
-                self.bytes_base.fold(bytes, s.alpha, bytes_anomalous);
+                    bytes > (s.egress_factor * self.bytes_base.value()).max(min_per_tick);
+                self.bytes_base
+                    .fold(bytes, s.alpha, bytes_anomalous, up, relax, s.prior_bytes);
+                self.long_bytes.fold(
+                    bytes,
+                    s.long_alpha,
+                    bytes_anomalous,
+                    up,
+                    relax,
+                    s.prior_bytes,
+                );
+                self.report_ticks = self.report_ticks.saturating_add(1);
+                let short = self.rate_base.value() / tick_s;
+                let long = self.long_rate.value() / tick_s;
+                if short >= s.rate_min && short >= s.long_factor * long {
+                    drift = Some((short, long));
+                }
             }
             self.tick = tick;
             self.tick_requests = 0;
             self.tick_bytes = 0;
         }
-        now
+        (now, drift)
+    }
+
+    fn baseline(&self, s: &Settings) -> Baseline {
+        let per_s = 1000.0 / s.tick_ms as f64;
+        Baseline {
+            rate_per_s: self.rate_base.value() * per_s,
+            bytes_per_s: self.bytes_base.value() * per_s,
+            long_rate_per_s: self.long_rate.value() * per_s,
+            long_bytes_per_s: self.long_bytes.value() * per_s,
+        }
     }
 }
 
@@ -280,7 +377,58 @@ impl Detectors {
             hasher: std::hash::RandomState::new(),
             tracked: AtomicUsize::new(0),
             evicted: AtomicU64::new(0),
+            fleet: RwLock::new(HashMap::new()),
+            max_fleet: max,
         }
+    }
+
+    fn fleet_of(&self, workload: &str) -> Option<Baseline> {
+        self.fleet
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(workload)
+            .copied()
+    }
+
+    /// Takes the fleet's baselines (from the gateway): workloads first seen from now on
+    /// start from them, and those still on the prior switch to them. Unusable values
+    /// (not finite, not above 0) are skipped; at most `max_workloads` are kept.
+    pub fn set_fleet(&self, baselines: impl IntoIterator<Item = (String, Baseline)>) {
+        let map: HashMap<String, Baseline> = baselines
+            .into_iter()
+            .filter(|(_, b)| b.is_usable())
+            .take(self.max_fleet)
+            .collect();
+        for shard in self.shards.iter() {
+            let mut shard = lock(shard);
+            shard.workloads.for_each(|key, _, st| {
+                if st.from_prior
+                    && let Some(b) = map.get(key)
+                {
+                    st.seed(&self.s, Some(b));
+                }
+            });
+        }
+        *self.fleet.write().unwrap_or_else(PoisonError::into_inner) = map;
+    }
+
+    /// This sidecar's contribution to the fleet baselines: its own workloads' local
+    /// baselines, those with active ticks since the last call (which resets them).
+    pub fn fleet_report(&self) -> Vec<FleetSample> {
+        let mut out = Vec::new();
+        for shard in self.shards.iter() {
+            let mut shard = lock(shard);
+            shard.workloads.for_each(|key, observed, st| {
+                if observed == Observed::Own && st.report_ticks > 0 {
+                    out.push(FleetSample {
+                        workload: key.to_string(),
+                        baseline: st.baseline(&self.s),
+                        ticks: std::mem::take(&mut st.report_ticks),
+                    });
+                }
+            });
+        }
+        out
     }
 
     fn shard(&self, key: &str) -> &Mutex<Shard> {
@@ -306,8 +454,15 @@ impl Detectors {
     }
 
     /// Feeds one proxied request (after its policy decision) and returns the signals it
-    /// completes: rate spike, denial burst, egress bytes, unbound clause.
-    pub fn on_request(&self, event: &RequestEvent<'_>, now_ms: u64) -> Vec<Signal> {
+    /// completes: budget exceeded (when `budget` is the workload's declared one), rate
+    /// spike (short window, and the long-window comparison), denial burst, egress bytes,
+    /// unbound clause.
+    pub fn on_request(
+        &self,
+        event: &RequestEvent<'_>,
+        budget: Option<&Budget>,
+        now_ms: u64,
+    ) -> Vec<Signal> {
         let s = &self.s;
         let mut out = Vec::new();
         let mut shard = lock(self.shard(event.workload));
@@ -315,21 +470,46 @@ impl Detectors {
             shard
                 .workloads
                 .get_or_insert(event.observed_as, event.workload, || {
-                    WorkloadState::new(now_ms, s)
+                    WorkloadState::new(now_ms, s, self.fleet_of(event.workload).as_ref())
                 })
         else {
             return out;
         };
         self.count(&outcome);
-        let now = st.advance(now_ms, s);
+        let (now, drift) = st.advance(now_ms, s);
         st.tick_requests += 1;
         st.tick_bytes = st.tick_bytes.saturating_add(event.bytes_out);
         let (who, observed) = (event.workload, event.observed_as);
-        let warm = st.warm(s);
+
+        if let Some(budget) = budget {
+            self.check_budget(&mut out, st, budget, event, now);
+        }
+
+        if let Some((short, long)) = drift {
+            let gate = &mut st.gates[gate_index(SignalKind::RateSpike)];
+            emit(
+                &mut out,
+                gate,
+                s.cooldown_ms,
+                SignalKind::RateSpike,
+                who,
+                observed,
+                short / long.max(f64::MIN_POSITIVE),
+                now,
+                || {
+                    json!({
+                        "trigger": "long_window",
+                        "baseline_per_s": short,
+                        "long_baseline_per_s": long,
+                        "factor": s.long_factor,
+                    })
+                },
+            );
+        }
 
         let slot = s.rate.slot(now);
         st.rate.add(slot, 1);
-        if warm {
+        {
             let count = st.rate.sum(slot);
             let covered = s.rate.covered_ms(now);
             let rate = count as f64 * 1000.0 / covered as f64;
@@ -348,6 +528,7 @@ impl Detectors {
                     now,
                     || {
                         json!({
+                            "trigger": "baseline",
                             "count": count,
                             "window_ms": covered,
                             "rate_per_s": rate,
@@ -423,7 +604,7 @@ impl Detectors {
             let bytes = st.egress.sum(slot);
             let base = st.base_bytes(s);
             let relative = (s.egress_factor * base).max(s.egress_min as f64);
-            let (limit, trigger) = if warm && relative < s.egress_max as f64 {
+            let (limit, trigger) = if relative < s.egress_max as f64 {
                 (relative, "baseline")
             } else {
                 (s.egress_max as f64, "absolute")
@@ -446,7 +627,7 @@ impl Detectors {
                             "window_ms": s.egress.window_ms(),
                             "threshold": limit,
                             "trigger": trigger,
-                            "baseline_bytes": if warm { Value::from(base) } else { Value::Null },
+                            "baseline_bytes": base,
                             "factor": s.egress_factor,
                         })
                     },
@@ -519,14 +700,13 @@ impl Detectors {
         let s = &self.s;
         let mut out = Vec::new();
         let mut shard = lock(self.shard(workload));
-        let Some((st, outcome)) = shard
-            .workloads
-            .get_or_insert(Observed::Own, workload, || WorkloadState::new(now_ms, s))
-        else {
+        let Some((st, outcome)) = shard.workloads.get_or_insert(Observed::Own, workload, || {
+            WorkloadState::new(now_ms, s, self.fleet_of(workload).as_ref())
+        }) else {
             return out;
         };
         self.count(&outcome);
-        let now = st.advance(now_ms, s);
+        let (now, _) = st.advance(now_ms, s);
         let slot = s.sandbox.slot(now);
         st.sandbox.add(slot, 1);
         let count = st.sandbox.sum(slot);
@@ -558,6 +738,112 @@ impl Detectors {
             },
         );
         out
+    }
+
+    /// The declared budget's three ceilings, from the first request.
+    fn check_budget(
+        &self,
+        out: &mut Vec<Signal>,
+        st: &mut WorkloadState,
+        budget: &Budget,
+        event: &RequestEvent<'_>,
+        now: u64,
+    ) {
+        let s = &self.s;
+        let (who, observed) = (event.workload, event.observed_as);
+        let window = Span::new(budget.window);
+        if st.budget_slot_ms != window.slot_ms() {
+            // A new budget window (or the first request): start its counts afresh.
+            st.budget_slot_ms = window.slot_ms();
+            st.budget_bytes = Ring::default();
+            st.clauses.clear();
+        }
+        let window_ms = window.window_ms();
+        let mut overruns: Vec<(f64, Value)> = Vec::new();
+
+        let slot = s.budget_rate.slot(now);
+        st.budget_rate.add(slot, 1);
+        let count = st.budget_rate.sum(slot);
+        let rate_window_s = s.budget_rate.window_ms() as f64 / 1000.0;
+        let limit = budget.requests_per_s * rate_window_s;
+        if count as f64 > limit {
+            overruns.push((
+                count as f64 / limit,
+                json!({
+                    "budget": "requests_per_s",
+                    "limit": budget.requests_per_s,
+                    "observed": count as f64 / rate_window_s,
+                    "count": count,
+                    "window_ms": s.budget_rate.window_ms(),
+                }),
+            ));
+        }
+
+        if event.bytes_out > 0 {
+            let slot = window.slot(now);
+            st.budget_bytes.add(slot, event.bytes_out);
+            let bytes = st.budget_bytes.sum(slot);
+            if bytes > budget.egress_bytes {
+                overruns.push((
+                    bytes as f64 / budget.egress_bytes as f64,
+                    json!({
+                        "budget": "egress_bytes",
+                        "limit": budget.egress_bytes,
+                        "observed": bytes,
+                        "window_ms": window_ms,
+                    }),
+                ));
+            }
+        }
+
+        if let Some(clause) = event.clause {
+            let h = self.hasher.hash_one(clause);
+            st.clauses.retain(|(_, seen)| seen + window_ms > now);
+            if let Some(e) = st.clauses.iter_mut().find(|(c, _)| *c == h) {
+                e.1 = now;
+            } else {
+                if st.clauses.len() >= MAX_DISTINCT_CLAUSES as usize
+                    && let Some(oldest) = st
+                        .clauses
+                        .iter()
+                        .enumerate()
+                        .min_by_key(|(_, (_, seen))| *seen)
+                        .map(|(i, _)| i)
+                {
+                    st.clauses.swap_remove(oldest);
+                }
+                st.clauses.push((h, now));
+            }
+            let distinct = st.clauses.len() as u32;
+            if distinct > budget.distinct_clauses {
+                overruns.push((
+                    f64::from(distinct) / f64::from(budget.distinct_clauses),
+                    json!({
+                        "budget": "distinct_clauses",
+                        "limit": budget.distinct_clauses,
+                        "observed": distinct,
+                        "window_ms": window_ms,
+                        "clause": truncated(clause),
+                    }),
+                ));
+            }
+        }
+
+        // The worst overrun speaks for the request (one gate for the kind).
+        if let Some((score, evidence)) = overruns.into_iter().max_by(|a, b| a.0.total_cmp(&b.0)) {
+            let gate = &mut st.gates[gate_index(SignalKind::BudgetExceeded)];
+            emit(
+                out,
+                gate,
+                s.cooldown_ms,
+                SignalKind::BudgetExceeded,
+                who,
+                observed,
+                score,
+                now,
+                || evidence,
+            );
+        }
     }
 
     /// Workloads currently tracked (peers, own, and authentication-failure sources).

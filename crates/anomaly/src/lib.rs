@@ -1,5 +1,7 @@
 //! Anomaly detectors for a Nexus sidecar: per workload (each peer, and the sidecar's own
-//! workload), a request-rate spike against an adaptive baseline, a burst of denials,
+//! workload), declared budgets from the bindings (no warm-up), a request-rate spike
+//! against a growth-bounded baseline that starts from the fleet's (or a conservative
+//! prior) and a long-window comparison, a burst of denials,
 //! egress bytes over a window, requests for clauses outside the workload's bindings,
 //! authentication failures, and sandbox violations. Each turns what it sees into
 //! [`Signal`]s for the gateway's revocation policy (`policies/revocation`).
@@ -13,15 +15,18 @@
 
 #![forbid(unsafe_code)]
 
+pub mod budget;
 mod config;
 mod detectors;
 mod signal;
 mod table;
 mod window;
 
+pub use budget::{Budget, BudgetError, Budgets};
 pub use config::{
-    AuthFailuresConfig, BaselineConfig, ConfigError, DenialBurstConfig, DetectorConfig,
-    EgressConfig, RateSpikeConfig, SandboxViolationConfig, UnboundClauseConfig,
+    AuthFailuresConfig, BaselineConfig, BudgetConfig, ConfigError, DenialBurstConfig,
+    DetectorConfig, EgressConfig, FleetConfig, RateSpikeConfig, SandboxViolationConfig,
+    UnboundClauseConfig,
 };
 pub use detectors::{Detectors, UNKNOWN_PEER};
-pub use signal::{Observed, RequestEvent, Signal, SignalKind};
+pub use signal::{Baseline, FleetSample, Observed, RequestEvent, Signal, SignalKind};

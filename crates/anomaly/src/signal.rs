@@ -20,17 +20,21 @@ pub enum SignalKind {
     AuthFailures,
     /// The workload's sandbox refused or killed a syscall.
     SandboxViolation,
+    /// The workload went over a budget its binding declares (requests per second,
+    /// egress bytes or distinct clauses per window): no baseline, no warm-up.
+    BudgetExceeded,
 }
 
 impl SignalKind {
     /// Every kind, in declaration order.
-    pub const ALL: [SignalKind; 6] = [
+    pub const ALL: [SignalKind; 7] = [
         SignalKind::RateSpike,
         SignalKind::DenialBurst,
         SignalKind::EgressBytes,
         SignalKind::UnboundClause,
         SignalKind::AuthFailures,
         SignalKind::SandboxViolation,
+        SignalKind::BudgetExceeded,
     ];
 
     /// The snake_case name used in JSON and metrics labels.
@@ -42,6 +46,7 @@ impl SignalKind {
             SignalKind::UnboundClause => "unbound_clause",
             SignalKind::AuthFailures => "auth_failures",
             SignalKind::SandboxViolation => "sandbox_violation",
+            SignalKind::BudgetExceeded => "budget_exceeded",
         }
     }
 }
@@ -85,8 +90,8 @@ pub struct Signal {
     /// Whether the reporter saw it as a peer or as its own workload.
     pub observed_as: Observed,
     /// How anomalous: for `rate_spike` the current rate over the baseline; for the
-    /// others the observed count or bytes over the threshold that tripped (>= 1), and
-    /// 100 for a sandbox `kill`.
+    /// others the observed count or bytes over the threshold (or budget) that tripped
+    /// (>= 1), and 100 for a sandbox `kill`.
     pub score: f64,
     /// Counts, window, baseline, threshold and `suppressed` (signals of this kind about
     /// this workload held back by the cooldown since the previous one).
@@ -114,4 +119,48 @@ pub struct RequestEvent<'a> {
     pub bytes_out: u64,
     /// Bytes the workload received.
     pub bytes_in: u64,
+}
+
+/// A workload's baseline as the fleet shares it (the gateway's per-workload record, and
+/// what one sidecar contributes to it): per second while active.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Baseline {
+    /// Requests per second (short window).
+    pub rate_per_s: f64,
+    /// Egress bytes per second (short window).
+    pub bytes_per_s: f64,
+    /// Requests per second (long window).
+    pub long_rate_per_s: f64,
+    /// Egress bytes per second (long window).
+    pub long_bytes_per_s: f64,
+}
+
+impl Baseline {
+    /// Whether every value is a finite number, 0 or more, and the request rate above 0
+    /// (anything else is never used).
+    pub fn is_usable(&self) -> bool {
+        self.rate_per_s > 0.0 && self.all_finite_non_negative()
+    }
+
+    fn all_finite_non_negative(&self) -> bool {
+        [
+            self.rate_per_s,
+            self.bytes_per_s,
+            self.long_rate_per_s,
+            self.long_bytes_per_s,
+        ]
+        .iter()
+        .all(|v| v.is_finite() && *v >= 0.0)
+    }
+}
+
+/// One sidecar's view of its own workload since its last report.
+#[derive(Clone, Debug, PartialEq)]
+pub struct FleetSample {
+    /// The workload (the sidecar's own SPIFFE ID).
+    pub workload: String,
+    /// The local baseline now.
+    pub baseline: Baseline,
+    /// Active ticks folded in since the last report (its weight).
+    pub ticks: u32,
 }

@@ -105,6 +105,13 @@ impl<S> Lru<S> {
         Some((&mut self.entries[i].state, outcome))
     }
 
+    /// Visits every entry (recency unchanged).
+    pub(crate) fn for_each(&mut self, mut f: impl FnMut(&str, Observed, &mut S)) {
+        for e in &mut self.entries {
+            f(&e.key, e.observed, &mut e.state);
+        }
+    }
+
     fn touch(&mut self, i: usize) {
         if self.head == i {
             return;

@@ -21,6 +21,10 @@ impl Span {
         }
     }
 
+    pub(crate) fn slot_ms(self) -> u64 {
+        self.slot_ms
+    }
+
     pub(crate) fn slot(self, now_ms: u64) -> u64 {
         now_ms / self.slot_ms
     }
@@ -115,6 +119,11 @@ pub(crate) struct Ewma {
 }
 
 impl Ewma {
+    /// Starts at `value` (a prior or the fleet's baseline), as if already sampled.
+    pub(crate) fn seeded(value: f64) -> Self {
+        Self { value, samples: 1 }
+    }
+
     pub(crate) fn fold(&mut self, sample: f64, alpha: f64, anomalous: bool) {
         if self.samples == 0 {
             self.value = sample;
@@ -135,9 +144,50 @@ impl Ewma {
     pub(crate) fn value(self) -> f64 {
         self.value
     }
+}
 
-    pub(crate) fn samples(self) -> u32 {
-        self.samples
+/// An EWMA whose effective value may grow at most by `up` per sample: it is the EWMA
+/// capped by a ceiling that rises at most that fast, and that relaxes slowly (at
+/// `relax`) toward the EWMA when it is below. Growth is counted on the ceiling plus
+/// `floor` (the prior), so a baseline that fell to zero can still grow back, by at most
+/// the prior per growth period. A steady but noisy workload is not
+/// biased down (a dip does not drag the ceiling), a ramp cannot teach the value
+/// faster than the bound, and a workload that falls quiet is judged by its lower rate
+/// at once.
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct Bounded {
+    raw: Ewma,
+    ceiling: f64,
+}
+
+impl Bounded {
+    pub(crate) fn seeded(value: f64) -> Self {
+        Self {
+            raw: Ewma::seeded(value),
+            ceiling: value,
+        }
+    }
+
+    pub(crate) fn fold(
+        &mut self,
+        sample: f64,
+        alpha: f64,
+        anomalous: bool,
+        up: f64,
+        relax: f64,
+        floor: f64,
+    ) {
+        self.raw.fold(sample, alpha, anomalous);
+        let raw = self.raw.value();
+        self.ceiling = if raw >= self.ceiling {
+            raw.min((self.ceiling + floor) * up - floor)
+        } else {
+            self.ceiling + relax * (raw - self.ceiling)
+        };
+    }
+
+    pub(crate) fn value(self) -> f64 {
+        self.raw.value().min(self.ceiling)
     }
 }
 
@@ -173,5 +223,24 @@ mod tests {
         e.fold(100.0, 0.1, false);
         e.fold(1000.0, 0.1, true);
         assert!((e.value() - 101.0).abs() < 1e-9, "{}", e.value());
+    }
+
+    #[test]
+    fn growth_is_bounded_per_sample_and_falls_freely() {
+        let mut e = Bounded::seeded(100.0);
+        e.fold(300.0, 0.5, false, 1.01, 0.001, 0.0);
+        assert!((e.value() - 101.0).abs() < 1e-9, "{}", e.value());
+        // Falls with the EWMA at once; the ceiling stays near where it was.
+        e.fold(1.0, 0.5, false, 1.01, 0.001, 0.0);
+        assert!((e.value() - 100.5).abs() < 1e-9, "{}", e.value());
+        e.fold(1.0, 0.5, false, 1.01, 0.001, 0.0);
+        assert!((e.value() - 50.75).abs() < 1e-9, "{}", e.value());
+        // Back up: the EWMA climbs, and the ceiling (about 101) is not in the way.
+        e.fold(100.0, 0.5, false, 1.01, 0.001, 0.0);
+        assert!((e.value() - 75.375).abs() < 1e-9, "{}", e.value());
+        // From zero, by the floor: (0 + 10) * 2 - 10 = 10 at most.
+        let mut z = Bounded::seeded(0.0);
+        z.fold(1000.0, 1.0, false, 2.0, 0.001, 10.0);
+        assert!((z.value() - 10.0).abs() < 1e-9, "{}", z.value());
     }
 }

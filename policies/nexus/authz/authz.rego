@@ -76,7 +76,19 @@ default read_methods := ["GET", "HEAD"]
 
 read_methods := data.nexus.allowed_methods
 
-bound if input.clause in data.nexus.bindings[plugin]
+# A binding is a list of clauses, or an object whose `clauses` is that list (and whose
+# `budgets` the anomaly watch reads: docs/anomaly.md).
+bound if {
+	binding := data.nexus.bindings[plugin]
+	is_array(binding)
+	input.clause in binding
+}
+
+bound if {
+	clauses := data.nexus.bindings[plugin].clauses
+	is_array(clauses)
+	input.clause in clauses
+}
 
 # The execution the sidecar resolved must be one the gateway opened, for this plugin
 # and clause, and still open at the request's time. Times are compared as unix

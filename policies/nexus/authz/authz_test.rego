@@ -148,3 +148,41 @@ test_revoked_public_path_is_denied if {
 		with data.nexus.public_paths as ["/healthz"]
 	d.allow == false
 }
+
+# The binding object shape ({clauses, budgets}): bound by its `clauses`, never by a
+# budget's field names or values.
+object_bindings := {flood: {"clauses": ["c-flood-17"], "budgets": {"requests_per_s": 100, "egress_bytes": 1024, "distinct_clauses": 4, "window": "10s"}}}
+
+test_binding_object_binds_its_clauses if {
+	d := authz.decision with input as req("GET", "/clauses/c-flood-17/rainfall", "c-flood-17", ex)
+		with data.nexus.bindings as object_bindings
+		with data.nexus.executions as executions
+		with data.nexus.revoked as {}
+		with data.nexus.public_paths as ["/healthz"]
+	d.allow == true
+}
+
+budget_name_allowed(clause) if {
+	ex2 := object.union(ex, {"clause": clause})
+	d := authz.decision with input as req("GET", concat("/", ["/clauses", clause, "x"]), clause, ex2)
+		with data.nexus.bindings as object_bindings
+		with data.nexus.executions as {"ex-1": ex2}
+		with data.nexus.revoked as {}
+		with data.nexus.public_paths as ["/healthz"]
+	d.allow == true
+}
+
+test_binding_object_does_not_bind_its_budget_names if {
+	every clause in ["budgets", "clauses", "requests_per_s", "window", "10s"] {
+		not budget_name_allowed(clause)
+	}
+}
+
+test_binding_object_does_not_bind_other_clauses if {
+	d := authz.decision with input as req("GET", "/clauses/c-flood-18/rainfall", "c-flood-18", ex)
+		with data.nexus.bindings as object_bindings
+		with data.nexus.executions as executions
+		with data.nexus.revoked as {}
+		with data.nexus.public_paths as ["/healthz"]
+	d.allow == false
+}

@@ -51,6 +51,9 @@ pub struct Control {
     pub metrics: Arc<Metrics>,
     /// Signals waiting for the gateway.
     pub signals: Arc<SignalQueue>,
+    /// The anomaly watch, if on: it reports its workload's baseline and takes the
+    /// fleet's.
+    pub watch: Option<Arc<crate::proxy::watch::AnomalyWatch>>,
     /// The audit file set to ship, if any.
     pub records: Option<std::path::PathBuf>,
     /// The last revision applied in full (acknowledged).
@@ -219,6 +222,13 @@ impl Control {
         heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut ship = tokio::time::interval(self.config.ship_interval);
         ship.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut fleet = tokio::time::interval(
+            self.watch
+                .as_ref()
+                .map(|w| w.report_interval())
+                .unwrap_or(Duration::from_secs(3600)),
+        );
+        fleet.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut last_heard = Instant::now();
         let mut next_batch: u64 = 1;
         // A revision that could not be applied in full is retried with backoff; until
@@ -299,6 +309,13 @@ impl Control {
                         Err(error) => tracing::warn!(%error, "cannot read execution records to ship"),
                     }
                 }
+                _ = fleet.tick(), if self.watch.is_some() => {
+                    if let Some(report) = self.watch.as_ref().and_then(|w| w.fleet_report())
+                        && tx.send(send(sidecar_message::Msg::Baselines(report))).await.is_err()
+                    {
+                        break Err(SessionError::Closed);
+                    }
+                }
                 _ = tokio::time::sleep_until(idle_at) => break Err(SessionError::Idle),
             }
         };
@@ -328,6 +345,11 @@ impl Control {
                 *changed |= applied;
             }
             Some(gateway_message::Msg::Heartbeat(_)) => {}
+            Some(gateway_message::Msg::Baselines(fleet)) => {
+                if let Some(watch) = &self.watch {
+                    watch.set_fleet(fleet);
+                }
+            }
             Some(gateway_message::Msg::BatchAck(ack)) => match ack.kind.as_str() {
                 "records" => {
                     if let Some((batch, cursor)) = *records_in_flight

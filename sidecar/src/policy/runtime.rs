@@ -98,6 +98,9 @@ pub struct Loaded {
     by_id: HashMap<String, Execution>,
     /// The folder as loaded, so a runtime-data change needs no reload or recompile.
     bundle: Bundle,
+    /// The budgets the bindings declare (`data.nexus.bindings[ID].budgets`), read with
+    /// the revision: a revision whose budgets cannot be read does not load.
+    pub budgets: Arc<nexus_anomaly::Budgets>,
 }
 
 impl Loaded {
@@ -204,6 +207,24 @@ fn walk(dir: &Path, out: &mut Vec<(PathBuf, u64, Option<SystemTime>, i64, i64)>)
     }
 }
 
+/// The budgets of the folder's bindings; a malformed one is a load error naming the
+/// binding and the field (docs/anomaly.md).
+fn budgets_of(bundle: &Bundle) -> Result<nexus_anomaly::Budgets, PolicyError> {
+    let data = serde_json::to_value(&bundle.data).map_err(|e| PolicyError::Data {
+        file: bundle.root.display().to_string(),
+        message: format!("data cannot be read as JSON: {e}"),
+    })?;
+    let bindings = data
+        .get("nexus")
+        .and_then(|n| n.get("bindings"))
+        .cloned()
+        .unwrap_or(serde_json::Value::Null);
+    nexus_anomaly::budget::from_bindings(&bindings).map_err(|e| PolicyError::Data {
+        file: format!("{} (data.nexus.bindings)", bundle.root.display()),
+        message: e.to_string(),
+    })
+}
+
 impl PolicyRuntime {
     /// A runtime with nothing loaded yet (every request is denied until the first load).
     pub fn new(config: PolicyConfig, metrics: Arc<Metrics>) -> Arc<Self> {
@@ -293,6 +314,7 @@ impl PolicyRuntime {
         );
         let checked = isolate::check(&request, limits)?;
         let bundle = Bundle::load(&self.config.dir)?;
+        budgets_of(&bundle)?;
         if bundle.revision != checked.revision {
             // Edited between the check and this load: that edit is a new revision, checked
             // on the watcher's next round.
@@ -396,12 +418,17 @@ impl PolicyRuntime {
         for list in executions.values_mut() {
             list.sort_by_key(|ex| std::cmp::Reverse(ex.ends_unix_nanos));
         }
+        let budgets = match current {
+            Some(current) => current.budgets.clone(),
+            None => Arc::new(budgets_of(&bundle)?),
+        };
         Ok(Loaded {
             policy,
             shadow,
             executions,
             by_id,
             bundle,
+            budgets,
         })
     }
 

@@ -139,7 +139,13 @@ fn bound(loaded: &Loaded, plugin: &str, clause: &str) -> Option<bool> {
     if *bindings == nexus_policy::Value::Undefined {
         return None;
     }
-    let list = &bindings[plugin];
+    // A binding is a list of clauses, or an object whose `clauses` is that list (and
+    // whose `budgets` the watch reads).
+    let entry = &bindings[plugin];
+    let list = match entry.as_array() {
+        Ok(_) => entry,
+        Err(_) => &entry["clauses"],
+    };
     Some(
         list.as_array()
             .map(|a| {

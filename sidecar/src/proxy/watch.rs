@@ -19,11 +19,13 @@ use std::task::{Context, Poll};
 use bytes::Bytes;
 use http::{Request, Response};
 use nexus_anomaly::{Detectors, Observed, RequestEvent, Signal};
+use nexus_proto::control::{Baseline, BaselineReport, FleetBaselines};
 
 use super::ProxyBody;
 use super::observe::{EndObserver, ObservedBody, TappedBody};
 use crate::control::{SignalQueue, unix_ms};
 use crate::metrics::Metrics;
+use crate::policy::PolicyRuntime;
 
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
 
@@ -37,6 +39,10 @@ pub struct AnomalyWatch {
     detectors: Detectors,
     queue: Arc<SignalQueue>,
     metrics: Arc<Metrics>,
+    /// Where the budgets come from: the bindings of the policy revision in force.
+    policy: Option<Arc<PolicyRuntime>>,
+    /// How often to report this workload's baseline to the gateway.
+    report_interval: std::time::Duration,
     /// The decision ids of each workload's latest requests, newest last: a signal about
     /// a workload cites them, so the gateway can check them against this sidecar's
     /// execution records (docs/threat-model.md).
@@ -50,18 +56,70 @@ impl std::fmt::Debug for AnomalyWatch {
 }
 
 impl AnomalyWatch {
-    /// Detectors with `config`, signals into `queue`.
+    /// Detectors with `config`, signals into `queue`, budgets from `policy`'s bindings.
     pub fn new(
         config: nexus_anomaly::DetectorConfig,
         queue: Arc<SignalQueue>,
         metrics: Arc<Metrics>,
+        policy: Option<Arc<PolicyRuntime>>,
     ) -> Arc<Self> {
         Arc::new(Self {
+            report_interval: config.fleet.report_interval,
             detectors: Detectors::new(config),
             queue,
             metrics,
+            policy,
             recent: Mutex::new(HashMap::new()),
         })
+    }
+
+    /// How often the control stream sends [`AnomalyWatch::fleet_report`].
+    pub fn report_interval(&self) -> std::time::Duration {
+        self.report_interval
+    }
+
+    /// This sidecar's contribution to its workload's fleet baseline (`None`: nothing
+    /// new since the last one).
+    pub fn fleet_report(&self) -> Option<BaselineReport> {
+        let baselines: Vec<Baseline> = self
+            .detectors
+            .fleet_report()
+            .into_iter()
+            .map(|s| Baseline {
+                workload: s.workload,
+                rate_per_s: s.baseline.rate_per_s,
+                bytes_per_s: s.baseline.bytes_per_s,
+                long_rate_per_s: s.baseline.long_rate_per_s,
+                long_bytes_per_s: s.baseline.long_bytes_per_s,
+                ticks: u64::from(s.ticks),
+                updated_unix_ms: unix_ms(),
+            })
+            .collect();
+        (!baselines.is_empty()).then_some(BaselineReport { baselines })
+    }
+
+    /// The fleet's baselines from the gateway: workloads new here start from them.
+    pub fn set_fleet(&self, fleet: FleetBaselines) {
+        let n = fleet.baselines.len();
+        self.detectors
+            .set_fleet(fleet.baselines.into_iter().map(|b| {
+                (
+                    b.workload,
+                    nexus_anomaly::Baseline {
+                        rate_per_s: b.rate_per_s,
+                        bytes_per_s: b.bytes_per_s,
+                        long_rate_per_s: b.long_rate_per_s,
+                        long_bytes_per_s: b.long_bytes_per_s,
+                    },
+                )
+            }));
+        self.metrics.fleet_baselines(n);
+        tracing::debug!(workloads = n, "fleet baselines received");
+    }
+
+    /// The policy revision in force, whose bindings carry the budgets.
+    fn loaded(&self) -> Option<Arc<crate::policy::Loaded>> {
+        self.policy.as_ref()?.current()
     }
 
     /// Notes that `workload`'s request `decision_id` ended at `now_ms`.
@@ -264,7 +322,11 @@ impl Drop for Report {
         if let Some(id) = self.facts.decision_id.get() {
             self.layer.watch.note(&self.layer.workload, id, now);
         }
-        let signals = self.layer.watch.detectors.on_request(&event, now);
+        let loaded = self.layer.watch.loaded();
+        let budget = loaded
+            .as_ref()
+            .and_then(|l| l.budgets.get(&*self.layer.workload));
+        let signals = self.layer.watch.detectors.on_request(&event, budget, now);
         if !signals.is_empty() {
             self.layer.watch.emit(signals);
         }

@@ -40,9 +40,17 @@ fn drive(d: &Detectors, ev: &RequestEvent<'_>, from: u64, to: u64, rps: u64) -> 
     let mut out = Vec::new();
     let n = (to - from) * rps / 1000;
     for i in 0..n {
-        out.extend(d.on_request(ev, from + i * 1000 / rps));
+        out.extend(d.on_request(ev, None, from + i * 1000 / rps));
     }
     out
+}
+
+/// Detectors whose prior is the workload's usual traffic (as if the fleet knew it).
+fn usual(rps: f64, bytes_per_s: f64) -> Detectors {
+    let mut c = DetectorConfig::default();
+    c.baseline.prior_rate_per_s = rps;
+    c.baseline.prior_bytes_per_s = bytes_per_s;
+    Detectors::new(c)
 }
 
 fn of(signals: &[Signal], kind: SignalKind) -> Vec<&Signal> {
@@ -59,7 +67,7 @@ fn num(s: &Signal, key: &str) -> f64 {
 
 #[test]
 fn a_tenfold_spike_signals_within_300ms_and_escalates_to_its_full_score() {
-    let d = Detectors::new(DetectorConfig::default());
+    let d = usual(100.0, 65536.0);
     let ev = event(PLUGIN);
     let onset = T0 + 30_000;
     assert!(drive(&d, &ev, T0, onset, 100).is_empty());
@@ -92,13 +100,16 @@ fn a_tenfold_spike_signals_within_300ms_and_escalates_to_its_full_score() {
 }
 
 #[test]
-fn no_rate_signal_during_warm_up() {
+fn a_workload_hostile_from_its_first_request_is_judged_against_the_prior() {
+    // No warm-up and no self-learning: 2000/s from the first request against the
+    // default prior (25/s).
     let d = Detectors::new(DetectorConfig::default());
     let ev = event(PLUGIN);
-    // 9 s of history (8 full ticks sampled) then a 20× spike.
-    assert!(drive(&d, &ev, T0, T0 + 9_000, 100).is_empty());
-    let spike = drive(&d, &ev, T0 + 9_000, T0 + 10_000, 2000);
-    assert!(of(&spike, SignalKind::RateSpike).is_empty(), "{spike:?}");
+    let spike = drive(&d, &ev, T0, T0 + 1000, 2000);
+    let rate = of(&spike, SignalKind::RateSpike);
+    assert!(!rate.is_empty(), "{spike:?}");
+    assert!(rate[0].time_ms - T0 <= 100, "{:?}", rate[0]);
+    assert!(rate.iter().any(|s| s.score >= 8.0), "{rate:?}");
 }
 
 #[test]
@@ -141,9 +152,13 @@ fn ten_minutes_of_jittered_steady_load_never_signals() {
         for factor in [4.0, low] {
             let mut c = DetectorConfig::default();
             c.rate_spike.factor = factor;
+            c.baseline.prior_rate_per_s = rps;
             let d = Detectors::new(c);
             let ev = event(PLUGIN);
-            let signals: Vec<Signal> = times.iter().flat_map(|&t| d.on_request(&ev, t)).collect();
+            let signals: Vec<Signal> = times
+                .iter()
+                .flat_map(|&t| d.on_request(&ev, None, t))
+                .collect();
             assert!(
                 signals.is_empty(),
                 "{rps} rps, factor {factor}: {signals:?}"
@@ -154,7 +169,7 @@ fn ten_minutes_of_jittered_steady_load_never_signals() {
 
 #[test]
 fn a_flood_does_not_poison_the_baseline() {
-    let d = Detectors::new(DetectorConfig::default());
+    let d = usual(100.0, 65536.0);
     let ev = event(PLUGIN);
     drive(&d, &ev, T0, T0 + 30_000, 100);
     // 20 s at 10×, back to normal past the cooldown, then a second spike.
@@ -168,7 +183,7 @@ fn a_flood_does_not_poison_the_baseline() {
 
 #[test]
 fn idle_ticks_do_not_lower_the_baseline() {
-    let d = Detectors::new(DetectorConfig::default());
+    let d = usual(200.0, 65536.0);
     let ev = event(PLUGIN);
     drive(&d, &ev, T0, T0 + 30_000, 200);
     // Ten idle minutes, then the usual rate again: not a spike.
@@ -204,12 +219,12 @@ fn denial_burst_at_the_threshold_in_the_window() {
     ev.allowed = false;
     // 19 denials over 19 s never fill the 10 s window.
     for i in 0..19 {
-        assert!(d.on_request(&ev, T0 + i * 1000).is_empty());
+        assert!(d.on_request(&ev, None, T0 + i * 1000).is_empty());
     }
     for i in 0..19 {
-        assert!(d.on_request(&ev, T0 + 40_000 + i * 100).is_empty());
+        assert!(d.on_request(&ev, None, T0 + 40_000 + i * 100).is_empty());
     }
-    let s = d.on_request(&ev, T0 + 42_000);
+    let s = d.on_request(&ev, None, T0 + 42_000);
     assert_eq!(s.len(), 1, "{s:?}");
     assert_eq!(s[0].kind, SignalKind::DenialBurst);
     assert_eq!(s[0].score, 1.0);
@@ -220,24 +235,35 @@ fn denial_burst_at_the_threshold_in_the_window() {
 // --- egress ----------------------------------------------------------------------------
 
 #[test]
-fn egress_over_the_absolute_limit_signals_even_when_cold() {
-    let d = Detectors::new(DetectorConfig::default());
+fn egress_over_the_absolute_limit_signals_whatever_the_baseline() {
+    // A workload whose usual egress is huge still trips the absolute cap.
+    let d = usual(100.0, 1e9);
     let mut ev = event(PLUGIN);
     ev.bytes_out = 64 << 20;
     let mut signals = Vec::new();
     for i in 0..5 {
-        signals.extend(d.on_request(&ev, T0 + i * 100));
+        signals.extend(d.on_request(&ev, None, T0 + i * 100));
     }
     let e = of(&signals, SignalKind::EgressBytes);
     assert_eq!(e.len(), 1, "{signals:?}");
     assert_eq!(e[0].evidence["trigger"], "absolute");
     assert_eq!(e[0].time_ms, T0 + 400);
-    assert!(e[0].evidence["baseline_bytes"].is_null());
+}
+
+#[test]
+fn a_new_workload_pulling_much_data_is_judged_against_the_prior_from_its_first_request() {
+    let d = Detectors::new(DetectorConfig::default());
+    let mut ev = event(PLUGIN);
+    ev.bytes_out = 16 << 20;
+    let s = d.on_request(&ev, None, T0);
+    let e = of(&s, SignalKind::EgressBytes);
+    assert_eq!(e.len(), 1, "{s:?}");
+    assert_eq!(e[0].evidence["trigger"], "baseline");
 }
 
 #[test]
 fn egress_over_factor_times_the_warm_baseline_signals() {
-    let d = Detectors::new(DetectorConfig::default());
+    let d = usual(100.0, 1e6);
     let mut ev = event(PLUGIN);
     ev.bytes_out = 10_000; // 1 MB/s at 100 rps: 10 MB per 10 s window
     assert!(drive(&d, &ev, T0, T0 + 60_000, 100).is_empty());
@@ -256,7 +282,7 @@ fn egress_over_factor_times_the_warm_baseline_signals() {
 
 #[test]
 fn small_egress_below_the_floor_is_not_relative_anomaly() {
-    let d = Detectors::new(DetectorConfig::default());
+    let d = usual(100.0, 1000.0);
     let mut ev = event(PLUGIN);
     ev.bytes_out = 10;
     drive(&d, &ev, T0, T0 + 60_000, 100);
@@ -275,9 +301,9 @@ fn unbound_clause_burst_signals_at_three() {
     ev.clause_bound = Some(false);
     ev.clause = Some("c-secret-9");
     ev.allowed = false;
-    assert!(d.on_request(&ev, T0 + 1000).is_empty());
-    assert!(d.on_request(&ev, T0 + 1100).is_empty());
-    let s = d.on_request(&ev, T0 + 1200);
+    assert!(d.on_request(&ev, None, T0 + 1000).is_empty());
+    assert!(d.on_request(&ev, None, T0 + 1100).is_empty());
+    let s = d.on_request(&ev, None, T0 + 1200);
     let u = of(&s, SignalKind::UnboundClause);
     assert_eq!(u.len(), 1, "{s:?}");
     assert_eq!(u[0].evidence["clause"], "c-secret-9");
@@ -347,17 +373,17 @@ fn at_most_max_workloads_least_recently_seen_evicted_first() {
     let hot = "spiffe://nexus.local/ns/plugins/sa/hot";
     let mut unbound = event(hot);
     unbound.clause_bound = Some(false);
-    d.on_request(&unbound, T0);
-    d.on_request(&unbound, T0 + 1);
+    d.on_request(&unbound, None, T0);
+    d.on_request(&unbound, None, T0 + 1);
     for i in 0..200u64 {
         let id = format!("spiffe://nexus.local/ns/p/sa/w{i}");
-        d.on_request(&event(&id), T0 + 10 + i);
-        d.on_request(&event(hot), T0 + 10 + i);
+        d.on_request(&event(&id), None, T0 + 10 + i);
+        d.on_request(&event(hot), None, T0 + 10 + i);
     }
     assert_eq!(d.tracked(), 56);
     assert_eq!(d.evicted(), 201 - 56);
     // `hot` was seen throughout: its state (two unbound requests) survived.
-    let s = d.on_request(&unbound, T0 + 500);
+    let s = d.on_request(&unbound, None, T0 + 500);
     assert_eq!(of(&s, SignalKind::UnboundClause).len(), 1, "{s:?}");
 }
 
@@ -366,8 +392,8 @@ fn forged_auth_ids_cannot_evict_request_state_and_sharded_tables_stay_bounded() 
     let d = Detectors::new(DetectorConfig::default());
     let mut unbound = event(PLUGIN);
     unbound.clause_bound = Some(false);
-    d.on_request(&unbound, T0);
-    d.on_request(&unbound, T0 + 1);
+    d.on_request(&unbound, None, T0);
+    d.on_request(&unbound, None, T0 + 1);
     for i in 0..10_000u64 {
         d.on_auth_failure(
             Some(&format!("spiffe://forged/{i}")),
@@ -377,10 +403,10 @@ fn forged_auth_ids_cannot_evict_request_state_and_sharded_tables_stay_bounded() 
     }
     assert!(d.tracked() <= 4096);
     assert_eq!(d.tracked() as u64 + d.evicted(), 10_001);
-    let s = d.on_request(&unbound, T0 + 3);
+    let s = d.on_request(&unbound, None, T0 + 3);
     assert_eq!(of(&s, SignalKind::UnboundClause).len(), 1);
     for i in 0..10_000u64 {
-        d.on_request(&event(&format!("spiffe://nexus.local/w{i}")), T0 + 4);
+        d.on_request(&event(&format!("spiffe://nexus.local/w{i}")), None, T0 + 4);
     }
     assert!(d.tracked() <= 4096, "{}", d.tracked());
     assert_eq!(d.tracked() as u64 + d.evicted(), 20_001);
@@ -410,7 +436,7 @@ fn signal_json_shape() {
 fn shared_between_threads() {
     fn send_sync<T: Send + Sync>() {}
     send_sync::<Detectors>();
-    let d = std::sync::Arc::new(Detectors::new(DetectorConfig::default()));
+    let d = std::sync::Arc::new(usual(100.0, 65536.0));
     let threads: Vec<_> = (0..2)
         .map(|t| {
             let d = d.clone();
@@ -424,4 +450,216 @@ fn shared_between_threads() {
         assert_eq!(t.join().unwrap(), 0);
     }
     assert_eq!(d.tracked(), 2);
+}
+
+// --- budgets ---------------------------------------------------------------------------
+
+fn budget(rps: f64) -> Budget {
+    Budget {
+        requests_per_s: rps,
+        egress_bytes: 1 << 20,
+        distinct_clauses: 2,
+        window: Duration::from_secs(10),
+    }
+}
+
+#[test]
+fn a_budget_overrun_signals_from_the_first_second_and_escalates() {
+    // The usual rate is high (the prior says 1000/s), but the binding declares 100/s.
+    let d = usual(1000.0, 65536.0);
+    let ev = event(PLUGIN);
+    let b = budget(100.0);
+    let mut out = Vec::new();
+    for i in 0..1450u64 {
+        out.extend(d.on_request(&ev, Some(&b), T0 + i * 1000 / 1450));
+    }
+    let over = of(&out, SignalKind::BudgetExceeded);
+    assert!(!over.is_empty(), "{out:?}");
+    assert_eq!(over[0].evidence["budget"], "requests_per_s");
+    assert!(over[0].time_ms - T0 < 100, "{:?}", over[0]);
+    let clear = over.iter().find(|s| s.score >= 2.0).expect("a 2x overrun");
+    assert!(clear.time_ms - T0 < 200, "{clear:?}");
+    assert!(of(&out, SignalKind::RateSpike).is_empty(), "{out:?}");
+}
+
+#[test]
+fn within_budget_is_silent() {
+    let d = usual(50.0, 65536.0);
+    let ev = event(PLUGIN);
+    let b = budget(100.0);
+    let mut out = Vec::new();
+    for i in 0..(60 * 50u64) {
+        out.extend(d.on_request(&ev, Some(&b), T0 + i * 20));
+    }
+    assert!(out.is_empty(), "{out:?}");
+}
+
+#[test]
+fn egress_and_distinct_clause_budgets() {
+    let d = usual(10.0, 1e9);
+    let b = budget(100.0);
+    let mut ev = event(PLUGIN);
+    ev.bytes_out = 400 << 10;
+    let mut out = Vec::new();
+    for i in 0..3 {
+        out.extend(d.on_request(&ev, Some(&b), T0 + i * 100));
+    }
+    let e = of(&out, SignalKind::BudgetExceeded);
+    assert_eq!(e.len(), 1, "{out:?}");
+    assert_eq!(e[0].evidence["budget"], "egress_bytes");
+    assert_eq!(e[0].time_ms, T0 + 200);
+
+    let d = usual(10.0, 1e9);
+    let mut out = Vec::new();
+    for (i, c) in ["c-1", "c-2", "c-1", "c-3"].iter().enumerate() {
+        let mut ev = event(PLUGIN);
+        ev.clause = Some(c);
+        out.extend(d.on_request(&ev, Some(&b), T0 + i as u64 * 100));
+    }
+    let c = of(&out, SignalKind::BudgetExceeded);
+    assert_eq!(c.len(), 1, "{out:?}");
+    assert_eq!(c[0].evidence["budget"], "distinct_clauses");
+    assert_eq!(c[0].evidence["observed"], 3);
+    assert_eq!(c[0].time_ms, T0 + 300);
+    // Outside the window, the old clauses no longer count.
+    let mut ev = event(PLUGIN);
+    ev.clause = Some("c-4");
+    assert!(d.on_request(&ev, Some(&b), T0 + 20_000).is_empty());
+}
+
+// --- slow ramps, drift bound, long window ----------------------------------------------
+
+/// A linear ramp from `from_rps` to `to_rps` over `secs`, starting at `t0`: the first
+/// rate-spike signal's time and the rate at that time.
+fn ramp(d: &Detectors, t0: u64, secs: u64, from_rps: f64, to_rps: f64) -> Option<(u64, f64)> {
+    let ev = event(PLUGIN);
+    let mut t = 0f64;
+    while t < secs as f64 * 1000.0 {
+        let rate = from_rps + (to_rps - from_rps) * t / (secs as f64 * 1000.0);
+        let now = t0 + t as u64;
+        if let Some(s) = d
+            .on_request(&ev, None, now)
+            .into_iter()
+            .find(|s| s.kind == SignalKind::RateSpike)
+        {
+            return Some((s.time_ms, rate));
+        }
+        t += 1000.0 / rate;
+    }
+    None
+}
+
+#[test]
+fn a_slow_ramp_to_20x_is_caught_before_4x_lasts_a_minute() {
+    // Known at 20/s (the fleet's baseline), then 20 -> 400/s over 5 minutes.
+    let d = usual(20.0, 65536.0);
+    let ev = event(PLUGIN);
+    assert!(drive(&d, &ev, T0, T0 + 120_000, 20).is_empty());
+    let start = T0 + 120_000;
+    let (at, rate) = ramp(&d, start, 300, 20.0, 400.0).expect("the ramp was never caught");
+    // The ramp passes 4x (80/s) at 300 * 60/380 s = 47.4 s.
+    let past_4x_ms = (at - start) as f64 - 47_400.0;
+    eprintln!(
+        "caught at {rate:.0}/s, {:.1} s into the ramp",
+        (at - start) as f64 / 1000.0
+    );
+    assert!(
+        past_4x_ms < 60_000.0,
+        "caught {past_4x_ms} ms after passing 4x"
+    );
+    assert!(rate < 4.0 * 20.0 * 1.3, "caught at {rate}/s");
+}
+
+#[test]
+fn without_the_drift_bound_the_same_ramp_would_be_learned() {
+    // The control: with growth unbounded, the baseline follows the ramp and the
+    // short-window detector alone never sees it.
+    let mut c = DetectorConfig::default();
+    c.baseline.prior_rate_per_s = 20.0;
+    c.baseline.max_growth = 1e12;
+    c.baseline.long_factor = 1e12;
+    let d = Detectors::new(c);
+    let ev = event(PLUGIN);
+    drive(&d, &ev, T0, T0 + 120_000, 20);
+    assert_eq!(ramp(&d, T0 + 120_000, 300, 20.0, 400.0), None);
+}
+
+#[test]
+fn the_long_window_catches_what_the_short_one_learned_within_the_drift_bound() {
+    // A ramp just inside the drift bound (x2 per period): the short baseline follows,
+    // the long one (horizon 24 periods, as the defaults' 1h and 24h) lags and the
+    // comparison trips. Time compressed 60x.
+    let mut c = DetectorConfig::default();
+    c.baseline.prior_rate_per_s = 20.0;
+    c.baseline.growth_period = Duration::from_secs(60);
+    c.baseline.long_horizon = Duration::from_secs(1440);
+    let d = Detectors::new(c);
+    let ev = event(PLUGIN);
+    let mut rate = 20.0f64;
+    let mut t = T0;
+    let mut caught = None;
+    while t < T0 + 300_000 && caught.is_none() {
+        for s in d.on_request(&ev, None, t) {
+            if s.evidence.get("trigger").and_then(|v| v.as_str()) == Some("long_window") {
+                caught = Some((t, rate, s));
+            }
+        }
+        // x1.9 per minute: just under the bound.
+        rate = 20.0 * 1.9f64.powf((t - T0) as f64 / 60_000.0);
+        t += (1000.0 / rate) as u64;
+    }
+    let (at, rate, s) = caught.expect("the long window never tripped");
+    eprintln!(
+        "long window tripped at {rate:.0}/s after {} s: {s:?}",
+        (at - T0) / 1000
+    );
+    assert!(rate < 400.0, "{rate}");
+    assert!(num(&s, "baseline_per_s") >= 4.0 * num(&s, "long_baseline_per_s"));
+}
+
+// --- fleet baselines -------------------------------------------------------------------
+
+#[test]
+fn a_new_replica_starts_from_the_fleet_baseline_not_the_prior() {
+    let fleet = Baseline {
+        rate_per_s: 200.0,
+        bytes_per_s: 65536.0,
+        long_rate_per_s: 200.0,
+        long_bytes_per_s: 65536.0,
+    };
+    // Against the prior (25/s), 200/s is a spike; against the fleet's 200/s it is not.
+    let d = Detectors::new(DetectorConfig::default());
+    let ev = event(PLUGIN);
+    assert!(!drive(&d, &ev, T0, T0 + 1000, 200).is_empty());
+    let d = Detectors::new(DetectorConfig::default());
+    d.set_fleet([(PLUGIN.to_string(), fleet)]);
+    assert!(drive(&d, &ev, T0, T0 + 60_000, 200).is_empty());
+    // A workload first seen on the prior switches to the fleet's once it arrives.
+    let d = Detectors::new(DetectorConfig::default());
+    assert!(drive(&d, &ev, T0, T0 + 100, 20).is_empty());
+    d.set_fleet([(PLUGIN.to_string(), fleet)]);
+    assert!(drive(&d, &ev, T0 + 100, T0 + 60_000, 200).is_empty());
+    // Unusable values are never taken.
+    let d = Detectors::new(DetectorConfig::default());
+    let bad = Baseline {
+        rate_per_s: f64::INFINITY,
+        ..fleet
+    };
+    d.set_fleet([(PLUGIN.to_string(), bad)]);
+    assert!(!drive(&d, &ev, T0, T0 + 1000, 200).is_empty());
+}
+
+#[test]
+fn the_fleet_report_carries_own_workloads_with_their_ticks() {
+    let d = usual(50.0, 1000.0);
+    let mut own = event(PLUGIN);
+    own.observed_as = Observed::Own;
+    drive(&d, &own, T0, T0 + 5_500, 50);
+    drive(&d, &event("spiffe://nexus.local/peer"), T0, T0 + 5_500, 50);
+    let r = d.fleet_report();
+    assert_eq!(r.len(), 1, "{r:?}");
+    assert_eq!(r[0].workload, PLUGIN);
+    assert_eq!(r[0].ticks, 4);
+    assert!((r[0].baseline.rate_per_s - 50.0).abs() < 1.0, "{r:?}");
+    assert!(d.fleet_report().is_empty());
 }
