@@ -239,7 +239,12 @@ def authz_corpus(folder: Folder, n: int, rng: random.Random) -> Corpus:
     expired, forged and missing executions, methods, revoked workloads, public and
     unknown paths, odd strings and request times."""
     nexus = folder.data.get("nexus", {})
-    bindings: dict[str, list] = nexus.get("bindings") or {}
+    # A binding is a list of clauses or an object {clauses, budgets} (docs/anomaly.md):
+    # the generator needs the clauses; the policy sees the data as written.
+    bindings: dict[str, list] = {
+        plugin: (b.get("clauses") or []) if isinstance(b, dict) else list(b or [])
+        for plugin, b in (nexus.get("bindings") or {}).items()
+    }
     public_paths = [p for p in nexus.get("public_paths") or [] if isinstance(p, str)]
     plugins = sorted(bindings)
     if not plugins:
