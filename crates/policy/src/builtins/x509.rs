@@ -1,90 +1,31 @@
 //! crypto.x509.parse_certificates and crypto.x509.parse_and_verify_certificates: the
 //! certificates as OPA returns them, i.e. Go's `x509.Certificate` marshalled to JSON
 //! (field names, integer enums, base64 byte slices, null for empty lists) plus OPA's
-//! `URIStrings`. Parsing with `x509-parser`; chain verification with rustls-webpki (the
-//! first certificate is the root, the last the leaf, as OPA takes them; server-auth
-//! usage, as Go's default `VerifyOptions`).
+//! `URIStrings`. Parsing (certificates and their extensions) with `x509-parser` and its
+//! `asn1-rs`; chain verification with rustls-webpki (the first certificate is the root,
+//! the last the leaf, as OPA takes them; server-auth usage, as Go's default
+//! `VerifyOptions`).
 
 use std::collections::BTreeMap;
 
 use anyhow::{Result, anyhow, bail};
 use regorus::Value;
+use x509_parser::asn1_rs::{Any, FromDer, Oid};
 use x509_parser::certificate::X509Certificate;
+use x509_parser::extensions::{DistributionPointName, GeneralName, ParsedExtension};
 use x509_parser::num_bigint::BigUint;
-use x509_parser::x509::X509Name;
+use x509_parser::signature_algorithm::SignatureAlgorithm;
+use x509_parser::x509::{AlgorithmIdentifier, X509Name};
 
 use super::encoding::{base64_encode, base64_std, pem_decode};
 use super::string_arg;
 
-/// A minimal DER reader: (tag, content, rest).
-fn tlv(input: &[u8]) -> Option<(u8, &[u8], &[u8])> {
-    let (&tag, rest) = input.split_first()?;
-    let (&first, rest) = rest.split_first()?;
-    let (len, rest) = if first < 0x80 {
-        (usize::from(first), rest)
-    } else {
-        let n = usize::from(first & 0x7f);
-        if n == 0 || n > 4 || rest.len() < n {
-            return None;
-        }
-        let len = rest[..n]
-            .iter()
-            .fold(0usize, |acc, b| (acc << 8) | usize::from(*b));
-        (len, &rest[n..])
-    };
-    if rest.len() < len {
-        return None;
-    }
-    Some((tag, &rest[..len], &rest[len..]))
-}
-
-/// The elements of a constructed value.
-fn children(mut content: &[u8]) -> Vec<(u8, &[u8])> {
-    let mut out = Vec::new();
-    while let Some((tag, c, rest)) = tlv(content) {
-        out.push((tag, c));
-        content = rest;
-    }
-    out
-}
-
-/// An OBJECT IDENTIFIER's content as its arcs.
-fn oid_arcs(content: &[u8]) -> Vec<u64> {
-    let mut arcs = Vec::new();
-    let mut v: u64 = 0;
-    for (i, b) in content.iter().enumerate() {
-        v = (v << 7) | u64::from(b & 0x7f);
-        if b & 0x80 == 0 {
-            if arcs.is_empty() {
-                let first = if v < 40 {
-                    0
-                } else if v < 80 {
-                    1
-                } else {
-                    2
-                };
-                arcs.push(first);
-                arcs.push(v - 40 * first);
-            } else {
-                arcs.push(v);
-            }
-            v = 0;
-        } else if i + 1 == content.len() {
-            break;
-        }
-    }
-    arcs
-}
-
-fn oid_value(arcs: &[u64]) -> Value {
-    Value::from(arcs.iter().map(|a| Value::from(*a)).collect::<Vec<_>>())
-}
-
-fn oid_string(arcs: &[u64]) -> String {
-    arcs.iter()
-        .map(u64::to_string)
-        .collect::<Vec<_>>()
-        .join(".")
+/// An OID as Go's `asn1.ObjectIdentifier` (its arcs).
+fn oid_value(oid: &Oid<'_>) -> Value {
+    let arcs = oid
+        .iter()
+        .map(|arcs| arcs.map(Value::from).collect::<Vec<_>>());
+    Value::from(arcs.unwrap_or_default())
 }
 
 fn strings(items: Vec<String>) -> Value {
@@ -113,12 +54,11 @@ fn name(n: &X509Name<'_>) -> Value {
     for rdn in n.iter() {
         for atv in rdn.iter() {
             let oid = atv.attr_type().to_id_string();
-            let arcs: Vec<u64> = oid.split('.').filter_map(|a| a.parse().ok()).collect();
             let Ok(value) = atv.attr_value().as_str() else {
                 continue;
             };
             names.push(super::object([
-                ("Type", oid_value(&arcs)),
+                ("Type", oid_value(atv.attr_type())),
                 ("Value", Value::from(value)),
             ]));
             let field = match oid.as_str() {
@@ -250,21 +190,28 @@ const EXT_KEY_USAGES: &[&str] = &[
     "1.3.6.1.4.1.311.61.1.1",
 ];
 
-/// Go's `x509.SignatureAlgorithm` of the certificate's signature.
-fn signature_algorithm(oid: &str, params: &[u8]) -> u64 {
-    let pss_hash = || {
-        let has = |arcs: &[u8]| params.windows(arcs.len()).any(|w| w == arcs);
-        if has(&[0x60, 0x86, 0x48, 0x01, 0x65, 0x03, 0x04, 0x02, 0x01]) {
-            13
-        } else if has(&[0x60, 0x86, 0x48, 0x01, 0x65, 0x03, 0x04, 0x02, 0x02]) {
-            14
-        } else if has(&[0x60, 0x86, 0x48, 0x01, 0x65, 0x03, 0x04, 0x02, 0x03]) {
-            15
-        } else {
-            0
-        }
-    };
-    match oid {
+/// The extensions Go's parser handles: critical ones besides these are listed in
+/// `UnhandledCriticalExtensions`.
+const HANDLED_EXTENSIONS: &[&str] = &[
+    "2.5.29.14",
+    "2.5.29.15",
+    "2.5.29.17",
+    "2.5.29.19",
+    "2.5.29.30",
+    "2.5.29.31",
+    "2.5.29.32",
+    "2.5.29.33",
+    "2.5.29.35",
+    "2.5.29.36",
+    "2.5.29.37",
+    "2.5.29.54",
+    "1.3.6.1.5.5.7.1.1",
+];
+
+/// Go's `x509.SignatureAlgorithm` of the certificate's signature (RSASSA-PSS by the
+/// hash its parameters name; SHA-1, their default, is not one Go lists).
+fn signature_algorithm(alg: &AlgorithmIdentifier<'_>) -> u64 {
+    match alg.algorithm.to_id_string().as_str() {
         "1.2.840.113549.1.1.2" => 1,
         "1.2.840.113549.1.1.4" => 2,
         "1.2.840.113549.1.1.5" => 3,
@@ -277,7 +224,17 @@ fn signature_algorithm(oid: &str, params: &[u8]) -> u64 {
         "1.2.840.10045.4.3.2" => 10,
         "1.2.840.10045.4.3.3" => 11,
         "1.2.840.10045.4.3.4" => 12,
-        "1.2.840.113549.1.1.10" => pss_hash(),
+        "1.2.840.113549.1.1.10" => match SignatureAlgorithm::try_from(alg) {
+            Ok(SignatureAlgorithm::RSASSA_PSS(params)) => {
+                match params.hash_algorithm_oid().to_id_string().as_str() {
+                    "2.16.840.1.101.3.4.2.1" => 13,
+                    "2.16.840.1.101.3.4.2.2" => 14,
+                    "2.16.840.1.101.3.4.2.3" => 15,
+                    _ => 0,
+                }
+            }
+            _ => 0,
+        },
         "1.3.101.112" => 16,
         _ => 0,
     }
@@ -325,33 +282,6 @@ fn time_text(t: &x509_parser::time::ASN1Time) -> Value {
         .map_or(Value::Null, Value::from)
 }
 
-/// A certificate's raw TBS, issuer, subject and SPKI.
-type RawParts<'a> = (&'a [u8], &'a [u8], &'a [u8], &'a [u8]);
-
-/// The raw TBS, issuer, subject and SPKI of a certificate's DER (in Go's order).
-fn raw_parts(der: &[u8]) -> Option<RawParts<'_>> {
-    let (_, cert, _) = tlv(der)?;
-    let tbs = *raw_children(cert).first()?;
-    let (_, tbs_content, _) = tlv(tbs)?;
-    let fields = raw_children(tbs_content);
-    // [0] version is optional.
-    let skip = usize::from(fields.first().is_some_and(|f| f[0] == 0xa0));
-    let issuer = *fields.get(skip + 2)?;
-    let subject = *fields.get(skip + 4)?;
-    let spki = *fields.get(skip + 5)?;
-    Some((tbs, issuer, subject, spki))
-}
-
-/// The elements of a constructed value, each with its tag and length.
-fn raw_children(mut content: &[u8]) -> Vec<&[u8]> {
-    let mut out = Vec::new();
-    while let Some((_, _, rest)) = tlv(content) {
-        out.push(&content[..content.len() - rest.len()]);
-        content = rest;
-    }
-    out
-}
-
 /// One certificate as Go's `x509.Certificate` in JSON, with OPA's `URIStrings`.
 fn certificate(der: &[u8], cert: &X509Certificate<'_>) -> Value {
     let mut key_usage = 0u64;
@@ -364,118 +294,82 @@ fn certificate(der: &[u8], cert: &X509Certificate<'_>) -> Value {
     let mut unhandled = Vec::new();
     let mut extensions = Vec::new();
     for ext in cert.extensions() {
-        let id = ext.oid.to_id_string();
-        let arcs: Vec<u64> = id.split('.').filter_map(|a| a.parse().ok()).collect();
         extensions.push(super::object([
-            ("Id", oid_value(&arcs)),
+            ("Id", oid_value(&ext.oid)),
             ("Critical", Value::from(ext.critical)),
             ("Value", Value::from(base64_encode(ext.value))),
         ]));
-        let Some((tag, content, _)) = tlv(ext.value) else {
-            continue;
-        };
-        match id.as_str() {
-            "2.5.29.15" if tag == 0x03 && !content.is_empty() => {
-                let bits = &content[1..];
-                for i in 0..9 {
-                    if bits.get(i / 8).is_some_and(|b| b >> (7 - i % 8) & 1 == 1) {
-                        key_usage |= 1 << i;
-                    }
-                }
-            }
-            "2.5.29.19" => {
+        let id = ext.oid.to_id_string();
+        if ext.critical && !HANDLED_EXTENSIONS.contains(&id.as_str()) {
+            unhandled.push(oid_value(&ext.oid));
+        }
+        match ext.parsed_extension() {
+            ParsedExtension::KeyUsage(usage) => key_usage = u64::from(usage.flags & 0x1ff),
+            ParsedExtension::BasicConstraints(constraints) => {
                 basic_valid = true;
-                max_path_len = -1;
-                for (t, c) in children(content) {
-                    match t {
-                        0x01 => is_ca = c.first().is_some_and(|b| *b != 0),
-                        0x02 => {
-                            max_path_len = c.iter().fold(0i64, |acc, b| (acc << 8) | i64::from(*b))
-                        }
+                is_ca = constraints.ca;
+                max_path_len = constraints.path_len_constraint.map_or(-1, i64::from);
+            }
+            ParsedExtension::SubjectAlternativeName(san) => {
+                for name in &san.general_names {
+                    match name {
+                        GeneralName::RFC822Name(email) => emails.push(email.to_string()),
+                        GeneralName::DNSName(dns_name) => dns.push(dns_name.to_string()),
+                        GeneralName::URI(uri) => uris.push(uri.to_string()),
+                        GeneralName::IPAddress(ip) => ips.push(ip_text(ip)),
                         _ => {}
                     }
                 }
             }
-            "2.5.29.17" => {
-                for (t, c) in children(content) {
-                    let text = || String::from_utf8_lossy(c).into_owned();
-                    match t {
-                        0x81 => emails.push(text()),
-                        0x82 => dns.push(text()),
-                        0x86 => uris.push(text()),
-                        0x87 => ips.push(ip_text(c)),
-                        _ => {}
-                    }
-                }
-            }
-            "2.5.29.37" => {
-                for (_, c) in children(content) {
-                    let arcs = oid_arcs(c);
-                    match EXT_KEY_USAGES.iter().position(|k| *k == oid_string(&arcs)) {
+            // x509-parser sorts the purposes into flags; Go keeps them in order, with
+            // repeats, so they are read as the SEQUENCE OF OID they are.
+            ParsedExtension::ExtendedKeyUsage(_) => {
+                for oid in
+                    <Vec<Oid<'_>>>::from_der(ext.value).map_or_else(|_| Vec::new(), |(_, v)| v)
+                {
+                    match EXT_KEY_USAGES.iter().position(|k| *k == oid.to_id_string()) {
                         Some(i) => eku.push(Value::from(i as u64)),
-                        None => unknown_eku.push(oid_value(&arcs)),
+                        None => unknown_eku.push(oid_value(&oid)),
                     }
                 }
             }
-            "2.5.29.14" if tag == 0x04 => ski = Some(content.to_vec()),
-            "2.5.29.35" => {
-                aki = children(content)
-                    .into_iter()
-                    .find(|(t, _)| *t == 0x80)
-                    .map(|(_, c)| c.to_vec());
+            ParsedExtension::SubjectKeyIdentifier(key_id) => ski = Some(key_id.0),
+            ParsedExtension::AuthorityKeyIdentifier(authority) => {
+                aki = authority.key_identifier.as_ref().map(|k| k.0);
             }
-            "2.5.29.31" => {
-                for (_, dp) in children(content) {
-                    for (t, name) in children(dp) {
-                        if t != 0xa0 {
-                            continue;
-                        }
-                        for (t, full) in children(name) {
-                            if t == 0xa0 {
-                                for (t, c) in children(full) {
-                                    if t == 0x86 {
-                                        crl.push(String::from_utf8_lossy(c).into_owned());
-                                    }
-                                }
-                            }
-                        }
+            ParsedExtension::CRLDistributionPoints(points) => {
+                for point in points.iter() {
+                    if let Some(DistributionPointName::FullName(names)) = &point.distribution_point
+                    {
+                        crl.extend(names.iter().filter_map(|n| match n {
+                            GeneralName::URI(uri) => Some(uri.to_string()),
+                            _ => None,
+                        }));
                     }
                 }
             }
-            "1.3.6.1.5.5.7.1.1" => {
-                for (_, ad) in children(content) {
-                    let parts = children(ad);
-                    if let [(0x06, method), (0x86, location)] = parts.as_slice() {
-                        let loc = String::from_utf8_lossy(location).into_owned();
-                        match oid_string(&oid_arcs(method)).as_str() {
-                            "1.3.6.1.5.5.7.48.1" => ocsp.push(loc),
-                            "1.3.6.1.5.5.7.48.2" => issuing.push(loc),
-                            _ => {}
-                        }
+            ParsedExtension::AuthorityInfoAccess(access) => {
+                for desc in access.iter() {
+                    let GeneralName::URI(location) = desc.access_location else {
+                        continue;
+                    };
+                    match desc.access_method.to_id_string().as_str() {
+                        "1.3.6.1.5.5.7.48.1" => ocsp.push(location.to_string()),
+                        "1.3.6.1.5.5.7.48.2" => issuing.push(location.to_string()),
+                        _ => {}
                     }
                 }
             }
-            "2.5.29.32" => {
-                for (_, info) in children(content) {
-                    if let Some((0x06, oid)) = children(info).first().copied() {
-                        let arcs = oid_arcs(oid);
-                        policy_ids.push(oid_value(&arcs));
-                        policies.push(oid_string(&arcs));
-                    }
+            ParsedExtension::CertificatePolicies(infos) => {
+                for info in infos {
+                    policy_ids.push(oid_value(&info.policy_id));
+                    policies.push(info.policy_id.to_id_string());
                 }
             }
-            "2.5.29.30" | "2.5.29.36" | "2.5.29.54" | "2.5.29.33" => {}
-            _ if ext.critical => unhandled.push(oid_value(&arcs)),
             _ => {}
         }
     }
-    let (tbs, raw_issuer, raw_subject, raw_spki) = raw_parts(der).unwrap_or((&[], &[], &[], &[]));
-    let sig_alg = &cert.signature_algorithm;
-    let sig_params = sig_alg
-        .parameters
-        .as_ref()
-        .map(|p| p.as_bytes())
-        .unwrap_or_default();
+    let tbs = &cert.tbs_certificate;
     let (pk_alg, pk) = public_key(cert);
     let list = |v: Vec<Value>| {
         if v.is_empty() {
@@ -487,23 +381,26 @@ fn certificate(der: &[u8], cert: &X509Certificate<'_>) -> Value {
     let uri_values: Vec<Value> = uris.iter().map(|u| url_value(u)).collect();
     super::object([
         ("Raw", Value::from(base64_encode(der))),
-        ("RawTBSCertificate", Value::from(base64_encode(tbs))),
+        (
+            "RawTBSCertificate",
+            Value::from(base64_encode(tbs.as_ref())),
+        ),
         (
             "RawSubjectPublicKeyInfo",
-            Value::from(base64_encode(raw_spki)),
+            Value::from(base64_encode(tbs.subject_pki.raw)),
         ),
-        ("RawSubject", Value::from(base64_encode(raw_subject))),
-        ("RawIssuer", Value::from(base64_encode(raw_issuer))),
+        (
+            "RawSubject",
+            Value::from(base64_encode(tbs.subject.as_raw())),
+        ),
+        ("RawIssuer", Value::from(base64_encode(tbs.issuer.as_raw()))),
         (
             "Signature",
             Value::from(base64_encode(cert.signature_value.data.as_ref())),
         ),
         (
             "SignatureAlgorithm",
-            Value::from(signature_algorithm(
-                &sig_alg.algorithm.to_id_string(),
-                sig_params,
-            )),
+            Value::from(signature_algorithm(&cert.signature_algorithm)),
         ),
         ("PublicKeyAlgorithm", Value::from(pk_alg)),
         ("PublicKey", pk),
@@ -529,8 +426,8 @@ fn certificate(der: &[u8], cert: &X509Certificate<'_>) -> Value {
             "MaxPathLenZero",
             Value::from(basic_valid && max_path_len == 0),
         ),
-        ("SubjectKeyId", bytes_or_null(ski.as_deref())),
-        ("AuthorityKeyId", bytes_or_null(aki.as_deref())),
+        ("SubjectKeyId", bytes_or_null(ski)),
+        ("AuthorityKeyId", bytes_or_null(aki)),
         ("OCSPServer", strings(ocsp)),
         ("IssuingCertificateURL", strings(issuing)),
         ("DNSNames", strings(dns)),
@@ -592,7 +489,7 @@ fn ders_from(text: &str) -> Result<Vec<Vec<u8>>> {
     let mut out = Vec::new();
     let mut rest = bytes.as_slice();
     while !rest.is_empty() {
-        let (_, _, after) = tlv(rest).ok_or_else(|| anyhow!("x509: malformed certificate"))?;
+        let (after, _) = Any::from_der(rest).map_err(|_| anyhow!("x509: malformed certificate"))?;
         let len = rest.len() - after.len();
         out.push(rest[..len].to_vec());
         rest = after;
