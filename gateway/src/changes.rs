@@ -78,7 +78,7 @@ pub(crate) fn unix_ms() -> u64 {
 pub(crate) fn random_hex(bytes: usize) -> String {
     let mut buf = vec![0u8; bytes];
     let _ = ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut buf);
-    buf.iter().map(|b| format!("{b:02x}")).collect()
+    data_encoding::HEXLOWER.encode(&buf)
 }
 
 /// A revocation subject: a SPIFFE ID or a `spiffe://td/path/*` prefix, in its

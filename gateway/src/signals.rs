@@ -245,12 +245,9 @@ impl Signals {
             policy,
             seq: AtomicU64::new(0),
             prefix: format!(
-                "sig-{}-{:02x}{:02x}{:02x}{:02x}",
+                "sig-{}-{}",
                 unix_ms(),
-                salt[0],
-                salt[1],
-                salt[2],
-                salt[3]
+                data_encoding::HEXLOWER.encode(&salt)
             ),
             sidecars,
             buckets: Mutex::new(HashMap::new()),

@@ -203,12 +203,7 @@ async fn upload(req: Request<Incoming>) -> Response<Body> {
             }
         }
     }
-    let sha256: String = context
-        .finish()
-        .as_ref()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
+    let sha256 = data_encoding::HEXLOWER.encode(context.finish().as_ref());
     json(
         StatusCode::OK,
         serde_json::json!({"bytes": bytes, "sha256": sha256}),

@@ -402,9 +402,7 @@ pub async fn exec(target: Target, command: ExecCommand) -> anyhow::Result<()> {
 }
 
 pub(crate) fn rfc3339(ms: u64) -> String {
-    time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
-        .map(nexus_audit::rfc3339_ms)
-        .unwrap_or_default()
+    nexus_audit::rfc3339_unix_ms(ms)
 }
 
 /// `nexusctl status`.

@@ -136,9 +136,7 @@ impl Signals {
             profile = violation.profile.as_deref().unwrap_or("-"),
             "sandbox violation"
         );
-        let received = time::OffsetDateTime::now_utc()
-            .format(&time::format_description::well_known::Rfc3339)
-            .unwrap_or_default();
+        let received = nexus_audit::rfc3339_ms(time::OffsetDateTime::now_utc());
         let seq = {
             let mut ring = self.ring.lock().unwrap_or_else(|p| p.into_inner());
             ring.last_seq += 1;
@@ -236,7 +234,7 @@ pub fn write_token(path: &std::path::Path) -> std::io::Result<String> {
     let mut bytes = [0u8; 32];
     ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut bytes)
         .map_err(|_| std::io::Error::other("no randomness for the report token"))?;
-    let token: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    let token = data_encoding::HEXLOWER.encode(&bytes);
     let mut tmp_name = path.file_name().unwrap_or_default().to_os_string();
     tmp_name.push(".tmp");
     let tmp = path.with_file_name(tmp_name);

@@ -18,7 +18,8 @@ pub fn repo_root() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("."))
 }
 
-/// Path of a workspace binary in the debug target folder.
+/// Path of a workspace binary in the debug target folder. Panics if it is missing or
+/// older than one of its sources ([`stale_source`]), so a test never runs a stale build.
 pub fn bin(name: &str) -> PathBuf {
     let target = std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
@@ -29,7 +30,102 @@ pub fn bin(name: &str) -> PathBuf {
         "{} is missing: run `cargo build --workspace --bins` before the tests",
         path.display()
     );
+    static CHECKED: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+    let mut checked = CHECKED.lock().unwrap_or_else(|p| p.into_inner());
+    if !checked.iter().any(|c| c == name) {
+        if let Err(why) = stale_source(&path) {
+            panic!("{why}: run `cargo build --workspace --bins` before the tests");
+        }
+        checked.push(name.to_string());
+    }
     path
+}
+
+/// Checks that `binary` is newer than every source file it was built from, as cargo
+/// lists them in the dep-info file it writes beside the binary (`BINARY.d`, a Makefile
+/// rule `BINARY: SOURCE...` with spaces escaped as `\ `). Cargo rebuilds a binary when
+/// one of those files is newer than its last build, so a newer file means the binary
+/// is stale.
+pub fn stale_source(binary: &Path) -> Result<(), String> {
+    let modified = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified());
+    let built = modified(binary).map_err(|e| format!("{}: {e}", binary.display()))?;
+    let mut dep_info = binary.as_os_str().to_owned();
+    dep_info.push(".d");
+    let dep_info = PathBuf::from(dep_info);
+    let text = std::fs::read_to_string(&dep_info).map_err(|e| {
+        format!(
+            "cannot tell whether {} is up to date: {}: {e}",
+            binary.display(),
+            dep_info.display()
+        )
+    })?;
+    for source in dep_info_sources(&text, binary) {
+        match modified(&source) {
+            Ok(changed) if changed > built => {
+                return Err(format!(
+                    "{} is older than its source {}",
+                    binary.display(),
+                    source.display()
+                ));
+            }
+            Ok(_) => {}
+            // A source deleted since the build also makes it stale.
+            Err(e) => {
+                return Err(format!(
+                    "{} was built from {}, which is gone ({e})",
+                    binary.display(),
+                    source.display()
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The prerequisites of `target`'s rule (by file name: the dep-info path may be spelled
+/// differently from ours) in a Makefile-style dep-info text.
+fn dep_info_sources(text: &str, target: &Path) -> Vec<PathBuf> {
+    let mut sources = Vec::new();
+    for line in text.lines() {
+        let mut words = Vec::new();
+        let mut word = String::new();
+        let mut chars = line.chars();
+        while let Some(c) = chars.next() {
+            match c {
+                '\\' => word.extend(chars.next()),
+                ' ' => words.push(std::mem::take(&mut word)),
+                _ => word.push(c),
+            }
+        }
+        words.push(word);
+        words.retain(|w| !w.is_empty());
+        let Some(head) = words.first().and_then(|w| w.strip_suffix(':')) else {
+            continue;
+        };
+        if Path::new(head).file_name() == target.file_name() {
+            sources.extend(words[1..].iter().map(PathBuf::from));
+        }
+    }
+    sources
+}
+
+/// `t` as Nexus writes and prints times (RFC 3339, UTC, milliseconds), so the two compare
+/// as strings.
+pub fn rfc3339(t: std::time::SystemTime) -> String {
+    nexus_audit::rfc3339_ms(time::OffsetDateTime::from(t))
+}
+
+/// Copies the folder `from` to `to`, recursively (a test's own copy of `policies/`).
+pub fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).expect("create dir");
+    for entry in std::fs::read_dir(from).expect("read dir").flatten() {
+        let target = to.join(entry.file_name());
+        if entry.path().is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), &target).expect("copy");
+        }
+    }
 }
 
 /// A file under certs-dev/.
@@ -322,7 +418,7 @@ print(json.dumps({"received": data.decode("latin-1"), "end": end, "elapsed": tim
 /// Opens a TCP connection to `127.0.0.1:port` with python3, sends `payload`, and reads
 /// until the server closes or `wait` passes.
 pub fn raw_tcp(port: u16, payload: &[u8], wait: Duration) -> RawExchange {
-    let hex: String = payload.iter().map(|b| format!("{b:02x}")).collect();
+    let hex = data_encoding::HEXLOWER.encode(payload);
     let secs = wait.as_secs_f64().to_string();
     let port = port.to_string();
     let limit = u32::try_from(wait.as_secs()).unwrap_or(60) + 10;
@@ -360,4 +456,62 @@ pub fn free_port() -> u16 {
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
         .expect("a free port")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::SystemTime;
+
+    fn touch(path: &Path, at: SystemTime) {
+        std::fs::write(path, b"x").expect("write");
+        std::fs::File::options()
+            .write(true)
+            .open(path)
+            .and_then(|f| f.set_modified(at))
+            .expect("set mtime");
+    }
+
+    /// A binary built after its sources passes; one older than a source, or built from
+    /// a source that is gone, is reported with that source's name.
+    #[test]
+    fn a_binary_older_than_a_source_is_stale() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let now = SystemTime::now();
+        let hour = Duration::from_secs(3600);
+        let (main, lib) = (dir.path().join("main.rs"), dir.path().join("with space.rs"));
+        let binary = dir.path().join("nexus-x");
+        touch(&main, now - 2 * hour);
+        touch(&lib, now - 2 * hour);
+        touch(&binary, now - hour);
+        std::fs::write(
+            dir.path().join("nexus-x.d"),
+            format!(
+                "/elsewhere/target/debug/nexus-x: {} {}\n",
+                main.display(),
+                lib.display().to_string().replace(' ', "\\ ")
+            ),
+        )
+        .expect("write dep-info");
+        assert_eq!(stale_source(&binary), Ok(()));
+
+        touch(&lib, now);
+        let why = stale_source(&binary).expect_err("stale");
+        assert!(
+            why.contains("older than its source") && why.contains("with space.rs"),
+            "{why}"
+        );
+
+        touch(&lib, now - 2 * hour);
+        std::fs::remove_file(&main).expect("remove");
+        let why = stale_source(&binary).expect_err("stale");
+        assert!(
+            why.contains("which is gone") && why.contains("main.rs"),
+            "{why}"
+        );
+
+        std::fs::remove_file(dir.path().join("nexus-x.d")).expect("remove");
+        let why = stale_source(&binary).expect_err("no dep-info");
+        assert!(why.contains("cannot tell whether"), "{why}");
+    }
 }

@@ -14,6 +14,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use nexus_tests::copy_dir;
 use nexus_tests::stack::{
     GATEWAY_ID, Gateway, PLUGIN_ID, TwoHop, TwoHopOptions, WorkloadApi, gateway, gateway_toml,
     sidecar, two_hop, workload_api,
@@ -137,16 +138,6 @@ fn revocation_protecting_the_plugin(dir: &Path) -> PathBuf {
     assert_ne!(changed, text, "data.yaml lists `protected: []`");
     std::fs::write(&data, changed).expect("data.yaml");
     to
-}
-
-fn copy_dir(from: &Path, to: &Path) {
-    let status = Command::new("cp")
-        .arg("-r")
-        .arg(from)
-        .arg(to)
-        .status()
-        .expect("cp");
-    assert!(status.success());
 }
 
 fn load(url: &str, rate: u32, seconds: f64, stop_on: Option<u16>) -> serde_json::Value {
@@ -673,14 +664,10 @@ fn now_ms() -> u64 {
 
 /// `2026-12-04T06:01:02.345Z` as unix ms.
 fn rfc3339_ms(t: &str) -> u64 {
-    let out = Command::new("date")
-        .args(["-u", "-d", t, "+%s%3N"])
-        .output()
-        .expect("date");
-    String::from_utf8_lossy(&out.stdout)
-        .trim()
-        .parse()
-        .unwrap_or_else(|_| panic!("not a time: {t}"))
+    time::OffsetDateTime::parse(t, &time::format_description::well_known::Rfc3339)
+        .ok()
+        .and_then(|t| u64::try_from(t.unix_timestamp_nanos() / 1_000_000).ok())
+        .unwrap_or_else(|| panic!("not a time: {t}"))
 }
 
 /// Kills the plugin's sidecar and starts a new one (a new pod of the same workload) on

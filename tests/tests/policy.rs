@@ -14,10 +14,11 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime};
 
+use nexus_tests::copy_dir;
 use nexus_tests::stack::{self, DATA_API_ID, PLUGIN_ID, TwoHop, TwoHopOptions, two_hop};
-use nexus_tests::{bin, curl, eventually, repo_root, run_bounded, temp_dir};
+use nexus_tests::{bin, curl, eventually, repo_root, rfc3339, run_bounded, temp_dir};
 use serde_json::{Value, json};
 
 const WAIT: Duration = Duration::from_secs(20);
@@ -41,43 +42,6 @@ fn policy_toml(policies: &Path, state: &Path, extra: &str) -> String {
         "[policy]\ndir = {:?}\nstate_file = {:?}\nreload_interval = \"100ms\"\n{extra}\n",
         policies.to_string_lossy(),
         state.to_string_lossy(),
-    )
-}
-
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).expect("create policy copy");
-    for entry in std::fs::read_dir(from).expect("read policies") {
-        let entry = entry.expect("dir entry");
-        let target = to.join(entry.file_name());
-        if entry.file_type().expect("file type").is_dir() {
-            copy_dir(&entry.path(), &target);
-        } else {
-            std::fs::copy(entry.path(), &target).expect("copy policy file");
-        }
-    }
-}
-
-/// `t` as RFC 3339 UTC with milliseconds.
-fn rfc3339(t: SystemTime) -> String {
-    let since = t.duration_since(UNIX_EPOCH).expect("after 1970");
-    let secs = i64::try_from(since.as_secs()).expect("seconds fit");
-    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
-    // Howard Hinnant's civil_from_days.
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!(
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60,
-        since.subsec_millis()
     )
 }
 
@@ -819,7 +783,7 @@ fn raw_requests(port: u16, tls: bool, payloads: &[String]) -> Vec<RawReply> {
     };
     let hex: Vec<String> = payloads
         .iter()
-        .map(|p| p.bytes().map(|b| format!("{b:02x}")).collect())
+        .map(|p| data_encoding::HEXLOWER.encode(p.as_bytes()))
         .collect();
     let out = run_bounded(
         120,

@@ -15,10 +15,11 @@
 //! Needs `cargo build --workspace --bins` first (`scripts/test.sh` does it).
 
 use std::path::{Path, PathBuf};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
 
+use nexus_tests::copy_dir;
 use nexus_tests::stack::{PLUGIN_ID, TwoHop, TwoHopOptions, two_hop};
-use nexus_tests::{curl, eventually, repo_root, temp_dir};
+use nexus_tests::{curl, eventually, repo_root, rfc3339, temp_dir};
 use serde_json::{Value, json};
 
 const WAIT: Duration = Duration::from_secs(20);
@@ -35,33 +36,12 @@ struct Stack {
     _dir: tempfile::TempDir,
 }
 
-fn rfc3339(t: SystemTime) -> String {
-    let since = t.duration_since(UNIX_EPOCH).expect("after 1970");
-    time::OffsetDateTime::from_unix_timestamp_nanos(since.as_nanos() as i128)
-        .expect("in range")
-        .format(&time::format_description::well_known::Rfc3339)
-        .expect("formats")
-}
-
 fn execution(plugin: &str, clause: &str, not_after: SystemTime) -> Value {
     json!({"plugin": plugin, "clause": clause, "not_after": rfc3339(not_after)})
 }
 
 fn in_an_hour() -> SystemTime {
     SystemTime::now() + Duration::from_secs(3600)
-}
-
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).expect("create policy copy");
-    for entry in std::fs::read_dir(from).expect("read policies") {
-        let entry = entry.expect("dir entry");
-        let target = to.join(entry.file_name());
-        if entry.file_type().expect("file type").is_dir() {
-            copy_dir(&entry.path(), &target);
-        } else {
-            std::fs::copy(entry.path(), &target).expect("copy policy file");
-        }
-    }
 }
 
 fn write_atomically(path: &Path, bytes: &[u8]) {

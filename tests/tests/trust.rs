@@ -20,6 +20,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use nexus_tests::copy_dir;
 use nexus_tests::stack::{
     DATA_API_ID, GATEWAY_ID, Gateway, PLUGIN_ID, Sidecar, TwoHop, TwoHopOptions, WorkloadApi,
     gateway, gateway_toml, sidecar, two_hop, workload_api,
@@ -147,18 +148,6 @@ fn revoked_subjects(gw: &Gateway) -> Vec<String> {
                 .collect()
         })
         .unwrap_or_default()
-}
-
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).expect("create dir");
-    for entry in std::fs::read_dir(from).expect("read dir").flatten() {
-        let target = to.join(entry.file_name());
-        if entry.path().is_dir() {
-            copy_dir(&entry.path(), &target);
-        } else {
-            std::fs::copy(entry.path(), &target).expect("copy");
-        }
-    }
 }
 
 /// Writes `text` to `path` through a hidden temporary file and a rename.

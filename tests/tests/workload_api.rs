@@ -179,12 +179,14 @@ fn requests_without_the_security_header_are_refused() {
     );
 
     // The same through grpc-go (grpcurl), with and without the header.
+    let proto = std::path::Path::new(nexus_proto::WORKLOAD_PROTO);
     let grpcurl = |header: Option<&str>| {
         let mut command = Command::new("grpcurl");
         command
             .args(["-plaintext", "-max-time", "3", "-import-path"])
-            .arg(repo_root().join("crates/proto/proto"))
-            .args(["-proto", "workload.proto"]);
+            .arg(proto.parent().expect("the proto's folder"))
+            .arg("-proto")
+            .arg(proto.file_name().expect("the proto's name"));
         if let Some(header) = header {
             command.args(["-H", header]);
         }

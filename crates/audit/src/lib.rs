@@ -83,7 +83,7 @@ pub mod verify;
 pub use digest::{BodyDigest, EMPTY_SHA256};
 pub use error::{AuditError, LineError, RecordError};
 pub use files::{chain_files, rotated_files};
-pub use record::{ExecutionRecord, GENESIS_HASH, RecordDraft, rfc3339_ms};
+pub use record::{ExecutionRecord, GENESIS_HASH, RecordDraft, rfc3339_ms, rfc3339_unix_ms};
 pub use recorder::{
     AuditConfig, AuditMode, AuditStats, DEFAULT_QUEUE_CAPACITY, Recorder, SYNC_INTERVAL,
 };

@@ -117,19 +117,25 @@ pub struct RecordDraft {
     pub cached: bool,
 }
 
-/// Formats a time as records carry it: RFC 3339, milliseconds, UTC.
+/// How records (and every time Nexus prints) carry a time: RFC 3339, milliseconds, UTC.
+const RFC3339_MS: &[time::format_description::BorrowedFormatItem<'static>] = time::macros::format_description!(
+    "[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:3]Z"
+);
+
+/// Formats a time as records carry it: RFC 3339, milliseconds, UTC. The one formatter
+/// for the times Nexus writes (records, policy input, runtime data, `nexusctl`).
 pub fn rfc3339_ms(t: OffsetDateTime) -> String {
-    let t = t.to_offset(time::UtcOffset::UTC);
-    format!(
-        "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:03}Z",
-        t.year(),
-        u8::from(t.month()),
-        t.day(),
-        t.hour(),
-        t.minute(),
-        t.second(),
-        t.millisecond()
-    )
+    t.to_offset(time::UtcOffset::UTC)
+        .format(RFC3339_MS)
+        .unwrap_or_default()
+}
+
+/// [`rfc3339_ms`] of a time in unix milliseconds (the control protocol's unit); empty
+/// when out of range.
+pub fn rfc3339_unix_ms(ms: u64) -> String {
+    OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
+        .map(rfc3339_ms)
+        .unwrap_or_default()
 }
 
 impl ExecutionRecord {
@@ -288,10 +294,10 @@ fn expect(line: &[u8], pos: usize, literal: &[u8]) -> Option<usize> {
 
 fn hex64(line: &[u8], pos: usize) -> Option<usize> {
     let digits = line.get(pos..pos + 64)?;
-    digits
-        .iter()
-        .all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
-        .then_some(pos + 64)
+    data_encoding::HEXLOWER
+        .decode_mut(digits, &mut [0u8; 32])
+        .ok()
+        .map(|_| pos + 64)
 }
 
 /// `hex(SHA-256(prev_hash || line without the hash member))`.

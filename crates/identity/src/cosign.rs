@@ -82,15 +82,11 @@ impl std::fmt::Debug for PublicKey {
     }
 }
 
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
 /// `sha256:` and the hex SHA-256 of `bytes`.
 pub fn sha256_digest(bytes: &[u8]) -> String {
     format!(
         "sha256:{}",
-        hex(ring::digest::digest(&ring::digest::SHA256, bytes).as_ref())
+        data_encoding::HEXLOWER.encode(ring::digest::digest(&ring::digest::SHA256, bytes).as_ref())
     )
 }
 

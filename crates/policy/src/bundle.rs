@@ -79,7 +79,7 @@ impl Bundle {
                 merge_at(&mut data, &prefix, value, &shown)?;
             }
         }
-        let revision = hex(hasher.finish().as_ref());
+        let revision = data_encoding::HEXLOWER.encode(hasher.finish().as_ref());
         Ok(Self {
             root: root.to_path_buf(),
             modules,
@@ -99,7 +99,7 @@ impl Bundle {
         let (tests, modules) = modules
             .into_iter()
             .partition(|m| m.path.ends_with("_test.rego"));
-        let revision = hex(hasher.finish().as_ref());
+        let revision = data_encoding::HEXLOWER.encode(hasher.finish().as_ref());
         Self {
             root: PathBuf::new(),
             modules,
@@ -209,8 +209,4 @@ fn key_str(k: &Value) -> String {
     k.as_string()
         .map(|s| s.to_string())
         .unwrap_or_else(|_| k.to_string())
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }

@@ -70,7 +70,7 @@ fn random_hex(bytes: usize) -> anyhow::Result<String> {
     ring::rand::SystemRandom::new()
         .fill(&mut buf)
         .map_err(|_| anyhow::anyhow!("no randomness for the session token"))?;
-    Ok(buf.iter().map(|b| format!("{b:02x}")).collect())
+    Ok(data_encoding::HEXLOWER.encode(&buf))
 }
 
 pub(crate) fn unix_ms() -> u64 {

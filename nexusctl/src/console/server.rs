@@ -170,10 +170,11 @@ fn decode(s: &[u8]) -> String {
         match s[i] {
             b'+' => out.push(b' '),
             b'%' if i + 2 < s.len() => {
-                let hex = std::str::from_utf8(&s[i + 1..i + 3])
-                    .ok()
-                    .and_then(|h| u8::from_str_radix(h, 16).ok());
-                match hex {
+                let mut byte = [0u8; 1];
+                let hex = data_encoding::HEXLOWER_PERMISSIVE
+                    .decode_mut(&s[i + 1..i + 3], &mut byte)
+                    .map(|_| byte[0]);
+                match hex.ok() {
                     Some(b) => {
                         out.push(b);
                         i += 2;

@@ -72,18 +72,12 @@ pub enum SnapshotError {
     },
 }
 
-fn rfc3339_ms(ms: u64) -> String {
-    let t = time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
-        .unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
-    nexus_audit::rfc3339_ms(t)
-}
-
 fn execution(e: &WireExecution) -> Execution {
     Execution {
         id: e.id.clone(),
         plugin: e.plugin.clone(),
         clause: e.clause.clone(),
-        not_after: rfc3339_ms(e.not_after_unix_ms),
+        not_after: nexus_audit::rfc3339_unix_ms(e.not_after_unix_ms),
         ends_unix_nanos: i128::from(e.not_after_unix_ms) * 1_000_000,
     }
 }
@@ -92,8 +86,8 @@ fn revocation(r: &nexus_proto::control::Revocation) -> serde_json::Value {
     serde_json::json!({
         "reason": r.reason,
         "by": r.by,
-        "at": rfc3339_ms(r.at_unix_ms),
-        "expires_at": if r.expires_unix_ms == 0 { serde_json::Value::Null } else { rfc3339_ms(r.expires_unix_ms).into() },
+        "at": nexus_audit::rfc3339_unix_ms(r.at_unix_ms),
+        "expires_at": if r.expires_unix_ms == 0 { serde_json::Value::Null } else { nexus_audit::rfc3339_unix_ms(r.expires_unix_ms).into() },
     })
 }
 
@@ -205,11 +199,7 @@ fn claimed_revision(bytes: &[u8]) -> Option<u64> {
 }
 
 fn sha256_hex(bytes: &[u8]) -> String {
-    ring::digest::digest(&ring::digest::SHA256, bytes)
-        .as_ref()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    data_encoding::HEXLOWER.encode(ring::digest::digest(&ring::digest::SHA256, bytes).as_ref())
 }
 
 impl Synced {

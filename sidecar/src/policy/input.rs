@@ -40,11 +40,6 @@ pub fn clause_of<'a>(segments: &'a [String], after: &str) -> Option<&'a str> {
     segments.get(at + 1).map(String::as_str)
 }
 
-/// RFC 3339 UTC with milliseconds, as OPA's `time.now_ns` users expect to parse.
-pub fn rfc3339_millis(t: OffsetDateTime) -> String {
-    nexus_audit::rfc3339_ms(t)
-}
-
 /// An object from `(key, value)` pairs.
 fn object<const N: usize>(pairs: [(&str, Value); N]) -> Value {
     Value::from(
@@ -141,7 +136,7 @@ pub fn build(
         ),
         ("clause", optional(clause)),
         ("execution", execution_doc),
-        ("time", Value::from(rfc3339_millis(now))),
+        ("time", Value::from(nexus_audit::rfc3339_ms(now))),
         (
             "time_ns",
             Value::from(super::runtime::ns_i64(now.unix_timestamp_nanos())),
@@ -166,7 +161,7 @@ mod tests {
     #[test]
     fn time_format() {
         let t = OffsetDateTime::from_unix_timestamp_nanos(1_795_683_921_123_456_789).unwrap();
-        assert_eq!(rfc3339_millis(t), "2026-11-26T09:05:21.123Z");
+        assert_eq!(nexus_audit::rfc3339_ms(t), "2026-11-26T09:05:21.123Z");
     }
 
     #[test]

@@ -545,33 +545,21 @@ fn parse_query(
     Ok(query)
 }
 
-/// The byte encoded at `bytes[i..i + 3]` (`%XX`), if it is well formed.
+/// The byte encoded at `bytes[i..i + 3]` (`%XX`, either case), if it is well formed.
 fn percent_byte(bytes: &[u8], i: usize) -> Option<u8> {
-    let high = hex_value(*bytes.get(i + 1)?)?;
-    let low = hex_value(*bytes.get(i + 2)?)?;
-    Some((high << 4) | low)
-}
-
-fn hex_value(byte: u8) -> Option<u8> {
-    match byte {
-        b'0'..=b'9' => Some(byte - b'0'),
-        b'a'..=b'f' => Some(byte - b'a' + 10),
-        b'A'..=b'F' => Some(byte - b'A' + 10),
-        _ => None,
-    }
+    let mut byte = [0u8; 1];
+    data_encoding::HEXLOWER_PERMISSIVE
+        .decode_mut(bytes.get(i + 1..i + 3)?, &mut byte)
+        .ok()?;
+    Some(byte[0])
 }
 
 /// Appends `%XX` with upper-case hex, the canonical spelling (RFC 3986 section 6.2.2.1).
 fn push_escape(out: &mut String, byte: u8) {
-    fn hex_digit(nibble: u8) -> char {
-        match nibble & 0x0F {
-            digit @ 0..=9 => char::from(b'0' + digit),
-            letter => char::from(b'A' + letter - 10),
-        }
-    }
+    let mut hex = [0u8; 2];
+    data_encoding::HEXUPPER.encode_mut(&[byte], &mut hex);
     out.push('%');
-    out.push(hex_digit(byte >> 4));
-    out.push(hex_digit(byte));
+    out.extend(hex.map(char::from));
 }
 
 /// RFC 3986 unreserved: ALPHA / DIGIT / "-" / "." / "_" / "~".

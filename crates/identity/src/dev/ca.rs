@@ -264,10 +264,7 @@ impl DevCa {
         check_window(not_before, not_after)?;
         let workload_name = validate_workload_id(spiffe_id)?;
         let serial = random_serial()?;
-        let serial_hex: String = serial.to_bytes()[..4]
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect();
+        let serial_hex = data_encoding::HEXLOWER.encode(&serial.to_bytes()[..4]);
 
         let mut params = CertificateParams::default();
         params.distinguished_name = distinguished_name(&format!("{workload_name} {serial_hex}"));

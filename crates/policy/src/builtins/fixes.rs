@@ -253,13 +253,13 @@ pub(super) fn urlquery_decode(args: &[Value]) -> Result<Value> {
     while i < bytes.len() {
         match bytes[i] {
             b'%' => {
-                let hex = bytes.get(i + 1..i + 3).unwrap_or_default();
-                let digits = std::str::from_utf8(hex).ok();
-                match digits.and_then(|d| {
-                    (d.len() == 2 && d.bytes().all(|b| b.is_ascii_hexdigit()))
-                        .then(|| u8::from_str_radix(d, 16).ok())
-                        .flatten()
-                }) {
+                let mut byte = [0u8; 1];
+                let decoded = bytes.get(i + 1..i + 3).and_then(|hex| {
+                    data_encoding::HEXLOWER_PERMISSIVE
+                        .decode_mut(hex, &mut byte)
+                        .ok()
+                });
+                match decoded.map(|_| byte[0]) {
                     Some(b) => out.push(b),
                     None => {
                         let shown: String = s[i..].chars().take(3).collect();

@@ -291,8 +291,8 @@ fn format_one(verb: char, arg: &Arg, spec: &Spec) -> Option<String> {
             None => s.clone(),
         },
         (Arg::Str(s), 'q') => quote(s, spec.plus),
-        (Arg::Str(s), 'x') => s.bytes().map(|b| format!("{b:02x}")).collect(),
-        (Arg::Str(s), 'X') => s.bytes().map(|b| format!("{b:02X}")).collect(),
+        (Arg::Str(s), 'x') => data_encoding::HEXLOWER.encode(s.as_bytes()),
+        (Arg::Str(s), 'X') => data_encoding::HEXUPPER.encode(s.as_bytes()),
         _ => return None,
     })
 }
