@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Installs the peers the tests run against: curl, openssl, nginx, bubblewrap (Debian),
+# Installs the peers the tests run against: curl, openssl, nginx, bubblewrap, libfaketime (Debian),
 # kubectl with kustomize v5, and from PyPI py-spiffe (an independent Workload API client)
 # and grpcurl. Idempotent: skips what is already present, so a developer can run it
 # every time.
@@ -21,6 +21,10 @@ command -v bwrap >/dev/null || need_apt+=(bubblewrap)
 # headless through chromedriver's WebDriver API.
 command -v chromium >/dev/null || need_apt+=(chromium)
 command -v chromedriver >/dev/null || need_apt+=(chromium-driver)
+# The clock-jump fault (tests/tests/faults.rs) steps a sidecar's wall clock with
+# libfaketime (LD_PRELOAD).
+compgen -G '/usr/lib/*/faketime/libfaketimeMT.so.1' >/dev/null || [ -e /usr/lib/faketime/libfaketimeMT.so.1 ] \
+  || need_apt+=(libfaketime)
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "install-test-deps: apt-get install ${need_apt[*]}"
   export DEBIAN_FRONTEND=noninteractive

@@ -150,20 +150,32 @@ pub fn port_of(addr: &str) -> u16 {
 /// Writes `toml` (with `[admin]` added on port 0 and an address file) and starts a
 /// sidecar; waits until it listens, and, if `wait_ready`, until `/ready` answers 200.
 pub fn sidecar(dir: &Path, name: &str, toml: &str, wait_ready: bool) -> Sidecar {
+    sidecar_with_env(dir, name, toml, wait_ready, &[])
+}
+
+/// [`sidecar`] with more environment variables (e.g. `LD_PRELOAD` for libfaketime).
+pub fn sidecar_with_env(
+    dir: &Path,
+    name: &str,
+    toml: &str,
+    wait_ready: bool,
+    envs: &[(&str, &str)],
+) -> Sidecar {
     let address_file = dir.join(format!("{name}.addresses.json"));
     let config = dir.join(format!("{name}.toml"));
     let full = format!(
         "{toml}\n[admin]\nlisten = \"127.0.0.1:0\"\naddress_file = {:?}\n",
         address_file.to_string_lossy()
     );
+    std::fs::write(&config, full).expect("write config");
     let (proc, addresses) = start_with_config(
         dir,
         name,
         "nexus-sidecar",
         &config,
-        &full,
         &address_file,
         Duration::from_secs(20),
+        envs,
     );
     let sidecar = Sidecar {
         proc,
@@ -526,15 +538,14 @@ impl Gateway {
     pub fn restart(&mut self) {
         let address_file = self.dir.join(format!("{}.addresses.json", self.name));
         let _ = std::fs::remove_file(&address_file);
-        let text = std::fs::read_to_string(&self.config).expect("gateway config");
         (self.proc, self.addresses) = start_with_config(
             &self.dir,
             &format!("{}-restarted", self.name),
             "nexus-gateway",
             &self.config,
-            &text,
             &address_file,
             Duration::from_secs(30),
+            &[],
         );
     }
 }
@@ -618,14 +629,15 @@ pub fn gateway_with(
         socket = workload_api.url(),
         addrs = address_file.to_string_lossy(),
     );
+    std::fs::write(&config, full).expect("write config");
     let (proc, addresses) = start_with_config(
         dir,
         name,
         "nexus-gateway",
         &config,
-        &full,
         &address_file,
         Duration::from_secs(30),
+        &[],
     );
     let gateway = Gateway {
         proc,
@@ -653,34 +665,25 @@ pub fn gateway_toml(gateway: &Gateway, dir: &Path, name: &str, extra: &str) -> S
 /// Now as `nexusctl` prints times (RFC 3339, UTC, milliseconds), so the two compare as
 /// strings.
 pub fn rfc3339_now() -> String {
-    let out = std::process::Command::new("date")
-        .args(["-u", "+%Y-%m-%dT%H:%M:%S.%3NZ"])
-        .output()
-        .expect("date");
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
+    crate::rfc3339(std::time::SystemTime::now())
 }
 
-/// Writes `text` to `config`, starts `binary --config config` (debug logs for its own
-/// crate) and waits up to `wait` for the address file it writes once listening.
+/// Starts `binary --config config` (debug logs for its own crate, plus `envs`) and waits
+/// up to `wait` for the address file it writes once listening.
 fn start_with_config(
     dir: &Path,
     name: &str,
     binary: &str,
     config: &Path,
-    text: &str,
     address_file: &Path,
     wait: Duration,
+    envs: &[(&str, &str)],
 ) -> (Proc, serde_json::Value) {
-    std::fs::write(config, text).expect("write config");
     let config_str = config.to_string_lossy().into_owned();
     let log = format!("info,{}=debug", binary.replace('-', "_"));
-    let proc = Proc::spawn(
-        name,
-        dir,
-        &bin(binary),
-        &["--config", &config_str],
-        &[("NEXUS_LOG", log.as_str())],
-    );
+    let mut all = vec![("NEXUS_LOG", log.as_str())];
+    all.extend_from_slice(envs);
+    let proc = Proc::spawn(name, dir, &bin(binary), &["--config", &config_str], &all);
     (proc, read_json(address_file, wait))
 }
 

@@ -5,13 +5,17 @@
 use std::collections::BTreeSet;
 use std::process::Command;
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use nexus_tests::stack::{
-    DATA_API_ID, GATEWAY_ID, PLUGIN_ID, SlowTwoHop, gateway, gateway_toml, nexusctl_at, sidecar,
-    slow_app, slow_two_hop, workload_api,
+    DATA_API_ID, GATEWAY_ID, PLUGIN_ID, SlowTwoHop, data_api, gateway, gateway_toml,
+    inbound_curl_args, nexusctl_at, sidecar, sidecar_with_env, slow_app, slow_two_hop,
+    workload_api,
 };
-use nexus_tests::{bin, curl_status, eventually, raw_tcp, stack::port_of, temp_dir};
+use nexus_tests::{
+    bin, cert, copy_dir, curl, curl_status, eventually, raw_tcp, repo_root, rfc3339,
+    stack::port_of, temp_dir,
+};
 
 /// What one client saw.
 #[derive(Debug)]
@@ -831,4 +835,205 @@ fn the_plugins_shutdown_calls_pass_while_its_sidecar_drains() {
         "plugin sidecar exit",
     );
     assert_eq!(code, Some(0), "{}", stack.plugin.proc.log_text());
+}
+
+/// libfaketime's multi-threaded build (Debian's `libfaketime` package).
+fn libfaketime() -> String {
+    let candidates = [
+        "/usr/lib/x86_64-linux-gnu/faketime/libfaketimeMT.so.1",
+        "/usr/lib/aarch64-linux-gnu/faketime/libfaketimeMT.so.1",
+        "/usr/lib/faketime/libfaketimeMT.so.1",
+        "/usr/local/lib/faketime/libfaketimeMT.so.1",
+    ];
+    candidates
+        .iter()
+        .find(|c| std::path::Path::new(c).exists())
+        .unwrap_or_else(|| {
+            panic!(
+                "libfaketime is not installed ({candidates:?}): run scripts/install-test-deps.sh"
+            )
+        })
+        .to_string()
+}
+
+/// The wall clock of a sidecar jumps (libfaketime steps its CLOCK_REALTIME and leaves
+/// CLOCK_MONOTONIC alone, as stepping the system clock does). Stepped six years back,
+/// into a certificate's validity that ended in 2021: an execution that had ended stays
+/// closed, the expired certificate stays refused, and the open execution keeps
+/// serving. Stepped forward past a revocation's `expires_at`: the workload stays
+/// revoked (only the gateway lifts revocations) and nothing else is refused.
+#[test]
+fn a_clock_jump_on_a_sidecar_reopens_nothing_and_lifts_no_revocation() {
+    let preload = libfaketime();
+    let dir = temp_dir("fault-clock-jump");
+    let policies = dir.path().join("policies");
+    copy_dir(&repo_root().join("policies"), &policies);
+    let state = dir.path().join("runtime-data.json");
+    let write_state = |revoked: serde_json::Value, executions: &serde_json::Value| {
+        let tmp = dir.path().join("runtime-data.json.tmp");
+        let text = serde_json::json!({"executions": executions, "revoked": revoked});
+        std::fs::write(&tmp, text.to_string()).expect("write state");
+        std::fs::rename(&tmp, &state).expect("rename state");
+    };
+    let now = SystemTime::now();
+    let ends = now + Duration::from_secs(4);
+    let execution = |clause: &str, not_after: SystemTime| serde_json::json!({"plugin": PLUGIN_ID, "clause": clause, "not_after": rfc3339(not_after)});
+    let executions = serde_json::json!({
+        "ex-live": execution("c-flood-18", now + Duration::from_secs(3600)),
+        "ex-short": execution("c-flood-17", ends),
+    });
+    write_state(serde_json::json!({}), &executions);
+    let clock = dir.path().join("faketime");
+    std::fs::write(&clock, "+0").expect("write faketime file");
+
+    let workload = workload_api(
+        dir.path(),
+        "data-workload-api",
+        DATA_API_ID,
+        &["--dns-name", "localhost", "--ttl", "24h"],
+    );
+    let app = data_api(dir.path());
+    let toml = format!(
+        "[identity]\nworkload_api_socket = {socket:?}\n\n[inbound]\nlisten = \"127.0.0.1:0\"\n\
+         app = {app:?}\nallowed_ids = [\"spiffe://nexus.local/ns/plugins/*\"]\n\n\
+         [policy]\ndir = {policies:?}\nstate_file = {state:?}\nreload_interval = \"100ms\"\n",
+        socket = workload.url(),
+        app = app.http,
+    );
+    let clock_file = clock.to_string_lossy().into_owned();
+    let sidecar = sidecar_with_env(
+        dir.path(),
+        "data-sidecar",
+        &toml,
+        true,
+        &[
+            ("LD_PRELOAD", preload.as_str()),
+            ("FAKETIME_TIMESTAMP_FILE", clock_file.as_str()),
+            ("FAKETIME_NO_CACHE", "1"),
+            ("FAKETIME_DONT_FAKE_MONOTONIC", "1"),
+        ],
+    );
+    let port = sidecar.inbound_port();
+    // (status, body) of GET /clauses/CLAUSE/rainfall as a certs-dev identity.
+    let get = |name: &str, clause: &str| {
+        let mut args = inbound_curl_args(port, None);
+        args.extend([
+            "--cert".into(),
+            cert(&format!("nexus.local/{name}.pem"))
+                .to_string_lossy()
+                .into_owned(),
+            "--key".into(),
+            cert(&format!("nexus.local/{name}.key"))
+                .to_string_lossy()
+                .into_owned(),
+            "-w".into(),
+            "\n%{http_code}".into(),
+            format!("https://localhost:{port}/clauses/{clause}/rainfall"),
+        ]);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let out = String::from_utf8_lossy(&curl(&args).stdout).into_owned();
+        let (body, status) = out.rsplit_once('\n').unwrap_or(("", &out));
+        (status.trim().parse::<u16>().unwrap_or(0), body.to_string())
+    };
+    let no_open_17 = "no open execution of clause c-flood-17";
+    let revoked = format!("workload {PLUGIN_ID} is revoked");
+
+    // Before any jump: both executions open, then the short one ends; the certificate
+    // that expired in 2021 is refused at the handshake.
+    assert_eq!(get("flood-model", "c-flood-18").0, 200);
+    eventually(Duration::from_secs(20), "ex-short ended", || {
+        let (status, body) = get("flood-model", "c-flood-17");
+        (status == 403 && body.contains(no_open_17)).then_some(())
+    });
+    assert!(SystemTime::now() >= ends, "denied before its not_after");
+    assert_eq!(
+        get("expired", "c-flood-18").0,
+        0,
+        "an expired certificate is refused"
+    );
+
+    // Waits until the sidecar's wall clock, as its log lines are stamped, is in
+    // [from, to) (RFC 3339 prefixes compare as times), making requests so it logs.
+    let clock_in = |what: &str, from: &str, to: &str| {
+        eventually(Duration::from_secs(20), what, || {
+            let _ = get("expired", "c-flood-18");
+            let log = sidecar.proc.log_text();
+            let stamp = log.lines().rev().find(|l| l.starts_with("20"))?.get(..19)?;
+            (stamp >= &from[..19] && stamp < &to[..19]).then_some(())
+        });
+    };
+    let hours = |h: u64| Duration::from_secs(h * 3600);
+
+    // An hour back: the execution that ended would be open again at that time.
+    std::fs::write(&clock, "-1h").expect("step the clock back");
+    let real = SystemTime::now();
+    clock_in(
+        "the sidecar's clock an hour back",
+        &rfc3339(real - hours(2)),
+        &rfc3339(real - Duration::from_secs(50 * 60)),
+    );
+    // The ended execution stays closed; the open one keeps serving.
+    let executions_hold = || {
+        for _ in 0..3 {
+            let (status, body) = get("flood-model", "c-flood-17");
+            assert!(
+                status == 403 && body.contains(no_open_17),
+                "an ended execution reopened: {status} {body}"
+            );
+            let (status, body) = get("flood-model", "c-flood-18");
+            assert_eq!(status, 200, "the open execution stopped serving: {body}");
+        }
+    };
+    executions_hold();
+
+    // Six years back, into the validity of the certificate that expired in 2021.
+    std::fs::write(&clock, "-2200d").expect("step the clock back");
+    clock_in(
+        "the sidecar's clock in 2020",
+        "2020-01-01T00:00:00",
+        "2021-01-01T00:00:00",
+    );
+    for _ in 0..3 {
+        let (status, body) = get("expired", "c-flood-18");
+        assert_eq!(status, 0, "an expired certificate got through: {body}");
+    }
+    executions_hold();
+
+    // Ten minutes ahead, past the expiry of a revocation the gateway gave.
+    std::fs::write(&clock, "+10m").expect("step the clock forward");
+    let real = SystemTime::now();
+    clock_in(
+        "the sidecar's clock 10 minutes ahead",
+        &rfc3339(real + Duration::from_secs(9 * 60)),
+        &rfc3339(real + hours(1)),
+    );
+    let expires = rfc3339(SystemTime::now() + Duration::from_secs(60));
+    write_state(
+        serde_json::json!({PLUGIN_ID: {"reason": "exfiltration", "by": "test", "expires_at": expires}}),
+        &executions,
+    );
+    eventually(Duration::from_secs(20), "the revocation applied", || {
+        let (status, body) = get("flood-model", "c-flood-18");
+        (status == 403 && body.contains(&revoked)).then_some(())
+    });
+    for _ in 0..3 {
+        let (status, body) = get("flood-model", "c-flood-18");
+        assert!(
+            status == 403 && body.contains(&revoked),
+            "the revocation was lifted: {status} {body}"
+        );
+    }
+
+    // The gateway lifts it: served again (the forward jump ended nothing else).
+    write_state(serde_json::json!({}), &executions);
+    eventually(Duration::from_secs(20), "reinstated", || {
+        (get("flood-model", "c-flood-18").0 == 200).then_some(())
+    });
+    assert!(
+        sidecar
+            .proc
+            .log_text()
+            .lines()
+            .all(|l| !l.contains("panicked"))
+    );
 }

@@ -8,6 +8,7 @@
 //! applies to new connections without touching open ones.
 
 pub mod allow;
+pub mod clock;
 pub mod cosign;
 pub mod dev;
 pub mod process;

@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use arc_swap::ArcSwapOption;
 use rustls::crypto::CryptoProvider;
 use rustls::sign::CertifiedKey;
-use rustls_pki_types::{CertificateDer, PrivateKeyDer, TrustAnchor, UnixTime};
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, TrustAnchor};
 use tokio::sync::watch;
 
 use crate::verify::{self, spiffe_id_of};
@@ -124,7 +124,7 @@ impl Identity {
             &leaf,
             svid.chain.get(1..).unwrap_or_default(),
             own,
-            UnixTime::now(),
+            crate::clock::unix_time(),
             webpki::KeyUsage::client_auth(),
             provider,
         )

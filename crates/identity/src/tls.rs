@@ -17,6 +17,7 @@ use rustls::{
 };
 use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
 
+use crate::clock::EnforcedTime;
 use crate::verify::{SpiffeVerifyError, verify_peer};
 use crate::{AllowList, IdentityStore};
 
@@ -54,7 +55,9 @@ pub fn server_config(
         store: store.clone(),
         allowed,
     });
-    let mut config = ServerConfig::builder_with_provider(provider)
+    // Certificates are checked at the enforced time (crate::clock): a wall clock stepped
+    // back does not make an expired peer certificate valid again.
+    let mut config = ServerConfig::builder_with_details(provider, Arc::new(EnforcedTime))
         .with_protocol_versions(versions.list())?
         .with_client_cert_verifier(verifier)
         .with_cert_resolver(Arc::new(StoreResolver(store)));
@@ -78,7 +81,7 @@ pub fn client_config(
         store: store.clone(),
         expected,
     });
-    let mut config = ClientConfig::builder_with_provider(provider)
+    let mut config = ClientConfig::builder_with_details(provider, Arc::new(EnforcedTime))
         .with_protocol_versions(versions.list())?
         .dangerous() // replaces WebPKI name checks with SPIFFE ID checks, not a weakening
         .with_custom_certificate_verifier(verifier)

@@ -28,7 +28,6 @@ use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt;
 use nexus_audit::{AuditConfig, AuditMode, AuditStats, BodyDigest, RecordDraft, Recorder};
 use nexus_identity::IdentityStore;
-use time::OffsetDateTime;
 
 use super::authorize::Parties;
 use super::observe::TappedBody;
@@ -275,7 +274,7 @@ where
         let mut pending = Pending {
             audit: audit.clone(),
             draft: Some(RecordDraft {
-                time: nexus_audit::rfc3339_ms(OffsetDateTime::now_utc()),
+                time: nexus_audit::rfc3339_ms(nexus_identity::clock::now()),
                 direction: self.layer.parties.direction.to_owned(),
                 source: self.layer.parties.source.to_string(),
                 destination: self.layer.parties.destination.to_string(),

@@ -10,7 +10,6 @@ use std::task::{Context, Poll};
 
 use http::{HeaderValue, Request, Response, StatusCode};
 use http_body::Body;
-use time::OffsetDateTime;
 
 use super::audit::AuditFacts;
 use super::normalize::{NormalizeLimits, Normalized, normalize};
@@ -234,7 +233,8 @@ where
             body_size,
         };
         let config = layer.runtime.config();
-        let (input, clause, execution) = build(&facts, config, &loaded, OffsetDateTime::now_utc());
+        let (input, clause, execution) =
+            build(&facts, config, &loaded, nexus_identity::clock::now());
         let shadow_input = loaded.shadow.as_ref().map(|_| input.clone());
         let decided = layer.runtime.decide(&loaded, input);
         let (decision, elapsed, cached) = (decided.decision, decided.elapsed, decided.cached);

@@ -167,8 +167,7 @@ impl Inbound {
             .and_then(|leaf| {
                 let spiffe_id = spiffe_id_of(leaf).ok()?;
                 let digest = ring::digest::digest(&ring::digest::SHA256, leaf);
-                let cert_hash: String =
-                    digest.as_ref().iter().map(|b| format!("{b:02x}")).collect();
+                let cert_hash = data_encoding::HEXLOWER.encode(digest.as_ref());
                 Some(Peer {
                     spiffe_id: spiffe_id.into(),
                     cert_hash: cert_hash.into(),
@@ -257,10 +256,8 @@ async fn until_unix(unix_secs: Option<i64>) {
     let Some(at) = unix_secs else {
         return std::future::pending().await;
     };
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs_f64())
-        .unwrap_or(0.0);
+    #[allow(clippy::cast_precision_loss)]
+    let now = nexus_identity::clock::unix_nanos() as f64 / 1e9;
     #[allow(clippy::cast_precision_loss)]
     let left = (at as f64 - now).max(0.0);
     tokio::time::sleep(Duration::from_secs_f64(left)).await;
