@@ -1,8 +1,10 @@
 //! Generates the gRPC code with a vendored protoc (the build machines have no system
 //! protoc): the Nexus control protocol from `proto/`, and the SPIFFE Workload API from
-//! the proto the `spiffe` crate ships in its own source, found through `cargo metadata`
-//! (cargo has fetched that source before any build script runs), so no copy of
-//! third-party source lives in this repository.
+//! the proto the `spiffe` crate ships in its own source, found through `cargo metadata`,
+//! so no copy of third-party source lives in this repository. Not `--offline`: a build
+//! of some packages only (the Dockerfile's) has not fetched every package the metadata
+//! lists (dev-dependencies), and cargo fetches them here (tried on an empty registry
+//! cache: no lock contention with the outer build).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -45,7 +47,7 @@ fn spiffe_workload_proto() -> Result<PathBuf, Box<dyn std::error::Error>> {
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let manifest = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR")?).join("Cargo.toml");
     let out = Command::new(cargo)
-        .args(["metadata", "--format-version", "1", "--locked", "--offline"])
+        .args(["metadata", "--format-version", "1", "--locked"])
         .args(["--filter-platform", &std::env::var("TARGET")?])
         .arg("--manifest-path")
         .arg(&manifest)
