@@ -279,6 +279,8 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
                 token,
             },
             sandbox.clone(),
+            config.limits.conn(),
+            config.limits.max_connections,
         ));
     }
     tokio::spawn(
