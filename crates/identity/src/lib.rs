@@ -9,7 +9,6 @@
 
 pub mod allow;
 pub mod cosign;
-pub mod dev;
 pub mod process;
 pub mod source;
 pub mod store;
