@@ -24,7 +24,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use nexus_identity::dev::DevCa;
+use nexus_dev_identity::DevCa;
 use nexus_identity::tls::{TlsVersions, client_config, grpc_channel};
 use nexus_identity::{AllowList, Bundles, IdentityStore, Svid};
 use nexus_proto::control::admin_client::AdminClient;

@@ -1,5 +1,6 @@
-//! The mTLS listener under tonic: each connection's handshake runs on its own task
-//! (with a timeout), at most `max_streams` connections at once; the peer's SPIFFE ID,
+//! The mTLS listener under tonic, accepting through `nexus_serve`: each connection's
+//! handshake runs on its own task (with a timeout), at most `max_streams` connections at
+//! once; the peer's SPIFFE ID,
 //! read from its verified certificate, rides along as tonic connect info, so a handler
 //! knows who calls from the certificate, never from the message.
 
@@ -12,7 +13,7 @@ use std::time::Duration;
 use nexus_identity::spiffe_id_of;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
+use tokio::sync::{mpsc, oneshot};
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
 use tonic::transport::server::Connected;
@@ -32,7 +33,8 @@ pub struct PeerInfo {
 pub struct PeerStream {
     inner: TlsStream<TcpStream>,
     info: PeerInfo,
-    _permit: OwnedSemaphorePermit,
+    /// Dropped with the connection: frees its slot under `max_connections`.
+    _open: oneshot::Sender<()>,
 }
 
 impl Connected for PeerStream {
@@ -83,81 +85,71 @@ impl AsyncWrite for PeerStream {
     }
 }
 
-/// Accepts and handshakes connections until the drain starts; yields them to tonic
-/// through the returned channel (which ends with the drain, closing the listener).
+/// Accepts and handshakes connections until the drain starts (through
+/// [`nexus_serve::accept`], at most `max_connections` at once); yields them to tonic
+/// through the returned channel, which ends with the drain, closing the listener. A
+/// connection counts against the cap until tonic drops it.
 pub fn incoming(
     listener: TcpListener,
     acceptor: TlsAcceptor,
     max_connections: usize,
     handshake_timeout: Duration,
     metrics: Arc<Metrics>,
-    mut drain: nexus_serve::Watch,
+    drain: nexus_serve::Watch,
 ) -> mpsc::Receiver<Result<PeerStream, std::io::Error>> {
     let (tx, rx) = mpsc::channel(128);
-    let slots = Arc::new(Semaphore::new(max_connections.max(1)));
-    tokio::spawn(async move {
-        loop {
-            let next = async {
-                let permit = slots.clone().acquire_owned().await;
-                (permit, listener.accept().await)
-            };
-            let (permit, accepted) = tokio::select! {
-                biased;
-                () = drain.signaled() => {
-                    tracing::info!("draining: the control listener no longer accepts connections");
+    let handle = move |tcp: TcpStream, addr: SocketAddr, watch: nexus_serve::Watch| {
+        let (acceptor, tx, metrics) = (acceptor.clone(), tx.clone(), metrics.clone());
+        async move {
+            // tonic's graceful shutdown holds the drain for the connections it serves.
+            drop(watch);
+            let tls = match tokio::time::timeout(handshake_timeout, acceptor.accept(tcp)).await {
+                Ok(Ok(tls)) => tls,
+                Ok(Err(error)) => {
+                    let reason = nexus_identity::handshake_failure_reason(&error);
+                    tracing::info!(%addr, %error, reason, "control connection refused in the TLS handshake");
+                    metrics.stream_error("handshake");
                     return;
                 }
-                next = next => next,
+                Err(_) => {
+                    metrics.stream_error("handshake_timeout");
+                    return;
+                }
             };
-            let Ok(permit) = permit else {
+            let Some(spiffe_id) = tls
+                .get_ref()
+                .1
+                .peer_certificates()
+                .and_then(|c| c.first())
+                .and_then(|leaf| spiffe_id_of(leaf).ok())
+            else {
+                metrics.stream_error("no_spiffe_id");
                 return;
             };
-            let (tcp, addr) = match accepted {
-                Ok(accepted) => accepted,
-                Err(error) => {
-                    tracing::warn!(%error, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                    continue;
-                }
+            let (open, closed) = oneshot::channel();
+            let stream = PeerStream {
+                inner: tls,
+                info: PeerInfo { spiffe_id, addr },
+                _open: open,
             };
-            let _ = tcp.set_nodelay(true);
-            let acceptor = acceptor.clone();
-            let tx = tx.clone();
-            let metrics = metrics.clone();
-            tokio::spawn(async move {
-                let tls = match tokio::time::timeout(handshake_timeout, acceptor.accept(tcp)).await
-                {
-                    Ok(Ok(tls)) => tls,
-                    Ok(Err(error)) => {
-                        let reason = nexus_identity::handshake_failure_reason(&error);
-                        tracing::info!(%addr, %error, reason, "control connection refused in the TLS handshake");
-                        metrics.stream_error("handshake");
-                        return;
-                    }
-                    Err(_) => {
-                        metrics.stream_error("handshake_timeout");
-                        return;
-                    }
-                };
-                let Some(spiffe_id) = tls
-                    .get_ref()
-                    .1
-                    .peer_certificates()
-                    .and_then(|c| c.first())
-                    .and_then(|leaf| spiffe_id_of(leaf).ok())
-                else {
-                    metrics.stream_error("no_spiffe_id");
-                    return;
-                };
-                let _ = tx
-                    .send(Ok(PeerStream {
-                        inner: tls,
-                        info: PeerInfo { spiffe_id, addr },
-                        _permit: permit,
-                    }))
-                    .await;
-            });
+            if tx.send(Ok(stream)).await.is_err() {
+                // tonic has stopped taking connections (the drain): this one is dropped.
+                return;
+            }
+            drop(tx);
+            // Either way (tonic dropped it, or the sender went with it) the connection
+            // has ended: its slot is free.
+            if closed.await.is_err() {
+                tracing::trace!(%addr, "control connection closed");
+            }
         }
-    });
+    };
+    tokio::spawn(nexus_serve::accept(
+        listener,
+        max_connections,
+        drain,
+        "control",
+        handle,
+    ));
     rx
 }

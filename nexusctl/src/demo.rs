@@ -14,8 +14,6 @@ use futures::StreamExt;
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full, StreamBody};
 use hyper::body::{Frame, Incoming};
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use hyper_util::server::conn::auto;
 use tokio::net::TcpListener;
 
 type Body = http_body_util::combinators::BoxBody<Bytes, Infallible>;
@@ -51,18 +49,34 @@ pub async fn run(args: DataApiArgs) -> anyhow::Result<()> {
         std::fs::rename(&tmp, path)?;
     }
     tracing::info!(%http_addr, ?grpc_addr, "demo data API listening");
-    let server = auto::Builder::new(TokioExecutor::new());
-    loop {
-        let (stream, _) = listener.accept().await?;
-        let server = server.clone();
-        tokio::spawn(async move {
-            let service =
-                hyper::service::service_fn(
-                    |req| async move { Ok::<_, Infallible>(handle(req).await) },
-                );
-            let _ = server.serve_connection(TokioIo::new(stream), service).await;
-        });
-    }
+    // A roomier head than the sidecar's own limit: what the sidecar lets through, plus
+    // the headers it adds (XFCC, traceparent), always fits.
+    let limits = nexus_serve::ConnLimits {
+        max_header_bytes: 64 * 1024,
+        ..nexus_serve::ConnLimits::default()
+    };
+    let server = nexus_serve::http_server(&limits);
+    nexus_serve::accept(
+        listener,
+        nexus_serve::DEFAULT_MAX_CONNECTIONS,
+        nexus_serve::Watch::never(),
+        "data-api",
+        |stream, _, drain| {
+            let server = server.clone();
+            async move {
+                let service = hyper::service::service_fn(|req| async move {
+                    Ok::<_, Infallible>(handle(req).await)
+                });
+                if let Err(error) =
+                    nexus_serve::serve_connection(&server, stream, service, drain).await
+                {
+                    tracing::debug!(%error, "data API connection ended with an error");
+                }
+            }
+        },
+    )
+    .await;
+    Ok(())
 }
 
 async fn serve_grpc(listener: TcpListener) {

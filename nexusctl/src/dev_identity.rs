@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context, bail};
-use nexus_identity::dev::{self, DevCa, DevWorkloadApi, DevWorkloadApiConfig};
+use nexus_dev_identity::{self as dev, DevCa, DevWorkloadApi, DevWorkloadApiConfig};
 use rustls::pki_types::CertificateDer;
 use tokio::signal::unix::{SignalKind, signal};
 
@@ -186,10 +186,10 @@ fn pem_certs(pem: &str) -> anyhow::Result<Vec<CertificateDer<'static>>> {
 fn parse_ttl(value: &str) -> Result<Duration, String> {
     let ttl = humantime::parse_duration(value)
         .map_err(|e| format!("{e}; expected a duration such as 30s, 10m or 1h"))?;
-    if ttl < nexus_identity::dev::workload_api::MIN_TTL {
+    if ttl < nexus_dev_identity::workload_api::MIN_TTL {
         return Err(format!(
             "{value} is too short; the minimum is {}",
-            humantime::format_duration(nexus_identity::dev::workload_api::MIN_TTL)
+            humantime::format_duration(nexus_dev_identity::workload_api::MIN_TTL)
         ));
     }
     Ok(ttl)

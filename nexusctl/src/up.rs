@@ -395,7 +395,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
 
     // Development PKI: the CA that the dev Workload APIs mint from, and a client SVID
     // of the demo plugin so curl can call the data API's sidecar directly.
-    let ca = nexus_identity::dev::DevCa::embedded()?;
+    let ca = nexus_dev_identity::DevCa::embedded()?;
     let ca_bundle = dir.join("ca.pem");
     std::fs::write(&ca_bundle, ca.cert_pem())?;
     let client = ca.mint_svid(PLUGIN_ID, Duration::from_secs(24 * 3600))?;

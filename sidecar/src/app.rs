@@ -16,8 +16,9 @@ use crate::metrics::Metrics;
 use crate::policy::PolicyRuntime;
 use crate::proxy::Steps;
 use crate::proxy::audit::Audit;
-use crate::proxy::inbound::Inbound;
-use crate::proxy::outbound::Outbound;
+use crate::proxy::inbound::{self, Inbound};
+use crate::proxy::outbound::{self, Outbound};
+use crate::proxy::stack::{self, Proxy};
 use crate::proxy::watch::AnomalyWatch;
 use crate::signals::Signals;
 use crate::telemetry::Telemetry;
@@ -223,9 +224,13 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     });
 
     let steps = Steps {
+        store: store.clone(),
+        metrics: metrics.clone(),
+        policy: policy.clone(),
         audit: audit.clone(),
         enforcement: enforcement.clone(),
         watch: watch.clone(),
+        telemetry: telemetry.clone(),
     };
     let drain = nexus_serve::Drain::new();
     let admin_listener = bind(config.admin.listen, "admin").await?;
@@ -234,27 +239,21 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         inbound: None,
         outbound: BTreeMap::new(),
     };
+    // Each listener has its own in-flight limit.
+    let proxy = |direction| Proxy::new(&config, direction, steps.clone());
     if let Some(inbound) = &config.inbound {
         let listener = bind(inbound.listen, "inbound").await?;
         addresses.inbound = Some(listener.local_addr()?);
-        let proxy = Arc::new(
-            Inbound::new(&config, store.clone(), metrics.clone(), policy.clone())?
-                .with_telemetry(telemetry.as_ref())
-                .with_steps(&steps),
-        );
-        tokio::spawn(proxy.serve(listener, drain.watch()));
+        let side = Arc::new(Inbound::new(&config, proxy(inbound::DIRECTION))?);
+        tokio::spawn(stack::serve(side, listener, drain.watch()));
     }
     for out in &config.outbound {
         let listener = bind(out.listen, &format!("outbound {}", out.name)).await?;
         addresses
             .outbound
             .insert(out.name.clone(), listener.local_addr()?);
-        let proxy = Arc::new(
-            Outbound::new(&config, out, store.clone(), metrics.clone(), policy.clone())?
-                .with_telemetry(telemetry.as_ref(), out)
-                .with_steps(&steps),
-        );
-        tokio::spawn(proxy.serve(listener, drain.watch()));
+        let side = Arc::new(Outbound::new(&config, out, proxy(outbound::DIRECTION))?);
+        tokio::spawn(stack::serve(side, listener, drain.watch()));
     }
     if let Some(reports) = &config.reports {
         let token = match &reports.token_file {
@@ -280,6 +279,8 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
                 token,
             },
             sandbox.clone(),
+            config.limits.conn(),
+            config.limits.max_connections,
         ));
     }
     tokio::spawn(

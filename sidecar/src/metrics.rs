@@ -763,7 +763,13 @@ impl Metrics {
 }
 
 fn method_label(method: &http::Method) -> &'static str {
-    match *method {
+    known_method(method).unwrap_or("OTHER")
+}
+
+/// The name of a standard method (RFC 9110); `None` for an extension method, which a
+/// label must not carry as is (unbounded cardinality).
+pub fn known_method(method: &http::Method) -> Option<&'static str> {
+    Some(match *method {
         http::Method::GET => "GET",
         http::Method::HEAD => "HEAD",
         http::Method::POST => "POST",
@@ -773,6 +779,6 @@ fn method_label(method: &http::Method) -> &'static str {
         http::Method::OPTIONS => "OPTIONS",
         http::Method::CONNECT => "CONNECT",
         http::Method::TRACE => "TRACE",
-        _ => "OTHER",
-    }
+        _ => return None,
+    })
 }

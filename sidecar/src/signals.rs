@@ -273,31 +273,31 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-/// Serves `POST`/`GET /v1/signals` on the report socket forever, each connection's
-/// peer uid and each request's token checked first.
+/// Serves `POST`/`GET /v1/signals` on the report socket until the process exits (at
+/// most `max_connections` at once, HTTP/1 with the head limits of `limits`), each
+/// connection's peer uid and each request's token checked first.
 pub async fn serve_socket(
     listener: tokio::net::UnixListener,
     auth: ReportAuth,
     signals: Arc<Signals>,
+    limits: nexus_serve::ConnLimits,
+    max_connections: usize,
 ) {
     let auth = Arc::new(auth);
-    loop {
-        let Ok((stream, _)) = listener.accept().await else {
-            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-            continue;
-        };
-        let uid = stream.peer_cred().map(|c| c.uid()).ok();
-        let pid = stream.peer_cred().ok().and_then(|c| c.pid());
-        if !auth.peer_uids.is_empty() && !uid.is_some_and(|u| auth.peer_uids.contains(&u)) {
-            signals.metrics.report_refused("peer_uid");
-            tracing::warn!(?uid, ?pid, allowed = ?auth.peer_uids, "report refused: the caller's uid is not in reports.peer_uids");
-            // Dropped unanswered: nothing is read from a caller that may not report.
-            drop(stream);
-            continue;
-        }
-        let auth = auth.clone();
-        let signals = signals.clone();
-        tokio::spawn(async move {
+    let server = nexus_serve::http_server(&limits).http1_only();
+    // Open until exit, as the admin listener: the launcher reports through the drain.
+    let open = nexus_serve::Watch::never();
+    nexus_serve::accept(listener, max_connections, open, "reports", |stream, _, drain| {
+        let (auth, signals, server) = (auth.clone(), signals.clone(), server.clone());
+        async move {
+            let uid = stream.peer_cred().map(|c| c.uid()).ok();
+            let pid = stream.peer_cred().ok().and_then(|c| c.pid());
+            if !auth.peer_uids.is_empty() && !uid.is_some_and(|u| auth.peer_uids.contains(&u)) {
+                signals.metrics.report_refused("peer_uid");
+                tracing::warn!(?uid, ?pid, allowed = ?auth.peer_uids, "report refused: the caller's uid is not in reports.peer_uids");
+                // Dropped unanswered: nothing is read from a caller that may not report.
+                return;
+            }
             let service = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
                 let auth = auth.clone();
                 let signals = signals.clone();
@@ -331,11 +331,13 @@ pub async fn serve_socket(
                     Ok(signals.handle(req).await)
                 }
             });
-            let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
-                .await;
-        });
-    }
+            if let Err(error) = nexus_serve::serve_connection(&server, stream, service, drain).await
+            {
+                tracing::debug!(%error, "report connection ended with an error");
+            }
+        }
+    })
+    .await;
 }
 
 /// The answer to a report on the network listener: refused, pointing at the socket.

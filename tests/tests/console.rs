@@ -381,3 +381,50 @@ fn console_refuses_a_non_loopback_listen() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("loopback only"), "{err}");
 }
+
+/// The console is served like every other listener (`nexus_serve`): a local process that
+/// opens connections and never finishes a request head is cut after
+/// `--header-read-timeout`, and a zero or oversized timeout is refused naming the flag.
+#[test]
+fn console_cuts_a_request_head_that_never_ends() {
+    for bad in ["0s", "2h"] {
+        let out = Command::new(bin("nexusctl"))
+            .args(["console", "--no-browser", "--header-read-timeout", bad])
+            .output()
+            .expect("nexusctl");
+        assert!(!out.status.success(), "{bad} was accepted");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("--header-read-timeout"), "{bad}: {err}");
+    }
+    let dir = temp_dir("console-slow-head");
+    // No gateway behind it: the console serves (and shows the outage) all the same.
+    let gateway = format!("127.0.0.1:{}", free_port());
+    let console = console(
+        dir.path(),
+        "console",
+        &gateway,
+        "operator",
+        &["--header-read-timeout", "1s"],
+    );
+    let url = eventually(Duration::from_secs(20), "console URL", || {
+        console_url(&console.log_text())
+    });
+    let port: u16 = url
+        .trim_start_matches("http://")
+        .split(['/', ':'])
+        .nth(1)
+        .and_then(|p| p.parse().ok())
+        .expect("the console's port");
+    let idle = nexus_tests::raw_tcp(
+        port,
+        b"GET /login HTTP/1.1\r\nHost: 127.0.0.1\r\n",
+        Duration::from_secs(10),
+    );
+    assert!(
+        idle.end == "eof" || idle.end == "reset",
+        "an unfinished head was not cut: {} after {}s",
+        idle.end,
+        idle.elapsed
+    );
+    assert!(idle.elapsed < 5.0, "cut after {}s, not 1s", idle.elapsed);
+}

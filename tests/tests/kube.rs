@@ -565,3 +565,72 @@ fn the_dockerfile_builds_every_image_the_manifests_and_the_injector_use() {
     }
     assert_eq!(inject.sidecar_uid, 65532);
 }
+
+/// What the images' binaries are built from: the development CA, PKI and Workload API
+/// (crates/dev-identity, whose keys are public) are reachable from nexusctl only. The
+/// sidecar, the gateway and the launcher do not depend on them, nor on the certificate
+/// minting they need (rcgen), in any build (dev-dependencies aside).
+#[test]
+fn production_binaries_do_not_depend_on_the_development_identity() {
+    let out = Command::new(env!("CARGO"))
+        .args([
+            "metadata",
+            "--format-version",
+            "1",
+            "--offline",
+            "--manifest-path",
+        ])
+        .arg(repo_root().join("Cargo.toml"))
+        .output()
+        .expect("cargo metadata");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let meta: Value = serde_json::from_slice(&out.stdout).expect("metadata JSON");
+    let name_of = |id: &str| -> String {
+        meta["packages"]
+            .as_array()
+            .and_then(|packages| packages.iter().find(|p| p["id"] == id))
+            .and_then(|p| p["name"].as_str())
+            .unwrap_or_default()
+            .to_string()
+    };
+    let nodes = meta["resolve"]["nodes"].as_array().expect("resolve nodes");
+    // Everything `package` links: its normal and build dependencies, transitively.
+    let linked = |package: &str| -> std::collections::BTreeSet<String> {
+        let mut seen = std::collections::BTreeSet::new();
+        let mut todo: Vec<String> = nodes
+            .iter()
+            .filter(|n| name_of(n["id"].as_str().unwrap_or_default()) == package)
+            .filter_map(|n| n["id"].as_str().map(str::to_string))
+            .collect();
+        assert!(!todo.is_empty(), "{package} is not in the workspace");
+        while let Some(id) = todo.pop() {
+            if !seen.insert(name_of(&id)) {
+                continue;
+            }
+            let Some(node) = nodes.iter().find(|n| n["id"] == id.as_str()) else {
+                continue;
+            };
+            for dep in node["deps"].as_array().into_iter().flatten() {
+                let kinds = dep["dep_kinds"].as_array().cloned().unwrap_or_default();
+                if kinds.iter().any(|k| k["kind"] != "dev") {
+                    todo.push(dep["pkg"].as_str().unwrap_or_default().to_string());
+                }
+            }
+        }
+        seen
+    };
+    assert!(
+        linked("nexusctl").contains("nexus-dev-identity"),
+        "the walk sees nexusctl's development identity"
+    );
+    for binary in ["nexus-sidecar", "nexus-gateway", "nexus-launch"] {
+        let deps = linked(binary);
+        for dev_only in ["nexus-dev-identity", "rcgen"] {
+            assert!(!deps.contains(dev_only), "{binary} links {dev_only}");
+        }
+    }
+}

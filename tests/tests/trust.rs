@@ -332,6 +332,66 @@ fn forged_and_single_peer_signals_never_revoke_and_intruders_get_no_stream() {
 
 // 2 ------------------------------------------------------------------------------------
 
+/// The report socket is served like every other listener (`nexus_serve`), with the
+/// sidecar's `[limits]`: a process in the pod that opens connections and never finishes a
+/// request head cannot pin them open; each is cut after `limits.header_read_timeout`,
+/// before any token check, and the socket still takes reports afterwards.
+#[test]
+fn the_report_socket_cuts_a_request_head_that_never_ends() {
+    use std::io::{Read, Write};
+    use std::os::unix::net::UnixStream;
+
+    let dir = temp_dir("trust-report-slow-head");
+    let d = dir.path();
+    let api = workload_api(d, "plugin-workload-api", PLUGIN_ID, &[]);
+    let socket = d.join("reports/signals.sock");
+    std::fs::create_dir_all(d.join("reports")).expect("reports dir");
+    let toml = format!(
+        "[identity]\nworkload_api_socket = {:?}\n\n[reports]\nsocket = {:?}\ntoken_file = {:?}\n\n[limits]\nheader_read_timeout = \"1s\"\n",
+        api.url(),
+        socket.to_string_lossy(),
+        d.join("reports/token").to_string_lossy(),
+    );
+    let _plugin = sidecar(d, "plugin-sidecar", &toml, true);
+
+    let mut slow = UnixStream::connect(&socket).expect("connect the report socket");
+    slow.write_all(b"POST /v1/signals HTTP/1.1\r\nHost: sidecar\r\n")
+        .expect("write half a head");
+    slow.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("read timeout");
+    let started = Instant::now();
+    let mut buf = [0u8; 256];
+    let ended = match slow.read(&mut buf) {
+        Ok(0) => "eof",
+        Ok(_) => "data",
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => "reset",
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => "still open",
+        Err(_) => "error",
+    };
+    assert!(
+        ended == "eof" || ended == "reset",
+        "an unfinished head on the report socket was not cut: {ended} after {:?}",
+        started.elapsed()
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "cut after {:?}, not header_read_timeout (1s)",
+        started.elapsed()
+    );
+    // The socket still answers (401 without the token: nothing was taken from the cut one).
+    let out = curl(&[
+        "-s",
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{http_code}",
+        "--unix-socket",
+        &socket.to_string_lossy(),
+        "http://sidecar/v1/signals",
+    ]);
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "401");
+}
+
 #[test]
 fn reports_are_taken_only_on_the_in_pod_socket_from_the_launcher() {
     let dir = temp_dir("trust-reports");

@@ -10,7 +10,6 @@
 pub mod allow;
 pub mod clock;
 pub mod cosign;
-pub mod dev;
 pub mod process;
 pub mod source;
 pub mod store;

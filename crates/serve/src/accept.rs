@@ -12,10 +12,49 @@ use hyper::body::{Body, Incoming};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto::{self, HttpServerConnExec};
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 use tokio::sync::Semaphore;
 
 use crate::Watch;
+
+/// A listener to accept connections from: TCP, or a Unix socket (in-pod channels).
+pub trait Listener: Send + 'static {
+    /// An accepted connection.
+    type Io: AsyncRead + AsyncWrite + Unpin + Send + 'static;
+    /// The peer's address.
+    type Addr: Send + 'static;
+
+    /// The next connection.
+    fn accept(&self) -> impl Future<Output = std::io::Result<(Self::Io, Self::Addr)>> + Send;
+}
+
+impl Listener for TcpListener {
+    type Io = TcpStream;
+    type Addr = SocketAddr;
+
+    async fn accept(&self) -> std::io::Result<(TcpStream, SocketAddr)> {
+        let (stream, addr) = TcpListener::accept(self).await?;
+        if let Err(error) = stream.set_nodelay(true) {
+            tracing::debug!(%error, "cannot set TCP_NODELAY");
+        }
+        Ok((stream, addr))
+    }
+}
+
+impl Listener for UnixListener {
+    type Io = UnixStream;
+    type Addr = tokio::net::unix::SocketAddr;
+
+    fn accept(
+        &self,
+    ) -> impl Future<Output = std::io::Result<(UnixStream, tokio::net::unix::SocketAddr)>> + Send
+    {
+        UnixListener::accept(self)
+    }
+}
+
+/// How many connections a listener serves at once when its configuration does not say.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
 
 /// The per-connection limits every HTTP listener applies.
 #[derive(Clone, Copy, Debug)]
@@ -26,6 +65,18 @@ pub struct ConnLimits {
     pub max_header_bytes: usize,
     /// HTTP/2 streams per connection.
     pub max_concurrent_streams: u32,
+}
+
+impl Default for ConnLimits {
+    /// The sidecar's defaults: 10 s to send a request head, 16 KiB of head, 256 HTTP/2
+    /// streams per connection.
+    fn default() -> Self {
+        Self {
+            header_read_timeout: Duration::from_secs(10),
+            max_header_bytes: 16 * 1024,
+            max_concurrent_streams: 256,
+        }
+    }
 }
 
 /// An HTTP/1.1 + HTTP/2 server builder with `limits`.
@@ -48,14 +99,15 @@ pub fn http_server(limits: &ConnLimits) -> auto::Builder<TokioExecutor> {
 /// wait in the kernel's accept queue), handing each to `handle` on its own task with a
 /// [`Watch`] that holds the drain open until the connection ends. The listener closes
 /// when the drain starts: new connections are refused from then on.
-pub async fn accept<F, Fut>(
-    listener: TcpListener,
+pub async fn accept<L, F, Fut>(
+    listener: L,
     max_connections: usize,
     mut drain: Watch,
     what: &'static str,
     mut handle: F,
 ) where
-    F: FnMut(TcpStream, SocketAddr, Watch) -> Fut,
+    L: Listener,
+    F: FnMut(L::Io, L::Addr, Watch) -> Fut,
     Fut: Future<Output = ()> + Send + 'static,
 {
     let slots = Arc::new(Semaphore::new(max_connections.max(1)));
@@ -72,9 +124,6 @@ pub async fn accept<F, Fut>(
         let Ok(permit) = permit else { break };
         match accepted {
             Ok((stream, addr)) => {
-                if let Err(error) = stream.set_nodelay(true) {
-                    tracing::debug!(%error, "cannot set TCP_NODELAY");
-                }
                 let task = handle(stream, addr, drain.clone());
                 tokio::spawn(async move {
                     task.await;

@@ -1,5 +1,6 @@
 //! One accept/serve module for every Nexus listener (the sidecar's inbound, outbound and
-//! admin listeners; the gateway's control, admin and webhook listeners): a connection
+//! admin listeners and its in-pod report socket; the gateway's control, admin and webhook
+//! listeners; nexusctl's console and demo data API): a connection
 //! cap per listener, a header-read timeout and a bounded request head, and a graceful
 //! drain. On drain a listener stops accepting, HTTP/1 connections close after their
 //! in-flight request, HTTP/2 peers get GOAWAY, and [`Drain::finished`] completes once
@@ -12,6 +13,8 @@ mod accept;
 mod drain;
 mod shutdown;
 
-pub use accept::{ConnLimits, accept, http_server, serve_connection};
+pub use accept::{
+    ConnLimits, DEFAULT_MAX_CONNECTIONS, Listener, accept, http_server, serve_connection,
+};
 pub use drain::{Drain, Readiness, Watch};
 pub use shutdown::{ShutdownTiming, Signals, Stopped, shutdown};

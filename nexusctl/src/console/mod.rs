@@ -36,8 +36,31 @@ pub struct ConsoleArgs {
     /// How many of the newest signals the console keeps and shows (at most 10000).
     #[arg(long, default_value_t = 1000)]
     pub signals: u32,
+    /// Connections served at once (each open page holds one for its live updates);
+    /// more wait in the accept queue. 1 to 10000.
+    #[arg(long, default_value_t = MAX_CONNECTIONS, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    pub max_connections: u32,
+    /// A browser must send each request head within this time (more than 0, at most 1h).
+    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = parse_header_timeout)]
+    pub header_read_timeout: std::time::Duration,
     #[command(flatten)]
     pub target: Target,
+}
+
+/// `--max-connections` by default.
+const MAX_CONNECTIONS: u32 = 64;
+/// `--header-read-timeout` by default (keep in step with its `default_value`).
+const HEADER_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// `--header-read-timeout`: more than 0, at most an hour.
+fn parse_header_timeout(value: &str) -> Result<std::time::Duration, String> {
+    let timeout = humantime::parse_duration(value).map_err(|e| e.to_string())?;
+    if timeout.is_zero() || timeout > std::time::Duration::from_secs(3600) {
+        return Err(format!(
+            "{value}: must be more than 0 and at most 1h (e.g. 10s)"
+        ));
+    }
+    Ok(timeout)
 }
 
 /// What the console's tasks share.
@@ -140,7 +163,15 @@ pub async fn start(
         local.to_string()
     };
     let url = format!("http://{shown}/login?token={}", shared.token);
-    Ok((url, Box::pin(server::serve(listener, shared))))
+    let limits = nexus_serve::ConnLimits {
+        header_read_timeout: args.header_read_timeout,
+        ..nexus_serve::ConnLimits::default()
+    };
+    let max_connections = args.max_connections as usize;
+    Ok((
+        url,
+        Box::pin(server::serve(listener, shared, limits, max_connections)),
+    ))
 }
 
 /// The console `nexusctl up` runs beside its stack: loopback, a free port, no browser.
@@ -150,6 +181,8 @@ pub fn for_up(target: Target) -> ConsoleArgs {
         no_browser: true,
         danger_listen_non_loopback: false,
         signals: 1000,
+        max_connections: MAX_CONNECTIONS,
+        header_read_timeout: HEADER_READ_TIMEOUT,
         target,
     }
 }

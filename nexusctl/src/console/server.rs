@@ -14,7 +14,6 @@ use futures::StreamExt;
 use http::{Method, Request, Response, StatusCode, header};
 use http_body_util::{BodyExt, Full, Limited, StreamBody, combinators::BoxBody};
 use hyper::body::{Frame, Incoming};
-use hyper_util::rt::{TokioExecutor, TokioIo};
 use nexus_proto::control::{
     ChangeResponse, CloseExecutionRequest, OpenExecutionRequest, ReinstateRequest, RevokeRequest,
 };
@@ -39,29 +38,37 @@ const COOKIE: &str = "nexus_console";
 
 const CSP: &str = "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'";
 
-/// Accepts connections until the listener fails.
-pub async fn serve(listener: tokio::net::TcpListener, shared: Arc<Shared>) {
-    loop {
-        let (tcp, _) = match listener.accept().await {
-            Ok(c) => c,
-            Err(error) => {
-                tracing::warn!(%error, "console accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
+/// Serves HTTP/1.1 until the process exits: at most `max_connections` at once, with the
+/// head limits of `limits` (see `nexus_serve`).
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    shared: Arc<Shared>,
+    limits: nexus_serve::ConnLimits,
+    max_connections: usize,
+) {
+    let server = nexus_serve::http_server(&limits).http1_only();
+    let open = nexus_serve::Watch::never();
+    nexus_serve::accept(
+        listener,
+        max_connections,
+        open,
+        "console",
+        |tcp, _, drain| {
+            let (shared, server) = (shared.clone(), server.clone());
+            async move {
+                let service = hyper::service::service_fn(move |req| {
+                    let shared = shared.clone();
+                    async move { Ok::<_, Infallible>(handle(&shared, req).await) }
+                });
+                if let Err(error) =
+                    nexus_serve::serve_connection(&server, tcp, service, drain).await
+                {
+                    tracing::debug!(%error, "console connection ended with an error");
+                }
             }
-        };
-        let shared = shared.clone();
-        tokio::spawn(async move {
-            let service = hyper::service::service_fn(move |req| {
-                let shared = shared.clone();
-                async move { Ok::<_, Infallible>(handle(&shared, req).await) }
-            });
-            let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                .http1_only()
-                .serve_connection(TokioIo::new(tcp), service)
-                .await;
-        });
-    }
+        },
+    )
+    .await;
 }
 
 fn full(status: StatusCode, content_type: &str, body: impl Into<Bytes>) -> Response<Body> {

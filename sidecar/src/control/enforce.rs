@@ -84,13 +84,15 @@ impl LinkState {
     }
 }
 
-/// Why a request is refused.
+/// Why a request is refused; each carries the reason for the body and the record.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Refusal {
-    /// 403 (revoked) or 503 (gateway lost).
-    pub status: u16,
-    /// For the body and the record.
-    pub reason: String,
+#[non_exhaustive]
+pub enum Refused {
+    /// The source or destination workload is revoked (403).
+    Revoked(String),
+    /// The gateway's state cannot be enforced: lost past `fail_closed_after`, or a hold
+    /// (503).
+    Unenforceable(String),
 }
 
 /// Why every request is refused, whatever the link says.
@@ -241,23 +243,17 @@ impl Enforcement {
     }
 
     /// Whether a request between `source` and `destination` must be refused, and why.
-    pub fn refusal(&self, source: &str, destination: &str) -> Option<Refusal> {
+    pub fn refusal(&self, source: &str, destination: &str) -> Option<Refused> {
         if self.held.load(Ordering::SeqCst)
             && let Some((_, why)) = self.holds().into_iter().next()
         {
-            return Some(Refusal {
-                status: 503,
-                reason: why,
-            });
+            return Some(Refused::Unenforceable(why));
         }
         if self.link.load(Ordering::Relaxed) == 2 && self.link() == LinkState::FailClosed {
-            return Some(Refusal {
-                status: 503,
-                reason: format!(
-                    "the gateway has been unreachable for longer than fail_closed_after ({}); refusing every request",
-                    humantime_serde::re::humantime::format_duration(self.fail_closed_after)
-                ),
-            });
+            return Some(Refused::Unenforceable(format!(
+                "the gateway has been unreachable for longer than fail_closed_after ({}); refusing every request",
+                humantime_serde::re::humantime::format_duration(self.fail_closed_after)
+            )));
         }
         let revoked = self.revoked.load();
         if revoked.is_empty() {
@@ -265,10 +261,7 @@ impl Enforcement {
         }
         for id in [source, destination] {
             if revoked.contains(id) {
-                return Some(Refusal {
-                    status: 403,
-                    reason: format!("workload {id} is revoked"),
-                });
+                return Some(Refused::Revoked(format!("workload {id} is revoked")));
             }
         }
         None
@@ -296,10 +289,10 @@ mod tests {
         assert!(e.refusal("spiffe://td/a", "spiffe://td/b").is_none());
         std::thread::sleep(Duration::from_millis(40));
         assert_eq!(e.link(), LinkState::FailClosed);
-        assert_eq!(
-            e.refusal("spiffe://td/a", "spiffe://td/b").unwrap().status,
-            503
-        );
+        assert!(matches!(
+            e.refusal("spiffe://td/a", "spiffe://td/b"),
+            Some(Refused::Unenforceable(_))
+        ));
         e.connected();
         assert!(e.refusal("spiffe://td/a", "spiffe://td/b").is_none());
         let keep = Enforcement::new(GatewayLoss::KeepLast, Duration::from_millis(1), true);

@@ -26,7 +26,7 @@ use nexus_proto::control::{
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
-pub use enforce::{Enforcement, Hold, LinkState, Refusal};
+pub use enforce::{Enforcement, Hold, LinkState, Refused};
 pub use signals::SignalQueue;
 pub use state::{Restored, Synced};
 

@@ -1,9 +1,9 @@
 //! One hash-chained execution record per proxied request (see `nexus-audit`).
 //!
-//! The layer sits right inside the metrics (and trace) layers, so it sees every answer,
-//! the sidecar's own 400s, 403s and 503s included. Per request it puts an
-//! [`AuditFacts`] in the request extensions for the normalize and policy layers to fill,
-//! hashes the request body as the forward step streams it out and the response body as
+//! The step sits right inside the trace step, so it sees every answer, the sidecar's own
+//! refusals included (it hashes the body the rescue will render for them). Per request it
+//! reads the path and the decision from the request's [`Exchange`], hashes the request
+//! body as the forward step streams it out and the response body as
 //! it streams back (never buffering either), and hands the record to the [`Recorder`]
 //! when the response body ends, or is dropped (client gone: what was sent is recorded).
 //! A request cancelled before its response head is recorded with status 499.
@@ -12,9 +12,8 @@
 //! with the configuration: [`Audit::run`] starts it then (no request can be served
 //! before: both directions need the SVID for TLS). Until it runs, and whenever its sink
 //! fails, best-effort requests pass (their records are dropped and counted) and strict
-//! requests get 503.
+//! requests are refused ([`Refusal::Unrecorded`], 503).
 
-use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -31,8 +30,8 @@ use nexus_identity::IdentityStore;
 
 use super::authorize::Parties;
 use super::observe::TappedBody;
-use super::trace::TraceFacts;
-use super::{ProxyBody, json_response};
+use super::outcome::{Exchange, Refusal};
+use super::{AnswerFuture, Next, ProxyBody, Step};
 use crate::metrics::Metrics;
 
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
@@ -46,7 +45,6 @@ const START_RETRY: Duration = Duration::from_secs(1);
 pub struct Audit {
     mode: AuditMode,
     recorder: OnceLock<Recorder>,
-    metrics: Arc<Metrics>,
     /// Records dropped because the recorder was not running yet.
     dropped_early: AtomicU64,
 }
@@ -66,7 +64,6 @@ impl Audit {
         let audit = Arc::new(Self {
             mode,
             recorder: OnceLock::new(),
-            metrics: metrics.clone(),
             dropped_early: AtomicU64::new(0),
         });
         let weak = Arc::downgrade(&audit);
@@ -154,70 +151,6 @@ impl Audit {
     }
 }
 
-/// What the layers inside the audit layer learned about a request, for its record.
-/// Found in the request extensions as `Arc<AuditFacts>` (see [`AuditFacts::get`]) only
-/// when records are on; each fact is set once, the first value wins.
-///
-/// Who fills what: the normalize layer ([`super::authorize::NormalizeLayer`]) sets
-/// the normalized path, or a `deny` with its reason when it refuses the target; the
-/// policy layer sets the decision and, when the input has them, clause and execution.
-#[derive(Debug, Default)]
-pub struct AuditFacts {
-    path: OnceLock<String>,
-    decision: OnceLock<&'static str>,
-    decision_id: OnceLock<String>,
-    reasons: OnceLock<Vec<String>>,
-    policy_revision: OnceLock<String>,
-    clause: OnceLock<String>,
-    execution_id: OnceLock<String>,
-    cached: std::sync::atomic::AtomicBool,
-}
-
-impl AuditFacts {
-    /// The facts of the request these extensions belong to, when records are on.
-    pub fn get(extensions: &http::Extensions) -> Option<&AuditFacts> {
-        extensions.get::<Arc<AuditFacts>>().map(|facts| &**facts)
-    }
-
-    /// The normalized path (what the policy saw and what is forwarded).
-    pub fn set_path(&self, path: &str) {
-        let _ = self.path.set(bounded(path));
-    }
-
-    /// The decision: `result` (`allow`, `deny`, `error`, `dry_run_deny`, `no_policy`),
-    /// its id (may be empty), the policy revision (empty if none) and the reasons.
-    pub fn set_decision(
-        &self,
-        result: &'static str,
-        decision_id: &str,
-        revision: &str,
-        reasons: &[String],
-    ) {
-        let _ = self.decision.set(result);
-        let _ = self.decision_id.set(decision_id.to_owned());
-        if !revision.is_empty() {
-            let _ = self.policy_revision.set(revision.to_owned());
-        }
-        let _ = self.reasons.set(reasons.to_vec());
-    }
-
-    /// The decision came from the decision cache.
-    pub fn set_cached(&self) {
-        self.cached
-            .store(true, std::sync::atomic::Ordering::Relaxed);
-    }
-
-    /// The clause the request touches.
-    pub fn set_clause(&self, clause: &str) {
-        let _ = self.clause.set(clause.to_owned());
-    }
-
-    /// The execution the request runs under.
-    pub fn set_execution_id(&self, id: &str) {
-        let _ = self.execution_id.set(id.to_owned());
-    }
-}
-
 /// Records every request (see the module doc).
 #[derive(Clone, Debug)]
 pub struct AuditLayer {
@@ -232,81 +165,60 @@ impl AuditLayer {
     }
 }
 
-step_layer!(AuditLayer => Audited);
+impl<S: Next<HashedBody<B>>, B> Step<S, B> for AuditLayer {
+    type Body = HashedBody<B>;
 
-impl<S, B> tower::Service<Request<B>> for Audited<S>
-where
-    S: tower::Service<Request<HashedBody<B>>, Response = Response<ProxyBody>, Error = Infallible>,
-    S::Future: Send + 'static,
-{
-    type Response = Response<ProxyBody>;
-    type Error = Infallible;
-    type Future = BoxFuture<Result<Response<ProxyBody>, Infallible>>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, req: Request<B>) -> Self::Future {
+    fn call(&self, req: Request<B>, next: &mut S) -> AnswerFuture {
         let start = Instant::now();
-        let audit = &self.layer.audit;
+        let audit = &self.audit;
         if audit.mode == AuditMode::Strict && !audit.healthy() {
-            audit.metrics.audit_refused();
-            tracing::warn!(
-                method = %req.method(),
-                path = %bounded(req.uri().path()),
-                "request refused: execution records cannot be written (strict audit mode)"
-            );
-            let response = json_response(
-                StatusCode::SERVICE_UNAVAILABLE,
-                serde_json::json!({"error": "audit records cannot be written"}),
-            );
-            return Box::pin(async move { Ok(response) });
+            return Box::pin(async move { Err(Refusal::Unrecorded) });
         }
-        let facts = Arc::new(AuditFacts::default());
-        let trace = req.extensions().get::<Arc<TraceFacts>>().cloned();
-        // The trace layer (outside this one) has rewritten `traceparent` to its span.
-        let trace_id = trace.as_ref().and_then(|_| {
-            let value = req.headers().get("traceparent")?.to_str().ok()?;
-            Some(value.get(3..35)?.to_owned())
-        });
         let request_digest = Arc::new(Mutex::new(BodyDigest::new()));
+        let (mut parts, body) = req.into_parts();
+        let exchange = Exchange::attach(&mut parts.extensions);
         let mut pending = Pending {
             audit: audit.clone(),
             draft: Some(RecordDraft {
                 time: nexus_audit::rfc3339_ms(nexus_identity::clock::now()),
-                direction: self.layer.parties.direction.to_owned(),
-                source: self.layer.parties.source.to_string(),
-                destination: self.layer.parties.destination.to_string(),
-                method: req.method().as_str().to_owned(),
-                path: bounded(req.uri().path()),
-                trace_id,
+                direction: self.parties.direction.to_owned(),
+                source: self.parties.source.to_string(),
+                destination: self.parties.destination.to_string(),
+                method: parts.method.as_str().to_owned(),
+                path: bounded(parts.uri.path()),
+                trace_id: exchange.trace_id().map(str::to_owned),
                 ..RecordDraft::default()
             }),
-            facts: facts.clone(),
-            trace,
+            exchange,
             request_digest: request_digest.clone(),
             response_digest: BodyDigest::new(),
             start,
             status: None,
         };
-        let (mut parts, body) = req.into_parts();
-        parts.extensions.insert(facts);
         let req = Request::from_parts(parts, TappedBody::new(body, request_digest));
-        let future = self.inner.call(req);
+        let future = next.call(req);
         Box::pin(async move {
-            let response = match future.await {
-                Ok(response) => response,
-                Err(never) => match never {},
-            };
-            pending.status = Some(response.status());
-            let (parts, body) = response.into_parts();
-            let body = RecordedBody {
-                inner: body,
-                pending: Some(pending),
-                writing: None,
-            };
-            Ok(Response::from_parts(parts, body.boxed()))
+            match future.await {
+                Ok(response) => {
+                    pending.status = Some(response.status());
+                    let (parts, body) = response.into_parts();
+                    let body = RecordedBody {
+                        inner: body,
+                        pending: Some(pending),
+                        writing: None,
+                    };
+                    Ok(Response::from_parts(parts, body.boxed()))
+                }
+                Err(refusal) => {
+                    // The rescue answers with exactly this body: record it now.
+                    pending.status = Some(refusal.status());
+                    pending.response_digest.update(&refusal.body());
+                    if let Some(writing) = pending.end() {
+                        writing.await;
+                    }
+                    Err(refusal)
+                }
+            }
         })
     }
 }
@@ -318,8 +230,7 @@ pub type HashedBody<B> = TappedBody<B, Arc<Mutex<BodyDigest>>>;
 struct Pending {
     audit: Arc<Audit>,
     draft: Option<RecordDraft>,
-    facts: Arc<AuditFacts>,
-    trace: Option<Arc<TraceFacts>>,
+    exchange: Arc<Exchange>,
     request_digest: Arc<Mutex<BodyDigest>>,
     response_digest: BodyDigest,
     start: Instant,
@@ -330,7 +241,7 @@ impl Pending {
     /// The finished draft; `None` once taken.
     fn finish(&mut self) -> Option<RecordDraft> {
         let mut draft = self.draft.take()?;
-        let facts = &*self.facts;
+        let exchange = &*self.exchange;
         let request = self
             .request_digest
             .lock()
@@ -338,20 +249,24 @@ impl Pending {
             .clone();
         let (request_sha256, request_bytes) = request.finish();
         let (response_sha256, response_bytes) = std::mem::take(&mut self.response_digest).finish();
-        if let Some(trace) = &self.trace {
-            trace.set_request_sha256(&request_sha256);
-            trace.set_response_sha256(&response_sha256);
+        // The span ends after the record is made, and reads these.
+        exchange.set_digests(&request_sha256, &response_sha256);
+        if let Some(path) = exchange.path() {
+            draft.path = bounded(path);
         }
-        if let Some(path) = facts.path.get() {
-            draft.path.clone_from(path);
+        match exchange.decision() {
+            Some(decision) => {
+                draft.decision = decision.verdict.record().to_owned();
+                draft.decision_id.clone_from(&decision.id);
+                draft.reasons.clone_from(&decision.reasons);
+                draft.policy_revision =
+                    Some(decision.revision.clone()).filter(|revision| !revision.is_empty());
+                draft.cached = decision.cached;
+                draft.clause.clone_from(&decision.clause);
+                draft.execution_id.clone_from(&decision.execution_id);
+            }
+            None => draft.decision = "none".to_owned(),
         }
-        draft.decision = facts.decision.get().copied().unwrap_or("none").to_owned();
-        draft.decision_id = facts.decision_id.get().cloned().unwrap_or_default();
-        draft.reasons = facts.reasons.get().cloned().unwrap_or_default();
-        draft.policy_revision = facts.policy_revision.get().cloned();
-        draft.cached = facts.cached.load(std::sync::atomic::Ordering::Relaxed);
-        draft.clause = facts.clause.get().cloned();
-        draft.execution_id = facts.execution_id.get().cloned();
         // 499: the client went away before the response head (nginx's convention).
         draft.status = self.status.map_or(499, |status| status.as_u16());
         draft.request_sha256 = request_sha256;
@@ -392,18 +307,17 @@ struct RecordedBody {
     writing: Option<Mutex<BoxFuture<()>>>,
 }
 
-impl RecordedBody {
+impl Pending {
     /// Makes the record; returns the write to wait for in strict mode.
-    fn end(&mut self) -> Option<BoxFuture<()>> {
-        let mut pending = self.pending.take()?;
-        let recorder = match pending.audit.recorder() {
-            Some(recorder) if pending.audit.mode == AuditMode::Strict => recorder.clone(),
+    fn end(mut self) -> Option<BoxFuture<()>> {
+        let recorder = match self.audit.recorder() {
+            Some(recorder) if self.audit.mode == AuditMode::Strict => recorder.clone(),
             _ => {
-                pending.record();
+                self.record();
                 return None;
             }
         };
-        let draft = pending.finish()?;
+        let draft = self.finish()?;
         let written = recorder.record_strict(draft);
         Some(Box::pin(async move {
             if let Err(error) = written.await {
@@ -444,7 +358,7 @@ impl Body for RecordedBody {
                         pending.response_digest.update(data);
                     }
                 }
-                Poll::Ready(None) => match this.end() {
+                Poll::Ready(None) => match this.pending.take().and_then(Pending::end) {
                     Some(writing) => {
                         this.writing = Some(Mutex::new(writing));
                         continue;

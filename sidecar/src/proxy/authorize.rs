@@ -2,100 +2,64 @@
 //! an ambiguous one), then evaluate the policy on it (403 on a deny). What the policy
 //! saw is what is forwarded: the normalize step rewrites the URI to the normalized path.
 
-use std::convert::Infallible;
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 
-use http::{HeaderValue, Request, Response, StatusCode};
+use http::{HeaderValue, Request};
 use http_body::Body;
 
-use super::audit::AuditFacts;
 use super::normalize::{NormalizeLimits, Normalized, normalize};
-use super::trace::TraceFacts;
-use super::watch::WatchFacts;
-use super::{ProxyBody, json_response};
+use super::outcome::{Decision, Exchange, Refusal, Verdict};
+use super::{AnswerFuture, Next, Step};
 use crate::metrics::{Direction, Metrics};
 use crate::policy::input::{RequestFacts, build};
 use crate::policy::{Loaded, PolicyRuntime};
 
-type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
+pub use super::outcome::DECISION_ID_HEADER;
 
-/// The response header carrying the decision id, on allowed and denied responses.
-pub const DECISION_ID_HEADER: &str = "x-nexus-decision-id";
-
-/// Normalizes the request target (see policies/PATHS.md) and rewrites the URI to it.
+/// Normalizes the request target (see policies/PATHS.md) and rewrites the URI to it;
+/// refuses an ambiguous one ([`Refusal::Ambiguous`]).
 #[derive(Clone, Debug)]
 pub struct NormalizeLayer {
     limits: NormalizeLimits,
-    metrics: Arc<Metrics>,
-    direction: Direction,
 }
 
 impl NormalizeLayer {
     /// A layer with the given limits.
-    pub fn new(limits: NormalizeLimits, metrics: Arc<Metrics>, direction: Direction) -> Self {
-        Self {
-            limits,
-            metrics,
-            direction,
-        }
+    pub fn new(limits: NormalizeLimits) -> Self {
+        Self { limits }
     }
 }
 
-step_layer!(NormalizeLayer => Normalize);
+impl<S: Next<B>, B> Step<S, B> for NormalizeLayer {
+    type Body = B;
 
-impl<S, B> tower::Service<Request<B>> for Normalize<S>
-where
-    S: tower::Service<Request<B>, Response = Response<ProxyBody>, Error = Infallible>,
-    S::Future: Send + 'static,
-{
-    type Response = Response<ProxyBody>;
-    type Error = Infallible;
-    type Future = BoxFuture<Result<Response<ProxyBody>, Infallible>>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, mut req: Request<B>) -> Self::Future {
-        match normalize(req.uri(), req.headers(), req.version(), &self.layer.limits) {
-            Ok(normalized) => {
-                let mut parts = req.uri().clone().into_parts();
-                parts.path_and_query = Some(normalized.path_and_query());
-                // Origin-form from here on: the forward step sets scheme and authority.
-                parts.scheme = None;
-                parts.authority = None;
-                if let Ok(uri) = http::Uri::from_parts(parts) {
-                    *req.uri_mut() = uri;
-                }
-                if let Some(audit) = AuditFacts::get(req.extensions()) {
-                    audit.set_path(&normalized.path);
-                }
-                req.extensions_mut().insert(Arc::new(normalized));
-                Box::pin(self.inner.call(req))
-            }
+    fn call(&self, mut req: Request<B>, next: &mut S) -> AnswerFuture {
+        let normalized = match normalize(req.uri(), req.headers(), req.version(), &self.limits) {
+            Ok(normalized) => normalized,
             Err(error) => {
-                self.layer
-                    .metrics
-                    .rejected_request(self.layer.direction, error.reason());
-                tracing::debug!(%error, uri = %req.uri(), "request target refused");
-                if let Some(audit) = AuditFacts::get(req.extensions()) {
-                    audit.set_decision(
-                        "deny",
-                        "",
-                        "",
-                        &[format!("ambiguous or malformed request target: {error}")],
-                    );
+                let refusal = Refusal::Ambiguous(error);
+                if let Some(exchange) = Exchange::of(req.extensions()) {
+                    exchange.decide(Decision::without_policy(
+                        Verdict::Malformed,
+                        refusal.to_string(),
+                    ));
                 }
-                let response = json_response(
-                    StatusCode::BAD_REQUEST,
-                    serde_json::json!({"error": "ambiguous or malformed request target", "reason": error.reason(), "detail": error.to_string()}),
-                );
-                Box::pin(async move { Ok(response) })
+                return Box::pin(async move { Err(refusal) });
             }
+        };
+        let mut parts = req.uri().clone().into_parts();
+        parts.path_and_query = Some(normalized.path_and_query());
+        // Origin-form from here on: the forward step sets scheme and authority.
+        parts.scheme = None;
+        parts.authority = None;
+        if let Ok(uri) = http::Uri::from_parts(parts) {
+            *req.uri_mut() = uri;
         }
+        if let Some(exchange) = Exchange::of(req.extensions()) {
+            exchange.set_path(&normalized.path);
+        }
+        req.extensions_mut().insert(Arc::new(normalized));
+        Box::pin(next.call(req))
     }
 }
 
@@ -110,7 +74,8 @@ pub struct Parties {
     pub destination: Arc<str>,
 }
 
-/// Evaluates the policy; a deny answers 403 with a decision id and the reasons.
+/// Evaluates the policy; a deny is refused ([`Refusal::Denied`]: 403 with a decision id
+/// and the reasons).
 #[derive(Clone, Debug)]
 pub struct PolicyLayer {
     runtime: Arc<PolicyRuntime>,
@@ -128,8 +93,6 @@ impl PolicyLayer {
         }
     }
 }
-
-step_layer!(PolicyLayer => Authorize);
 
 /// Whether `plugin` is bound to `clause` in the policy data (`data.nexus.bindings`);
 /// `None` when the data has no bindings for anyone.
@@ -170,52 +133,34 @@ fn decision_id() -> String {
     out
 }
 
-impl<S, B> tower::Service<Request<B>> for Authorize<S>
-where
-    S: tower::Service<Request<B>, Response = Response<ProxyBody>, Error = Infallible>,
-    S::Future: Send + 'static,
-    B: Body,
-{
-    type Response = Response<ProxyBody>;
-    type Error = Infallible;
-    type Future = BoxFuture<Result<Response<ProxyBody>, Infallible>>;
+impl<B: Body, S: Next<B>> Step<S, B> for PolicyLayer {
+    type Body = B;
 
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, req: Request<B>) -> Self::Future {
-        let layer = &self.layer;
+    fn call(&self, req: Request<B>, next: &mut S) -> AnswerFuture {
+        let exchange = Exchange::of(req.extensions()).cloned();
+        let decide = |decision: Decision| {
+            if let Some(exchange) = &exchange {
+                exchange.decide(decision);
+            }
+        };
         let id = decision_id();
-        let direction = layer.parties.direction;
-        let Some(loaded) = layer.runtime.current() else {
-            layer.metrics.decision(direction, "no_policy");
-            if let Some(trace) = TraceFacts::get(req.extensions()) {
-                trace.set_decision("no_policy", &id, "", None);
-            }
-            if let Some(audit) = AuditFacts::get(req.extensions()) {
-                audit.set_decision(
-                    "no_policy",
-                    &id,
-                    "",
-                    &["no policy revision is loaded yet".to_owned()],
-                );
-            }
-            let response = json_response(
-                StatusCode::SERVICE_UNAVAILABLE,
-                serde_json::json!({"decision_id": id, "allow": false, "reasons": ["no policy revision is loaded yet"]}),
-            );
-            return Box::pin(async move { Ok(response) });
+        let direction = self.parties.direction;
+        // Refused before evaluating: the decision carries the refusal's reason.
+        let refuse = |refusal: Refusal, verdict: Verdict| -> AnswerFuture {
+            decide(Decision {
+                id: id.clone(),
+                ..Decision::without_policy(verdict, refusal.to_string())
+            });
+            Box::pin(async move { Err(refusal) })
+        };
+        let Some(loaded) = self.runtime.current() else {
+            self.metrics.decision(direction, "no_policy");
+            let decision_id = id.clone();
+            return refuse(Refusal::NoPolicy { decision_id }, Verdict::NoPolicy);
         };
         let Some(target) = req.extensions().get::<Arc<Normalized>>().cloned() else {
-            if let Some(audit) = AuditFacts::get(req.extensions()) {
-                audit.set_decision("error", &id, "", &["request was not normalized".to_owned()]);
-            }
-            let response = json_response(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                serde_json::json!({"decision_id": id, "allow": false, "reasons": ["request was not normalized"]}),
-            );
-            return Box::pin(async move { Ok(response) });
+            let decision_id = id.clone();
+            return refuse(Refusal::NotNormalized { decision_id }, Verdict::Error);
         };
         let body_size = req
             .body()
@@ -225,54 +170,40 @@ where
             .unwrap_or(-1);
         let facts = RequestFacts {
             direction,
-            source: &layer.parties.source,
-            destination: &layer.parties.destination,
+            source: &self.parties.source,
+            destination: &self.parties.destination,
             method: req.method().as_str(),
             target: &target,
             headers: req.headers(),
             body_size,
         };
-        let config = layer.runtime.config();
-        let (input, clause, execution) =
-            build(&facts, config, &loaded, nexus_identity::clock::now());
+        let config = self.runtime.config();
+        let (input, clause, execution) = build(&facts, config, &loaded, nexus_identity::clock::now());
         let shadow_input = loaded.shadow.as_ref().map(|_| input.clone());
-        let decided = layer.runtime.decide(&loaded, input);
+        let decided = self.runtime.decide(&loaded, input);
         let (decision, elapsed, cached) = (decided.decision, decided.elapsed, decided.cached);
-        layer.metrics.policy_evaluation(direction, elapsed);
-        let result = match (decision.allow, decision.error.is_some(), config.dry_run) {
-            (true, _, _) => "allow",
-            (false, true, false) => "error",
-            (false, false, false) => "deny",
-            (false, _, true) => "dry_run_deny",
+        self.metrics.policy_evaluation(direction, elapsed);
+        let verdict = match (decision.allow, decision.error.is_some(), config.dry_run) {
+            (true, _, _) => Verdict::Allow,
+            (false, true, false) => Verdict::Error,
+            (false, false, false) => Verdict::Deny,
+            (false, _, true) => Verdict::DryRunDeny,
         };
-        layer.metrics.decision(direction, result);
-        if let Some(trace) = TraceFacts::get(req.extensions()) {
-            trace.set_decision(result, &id, loaded.policy.revision(), Some(elapsed));
-            if let Some(clause) = clause.as_deref() {
-                trace.set_clause(clause);
-            }
-            if let Some(execution) = execution.as_deref() {
-                trace.set_execution_id(execution);
-            }
-        }
-        if let Some(audit) = AuditFacts::get(req.extensions()) {
-            audit.set_decision(result, &id, loaded.policy.revision(), &decision.reasons);
-            if cached {
-                audit.set_cached();
-            }
-            if let Some(clause) = clause.as_deref() {
-                audit.set_clause(clause);
-            }
-            if let Some(execution) = execution.as_deref() {
-                audit.set_execution_id(execution);
-            }
-        }
-        if let Some(watch) = WatchFacts::get(req.extensions()) {
-            watch.set_decision_id(&id);
-            if let Some(clause) = clause.as_deref() {
-                watch.set_clause(clause, bound(&loaded, &layer.parties.source, clause));
-            }
-        }
+        self.metrics.decision(direction, verdict.record());
+        let revision = loaded.policy.revision();
+        decide(Decision {
+            verdict,
+            id: id.clone(),
+            revision: revision.to_owned(),
+            reasons: decision.reasons.clone(),
+            evaluation: Some(elapsed),
+            cached,
+            bound: clause
+                .as_deref()
+                .and_then(|clause| bound(&loaded, &self.parties.source, clause)),
+            clause: clause.clone(),
+            execution_id: execution.clone(),
+        });
         if let (Some(shadow), Some(input)) = (&loaded.shadow, shadow_input) {
             let shadow_decision = shadow.evaluate(input);
             let shadow_result = if shadow_decision.allow {
@@ -280,7 +211,7 @@ where
             } else {
                 "shadow_deny"
             };
-            layer.metrics.decision(direction, shadow_result);
+            self.metrics.decision(direction, shadow_result);
             if shadow_decision.allow != decision.allow {
                 tracing::info!(decision_id = %id, rule = shadow.rule(), enforced = decision.allow, shadow = shadow_decision.allow, reasons = ?shadow_decision.reasons, "shadow policy disagrees");
             }
@@ -288,33 +219,26 @@ where
         tracing::debug!(
             decision_id = %id,
             direction,
-            source = %layer.parties.source,
+            source = %self.parties.source,
             path = %target.path,
             clause = clause.as_deref().unwrap_or(""),
             execution = execution.as_deref().unwrap_or(""),
             allow = decision.allow,
             cached,
             reasons = ?decision.reasons,
-            revision = loaded.policy.revision(),
+            revision,
             "policy decision"
         );
-        let header = HeaderValue::from_str(&id).ok();
         if !decision.allow && !config.dry_run {
-            let mut response = json_response(
-                StatusCode::FORBIDDEN,
-                serde_json::json!({
-                    "decision_id": id,
-                    "allow": false,
-                    "reasons": decision.reasons,
-                    "revision": loaded.policy.revision(),
-                }),
-            );
-            if let Some(value) = header {
-                response.headers_mut().insert(DECISION_ID_HEADER, value);
-            }
-            return Box::pin(async move { Ok(response) });
+            let refusal = Refusal::Denied {
+                decision_id: id,
+                reasons: decision.reasons,
+                revision: revision.to_owned(),
+            };
+            return Box::pin(async move { Err(refusal) });
         }
-        let future = self.inner.call(req);
+        let header = HeaderValue::from_str(&id).ok();
+        let future = next.call(req);
         Box::pin(async move {
             let mut response = future.await?;
             if let Some(value) = header {

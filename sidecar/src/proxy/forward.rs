@@ -1,21 +1,22 @@
 //! The innermost service: sends the request on, keeping the caller's HTTP version
 //! (HTTP/1.1 stays HTTP/1.1; HTTP/2, e.g. gRPC, stays HTTP/2 with its trailers), and
-//! streams both bodies. Connection failures become a 502/504 with a JSON body saying why.
+//! streams both bodies. Connection failures are refused (502/504, see [`Refusal`]) with
+//! the cause.
 
-use std::convert::Infallible;
-use std::future::Future;
-use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use http::uri::{Authority, PathAndQuery, Scheme};
-use http::{Request, Response, StatusCode, Uri, Version};
+use http::{Request, Response, Uri, Version};
 use http_body::Body;
 use http_body_util::BodyExt;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::Connect;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
 
-use super::{ProxyBody, json_response};
+use super::outcome::Refusal;
+use super::{AnswerFuture, ProxyBody};
+use crate::config::LimitsConfig;
 
 /// Which client a request takes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -42,17 +43,26 @@ impl<C> Forward<C>
 where
     C: Connect + Clone + Send + Sync + 'static,
 {
-    /// `http1`/`http2` are clients restricted to one version each.
+    /// Pooled clients over `http1` and `http2` (connectors restricted to one version
+    /// each, or one connector for both), with the pool limits of `limits`.
     pub fn new(
-        http1: Client<C, ProxyBody>,
-        http2: Client<C, ProxyBody>,
+        limits: &LimitsConfig,
+        (http1, http2): (C, C),
         scheme: Scheme,
         authority: Authority,
         versions: VersionPolicy,
     ) -> Self {
+        let client = |connector: C, h2: bool| {
+            Client::builder(TokioExecutor::new())
+                .pool_idle_timeout(limits.pool_idle_timeout)
+                .pool_timer(TokioTimer::new())
+                .timer(TokioTimer::new())
+                .http2_only(h2)
+                .build(connector)
+        };
         Self {
-            http1,
-            http2,
+            http1: client(http1, false),
+            http2: client(http2, true),
             scheme,
             authority,
             versions,
@@ -77,10 +87,10 @@ where
     B: Body<Data = Bytes, Error = hyper::Error> + Send + Sync + 'static,
 {
     type Response = Response<ProxyBody>;
-    type Error = Infallible;
-    type Future = Pin<Box<dyn Future<Output = Result<Response<ProxyBody>, Infallible>> + Send>>;
+    type Error = Refusal;
+    type Future = AnswerFuture;
 
-    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Refusal>> {
         Poll::Ready(Ok(()))
     }
 
@@ -95,11 +105,10 @@ where
         let uri = match self.target(req.uri().path_and_query()) {
             Ok(uri) => uri,
             Err(e) => {
-                let response = json_response(
-                    StatusCode::BAD_REQUEST,
-                    serde_json::json!({"error": "bad request target", "detail": e.to_string()}),
-                );
-                return Box::pin(async move { Ok(response) });
+                let refusal = Refusal::BadTarget {
+                    detail: e.to_string(),
+                };
+                return Box::pin(async move { Err(refusal) });
             }
         };
         *req.uri_mut() = uri;
@@ -112,41 +121,30 @@ where
             self.http1.clone()
         };
         Box::pin(async move {
-            Ok(match client.request(req).await {
+            match client.request(req).await {
                 Ok(response) => {
                     let (mut parts, body) = response.into_parts();
                     super::headers::strip_hop_by_hop(&mut parts.headers);
-                    Response::from_parts(parts, body.boxed())
+                    Ok(Response::from_parts(parts, body.boxed()))
                 }
-                Err(error) => upstream_error(&error),
-            })
+                Err(error) => Err(upstream_error(&error)),
+            }
         })
     }
 }
 
-/// The response for a failed forward, with the most specific cause found.
-fn upstream_error(error: &hyper_util::client::legacy::Error) -> Response<ProxyBody> {
+/// The refusal for a failed forward, with the most specific cause found.
+fn upstream_error(error: &hyper_util::client::legacy::Error) -> Refusal {
     if let Some(tls) = find_tls_error(error) {
-        let detail = describe_tls_error(tls);
-        tracing::warn!(%detail, "upstream TLS handshake failed");
-        return json_response(
-            StatusCode::BAD_GATEWAY,
-            serde_json::json!({"error": "upstream identity rejected", "detail": detail}),
-        );
+        return Refusal::UpstreamIdentity {
+            detail: describe_tls_error(tls),
+        };
     }
     let detail = error_chain(error);
-    let timed_out = detail.contains("timed out") || detail.contains("timeout");
-    tracing::warn!(%detail, "forward failed");
-    if timed_out {
-        json_response(
-            StatusCode::GATEWAY_TIMEOUT,
-            serde_json::json!({"error": "upstream timed out", "detail": detail}),
-        )
+    if detail.contains("timed out") || detail.contains("timeout") {
+        Refusal::UpstreamTimedOut { detail }
     } else {
-        json_response(
-            StatusCode::BAD_GATEWAY,
-            serde_json::json!({"error": "upstream unavailable", "detail": detail}),
-        )
+        Refusal::UpstreamUnavailable { detail }
     }
 }
 

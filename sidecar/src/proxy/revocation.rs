@@ -1,86 +1,58 @@
-//! Refuses requests from or to a revoked workload (403), and every request once the
-//! gateway has been lost past `fail_closed_after` (503), before the policy runs. The
+//! Refuses requests from or to a revoked workload ([`Refusal::Revoked`], 403), and every
+//! request once the gateway has been lost past `fail_closed_after` or enforcement is held
+//! ([`Refusal::Unenforceable`], 503), before the policy runs. The
 //! revoked set comes from the gateway's control stream; when this sidecar's own
 //! workload is revoked, it stops forwarding for it in both directions.
 //!
 //! [`close_when_revoked`] ends an open connection as soon as its peer (or this
 //! workload) is revoked.
 
-use std::convert::Infallible;
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 
-use http::{Request, Response, StatusCode};
+use http::Request;
 
 use super::authorize::Parties;
-use super::{ProxyBody, audit::AuditFacts, json_response, trace::TraceFacts};
-use crate::control::Enforcement;
-use crate::metrics::Metrics;
-
-type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
+use super::outcome::{Decision, Exchange, Refusal, Verdict};
+use super::{AnswerFuture, Next, Step};
+use crate::control::{Enforcement, Refused};
 
 /// See the module documentation.
 #[derive(Clone, Debug)]
 pub struct RevocationLayer {
     enforcement: Arc<Enforcement>,
-    metrics: Arc<Metrics>,
     parties: Parties,
 }
 
 impl RevocationLayer {
     /// Checks `parties` against `enforcement` on every request.
-    pub fn new(enforcement: Arc<Enforcement>, metrics: Arc<Metrics>, parties: Parties) -> Self {
+    pub fn new(enforcement: Arc<Enforcement>, parties: Parties) -> Self {
         Self {
             enforcement,
-            metrics,
             parties,
         }
     }
 }
 
-step_layer!(RevocationLayer => CheckRevocation);
+impl<S: Next<B>, B> Step<S, B> for RevocationLayer {
+    type Body = B;
 
-impl<S, B> tower::Service<Request<B>> for CheckRevocation<S>
-where
-    S: tower::Service<Request<B>, Response = Response<ProxyBody>, Error = Infallible>,
-    S::Future: Send + 'static,
-{
-    type Response = Response<ProxyBody>;
-    type Error = Infallible;
-    type Future = BoxFuture<Result<Response<ProxyBody>, Infallible>>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, req: Request<B>) -> Self::Future {
-        let layer = &self.layer;
-        let Some(refusal) = layer
+    fn call(&self, req: Request<B>, next: &mut S) -> AnswerFuture {
+        let Some(refused) = self
             .enforcement
-            .refusal(&layer.parties.source, &layer.parties.destination)
+            .refusal(&self.parties.source, &self.parties.destination)
         else {
-            return Box::pin(self.inner.call(req));
+            return Box::pin(next.call(req));
         };
-        layer.metrics.revocation_refusal(layer.parties.direction);
-        let result = if refusal.status == 403 {
-            "revoked"
-        } else {
-            "gateway_lost"
+        let (verdict, refusal) = match refused {
+            Refused::Revoked(reason) => (Verdict::Revoked, Refusal::Revoked { reason }),
+            Refused::Unenforceable(reason) => {
+                (Verdict::GatewayLost, Refusal::Unenforceable { reason })
+            }
         };
-        if let Some(trace) = TraceFacts::get(req.extensions()) {
-            trace.set_decision(result, "", "", None);
+        if let Some(exchange) = Exchange::of(req.extensions()) {
+            exchange.decide(Decision::without_policy(verdict, refusal.to_string()));
         }
-        if let Some(audit) = AuditFacts::get(req.extensions()) {
-            audit.set_decision(result, "", "", std::slice::from_ref(&refusal.reason));
-        }
-        let status = StatusCode::from_u16(refusal.status).unwrap_or(StatusCode::FORBIDDEN);
-        let response = json_response(
-            status,
-            serde_json::json!({"allow": false, "reasons": [refusal.reason]}),
-        );
-        Box::pin(async move { Ok(response) })
+        Box::pin(async move { Err(refusal) })
     }
 }
 

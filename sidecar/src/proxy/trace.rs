@@ -12,33 +12,28 @@
 //! registry lookups or field visitors on the request path, and no loop between the
 //! exporter's own `tracing` events and the spans.
 //!
-//! Layers inside this one say what they decided through [`TraceFacts`], which this
-//! layer puts in the request extensions: see its doc for who fills what.
+//! What the steps inside this one decided (decision, clause, execution, body digests)
+//! is read from the request's [`Exchange`] when the span ends.
 //!
 //! Without `[telemetry] otlp_endpoint` the layer is not in the stack at all, and a
 //! caller's `traceparent` passes through untouched like any other header.
 
-use std::convert::Infallible;
-use std::future::Future;
-use std::pin::Pin;
-use std::sync::{Arc, OnceLock};
-use std::task::{Context, Poll};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::Instant;
 
 use http::header::{HeaderMap, HeaderName, HeaderValue};
-use http::{Request, Response, StatusCode, Version};
+use http::{Request, StatusCode, Version};
 use opentelemetry::propagation::{Extractor, TextMapPropagator};
 use opentelemetry::trace::{
     Span as _, SpanBuilder, SpanContext, SpanKind, Status, TraceFlags, Tracer as _,
 };
 use opentelemetry::{KeyValue, StringValue, Value};
 
-use super::ProxyBody;
 use super::observe::{EndObserver, ObservedBody};
+use super::outcome::Exchange;
+use super::{AnswerFuture, Next, Step};
 use crate::metrics::Direction;
 use crate::telemetry::Telemetry;
-
-type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
 
 const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
 const TRACESTATE: HeaderName = HeaderName::from_static("tracestate");
@@ -46,87 +41,6 @@ const TRACESTATE: HeaderName = HeaderName::from_static("tracestate");
 /// Longest attribute value taken from the request (path, authority); longer ones are
 /// cut at a character boundary.
 const MAX_ATTRIBUTE_BYTES: usize = 1024;
-
-/// What the layers inside the trace layer learned about a request, for its span
-/// (`nexus.*` attributes) and the policy metrics. Found in the request extensions as
-/// `Arc<TraceFacts>` (see [`TraceFacts::get`]) only when tracing is on; each fact is set
-/// once, the first value wins.
-///
-/// Who fills what:
-/// - the policy layer ([`super::authorize::PolicyLayer`]): [`TraceFacts::set_decision`]
-///   (result as counted in `nexus_policy_decisions_total`, decision id, revision,
-///   evaluation time) on every decision, including `no_policy`, and
-///   [`TraceFacts::set_clause`] / [`TraceFacts::set_execution_id`] when the input has
-///   them;
-/// - the audit layer: [`TraceFacts::set_request_sha256`] once the request body is read,
-///   and [`TraceFacts::set_response_sha256`] *before* its response body yields its end
-///   (the span ends right after);
-/// - whichever layer knows a low-cardinality route template: [`TraceFacts::set_route`]
-///   (the span is then named `"{method} {route}"`).
-#[derive(Debug, Default)]
-pub struct TraceFacts {
-    clause: OnceLock<String>,
-    execution_id: OnceLock<String>,
-    decision: OnceLock<&'static str>,
-    decision_id: OnceLock<String>,
-    policy_revision: OnceLock<String>,
-    policy_evaluation: OnceLock<Duration>,
-    request_sha256: OnceLock<String>,
-    response_sha256: OnceLock<String>,
-    route: OnceLock<String>,
-}
-
-impl TraceFacts {
-    /// The facts of the request these extensions belong to, when tracing is on.
-    pub fn get(extensions: &http::Extensions) -> Option<&TraceFacts> {
-        extensions.get::<Arc<TraceFacts>>().map(|facts| &**facts)
-    }
-
-    /// The clause the request touches.
-    pub fn set_clause(&self, clause: &str) {
-        let _ = self.clause.set(clause.to_owned());
-    }
-
-    /// The execution the request runs under.
-    pub fn set_execution_id(&self, id: &str) {
-        let _ = self.execution_id.set(id.to_owned());
-    }
-
-    /// The policy decision: `result` as counted (`allow`, `deny`, `error`,
-    /// `dry_run_deny`, `no_policy`), its id, the policy revision (empty if none) and the
-    /// evaluation time (`None` if nothing was evaluated).
-    pub fn set_decision(
-        &self,
-        result: &'static str,
-        decision_id: &str,
-        revision: &str,
-        evaluation: Option<Duration>,
-    ) {
-        let _ = self.decision.set(result);
-        let _ = self.decision_id.set(decision_id.to_owned());
-        if !revision.is_empty() {
-            let _ = self.policy_revision.set(revision.to_owned());
-        }
-        if let Some(evaluation) = evaluation {
-            let _ = self.policy_evaluation.set(evaluation);
-        }
-    }
-
-    /// Hex SHA-256 of the request body.
-    pub fn set_request_sha256(&self, hex: &str) {
-        let _ = self.request_sha256.set(hex.to_owned());
-    }
-
-    /// Hex SHA-256 of the response body.
-    pub fn set_response_sha256(&self, hex: &str) {
-        let _ = self.response_sha256.set(hex.to_owned());
-    }
-
-    /// A low-cardinality route template, e.g. `/clauses/{clause}/rainfall`.
-    pub fn set_route(&self, route: &str) {
-        let _ = self.route.set(route.to_owned());
-    }
-}
 
 /// Fixed per connection: which side, which span kind, who is on the other end.
 #[derive(Debug)]
@@ -187,25 +101,13 @@ impl TraceLayer {
     }
 }
 
-step_layer!(TraceLayer => Trace);
+impl<S: Next<B>, B> Step<S, B> for TraceLayer {
+    type Body = B;
 
-impl<S, B> tower::Service<Request<B>> for Trace<S>
-where
-    S: tower::Service<Request<B>, Response = Response<ProxyBody>, Error = Infallible>,
-    S::Future: Send + 'static,
-{
-    type Response = Response<ProxyBody>;
-    type Error = Infallible;
-    type Future = BoxFuture<Result<Response<ProxyBody>, Infallible>>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, mut req: Request<B>) -> Self::Future {
+    fn call(&self, mut req: Request<B>, next: &mut S) -> AnswerFuture {
         let start = Instant::now();
-        let telemetry = &self.layer.telemetry;
-        let site = &self.layer.site;
+        let telemetry = &self.telemetry;
+        let site = &self.site;
         let parent = telemetry
             .propagator()
             .extract_with_context(&opentelemetry::Context::new(), &Headers(req.headers()));
@@ -217,17 +119,17 @@ where
         if span.is_recording() {
             span.set_attributes(request_attributes(&req, method, site));
         }
+        let exchange = Exchange::attach(req.extensions_mut());
         // A span from a shut-down provider has no valid context: then the caller's
         // trace context goes on as it came.
         if span.span_context().is_valid() {
             inject(req.headers_mut(), span.span_context());
+            exchange.set_trace_id(span.span_context().trace_id().to_string());
         }
-        let facts = Arc::new(TraceFacts::default());
-        req.extensions_mut().insert(facts.clone());
         let mut in_flight = InFlight {
             telemetry: telemetry.clone(),
             span,
-            facts,
+            exchange,
             start,
             direction: site.direction,
             server: site.kind == SpanKind::Server,
@@ -235,14 +137,20 @@ where
             status: None,
             error: None,
         };
-        let future = self.inner.call(req);
+        let future = next.call(req);
         Box::pin(async move {
-            let response = match future.await {
-                Ok(response) => response,
-                Err(never) => match never {},
-            };
-            in_flight.status = Some(response.status());
-            Ok(response.map(|body| ObservedBody::boxed(body, in_flight)))
+            match future.await {
+                Ok(response) => {
+                    in_flight.status = Some(response.status());
+                    Ok(response.map(|body| ObservedBody::boxed(body, in_flight)))
+                }
+                // The rescue answers it at once: the span ends here.
+                Err(refusal) => {
+                    in_flight.status = Some(refusal.status());
+                    drop(in_flight);
+                    Err(refusal)
+                }
+            }
         })
     }
 }
@@ -252,7 +160,7 @@ where
 struct InFlight {
     telemetry: Telemetry,
     span: opentelemetry_sdk::trace::Span,
-    facts: Arc<TraceFacts>,
+    exchange: Arc<Exchange>,
     start: Instant,
     direction: Direction,
     server: bool,
@@ -267,7 +175,8 @@ impl Drop for InFlight {
     fn drop(&mut self) {
         let elapsed = self.start.elapsed().as_secs_f64();
         let instruments = self.telemetry.instruments();
-        let facts = &*self.facts;
+        let decision = self.exchange.decision();
+        let result = decision.and_then(|d| d.verdict.traced());
         let direction = KeyValue::new("nexus.direction", self.direction);
         let error = match self.status {
             None => Some(self.error.unwrap_or("canceled")),
@@ -282,13 +191,13 @@ impl Drop for InFlight {
             instruments.requests.add(1, &labels);
             instruments.request_duration.record(elapsed, &labels);
         }
-        if let Some(result) = facts.decision.get() {
+        if let Some(result) = result {
             instruments.decisions.add(
                 1,
-                &[direction.clone(), KeyValue::new("nexus.decision", *result)],
+                &[direction.clone(), KeyValue::new("nexus.decision", result)],
             );
         }
-        if let Some(evaluation) = facts.policy_evaluation.get() {
+        if let Some(evaluation) = decision.and_then(|d| d.evaluation) {
             instruments
                 .evaluation
                 .record(evaluation.as_secs_f64(), std::slice::from_ref(&direction));
@@ -320,24 +229,35 @@ impl Drop for InFlight {
             }
             (None, None) => {}
         }
+        // What was decided, when something was (a target refused before any decision
+        // has none of these).
+        let decided = decision.filter(|_| result.is_some());
+        let digests = self.exchange.digests();
         for (key, value) in [
-            ("nexus.clause", facts.clause.get()),
-            ("nexus.execution_id", facts.execution_id.get()),
-            ("nexus.decision_id", facts.decision_id.get()),
-            ("nexus.policy_revision", facts.policy_revision.get()),
-            ("nexus.request.sha256", facts.request_sha256.get()),
-            ("nexus.response.sha256", facts.response_sha256.get()),
+            ("nexus.clause", decided.and_then(|d| d.clause.as_deref())),
+            (
+                "nexus.execution_id",
+                decided.and_then(|d| d.execution_id.as_deref()),
+            ),
+            ("nexus.decision_id", decided.map(|d| d.id.as_str())),
+            (
+                "nexus.policy_revision",
+                decided
+                    .map(|d| d.revision.as_str())
+                    .filter(|revision| !revision.is_empty()),
+            ),
+            ("nexus.request.sha256", digests.map(|(request, _)| request)),
+            (
+                "nexus.response.sha256",
+                digests.map(|(_, response)| response),
+            ),
         ] {
             if let Some(value) = value {
-                attributes.push(KeyValue::new(key, value.clone()));
+                attributes.push(KeyValue::new(key, value.to_owned()));
             }
         }
-        if let Some(result) = facts.decision.get() {
-            attributes.push(KeyValue::new("nexus.decision", *result));
-        }
-        if let Some(route) = facts.route.get() {
-            attributes.push(KeyValue::new("http.route", route.clone()));
-            self.span.update_name(format!("{} {route}", self.method));
+        if let Some(result) = result {
+            attributes.push(KeyValue::new("nexus.decision", result));
         }
         self.span.set_attributes(attributes);
         self.span.end();
@@ -406,18 +326,7 @@ const OTHER_METHOD: &str = "_OTHER";
 
 /// The method as the semantic conventions name it: the known ones, else `_OTHER`.
 fn method_name(method: &http::Method) -> &'static str {
-    match *method {
-        http::Method::GET => "GET",
-        http::Method::HEAD => "HEAD",
-        http::Method::POST => "POST",
-        http::Method::PUT => "PUT",
-        http::Method::PATCH => "PATCH",
-        http::Method::DELETE => "DELETE",
-        http::Method::OPTIONS => "OPTIONS",
-        http::Method::CONNECT => "CONNECT",
-        http::Method::TRACE => "TRACE",
-        _ => OTHER_METHOD,
-    }
+    crate::metrics::known_method(method).unwrap_or(OTHER_METHOD)
 }
 
 fn protocol_version(version: Version) -> &'static str {
@@ -484,6 +393,7 @@ mod tests {
 
     use bytes::Bytes;
     use futures::StreamExt as _;
+    use http::Response;
     use http_body::Frame;
     use http_body_util::BodyExt;
     use opentelemetry::trace::{SpanId, TraceId};
@@ -492,6 +402,8 @@ mod tests {
     use tower::{Layer as _, Service as _, ServiceExt as _};
 
     use super::*;
+    use crate::proxy::outcome::{Decision, Refusal, Verdict};
+    use crate::proxy::{ProxyBody, step};
 
     /// Keeps every exported span.
     #[derive(Clone, Debug, Default)]
@@ -524,28 +436,34 @@ mod tests {
             .map(|kv| kv.value.clone())
     }
 
-    /// An upstream that records the headers it got, fills the facts as the policy layer
-    /// will, and answers `status`.
+    /// An upstream that records the headers it got, decides as the policy step will,
+    /// and answers `status`.
     fn upstream(
         status: StatusCode,
         seen: Arc<Mutex<Option<HeaderMap>>>,
     ) -> impl tower::Service<
         Request<()>,
         Response = Response<ProxyBody>,
-        Error = Infallible,
+        Error = Refusal,
         Future = impl Send + 'static,
     > + Clone {
         tower::service_fn(move |req: Request<()>| {
             *seen.lock().unwrap() = Some(req.headers().clone());
-            if let Some(facts) = TraceFacts::get(req.extensions()) {
-                facts.set_decision("allow", "d-1", "rev-7", Some(Duration::from_micros(20)));
-                facts.set_clause("c-flood-17");
-                facts.set_execution_id("ex-1");
+            if let Some(exchange) = Exchange::of(req.extensions()) {
+                exchange.decide(Decision {
+                    verdict: Verdict::Allow,
+                    id: "d-1".into(),
+                    revision: "rev-7".into(),
+                    evaluation: Some(std::time::Duration::from_micros(20)),
+                    clause: Some("c-flood-17".into()),
+                    execution_id: Some("ex-1".into()),
+                    ..Decision::without_policy(Verdict::Allow, String::new())
+                });
             }
             async move {
-                Ok::<_, Infallible>(crate::proxy::json_response(
+                Ok::<_, Refusal>(crate::proxy::json_response(
                     status,
-                    serde_json::json!({"ok": true}),
+                    Bytes::from_static(br#"{"ok":true}"#),
                 ))
             }
         })
@@ -559,11 +477,11 @@ mod tests {
         // The caller sampled: parent-based sampling follows it even when new traces are off.
         let (telemetry, captured) = telemetry(Sampler::ParentBased(Box::new(Sampler::AlwaysOff)));
         let seen = Arc::new(Mutex::new(None));
-        let mut service = TraceLayer::inbound(
+        let mut service = step(TraceLayer::inbound(
             &telemetry,
             "inbound",
             "spiffe://nexus.local/ns/plugins/sa/flood-model".into(),
-        )
+        ))
         .layer(upstream(StatusCode::OK, seen.clone()));
         let req = Request::builder()
             .uri("/clauses/c-flood-17/rainfall?from=x")
@@ -627,12 +545,12 @@ mod tests {
         let (telemetry, captured) = telemetry(Sampler::AlwaysOn);
         let seen = Arc::new(Mutex::new(None));
         let upstream_authority: http::uri::Authority = "data.example:15006".parse().unwrap();
-        let mut service = TraceLayer::outbound(
+        let mut service = step(TraceLayer::outbound(
             &telemetry,
             "outbound",
             &upstream_authority,
             "spiffe://nexus.local/ns/data/sa/hazard-api".into(),
-        )
+        ))
         .layer(upstream(StatusCode::BAD_GATEWAY, seen.clone()));
         let req = Request::builder()
             .method("POST")
@@ -673,8 +591,12 @@ mod tests {
     async fn an_unsampled_request_still_carries_the_trace_on() {
         let (telemetry, captured) = telemetry(Sampler::ParentBased(Box::new(Sampler::AlwaysOn)));
         let seen = Arc::new(Mutex::new(None));
-        let mut service = TraceLayer::inbound(&telemetry, "inbound", "spiffe://x/y".into())
-            .layer(upstream(StatusCode::OK, seen.clone()));
+        let mut service = step(TraceLayer::inbound(
+            &telemetry,
+            "inbound",
+            "spiffe://x/y".into(),
+        ))
+        .layer(upstream(StatusCode::OK, seen.clone()));
         let req = Request::builder()
             .uri("/")
             .header("traceparent", format!("00-{TRACE}-{PARENT}-00"))
@@ -696,17 +618,20 @@ mod tests {
     #[tokio::test]
     async fn a_dropped_body_ends_the_span_as_aborted() {
         let (telemetry, captured) = telemetry(Sampler::AlwaysOn);
-        let mut service = TraceLayer::inbound(&telemetry, "inbound", "spiffe://x/y".into()).layer(
-            tower::service_fn(|_req: Request<()>| async {
-                // One frame, then nothing more: the client goes away mid-body.
-                let frames = futures::stream::iter([Ok::<_, hyper::Error>(Frame::data(
-                    Bytes::from_static(b"partial"),
-                ))])
-                .chain(futures::stream::pending());
-                let body = http_body_util::StreamBody::new(frames);
-                Ok::<_, Infallible>(Response::new(BodyExt::boxed(body)))
-            }),
-        );
+        let mut service = step(TraceLayer::inbound(
+            &telemetry,
+            "inbound",
+            "spiffe://x/y".into(),
+        ))
+        .layer(tower::service_fn(|_req: Request<()>| async {
+            // One frame, then nothing more: the client goes away mid-body.
+            let frames = futures::stream::iter([Ok::<_, hyper::Error>(Frame::data(
+                Bytes::from_static(b"partial"),
+            ))])
+            .chain(futures::stream::pending());
+            let body = http_body_util::StreamBody::new(frames);
+            Ok::<_, Refusal>(Response::new(BodyExt::boxed(body)))
+        }));
         let response = service
             .ready()
             .await

@@ -9,25 +9,20 @@
 //! workload (`self`), and its egress is what it pushes out (the request bodies).
 
 use std::collections::{HashMap, VecDeque};
-use std::convert::Infallible;
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
 
 use bytes::Bytes;
-use http::{Request, Response};
+use http::Request;
 use nexus_anomaly::{Detectors, Observed, RequestEvent, Signal};
 use nexus_proto::control::{Baseline, BaselineReport, FleetBaselines};
 
-use super::ProxyBody;
 use super::observe::{EndObserver, ObservedBody, TappedBody};
+use super::outcome::Exchange;
+use super::{AnswerFuture, Next, Step};
 use crate::control::{SignalQueue, unix_ms};
 use crate::metrics::Metrics;
 use crate::policy::PolicyRuntime;
-
-type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
 
 /// Decision ids kept per workload, to cite in its signals.
 const CITED_PER_WORKLOAD: usize = 32;
@@ -186,31 +181,6 @@ impl AnomalyWatch {
     }
 }
 
-/// What the policy step learns about a request, for the watch.
-#[derive(Debug, Default)]
-pub struct WatchFacts {
-    clause: Mutex<Option<(String, Option<bool>)>>,
-    decision_id: std::sync::OnceLock<String>,
-}
-
-impl WatchFacts {
-    /// The facts of this request, if the watch is on.
-    pub fn get(extensions: &http::Extensions) -> Option<&Arc<WatchFacts>> {
-        extensions.get::<Arc<WatchFacts>>()
-    }
-
-    /// The clause the request named, and whether the plugin is bound to it (`None`:
-    /// unknown, e.g. no bindings in the policy data).
-    pub fn set_clause(&self, clause: &str, bound: Option<bool>) {
-        *self.clause.lock().unwrap_or_else(|p| p.into_inner()) = Some((clause.to_string(), bound));
-    }
-
-    /// The policy decision's id (the execution record's `decision_id`).
-    pub fn set_decision_id(&self, id: &str) {
-        let _ = self.decision_id.set(id.to_string());
-    }
-}
-
 /// See the module documentation.
 #[derive(Clone, Debug)]
 pub struct WatchLayer {
@@ -240,39 +210,38 @@ impl WatchLayer {
     }
 }
 
-step_layer!(WatchLayer => Watched);
+impl<S: Next<CountedBody<B>>, B> Step<S, B> for WatchLayer {
+    type Body = CountedBody<B>;
 
-impl<S, B> tower::Service<Request<B>> for Watched<S>
-where
-    S: tower::Service<Request<CountedBody<B>>, Response = Response<ProxyBody>, Error = Infallible>,
-    S::Future: Send + 'static,
-{
-    type Response = Response<ProxyBody>;
-    type Error = Infallible;
-    type Future = BoxFuture<Result<Response<ProxyBody>, Infallible>>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, req: Request<B>) -> Self::Future {
-        let facts = Arc::new(WatchFacts::default());
+    fn call(&self, req: Request<B>, next: &mut S) -> AnswerFuture {
         let sent = Arc::new(AtomicU64::new(0));
         let (mut parts, body) = req.into_parts();
-        parts.extensions.insert(facts.clone());
+        let exchange = Exchange::attach(&mut parts.extensions);
         let req = Request::from_parts(parts, TappedBody::new(body, sent.clone()));
-        let future = self.inner.call(req);
-        let layer = self.layer.clone();
+        let future = next.call(req);
+        let layer = self.clone();
         Box::pin(async move {
-            let response = future.await?;
-            let report = Report {
+            let answer = future.await;
+            let outcome = exchange.settle(&answer);
+            let mut report = Report {
                 layer,
-                facts,
+                exchange,
                 sent,
                 received: 0,
-                allowed: response.status() != http::StatusCode::FORBIDDEN,
+                allowed: match &answer {
+                    // The app's own 403 is a refusal of the workload's request too.
+                    Ok(response) => response.status() != http::StatusCode::FORBIDDEN,
+                    Err(_) => !outcome.is_denial(),
+                },
             };
-            Ok(response.map(|body| ObservedBody::boxed(body, report)))
+            match answer {
+                Ok(response) => Ok(response.map(|body| ObservedBody::boxed(body, report))),
+                // The rescue answers with this body at once: the exchange ends here.
+                Err(refusal) => {
+                    report.received = refusal.body().len() as u64;
+                    Err(refusal)
+                }
+            }
         })
     }
 }
@@ -282,7 +251,7 @@ pub type CountedBody<B> = TappedBody<B, Arc<AtomicU64>>;
 
 struct Report {
     layer: WatchLayer,
-    facts: Arc<WatchFacts>,
+    exchange: Arc<Exchange>,
     sent: Arc<AtomicU64>,
     received: u64,
     allowed: bool,
@@ -300,12 +269,11 @@ impl EndObserver for Report {
 
 impl Drop for Report {
     fn drop(&mut self) {
-        let clause = self
-            .facts
-            .clause
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take();
+        // What the policy said, when it was evaluated.
+        let decision = self
+            .exchange
+            .decision()
+            .filter(|decision| decision.verdict.evaluated());
         let (bytes_out, bytes_in) = self
             .layer
             .directions(self.sent.load(Ordering::Relaxed), self.received);
@@ -313,14 +281,16 @@ impl Drop for Report {
             workload: &self.layer.workload,
             observed_as: self.layer.observed,
             allowed: self.allowed,
-            clause: clause.as_ref().map(|(c, _)| c.as_str()),
-            clause_bound: clause.as_ref().and_then(|(_, b)| *b),
+            clause: decision.and_then(|d| d.clause.as_deref()),
+            clause_bound: decision.and_then(|d| d.bound),
             bytes_out,
             bytes_in,
         };
         let now = unix_ms();
-        if let Some(id) = self.facts.decision_id.get() {
-            self.layer.watch.note(&self.layer.workload, id, now);
+        if let Some(decision) = decision {
+            self.layer
+                .watch
+                .note(&self.layer.workload, &decision.id, now);
         }
         let loaded = self.layer.watch.loaded();
         let budget = loaded

@@ -2,6 +2,11 @@
 //! ([`ca`]), the committed development PKI in `certs-dev/` ([`pki`]), and a SPIFFE
 //! Workload API server that stands in for a SPIRE agent on one machine
 //! ([`workload_api`]).
+//!
+//! A crate of its own so that what production binaries link cannot hold it: the sidecar,
+//! the gateway and the launcher do not depend on it (only `nexusctl`, which runs the
+//! local stack, and tests do), whatever else a build compiles beside them.
+#![forbid(unsafe_code)]
 
 pub mod ca;
 pub mod pki;
@@ -21,11 +26,11 @@ pub const PARTNER_TRUST_DOMAIN: &str = "partner.example";
 
 /// The `nexus.local` development CA certificate (`certs-dev/nexus.local/ca.pem`), embedded
 /// so that development tooling needs no files on disk.
-pub const EMBEDDED_CA_CERT_PEM: &str = include_str!("../../../../certs-dev/nexus.local/ca.pem");
+pub const EMBEDDED_CA_CERT_PEM: &str = include_str!("../../../certs-dev/nexus.local/ca.pem");
 /// The `nexus.local` development CA key (`certs-dev/nexus.local/ca.key`). Public by design:
 /// it is committed to the repository.
-pub const EMBEDDED_CA_KEY_PEM: &str = include_str!("../../../../certs-dev/nexus.local/ca.key");
+pub const EMBEDDED_CA_KEY_PEM: &str = include_str!("../../../certs-dev/nexus.local/ca.key");
 /// The federated `partner.example` development CA certificate
 /// (`certs-dev/partner.example/ca.pem`).
 pub const EMBEDDED_PARTNER_CA_CERT_PEM: &str =
-    include_str!("../../../../certs-dev/partner.example/ca.pem");
+    include_str!("../../../certs-dev/partner.example/ca.pem");

@@ -254,8 +254,8 @@ fn readme(files: &[PkiFile]) -> String {
         "Regenerate everything (new keys, new certificates, this README) with:\n\n\
          ```sh\n{REGENERATE_COMMAND}\n```\n\n\
          then rebuild: the `nexus.local` CA certificate and key and the `partner.example` \
-         CA certificate are embedded in the binaries (`nexus_identity::dev`), so \
-         `nexusctl dev workload-api` and the local stack need no files on disk.\n\n\
+         CA certificate are embedded in nexusctl (`nexus_dev_identity`, never in the \
+         sidecar or gateway), so `nexusctl dev workload-api` and the local stack need no files on disk.\n\n\
          CAs are ECDSA P-256, valid 2019-01-01..2101-01-01, each with its own subject CN \
          and a URI SAN naming its trust domain. Leaves are ECDSA P-256 X.509-SVIDs: exactly \
          one URI SAN (the SPIFFE ID), CA:FALSE, digitalSignature + keyEncipherment, \
