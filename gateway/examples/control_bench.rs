@@ -124,6 +124,10 @@ async fn stream_client(
             spiffe_id: SIDECAR_ID.into(),
             last_revision: 0,
             version: "bench".into(),
+            policy: Some(nexus_proto::control::PolicyStatus {
+                revision: "sha256:0123456789abcdef".into(),
+                ..Default::default()
+            }),
         })),
     })
     .await?;

@@ -523,7 +523,8 @@ impl Admin for AdminService {
         &self,
         request: Request<SignalEvidenceRequest>,
     ) -> Result<Response<SignalEvidenceResponse>, Status> {
-        self.operator(&request, "signal_evidence")?;
+        // Read-only, like ListRecords: viewers see what a signal rests on.
+        self.watcher(&request)?;
         let id = request.into_inner().id;
         let store = &self.changes.store;
         let signal = store
@@ -557,7 +558,7 @@ impl Admin for AdminService {
 }
 
 async fn watch_state(
-    changes: &Changes,
+    changes: &Arc<Changes>,
     caller: &str,
     operator: bool,
     signals: u32,
@@ -576,7 +577,21 @@ async fn watch_state(
         .signals(None, 0, i64::from(signals))
         .await
         .map_err(|e| Status::unavailable(e.to_string()))?;
+    let rates = hub.rates();
+    let plugins = changes
+        .store
+        .plugins(None)
+        .await
+        .map_err(|e| Status::unavailable(e.to_string()))?;
+    let baselines = crate::baselines::Fleet::new(changes.clone())
+        .all()
+        .await
+        .map_err(|e| Status::unavailable(e.to_string()))?
+        .baselines;
     Ok(WatchState {
+        plugins,
+        baselines,
+        rates,
         gateway: changes.config.name.clone(),
         revision: snapshot.revision,
         sidecars,

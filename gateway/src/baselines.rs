@@ -162,6 +162,7 @@ impl Fleet {
             let new = merge(&old, &reported, c, now);
             self.changes.store.put_baseline(&new).await?;
             self.changes.metrics.baseline_report("stored");
+            self.changes.hub.baseline_changed(|| to_proto(new));
             out.push(Merged::Stored);
         }
         Ok(out)
@@ -179,17 +180,22 @@ impl Fleet {
             baselines: rows
                 .into_iter()
                 .filter_map(|row| clamp(row, c, "store"))
-                .map(|b| Baseline {
-                    workload: b.workload,
-                    rate_per_s: b.rate_per_s,
-                    bytes_per_s: b.bytes_per_s,
-                    long_rate_per_s: b.long_rate_per_s,
-                    long_bytes_per_s: b.long_bytes_per_s,
-                    ticks: u64::try_from(b.reports).unwrap_or(0),
-                    updated_unix_ms: u64::try_from(b.updated_ms).unwrap_or(0),
-                })
+                .map(to_proto)
                 .collect(),
         })
+    }
+}
+
+/// The wire form of a fleet baseline (`ticks`: how many reports it merged).
+fn to_proto(b: StoredBaseline) -> Baseline {
+    Baseline {
+        workload: b.workload,
+        rate_per_s: b.rate_per_s,
+        bytes_per_s: b.bytes_per_s,
+        long_rate_per_s: b.long_rate_per_s,
+        long_bytes_per_s: b.long_bytes_per_s,
+        ticks: u64::try_from(b.reports).unwrap_or(0),
+        updated_unix_ms: u64::try_from(b.updated_ms).unwrap_or(0),
     }
 }
 

@@ -12,9 +12,9 @@ use futures::Stream;
 use nexus_identity::AllowList;
 use nexus_proto::control::control_server::Control;
 use nexus_proto::control::{
-    BatchAck, Delta, Execution, GatewayMessage, Heartbeat, PluginVersion, RegistryEvent,
-    Reinstatement, Revocation, SidecarInfo, SidecarMessage, Snapshot, delta::Change as DeltaChange,
-    gateway_message, sidecar_message,
+    BatchAck, Delta, Execution, GatewayMessage, Heartbeat, PluginVersion, PolicyStatus,
+    RegistryEvent, Reinstatement, Revocation, SidecarInfo, SidecarMessage, Snapshot,
+    delta::Change as DeltaChange, gateway_message, sidecar_message,
 };
 use tokio::sync::{broadcast, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
@@ -140,6 +140,7 @@ impl Control for ControlService {
             // Filled in by status (replicas::local): no copy of the name per stream.
             gateway: String::new(),
             apply_error: String::new(),
+            policy: hello.policy.as_ref().map(policy_status),
         };
         let (id, start, deltas) = self.changes.hub.connect(info, hello.last_revision);
         let scope = Scope::new(&peer.spiffe_id, self.data_sidecars.allows(&peer.spiffe_id));
@@ -251,6 +252,36 @@ impl Scope {
             revision: delta.revision,
             change,
         }
+    }
+}
+
+/// Longest policy revision and reload error kept from a sidecar's report.
+const MAX_POLICY_REVISION: usize = 128;
+const MAX_POLICY_ERROR: usize = 1024;
+
+/// A sidecar's policy status as the gateway keeps it: bounded, and with control
+/// characters replaced (it is shown in terminals and pages; a sidecar's claim).
+fn policy_status(p: &PolicyStatus) -> PolicyStatus {
+    fn clean(s: &str, max: usize) -> String {
+        let mut out: String = s
+            .chars()
+            .map(|c| if c.is_control() { ' ' } else { c })
+            .collect();
+        if out.len() > max {
+            let mut end = max;
+            while !out.is_char_boundary(end) {
+                end -= 1;
+            }
+            out.truncate(end);
+            out.push('…');
+        }
+        out
+    }
+    PolicyStatus {
+        revision: clean(&p.revision, MAX_POLICY_REVISION),
+        reload_error: clean(&p.reload_error, MAX_POLICY_ERROR),
+        loaded_unix_ms: p.loaded_unix_ms,
+        failed_unix_ms: p.failed_unix_ms,
     }
 }
 
@@ -410,7 +441,7 @@ impl Session {
                     }
                 },
                 _ = heartbeat.tick() => {
-                    self.send(message(gateway_message::Msg::Heartbeat(Heartbeat { sent_unix_ms: unix_ms() }))).await?;
+                    self.send(message(gateway_message::Msg::Heartbeat(Heartbeat { sent_unix_ms: unix_ms(), policy: None }))).await?;
                 }
                 _ = tokio::time::sleep_until(idle_at) => return Err(End::Idle),
                 () = &mut draining => return Err(End::Draining),
@@ -451,7 +482,12 @@ impl Session {
                     }),
                 );
             }
-            Some(sidecar_message::Msg::Heartbeat(_)) => hub.heard(self.id),
+            Some(sidecar_message::Msg::Heartbeat(beat)) => {
+                hub.heard(self.id);
+                if let Some(policy) = &beat.policy {
+                    hub.policy(self.id, policy_status(policy));
+                }
+            }
             Some(sidecar_message::Msg::Hello(_)) => {
                 return Err(End::Error("second_hello", "a stream has one hello".into()));
             }
@@ -478,6 +514,7 @@ impl Session {
                     {
                         Ok(done) => {
                             self.changes.metrics.records(done.stored, done.refused);
+                            hub.requests(&self.peer.spiffe_id, &done.new_by_minute);
                             self.signals.records_arrived();
                             if done.refused > 0 {
                                 tracing::warn!(sidecar = %self.peer.spiffe_id, refused = done.refused, refusal = %done.refusal, "execution records refused");
@@ -562,5 +599,27 @@ impl Session {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A sidecar's policy report is bounded and loses its control characters (it is
+    /// shown in terminals by `nexusctl status` and in the console).
+    #[test]
+    fn a_policy_report_is_bounded_and_printable() {
+        let kept = policy_status(&PolicyStatus {
+            revision: format!("sha256:\u{1b}[2J{}", "é".repeat(500)),
+            reload_error: "x\ny".repeat(10_000),
+            loaded_unix_ms: 1,
+            failed_unix_ms: 2,
+        });
+        assert!(kept.revision.len() <= MAX_POLICY_REVISION + '…'.len_utf8());
+        assert!(!kept.revision.contains('\u{1b}'));
+        assert!(kept.reload_error.len() <= MAX_POLICY_ERROR + '…'.len_utf8());
+        assert!(kept.reload_error.starts_with("x y"));
+        assert_eq!((kept.loaded_unix_ms, kept.failed_unix_ms), (1, 2));
     }
 }

@@ -12,13 +12,14 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use nexus_proto::control::{
-    Delta, Execution, Revocation, SidecarEvent, SidecarInfo, Snapshot, StoredSignal, WatchEvent,
-    delta::Change as DeltaChange, watch_event,
+    Baseline, Delta, Execution, PolicyStatus, RequestRate, Revocation, SidecarEvent, SidecarInfo,
+    Snapshot, StoredSignal, WatchEvent, delta::Change as DeltaChange, watch_event,
 };
 use tokio::sync::{Mutex as AsyncMutex, broadcast, watch};
 
 use crate::changes::unix_ms;
 use crate::metrics::Metrics;
+use crate::rates::RequestRates;
 use crate::store::{Change, Store, StoreError};
 
 /// What a new stream starts from.
@@ -119,6 +120,8 @@ pub struct Hub {
     /// The Admin `Watch` feed: every change, sidecar event, signal and finished
     /// propagation. A watcher that lags gets a fresh state instead (admin.rs).
     events: broadcast::Sender<Arc<WatchEvent>>,
+    /// Records per workload and minute, for the console's sparklines.
+    rates: RequestRates,
 }
 
 /// How many watch events are buffered for a slow watcher before it is resent the state.
@@ -129,6 +132,7 @@ impl Hub {
     pub async fn load(
         store: &Store,
         log_capacity: usize,
+        max_rate_workloads: usize,
         metrics: Arc<Metrics>,
     ) -> Result<Arc<Self>, StoreError> {
         let revision = store.revision().await?;
@@ -160,6 +164,7 @@ impl Hub {
             recent: std::sync::Mutex::new(BTreeMap::new()),
             metrics,
             events: broadcast::channel(WATCH_BUFFER).0,
+            rates: RequestRates::new(max_rate_workloads),
         }))
     }
 
@@ -202,6 +207,43 @@ impl Hub {
     pub fn signal_changed(&self, signal: impl FnOnce() -> StoredSignal) {
         if self.events.receiver_count() > 0 {
             self.emit(watch_event::Event::Signal(signal()));
+        }
+    }
+
+    /// A workload's fleet baseline moved (for watchers).
+    pub fn baseline_changed(&self, baseline: impl FnOnce() -> Baseline) {
+        if self.events.receiver_count() > 0 {
+            self.emit(watch_event::Event::Baseline(baseline()));
+        }
+    }
+
+    /// `workload`'s own sidecar stored new records (by minute of their time).
+    pub fn requests(&self, workload: &str, by_minute: &BTreeMap<u64, u64>) {
+        if by_minute.is_empty() {
+            return;
+        }
+        for rate in self.rates.add(workload, by_minute, unix_ms()) {
+            self.emit(watch_event::Event::Rate(rate));
+        }
+    }
+
+    /// The recent request rates per workload and minute.
+    pub fn rates(&self) -> Vec<RequestRate> {
+        self.rates.all(unix_ms())
+    }
+
+    /// A stream reported its policy status (after its hello); watchers see a change.
+    pub fn policy(&self, id: u64, status: PolicyStatus) {
+        if let Some(s) = self
+            .streams
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get_mut(&id)
+            && s.info.policy.as_ref() != Some(&status)
+        {
+            s.info.policy = Some(status);
+            let info = s.info.clone();
+            self.emit_sidecar(id, Some(info));
         }
     }
 

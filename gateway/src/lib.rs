@@ -13,6 +13,7 @@ pub mod config;
 pub mod control;
 pub mod hub;
 pub mod metrics;
+pub mod rates;
 pub mod registry;
 pub mod replicas;
 pub mod server;

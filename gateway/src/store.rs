@@ -232,6 +232,9 @@ pub struct RecordsStored {
     pub refused: u64,
     /// The first refusal's reason.
     pub refusal: String,
+    /// Lines newly stored (not already present), by the minute of their record's own
+    /// time (unix ms of the minute's start): the console's request rates.
+    pub new_by_minute: std::collections::BTreeMap<u64, u64>,
 }
 
 /// A workload's fleet baseline as stored (per second while active).
@@ -872,7 +875,7 @@ impl Store {
             )
             .map(|t| i64::try_from(t.unix_timestamp_nanos() / 1_000_000).unwrap_or(0))
             .unwrap_or(0);
-            sqlx::query(
+            let inserted = sqlx::query(
                 "INSERT INTO records (hash, sidecar, line, stored_ms, decision_id, source, destination, time_ms) \
                  VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT (hash) DO NOTHING",
             )
@@ -887,6 +890,10 @@ impl Store {
             .execute(&mut *tx)
             .await?;
             out.stored += 1;
+            if inserted.rows_affected() > 0 && time_ms > 0 {
+                let minute = u64::try_from(time_ms).unwrap_or(0) / 60_000 * 60_000;
+                *out.new_by_minute.entry(minute).or_default() += 1;
+            }
         }
         tx.commit().await?;
         Ok(out)

@@ -431,6 +431,12 @@ pub async fn status(target: Target) -> anyhow::Result<()> {
             "acknowledged_revision": x.acknowledged_revision, "last_heard": rfc3339(x.last_heard_unix_ms),
             "version": x.version, "gateway": x.gateway,
             "apply_error": (!x.apply_error.is_empty()).then_some(&x.apply_error),
+            "policy": x.policy.as_ref().map(|p| serde_json::json!({
+                "revision": p.revision,
+                "loaded": (p.loaded_unix_ms > 0).then(|| rfc3339(p.loaded_unix_ms)),
+                "reload_error": (!p.reload_error.is_empty()).then_some(&p.reload_error),
+                "failed": (p.failed_unix_ms > 0).then(|| rfc3339(p.failed_unix_ms)),
+            })),
         })).collect::<Vec<_>>(),
         "replicas": s.replicas.iter().map(|r| serde_json::json!({
             "gateway": r.gateway, "revision": r.revision, "sidecars": r.sidecar_count,
@@ -473,6 +479,24 @@ pub async fn status(target: Target) -> anyhow::Result<()> {
         );
         if !x.apply_error.is_empty() {
             crate::outln!("    cannot apply {}", safe(&x.apply_error));
+        }
+        match &x.policy {
+            Some(p) if p.revision.is_empty() => {
+                crate::outln!("    policy: none loaded (denies every request)")
+            }
+            Some(p) => crate::outln!(
+                "    policy {} (loaded {})",
+                safe(&p.revision),
+                rfc3339(p.loaded_unix_ms)
+            ),
+            None => crate::outln!("    policy: not reported"),
+        }
+        if let Some(p) = x.policy.as_ref().filter(|p| !p.reload_error.is_empty()) {
+            crate::outln!(
+                "    last policy reload failed ({}): {}",
+                rfc3339(p.failed_unix_ms),
+                safe(&p.reload_error)
+            );
         }
     }
     if s.replicas.len() > 1 {

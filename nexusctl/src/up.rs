@@ -43,6 +43,9 @@ pub const REVIEWER_ID: &str = "spiffe://nexus.local/ns/nexus/sa/reviewer";
 /// The demo plugin's image (there is no image locally: its digest stands for one).
 const DEMO_REPO: &str = "localhost/nexus/demo-flood-model";
 const DEMO_VERSION: &str = "1.0.0";
+/// The demo plugin's budgets, as its binding declares them (policies/nexus/bindings.yaml).
+const DEMO_BUDGETS: &str =
+    r#"{"requests_per_s":100,"egress_bytes":33554432,"distinct_clauses":4,"window":"10s"}"#;
 
 /// The reference revocation policy the gateway judges anomaly signals with.
 const REVOCATION_FILES: &[(&str, &str)] = &[
@@ -97,7 +100,8 @@ async fn register_demo(
                     image: format!("{DEMO_REPO}@{digest}"),
                     spiffe_id: PLUGIN_ID.into(),
                     clauses: vec!["c-flood-17".into(), "c-flood-18".into()],
-                    budgets_json: String::new(),
+                    // The same ceilings as the demo's bindings (policies/nexus/bindings.yaml).
+                    budgets_json: DEMO_BUDGETS.into(),
                     payload,
                     signature,
                 })
@@ -822,5 +826,15 @@ mod tests {
         let default = nexusctl_line(&default_dir().join("state.json"), "status");
         assert!(default.ends_with(" status"), "{default}");
         assert_eq!(shell_quote("it's"), "'it'\\''s'");
+    }
+    /// The demo's registry budgets are its binding's (the console shows them).
+    #[test]
+    fn demo_budgets_match_the_demo_binding() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../policies");
+        let bundle = nexus_policy::Bundle::load(&dir).expect("policies load");
+        let data = serde_json::to_value(&bundle.data).expect("data as JSON");
+        let declared = &data["nexus"]["bindings"][PLUGIN_ID]["budgets"];
+        let registered: serde_json::Value = serde_json::from_str(DEMO_BUDGETS).expect("json");
+        assert_eq!(declared, &registered);
     }
 }

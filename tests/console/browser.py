@@ -267,12 +267,93 @@ try:
     }
     assert plugin_status() == 200, "a forged request revoked the plugin"
     step("forged requests refused", **forged)
-    go(BASE + "/signals")
-    until("signals page", lambda: "Signals" in text())
-    shot("signals.png")
+
+    # 9. Policies: the Rego revision each sidecar reports, pushed live when the policy
+    #    folder changes; a reload that fails shows with its reason while the previous
+    #    revision keeps serving; fixed, it clears.
+    def policy_rows():
+        return js("return [...document.querySelectorAll('#policy-revisions tbody tr')]"
+                  ".map(r => [...r.cells].map(c => c.innerText))")
+    go(BASE + "/policies")
+    until("both sidecars' policy revisions", lambda: len(policy_rows()) == 2 and
+          all(r[0].startswith("sha256:") and r[4] == "ok" for r in policy_rows()))
+    first = {r[0] for r in policy_rows()}
+    assert len(first) == 1, policy_rows()
+    first = first.pop()
+    st = json.load(open(CFG["state"]))
+    authz = os.path.join(st["policy_dir"], "nexus", "authz", "authz.rego")
+    with open(authz, "a") as f:
+        f.write("\n# edited by the console test\n")
+    t = time.time()
+    until("the new revision in the open page", lambda: all(
+        r[0].startswith("sha256:") and r[0] != first for r in policy_rows()) and len(policy_rows()) == 2, 30)
+    policy_ms = round((time.time() - t) * 1000)
+    second = policy_rows()[0][0]
+    status = json.loads(nexusctl("status", "-o", "json"))
+    cli = sorted(x["policy"]["revision"] for x in status["sidecars"])
+    assert cli == [second, second], (cli, second)
+    broken = os.path.join(st["policy_dir"], "nexus", "authz", "console_broken.rego")
+    with open(broken, "w") as f:
+        f.write("package nexus.authz\n\nthis is not <b>rego</b>\n")
+    until("the failed reload", lambda: all("failed" in r[4] and "console_broken.rego" in r[4]
+                                           for r in policy_rows()), 30)
+    assert all(r[0] == second for r in policy_rows()), policy_rows()
+    assert js("return document.querySelectorAll('#policy-revisions b').length") == 0, "markup in a reload error rendered"
+    shot("policies.png")
+    failed = policy_rows()[0][4]
+    os.remove(broken)
+    until("the reload ok again", lambda: all(r[4] == "ok" and r[0] == second for r in policy_rows()), 30)
+    assert plugin_status() == 200
+    step("policy revisions", first=first, second=second, cli=cli, change_to_page_ms=policy_ms,
+         failed=failed[:200])
+
+    # 10. Registry: the demo plugin's version, digest, state and who certified it.
+    go(BASE + "/registry")
+    until("the demo plugin", lambda: "flood-model" in text() and "1.0.0" in text())
+    row = js("var r=document.querySelector('tr[data-version=\"1.0.0\"]'); return r && [...r.cells].map(c => c.innerText)")
+    shot("registry.png")
+    step("registry", row=row)
+
+    # 11. Workloads: the demo plugin's declared budget, its request sparkline (the
+    #     plugin's requests above, from its sidecar's shipped records).
     go(BASE + "/workloads")
-    until("workloads page", lambda: PLUGIN in text())
+    plugin_row = "document.querySelector('tr[data-workload=\"" + PLUGIN + "\"]')"
+    until("the plugin's row", lambda: js("return !!" + plugin_row))
+    until("requests counted", lambda: js("var t=" + plugin_row + ".querySelector('svg.requests title');"
+                                         "return t && !t.textContent.startsWith('0 ')"), 30)
+    cells = js("return [..." + plugin_row + ".cells].map(c => c.innerText)")
+    spark = js("return " + plugin_row + ".querySelector('svg.requests title').textContent")
     shot("workloads.png")
+    step("workloads", budgets=cells[4], baseline=cells[5], requests=spark)
+
+    # 12. A signal and its evidence: POSTs (a method the policy denies) from the plugin,
+    #     slowly enough for no rate spike, make its own sidecar report a denial burst;
+    #     its page lists the records the signal cites.
+    for _ in range(24):
+        req = urllib.request.Request(CFG["plugin_out"] + "/clauses/c-flood-17/rainfall", data=b"x", method="POST")
+        try:
+            urllib.request.urlopen(req, timeout=10)
+        except urllib.error.HTTPError:
+            pass
+        time.sleep(0.1)
+    go(BASE + "/signals")
+    until("the denial burst", lambda: "denial_burst" in text(), 30)
+    href = js("var a=[...document.querySelectorAll('#signals tr')].find(r=>r.innerText.includes('denial_burst'))"
+              ".querySelector('a.evidence'); return a.href")
+    def evidence():
+        go(href)
+        # Sidecars ship records in batches: wait until every cited one arrived.
+        return "records from the reporter found, 0 missing" in text() and \
+            js("return document.querySelectorAll('#evidence tbody tr').length") > 0
+    until("every evidence record", evidence, 30, 1.0)
+    shown = js("return [...document.querySelectorAll('#evidence code.decision-id')].map(c => c.textContent)")
+    signal_id = js("return document.getElementById('signal-id').textContent")
+    cli = json.loads(nexusctl("signals", "--show", signal_id, "-o", "json"))
+    cli_ids = [r["decision_id"] for r in cli["records"]]
+    assert shown == cli_ids and shown, (shown, cli_ids)
+    shot("signal.png")
+    step("signal evidence", signal=signal_id, decision_ids=shown,
+         summary=js("return document.getElementById('evidence-summary').textContent"))
     REPORT["ok"] = True
 except Exception as e:  # the Rust test prints the report and fails on it
     REPORT["ok"] = False

@@ -17,6 +17,8 @@ use nexus_tests::stack::{self, OPERATOR_ID};
 use nexus_tests::{Proc, bin, cert, curl, eventually, free_port, repo_root, temp_dir};
 
 const PLUGIN: &str = "spiffe://nexus.local/ns/plugins/sa/flood-model";
+/// The reviewer `nexusctl up` certifies the demo plugin as.
+const REVIEWER: &str = "spiffe://nexus.local/ns/nexus/sa/reviewer";
 
 fn need(program: &str) -> PathBuf {
     for dir in ["/usr/bin", "/usr/local/bin"] {
@@ -158,6 +160,36 @@ fn console_in_a_browser_drives_the_local_stack() {
     {
         assert!(ms.as_u64().unwrap_or(u64::MAX) < 3000, "{report:#}");
     }
+    // The policies page: both sidecars' Rego revision changed with the folder, as
+    // `nexusctl status` reports it; the failed reload showed its reason.
+    let policy = find("policy revisions");
+    assert_ne!(policy["first"], policy["second"], "{policy:#}");
+    assert!(
+        policy["failed"]
+            .as_str()
+            .is_some_and(|f| f.contains("console_broken.rego")),
+        "{policy:#}"
+    );
+    // The registry page: the demo plugin's version, state, digest and reviewer.
+    let row = find("registry")["row"].to_string();
+    for want in ["1.0.0", "certified", "sha256:", REVIEWER] {
+        assert!(row.contains(want), "{want} not in {row}");
+    }
+    // The workloads page: the demo plugin's declared budget and counted requests.
+    let workload = find("workloads");
+    let budgets = workload["budgets"].as_str().unwrap_or_default();
+    assert!(
+        budgets.contains("requests_per_s") && budgets.contains("100"),
+        "{workload:#}"
+    );
+    // The signal page: the evidence record ids, the same as `nexusctl signals --show`.
+    let evidence = find("signal evidence");
+    assert!(
+        !evidence["decision_ids"]
+            .as_array()
+            .is_none_or(|ids| ids.is_empty()),
+        "{evidence:#}"
+    );
     // Item 7: a second `up` in the same folder says what it inherited.
     let left = Command::new(bin("nexusctl"))
         .args([

@@ -61,6 +61,7 @@ pub const PAGES: &[(&str, &str)] = &[
     ("/executions", "Executions"),
     ("/signals", "Signals"),
     ("/policies", "Policies"),
+    ("/registry", "Registry"),
 ];
 
 /// What a page render needs besides the model.
@@ -176,7 +177,8 @@ pub fn live(model: &Model, view: &View<'_>) -> String {
             "/workloads" => workloads(&mut h, model, view),
             "/executions" => executions(&mut h, model, view),
             "/signals" => signals(&mut h, model, view),
-            "/policies" => policies(&mut h, model),
+            "/policies" => policies(&mut h, model, view),
+            "/registry" => registry(&mut h, model, view),
             _ => h.push_str("<p>No such page.</p>"),
         }
     }
@@ -272,7 +274,7 @@ fn sidecar_table<'a>(
 ) {
     h.push_str(
         "<table id=\"sidecars\"><caption class=\"sr\">Connected sidecars</caption><thead><tr><th scope=\"col\">SPIFFE ID</th><th scope=\"col\">Acknowledged revision</th>\
-         <th scope=\"col\">Link</th><th scope=\"col\">Address</th><th scope=\"col\">Replica</th><th scope=\"col\">Version</th><th scope=\"col\">Connected</th></tr></thead><tbody>",
+         <th scope=\"col\">Link</th><th scope=\"col\">Address</th><th scope=\"col\">Replica</th><th scope=\"col\">Version</th><th scope=\"col\">Policy</th><th scope=\"col\">Connected</th></tr></thead><tbody>",
     );
     let mut n = 0;
     let mut more = 0;
@@ -295,9 +297,22 @@ fn sidecar_table<'a>(
                 model.revision - s.acknowledged_revision
             )
         };
+        let policy = match &s.policy {
+            Some(p) if p.revision.is_empty() => "<span class=\"bad\">none loaded</span>".into(),
+            Some(p) => format!(
+                "<code>{}</code>{}",
+                e(&p.revision),
+                if p.reload_error.is_empty() {
+                    ""
+                } else {
+                    " <a class=\"bad\" href=\"/policies\">reload failed</a>"
+                }
+            ),
+            None => "-".into(),
+        };
         let _ = write!(
             h,
-            "<tr><td><code>{}</code></td><td>{}</td><td>{link}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+            "<tr><td><code>{}</code></td><td>{}</td><td>{link}</td><td>{}</td><td>{}</td><td>{}</td><td>{policy}</td><td>{}</td></tr>",
             e(&s.spiffe_id),
             s.acknowledged_revision,
             e(&s.remote_addr),
@@ -445,7 +460,8 @@ fn revocations(h: &mut String, model: &Model, view: &View<'_>) {
     h.push_str("</tbody></table>");
 }
 
-/// Every workload the console knows of: connected, revoked, with executions or signals.
+/// Every workload the console knows of: connected, revoked, with executions, signals,
+/// a registry version, a fleet baseline or request counts.
 fn workload_ids(model: &Model) -> std::collections::BTreeSet<&str> {
     let mut ids = std::collections::BTreeSet::new();
     ids.extend(model.sidecars.values().map(|s| s.spiffe_id.as_str()));
@@ -458,26 +474,21 @@ fn workload_ids(model: &Model) -> std::collections::BTreeSet<&str> {
             .filter_map(|s| s.signal.as_ref())
             .map(|s| s.workload.as_str()),
     );
+    ids.extend(model.versions.values().map(|v| v.spiffe_id.as_str()));
+    ids.extend(model.baselines.keys().map(String::as_str));
+    ids.extend(model.rates.keys().map(String::as_str));
+    ids.retain(|id| !id.is_empty());
     ids
 }
 
-/// Signals about `workload` per minute over the last 30 minutes, as an SVG sparkline.
-fn sparkline(h: &mut String, model: &Model, workload: &str, now: u64) {
-    let mut per_minute = [0u32; 30];
-    for s in &model.signals {
-        let Some(sig) = &s.signal else { continue };
-        if sig.workload != workload {
-            continue;
-        }
-        let age = now.saturating_sub(s.received_unix_ms) / 60_000;
-        if age < 30
-            && let Some(slot) = per_minute.get_mut(29usize.saturating_sub(age as usize))
-        {
-            *slot += 1;
-        }
-    }
+/// Minutes in a sparkline (the newest last).
+const SPARK_MINUTES: usize = super::model::RATE_MINUTES as usize;
+
+/// A per-minute series as an SVG sparkline, with its title (what a screen reader says)
+/// built from `what` ("requests", "signals").
+fn sparkline(h: &mut String, per_minute: &[u64; SPARK_MINUTES], what: &str, class: &str) {
     let top = per_minute.iter().copied().max().unwrap_or(0).max(1);
-    let total: u32 = per_minute.iter().sum();
+    let total: u64 = per_minute.iter().sum();
     let points: Vec<String> = per_minute
         .iter()
         .enumerate()
@@ -485,16 +496,88 @@ fn sparkline(h: &mut String, model: &Model, workload: &str, now: u64) {
         .collect();
     let _ = write!(
         h,
-        "<svg class=\"spark\" role=\"img\" viewBox=\"0 0 120 22\" width=\"120\" height=\"22\"><title>{total} signals in the last 30 minutes</title><polyline points=\"{}\"></polyline></svg>",
+        "<svg class=\"spark {class}\" role=\"img\" viewBox=\"0 0 120 22\" width=\"120\" height=\"22\"><title>{total} {what} in the last 30 minutes, at most {} in a minute</title><polyline points=\"{}\"></polyline></svg>",
+        per_minute.iter().copied().max().unwrap_or(0),
         points.join(" ")
     );
 }
 
+/// Signals about `workload` per minute over the last 30 minutes (by arrival).
+fn signals_per_minute(model: &Model, workload: &str, now: u64) -> [u64; SPARK_MINUTES] {
+    let mut per_minute = [0u64; SPARK_MINUTES];
+    for s in &model.signals {
+        let Some(sig) = &s.signal else { continue };
+        if sig.workload != workload {
+            continue;
+        }
+        let age = now.saturating_sub(s.received_unix_ms) / 60_000;
+        if let Some(slot) = (SPARK_MINUTES - 1)
+            .checked_sub(age as usize)
+            .and_then(|i| per_minute.get_mut(i))
+        {
+            *slot += 1;
+        }
+    }
+    per_minute
+}
+
+/// Requests `workload`'s sidecars recorded per minute over the last 30 minutes.
+fn requests_per_minute(model: &Model, workload: &str, now: u64) -> [u64; SPARK_MINUTES] {
+    let mut per_minute = [0u64; SPARK_MINUTES];
+    let this_minute = now / 60_000;
+    for (minute, n) in model.rates.get(workload).into_iter().flatten() {
+        let age = this_minute.saturating_sub(minute / 60_000);
+        if let Some(slot) = (SPARK_MINUTES - 1)
+            .checked_sub(age as usize)
+            .and_then(|i| per_minute.get_mut(i))
+        {
+            *slot += n;
+        }
+    }
+    per_minute
+}
+
+/// A budgets object (`budgets_json` of a registry version) as a list, escaped.
+fn budgets_list(json: &str) -> String {
+    let Ok(serde_json::Value::Object(map)) = serde_json::from_str::<serde_json::Value>(json) else {
+        return format!("<code>{}</code>", e(json));
+    };
+    let items: String = map
+        .iter()
+        .map(|(k, v)| {
+            let v = match v {
+                serde_json::Value::String(s) => s.clone(),
+                other => other.to_string(),
+            };
+            format!("<li><span class=\"k\">{}</span> {}</li>", e(k), e(&v))
+        })
+        .collect();
+    format!("<ul class=\"budgets\">{items}</ul>")
+}
+
+fn rate(v: f64) -> String {
+    if v >= 100.0 {
+        format!("{v:.0}")
+    } else {
+        format!("{v:.2}")
+    }
+}
+
+fn bytes(v: f64) -> String {
+    match v {
+        v if v >= 1_048_576.0 => format!("{:.1} MiB", v / 1_048_576.0),
+        v if v >= 1024.0 => format!("{:.1} KiB", v / 1024.0),
+        v => format!("{v:.0} B"),
+    }
+}
+
 fn workloads(h: &mut String, model: &Model, view: &View<'_>) {
-    h.push_str("<table id=\"workloads\"><thead><tr><th scope=\"col\">Workload</th><th scope=\"col\">Status</th><th scope=\"col\">Sidecars</th><th scope=\"col\">Open executions</th><th scope=\"col\">Signals</th><th scope=\"col\">Signals / min, 30 min</th><th scope=\"col\"><span class=\"sr\">Action</span></th></tr></thead><tbody>");
+    h.push_str("<table id=\"workloads\"><thead><tr><th scope=\"col\">Workload</th><th scope=\"col\">Status</th><th scope=\"col\">Sidecars</th><th scope=\"col\">Open executions</th>\
+        <th scope=\"col\">Budgets (registry)</th><th scope=\"col\">Baseline (fleet, per pod)</th><th scope=\"col\">Requests / min, 30 min</th>\
+        <th scope=\"col\">Signals</th><th scope=\"col\"><span class=\"sr\">Action</span></th></tr></thead><tbody>");
     for (n, id) in workload_ids(model).into_iter().enumerate() {
         if n >= MAX_ROWS {
-            h.push_str("<tr><td colspan=\"7\">more not shown</td></tr>");
+            h.push_str("<tr><td colspan=\"9\">more not shown</td></tr>");
             break;
         }
         let revoked = model.revoked.get(id);
@@ -516,20 +599,64 @@ fn workloads(h: &mut String, model: &Model, view: &View<'_>) {
             .iter()
             .filter(|s| s.signal.as_ref().is_some_and(|s| s.workload == id))
             .count();
+        let mut budgets = String::new();
+        for v in model.versions_of(id).filter(|v| v.state == "certified") {
+            let _ = write!(
+                budgets,
+                "<div class=\"budget\"><b>v{}</b> {}</div>",
+                e(&v.version),
+                if v.budgets_json.is_empty() {
+                    "<small>none declared</small>".to_string()
+                } else {
+                    budgets_list(&v.budgets_json)
+                }
+            );
+        }
+        if budgets.is_empty() {
+            budgets.push_str("<small>no certified version</small>");
+        }
+        let baseline = match model.baselines.get(id) {
+            Some(b) => format!(
+                "<span class=\"baseline\">{} req/s · {}/s</span><br><small>long-term {} req/s · {}/s; {} reports, updated {}</small>",
+                rate(b.rate_per_s),
+                bytes(b.bytes_per_s),
+                rate(b.long_rate_per_s),
+                bytes(b.long_bytes_per_s),
+                b.ticks,
+                ago(view.now, b.updated_unix_ms)
+            ),
+            None => "<small>none learned yet</small>".into(),
+        };
+        let requests = requests_per_minute(model, id, view.now);
         let _ = write!(
             h,
-            "<tr><td><code>{}</code></td><td>{status}</td><td>{sidecars}</td><td>{execs}</td><td><a href=\"/signals?workload={}\">{signals}</a></td><td>",
+            "<tr data-workload=\"{}\"><td><code>{}</code></td><td>{status}</td><td>{sidecars}</td><td>{execs}</td><td>{budgets}</td><td>{baseline}</td><td class=\"rate\">",
             e(id),
+            e(id),
+        );
+        sparkline(h, &requests, "requests", "requests");
+        let _ = write!(
+            h,
+            " <span class=\"total\">{} in 30 min</span></td><td><a href=\"/signals?workload={}\">{signals}</a> ",
+            requests.iter().sum::<u64>(),
             e(&q(id))
         );
-        sparkline(h, model, id, view.now);
+        sparkline(
+            h,
+            &signals_per_minute(model, id, view.now),
+            "signals",
+            "signals",
+        );
         let action = match revoked {
             Some(_) => act_link(model, "reinstate", &[("subject", id)], "Reinstate…"),
             None => act_link(model, "revoke", &[("subject", id)], "Revoke…"),
         };
         let _ = write!(h, "</td><td>{action}</td></tr>");
     }
-    h.push_str("</tbody></table><p><small>Budgets, baselines and request rates are not in the gateway's feed; the sparkline counts signals.</small></p>");
+    h.push_str("</tbody></table><p><small>Budgets: the declared ceilings of the workload's certified registry versions. \
+        Baseline: what the gateway learned for the workload from its sidecars' reports (per pod, per second while active). \
+        Requests: execution records the workload's own sidecars shipped to this gateway replica, per minute of the requests' time \
+        (sidecars ship in batches: the current minute fills in as they arrive).</small></p>");
 }
 
 fn executions(h: &mut String, model: &Model, view: &View<'_>) {
@@ -649,7 +776,7 @@ fn signals(h: &mut String, model: &Model, view: &View<'_>) {
         .signals
         .iter()
         .filter(|s| workload.is_none_or(|w| s.signal.as_ref().is_some_and(|s| s.workload == w)));
-    h.push_str("<table id=\"signals\"><thead><tr><th scope=\"col\">Received</th><th scope=\"col\">Workload</th><th scope=\"col\">Kind</th><th scope=\"col\">Reporter</th><th scope=\"col\">Seen as</th><th scope=\"col\">Score</th><th scope=\"col\">Evidence</th><th scope=\"col\">Decision</th><th scope=\"col\">Reasons</th></tr></thead><tbody>");
+    h.push_str("<table id=\"signals\"><thead><tr><th scope=\"col\">Received</th><th scope=\"col\">Workload</th><th scope=\"col\">Kind</th><th scope=\"col\">Reporter</th><th scope=\"col\">Seen as</th><th scope=\"col\">Score</th><th scope=\"col\">Evidence</th><th scope=\"col\">Decision</th><th scope=\"col\">Reasons</th><th scope=\"col\">Details</th></tr></thead><tbody>");
     let mut shown = 0;
     for s in list.by_ref().take(MAX_ROWS) {
         shown += 1;
@@ -683,7 +810,7 @@ fn signals(h: &mut String, model: &Model, view: &View<'_>) {
         };
         let _ = write!(
             h,
-            "<tr id=\"signal-{}\"><td>{}</td><td><a href=\"/signals?workload={}\"><code>{}</code></a></td><td>{}</td><td><code>{}</code></td><td>{}</td><td>{:.2}</td><td>{}{cited}</td><td class=\"{class}\">{}</td><td><ul class=\"reasons\">{reasons}</ul></td></tr>",
+            "<tr id=\"signal-{}\"><td>{}</td><td><a href=\"/signals?workload={}\"><code>{}</code></a></td><td>{}</td><td><code>{}</code></td><td>{}</td><td>{:.2}</td><td>{}{cited}</td><td class=\"{class}\">{}</td><td><ul class=\"reasons\">{reasons}</ul></td><td><a class=\"evidence\" href=\"/signal?id={}\">Evidence<span class=\"sr\"> of signal {}</span></a></td></tr>",
             e(&s.id),
             time(s.received_unix_ms),
             e(&q(&sig.workload)),
@@ -694,6 +821,8 @@ fn signals(h: &mut String, model: &Model, view: &View<'_>) {
             sig.score,
             e(&verification_status(s)),
             e(action),
+            e(&q(&s.id)),
+            e(&s.id),
         );
     }
     h.push_str("</tbody></table>");
@@ -706,7 +835,80 @@ fn signals(h: &mut String, model: &Model, view: &View<'_>) {
     }
 }
 
-fn policies(h: &mut String, model: &Model) {
+fn policies(h: &mut String, model: &Model, view: &View<'_>) {
+    // The Rego policy each sidecar reports it enforces (hello, then on every change).
+    let mut by_policy: std::collections::BTreeMap<&str, Vec<&SidecarInfo>> = Default::default();
+    for s in model.sidecars.values() {
+        let revision = match &s.policy {
+            Some(p) if p.revision.is_empty() => "none loaded",
+            Some(p) => p.revision.as_str(),
+            None => "not reported",
+        };
+        by_policy.entry(revision).or_default().push(s);
+    }
+    let failing = model
+        .sidecars
+        .values()
+        .filter(|s| {
+            s.policy
+                .as_ref()
+                .is_some_and(|p| !p.reload_error.is_empty())
+        })
+        .count();
+    h.push_str("<h2>Rego policy</h2>");
+    let _ = write!(
+        h,
+        "<p id=\"policy-summary\">{} policy revision{} across {} sidecar streams{}.</p>",
+        by_policy.len(),
+        if by_policy.len() == 1 { "" } else { "s" },
+        model.sidecars.len(),
+        if failing > 0 {
+            format!(
+                "; <span class=\"bad\">{failing} with a failed last reload</span> (they keep serving their previous revision)"
+            )
+        } else {
+            String::new()
+        }
+    );
+    h.push_str("<table id=\"policy-revisions\"><thead><tr><th scope=\"col\">Policy revision</th><th scope=\"col\">Sidecar</th><th scope=\"col\">Address</th><th scope=\"col\">Loaded</th><th scope=\"col\">Last reload</th></tr></thead><tbody>");
+    let mut rows = 0;
+    for (revision, list) in by_policy.iter() {
+        for s in list {
+            rows += 1;
+            if rows > MAX_ROWS {
+                break;
+            }
+            let (loaded, reload) = match &s.policy {
+                Some(p) => (
+                    ago(view.now, p.loaded_unix_ms),
+                    if p.reload_error.is_empty() {
+                        "<span class=\"ok\">ok</span>".to_string()
+                    } else {
+                        format!(
+                            "<span class=\"bad\">failed {}</span>: <span class=\"reason\">{}</span>",
+                            ago(view.now, p.failed_unix_ms),
+                            e(&p.reload_error)
+                        )
+                    },
+                ),
+                None => ("-".into(), "-".into()),
+            };
+            let _ = write!(
+                h,
+                "<tr><td><code class=\"policy-revision\">{}</code></td><td><code>{}</code></td><td>{}</td><td>{loaded}</td><td>{reload}</td></tr>",
+                e(revision),
+                e(&s.spiffe_id),
+                e(&s.remote_addr),
+            );
+        }
+    }
+    h.push_str("</tbody></table>");
+    if rows > MAX_ROWS {
+        let _ = write!(h, "<p>and {} more not shown.</p>", rows - MAX_ROWS);
+    }
+    h.push_str("<p><small>The revision is the sidecar's own report (a hash of its policy folder), shown as it claims it.</small></p>");
+
+    // The gateway's state (revocations, executions) each sidecar acknowledged.
     let mut by_revision: std::collections::BTreeMap<u64, Vec<&SidecarInfo>> = Default::default();
     for s in model.sidecars.values() {
         by_revision
@@ -716,10 +918,10 @@ fn policies(h: &mut String, model: &Model) {
     }
     let _ = write!(
         h,
-        "<p>The gateway is at revision <b>{}</b>. Each sidecar enforces the revocations and executions of the revision it acknowledged.</p>",
+        "<h2>Gateway state</h2><p>The gateway is at revision <b>{}</b>. Each sidecar enforces the revocations and executions of the revision it acknowledged.</p>",
         model.revision
     );
-    h.push_str("<table id=\"policy-revisions\"><thead><tr><th scope=\"col\">Revision</th><th scope=\"col\">Sidecars</th><th scope=\"col\">Which</th></tr></thead><tbody>");
+    h.push_str("<table id=\"state-revisions\"><thead><tr><th scope=\"col\">Revision</th><th scope=\"col\">Sidecars</th><th scope=\"col\">Which</th></tr></thead><tbody>");
     for (revision, list) in by_revision.iter().rev() {
         let mut ids: Vec<&str> = list.iter().map(|s| s.spiffe_id.as_str()).collect();
         ids.sort_unstable();
@@ -741,7 +943,146 @@ fn policies(h: &mut String, model: &Model) {
             if ids.len() > 20 { "<li>…</li>" } else { "" }
         );
     }
-    h.push_str("</tbody></table><p><small>The Rego policy bundle's own revision is not reported by sidecars to the gateway yet.</small></p>");
+    h.push_str("</tbody></table>");
+}
+
+fn state_class(state: &str) -> &'static str {
+    match state {
+        "certified" => "ok",
+        "retired" => "bad",
+        _ => "warn",
+    }
+}
+
+/// The plugin registry: plugins, their versions, digests, states and who certified.
+fn registry(h: &mut String, model: &Model, view: &View<'_>) {
+    if model.plugins.is_empty() && model.versions.is_empty() {
+        h.push_str("<p id=\"no-plugins\">The registry holds no plugin (or this gateway runs without one).</p>");
+        return;
+    }
+    let certified = model
+        .versions
+        .values()
+        .filter(|v| v.state == "certified")
+        .count();
+    let _ = write!(
+        h,
+        "<p>{} plugins, {} versions, {certified} certified (only certified versions run).</p>",
+        model.plugins.len(),
+        model.versions.len()
+    );
+    for (shown, p) in model.plugins.values().enumerate() {
+        if shown >= MAX_ROWS {
+            h.push_str("<p>more plugins not shown.</p>");
+            break;
+        }
+        let _ = write!(
+            h,
+            "<section class=\"plugin\" aria-labelledby=\"plugin-{uid}\"><h2 id=\"plugin-{uid}\">{}</h2>\
+             <p><code>{}</code> · publisher <b>{}</b> · {} · registered by <code>{}</code> {}</p><p>{}</p>",
+            e(&p.name),
+            e(&p.uid),
+            e(&p.publisher),
+            e(&p.license_tier),
+            e(&p.registered_by),
+            time(p.registered_unix_ms),
+            e(&p.description),
+            uid = e(&q(&p.uid)),
+        );
+        versions_table(h, model, view, &p.uid);
+        h.push_str("</section>");
+    }
+    // Versions of plugins the feed did not describe (should not happen; shown anyway).
+    let orphans: Vec<&str> = model
+        .versions
+        .keys()
+        .map(|(uid, _)| uid.as_str())
+        .filter(|uid| !model.plugins.contains_key(*uid))
+        .collect::<std::collections::BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    for uid in orphans {
+        let _ = write!(
+            h,
+            "<section class=\"plugin\"><h2>Plugin <code>{}</code></h2>",
+            e(uid)
+        );
+        versions_table(h, model, view, uid);
+        h.push_str("</section>");
+    }
+}
+
+fn versions_table(h: &mut String, model: &Model, view: &View<'_>, uid: &str) {
+    h.push_str("<table class=\"versions\"><thead><tr><th scope=\"col\">Version</th><th scope=\"col\">State</th><th scope=\"col\">Image</th><th scope=\"col\">Runs as</th>\
+        <th scope=\"col\">Clauses</th><th scope=\"col\">Budgets</th><th scope=\"col\">Signed by key</th><th scope=\"col\">Registered</th><th scope=\"col\">Certified</th><th scope=\"col\">Revision</th></tr></thead><tbody>");
+    for v in model
+        .versions
+        .range((uid.to_string(), String::new())..)
+        .take_while(|((u, _), _)| u == uid)
+        .map(|(_, v)| v)
+    {
+        let certified = if v.certified_by.is_empty() {
+            "-".to_string()
+        } else {
+            format!(
+                "by <code class=\"certified-by\">{}</code> {}",
+                e(&v.certified_by),
+                ago(view.now, v.certified_unix_ms)
+            )
+        };
+        let imported = if v.imported_certified_by.is_empty() {
+            String::new()
+        } else {
+            format!(
+                "<br><small>imported; the bundle claims certification by <code>{}</code></small>",
+                e(&v.imported_certified_by)
+            )
+        };
+        let retired = if v.state == "retired" {
+            format!(
+                "<br><small>by <code>{}</code> {}: <span class=\"reason\">{}</span></small>",
+                e(&v.retired_by),
+                ago(view.now, v.retired_unix_ms),
+                e(&v.retire_reason)
+            )
+        } else {
+            String::new()
+        };
+        let clauses: String = v
+            .clauses
+            .iter()
+            .take(50)
+            .map(|c| format!("<li>{}</li>", e(c)))
+            .collect();
+        let _ = write!(
+            h,
+            "<tr data-version=\"{}\"><td>{}</td><td><span class=\"state {}\">{}</span>{retired}</td><td><code>{}</code><br><code class=\"digest\">{}</code></td><td><code>{}</code></td>\
+             <td><ul>{clauses}{}</ul></td><td>{}</td><td><code title=\"{}\">{}</code></td><td><code>{}</code> {}</td><td>{certified}{imported}</td><td>{}</td></tr>",
+            e(&v.version),
+            e(&v.version),
+            state_class(&v.state),
+            e(&v.state),
+            e(&v.image_repository),
+            e(&v.image_digest),
+            e(&v.spiffe_id),
+            if v.clauses.len() > 50 {
+                "<li>…</li>"
+            } else {
+                ""
+            },
+            if v.budgets_json.is_empty() {
+                "<small>none</small>".to_string()
+            } else {
+                budgets_list(&v.budgets_json)
+            },
+            e(&v.key_fingerprint),
+            e(&v.key_fingerprint.chars().take(19).collect::<String>()),
+            e(&v.registered_by),
+            ago(view.now, v.registered_unix_ms),
+            v.revision,
+        );
+    }
+    h.push_str("</tbody></table>");
 }
 
 /// The static forms under a page's live region (not re-rendered, so typing survives
@@ -857,6 +1198,121 @@ pub fn records(id: &str, lines: &[String], truncated: bool) -> String {
     )
 }
 
+fn pretty_json(text: &str) -> String {
+    serde_json::from_str::<serde_json::Value>(text)
+        .ok()
+        .and_then(|v| serde_json::to_string_pretty(&v).ok())
+        .unwrap_or_else(|| text.to_string())
+}
+
+/// The signal page body: the signal, the revocation policy's decision, what the gateway
+/// verified, and the execution records it cites as the reporter shipped them (each
+/// hash recomputed), with the cited ids no record was found for.
+pub fn signal(r: &nexus_proto::control::SignalEvidenceResponse) -> String {
+    let Some(s) = &r.signal else {
+        return "<p role=\"alert\" id=\"refused\">The gateway returned no signal.</p>".into();
+    };
+    let sig = s.signal.clone().unwrap_or_default();
+    let mut h = String::with_capacity(8 * 1024);
+    let action = if s.action.is_empty() {
+        "pending"
+    } else {
+        s.action.as_str()
+    };
+    let reasons: String = s
+        .reasons
+        .iter()
+        .map(|r| format!("<li>{}</li>", e(r)))
+        .collect();
+    let _ = write!(
+        h,
+        "<p>Signal <code id=\"signal-id\">{}</code>: <b>{}</b> about <a href=\"/signals?workload={}\"><code>{}</code></a> (observed as {}), \
+         reported by <code>{}</code>, score {:.2}, received {}.</p>\
+         <h2>Decision</h2><p>The revocation policy decided <b id=\"signal-action\" class=\"{}\">{}</b>.</p><ul class=\"reasons\">{reasons}</ul>\
+         <h2>Verification</h2><p>The gateway checked the cited records before the policy saw the signal: <b>{}</b>.</p>\
+         <details><summary>Verification (as the policy saw it)</summary><pre>{}</pre></details>\
+         <details><summary>Evidence (as the reporter sent it)</summary><pre>{}</pre></details>",
+        e(&s.id),
+        e(&sig.kind),
+        e(&q(&sig.workload)),
+        e(&sig.workload),
+        e(&sig.observed_as),
+        e(&s.reporter),
+        sig.score,
+        time(s.received_unix_ms),
+        match action {
+            "revoke" => "bad",
+            "alert" => "warn",
+            _ => "",
+        },
+        e(action),
+        e(&verification_status(s)),
+        e(&pretty_json(&s.verification_json)),
+        e(&pretty_json(&sig.evidence_json)),
+    );
+    let _ = write!(
+        h,
+        "<h2>Evidence records</h2><p id=\"evidence-summary\" role=\"status\">The signal cites {} decision ids; {} records from the reporter found, {} missing.</p>",
+        sig.decision_ids.len(),
+        r.records.len(),
+        r.missing.len()
+    );
+    if !r.records.is_empty() {
+        h.push_str("<table id=\"evidence\"><thead><tr><th scope=\"col\">Decision id</th><th scope=\"col\">Time</th><th scope=\"col\">Direction</th><th scope=\"col\">Request</th>\
+            <th scope=\"col\">From → to</th><th scope=\"col\">Clause</th><th scope=\"col\">Execution</th><th scope=\"col\">Decision</th><th scope=\"col\">Status</th><th scope=\"col\">Check</th></tr></thead><tbody>");
+        for line in r.records.iter().take(MAX_ROWS) {
+            let record = match nexus_audit::ExecutionRecord::from_line(line.as_bytes()) {
+                Ok(record) => record,
+                Err(err) => {
+                    let _ = write!(
+                        h,
+                        "<tr><td colspan=\"10\" class=\"bad\">unreadable record: {}</td></tr>",
+                        e(&err.to_string())
+                    );
+                    continue;
+                }
+            };
+            let execution = match &record.execution_id {
+                Some(id) => format!(
+                    "<a href=\"/records?execution={}\"><code>{}</code></a>",
+                    e(&q(id)),
+                    e(id)
+                ),
+                None => "-".into(),
+            };
+            let _ = write!(
+                h,
+                "<tr><td><code class=\"decision-id\">{}</code></td><td>{}</td><td>{}</td><td>{} <code>{}</code></td><td><code>{}</code> → <code>{}</code></td><td>{}</td><td>{execution}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+                e(&record.decision_id),
+                e(&record.time),
+                e(&record.direction),
+                e(&record.method),
+                e(&record.path),
+                e(&record.source),
+                e(&record.destination),
+                e(record.clause.as_deref().unwrap_or("-")),
+                e(&record.decision),
+                record.status,
+                if record.hash_is_valid() {
+                    "hash ok"
+                } else {
+                    "<span class=\"bad\">hash mismatch</span>"
+                },
+            );
+        }
+        h.push_str("</tbody></table>");
+    }
+    if !r.missing.is_empty() {
+        h.push_str("<h3>Cited, with no record from the reporter</h3><ul id=\"missing\">");
+        for id in r.missing.iter().take(MAX_ROWS) {
+            let _ = write!(h, "<li><code>{}</code></li>", e(id));
+        }
+        h.push_str("</ul>");
+    }
+    h.push_str("<p><a href=\"/signals\">Signals</a></p>");
+    h
+}
+
 /// A page of its own (confirmation, result, error) in the console's layout.
 pub fn plain(title: &str, body: &str) -> String {
     format!(
@@ -884,5 +1340,123 @@ mod tests {
         );
         assert_eq!(e("a\u{0}b").to_string(), "a\u{FFFD}b");
         assert_eq!(q("spiffe://a b/<"), "spiffe%3A%2F%2Fa%20b%2F%3C");
+    }
+    /// Every value the new pages show from the gateway, a sidecar, the registry or a
+    /// signal, holding markup, comes out as text on every page.
+    #[test]
+    fn hostile_values_are_text_on_every_page() {
+        use nexus_proto::control::{
+            Baseline, PluginVersion, PolicyStatus, RequestRate, Signal, SignalEvidenceResponse,
+            WatchEvent, WatchState, watch_event,
+        };
+        const X: &str = "<script>x()</script><img src=x onerror=y()>\"'";
+        let now = 10 * 60_000;
+        let mut model = Model::default();
+        let version = PluginVersion {
+            plugin_uid: X.into(),
+            version: X.into(),
+            image_digest: X.into(),
+            image_repository: X.into(),
+            spiffe_id: X.into(),
+            clauses: vec![X.into()],
+            budgets_json: format!("{{\"{X}\": \"{}\"}}", X.replace('"', "\\\"")),
+            state: "certified".into(),
+            certified_by: X.into(),
+            imported_certified_by: X.into(),
+            key_fingerprint: X.into(),
+            registered_by: X.into(),
+            ..Default::default()
+        };
+        model.apply(
+            WatchEvent {
+                event: Some(watch_event::Event::State(WatchState {
+                    operator: true,
+                    caller: X.into(),
+                    gateway: X.into(),
+                    sidecars: vec![nexus_proto::control::SidecarEvent {
+                        stream: 1,
+                        info: Some(SidecarInfo {
+                            spiffe_id: X.into(),
+                            remote_addr: X.into(),
+                            policy: Some(PolicyStatus {
+                                revision: X.into(),
+                                reload_error: X.into(),
+                                ..Default::default()
+                            }),
+                            ..Default::default()
+                        }),
+                        gone: false,
+                    }],
+                    plugins: vec![nexus_proto::control::Plugin {
+                        uid: X.into(),
+                        name: X.into(),
+                        publisher: X.into(),
+                        description: X.into(),
+                        license_tier: X.into(),
+                        registered_by: X.into(),
+                        versions: vec![version],
+                        ..Default::default()
+                    }],
+                    baselines: vec![Baseline {
+                        workload: X.into(),
+                        rate_per_s: 3.0,
+                        ..Default::default()
+                    }],
+                    rates: vec![RequestRate {
+                        workload: X.into(),
+                        minute_unix_ms: now - 60_000,
+                        requests: 7,
+                    }],
+                    signals: vec![StoredSignal {
+                        id: X.into(),
+                        reporter: X.into(),
+                        signal: Some(Signal {
+                            workload: X.into(),
+                            kind: X.into(),
+                            decision_ids: vec![X.into()],
+                            ..Default::default()
+                        }),
+                        reasons: vec![X.into()],
+                        ..Default::default()
+                    }],
+                    ..Default::default()
+                })),
+            },
+            now,
+        );
+        model.link = Link::Live;
+        let mut pages: Vec<String> = PAGES
+            .iter()
+            .map(|(path, _)| {
+                page(
+                    &model,
+                    &View {
+                        path,
+                        query: &[("workload".into(), X.into())],
+                        now,
+                        csrf: "t",
+                    },
+                )
+            })
+            .collect();
+        pages.push(signal(&SignalEvidenceResponse {
+            signal: model.signals.front().cloned(),
+            records: vec![X.into()],
+            missing: vec![X.into()],
+        }));
+        for html in &pages {
+            assert!(
+                !html.contains("<script>x()") && !html.contains("<img"),
+                "{html}"
+            );
+        }
+        let workloads = &pages[2];
+        // The budget, the baseline and the request count show for the workload.
+        assert!(workloads.contains("3.00 req/s"), "{workloads}");
+        assert!(
+            workloads.contains("7 requests in the last 30 minutes"),
+            "{workloads}"
+        );
+        assert!(workloads.contains("&lt;script&gt;x()&lt;/script&gt;"));
     }
 }

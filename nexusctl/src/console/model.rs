@@ -6,8 +6,8 @@
 use std::collections::{BTreeMap, HashMap, VecDeque};
 
 use nexus_proto::control::{
-    Execution, Propagation, Revocation, SidecarInfo, StoredSignal, WatchEvent,
-    delta::Change as DeltaChange, watch_event,
+    Baseline, Execution, Plugin, PluginVersion, Propagation, Revocation, SidecarInfo, StoredSignal,
+    WatchEvent, delta::Change as DeltaChange, watch_event,
 };
 
 /// How many signals the console keeps (the newest).
@@ -18,6 +18,11 @@ const MAX_CLOSED: usize = 500;
 const MAX_PROPAGATIONS: usize = 1024;
 /// For how many revocations it keeps each sidecar's acknowledgement time.
 const MAX_ACK_TRACES: usize = 64;
+/// How many minutes of request counts it keeps per workload (the sparkline's width).
+pub const RATE_MINUTES: u64 = 30;
+/// Most workloads it keeps baselines or request counts for (the gateway bounds them
+/// too: baselines.max_workloads).
+const MAX_WORKLOADS: usize = 10_000;
 
 /// An execution the console saw close.
 #[derive(Clone, Debug)]
@@ -77,6 +82,14 @@ pub struct Model {
     pub acks: BTreeMap<u64, Vec<(String, u64)>>,
     /// Signals, newest first.
     pub signals: VecDeque<StoredSignal>,
+    /// The registry's plugins by UUID (their versions are in `versions`).
+    pub plugins: BTreeMap<String, Plugin>,
+    /// The registry's versions by (plugin UUID, version).
+    pub versions: BTreeMap<(String, String), PluginVersion>,
+    /// Fleet baselines by workload.
+    pub baselines: BTreeMap<String, Baseline>,
+    /// Execution records per workload and minute (unix ms of the minute's start).
+    pub rates: BTreeMap<String, BTreeMap<u64, u64>>,
 }
 
 impl Model {
@@ -117,6 +130,19 @@ impl Model {
                     .map(|p| (p.revision, p))
                     .collect();
                 self.signals = s.signals.into_iter().take(MAX_SIGNALS).collect();
+                self.plugins.clear();
+                self.versions.clear();
+                self.registry(s.plugins, Vec::new());
+                self.baselines = s
+                    .baselines
+                    .into_iter()
+                    .take(MAX_WORKLOADS)
+                    .map(|b| (b.workload.clone(), b))
+                    .collect();
+                self.rates.clear();
+                for r in s.rates {
+                    self.rate(r.workload, r.minute_unix_ms, r.requests, now);
+                }
             }
             watch_event::Event::Delta(delta) => {
                 if delta.revision <= self.revision {
@@ -154,9 +180,8 @@ impl Model {
                             self.closed.pop_front();
                         }
                     }
-                    // Registry pages are not built yet (docs/console.md): the revision
-                    // still counts, the change is not shown.
-                    Some(DeltaChange::Registry(_)) | None => {}
+                    Some(DeltaChange::Registry(r)) => self.registry(r.plugins, r.versions),
+                    None => {}
                 }
             }
             watch_event::Event::Sidecar(e) => match e.info {
@@ -203,7 +228,58 @@ impl Model {
                     self.propagations.pop_first();
                 }
             }
+            watch_event::Event::Baseline(b) => {
+                if self.baselines.len() < MAX_WORKLOADS || self.baselines.contains_key(&b.workload)
+                {
+                    self.baselines.insert(b.workload.clone(), b);
+                }
+            }
+            watch_event::Event::Rate(r) => self.rate(r.workload, r.minute_unix_ms, r.requests, now),
         }
+    }
+
+    /// Upserts registry plugins (as listed: their versions too) and versions, each as it
+    /// stands after a change; a version older than the one held (by its revision) is
+    /// ignored, so a repeated event cannot roll it back.
+    fn registry(&mut self, plugins: Vec<Plugin>, versions: Vec<PluginVersion>) {
+        let mut all = versions;
+        for mut p in plugins {
+            all.append(&mut p.versions);
+            self.plugins.insert(p.uid.clone(), p);
+        }
+        for v in all {
+            let key = (v.plugin_uid.clone(), v.version.clone());
+            if self
+                .versions
+                .get(&key)
+                .is_none_or(|held| held.revision <= v.revision)
+            {
+                self.versions.insert(key, v);
+            }
+        }
+    }
+
+    /// Sets a workload's request count for a minute (totals only grow: a repeated or
+    /// older event cannot lower it) and drops minutes older than the sparkline.
+    fn rate(&mut self, workload: String, minute: u64, requests: u64, now: u64) {
+        let oldest = (now / 60_000).saturating_sub(RATE_MINUTES - 1) * 60_000;
+        if minute < oldest
+            || (self.rates.len() >= MAX_WORKLOADS && !self.rates.contains_key(&workload))
+        {
+            return;
+        }
+        let minutes = self.rates.entry(workload).or_default();
+        let total = minutes.entry(minute).or_default();
+        *total = (*total).max(requests);
+        let keep = minutes.split_off(&oldest);
+        *minutes = keep;
+    }
+
+    /// The registry versions that run as `workload`.
+    pub fn versions_of<'a>(&'a self, workload: &'a str) -> impl Iterator<Item = &'a PluginVersion> {
+        self.versions
+            .values()
+            .filter(move |v| v.spiffe_id == workload)
     }
 
     /// The recent revocations' propagations, newest first.
@@ -287,5 +363,49 @@ mod tests {
             5,
         );
         assert!(m.sidecars.is_empty());
+    }
+    /// A repeated or older registry event does not roll a version back; request totals
+    /// only grow and leave the window after 30 minutes.
+    #[test]
+    fn registry_versions_and_rates_are_idempotent() {
+        use nexus_proto::control::{PluginVersion, RegistryEvent, RequestRate};
+        let mut m = Model::default();
+        m.apply(ev(watch_event::Event::State(WatchState::default())), 0);
+        let v = |state: &str, revision| PluginVersion {
+            plugin_uid: "u".into(),
+            version: "1.0.0".into(),
+            state: state.into(),
+            revision,
+            ..Default::default()
+        };
+        for (revision, version) in [(2, v("certified", 2)), (3, v("registered", 1))] {
+            m.apply(
+                ev(watch_event::Event::Delta(Delta {
+                    revision,
+                    change: Some(DeltaChange::Registry(RegistryEvent {
+                        action: "x".into(),
+                        plugins: Vec::new(),
+                        versions: vec![version],
+                    })),
+                })),
+                1,
+            );
+        }
+        assert_eq!(m.versions[&("u".into(), "1.0.0".into())].state, "certified");
+        let rate = |minute_unix_ms, requests| {
+            ev(watch_event::Event::Rate(RequestRate {
+                workload: "w".into(),
+                minute_unix_ms,
+                requests,
+            }))
+        };
+        m.apply(rate(60_000, 5), 60_000);
+        m.apply(rate(60_000, 3), 60_000);
+        assert_eq!(m.rates["w"][&60_000], 5);
+        // 40 minutes on: an event for the old minute is ignored, and a new minute drops it.
+        m.apply(rate(60_000, 9), 40 * 60_000);
+        m.apply(rate(40 * 60_000, 2), 40 * 60_000);
+        assert_eq!(m.rates["w"].len(), 1);
+        assert_eq!(m.rates["w"][&(40 * 60_000)], 2);
     }
 }

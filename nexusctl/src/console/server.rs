@@ -259,6 +259,7 @@ async fn handle(shared: &Arc<Shared>, req: Request<Incoming>) -> Response<Body> 
         (&Method::GET, "/events") => events(shared.clone(), &req),
         (&Method::GET, "/confirm") => confirm(shared, &req),
         (&Method::GET, "/records") => records(shared, &req).await,
+        (&Method::GET, "/signal") => signal(shared, &req).await,
         (&Method::POST, "/action") => action(shared, req).await,
         (&Method::GET, p) if html::PAGES.iter().any(|(known, _)| *known == p) => {
             let q = query(&req);
@@ -381,6 +382,32 @@ async fn records(shared: &Shared, req: &Request<Incoming>) -> Response<Body> {
             "Records",
             &format!(
                 "<p role=\"alert\" id=\"refused\">The gateway refused: {}</p>",
+                e(&why)
+            ),
+        ),
+    }
+}
+
+/// `GET /signal?id=ID`: one signal and the execution records it cites (Admin
+/// `SignalEvidence`, asked of the gateway when the page is opened).
+async fn signal(shared: &Shared, req: &Request<Incoming>) -> Response<Body> {
+    let q = query(req);
+    let id = param(&q, "id").to_string();
+    let result = async {
+        let mut c = client(&shared.target).await.map_err(|e| format!("{e:#}"))?;
+        c.signal_evidence(nexus_proto::control::SignalEvidenceRequest { id: id.clone() })
+            .await
+            .map(|r| r.into_inner())
+            .map_err(|status| format!("{}", crate::gateway_cmd::status_error(status)))
+    }
+    .await;
+    match result {
+        Ok(r) => page(StatusCode::OK, "Signal", &html::signal(&r)),
+        Err(why) => page(
+            StatusCode::BAD_GATEWAY,
+            "Signal",
+            &format!(
+                "<p role=\"alert\" id=\"refused\">The gateway refused: {}</p><p><a href=\"/signals\">Signals</a></p>",
                 e(&why)
             ),
         ),

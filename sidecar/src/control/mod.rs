@@ -200,10 +200,15 @@ impl Control {
             .unwrap_or_default();
         let (tx, rx) = mpsc::channel::<SidecarMessage>(64);
         let send = |msg: sidecar_message::Msg| SidecarMessage { msg: Some(msg) };
+        // The policy status goes in the hello, then in a heartbeat whenever it changes.
+        let mut policy_status = self.policy.as_ref().map(|p| p.status());
         tx.send(send(sidecar_message::Msg::Hello(Hello {
             spiffe_id: me,
             last_revision: synced.revision(),
             version: env!("CARGO_PKG_VERSION").into(),
+            policy: policy_status
+                .as_mut()
+                .map(|s| s.borrow_and_update().clone()),
         })))
         .await
         .map_err(|_| SessionError::Closed)?;
@@ -279,7 +284,13 @@ impl Control {
                     }
                 }
                 _ = heartbeat.tick() => {
-                    if tx.send(send(sidecar_message::Msg::Heartbeat(Heartbeat { sent_unix_ms: unix_ms() }))).await.is_err() {
+                    if tx.send(send(sidecar_message::Msg::Heartbeat(Heartbeat { sent_unix_ms: unix_ms(), policy: None }))).await.is_err() {
+                        break Err(SessionError::Closed);
+                    }
+                }
+                policy = policy_changed(policy_status.as_mut()) => {
+                    let heartbeat = Heartbeat { sent_unix_ms: unix_ms(), policy: Some(policy) };
+                    if tx.send(send(sidecar_message::Msg::Heartbeat(heartbeat))).await.is_err() {
                         break Err(SessionError::Closed);
                     }
                 }
@@ -469,6 +480,18 @@ impl Control {
 /// First and longest delay between retries of a revision that could not be applied.
 const RETRY_INITIAL: Duration = Duration::from_millis(500);
 const RETRY_MAX: Duration = Duration::from_secs(10);
+
+/// The policy status after its next change (never, without a policy).
+async fn policy_changed(
+    status: Option<&mut tokio::sync::watch::Receiver<nexus_proto::control::PolicyStatus>>,
+) -> nexus_proto::control::PolicyStatus {
+    if let Some(status) = status
+        && status.changed().await.is_ok()
+    {
+        return status.borrow_and_update().clone();
+    }
+    std::future::pending().await
+}
 
 async fn sleep_until_retry(retry: Option<(tokio::time::Instant, Duration)>) {
     match retry {

@@ -143,6 +143,9 @@ pub struct PolicyRuntime {
     /// revision's compiled program is checked against the interpreter.
     samples: std::sync::Mutex<std::collections::VecDeque<Value>>,
     seen: std::sync::atomic::AtomicU64,
+    /// The revision enforced and how the last folder reload went, for the gateway
+    /// (hello, then a heartbeat on each change).
+    status: tokio::sync::watch::Sender<nexus_proto::control::PolicyStatus>,
 }
 
 /// One request in this many leaves its input in the verification sample.
@@ -239,6 +242,7 @@ impl PolicyRuntime {
             }),
             samples: std::sync::Mutex::new(std::collections::VecDeque::new()),
             seen: std::sync::atomic::AtomicU64::new(0),
+            status: tokio::sync::watch::channel(Default::default()).0,
             config,
         })
     }
@@ -464,7 +468,35 @@ impl PolicyRuntime {
     /// Builds and publishes once; on error keeps the previous revision.
     pub fn reload(&self) -> Result<(), PolicyError> {
         let built = self.build();
-        self.publish(built)
+        let result = self.publish(built);
+        let now = crate::control::unix_ms();
+        let revision = self
+            .current()
+            .map(|l| l.policy.revision().to_string())
+            .unwrap_or_default();
+        self.status.send_if_modified(|s| {
+            let before = s.clone();
+            match &result {
+                Ok(()) => {
+                    if s.revision != revision {
+                        s.loaded_unix_ms = now;
+                    }
+                    s.reload_error.clear();
+                }
+                Err(error) => {
+                    s.reload_error = error.to_string();
+                    s.failed_unix_ms = now;
+                }
+            }
+            s.revision = revision;
+            *s != before
+        });
+        result
+    }
+
+    /// The policy status to report to the gateway; changes are published on it.
+    pub fn status(&self) -> tokio::sync::watch::Receiver<nexus_proto::control::PolicyStatus> {
+        self.status.subscribe()
     }
 
     /// Takes runtime data from the gateway from now on, without applying it yet (before
@@ -503,11 +535,10 @@ impl PolicyRuntime {
 
     /// Applies a state-file change to the current revision (a full reload if none).
     pub fn reload_data(&self) -> Result<(), PolicyError> {
-        let built = match self.current() {
-            Some(current) => self.build_data(&current),
-            None => self.build(),
-        };
-        self.publish(built)
+        match self.current() {
+            Some(current) => self.publish(self.build_data(&current)),
+            None => self.reload(),
+        }
     }
 
     fn publish(&self, built: Result<Loaded, PolicyError>) -> Result<(), PolicyError> {
