@@ -124,6 +124,7 @@ async fn stream_client(
             spiffe_id: SIDECAR_ID.into(),
             last_revision: 0,
             version: "bench".into(),
+            registry: true,
         })),
     })
     .await?;

@@ -68,7 +68,13 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
                 )
             })?,
     );
-    let hub = Hub::load(&store, config.stream.delta_log, metrics.clone()).await?;
+    let hub = Hub::load(
+        &store,
+        config.stream.delta_log,
+        metrics.clone(),
+        config.registry.is_some(),
+    )
+    .await?;
     let evictor = match &config.eviction {
         Some(eviction) => Some(Arc::new(
             nexus_kube::PodEvictor::new(eviction).map_err(|e| anyhow::anyhow!("eviction: {e}"))?,

@@ -43,6 +43,10 @@ pub const REVIEWER_ID: &str = "spiffe://nexus.local/ns/nexus/sa/reviewer";
 /// The demo plugin's image (there is no image locally: its digest stands for one).
 const DEMO_REPO: &str = "localhost/nexus/demo-flood-model";
 const DEMO_VERSION: &str = "1.0.0";
+/// The demo version's budgets: those of its binding in policies/nexus/bindings.yaml,
+/// whose bindings the registry's replace in this stack (docs/registry.md).
+const DEMO_BUDGETS: &str =
+    r#"{"requests_per_s":100,"egress_bytes":33554432,"distinct_clauses":4,"window":"10s"}"#;
 
 /// The reference revocation policy the gateway judges anomaly signals with.
 const REVOCATION_FILES: &[(&str, &str)] = &[
@@ -97,7 +101,7 @@ async fn register_demo(
                     image: format!("{DEMO_REPO}@{digest}"),
                     spiffe_id: PLUGIN_ID.into(),
                     clauses: vec!["c-flood-17".into(), "c-flood-18".into()],
-                    budgets_json: String::new(),
+                    budgets_json: DEMO_BUDGETS.into(),
                     payload,
                     signature,
                 })
@@ -115,6 +119,7 @@ async fn register_demo(
             .certify_plugin(PluginVersionRequest {
                 plugin: version.plugin_uid.clone(),
                 version: version.version.clone(),
+                wait_ms: crate::gateway_cmd::WAIT_MS,
             })
             .await
             .map_err(crate::gateway_cmd::status_error)?

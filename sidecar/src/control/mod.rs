@@ -204,6 +204,7 @@ impl Control {
             spiffe_id: me,
             last_revision: synced.revision(),
             version: env!("CARGO_PKG_VERSION").into(),
+            registry: synced.registry(),
         })))
         .await
         .map_err(|_| SessionError::Closed)?;
