@@ -428,6 +428,24 @@ impl Signals {
             "reporter_is_workload": own,
             "cited": cited.len(),
         });
+        // With a registry: the plugin versions the workload runs, from its open
+        // executions (what its records carry), so the signal names them.
+        let mut plugins: Vec<serde_json::Value> = Vec::new();
+        for e in self.changes.hub.executions() {
+            if e.plugin == row.workload && !e.plugin_uid.is_empty() {
+                let p = serde_json::json!({
+                    "plugin_uid": e.plugin_uid,
+                    "plugin_version": e.plugin_version,
+                    "image_digest": e.image_digest,
+                });
+                if !plugins.contains(&p) {
+                    plugins.push(p);
+                }
+            }
+        }
+        if !plugins.is_empty() {
+            out["plugins"] = plugins.into();
+        }
         let verdict = |out: &mut serde_json::Value, status: &str, reason: String| {
             out["status"] = status.into();
             out["reason"] = reason.into();

@@ -171,6 +171,8 @@ pub struct AuditFacts {
     policy_revision: OnceLock<String>,
     clause: OnceLock<String>,
     execution_id: OnceLock<String>,
+    /// The execution's plugin UUID, version and image digest (with a registry).
+    plugin: OnceLock<[String; 3]>,
     cached: std::sync::atomic::AtomicBool,
 }
 
@@ -216,6 +218,13 @@ impl AuditFacts {
     /// The execution the request runs under.
     pub fn set_execution_id(&self, id: &str) {
         let _ = self.execution_id.set(id.to_owned());
+    }
+
+    /// The plugin version that execution runs: UUID, version, image digest.
+    pub fn set_plugin(&self, uid: &str, version: &str, image_digest: &str) {
+        let _ = self
+            .plugin
+            .set([uid.to_owned(), version.to_owned(), image_digest.to_owned()]);
     }
 }
 
@@ -353,6 +362,11 @@ impl Pending {
         draft.cached = facts.cached.load(std::sync::atomic::Ordering::Relaxed);
         draft.clause = facts.clause.get().cloned();
         draft.execution_id = facts.execution_id.get().cloned();
+        if let Some([uid, version, digest]) = facts.plugin.get() {
+            draft.plugin_uid = Some(uid.clone());
+            draft.plugin_version = Some(version.clone());
+            draft.image_digest = Some(digest.clone());
+        }
         // 499: the client went away before the response head (nginx's convention).
         draft.status = self.status.map_or(499, |status| status.as_u16());
         draft.request_sha256 = request_sha256;

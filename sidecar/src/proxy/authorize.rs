@@ -265,6 +265,11 @@ where
             }
             if let Some(execution) = execution.as_deref() {
                 audit.set_execution_id(execution);
+                if let Some(ex) = loaded.execution(execution)
+                    && !ex.plugin_uid.is_empty()
+                {
+                    audit.set_plugin(&ex.plugin_uid, &ex.plugin_version, &ex.image_digest);
+                }
             }
         }
         if let Some(watch) = WatchFacts::get(req.extensions()) {
