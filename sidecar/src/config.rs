@@ -1139,6 +1139,42 @@ mod tests {
     }
 
     #[test]
+    fn the_admitted_plugin_version_comes_from_injection_and_is_checked() {
+        let digest = format!("sha256:{}", "a".repeat(64));
+        let mut config = Config::default();
+        config
+            .apply_env(env(&[
+                ("SPIFFE_ENDPOINT_SOCKET", "unix:///run/spire/agent.sock"),
+                ("NEXUS_PLUGIN_UID", "6f1c2d3e-0000-4000-8000-000000000001"),
+                ("NEXUS_PLUGIN_VERSION", "1.4.2"),
+                ("NEXUS_PLUGIN_IMAGE_DIGEST", &digest),
+            ]))
+            .unwrap();
+        config.validate().unwrap();
+        assert_eq!(
+            config.plugin.as_ref().unwrap().to_string(),
+            format!("6f1c2d3e-0000-4000-8000-000000000001 v1.4.2 ({digest})")
+        );
+        // Some but not all: refused with the fix.
+        let err = Config::default()
+            .apply_env(env(&[("NEXUS_PLUGIN_VERSION", "1.4.2")]))
+            .unwrap_err();
+        assert!(err.to_string().contains("set all three"), "{err}");
+        // A digest that is not one.
+        let mut config = Config::default();
+        config
+            .apply_env(env(&[
+                ("SPIFFE_ENDPOINT_SOCKET", "unix:///run/spire/agent.sock"),
+                ("NEXUS_PLUGIN_UID", "u"),
+                ("NEXUS_PLUGIN_VERSION", "1.4.2"),
+                ("NEXUS_PLUGIN_IMAGE_DIGEST", "sha256:AB"),
+            ]))
+            .unwrap();
+        let err = config.validate().unwrap_err();
+        assert!(err.to_string().contains("plugin.image_digest"), "{err}");
+    }
+
+    #[test]
     fn env_overrides_build_inbound() {
         let mut config = Config::default();
         config
