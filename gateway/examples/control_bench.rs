@@ -7,12 +7,17 @@
 //! 3. makes R revocations through the admin API, each waiting for every stream's ack:
 //!    the call's round trip (revoke call -> last acknowledgement) and the gateway's own
 //!    figure (call arrival -> last ack), p50/p99;
-//! 4. starts a real `nexus-sidecar` on the same gateway and measures, over C cycles,
+//! 4. registers G plugin versions in the gateway's registry (signed with a bench
+//!    publisher key) and certifies each as a reviewer, waiting for every stream's ack:
+//!    the propagation of a registry change (a binding delta, docs/registry.md) measured
+//!    like a revocation's, p50/p99;
+//! 5. starts a real `nexus-sidecar` on the same gateway and measures, over C cycles,
 //!    the time from the revoke call until that sidecar refuses a request from the
 //!    revoked workload (then reinstates it).
 //!
 //! `cargo run --release -p nexus-gateway --example control_bench -- [N ...]`
-//! (default N = 100 1000; env REVOCATIONS=50, CYCLES=20). Prints a Markdown table.
+//! (default N = 100 1000; env REVOCATIONS=50, CERTIFICATIONS=50, CYCLES=20). Prints
+//! Markdown tables.
 //!
 //! `CONSOLE_HOLD=FILE`: once the streams are open, write the gateway's address, store
 //! and an operator's SVID files to FILE (JSON) and wait until `FILE.done` exists, so a
@@ -30,7 +35,8 @@ use nexus_identity::{AllowList, Bundles, IdentityStore, Svid};
 use nexus_proto::control::admin_client::AdminClient;
 use nexus_proto::control::control_client::ControlClient;
 use nexus_proto::control::{
-    Ack, Hello, ReinstateRequest, RevokeRequest, SidecarMessage, gateway_message, sidecar_message,
+    Ack, Hello, PluginVersionRequest, RegisterPluginRequest, ReinstateRequest, RevokeRequest,
+    SidecarMessage, gateway_message, sidecar_message,
 };
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -40,6 +46,7 @@ const OPERATOR_ID: &str = "spiffe://nexus.local/ns/nexus/sa/operator";
 const SIDECAR_ID: &str = "spiffe://nexus.local/ns/bench/sa/sidecar";
 const PLUGIN_ID: &str = "spiffe://nexus.local/ns/plugins/sa/flood-model";
 const DATA_ID: &str = "spiffe://nexus.local/ns/data/sa/hazard-api";
+const REVIEWER_ID: &str = "spiffe://nexus.local/ns/bench/sa/reviewer";
 
 type Result<T> = std::result::Result<T, Box<dyn std::error::Error + Send + Sync>>;
 
@@ -128,6 +135,7 @@ async fn stream_client(
                 revision: "sha256:0123456789abcdef".into(),
                 ..Default::default()
             }),
+            registry: true,
         })),
     })
     .await?;
@@ -159,10 +167,18 @@ struct Row {
     rss_streams_kib: u64,
     call_ms: Vec<f64>,
     gateway_ms: Vec<f64>,
+    certify_call_ms: Vec<f64>,
+    certify_gateway_ms: Vec<f64>,
     refuse_ms: Vec<f64>,
 }
 
-async fn run(streams: usize, revocations: usize, cycles: usize, bins: &Path) -> Result<Row> {
+async fn run(
+    streams: usize,
+    revocations: usize,
+    certifications: usize,
+    cycles: usize,
+    bins: &Path,
+) -> Result<Row> {
     let dir = tempfile::tempdir()?;
     let ca = DevCa::embedded()?;
     let ca_pem = dir.path().join("ca.pem");
@@ -171,10 +187,13 @@ async fn run(streams: usize, revocations: usize, cycles: usize, bins: &Path) -> 
     let (dcert, dkey) = write_svid(&ca, DATA_ID, dir.path(), "data")?;
     let addrs = dir.path().join("gateway.json");
     let config = dir.path().join("gateway.toml");
+    let publisher = nexus_identity::cosign::SigningKey::generate()?;
+    let publisher_pub = dir.path().join("publisher.pub");
+    std::fs::write(&publisher_pub, publisher.public_key().to_pem())?;
     std::fs::write(
         &config,
         format!(
-            "listen = \"127.0.0.1:0\"\noperators = [{OPERATOR_ID:?}]\nsidecars = [{SIDECAR_ID:?}, {DATA_ID:?}]\ndata_sidecars = [{DATA_ID:?}]\n\n[identity]\nsource = \"files\"\nfiles = {{ cert = {gcert:?}, key = {gkey:?}, bundle = {ca_pem:?} }}\n\n[admin]\nlisten = \"127.0.0.1:0\"\naddress_file = {addrs:?}\n\n[database]\nurl = \"sqlite://{}\"\n",
+            "listen = \"127.0.0.1:0\"\noperators = [{OPERATOR_ID:?}]\nreviewers = [{REVIEWER_ID:?}]\nsidecars = [{SIDECAR_ID:?}, {DATA_ID:?}]\ndata_sidecars = [{DATA_ID:?}]\n\n[identity]\nsource = \"files\"\nfiles = {{ cert = {gcert:?}, key = {gkey:?}, bundle = {ca_pem:?} }}\n\n[admin]\nlisten = \"127.0.0.1:0\"\naddress_file = {addrs:?}\n\n[database]\nurl = \"sqlite://{}\"\n\n[registry]\n[[registry.publishers]]\nname = \"bench\"\nkey = {publisher_pub:?}\n",
             dir.path().join("gateway.db").display()
         ),
     )?;
@@ -260,6 +279,62 @@ async fn run(streams: usize, revocations: usize, cycles: usize, bins: &Path) -> 
         }
         call_ms.push(took.as_secs_f64() * 1000.0);
         gateway_ms.push(r.all_acknowledged_after_us as f64 / 1000.0);
+    }
+
+    // Registry changes: each certification binds a version's clause at every stream
+    // (the versions run as the streams' own workload, so each stream is sent the
+    // binding, not an empty delta).
+    let reviewer = store_for(&ca, REVIEWER_ID)?;
+    let mut reviewer = AdminClient::new(
+        grpc_channel(
+            reviewer,
+            AllowList::parse(&[GATEWAY_ID])?,
+            &grpc,
+            Duration::from_secs(10),
+        )
+        .await?,
+    );
+    let mut certify_call_ms = Vec::new();
+    let mut certify_gateway_ms = Vec::new();
+    for i in 0..certifications {
+        let repo = "bench.example/plugins/model";
+        let digest = nexus_identity::cosign::sha256_digest(format!("bench image {i}").as_bytes());
+        let payload = nexus_identity::cosign::image_payload(repo, &digest);
+        let version = format!("1.0.{i}");
+        admin
+            .register_plugin(RegisterPluginRequest {
+                name: "bench-model".into(),
+                publisher: "bench".into(),
+                license_tier: "public-good".into(),
+                version: version.clone(),
+                image: format!("{repo}@{digest}"),
+                spiffe_id: SIDECAR_ID.into(),
+                clauses: vec![format!("c-bench-{i}")],
+                signature: publisher.sign(payload.as_bytes())?,
+                payload,
+                ..RegisterPluginRequest::default()
+            })
+            .await?;
+        let started = Instant::now();
+        let r = reviewer
+            .certify_plugin(PluginVersionRequest {
+                plugin: "bench-model".into(),
+                version,
+                wait_ms: 10_000,
+            })
+            .await?
+            .into_inner();
+        let took = started.elapsed();
+        let p = r.propagation.unwrap_or_default();
+        if p.all_acknowledged_after_us == 0 || p.acknowledged as usize != streams {
+            return Err(format!(
+                "certification {i}: {} of {} acknowledged",
+                p.acknowledged, p.sidecars
+            )
+            .into());
+        }
+        certify_call_ms.push(took.as_secs_f64() * 1000.0);
+        certify_gateway_ms.push(p.all_acknowledged_after_us as f64 / 1000.0);
     }
 
     // A real sidecar on the same gateway, in front of the demo data API.
@@ -384,6 +459,8 @@ async fn run(streams: usize, revocations: usize, cycles: usize, bins: &Path) -> 
         rss_streams_kib,
         call_ms,
         gateway_ms,
+        certify_call_ms,
+        certify_gateway_ms,
         refuse_ms,
     })
 }
@@ -398,6 +475,10 @@ fn main() -> Result<()> {
         counts = vec![100, 1000];
     }
     let revocations: usize = std::env::var("REVOCATIONS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(50);
+    let certifications: usize = std::env::var("CERTIFICATIONS")
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(50);
@@ -416,18 +497,26 @@ fn main() -> Result<()> {
     let mut rows = Vec::new();
     for n in counts {
         eprintln!(
-            "control_bench: {n} streams, {revocations} revocations, {cycles} sidecar cycles ..."
+            "control_bench: {n} streams, {revocations} revocations, {certifications} certifications, {cycles} sidecar cycles ..."
         );
-        rows.push(runtime.block_on(run(n, revocations, cycles, &bins))?);
+        rows.push(runtime.block_on(run(n, revocations, certifications, cycles, &bins))?);
     }
     println!(
         "| streams | revoke -> all acked, call p50 / p99 ms | gateway-measured p50 / p99 ms | revoke -> real sidecar refuses p50 / p99 ms | gateway RSS idle / with streams MiB | RSS per stream KiB |"
     );
     println!("|---|---|---|---|---|---|");
-    for mut r in rows {
-        for v in [&mut r.call_ms, &mut r.gateway_ms, &mut r.refuse_ms] {
+    for r in &mut rows {
+        for v in [
+            &mut r.call_ms,
+            &mut r.gateway_ms,
+            &mut r.certify_call_ms,
+            &mut r.certify_gateway_ms,
+            &mut r.refuse_ms,
+        ] {
             v.sort_by(|a, b| a.total_cmp(b));
         }
+    }
+    for r in &rows {
         let per =
             (r.rss_streams_kib.saturating_sub(r.rss_base_kib)) as f64 / r.streams.max(1) as f64;
         println!(
@@ -443,6 +532,30 @@ fn main() -> Result<()> {
             r.rss_streams_kib as f64 / 1024.0,
             per
         );
+    }
+    println!();
+    println!(
+        "| streams | change | call → all acked p50 / p99 ms | gateway-measured p50 / p99 ms |"
+    );
+    println!("|---|---|---|---|");
+    for r in &rows {
+        for (what, call, gateway) in [
+            ("revocation", &r.call_ms, &r.gateway_ms),
+            (
+                "registry: certify (binding delta)",
+                &r.certify_call_ms,
+                &r.certify_gateway_ms,
+            ),
+        ] {
+            println!(
+                "| {} | {what} | {:.2} / {:.2} | {:.2} / {:.2} |",
+                r.streams,
+                percentile(call, 0.5),
+                percentile(call, 0.99),
+                percentile(gateway, 0.5),
+                percentile(gateway, 0.99),
+            );
+        }
     }
     Ok(())
 }

@@ -292,7 +292,7 @@ impl Admin for AdminService {
         let r = request.into_inner();
         let response = self
             .changes
-            .certify_plugin(&r.plugin, &r.version, &actor, started)
+            .certify_plugin(&r.plugin, &r.version, &actor, started, ms(r.wait_ms))
             .await?;
         tracing::warn!(plugin = %r.plugin, version = %r.version, by = %actor, "plugin version certified");
         Ok(Response::new(response))
@@ -329,7 +329,15 @@ impl Admin for AdminService {
         let r = request.into_inner();
         let response = self
             .changes
-            .bind_plugin(&r.plugin, &r.version, &r.clause, true, &actor, started)
+            .bind_plugin(
+                &r.plugin,
+                &r.version,
+                &r.clause,
+                true,
+                &actor,
+                started,
+                ms(r.wait_ms),
+            )
             .await?;
         Ok(Response::new(response))
     }
@@ -343,7 +351,15 @@ impl Admin for AdminService {
         let r = request.into_inner();
         let response = self
             .changes
-            .bind_plugin(&r.plugin, &r.version, &r.clause, false, &actor, started)
+            .bind_plugin(
+                &r.plugin,
+                &r.version,
+                &r.clause,
+                false,
+                &actor,
+                started,
+                ms(r.wait_ms),
+            )
             .await?;
         Ok(Response::new(response))
     }

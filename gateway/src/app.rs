@@ -73,6 +73,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         config.stream.delta_log,
         config.baselines.max_workloads as usize,
         metrics.clone(),
+        config.registry.is_some(),
     )
     .await?;
     let evictor = match &config.eviction {

@@ -142,7 +142,10 @@ impl Control for ControlService {
             apply_error: String::new(),
             policy: hello.policy.as_ref().map(policy_status),
         };
-        let (id, start, deltas) = self.changes.hub.connect(info, hello.last_revision);
+        let (id, start, deltas) =
+            self.changes
+                .hub
+                .connect(info, hello.last_revision, hello.registry);
         let scope = Scope::new(&peer.spiffe_id, self.data_sidecars.allows(&peer.spiffe_id));
         tracing::info!(sidecar = %peer.spiffe_id, addr = %peer.addr, last_revision = hello.last_revision, full_state = scope.full, "control stream open");
         let (tx, rx) = mpsc::channel::<Queued>(16);
@@ -166,11 +169,12 @@ impl Control for ControlService {
 }
 
 /// What one stream is sent (docs/threat-model.md, "What a sidecar is told"). A sidecar
-/// in `data_sidecars` enforces any plugin's executions, so it gets the whole state.
-/// Any other sidecar gets the executions of its own workload only (its outbound policy
-/// checks them) and every revoked subject without reason or author (it must refuse a
-/// revoked peer, but needs not learn who reported whom). Revisions stay dense: a
-/// change a stream may not see is sent as an empty delta of the same revision.
+/// in `data_sidecars` enforces any plugin's executions and bindings, so it gets the
+/// whole state. Any other sidecar gets the executions and registry bindings of its own
+/// workload only (its outbound policy checks them) and every revoked subject without
+/// reason or author (it must refuse a revoked peer, but needs not learn who reported
+/// whom). Revisions stay dense: a change a stream may not see is sent as an empty delta
+/// of the same revision.
 struct Scope {
     full: bool,
     me: String,
@@ -203,6 +207,7 @@ impl Scope {
                 e.opened_by.clear();
             }
             snapshot.revoked = snapshot.revoked.iter().map(|r| self.redact(r)).collect();
+            snapshot.certified.retain(|v| v.spiffe_id == self.me);
         }
         snapshot
     }
@@ -226,26 +231,23 @@ impl Scope {
                 at_unix_ms: r.at_unix_ms,
             })),
             // What enforcement needs of a registry change (identity, clauses, budgets,
-            // state), not who registered or certified it, nor the signatures.
-            Some(DeltaChange::Registry(r)) => Some(DeltaChange::Registry(RegistryEvent {
-                action: r.action.clone(),
-                plugins: Vec::new(),
-                versions: r
+            // state), not who registered or certified it, nor the signatures; and only
+            // about its own workload.
+            Some(DeltaChange::Registry(r)) => {
+                let versions: Vec<_> = r
                     .versions
                     .iter()
-                    .map(|v| PluginVersion {
-                        plugin_uid: v.plugin_uid.clone(),
-                        version: v.version.clone(),
-                        image_digest: v.image_digest.clone(),
-                        spiffe_id: v.spiffe_id.clone(),
-                        clauses: v.clauses.clone(),
-                        budgets_json: v.budgets_json.clone(),
-                        state: v.state.clone(),
-                        revision: v.revision,
-                        ..PluginVersion::default()
+                    .filter(|v| v.spiffe_id == self.me)
+                    .map(crate::registry::for_sidecars)
+                    .collect();
+                (!versions.is_empty()).then(|| {
+                    DeltaChange::Registry(RegistryEvent {
+                        action: r.action.clone(),
+                        plugins: Vec::new(),
+                        versions,
                     })
-                    .collect(),
-            })),
+                })
+            }
             other => other.clone(),
         };
         Delta {

@@ -12,8 +12,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use nexus_proto::control::{
-    Baseline, Delta, Execution, PolicyStatus, RequestRate, Revocation, SidecarEvent, SidecarInfo,
-    Snapshot, StoredSignal, WatchEvent, delta::Change as DeltaChange, watch_event,
+    Baseline, Delta, Execution, PluginVersion, PolicyStatus, RequestRate, Revocation,
+    SidecarEvent, SidecarInfo, Snapshot, StoredSignal, WatchEvent, delta::Change as DeltaChange,
+    watch_event,
 };
 use tokio::sync::{Mutex as AsyncMutex, broadcast, watch};
 
@@ -35,6 +36,11 @@ struct State {
     revision: u64,
     revoked: BTreeMap<String, Revocation>,
     executions: BTreeMap<String, Execution>,
+    /// The certified plugin versions by (plugin UID, version), as sidecars see them
+    /// ([`crate::registry::for_sidecars`]): their bindings are `data.nexus.bindings`.
+    certified: BTreeMap<(String, String), PluginVersion>,
+    /// Whether this gateway runs a registry: snapshots then carry the bindings.
+    registry: bool,
     log: VecDeque<Arc<Delta>>,
 }
 
@@ -53,10 +59,25 @@ impl State {
             Some(DeltaChange::Close(c)) => {
                 self.executions.remove(&c.id);
             }
-            // The registry is read from the store (crate::registry).
-            Some(DeltaChange::Registry(_)) | None => {}
+            // The rest of the registry is read from the store (crate::registry).
+            Some(DeltaChange::Registry(r)) => {
+                for v in &r.versions {
+                    self.certify(v);
+                }
+            }
+            None => {}
         }
         self.revision = delta.revision;
+    }
+
+    /// Keeps `v` among the bound versions when it is certified, drops it otherwise.
+    fn certify(&mut self, v: &PluginVersion) {
+        let key = (v.plugin_uid.clone(), v.version.clone());
+        if v.state == crate::registry::CERTIFIED {
+            self.certified.insert(key, crate::registry::for_sidecars(v));
+        } else {
+            self.certified.remove(&key);
+        }
     }
 
     fn snapshot(&self) -> Snapshot {
@@ -64,6 +85,12 @@ impl State {
             revision: self.revision,
             revoked: self.revoked.values().cloned().collect(),
             executions: self.executions.values().cloned().collect(),
+            registry: self.registry,
+            certified: if self.registry {
+                self.certified.values().cloned().collect()
+            } else {
+                Vec::new()
+            },
         }
     }
 }
@@ -128,18 +155,31 @@ pub struct Hub {
 const WATCH_BUFFER: usize = 4096;
 
 impl Hub {
-    /// A hub holding the store's current state.
+    /// A hub holding the store's current state; `registry`: the gateway runs a plugin
+    /// registry, so sidecars take their bindings from its certified versions.
     pub async fn load(
         store: &Store,
         log_capacity: usize,
         max_rate_workloads: usize,
         metrics: Arc<Metrics>,
+        registry: bool,
     ) -> Result<Arc<Self>, StoreError> {
         let revision = store.revision().await?;
+        // Read after the revision (as revocations and executions are): a change committed
+        // in between is already here and is ingested again by the first catch-up, which
+        // applies idempotently.
+        let mut certified = Vec::new();
+        for plugin in store.plugins(None).await? {
+            certified.extend(plugin.versions);
+        }
         let mut state = State {
             revision,
+            registry,
             ..State::default()
         };
+        for v in &certified {
+            state.certify(v);
+        }
         for r in store.revocations().await? {
             state.revoked.insert(r.subject.clone(), r);
         }
@@ -292,6 +332,11 @@ impl Hub {
         self.lock_state().revoked.values().cloned().collect()
     }
 
+    /// Whether this gateway's sidecars take their bindings from its registry.
+    pub fn registry(&self) -> bool {
+        self.lock_state().registry
+    }
+
     /// Open executions.
     pub fn executions(&self) -> Vec<Execution> {
         self.lock_state().executions.values().cloned().collect()
@@ -435,19 +480,25 @@ impl Hub {
     }
 
     /// Registers a stream and decides where it starts; returns its id, the start, and
-    /// the delta receiver (subscribed atomically with the start).
+    /// the delta receiver (subscribed atomically with the start). `registry`: the
+    /// sidecar's state carries registry bindings (its hello says so).
     pub fn connect(
         &self,
         info: SidecarInfo,
         last_revision: u64,
+        registry: bool,
     ) -> (u64, Start, broadcast::Receiver<Arc<Delta>>) {
         let id = self.next_stream.fetch_add(1, Ordering::Relaxed);
         let state = self.lock_state();
         let receiver = self.deltas.subscribe();
         // A sidecar at revision 0 holds nothing it can enforce (a first start, or a kept
         // snapshot it could not verify): it refuses every request until it is sent the
-        // state, so it always gets a snapshot, even of an empty store.
-        let start = if last_revision == state.revision && last_revision != 0 {
+        // state, so it always gets a snapshot, even of an empty store. One whose
+        // bindings come from elsewhere than this gateway says (its folder, or a
+        // registry this gateway no longer runs) gets the whole state too.
+        let start = if registry != state.registry {
+            Start::Snapshot(state.snapshot())
+        } else if last_revision == state.revision && last_revision != 0 {
             Start::Resume(Vec::new())
         } else if last_revision < state.revision
             && state

@@ -361,6 +361,25 @@ pub(crate) async fn apply(
     Ok(event)
 }
 
+/// A version as sidecars see it (snapshots and registry deltas): what enforcement
+/// needs (plugin UID, version, image digest, SPIFFE ID, clauses, budgets, state,
+/// revision, when it was certified), not who registered or certified it, nor the
+/// payload and signature.
+pub fn for_sidecars(v: &PluginVersion) -> PluginVersion {
+    PluginVersion {
+        plugin_uid: v.plugin_uid.clone(),
+        version: v.version.clone(),
+        image_digest: v.image_digest.clone(),
+        spiffe_id: v.spiffe_id.clone(),
+        clauses: v.clauses.clone(),
+        budgets_json: v.budgets_json.clone(),
+        state: v.state.clone(),
+        certified_unix_ms: v.certified_unix_ms,
+        revision: v.revision,
+        ..PluginVersion::default()
+    }
+}
+
 /// Refuses an execution whose version is not certified (or does not run as its plugin
 /// workload, or does not bind its clause), read in the transaction that opens it.
 pub(crate) async fn check_runnable(
@@ -657,14 +676,20 @@ impl Changes {
                     registry.max_budgets_bytes
                 )));
             }
-            match serde_json::from_str::<serde_json::Value>(budgets_json) {
-                Ok(serde_json::Value::Object(_)) => {}
+            let budgets = match serde_json::from_str::<serde_json::Value>(budgets_json) {
+                Ok(budgets @ serde_json::Value::Object(_)) => budgets,
                 _ => {
                     return Err(invalid(
                         "budgets must be a JSON object (carried into data.nexus.bindings)".into(),
                     ));
                 }
-            }
+            };
+            // Checked as every sidecar's anomaly watch reads it: a budget the sidecars
+            // could not load would hold every one of them refusing requests.
+            nexus_anomaly::budget::from_bindings(&serde_json::json!({
+                spiffe_id.as_str(): {"clauses": clauses, "budgets": budgets}
+            }))
+            .map_err(|e| invalid(format!("budgets: {e}")))?;
         }
         if signature.trim().is_empty() {
             return Err(invalid(format!(
@@ -728,29 +753,29 @@ impl Changes {
             })
     }
 
-    async fn response(&self, revision: u64, uid: &str) -> Result<RegistryResponse, ChangeError> {
+    async fn response(
+        &self,
+        change: ChangeResponse,
+        uid: &str,
+    ) -> Result<RegistryResponse, ChangeError> {
         Ok(RegistryResponse {
-            revision,
+            revision: change.revision,
             plugin: self.store.plugins(Some(uid)).await?.pop(),
+            propagation: Some(change),
             ..RegistryResponse::default()
         })
     }
 
+    /// Commits a registry change; waits up to `wait` for the sidecars to acknowledge it.
     async fn commit_registry(
         &self,
         op: RegistryOp,
         actor: &str,
         started: Instant,
-    ) -> Result<u64, ChangeError> {
-        Ok(self
-            .apply(
-                Change::Registry(Box::new(op)),
-                actor,
-                started,
-                Duration::ZERO,
-            )
-            .await?
-            .revision)
+        wait: Duration,
+    ) -> Result<ChangeResponse, ChangeError> {
+        self.apply(Change::Registry(Box::new(op)), actor, started, wait)
+            .await
     }
 
     /// `plugin register`: a signed version of a new or existing plugin.
@@ -808,7 +833,7 @@ impl Changes {
             actor,
         )?;
         let uid = checked.plugin.uid.clone();
-        let revision = self
+        let change = self
             .commit_registry(
                 RegistryOp::Register {
                     plugin: Box::new(checked.plugin),
@@ -816,9 +841,10 @@ impl Changes {
                 },
                 actor,
                 started,
+                Duration::ZERO,
             )
             .await?;
-        self.response(revision, &uid).await
+        self.response(change, &uid).await
     }
 
     /// `plugin certify`: `actor` must be on `reviewers` (the admin API checks).
@@ -828,6 +854,7 @@ impl Changes {
         version: &str,
         actor: &str,
         started: Instant,
+        wait: Duration,
     ) -> Result<RegistryResponse, ChangeError> {
         let p = self.find_plugin(plugin).await?;
         // The signature is checked again with the publisher's key as it is now: a
@@ -837,7 +864,7 @@ impl Changes {
             cosign::verify(&key, v.payload.as_bytes(), &v.signature, &v.image_digest)
                 .map_err(|e| ChangeError::Conflict(format!("cannot certify: {e}")))?;
         }
-        let revision = self
+        let change = self
             .commit_registry(
                 RegistryOp::Certify {
                     uid: p.uid.clone(),
@@ -846,9 +873,10 @@ impl Changes {
                 },
                 actor,
                 started,
+                wait,
             )
             .await?;
-        self.response(revision, &p.uid).await
+        self.response(change, &p.uid).await
     }
 
     /// `plugin retire`: the version never runs again; its workload is revoked through
@@ -875,7 +903,7 @@ impl Changes {
         } else {
             reason
         };
-        let revision = self
+        let change = self
             .commit_registry(
                 RegistryOp::Retire {
                     uid: p.uid.clone(),
@@ -885,6 +913,7 @@ impl Changes {
                 },
                 actor,
                 started,
+                Duration::ZERO,
             )
             .await?;
         let retired = self
@@ -930,7 +959,7 @@ impl Changes {
             ));
             revocation = Some(r);
         }
-        let mut response = self.response(revision, &p.uid).await?;
+        let mut response = self.response(change, &p.uid).await?;
         response.notes = notes;
         response.revocation = revocation;
         Ok(response)
@@ -945,6 +974,7 @@ impl Changes {
         bind: bool,
         actor: &str,
         started: Instant,
+        wait: Duration,
     ) -> Result<RegistryResponse, ChangeError> {
         crate::changes::validate_clause(clause)?;
         let p = self.find_plugin(plugin).await?;
@@ -957,7 +987,7 @@ impl Changes {
                 v.clauses.len()
             )));
         }
-        let revision = self
+        let change = self
             .commit_registry(
                 RegistryOp::Bind {
                     uid: p.uid.clone(),
@@ -967,9 +997,10 @@ impl Changes {
                 },
                 actor,
                 started,
+                wait,
             )
             .await?;
-        self.response(revision, &p.uid).await
+        self.response(change, &p.uid).await
     }
 
     /// `plugin verify`: re-verifies a stored version's signature with the publisher's
@@ -1160,11 +1191,17 @@ impl Changes {
                 ..RegistryResponse::default()
             });
         }
-        let revision = self
-            .commit_registry(RegistryOp::Import { plugins, versions }, actor, started)
+        let change = self
+            .commit_registry(
+                RegistryOp::Import { plugins, versions },
+                actor,
+                started,
+                Duration::ZERO,
+            )
             .await?;
         Ok(RegistryResponse {
-            revision,
+            revision: change.revision,
+            propagation: Some(change),
             notes,
             ..RegistryResponse::default()
         })

@@ -339,6 +339,7 @@ impl Signals {
             } else {
                 "peer"
             };
+            let verification = self.pending_verification(&workload);
             let mut row = StoredSignal {
                 id: format!(
                     "{}-{}",
@@ -356,7 +357,7 @@ impl Signals {
                 action: String::new(),
                 reasons: "[]".into(),
                 decision_ids: serde_json::to_string(&cited).unwrap_or_else(|_| "[]".into()),
-                verification: serde_json::json!({"status": "pending"}).to_string(),
+                verification,
             };
             self.changes.store.insert_signal(&row).await?;
             self.changes
@@ -409,6 +410,30 @@ impl Signals {
         Ok(stored)
     }
 
+    /// A new signal's verification, until its evidence is checked: `pending`, with the
+    /// plugin versions `workload` runs (with a registry, its open executions' versions,
+    /// what its records carry) so that the signal names them.
+    fn pending_verification(&self, workload: &str) -> String {
+        let mut plugins: Vec<serde_json::Value> = Vec::new();
+        for e in self.changes.hub.executions() {
+            if e.plugin == workload && !e.plugin_uid.is_empty() {
+                let p = serde_json::json!({
+                    "plugin_uid": e.plugin_uid,
+                    "plugin_version": e.plugin_version,
+                    "image_digest": e.image_digest,
+                });
+                if !plugins.contains(&p) {
+                    plugins.push(p);
+                }
+            }
+        }
+        let mut out = serde_json::json!({"status": "pending"});
+        if !plugins.is_empty() {
+            out["plugins"] = plugins.into();
+        }
+        out.to_string()
+    }
+
     /// Checks a signal's evidence. `None` when it waits for cited records that have not
     /// arrived yet (and `last_chance` is false).
     async fn verify(
@@ -425,6 +450,13 @@ impl Signals {
             "reporter_is_workload": own,
             "cited": cited.len(),
         });
+        // The plugin versions noted when the signal arrived (see `plugins_of`).
+        if let Some(plugins) = serde_json::from_str::<serde_json::Value>(&row.verification)
+            .ok()
+            .and_then(|v| v.get("plugins").cloned())
+        {
+            out["plugins"] = plugins;
+        }
         let verdict = |out: &mut serde_json::Value, status: &str, reason: String| {
             out["status"] = status.into();
             out["reason"] = reason.into();

@@ -119,17 +119,30 @@ fn json(status: u16, body: Vec<u8>) -> http::Response<Full<Bytes>> {
 /// With a registry: a plugin pod (in one of `registry.plugin_namespaces`, or asking for
 /// the sandbox) is admitted only when every container image is pinned by digest and that
 /// digest is a certified, unretired version whose SPIFFE ID is the pod's
-/// (`spiffe://TD/ns/NAMESPACE/sa/SERVICE_ACCOUNT`). `Some(message)`: deny with it.
-async fn registry_denial(body: &[u8], changes: &crate::changes::Changes) -> Option<String> {
-    let registry = changes.config.registry.as_ref()?;
-    let doc: serde_json::Value = serde_json::from_slice(body).ok()?;
-    let request = doc.get("request")?;
+/// (`spiffe://TD/ns/NAMESPACE/sa/SERVICE_ACCOUNT`). `Err(message)`: deny with it;
+/// `Ok(Some(version))`: a plugin pod admitted as that version (its first app
+/// container's), which injection passes to the sidecar; `Ok(None)`: not a plugin pod.
+async fn registry_check(
+    body: &[u8],
+    changes: &crate::changes::Changes,
+) -> Result<Option<nexus_kube::PluginRun>, String> {
+    let Some(registry) = changes.config.registry.as_ref() else {
+        return Ok(None);
+    };
+    let Ok(doc) = serde_json::from_slice::<serde_json::Value>(body) else {
+        return Ok(None);
+    };
+    let Some(request) = doc.get("request") else {
+        return Ok(None);
+    };
     let is_pod_create = request.pointer("/kind/kind").and_then(|v| v.as_str()) == Some("Pod")
         && request.get("operation").and_then(|v| v.as_str()) == Some("CREATE");
     if !is_pod_create {
-        return None;
+        return Ok(None);
     }
-    let pod = request.get("object")?;
+    let Some(pod) = request.get("object") else {
+        return Ok(None);
+    };
     let namespace = request
         .get("namespace")
         .and_then(|v| v.as_str())
@@ -141,7 +154,7 @@ async fn registry_denial(body: &[u8], changes: &crate::changes::Changes) -> Opti
         .and_then(|a| a.get(nexus_kube::inject::SANDBOX_ANNOTATION))
         .is_some();
     if !sandboxed && !registry.plugin_namespaces.iter().any(|n| n == namespace) {
-        return None;
+        return Ok(None);
     }
     let account = pod
         .pointer("/spec/serviceAccountName")
@@ -156,7 +169,8 @@ async fn registry_denial(body: &[u8], changes: &crate::changes::Changes) -> Opti
         .unwrap_or_default();
     let pod_id = format!("spiffe://{trust_domain}/ns/{namespace}/sa/{account}");
     let mut images = Vec::new();
-    for list in ["initContainers", "containers"] {
+    // App containers first: the first one's version is the one the sidecar is told.
+    for list in ["containers", "initContainers"] {
         if let Some(containers) = pod
             .pointer(&format!("/spec/{list}"))
             .and_then(|v| v.as_array())
@@ -169,13 +183,14 @@ async fn registry_denial(body: &[u8], changes: &crate::changes::Changes) -> Opti
         }
     }
     if images.is_empty() {
-        return Some("the plugin pod names no container image".into());
+        return Err("the plugin pod names no container image".into());
     }
+    let mut admitted: Option<nexus_kube::PluginRun> = None;
     for (name, image) in images {
         let (_, digest) = nexus_identity::cosign::split_image(&image);
         let Some(digest) = digest.filter(|d| nexus_identity::cosign::validate_digest(d).is_ok())
         else {
-            return Some(format!(
+            return Err(format!(
                 "container {name}: image `{image}` is not pinned by digest: use REPO@sha256:… of a certified plugin version (`nexusctl plugin list`), registered with `nexusctl plugin register ...`"
             ));
         };
@@ -183,18 +198,18 @@ async fn registry_denial(body: &[u8], changes: &crate::changes::Changes) -> Opti
             Ok(found) => found,
             Err(error) => {
                 tracing::error!(%error, "admission: the registry cannot be read");
-                return Some(format!(
+                return Err(format!(
                     "the plugin registry cannot be read ({error}); the pod is refused until it can"
                 ));
             }
         };
         let Some((plugin, version)) = found else {
-            return Some(format!(
+            return Err(format!(
                 "container {name}: image {digest} is not a registered plugin version: register it with `nexusctl plugin register ...` and have a reviewer certify it"
             ));
         };
         if version.state != crate::registry::CERTIFIED {
-            return Some(format!(
+            return Err(format!(
                 "container {name}: {} v{} ({digest}) is {}, not certified{}",
                 plugin.name,
                 version.version,
@@ -207,13 +222,18 @@ async fn registry_denial(body: &[u8], changes: &crate::changes::Changes) -> Opti
             ));
         }
         if version.spiffe_id != pod_id {
-            return Some(format!(
+            return Err(format!(
                 "container {name}: {} v{} runs as {}, but this pod would run as {pod_id}: use its namespace and service account",
                 plugin.name, version.version, version.spiffe_id
             ));
         }
+        admitted.get_or_insert(nexus_kube::PluginRun {
+            uid: version.plugin_uid,
+            version: version.version,
+            image_digest: version.image_digest,
+        });
     }
-    None
+    Ok(admitted)
 }
 
 fn denial(body: &[u8], message: &str) -> http::Response<Full<Bytes>> {
@@ -279,13 +299,17 @@ pub async fn handle(
             );
         }
     };
-    if let Some(changes) = changes
-        && let Some(message) = registry_denial(&body, changes).await
-    {
-        tracing::warn!(%message, "admission denied by the plugin registry");
-        return denial(&body, &format!("nexus plugin registry: {message}"));
-    }
-    let (status, body) = nexus_kube::review(&body, inject);
+    let plugin = match changes {
+        Some(changes) => match registry_check(&body, changes).await {
+            Ok(plugin) => plugin,
+            Err(message) => {
+                tracing::warn!(%message, "admission denied by the plugin registry");
+                return denial(&body, &format!("nexus plugin registry: {message}"));
+            }
+        },
+        None => None,
+    };
+    let (status, body) = nexus_kube::review_plugin(&body, inject, plugin.as_ref());
     json(status, body)
 }
 

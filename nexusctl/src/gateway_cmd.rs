@@ -554,7 +554,7 @@ pub async fn status(target: Target) -> anyhow::Result<()> {
 
 fn signal_row(s: &nexus_proto::control::StoredSignal) -> serde_json::Value {
     let sig = s.signal.clone().unwrap_or_default();
-    serde_json::json!({
+    let mut row = serde_json::json!({
         "id": s.id, "observed": rfc3339(sig.time_unix_ms),
         "received": rfc3339(s.received_unix_ms), "kind": sig.kind,
         "workload": sig.workload, "reporter": s.reporter, "observed_as": sig.observed_as,
@@ -563,7 +563,32 @@ fn signal_row(s: &nexus_proto::control::StoredSignal) -> serde_json::Value {
         "decision_ids": sig.decision_ids,
         "verification": serde_json::from_str::<serde_json::Value>(&s.verification_json).unwrap_or_default(),
         "action": s.action, "reasons": s.reasons,
-    })
+    });
+    // The plugin versions the workload ran (the gateway's, from its open executions).
+    row["plugins"] = row["verification"]["plugins"].clone();
+    if row["plugins"].is_null() {
+        row["plugins"] = serde_json::json!([]);
+    }
+    row
+}
+
+/// ` vVERSION (UID, DIGEST)` for each plugin version of a signal or execution row.
+fn plugin_versions(plugins: &serde_json::Value) -> String {
+    plugins
+        .as_array()
+        .map(|list| {
+            list.iter()
+                .map(|p| {
+                    format!(
+                        " v{} ({}, {})",
+                        p["plugin_version"].as_str().unwrap_or(""),
+                        p["plugin_uid"].as_str().unwrap_or(""),
+                        p["image_digest"].as_str().unwrap_or("")
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 /// `nexusctl signals --show ID`: the signal and the execution records it cites.
@@ -678,7 +703,7 @@ pub async fn signals(
         return Ok(());
     }
     crate::outln!(
-        "{:<24} {:<18} {:>7} {:<7} {:<12} WORKLOAD (REPORTER) REASONS",
+        "{:<24} {:<18} {:>7} {:<7} {:<12} WORKLOAD [PLUGIN VERSION] (REPORTER) REASONS",
         "RECEIVED",
         "KIND",
         "SCORE",
@@ -695,13 +720,14 @@ pub async fn signals(
             })
             .unwrap_or_default();
         crate::outln!(
-            "{:<24} {:<18} {:>7.1} {:<7} {:<12} {} ({}) {}",
+            "{:<24} {:<18} {:>7.1} {:<7} {:<12} {}{} ({}) {}",
             safe(r["received"].as_str().unwrap_or("")),
             safe(r["kind"].as_str().unwrap_or("")),
             r["score"].as_f64().unwrap_or(0.0),
             safe(r["action"].as_str().unwrap_or("")),
             safe(r["verification"]["status"].as_str().unwrap_or("")),
             safe(r["workload"].as_str().unwrap_or("")),
+            safe(&plugin_versions(&r["plugins"])),
             safe(r["reporter"].as_str().unwrap_or("")),
             reasons.join("; ")
         );

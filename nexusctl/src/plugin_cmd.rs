@@ -233,11 +233,28 @@ fn print_response(target: &Target, what: &str, r: &RegistryResponse) {
                     "acknowledged": c.acknowledged,
                     "all_acknowledged_after_us": c.all_acknowledged_after_us,
                 })),
+                "propagation": r.propagation.as_ref().map(|c| serde_json::json!({
+                    "revision": c.revision, "sidecars": c.sidecars,
+                    "acknowledged": c.acknowledged,
+                    "all_acknowledged_after_us": c.all_acknowledged_after_us,
+                })),
             }))
         );
         return;
     }
-    crate::outln!("{} at revision {}", safe(what), r.revision);
+    let acks = match &r.propagation {
+        Some(p) if p.all_acknowledged_after_us > 0 => format!(
+            "; acknowledged by all {} sidecars in {:.3} ms",
+            p.sidecars,
+            p.all_acknowledged_after_us as f64 / 1000.0
+        ),
+        Some(p) => format!(
+            "; acknowledged by {} of {} sidecars so far",
+            p.acknowledged, p.sidecars
+        ),
+        None => String::new(),
+    };
+    crate::outln!("{} at revision {}{acks}", safe(what), r.revision);
     for n in &r.notes {
         crate::outln!("  {}", safe(n));
     }
@@ -354,7 +371,11 @@ pub async fn run(target: Target, command: PluginCommand) -> anyhow::Result<()> {
             ..
         } => {
             let r = c
-                .verify_plugin(PluginVersionRequest { plugin, version })
+                .verify_plugin(PluginVersionRequest {
+                    plugin,
+                    version,
+                    ..PluginVersionRequest::default()
+                })
                 .await
                 .map_err(status_error)?
                 .into_inner();
@@ -368,6 +389,7 @@ pub async fn run(target: Target, command: PluginCommand) -> anyhow::Result<()> {
                 .certify_plugin(PluginVersionRequest {
                     plugin,
                     version: version.clone(),
+                    wait_ms: WAIT_MS,
                 })
                 .await
                 .map_err(status_error)?
@@ -422,6 +444,7 @@ pub async fn run(target: Target, command: PluginCommand) -> anyhow::Result<()> {
                     plugin,
                     version,
                     clause: clause.clone(),
+                    wait_ms: WAIT_MS,
                 })
                 .await
                 .map_err(status_error)?
@@ -438,6 +461,7 @@ pub async fn run(target: Target, command: PluginCommand) -> anyhow::Result<()> {
                     plugin,
                     version,
                     clause: clause.clone(),
+                    wait_ms: WAIT_MS,
                 })
                 .await
                 .map_err(status_error)?

@@ -43,7 +43,8 @@ pub const REVIEWER_ID: &str = "spiffe://nexus.local/ns/nexus/sa/reviewer";
 /// The demo plugin's image (there is no image locally: its digest stands for one).
 const DEMO_REPO: &str = "localhost/nexus/demo-flood-model";
 const DEMO_VERSION: &str = "1.0.0";
-/// The demo plugin's budgets, as its binding declares them (policies/nexus/bindings.yaml).
+/// The demo version's budgets: those of its binding in policies/nexus/bindings.yaml,
+/// whose bindings the registry's replace in this stack (docs/registry.md).
 const DEMO_BUDGETS: &str =
     r#"{"requests_per_s":100,"egress_bytes":33554432,"distinct_clauses":4,"window":"10s"}"#;
 
@@ -100,7 +101,6 @@ async fn register_demo(
                     image: format!("{DEMO_REPO}@{digest}"),
                     spiffe_id: PLUGIN_ID.into(),
                     clauses: vec!["c-flood-17".into(), "c-flood-18".into()],
-                    // The same ceilings as the demo's bindings (policies/nexus/bindings.yaml).
                     budgets_json: DEMO_BUDGETS.into(),
                     payload,
                     signature,
@@ -119,6 +119,7 @@ async fn register_demo(
             .certify_plugin(PluginVersionRequest {
                 plugin: version.plugin_uid.clone(),
                 version: version.version.clone(),
+                wait_ms: crate::gateway_cmd::WAIT_MS,
             })
             .await
             .map_err(crate::gateway_cmd::status_error)?

@@ -31,6 +31,8 @@ pub struct Admin {
     pub enforcement: Arc<Enforcement>,
     /// Draining after SIGTERM: `/ready` answers 503 from the first signal on.
     pub draining: nexus_serve::Readiness,
+    /// The plugin version the pod was admitted as (`[plugin]`), if any.
+    pub plugin: Option<crate::config::PluginConfig>,
 }
 
 impl Admin {
@@ -128,10 +130,18 @@ impl Admin {
                 );
             }
         };
+        let plugin = self
+            .plugin
+            .as_ref()
+            .map(|p| format!("plugin: {p}\n"))
+            .unwrap_or_default();
         (
             StatusCode::OK,
             "text/plain",
-            format!("ready: {}\n{policy}\n{gateway}\n", identity.spiffe_id()),
+            format!(
+                "ready: {}\n{policy}\n{gateway}\n{plugin}",
+                identity.spiffe_id()
+            ),
         )
     }
 

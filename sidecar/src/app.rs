@@ -80,6 +80,10 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         });
     }
 
+    if let Some(plugin) = &config.plugin {
+        tracing::info!(%plugin, "this pod runs a registry plugin version (admitted as)");
+    }
+
     // The gateway link: revocations and executions pushed over the control stream,
     // the last snapshot kept on disk and restored before the first policy load.
     let enforcement = match &config.gateway {
@@ -290,6 +294,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
             policy,
             enforcement: enforcement.clone(),
             draining: drain.readiness(),
+            plugin: config.plugin.clone(),
         }
         .serve_with_signals(
             admin_listener,

@@ -91,6 +91,28 @@ pub struct Config {
     /// The in-pod channel `nexus-launch` reports sandbox violations on; absent: reports
     /// are refused. Never a TCP port: the admin listener refuses them.
     pub reports: Option<ReportsConfig>,
+    /// The plugin version this pod was admitted as (docs/registry.md): set by the
+    /// admission webhook (`NEXUS_PLUGIN_UID`, `NEXUS_PLUGIN_VERSION`,
+    /// `NEXUS_PLUGIN_IMAGE_DIGEST`); shown by `/ready` and logged at start.
+    pub plugin: Option<PluginConfig>,
+}
+
+/// `[plugin]`: the registry version a plugin pod runs (what admission checked).
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct PluginConfig {
+    /// The plugin's UUID.
+    pub uid: String,
+    /// Its certified version.
+    pub version: String,
+    /// The image digest, `sha256:` + 64 lowercase hex.
+    pub image_digest: String,
+}
+
+impl std::fmt::Display for PluginConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} v{} ({})", self.uid, self.version, self.image_digest)
+    }
 }
 
 /// `[reports]`: a unix socket in a folder only this pod shares (an `emptyDir` mounted in
@@ -613,6 +635,30 @@ impl Config {
                 }
             }
         }
+        // The admission webhook names the plugin version the pod was admitted as.
+        let plugin = [
+            "NEXUS_PLUGIN_UID",
+            "NEXUS_PLUGIN_VERSION",
+            "NEXUS_PLUGIN_IMAGE_DIGEST",
+        ]
+        .map(|key| get(key).filter(|v| !v.is_empty()));
+        match plugin {
+            [Some(uid), Some(version), Some(image_digest)] => {
+                self.plugin = Some(PluginConfig {
+                    uid,
+                    version,
+                    image_digest,
+                });
+            }
+            [None, None, None] => {}
+            _ => {
+                return Err(invalid(
+                    "NEXUS_PLUGIN_UID",
+                    "only some of NEXUS_PLUGIN_UID, NEXUS_PLUGIN_VERSION, NEXUS_PLUGIN_IMAGE_DIGEST are set",
+                    "set all three (the admission webhook does) or none",
+                ));
+            }
+        }
         // Injection names the in-pod report channel this way.
         if let Some(socket) = get("NEXUS_REPORT_SOCKET").filter(|s| !s.is_empty()) {
             let mut reports = self.reports.take().unwrap_or(ReportsConfig {
@@ -707,6 +753,32 @@ impl Config {
 
     /// Checks what serde cannot.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        if let Some(plugin) = &self.plugin {
+            let hex = plugin.image_digest.strip_prefix("sha256:").unwrap_or("");
+            if hex.len() != 64 || !hex.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
+                return Err(invalid(
+                    "plugin.image_digest",
+                    format!("`{}` is not an image digest", plugin.image_digest),
+                    "give sha256: and 64 lowercase hex digits, as `nexusctl plugin list` shows",
+                ));
+            }
+            let printable = |v: &str| {
+                !v.is_empty()
+                    && v.len() <= 64
+                    && v.bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b"-.+".contains(&b))
+            };
+            if !printable(&plugin.uid) || !printable(&plugin.version) {
+                return Err(invalid(
+                    "plugin",
+                    format!(
+                        "uid `{}` or version `{}` is not a plugin UUID and semantic version",
+                        plugin.uid, plugin.version
+                    ),
+                    "give the values `nexusctl plugin list` shows",
+                ));
+            }
+        }
         if let Some(anomaly) = &self.anomaly {
             anomaly.validate().map_err(|e| {
                 invalid(
@@ -1064,6 +1136,42 @@ mod tests {
             .apply_env(env(&[("NEXUS_GATEWAY_ADDRESS", "gw:7443")]))
             .unwrap_err();
         assert!(err.to_string().contains("NEXUS_GATEWAY_ID"), "{err}");
+    }
+
+    #[test]
+    fn the_admitted_plugin_version_comes_from_injection_and_is_checked() {
+        let digest = format!("sha256:{}", "a".repeat(64));
+        let mut config = Config::default();
+        config
+            .apply_env(env(&[
+                ("SPIFFE_ENDPOINT_SOCKET", "unix:///run/spire/agent.sock"),
+                ("NEXUS_PLUGIN_UID", "6f1c2d3e-0000-4000-8000-000000000001"),
+                ("NEXUS_PLUGIN_VERSION", "1.4.2"),
+                ("NEXUS_PLUGIN_IMAGE_DIGEST", &digest),
+            ]))
+            .unwrap();
+        config.validate().unwrap();
+        assert_eq!(
+            config.plugin.as_ref().unwrap().to_string(),
+            format!("6f1c2d3e-0000-4000-8000-000000000001 v1.4.2 ({digest})")
+        );
+        // Some but not all: refused with the fix.
+        let err = Config::default()
+            .apply_env(env(&[("NEXUS_PLUGIN_VERSION", "1.4.2")]))
+            .unwrap_err();
+        assert!(err.to_string().contains("set all three"), "{err}");
+        // A digest that is not one.
+        let mut config = Config::default();
+        config
+            .apply_env(env(&[
+                ("SPIFFE_ENDPOINT_SOCKET", "unix:///run/spire/agent.sock"),
+                ("NEXUS_PLUGIN_UID", "u"),
+                ("NEXUS_PLUGIN_VERSION", "1.4.2"),
+                ("NEXUS_PLUGIN_IMAGE_DIGEST", "sha256:AB"),
+            ]))
+            .unwrap();
+        let err = config.validate().unwrap_err();
+        assert!(err.to_string().contains("plugin.image_digest"), "{err}");
     }
 
     #[test]

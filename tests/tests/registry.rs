@@ -10,11 +10,13 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use std::time::Duration;
+
 use nexus_tests::stack::{
-    GATEWAY_ID, GATEWAY_TOP, Gateway, OPERATOR_ID, PLUGIN_ID, gateway_toml, gateway_with, sidecar,
-    workload_api,
+    DATA_API_ID, GATEWAY_ID, GATEWAY_TOP, Gateway, OPERATOR_ID, PLUGIN_ID, data_api, gateway_toml,
+    gateway_with, inbound_curl_args, sidecar, workload_api,
 };
-use nexus_tests::{repo_root, temp_dir};
+use nexus_tests::{curl, eventually, free_port, repo_root, temp_dir};
 
 const DIGEST_A: &str = "sha256:aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa";
 const DIGEST_B: &str = "sha256:bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb";
@@ -317,6 +319,39 @@ fn only_signed_certified_versions_run_and_each_attack_is_refused() {
             Some(&signed_a),
         ),
         "bound twice",
+    );
+    // Budgets every sidecar would fail to load (a zero ceiling): refused here, so no
+    // registration can hold the fleet refusing requests.
+    refused(
+        ctl(
+            &gw,
+            OPERATOR,
+            &[
+                "plugin",
+                "register",
+                "--name",
+                "flood-model",
+                "--publisher",
+                "acme",
+                "--tier",
+                "public-good",
+                "--version",
+                "1.4.2",
+                "--image",
+                &image_a,
+                "--spiffe-id",
+                PLUGIN_ID,
+                "--clause",
+                "c-flood-17",
+                "--budgets",
+                r#"{"requests_per_s":0,"egress_bytes":1,"distinct_clauses":1,"window":"1s"}"#,
+                "--payload",
+                &signed_a.0.to_string_lossy(),
+                "--signature",
+                &signed_a.1.to_string_lossy(),
+            ],
+        ),
+        "budgets.requests_per_s",
     );
     // Nothing of the refused registrations was stored.
     assert_eq!(plugins(&gw), serde_json::json!([]));
@@ -814,6 +849,18 @@ fn admission_admits_only_pods_pinned_to_a_certified_version_of_their_identity() 
     let admitted = review(&format!("{REPO}@{DIGEST_A}"), "flood-model");
     assert_eq!(admitted["response"]["allowed"], true, "{admitted}");
     assert_eq!(admitted["response"]["patchType"], "JSONPatch", "{admitted}");
+    // Injection passes the admitted version to the sidecar (and names it on the pod).
+    let patch =
+        nexus_kube::admission::answer_patch(admitted.to_string().as_bytes()).expect("a JSONPatch");
+    let patch = serde_json::to_string(&patch).unwrap();
+    for expected in [
+        format!(r#"{{"name":"NEXUS_PLUGIN_UID","value":"{uid}"}}"#),
+        r#"{"name":"NEXUS_PLUGIN_VERSION","value":"1.4.2"}"#.to_string(),
+        format!(r#"{{"name":"NEXUS_PLUGIN_IMAGE_DIGEST","value":"{DIGEST_A}"}}"#),
+        "nexus.io/plugin-version".to_string(),
+    ] {
+        assert!(patch.contains(&expected), "{expected} in {patch}");
+    }
     gw.nexusctl(&[
         "plugin",
         "retire",
@@ -979,4 +1026,343 @@ fn two_gateways_on_postgresql_agree_on_the_registry() {
         "retired",
     );
     assert_eq!(a.status()["revision"], b.status()["revision"]);
+}
+
+/// Copies `from` into `to` recursively (a policy folder the test may edit).
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap().flatten() {
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), &target).unwrap();
+        }
+    }
+}
+
+/// The plugin (its certs-dev SVID) reads `clause` at the data API's sidecar; the status.
+fn read_clause(port: u16, clause: &str) -> u16 {
+    let mut args = inbound_curl_args(port, Some("nexus.local/flood-model"));
+    args.extend([
+        "-s".into(),
+        "-o".into(),
+        "/dev/null".into(),
+        "-w".into(),
+        "%{http_code}".into(),
+        format!("https://localhost:{port}/clauses/{clause}/rainfall"),
+    ]);
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    String::from_utf8_lossy(&curl(&refs).stdout)
+        .trim()
+        .parse()
+        .unwrap_or(0)
+}
+
+/// Issue 17 item 4 with the real binaries: the data API's sidecar runs the reference
+/// policy, its folder holding the demo's (stale) bindings file, which binds the plugin to
+/// c-flood-17 and c-flood-18. With the gateway's registry, only certified versions bind:
+/// certify → allowed, unbind / retire → denied, while the executions stay open; the file
+/// cannot widen that, and a restart with the gateway dead keeps the registry's bindings.
+/// The records written under the executions carry the plugin version.
+#[test]
+fn the_registry_binds_clauses_at_every_sidecar_and_a_stale_file_cannot_widen_them() {
+    let dir = temp_dir("registry-bindings");
+    let d = dir.path();
+    let (acme_key, acme_pub) = keypair(d, "acme");
+    let gw_api = workload_api(d, "gateway-workload-api", GATEWAY_ID, &[]);
+    let mut gw = gateway_with(
+        d,
+        "gateway",
+        &gw_api,
+        None,
+        Some(&format!("127.0.0.1:{}", free_port())),
+        &top(),
+        &registry_toml(&acme_pub),
+    );
+    // The policy folder: the reference policy and the demo's bindings.yaml, which binds
+    // the plugin to c-flood-17 and c-flood-18 (the stale file of the attack).
+    let policies = d.join("policies");
+    copy_dir(&repo_root().join("policies/nexus"), &policies.join("nexus"));
+    let stale = std::fs::read_to_string(policies.join("nexus/bindings.yaml")).unwrap();
+    assert!(stale.contains("c-flood-18"), "{stale}");
+    let records = d.join("data-records.jsonl");
+    let data_workload_api = workload_api(
+        d,
+        "data-workload-api",
+        DATA_API_ID,
+        &["--dns-name", "localhost"],
+    );
+    let app = data_api(d);
+    let data_toml = format!(
+        "[identity]\nworkload_api_socket = {socket:?}\n\n\
+         [inbound]\nlisten = \"127.0.0.1:0\"\napp = {app:?}\nallowed_ids = [\"spiffe://nexus.local/ns/plugins/*\"]\n\n\
+         [policy]\ndir = {policies:?}\nreload_interval = \"100ms\"\n\n\
+         [audit]\nsink = {{ file = {{ path = {records:?} }} }}\n\n{gateway}",
+        socket = data_workload_api.url(),
+        app = app.http,
+        policies = policies.to_string_lossy(),
+        records = records.to_string_lossy(),
+        gateway = gateway_toml(
+            &gw,
+            d,
+            "data",
+            "on_gateway_loss = \"keep_last\"\nship_interval = \"200ms\"\n"
+        ),
+    );
+    let mut data = sidecar(d, "data-sidecar", &data_toml, true);
+    // The plugin's own sidecar (authentication only): it is told its own bindings.
+    let plugin_api = workload_api(d, "plugin-workload-api", PLUGIN_ID, &[]);
+    let _plugin_sidecar = sidecar(
+        d,
+        "plugin-sidecar",
+        &format!(
+            "[identity]\nworkload_api_socket = {:?}\n\n{}",
+            plugin_api.url(),
+            gateway_toml(&gw, d, "plugin", "")
+        ),
+        true,
+    );
+    gw.wait_in_sync(2);
+    let port = data.inbound_port();
+
+    // Version 1.4.2 binds both clauses; certified, each gets an execution and is read.
+    let signed_a = sign(d, &acme_key, DIGEST_A, "a");
+    let (ok, out) = register(
+        &gw,
+        "acme",
+        "1.4.2",
+        &format!("{REPO}@{DIGEST_A}"),
+        &["c-flood-17", "c-flood-18"],
+        Some(&signed_a),
+    );
+    assert!(ok, "{out}");
+    let uid = plugins(&gw)[0]["uid"].as_str().unwrap().to_string();
+    let certified: serde_json::Value = serde_json::from_str(&String::from_utf8_lossy(
+        &gw.nexusctl_as(
+            REVIEWER,
+            &[
+                "plugin",
+                "certify",
+                &uid,
+                "--version",
+                "1.4.2",
+                "-o",
+                "json",
+            ],
+        )
+        .stdout,
+    ))
+    .expect("certify JSON");
+    // The certify is a revision every connected sidecar acknowledged before the reply.
+    assert_eq!(certified["propagation"]["sidecars"], 2, "{certified}");
+    assert_eq!(certified["propagation"]["acknowledged"], 2, "{certified}");
+    // Another plugin's certified version: the data sidecar binds it, the flood model's
+    // sidecar is not told about it (docs/threat-model.md, "What a sidecar is told").
+    let other = "spiffe://nexus.local/ns/plugins/sa/other-model";
+    let signed_b = sign(d, &acme_key, DIGEST_B, "b");
+    let (ok, out) = ctl(
+        &gw,
+        OPERATOR,
+        &[
+            "plugin",
+            "register",
+            "--name",
+            "other-model",
+            "--publisher",
+            "acme",
+            "--tier",
+            "commercial",
+            "--version",
+            "2.0.0",
+            "--image",
+            &format!("{REPO}@{DIGEST_B}"),
+            "--spiffe-id",
+            other,
+            "--clause",
+            "c-quake-3",
+            "--payload",
+            &signed_b.0.to_string_lossy(),
+            "--signature",
+            &signed_b.1.to_string_lossy(),
+        ],
+    );
+    assert!(ok, "{out}");
+    let (ok, out) = ctl(
+        &gw,
+        REVIEWER,
+        &["plugin", "certify", "other-model", "--version", "2.0.0"],
+    );
+    assert!(ok, "{out}");
+    gw.wait_in_sync(2);
+    let kept = |name: &str| -> Vec<String> {
+        let file: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(d.join(format!("{name}.snapshot.json"))).unwrap(),
+        )
+        .unwrap();
+        let mut ids: Vec<String> = file["state"]["registry"]
+            .as_object()
+            .unwrap_or_else(|| panic!("{name} keeps registry bindings: {file}"))
+            .values()
+            .map(|v| v["spiffe_id"].as_str().unwrap().to_string())
+            .collect();
+        ids.sort();
+        ids
+    };
+    assert_eq!(kept("data"), vec![PLUGIN_ID.to_string(), other.to_string()]);
+    assert_eq!(kept("plugin"), vec![PLUGIN_ID.to_string()]);
+    let e17 = gw.open_execution(PLUGIN_ID, "c-flood-17", "10m");
+    let e18 = gw.open_execution(PLUGIN_ID, "c-flood-18", "10m");
+    assert_eq!(read_clause(port, "c-flood-17"), 200);
+    assert_eq!(read_clause(port, "c-flood-18"), 200);
+
+    // Unbound: denied at once, though its execution is still open and the folder's
+    // file still binds it.
+    let (ok, out) = ctl(
+        &gw,
+        OPERATOR,
+        &[
+            "plugin",
+            "unbind",
+            &uid,
+            "--version",
+            "1.4.2",
+            "--clause",
+            "c-flood-18",
+        ],
+    );
+    assert!(
+        ok && out.contains("acknowledged by all 2 sidecars"),
+        "{out}"
+    );
+    assert_eq!(read_clause(port, "c-flood-18"), 403);
+    assert_eq!(read_clause(port, "c-flood-17"), 200);
+    let execs: serde_json::Value =
+        serde_json::from_str(&gw.nexusctl(&["exec", "list", "-o", "json"])).unwrap();
+    assert!(
+        execs
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["id"] == e18.as_str()),
+        "{execs}"
+    );
+
+    // A new version binding c-flood-18: registered, it binds nothing; certified, it does.
+    let signed_c = sign(d, &acme_key, DIGEST_C, "c");
+    let (ok, out) = register(
+        &gw,
+        "acme",
+        "1.5.0",
+        &format!("{REPO}@{DIGEST_C}"),
+        &["c-flood-18"],
+        Some(&signed_c),
+    );
+    assert!(ok, "{out}");
+    gw.wait_in_sync(2);
+    assert_eq!(read_clause(port, "c-flood-18"), 403);
+    let (ok, out) = ctl(
+        &gw,
+        REVIEWER,
+        &["plugin", "certify", &uid, "--version", "1.5.0"],
+    );
+    assert!(ok, "{out}");
+    assert_eq!(read_clause(port, "c-flood-18"), 200);
+
+    // Retired: its workload is revoked (everything refused); reinstated, the retired
+    // version's clause stays unbound while 1.4.2's is served again.
+    gw.nexusctl(&[
+        "plugin",
+        "retire",
+        &uid,
+        "--version",
+        "1.5.0",
+        "--reason",
+        "superseded",
+    ]);
+    // (0: the revoked workload's handshake is refused.)
+    assert_eq!(read_clause(port, "c-flood-17"), 0);
+    gw.nexusctl(&["reinstate", PLUGIN_ID]);
+    assert_eq!(read_clause(port, "c-flood-17"), 200);
+    assert_eq!(read_clause(port, "c-flood-18"), 403);
+
+    // Requests for an unbound clause are an anomaly the data sidecar reports; the
+    // signal names the plugin version the workload runs.
+    for _ in 0..4 {
+        assert_eq!(read_clause(port, "c-flood-18"), 403);
+    }
+    let signal = eventually(
+        Duration::from_secs(20),
+        "an unbound_clause signal naming the plugin version",
+        || {
+            let list: serde_json::Value =
+                serde_json::from_str(&gw.nexusctl(&["signals", "-o", "json"])).ok()?;
+            list.as_array()?
+                .iter()
+                .find(|s| s["kind"] == "unbound_clause" && s["workload"] == PLUGIN_ID)
+                .cloned()
+        },
+    );
+    assert_eq!(
+        signal["plugins"],
+        serde_json::json!([{"plugin_uid": uid, "plugin_version": "1.4.2", "image_digest": DIGEST_A}]),
+        "{signal}"
+    );
+    let text = gw.nexusctl(&["signals"]);
+    assert!(
+        text.contains(&format!("{PLUGIN_ID} v1.4.2 ({uid}, {DIGEST_A})")),
+        "{text}"
+    );
+    let list = gw.nexusctl(&["exec", "list"]);
+    assert!(
+        list.contains(&format!("v1.4.2 ({uid}, {DIGEST_A})")),
+        "{list}"
+    );
+
+    // Every record written under an execution carries its plugin version, in the hash
+    // chain (which still verifies).
+    let lines: Vec<serde_json::Value> = std::fs::read_to_string(&records)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let under: Vec<&serde_json::Value> = lines
+        .iter()
+        .filter(|r| r["execution_id"] == e17.as_str())
+        .collect();
+    assert!(under.len() >= 3, "{lines:?}");
+    for r in &under {
+        assert_eq!(r["plugin_uid"], uid.as_str(), "{r}");
+        assert_eq!(r["plugin_version"], "1.4.2", "{r}");
+        assert_eq!(r["image_digest"], DIGEST_A, "{r}");
+    }
+    // (stdout_of fails unless the chain verifies.)
+    nexus_tests::stdout_of(
+        Command::new(nexus_tests::bin("nexusctl")).args([
+            "audit",
+            "verify",
+            &records.to_string_lossy(),
+        ]),
+        "nexusctl audit verify",
+    );
+
+    // The gateway dies; the data sidecar restarts from its kept snapshot and still
+    // enforces the registry's bindings, not its folder's.
+    gw.kill9();
+    data.proc.signal("KILL");
+    let toml = std::fs::read_to_string(&data.config).unwrap();
+    let toml = toml.split("\n[admin]").next().unwrap().to_string();
+    let _ = std::fs::remove_file(d.join("data-sidecar-2.addresses.json"));
+    data = sidecar(d, "data-sidecar-2", &toml, true);
+    let port = data.inbound_port();
+    assert!(
+        data.proc
+            .log_text()
+            .contains("restored the last gateway snapshot"),
+        "{}",
+        data.proc.log_text()
+    );
+    assert_eq!(read_clause(port, "c-flood-17"), 200);
+    assert_eq!(read_clause(port, "c-flood-18"), 403);
+    drop(e18);
 }

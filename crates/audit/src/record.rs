@@ -69,6 +69,16 @@ pub struct ExecutionRecord {
     /// an evaluation; absent (false) otherwise, so records without it hash as before.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub cached: bool,
+    /// With a plugin registry: the UUID of the plugin whose execution the request ran
+    /// under (docs/registry.md); absent otherwise, so older records hash as before.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub plugin_uid: Option<String>,
+    /// The certified version (semver) that execution runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub plugin_version: Option<String>,
+    /// That version's image digest (`sha256:` + 64 hex).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_digest: Option<String>,
 }
 
 /// What the proxy knows about a request: an [`ExecutionRecord`] without its chain
@@ -115,6 +125,12 @@ pub struct RecordDraft {
     pub trace_id: Option<String>,
     /// See [`ExecutionRecord::cached`].
     pub cached: bool,
+    /// See [`ExecutionRecord::plugin_uid`].
+    pub plugin_uid: Option<String>,
+    /// See [`ExecutionRecord::plugin_version`].
+    pub plugin_version: Option<String>,
+    /// See [`ExecutionRecord::image_digest`].
+    pub image_digest: Option<String>,
 }
 
 /// How records (and every time Nexus prints) carry a time: RFC 3339, milliseconds, UTC.
@@ -172,6 +188,9 @@ impl ExecutionRecord {
             latency_ms,
             trace_id: draft.trace_id,
             cached: draft.cached,
+            plugin_uid: draft.plugin_uid,
+            plugin_version: draft.plugin_version,
+            image_digest: draft.image_digest,
         }
     }
 
@@ -336,6 +355,9 @@ pub(crate) mod tests {
             latency_ms: 1.234_567_8 * n as f64,
             trace_id: None,
             cached: false,
+            plugin_uid: None,
+            plugin_version: None,
+            image_digest: None,
         }
     }
 
@@ -383,6 +405,40 @@ pub(crate) mod tests {
         assert!(matches!(
             check_line(spaced.as_bytes()),
             Err(LineError::Malformed(_))
+        ));
+    }
+
+    #[test]
+    fn plugin_fields_are_hashed_and_older_records_still_verify() {
+        // A record written before the fields existed keeps its bytes and hash.
+        let (old_hash, old_line) = seal(0, GENESIS_HASH, "spiffe://x/s", draft(1)).unwrap();
+        let old_text = String::from_utf8(old_line.clone()).unwrap();
+        assert!(!old_text.contains("plugin_uid"), "{old_text}");
+        let parsed = ExecutionRecord::from_line(&old_line).unwrap();
+        assert_eq!(parsed.plugin_uid, None);
+        assert_eq!(parsed.to_line().as_bytes(), &old_line[..]);
+        // A record under a registry execution carries them, inside the hash.
+        let mut d = draft(2);
+        d.plugin_uid = Some("6f1c2d3e-0000-4000-8000-000000000001".into());
+        d.plugin_version = Some("1.4.2".into());
+        d.image_digest = Some(format!("sha256:{}", "ab".repeat(32)));
+        let (_, line) = seal(1, &old_hash, "spiffe://x/s", d).unwrap();
+        let text = String::from_utf8(line.clone()).unwrap();
+        assert!(
+            text.ends_with(&format!(
+                ",\"plugin_uid\":\"6f1c2d3e-0000-4000-8000-000000000001\",\"plugin_version\":\"1.4.2\",\"image_digest\":\"sha256:{}\"}}",
+                "ab".repeat(32)
+            )),
+            "{text}"
+        );
+        let record = ExecutionRecord::from_line(&line).unwrap();
+        assert_eq!(record.plugin_version.as_deref(), Some("1.4.2"));
+        assert_eq!(record.to_line().as_bytes(), &line[..]);
+        // Changing the version a record claims breaks its hash.
+        let forged = text.replace("\"1.4.2\"", "\"1.4.3\"");
+        assert!(matches!(
+            check_line(forged.as_bytes()),
+            Err(LineError::HashMismatch { .. })
         ));
     }
 

@@ -22,6 +22,16 @@ pub type Answer = (u16, Vec<u8>);
 
 /// Answers one AdmissionReview (the request body of a webhook call).
 pub fn review(body: &[u8], cfg: &InjectConfig) -> Answer {
+    review_plugin(body, cfg, None)
+}
+
+/// [`review`] for a plugin pod the registry admitted as `plugin`: the injected pod also
+/// carries that version ([`inject::mark_plugin`]).
+pub fn review_plugin(
+    body: &[u8],
+    cfg: &InjectConfig,
+    plugin: Option<&inject::PluginRun>,
+) -> Answer {
     if body.len() > cfg.max_review_bytes {
         return error(
             413,
@@ -36,7 +46,7 @@ pub fn review(body: &[u8], cfg: &InjectConfig) -> Answer {
         Ok(parsed) => parsed,
         Err(message) => return error(400, &message),
     };
-    let response = respond(&request, object, cfg);
+    let response = respond(&request, object, cfg, plugin);
     encode(response)
 }
 
@@ -71,6 +81,7 @@ fn respond(
     request: &AdmissionRequest<DynamicObject>,
     object: Option<Value>,
     cfg: &InjectConfig,
+    plugin: Option<&inject::PluginRun>,
 ) -> AdmissionResponse {
     let allowed = AdmissionResponse::from(request);
     let kind = &request.kind;
@@ -112,7 +123,20 @@ fn respond(
         );
     };
     let mut pod = original.clone();
-    match inject::inject_pod(&mut pod, cfg) {
+    let injected = inject::inject_pod(&mut pod, cfg).and_then(|outcome| {
+        if let Some(plugin) = plugin {
+            inject::mark_plugin(&mut pod, plugin)?;
+        }
+        Ok(outcome)
+    });
+    match injected {
+        Ok(Outcome::AlreadyInjected) if pod != original => {
+            let patch = json_patch::diff(&original, &pod);
+            match allowed.clone().with_patch(patch) {
+                Ok(patched) => patched,
+                Err(e) => deny(allowed, format!("nexus injection failed: {e}")),
+            }
+        }
         Ok(Outcome::Injected { .. }) => {
             let patch = json_patch::diff(&original, &pod);
             match allowed.clone().with_patch(patch) {

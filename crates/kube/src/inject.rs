@@ -38,6 +38,15 @@ pub const INBOUND_APP_ANNOTATION: &str = "nexus.io/inbound-app";
 pub const INBOUND_ALLOWED_IDS_ANNOTATION: &str = "nexus.io/inbound-allowed-ids";
 /// Marker annotation set on every injected pod, valued with the injector's version.
 pub const INJECTED_ANNOTATION: &str = "nexus.io/injected";
+/// Annotations the webhook sets on a plugin pod it admitted by a certified registry
+/// version (docs/registry.md): the plugin's UUID, the version, its image digest. The
+/// sidecar gets the same values as `NEXUS_PLUGIN_UID`, `NEXUS_PLUGIN_VERSION`,
+/// `NEXUS_PLUGIN_IMAGE_DIGEST`.
+pub const PLUGIN_UID_ANNOTATION: &str = "nexus.io/plugin-uid";
+/// See [`PLUGIN_UID_ANNOTATION`].
+pub const PLUGIN_VERSION_ANNOTATION: &str = "nexus.io/plugin-version";
+/// See [`PLUGIN_UID_ANNOTATION`].
+pub const PLUGIN_DIGEST_ANNOTATION: &str = "nexus.io/plugin-image-digest";
 /// kubectl's default container annotation, the sandbox's fallback target.
 const KUBECTL_DEFAULT_CONTAINER: &str = "kubectl.kubernetes.io/default-container";
 
@@ -226,6 +235,77 @@ pub fn inject_pod(pod: &mut Value, cfg: &InjectConfig) -> Result<Outcome, Inject
     Ok(Outcome::Injected {
         sandbox: plan.sandbox.map(|s| s.profile),
     })
+}
+
+/// The registry version a plugin pod was admitted as (the gateway's webhook decides it).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PluginRun {
+    /// The plugin's UUID.
+    pub uid: String,
+    /// The certified version (semver).
+    pub version: String,
+    /// Its image digest, `sha256:…`.
+    pub image_digest: String,
+}
+
+/// Marks an injected pod with the plugin version it was admitted as: the annotations
+/// [`PLUGIN_UID_ANNOTATION`] and siblings (set, replacing any the pod's author wrote),
+/// and the same values in the `nexus-sidecar` container's environment. A pod without
+/// that container (not injected) is left alone.
+pub fn mark_plugin(pod: &mut Value, plugin: &PluginRun) -> Result<(), InjectError> {
+    let values = [
+        (
+            PLUGIN_UID_ANNOTATION,
+            "NEXUS_PLUGIN_UID",
+            plugin.uid.as_str(),
+        ),
+        (
+            PLUGIN_VERSION_ANNOTATION,
+            "NEXUS_PLUGIN_VERSION",
+            plugin.version.as_str(),
+        ),
+        (
+            PLUGIN_DIGEST_ANNOTATION,
+            "NEXUS_PLUGIN_IMAGE_DIGEST",
+            plugin.image_digest.as_str(),
+        ),
+    ];
+    let Some(pod) = pod.as_object_mut() else {
+        return Err(malformed("pod", "an object"));
+    };
+    let sidecar = pod
+        .get_mut("spec")
+        .and_then(|s| s.get_mut("initContainers"))
+        .and_then(Value::as_array_mut)
+        .and_then(|list| {
+            list.iter_mut()
+                .find(|c| c.get("name").and_then(Value::as_str) == Some(SIDECAR_CONTAINER))
+        });
+    let Some(sidecar) = sidecar.and_then(Value::as_object_mut) else {
+        return Ok(());
+    };
+    let vars = list_mut(sidecar, "env")?;
+    vars.retain(|v| {
+        !values
+            .iter()
+            .any(|(_, name, _)| v.get("name").and_then(Value::as_str) == Some(*name))
+    });
+    for (_, name, value) in values {
+        vars.push(to_value(env(name, value)));
+    }
+    let annotations = pod
+        .entry("metadata")
+        .or_insert_with(|| Value::Object(Map::new()))
+        .as_object_mut()
+        .ok_or_else(|| malformed("metadata", "an object"))?
+        .entry("annotations")
+        .or_insert_with(|| Value::Object(Map::new()))
+        .as_object_mut()
+        .ok_or_else(|| malformed("metadata.annotations", "an object"))?;
+    for (annotation, _, value) in values {
+        annotations.insert(annotation.into(), Value::String(value.into()));
+    }
+    Ok(())
 }
 
 fn malformed(path: &str, expected: &'static str) -> InjectError {

@@ -15,11 +15,11 @@ pub mod evict;
 pub mod inject;
 pub mod manifests;
 
-pub use admission::review;
+pub use admission::{review, review_plugin};
 pub use config::{
     DEFAULT_MAX_REVIEW_BYTES, InjectConfig, LAUNCHER_IMAGE_ENV, MAX_SHUTDOWN_GRACE_SECS, Resources,
     SHUTDOWN_FLUSH_MARGIN_SECS, SIDECAR_IMAGE_ENV, WorkloadApiSocket,
 };
 pub use evict::{EvictError, EvictionReport, EvictorConfig, PodEvictor, WorkloadId};
-pub use inject::{InjectError, Outcome};
+pub use inject::{InjectError, Outcome, PluginRun};
 pub use manifests::{Injected, ManifestError, Overrides, inject_manifests};

@@ -209,6 +209,7 @@ impl Control {
             policy: policy_status
                 .as_mut()
                 .map(|s| s.borrow_and_update().clone()),
+            registry: synced.registry(),
         })))
         .await
         .map_err(|_| SessionError::Closed)?;

@@ -1,14 +1,15 @@
 //! The gateway state as this sidecar holds it: the policy's runtime data
-//! (`data.nexus.executions`, `data.nexus.revoked`) at a revision, built from a snapshot
-//! and deltas, and kept on disk so a sidecar restarted while the gateway is away still
-//! enforces it.
+//! (`data.nexus.executions`, `data.nexus.revoked`, and with a plugin registry the
+//! certified versions `data.nexus.bindings` is built from) at a revision, built from a
+//! snapshot and deltas, and kept on disk so a sidecar restarted while the gateway is
+//! away still enforces it.
 //!
 //! # The snapshot file
 //!
 //! One JSON object, written as `{"format":"nexus-gateway-snapshot/2","revision":N,
 //! "sha256":"<hex>","state":{...}}`, where `sha256` is the SHA-256 of the exact bytes of
-//! the `state` value as they stand in the file (`{"revision", "executions", "revoked"}`,
-//! the `policy.state_file` shape). It is written to `FILE.tmp`, flushed to disk, the
+//! the `state` value as they stand in the file (`{"revision", "executions", "revoked"}`
+//! and `"registry"` when the gateway runs one: the `policy.state_file` shape). It is written to `FILE.tmp`, flushed to disk, the
 //! previous generation renamed to `FILE.prev`, the new one renamed to `FILE`, and the
 //! folder flushed: a crash at any point leaves a complete generation behind.
 //!
@@ -21,12 +22,14 @@
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use nexus_proto::control::{Delta, Execution as WireExecution, Snapshot, delta::Change};
+use nexus_proto::control::{
+    Delta, Execution as WireExecution, PluginVersion, Snapshot, delta::Change,
+};
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
 use super::enforce::Revoked;
-use crate::policy::runtime::{Execution, RuntimeData};
+use crate::policy::runtime::{Execution, RegistryBinding, RuntimeData};
 
 /// The format tag of the snapshot file.
 pub const FORMAT: &str = "nexus-gateway-snapshot/2";
@@ -79,7 +82,37 @@ fn execution(e: &WireExecution) -> Execution {
         clause: e.clause.clone(),
         not_after: nexus_audit::rfc3339_unix_ms(e.not_after_unix_ms),
         ends_unix_nanos: i128::from(e.not_after_unix_ms) * 1_000_000,
+        plugin_uid: e.plugin_uid.clone(),
+        plugin_version: e.plugin_version.clone(),
+        image_digest: e.image_digest.clone(),
     }
+}
+
+/// Where a plugin version's binding is kept: `UID/VERSION`.
+fn version_key(v: &PluginVersion) -> String {
+    format!("{}/{}", v.plugin_uid, v.version)
+}
+
+/// A certified version's binding; `None` for a version in any other state, or whose
+/// budgets the gateway sent are not a JSON object (it checks them at registration).
+fn binding(v: &PluginVersion) -> Option<RegistryBinding> {
+    if v.state != "certified" {
+        return None;
+    }
+    let budgets = match v.budgets_json.as_str() {
+        "" => None,
+        json => Some(
+            serde_json::from_str::<serde_json::Value>(json)
+                .ok()
+                .filter(serde_json::Value::is_object)?,
+        ),
+    };
+    Some(RegistryBinding {
+        spiffe_id: v.spiffe_id.clone(),
+        clauses: v.clauses.clone(),
+        budgets,
+        certified_unix_ms: v.certified_unix_ms,
+    })
 }
 
 fn revocation(r: &nexus_proto::control::Revocation) -> serde_json::Value {
@@ -299,7 +332,21 @@ impl Synced {
         for r in &snapshot.revoked {
             data.revoked.insert(r.subject.clone(), revocation(r));
         }
+        if snapshot.registry {
+            data.registry = Some(
+                snapshot
+                    .certified
+                    .iter()
+                    .filter_map(|v| Some((version_key(v), binding(v)?)))
+                    .collect(),
+            );
+        }
         self.data = data;
+    }
+
+    /// Whether the bindings in force come from the gateway's registry.
+    pub fn registry(&self) -> bool {
+        self.data.registry.is_some()
     }
 
     /// Applies the next delta; `Ok(false)` for one already applied, `Err` for a gap.
@@ -326,8 +373,24 @@ impl Synced {
             Some(Change::Close(c)) => {
                 self.data.executions.remove(&c.id);
             }
-            // Registry changes are the gateway's; a sidecar enforces their executions.
-            Some(Change::Registry(_)) | None => {}
+            // With a registry, each version as it stands after the change: certified
+            // ones bind their clauses, any other state binds nothing. Without one (the
+            // folder's bindings are in force), nothing to apply.
+            Some(Change::Registry(r)) => {
+                if let Some(registry) = &mut self.data.registry {
+                    for v in &r.versions {
+                        match binding(v) {
+                            Some(b) => {
+                                registry.insert(version_key(v), b);
+                            }
+                            None => {
+                                registry.remove(&version_key(v));
+                            }
+                        }
+                    }
+                }
+            }
+            None => {}
         }
         self.data.revision = delta.revision;
         Ok(true)
@@ -340,17 +403,28 @@ impl Synced {
             .executions
             .iter()
             .map(|(id, e)| {
-                (
-                    id.clone(),
-                    serde_json::json!({"plugin": e.plugin, "clause": e.clause, "not_after": e.not_after}),
-                )
+                let mut ex = serde_json::json!({"plugin": e.plugin, "clause": e.clause, "not_after": e.not_after});
+                for (key, value) in [
+                    ("plugin_uid", &e.plugin_uid),
+                    ("plugin_version", &e.plugin_version),
+                    ("image_digest", &e.image_digest),
+                ] {
+                    if !value.is_empty() {
+                        ex[key] = value.as_str().into();
+                    }
+                }
+                (id.clone(), ex)
             })
             .collect();
-        serde_json::to_vec_pretty(&serde_json::json!({
+        let mut state = serde_json::json!({
             "revision": self.data.revision,
             "executions": executions,
             "revoked": self.data.revoked,
-        }))
+        });
+        if let Some(registry) = &self.data.registry {
+            state["registry"] = serde_json::to_value(registry)?;
+        }
+        serde_json::to_vec_pretty(&state)
     }
 
     /// Writes a new generation to `path` (see the module documentation): on success it
@@ -422,7 +496,7 @@ mod tests {
                     ..Revocation::default()
                 })
                 .collect(),
-            executions: Vec::new(),
+            ..Snapshot::default()
         });
         s
     }
@@ -489,6 +563,105 @@ mod tests {
         std::fs::remove_file(sibling(&path, "prev")).unwrap();
         std::fs::write(&path, b"{\"revision\": 9, \"revoked\": {}}").unwrap();
         unverified(Synced::restore(&path));
+    }
+
+    fn version(v: &str, state: &str, clauses: &[&str], budgets: &str) -> PluginVersion {
+        PluginVersion {
+            plugin_uid: "6f1c2d3e-0000-4000-8000-000000000001".into(),
+            version: v.into(),
+            image_digest: format!("sha256:{}", "a".repeat(64)),
+            spiffe_id: "spiffe://td/ns/plugins/sa/p".into(),
+            clauses: clauses.iter().map(|c| c.to_string()).collect(),
+            budgets_json: budgets.into(),
+            state: state.into(),
+            ..PluginVersion::default()
+        }
+    }
+
+    fn registry_delta(revision: u64, v: PluginVersion) -> Delta {
+        Delta {
+            revision,
+            change: Some(Change::Registry(nexus_proto::control::RegistryEvent {
+                action: v.state.clone(),
+                versions: vec![v],
+                ..Default::default()
+            })),
+        }
+    }
+
+    #[test]
+    fn registry_bindings_follow_certify_and_retire_and_survive_a_restart() {
+        let mut s = Synced::default();
+        s.replace(Snapshot {
+            revision: 3,
+            registry: true,
+            certified: vec![version("1.0.0", "certified", &["c-1"], "")],
+            ..Snapshot::default()
+        });
+        let id = "spiffe://td/ns/plugins/sa/p";
+        assert_eq!(
+            s.data().registry_bindings().unwrap(),
+            serde_json::json!({ id: ["c-1"] })
+        );
+        // A registered version binds nothing; certified, its clauses and budgets join.
+        let budgets =
+            r#"{"requests_per_s":5,"egress_bytes":10,"distinct_clauses":2,"window":"1s"}"#;
+        assert!(
+            s.apply(&registry_delta(
+                4,
+                version("1.1.0", "registered", &["c-2"], budgets)
+            ))
+            .unwrap()
+        );
+        assert_eq!(
+            s.data().registry_bindings().unwrap(),
+            serde_json::json!({ id: ["c-1"] })
+        );
+        assert!(
+            s.apply(&registry_delta(
+                5,
+                version("1.1.0", "certified", &["c-2"], budgets)
+            ))
+            .unwrap()
+        );
+        let both = s.data().registry_bindings().unwrap();
+        assert_eq!(both[id]["clauses"], serde_json::json!(["c-1", "c-2"]));
+        assert_eq!(both[id]["budgets"]["requests_per_s"], 5);
+        // Kept on disk and restored as it was.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.json");
+        s.persist(&path).unwrap();
+        let restored = match Synced::restore(&path) {
+            Restored::Verified { synced, .. } => synced,
+            Restored::Unverified { reason, .. } => panic!("{reason}"),
+        };
+        assert!(restored.registry());
+        assert_eq!(restored.data().registry_bindings(), Some(both));
+        // Retired: gone.
+        assert!(
+            s.apply(&registry_delta(
+                6,
+                version("1.0.0", "retired", &["c-1"], "")
+            ))
+            .unwrap()
+        );
+        assert_eq!(
+            s.data().registry_bindings().unwrap()[id]["clauses"],
+            serde_json::json!(["c-2"])
+        );
+        // Without a registry (a snapshot that does not say so), the folder's bindings
+        // stay in force and registry changes apply nothing.
+        let mut folder = state(1, &[]);
+        assert!(!folder.registry());
+        assert!(
+            folder
+                .apply(&registry_delta(
+                    2,
+                    version("1.0.0", "certified", &["c-1"], "")
+                ))
+                .unwrap()
+        );
+        assert_eq!(folder.data().registry_bindings(), None);
     }
 
     #[test]

@@ -114,6 +114,7 @@ proptest! {
                             id: id.clone(), plugin: plugin.clone(), clause: "c-1".into(),
                             not_after_unix_ms: 1_900_000_000_000, ..Execution::default()
                         }).collect(),
+                        ..Snapshot::default()
                     });
                     model = Model {
                         revision,

@@ -36,6 +36,34 @@ pub struct Execution {
     /// `not_after` in unix nanoseconds, parsed once at load.
     #[serde(skip)]
     pub ends_unix_nanos: i128,
+    /// With a plugin registry (docs/registry.md): the plugin's UUID, the certified
+    /// version the execution runs and its image digest (`sha256:…`); empty without.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub plugin_uid: String,
+    /// See `plugin_uid`.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub plugin_version: String,
+    /// See `plugin_uid`.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub image_digest: String,
+}
+
+/// A certified plugin version's binding, as a registry gateway pushes it
+/// (docs/registry.md): the workload it runs as, its clauses and budgets.
+#[derive(Clone, Debug, Deserialize, serde::Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RegistryBinding {
+    /// The SPIFFE ID its pods run as.
+    pub spiffe_id: String,
+    /// The clauses it may serve.
+    pub clauses: Vec<String>,
+    /// Its budgets object (`data.nexus.bindings[ID].budgets`), if it declares any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub budgets: Option<serde_json::Value>,
+    /// When it was certified (unix ms): of several versions of one workload that
+    /// declare budgets, the latest certified one's apply.
+    #[serde(default)]
+    pub certified_unix_ms: u64,
 }
 
 /// Unix nanoseconds as the i64 a policy compares (saturating outside 1677-2262).
@@ -56,9 +84,55 @@ pub struct RuntimeData {
     /// Revoked workloads: SPIFFE ID -> details (reason, by, at).
     #[serde(default)]
     pub revoked: serde_json::Map<String, serde_json::Value>,
+    /// Set when the gateway runs a plugin registry: its certified versions by
+    /// `UID/VERSION`. `data.nexus.bindings` is then built from these alone and the
+    /// policy folder's bindings are not used (docs/registry.md); absent: the folder's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub registry: Option<std::collections::BTreeMap<String, RegistryBinding>>,
 }
 
 impl RuntimeData {
+    /// `data.nexus.bindings` built from the registry's certified versions (`None`
+    /// without a registry): per workload the union of its versions' clauses (sorted), as
+    /// a list, or as `{clauses, budgets}` when one of them declares budgets (the latest
+    /// certified one's) — the two shapes the reference policy and the anomaly watch
+    /// read.
+    pub fn registry_bindings(&self) -> Option<serde_json::Value> {
+        let registry = self.registry.as_ref()?;
+        let mut by_workload: std::collections::BTreeMap<
+            &str,
+            (
+                std::collections::BTreeSet<&str>,
+                Option<(u64, &serde_json::Value)>,
+            ),
+        > = std::collections::BTreeMap::new();
+        for binding in registry.values() {
+            let entry = by_workload.entry(binding.spiffe_id.as_str()).or_default();
+            entry.0.extend(binding.clauses.iter().map(String::as_str));
+            if let Some(budgets) = &binding.budgets
+                && entry
+                    .1
+                    .is_none_or(|(at, _)| binding.certified_unix_ms >= at)
+            {
+                entry.1 = Some((binding.certified_unix_ms, budgets));
+            }
+        }
+        let bindings: serde_json::Map<String, serde_json::Value> = by_workload
+            .into_iter()
+            .map(|(id, (clauses, budgets))| {
+                let clauses: Vec<&str> = clauses.into_iter().collect();
+                let value = match budgets {
+                    Some((_, budgets)) => {
+                        serde_json::json!({"clauses": clauses, "budgets": budgets})
+                    }
+                    None => serde_json::json!(clauses),
+                };
+                (id.to_string(), value)
+            })
+            .collect();
+        Some(serde_json::Value::Object(bindings))
+    }
+
     fn to_value(&self) -> Value {
         let executions: serde_json::Map<String, serde_json::Value> = self
             .executions
@@ -79,10 +153,26 @@ impl RuntimeData {
                 (id.clone(), value)
             })
             .collect();
-        Value::from(
-            serde_json::json!({"nexus": {"executions": executions, "revoked": self.revoked}}),
-        )
+        let mut nexus = serde_json::json!({"executions": executions, "revoked": self.revoked});
+        if let Some(bindings) = self.registry_bindings() {
+            nexus["bindings"] = bindings;
+        }
+        Value::from(serde_json::json!({ "nexus": nexus }))
     }
+}
+
+/// `bundle` without `data.nexus.bindings`: with a registry, the gateway's bindings
+/// replace the folder's whole, and the runtime data's overlay would otherwise merge
+/// them key by key (a forged or stale file could add a workload or clause).
+fn without_bindings(bundle: &Bundle) -> Bundle {
+    let mut bundle = bundle.clone();
+    if let Ok(top) = bundle.data.as_object_mut()
+        && let Some(nexus) = top.get_mut(&Value::from("nexus"))
+        && let Ok(nexus) = nexus.as_object_mut()
+    {
+        nexus.remove(&Value::from("bindings"));
+    }
+    bundle
 }
 
 /// A published revision with the data it was built with.
@@ -98,6 +188,9 @@ pub struct Loaded {
     by_id: HashMap<String, Execution>,
     /// The folder as loaded, so a runtime-data change needs no reload or recompile.
     bundle: Bundle,
+    /// Whether the bindings came from the gateway's registry (the folder's were left
+    /// out of the compiled data): a change of source needs a recompile.
+    registry: bool,
     /// The budgets the bindings declare (`data.nexus.bindings[ID].budgets`), read with
     /// the revision: a revision whose budgets cannot be read does not load.
     pub budgets: Arc<nexus_anomaly::Budgets>,
@@ -114,13 +207,20 @@ impl Loaded {
         now_unix_nanos: i128,
     ) -> Option<&Execution> {
         if let Some(id) = named {
-            return self.by_id.get(id);
+            return self.execution(id);
         }
         let clause = clause?;
         self.executions
             .get(&(plugin.to_string(), clause.to_string()))?
             .iter()
             .find(|ex| ex.ends_unix_nanos > now_unix_nanos)
+    }
+}
+
+impl Loaded {
+    /// The open execution `id`, if the gateway opened it.
+    pub fn execution(&self, id: &str) -> Option<&Execution> {
+        self.by_id.get(id)
     }
 }
 
@@ -384,11 +484,33 @@ impl PolicyRuntime {
                     message: format!("execution {id}: not_after cannot be written back: {e}"),
                 })?;
         }
+        let registry = runtime.registry_bindings();
+        // Built on the revision in force only while the bindings' source is the same.
+        let current = current.filter(|c| c.registry == registry.is_some());
+        let budgets = match &registry {
+            Some(bindings) => {
+                Arc::new(nexus_anomaly::budget::from_bindings(bindings).map_err(|e| {
+                    PolicyError::Data {
+                        file: "the gateway's plugin registry (data.nexus.bindings)".into(),
+                        message: e.to_string(),
+                    }
+                })?)
+            }
+            None => match current {
+                Some(current) => current.budgets.clone(),
+                None => Arc::new(budgets_of(&bundle)?),
+            },
+        };
+        let compiled = if registry.is_some() {
+            std::borrow::Cow::Owned(without_bindings(&bundle))
+        } else {
+            std::borrow::Cow::Borrowed(&bundle)
+        };
         let value = runtime.to_value();
         let policy = match current {
-            Some(current) => current.policy.with_runtime_data(&bundle, &value)?,
+            Some(current) => current.policy.with_runtime_data(&compiled, &value)?,
             None => Policy::compile_with(
-                &bundle,
+                &compiled,
                 &value,
                 self.options(&self.config.decision_rule),
                 &self.verify_options(),
@@ -398,8 +520,8 @@ impl PolicyRuntime {
             &self.config.shadow_rule,
             current.and_then(|c| c.shadow.as_ref()),
         ) {
-            (Some(_), Some(shadow)) => Some(shadow.with_runtime_data(&bundle, &value)?),
-            (Some(rule), None) => match Policy::compile(&bundle, &value, self.options(rule)) {
+            (Some(_), Some(shadow)) => Some(shadow.with_runtime_data(&compiled, &value)?),
+            (Some(rule), None) => match Policy::compile(&compiled, &value, self.options(rule)) {
                 Ok(shadow) => Some(shadow),
                 Err(error) => {
                     // The shadow rule is never enforced: a broken one must not keep the
@@ -422,16 +544,14 @@ impl PolicyRuntime {
         for list in executions.values_mut() {
             list.sort_by_key(|ex| std::cmp::Reverse(ex.ends_unix_nanos));
         }
-        let budgets = match current {
-            Some(current) => current.budgets.clone(),
-            None => Arc::new(budgets_of(&bundle)?),
-        };
+        drop(compiled);
         Ok(Loaded {
             policy,
             shadow,
             executions,
             by_id,
             bundle,
+            registry: registry.is_some(),
             budgets,
         })
     }
@@ -675,6 +795,75 @@ mod tests {
                 .unwrap()
                 .id,
             "ex-1"
+        );
+    }
+
+    #[test]
+    fn registry_bindings_replace_the_folders_and_carry_budgets() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("p.rego"),
+            "package nexus.authz\n\ndecision := {\"allow\": true, \"reasons\": []}\n",
+        )
+        .unwrap();
+        std::fs::create_dir(dir.path().join("nexus")).unwrap();
+        // The folder binds two workloads (one of them with budgets).
+        std::fs::write(
+            dir.path().join("nexus/bindings.yaml"),
+            "bindings:\n  spiffe://td/p:\n    clauses: [c-1, c-9]\n    budgets: {requests_per_s: 1, egress_bytes: 1, distinct_clauses: 1, window: 1s}\n  spiffe://td/intruder: [c-1]\nallowed_methods: [GET]\n",
+        )
+        .unwrap();
+        let state = dir.path().join(".runtime.json");
+        let runtime = PolicyRuntime::new(config(dir.path(), &state), Metrics::new());
+        runtime.reload().unwrap();
+        let folder = runtime.current().unwrap();
+        assert_eq!(
+            folder.policy.data()["nexus"]["bindings"]["spiffe://td/intruder"],
+            Value::from(serde_json::json!(["c-1"]))
+        );
+        assert_eq!(folder.budgets["spiffe://td/p"].requests_per_s, 1.0);
+        // The gateway runs a registry: its bindings alone, the folder's other data kept.
+        let mut data = RuntimeData {
+            registry: Some(std::collections::BTreeMap::from([(
+                "uid/1.0.0".to_string(),
+                RegistryBinding {
+                    spiffe_id: "spiffe://td/p".into(),
+                    clauses: vec!["c-1".into()],
+                    budgets: Some(
+                        serde_json::json!({"requests_per_s": 7, "egress_bytes": 10, "distinct_clauses": 2, "window": "1s"}),
+                    ),
+                    certified_unix_ms: 1,
+                },
+            )])),
+            ..RuntimeData::default()
+        };
+        runtime.set_external(data.clone()).unwrap();
+        let loaded = runtime.current().unwrap();
+        let bindings = &loaded.policy.data()["nexus"]["bindings"];
+        assert_eq!(
+            *bindings,
+            Value::from(
+                serde_json::json!({"spiffe://td/p": {"clauses": ["c-1"], "budgets": {"requests_per_s": 7, "egress_bytes": 10, "distinct_clauses": 2, "window": "1s"}}})
+            )
+        );
+        assert_eq!(
+            loaded.policy.data()["nexus"]["allowed_methods"],
+            Value::from(serde_json::json!(["GET"]))
+        );
+        assert_eq!(loaded.budgets["spiffe://td/p"].requests_per_s, 7.0);
+        assert!(!loaded.budgets.contains_key("spiffe://td/intruder"));
+        // Nothing certified: nobody is bound, whatever the folder says.
+        data.registry = Some(std::collections::BTreeMap::new());
+        runtime.set_external(data).unwrap();
+        assert_eq!(
+            runtime.current().unwrap().policy.data()["nexus"]["bindings"],
+            Value::from(serde_json::json!({}))
+        );
+        // Back to a gateway without a registry: the folder's bindings again.
+        runtime.set_external(RuntimeData::default()).unwrap();
+        assert_eq!(
+            runtime.current().unwrap().policy.data()["nexus"]["bindings"]["spiffe://td/intruder"],
+            Value::from(serde_json::json!(["c-1"]))
         );
     }
 

@@ -264,6 +264,11 @@ impl Pending {
                 draft.cached = decision.cached;
                 draft.clause.clone_from(&decision.clause);
                 draft.execution_id.clone_from(&decision.execution_id);
+                if let Some([uid, version, digest]) = &decision.plugin {
+                    draft.plugin_uid = Some(uid.clone());
+                    draft.plugin_version = Some(version.clone());
+                    draft.image_digest = Some(digest.clone());
+                }
             }
             None => draft.decision = "none".to_owned(),
         }

@@ -203,6 +203,17 @@ impl<B: Body, S: Next<B>> Step<S, B> for PolicyLayer {
                 .and_then(|clause| bound(&loaded, &self.parties.source, clause)),
             clause: clause.clone(),
             execution_id: execution.clone(),
+            plugin: execution
+                .as_deref()
+                .and_then(|execution| loaded.execution(execution))
+                .filter(|ex| !ex.plugin_uid.is_empty())
+                .map(|ex| {
+                    [
+                        ex.plugin_uid.clone(),
+                        ex.plugin_version.clone(),
+                        ex.image_digest.clone(),
+                    ]
+                }),
         });
         if let (Some(shadow), Some(input)) = (&loaded.shadow, shadow_input) {
             let shadow_decision = shadow.evaluate(input);

@@ -357,6 +357,8 @@ pub struct Decision {
     pub bound: Option<bool>,
     /// The execution the request runs under.
     pub execution_id: Option<String>,
+    /// That execution's plugin UUID, version and image digest (with a registry).
+    pub plugin: Option<[String; 3]>,
 }
 
 impl Decision {
@@ -372,6 +374,7 @@ impl Decision {
             clause: None,
             bound: None,
             execution_id: None,
+            plugin: None,
         }
     }
 }

@@ -173,3 +173,66 @@ fn oversized_reviews_get_413() {
     );
     assert_eq!(InjectConfig::default().max_review_bytes, 3 * 1024 * 1024);
 }
+
+#[test]
+fn an_admitted_plugin_version_reaches_the_sidecar_and_cannot_be_claimed_by_the_pod() {
+    let run = crate::inject::PluginRun {
+        uid: "6f1c2d3e-0000-4000-8000-000000000001".into(),
+        version: "1.4.2".into(),
+        image_digest: format!("sha256:{}", "a".repeat(64)),
+    };
+    // The pod's author claims another version in the annotations: the webhook's wins.
+    let original = pod(json!({"nexus.io/plugin-version": "9.9.9"}));
+    let body = serde_json::to_vec(&review_of(original.clone())).expect("encode");
+    let (status, answer_body) = review_plugin(&body, &InjectConfig::default(), Some(&run));
+    assert_eq!(status, 200);
+    let patch = answer_patch(&answer_body).expect("patch");
+    let mut patched = original;
+    json_patch::patch(&mut patched, &patch).expect("the patch applies");
+    let annotations = &patched["metadata"]["annotations"];
+    assert_eq!(annotations["nexus.io/plugin-uid"], run.uid.as_str());
+    assert_eq!(annotations["nexus.io/plugin-version"], "1.4.2");
+    assert_eq!(
+        annotations["nexus.io/plugin-image-digest"],
+        run.image_digest.as_str()
+    );
+    let sidecar = patched["spec"]["initContainers"]
+        .as_array()
+        .expect("init containers")
+        .iter()
+        .find(|c| c["name"] == crate::inject::SIDECAR_CONTAINER)
+        .expect("the sidecar");
+    let env: Vec<(String, String)> = sidecar["env"]
+        .as_array()
+        .expect("env")
+        .iter()
+        .filter_map(|v| {
+            Some((
+                v["name"].as_str()?.to_string(),
+                v["value"].as_str()?.to_string(),
+            ))
+        })
+        .collect();
+    for (name, value) in [
+        ("NEXUS_PLUGIN_UID", run.uid.as_str()),
+        ("NEXUS_PLUGIN_VERSION", "1.4.2"),
+        ("NEXUS_PLUGIN_IMAGE_DIGEST", run.image_digest.as_str()),
+    ] {
+        assert_eq!(
+            env.iter().filter(|(n, _)| n == name).collect::<Vec<_>>(),
+            vec![&(name.to_string(), value.to_string())],
+            "{env:?}"
+        );
+    }
+    // A pod injected offline (`nexusctl inject`) and then admitted is marked too.
+    let mut offline = pod(json!({}));
+    crate::inject::inject_pod(&mut offline, &InjectConfig::default()).expect("inject");
+    let body = serde_json::to_vec(&review_of(offline.clone())).expect("encode");
+    let (_, answer_body) = review_plugin(&body, &InjectConfig::default(), Some(&run));
+    let patch = answer_patch(&answer_body).expect("a patch for the version");
+    json_patch::patch(&mut offline, &patch).expect("the patch applies");
+    assert_eq!(
+        offline["metadata"]["annotations"]["nexus.io/plugin-version"],
+        "1.4.2"
+    );
+}
