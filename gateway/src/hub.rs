@@ -12,8 +12,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use nexus_proto::control::{
-    Delta, Execution, Revocation, SidecarEvent, SidecarInfo, Snapshot, StoredSignal, WatchEvent,
-    delta::Change as DeltaChange, watch_event,
+    Delta, Execution, Reinstatement, Revocation, SidecarEvent, SidecarInfo, Snapshot, StoredSignal,
+    WatchEvent, delta::Change as DeltaChange, watch_event,
 };
 use tokio::sync::{Mutex as AsyncMutex, broadcast, watch};
 
@@ -34,6 +34,9 @@ struct State {
     revision: u64,
     revoked: BTreeMap<String, Revocation>,
     executions: BTreeMap<String, Execution>,
+    /// Each subject's latest reinstatement by an operator (not by expiry): signals
+    /// observed before it do not count toward a new revocation (crate::signals).
+    reinstated: HashMap<String, Reinstatement>,
     log: VecDeque<Arc<Delta>>,
 }
 
@@ -45,6 +48,7 @@ impl State {
             }
             Some(DeltaChange::Reinstate(r)) => {
                 self.revoked.remove(&r.subject);
+                self.note_reinstatement(r);
             }
             Some(DeltaChange::Open(e)) => {
                 self.executions.insert(e.id.clone(), e.clone());
@@ -56,6 +60,12 @@ impl State {
             Some(DeltaChange::Registry(_)) | None => {}
         }
         self.revision = delta.revision;
+    }
+
+    fn note_reinstatement(&mut self, r: &Reinstatement) {
+        if crate::changes::by_operator(r) {
+            self.reinstated.insert(r.subject.clone(), r.clone());
+        }
     }
 
     fn snapshot(&self) -> Snapshot {
@@ -141,6 +151,9 @@ impl Hub {
         }
         for e in store.executions(false).await? {
             state.executions.insert(e.execution.id.clone(), e.execution);
+        }
+        for r in store.reinstatements().await? {
+            state.note_reinstatement(&r);
         }
         let (deltas, _) = broadcast::channel(log_capacity.max(16));
         let (progress, _) = watch::channel(0);
@@ -258,6 +271,12 @@ impl Hub {
     /// Whether `subject` is revoked right now.
     pub fn is_revoked(&self, subject: &str) -> bool {
         self.lock_state().revoked.contains_key(subject)
+    }
+
+    /// The latest reinstatement of exactly `subject` by an operator, if any (a lifted
+    /// pattern, or a revocation that expired, is not one).
+    pub fn reinstated(&self, subject: &str) -> Option<Reinstatement> {
+        self.lock_state().reinstated.get(subject).cloned()
     }
 
     /// Notes when the call that committed `revision` arrived, so its propagation is
