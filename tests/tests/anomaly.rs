@@ -1130,3 +1130,89 @@ fn only_an_operators_reinstatement_closes_a_workloads_earlier_signals() {
     // Everything stays listed.
     assert!(signals(&gw).len() >= 5);
 }
+
+/// Writes a fleet baseline row straight into the gateway's store (whoever can edit it).
+fn plant_baseline(dir: &Path, workload: &str, rate: f64) {
+    let out = Command::new("python3")
+        .args([
+            "-c",
+            "import sqlite3, sys, time\n\
+             c = sqlite3.connect(sys.argv[1], timeout=10)\n\
+             r = float(sys.argv[3])\n\
+             c.execute('INSERT OR REPLACE INTO baselines VALUES (?, ?, ?, ?, ?, ?, ?)', (sys.argv[2], r, 1e15, r, 1e15, 1000, int(time.time() * 1000)))\n\
+             c.commit()",
+        ])
+        .arg(dir.join("gateway.db"))
+        .arg(workload)
+        .arg(rate.to_string())
+        .output()
+        .expect("python3 sqlite3");
+    assert!(out.status.success(), "{out:?}");
+}
+
+#[test]
+fn an_absurd_fleet_baseline_in_the_store_is_clamped_and_logged_never_trusted() {
+    // Whoever can edit the gateway's store plants a baseline of 1e12 requests/s for the
+    // plugin (taken as is, a new pod would call any flood normal) and a negative one for
+    // the data API. The gateway clamps the first to `[baselines] max_rate_per_s` (40/s
+    // here), leaves the second out, and logs both; a new pod of the plugin is judged
+    // against the clamped value.
+    let dir = temp_dir("anomaly-absurd-baseline");
+    let policies = policies_with(dir.path(), HIGH_BUDGET);
+    let (gw, mut hop, _api) = stack_opts(
+        dir.path(),
+        &Opts {
+            policies: Some(policies),
+            gateway_extra: "[baselines]\nmax_rate_per_s = 40.0\n".into(),
+            ..Opts::default()
+        },
+    );
+    gw.open_execution(PLUGIN_ID, "c-flood-17", "10m");
+    plant_baseline(dir.path(), PLUGIN_ID, 1e12);
+    plant_baseline(dir.path(), nexus_tests::stack::DATA_API_ID, -5.0);
+    restart_plugin_sidecar(dir.path(), &mut hop, "plugin-sidecar-new-pod");
+    hop.plugin.wait_metric(
+        "nexus_anomaly_fleet_baselines",
+        1.0,
+        Duration::from_secs(10),
+    );
+    let since = nexus_tests::stack::rfc3339_now();
+    let flood = load(
+        &hop.outbound_url("/clauses/c-flood-17/rainfall"),
+        250,
+        4.0,
+        Some(403),
+    );
+    let spike = eventually(
+        Duration::from_secs(10),
+        "a rate_spike from the new pod",
+        || {
+            plugin_signals_since(&gw, &since)
+                .into_iter()
+                .find(|s| s["kind"] == "rate_spike")
+        },
+    );
+    eprintln!(
+        "flood {flood}; judged against {}",
+        spike["evidence"]["baseline_per_s"]
+    );
+    let base = spike["evidence"]["baseline_per_s"].as_f64().unwrap();
+    // The clamped value (not the 25/s prior), which the pod's own bounded growth may
+    // have moved by a hair since.
+    assert!(
+        base > 30.0 && base < 41.0,
+        "judged against {base}/s: {spike}"
+    );
+    let log = std::fs::read_to_string(&gw.proc.log).expect("gateway log");
+    assert!(
+        log.lines().any(|l| l.contains("absurd baseline clamped")
+            && l.contains(PLUGIN_ID)
+            && l.contains("store")),
+        "{log}"
+    );
+    assert!(
+        log.lines().any(|l| l.contains("unusable baseline")
+            && l.contains(nexus_tests::stack::DATA_API_ID)),
+        "{log}"
+    );
+}
