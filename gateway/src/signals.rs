@@ -609,16 +609,18 @@ impl Signals {
         // An operator's reinstatement closes the workload's earlier episode: what was
         // observed before it is kept and listed, but neither judged again nor counted
         // as history (docs/anomaly.md, "After a reinstatement").
-        let reinstated = self.changes.hub.reinstated(&row.workload);
-        let reinstated_ms = reinstated
-            .as_ref()
-            .map(|r| i64::try_from(r.at_unix_ms).unwrap_or(i64::MAX));
-        let verdict = match (&reinstated, reinstated_ms) {
-            (Some(r), Some(at)) if !after_reinstatement(&row, at) => Verdict {
+        let reinstated = self
+            .changes
+            .hub
+            .reinstated(&row.workload)
+            .map(|r| (i64::try_from(r.at_unix_ms).unwrap_or(i64::MAX), r.by));
+        let reinstated_ms = reinstated.as_ref().map(|(at, _)| *at);
+        let verdict = match &reinstated {
+            Some((at, by)) if !after_reinstatement(&row, *at) => Verdict {
                 action: "ignore".into(),
                 reasons: vec![format!(
-                    "observed at {} ms (received at {} ms), before {} was reinstated by {} at {} ms: a signal from before an operator's reinstatement does not count toward a new revocation",
-                    row.time_ms, row.received_ms, row.workload, r.by, at
+                    "observed at {} ms (received at {} ms), before {} was reinstated by {by} at {at} ms: a signal from before an operator's reinstatement does not count toward a new revocation",
+                    row.time_ms, row.received_ms, row.workload
                 )],
                 ttl: Duration::ZERO,
             },
