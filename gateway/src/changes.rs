@@ -74,6 +74,17 @@ pub(crate) fn unix_ms() -> u64 {
     .unwrap_or(u64::MAX)
 }
 
+/// The actor of the changes the gateway makes itself (the expiry loop), followed by its
+/// `name`. Operators are SPIFFE IDs (`operators`), so the two never meet.
+pub(crate) const GATEWAY_ACTOR: &str = "gateway:";
+
+/// Whether a reinstatement was an operator's decision (made through the admin API, by
+/// a SPIFFE ID listed in `operators`), rather than a revocation running out. Only an
+/// operator's reinstatement closes a workload's earlier signals (docs/anomaly.md).
+pub(crate) fn by_operator(r: &Reinstatement) -> bool {
+    r.by.starts_with("spiffe://")
+}
+
 /// `bytes` random bytes as lowercase hex.
 pub(crate) fn random_hex(bytes: usize) -> String {
     let mut buf = vec![0u8; bytes];
@@ -344,7 +355,7 @@ impl Changes {
     /// get there first: its change wins and this one is a no-op.
     pub async fn expire(&self) {
         let now = unix_ms();
-        let actor = format!("gateway:{}", self.config.name);
+        let actor = format!("{GATEWAY_ACTOR}{}", self.config.name);
         for e in self.hub.executions() {
             if e.not_after_unix_ms <= now {
                 match self

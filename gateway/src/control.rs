@@ -12,9 +12,9 @@ use futures::Stream;
 use nexus_identity::AllowList;
 use nexus_proto::control::control_server::Control;
 use nexus_proto::control::{
-    BatchAck, Delta, Execution, GatewayMessage, Heartbeat, PluginVersion, PolicyStatus,
-    RegistryEvent, Reinstatement, Revocation, SidecarInfo, SidecarMessage, Snapshot,
-    delta::Change as DeltaChange, gateway_message, sidecar_message,
+    BatchAck, Delta, Execution, GatewayMessage, Heartbeat, PolicyStatus, RegistryEvent,
+    Reinstatement, Revocation, SidecarInfo, SidecarMessage, Snapshot, delta::Change as DeltaChange,
+    gateway_message, sidecar_message,
 };
 use tokio::sync::{broadcast, mpsc};
 use tokio_stream::wrappers::ReceiverStream;

@@ -12,9 +12,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use nexus_proto::control::{
-    Baseline, Delta, Execution, PluginVersion, PolicyStatus, RequestRate, Revocation,
-    SidecarEvent, SidecarInfo, Snapshot, StoredSignal, WatchEvent, delta::Change as DeltaChange,
-    watch_event,
+    Baseline, Delta, Execution, PluginVersion, PolicyStatus, Reinstatement, RequestRate,
+    Revocation, SidecarEvent, SidecarInfo, Snapshot, StoredSignal, WatchEvent,
+    delta::Change as DeltaChange, watch_event,
 };
 use tokio::sync::{Mutex as AsyncMutex, broadcast, watch};
 
@@ -41,6 +41,9 @@ struct State {
     certified: BTreeMap<(String, String), PluginVersion>,
     /// Whether this gateway runs a registry: snapshots then carry the bindings.
     registry: bool,
+    /// Each subject's latest reinstatement by an operator (not by expiry): signals
+    /// observed before it do not count toward a new revocation (crate::signals).
+    reinstated: HashMap<String, Reinstatement>,
     log: VecDeque<Arc<Delta>>,
 }
 
@@ -52,6 +55,7 @@ impl State {
             }
             Some(DeltaChange::Reinstate(r)) => {
                 self.revoked.remove(&r.subject);
+                self.note_reinstatement(r);
             }
             Some(DeltaChange::Open(e)) => {
                 self.executions.insert(e.id.clone(), e.clone());
@@ -77,6 +81,12 @@ impl State {
             self.certified.insert(key, crate::registry::for_sidecars(v));
         } else {
             self.certified.remove(&key);
+        }
+    }
+
+    fn note_reinstatement(&mut self, r: &Reinstatement) {
+        if crate::changes::by_operator(r) {
+            self.reinstated.insert(r.subject.clone(), r.clone());
         }
     }
 
@@ -185,6 +195,9 @@ impl Hub {
         }
         for e in store.executions(false).await? {
             state.executions.insert(e.execution.id.clone(), e.execution);
+        }
+        for r in store.reinstatements().await? {
+            state.note_reinstatement(&r);
         }
         let (deltas, _) = broadcast::channel(log_capacity.max(16));
         let (progress, _) = watch::channel(0);
@@ -345,6 +358,12 @@ impl Hub {
     /// Whether `subject` is revoked right now.
     pub fn is_revoked(&self, subject: &str) -> bool {
         self.lock_state().revoked.contains_key(subject)
+    }
+
+    /// The latest reinstatement of exactly `subject` by an operator, if any (a lifted
+    /// pattern, or a revocation that expired, is not one).
+    pub fn reinstated(&self, subject: &str) -> Option<Reinstatement> {
+        self.lock_state().reinstated.get(subject).cloned()
     }
 
     /// Notes when the call that committed `revision` arrived, so its propagation is

@@ -635,23 +635,48 @@ impl Signals {
             return Ok(());
         };
         let cfg = &policy.config;
-        let since =
-            row.received_ms - i64::try_from(cfg.history_window.as_millis()).unwrap_or(i64::MAX);
-        let history: Vec<StoredSignal> = self
+        // An operator's reinstatement closes the workload's earlier episode: what was
+        // observed before it is kept and listed, but neither judged again nor counted
+        // as history (docs/anomaly.md, "After a reinstatement").
+        let reinstated = self
             .changes
-            .store
-            .signals(Some(&row.workload), since, i64::from(cfg.history_limit) + 1)
-            .await?
-            .into_iter()
-            .filter(|s| s.id != row.id)
-            .take(cfg.history_limit as usize)
-            .collect();
-        let verdict = judge(
-            &policy.current(),
-            &row,
-            &history,
-            self.changes.hub.is_revoked(&row.workload),
-        );
+            .hub
+            .reinstated(&row.workload)
+            .map(|r| (i64::try_from(r.at_unix_ms).unwrap_or(i64::MAX), r.by));
+        let reinstated_ms = reinstated.as_ref().map(|(at, _)| *at);
+        let verdict = match &reinstated {
+            Some((at, by)) if !after_reinstatement(&row, *at) => Verdict {
+                action: "ignore".into(),
+                reasons: vec![format!(
+                    "observed at {} ms (received at {} ms), before {} was reinstated by {by} at {at} ms: a signal from before an operator's reinstatement does not count toward a new revocation",
+                    row.time_ms, row.received_ms, row.workload
+                )],
+                ttl: Duration::ZERO,
+            },
+            _ => {
+                let window = i64::try_from(cfg.history_window.as_millis()).unwrap_or(i64::MAX);
+                let mut since = row.received_ms.saturating_sub(window);
+                if let Some(at) = reinstated_ms {
+                    since = since.max(at.saturating_add(1));
+                }
+                let history: Vec<StoredSignal> = self
+                    .changes
+                    .store
+                    .signals(Some(&row.workload), since, i64::from(cfg.history_limit) + 1)
+                    .await?
+                    .into_iter()
+                    .filter(|s| s.id != row.id)
+                    .filter(|s| reinstated_ms.is_none_or(|at| after_reinstatement(s, at)))
+                    .take(cfg.history_limit as usize)
+                    .collect();
+                judge(
+                    &policy.current(),
+                    &row,
+                    &history,
+                    self.changes.hub.is_revoked(&row.workload),
+                )
+            }
+        };
         let reasons = serde_json::to_string(&verdict.reasons).unwrap_or_else(|_| "[]".into());
         self.changes
             .store
@@ -731,6 +756,16 @@ impl Signals {
     }
 }
 
+/// Whether `s` came after a reinstatement at `reinstated_ms` (unix ms): observed after
+/// it by its reporter's clock, and received after it by the gateway's. Observed time
+/// decides: a signal raised before the reinstatement but buffered through a gateway
+/// outage arrives after it and still belongs to the episode the operator closed. The
+/// receipt time bounds the reporter's claim: a signal that reached the gateway before
+/// the reinstatement cannot be moved past it by dating it in the future.
+fn after_reinstatement(s: &StoredSignal, reinstated_ms: i64) -> bool {
+    s.time_ms.min(s.received_ms) > reinstated_ms
+}
+
 fn signal_json(s: &StoredSignal) -> serde_json::Value {
     serde_json::json!({
         "id": s.id,
@@ -795,5 +830,40 @@ pub fn judge(
             reasons: vec![format!("revocation policy answered no action (`{}`)", json)],
             ttl: Duration::ZERO,
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn signal(time_ms: i64, received_ms: i64) -> StoredSignal {
+        StoredSignal {
+            id: "sig-1".into(),
+            reporter: "spiffe://nexus.local/w".into(),
+            workload: "spiffe://nexus.local/w".into(),
+            kind: "rate_spike".into(),
+            observed_as: "self".into(),
+            score: 9.0,
+            evidence: "{}".into(),
+            time_ms,
+            received_ms,
+            action: String::new(),
+            reasons: "[]".into(),
+            decision_ids: "[]".into(),
+            verification: "{}".into(),
+        }
+    }
+
+    #[test]
+    fn only_signals_observed_and_received_after_a_reinstatement_count() {
+        let reinstated = 1_000;
+        assert!(after_reinstatement(&signal(1_001, 1_002), reinstated));
+        // Observed before, buffered through a gateway outage, received after.
+        assert!(!after_reinstatement(&signal(900, 5_000), reinstated));
+        // Received before, dated after by its reporter.
+        assert!(!after_reinstatement(&signal(9_000, 999), reinstated));
+        // The reinstatement's own millisecond belongs to the episode it closed.
+        assert!(!after_reinstatement(&signal(1_000, 1_001), reinstated));
     }
 }

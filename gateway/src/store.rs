@@ -598,6 +598,22 @@ impl Store {
         rows.iter().map(decode_change).collect()
     }
 
+    /// Every reinstatement in the change log, oldest first.
+    pub async fn reinstatements(&self) -> Result<Vec<Reinstatement>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT revision, body FROM changes WHERE kind = 'reinstate' ORDER BY revision",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        let mut out = Vec::with_capacity(rows.len());
+        for row in &rows {
+            if let Some(DeltaChange::Reinstate(r)) = decode_change(row)?.change {
+                out.push(r);
+            }
+        }
+        Ok(out)
+    }
+
     /// The current revocations.
     pub async fn revocations(&self) -> Result<Vec<Revocation>, StoreError> {
         let rows = sqlx::query(

@@ -899,3 +899,307 @@ fn a_sidecar_cannot_poison_the_fleet_baseline() {
         assert!(n >= at_least, "{line}");
     }
 }
+
+/// The plugin's signals received after `since` (RFC 3339), with their decisions.
+fn signals_received_after(gw: &Gateway, since: &str) -> Vec<serde_json::Value> {
+    signals(gw)
+        .into_iter()
+        .filter(|s| s["received"].as_str().unwrap_or("") > since)
+        .collect()
+}
+
+fn onset_to_refused(load: &serde_json::Value) -> f64 {
+    ["403", "0"]
+        .iter()
+        .filter_map(|c| load["first"][c].as_f64())
+        .fold(f64::NAN, f64::min)
+}
+
+#[test]
+fn a_reinstated_plugin_that_behaves_is_not_revoked_again_and_one_that_floods_again_is() {
+    // The defect this pins: after an operator reinstated a plugin, the revocation policy
+    // still counted the signals of the hostile episode in its history window, so the
+    // first alert-grade signal of the well-behaved plugin (alone, an alert) was
+    // "corroborated" by them and revoked it again.
+    let dir = temp_dir("anomaly-reinstated");
+    let (gw, hop, _api) = stack(dir.path());
+    gw.open_execution(PLUGIN_ID, "c-flood-17", "10m");
+    let url = hop.outbound_url("/clauses/c-flood-17/rainfall");
+
+    // The hostile episode: a flood, revoked; it goes on while refused, so the history
+    // holds the plugin's own rate spikes and denial bursts (corroborating kinds).
+    let flood = load(&url, 250, 8.0, Some(403));
+    assert!(onset_to_refused(&flood) < 5.0, "{flood}");
+    let first = revoking_signal(&gw);
+    let refused = load(&url, 100, 3.0, None);
+    assert!(refused["statuses"]["200"].is_null(), "{refused}");
+    let episode = eventually(
+        Duration::from_secs(10),
+        "the refused flood's signals stored",
+        || {
+            let list = signals(&gw);
+            let kinds: std::collections::BTreeSet<&str> = list
+                .iter()
+                .filter(|s| s["reporter"] == PLUGIN_ID)
+                .filter_map(|s| s["kind"].as_str())
+                .collect();
+            (kinds.contains("rate_spike") && kinds.contains("denial_burst")).then(|| list.clone())
+        },
+    );
+
+    // An operator reinstates it; it behaves: its usual 20/s (budget 100/s), with one
+    // alert-grade slip on the way (30 requests for a clause with no open execution,
+    // denied: a denial burst, alone an alert).
+    std::thread::sleep(Duration::from_secs(1));
+    gw.nexusctl(&["reinstate", PLUGIN_ID]);
+    let reinstated = nexus_tests::stack::rfc3339_now();
+    assert!(gw.status()["revoked"].as_array().unwrap().is_empty());
+    let calm = load(&url, 20, 4.0, None);
+    assert_eq!(calm["statuses"]["200"], calm["sent"], "{calm}");
+    let slip = load(
+        &hop.outbound_url("/clauses/c-flood-18/rainfall"),
+        20,
+        1.5,
+        None,
+    );
+    assert!(slip["statuses"]["403"].as_u64() >= Some(20), "{slip}");
+    let calm_after = load(&url, 20, 6.0, None);
+    let alert = eventually(
+        Duration::from_secs(10),
+        "the slip's denial burst judged",
+        || {
+            signals_received_after(&gw, &reinstated)
+                .into_iter()
+                .find(|s| s["kind"] == "denial_burst" && s["action"] != "")
+        },
+    );
+    assert_eq!(alert["action"], "alert", "{alert}");
+    std::thread::sleep(Duration::from_secs(2));
+    let after = signals_received_after(&gw, &reinstated);
+    assert!(
+        after.iter().all(|s| s["action"] != "revoke"),
+        "revoked again after the reinstatement: {after:?}"
+    );
+    assert!(
+        gw.status()["revoked"].as_array().unwrap().is_empty(),
+        "{after:?}"
+    );
+    assert_eq!(
+        calm_after["statuses"]["200"], calm_after["sent"],
+        "{calm_after}"
+    );
+    // The episode's signals are kept and listed as they were decided.
+    let now = signals(&gw);
+    for s in &episode {
+        let kept = now
+            .iter()
+            .find(|x| x["id"] == s["id"])
+            .unwrap_or_else(|| panic!("{} is no longer listed", s["id"]));
+        assert_eq!(kept["action"], s["action"], "{kept}");
+    }
+    assert!(now.iter().any(|s| s["id"] == first["id"]));
+
+    // It floods again: revoked again, by a signal of the new episode.
+    let again = load(&url, 250, 8.0, Some(403));
+    assert!(onset_to_refused(&again) < 5.0, "{again}");
+    let second = revoking_signal(&gw);
+    assert_ne!(second["id"], first["id"]);
+    assert!(
+        second["received"].as_str().unwrap() > reinstated.as_str(),
+        "{second}"
+    );
+}
+
+/// Sends `signals` (kind, score, observed at unix ms) about the plugin over a control
+/// stream of the plugin's SVID, as its sidecar would (observed as `self`), and waits
+/// until the gateway judged them; their stored form.
+fn report_as_plugin(gw: &Gateway, batch: u64, sent: &[(&str, f64, u64)]) -> Vec<serde_json::Value> {
+    let list: Vec<String> = sent
+        .iter()
+        .map(|(kind, score, time_ms)| {
+            format!(
+                "{{\"kind\":\"{kind}\",\"workload\":\"{PLUGIN_ID}\",\"observed_as\":\"self\",\"score\":{score},\"evidenceJson\":\"{{}}\",\"timeUnixMs\":{time_ms}}}"
+            )
+        })
+        .collect();
+    let before: std::collections::HashSet<String> = signals(gw)
+        .iter()
+        .filter_map(|s| s["id"].as_str().map(str::to_string))
+        .collect();
+    let messages = format!(
+        "{{\"hello\":{{\"spiffe_id\":\"{PLUGIN_ID}\"}}}} {{\"signals\":{{\"batch\":{batch},\"signals\":[{}]}}}}",
+        list.join(",")
+    );
+    let _ = gw.grpcurl_stream("nexus.local/flood-model", &messages);
+    eventually(
+        Duration::from_secs(10),
+        "the reported signals judged",
+        || {
+            let mut new: Vec<serde_json::Value> = signals(gw)
+                .into_iter()
+                .filter(|s| !before.contains(s["id"].as_str().unwrap_or("")))
+                .collect();
+            new.sort_by_key(|s| s["id"].as_str().unwrap_or("").to_string());
+            (new.len() == sent.len() && new.iter().all(|s| s["action"] != "")).then_some(new)
+        },
+    )
+}
+
+fn revoked_now(gw: &Gateway) -> bool {
+    gw.status()["revoked"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|r| r["subject"] == PLUGIN_ID)
+}
+
+#[test]
+fn only_an_operators_reinstatement_closes_a_workloads_earlier_signals() {
+    // The gateway's side, signal by signal, as the plugin's own sidecar reports them:
+    // a revocation that runs out keeps the history; an operator's reinstatement closes
+    // it, including a signal observed before it and received after it (buffered
+    // through a gateway outage); the plugin cannot reinstate itself; and what is
+    // observed after the reinstatement counts as before.
+    let dir = temp_dir("anomaly-reinstate-history");
+    let (gw, _hop, _api) = stack(dir.path());
+
+    // A rate spike at 5x: alone, an alert.
+    let s = report_as_plugin(&gw, 1, &[("rate_spike", 5.0, now_ms())]);
+    assert_eq!(s[0]["action"], "alert", "{s:?}");
+    // Revoked by an operator for 2 s; it runs out (the gateway lifts it).
+    gw.nexusctl(&["revoke", PLUGIN_ID, "--reason", "test", "--ttl", "2s"]);
+    eventually(Duration::from_secs(10), "the revocation expired", || {
+        (!revoked_now(&gw)).then_some(())
+    });
+    // A denial burst (alone, an alert) now revokes: with the rate spike still in the
+    // history, two kinds agree. Waiting out a revocation wipes nothing.
+    let s = report_as_plugin(&gw, 2, &[("denial_burst", 1.5, now_ms())]);
+    assert_eq!(s[0]["action"], "revoke", "{s:?}");
+    assert!(revoked_now(&gw));
+
+    // The plugin cannot lift its own revocation (nor close its history).
+    let out = gw.nexusctl_as("nexus.local/flood-model", &["reinstate", PLUGIN_ID]);
+    assert!(!out.status.success(), "{out:?}");
+    assert!(revoked_now(&gw));
+
+    let before_reinstatement = now_ms() - 500;
+    std::thread::sleep(Duration::from_millis(50));
+    gw.nexusctl(&["reinstate", PLUGIN_ID]);
+    std::thread::sleep(Duration::from_millis(50));
+    // After it: a clear budget overrun observed before the reinstatement but received
+    // after it (alone, a revoke) is ignored and says why; a denial burst observed now is
+    // an alert again (the rate spike and the earlier burst no longer count).
+    let s = report_as_plugin(
+        &gw,
+        3,
+        &[
+            ("budget_exceeded", 5.0, before_reinstatement),
+            ("denial_burst", 1.5, now_ms()),
+        ],
+    );
+    let buffered = s.iter().find(|x| x["kind"] == "budget_exceeded").unwrap();
+    assert_eq!(buffered["action"], "ignore", "{buffered}");
+    assert!(
+        buffered["reasons"][0]
+            .as_str()
+            .unwrap()
+            .contains("before an operator's reinstatement"),
+        "{buffered}"
+    );
+    let burst = s.iter().find(|x| x["kind"] == "denial_burst").unwrap();
+    assert_eq!(burst["action"], "alert", "{burst}");
+    assert!(!revoked_now(&gw));
+    // What is observed after the reinstatement counts: a rate spike now agrees with that
+    // denial burst, and revokes.
+    let s = report_as_plugin(&gw, 4, &[("rate_spike", 5.0, now_ms())]);
+    assert_eq!(s[0]["action"], "revoke", "{s:?}");
+    assert!(revoked_now(&gw));
+    // Everything stays listed.
+    assert!(signals(&gw).len() >= 5);
+}
+
+/// Writes a fleet baseline row straight into the gateway's store (whoever can edit it).
+fn plant_baseline(dir: &Path, workload: &str, rate: f64) {
+    let out = Command::new("python3")
+        .args([
+            "-c",
+            "import sqlite3, sys, time\n\
+             c = sqlite3.connect(sys.argv[1], timeout=10)\n\
+             r = float(sys.argv[3])\n\
+             c.execute('INSERT OR REPLACE INTO baselines VALUES (?, ?, ?, ?, ?, ?, ?)', (sys.argv[2], r, 1e15, r, 1e15, 1000, int(time.time() * 1000)))\n\
+             c.commit()",
+        ])
+        .arg(dir.join("gateway.db"))
+        .arg(workload)
+        .arg(rate.to_string())
+        .output()
+        .expect("python3 sqlite3");
+    assert!(out.status.success(), "{out:?}");
+}
+
+#[test]
+fn an_absurd_fleet_baseline_in_the_store_is_clamped_and_logged_never_trusted() {
+    // Whoever can edit the gateway's store plants a baseline of 1e12 requests/s for the
+    // plugin (taken as is, a new pod would call any flood normal) and a negative one for
+    // the data API. The gateway clamps the first to `[baselines] max_rate_per_s` (40/s
+    // here), leaves the second out, and logs both; a new pod of the plugin is judged
+    // against the clamped value.
+    let dir = temp_dir("anomaly-absurd-baseline");
+    let policies = policies_with(dir.path(), HIGH_BUDGET);
+    let (gw, mut hop, _api) = stack_opts(
+        dir.path(),
+        &Opts {
+            policies: Some(policies),
+            gateway_extra: "[baselines]\nmax_rate_per_s = 40.0\n".into(),
+            ..Opts::default()
+        },
+    );
+    gw.open_execution(PLUGIN_ID, "c-flood-17", "10m");
+    plant_baseline(dir.path(), PLUGIN_ID, 1e12);
+    plant_baseline(dir.path(), nexus_tests::stack::DATA_API_ID, -5.0);
+    restart_plugin_sidecar(dir.path(), &mut hop, "plugin-sidecar-new-pod");
+    hop.plugin.wait_metric(
+        "nexus_anomaly_fleet_baselines",
+        1.0,
+        Duration::from_secs(10),
+    );
+    let since = nexus_tests::stack::rfc3339_now();
+    let flood = load(
+        &hop.outbound_url("/clauses/c-flood-17/rainfall"),
+        250,
+        4.0,
+        Some(403),
+    );
+    let spike = eventually(
+        Duration::from_secs(10),
+        "a rate_spike from the new pod",
+        || {
+            plugin_signals_since(&gw, &since)
+                .into_iter()
+                .find(|s| s["kind"] == "rate_spike")
+        },
+    );
+    eprintln!(
+        "flood {flood}; judged against {}",
+        spike["evidence"]["baseline_per_s"]
+    );
+    let base = spike["evidence"]["baseline_per_s"].as_f64().unwrap();
+    // The clamped value (not the 25/s prior), which the pod's own bounded growth may
+    // have moved by a hair since.
+    assert!(
+        base > 30.0 && base < 41.0,
+        "judged against {base}/s: {spike}"
+    );
+    let log = std::fs::read_to_string(&gw.proc.log).expect("gateway log");
+    assert!(
+        log.lines().any(|l| l.contains("absurd baseline clamped")
+            && l.contains(PLUGIN_ID)
+            && l.contains("store")),
+        "{log}"
+    );
+    assert!(
+        log.lines().any(|l| l.contains("unusable baseline")
+            && l.contains(nexus_tests::stack::DATA_API_ID)),
+        "{log}"
+    );
+}

@@ -178,7 +178,8 @@ impl<B: Body, S: Next<B>> Step<S, B> for PolicyLayer {
             body_size,
         };
         let config = self.runtime.config();
-        let (input, clause, execution) = build(&facts, config, &loaded, nexus_identity::clock::now());
+        let (input, clause, execution) =
+            build(&facts, config, &loaded, nexus_identity::clock::now());
         let shadow_input = loaded.shadow.as_ref().map(|_| input.clone());
         let decided = self.runtime.decide(&loaded, input);
         let (decision, elapsed, cached) = (decided.decision, decided.elapsed, decided.cached);
