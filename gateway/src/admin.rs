@@ -327,18 +327,7 @@ impl Admin for AdminService {
         let started = Instant::now();
         let actor = self.operator(&request, "bind_plugin")?;
         let r = request.into_inner();
-        let response = self
-            .changes
-            .bind_plugin(
-                &r.plugin,
-                &r.version,
-                &r.clause,
-                true,
-                &actor,
-                started,
-                ms(r.wait_ms),
-            )
-            .await?;
+        let response = self.changes.bind_plugin(&r, true, &actor, started).await?;
         Ok(Response::new(response))
     }
 
@@ -349,18 +338,7 @@ impl Admin for AdminService {
         let started = Instant::now();
         let actor = self.operator(&request, "unbind_plugin")?;
         let r = request.into_inner();
-        let response = self
-            .changes
-            .bind_plugin(
-                &r.plugin,
-                &r.version,
-                &r.clause,
-                false,
-                &actor,
-                started,
-                ms(r.wait_ms),
-            )
-            .await?;
+        let response = self.changes.bind_plugin(&r, false, &actor, started).await?;
         Ok(Response::new(response))
     }
 

@@ -968,18 +968,17 @@ impl Changes {
     /// `plugin bind` / `unbind`.
     pub async fn bind_plugin(
         &self,
-        plugin: &str,
-        version: &str,
-        clause: &str,
+        request: &nexus_proto::control::BindPluginRequest,
         bind: bool,
         actor: &str,
         started: Instant,
-        wait: Duration,
     ) -> Result<RegistryResponse, ChangeError> {
+        let (plugin, version, clause) = (&request.plugin, &request.version, &request.clause);
+        let wait = Duration::from_millis(request.wait_ms);
         crate::changes::validate_clause(clause)?;
         let p = self.find_plugin(plugin).await?;
         if bind
-            && let Some(v) = p.versions.iter().find(|v| v.version == version)
+            && let Some(v) = p.versions.iter().find(|v| &v.version == version)
             && v.clauses.len() >= self.registry_config()?.max_clauses
         {
             return Err(ChangeError::Invalid(format!(

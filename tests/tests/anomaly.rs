@@ -1048,7 +1048,7 @@ fn report_as_plugin(gw: &Gateway, batch: u64, sent: &[(&str, f64, u64)]) -> Vec<
 fn revoked_now(gw: &Gateway) -> bool {
     gw.status()["revoked"]
         .as_array()
-        .unwrap()
+        .expect("status lists revocations")
         .iter()
         .any(|r| r["subject"] == PLUGIN_ID)
 }

@@ -1028,19 +1028,6 @@ fn two_gateways_on_postgresql_agree_on_the_registry() {
     assert_eq!(a.status()["revision"], b.status()["revision"]);
 }
 
-/// Copies `from` into `to` recursively (a policy folder the test may edit).
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for entry in std::fs::read_dir(from).unwrap().flatten() {
-        let target = to.join(entry.file_name());
-        if entry.file_type().unwrap().is_dir() {
-            copy_dir(&entry.path(), &target);
-        } else {
-            std::fs::copy(entry.path(), &target).unwrap();
-        }
-    }
-}
-
 /// The plugin (its certs-dev SVID) reads `clause` at the data API's sidecar; the status.
 fn read_clause(port: u16, clause: &str) -> u16 {
     let mut args = inbound_curl_args(port, Some("nexus.local/flood-model"));
@@ -1083,7 +1070,7 @@ fn the_registry_binds_clauses_at_every_sidecar_and_a_stale_file_cannot_widen_the
     // The policy folder: the reference policy and the demo's bindings.yaml, which binds
     // the plugin to c-flood-17 and c-flood-18 (the stale file of the attack).
     let policies = d.join("policies");
-    copy_dir(&repo_root().join("policies/nexus"), &policies.join("nexus"));
+    nexus_tests::copy_dir(&repo_root().join("policies/nexus"), &policies.join("nexus"));
     let stale = std::fs::read_to_string(policies.join("nexus/bindings.yaml")).unwrap();
     assert!(stale.contains("c-flood-18"), "{stale}");
     let records = d.join("data-records.jsonl");

@@ -99,13 +99,13 @@ impl RuntimeData {
     /// read.
     pub fn registry_bindings(&self) -> Option<serde_json::Value> {
         let registry = self.registry.as_ref()?;
-        let mut by_workload: std::collections::BTreeMap<
-            &str,
-            (
-                std::collections::BTreeSet<&str>,
-                Option<(u64, &serde_json::Value)>,
-            ),
-        > = std::collections::BTreeMap::new();
+        /// A workload's clauses, and the budgets of its latest certified version.
+        type Union<'a> = (
+            std::collections::BTreeSet<&'a str>,
+            Option<(u64, &'a serde_json::Value)>,
+        );
+        let mut by_workload: std::collections::BTreeMap<&str, Union<'_>> =
+            std::collections::BTreeMap::new();
         for binding in registry.values() {
             let entry = by_workload.entry(binding.spiffe_id.as_str()).or_default();
             entry.0.extend(binding.clauses.iter().map(String::as_str));
