@@ -22,7 +22,9 @@ This is a benchmark, not a test: it is not run in CI.
 The demo plugin's declared budget is 100 requests/s (policies/nexus/bindings.yaml), so
 before the load starts the soak registers and certifies version 1.0.1 of it with
 budgets of twice RATE (`raise_budget`), as an operator would for a plugin whose usual
-load is RATE: the anomaly watch stays on and judges the soak against that.
+load is RATE, and starts the stack with the anomaly watch's prior at RATE
+(`nexusctl up --prior-rate-per-s`): the watch stays on and judges the soak against
+that.
 """
 import argparse
 import hashlib
@@ -118,7 +120,7 @@ def raise_budget(bin_dir, work, state, rate):
     payload, signature = os.path.join(work, "soak.payload"), os.path.join(work, "soak.sig")
     run("plugin", "sign", "--key", os.path.join(work, "dev-publisher.key"), "--image", image,
         "--payload-out", payload, "--signature-out", signature)
-    budgets = {"requests_per_s": int(rate * 2), "egress_bytes": 1 << 40,
+    budgets = {"requests_per_s": int(rate * 2), "egress_bytes": int(rate * 512 * 10 * 2),
                "distinct_clauses": 4, "window": "10s"}
     run("plugin", "register", "--name", "flood-model", "--publisher", "nexus-dev",
         "--version", "1.0.1", "--image", image, "--spiffe-id", PLUGIN,
@@ -138,7 +140,11 @@ def main():
     a = p.parse_args()
     work = tempfile.mkdtemp(prefix="nexus-soak-")
     state = os.path.join(work, "state.json")
-    up = subprocess.Popen([os.path.join(a.bin, "nexusctl"), "up", "--dir", work],
+    # The anomaly watch's prior is the soak's load (about 300 bytes out per request):
+    # the plugin's usual load, declared as an operator would (docs/anomaly.md).
+    up = subprocess.Popen([os.path.join(a.bin, "nexusctl"), "up", "--dir", work,
+                           "--prior-rate-per-s", str(a.rate),
+                           "--prior-bytes-per-s", str(a.rate * 512)],
                           stdout=subprocess.DEVNULL, stderr=open(os.path.join(work, "up.log"), "w"),
                           env={**os.environ, "NEXUS_LOG": "warn"})
     try:

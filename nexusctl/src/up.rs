@@ -197,6 +197,32 @@ pub struct UpArgs {
     /// How long to wait for everything to become ready.
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
     pub ready_timeout: Duration,
+    /// The anomaly watch's prior for a workload with no history, in requests per
+    /// second while active: written as the gateway's `[baselines] prior_rate_per_s`
+    /// and both sidecars' `[anomaly.baseline] prior_rate_per_s` (docs/anomaly.md).
+    /// Default: their default (25). Raise it for a plugin whose usual load is far above
+    /// it (bench/soak.py does), or the watch takes the load for a spike.
+    #[arg(long)]
+    pub prior_rate_per_s: Option<f64>,
+    /// The same for egress bytes per second (default 65536).
+    #[arg(long)]
+    pub prior_bytes_per_s: Option<f64>,
+}
+
+/// The `[baselines]` (gateway) or `[anomaly.baseline]` (sidecar) lines for the priors
+/// given on the command line ("" for none).
+fn prior_section(table: &str, rate: Option<f64>, bytes: Option<f64>) -> String {
+    if rate.is_none() && bytes.is_none() {
+        return String::new();
+    }
+    let mut out = format!("\n[{table}]\n");
+    if let Some(r) = rate {
+        out.push_str(&format!("prior_rate_per_s = {r:?}\n"));
+    }
+    if let Some(b) = bytes {
+        out.push_str(&format!("prior_bytes_per_s = {b:?}\n"));
+    }
+    out
 }
 
 /// What `nexusctl up` leaves for users, scripts and later `nexusctl` commands.
@@ -499,7 +525,8 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
                  [database]\nurl = {db:?}\n\n\
                  [revocation_policy]\ndir = {rev:?}\n\n\
                  # The plugin registry: only certified versions run (docs/registry.md).\n\
-                 [registry]\n[[registry.publishers]]\nname = \"nexus-dev\"\nkey = {publisher:?}\n",
+                 [registry]\n[[registry.publishers]]\nname = \"nexus-dev\"\nkey = {publisher:?}\n{priors}",
+                priors = prior_section("baselines", args.prior_rate_per_s, args.prior_bytes_per_s),
                 op = OPERATOR_ID,
                 reviewer = REVIEWER_ID,
                 publisher = publisher_pub,
@@ -531,8 +558,9 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
                  # One machine, no load balancer to wait for: close the listeners at once\n\
                  # on Ctrl-C; `up` waits 5s for each child.\n\
                  [limits]\ndrain_delay = \"0s\"\nshutdown_grace = \"3s\"\n\n\
-                 [inbound]\nlisten = \"127.0.0.1:0\"\napp = {app:?}\nallowed_ids = [\"spiffe://nexus.local/ns/plugins/*\"]\n\n{policy}\n{audit}\n{gateway}",
+                 [inbound]\nlisten = \"127.0.0.1:0\"\napp = {app:?}\nallowed_ids = [\"spiffe://nexus.local/ns/plugins/*\"]\n\n{policy}\n{audit}\n{gateway}{priors}",
                 gateway = gateway_section(&gateway_address, &dir.join("data-sidecar-snapshot.json")),
+                priors = prior_section("anomaly.baseline", args.prior_rate_per_s, args.prior_bytes_per_s),
                 sock = format!("unix://{}", data_sock.display()),
                 audit = audit_section(&data_records),
                 addrs = dir.join("data-sidecar.json"),
@@ -556,8 +584,9 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
                  # One machine, no load balancer to wait for: close the listeners at once\n\
                  # on Ctrl-C; `up` waits 5s for each child.\n\
                  [limits]\ndrain_delay = \"0s\"\nshutdown_grace = \"3s\"\n\n\
-                 [[outbound]]\nname = \"hazard-api\"\nlisten = \"127.0.0.1:0\"\nupstream = {up:?}\nexpected_id = {id:?}\n\n{policy}\n{audit}\n{gateway}",
+                 [[outbound]]\nname = \"hazard-api\"\nlisten = \"127.0.0.1:0\"\nupstream = {up:?}\nexpected_id = {id:?}\n\n{policy}\n{audit}\n{gateway}{priors}",
                 gateway = gateway_section(&gateway_address, &dir.join("plugin-sidecar-snapshot.json")),
+                priors = prior_section("anomaly.baseline", args.prior_rate_per_s, args.prior_bytes_per_s),
                 sock = format!("unix://{}", plugin_sock.display()),
                 audit = audit_section(&plugin_records),
                 addrs = dir.join("plugin-sidecar.json"),
