@@ -47,16 +47,23 @@ class Client:
         self.host, self.port, self.conn = u.hostname, u.port, None
 
     def get(self, path):
-        try:
-            if self.conn is None:
-                self.conn = http.client.HTTPConnection(self.host, self.port, timeout=10)
-            self.conn.request("GET", path)
-            r = self.conn.getresponse()
-            r.read()
-            return r.status
-        except Exception:
-            self.conn = None
-            return 0
+        # A keep-alive connection the sidecar closed while idle (the bench sleeps
+        # between phases) fails on reuse: retry that GET once on a new connection, as
+        # HTTP clients do for idempotent requests; a second failure counts (status 0).
+        for attempt in (0, 1):
+            fresh = self.conn is None
+            try:
+                if fresh:
+                    self.conn = http.client.HTTPConnection(self.host, self.port, timeout=10)
+                self.conn.request("GET", path)
+                r = self.conn.getresponse()
+                r.read()
+                return r.status
+            except Exception:
+                self.conn = None
+                if fresh or attempt:
+                    return 0
+        return 0
 
 
 def paced(client, path, rate_fn, seconds, stop_on_refusal=False):

@@ -535,6 +535,54 @@ fn a_declared_budget_alone_catches_a_plugin_hostile_from_its_first_request() {
 }
 
 #[test]
+fn a_plugin_pulling_far_more_clause_data_than_its_budget_is_revoked_on_its_own_sidecars_word_too() {
+    // Exfiltration by reading: small request rate, large responses. The data API's
+    // sidecar sees the bytes leave (peer-observed: alone it only alerts); the plugin's
+    // own sidecar sees them arrive, counts them as what its workload moves, and its
+    // signal revokes. Rate priors are permissive so only bytes are judged.
+    let dir = temp_dir("anomaly-exfiltration");
+    let permissive = format!("{ANOMALY}prior_rate_per_s = 1000.0\n");
+    let (gw, hop, _api) = stack_opts(
+        dir.path(),
+        &Opts {
+            plugin_anomaly: Some(permissive.clone()),
+            data_anomaly: Some(permissive),
+            policies: Some(policies_with(
+                dir.path(),
+                "    clauses: [c-flood-17]\n    budgets:\n      requests_per_s: 1000\n      egress_bytes: 1000000\n      distinct_clauses: 4\n      window: 10s",
+            )),
+            ..Opts::default()
+        },
+    );
+    gw.open_execution(PLUGIN_ID, "c-flood-17", "10m");
+    // About 600 KB per response, 20 per second: 12 MB/s against 1 MB per 10 s.
+    let pull = load(
+        &hop.outbound_url("/clauses/c-flood-17/rainfall?n=200000"),
+        20,
+        10.0,
+        Some(403),
+    );
+    assert!(
+        pull["first"]["403"].as_f64().is_some(),
+        "never refused: {pull}"
+    );
+    let list = signals(&gw);
+    let own_bytes = |s: &&serde_json::Value| {
+        s["reporter"] == PLUGIN_ID
+            && (s["kind"] == "egress_bytes"
+                || (s["kind"] == "budget_exceeded" && s["evidence"]["budget"] == "egress_bytes"))
+    };
+    assert!(list.iter().any(|s| own_bytes(&s)), "{list:?}");
+    let signal = revoking_signal(&gw);
+    assert!(
+        signal["kind"] == "egress_bytes"
+            || (signal["kind"] == "budget_exceeded"
+                && signal["evidence"]["budget"] == "egress_bytes"),
+        "{signal}"
+    );
+}
+
+#[test]
 fn a_malformed_budget_is_a_load_error_naming_the_binding() {
     // The sidecar refuses the revision (so it never becomes ready) and its log names
     // the binding and the field.

@@ -6,7 +6,11 @@
 //! Inbound, the watched workload is the peer (`observed_as: peer`) and its egress is
 //! what it takes out of the app behind this sidecar (the response bytes: a plugin
 //! pulling far more clause data than usual). Outbound, it is this sidecar's own
-//! workload (`self`), and its egress is what it pushes out (the request bodies).
+//! workload (`self`), and its egress is everything it moves: what it pushes out (the
+//! request bodies) and the data it pulls in (the response bodies). So a plugin pulling
+//! far more clause data than its budget is seen by its own sidecar too, whose signal
+//! corroborates the data API sidecar's (a single peer-observed signal only alerts:
+//! docs/threat-model.md), and it is revoked.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -190,11 +194,13 @@ pub struct WatchLayer {
 }
 
 impl WatchLayer {
-    /// (egress, ingress) of the watched workload from (request, response) bytes.
+    /// (egress, ingress) of the watched workload from (request, response) bytes:
+    /// inbound, what the peer took out of the app here; outbound, all this workload
+    /// moved (see the module's documentation).
     fn directions(&self, request: u64, response: u64) -> (u64, u64) {
         match self.observed {
             Observed::Peer => (response, request),
-            Observed::Own => (request, response),
+            Observed::Own => (request.saturating_add(response), response),
         }
     }
 }
