@@ -102,12 +102,45 @@ pub fn http_server(limits: &ConnLimits) -> auto::Builder<TokioExecutor> {
 pub async fn accept<L, F, Fut>(
     listener: L,
     max_connections: usize,
-    mut drain: Watch,
+    drain: Watch,
     what: &'static str,
     mut handle: F,
 ) where
     L: Listener,
     F: FnMut(L::Io, L::Addr, Watch) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    accept_with_slot(
+        listener,
+        max_connections,
+        drain,
+        what,
+        move |io, addr, watch, slot| {
+            let task = handle(io, addr, watch);
+            async move {
+                task.await;
+                drop(slot);
+            }
+        },
+    )
+    .await;
+}
+
+/// A connection's place under `max_connections`: the slot is free again once dropped.
+pub type Slot = tokio::sync::OwnedSemaphorePermit;
+
+/// [`accept`], with the connection's [`Slot`] handed to `handle`, for a listener whose
+/// connections outlive the task that accepted them (tonic's, which takes connections
+/// from a channel): the slot goes with the connection, and no task waits beside it.
+pub async fn accept_with_slot<L, F, Fut>(
+    listener: L,
+    max_connections: usize,
+    mut drain: Watch,
+    what: &'static str,
+    mut handle: F,
+) where
+    L: Listener,
+    F: FnMut(L::Io, L::Addr, Watch, Slot) -> Fut,
     Fut: Future<Output = ()> + Send + 'static,
 {
     let slots = Arc::new(Semaphore::new(max_connections.max(1)));
@@ -124,11 +157,7 @@ pub async fn accept<L, F, Fut>(
         let Ok(permit) = permit else { break };
         match accepted {
             Ok((stream, addr)) => {
-                let task = handle(stream, addr, drain.clone());
-                tokio::spawn(async move {
-                    task.await;
-                    drop(permit);
-                });
+                tokio::spawn(handle(stream, addr, drain.clone(), permit));
             }
             Err(error) => {
                 // EMFILE and friends: back off briefly instead of spinning.

@@ -14,7 +14,8 @@ mod drain;
 mod shutdown;
 
 pub use accept::{
-    ConnLimits, DEFAULT_MAX_CONNECTIONS, Listener, accept, http_server, serve_connection,
+    ConnLimits, DEFAULT_MAX_CONNECTIONS, Listener, Slot, accept, accept_with_slot, http_server,
+    serve_connection,
 };
 pub use drain::{Drain, Readiness, Watch};
 pub use shutdown::{ShutdownTiming, Signals, Stopped, shutdown};
