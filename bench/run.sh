@@ -190,8 +190,12 @@ start_gateway() {
   local socket="$WORK/gateway-workload-api.sock"
   start gateway-workload-api "$NEXUSCTL" dev workload-api --socket "$socket" --spiffe-id "$GATEWAY_ID" --ttl 1h
   for ((i = 0; i < 300; i++)); do [[ -S $socket ]] && break; sleep 0.1; done
+  # Who may open a control stream is an explicit list (docs/threat-model.md): the
+  # bench's sidecars run as the data API, which receives every execution.
   cat >"$WORK/gateway.toml" <<EOF
 listen = "127.0.0.1:0"
+sidecars = ["$SERVER_ID"]
+data_sidecars = ["$SERVER_ID"]
 
 [identity]
 workload_api_socket = "unix://$socket"
