@@ -1365,7 +1365,13 @@ fn a_single_huge_builtin_call_is_bounded_by_the_timeout() {
     // what the sidecar guarantees is that its overrun result is never enforced.
     assert_eq!(reply.status, 403, "took {took:?}: {reply:?}");
     assert!(reply.body.to_string().contains("time limit"), "{reply:?}");
-    assert_eq!(st.outbound("GET", "/healthz", &[]).status, 200);
+    // The sidecar keeps deciding. The overrunning call may still hold a core for a
+    // while (it cannot be interrupted), and a decision that itself runs past the 20 ms
+    // limit on the loaded machine is refused, as it should be: so the next allowed
+    // answer is awaited, bounded (CI once saw one 403 here).
+    eventually(Duration::from_secs(10), "/healthz allowed again", || {
+        (st.outbound("GET", "/healthz", &[]).status == 200).then_some(())
+    });
 }
 
 // 8 ------------------------------------------------------------------------------------
