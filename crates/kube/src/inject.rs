@@ -222,15 +222,7 @@ pub fn inject_pod(pod: &mut Value, cfg: &InjectConfig) -> Result<Outcome, Inject
     }
     let plan = Plan::new(&meta, spec, cfg)?;
     plan.apply(spec, cfg)?;
-    let annotations = pod
-        .entry("metadata")
-        .or_insert_with(|| Value::Object(Map::new()))
-        .as_object_mut()
-        .ok_or_else(|| malformed("metadata", "an object"))?
-        .entry("annotations")
-        .or_insert_with(|| Value::Object(Map::new()))
-        .as_object_mut()
-        .ok_or_else(|| malformed("metadata.annotations", "an object"))?;
+    let annotations = annotations_mut(pod)?;
     annotations.insert(INJECTED_ANNOTATION.into(), Value::String(VERSION.into()));
     Ok(Outcome::Injected {
         sandbox: plan.sandbox.map(|s| s.profile),
@@ -293,19 +285,23 @@ pub fn mark_plugin(pod: &mut Value, plugin: &PluginRun) -> Result<(), InjectErro
     for (_, name, value) in values {
         vars.push(to_value(env(name, value)));
     }
-    let annotations = pod
-        .entry("metadata")
+    let annotations = annotations_mut(pod)?;
+    for (annotation, _, value) in values {
+        annotations.insert(annotation.into(), Value::String(value.into()));
+    }
+    Ok(())
+}
+
+/// The pod's `metadata.annotations`, created when missing.
+fn annotations_mut(pod: &mut Map<String, Value>) -> Result<&mut Map<String, Value>, InjectError> {
+    pod.entry("metadata")
         .or_insert_with(|| Value::Object(Map::new()))
         .as_object_mut()
         .ok_or_else(|| malformed("metadata", "an object"))?
         .entry("annotations")
         .or_insert_with(|| Value::Object(Map::new()))
         .as_object_mut()
-        .ok_or_else(|| malformed("metadata.annotations", "an object"))?;
-    for (annotation, _, value) in values {
-        annotations.insert(annotation.into(), Value::String(value.into()));
-    }
-    Ok(())
+        .ok_or_else(|| malformed("metadata.annotations", "an object"))
 }
 
 fn malformed(path: &str, expected: &'static str) -> InjectError {
