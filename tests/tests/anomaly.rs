@@ -115,6 +115,20 @@ fn stack_opts(dir: &Path, o: &Opts) -> (Gateway, TwoHop, WorkloadApi) {
     (gw, hop, gw_api)
 }
 
+/// The stack with both sidecars' rate prior at 1000/s, so only a budget (or bytes)
+/// stands in a test's way; `o` sets the rest.
+fn permissive_stack(dir: &Path, o: Opts) -> (Gateway, TwoHop, WorkloadApi) {
+    let permissive = format!("{ANOMALY}prior_rate_per_s = 1000.0\n");
+    stack_opts(
+        dir,
+        &Opts {
+            plugin_anomaly: Some(permissive.clone()),
+            data_anomaly: Some(permissive),
+            ..o
+        },
+    )
+}
+
 /// A copy of the reference `policies/` in `dir` whose bindings give the demo plugin
 /// `flood_binding` (YAML, indented under its SPIFFE ID).
 fn policies_with(dir: &Path, flood_binding: &str) -> PathBuf {
@@ -493,15 +507,7 @@ fn a_declared_budget_alone_catches_a_plugin_hostile_from_its_first_request() {
     // Both sidecars' priors are permissive (1000/s): only the budget the binding
     // declares (100/s) stands in the way of a 250/s flood from the first request.
     let dir = temp_dir("anomaly-budget");
-    let permissive = format!("{ANOMALY}prior_rate_per_s = 1000.0\n");
-    let (gw, hop, _api) = stack_opts(
-        dir.path(),
-        &Opts {
-            plugin_anomaly: Some(permissive.clone()),
-            data_anomaly: Some(permissive),
-            ..Opts::default()
-        },
-    );
+    let (gw, hop, _api) = permissive_stack(dir.path(), Opts::default());
     gw.open_execution(PLUGIN_ID, "c-flood-17", "10m");
     let flood = load(
         &hop.outbound_url("/clauses/c-flood-17/rainfall"),
@@ -541,12 +547,9 @@ fn a_plugin_pulling_far_more_clause_data_than_its_budget_is_revoked_on_its_own_s
     // own sidecar sees them arrive, counts them as what its workload moves, and its
     // signal revokes. Rate priors are permissive so only bytes are judged.
     let dir = temp_dir("anomaly-exfiltration");
-    let permissive = format!("{ANOMALY}prior_rate_per_s = 1000.0\n");
-    let (gw, hop, _api) = stack_opts(
+    let (gw, hop, _api) = permissive_stack(
         dir.path(),
-        &Opts {
-            plugin_anomaly: Some(permissive.clone()),
-            data_anomaly: Some(permissive),
+        Opts {
             policies: Some(policies_with(
                 dir.path(),
                 "    clauses: [c-flood-17]\n    budgets:\n      requests_per_s: 1000\n      egress_bytes: 1000000\n      distinct_clauses: 4\n      window: 10s",
