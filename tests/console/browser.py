@@ -54,14 +54,29 @@ def find(css):
     return list(el.values())[0]
 
 
+def fresh(css, act, tries=5):
+    """Finds `css` and acts on it. The live feed re-renders regions of the page when the
+    gateway pushes a change (an acknowledgement arriving just after a revoke), so an
+    element found a moment ago can be replaced before the click lands ("stale element
+    reference"); a user's click would land on the new one, so find it again (bounded)."""
+    for attempt in range(tries):
+        try:
+            return act(find(css))
+        except RuntimeError as e:
+            if "stale element reference" not in str(e) or attempt == tries - 1:
+                raise
+            time.sleep(0.1)
+
+
 def typ(css, text):
-    e = find(css)
-    wd("POST", S + f"/element/{e}/clear", {})
-    wd("POST", S + f"/element/{e}/value", {"text": text})
+    def act(e):
+        wd("POST", S + f"/element/{e}/clear", {})
+        wd("POST", S + f"/element/{e}/value", {"text": text})
+    fresh(css, act)
 
 
 def click(css):
-    wd("POST", S + f"/element/{find(css)}/click", {})
+    fresh(css, lambda e: wd("POST", S + f"/element/{e}/click", {}))
 
 
 def shot(name):
