@@ -44,13 +44,17 @@ PLUGIN = "spiffe://nexus.local/ns/plugins/sa/flood-model"
 
 
 def proc_sample(pid):
-    rss = 0
+    """VmRSS, split into anonymous memory (the heap: what a leak grows) and file-backed
+    pages (the binary's code and data, faulted in as code paths first run)."""
+    fields = {"VmRSS:": "rss_kib", "RssAnon:": "anon_kib", "RssFile:": "file_kib"}
+    row = {}
     with open(f"/proc/{pid}/status") as f:
         for line in f:
-            if line.startswith("VmRSS:"):
-                rss = int(line.split()[1])
-    fds = len(os.listdir(f"/proc/{pid}/fd"))
-    return {"rss_kib": rss, "fds": fds}
+            key = line.split(":")[0] + ":"
+            if key in fields:
+                row[fields[key]] = int(line.split()[1])
+    row["fds"] = len(os.listdir(f"/proc/{pid}/fd"))
+    return row
 
 
 class Load:
@@ -136,6 +140,8 @@ def main():
     p.add_argument("--threads", type=int, default=16)
     p.add_argument("--warmup", type=float, default=60)
     p.add_argument("--bin", default=os.path.join(ROOT, "target", "release"))
+    p.add_argument("--every", type=float, default=0,
+                   help="also sample every EVERY seconds (0: only at 0, 1, 5 and 10 minutes)")
     p.add_argument("--json")
     a = p.parse_args()
     work = tempfile.mkdtemp(prefix="nexus-soak-")
@@ -166,7 +172,10 @@ def main():
         load.rate = a.rate
         load.counting = True
         start = time.monotonic()
-        marks = [m for m in (0, 60, 300, 600) if m < a.duration] + [a.duration]
+        marks = {m for m in (0, 60, 300, 600) if m < a.duration} | {a.duration}
+        if a.every > 0:
+            marks |= {round(i * a.every, 3) for i in range(1, int(a.duration / a.every) + 1)}
+        marks = sorted(m for m in marks if m <= a.duration)
         samples = []
         for mark in marks:
             wait = start + mark - time.monotonic()
@@ -179,7 +188,8 @@ def main():
                 row["requests"] = sum(load.statuses.values())
             samples.append(row)
             print(f"t={row['t_s']:>6}s " + " ".join(
-                f"{n}: rss={row[n]['rss_kib']} KiB fds={row[n]['fds']}" for n in pids),
+                f"{n}: rss={row[n]['rss_kib']} KiB (anon {row[n]['anon_kib']}) fds={row[n]['fds']}"
+                for n in pids),
                 f"requests={row['requests']}", file=sys.stderr)
         load.stop.set()
         elapsed = time.monotonic() - start
@@ -194,14 +204,18 @@ def main():
     errors = total - statuses.get(200, 0)
     print(f"\nSoak: {a.rate:.0f} requests/s target for {a.duration:.0f}s after a {a.warmup:.0f}s warm-up; "
           f"{total} requests ({total / elapsed:.0f}/s achieved), {errors} not 200: {statuses}\n")
-    print("| t after warm-up | " + " | ".join(f"{n} RSS (KiB) | {n} fds" for n in pids) + " |")
-    print("|---|" + "---|---|" * len(pids))
+    print("| t after warm-up | " + " | ".join(
+        f"{n} RSS (KiB) | anon | file | fds" for n in pids) + " |")
+    print("|---|" + "---:|---:|---:|---:|" * len(pids))
     for row in samples:
         print(f"| {row['t_s']:.0f}s | " + " | ".join(
-            f"{row[n]['rss_kib']} | {row[n]['fds']}" for n in pids) + " |")
+            f"{row[n]['rss_kib']} | {row[n]['anon_kib']} | {row[n]['file_kib']} | {row[n]['fds']}"
+            for n in pids) + " |")
     for n in pids:
-        first, last = samples[0][n]["rss_kib"], samples[-1][n]["rss_kib"]
-        print(f"\n{n}: RSS growth after warm-up {100.0 * (last - first) / max(first, 1):+.1f}%", end="")
+        growth = {k: 100.0 * (samples[-1][n][k] - samples[0][n][k]) / max(samples[0][n][k], 1)
+                  for k in ("rss_kib", "anon_kib")}
+        print(f"\n{n}: RSS growth after warm-up {growth['rss_kib']:+.1f}% "
+              f"(anonymous memory {growth['anon_kib']:+.1f}%)", end="")
     print()
     if a.json:
         with open(a.json, "w") as f:

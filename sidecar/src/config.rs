@@ -197,7 +197,8 @@ pub struct GatewayConfig {
     /// Most record lines per batch. Default 500.
     #[serde(default = "default_record_batch")]
     pub record_batch: usize,
-    /// How often new records are looked for. Default 1s.
+    /// How often new records are looked for. Default 1s. After a full batch the next
+    /// one goes as soon as it is acknowledged, so shipping keeps up with any rate.
     #[serde(default = "default_ship_interval", with = "humantime_serde")]
     pub ship_interval: Duration,
     /// Run the anomaly detectors (`[anomaly]`) and send their signals. Default true.

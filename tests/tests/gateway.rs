@@ -1089,6 +1089,48 @@ fn execution_records_reach_the_gateway_once_each_across_a_kill_9() {
     assert!(hop.plugin.metric_sum("nexus_records_shipped_total") >= 50.0);
 }
 
+/// A sidecar that writes more records per `ship_interval` than fit in one
+/// `record_batch` still ships them all promptly: after a full batch the next goes as
+/// soon as the gateway acknowledged it. (Shipping one batch per tick, 5 records every
+/// 2 s here, would take 40 s for these 100 records, and under real load it fell
+/// behind for good until the file rotated records out unshipped.)
+#[test]
+fn records_written_faster_than_one_batch_per_tick_reach_the_gateway_promptly() {
+    let dir = temp_dir("gateway-records-keep-up");
+    let records = dir.path().join("plugin-records.jsonl");
+    let gw_api = workload_api(dir.path(), "gateway-workload-api", GATEWAY_ID, &[]);
+    let gw = gateway(dir.path(), "gateway", &gw_api, None, None, "");
+    let options = TwoHopOptions {
+        plugin_toml: format!(
+            "[audit]\nsink = {{ file = {{ path = {:?} }} }}\n\n{}",
+            records.to_string_lossy(),
+            gateway_toml(
+                &gw,
+                dir.path(),
+                "plugin",
+                "ship_interval = \"2s\"\nrecord_batch = 5\n"
+            )
+        ),
+        ..TwoHopOptions::default()
+    };
+    let hop = two_hop(dir.path(), &options);
+    gw.wait_in_sync(1);
+    let url = hop.outbound_url("/healthz");
+    for _ in 0..100 {
+        assert_eq!(get(&url).0, 200);
+    }
+    let written = std::time::Instant::now();
+    let db = dir.path().join("gateway.db");
+    eventually(Duration::from_secs(60), "100 records stored", || {
+        (sqlite_count(&db, "SELECT COUNT(*) FROM records") >= 100).then_some(())
+    });
+    let took = written.elapsed();
+    assert!(
+        took < Duration::from_secs(12),
+        "100 records in batches of 5 took {took:?} to reach the gateway (one batch per 2 s tick would take 40 s)"
+    );
+}
+
 /// The README's first command: `nexusctl up` on the embedded defaults, and the demo it
 /// prints (allowed, denied by policy, revoke -> refused -> reinstate -> allowed), driven
 /// with the plain `nexusctl` commands it suggests (no flags: its state file), then

@@ -8,7 +8,8 @@
 //!
 //!     cargo run --release -p nexus-policy --example decision_bench [-- ITERATIONS]
 //!
-//! Prints µs per decision (p50, p99) and decisions per second.
+//! Prints µs per decision (p50, p99) and decisions per second. `BENCH_MODE=compiled`
+//! (or `interpreted`) and `BENCH_ONLY=warm` (or `cold`, `evaluate`) run one kind of row.
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -255,11 +256,9 @@ fn main() {
         // The mode the revision actually runs in, and why when it is not the one asked.
         let ran = policy.report().summary();
         let ran = ran.split(" (checked").next().unwrap_or(&ran).to_string();
-        if policy.cache_plan().is_err() {
-            eprintln!(
-                "decision cache off for this policy: {}",
-                policy.cache_plan().err().unwrap_or_default()
-            );
+        match policy.cache_plan() {
+            Ok(plan) => eprintln!("decision cache key: {}", plan.describe().join(", ")),
+            Err(why) => eprintln!("decision cache off for this policy: {why}"),
         }
         for (label, through) in [
             ("evaluate (no cache)", Through::Evaluate),
@@ -267,6 +266,10 @@ fn main() {
             ("warm (cache hit)", Through::Warm),
         ] {
             if through != Through::Evaluate && policy.cache_plan().is_err() {
+                continue;
+            }
+            // BENCH_ONLY=warm (or cold, evaluate): one kind of row, e.g. under a profiler.
+            if std::env::var("BENCH_ONLY").is_ok_and(|o| !label.starts_with(o.as_str())) {
                 continue;
             }
             let n = if mode == EvalMode::Interpreted && through != Through::Warm {

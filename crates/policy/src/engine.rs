@@ -484,7 +484,7 @@ impl Policy {
             return uncached(input);
         }
         let now = if plan.time_bounded {
-            match input[crate::cache::TIME_NS]
+            match crate::cache::time_ns(&input)
                 .as_number()
                 .ok()
                 .and_then(|n| n.as_i64())

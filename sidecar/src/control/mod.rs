@@ -245,6 +245,11 @@ impl Control {
         }
         // The record batch in flight: (batch number, cursor after it).
         let mut records_in_flight: Option<(u64, records::Cursor)> = None;
+        // The last read filled a batch: more records wait, and the next batch goes as
+        // soon as this one is acknowledged rather than at the next tick (otherwise a
+        // sidecar writing more than record_batch records per ship_interval falls behind
+        // for good, and its oldest records rotate out of the file unshipped).
+        let mut records_behind = false;
         // The signal batch in flight: (batch number, signals) — re-queued on loss.
         let mut signals_in_flight: Option<(u64, Vec<nexus_proto::control::Signal>)> = None;
         let result = 'session: loop {
@@ -306,10 +311,12 @@ impl Control {
                         }
                     }
                 }
-                _ = ship.tick(), if records_in_flight.is_none() && tailer.is_some() => {
+                _ = next_ship(&mut ship, records_behind), if records_in_flight.is_none() && tailer.is_some() => {
                     let Some(t) = tailer.as_deref() else { continue };
+                    records_behind = false;
                     match t.read(self.config.record_batch) {
                         Ok(read) if !read.lines.is_empty() => {
+                            records_behind = read.lines.len() >= self.config.record_batch;
                             let batch = next_batch;
                             next_batch += 1;
                             records_in_flight = Some((batch, read.next));
@@ -492,6 +499,14 @@ async fn policy_changed(
         return status.borrow_and_update().clone();
     }
     std::future::pending().await
+}
+
+/// The next time to ship records: at once when the last batch was full (more wait),
+/// otherwise at the next tick of `ship`.
+async fn next_ship(ship: &mut tokio::time::Interval, behind: bool) {
+    if !behind {
+        ship.tick().await;
+    }
 }
 
 async fn sleep_until_retry(retry: Option<(tokio::time::Instant, Duration)>) {
