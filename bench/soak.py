@@ -15,7 +15,7 @@ growth from the first sample to the last, and every request that did not answer 
 The targets (issue 19): 0 errors, RSS growth <= 5% after warm-up, a flat fd count.
 
 Usage: bench/soak.py [--duration 600] [--rate 1000] [--threads 16] [--warmup 60]
-                     [--bin target/release]
+                     [--bin target/release] [--every SECONDS] [--keep]
 Prints a Markdown table and, with --json FILE, writes the raw samples.
 This is a benchmark, not a test: it is not run in CI.
 
@@ -31,6 +31,7 @@ import hashlib
 import http.client
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -142,6 +143,8 @@ def main():
     p.add_argument("--bin", default=os.path.join(ROOT, "target", "release"))
     p.add_argument("--every", type=float, default=0,
                    help="also sample every EVERY seconds (0: only at 0, 1, 5 and 10 minutes)")
+    p.add_argument("--keep", action="store_true",
+                   help="keep the stack's folder (records, logs, gateway.db: GBs after 10 min)")
     p.add_argument("--json")
     a = p.parse_args()
     work = tempfile.mkdtemp(prefix="nexus-soak-")
@@ -200,6 +203,10 @@ def main():
             up.wait(20)
         except subprocess.TimeoutExpired:
             up.kill()
+        if a.keep:
+            print(f"kept {work}", file=sys.stderr)
+        else:
+            shutil.rmtree(work, ignore_errors=True)
     total = sum(statuses.values())
     errors = total - statuses.get(200, 0)
     print(f"\nSoak: {a.rate:.0f} requests/s target for {a.duration:.0f}s after a {a.warmup:.0f}s warm-up; "

@@ -103,19 +103,20 @@ fn bound(loaded: &Loaded, plugin: &str, clause: &str) -> Option<bool> {
     }
     // A binding is a list of clauses, or an object whose `clauses` is that list (and
     // whose `budgets` the watch reads).
+    // Type tests by pattern, not `as_array()`: regorus's `as_*` errors are anyhow errors,
+    // which capture a backtrace when RUST_BACKTRACE is set (tens of µs per request).
+    use nexus_policy::Value;
     let entry = &bindings[plugin];
-    let list = match entry.as_array() {
-        Ok(_) => entry,
-        Err(_) => &entry["clauses"],
+    let list = match entry {
+        Value::Array(_) => entry,
+        _ => &entry["clauses"],
     };
-    Some(
-        list.as_array()
-            .map(|a| {
-                a.iter()
-                    .any(|c| c.as_string().map(|s| s.as_ref() == clause).unwrap_or(false))
-            })
-            .unwrap_or(false),
-    )
+    Some(match list {
+        Value::Array(clauses) => clauses
+            .iter()
+            .any(|c| matches!(c, Value::String(s) if s.as_ref() == clause)),
+        _ => false,
+    })
 }
 
 fn decision_id() -> String {
