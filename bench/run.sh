@@ -29,6 +29,9 @@ ROTATION_RATE=${ROTATION_RATE:-1000}  # oha --disable-keepalive rotation run, re
 FULL_HANDSHAKE_RATE=${FULL_HANDSHAKE_RATE:-250} # python full-handshake rotation run
 OHA_LATENCY_CORRECTION=${OHA_LATENCY_CORRECTION:-0} # 1: oha --latency-correction
 KEEP_WORKDIR=${KEEP_WORKDIR:-0}       # 1: keep configs, logs and raw oha JSON
+SIDECAR_BIN=${SIDECAR_BIN:-}          # another nexus-sidecar binary (e.g. a differently built one)
+ONLY=${ONLY:-}                        # e.g. "direct nginx nexus nexus-policy-audit": only these
+                                      # rows (keep direct and nginx: the ratios); "rotation" too
 TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
 OHA=${OHA:-$(command -v oha || echo "$HOME/.cargo/bin/oha")}
 NGINX=${NGINX:-$(command -v nginx || echo /usr/sbin/nginx)}
@@ -153,7 +156,7 @@ prerequisites() {
     log "building release binaries (cargo build --release -p nexus-sidecar -p nexusctl -p nexus-gateway)"
     (cd "$ROOT" && cargo build --release -p nexus-sidecar -p nexusctl -p nexus-gateway)
   fi
-  SIDECAR="$TARGET_DIR/release/nexus-sidecar"
+  SIDECAR=${SIDECAR_BIN:-$TARGET_DIR/release/nexus-sidecar}
   NEXUSCTL="$TARGET_DIR/release/nexusctl"
   GATEWAY="$TARGET_DIR/release/nexus-gateway"
 }
@@ -377,6 +380,7 @@ TARGETS=()
 declare -A TARGET_URL=() TARGET_ARGS=()
 add_target() {
   local name=$1
+  [[ -z $ONLY || " $ONLY " == *" $name "* ]] || return 0
   TARGETS+=("$name")
   TARGET_URL[$name]="$2$REQUEST_PATH"
   shift 2
@@ -547,7 +551,7 @@ snapshot_file = \"$WORK/nexus-gateway-watch.snapshot.json\""
   # Every request the audited sidecar served must be in its chain.
   log "audit: $("$NEXUSCTL" audit verify "$WORK/records.jsonl" 2>&1 | head -3 | tr '\n' ' ')"
 
-  run_rotation nexus-rotation
+  [[ -z $ONLY || " $ONLY " == *" rotation "* ]] && run_rotation nexus-rotation
 
   local load
   load=$(cut -d' ' -f1-3 /proc/loadavg)

@@ -1036,6 +1036,21 @@ fn validate_audit(audit: &AuditConfig) -> Result<(), ConfigError> {
             ),
         ));
     }
+    if audit.linger > nexus_audit::MAX_LINGER {
+        return Err(invalid(
+            "audit.linger",
+            format!(
+                "{:?} is longer than {:?}",
+                audit.linger,
+                nexus_audit::MAX_LINGER
+            ),
+            format!(
+                "use 0 (off) up to {:?} (default {:?})",
+                nexus_audit::MAX_LINGER,
+                nexus_audit::DEFAULT_LINGER
+            ),
+        ));
+    }
     if let AuditSink::File {
         path,
         max_bytes,
@@ -1272,6 +1287,20 @@ mod tests {
         .unwrap();
         let err = tiny.validate().unwrap_err().to_string();
         assert!(err.contains("audit.sink.file.max_bytes"), "{err}");
+        assert_eq!(audit.linger, nexus_audit::DEFAULT_LINGER);
+        let slow = Config::parse(
+            &format!("{base}[audit]\nlinger = \"1s\"\nsink = \"stdout\"\n"),
+            "t",
+        )
+        .unwrap();
+        let err = slow.validate().unwrap_err().to_string();
+        assert!(err.contains("audit.linger"), "{err}");
+        let off = Config::parse(
+            &format!("{base}[audit]\nlinger = \"0s\"\nsink = \"stdout\"\n"),
+            "t",
+        )
+        .unwrap();
+        off.validate().unwrap();
     }
 
     #[test]

@@ -85,7 +85,8 @@ pub use error::{AuditError, LineError, RecordError};
 pub use files::{chain_files, rotated_files};
 pub use record::{ExecutionRecord, GENESIS_HASH, RecordDraft, rfc3339_ms, rfc3339_unix_ms};
 pub use recorder::{
-    AuditConfig, AuditMode, AuditStats, DEFAULT_QUEUE_CAPACITY, Recorder, SYNC_INTERVAL,
+    AuditConfig, AuditMode, AuditStats, DEFAULT_LINGER, DEFAULT_QUEUE_CAPACITY, MAX_LINGER,
+    Recorder, SYNC_INTERVAL,
 };
 pub use sink::{ChainHead, DEFAULT_MAX_BYTES, DEFAULT_MAX_FILES, RecordWriter, Sink};
 pub use verify::{Finding, FindingKind, VerifyReport, verify};

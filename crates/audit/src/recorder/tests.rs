@@ -51,6 +51,8 @@ struct ProbeState {
     full: AtomicBool,
     buffered: Mutex<Vec<Vec<u8>>>,
     flushed: Mutex<Vec<Vec<u8>>>,
+    /// Flushes that handed records on (one `write(2)` each, for a file).
+    flushes: std::sync::atomic::AtomicUsize,
 }
 
 impl Probe {
@@ -102,6 +104,9 @@ impl RecordWriter for Probe {
         if self.0.full.load(Ordering::SeqCst) {
             return Err(io::Error::from(io::ErrorKind::StorageFull));
         }
+        if !lines.is_empty() {
+            self.0.flushes.fetch_add(1, Ordering::SeqCst);
+        }
         self.0.flushed.lock().unwrap().extend(lines);
         Ok(())
     }
@@ -109,6 +114,60 @@ impl RecordWriter for Probe {
     fn sync(&mut self) -> io::Result<()> {
         Ok(())
     }
+}
+
+/// Best effort with a linger: records arriving a millisecond apart go out together (one
+/// flush, one wake-up of the writer, for many), and still reach the sink within about
+/// the linger; without it, nearly every record is a flush of its own. Strict mode never
+/// lingers: its caller waits for the write.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_linger_batches_best_effort_records_and_never_delays_strict_ones() {
+    async fn flushes_for_20_records(linger: Duration) -> (usize, Duration) {
+        let probe = Probe::default();
+        let recorder = probe.recorder(AuditMode::BestEffort, 1024);
+        recorder.set_linger(linger).unwrap();
+        let start = std::time::Instant::now();
+        for n in 0..20 {
+            recorder.record(draft(n)).unwrap();
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        while probe.flushed() < 20 {
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "records never flushed"
+            );
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        let took = start.elapsed();
+        recorder.shutdown().await.unwrap();
+        (probe.0.flushes.load(Ordering::SeqCst), took)
+    }
+    let (batched, took) = flushes_for_20_records(Duration::from_millis(80)).await;
+    assert!(
+        batched <= 3,
+        "20 records in {batched} flushes with an 80 ms linger"
+    );
+    assert!(took < Duration::from_secs(2), "took {took:?}");
+    let (unbatched, _) = flushes_for_20_records(Duration::ZERO).await;
+    assert!(
+        unbatched >= 10,
+        "20 records in {unbatched} flushes without a linger"
+    );
+
+    let probe = Probe::default();
+    let recorder = probe.recorder(AuditMode::Strict, 1024);
+    recorder.set_linger(Duration::from_millis(100)).unwrap();
+    let start = std::time::Instant::now();
+    for n in 0..5 {
+        recorder.record_strict(draft(n)).await.unwrap();
+    }
+    assert!(
+        start.elapsed() < Duration::from_millis(400),
+        "5 strict records took {:?}: the linger (100 ms) delayed them",
+        start.elapsed()
+    );
+    assert!(recorder.set_linger(Duration::from_millis(101)).is_err());
+    recorder.shutdown().await.unwrap();
 }
 
 #[tokio::test]
