@@ -40,6 +40,61 @@ pub fn clause_of<'a>(segments: &'a [String], after: &str) -> Option<&'a str> {
     segments.get(at + 1).map(String::as_str)
 }
 
+/// The parts of the input document a revision's rules can read: the paths its decision
+/// cache keys on (`nexus_policy::KeyPlan`, found statically from the compiled rules'
+/// references to `input`, and the soundness the cache rests on), plus `time_ns`. A
+/// revision the cache cannot key (it reads `input` whole, walks it, indexes it with a
+/// variable...) needs the whole document. Fields nobody reads are not built: each is
+/// allocations per request (the RFC 3339 time, the query and header maps, the segment
+/// list), and leaving them out cannot change a decision that never reads them.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Needs(Option<Vec<Vec<String>>>);
+
+impl Needs {
+    /// The whole document.
+    pub fn all() -> Self {
+        Self(None)
+    }
+
+    /// What `policy` and `shadow` (when set) can read, together.
+    pub fn of(policy: &nexus_policy::Policy, shadow: Option<&nexus_policy::Policy>) -> Self {
+        let mut paths = Vec::new();
+        for p in std::iter::once(policy).chain(shadow) {
+            let Ok(plan) = p.cache_plan() else {
+                return Self::all();
+            };
+            for path in &plan.paths {
+                // A step that is not a field name (an array index) needs everything
+                // under the field before it.
+                paths.push(
+                    path.iter()
+                        .map_while(|step| match step {
+                            Value::String(name) => Some(name.to_string()),
+                            _ => None,
+                        })
+                        .collect::<Vec<_>>(),
+                );
+            }
+        }
+        if paths.iter().any(Vec::is_empty) {
+            return Self::all();
+        }
+        paths.push(vec![nexus_policy::cache::TIME_NS.to_string()]);
+        Self(Some(paths))
+    }
+
+    /// Whether the field at `path` is read: some read path runs through it, or it lies
+    /// under one.
+    fn wants(&self, path: &[&str]) -> bool {
+        let Some(paths) = &self.0 else {
+            return true;
+        };
+        paths
+            .iter()
+            .any(|read| read.iter().zip(path).all(|(a, b)| a == b))
+    }
+}
+
 /// An object from `(key, value)` pairs.
 fn object<const N: usize>(pairs: [(&str, Value); N]) -> Value {
     Value::from(
@@ -50,21 +105,45 @@ fn object<const N: usize>(pairs: [(&str, Value); N]) -> Value {
     )
 }
 
+/// The object at `at` with the fields `needs` wants; each value is made only then.
+fn wanted<const N: usize>(
+    needs: &Needs,
+    at: &[&str],
+    fields: [(&str, &dyn Fn() -> Value); N],
+) -> Value {
+    let mut path: Vec<&str> = Vec::with_capacity(at.len() + 1);
+    path.extend_from_slice(at);
+    Value::from(
+        fields
+            .into_iter()
+            .filter_map(|(k, make)| {
+                path.push(k);
+                let keep = needs.wants(&path);
+                path.pop();
+                keep.then(|| (Value::from(k), make()))
+            })
+            .collect::<BTreeMap<Value, Value>>(),
+    )
+}
+
 fn optional(s: Option<&str>) -> Value {
     s.map_or(Value::Null, Value::from)
 }
 
-fn execution_value(ex: &Execution) -> Value {
-    object([
-        ("id", Value::from(ex.id.as_str())),
-        ("plugin", Value::from(ex.plugin.as_str())),
-        ("clause", Value::from(ex.clause.as_str())),
-        ("not_after", Value::from(ex.not_after.as_str())),
-        (
-            "not_after_ns",
-            Value::from(super::runtime::ns_i64(ex.ends_unix_nanos)),
-        ),
-    ])
+fn execution_value(needs: &Needs, ex: &Execution) -> Value {
+    wanted(
+        needs,
+        &["execution"],
+        [
+            ("id", &|| Value::from(ex.id.as_str())),
+            ("plugin", &|| Value::from(ex.plugin.as_str())),
+            ("clause", &|| Value::from(ex.clause.as_str())),
+            ("not_after", &|| Value::from(ex.not_after.as_str())),
+            ("not_after_ns", &|| {
+                Value::from(super::runtime::ns_i64(ex.ends_unix_nanos))
+            }),
+        ],
+    )
 }
 
 /// Builds the input document; also returns the clause and execution id for records.
@@ -83,65 +162,89 @@ pub fn build(
         .get(EXECUTION_HEADER)
         .and_then(|v| v.to_str().ok());
     let execution = loaded.execution_for(named, facts.source, clause, now.unix_timestamp_nanos());
-    let execution_doc = match (execution, named) {
-        (Some(ex), _) => execution_value(ex),
+    let needs = &loaded.needs;
+    let execution_doc = || match (execution, named) {
+        (Some(ex), _) => execution_value(needs, ex),
         // Named but unknown: the policy sees the id it cannot find.
         (None, Some(id)) => object([("id", Value::from(id))]),
         (None, None) => Value::Null,
     };
-    let mut headers = BTreeMap::new();
-    for name in &config.input_headers {
-        if let Some(value) = facts
-            .headers
-            .get(name.as_str())
-            .and_then(|v| v.to_str().ok())
-        {
-            headers.insert(Value::from(name.as_str()), Value::from(value));
+    let headers = || {
+        let mut headers = BTreeMap::new();
+        for name in &config.input_headers {
+            if let Some(value) = facts
+                .headers
+                .get(name.as_str())
+                .and_then(|v| v.to_str().ok())
+            {
+                headers.insert(Value::from(name.as_str()), Value::from(value));
+            }
         }
-    }
-    let query: BTreeMap<Value, Value> = facts
-        .target
-        .query
-        .iter()
-        .map(|(k, values)| {
-            let values: Vec<Value> = values.iter().map(|v| Value::from(v.as_str())).collect();
-            (Value::from(k.as_str()), Value::from(values))
-        })
-        .collect();
-    let input = object([
-        ("direction", Value::from(facts.direction)),
-        ("source", object([("spiffe_id", Value::from(facts.source))])),
-        (
-            "destination",
-            object([("spiffe_id", Value::from(facts.destination))]),
-        ),
-        (
-            "request",
-            object([
-                ("method", Value::from(facts.method)),
-                ("path", Value::from(facts.target.path.as_str())),
-                (
-                    "segments",
-                    Value::from(
-                        segments
-                            .iter()
-                            .map(|s| Value::from(s.as_str()))
-                            .collect::<Vec<_>>(),
-                    ),
-                ),
-                ("query", Value::from(query)),
-                ("headers", Value::from(headers)),
-                ("body_size", Value::from(facts.body_size)),
-            ]),
-        ),
-        ("clause", optional(clause)),
-        ("execution", execution_doc),
-        ("time", Value::from(nexus_audit::rfc3339_ms(now))),
-        (
-            "time_ns",
-            Value::from(super::runtime::ns_i64(now.unix_timestamp_nanos())),
-        ),
-    ]);
+        Value::from(headers)
+    };
+    let query = || {
+        Value::from(
+            facts
+                .target
+                .query
+                .iter()
+                .map(|(k, values)| {
+                    let values: Vec<Value> =
+                        values.iter().map(|v| Value::from(v.as_str())).collect();
+                    (Value::from(k.as_str()), Value::from(values))
+                })
+                .collect::<BTreeMap<Value, Value>>(),
+        )
+    };
+    let segments_value = || {
+        Value::from(
+            segments
+                .iter()
+                .map(|s| Value::from(s.as_str()))
+                .collect::<Vec<_>>(),
+        )
+    };
+    let input = wanted(
+        needs,
+        &[],
+        [
+            ("direction", &|| Value::from(facts.direction)),
+            ("source", &|| {
+                wanted(
+                    needs,
+                    &["source"],
+                    [("spiffe_id", &|| Value::from(facts.source))],
+                )
+            }),
+            ("destination", &|| {
+                wanted(
+                    needs,
+                    &["destination"],
+                    [("spiffe_id", &|| Value::from(facts.destination))],
+                )
+            }),
+            ("request", &|| {
+                wanted(
+                    needs,
+                    &["request"],
+                    [
+                        ("method", &|| Value::from(facts.method)),
+                        ("path", &|| Value::from(facts.target.path.as_str())),
+                        ("segments", &segments_value),
+                        ("query", &query),
+                        ("headers", &headers),
+                        ("body_size", &|| Value::from(facts.body_size)),
+                    ],
+                )
+            }),
+            ("clause", &|| optional(clause)),
+            ("execution", &execution_doc),
+            ("time", &|| Value::from(nexus_audit::rfc3339_ms(now))),
+            ("time_ns", &|| {
+                Value::from(super::runtime::ns_i64(now.unix_timestamp_nanos()))
+            }),
+        ],
+    );
     let execution_id = execution.map(|e| e.id.clone()).or(named.map(String::from));
     (input, clause.map(String::from), execution_id)
 }
@@ -169,7 +272,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(
             dir.path().join("p.rego"),
-            "package nexus.authz\n\ndecision := {\"allow\": true, \"reasons\": []}\n",
+            // Reads `input` whole: the sidecar builds every field (Needs::all).
+            "package nexus.authz\n\ndecision := {\"allow\": true, \"reasons\": [], \"seen\": input}\n",
         )
         .unwrap();
         let state = dir.path().join(".state.json");
@@ -231,5 +335,34 @@ mod tests {
         assert_eq!(input, Value::from(expected));
         assert_eq!(clause.as_deref(), Some("c-1"));
         assert_eq!(execution.as_deref(), Some("ex-1"));
+
+        // A revision that reads a few fields gets those (and time_ns) only, and decides
+        // the same as on the whole document.
+        std::fs::write(
+            dir.path().join("p.rego"),
+            "package nexus.authz\n\nimport rego.v1\n\ndefault decision := {\"allow\": false, \"reasons\": [\"no\"]}\n\ndecision := {\"allow\": true, \"reasons\": [input.execution.id]} if {\n\tinput.request.method == \"GET\"\n\tinput.request.query.from[1] == \"2027\"\n}\n",
+        )
+        .unwrap();
+        let mut loaded = runtime.build().unwrap();
+        let (input, _, _) = build(&facts, &config, &loaded, now);
+        let expected = serde_json::json!({
+            "request": {"method": "GET", "query": {"from": ["2026", "2027"], "x": [""]}},
+            "execution": {"id": "ex-1"},
+            "time_ns": 1_795_683_921_000_000_000_i64,
+        });
+        assert_eq!(input, Value::from(expected));
+        let reduced = loaded.policy.evaluate(input);
+        loaded.needs = Needs::all();
+        let whole = loaded
+            .policy
+            .evaluate(build(&facts, &config, &loaded, now).0);
+        assert_eq!(
+            (reduced.allow, &reduced.reasons),
+            (true, &vec!["ex-1".to_string()])
+        );
+        assert_eq!(
+            (whole.allow, &whole.reasons),
+            (reduced.allow, &reduced.reasons)
+        );
     }
 }

@@ -36,7 +36,8 @@ fn fixture() -> &'static (tempfile::TempDir, PolicyConfig, Loaded) {
         let dir = tempfile::tempdir().expect("tempdir");
         std::fs::write(
             dir.path().join("p.rego"),
-            "package nexus.authz\n\ndecision := {\"allow\": true, \"reasons\": []}\n",
+            // Reads `input` whole, so the sidecar builds every field (input::Needs).
+            "package nexus.authz\n\ndecision := {\"allow\": true, \"reasons\": [], \"seen\": input}\n",
         )
         .expect("write policy");
         let executions: serde_json::Map<String, serde_json::Value> = EXECUTIONS

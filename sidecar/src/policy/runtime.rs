@@ -194,6 +194,8 @@ pub struct Loaded {
     /// The budgets the bindings declare (`data.nexus.bindings[ID].budgets`), read with
     /// the revision: a revision whose budgets cannot be read does not load.
     pub budgets: Arc<nexus_anomaly::Budgets>,
+    /// The parts of the input document the revision's rules can read.
+    pub needs: super::input::Needs,
 }
 
 impl Loaded {
@@ -545,7 +547,9 @@ impl PolicyRuntime {
             list.sort_by_key(|ex| std::cmp::Reverse(ex.ends_unix_nanos));
         }
         drop(compiled);
+        let needs = super::input::Needs::of(&policy, shadow.as_ref());
         Ok(Loaded {
+            needs,
             policy,
             shadow,
             executions,
