@@ -1030,6 +1030,22 @@ fn sqlite_count(db: &Path, sql: &str) -> u64 {
         .unwrap_or(0)
 }
 
+/// The two-hop stack whose plugin sidecar writes records to `records` and ships them to
+/// `gw` with `shipping` (its `[gateway]` settings), in sync with the gateway.
+fn recording_two_hop(dir: &Path, gw: &Gateway, records: &Path, shipping: &str) -> TwoHop {
+    let options = TwoHopOptions {
+        plugin_toml: format!(
+            "[audit]\nsink = {{ file = {{ path = {:?} }} }}\n\n{}",
+            records.to_string_lossy(),
+            gateway_toml(gw, dir, "plugin", shipping)
+        ),
+        ..TwoHopOptions::default()
+    };
+    let hop = two_hop(dir, &options);
+    gw.wait_in_sync(1);
+    hop
+}
+
 #[test]
 fn execution_records_reach_the_gateway_once_each_across_a_kill_9() {
     let dir = temp_dir("gateway-records");
@@ -1043,21 +1059,12 @@ fn execution_records_reach_the_gateway_once_each_across_a_kill_9() {
         Some(&format!("127.0.0.1:{}", free_port())),
         "",
     );
-    let options = TwoHopOptions {
-        plugin_toml: format!(
-            "[audit]\nsink = {{ file = {{ path = {:?} }} }}\n\n{}",
-            records.to_string_lossy(),
-            gateway_toml(
-                &gw,
-                dir.path(),
-                "plugin",
-                "ship_interval = \"200ms\"\nrecord_batch = 7\n"
-            )
-        ),
-        ..TwoHopOptions::default()
-    };
-    let hop = two_hop(dir.path(), &options);
-    gw.wait_in_sync(1);
+    let hop = recording_two_hop(
+        dir.path(),
+        &gw,
+        &records,
+        "ship_interval = \"200ms\"\nrecord_batch = 7\n",
+    );
     let url = hop.outbound_url("/healthz");
     for _ in 0..30 {
         assert_eq!(get(&url).0, 200);
@@ -1100,21 +1107,12 @@ fn records_written_faster_than_one_batch_per_tick_reach_the_gateway_promptly() {
     let records = dir.path().join("plugin-records.jsonl");
     let gw_api = workload_api(dir.path(), "gateway-workload-api", GATEWAY_ID, &[]);
     let gw = gateway(dir.path(), "gateway", &gw_api, None, None, "");
-    let options = TwoHopOptions {
-        plugin_toml: format!(
-            "[audit]\nsink = {{ file = {{ path = {:?} }} }}\n\n{}",
-            records.to_string_lossy(),
-            gateway_toml(
-                &gw,
-                dir.path(),
-                "plugin",
-                "ship_interval = \"2s\"\nrecord_batch = 5\n"
-            )
-        ),
-        ..TwoHopOptions::default()
-    };
-    let hop = two_hop(dir.path(), &options);
-    gw.wait_in_sync(1);
+    let hop = recording_two_hop(
+        dir.path(),
+        &gw,
+        &records,
+        "ship_interval = \"2s\"\nrecord_batch = 5\n",
+    );
     let url = hop.outbound_url("/healthz");
     for _ in 0..100 {
         assert_eq!(get(&url).0, 200);

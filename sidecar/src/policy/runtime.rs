@@ -182,9 +182,9 @@ pub struct Loaded {
     pub policy: Policy,
     /// The shadow (dry-run) rule, if configured.
     pub shadow: Option<Policy>,
-    /// Executions by (plugin, clause), latest `not_after` first, for resolving
-    /// `input.execution`.
-    executions: HashMap<(String, String), Vec<Execution>>,
+    /// Executions by plugin, then clause, latest `not_after` first, for resolving
+    /// `input.execution` (nested so that a request looks them up without allocating).
+    executions: HashMap<String, HashMap<String, Vec<Execution>>>,
     by_id: HashMap<String, Execution>,
     /// The folder as loaded, so a runtime-data change needs no reload or recompile.
     bundle: Bundle,
@@ -213,7 +213,8 @@ impl Loaded {
         }
         let clause = clause?;
         self.executions
-            .get(&(plugin.to_string(), clause.to_string()))?
+            .get(plugin)?
+            .get(clause)?
             .iter()
             .find(|ex| ex.ends_unix_nanos > now_unix_nanos)
     }
@@ -534,16 +535,18 @@ impl PolicyRuntime {
             },
             (None, _) => None,
         };
-        let mut executions: HashMap<(String, String), Vec<Execution>> = HashMap::new();
+        let mut executions: HashMap<String, HashMap<String, Vec<Execution>>> = HashMap::new();
         let mut by_id = HashMap::new();
         for (id, ex) in runtime.executions {
             executions
-                .entry((ex.plugin.clone(), ex.clause.clone()))
+                .entry(ex.plugin.clone())
+                .or_default()
+                .entry(ex.clause.clone())
                 .or_default()
                 .push(ex.clone());
             by_id.insert(id, ex);
         }
-        for list in executions.values_mut() {
+        for list in executions.values_mut().flat_map(HashMap::values_mut) {
             list.sort_by_key(|ex| std::cmp::Reverse(ex.ends_unix_nanos));
         }
         drop(compiled);
