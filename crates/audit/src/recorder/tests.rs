@@ -122,6 +122,7 @@ impl RecordWriter for Probe {
 /// lingers: its caller waits for the write.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_linger_batches_best_effort_records_and_never_delays_strict_ones() {
+    /// (flushes, how long the 20 records took to send).
     async fn flushes_for_20_records(linger: Duration) -> (usize, Duration) {
         let probe = Probe::default();
         let recorder = probe.recorder(AuditMode::BestEffort, 1024);
@@ -131,6 +132,7 @@ async fn a_linger_batches_best_effort_records_and_never_delays_strict_ones() {
             recorder.record(draft(n)).unwrap();
             tokio::time::sleep(Duration::from_millis(1)).await;
         }
+        let sending = start.elapsed();
         while probe.flushed() < 20 {
             assert!(
                 start.elapsed() < Duration::from_secs(10),
@@ -138,16 +140,18 @@ async fn a_linger_batches_best_effort_records_and_never_delays_strict_ones() {
             );
             tokio::time::sleep(Duration::from_millis(1)).await;
         }
-        let took = start.elapsed();
         recorder.shutdown().await.unwrap();
-        (probe.0.flushes.load(Ordering::SeqCst), took)
+        (probe.0.flushes.load(Ordering::SeqCst), sending)
     }
-    let (batched, took) = flushes_for_20_records(Duration::from_millis(80)).await;
+    // At most one flush per linger the sending lasted, plus the first and the last
+    // (however slowly a loaded machine sends).
+    let linger = Duration::from_millis(80);
+    let (batched, sending) = flushes_for_20_records(linger).await;
+    let bound = (sending.as_millis() / linger.as_millis()) as usize + 2;
     assert!(
-        batched <= 3,
-        "20 records in {batched} flushes with an 80 ms linger"
+        batched <= bound.min(10),
+        "20 records sent over {sending:?} went in {batched} flushes with an 80 ms linger"
     );
-    assert!(took < Duration::from_secs(2), "took {took:?}");
     let (unbatched, _) = flushes_for_20_records(Duration::ZERO).await;
     assert!(
         unbatched >= 10,
