@@ -90,13 +90,21 @@ def text():
 
 
 def until(what, cond, timeout=20.0, step=0.05):
+    """Polls `cond` until it holds (bounded). A WebDriver error while the page is
+    changing under it (a navigation in flight, a region re-rendered by the live feed)
+    counts as "not yet"; the last one is reported if time runs out."""
     end = time.time() + timeout
+    last = None
     while time.time() < end:
-        v = cond()
+        try:
+            v = cond()
+        except RuntimeError as e:
+            v, last = None, e
         if v:
             return v
         time.sleep(step)
-    raise AssertionError(f"timed out waiting for: {what}\n--- page ---\n{text()[:3000]}")
+    raise AssertionError(f"timed out waiting for: {what} (last WebDriver error: {last})"
+                         f"\n--- page ---\n{text()[:3000]}")
 
 
 def step(name, **facts):
@@ -148,6 +156,9 @@ def confirm(expect, what):
     gateway's SQLite store sometimes answers "database is locked" under heavy machine
     load (a store issue, not the console's: the console shows the gateway's message, as
     it should); then the same confirmation is submitted again, at most twice."""
+    # The form posted to /confirm may still be loading (the page that asked holds the
+    # same words): wait for the confirmation's own button.
+    until("the confirmation form", lambda: js("return !!document.getElementById('confirm')"))
     page = js("return location.href")
     reason = js("var r=document.getElementById('reason'); return r ? r.value : ''")
     for attempt in range(3):
@@ -183,7 +194,8 @@ try:
     typ("#subject", PLUGIN)
     typ("#reason", XSS)
     click("form[action='/confirm'] button")
-    until("the confirmation page", lambda: "Revoke" in text() and "Confirm" in text())
+    until("the confirmation page", lambda: "Revoke" in text() and "Confirm" in text()
+          and js("return !!document.getElementById('confirm')"))
     assert js("return document.getElementById('reason').value") == XSS
     shot("confirm-revoke.png")
     confirm("revoked " + PLUGIN, "the revoke result")
@@ -205,7 +217,8 @@ try:
 
     # 4. Reinstate from the UI (the Reinstate… link, a reason required).
     click("a.act[href*='reinstate']")
-    until("the reinstate confirmation", lambda: "Reinstate" in text())
+    until("the reinstate confirmation", lambda: "Reinstate" in text()
+          and js("return !!document.getElementById('confirm')"))
     click("#confirm")  # empty reason: the browser's own check keeps the form
     time.sleep(0.3)
     assert "Confirm" in text() and "reinstated" not in text()
@@ -239,7 +252,8 @@ try:
     typ("#clause", "c-flood-18")
     typ("#reason", "quarterly run")
     click("form[action='/confirm'] button")
-    until("the open confirmation", lambda: "Open an execution" in text())
+    until("the open confirmation", lambda: "Open an execution" in text()
+          and js("return !!document.getElementById('confirm')"))
     confirm("opened execution", "the open result")
     assert plugin_status("/clauses/c-flood-18/rainfall") == 200
     go(BASE + "/executions")
