@@ -83,15 +83,17 @@ impl Needs {
         Self(Some(paths))
     }
 
-    /// Whether the field at `path` is read: some read path runs through it, or it lies
-    /// under one.
-    fn wants(&self, path: &[&str]) -> bool {
+    /// Whether the field `field` of the object at `at` is read: some read path runs
+    /// through it, or it lies under one.
+    fn wants(&self, at: &[&str], field: &str) -> bool {
         let Some(paths) = &self.0 else {
             return true;
         };
-        paths
-            .iter()
-            .any(|read| read.iter().zip(path).all(|(a, b)| a == b))
+        paths.iter().any(|read| {
+            read.iter()
+                .zip(at.iter().copied().chain(std::iter::once(field)))
+                .all(|(a, b)| a == b)
+        })
     }
 }
 
@@ -111,17 +113,11 @@ fn wanted<const N: usize>(
     at: &[&str],
     fields: [(&str, &dyn Fn() -> Value); N],
 ) -> Value {
-    let mut path: Vec<&str> = Vec::with_capacity(at.len() + 1);
-    path.extend_from_slice(at);
     Value::from(
         fields
             .into_iter()
-            .filter_map(|(k, make)| {
-                path.push(k);
-                let keep = needs.wants(&path);
-                path.pop();
-                keep.then(|| (Value::from(k), make()))
-            })
+            .filter(|(k, _)| needs.wants(at, k))
+            .map(|(k, make)| (Value::from(k), make()))
             .collect::<BTreeMap<Value, Value>>(),
     )
 }
