@@ -450,8 +450,35 @@ pub fn current_uid() -> u32 {
 }
 
 /// A TCP port on 127.0.0.1 that was free a moment ago (for a process that must keep
-/// its port across a restart).
+/// its port across a restart, or a port written into a config before its process
+/// starts).
+///
+/// Taken from just below the kernel's ephemeral range (`ip_local_port_range`), not
+/// from `bind(0)`: a port from the ephemeral range, once released, can be taken by any
+/// outgoing connection of the tests running alongside before its process binds it
+/// ("Address already in use"). Below the range only explicit binds compete; each port
+/// is handed out once per test process, from a start that differs between processes.
 pub fn free_port() -> u16 {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    const SPAN: u32 = 10_000;
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next()?.parse::<u32>().ok())
+        .unwrap_or(32_768);
+    if low > SPAN + 1024 {
+        let base = low - SPAN;
+        let start = (std::process::id() * 97) % SPAN;
+        for _ in 0..SPAN {
+            let n = NEXT.fetch_add(1, Ordering::Relaxed);
+            let Ok(port) = u16::try_from(base + (start + n) % SPAN) else {
+                break;
+            };
+            if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+                return port;
+            }
+        }
+    }
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
