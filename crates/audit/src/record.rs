@@ -241,9 +241,9 @@ impl ExecutionRecord {
             out.extend_from_slice(b"\":");
         };
         let text = |out: &mut Vec<u8>, value: &str| -> Result<(), serde_json::Error> {
-            let escape = value
-                .bytes()
-                .fold(false, |any, b| any | (b < 0x20) | (b == b'"') | (b == b'\\'));
+            let escape = value.bytes().fold(false, |any, b| {
+                any | (b < 0x20) | (b == b'"') | (b == b'\\')
+            });
             if escape {
                 serde_json::to_writer(&mut *out, value)
             } else {
@@ -496,10 +496,37 @@ pub(crate) mod tests {
         use proptest::prelude::*;
         let option = || proptest::option::of(any_text());
         (
-            (any::<u64>(), any_text(), any_text(), any_text(), any_text(), any_text()),
-            (any_text(), any_text(), any_text(), option(), option(), any_text()),
-            (any_text(), any::<u16>(), any_text(), proptest::collection::vec(any_text(), 0..4), option()),
-            (any_text(), any::<u64>(), any_text(), any::<u64>(), any::<f64>(), option()),
+            (
+                any::<u64>(),
+                any_text(),
+                any_text(),
+                any_text(),
+                any_text(),
+                any_text(),
+            ),
+            (
+                any_text(),
+                any_text(),
+                any_text(),
+                option(),
+                option(),
+                any_text(),
+            ),
+            (
+                any_text(),
+                any::<u16>(),
+                any_text(),
+                proptest::collection::vec(any_text(), 0..4),
+                option(),
+            ),
+            (
+                any_text(),
+                any::<u64>(),
+                any_text(),
+                any::<u64>(),
+                any::<f64>(),
+                option(),
+            ),
             (any::<bool>(), option(), option(), option()),
         )
             .prop_map(|(a, b, c, d, e)| ExecutionRecord {

@@ -249,7 +249,9 @@ fn execution_value(needs: &Needs, ex: &Execution) -> Value {
             (Field::ExecutionId, &|| Value::from(ex.id.as_str())),
             (Field::ExecutionPlugin, &|| Value::from(ex.plugin.as_str())),
             (Field::ExecutionClause, &|| Value::from(ex.clause.as_str())),
-            (Field::ExecutionNotAfter, &|| Value::from(ex.not_after.as_str())),
+            (Field::ExecutionNotAfter, &|| {
+                Value::from(ex.not_after.as_str())
+            }),
             (Field::ExecutionNotAfterNs, &|| {
                 Value::from(super::runtime::ns_i64(ex.ends_unix_nanos))
             }),
@@ -277,7 +279,9 @@ pub fn build(
     let execution_doc = || match (execution, named) {
         (Some(ex), _) => execution_value(needs, ex),
         // Named but unknown: the policy sees the id it cannot find.
-        (None, Some(id)) => Value::from(BTreeMap::from([(key(Field::ExecutionId), Value::from(id))])),
+        (None, Some(id)) => {
+            Value::from(BTreeMap::from([(key(Field::ExecutionId), Value::from(id))]))
+        }
         (None, None) => Value::Null,
     };
     let headers = || {
@@ -404,7 +408,10 @@ mod tests {
             assert_eq!(key(field), Value::from(FIELDS[i].1));
         }
         assert_eq!(FIELDS[TimeNs as usize], (&[][..], "time_ns"));
-        assert_eq!(FIELDS[ExecutionNotAfterNs as usize], (&["execution"][..], "not_after_ns"));
+        assert_eq!(
+            FIELDS[ExecutionNotAfterNs as usize],
+            (&["execution"][..], "not_after_ns")
+        );
         assert_eq!(Needs::all().mask, (1 << 21) - 1);
     }
 
