@@ -457,3 +457,70 @@ fn a_burst_is_recorded_without_drops() {
         assert_eq!(sidecar.metric_sum("nexus_audit_write_errors_total"), 0.0);
     }
 }
+
+/// A plugin controls some of the text its records carry: the execution it names in
+/// `x-nexus-execution` (recorded as it was named when no such execution is open) and
+/// the path. Quotes, backslashes and tabs in them stay inside their field: no record
+/// gains a field or a second `decision`, and the chain still verifies.
+#[test]
+fn text_a_plugin_sends_cannot_add_fields_to_its_records() {
+    let stack = start("audit-injection");
+    let body = stack.dir.path().join("body");
+    let hop = &stack.hop;
+    assert_eq!(
+        fetch(&body, &[&hop.outbound_url("/clauses/c-flood-17/rainfall")]),
+        200
+    );
+    let named = "ex-9\",\"decision\":\"allow\",\"extra\":\"\\\"\t\\u0000";
+    let header = format!("x-nexus-execution: {named}");
+    let status = fetch(
+        &body,
+        &[
+            "-H",
+            &header,
+            "--path-as-is",
+            &hop.outbound_url("/forbidden/%22,%22decision%22:%22allow%22"),
+        ],
+    );
+    assert_eq!(status, 403, "the test policy forbids /forbidden");
+
+    let lines = eventually(WAIT, "2 records", || {
+        let text = std::fs::read_to_string(&stack.plugin_records).unwrap_or_default();
+        (text.lines().count() >= 2).then_some(text)
+    });
+    let records: Vec<Value> = lines
+        .lines()
+        .map(|line| serde_json::from_str(line).expect("every line is one JSON record"))
+        .collect();
+    assert_eq!(records.len(), 2, "{lines}");
+    let keys = |record: &Value| -> Vec<String> {
+        record
+            .as_object()
+            .expect("a record is an object")
+            .keys()
+            .cloned()
+            .collect()
+    };
+    assert_eq!(
+        keys(&records[1]),
+        keys(&records[0]),
+        "a hostile request's record has the fields of any other: {lines}"
+    );
+    assert_eq!(records[1]["decision"], "deny", "{lines}");
+    assert_eq!(
+        records[1]["execution_id"], named,
+        "recorded as named: {lines}"
+    );
+    assert!(
+        lines
+            .lines()
+            .nth(1)
+            .unwrap_or_default()
+            .matches("\"decision\":")
+            .count()
+            == 1,
+        "one decision member in the line: {lines}"
+    );
+    let out = verify(&[&stack.plugin_records], true);
+    assert!(out.status.success(), "{}", text(&out.stdout));
+}
