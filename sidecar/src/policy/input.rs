@@ -145,20 +145,6 @@ pub struct Needs {
     shapes: std::sync::Arc<[Value; 5]>,
 }
 
-impl PartialEq for Needs {
-    fn eq(&self, other: &Self) -> bool {
-        self.mask == other.mask
-    }
-}
-
-impl Eq for Needs {}
-
-impl Default for Needs {
-    fn default() -> Self {
-        Self::all()
-    }
-}
-
 impl Needs {
     /// The whole document.
     pub fn all() -> Self {

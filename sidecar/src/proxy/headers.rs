@@ -8,8 +8,9 @@ use http::header::{self, HeaderName, HeaderValue};
 /// The header carrying the authenticated caller to the app, in Envoy's format.
 pub const XFCC: HeaderName = HeaderName::from_static("x-forwarded-client-cert");
 
-/// The hop-by-hop headers of RFC 9110 §7.6.1 and the legacy ones, and `TE`.
-const HOP_BY_HOP: [HeaderName; 8] = [
+/// The hop-by-hop headers of RFC 9110 §7.6.1 and the legacy ones (`TE` is handled
+/// apart: `TE: trailers` is kept).
+const HOP_BY_HOP: [HeaderName; 7] = [
     header::CONNECTION,
     header::PROXY_AUTHENTICATE,
     header::PROXY_AUTHORIZATION,
@@ -17,7 +18,6 @@ const HOP_BY_HOP: [HeaderName; 8] = [
     header::UPGRADE,
     HeaderName::from_static("keep-alive"),
     HeaderName::from_static("proxy-connection"),
-    header::TE,
 ];
 
 /// Removes hop-by-hop headers, including those named by `Connection`. `TE: trailers` is
@@ -25,7 +25,10 @@ const HOP_BY_HOP: [HeaderName; 8] = [
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     // Most messages carry none of them (and so no `Connection` naming others): one look
     // at each name instead of nine hashed removals per message.
-    if !headers.keys().any(|name| HOP_BY_HOP.contains(name)) {
+    if !headers
+        .keys()
+        .any(|name| name == header::TE || HOP_BY_HOP.contains(name))
+    {
         return;
     }
     let named: Vec<HeaderName> = headers
@@ -38,7 +41,7 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     for name in named {
         headers.remove(name);
     }
-    for name in &HOP_BY_HOP[..7] {
+    for name in &HOP_BY_HOP {
         headers.remove(name);
     }
     let keep_trailers = headers
@@ -93,7 +96,7 @@ mod tests {
 
     #[test]
     fn each_hop_by_hop_header_alone_is_removed() {
-        for name in &HOP_BY_HOP {
+        for name in HOP_BY_HOP.iter().chain([&header::TE]) {
             let mut h = HeaderMap::new();
             h.insert(name.clone(), HeaderValue::from_static("x"));
             h.insert("x-app", HeaderValue::from_static("ok"));
