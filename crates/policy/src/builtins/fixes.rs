@@ -16,7 +16,7 @@ use regorus::Value;
 use super::string_arg;
 
 /// Calls regorus's own builtin `name` (after a check nexus makes first).
-fn delegate(name: &str, args: &[Value]) -> Result<Value> {
+pub(super) fn delegate(name: &str, args: &[Value]) -> Result<Value> {
     use regorus::unstable::{BUILTINS, Expr, Ref, Source, Span};
     let Some((f, _)) = BUILTINS.get(name) else {
         bail!("no regorus builtin {name}");

@@ -11,6 +11,7 @@
 mod crypto;
 mod encoding;
 mod fixes;
+mod go;
 mod jwt;
 mod keys;
 mod net;
@@ -224,6 +225,32 @@ const BUILTINS: &[Builtin] = &[
         name: "array.flatten",
         nargs: 1,
         f: fixes::array_flatten,
+    },
+    // Go's standard library, as OPA inherits it (`go`).
+    Builtin {
+        name: "json.marshal",
+        nargs: 1,
+        f: go::json_marshal,
+    },
+    Builtin {
+        name: "json.marshal_with_options",
+        nargs: 2,
+        f: go::json_marshal_with_options,
+    },
+    Builtin {
+        name: "glob.quote_meta",
+        nargs: 1,
+        f: go::glob_quote_meta,
+    },
+    Builtin {
+        name: "time.parse_duration_ns",
+        nargs: 1,
+        f: go::parse_duration_ns,
+    },
+    Builtin {
+        name: "time.add_date",
+        nargs: 4,
+        f: go::add_date,
     },
     // Helpers of `rewrite` (names no OPA policy uses).
     Builtin {
