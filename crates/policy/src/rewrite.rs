@@ -14,6 +14,12 @@
 //!   on an undefined argument, as every call). `K, V in C` anywhere becomes
 //!   `__nexus_member_kv(K, V, C)`: the RVM ignores `K`.
 //!
+//! - `count(E)` where `E` is not a collection by its form (a comprehension, a
+//!   collection literal, or a partial set or object rule of the module) becomes
+//!   `__nexus_count(E)`: OPA counts a string's runes, regorus its UTF-16 units (an emoji
+//!   counts 2). Calls on a collection stay regorus's `count`, so a policy that counts
+//!   only collections (the reference one) makes no host call for it.
+//!
 //! Only in the interpreter's text: `some x in E` over a value that is not a collection
 //! is undefined in OPA (and in the RVM) but an error in regorus's interpreter; `E`
 //! becomes `__nexus_iter(E)` (the collection itself, or an empty array).
@@ -50,6 +56,8 @@ pub struct Rewritten {
     pub memberships: usize,
     /// `some x in E` made tolerant of a non-collection (interpreter).
     pub iterations: usize,
+    /// `count` calls on what may be a string, made nexus's (runes, as OPA).
+    pub counts: usize,
     /// Partial-object values moved into their bodies.
     pub partial_objects: usize,
     /// Comprehension heads that could not be guarded (line of each).
@@ -506,8 +514,66 @@ fn rewrite_terms(text: &str, ast: &Ast, targets: Targets) -> Rewritten {
         edits.push(insert(ce, ")"));
         out.memberships += 1;
     }
+    count_calls(text, ast, &mut edits, &mut out);
     out.text = apply(text, edits);
     out
+}
+
+/// `count(E)` → `__nexus_count(E)` unless `E` is a collection by its form (see the
+/// module doc).
+fn count_calls(text: &str, ast: &Ast, edits: &mut Vec<Edit>, out: &mut Rewritten) {
+    // Partial set and object rules of this module: their value is a collection.
+    let mut collections: Vec<&str> = Vec::new();
+    for rule in &ast.policy {
+        if let Rule::Spec { head, .. } = rule.as_ref() {
+            let refr = match head {
+                RuleHead::Set { refr, .. } => refr,
+                RuleHead::Compr { refr, .. } => match refr.as_ref() {
+                    Expr::RefBrack { refr, .. } => refr,
+                    _ => continue,
+                },
+                RuleHead::Func { .. } => continue,
+            };
+            if let Expr::Var { span, .. } = refr.as_ref() {
+                collections.push(span.text());
+            }
+        }
+    }
+    let mut calls = Vec::new();
+    for rule in &ast.policy {
+        each_rule_expr(rule, &mut |e| {
+            if let Expr::Call { fcn, params, .. } = e
+                && let Expr::Var { span, .. } = fcn.as_ref()
+                && span.text() == "count"
+                && let [arg] = params.as_slice()
+            {
+                let collection = match arg.as_ref() {
+                    Expr::Array { .. }
+                    | Expr::Set { .. }
+                    | Expr::Object { .. }
+                    | Expr::ArrayCompr { .. }
+                    | Expr::SetCompr { .. }
+                    | Expr::ObjectCompr { .. } => true,
+                    Expr::Var { span, .. } => collections.contains(&span.text()),
+                    _ => false,
+                };
+                if !collection {
+                    calls.push(span.start);
+                }
+            }
+        });
+    }
+    for at in calls {
+        if text.get(at as usize..at as usize + 5) == Some("count") {
+            edits.push(Edit {
+                at: at as usize,
+                delete: 5,
+                text: "__nexus_count".into(),
+                order: 0,
+            });
+            out.counts += 1;
+        }
+    }
 }
 
 /// Applies `edits` to `text`: in offset order, at one offset by `order` then as made;
@@ -1014,6 +1080,25 @@ mod spans {
         assert_eq!(
             r("package t\n\nx if { r := \"a\"; not startswith(input.p, \"/x\") }\n"),
             "package t\n\nx if { r := \"a\"; [__nexus_n1] := [input.p]; not startswith(input.p, \"/x\") }\n"
+        );
+    }
+
+    #[test]
+    fn count_of_what_may_be_a_string_is_nexuss() {
+        let r = |t: &str| super::interpreter_text("p.rego", t);
+        assert_eq!(
+            r("package t\n\nx := count(input.s)\n\ny := count(f(1))\n\nf(a) := a\n"),
+            "package t\n\nx := __nexus_count(input.s)\n\ny := __nexus_count(f(1))\n\nf(a) := a\n"
+        );
+        // Collections by their form keep regorus's count: no host call.
+        let kept = "package t\n\ndeny contains \"a\" if input.x\n\nm[k] := 1 if some k in input.ks\n\nx := [count(deny), count(m), count([1]), count({1}), count({\"a\": 1}), count([y | some y in input.ys]), count({y | some y in input.ys}), count({y: 1 | some y in input.ys})]\n";
+        assert!(!r(kept).contains("__nexus_count"), "{}", r(kept));
+        assert_eq!(r(kept).matches("count(").count(), 8);
+        // Inside a negation: the guard copies the operand as written (it only checks
+        // that it is defined, which both counts agree on); the comparison is nexus's.
+        assert_eq!(
+            r("package t\n\nx if { not count(input.s) > 2 }\n"),
+            "package t\n\nx if { [__nexus_n1] := [count(input.s)]; not __nexus_count(input.s) > 2 }\n"
         );
     }
 }

@@ -7,6 +7,8 @@
 //!   `*`.
 //! - `time.parse_duration_ns`: Go's `time.ParseDuration` grammar with OPA's extra units
 //!   `d` (24h), `w` (7d) and `y` (365d); regorus has no `d`, `w` or `y`.
+//! - `count` of a string (through `__nexus_count`, see `rewrite`): Go counts runes,
+//!   regorus UTF-16 units.
 //! - `time.add_date`: Go's `Time.AddDate` normalizes an overflowing date (January 31 plus
 //!   one month is March 3, or 2 in a leap year); regorus clamps to the month's last day.
 //!
@@ -264,6 +266,22 @@ pub(super) fn add_date(args: &[Value]) -> Result<Value> {
     let ns = int_arg(args, 0)?;
     let (years, months, days) = (int_arg(args, 1)?, int_arg(args, 2)?, int_arg(args, 3)?);
     Ok(Value::from(go_add_date(ns, years, months, days)?))
+}
+
+/// `count(x)` where `x` may be a string (`rewrite` calls it for those only): Go counts
+/// a string's runes (`utf8.RuneCountInString`), regorus its UTF-16 units.
+pub(super) fn count(args: &[Value]) -> Result<Value> {
+    Ok(Value::from(match args.first() {
+        Some(Value::String(s)) => s.chars().count(),
+        Some(Value::Array(a)) => a.len(),
+        Some(Value::Set(s)) => s.len(),
+        Some(Value::Object(o)) => o.len(),
+        Some(other) => bail!(
+            "operand 1 must be one of {{array, object, set, string}} but got {}",
+            type_name(other)
+        ),
+        None => bail!("missing operand 1"),
+    }))
 }
 
 #[cfg(test)]

@@ -268,6 +268,11 @@ const BUILTINS: &[Builtin] = &[
         nargs: 1,
         f: fixes::iter,
     },
+    Builtin {
+        name: "__nexus_count",
+        nargs: 1,
+        f: go::count,
+    },
 ];
 
 /// The names of the builtins nexus adds to regorus.
