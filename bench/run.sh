@@ -401,10 +401,11 @@ oha_target() {
 
 # run_targets: every target warmed up, then ROUNDS rounds; in each round every target
 # gets a fixed-rate run (latency, RSS, CPU) and an unthrottled run (max rps), in
-# turn, so background noise on the shared cores spreads over all targets. The report
-# shows the median over rounds.
+# turn, so background noise on the shared cores spreads over all targets. Each round
+# starts one target further along (round 2 with the second, ...), so that no target
+# always runs right after the same one. The report shows the median over rounds.
 run_targets() {
-  local name round pids w lc=()
+  local name round pids w i order lc=()
   [[ $OHA_LATENCY_CORRECTION == 1 ]] && lc=(--latency-correction)
   for name in "${TARGETS[@]}"; do
     rss_snapshot "${TARGET_PIDS[$name]:-}" "$WORK/$name.idle.json"
@@ -412,7 +413,11 @@ run_targets() {
     oha_target "$name" "$WORK/$name.warmup.json" "$WARMUP_S" -z "${WARMUP_S}s" -q "$RATE"
   done
   for ((round = 1; round <= ROUNDS; round++)); do
-    for name in "${TARGETS[@]}"; do
+    order=()
+    for ((i = 0; i < ${#TARGETS[@]}; i++)); do
+      order+=("${TARGETS[(i + round - 1) % ${#TARGETS[@]}]}")
+    done
+    for name in "${order[@]}"; do
       pids=${TARGET_PIDS[$name]:-} w="$WORK/$name.$round"
       log "round $round/$ROUNDS, $name: $DURATION at $RATE rps"
       sampled "$pids" "$w.rate-sample.json" \
@@ -420,7 +425,7 @@ run_targets() {
       "$PY" "$LIB" row "$RESULTS" "$name" "$RATE rps" "$w.rate.json"
       rss_snapshot "$pids" "$w.after-rate.json"
     done
-    for name in "${TARGETS[@]}"; do
+    for name in "${order[@]}"; do
       pids=${TARGET_PIDS[$name]:-} w="$WORK/$name.$round"
       log "round $round/$ROUNDS, $name: $DURATION unthrottled"
       sampled "$pids" "$w.max-sample.json" \

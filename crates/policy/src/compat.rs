@@ -471,6 +471,7 @@ pub fn check(bundle: &Bundle) -> Vec<Finding> {
         };
         let _ = is_test;
         check_module(&ast, &mut out);
+        check_reserved_names(&ast, &mut out);
         asts.push(ast);
     }
     check_recursion(&asts, &mut out);
@@ -810,31 +811,51 @@ fn check_negated_conflicts(asts: &[Ast], out: &mut Vec<Finding>) {
 
 /// Rules that depend on themselves: OPA refuses them at compile time (recursion
 /// error); regorus recurses until the process's stack overflows, which aborts it.
+/// The name a rule defines (the root of its head's ref) and where it is written.
+fn rule_name(rule: &Rule) -> Option<(String, regorus::unstable::Span)> {
+    let refr = match rule {
+        Rule::Spec { head, .. } => match head {
+            RuleHead::Compr { refr, .. }
+            | RuleHead::Set { refr, .. }
+            | RuleHead::Func { refr, .. } => refr,
+        },
+        Rule::Default { refr, .. } => refr,
+    };
+    let mut root = refr.as_ref();
+    while let Expr::RefDot { refr, .. } | Expr::RefBrack { refr, .. } = root {
+        root = refr;
+    }
+    match root {
+        Expr::Var { value, span, .. } => Some((value.as_string().ok()?.to_string(), span.clone())),
+        _ => None,
+    }
+}
+
+/// Rules named `__nexus_*`: the names of nexus's rewrites and helper builtins
+/// (`rewrite`), which a policy's own rule would shadow or be shadowed by.
+fn check_reserved_names(ast: &Ast, out: &mut Vec<Finding>) {
+    for rule in &ast.policy {
+        if let Some((name, span)) = rule_name(rule)
+            && name.starts_with("__nexus_")
+        {
+            out.push(Finding {
+                location: location(&span),
+                severity: Severity::Error,
+                construct: format!("a rule named `{name}`"),
+                opa: "evaluate it".into(),
+                nexus: "reserves names that start with `__nexus_` for its own rewrites and \
+                        builtins: the policy is refused at load; rename the rule"
+                    .into(),
+            });
+        }
+    }
+}
+
 fn check_recursion(asts: &[Ast], out: &mut Vec<Finding>) {
     use std::collections::BTreeMap;
     // "pkg.rule" -> (where, the "pkg.rule"s it refers to)
     let mut graph: BTreeMap<String, (Location, BTreeSet<String>)> = BTreeMap::new();
     let package_of = |ast: &Ast| dotted(&ast.package.refr).unwrap_or_default();
-    let rule_name = |rule: &Rule| -> Option<(String, regorus::unstable::Span)> {
-        let refr = match rule {
-            Rule::Spec { head, .. } => match head {
-                RuleHead::Compr { refr, .. }
-                | RuleHead::Set { refr, .. }
-                | RuleHead::Func { refr, .. } => refr,
-            },
-            Rule::Default { refr, .. } => refr,
-        };
-        let mut root = refr.as_ref();
-        while let Expr::RefDot { refr, .. } | Expr::RefBrack { refr, .. } = root {
-            root = refr;
-        }
-        match root {
-            Expr::Var { value, span, .. } => {
-                Some((value.as_string().ok()?.to_string(), span.clone()))
-            }
-            _ => None,
-        }
-    };
     let mut names_by_package: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
     for ast in asts {
         let package = package_of(ast);
@@ -998,6 +1019,22 @@ mod tests {
         );
         assert!(
             f[2].contains("p.rego:11:") && f[2].contains(": error: `strings.render_template`"),
+            "{f:?}"
+        );
+    }
+
+    #[test]
+    fn rules_named_like_nexuss_rewrites_are_refused() {
+        let f = findings(
+            "package t\n\nx := count(input.s)\n\n__nexus_count(s) := 0\n\n__nexus_g1 contains 1\n",
+        );
+        assert_eq!(f.len(), 2, "{f:?}");
+        assert!(
+            f[0].contains("p.rego:5:") && f[0].contains(": error: a rule named `__nexus_count`"),
+            "{f:?}"
+        );
+        assert!(
+            f[1].contains("p.rego:7:") && f[1].contains("`__nexus_g1`"),
             "{f:?}"
         );
     }
