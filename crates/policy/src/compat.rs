@@ -1023,6 +1023,39 @@ mod tests {
         );
     }
 
+    /// `with count as ...` names regorus's `count`: a bundle that uses it keeps every
+    /// `count` call regorus's, so the replacement still reaches them all.
+    #[test]
+    fn a_test_that_replaces_count_still_replaces_it() {
+        let policy = (
+            "p.rego",
+            "package t\n\nimport rego.v1\n\nn := count(input.s)\n",
+        );
+        let test = (
+            "p_test.rego",
+            "package t_test\n\nimport rego.v1\n\nimport data.t\n\nmock(_) := 42\n\ntest_mocked if t.n == 42 with count as mock with input as {\"s\": \"ab\"}\n\ntest_real if t.n == 2 with input as {\"s\": \"ab\"}\n",
+        );
+        let mocked = bundle(&[policy, test]);
+        assert!(!crate::rewrite::counts_runes(&mocked));
+        let report = crate::testing::run_tests(&mocked, false, None).unwrap();
+        assert_eq!(report.results.len(), 2);
+        assert_eq!(report.failed().count(), 0, "{:?}", report.results);
+        // Without the replacement, a string's runes are counted.
+        let plain = bundle(&[
+            (
+                "p.rego",
+                "package t\n\nimport rego.v1\n\nn := count(input.s)\n",
+            ),
+            (
+                "p_test.rego",
+                "package t_test\n\nimport rego.v1\n\nimport data.t\n\ntest_runes if t.n == 2 with input as {\"s\": \"a\u{1F600}\"}\n",
+            ),
+        ]);
+        assert!(crate::rewrite::counts_runes(&plain));
+        let report = crate::testing::run_tests(&plain, false, None).unwrap();
+        assert_eq!(report.failed().count(), 0, "{:?}", report.results);
+    }
+
     #[test]
     fn rules_named_like_nexuss_rewrites_are_refused() {
         let f = findings(

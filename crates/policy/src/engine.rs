@@ -233,8 +233,9 @@ fn engine_with_data(
     } else {
         [].iter()
     });
+    let count = crate::rewrite::counts_runes(bundle);
     for module in modules {
-        let text = crate::rewrite::interpreter_text(&module.path, &module.text);
+        let text = crate::rewrite::interpreter_text(&module.path, &module.text, count);
         add_policy(&mut engine, &module.path, &text)?;
     }
     engine
@@ -623,10 +624,11 @@ fn build_rvm(
 ) -> Result<Result<Rvm, String>, PolicyError> {
     let mut engine = new_engine()?;
     let mut called = std::collections::BTreeSet::new();
+    let count = crate::rewrite::counts_runes(bundle);
     for module in &bundle.modules {
         let text = match crate::compat::parse(&module.path, &module.text) {
             Some(ast) => {
-                let rewritten = crate::rewrite::for_rvm(&module.text, &ast);
+                let rewritten = crate::rewrite::for_rvm(&module.text, &ast, count);
                 report.guarded_assignments += rewritten.assignments;
                 report.guarded_comprehensions += rewritten.comprehensions;
                 report.guarded_negations += rewritten.negations;

@@ -18,7 +18,8 @@
 //!   collection literal, or a partial set or object rule of the module) becomes
 //!   `__nexus_count(E)`: OPA counts a string's runes, regorus its UTF-16 units (an emoji
 //!   counts 2). Calls on a collection stay regorus's `count`, so a policy that counts
-//!   only collections (the reference one) makes no host call for it.
+//!   only collections (the reference one) makes no host call for it. Not in a bundle that
+//!   replaces `count` (`with count as ...`): see [`counts_runes`].
 //!
 //! Only in the interpreter's text: `some x in E` over a value that is not a collection
 //! is undefined in OPA (and in the RVM) but an error in regorus's interpreter; `E`
@@ -306,23 +307,35 @@ fn index_refs<'a>(e: &'a Expr, out: &mut Vec<&'a Expr>) {
 #[derive(Clone, Copy)]
 struct Targets {
     rvm: bool,
+    /// Make `count` of what may be a string nexus's (see [`counts_runes`]).
+    count: bool,
 }
 
-/// Rewrites `text` (parsed as `ast`) for the RVM.
-pub fn for_rvm(text: &str, ast: &Ast) -> Rewritten {
-    rewrite(text, ast, Targets { rvm: true })
+/// Whether `count` calls of `bundle` may become `__nexus_count`: not when a module or a
+/// test replaces `count` with `with count as ...` (the replacement names regorus's
+/// `count`, so a renamed call would escape it and the test would fail).
+pub fn counts_runes(bundle: &crate::Bundle) -> bool {
+    !bundle.modules.iter().chain(&bundle.tests).any(|m| {
+        let words: Vec<&str> = m.text.split_whitespace().collect();
+        words.windows(3).any(|w| w == ["with", "count", "as"])
+    })
+}
+
+/// Rewrites `text` (parsed as `ast`) for the RVM; `count`: see [`counts_runes`].
+pub fn for_rvm(text: &str, ast: &Ast, count: bool) -> Rewritten {
+    rewrite(text, ast, Targets { rvm: true, count })
 }
 
 /// Rewrites `text` (parsed as `ast`) for the interpreter.
-pub fn for_interpreter(text: &str, ast: &Ast) -> Rewritten {
-    rewrite(text, ast, Targets { rvm: false })
+pub fn for_interpreter(text: &str, ast: &Ast, count: bool) -> Rewritten {
+    rewrite(text, ast, Targets { rvm: false, count })
 }
 
 /// The text a module is loaded with by the interpreter (`for_interpreter`), or the text
 /// itself when it does not parse (loading reports that).
-pub fn interpreter_text(path: &str, text: &str) -> String {
+pub fn interpreter_text(path: &str, text: &str, count: bool) -> String {
     match crate::compat::parse(path, text) {
-        Some(ast) => for_interpreter(text, &ast).text,
+        Some(ast) => for_interpreter(text, &ast, count).text,
         None => text.to_string(),
     }
 }
@@ -514,7 +527,9 @@ fn rewrite_terms(text: &str, ast: &Ast, targets: Targets) -> Rewritten {
         edits.push(insert(ce, ")"));
         out.memberships += 1;
     }
-    count_calls(text, ast, &mut edits, &mut out);
+    if targets.count {
+        count_calls(text, ast, &mut edits, &mut out);
+    }
     out.text = apply(text, edits);
     out
 }
@@ -989,11 +1004,11 @@ mod tests {
 
     fn rewrite(text: &str) -> String {
         let ast = crate::compat::parse("p.rego", text).unwrap();
-        for_rvm(text, &ast).text
+        for_rvm(text, &ast, true).text
     }
 
     fn interp(text: &str) -> String {
-        interpreter_text("p.rego", text)
+        interpreter_text("p.rego", text, true)
     }
 
     #[test]
@@ -1048,7 +1063,7 @@ mod tests {
 mod spans {
     #[test]
     fn a_statement_ending_in_a_string_keeps_its_quote() {
-        let r = |t: &str| super::interpreter_text("p.rego", t);
+        let r = |t: &str| super::interpreter_text("p.rego", t, true);
         assert_eq!(
             r("package t\n\nr := input.a if {\n\t\"w\" != \"d\"\n} else := 1\n"),
             "package t\n\nr := __nexus_e0_0 if {\n\t\"w\" != \"d\"; __nexus_e0_0 := input.a\n} else := 1\n"
@@ -1057,7 +1072,7 @@ mod spans {
 
     #[test]
     fn an_undefined_value_takes_the_else_branch() {
-        let r = |t: &str| super::interpreter_text("p.rego", t);
+        let r = |t: &str| super::interpreter_text("p.rego", t, true);
         assert_eq!(
             r(
                 "package t\n\nr := input.a if {\n\tinput.x\n} else := input.b if {\n\tinput.y\n} else := \"none\"\n"
@@ -1068,7 +1083,7 @@ mod spans {
 
     #[test]
     fn collections_and_strings_keep_their_delimiters() {
-        let r = |t: &str| super::interpreter_text("p.rego", t);
+        let r = |t: &str| super::interpreter_text("p.rego", t, true);
         assert_eq!(
             r("package t\n\nx := {k: v | some k, v in {\"a\": 1, \"b\": 2}; v > 1}\n"),
             "package t\n\nx := {k: v | some k, v in __nexus_iter({\"a\": 1, \"b\": 2}); v > 1}\n"
@@ -1085,7 +1100,7 @@ mod spans {
 
     #[test]
     fn count_of_what_may_be_a_string_is_nexuss() {
-        let r = |t: &str| super::interpreter_text("p.rego", t);
+        let r = |t: &str| super::interpreter_text("p.rego", t, true);
         assert_eq!(
             r("package t\n\nx := count(input.s)\n\ny := count(f(1))\n\nf(a) := a\n"),
             "package t\n\nx := __nexus_count(input.s)\n\ny := __nexus_count(f(1))\n\nf(a) := a\n"

@@ -191,8 +191,9 @@ pub(crate) fn test_inputs(bundle: &Bundle, data: &Value, limit: usize) -> Vec<Va
     if registered.is_err() {
         return Vec::new();
     }
+    let count = crate::rewrite::counts_runes(bundle);
     for module in &bundle.modules {
-        let text = crate::rewrite::interpreter_text(&module.path, &module.text);
+        let text = crate::rewrite::interpreter_text(&module.path, &module.text, count);
         if engine.add_policy(module.path.clone(), text).is_err() {
             return Vec::new();
         }
