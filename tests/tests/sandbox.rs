@@ -188,8 +188,26 @@ fn wait_with_timeout(mut child: Child, timeout: Duration) -> Run {
             break status;
         }
         if Instant::now() > deadline {
+            // What every process of the tree was doing, for a hang that does not repeat.
+            let tree = Command::new("ps")
+                .args(["-eo", "pid,ppid,stat,wchan:32,args"])
+                .output()
+                .map(|o| {
+                    let pid = child.id().to_string();
+                    String::from_utf8_lossy(&o.stdout)
+                        .lines()
+                        .filter(|l| {
+                            let f: Vec<&str> = l.split_whitespace().collect();
+                            f.first() == Some(&pid.as_str()) || f.get(1) == Some(&pid.as_str())
+                        })
+                        .collect::<Vec<_>>()
+                        .join("\n")
+                })
+                .unwrap_or_default();
             let _ = child.kill();
-            panic!("timed out after {timeout:?}");
+            let _ = child.wait();
+            let stderr = stderr.join().unwrap_or_default();
+            panic!("timed out after {timeout:?}; processes:\n{tree}\nstderr:\n{stderr}");
         }
         std::thread::sleep(Duration::from_millis(10));
     };
