@@ -809,10 +809,8 @@ fn check_negated_conflicts(asts: &[Ast], out: &mut Vec<Finding>) {
     }
 }
 
-/// Rules that depend on themselves: OPA refuses them at compile time (recursion
-/// error); regorus recurses until the process's stack overflows, which aborts it.
 /// The name a rule defines (the root of its head's ref) and where it is written.
-fn rule_name(rule: &Rule) -> Option<(String, regorus::unstable::Span)> {
+pub(crate) fn rule_name(rule: &Rule) -> Option<(String, regorus::unstable::Span)> {
     let refr = match rule {
         Rule::Spec { head, .. } => match head {
             RuleHead::Compr { refr, .. }
@@ -851,6 +849,8 @@ fn check_reserved_names(ast: &Ast, out: &mut Vec<Finding>) {
     }
 }
 
+/// Rules that depend on themselves: OPA refuses them at compile time (recursion
+/// error); regorus recurses until the process's stack overflows, which aborts it.
 fn check_recursion(asts: &[Ast], out: &mut Vec<Finding>) {
     use std::collections::BTreeMap;
     // "pkg.rule" -> (where, the "pkg.rule"s it refers to)

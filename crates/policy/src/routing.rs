@@ -47,24 +47,9 @@ fn package_of(ast: &Ast) -> String {
     dotted(&ast.package.refr).unwrap_or_default()
 }
 
-/// The name a rule defines (the root of its head ref) and its span.
+/// The name a rule defines (the root of its head ref).
 fn rule_root(rule: &Rule) -> Option<String> {
-    let refr = match rule {
-        Rule::Spec { head, .. } => match head {
-            RuleHead::Compr { refr, .. }
-            | RuleHead::Set { refr, .. }
-            | RuleHead::Func { refr, .. } => refr,
-        },
-        Rule::Default { refr, .. } => refr,
-    };
-    let mut root = refr.as_ref();
-    while let Expr::RefDot { refr, .. } | Expr::RefBrack { refr, .. } = root {
-        root = refr;
-    }
-    match root {
-        Expr::Var { value, .. } => value.as_string().ok().map(|s| s.to_string()),
-        _ => None,
-    }
+    crate::compat::rule_name(rule).map(|(name, _)| name)
 }
 
 /// Whether a head ref has a variable (not a string literal) in brackets.
