@@ -188,25 +188,31 @@ fn wait_with_timeout(mut child: Child, timeout: Duration) -> Run {
             break status;
         }
         if Instant::now() > deadline {
-            // What every process of the tree was doing, for a hang that does not repeat.
-            let tree = Command::new("ps")
+            // What every process of the tree was doing, for a hang that does not repeat;
+            // then the launcher's children are killed too (they hold the pipes open).
+            let pid = child.id().to_string();
+            let listing = Command::new("ps")
                 .args(["-eo", "pid,ppid,stat,wchan:32,args"])
                 .output()
-                .map(|o| {
-                    let pid = child.id().to_string();
-                    String::from_utf8_lossy(&o.stdout)
-                        .lines()
-                        .filter(|l| {
-                            let f: Vec<&str> = l.split_whitespace().collect();
-                            f.first() == Some(&pid.as_str()) || f.get(1) == Some(&pid.as_str())
-                        })
-                        .collect::<Vec<_>>()
-                        .join("\n")
-                })
+                .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
                 .unwrap_or_default();
+            let tree: Vec<&str> = listing
+                .lines()
+                .filter(|l| {
+                    let f: Vec<&str> = l.split_whitespace().collect();
+                    f.first() == Some(&pid.as_str()) || f.get(1) == Some(&pid.as_str())
+                })
+                .collect();
+            for line in &tree {
+                let f: Vec<&str> = line.split_whitespace().collect();
+                if f.get(1) == Some(&pid.as_str()) {
+                    let _ = Command::new("kill").args(["-KILL", f[0]]).status();
+                }
+            }
             let _ = child.kill();
             let _ = child.wait();
             let stderr = stderr.join().unwrap_or_default();
+            let tree = tree.join("\n");
             panic!("timed out after {timeout:?}; processes:\n{tree}\nstderr:\n{stderr}");
         }
         std::thread::sleep(Duration::from_millis(10));
@@ -701,17 +707,38 @@ print("model ok", hashlib.sha256(json.dumps({"c": "c-flood-17"}).encode()).hexdi
     }
 }
 
+/// Also with the launcher started with the signals ignored (as under `nohup`, or by a
+/// supervisor that ignores them): the ignored disposition would pass on to the plugin
+/// through exec, and the plugin would sleep through every forwarded signal.
 #[test]
 fn signals_are_forwarded_and_the_launcher_exits_like_the_child() {
     let w = world("signals");
-    for (signal, name, code) in [
+    let cases = [
         (libc_sig::TERM, "TERM", 143),
         (libc_sig::HUP, "HUP", 129),
         (libc_sig::USR1, "USR1", 138),
-    ] {
-        let mut child = launcher(&w, &default_profile(), None, &["wait"])
-            .spawn()
-            .expect("start");
+    ];
+    for ((signal, name, code), ignored) in cases.iter().flat_map(|c| [(*c, false), (*c, true)]) {
+        let plain = launcher(&w, &default_profile(), None, &["wait"]);
+        let mut command = if ignored {
+            // `trap ''` ignores them; `exec` keeps the pid, so the signal below reaches
+            // the launcher itself.
+            let mut shell = Command::new("sh");
+            shell
+                .arg("-c")
+                .arg("trap '' HUP TERM USR1; exec \"$@\"")
+                .arg("sh")
+                .arg(plain.get_program())
+                .args(plain.get_args())
+                .stdin(Stdio::null())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped());
+            plugin_env(&mut shell, &w);
+            shell
+        } else {
+            plain
+        };
+        let mut child = command.spawn().expect("start");
         let mut stdout = child.stdout.take().expect("stdout");
         // Wait for "ready" from the probe (it blocks in sleep after printing it).
         let mut seen = String::new();
@@ -729,7 +756,11 @@ fn signals_are_forwarded_and_the_launcher_exits_like_the_child() {
             .expect("kill");
         assert!(status.success());
         let run = wait_with_timeout(child, Duration::from_secs(20));
-        assert_eq!(run.code, code, "SIG{name} ({signal}): {}", run.stderr);
+        assert_eq!(
+            run.code, code,
+            "SIG{name} ({signal}), ignored by the launcher's parent: {ignored}: {}",
+            run.stderr
+        );
     }
 }
 

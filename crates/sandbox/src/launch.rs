@@ -6,7 +6,8 @@
 //! fork time. Once the plugin runs, a connect the launcher performs for it may get a
 //! thread of its own (see [`crate::emulate`]); nothing forks after that.
 //!
-//! Order in the child, after fork: empty signal mask → setsid (no controlling terminal) →
+//! Order in the child, after fork: empty signal mask, default actions for the forwarded
+//! signals → setsid (no controlling terminal) →
 //! close-on-exec every descriptor above 2 but `keep_fds` → Landlock (sets no_new_privs) →
 //! drop every capability (bounding set included, so root gets none back at exec) →
 //! seccomp filters (the notification filter with a listener, the lock last) → the
@@ -350,6 +351,10 @@ impl ChildSetup {
             std::io::Error::from_raw_os_error(libc::EPERM)
         };
         sys::unblock_all_signals().map_err(|e| fail(&format!("signal mask: {e}")))?;
+        // The forwarded signals end the plugin as they would end it without the
+        // launcher, whatever the launcher itself was started with.
+        sys::default_dispositions(FORWARDED)
+            .map_err(|e| fail(&format!("signal dispositions: {e}")))?;
         // No controlling terminal: nothing typed into the plugin's terminal from inside.
         sys::setsid().map_err(|e| fail(&format!("setsid: {e}")))?;
         // Only stdio and the descriptors the profile names reach the plugin.

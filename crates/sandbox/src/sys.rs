@@ -51,6 +51,22 @@ pub fn unblock_all_signals() -> io::Result<()> {
     Ok(())
 }
 
+/// Restores the default action of `signals` (in the child: a launcher started with a
+/// signal ignored, e.g. under `nohup`, would otherwise pass the ignored disposition on
+/// through exec, and the plugin would not end on the signals the launcher forwards).
+/// `sigaction` is async-signal-safe: callable between fork and exec.
+pub fn default_dispositions(signals: &[i32]) -> io::Result<()> {
+    for &signal in signals {
+        // SAFETY: a zeroed sigaction with SIG_DFL is a valid action; the old one is not
+        // wanted.
+        let mut action: libc::sigaction = unsafe { std::mem::zeroed() };
+        action.sa_sigaction = libc::SIG_DFL;
+        // SAFETY: `action` is initialised; `signal` is a catchable signal number.
+        cvt(unsafe { libc::sigaction(signal, &action, std::ptr::null_mut()) })?;
+    }
+    Ok(())
+}
+
 /// Reads one pending signal from a non-blocking signalfd.
 pub fn read_signal(fd: &OwnedFd) -> io::Result<Option<i32>> {
     // SAFETY: signalfd_siginfo is plain data.
