@@ -1,9 +1,10 @@
 //! Execution records: one hash-chained JSON line per proxied request.
 //!
 //! The proxy fills a [`RecordDraft`] (hashing bodies with [`BodyDigest`] as the frames
-//! stream by) and hands it to a [`Recorder`]. The recorder never blocks the request: it
-//! pushes onto a bounded queue, and one writer thread assigns each record its sequence
-//! number and chain hash, writes it to the [`Sink`] and flushes. A full queue drops the
+//! stream by) and hands it to a [`Recorder`]. The recorder never blocks the request: the
+//! request's thread writes the record's fields (all but the chain fields) into a bounded
+//! queue, and one writer thread assigns each record its sequence number and chain hash,
+//! writes it to the [`Sink`] and flushes. A full queue drops the
 //! record, counts it and logs it (rate-limited); in `strict` mode the proxy asks
 //! [`Recorder::is_healthy`] before forwarding and awaits [`Recorder::record_strict`].
 //! [`verify()`] (and `nexusctl audit verify`) checks a chain and names its first broken

@@ -181,62 +181,34 @@ pub fn rfc3339_unix_ms(ms: u64) -> String {
         .unwrap_or_default()
 }
 
-impl ExecutionRecord {
-    fn from_draft(seq: u64, prev_hash: String, sidecar: String, draft: RecordDraft) -> Self {
-        // Rounded to whole microseconds so the number prints and parses back to the same
-        // text in any JSON library (a short decimal, never an exponent).
-        let latency_ms = if draft.latency_ms.is_finite() && draft.latency_ms > 0.0 {
-            (draft.latency_ms * 1000.0).round() / 1000.0
-        } else {
-            0.0
-        };
-        Self {
-            seq,
-            prev_hash,
-            hash: GENESIS_HASH.to_owned(),
-            sidecar,
-            decision_id: draft.decision_id,
-            time: draft.time,
-            direction: draft.direction,
-            source: draft.source,
-            destination: draft.destination,
-            clause: draft.clause,
-            execution_id: draft.execution_id,
-            method: draft.method,
-            path: draft.path,
-            status: draft.status,
-            decision: draft.decision,
-            reasons: draft.reasons,
-            policy_revision: draft.policy_revision,
-            request_sha256: draft.request_sha256,
-            request_bytes: draft.request_bytes,
-            response_sha256: draft.response_sha256,
-            response_bytes: draft.response_bytes,
-            latency_ms,
-            trace_id: draft.trace_id,
-            cached: draft.cached,
-            plugin_uid: draft.plugin_uid,
-            plugin_version: draft.plugin_version,
-            image_digest: draft.image_digest,
-        }
+/// Rounded to whole microseconds so the number prints and parses back to the same text
+/// in any JSON library (a short decimal, never an exponent); non-finite or negative: 0.
+fn rounded_latency(ms: f64) -> f64 {
+    if ms.is_finite() && ms > 0.0 {
+        (ms * 1000.0).round() / 1000.0
+    } else {
+        0.0
     }
+}
 
-    /// The record as the writer writes it: one line of compact JSON, without the `\n`.
-    pub fn to_line(&self) -> String {
-        // Serializing strings, integers and finite floats cannot fail; a non-finite float
-        // would become `null`, which `from_draft` rules out.
-        serde_json::to_string(self).unwrap_or_default()
-    }
-
-    /// [`Self::to_line`]'s bytes, written field by field in declaration order: the
-    /// same bytes as serde_json's (`a_written_line_is_serde_jsons` checks it on
-    /// generated records), at a fraction of the cost. The writer thread serializes
-    /// every record, and serde_json's string escaping looks at each byte on its own; here
-    /// a string with nothing to escape (nearly all of them) is one check and one copy.
-    pub(crate) fn write_line(&self, out: &mut Vec<u8>) -> Result<(), serde_json::Error> {
+impl RecordDraft {
+    /// The record's line after its chain fields, `"sidecar":...}`, as `sidecar`
+    /// records it: the bytes serde_json writes for those fields of the
+    /// [`ExecutionRecord`] (`a_sealed_line_is_serde_jsons` checks it on generated
+    /// records), written field by field at a fraction of the cost (a string with nothing
+    /// to escape, nearly all of them, is one check and one copy). The request's own thread
+    /// writes it, so the draft's strings never cross threads; the writer only puts the
+    /// chain fields before it ([`seal_body`]).
+    pub(crate) fn write_body(
+        &self,
+        sidecar: &str,
+        out: &mut Vec<u8>,
+    ) -> Result<(), serde_json::Error> {
         let mut itoa = itoa::Buffer::new();
-        let key = |out: &mut Vec<u8>, name: &str| {
-            out.extend_from_slice(if out.is_empty() { b"{\"" } else { b",\"" });
+        let mut first = true;
+        let mut key = |out: &mut Vec<u8>, name: &str| {
+            out.extend_from_slice(if first { b"\"" } else { b",\"" });
+            first = false;
             out.extend_from_slice(name.as_bytes());
             out.extend_from_slice(b"\":");
         };
@@ -260,14 +232,8 @@ impl ExecutionRecord {
                 Ok(())
             }
         };
-        key(out, "seq");
-        out.extend_from_slice(itoa.format(self.seq).as_bytes());
-        key(out, "prev_hash");
-        text(out, &self.prev_hash)?;
-        key(out, "hash");
-        text(out, &self.hash)?;
         key(out, "sidecar");
-        text(out, &self.sidecar)?;
+        text(out, sidecar)?;
         key(out, "decision_id");
         text(out, &self.decision_id)?;
         key(out, "time");
@@ -310,8 +276,8 @@ impl ExecutionRecord {
         key(out, "response_bytes");
         out.extend_from_slice(itoa.format(self.response_bytes).as_bytes());
         key(out, "latency_ms");
-        // Floats as serde_json writes them (ryu; a non-finite one as null).
-        serde_json::to_writer(&mut *out, &self.latency_ms)?;
+        // Floats as serde_json writes them (ryu).
+        serde_json::to_writer(&mut *out, &rounded_latency(self.latency_ms))?;
         key(out, "trace_id");
         optional(out, &self.trace_id)?;
         if self.cached {
@@ -330,6 +296,15 @@ impl ExecutionRecord {
         }
         out.push(b'}');
         Ok(())
+    }
+}
+
+impl ExecutionRecord {
+    /// The record as the writer writes it: one line of compact JSON, without the `\n`.
+    pub fn to_line(&self) -> String {
+        // Serializing strings, integers and finite floats cannot fail; a non-finite float
+        // would become `null`, which the writer's rounding rules out.
+        serde_json::to_string(self).unwrap_or_default()
     }
 
     /// The chain hash of this record as it stands (whatever its `hash` field says).
@@ -365,25 +340,51 @@ pub(crate) struct ChainFields {
     pub(crate) hash: String,
 }
 
+/// Seals a record's body ([`RecordDraft::write_body`]) into its line (without `\n`)
+/// at `seq` after `prev_hash`: writes the line into `line` (cleared first) and returns
+/// the record's hash. The chain fields are written here and hashed together with the
+/// body, which is hashed as it is: no copy of it is parsed.
+pub(crate) fn seal_body(
+    seq: u64,
+    prev_hash: &str,
+    body: &[u8],
+    line: &mut Vec<u8>,
+) -> Result<String, serde_json::Error> {
+    if !is_hex64(prev_hash.as_bytes()) {
+        return Err(serde::ser::Error::custom(
+            "prev_hash is not 64 lowercase hex digits",
+        ));
+    }
+    line.clear();
+    line.extend_from_slice(b"{\"seq\":");
+    line.extend_from_slice(itoa::Buffer::new().format(seq).as_bytes());
+    line.extend_from_slice(b",\"prev_hash\":\"");
+    line.extend_from_slice(prev_hash.as_bytes());
+    line.extend_from_slice(HASH_END);
+    let mut context = Context::new(&SHA256);
+    context.update(prev_hash.as_bytes());
+    context.update(line);
+    context.update(body);
+    let hash = hex(context.finish().as_ref());
+    line.extend_from_slice(HASH_KEY);
+    line.extend_from_slice(hash.as_bytes());
+    line.extend_from_slice(HASH_END);
+    line.extend_from_slice(body);
+    Ok(hash)
+}
+
 /// Seals a draft into its line (without `\n`): returns the record's hash and the line.
+#[cfg(test)]
 pub(crate) fn seal(
     seq: u64,
     prev_hash: &str,
     sidecar: &str,
     draft: RecordDraft,
 ) -> Result<(String, Vec<u8>), serde_json::Error> {
-    let record = ExecutionRecord::from_draft(seq, prev_hash.to_owned(), sidecar.to_owned(), draft);
-    let mut line = Vec::with_capacity(1024);
-    record.write_line(&mut line)?;
-    let Some(member) = hash_member(&line) else {
-        return Err(serde::ser::Error::custom(
-            "prev_hash is not 64 lowercase hex digits",
-        ));
-    };
-    let hash = chain_hash(prev_hash, &line, member.clone());
-    // The placeholder is 64 zeros, the hash 64 hex digits: patch it in place.
-    let value = member.start + HASH_KEY.len()..member.end - HASH_END.len();
-    line[value].copy_from_slice(hash.as_bytes());
+    let mut body = Vec::new();
+    draft.write_body(sidecar, &mut body)?;
+    let mut line = Vec::new();
+    let hash = seal_body(seq, prev_hash, &body, &mut line)?;
     Ok((hash, line))
 }
 
@@ -444,11 +445,14 @@ fn expect(line: &[u8], pos: usize, literal: &[u8]) -> Option<usize> {
 }
 
 fn hex64(line: &[u8], pos: usize) -> Option<usize> {
-    let digits = line.get(pos..pos + 64)?;
-    digits
-        .iter()
-        .all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
-        .then_some(pos + 64)
+    is_hex64(line.get(pos..pos + 64)?).then_some(pos + 64)
+}
+
+fn is_hex64(digits: &[u8]) -> bool {
+    digits.len() == 64
+        && digits
+            .iter()
+            .all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
 }
 
 /// `hex(SHA-256(prev_hash || line without the hash member))`.
@@ -561,17 +565,47 @@ pub(crate) mod tests {
     }
 
     proptest::proptest! {
-        /// The hand-ordered writer writes serde_json's bytes (which `to_line`, `verify`
+        /// A sealed line is serde_json's bytes of the record (which `to_line`, `verify`
         /// and the gateway read), for any record: escapes, unicode, absent fields, any
-        /// float.
+        /// float; and its hash is the one `check_line` computes from those bytes.
         #[test]
-        fn a_written_line_is_serde_jsons(record in any_record()) {
+        fn a_sealed_line_is_serde_jsons(mut record in any_record(), prev in "[0-9a-f]{64}") {
+            record.prev_hash = prev;
+            record.latency_ms = rounded_latency(record.latency_ms);
+            let draft = RecordDraft {
+                decision_id: record.decision_id.clone(),
+                time: record.time.clone(),
+                direction: record.direction.clone(),
+                source: record.source.clone(),
+                destination: record.destination.clone(),
+                clause: record.clause.clone(),
+                execution_id: record.execution_id.clone(),
+                method: record.method.clone(),
+                path: record.path.clone(),
+                status: record.status,
+                decision: record.decision.clone(),
+                reasons: record.reasons.clone(),
+                policy_revision: record.policy_revision.clone(),
+                request_sha256: record.request_sha256.clone(),
+                request_bytes: record.request_bytes,
+                response_sha256: record.response_sha256.clone(),
+                response_bytes: record.response_bytes,
+                latency_ms: record.latency_ms,
+                trace_id: record.trace_id.clone(),
+                cached: record.cached,
+                plugin_uid: record.plugin_uid.clone(),
+                plugin_version: record.plugin_version.clone(),
+                image_digest: record.image_digest.clone(),
+            };
+            let mut body = Vec::new();
+            draft.write_body(&record.sidecar, &mut body).unwrap();
             let mut line = Vec::new();
-            record.write_line(&mut line).unwrap();
+            record.hash = seal_body(record.seq, &record.prev_hash, &body, &mut line).unwrap();
             proptest::prop_assert_eq!(
-                String::from_utf8(line).unwrap(),
+                String::from_utf8(line.clone()).unwrap(),
                 serde_json::to_string(&record).unwrap()
             );
+            proptest::prop_assert_eq!(check_line(&line).unwrap().hash, record.hash);
         }
     }
 

@@ -1,7 +1,12 @@
 //! The recorder: a cheap handle the proxy clones into every connection, over a bounded
 //! queue that one writer thread drains. Recording never waits: a full queue drops the
-//! record and counts it. The writer batches what is queued, seals each record into the
-//! chain, writes the batch with one call, and only then acknowledges it.
+//! record and counts it. The request's own thread writes the record's body (everything
+//! but the chain fields) straight into the queue's buffer, so a record crosses to the
+//! writer as bytes: the draft's strings are made and freed on one thread, and no
+//! per-record message is allocated, sent or freed across threads (that hand-off, not the
+//! sealing, was most of what records cost at full load: docs/benchmarks.md). The writer
+//! takes everything queued at once, seals each record into the chain, writes the batch
+//! with one call, and only then acknowledges it.
 //!
 //! The writer is a thread of its own (running a small current-thread runtime for its
 //! timers) because file writes and `fsync` block: on the proxy's runtime they would take
@@ -9,16 +14,15 @@
 
 use std::future::Future;
 use std::io;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
-use tokio::sync::mpsc::error::TrySendError;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{Notify, oneshot};
 
 use crate::error::{AuditError, RecordError};
-use crate::record::{RecordDraft, seal};
+use crate::record::{RecordDraft, seal_body};
 use crate::sink::{ChainHead, FileSink, RecordWriter, Sink, StdoutSink};
 
 /// Default queue capacity, in records.
@@ -33,6 +37,9 @@ pub const SYNC_INTERVAL: Duration = Duration::from_secs(1);
 const RETRY_INTERVAL: Duration = Duration::from_secs(1);
 /// Records written per batch (per `write(2)`), at most.
 const MAX_BATCH: usize = 1024;
+/// The queue's buffer is given back to the allocator when a burst grew it beyond this
+/// (its capacity is otherwise kept from batch to batch).
+const KEEP_BUFFER_BYTES: usize = 1 << 20;
 /// The largest queue accepted (the channel's limit is far above; this catches typos).
 const MAX_QUEUE_CAPACITY: usize = 1 << 24;
 /// Warnings about dropped or lost records: at most one per this interval.
@@ -109,16 +116,36 @@ pub struct AuditStats {
 
 type Ack<T> = oneshot::Sender<Result<T, RecordError>>;
 
-// Nearly every job is a record: boxing it would cost an allocation per record and save
-// nothing.
-#[allow(clippy::large_enum_variant)]
-enum Job {
-    Record {
-        draft: RecordDraft,
-        ack: Option<Ack<u64>>,
-    },
-    Flush(Ack<()>),
-    Shutdown(Ack<()>),
+/// What the requests' threads have handed to the writer and it has not taken yet.
+#[derive(Default)]
+struct Queue {
+    /// The records' bodies ([`RecordDraft::write_body`]), back to back.
+    bodies: Vec<u8>,
+    /// Per record: where its body ends in `bodies`, and who awaits it (strict mode).
+    records: Vec<(usize, Option<Ack<u64>>)>,
+    /// Waiters of `flush`: answered once what was queued before them is written.
+    flushes: Vec<Ack<()>>,
+    /// Waiters of `shutdown`.
+    shutdowns: Vec<Ack<()>>,
+    /// Records are refused once this is set: by `shutdown`, when the last handle is
+    /// dropped, or when the writer stopped.
+    closed: bool,
+    /// Someone waits (a strict record, a flush, a shutdown): the writer must not linger.
+    urgent: bool,
+}
+
+/// Closes the queue when the last [`Recorder`] handle is dropped, so that the writer
+/// writes what is left and stops.
+struct Handles(Arc<Shared>);
+
+impl Drop for Handles {
+    fn drop(&mut self) {
+        let mut queue = self.0.queue();
+        queue.closed = true;
+        queue.urgent = true;
+        drop(queue);
+        self.0.wake.notify_one();
+    }
 }
 
 /// A handle to the execution-record writer; clone it freely.
@@ -130,11 +157,16 @@ enum Job {
 /// was not written. Either way recording never waits for room in the queue.
 #[derive(Clone)]
 pub struct Recorder {
-    tx: mpsc::Sender<Job>,
     shared: Arc<Shared>,
+    _handles: Arc<Handles>,
 }
 
 struct Shared {
+    queue: Mutex<Queue>,
+    /// Wakes the writer: for the first record of a batch and for anyone who waits.
+    wake: Notify,
+    /// The recording sidecar's SPIFFE ID (each record's `sidecar`).
+    sidecar: String,
     mode: AuditMode,
     capacity: usize,
     written: AtomicU64,
@@ -196,8 +228,10 @@ impl Recorder {
             .enable_time()
             .build()
             .map_err(AuditError::Thread)?;
-        let (tx, rx) = mpsc::channel(queue_capacity);
         let shared = Arc::new(Shared {
+            queue: Mutex::new(Queue::default()),
+            wake: Notify::new(),
+            sidecar: sidecar.into(),
             mode,
             capacity: queue_capacity,
             written: AtomicU64::new(0),
@@ -210,7 +244,6 @@ impl Recorder {
         let writer = Writer {
             sink: writer,
             shared: shared.clone(),
-            sidecar: sidecar.into(),
             committed: head.clone(),
             head,
             pending: Vec::new(),
@@ -220,13 +253,18 @@ impl Recorder {
             last_error: None,
             disk_full: false,
             error_log: RateLimit::new(),
-            closing: Vec::new(),
+            taken: Queue::default(),
+            line: Vec::with_capacity(1024),
         };
         std::thread::Builder::new()
             .name("nexus-audit".into())
-            .spawn(move || runtime.block_on(writer.run(rx)))
+            .spawn(move || runtime.block_on(writer.run()))
             .map_err(AuditError::Thread)?;
-        Ok(Self { tx, shared })
+        let handles = Arc::new(Handles(shared.clone()));
+        Ok(Self {
+            shared,
+            _handles: handles,
+        })
     }
 
     /// Queues a record without waiting. When the queue is full (or the writer has
@@ -256,9 +294,11 @@ impl Recorder {
     /// (503) while this is false. After a sink failure it turns true again when a write
     /// succeeds or when the writer's retry (every second) reopens the sink.
     pub fn is_healthy(&self) -> bool {
-        !self.tx.is_closed()
-            && self.tx.capacity() > 0
-            && self.shared.sink_ok.load(Ordering::Acquire)
+        let room = {
+            let queue = self.shared.queue();
+            !queue.closed && queue.records.len() < self.shared.capacity
+        };
+        room && self.shared.sink_ok.load(Ordering::Acquire)
     }
 
     /// The configured mode.
@@ -283,7 +323,7 @@ impl Recorder {
 
     /// Records waiting in the queue.
     pub fn queue_depth(&self) -> usize {
-        self.shared.capacity.saturating_sub(self.tx.capacity())
+        self.shared.queue().records.len()
     }
 
     /// The queue's capacity.
@@ -307,10 +347,7 @@ impl Recorder {
     /// Errs when the sink is failing.
     pub async fn flush(&self) -> Result<(), RecordError> {
         let (ack, done) = oneshot::channel();
-        self.tx
-            .send(Job::Flush(ack))
-            .await
-            .map_err(|_| RecordError::Closed)?;
+        self.control(|queue| queue.flushes.push(ack))?;
         done.await.unwrap_or(Err(RecordError::Closed))
     }
 
@@ -318,21 +355,64 @@ impl Recorder {
     /// `fsync`s everything queued, and stops the writer. For graceful shutdown.
     pub async fn shutdown(&self) -> Result<(), RecordError> {
         let (ack, done) = oneshot::channel();
-        self.tx
-            .send(Job::Shutdown(ack))
-            .await
-            .map_err(|_| RecordError::Closed)?;
+        self.control(|queue| {
+            queue.shutdowns.push(ack);
+            queue.closed = true;
+        })?;
         done.await.unwrap_or(Err(RecordError::Closed))
     }
 
+    /// Queues a request to the writer (`Closed` once the queue is) and wakes it.
+    fn control(&self, request: impl FnOnce(&mut Queue)) -> Result<(), RecordError> {
+        let mut queue = self.shared.queue();
+        if queue.closed {
+            return Err(RecordError::Closed);
+        }
+        request(&mut queue);
+        queue.urgent = true;
+        drop(queue);
+        self.shared.wake.notify_one();
+        Ok(())
+    }
+
     fn enqueue(&self, draft: RecordDraft, ack: Option<Ack<u64>>) -> Result<(), RecordError> {
-        let error = match self.tx.try_send(Job::Record { draft, ack }) {
-            Ok(()) => return Ok(()),
-            Err(TrySendError::Full(_)) => RecordError::QueueFull {
+        let mut queue = self.shared.queue();
+        let error = if queue.closed {
+            RecordError::Closed
+        } else if queue.records.len() >= self.shared.capacity {
+            RecordError::QueueFull {
                 capacity: self.shared.capacity,
-            },
-            Err(TrySendError::Closed(_)) => RecordError::Closed,
+            }
+        } else {
+            let start = queue.bodies.len();
+            match draft.write_body(&self.shared.sidecar, &mut queue.bodies) {
+                Ok(()) => {
+                    let end = queue.bodies.len();
+                    let wake = queue.records.is_empty() || ack.is_some();
+                    queue.urgent |= ack.is_some();
+                    queue.records.push((end, ack));
+                    drop(queue);
+                    // The writer sleeps until the first record of a batch (later ones
+                    // find it awake or lingering), or until someone waits.
+                    if wake {
+                        self.shared.wake.notify_one();
+                    }
+                    return Ok(());
+                }
+                Err(e) => {
+                    // Writing into memory fails only on a float serde_json refuses.
+                    queue.bodies.truncate(start);
+                    drop(queue);
+                    self.shared.write_errors.fetch_add(1, Ordering::Relaxed);
+                    let error = RecordError::Sink(format!("serializing the record: {e}"));
+                    if let Some(ack) = ack {
+                        let _ = ack.send(Err(error.clone()));
+                    }
+                    return Err(error);
+                }
+            }
         };
+        drop(queue);
         let dropped = self.shared.dropped.fetch_add(1, Ordering::Relaxed) + 1;
         if self.shared.drop_log.ready() {
             tracing::warn!(
@@ -343,6 +423,12 @@ impl Recorder {
             );
         }
         Err(error)
+    }
+}
+
+impl Shared {
+    fn queue(&self) -> MutexGuard<'_, Queue> {
+        self.queue.lock().unwrap_or_else(PoisonError::into_inner)
     }
 }
 
@@ -359,7 +445,6 @@ impl std::fmt::Debug for Recorder {
 struct Writer {
     sink: Box<dyn RecordWriter>,
     shared: Arc<Shared>,
-    sidecar: String,
     /// Where the next record goes.
     head: ChainHead,
     /// After the last record known to be written.
@@ -376,8 +461,11 @@ struct Writer {
     /// dropped, and said so.
     disk_full: bool,
     error_log: RateLimit,
-    /// Waiters of `shutdown`.
-    closing: Vec<Ack<()>>,
+    /// What it took from the queue last (swapped with the queue's, so that both keep
+    /// their capacity).
+    taken: Queue,
+    /// The line being sealed.
+    line: Vec<u8>,
 }
 
 /// Whether an I/O error means there is no room to write (ENOSPC, EDQUOT, EFBIG).
@@ -389,7 +477,10 @@ fn no_room(error: &io::Error) -> bool {
 }
 
 impl Writer {
-    async fn run(mut self, mut rx: mpsc::Receiver<Job>) {
+    async fn run(mut self) {
+        // However the writer stops, the queue closes and its waiters hear it.
+        let _stopped = Stopped(self.shared.clone());
+        let mut shutdowns = Vec::new();
         loop {
             let wait = match (self.dirty, self.healthy()) {
                 (false, true) => None,
@@ -401,98 +492,124 @@ impl Writer {
                         .min(RETRY_INTERVAL),
                 ),
             };
-            let job = match wait {
-                None => rx.recv().await,
-                Some(wait) => match tokio::time::timeout(wait, rx.recv()).await {
-                    Ok(job) => job,
-                    Err(_) => {
-                        self.idle();
-                        continue;
-                    }
-                },
+            let (queued, urgent) = {
+                let queue = self.shared.queue();
+                (queue.records.len(), queue.urgent)
             };
-            let Some(job) = job else { break };
-            self.handle(job, &mut rx);
-            let handled = 1 + self.drain(&mut rx, MAX_BATCH - 1);
-            // Best effort: linger for more records, so that under load one write and one
-            // wake-up of this thread carry many (senders do not wake a sleeping writer:
-            // it waits on a timer, not on the queue). Not while anyone awaits a record
-            // (strict mode), a flush or the shutdown.
-            let linger = Duration::from_micros(self.shared.linger_us.load(Ordering::Relaxed));
-            if !linger.is_zero()
-                && handled < MAX_BATCH
-                && self.closing.is_empty()
-                && self.pending.iter().all(|(_, ack)| ack.is_none())
-            {
-                tokio::time::sleep(linger).await;
-                self.drain(&mut rx, MAX_BATCH - handled);
+            if queued == 0 && !urgent {
+                // A wake-up that comes between the look and the wait is kept by
+                // `Notify` (a permit), so it is not missed.
+                let woken = self.shared.wake.notified();
+                match wait {
+                    None => woken.await,
+                    Some(wait) => {
+                        if tokio::time::timeout(wait, woken).await.is_err() {
+                            self.idle();
+                            continue;
+                        }
+                    }
+                }
             }
-            self.commit();
+            // Best effort: linger for more records, so that under load one write and one
+            // wake-up of this thread carry many (senders do not wake a writer that has
+            // records: it waits on the timer). Not while anyone waits for a record
+            // (strict mode), a flush or the shutdown; those cut a linger short.
+            let linger = Duration::from_micros(self.shared.linger_us.load(Ordering::Relaxed));
+            let lingers = {
+                let queue = self.shared.queue();
+                !queue.urgent && !queue.records.is_empty() && queue.records.len() < MAX_BATCH
+            };
+            if lingers && !linger.is_zero() {
+                // A wake-up kept from before (see above) is not a reason to stop early.
+                let deadline = tokio::time::Instant::now() + linger;
+                while tokio::time::timeout_at(deadline, self.shared.wake.notified())
+                    .await
+                    .is_ok()
+                {
+                    if self.shared.queue().urgent {
+                        break;
+                    }
+                }
+            }
+            let closed = self.take();
+            self.write_taken();
+            for ack in std::mem::take(&mut self.taken.flushes) {
+                self.sync();
+                let _ = ack.send(self.result());
+            }
+            shutdowns.append(&mut self.taken.shutdowns);
             if self.dirty && self.last_sync.elapsed() >= SYNC_INTERVAL {
                 self.sync();
             }
+            if closed {
+                break;
+            }
         }
-        self.commit();
         self.sync();
         let result = self.result();
         // Close the sink (and release its file lock) before anyone hears it stopped.
-        let Writer { sink, closing, .. } = self;
+        let Writer { sink, .. } = self;
         drop(sink);
-        for ack in closing {
+        for ack in shutdowns {
             let _ = ack.send(result.clone());
         }
         tracing::debug!("audit writer stopped");
     }
 
-    /// Handles up to `max` jobs already queued; returns how many.
-    fn drain(&mut self, rx: &mut mpsc::Receiver<Job>, max: usize) -> usize {
-        let mut n = 0;
-        while n < max {
-            match rx.try_recv() {
-                Ok(job) => self.handle(job, rx),
-                Err(_) => break,
+    /// Takes everything queued (swapping buffers with the queue); returns whether the
+    /// queue is closed, so that this was the last of it.
+    fn take(&mut self) -> bool {
+        let mut queue = self.shared.queue();
+        std::mem::swap(&mut queue.bodies, &mut self.taken.bodies);
+        std::mem::swap(&mut queue.records, &mut self.taken.records);
+        std::mem::swap(&mut queue.flushes, &mut self.taken.flushes);
+        std::mem::swap(&mut queue.shutdowns, &mut self.taken.shutdowns);
+        queue.urgent = false;
+        queue.closed
+    }
+
+    /// Seals and writes what [`Writer::take`] took, committing every [`MAX_BATCH`].
+    fn write_taken(&mut self) {
+        let mut bodies = std::mem::take(&mut self.taken.bodies);
+        let mut records = std::mem::take(&mut self.taken.records);
+        let mut start = 0;
+        for (n, (end, ack)) in records.drain(..).enumerate() {
+            self.write(&bodies[start..end], ack);
+            start = end;
+            if n % MAX_BATCH == MAX_BATCH - 1 {
+                self.commit();
             }
-            n += 1;
         }
-        n
+        self.commit();
+        bodies.clear();
+        if bodies.capacity() > KEEP_BUFFER_BYTES {
+            bodies.shrink_to(KEEP_BUFFER_BYTES / 16);
+            records.shrink_to(MAX_BATCH);
+        }
+        self.taken.bodies = bodies;
+        self.taken.records = records;
     }
 
     fn healthy(&self) -> bool {
         self.shared.sink_ok.load(Ordering::Acquire)
     }
 
-    fn handle(&mut self, job: Job, rx: &mut mpsc::Receiver<Job>) {
-        match job {
-            Job::Record { draft, ack } => self.write(draft, ack),
-            Job::Flush(ack) => {
-                self.commit();
-                self.sync();
-                let _ = ack.send(self.result());
-            }
-            Job::Shutdown(ack) => {
-                // What is queued still gets written; `recv` ends after it.
-                rx.close();
-                self.closing.push(ack);
-            }
-        }
-    }
-
-    fn write(&mut self, draft: RecordDraft, ack: Option<Ack<u64>>) {
+    fn write(&mut self, body: &[u8], ack: Option<Ack<u64>>) {
         if self.reopen && !self.reopen_sink() {
             self.lose(ack);
             return;
         }
         let seq = self.head.seq;
-        let (hash, line) = match seal(seq, &self.head.prev_hash, &self.sidecar, draft) {
-            Ok(sealed) => sealed,
+        let hash = match seal_body(seq, &self.head.prev_hash, body, &mut self.line) {
+            Ok(hash) => hash,
             Err(e) => {
-                self.last_error = Some(format!("serializing the record: {e}"));
+                self.last_error = Some(format!("sealing the record: {e}"));
                 self.lose(ack);
                 return;
             }
         };
         self.pending.push((seq, ack));
-        match self.sink.write_line(&line) {
+        match self.sink.write_line(&self.line) {
             Ok(()) => {
                 self.head = ChainHead {
                     seq: seq + 1,
@@ -686,6 +803,25 @@ impl Writer {
                     .unwrap_or_else(|| "the sink is failing".to_owned()),
             ))
         }
+    }
+}
+
+/// Closes the queue when the writer stops (a panic included): records are refused from
+/// then on, and whoever still waits on the queue hears `Closed`.
+struct Stopped(Arc<Shared>);
+
+impl Drop for Stopped {
+    fn drop(&mut self) {
+        let closed = Queue {
+            closed: true,
+            ..Queue::default()
+        };
+        let left = std::mem::replace(&mut *self.0.queue(), closed);
+        self.0
+            .dropped
+            .fetch_add(left.records.len() as u64, Ordering::Relaxed);
+        // Dropping the waiters' senders answers them `Closed`.
+        drop(left);
     }
 }
 

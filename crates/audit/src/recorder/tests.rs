@@ -49,6 +49,8 @@ struct ProbeState {
     entered: AtomicBool,
     fail: AtomicBool,
     full: AtomicBool,
+    /// The next write panics (a bug in a sink).
+    panic: AtomicBool,
     buffered: Mutex<Vec<Vec<u8>>>,
     flushed: Mutex<Vec<Vec<u8>>>,
     /// Flushes that handed records on (one `write(2)` each, for a file).
@@ -90,6 +92,10 @@ impl RecordWriter for Probe {
 
     fn write_line(&mut self, line: &[u8]) -> io::Result<()> {
         self.0.entered.store(true, Ordering::SeqCst);
+        assert!(
+            !self.0.panic.load(Ordering::SeqCst),
+            "the probe sink panics"
+        );
         let held = self.0.held.lock().unwrap();
         drop(self.0.released.wait_while(held, |held| *held).unwrap());
         self.0.buffered.lock().unwrap().push(line.to_vec());
@@ -427,6 +433,56 @@ async fn a_full_disk_counts_its_losses_as_dropped() {
     probe.0.full.store(false, Ordering::SeqCst);
     assert_eq!(recorder.record_strict(draft(4)).await, Ok(1));
     assert!(recorder.is_healthy());
+}
+
+/// A writer that dies (here a sink that panics) leaves nobody waiting: the record it was
+/// writing and the ones queued behind it answer `Closed`, later records are refused and
+/// counted, and the recorder says it is unhealthy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_writer_that_dies_answers_every_waiter() {
+    let probe = Probe::default();
+    probe.hold();
+    let recorder = probe.recorder(AuditMode::Strict, 16);
+    let first = tokio::spawn(recorder.record_strict(draft(0)));
+    eventually("the writer to stall", || probe.entered()).await;
+    let queued: Vec<_> = (1..4)
+        .map(|n| tokio::spawn(recorder.record_strict(draft(n))))
+        .collect();
+    probe.0.panic.store(true, Ordering::SeqCst);
+    probe.release();
+    let answers = tokio::time::timeout(Duration::from_secs(10), async {
+        let mut answers = vec![first.await.unwrap()];
+        for waiter in queued {
+            answers.push(waiter.await.unwrap());
+        }
+        answers
+    })
+    .await
+    .expect("a waiter was left hanging by a dead writer");
+    // The first was being written when the sink panicked on the second.
+    assert_eq!(answers[0], Ok(0), "{answers:?}");
+    assert!(
+        answers[1..].iter().all(|a| *a == Err(RecordError::Closed)),
+        "{answers:?}"
+    );
+    eventually("the recorder to notice", || !recorder.is_healthy()).await;
+    assert_eq!(recorder.record(draft(9)), Err(RecordError::Closed));
+    assert_eq!(recorder.flush().await, Err(RecordError::Closed));
+}
+
+/// Dropping every handle (the sidecar's end without a graceful shutdown) still writes
+/// what was queued before the writer stops.
+#[tokio::test]
+async fn the_last_handle_dropped_writes_what_is_queued() {
+    let probe = Probe::default();
+    probe.hold();
+    let recorder = probe.recorder(AuditMode::BestEffort, 64);
+    for n in 0..10 {
+        recorder.record(draft(n)).unwrap();
+    }
+    drop(recorder);
+    probe.release();
+    eventually("the queued records to be written", || probe.flushed() == 10).await;
 }
 
 #[tokio::test]
