@@ -160,7 +160,9 @@ fn read_value(path: &Path) -> anyhow::Result<Value> {
     };
     let name = path.to_string_lossy();
     if name.ends_with(".yaml") || name.ends_with(".yml") {
-        Value::from_yaml_str(&text).map_err(|e| anyhow::anyhow!("{}: {e:#}", path.display()))
+        // YAML 1.1, as `opa eval -i`/`-d` read it.
+        nexus_policy::builtins::yaml::to_value(&text)
+            .map_err(|e| anyhow::anyhow!("{}: {e:#}", path.display()))
     } else {
         serde_json::from_str::<Value>(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
     }

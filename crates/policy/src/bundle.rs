@@ -156,7 +156,8 @@ fn parse_data(file: &str, text: &str) -> Result<Value, PolicyError> {
             message: format!("line {} column {}: {e}", e.line(), e.column()),
         })
     } else {
-        Value::from_yaml_str(text).map_err(|e| PolicyError::Data {
+        // As OPA reads YAML data: YAML 1.1 (`yes` is true), first document only.
+        crate::builtins::yaml::to_value(text).map_err(|e| PolicyError::Data {
             file: file.to_string(),
             message: format!("{e:#}"),
         })
@@ -209,4 +210,34 @@ fn key_str(k: &Value) -> String {
     k.as_string()
         .map(|s| s.to_string())
         .unwrap_or_else(|_| k.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A YAML data file means what it means to OPA (`opa eval -d`): YAML 1.1, so an
+    /// operator's `strict: yes` is `true`, not the string "yes" a YAML 1.2 reader sees.
+    #[test]
+    fn yaml_data_is_read_as_opa_reads_it() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("cfg")).unwrap();
+        std::fs::write(
+            dir.path().join("cfg/data.yaml"),
+            "strict: yes\nmode: off\nport: 0755\nlabel: \"on\"\nbase: &b {x: 1}\nuse:\n  <<: *b\n",
+        )
+        .unwrap();
+        let bundle = Bundle::load(dir.path()).unwrap();
+        let cfg = &bundle.data["cfg"];
+        assert_eq!(cfg["strict"], Value::from(true));
+        assert_eq!(cfg["mode"], Value::from(false));
+        assert_eq!(cfg["port"], Value::from(493));
+        assert_eq!(cfg["label"], Value::from("on"));
+        assert_eq!(cfg["use"]["x"], Value::from(1));
+
+        std::fs::write(dir.path().join("cfg/data.yaml"), "a: [1,\nb: 2\n").unwrap();
+        let error = Bundle::load(dir.path()).unwrap_err().to_string();
+        assert!(error.contains("cfg/data.yaml"), "{error}");
+        assert!(error.contains("line"), "{error}");
+    }
 }

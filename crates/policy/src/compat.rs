@@ -259,11 +259,6 @@ const DIFFERING_BUILTINS: &[(&str, &str, &str)] = &[
         "keep a number's spelling (1e3)",
         "writes the number's value (1000); compare parsed values, not text",
     ),
-    (
-        "yaml.unmarshal",
-        "read YAML 1.1 (`y` is true)",
-        "reads YAML 1.2 (`y` is a string); quote YAML strings",
-    ),
 ];
 
 /// What to write instead of a builtin nexus does not have.

@@ -17,6 +17,7 @@ mod keys;
 mod net;
 mod sprintf;
 mod x509;
+pub mod yaml;
 
 use std::collections::BTreeSet;
 
@@ -252,6 +253,17 @@ const BUILTINS: &[Builtin] = &[
         nargs: 4,
         f: go::add_date,
     },
+    // YAML 1.1, as go-yaml v2 reads it (`yaml`).
+    Builtin {
+        name: "yaml.unmarshal",
+        nargs: 1,
+        f: yaml_unmarshal,
+    },
+    Builtin {
+        name: "yaml.is_valid",
+        nargs: 1,
+        f: yaml_is_valid,
+    },
     // Helpers of `rewrite` (names no OPA policy uses).
     Builtin {
         name: "__nexus_member",
@@ -274,6 +286,14 @@ const BUILTINS: &[Builtin] = &[
         f: go::count,
     },
 ];
+
+fn yaml_unmarshal(args: &[Value]) -> Result<Value> {
+    yaml::to_value(string_arg(args, 0)?)
+}
+
+fn yaml_is_valid(args: &[Value]) -> Result<Value> {
+    Ok(Value::from(yaml::to_json(string_arg(args, 0)?).is_ok()))
+}
 
 /// The names of the builtins nexus adds to regorus.
 pub fn names() -> impl Iterator<Item = &'static str> {
