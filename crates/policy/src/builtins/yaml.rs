@@ -19,7 +19,7 @@ use std::borrow::Cow;
 use std::collections::HashMap;
 
 use anyhow::{Result, anyhow, bail};
-use granit_parser::{Event, Parser, ScalarStyle, Tag};
+use granit_parser::{Event, Options, Parser, ScalarStyle, Tag};
 use serde_json::{Map, Number, Value as Json};
 
 /// Values that aliases may add to a document, in all (each use of an anchor adds the
@@ -35,8 +35,11 @@ pub fn to_value(text: &str) -> Result<regorus::Value> {
 
 /// The first document of `text` as OPA's `yaml.unmarshal` returns it.
 pub(crate) fn to_json(text: &str) -> Result<Json> {
+    // Comments are not data (kube's YAML reader turns their events on in this build).
+    let mut options = Options::default();
+    options.emit_comments = false;
     let mut reader = Reader {
-        parser: Parser::new_from_str(text),
+        parser: Parser::new_from_str_with_options(text, options),
         anchors: HashMap::new(),
         aliased: 0,
     };
@@ -550,6 +553,14 @@ mod tests {
     }
 
     /// The values OPA 1.20 gives (tests/opa/differential/cases/encoding.yaml has more).
+    #[test]
+    fn comments_are_not_data() {
+        assert_eq!(
+            read("# head\na: 1 # one\n# between\nb:\n  # inside\n  - 2\n"),
+            json!({"a": 1, "b": [2]})
+        );
+    }
+
     #[test]
     fn plain_scalars_resolve_as_yaml_1_1() {
         assert_eq!(
