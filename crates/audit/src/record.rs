@@ -183,12 +183,13 @@ pub fn rfc3339_unix_ms(ms: u64) -> String {
 
 /// Rounded to whole microseconds so the number prints and parses back to the same text
 /// in any JSON library (a short decimal, never an exponent); non-finite or negative: 0.
-fn rounded_latency(ms: f64) -> f64 {
-    if ms.is_finite() && ms > 0.0 {
-        (ms * 1000.0).round() / 1000.0
-    } else {
-        0.0
+pub(crate) fn rounded_latency(ms: f64) -> f64 {
+    if !(ms.is_finite() && ms > 0.0) {
+        return 0.0;
     }
+    let rounded = (ms * 1000.0).round() / 1000.0;
+    // Beyond f64::MAX / 1000 the product overflows; such a value has no fraction anyway.
+    if rounded.is_finite() { rounded } else { ms }
 }
 
 impl RecordDraft {
@@ -276,8 +277,9 @@ impl RecordDraft {
         key(out, "response_bytes");
         out.extend_from_slice(itoa.format(self.response_bytes).as_bytes());
         key(out, "latency_ms");
-        // Floats as serde_json writes them (ryu).
-        serde_json::to_writer(&mut *out, &rounded_latency(self.latency_ms))?;
+        // Floats as serde_json writes them (ryu; a non-finite one as null: the recorder
+        // rounds first, which rules that out).
+        serde_json::to_writer(&mut *out, &self.latency_ms)?;
         key(out, "trace_id");
         optional(out, &self.trace_id)?;
         if self.cached {
@@ -381,6 +383,8 @@ pub(crate) fn seal(
     sidecar: &str,
     draft: RecordDraft,
 ) -> Result<(String, Vec<u8>), serde_json::Error> {
+    let mut draft = draft;
+    draft.latency_ms = rounded_latency(draft.latency_ms);
     let mut body = Vec::new();
     draft.write_body(sidecar, &mut body)?;
     let mut line = Vec::new();
@@ -571,7 +575,6 @@ pub(crate) mod tests {
         #[test]
         fn a_sealed_line_is_serde_jsons(mut record in any_record(), prev in "[0-9a-f]{64}") {
             record.prev_hash = prev;
-            record.latency_ms = rounded_latency(record.latency_ms);
             let draft = RecordDraft {
                 decision_id: record.decision_id.clone(),
                 time: record.time.clone(),
@@ -607,6 +610,16 @@ pub(crate) mod tests {
             );
             proptest::prop_assert_eq!(check_line(&line).unwrap().hash, record.hash);
         }
+    }
+
+    #[test]
+    fn latency_is_rounded_to_microseconds_and_never_made_infinite() {
+        assert_eq!(rounded_latency(1.234_567_8), 1.235);
+        assert_eq!(rounded_latency(f64::NAN), 0.0);
+        assert_eq!(rounded_latency(-1.0), 0.0);
+        assert_eq!(rounded_latency(f64::INFINITY), 0.0);
+        // The product would overflow: the value is kept (it has no fraction to round).
+        assert_eq!(rounded_latency(1e307), 1e307);
     }
 
     #[test]

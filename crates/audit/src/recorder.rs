@@ -22,7 +22,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{Notify, oneshot};
 
 use crate::error::{AuditError, RecordError};
-use crate::record::{RecordDraft, seal_body};
+use crate::record::{RecordDraft, rounded_latency, seal_body};
 use crate::sink::{ChainHead, FileSink, RecordWriter, Sink, StdoutSink};
 
 /// Default queue capacity, in records.
@@ -375,7 +375,8 @@ impl Recorder {
         Ok(())
     }
 
-    fn enqueue(&self, draft: RecordDraft, ack: Option<Ack<u64>>) -> Result<(), RecordError> {
+    fn enqueue(&self, mut draft: RecordDraft, ack: Option<Ack<u64>>) -> Result<(), RecordError> {
+        draft.latency_ms = rounded_latency(draft.latency_ms);
         let mut queue = self.shared.queue();
         let error = if queue.closed {
             RecordError::Closed
