@@ -534,9 +534,11 @@ fn go_parse_float(s: &str) -> Option<f64> {
     f.is_finite().then_some(f)
 }
 
-/// go-yaml v2's timestamp check: `YYYY-` and then one of its layouts. Such a text is
-/// never a number, and sigs.k8s.io/yaml gives it back as written, so the check only
-/// has to tell that it is one.
+/// Whether go-yaml v2 may read the text as a timestamp (it looks for `YYYY-` first, then
+/// tries its layouts). Such a text is never a number, and sigs.k8s.io/yaml gives a
+/// timestamp back as written, so the value is the text either way. The one difference:
+/// an explicit `!!timestamp` on a text none of go-yaml's layouts match, which go-yaml
+/// refuses and nexus keeps as the text.
 fn is_timestamp(s: &str) -> bool {
     let b = s.as_bytes();
     b.len() > 5 && b[..4].iter().all(u8::is_ascii_digit) && b[4] == b'-'
