@@ -660,3 +660,45 @@ fn fail_open_constructs_deny_as_opa_does() {
         assert!(check.stdout.contains("mode: compiled"), "{name}: {check:?}");
     }
 }
+
+/// YAML data means what it means to OPA (`strict: yes` is `true`: a YAML 1.2 reader saw
+/// the string "yes", so `== true` failed and a deny OPA made did not happen), and YAML a
+/// plugin sends to a policy that unmarshals it cannot blow the evaluator up: a
+/// "billion laughs" document (10^9 values through aliases) is undefined, at once.
+#[test]
+fn yaml_is_read_as_opa_reads_it_and_an_alias_bomb_is_refused() {
+    let dir = temp_dir("nexusctl-yaml");
+    let root = dir.path().join("p");
+    std::fs::create_dir_all(root.join("cfg")).expect("create folder");
+    std::fs::write(root.join("cfg/data.yaml"), "strict: yes\nlabel: \"on\"\n").expect("write");
+    std::fs::write(
+        root.join("t.rego"),
+        "package t\n\nstrict := data.cfg.strict == true\n\nlabel := data.cfg.label\n\nbomb := yaml.unmarshal(input.bomb)\n",
+    )
+    .expect("write");
+    let mut bomb = String::from("l0: &l0 [1,1,1,1,1,1,1,1,1,1]\n");
+    for level in 1..9 {
+        let uses = vec![format!("*l{}", level - 1); 10].join(",");
+        bomb.push_str(&format!("l{level}: &l{level} [{uses}]\n"));
+    }
+    let input = dir.path().join("input.json");
+    std::fs::write(&input, json!({"bomb": bomb}).to_string()).expect("write");
+    let eval = |rule: &str| {
+        let run = nexusctl(&[
+            "policy",
+            "eval",
+            "--dir",
+            &s(&root),
+            "--rule",
+            rule,
+            "--value",
+            "--input",
+            &s(&input),
+        ]);
+        assert_eq!(run.code, 0, "{run:?}");
+        json_of(&run.stdout)
+    };
+    assert_eq!(eval("data.t.strict"), json!({"value": true}));
+    assert_eq!(eval("data.t.label"), json!({"value": "on"}));
+    assert_eq!(eval("data.t.bomb"), json!({"undefined": true}));
+}
