@@ -343,6 +343,11 @@ fn check(args: CheckArgs) -> anyhow::Result<()> {
     // (file:line), or the input on which the RVM disagreed with the interpreter.
     let report = policy.report();
     println!("mode: {}", report.summary());
+    // Why nexus's own evaluator does not take the rule (a construct at its line, or a
+    // disagreement with the interpreter), when it was tried.
+    if let Some(why) = report.native_summary() {
+        println!("  {why}");
+    }
     for reason in &report.routed {
         println!("  interpreter because of {reason}");
     }

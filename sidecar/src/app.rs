@@ -103,6 +103,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
             let mode = |p: &nexus_policy::Policy| match p.mode() {
                 nexus_policy::EvalMode::Compiled => "compiled",
                 nexus_policy::EvalMode::Interpreted => "interpreted",
+                nexus_policy::EvalMode::Native => "native",
             };
             let cache_on = runtime.config().cache_max_entries > 0;
             let mut rules = vec![(

@@ -93,6 +93,8 @@ pub struct Metrics {
     rvm_checks: Counter,
     rvm_disagreements: Counter,
     rvm_routed: Counter,
+    native_decisions: Counter,
+    native_fallbacks: Counter,
     /// Where the policy's mode and cache counters are read at scrape time.
     policy_stats: OnceLock<PolicyStatsSource>,
 }
@@ -371,7 +373,7 @@ impl Metrics {
         let policy_mode = Family::<ModeLabels, Gauge<i64, AtomicI64>>::default();
         registry.register(
             "policy_mode",
-            "1 for the mode each decision rule of the current revision runs in (compiled: regorus RVM checked against the interpreter; interpreted)",
+            "1 for the mode each decision rule of the current revision runs in (native: nexus's own evaluator, with the RVM for the inputs it hands on; compiled: regorus RVM; interpreted: regorus's interpreter; native and compiled are checked against the interpreter before serving)",
             policy_mode.clone(),
         );
         let policy_cached = Family::<ModeLabels, Gauge<i64, AtomicI64>>::default();
@@ -436,6 +438,18 @@ impl Metrics {
             "Compilations routed to the interpreter by a construct the RVM gets wrong",
             rvm_routed.clone(),
         );
+        let native_decisions = Counter::default();
+        registry.register(
+            "policy_native_decisions",
+            "Decisions answered by nexus's own policy evaluator",
+            native_decisions.clone(),
+        );
+        let native_fallbacks = Counter::default();
+        registry.register(
+            "policy_native_fallbacks",
+            "Decisions nexus's own evaluator handed to the RVM (a value it does not model, its step budget)",
+            native_fallbacks.clone(),
+        );
         Arc::new(Self {
             shed,
             timed_out,
@@ -452,6 +466,8 @@ impl Metrics {
             rvm_checks,
             rvm_disagreements,
             rvm_routed,
+            native_decisions,
+            native_fallbacks,
             policy_stats: OnceLock::new(),
             audit_written,
             audit_dropped,
@@ -713,6 +729,8 @@ impl Metrics {
             (&self.rvm_checks, engine.verified),
             (&self.rvm_disagreements, engine.disagreements),
             (&self.rvm_routed, engine.routed),
+            (&self.native_decisions, engine.native),
+            (&self.native_fallbacks, engine.native_fallbacks),
         ] {
             counter.inner().fetch_max(value, Ordering::Relaxed);
         }
@@ -720,7 +738,7 @@ impl Metrics {
             return;
         };
         for (rule, mode, cached) in &stats.rules {
-            for m in ["compiled", "interpreted"] {
+            for m in ["native", "compiled", "interpreted"] {
                 self.policy_mode
                     .get_or_create(&ModeLabels {
                         rule: rule.clone(),

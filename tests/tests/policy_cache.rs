@@ -173,10 +173,15 @@ fn a_cached_allow_is_never_served_to_another_identity_clause_execution_method_or
         "{}",
         st.hop.data.metrics()
     );
+    // The reference policy is served by nexus's own evaluator (checked against the
+    // interpreter before it served), and it answered the misses.
     assert_eq!(
-        st.metric("nexus_policy_mode{rule=\"data.nexus.authz.decision\",mode=\"compiled\"}"),
-        1.0
+        st.metric("nexus_policy_mode{rule=\"data.nexus.authz.decision\",mode=\"native\"}"),
+        1.0,
+        "{}",
+        st.hop.data.metrics()
     );
+    assert!(st.metric("nexus_policy_native_decisions_total") >= 1.0);
 
     // Each variation differs from the cached request in one thing the policy reads.
     let ex1 = "x-nexus-execution: ex-1";

@@ -237,9 +237,10 @@ fn main() {
     );
     println!("|---|---|---|---|---|---|---|---|---|---|");
     let only = std::env::var("BENCH_MODE").ok();
-    for (name, mode) in [
-        ("compiled (default)", EvalMode::Compiled),
-        ("interpreted", EvalMode::Interpreted),
+    for (name, mode, native) in [
+        ("compiled (default)", EvalMode::Compiled, true),
+        ("compiled, RVM only (native off)", EvalMode::Compiled, false),
+        ("interpreted", EvalMode::Interpreted, false),
     ] {
         if only.as_deref().is_some_and(|m| !name.contains(m)) {
             continue;
@@ -247,6 +248,7 @@ fn main() {
         let t = Instant::now();
         let options = PolicyOptions {
             mode,
+            native,
             // Generous: the limit is not what is measured (and valgrind runs slowly).
             eval_timeout: Duration::from_secs(10),
             ..PolicyOptions::default()
@@ -255,6 +257,9 @@ fn main() {
         let compile = t.elapsed();
         // The mode the revision actually runs in, and why when it is not the one asked.
         let ran = policy.report().summary();
+        if let Some(why) = policy.report().native_summary() {
+            eprintln!("{why}");
+        }
         let ran = ran.split(" (checked").next().unwrap_or(&ran).to_string();
         match policy.cache_plan() {
             Ok(plan) => eprintln!("decision cache key: {}", plan.describe().join(", ")),

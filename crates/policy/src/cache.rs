@@ -772,7 +772,7 @@ pub(crate) fn time_ns(input: &Value) -> &Value {
 }
 
 /// `v[step]`, with a linear equality scan for a string key in a small object.
-fn field<'a>(v: &'a Value, step: &Value) -> &'a Value {
+pub(crate) fn field<'a>(v: &'a Value, step: &Value) -> &'a Value {
     if let Value::String(name) = step
         && let Some(found) = named(v, name)
     {

@@ -1085,21 +1085,25 @@ mod tests {
                     allow if {\n\tobs := cfg[input.kind].obs\n\tnot input.o in obs\n}\n\
                     decision := {\"allow\": true, \"reasons\": []} if allow\n";
         let b = bundle(&[("t.rego", text)]);
-        // The RVM's text guards `obs := ...` (`rewrite`): it stays compiled, and right.
-        let policy = crate::Policy::compile(
-            &b,
-            &crate::Value::new_object(),
-            crate::PolicyOptions {
-                decision_rule: "data.t.decision".into(),
-                ..crate::PolicyOptions::default()
-            },
-        )
-        .unwrap();
-        assert_eq!(policy.mode(), EvalMode::Compiled, "{:?}", policy.report());
-        let input = crate::Value::from(serde_json::json!({"kind": "zzz", "o": "peer"}));
-        assert!(!policy.evaluate(input).allow);
-        let input = crate::Value::from(serde_json::json!({"kind": "a", "o": "self"}));
-        assert!(policy.evaluate(input).allow);
+        // The RVM's text guards `obs := ...` (`rewrite`): it stays compiled, and right;
+        // nexus's own evaluator (the default) is right too.
+        for (native, mode) in [(false, EvalMode::Compiled), (true, EvalMode::Native)] {
+            let policy = crate::Policy::compile(
+                &b,
+                &crate::Value::new_object(),
+                crate::PolicyOptions {
+                    decision_rule: "data.t.decision".into(),
+                    native,
+                    ..crate::PolicyOptions::default()
+                },
+            )
+            .unwrap();
+            assert_eq!(policy.mode(), mode, "{:?}", policy.report());
+            let input = crate::Value::from(serde_json::json!({"kind": "zzz", "o": "peer"}));
+            assert!(!policy.evaluate(input).allow);
+            let input = crate::Value::from(serde_json::json!({"kind": "a", "o": "self"}));
+            assert!(policy.evaluate(input).allow);
+        }
     }
 
     #[test]
@@ -1160,12 +1164,13 @@ mod tests {
         ] {
             let b = bundle(&[("p.rego", text)]);
             let policy = Policy::compile(&b, &Value::new_object(), options("data.t.x")).unwrap();
+            // What stays off the interpreter is served by nexus's own evaluator.
             let want = if interpreted {
                 EvalMode::Interpreted
             } else {
-                EvalMode::Compiled
+                EvalMode::Native
             };
-            assert_eq!(policy.mode(), want, "{text}");
+            assert_eq!(policy.mode(), want, "{text}: {}", policy.report().summary());
         }
         // The default function's value, which the RVM would make undefined.
         let b = bundle(&[("p.rego", "package t\n\ndefault f(_) := 1\n\nx := f(2)\n")]);

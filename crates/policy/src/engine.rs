@@ -29,6 +29,10 @@ pub enum EvalMode {
     Compiled,
     /// regorus's tree-walking interpreter.
     Interpreted,
+    /// nexus's own evaluator (`native`), with the RVM for the inputs it hands on: never
+    /// asked for, chosen for a compiled revision whose decision rule it takes and whose
+    /// answers matched the interpreter's.
+    Native,
 }
 
 /// Limits and the rule to evaluate.
@@ -42,6 +46,9 @@ pub struct PolicyOptions {
     pub max_instructions: usize,
     /// Engine mode.
     pub mode: EvalMode,
+    /// In compiled mode, serve with nexus's own evaluator when the decision rule is
+    /// within what it takes and it agrees with the interpreter (on by default).
+    pub native: bool,
 }
 
 impl Default for PolicyOptions {
@@ -51,6 +58,7 @@ impl Default for PolicyOptions {
             eval_timeout: Duration::from_millis(250),
             max_instructions: 1_000_000,
             mode: EvalMode::Compiled,
+            native: true,
         }
     }
 }
@@ -99,12 +107,38 @@ pub struct ModeReport {
     pub host_builtins: Vec<String>,
     /// The RVM checked against the interpreter before serving (None: not checked).
     pub verification: Option<Verification>,
+    /// Why the rule is not evaluated by nexus's own evaluator (the construct and its
+    /// line, or its disagreement with the interpreter); None when it is, or when it was
+    /// not tried (interpreted mode, or `native` off).
+    pub native_refused: Option<String>,
+    /// nexus's own evaluator (with the RVM for what it hands on) checked against the
+    /// interpreter before serving.
+    pub native_verification: Option<Verification>,
 }
 
 impl ModeReport {
     /// One line: the mode and, when it is not the one asked for, why.
     pub fn summary(&self) -> String {
         let mode = format!("{:?}", self.mode).to_lowercase();
+        if self.mode == EvalMode::Native {
+            let checked = self.native_verification.as_ref().map_or_else(String::new, |v| {
+                format!(
+                    "checked against the interpreter on {} input(s): {} from tests, {} generated, {} recent{}; ",
+                    v.checked,
+                    v.from_tests,
+                    v.generated,
+                    v.sampled,
+                    if v.budget_exhausted {
+                        "; time budget reached"
+                    } else {
+                        ""
+                    }
+                )
+            });
+            return format!(
+                "native ({checked}nexus's evaluator, with regorus's RVM for the inputs it hands on)"
+            );
+        }
         if self.mode == self.requested {
             match (&self.verification, self.mode) {
                 (Some(v), EvalMode::Compiled) => format!(
@@ -139,6 +173,16 @@ impl ModeReport {
     }
 }
 
+/// The part of `summary` saying why the rule is not native, if it was tried.
+impl ModeReport {
+    /// Why nexus's own evaluator does not serve the rule, when it was tried.
+    pub fn native_summary(&self) -> Option<String> {
+        self.native_refused
+            .as_ref()
+            .map(|why| format!("not native: {why}"))
+    }
+}
+
 /// The RVM side of a revision.
 struct Rvm {
     compiled: CompiledPolicy,
@@ -155,6 +199,10 @@ pub struct Policy {
     /// evaluation (regorus's `CompiledPolicy` interpreter fails on `with`).
     interpreter: Engine,
     rvm: Option<Arc<Rvm>>,
+    /// nexus's own evaluator, when it serves this revision (`native`).
+    native: Option<Arc<crate::native::Program>>,
+    /// Hash indexes of the data objects `native` looks keys up in (per data revision).
+    native_index: Arc<crate::native::DataIndex>,
     bundle_data: Value,
     data: Value,
     report: Arc<ModeReport>,
@@ -324,6 +372,7 @@ impl Policy {
             }
         })?;
         let mut rvm = None;
+        let mut native = None;
         if options.mode == EvalMode::Compiled {
             report.routed = crate::routing::reasons_for(bundle, &options.decision_rule);
             if report.routed.is_empty() {
@@ -332,10 +381,15 @@ impl Policy {
                     Err(message) => report.rvm_error = Some(message),
                 }
             }
+            let inputs = if rvm.is_some() && verify.enabled {
+                crate::verify::inputs(bundle, &data, verify)
+            } else {
+                Vec::new()
+            };
             if let Some(built) = &rvm
                 && verify.enabled
             {
-                let inputs = crate::verify::inputs(bundle, &data, verify);
+                let inputs = inputs.clone();
                 let check_options = PolicyOptions {
                     // A slow machine must not turn the check itself into a disagreement.
                     eval_timeout: options.eval_timeout.max(Duration::from_secs(1)),
@@ -363,6 +417,20 @@ impl Policy {
                 }
                 report.verification = Some(verification);
             }
+            if let Some(built) = &rvm
+                && options.native
+            {
+                native = build_native(
+                    bundle,
+                    built,
+                    &data,
+                    &engine,
+                    &options,
+                    verify,
+                    inputs,
+                    &mut report,
+                );
+            }
             if rvm.is_none() {
                 options.mode = EvalMode::Interpreted;
                 report.mode = EvalMode::Interpreted;
@@ -383,6 +451,8 @@ impl Policy {
             options,
             interpreter: engine,
             rvm,
+            native,
+            native_index: Arc::default(),
             bundle_data: bundle.data.clone(),
             data: bundle.data.clone(),
             report: Arc::new(report),
@@ -397,12 +467,15 @@ impl Policy {
     /// The same revision with other runtime data, without recompiling (compiled mode).
     pub fn with_runtime_data(&self, bundle: &Bundle, runtime: &Value) -> Result<Self, PolicyError> {
         match self.options.mode {
-            EvalMode::Compiled => {
+            // `Native` is only ever a served mode (`report`), with the RVM beside it.
+            EvalMode::Compiled | EvalMode::Native => {
                 let mut next = Self {
                     revision: self.revision.clone(),
                     options: self.options.clone(),
                     interpreter: self.interpreter.clone(),
                     rvm: self.rvm.clone(),
+                    native: self.native.clone(),
+                    native_index: Arc::default(),
                     bundle_data: self.bundle_data.clone(),
                     data: Value::Null,
                     report: self.report.clone(),
@@ -437,6 +510,9 @@ impl Policy {
 
     fn set_runtime_data(&mut self, runtime: &Value) {
         self.data = with_runtime(&self.bundle_data, runtime);
+        if let Some(native) = &self.native {
+            self.native_index = Arc::new(native.index(&self.data));
+        }
         self.generation = GENERATION.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         if self
             .cache_plan
@@ -556,7 +632,7 @@ impl Policy {
     /// How this revision is evaluated: the requested mode, or the interpreter when the
     /// rule needs it (see `report`).
     pub fn mode(&self) -> EvalMode {
-        self.options.mode
+        self.report.mode
     }
 
     /// Which mode the decision rule runs in and why, and what the RVM was checked on.
@@ -588,6 +664,15 @@ impl Policy {
     /// `Err`.
     pub fn evaluate_value(&self, input: Value) -> Result<Value, String> {
         let started = Instant::now();
+        if let Some(native) = &self.native {
+            match eval_native(native, &input, &self.data, &self.native_index) {
+                Some(value) => {
+                    crate::metrics::count_native(false);
+                    return Ok(value);
+                }
+                None => crate::metrics::count_native(true),
+            }
+        }
         let result = match &self.rvm {
             Some(rvm) => eval_rvm_reusing(rvm, self.generation, &self.data, input, &self.options),
             None => eval_interpreter(&self.interpreter, input, &self.options),
@@ -611,6 +696,106 @@ impl Policy {
         let decision = self.evaluate(input);
         (decision, start.elapsed())
     }
+}
+
+/// One evaluation by nexus's own evaluator: the rule's value, or None when it handed
+/// the input on (a value it does not model, its step budget, a panic).
+fn eval_native(
+    program: &crate::native::Program,
+    input: &Value,
+    data: &Value,
+    index: &crate::native::DataIndex,
+) -> Option<Value> {
+    match crate::panics::catch(|| Ok(program.eval(input, data, index))) {
+        Ok(Ok(value)) => Some(value),
+        Ok(Err(bail)) => {
+            tracing::trace!(?bail, "nexus's evaluator handed the input to the RVM");
+            None
+        }
+        Err(_) => None,
+    }
+}
+
+/// nexus's own evaluator for the decision rule, when it takes the rule and, with the RVM
+/// for what it hands on, answers as the interpreter does on `inputs`; the report says
+/// which, and why not.
+#[allow(clippy::too_many_arguments)]
+fn build_native(
+    bundle: &Bundle,
+    rvm: &Arc<Rvm>,
+    data: &Value,
+    engine: &Engine,
+    options: &PolicyOptions,
+    verify: &VerifyOptions,
+    inputs: Vec<(crate::verify::InputSource, Value)>,
+    report: &mut ModeReport,
+) -> Option<Arc<crate::native::Program>> {
+    let count = crate::rewrite::counts_runes(bundle);
+    let texts: Vec<(String, String)> = bundle
+        .modules
+        .iter()
+        .map(|m| {
+            (
+                m.path.clone(),
+                crate::rewrite::interpreter_text(&m.path, &m.text, count),
+            )
+        })
+        .collect();
+    let program = match crate::panics::catch(|| {
+        Ok(crate::native::compile(
+            &texts,
+            &options.decision_rule,
+            options.max_instructions,
+        ))
+    }) {
+        Ok(Ok(program)) => program,
+        Ok(Err(refusal)) => {
+            report.native_refused = Some(refusal.to_string());
+            return None;
+        }
+        Err(panic) => {
+            report.native_refused = Some(panic);
+            return None;
+        }
+    };
+    if !verify.enabled {
+        report.mode = EvalMode::Native;
+        return Some(Arc::new(program));
+    }
+    let check_options = PolicyOptions {
+        eval_timeout: options.eval_timeout.max(Duration::from_secs(1)),
+        ..options.clone()
+    };
+    // Checked with the data's index, as it serves.
+    let index = program.index(data);
+    let served = |input: Value| match eval_native(&program, &input, data, &index) {
+        Some(v) => Ok(v),
+        None => eval_rvm(rvm, data, input, &check_options),
+    };
+    let verification = crate::verify::run(inputs, verify.time_budget, &served, &|input| {
+        eval_interpreter(engine, input, &check_options)
+    });
+    crate::metrics::count_verified(verification.disagreement.is_some());
+    if let Some(d) = &verification.disagreement {
+        tracing::warn!(
+            revision = %bundle.revision,
+            rule = %options.decision_rule,
+            input = %d.input,
+            native = %d.compiled,
+            interpreted = %d.interpreted,
+            "nexus's evaluator disagrees with regorus's interpreter on this revision; \
+             the rule is evaluated by the RVM"
+        );
+        report.native_refused = Some(format!(
+            "it disagreed with the interpreter on {} {}: native {}, interpreted {}",
+            d.source, d.input, d.compiled, d.interpreted
+        ));
+        report.native_verification = Some(verification);
+        return None;
+    }
+    report.native_verification = Some(verification);
+    report.mode = EvalMode::Native;
+    Some(Arc::new(program))
 }
 
 /// Compiles the RVM program of `rule` from `bundle`'s modules rewritten for the RVM
@@ -937,7 +1122,13 @@ mod tests {
         }
     }
 
+    /// `rule` of `text` in compiled mode, on the RVM alone (these tests are about what
+    /// nexus does to the RVM; `native` has its own).
     fn compiled(text: &str, rule: &str) -> Policy {
+        with_native(text, rule, false)
+    }
+
+    fn with_native(text: &str, rule: &str, native: bool) -> Policy {
         let b = Bundle::from_modules(
             vec![Module {
                 path: "p.rego".into(),
@@ -950,6 +1141,7 @@ mod tests {
             &Value::new_object(),
             PolicyOptions {
                 decision_rule: rule.into(),
+                native,
                 ..PolicyOptions::default()
             },
         )

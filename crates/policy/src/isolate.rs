@@ -334,6 +334,7 @@ fn run_checks(request: &CheckRequest, out: &mut dyn Write) -> Result<(String, us
                 } else {
                     EvalMode::Compiled
                 },
+                native: true,
             },
         )?;
         // One evaluation, as the first request would run it: a rule that never finishes

@@ -12,6 +12,7 @@ pub mod engine;
 pub mod error;
 pub mod isolate;
 pub mod metrics;
+mod native;
 mod panics;
 mod rewrite;
 pub mod routing;

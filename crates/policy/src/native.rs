@@ -1,0 +1,1819 @@
+//! nexus's own evaluator for the Rego most decision policies are written in (issue 15:
+//! a decision in about a microsecond where regorus's RVM takes ten).
+//!
+//! It evaluates the text regorus's interpreter evaluates (the modules after `rewrite`'s
+//! interpreter rewrites), with the interpreter's semantics: the same values, the same
+//! comparisons (regorus's `Value` order), the same builtins (regorus's own functions and
+//! nexus's extensions are called, not reimplemented), undefined where the interpreter
+//! is undefined. It is not trusted on that claim alone:
+//! - what it cannot evaluate exactly as the interpreter does is refused when the
+//!   revision is compiled (`compile` names the construct and its line), and the
+//!   revision is served as before (RVM or interpreter);
+//! - what it meets only at run time and does not model (a conflict between two values
+//!   of a complete rule, a head that is undefined, iteration over a non-collection, a
+//!   builtin's resource limit, the step budget) makes it give up on that one input
+//!   (`Bail`): the RVM, or the interpreter, evaluates it instead;
+//! - before a revision serves natively, its answers are compared with the
+//!   interpreter's on the same inputs the RVM is checked on (`verify`); a disagreement
+//!   keeps the revision off this evaluator.
+//!
+//! What it takes: complete rules (with `else` chains and `default`), partial set rules
+//! (`contains`), `some x in` / `some k, v in` over collections, `not`, `:=` (also the
+//! `[a, b] := [x, y]` form the rewrites write), comparisons, `in` as a statement, refs
+//! into `input`, base `data` and rules (bare names in the package, `data.pkg.rule`
+//! anywhere), array/set/object literals, array and set comprehensions, and calls of
+//! deterministic builtins. Everything else (functions, partial objects, `with`,
+//! `every`, arithmetic, unification with `=`, imports other than `rego.v1` and
+//! `future.keywords`, non-deterministic builtins) keeps the revision where it was.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+use regorus::Value;
+use regorus::unstable::{
+    AssignOp, BoolOp, Expr, Literal, Module as Ast, Query, Ref, Rule, RuleHead, Span,
+};
+
+use crate::compat::{dotted, location, parse};
+
+/// Why a revision is not evaluated natively: the construct and where it is.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Refusal {
+    /// `file:line:col`.
+    pub location: String,
+    /// What it is.
+    pub construct: String,
+}
+
+impl std::fmt::Display for Refusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.location, self.construct)
+    }
+}
+
+fn refuse(span: &Span, construct: impl Into<String>) -> Refusal {
+    Refusal {
+        location: location(span).to_string(),
+        construct: construct.into(),
+    }
+}
+
+/// Why one evaluation was handed to the other engine.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Bail {
+    /// Two different values for one complete rule (the interpreter raises an error).
+    Conflict,
+    /// A rule head or comprehension head without a value.
+    UndefinedHead,
+    /// A value the construct is not modelled for (iteration over a scalar, ...).
+    Unmodelled,
+    /// A builtin reported a resource limit.
+    Limit,
+    /// More steps than the budget.
+    Budget,
+    /// A rule reached itself.
+    Recursion,
+}
+
+type RuleId = usize;
+
+/// Who a call goes to.
+#[derive(Debug)]
+enum Callee {
+    /// regorus's builtin, with the call's span and parameter expressions it takes.
+    Regorus {
+        f: regorus::unstable::BuiltinFcn,
+        span: Span,
+        params: Vec<Ref<Expr>>,
+    },
+    /// A nexus extension (the interpreter looks these up first).
+    Nexus(&'static str),
+    /// `__nexus_member(v, c)`.
+    Member,
+    /// `__nexus_iter(c)`.
+    Iter,
+    /// A type test (`is_string`, ...), answered here as regorus answers it.
+    IsType(fn(&Value) -> bool),
+    /// `concat` of an array or set of strings here; anything else goes to regorus's.
+    Concat(Box<Callee>),
+}
+
+#[derive(Debug)]
+enum E {
+    Const(Value),
+    Input,
+    /// `input.a.b` (static steps), looked up once per evaluation.
+    InputPath(usize, Vec<Value>),
+    Data(Vec<Value>),
+    Local(usize),
+    Rule(RuleId),
+    Index(Box<E>, Box<E>),
+    /// `data.path[key]`, looked up in the revision's hash index of that object when it
+    /// has one (`DataIndex`).
+    DataIndex(usize, Box<E>, Box<E>),
+    Array(Vec<E>),
+    Set(Vec<E>),
+    Object(Vec<(E, E)>),
+    ArrayCompr(Box<E>, Vec<Stmt>),
+    SetCompr(Box<E>, Vec<Stmt>),
+    Call(Callee, Vec<E>),
+    Cmp(BoolOp, Box<E>, Box<E>),
+    /// `v in c` (a statement).
+    Member(Box<E>, Box<E>),
+}
+
+#[derive(Debug)]
+enum Stmt {
+    Expr(E),
+    Not(E),
+    Assign(Vec<Option<usize>>, Vec<E>),
+    SomeIn {
+        key: Option<usize>,
+        value: Option<usize>,
+        collection: E,
+    },
+}
+
+#[derive(Debug)]
+struct Branch {
+    /// The head's value for this branch (`None`: `true`; the member for a partial set).
+    value: Option<E>,
+    stmts: Vec<Stmt>,
+    slots: usize,
+}
+
+#[derive(Debug)]
+enum Kind {
+    Complete,
+    PartialSet,
+}
+
+#[derive(Debug)]
+struct CompiledRule {
+    kind: Kind,
+    /// Each definition is a chain of branches (`else`).
+    defs: Vec<Vec<Branch>>,
+    default: Option<E>,
+}
+
+/// A revision compiled for the native evaluator.
+#[derive(Debug)]
+pub(crate) struct Program {
+    rules: Vec<CompiledRule>,
+    entry: RuleId,
+    max_steps: usize,
+    /// The base data paths the rules index with a key (`data.nexus.bindings[x]`).
+    indexed: Vec<Vec<Value>>,
+    /// How many distinct static input paths the rules read.
+    input_paths: usize,
+}
+
+/// Objects of the data with at least this many entries, all keyed by strings, get a
+/// hash index: a lookup hashes the key once instead of comparing it with a dozen keys
+/// (SPIFFE IDs share a long prefix).
+const INDEX_FROM: usize = 32;
+
+/// Hash indexes of the objects at a program's indexed data paths, for one data
+/// revision (`Program::index`).
+#[derive(Debug, Default)]
+pub(crate) struct DataIndex(Vec<Option<HashMap<regorus::Rc<str>, Value>>>);
+
+/// One definition of a rule in the source.
+struct Source<'a> {
+    rule: &'a Rule,
+    package: String,
+}
+
+struct Compiler<'a> {
+    /// `data.pkg.name` → definitions.
+    sources: BTreeMap<String, Vec<Source<'a>>>,
+    ids: HashMap<String, RuleId>,
+    rules: Vec<Option<CompiledRule>>,
+    queue: Vec<(RuleId, String)>,
+    indexed: Vec<Vec<Value>>,
+    input_paths: Vec<Vec<Value>>,
+}
+
+/// Locals of one branch while it is compiled.
+#[derive(Default)]
+struct Scope {
+    names: Vec<(String, usize)>,
+    slots: usize,
+}
+
+impl Scope {
+    fn get(&self, name: &str) -> Option<usize> {
+        self.names
+            .iter()
+            .rev()
+            .find(|(n, _)| n == name)
+            .map(|(_, s)| *s)
+    }
+
+    fn declare(&mut self, name: &str) -> usize {
+        let slot = self.slots;
+        self.slots += 1;
+        self.names.push((name.to_string(), slot));
+        slot
+    }
+}
+
+/// Builtins whose value depends on more than their arguments (the clock, randomness,
+/// the network, the interpreter's state): never called here.
+const IMPURE: &[&str] = &[
+    "time.now_ns",
+    "rand.intn",
+    "uuid.rfc4122",
+    "http.send",
+    "net.lookup_ip_addr",
+    "opa.runtime",
+    "print",
+    "trace",
+    "io.jwt.decode_verify",
+    "rego.metadata.chain",
+    "rego.metadata.rule",
+    "rego.parse_module",
+];
+
+fn var_name(e: &Expr) -> Option<&str> {
+    match e {
+        Expr::Var { value, .. } => value.as_string().ok().map(|s| s.as_ref()),
+        _ => None,
+    }
+}
+
+fn package_path(ast: &Ast) -> Option<String> {
+    let p = dotted(&ast.package.refr)?;
+    Some(if p.starts_with("data.") {
+        p
+    } else {
+        format!("data.{p}")
+    })
+}
+
+/// Compiles `rule` (`data.pkg.name`) of `texts` (path, interpreter text) for the native
+/// evaluator, or says what keeps it out.
+pub(crate) fn compile(
+    texts: &[(String, String)],
+    rule: &str,
+    max_steps: usize,
+) -> Result<Program, Refusal> {
+    let mut asts = Vec::new();
+    for (path, text) in texts {
+        let ast = parse(path, text).ok_or_else(|| Refusal {
+            location: path.clone(),
+            construct: "a module the parser refuses".into(),
+        })?;
+        asts.push(ast);
+    }
+    let mut sources: BTreeMap<String, Vec<Source<'_>>> = BTreeMap::new();
+    for ast in &asts {
+        for import in &ast.imports {
+            let name = dotted(&import.refr).unwrap_or_default();
+            if !(name == "rego.v1" || name.starts_with("future.keywords")) {
+                return Err(refuse(&import.span, format!("`import {name}`")));
+            }
+        }
+        let package = package_path(ast)
+            .ok_or_else(|| refuse(&ast.package.span, "a package path with brackets"))?;
+        for rule in &ast.policy {
+            let Some((name, _)) = crate::compat::rule_name(rule) else {
+                return Err(refuse(rule.span(), "a rule head that is not a name"));
+            };
+            sources
+                .entry(format!("{package}.{name}"))
+                .or_default()
+                .push(Source {
+                    rule,
+                    package: package.clone(),
+                });
+        }
+    }
+    let mut compiler = Compiler {
+        sources,
+        ids: HashMap::new(),
+        rules: Vec::new(),
+        queue: Vec::new(),
+        indexed: Vec::new(),
+        input_paths: Vec::new(),
+    };
+    let entry = compiler.rule_id(rule).ok_or_else(|| Refusal {
+        location: String::new(),
+        construct: format!("no rule {rule}"),
+    })?;
+    while let Some((id, path)) = compiler.queue.pop() {
+        let compiled = compiler.compile_rule(&path)?;
+        compiler.rules[id] = Some(compiled);
+    }
+    let rules = compiler
+        .rules
+        .into_iter()
+        .map(|r| {
+            r.ok_or_else(|| Refusal {
+                location: String::new(),
+                construct: "a rule left uncompiled".into(),
+            })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(Program {
+        rules,
+        entry,
+        max_steps,
+        indexed: compiler.indexed,
+        input_paths: compiler.input_paths.len(),
+    })
+}
+
+impl<'a> Compiler<'a> {
+    fn rule_id(&mut self, path: &str) -> Option<RuleId> {
+        if let Some(id) = self.ids.get(path) {
+            return Some(*id);
+        }
+        if !self.sources.contains_key(path) {
+            return None;
+        }
+        let id = self.rules.len();
+        self.rules.push(None);
+        self.ids.insert(path.to_string(), id);
+        self.queue.push((id, path.to_string()));
+        Some(id)
+    }
+
+    /// Whether some rule lives under `prefix.` (a virtual document the evaluator does
+    /// not assemble).
+    fn rules_under(&self, prefix: &str) -> bool {
+        let dotted = format!("{prefix}.");
+        self.sources
+            .range(dotted.clone()..)
+            .next()
+            .is_some_and(|(k, _)| k.starts_with(&dotted))
+    }
+
+    fn compile_rule(&mut self, path: &str) -> Result<CompiledRule, Refusal> {
+        let defs: Vec<(&'a Rule, String)> = self.sources[path]
+            .iter()
+            .map(|s| (s.rule, s.package.clone()))
+            .collect();
+        let mut kind = None;
+        let mut out_defs = Vec::new();
+        let mut default = None;
+        for (rule, package) in defs {
+            match rule {
+                Rule::Default {
+                    span, args, value, ..
+                } => {
+                    if !args.is_empty() {
+                        return Err(refuse(span, "a default function"));
+                    }
+                    let mut scope = Scope::default();
+                    default = Some(self.expr(value, &package, &mut scope)?);
+                }
+                Rule::Spec { span, head, bodies } => {
+                    let (this, refr, value) = match head {
+                        RuleHead::Compr { refr, assign, .. } => {
+                            if let Some(a) = assign
+                                && a.op != AssignOp::ColEq
+                                && a.op != AssignOp::Eq
+                            {
+                                return Err(refuse(span, "an assignment operator"));
+                            }
+                            (Kind::Complete, refr, assign.as_ref().map(|a| &a.value))
+                        }
+                        RuleHead::Set { refr, key, .. } => match key {
+                            Some(k) => (Kind::PartialSet, refr, Some(k)),
+                            None => return Err(refuse(span, "a set rule without a member")),
+                        },
+                        RuleHead::Func { .. } => return Err(refuse(span, "a function")),
+                    };
+                    if var_name(refr).is_none() {
+                        return Err(refuse(
+                            span,
+                            "a rule whose head is a ref (a partial object or a nested name)",
+                        ));
+                    }
+                    match (&kind, &this) {
+                        (None, _) => kind = Some(this),
+                        (Some(Kind::Complete), Kind::Complete)
+                        | (Some(Kind::PartialSet), Kind::PartialSet) => {}
+                        _ => {
+                            return Err(refuse(
+                                span,
+                                "complete and partial definitions of one rule",
+                            ));
+                        }
+                    }
+                    let mut chain = Vec::new();
+                    for (i, body) in bodies.iter().enumerate() {
+                        let value = if i == 0 {
+                            value
+                        } else {
+                            body.assign.as_ref().map(|a| &a.value)
+                        };
+                        let mut scope = Scope::default();
+                        let stmts = self.query(&body.query, &package, &mut scope)?;
+                        let value = match value {
+                            Some(v) => Some(self.expr(v, &package, &mut scope)?),
+                            None => None,
+                        };
+                        chain.push(Branch {
+                            value,
+                            stmts,
+                            slots: scope.slots,
+                        });
+                    }
+                    if chain.is_empty() {
+                        // `x := 1` without a body.
+                        let mut scope = Scope::default();
+                        let value = match value {
+                            Some(v) => Some(self.expr(v, &package, &mut scope)?),
+                            None => None,
+                        };
+                        chain.push(Branch {
+                            value,
+                            stmts: Vec::new(),
+                            slots: scope.slots,
+                        });
+                    }
+                    out_defs.push(chain);
+                }
+            }
+        }
+        let kind = kind.unwrap_or(Kind::Complete);
+        if matches!(kind, Kind::PartialSet) && default.is_some() {
+            return Err(Refusal {
+                location: String::new(),
+                construct: format!("a default for the set rule {path}"),
+            });
+        }
+        Ok(CompiledRule {
+            kind,
+            defs: out_defs,
+            default,
+        })
+    }
+
+    fn query(&mut self, q: &Query, package: &str, scope: &mut Scope) -> Result<Vec<Stmt>, Refusal> {
+        let mut out = Vec::new();
+        for stmt in &q.stmts {
+            if !stmt.with_mods.is_empty() {
+                return Err(refuse(&stmt.span, "`with`"));
+            }
+            out.push(match &stmt.literal {
+                Literal::Expr { expr, span } => match expr.as_ref() {
+                    Expr::AssignExpr { op, lhs, rhs, .. } => {
+                        if *op != AssignOp::ColEq {
+                            return Err(refuse(span, "unification (`=`)"));
+                        }
+                        // The value first: `x := x` reads an outer `x`.
+                        match (lhs.as_ref(), rhs.as_ref()) {
+                            (Expr::Var { .. }, _) => {
+                                let value = self.expr(rhs, package, scope)?;
+                                let slot = self.bind(lhs, scope)?;
+                                Stmt::Assign(vec![slot], vec![value])
+                            }
+                            (
+                                Expr::Array { items: names, .. },
+                                Expr::Array { items: values, .. },
+                            ) if names.len() == values.len() => {
+                                let values = values
+                                    .iter()
+                                    .map(|v| self.expr(v, package, scope))
+                                    .collect::<Result<Vec<_>, _>>()?;
+                                let slots = names
+                                    .iter()
+                                    .map(|n| self.bind(n, scope))
+                                    .collect::<Result<Vec<_>, _>>()?;
+                                Stmt::Assign(slots, values)
+                            }
+                            _ => return Err(refuse(span, "a destructuring assignment")),
+                        }
+                    }
+                    Expr::Membership {
+                        key: None,
+                        value,
+                        collection,
+                        ..
+                    } => Stmt::Expr(E::Member(
+                        Box::new(self.expr(value, package, scope)?),
+                        Box::new(self.expr(collection, package, scope)?),
+                    )),
+                    _ => Stmt::Expr(self.expr(expr, package, scope)?),
+                },
+                Literal::NotExpr { expr, .. } => match expr.as_ref() {
+                    Expr::Membership {
+                        key: None,
+                        value,
+                        collection,
+                        ..
+                    } => Stmt::Not(E::Member(
+                        Box::new(self.expr(value, package, scope)?),
+                        Box::new(self.expr(collection, package, scope)?),
+                    )),
+                    _ => Stmt::Not(self.expr(expr, package, scope)?),
+                },
+                Literal::SomeIn {
+                    key,
+                    value,
+                    collection,
+                    span,
+                } => {
+                    let collection = self.expr(collection, package, scope)?;
+                    let key = match key {
+                        Some(k) => self.bind(k, scope)?,
+                        None => None,
+                    };
+                    if var_name(value).is_none() {
+                        return Err(refuse(span, "`some` with a pattern"));
+                    }
+                    let value = self.bind(value, scope)?;
+                    Stmt::SomeIn {
+                        key,
+                        value,
+                        collection,
+                    }
+                }
+                Literal::SomeVars { span, .. } => {
+                    return Err(refuse(span, "`some x` without `in`"));
+                }
+                Literal::Every { span, .. } => return Err(refuse(span, "`every`")),
+            });
+        }
+        Ok(out)
+    }
+
+    /// A new local (`None` for `_`).
+    fn bind(&mut self, e: &Expr, scope: &mut Scope) -> Result<Option<usize>, Refusal> {
+        let Some(name) = var_name(e) else {
+            return Err(refuse(e.span(), "a pattern where a name is bound"));
+        };
+        if name == "_" {
+            return Ok(None);
+        }
+        if name == "input" || name == "data" || scope.get(name).is_some() {
+            return Err(refuse(e.span(), format!("`{name}` bound again")));
+        }
+        Ok(Some(scope.declare(name)))
+    }
+
+    fn expr(&mut self, e: &Expr, package: &str, scope: &mut Scope) -> Result<E, Refusal> {
+        Ok(match e {
+            Expr::String { value, .. }
+            | Expr::RawString { value, .. }
+            | Expr::Number { value, .. }
+            | Expr::Bool { value, .. }
+            | Expr::Null { value, .. } => E::Const(value.clone()),
+            Expr::Var { .. } | Expr::RefDot { .. } | Expr::RefBrack { .. } => {
+                self.reference(e, package, scope)?
+            }
+            Expr::Array { items, .. } => {
+                let items = self.exprs(items, package, scope)?;
+                fold(E::Array(items))
+            }
+            Expr::Set { items, .. } => {
+                let items = self.exprs(items, package, scope)?;
+                fold(E::Set(items))
+            }
+            Expr::Object { fields, .. } => {
+                let mut out = Vec::new();
+                for (_, k, v) in fields {
+                    out.push((self.expr(k, package, scope)?, self.expr(v, package, scope)?));
+                }
+                fold(E::Object(out))
+            }
+            Expr::ArrayCompr { term, query, .. } | Expr::SetCompr { term, query, .. } => {
+                // The comprehension's locals live after the enclosing ones and go out of
+                // scope after it.
+                let names = scope.names.len();
+                let stmts = self.query(query, package, scope)?;
+                let head = self.expr(term, package, scope)?;
+                scope.names.truncate(names);
+                if matches!(e, Expr::ArrayCompr { .. }) {
+                    E::ArrayCompr(Box::new(head), stmts)
+                } else {
+                    E::SetCompr(Box::new(head), stmts)
+                }
+            }
+            Expr::Call {
+                span, fcn, params, ..
+            } => {
+                let Some(name) = dotted(fcn) else {
+                    return Err(refuse(span, "a call of a computed function"));
+                };
+                let local = format!("{package}.{name}");
+                if self.sources.contains_key(&local)
+                    || (name.starts_with("data.") && self.sources.contains_key(&name))
+                {
+                    return Err(refuse(span, format!("a call of the function `{name}`")));
+                }
+                let callee = match name.as_str() {
+                    "__nexus_member" => Callee::Member,
+                    "__nexus_iter" => Callee::Iter,
+                    n if crate::builtins::names().any(|b| b == n) => {
+                        let nexus = crate::builtins::names().find(|b| *b == n);
+                        match nexus {
+                            Some(b) => Callee::Nexus(b),
+                            None => return Err(refuse(span, format!("`{name}`"))),
+                        }
+                    }
+                    n if type_test(n).is_some() && params.len() == 1 => {
+                        Callee::IsType(type_test(n).unwrap_or(|_| false))
+                    }
+                    n => {
+                        if IMPURE.contains(&n) || regorus::unstable::must_cache(n).is_some() {
+                            return Err(refuse(
+                                span,
+                                format!("`{name}`, whose value is not its arguments'"),
+                            ));
+                        }
+                        let Some(f) = regorus::unstable::BUILTINS.get(n) else {
+                            return Err(refuse(span, format!("`{name}`, no builtin")));
+                        };
+                        if usize::from(f.1) != params.len() {
+                            return Err(refuse(span, format!("`{name}` with an output argument")));
+                        }
+                        let regorus = Callee::Regorus {
+                            f: *f,
+                            span: span.clone(),
+                            params: params.clone(),
+                        };
+                        if n == "concat" {
+                            Callee::Concat(Box::new(regorus))
+                        } else {
+                            regorus
+                        }
+                    }
+                };
+                E::Call(callee, self.exprs(params, package, scope)?)
+            }
+            Expr::BoolExpr { op, lhs, rhs, .. } => E::Cmp(
+                op.clone(),
+                Box::new(self.expr(lhs, package, scope)?),
+                Box::new(self.expr(rhs, package, scope)?),
+            ),
+            Expr::Membership { span, .. } => {
+                return Err(refuse(span, "`in` used as a value"));
+            }
+            other => return Err(refuse(other.span(), "an operator or form it does not take")),
+        })
+    }
+
+    fn exprs(
+        &mut self,
+        items: &[Ref<Expr>],
+        package: &str,
+        scope: &mut Scope,
+    ) -> Result<Vec<E>, Refusal> {
+        items.iter().map(|i| self.expr(i, package, scope)).collect()
+    }
+
+    /// A var or a ref: a local, `input`, base data, or a rule and what follows it.
+    fn reference(&mut self, e: &Expr, package: &str, scope: &mut Scope) -> Result<E, Refusal> {
+        // Unroll `root.a[b].c` into the root and its steps.
+        let mut steps: Vec<&Expr> = Vec::new();
+        let mut fields: Vec<Option<Value>> = Vec::new();
+        let mut root = e;
+        loop {
+            match root {
+                Expr::RefDot { refr, field, .. } => {
+                    fields.push(Some(field.1.clone()));
+                    steps.push(root);
+                    root = refr;
+                }
+                Expr::RefBrack { refr, index, .. } => {
+                    fields.push(match index.as_ref() {
+                        Expr::String { value, .. } | Expr::RawString { value, .. } => {
+                            Some(value.clone())
+                        }
+                        _ => None,
+                    });
+                    steps.push(root);
+                    root = refr;
+                }
+                _ => break,
+            }
+        }
+        steps.reverse();
+        fields.reverse();
+        let Some(name) = var_name(root) else {
+            return Err(refuse(e.span(), "a ref into a computed value"));
+        };
+        let (mut out, skip) = if name == "_" {
+            return Err(refuse(root.span(), "`_` (iteration by a free variable)"));
+        } else if let Some(slot) = scope.get(name) {
+            (E::Local(slot), 0)
+        } else if name == "input" {
+            let taken = fields.iter().take_while(|f| f.is_some()).count();
+            if taken == 0 {
+                (E::Input, 0)
+            } else {
+                let path: Vec<Value> = fields[..taken].iter().flatten().cloned().collect();
+                let slot = match self.input_paths.iter().position(|p| *p == path) {
+                    Some(i) => i,
+                    None => {
+                        self.input_paths.push(path.clone());
+                        self.input_paths.len() - 1
+                    }
+                };
+                (E::InputPath(slot, path), taken)
+            }
+        } else if name == "data" {
+            let mut path = "data".to_string();
+            let mut taken = 0;
+            let mut found = None;
+            for f in &fields {
+                let Some(Ok(s)) = f.as_ref().map(|v| v.as_string()) else {
+                    break;
+                };
+                path.push('.');
+                path.push_str(s);
+                taken += 1;
+                if let Some(id) = self.rule_id(&path) {
+                    found = Some(id);
+                    break;
+                }
+            }
+            match found {
+                Some(id) => (E::Rule(id), taken),
+                None => {
+                    if path == "data" || self.rules_under(&path) || self.sources.contains_key(&path)
+                    {
+                        return Err(refuse(e.span(), "a ref to a document holding rules"));
+                    }
+                    let values = fields[..taken]
+                        .iter()
+                        .map(|f| f.clone().unwrap_or(Value::Undefined))
+                        .collect();
+                    (E::Data(values), taken)
+                }
+            }
+        } else if let Some(id) = self.rule_id(&format!("{package}.{name}")) {
+            (E::Rule(id), 0)
+        } else {
+            return Err(refuse(root.span(), format!("the unbound name `{name}`")));
+        };
+        for step in &steps[skip..] {
+            let index = match step {
+                Expr::RefDot { field, .. } => E::Const(field.1.clone()),
+                Expr::RefBrack { index, .. } => self.expr(index, package, scope)?,
+                _ => unreachable!("only ref steps are collected"),
+            };
+            out = match out {
+                E::Data(path) => {
+                    let slot = match self.indexed.iter().position(|p| *p == path) {
+                        Some(i) => i,
+                        None => {
+                            self.indexed.push(path.clone());
+                            self.indexed.len() - 1
+                        }
+                    };
+                    E::DataIndex(slot, Box::new(E::Data(path)), Box::new(index))
+                }
+                other => E::Index(Box::new(other), Box::new(index)),
+            };
+        }
+        Ok(out)
+    }
+}
+
+/// A literal collection of constants is one constant.
+fn fold(e: E) -> E {
+    let konst = |e: &E| matches!(e, E::Const(v) if *v != Value::Undefined);
+    match e {
+        E::Array(items) if items.iter().all(konst) => E::Const(Value::from(
+            items
+                .into_iter()
+                .filter_map(|i| match i {
+                    E::Const(v) => Some(v),
+                    _ => None,
+                })
+                .collect::<Vec<_>>(),
+        )),
+        E::Set(items) if items.iter().all(konst) => E::Const(Value::from(
+            items
+                .into_iter()
+                .filter_map(|i| match i {
+                    E::Const(v) => Some(v),
+                    _ => None,
+                })
+                .collect::<BTreeSet<_>>(),
+        )),
+        E::Object(fields) if fields.iter().all(|(k, v)| konst(k) && konst(v)) => {
+            E::Const(Value::from(
+                fields
+                    .into_iter()
+                    .filter_map(|(k, v)| match (k, v) {
+                        (E::Const(k), E::Const(v)) => Some((k, v)),
+                        _ => None,
+                    })
+                    .collect::<BTreeMap<_, _>>(),
+            ))
+        }
+        other => other,
+    }
+}
+
+enum Memo {
+    Pending,
+    Running,
+    Done(Value),
+}
+
+/// A value met while evaluating: borrowed from the program, the input or the data
+/// (most values: no reference count touched), or made here.
+#[derive(Clone, Debug)]
+enum V<'a> {
+    B(&'a Value),
+    O(Value),
+}
+
+static UNDEFINED: Value = Value::Undefined;
+
+impl<'a> V<'a> {
+    const UNDEFINED: V<'static> = V::B(&UNDEFINED);
+
+    fn get(&self) -> &Value {
+        match self {
+            V::B(v) => v,
+            V::O(v) => v,
+        }
+    }
+
+    fn owned(self) -> Value {
+        match self {
+            V::B(v) => v.clone(),
+            V::O(v) => v,
+        }
+    }
+
+    fn is_undefined(&self) -> bool {
+        matches!(self.get(), Value::Undefined)
+    }
+
+    /// `self[key]`, borrowed when `self` is.
+    fn index(self, key: &Value) -> V<'a> {
+        match self {
+            V::B(v) => V::B(crate::cache::field(v, key)),
+            V::O(v) => V::O(crate::cache::field(&v, key).clone()),
+        }
+    }
+}
+
+/// One evaluation's state.
+struct Cx<'a> {
+    input: &'a Value,
+    data: &'a Value,
+    index: &'a DataIndex,
+    memo: Vec<Memo>,
+    /// Values at the static input paths, once read.
+    inputs: Vec<Option<&'a Value>>,
+    locals: Vec<V<'a>>,
+    steps: usize,
+}
+
+/// How a solution of a body is taken: `Ok(true)` to stop looking for more.
+type Found<'f, 'a> = dyn FnMut(&'a Program, &mut Cx<'a>) -> Result<bool, Bail> + 'f;
+
+fn undefined_or_false(v: &Value) -> bool {
+    matches!(v, Value::Undefined | Value::Bool(false))
+}
+
+impl Program {
+    /// The decision rule's value for `input` over `data` (`Value::Undefined` when it has
+    /// none), or why the other engine must answer.
+    pub(crate) fn eval(
+        &self,
+        input: &Value,
+        data: &Value,
+        index: &DataIndex,
+    ) -> Result<Value, Bail> {
+        let mut cx = Cx {
+            input,
+            data,
+            index,
+            memo: (0..self.rules.len()).map(|_| Memo::Pending).collect(),
+            inputs: vec![None; self.input_paths],
+            locals: Vec::with_capacity(16),
+            steps: 0,
+        };
+        self.rule(&mut cx, self.entry)
+    }
+
+    /// Hash indexes of the large objects this program looks keys up in, in `data`.
+    pub(crate) fn index(&self, data: &Value) -> DataIndex {
+        DataIndex(
+            self.indexed
+                .iter()
+                .map(|path| {
+                    let mut v = data;
+                    for step in path {
+                        v = &v[step];
+                    }
+                    let Value::Object(fields) = v else {
+                        return None;
+                    };
+                    if fields.len() < INDEX_FROM {
+                        return None;
+                    }
+                    let mut map = HashMap::with_capacity(fields.len());
+                    for (k, v) in fields.iter() {
+                        let Value::String(k) = k else {
+                            return None;
+                        };
+                        map.insert(k.clone(), v.clone());
+                    }
+                    Some(map)
+                })
+                .collect(),
+        )
+    }
+
+    fn step(&self, cx: &mut Cx<'_>) -> Result<(), Bail> {
+        cx.steps += 1;
+        if cx.steps > self.max_steps {
+            return Err(Bail::Budget);
+        }
+        Ok(())
+    }
+
+    fn rule<'a>(&'a self, cx: &mut Cx<'a>, id: RuleId) -> Result<Value, Bail> {
+        match &cx.memo[id] {
+            Memo::Done(v) => return Ok(v.clone()),
+            Memo::Running => return Err(Bail::Recursion),
+            Memo::Pending => {}
+        }
+        cx.memo[id] = Memo::Running;
+        let rule = &self.rules[id];
+        let value = match rule.kind {
+            Kind::Complete => {
+                let mut result = Value::Undefined;
+                for chain in &rule.defs {
+                    let v = self.complete_def(cx, chain)?;
+                    if matches!(v, Value::Undefined) {
+                        continue;
+                    }
+                    if !matches!(result, Value::Undefined) && result != v {
+                        return Err(Bail::Conflict);
+                    }
+                    result = v;
+                }
+                if matches!(result, Value::Undefined)
+                    && let Some(d) = &rule.default
+                {
+                    result = self.expr(cx, cx.locals.len(), d)?.owned();
+                }
+                result
+            }
+            Kind::PartialSet => {
+                let mut members = BTreeSet::new();
+                for chain in &rule.defs {
+                    for branch in chain {
+                        self.branch(cx, branch, &mut |p, cx, base| {
+                            let v = match &branch.value {
+                                Some(e) => p.expr(cx, base, e)?.owned(),
+                                None => Value::Bool(true),
+                            };
+                            // A member without a value adds nothing (regorus, as OPA).
+                            if !matches!(v, Value::Undefined) {
+                                members.insert(v);
+                            }
+                            Ok(false)
+                        })?;
+                    }
+                }
+                Value::from(members)
+            }
+        };
+        cx.memo[id] = Memo::Done(value.clone());
+        Ok(value)
+    }
+
+    /// One definition of a complete rule: the first branch whose body holds gives the
+    /// value (undefined if its value is), as regorus does.
+    fn complete_def<'a>(&'a self, cx: &mut Cx<'a>, chain: &'a [Branch]) -> Result<Value, Bail> {
+        for branch in chain {
+            let mut held = false;
+            let mut found = Value::Undefined;
+            self.branch(cx, branch, &mut |p, cx, base| {
+                let v = match &branch.value {
+                    Some(e) => p.expr(cx, base, e)?.owned(),
+                    None => Value::Bool(true),
+                };
+                if held && v != found {
+                    return Err(Bail::Conflict);
+                }
+                held = true;
+                found = v;
+                Ok(false)
+            })?;
+            if held {
+                return Ok(found);
+            }
+        }
+        Ok(Value::Undefined)
+    }
+
+    /// Runs a branch's body in a fresh frame of locals; `found` sees each solution with
+    /// the frame's base.
+    fn branch<'a>(
+        &'a self,
+        cx: &mut Cx<'a>,
+        branch: &'a Branch,
+        found: &mut dyn FnMut(&'a Program, &mut Cx<'a>, usize) -> Result<bool, Bail>,
+    ) -> Result<(), Bail> {
+        let base = cx.locals.len();
+        cx.locals.resize(base + branch.slots, V::UNDEFINED);
+        let result = self.body(cx, base, &branch.stmts, &mut |p, cx| found(p, cx, base));
+        cx.locals.truncate(base);
+        result.map(|_| ())
+    }
+
+    /// Runs `stmts` from the first in the frame at `base`; `Ok(true)` when `found` asked
+    /// to stop.
+    fn body<'a>(
+        &'a self,
+        cx: &mut Cx<'a>,
+        base: usize,
+        stmts: &'a [Stmt],
+        found: &mut Found<'_, 'a>,
+    ) -> Result<bool, Bail> {
+        let Some((first, rest)) = stmts.split_first() else {
+            return found(self, cx);
+        };
+        self.step(cx)?;
+        match first {
+            Stmt::Expr(e) => {
+                if undefined_or_false(self.expr(cx, base, e)?.get()) {
+                    return Ok(false);
+                }
+                self.body(cx, base, rest, found)
+            }
+            Stmt::Not(e) => {
+                if undefined_or_false(self.expr(cx, base, e)?.get()) {
+                    self.body(cx, base, rest, found)
+                } else {
+                    Ok(false)
+                }
+            }
+            Stmt::Assign(slots, values) => {
+                if let ([slot], [value]) = (slots.as_slice(), values.as_slice()) {
+                    let v = self.expr(cx, base, value)?;
+                    if v.is_undefined() {
+                        return Ok(false);
+                    }
+                    if let Some(s) = slot {
+                        cx.locals[base + s] = v;
+                    }
+                } else {
+                    let mut got = Vec::with_capacity(values.len());
+                    for v in values {
+                        let v = self.expr(cx, base, v)?;
+                        if v.is_undefined() {
+                            return Ok(false);
+                        }
+                        got.push(v);
+                    }
+                    for (slot, v) in slots.iter().zip(got) {
+                        if let Some(s) = slot {
+                            cx.locals[base + s] = v;
+                        }
+                    }
+                }
+                self.body(cx, base, rest, found)
+            }
+            Stmt::SomeIn {
+                key,
+                value,
+                collection,
+            } => {
+                let c = self.expr(cx, base, collection)?;
+                let mut each = |cx: &mut Cx<'a>, k: V<'a>, v: V<'a>| -> Result<bool, Bail> {
+                    self.step(cx)?;
+                    if let Some(s) = key {
+                        cx.locals[base + s] = k;
+                    }
+                    if let Some(s) = value {
+                        cx.locals[base + s] = v;
+                    }
+                    self.body(cx, base, rest, found)
+                };
+                // Borrowed collections lend their elements; a made one gives copies.
+                match c {
+                    V::B(Value::Undefined) | V::O(Value::Undefined) => {}
+                    V::B(Value::Array(items)) => {
+                        for (i, v) in items.iter().enumerate() {
+                            if each(cx, V::O(Value::from(i)), V::B(v))? {
+                                return Ok(true);
+                            }
+                        }
+                    }
+                    V::B(Value::Set(items)) => {
+                        for v in items.iter() {
+                            if each(cx, V::B(v), V::B(v))? {
+                                return Ok(true);
+                            }
+                        }
+                    }
+                    V::B(Value::Object(fields)) => {
+                        for (k, v) in fields.iter() {
+                            if each(cx, V::B(k), V::B(v))? {
+                                return Ok(true);
+                            }
+                        }
+                    }
+                    V::O(Value::Array(items)) => {
+                        for (i, v) in items.iter().enumerate() {
+                            if each(cx, V::O(Value::from(i)), V::O(v.clone()))? {
+                                return Ok(true);
+                            }
+                        }
+                    }
+                    V::O(Value::Set(items)) => {
+                        for v in items.iter() {
+                            if each(cx, V::O(v.clone()), V::O(v.clone()))? {
+                                return Ok(true);
+                            }
+                        }
+                    }
+                    V::O(Value::Object(fields)) => {
+                        for (k, v) in fields.iter() {
+                            if each(cx, V::O(k.clone()), V::O(v.clone()))? {
+                                return Ok(true);
+                            }
+                        }
+                    }
+                    _ => return Err(Bail::Unmodelled),
+                }
+                Ok(false)
+            }
+        }
+    }
+
+    fn expr<'a>(&'a self, cx: &mut Cx<'a>, base: usize, e: &'a E) -> Result<V<'a>, Bail> {
+        Ok(match e {
+            E::Const(v) => V::B(v),
+            E::Input => V::B(cx.input),
+            E::InputPath(slot, path) => {
+                if let Some(v) = cx.inputs[*slot] {
+                    return Ok(V::B(v));
+                }
+                let mut v = cx.input;
+                for step in path {
+                    v = crate::cache::field(v, step);
+                }
+                cx.inputs[*slot] = Some(v);
+                V::B(v)
+            }
+            E::Data(path) => {
+                let mut v = cx.data;
+                for step in path {
+                    v = &v[step];
+                }
+                V::B(v)
+            }
+            E::Local(slot) => cx.locals[base + slot].clone(),
+            E::Rule(id) => V::O(self.rule(cx, *id)?),
+            E::Index(of, index) => {
+                let index = self.expr(cx, base, index)?;
+                if index.is_undefined() {
+                    return Ok(V::UNDEFINED);
+                }
+                self.expr(cx, base, of)?.index(index.get())
+            }
+            E::DataIndex(slot, of, index) => {
+                let key = self.expr(cx, base, index)?;
+                let index: &'a DataIndex = cx.index;
+                match (key.get(), index.0.get(*slot)) {
+                    (Value::Undefined, _) => V::UNDEFINED,
+                    (Value::String(k), Some(Some(map))) => {
+                        map.get(k.as_ref()).map_or(V::UNDEFINED, V::B)
+                    }
+                    (k, _) => self.expr(cx, base, of)?.index(k),
+                }
+            }
+            E::Array(items) => {
+                let mut out = Vec::with_capacity(items.len());
+                for i in items {
+                    let v = self.expr(cx, base, i)?;
+                    if v.is_undefined() {
+                        return Ok(V::UNDEFINED);
+                    }
+                    out.push(v.owned());
+                }
+                V::O(Value::from(out))
+            }
+            E::Set(items) => {
+                let mut out = BTreeSet::new();
+                for i in items {
+                    let v = self.expr(cx, base, i)?;
+                    if v.is_undefined() {
+                        return Ok(V::UNDEFINED);
+                    }
+                    out.insert(v.owned());
+                }
+                V::O(Value::from(out))
+            }
+            E::Object(fields) => {
+                let mut out = BTreeMap::new();
+                for (k, v) in fields {
+                    let k = self.expr(cx, base, k)?;
+                    let v = self.expr(cx, base, v)?;
+                    if k.is_undefined() || v.is_undefined() {
+                        return Ok(V::UNDEFINED);
+                    }
+                    out.insert(k.owned(), v.owned());
+                }
+                V::O(Value::from(out))
+            }
+            E::ArrayCompr(head, stmts) | E::SetCompr(head, stmts) => {
+                let mut items = Vec::new();
+                self.body(cx, base, stmts, &mut |p, cx| {
+                    let v = p.expr(cx, base, head)?;
+                    if v.is_undefined() {
+                        return Err(Bail::UndefinedHead);
+                    }
+                    items.push(v.owned());
+                    Ok(false)
+                })?;
+                V::O(if matches!(e, E::ArrayCompr(..)) {
+                    Value::from(items)
+                } else {
+                    Value::from(items.into_iter().collect::<BTreeSet<_>>())
+                })
+            }
+            E::Call(Callee::IsType(test), params) => match params.as_slice() {
+                [p] => {
+                    let v = self.expr(cx, base, p)?;
+                    if v.is_undefined() {
+                        return Ok(V::UNDEFINED);
+                    }
+                    V::O(Value::Bool(test(v.get())))
+                }
+                _ => return Err(Bail::Unmodelled),
+            },
+            E::Call(callee, params) => {
+                let mut args = Vec::with_capacity(params.len());
+                for p in params {
+                    let v = self.expr(cx, base, p)?;
+                    if v.is_undefined() {
+                        return Ok(V::UNDEFINED);
+                    }
+                    args.push(v);
+                }
+                V::O(call(callee, &args)?)
+            }
+            E::Cmp(op, lhs, rhs) => {
+                let l = self.expr(cx, base, lhs)?;
+                let r = self.expr(cx, base, rhs)?;
+                let (l, r) = (l.get(), r.get());
+                if matches!(l, Value::Undefined) || matches!(r, Value::Undefined) {
+                    return Ok(V::UNDEFINED);
+                }
+                V::O(Value::Bool(match op {
+                    BoolOp::Eq => l == r,
+                    BoolOp::Ne => l != r,
+                    BoolOp::Lt => l < r,
+                    BoolOp::Le => l <= r,
+                    BoolOp::Gt => l > r,
+                    BoolOp::Ge => l >= r,
+                }))
+            }
+            E::Member(v, c) => {
+                let v = self.expr(cx, base, v)?;
+                let c = self.expr(cx, base, c)?;
+                if v.is_undefined() || c.is_undefined() {
+                    return Ok(V::UNDEFINED);
+                }
+                V::O(member(v.get(), c.get())?)
+            }
+        })
+    }
+}
+
+fn member(v: &Value, c: &Value) -> Result<Value, Bail> {
+    Ok(Value::Bool(match c {
+        Value::Array(items) => items.iter().any(|x| x == v),
+        Value::Set(items) => items.contains(v),
+        Value::Object(fields) => fields.values().any(|x| x == v),
+        _ => return Err(Bail::Unmodelled),
+    }))
+}
+
+/// regorus's type tests (`builtins/types.rs`), by name.
+fn type_test(name: &str) -> Option<fn(&Value) -> bool> {
+    Some(match name {
+        "is_string" => |v| matches!(v, Value::String(_)),
+        "is_array" => |v| matches!(v, Value::Array(_)),
+        "is_object" => |v| matches!(v, Value::Object(_)),
+        "is_set" => |v| matches!(v, Value::Set(_)),
+        "is_number" => |v| matches!(v, Value::Number(_)),
+        "is_boolean" => |v| matches!(v, Value::Bool(_)),
+        "is_null" => |v| matches!(v, Value::Null),
+        _ => return None,
+    })
+}
+
+/// `concat(d, c)` as regorus computes it (the strings of `c` in order, joined by `d`)
+/// when `d` is a string and `c` an array or set of strings; None otherwise.
+fn concat(d: &Value, c: &Value) -> Option<Value> {
+    let Value::String(d) = d else {
+        return None;
+    };
+    let mut out = String::new();
+    let mut push = |i: usize, v: &Value| match v {
+        Value::String(s) => {
+            if i > 0 {
+                out.push_str(d);
+            }
+            out.push_str(s);
+            true
+        }
+        _ => false,
+    };
+    let all = match c {
+        Value::Array(items) => items.iter().enumerate().all(|(i, v)| push(i, v)),
+        Value::Set(items) => items.iter().enumerate().all(|(i, v)| push(i, v)),
+        _ => false,
+    };
+    all.then(|| Value::String(out.into()))
+}
+
+fn call(callee: &Callee, args: &[V<'_>]) -> Result<Value, Bail> {
+    if let Callee::Concat(regorus) = callee {
+        if let [d, c] = args
+            && let Some(v) = concat(d.get(), c.get())
+        {
+            return Ok(v);
+        }
+        return call(regorus, args);
+    }
+    let args: Vec<Value> = args.iter().map(|a| a.get().clone()).collect();
+    let args = args.as_slice();
+    match callee {
+        Callee::IsType(test) => Ok(match args {
+            [v] => Value::Bool(test(v)),
+            _ => return Err(Bail::Unmodelled),
+        }),
+        Callee::Concat(regorus) => {
+            call(regorus, &args.iter().cloned().map(V::O).collect::<Vec<_>>())
+        }
+        Callee::Member => match args {
+            [v, c] => Ok(Value::Bool(match c {
+                Value::Array(items) => items.iter().any(|x| x == v),
+                Value::Set(items) => items.contains(v),
+                Value::Object(fields) => fields.values().any(|x| x == v),
+                _ => false,
+            })),
+            _ => Err(Bail::Unmodelled),
+        },
+        Callee::Iter => Ok(match args.first() {
+            Some(c @ (Value::Array(_) | Value::Set(_) | Value::Object(_))) => c.clone(),
+            _ => Value::new_array(),
+        }),
+        Callee::Nexus(name) => Ok(crate::builtins::call(name, args)),
+        Callee::Regorus { f, span, params } => match (f.0)(span, params, args, false) {
+            Ok(v) => Ok(v),
+            Err(e) if e.downcast_ref::<regorus::LimitError>().is_some() => Err(Bail::Limit),
+            // Builtin errors are undefined (nexus's engines run without strict builtin
+            // errors).
+            Err(_) => Ok(Value::Undefined),
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bundle::{Bundle, Module};
+    use proptest::prelude::*;
+    use serde_json::json;
+
+    fn texts(modules: &[(&str, &str)]) -> Vec<(String, String)> {
+        modules
+            .iter()
+            .map(|(p, t)| (p.to_string(), crate::rewrite::interpreter_text(p, t, true)))
+            .collect()
+    }
+
+    fn program(text: &str, rule: &str) -> Result<Program, Refusal> {
+        compile(&texts(&[("p.rego", text)]), rule, 100_000)
+    }
+
+    /// What regorus's interpreter (as nexus sets it up) answers, shown as `verify` shows it.
+    fn interpreted(modules: &[(&str, &str)], data: &Value, rule: &str, input: &Value) -> String {
+        let bundle = Bundle::from_modules(
+            modules
+                .iter()
+                .map(|(p, t)| Module {
+                    path: p.to_string(),
+                    text: t.to_string(),
+                })
+                .collect(),
+            data.clone(),
+        );
+        let mut engine = crate::engine::engine_for(&bundle, false).unwrap();
+        engine.set_input(input.clone());
+        crate::verify::show(
+            &engine
+                .eval_rule(rule.to_string())
+                .map_err(|e| e.to_string()),
+        )
+    }
+
+    /// `rule` of `modules` evaluated here and by the interpreter on each input: the
+    /// same answer, or (for the inputs in `bails`) a hand-over this evaluator says why.
+    fn agree(
+        modules: &[(&str, &str)],
+        data: serde_json::Value,
+        rule: &str,
+        inputs: &[serde_json::Value],
+    ) -> Vec<Option<Bail>> {
+        let data = Value::from(data);
+        let p = compile(&texts(modules), rule, 100_000).unwrap_or_else(|r| panic!("refused: {r}"));
+        let index = p.index(&data);
+        inputs
+            .iter()
+            .map(|input| {
+                let input = Value::from(input.clone());
+                let want = interpreted(modules, &data, rule, &input);
+                match p.eval(&input, &data, &index) {
+                    Ok(v) => {
+                        assert_eq!(crate::verify::show(&Ok(v)), want, "{rule} on {input:?}");
+                        None
+                    }
+                    Err(bail) => Some(bail),
+                }
+            })
+            .collect()
+    }
+
+    #[test]
+    fn else_chains_defaults_and_conflicts_answer_as_the_interpreter() {
+        let text = "package t\n\nr := input.a if input.x else := \"b\" if input.y else := \"c\"\n\ndefault d := \"none\"\n\nd := \"one\" if input.one\n\nd := \"two\" if input.two\n";
+        let inputs = [
+            json!({}),
+            json!({"x": true, "a": 1}),
+            json!({"x": true}),
+            json!({"x": false, "y": true}),
+            json!({"y": 0}),
+            json!({"one": true}),
+            json!({"two": true}),
+            json!({"one": true, "two": 1}),
+        ];
+        for rule in ["data.t.r", "data.t.d"] {
+            let bails = agree(&[("p.rego", text)], json!({}), rule, &inputs);
+            // Two values for `d`: the interpreter raises a conflict; this evaluator hands
+            // the input on rather than model the error.
+            let conflicts: Vec<usize> = bails
+                .iter()
+                .enumerate()
+                .filter_map(|(i, b)| b.map(|b| (i, b)))
+                .map(|(i, b)| {
+                    assert_eq!(b, Bail::Conflict);
+                    i
+                })
+                .collect();
+            assert_eq!(conflicts, if rule == "data.t.d" { vec![7] } else { vec![] });
+        }
+    }
+
+    #[test]
+    fn sets_iteration_comprehensions_and_negation_answer_as_the_interpreter() {
+        let text = r#"package t
+
+deny contains msg if {
+	some k, v in input.m
+	v > 3
+	msg := concat(":", [k, "big"])
+}
+
+deny contains "no user" if not input.user
+
+names := [n | some u in input.users; n := u.name]
+
+uniq := {x | some x in input.xs}
+
+allow if not startswith(input.p, "/admin")
+
+reads if input.method in {"GET", "HEAD"}
+
+writes if not input.method in {"GET", "HEAD"}
+
+sized := count(deny) + 0 if false else := count(deny)
+
+cmp if input.a < input.b
+
+eq if input.n == 1
+
+upper_name := upper(input.name)
+
+digest := crypto.sha256(input.name)
+"#;
+        let inputs = [
+            json!({}),
+            json!({"m": {"a": 1, "b": 5, "c": "x"}, "user": "u"}),
+            json!({"m": [9, 2, 4]}),
+            json!({"m": "scalar"}),
+            json!({"users": [{"name": "a"}, {"name": "b"}], "xs": [1, 1, "1", [1]]}),
+            json!({"users": "nope", "xs": {"k": 2}}),
+            json!({"p": "/x", "method": "GET"}),
+            json!({"p": "/admin/x", "method": "POST"}),
+            json!({"p": 7, "method": null}),
+            json!({"a": 1, "b": "1"}),
+            json!({"a": "b", "b": "a"}),
+            json!({"a": null, "b": false}),
+            json!({"n": 1.0}),
+            json!({"n": 1}),
+            json!({"n": "1"}),
+            json!({"name": "Bob"}),
+            json!({"name": 3}),
+        ];
+        for rule in [
+            "data.t.deny",
+            "data.t.names",
+            "data.t.uniq",
+            "data.t.allow",
+            "data.t.reads",
+            "data.t.writes",
+            "data.t.cmp",
+            "data.t.eq",
+            "data.t.upper_name",
+            "data.t.digest",
+        ] {
+            let bails = agree(&[("p.rego", text)], json!({}), rule, &inputs);
+            // A comprehension head without a value (a user without a name) is handed on.
+            let bailed = bails.iter().filter(|b| b.is_some()).count();
+            assert_eq!(bailed, 0, "{rule}: {bails:?}");
+        }
+        // `sized` subtracts: arithmetic is refused.
+        assert!(program(text, "data.t.sized").is_err());
+    }
+
+    #[test]
+    fn data_and_rules_of_other_packages_answer_as_the_interpreter() {
+        let main = "package t\n\nimport rego.v1\n\nallow if {\n\tdata.lib.ok\n\tdata.roles[input.u] == \"admin\"\n}\n\nrole := data.roles[input.u]\n";
+        let lib = "package lib\n\nok if input.on == true\n";
+        let mut roles = serde_json::Map::new();
+        for i in 0..100 {
+            roles.insert(
+                format!("user-{i}"),
+                json!(if i % 3 == 0 { "admin" } else { "dev" }),
+            );
+        }
+        let inputs = [
+            json!({}),
+            json!({"u": "user-3", "on": true}),
+            json!({"u": "user-4", "on": true}),
+            json!({"u": "user-3", "on": "true"}),
+            json!({"u": 3, "on": true}),
+            json!({"u": "nobody", "on": true}),
+        ];
+        for rule in ["data.t.allow", "data.t.role", "data.lib.ok"] {
+            let bails = agree(
+                &[("p.rego", main), ("lib.rego", lib)],
+                json!({"roles": roles}),
+                rule,
+                &inputs,
+            );
+            assert!(bails.iter().all(Option::is_none), "{rule}: {bails:?}");
+        }
+    }
+
+    #[test]
+    fn what_it_does_not_take_is_refused_at_its_line() {
+        for (text, rule, why) in [
+            (
+                "package t\n\nf(x) := x\n\nr := f(1)\n",
+                "data.t.r",
+                "function",
+            ),
+            (
+                "package t\n\nr if { input.a with input as {} }\n",
+                "data.t.r",
+                "`with`",
+            ),
+            (
+                "package t\n\nr if { every x in input.a { x } }\n",
+                "data.t.r",
+                "`every`",
+            ),
+            ("package t\n\nr := input.a + 1\n", "data.t.r", "operator"),
+            (
+                "package t\n\nr if { x = input.a; x }\n",
+                "data.t.r",
+                "unification",
+            ),
+            (
+                "package t\n\nr if { some x; input.a[x] }\n",
+                "data.t.r",
+                "`some x`",
+            ),
+            (
+                "package t\n\nimport data.lib\n\nr := lib.x\n",
+                "data.t.r",
+                "import",
+            ),
+            ("package t\n\nr := data\n", "data.t.r", "holding rules"),
+            ("package t\n\nr := data.t\n", "data.t.r", "holding rules"),
+            ("package t\n\nr if input.xs[_]\n", "data.t.r", "`_`"),
+            (
+                "package t\n\no[k] := 1 if some k in input.ks\n\nr := o\n",
+                "data.t.r",
+                "head is a ref",
+            ),
+            (
+                "package t\n\nr := time.now_ns()\n",
+                "data.t.r",
+                "not its arguments'",
+            ),
+        ] {
+            let refused = program(text, rule)
+                .err()
+                .unwrap_or_else(|| panic!("{text} was taken"));
+            assert!(refused.construct.contains(why), "{text}: {refused}");
+            assert!(refused.location.starts_with("p.rego:"), "{text}: {refused}");
+        }
+    }
+
+    #[test]
+    fn a_rule_that_reaches_itself_and_a_long_loop_are_handed_on() {
+        let p = program(
+            "package t\n\nr if { some x in input.xs; some y in input.xs; x == y; false }\n",
+            "data.t.r",
+        )
+        .unwrap();
+        let xs: Vec<u32> = (0..1000).collect();
+        let input = Value::from(json!({ "xs": xs }));
+        let data = Value::new_object();
+        assert_eq!(p.eval(&input, &data, &p.index(&data)), Err(Bail::Budget));
+    }
+
+    #[test]
+    fn large_objects_the_rules_index_are_hashed() {
+        let p = program(
+            "package t\n\nx := data.big[input.k]\n\ny := data.small[input.k]\n\nz if { x; y }\n",
+            "data.t.z",
+        )
+        .unwrap();
+        let mut big = serde_json::Map::new();
+        for i in 0..100 {
+            big.insert(format!("k{i}"), serde_json::json!(i));
+        }
+        let data = Value::from(serde_json::json!({"big": big, "small": {"k7": true}}));
+        let index = p.index(&data);
+        let at = |name: &str| {
+            let i = p
+                .indexed
+                .iter()
+                .position(|path| *path == [Value::from(name)]);
+            &index.0[i.unwrap()]
+        };
+        assert_eq!(index.0.len(), 2);
+        assert!(at("big").as_ref().is_some_and(|m| m.len() == 100));
+        assert!(at("small").is_none());
+        let input = Value::from(serde_json::json!({"k": "k7"}));
+        assert_eq!(p.eval(&input, &data, &index), Ok(Value::Bool(true)));
+        let input = Value::from(serde_json::json!({"k": "k8"}));
+        assert_eq!(p.eval(&input, &data, &index), Ok(Value::Undefined));
+    }
+
+    const REFERENCE: &str = include_str!("../../../policies/nexus/authz/authz.rego");
+
+    fn reference_data(
+        bindings_as_objects: bool,
+        revoked: &[&str],
+        allowed: Option<Vec<&str>>,
+    ) -> serde_json::Value {
+        let mut bindings = serde_json::Map::new();
+        for i in 0..40 {
+            let clauses = json!([format!("c-{i}"), format!("c-{}", i + 1)]);
+            bindings.insert(
+                format!("spiffe://nexus.local/ns/plugins/sa/m-{i}"),
+                if bindings_as_objects && i % 2 == 0 {
+                    json!({"clauses": clauses})
+                } else {
+                    clauses
+                },
+            );
+        }
+        let mut executions = serde_json::Map::new();
+        for i in 0..40 {
+            executions.insert(
+                format!("ex-{i}"),
+                json!({"id": format!("ex-{i}"), "plugin": format!("spiffe://nexus.local/ns/plugins/sa/m-{i}"), "clause": format!("c-{i}"), "not_after_ns": 1_000 + i}),
+            );
+        }
+        let revoked: serde_json::Map<String, serde_json::Value> = revoked
+            .iter()
+            .map(|r| (r.to_string(), json!({"reason": "test"})))
+            .collect();
+        let mut nexus = json!({"bindings": bindings, "executions": executions, "revoked": revoked, "public_paths": ["/healthz"]});
+        if let Some(m) = allowed {
+            nexus["allowed_methods"] = json!(m);
+        }
+        json!({ "nexus": nexus })
+    }
+
+    fn any_json() -> impl Strategy<Value = serde_json::Value> {
+        prop_oneof![
+            Just(json!(null)),
+            Just(json!(true)),
+            Just(json!(1)),
+            Just(json!(1.5)),
+            Just(json!("c-3")),
+            Just(json!([])),
+            Just(json!({})),
+        ]
+    }
+
+    /// A field of the input: missing (None), a likely value, or any JSON value.
+    fn field(likely: Vec<serde_json::Value>) -> impl Strategy<Value = Option<serde_json::Value>> {
+        prop_oneof![
+            1 => Just(None),
+            6 => proptest::sample::select(likely).prop_map(Some),
+            1 => any_json().prop_map(Some),
+        ]
+    }
+
+    fn reference_input() -> impl Strategy<Value = serde_json::Value> {
+        let ids = |n: std::ops::Range<u32>| -> Vec<serde_json::Value> {
+            n.map(|i| json!(format!("spiffe://nexus.local/ns/plugins/sa/m-{i}")))
+                .collect()
+        };
+        (
+            field(ids(0..6)),
+            field(vec![
+                json!("spiffe://nexus.local/ns/data/sa/hazard-api"),
+                json!("spiffe://nexus.local/ns/plugins/sa/m-1"),
+            ]),
+            field((0..6).map(|i| json!(format!("c-{i}"))).collect()),
+            field(vec![
+                json!("GET"),
+                json!("HEAD"),
+                json!("POST"),
+                json!("DELETE"),
+            ]),
+            field(vec![
+                json!("/healthz"),
+                json!("/clauses/c-1/x"),
+                json!("/other"),
+            ]),
+            field((0..6).map(|i| json!(format!("ex-{i}"))).collect()),
+            field(vec![
+                json!(999),
+                json!(1_002),
+                json!(1_005),
+                json!(2_000),
+                json!("1003"),
+            ]),
+        )
+            .prop_map(|(src, dst, clause, method, path, ex, time)| {
+                let mut input = serde_json::Map::new();
+                let mut put = |k: &str, v: Option<serde_json::Value>| {
+                    if let Some(v) = v {
+                        input.insert(k.to_string(), v);
+                    }
+                };
+                put("source", src.map(|s| json!({"spiffe_id": s})));
+                put("destination", dst.map(|s| json!({"spiffe_id": s})));
+                put("clause", clause);
+                let mut request = serde_json::Map::new();
+                if let Some(m) = method {
+                    request.insert("method".into(), m);
+                }
+                if let Some(p) = path {
+                    request.insert("path".into(), p);
+                }
+                put("request", Some(serde_json::Value::Object(request)));
+                put("execution", ex.map(|e| json!({"id": e})));
+                put("time_ns", time);
+                serde_json::Value::Object(input)
+            })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+        /// The reference policy, on inputs with missing and mistyped fields and on data
+        /// with both shapes of binding, revocations and a method override: the same
+        /// decision as the interpreter, and no hand-over (the reference policy is
+        /// entirely within what this evaluator takes).
+        #[test]
+        fn the_reference_policy_decides_as_the_interpreter(
+            input in reference_input(),
+            objects in any::<bool>(),
+            revoked in proptest::sample::subsequence(vec!["spiffe://nexus.local/ns/plugins/sa/m-1", "spiffe://nexus.local/ns/data/sa/hazard-api"], 0..=2),
+            methods in proptest::option::of(Just(vec!["GET", "POST"])),
+        ) {
+            let data = Value::from(reference_data(objects, &revoked, methods));
+            let modules = [("authz.rego", REFERENCE)];
+            let p = compile(&texts(&modules), "data.nexus.authz.decision", 100_000).unwrap();
+            let index = p.index(&data);
+            let input = Value::from(input);
+            let got = p.eval(&input, &data, &index);
+            prop_assert!(got.is_ok(), "handed on: {got:?}");
+            prop_assert_eq!(
+                crate::verify::show(&got.map_err(|_| String::new())),
+                interpreted(&modules, &data, "data.nexus.authz.decision", &input)
+            );
+        }
+    }
+}
