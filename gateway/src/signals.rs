@@ -61,6 +61,7 @@ impl RevocationPolicy {
             eval_timeout: config.eval_timeout,
             max_instructions: 10_000_000,
             mode: EvalMode::Compiled,
+            native: true,
         }
     }
 

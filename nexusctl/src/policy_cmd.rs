@@ -74,6 +74,8 @@ pub struct EvalArgs {
 pub enum ModeArg {
     /// As the sidecar decides.
     Auto,
+    /// regorus's RVM only (nexus's own evaluator off).
+    Rvm,
     /// regorus's interpreter.
     Interpreted,
 }
@@ -196,9 +198,10 @@ fn eval(args: EvalArgs) -> anyhow::Result<()> {
     let options = PolicyOptions {
         decision_rule: args.rule.clone(),
         mode: match args.mode {
-            ModeArg::Auto => EvalMode::Compiled,
+            ModeArg::Auto | ModeArg::Rvm => EvalMode::Compiled,
             ModeArg::Interpreted => EvalMode::Interpreted,
         },
+        native: matches!(args.mode, ModeArg::Auto),
         ..PolicyOptions::default()
     };
     let policy = Policy::compile(&bundle, &runtime, options).map_err(|e| anyhow::anyhow!("{e}"))?;

@@ -278,7 +278,8 @@ pub struct PolicyConfig {
     /// it. Default true.
     #[serde(default = "default_true")]
     pub run_tests_on_reload: bool,
-    /// `compiled` (regorus RVM, default) or `interpreted`.
+    /// `compiled` (default: nexus's own evaluator where it applies, regorus's RVM
+    /// otherwise), `rvm` (the RVM only) or `interpreted`.
     #[serde(default)]
     pub mode: PolicyMode,
     /// Loading a revision (reading the folder, running its tests, compiling the decision
@@ -325,9 +326,13 @@ fn default_load_max_memory() -> u64 {
 #[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]
 pub enum PolicyMode {
-    /// regorus RVM bytecode.
+    /// nexus's own evaluator where the decision rule is within what it takes and it
+    /// agrees with regorus's interpreter on the revision's check, regorus's RVM bytecode
+    /// otherwise (docs/opa-compatibility.md, "Evaluation modes").
     #[default]
     Compiled,
+    /// regorus's RVM bytecode only (nexus's own evaluator off).
+    Rvm,
     /// regorus interpreter.
     Interpreted,
 }

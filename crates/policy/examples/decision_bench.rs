@@ -63,6 +63,12 @@ fn runtime() -> Value {
 }
 
 fn input(n: usize) -> Value {
+    input_at(n, None)
+}
+
+/// Input `n`, with `/r{unique}` at the end of its path when given: the decision cache
+/// keys on the path, so every such input misses it (as a request crafted to miss would).
+fn input_at(n: usize, unique: Option<usize>) -> Value {
     // Alternate allowed (bound + open execution) and denied (bound, no execution) requests.
     let i = (n * 7919) % EXECUTIONS;
     let allowed = n.is_multiple_of(2);
@@ -78,7 +84,7 @@ fn input(n: usize) -> Value {
         "direction": "inbound",
         "source": {"spiffe_id": plugin(i * 10)},
         "destination": {"spiffe_id": "spiffe://nexus.local/ns/data/sa/hazard-api"},
-        "request": {"method": "GET", "path": format!("/clauses/{clause}/rainfall"), "segments": ["clauses", clause, "rainfall"], "query": {}, "headers": {}, "body_size": 0},
+        "request": {"method": "GET", "path": match unique { Some(u) => format!("/clauses/{clause}/rainfall/r{u}"), None => format!("/clauses/{clause}/rainfall") }, "segments": ["clauses", clause, "rainfall"], "query": {}, "headers": {}, "body_size": 0},
         "clause": clause,
         "execution": execution,
         "time": "2026-11-26T09:41:07.123Z",
@@ -105,9 +111,8 @@ struct Run {
 enum Through {
     /// `Policy::evaluate`: no cache.
     Evaluate,
-    /// The cache, each input new to it (the cache is emptied before each call, which
-    /// is included: every call misses, and pays the key and the insert on top of the
-    /// evaluation).
+    /// The cache, each input new to it (a path it has not seen: every call misses,
+    /// and pays the key, the lookup and the insert on top of the evaluation).
     Cold,
     /// The cache, every input already in it.
     Warm,
@@ -124,8 +129,9 @@ fn decide(policy: &Policy, cache: &DecisionCache, v: Value, through: Through) ->
     match through {
         Through::Evaluate => policy.evaluate(v).allow,
         Through::Cold => {
-            cache.clear();
-            policy.evaluate_cached(cache, v).decision.allow
+            let d = policy.evaluate_cached(cache, v);
+            assert!(!d.cached, "a cold run hit the cache");
+            d.decision.allow
         }
         Through::Warm => {
             let d = policy.evaluate_cached(cache, v);
@@ -145,9 +151,21 @@ fn run(policy: &Policy, inputs: &[Value], iterations: usize, through: Through) -
     let mut samples = Vec::with_capacity(iterations);
     let mut allowed = Vec::with_capacity(iterations / 2);
     let mut denied = Vec::with_capacity(iterations / 2);
+    // Cold: inputs no decision was cached for, made before the clock starts.
+    let unique: Vec<Value> = if through == Through::Cold {
+        (0..iterations)
+            .map(|n| input_at(n % inputs.len(), Some(n)))
+            .collect()
+    } else {
+        Vec::new()
+    };
     let start = Instant::now();
     for n in 0..iterations {
-        let v = inputs[n % inputs.len()].clone();
+        let v = if through == Through::Cold {
+            unique[n].clone()
+        } else {
+            inputs[n % inputs.len()].clone()
+        };
         let t = Instant::now();
         let allow = decide(policy, &cache, v, through);
         let elapsed = t.elapsed();
@@ -198,17 +216,26 @@ fn run_parallel(
         let _ = policy.evaluate_cached(&cache, v.clone());
     }
     let cache = &cache;
+    let per_thread = iterations / threads;
+    let unique: Vec<Value> = if through == Through::Cold {
+        (0..per_thread * threads)
+            .map(|n| input_at(n % inputs.len(), Some(n)))
+            .collect()
+    } else {
+        Vec::new()
+    };
+    let unique = &unique;
     let start = Instant::now();
     std::thread::scope(|s| {
         for t in 0..threads {
             s.spawn(move || {
-                for n in 0..iterations / threads {
-                    let _ = decide(
-                        policy,
-                        cache,
-                        inputs[(n + t) % inputs.len()].clone(),
-                        through,
-                    );
+                for n in 0..per_thread {
+                    let v = if through == Through::Cold {
+                        unique[t * per_thread + n].clone()
+                    } else {
+                        inputs[(n + t) % inputs.len()].clone()
+                    };
+                    let _ = decide(policy, cache, v, through);
                 }
             });
         }

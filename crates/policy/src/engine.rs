@@ -664,18 +664,21 @@ impl Policy {
     /// `Err`.
     pub fn evaluate_value(&self, input: Value) -> Result<Value, String> {
         let started = Instant::now();
-        if let Some(native) = &self.native {
-            match eval_native(native, &input, &self.data, &self.native_index) {
-                Some(value) => {
-                    crate::metrics::count_native(false);
-                    return Ok(value);
+        let native = self.native.as_ref().map(|native| {
+            let deadline = started.checked_add(self.options.eval_timeout);
+            let outcome = eval_native(native, &input, &self.data, &self.native_index, deadline);
+            crate::metrics::count_native(matches!(outcome, Native::HandedOn));
+            outcome
+        });
+        let result = match native {
+            Some(Native::Value(value)) => Ok(value),
+            Some(Native::Failed(error)) => Err(error),
+            Some(Native::HandedOn) | None => match &self.rvm {
+                Some(rvm) => {
+                    eval_rvm_reusing(rvm, self.generation, &self.data, input, &self.options)
                 }
-                None => crate::metrics::count_native(true),
-            }
-        }
-        let result = match &self.rvm {
-            Some(rvm) => eval_rvm_reusing(rvm, self.generation, &self.data, input, &self.options),
-            None => eval_interpreter(&self.interpreter, input, &self.options),
+                None => eval_interpreter(&self.interpreter, input, &self.options),
+            },
         };
         // The VM and the interpreter check the clock between instructions; a single
         // builtin call (e.g. numbers.range over a huge span) cannot be interrupted, so
@@ -698,21 +701,34 @@ impl Policy {
     }
 }
 
-/// One evaluation by nexus's own evaluator: the rule's value, or None when it handed
-/// the input on (a value it does not model, its step budget, a panic).
+/// What nexus's own evaluator made of one input.
+enum Native {
+    /// The rule's value (`Undefined` included).
+    Value(Value),
+    /// Handed to the RVM (a value it does not model, its step budget, a panic).
+    HandedOn,
+    /// Past the time limit: an error, a deny (not handed on: the time is spent).
+    Failed(String),
+}
+
+/// One evaluation by nexus's own evaluator, failing past `deadline`.
 fn eval_native(
     program: &crate::native::Program,
     input: &Value,
     data: &Value,
     index: &crate::native::DataIndex,
-) -> Option<Value> {
-    match crate::panics::catch(|| Ok(program.eval(input, data, index))) {
-        Ok(Ok(value)) => Some(value),
+    deadline: Option<Instant>,
+) -> Native {
+    match crate::panics::catch(|| Ok(program.eval_until(input, data, index, deadline))) {
+        Ok(Ok(value)) => Native::Value(value),
+        Ok(Err(crate::native::Bail::Timeout)) => {
+            Native::Failed("exceeded the time limit between two steps".into())
+        }
         Ok(Err(bail)) => {
             tracing::trace!(?bail, "nexus's evaluator handed the input to the RVM");
-            None
+            Native::HandedOn
         }
-        Err(_) => None,
+        Err(_) => Native::HandedOn,
     }
 }
 
@@ -768,9 +784,13 @@ fn build_native(
     };
     // Checked with the data's index, as it serves.
     let index = program.index(data);
-    let served = |input: Value| match eval_native(&program, &input, data, &index) {
-        Some(v) => Ok(v),
-        None => eval_rvm(rvm, data, input, &check_options),
+    let served = |input: Value| {
+        let deadline = Instant::now().checked_add(check_options.eval_timeout);
+        match eval_native(&program, &input, data, &index, deadline) {
+            Native::Value(v) => Ok(v),
+            Native::Failed(e) => Err(e),
+            Native::HandedOn => eval_rvm(rvm, data, input, &check_options),
+        }
     };
     let verification = crate::verify::run(inputs, verify.time_budget, &served, &|input| {
         eval_interpreter(engine, input, &check_options)

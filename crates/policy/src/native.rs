@@ -70,6 +70,8 @@ pub(crate) enum Bail {
     Limit,
     /// More steps than the budget.
     Budget,
+    /// Past the evaluation's deadline: not handed on, a deny (`evaluate_value`).
+    Timeout,
     /// A rule reached itself.
     Recursion,
 }
@@ -867,7 +869,12 @@ struct Cx<'a> {
     inputs: Vec<Option<&'a Value>>,
     locals: Vec<V<'a>>,
     steps: usize,
+    /// The clock is read every `CLOCK_EVERY` steps against this.
+    deadline: Option<std::time::Instant>,
 }
+
+/// Steps between two readings of the clock.
+const CLOCK_EVERY: usize = 256;
 
 /// How a solution of a body is taken: `Ok(true)` to stop looking for more.
 type Found<'f, 'a> = dyn FnMut(&'a Program, &mut Cx<'a>) -> Result<bool, Bail> + 'f;
@@ -879,11 +886,23 @@ fn undefined_or_false(v: &Value) -> bool {
 impl Program {
     /// The decision rule's value for `input` over `data` (`Value::Undefined` when it has
     /// none), or why the other engine must answer.
+    #[cfg(test)]
     pub(crate) fn eval(
         &self,
         input: &Value,
         data: &Value,
         index: &DataIndex,
+    ) -> Result<Value, Bail> {
+        self.eval_until(input, data, index, None)
+    }
+
+    /// `eval`, failing with `Bail::Timeout` past `deadline`.
+    pub(crate) fn eval_until(
+        &self,
+        input: &Value,
+        data: &Value,
+        index: &DataIndex,
+        deadline: Option<std::time::Instant>,
     ) -> Result<Value, Bail> {
         let mut cx = Cx {
             input,
@@ -893,6 +912,7 @@ impl Program {
             inputs: vec![None; self.input_paths],
             locals: Vec::with_capacity(16),
             steps: 0,
+            deadline,
         };
         self.rule(&mut cx, self.entry)
     }
@@ -930,6 +950,12 @@ impl Program {
         cx.steps += 1;
         if cx.steps > self.max_steps {
             return Err(Bail::Budget);
+        }
+        if cx.steps.is_multiple_of(CLOCK_EVERY)
+            && let Some(deadline) = cx.deadline
+            && std::time::Instant::now() > deadline
+        {
+            return Err(Bail::Timeout);
         }
         Ok(())
     }
@@ -1644,6 +1670,13 @@ digest := crypto.sha256(input.name)
         let input = Value::from(json!({ "xs": xs }));
         let data = Value::new_object();
         assert_eq!(p.eval(&input, &data, &p.index(&data)), Err(Bail::Budget));
+        // Past its deadline it stops between two steps, and says so (a deny, not a
+        // hand-over: the time is spent).
+        let past = std::time::Instant::now();
+        assert_eq!(
+            p.eval_until(&input, &data, &p.index(&data), Some(past)),
+            Err(Bail::Timeout)
+        );
     }
 
     #[test]

@@ -398,9 +398,10 @@ impl PolicyRuntime {
             eval_timeout: self.config.eval_timeout,
             max_instructions: self.config.max_instructions,
             mode: match self.config.mode {
-                PolicyMode::Compiled => EvalMode::Compiled,
+                PolicyMode::Compiled | PolicyMode::Rvm => EvalMode::Compiled,
                 PolicyMode::Interpreted => EvalMode::Interpreted,
             },
+            native: self.config.mode == PolicyMode::Compiled,
         }
     }
 
@@ -760,6 +761,44 @@ mod tests {
             state.to_string_lossy()
         );
         toml::from_str(&toml).unwrap()
+    }
+
+    /// `mode = "compiled"` (the default) serves a policy nexus's own evaluator takes with
+    /// it; `mode = "rvm"` keeps it on the RVM; `mode = "interpreted"` on the interpreter.
+    #[test]
+    fn the_configured_mode_is_the_mode_served() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("p.rego"),
+            "package nexus.authz
+
+decision := {\"allow\": input.a == 1, \"reasons\": []}
+",
+        )
+        .unwrap();
+        let state = dir.path().join(".runtime.json");
+        for (mode, served) in [
+            ("", EvalMode::Native),
+            ("mode = \"compiled\"\n", EvalMode::Native),
+            ("mode = \"rvm\"\n", EvalMode::Compiled),
+            ("mode = \"interpreted\"\n", EvalMode::Interpreted),
+        ] {
+            let toml = format!(
+                "dir = {:?}\nstate_file = {:?}\n{mode}",
+                dir.path().to_string_lossy(),
+                state.to_string_lossy()
+            );
+            let runtime = PolicyRuntime::new(toml::from_str(&toml).unwrap(), Metrics::new());
+            let loaded = runtime.build().unwrap();
+            assert_eq!(loaded.policy.mode(), served, "{mode}");
+            let allow = |a: i64| {
+                loaded
+                    .policy
+                    .evaluate(nexus_policy::Value::from(serde_json::json!({ "a": a })))
+                    .allow
+            };
+            assert!(allow(1) && !allow(2), "{mode}");
+        }
     }
 
     #[test]
