@@ -673,10 +673,11 @@ impl DecisionCache {
         let mut removed = 0usize;
         let mut freed = 0usize;
         let mut evicted = 0u64;
-        if let Some(old) = shard.map.remove(&hash) {
+        let replaced = shard.map.remove(&hash).is_some_and(|old| {
             removed += 1;
             freed += old.bytes;
-        }
+            true
+        });
         while shard.map.len() + 1 > per_shard_entries
             || shard.bytes - freed + bytes > per_shard_bytes
         {
@@ -689,7 +690,12 @@ impl DecisionCache {
                 evicted += 1;
             }
         }
-        shard.order.retain(|h| *h != hash);
+        // A key inserted again (its entry expired, or of another generation) moves to
+        // the back. Only then is the queue scanned: a miss on a new key (the common
+        // one, and the one a flood of unique requests makes) costs no scan of the shard.
+        if replaced {
+            shard.order.retain(|h| *h != hash);
+        }
         shard.order.push_back(hash);
         shard.map.insert(
             hash,
