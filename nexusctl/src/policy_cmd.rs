@@ -58,8 +58,10 @@ pub struct EvalArgs {
     /// Also print every rule of the decision's package, to see why.
     #[arg(long)]
     pub explain: bool,
-    /// The engine mode: `auto` is the sidecar's (the RVM unless the rule needs the
-    /// interpreter or the RVM disagreed with it), `interpreted` forces the interpreter.
+    /// The engine mode: `auto` is the sidecar's default (nexus's own evaluator when it
+    /// takes the rule and agrees with the interpreter, else the RVM unless the rule needs
+    /// the interpreter or the RVM disagreed with it), `rvm` keeps nexus's evaluator off,
+    /// `interpreted` forces the interpreter.
     #[arg(long, value_enum, default_value_t = ModeArg::Auto)]
     pub mode: ModeArg,
     /// Print the rule's value itself (`{"value": ...}`, `{"undefined": true}` or

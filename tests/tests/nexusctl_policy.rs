@@ -705,3 +705,86 @@ fn yaml_is_read_as_opa_reads_it_and_an_alias_bomb_is_refused() {
     assert_eq!(eval("data.t.label"), json!({"value": "on"}));
     assert_eq!(eval("data.t.bomb"), json!({"undefined": true}));
 }
+
+/// The reference policy is decided by nexus's own evaluator (`auto`, the sidecar's
+/// default), by the RVM (`--mode rvm`) and by the interpreter, with the same answer each
+/// time; a policy with a function is not taken, and `policy check` names the line.
+#[test]
+fn the_native_evaluator_decides_the_reference_policy_and_names_what_it_refuses() {
+    let dir = temp_dir("nexusctl-native");
+    let policies = copy_policies(dir.path());
+    let input = dir.path().join("input.json");
+    std::fs::write(
+        &input,
+        json!({
+            "direction": "inbound",
+            "source": {"spiffe_id": "spiffe://nexus.local/ns/plugins/sa/flood-model"},
+            "destination": {"spiffe_id": "spiffe://nexus.local/ns/data/sa/hazard-api"},
+            "request": {"method": "DELETE", "path": "/clauses/c-flood-17/x", "segments": [], "query": {}, "headers": {}, "body_size": 0},
+            "clause": "c-flood-17",
+            "execution": null,
+            "time": "2026-11-26T09:41:07.123Z",
+            "time_ns": 1795686067123000000i64,
+        })
+        .to_string(),
+    )
+    .expect("write input");
+    let mut answers = Vec::new();
+    for (mode, served) in [
+        ("auto", "native"),
+        ("rvm", "compiled"),
+        ("interpreted", "interpreted"),
+    ] {
+        let run = nexusctl(&[
+            "policy",
+            "eval",
+            "--dir",
+            &s(&policies.join("nexus")),
+            "--mode",
+            mode,
+            "--input",
+            &s(&input),
+        ]);
+        assert_eq!(run.code, 0, "{mode}: {run:?}");
+        let out = json_of(&run.stdout);
+        assert_eq!(out["mode"], json!(served), "{mode}: {run:?}");
+        assert_eq!(out["allow"], json!(false), "{mode}: {run:?}");
+        answers.push(out["reasons"].clone());
+    }
+    assert!(
+        answers.windows(2).all(|w| w[0] == w[1]),
+        "the modes disagree: {answers:?}"
+    );
+    assert!(
+        answers[0]
+            .to_string()
+            .contains("method DELETE is not allowed on clause data"),
+        "{answers:?}"
+    );
+
+    let check = nexusctl(&["policy", "check", &s(&policies.join("nexus"))]);
+    assert_eq!(check.code, 0, "{check:?}");
+    assert!(
+        check
+            .stdout
+            .contains("mode: native (checked against the interpreter on"),
+        "{check:?}"
+    );
+
+    let own = dir.path().join("own");
+    std::fs::create_dir_all(&own).expect("create folder");
+    std::fs::write(
+        own.join("t.rego"),
+        "package t\n\nimport rego.v1\n\nis_get(r) if r.method == \"GET\"\n\ndecision := {\"allow\": is_get(input.request), \"reasons\": []}\n",
+    )
+    .expect("write policy");
+    let check = nexusctl(&["policy", "check", &s(&own), "--rule", "data.t.decision"]);
+    assert_eq!(check.code, 0, "{check:?}");
+    assert!(check.stdout.contains("mode: compiled"), "{check:?}");
+    assert!(
+        check.stdout.contains("not native: ")
+            && check.stdout.contains("t.rego:7:")
+            && check.stdout.contains("a call of the function `is_get`"),
+        "{check:?}"
+    );
+}
