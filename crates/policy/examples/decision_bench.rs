@@ -1,9 +1,11 @@
 //! Benchmark of one policy decision: the reference policy (policies/nexus/authz) with
-//! 10,000 bindings and 1,000 open executions, asked for compiled (regorus RVM) and
-//! interpreted, on one thread and on every core; each row names the mode the revision
-//! actually runs in (a compiled request can end up interpreted, see
-//! docs/opa-compatibility.md). "cold" is an evaluation (the decision cache misses:
-//! every input is new to it); "warm" is a decision cache hit (docs/policy-cache.md).
+//! 10,000 bindings and 1,000 open executions, asked for compiled (the default: nexus's
+//! own evaluator where it takes the rule, else regorus's RVM), compiled with the RVM
+//! only, and interpreted, on one thread and on every core; each row names the mode the
+//! revision actually runs in (see docs/opa-compatibility.md, "Evaluation modes").
+//! "evaluate" is the evaluation alone; "cold" a decision through the cache for a request
+//! it has not seen (a new path; the cache has the sidecar's default bounds, so it fills
+//! and then evicts); "warm" is a decision cache hit (docs/policy-cache.md).
 //! Run in release:
 //!
 //!     cargo run --release -p nexus-policy --example decision_bench [-- ITERATIONS]
