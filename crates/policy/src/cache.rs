@@ -37,7 +37,7 @@ pub const TIME_NS: &str = "time_ns";
 
 /// Builtins whose answer is not a function of their arguments: a policy calling one is
 /// never cached. (Time is handled through `input.time_ns`, see the module docs.)
-const NON_DETERMINISTIC: &[&str] = &[
+pub(crate) const NON_DETERMINISTIC: &[&str] = &[
     "time.now_ns",
     "rand.intn",
     "uuid.rfc4122",

@@ -219,22 +219,19 @@ impl Scope {
     }
 }
 
-/// Builtins whose value depends on more than their arguments (the clock, randomness,
-/// the network, the interpreter's state): never called here.
-const IMPURE: &[&str] = &[
-    "time.now_ns",
-    "rand.intn",
-    "uuid.rfc4122",
-    "http.send",
-    "net.lookup_ip_addr",
-    "opa.runtime",
-    "print",
-    "trace",
-    "io.jwt.decode_verify",
-    "rego.metadata.chain",
-    "rego.metadata.rule",
-    "rego.parse_module",
-];
+/// Builtins never called here: those whose value is not a function of their arguments
+/// (the clock, randomness, the network: `cache::NON_DETERMINISTIC`), and those that
+/// read the interpreter's own state.
+fn impure(name: &str) -> bool {
+    const INTERPRETER_STATE: &[&str] = &[
+        "rego.metadata.chain",
+        "rego.metadata.rule",
+        "rego.parse_module",
+    ];
+    crate::cache::NON_DETERMINISTIC.contains(&name)
+        || INTERPRETER_STATE.contains(&name)
+        || regorus::unstable::must_cache(name).is_some()
+}
 
 fn var_name(e: &Expr) -> Option<&str> {
     match e {
@@ -620,7 +617,7 @@ impl<'a> Compiler<'a> {
                         Callee::IsType(type_test(n).unwrap_or(|_| false))
                     }
                     n => {
-                        if IMPURE.contains(&n) || regorus::unstable::must_cache(n).is_some() {
+                        if impure(n) {
                             return Err(refuse(
                                 span,
                                 format!("`{name}`, whose value is not its arguments'"),
@@ -1173,6 +1170,25 @@ impl Program {
         }
     }
 
+    /// The values of a literal collection's items; None when one is undefined (and so
+    /// is the collection).
+    fn values<'a>(
+        &'a self,
+        cx: &mut Cx<'a>,
+        base: usize,
+        items: &'a [E],
+    ) -> Result<Option<Vec<Value>>, Bail> {
+        let mut out = Vec::with_capacity(items.len());
+        for i in items {
+            let v = self.expr(cx, base, i)?;
+            if v.is_undefined() {
+                return Ok(None);
+            }
+            out.push(v.owned());
+        }
+        Ok(Some(out))
+    }
+
     fn expr<'a>(&'a self, cx: &mut Cx<'a>, base: usize, e: &'a E) -> Result<V<'a>, Bail> {
         Ok(match e {
             E::Const(v) => V::B(v),
@@ -1215,28 +1231,14 @@ impl Program {
                     (k, _) => self.expr(cx, base, of)?.index(k),
                 }
             }
-            E::Array(items) => {
-                let mut out = Vec::with_capacity(items.len());
-                for i in items {
-                    let v = self.expr(cx, base, i)?;
-                    if v.is_undefined() {
-                        return Ok(V::UNDEFINED);
-                    }
-                    out.push(v.owned());
-                }
-                V::O(Value::from(out))
-            }
-            E::Set(items) => {
-                let mut out = BTreeSet::new();
-                for i in items {
-                    let v = self.expr(cx, base, i)?;
-                    if v.is_undefined() {
-                        return Ok(V::UNDEFINED);
-                    }
-                    out.insert(v.owned());
-                }
-                V::O(Value::from(out))
-            }
+            E::Array(items) => match self.values(cx, base, items)? {
+                Some(values) => V::O(Value::from(values)),
+                None => V::UNDEFINED,
+            },
+            E::Set(items) => match self.values(cx, base, items)? {
+                Some(values) => V::O(Value::from(values.into_iter().collect::<BTreeSet<_>>())),
+                None => V::UNDEFINED,
+            },
             E::Object(fields) => {
                 let mut out = BTreeMap::new();
                 for (k, v) in fields {
