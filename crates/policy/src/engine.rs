@@ -386,20 +386,40 @@ impl Policy {
             } else {
                 Vec::new()
             };
+            let check_options = PolicyOptions {
+                // A slow machine must not turn the check itself into a disagreement.
+                eval_timeout: options.eval_timeout.max(Duration::from_secs(1)),
+                ..options.clone()
+            };
+            // The interpreter's answers, kept per input: the RVM and nexus's own evaluator
+            // are checked on the same inputs, and the interpreter is the slow side.
+            let answers: std::sync::Mutex<
+                std::collections::BTreeMap<Value, Result<Value, String>>,
+            > = std::sync::Mutex::default();
+            let interpreted = |input: Value| {
+                let kept = answers
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .get(&input)
+                    .cloned();
+                kept.unwrap_or_else(|| {
+                    let answer = eval_interpreter(&engine, input.clone(), &check_options);
+                    answers
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner)
+                        .insert(input, answer.clone());
+                    answer
+                })
+            };
             if let Some(built) = &rvm
                 && verify.enabled
             {
                 let inputs = inputs.clone();
-                let check_options = PolicyOptions {
-                    // A slow machine must not turn the check itself into a disagreement.
-                    eval_timeout: options.eval_timeout.max(Duration::from_secs(1)),
-                    ..options.clone()
-                };
                 let verification = crate::verify::run(
                     inputs,
                     verify.time_budget,
                     &|input| eval_rvm(built, &data, input, &check_options),
-                    &|input| eval_interpreter(&engine, input, &check_options),
+                    &interpreted,
                 );
                 crate::metrics::count_verified(verification.disagreement.is_some());
                 if let Some(d) = &verification.disagreement {
@@ -424,8 +444,8 @@ impl Policy {
                     bundle,
                     built,
                     &data,
-                    &engine,
-                    &options,
+                    &interpreted,
+                    &check_options,
                     verify,
                     inputs,
                     &mut report,
@@ -740,7 +760,7 @@ fn build_native(
     bundle: &Bundle,
     rvm: &Arc<Rvm>,
     data: &Value,
-    engine: &Engine,
+    interpreted: &dyn Fn(Value) -> Result<Value, String>,
     options: &PolicyOptions,
     verify: &VerifyOptions,
     inputs: Vec<(crate::verify::InputSource, Value)>,
@@ -778,23 +798,19 @@ fn build_native(
         report.mode = EvalMode::Native;
         return Some(Arc::new(program));
     }
-    let check_options = PolicyOptions {
-        eval_timeout: options.eval_timeout.max(Duration::from_secs(1)),
-        ..options.clone()
-    };
-    // Checked with the data's index, as it serves.
+    // `options` are the check's (a generous time limit); checked with the data's
+    // index, as it serves.
+    let check_options = options;
     let index = program.index(data);
     let served = |input: Value| {
         let deadline = Instant::now().checked_add(check_options.eval_timeout);
         match eval_native(&program, &input, data, &index, deadline) {
             Native::Value(v) => Ok(v),
             Native::Failed(e) => Err(e),
-            Native::HandedOn => eval_rvm(rvm, data, input, &check_options),
+            Native::HandedOn => eval_rvm(rvm, data, input, check_options),
         }
     };
-    let verification = crate::verify::run(inputs, verify.time_budget, &served, &|input| {
-        eval_interpreter(engine, input, &check_options)
-    });
+    let verification = crate::verify::run(inputs, verify.time_budget, &served, interpreted);
     crate::metrics::count_verified(verification.disagreement.is_some());
     if let Some(d) = &verification.disagreement {
         tracing::warn!(
