@@ -486,29 +486,9 @@ impl<'a> Compiler<'a> {
                             _ => return Err(refuse(span, "a destructuring assignment")),
                         }
                     }
-                    Expr::Membership {
-                        key: None,
-                        value,
-                        collection,
-                        ..
-                    } => Stmt::Expr(E::Member(
-                        Box::new(self.expr(value, package, scope)?),
-                        Box::new(self.expr(collection, package, scope)?),
-                    )),
-                    _ => Stmt::Expr(self.expr(expr, package, scope)?),
+                    _ => Stmt::Expr(self.condition(expr, package, scope)?),
                 },
-                Literal::NotExpr { expr, .. } => match expr.as_ref() {
-                    Expr::Membership {
-                        key: None,
-                        value,
-                        collection,
-                        ..
-                    } => Stmt::Not(E::Member(
-                        Box::new(self.expr(value, package, scope)?),
-                        Box::new(self.expr(collection, package, scope)?),
-                    )),
-                    _ => Stmt::Not(self.expr(expr, package, scope)?),
-                },
+                Literal::NotExpr { expr, .. } => Stmt::Not(self.condition(expr, package, scope)?),
                 Literal::SomeIn {
                     key,
                     value,
@@ -537,6 +517,23 @@ impl<'a> Compiler<'a> {
             });
         }
         Ok(out)
+    }
+
+    /// An expression standing as a statement (or negated): `v in c` is a membership
+    /// test there (as a value it is refused: the rewrites make it a call).
+    fn condition(&mut self, e: &Expr, package: &str, scope: &mut Scope) -> Result<E, Refusal> {
+        match e {
+            Expr::Membership {
+                key: None,
+                value,
+                collection,
+                ..
+            } => Ok(E::Member(
+                Box::new(self.expr(value, package, scope)?),
+                Box::new(self.expr(collection, package, scope)?),
+            )),
+            _ => self.expr(e, package, scope),
+        }
     }
 
     /// A new local (`None` for `_`).
