@@ -552,9 +552,32 @@ struct Entry {
     bytes: usize,
 }
 
+/// The shards' maps are keyed by a key's hash already drawn from [`DecisionCache`]'s
+/// seeded SipHash (unpredictable to whoever crafts requests): hashing it again would
+/// only cost time.
+#[derive(Default)]
+struct Prehashed(u64);
+
+impl Hasher for Prehashed {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        // Only `u64` keys are hashed here; anything else is folded in, never lost.
+        for b in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(*b);
+        }
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n;
+    }
+}
+
 #[derive(Default)]
 struct Shard {
-    map: HashMap<u64, Entry>,
+    map: HashMap<u64, Entry, std::hash::BuildHasherDefault<Prehashed>>,
     order: VecDeque<u64>,
     bytes: usize,
 }
@@ -620,17 +643,31 @@ impl DecisionCache {
         self.uncached.fetch_add(1, Ordering::Relaxed);
     }
 
-    fn slot(&self, key: &[u8]) -> (u64, &Mutex<Shard>) {
+    /// The hash of `key` that [`DecisionCache::get`] and [`DecisionCache::insert`] take
+    /// (computed once per decision, for both).
+    pub(crate) fn hash(&self, key: &[u8]) -> u64 {
         let mut h = self.hasher.build_hasher();
         h.write(key);
-        let hash = h.finish();
-        (hash, &self.shards[(hash as usize) % SHARDS])
+        h.finish()
     }
 
-    /// The decision for `key` in `generation`, if kept and not expired at `now_ns`.
-    pub(crate) fn get(&self, key: &[u8], generation: u64, now_ns: i128) -> Option<Decision> {
-        let (hash, shard) = self.slot(key);
-        let shard = shard.lock().unwrap_or_else(|p| p.into_inner());
+    /// The shard of a hash, chosen by bits its map does not place entries by: a map
+    /// places by the low bits and tags by the top seven ([`Prehashed`] hands the hash
+    /// on as is), so a shard chosen by either would crowd its own map.
+    fn shard(&self, hash: u64) -> &Mutex<Shard> {
+        &self.shards[((hash >> 32) as usize) % SHARDS]
+    }
+
+    /// The decision for `key` (whose [`DecisionCache::hash`] is `hash`) in `generation`,
+    /// if kept and not expired at `now_ns`.
+    pub(crate) fn get(
+        &self,
+        hash: u64,
+        key: &[u8],
+        generation: u64,
+        now_ns: i128,
+    ) -> Option<Decision> {
+        let shard = self.shard(hash).lock().unwrap_or_else(|p| p.into_inner());
         let found = shard
             .map
             .get(&hash)
@@ -649,10 +686,12 @@ impl DecisionCache {
         found
     }
 
-    /// Keeps `decision` for `key` for request times in `valid` (`[from, until)`),
-    /// evicting the oldest entries of the shard to stay within the bounds.
+    /// Keeps `decision` for `key` (whose [`DecisionCache::hash`] is `hash`) for request
+    /// times in `valid` (`[from, until)`), evicting the oldest entries of the shard to
+    /// stay within the bounds.
     pub(crate) fn insert(
         &self,
+        hash: u64,
         key: Vec<u8>,
         generation: u64,
         valid: (i128, i128),
@@ -668,8 +707,7 @@ impl DecisionCache {
         if self.limits.max_entries == 0 || bytes > per_shard_bytes {
             return;
         }
-        let (hash, shard) = self.slot(&key);
-        let mut shard = shard.lock().unwrap_or_else(|p| p.into_inner());
+        let mut shard = self.shard(hash).lock().unwrap_or_else(|p| p.into_inner());
         let mut removed = 0usize;
         let mut freed = 0usize;
         let mut evicted = 0u64;
@@ -1004,6 +1042,28 @@ mod tests {
         }
     }
 
+    /// Keys spread over the shards (each holds a share of the bound): 8,000 distinct
+    /// decisions fit a 10,000-entry cache without an eviction, and each is found again.
+    #[test]
+    fn distinct_keys_fill_the_cache_before_any_is_evicted() {
+        let cache = DecisionCache::new(CacheLimits::default());
+        let d = Decision {
+            allow: true,
+            reasons: vec!["r".into()],
+            error: None,
+        };
+        for i in 0..8_000u32 {
+            let key = format!("/clauses/c-{i}/rainfall").into_bytes();
+            cache.insert(cache.hash(&key), key, 1, (0, i128::MAX), &d);
+        }
+        let stats = cache.stats();
+        assert_eq!((stats.entries, stats.evictions), (8_000, 0), "{stats:?}");
+        for i in 0..8_000u32 {
+            let key = format!("/clauses/c-{i}/rainfall").into_bytes();
+            assert!(cache.get(cache.hash(&key), &key, 1, 0).is_some(), "{i}");
+        }
+    }
+
     #[test]
     fn bounds_hold_under_unique_keys() {
         let cache = DecisionCache::new(CacheLimits {
@@ -1016,16 +1076,24 @@ mod tests {
             error: None,
         };
         for i in 0..10_000u32 {
-            cache.insert(format!("key-{i}").into_bytes(), 1, (0, i128::MAX), &d);
+            let key = format!("key-{i}").into_bytes();
+            cache.insert(cache.hash(&key), key, 1, (0, i128::MAX), &d);
             let s = cache.stats();
             assert!(s.entries <= 64 && s.bytes <= 16 * 1024, "{s:?}");
         }
         assert!(cache.stats().evictions > 9_000);
-        assert!(cache.get(b"key-9999", 1, 0).is_some());
-        assert!(cache.get(b"key-9999", 2, 0).is_none(), "another generation");
-        assert!(cache.get(b"key-9999", 1, i128::MAX).is_none(), "expired");
+        let hash = cache.hash(b"key-9999");
+        assert!(cache.get(hash, b"key-9999", 1, 0).is_some());
         assert!(
-            cache.get(b"key-9999", 1, -1).is_none(),
+            cache.get(hash, b"key-9999", 2, 0).is_none(),
+            "another generation"
+        );
+        assert!(
+            cache.get(hash, b"key-9999", 1, i128::MAX).is_none(),
+            "expired"
+        );
+        assert!(
+            cache.get(hash, b"key-9999", 1, -1).is_none(),
             "before its interval"
         );
         cache.clear();

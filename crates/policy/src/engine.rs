@@ -594,7 +594,8 @@ impl Policy {
         };
         let mut key = Vec::with_capacity(256);
         crate::cache::key_of(plan, &input, &mut key);
-        if let Some(decision) = cache.get(&key, self.generation, now) {
+        let hash = cache.hash(&key);
+        if let Some(decision) = cache.get(hash, &key, self.generation, now) {
             return CachedDecision {
                 decision,
                 cached: true,
@@ -608,7 +609,7 @@ impl Policy {
             for path in &plan.paths {
                 let mut v = &input;
                 for step in path {
-                    v = &v[step];
+                    v = crate::cache::field(v, step);
                 }
                 crate::cache::numbers(v, &mut own);
             }
@@ -635,7 +636,7 @@ impl Policy {
         };
         let decision = self.evaluate(input);
         if decision.error.is_none() && valid.0 <= now && now < valid.1 {
-            cache.insert(key, self.generation, valid, &decision);
+            cache.insert(hash, key, self.generation, valid, &decision);
         }
         CachedDecision {
             decision,

@@ -115,6 +115,10 @@ enum E {
     Array(Vec<E>),
     Set(Vec<E>),
     Object(Vec<(E, E)>),
+    /// An object literal whose keys are distinct constants: a copy of `shape` (those
+    /// keys, sorted, in regorus's compact form) with each value set in place, so that no
+    /// map is built and converted per evaluation.
+    Record(Value, Vec<(Value, E)>),
     ArrayCompr(Box<E>, Vec<Stmt>),
     SetCompr(Box<E>, Vec<Stmt>),
     Call(Callee, Vec<E>),
@@ -803,6 +807,31 @@ fn fold(e: E) -> E {
                     .collect::<BTreeMap<_, _>>(),
             ))
         }
+        E::Object(fields)
+            if fields.iter().all(|(k, _)| konst(k))
+                && fields
+                    .iter()
+                    .filter_map(|(k, _)| match k {
+                        E::Const(k) => Some(k),
+                        _ => None,
+                    })
+                    .collect::<BTreeSet<_>>()
+                    .len()
+                    == fields.len() =>
+        {
+            let fields: Vec<(Value, E)> = fields
+                .into_iter()
+                .filter_map(|(k, v)| match k {
+                    E::Const(k) => Some((k, v)),
+                    _ => None,
+                })
+                .collect();
+            let shape = fields
+                .iter()
+                .map(|(k, _)| (k.clone(), Value::Null))
+                .collect::<BTreeMap<_, _>>();
+            E::Record(Value::from(shape), fields)
+        }
         other => other,
     }
 }
@@ -1204,7 +1233,7 @@ impl Program {
             E::Data(path) => {
                 let mut v = cx.data;
                 for step in path {
-                    v = &v[step];
+                    v = crate::cache::field(v, step);
                 }
                 V::B(v)
             }
@@ -1247,6 +1276,69 @@ impl Program {
                     out.insert(k.owned(), v.owned());
                 }
                 V::O(Value::from(out))
+            }
+            E::Record(shape, fields) => {
+                let Value::Object(shape) = shape else {
+                    return Err(Bail::Unmodelled);
+                };
+                let mut object = regorus::value::Object::clone(shape);
+                for (k, v) in fields {
+                    let v = self.expr(cx, base, v)?;
+                    if v.is_undefined() {
+                        return Ok(V::UNDEFINED);
+                    }
+                    match object.get_mut(k) {
+                        Some(slot) => *slot = v.owned(),
+                        None => return Err(Bail::Unmodelled),
+                    }
+                }
+                V::O(Value::Object(regorus::Rc::new(object)))
+            }
+            E::Call(Callee::Concat(regorus), params)
+                if matches!(params.as_slice(), [_, E::Array(_)]) =>
+            {
+                // `concat(d, [a, b, ...])`: the strings joined as they are evaluated,
+                // with no array made for the call; anything but strings goes the
+                // general way, with the values already evaluated.
+                let [d, E::Array(items)] = params.as_slice() else {
+                    return Err(Bail::Unmodelled);
+                };
+                let d = self.expr(cx, base, d)?;
+                if d.is_undefined() {
+                    return Ok(V::UNDEFINED);
+                }
+                let mut values = Vec::with_capacity(items.len());
+                for item in items {
+                    let v = self.expr(cx, base, item)?;
+                    if v.is_undefined() {
+                        return Ok(V::UNDEFINED);
+                    }
+                    values.push(v);
+                }
+                if let Value::String(sep) = d.get()
+                    && values.iter().all(|v| matches!(v.get(), Value::String(_)))
+                {
+                    let mut out = String::with_capacity(
+                        values
+                            .iter()
+                            .map(|v| match v.get() {
+                                Value::String(s) => s.len() + sep.len(),
+                                _ => 0,
+                            })
+                            .sum(),
+                    );
+                    for (i, v) in values.iter().enumerate() {
+                        if let Value::String(s) = v.get() {
+                            if i > 0 {
+                                out.push_str(sep);
+                            }
+                            out.push_str(s);
+                        }
+                    }
+                    return Ok(V::O(Value::String(out.into())));
+                }
+                let array = Value::from(values.into_iter().map(V::owned).collect::<Vec<_>>());
+                V::O(call(regorus, &[d, V::O(array)])?)
             }
             E::ArrayCompr(head, stmts) | E::SetCompr(head, stmts) => {
                 let mut items = Vec::new();
@@ -1570,6 +1662,66 @@ digest := crypto.sha256(input.name)
         }
         // `sized` subtracts: arithmetic is refused.
         assert!(program(text, "data.t.sized").is_err());
+    }
+
+    /// The two forms evaluated without the general machinery: `concat` of an array
+    /// literal (joined as its items are evaluated; a non-string item goes to regorus's
+    /// `concat`, which is undefined then) and an object literal with constant keys
+    /// (filled into a copy of its shape); a duplicated key keeps the general form.
+    #[test]
+    fn joined_concats_and_constant_key_objects_answer_as_the_interpreter() {
+        let text = r#"package t
+
+joined := concat(", ", [input.a, "and", input.b])
+
+bare := concat("", [input.a, input.b])
+
+set_joined := concat("-", {input.a, "z"})
+
+sep := concat(input.sep, [input.a, input.b])
+
+record := {"allow": input.a == "x", "reasons": [input.b], "n": count([input.a])}
+
+twice := {"k": 1, "k": input.a}
+
+nested := {"outer": {"inner": input.a}, "list": [{"b": input.b}]}
+"#;
+        let inputs = [
+            json!({}),
+            json!({"a": "x", "b": "y"}),
+            json!({"a": "x"}),
+            json!({"b": "y"}),
+            json!({"a": 1, "b": "y"}),
+            json!({"a": "x", "b": ["y"]}),
+            json!({"a": "", "b": "", "sep": ""}),
+            json!({"a": "x", "b": "y", "sep": 3}),
+            json!({"a": "x", "b": "y", "sep": "::"}),
+            json!({"a": null, "b": true}),
+            json!({"a": "é", "b": "ü", "sep": "ß"}),
+        ];
+        for rule in [
+            "data.t.joined",
+            "data.t.bare",
+            "data.t.set_joined",
+            "data.t.sep",
+            "data.t.record",
+            "data.t.twice",
+            "data.t.nested",
+        ] {
+            let bails = agree(&[("p.rego", text)], json!({}), rule, &inputs);
+            assert!(bails.iter().all(Option::is_none), "{rule}: {bails:?}");
+        }
+        // The shapes it chose: a joined concat, a record, and the general object for
+        // the duplicated key.
+        let p = program(text, "data.t.record").unwrap();
+        let shown = format!("{:?}", p.rules);
+        assert!(shown.contains("Record("), "{shown}");
+        let p = program(text, "data.t.twice").unwrap();
+        let shown = format!("{:?}", p.rules);
+        assert!(
+            shown.contains("Object(") && !shown.contains("Record("),
+            "{shown}"
+        );
     }
 
     #[test]
