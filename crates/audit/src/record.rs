@@ -107,8 +107,9 @@ pub struct RecordDraft {
     pub status: u16,
     /// See [`ExecutionRecord::decision`].
     pub decision: String,
-    /// See [`ExecutionRecord::reasons`].
-    pub reasons: Vec<String>,
+    /// See [`ExecutionRecord::reasons`]. Shared with the policy's decision (a proxied
+    /// request's record holds the decision's reasons, not a copy).
+    pub reasons: std::sync::Arc<[String]>,
     /// See [`ExecutionRecord::policy_revision`].
     pub policy_revision: Option<String>,
     /// See [`ExecutionRecord::request_sha256`]; [`crate::BodyDigest`] computes it.
@@ -587,7 +588,7 @@ pub(crate) mod tests {
                 path: record.path.clone(),
                 status: record.status,
                 decision: record.decision.clone(),
-                reasons: record.reasons.clone(),
+                reasons: record.reasons.as_slice().into(),
                 policy_revision: record.policy_revision.clone(),
                 request_sha256: record.request_sha256.clone(),
                 request_bytes: record.request_bytes,
@@ -650,7 +651,7 @@ pub(crate) mod tests {
             path: "/clauses/c-flood-17/rainfall".into(),
             status: 200,
             decision: "allow".into(),
-            reasons: vec!["bound \"clause\"\n".into()],
+            reasons: std::sync::Arc::from(["bound \"clause\"\n".to_string()]),
             policy_revision: Some("r1".into()),
             request_sha256: crate::EMPTY_SHA256.into(),
             request_bytes: 0,

@@ -1049,7 +1049,7 @@ mod tests {
         let cache = DecisionCache::new(CacheLimits::default());
         let d = Decision {
             allow: true,
-            reasons: vec!["r".into()],
+            reasons: vec!["r".to_string()].into(),
             error: None,
         };
         for i in 0..8_000u32 {
@@ -1072,7 +1072,7 @@ mod tests {
         });
         let d = Decision {
             allow: true,
-            reasons: vec!["r".repeat(100)],
+            reasons: vec!["r".repeat(100)].into(),
             error: None,
         };
         for i in 0..10_000u32 {

@@ -68,8 +68,10 @@ impl Default for PolicyOptions {
 pub struct Decision {
     /// Whether the request may pass.
     pub allow: bool,
-    /// Reasons from the policy, or why the sidecar denied without one.
-    pub reasons: Vec<String>,
+    /// Reasons from the policy, or why the sidecar denied without one. Shared: a
+    /// decision answered from the cache, and the request's record of it, hold the same
+    /// reasons rather than copies.
+    pub reasons: Arc<[String]>,
     /// Set when evaluation failed (error, timeout, limit, undefined): always a deny.
     pub error: Option<String>,
 }
@@ -78,7 +80,7 @@ impl Decision {
     fn deny_because(error: String) -> Self {
         Self {
             allow: false,
-            reasons: vec![error.clone()],
+            reasons: Arc::from([error.clone()]),
             error: Some(error),
         }
     }
@@ -1062,11 +1064,11 @@ pub fn decision_from(value: &Value) -> Decision {
             ));
         }
     };
-    let reasons = match &value["reasons"] {
+    let reasons: Arc<[String]> = match &value["reasons"] {
         Value::Array(items) => items.iter().map(reason_text).collect(),
         Value::Set(items) => items.iter().map(reason_text).collect(),
-        Value::Undefined | Value::Null => Vec::new(),
-        other => vec![reason_text(other)],
+        Value::Undefined | Value::Null => Arc::from([]),
+        other => Arc::from([reason_text(other)]),
     };
     Decision {
         allow,
@@ -1295,7 +1297,7 @@ mod tests {
             assert!(!d.allow, "{mode:?}");
             assert_eq!(
                 d.reasons,
-                vec!["policy decision is undefined".to_string()],
+                vec!["policy decision is undefined".to_string()].into(),
                 "{mode:?}"
             );
             assert!(

@@ -473,7 +473,7 @@ mod tests {
             .evaluate(build(&facts, &config, &loaded, now).0);
         assert_eq!(
             (reduced.allow, &reduced.reasons),
-            (true, &vec!["ex-1".to_string()])
+            (true, &std::sync::Arc::from(["ex-1".to_string()]))
         );
         assert_eq!(
             (whole.allow, &whole.reasons),

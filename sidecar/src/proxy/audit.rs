@@ -258,7 +258,7 @@ impl Pending {
             Some(decision) => {
                 draft.decision = decision.verdict.record().to_owned();
                 draft.decision_id.clone_from(&decision.id);
-                draft.reasons.clone_from(&decision.reasons);
+                draft.reasons = decision.reasons.clone();
                 draft.policy_revision =
                     Some(decision.revision.clone()).filter(|revision| !revision.is_empty());
                 draft.cached = decision.cached;

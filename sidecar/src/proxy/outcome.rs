@@ -131,7 +131,7 @@ pub enum Refusal {
         /// The decision id.
         decision_id: String,
         /// The policy's reasons.
-        reasons: Vec<String>,
+        reasons: std::sync::Arc<[String]>,
         /// The policy revision that decided.
         revision: String,
     },
@@ -345,8 +345,8 @@ pub struct Decision {
     pub id: String,
     /// The policy revision (empty if none).
     pub revision: String,
-    /// Why.
-    pub reasons: Vec<String>,
+    /// Why (shared with the policy's decision, and its cached copy).
+    pub reasons: std::sync::Arc<[String]>,
     /// How long the evaluation took (`None`: nothing was evaluated).
     pub evaluation: Option<Duration>,
     /// The decision came from the decision cache.
@@ -368,7 +368,7 @@ impl Decision {
             verdict,
             id: String::new(),
             revision: String::new(),
-            reasons: vec![reason],
+            reasons: std::sync::Arc::from([reason]),
             evaluation: None,
             cached: false,
             clause: None,
@@ -474,7 +474,7 @@ mod tests {
             Refusal::Shed { max_in_flight: 3 },
             Refusal::Denied {
                 decision_id: "d-1".into(),
-                reasons: vec!["no".into()],
+                reasons: std::sync::Arc::from(["no".to_string()]),
                 revision: "r".into(),
             },
             Refusal::Ambiguous(NormalizeError::Backslash),
@@ -490,7 +490,7 @@ mod tests {
         }
         let denied = Refusal::Denied {
             decision_id: "d-1".into(),
-            reasons: vec![],
+            reasons: std::sync::Arc::from([]),
             revision: String::new(),
         }
         .response();
