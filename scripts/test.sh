@@ -4,6 +4,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/install-test-deps.sh
+# Every crate the lock file names, for every target: the dependency-graph test reads
+# `cargo metadata --offline`, which a build alone (host crates only) does not provide.
+cargo fetch --locked
 cargo build --workspace --bins
 # A throwaway PostgreSQL for the several-gateways tests (the machine's binaries; a
 # temporary cluster on a free port, TLS on, stopped on exit). Skipped when the caller

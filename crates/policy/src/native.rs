@@ -1204,13 +1204,26 @@ impl Program {
         base: usize,
         items: &'a [E],
     ) -> Result<Option<Vec<Value>>, Bail> {
+        Ok(self
+            .defined(cx, base, items)?
+            .map(|items| items.into_iter().map(V::owned).collect()))
+    }
+
+    /// The values of `items`, evaluated in order; None as soon as one is undefined (and
+    /// so is the collection, or the call, they are the items or arguments of).
+    fn defined<'a>(
+        &'a self,
+        cx: &mut Cx<'a>,
+        base: usize,
+        items: &'a [E],
+    ) -> Result<Option<Vec<V<'a>>>, Bail> {
         let mut out = Vec::with_capacity(items.len());
         for i in items {
             let v = self.expr(cx, base, i)?;
             if v.is_undefined() {
                 return Ok(None);
             }
-            out.push(v.owned());
+            out.push(v);
         }
         Ok(Some(out))
     }
@@ -1307,14 +1320,9 @@ impl Program {
                 if d.is_undefined() {
                     return Ok(V::UNDEFINED);
                 }
-                let mut values = Vec::with_capacity(items.len());
-                for item in items {
-                    let v = self.expr(cx, base, item)?;
-                    if v.is_undefined() {
-                        return Ok(V::UNDEFINED);
-                    }
-                    values.push(v);
-                }
+                let Some(values) = self.defined(cx, base, items)? else {
+                    return Ok(V::UNDEFINED);
+                };
                 if let Value::String(sep) = d.get()
                     && values.iter().all(|v| matches!(v.get(), Value::String(_)))
                 {
@@ -1366,17 +1374,10 @@ impl Program {
                 }
                 _ => return Err(Bail::Unmodelled),
             },
-            E::Call(callee, params) => {
-                let mut args = Vec::with_capacity(params.len());
-                for p in params {
-                    let v = self.expr(cx, base, p)?;
-                    if v.is_undefined() {
-                        return Ok(V::UNDEFINED);
-                    }
-                    args.push(v);
-                }
-                V::O(call(callee, &args)?)
-            }
+            E::Call(callee, params) => match self.defined(cx, base, params)? {
+                Some(args) => V::O(call(callee, &args)?),
+                None => V::UNDEFINED,
+            },
             E::Cmp(op, lhs, rhs) => {
                 let l = self.expr(cx, base, lhs)?;
                 let r = self.expr(cx, base, rhs)?;
