@@ -1112,14 +1112,9 @@ impl Program {
                         cx.locals[base + s] = v;
                     }
                 } else {
-                    let mut got = Vec::with_capacity(values.len());
-                    for v in values {
-                        let v = self.expr(cx, base, v)?;
-                        if v.is_undefined() {
-                            return Ok(false);
-                        }
-                        got.push(v);
-                    }
+                    let Some(got) = self.defined(cx, base, values)? else {
+                        return Ok(false);
+                    };
                     for (slot, v) in slots.iter().zip(got) {
                         if let Some(s) = slot {
                             cx.locals[base + s] = v;
