@@ -27,6 +27,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use regorus::Value;
 use regorus::unstable::{AssignOp, BoolOp, Expr, Literal, Module as Ast, Query, Rule, RuleHead};
+use smallvec::SmallVec;
 
 use crate::bundle::Bundle;
 use crate::compat::{dotted, location, parse};
@@ -51,17 +52,42 @@ pub(crate) const NON_DETERMINISTIC: &[&str] = &[
     "print",
 ];
 
+/// The largest per-thread scratch buffer (a cache key, a joined string) kept for the
+/// next decision: one grown past it by a long input is freed, so that a few large
+/// requests do not hold memory in every worker thread.
+pub(crate) const KEEP_BUFFER: usize = 4096;
+
 /// How a revision's decisions are keyed (computed once per compile).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct KeyPlan {
     /// Input paths whose values form the key (no path is a prefix of another).
-    pub paths: Vec<Vec<Value>>,
+    pub(crate) paths: Vec<Vec<Value>>,
     /// Whether the decision compares `input.time_ns` with stored values (entries
     /// expire at the next such value) rather than not reading the time at all.
     pub time_bounded: bool,
+    /// For each path, how many first steps it shares with the path before it (the
+    /// key walk starts from there).
+    shared: Vec<usize>,
 }
 
 impl KeyPlan {
+    /// The plan for `paths` (sorted, none a prefix of another).
+    pub fn new(paths: Vec<Vec<Value>>, time_bounded: bool) -> Self {
+        let shared = std::iter::once(0)
+            .chain(
+                paths
+                    .windows(2)
+                    .map(|w| w[0].iter().zip(&w[1]).take_while(|(a, b)| a == b).count()),
+            )
+            .take(paths.len())
+            .collect();
+        Self {
+            paths,
+            time_bounded,
+            shared,
+        }
+    }
+
     /// The key paths as `input.a.b` text (for logs and `nexusctl policy check`).
     pub fn describe(&self) -> Vec<String> {
         self.paths
@@ -124,10 +150,7 @@ pub fn plan(bundle: &Bundle) -> Result<KeyPlan, String> {
             kept.push(p);
         }
     }
-    Ok(KeyPlan {
-        paths: kept,
-        time_bounded: scan.time_bounded,
-    })
+    Ok(KeyPlan::new(kept, scan.time_bounded))
 }
 
 struct Scan {
@@ -692,7 +715,7 @@ impl DecisionCache {
     pub(crate) fn insert(
         &self,
         hash: u64,
-        key: Vec<u8>,
+        key: &[u8],
         generation: u64,
         valid: (i128, i128),
         decision: &Decision,
@@ -738,7 +761,7 @@ impl DecisionCache {
         shard.map.insert(
             hash,
             Entry {
-                key: key.into_boxed_slice(),
+                key: key.into(),
                 generation,
                 from_ns,
                 expires_ns,
@@ -775,44 +798,59 @@ impl DecisionCache {
 }
 
 /// Appends the key of `input` under `plan`: each path's value, encoded so that two
-/// different values never give the same bytes.
+/// different values never give the same bytes; `value` is given the value at each of
+/// the plan's paths, in order (a miss uses them again: the numbers that bound the
+/// entry's life, the evaluation's inputs).
 ///
 /// This is the whole cost of a cache hit besides the hash lookup, so it walks the input
 /// once: the paths are sorted, and a path reuses the values its predecessor found along
 /// their common prefix (`input.request.method` then `input.request.path` look up
 /// `request` once); a field of a small object is found by comparing names for equality
 /// (lengths first) rather than by the ordered binary search of `Value`'s index.
-pub(crate) fn key_of(plan: &KeyPlan, input: &Value, out: &mut Vec<u8>) {
+pub(crate) fn key_and_values<'a>(
+    plan: &KeyPlan,
+    input: &'a Value,
+    out: &mut Vec<u8>,
+    mut value: impl FnMut(&'a Value),
+) {
     const DEPTH: usize = 8;
     // `found[d]`: the value at depth `d` along the previous path (found[0] = input).
     let mut found: [&Value; DEPTH + 1] = [input; DEPTH + 1];
-    let mut previous: &[Value] = &[];
-    for path in &plan.paths {
+    // Whether `found` holds the previous path's values (not when it was too deep).
+    let mut walked = false;
+    for (i, path) in plan.paths.iter().enumerate() {
         if path.len() > DEPTH {
             let mut v = input;
             for step in path {
                 v = field(v, step);
             }
             encode(v, out);
-            previous = &[];
+            value(v);
+            walked = false;
             continue;
         }
-        let shared = previous
-            .iter()
-            .zip(path)
-            .take_while(|(a, b)| a == b)
-            .count();
+        let shared = match plan.shared.get(i) {
+            Some(&n) if walked => n,
+            _ => 0,
+        };
         for (d, step) in path.iter().enumerate().skip(shared) {
             found[d + 1] = field(found[d], step);
         }
         encode(found[path.len()], out);
-        previous = path;
+        value(found[path.len()]);
+        walked = true;
     }
+}
+
+/// The field `name` of `v` (`v[name]`), without making a key value when `v` is a small
+/// object.
+pub(crate) fn named_field<'a>(v: &'a Value, name: &str) -> &'a Value {
+    named(v, name).unwrap_or_else(|| &v[name])
 }
 
 /// `input.time_ns`.
 pub(crate) fn time_ns(input: &Value) -> &Value {
-    named(input, TIME_NS).unwrap_or_else(|| &input[TIME_NS])
+    named_field(input, TIME_NS)
 }
 
 /// `v[step]`, with a linear equality scan for a string key in a small object.
@@ -892,7 +930,7 @@ fn encode(v: &Value, out: &mut Vec<u8>) {
 
 /// Every number stored in `v`, as the integer at or below it, sorted: the times at
 /// which a comparison with `input.time_ns` may change its answer.
-pub(crate) fn numbers(v: &Value, out: &mut Vec<i128>) {
+pub(crate) fn numbers<A: smallvec::Array<Item = i128>>(v: &Value, out: &mut SmallVec<A>) {
     match v {
         Value::Number(n) => {
             if let Some(i) = n.as_i64() {
@@ -1015,13 +1053,10 @@ mod tests {
 
     #[test]
     fn keys_tell_values_apart() {
-        let plan = KeyPlan {
-            paths: vec![vec![Value::from("a")], vec![Value::from("b")]],
-            time_bounded: false,
-        };
+        let plan = KeyPlan::new(vec![vec![Value::from("a")], vec![Value::from("b")]], false);
         let key = |j: serde_json::Value| {
             let mut out = Vec::new();
-            key_of(&plan, &Value::from(j), &mut out);
+            key_and_values(&plan, &Value::from(j), &mut out, |_| ());
             out
         };
         let cases = [
@@ -1054,7 +1089,7 @@ mod tests {
         };
         for i in 0..8_000u32 {
             let key = format!("/clauses/c-{i}/rainfall").into_bytes();
-            cache.insert(cache.hash(&key), key, 1, (0, i128::MAX), &d);
+            cache.insert(cache.hash(&key), &key, 1, (0, i128::MAX), &d);
         }
         let stats = cache.stats();
         assert_eq!((stats.entries, stats.evictions), (8_000, 0), "{stats:?}");
@@ -1077,7 +1112,7 @@ mod tests {
         };
         for i in 0..10_000u32 {
             let key = format!("key-{i}").into_bytes();
-            cache.insert(cache.hash(&key), key, 1, (0, i128::MAX), &d);
+            cache.insert(cache.hash(&key), &key, 1, (0, i128::MAX), &d);
             let s = cache.stats();
             assert!(s.entries <= 64 && s.bytes <= 16 * 1024, "{s:?}");
         }

@@ -14,6 +14,7 @@ use regorus::rvm::vm::{ExecutionMode, ExecutionState, SuspendReason};
 use regorus::rvm::{Program, RegoVM};
 use regorus::utils::limits::ExecutionTimerConfig;
 use regorus::{CompiledPolicy, Engine, Value};
+use smallvec::SmallVec;
 
 use crate::bundle::Bundle;
 use crate::cache::{DecisionCache, KeyPlan};
@@ -205,6 +206,9 @@ pub struct Policy {
     native: Option<Arc<crate::native::Program>>,
     /// Hash indexes of the data objects `native` looks keys up in (per data revision).
     native_index: Arc<crate::native::DataIndex>,
+    /// For each path of the cache plan, `native`'s slot for the same input path: a miss
+    /// hands the values it looked up for the key to the evaluation.
+    native_slots: Arc<Vec<Option<usize>>>,
     bundle_data: Value,
     data: Value,
     report: Arc<ModeReport>,
@@ -227,6 +231,20 @@ pub struct CachedDecision {
     pub cached: bool,
     /// Time taken, lookup included.
     pub elapsed: Duration,
+}
+
+thread_local! {
+    /// Where `evaluate_cached` makes a decision's cache key (reused, never shared: a
+    /// nested call would find it empty and make its own). A buffer grown past
+    /// `KEEP_BUFFER` by a long input is not kept.
+    static KEY_BUFFER: std::cell::Cell<Vec<u8>> = const { std::cell::Cell::new(Vec::new()) };
+}
+
+/// Puts `key` back as this thread's key buffer, unless a long input grew it.
+fn keep_key_buffer(key: Vec<u8>) {
+    if key.capacity() <= crate::cache::KEEP_BUFFER {
+        KEY_BUFFER.set(key);
+    }
 }
 
 static GENERATION: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
@@ -468,17 +486,19 @@ impl Policy {
                 }
             }
         }
+        let cache_plan = crate::cache::plan(bundle);
         let mut policy = Self {
             revision: bundle.revision.clone(),
             options,
             interpreter: engine,
             rvm,
+            native_slots: Arc::new(native_slots(native.as_deref(), &cache_plan)),
             native,
             native_index: Arc::default(),
             bundle_data: bundle.data.clone(),
             data: bundle.data.clone(),
             report: Arc::new(report),
-            cache_plan: Arc::new(crate::cache::plan(bundle)),
+            cache_plan: Arc::new(cache_plan),
             generation: 0,
             time_bounds: Arc::default(),
         };
@@ -498,6 +518,7 @@ impl Policy {
                     rvm: self.rvm.clone(),
                     native: self.native.clone(),
                     native_index: Arc::default(),
+                    native_slots: self.native_slots.clone(),
                     bundle_data: self.bundle_data.clone(),
                     data: Value::Null,
                     report: self.report.clone(),
@@ -542,8 +563,9 @@ impl Policy {
             .as_ref()
             .is_ok_and(|p| p.time_bounded)
         {
-            let mut bounds = Vec::new();
+            let mut bounds: SmallVec<[i128; 0]> = SmallVec::new();
             crate::cache::numbers(&self.data, &mut bounds);
+            let mut bounds = bounds.into_vec();
             bounds.sort_unstable();
             bounds.dedup();
             self.time_bounds = Arc::new(bounds);
@@ -594,10 +616,16 @@ impl Policy {
         } else {
             0
         };
-        let mut key = Vec::with_capacity(256);
-        crate::cache::key_of(plan, &input, &mut key);
+        // The key is made in this thread's buffer: a hit allocates nothing, a miss
+        // copies the key once into its entry.
+        let mut key = KEY_BUFFER.take();
+        key.clear();
+        // The values at the key's paths, for a miss (none of them is looked up twice).
+        let mut keyed: SmallVec<[&Value; 8]> = SmallVec::new();
+        crate::cache::key_and_values(plan, &input, &mut key, |v| keyed.push(v));
         let hash = cache.hash(&key);
         if let Some(decision) = cache.get(hash, &key, self.generation, now) {
+            keep_key_buffer(key);
             return CachedDecision {
                 decision,
                 cached: true,
@@ -607,12 +635,8 @@ impl Policy {
         let valid = if plan.time_bounded {
             // The earliest stored number at or after now, in the data or in the keyed
             // input values: no comparison with the time changes its answer before it.
-            let mut own = Vec::new();
-            for path in &plan.paths {
-                let mut v = &input;
-                for step in path {
-                    v = crate::cache::field(v, step);
-                }
+            let mut own: SmallVec<[i128; 8]> = SmallVec::new();
+            for v in &keyed {
                 crate::cache::numbers(v, &mut own);
             }
             own.sort_unstable();
@@ -636,10 +660,21 @@ impl Policy {
         } else {
             (i128::MIN, i128::MAX)
         };
-        let decision = self.evaluate(input);
+        let known: SmallVec<[(usize, &Value); 8]> = self
+            .native_slots
+            .iter()
+            .zip(&keyed)
+            .filter_map(|(slot, v)| Some(((*slot)?, *v)))
+            .collect();
+        let decision = match self.evaluate_from(&input, &known, started) {
+            Ok(value) => decision_from(&value),
+            Err(error) => Decision::deny_because(error),
+        };
         if decision.error.is_none() && valid.0 <= now && now < valid.1 {
-            cache.insert(hash, key, self.generation, valid, &decision);
+            cache.insert(hash, &key, self.generation, valid, &decision);
         }
+        drop(keyed);
+        keep_key_buffer(key);
         CachedDecision {
             decision,
             cached: false,
@@ -686,10 +721,27 @@ impl Policy {
     /// policy). Errors, the time limit, the instruction limit and an engine panic are
     /// `Err`.
     pub fn evaluate_value(&self, input: Value) -> Result<Value, String> {
-        let started = Instant::now();
+        self.evaluate_from(&input, &[], Instant::now())
+    }
+
+    /// `evaluate_value`, timed from `started`; `known` are the values at input paths
+    /// already looked up (`native`'s slot, value), for nexus's evaluator.
+    fn evaluate_from(
+        &self,
+        input: &Value,
+        known: &[(usize, &Value)],
+        started: Instant,
+    ) -> Result<Value, String> {
         let native = self.native.as_ref().map(|native| {
             let deadline = started.checked_add(self.options.eval_timeout);
-            let outcome = eval_native(native, &input, &self.data, &self.native_index, deadline);
+            let outcome = eval_native(
+                native,
+                input,
+                &self.data,
+                &self.native_index,
+                deadline,
+                known,
+            );
             crate::metrics::count_native(matches!(outcome, Native::HandedOn));
             outcome
         });
@@ -697,10 +749,15 @@ impl Policy {
             Some(Native::Value(value)) => Ok(value),
             Some(Native::Failed(error)) => Err(error),
             Some(Native::HandedOn) | None => match &self.rvm {
-                Some(rvm) => {
-                    eval_rvm_reusing(rvm, self.generation, &self.data, input, &self.options)
-                }
-                None => eval_interpreter(&self.interpreter, input, &self.options),
+                // A value's copy shares its contents (reference counted).
+                Some(rvm) => eval_rvm_reusing(
+                    rvm,
+                    self.generation,
+                    &self.data,
+                    input.clone(),
+                    &self.options,
+                ),
+                None => eval_interpreter(&self.interpreter, input.clone(), &self.options),
             },
         };
         // The VM and the interpreter check the clock between instructions; a single
@@ -734,6 +791,17 @@ enum Native {
     Failed(String),
 }
 
+/// For each path of `plan`, `native`'s slot for the same input path.
+fn native_slots(
+    native: Option<&crate::native::Program>,
+    plan: &Result<KeyPlan, String>,
+) -> Vec<Option<usize>> {
+    match (native, plan) {
+        (Some(native), Ok(plan)) => plan.paths.iter().map(|p| native.input_slot(p)).collect(),
+        _ => Vec::new(),
+    }
+}
+
 /// One evaluation by nexus's own evaluator, failing past `deadline`.
 fn eval_native(
     program: &crate::native::Program,
@@ -741,8 +809,9 @@ fn eval_native(
     data: &Value,
     index: &crate::native::DataIndex,
     deadline: Option<Instant>,
+    known: &[(usize, &Value)],
 ) -> Native {
-    match crate::panics::catch(|| Ok(program.eval_until(input, data, index, deadline))) {
+    match crate::panics::catch(|| Ok(program.eval_until(input, data, index, deadline, known))) {
         Ok(Ok(value)) => Native::Value(value),
         Ok(Err(crate::native::Bail::Timeout)) => {
             Native::Failed("exceeded the time limit between two steps".into())
@@ -807,7 +876,7 @@ fn build_native(
     let index = program.index(data);
     let served = |input: Value| {
         let deadline = Instant::now().checked_add(check_options.eval_timeout);
-        match eval_native(&program, &input, data, &index, deadline) {
+        match eval_native(&program, &input, data, &index, deadline, &[]) {
             Native::Value(v) => Ok(v),
             Native::Failed(e) => Err(e),
             Native::HandedOn => eval_rvm(rvm, data, input, check_options),
@@ -1055,7 +1124,7 @@ pub fn decision_from(value: &Value) -> Decision {
     if *value == Value::Undefined {
         return Decision::deny_because("policy decision is undefined".into());
     }
-    let allow = match value["allow"].as_bool() {
+    let allow = match crate::cache::named_field(value, "allow").as_bool() {
         Ok(b) => *b,
         Err(_) => {
             return Decision::deny_because(format!(
@@ -1064,7 +1133,7 @@ pub fn decision_from(value: &Value) -> Decision {
             ));
         }
     };
-    let reasons: Arc<[String]> = match &value["reasons"] {
+    let reasons: Arc<[String]> = match crate::cache::named_field(value, "reasons") {
         Value::Array(items) => items.iter().map(reason_text).collect(),
         Value::Set(items) => items.iter().map(reason_text).collect(),
         Value::Undefined | Value::Null => Arc::from([]),

@@ -169,8 +169,8 @@ pub(crate) struct Program {
     max_steps: usize,
     /// The base data paths the rules index with a key (`data.nexus.bindings[x]`).
     indexed: Vec<Vec<Value>>,
-    /// How many distinct static input paths the rules read.
-    input_paths: usize,
+    /// The distinct static input paths the rules read (`E::InputPath`'s slots).
+    input_paths: Vec<Vec<Value>>,
 }
 
 /// Objects of the data with at least this many entries, all keyed by strings, get a
@@ -322,7 +322,7 @@ pub(crate) fn compile(
         entry,
         max_steps,
         indexed: compiler.indexed,
-        input_paths: compiler.input_paths.len(),
+        input_paths: compiler.input_paths,
     })
 }
 
@@ -896,6 +896,12 @@ struct Cx<'a> {
     deadline: Option<std::time::Instant>,
 }
 
+thread_local! {
+    /// Where `concat` joins its strings (reused; a nested use would find it empty). A
+    /// buffer grown past `crate::cache::KEEP_BUFFER` by a long input is not kept.
+    static JOIN_BUFFER: std::cell::Cell<String> = const { std::cell::Cell::new(String::new()) };
+}
+
 /// Steps between two readings of the clock.
 const CLOCK_EVERY: usize = 256;
 
@@ -916,28 +922,43 @@ impl Program {
         data: &Value,
         index: &DataIndex,
     ) -> Result<Value, Bail> {
-        self.eval_until(input, data, index, None)
+        self.eval_until(input, data, index, None, &[])
     }
 
-    /// `eval`, failing with `Bail::Timeout` past `deadline`.
-    pub(crate) fn eval_until(
-        &self,
-        input: &Value,
-        data: &Value,
-        index: &DataIndex,
+    /// `eval`, failing with `Bail::Timeout` past `deadline`. `known` are values of
+    /// input paths the caller has already looked up (slot, value at `input_path(slot)`
+    /// in `input`), so that they are not looked up again.
+    pub(crate) fn eval_until<'a>(
+        &'a self,
+        input: &'a Value,
+        data: &'a Value,
+        index: &'a DataIndex,
         deadline: Option<std::time::Instant>,
+        known: &[(usize, &'a Value)],
     ) -> Result<Value, Bail> {
+        let mut inputs = vec![None; self.input_paths.len()];
+        for &(slot, v) in known {
+            if let Some(s) = inputs.get_mut(slot) {
+                *s = Some(v);
+            }
+        }
         let mut cx = Cx {
             input,
             data,
             index,
             memo: (0..self.rules.len()).map(|_| Memo::Pending).collect(),
-            inputs: vec![None; self.input_paths],
+            inputs,
             locals: Vec::with_capacity(16),
             steps: 0,
             deadline,
         };
         self.rule(&mut cx, self.entry)
+    }
+
+    /// The slot of the static input path `path` (steps after `input`), if the rules
+    /// read it.
+    pub(crate) fn input_slot(&self, path: &[Value]) -> Option<usize> {
+        self.input_paths.iter().position(|p| p.as_slice() == path)
     }
 
     /// Hash indexes of the large objects this program looks keys up in, in `data`.
@@ -1321,15 +1342,9 @@ impl Program {
                 if let Value::String(sep) = d.get()
                     && values.iter().all(|v| matches!(v.get(), Value::String(_)))
                 {
-                    let mut out = String::with_capacity(
-                        values
-                            .iter()
-                            .map(|v| match v.get() {
-                                Value::String(s) => s.len() + sep.len(),
-                                _ => 0,
-                            })
-                            .sum(),
-                    );
+                    // Joined in this thread's buffer, then copied once into the value.
+                    let mut out = JOIN_BUFFER.take();
+                    out.clear();
                     for (i, v) in values.iter().enumerate() {
                         if let Value::String(s) = v.get() {
                             if i > 0 {
@@ -1338,7 +1353,11 @@ impl Program {
                             out.push_str(s);
                         }
                     }
-                    return Ok(V::O(Value::String(out.into())));
+                    let joined = Value::String(out.as_str().into());
+                    if out.capacity() <= crate::cache::KEEP_BUFFER {
+                        JOIN_BUFFER.set(out);
+                    }
+                    return Ok(V::O(joined));
                 }
                 let array = Value::from(values.into_iter().map(V::owned).collect::<Vec<_>>());
                 V::O(call(regorus, &[d, V::O(array)])?)
@@ -1821,7 +1840,7 @@ nested := {"outer": {"inner": input.a}, "list": [{"b": input.b}]}
         // hand-over: the time is spent).
         let past = std::time::Instant::now();
         assert_eq!(
-            p.eval_until(&input, &data, &p.index(&data), Some(past)),
+            p.eval_until(&input, &data, &p.index(&data), Some(past), &[]),
             Err(Bail::Timeout)
         );
     }

@@ -51,6 +51,23 @@ decision := {"allow": true, "reasons": ["ok"]} if {
 } else := {"allow": false, "reasons": ["no"]}
 "#;
 
+/// A policy nexus's own evaluator takes, whose cache key is coarser than what it reads
+/// (`input.request` whole, and `input.request.method` in it) and whose key paths come
+/// in another order than the evaluator meets them: a miss hands the values it looked
+/// up for the key to the evaluation, and each must land on its own input path.
+const NATIVE_POLICY: &str = r#"package nexus.authz
+
+import rego.v1
+
+decision := {"allow": true, "reasons": [concat(" ", [input.request.method, input.clause, input.execution.id])]} if {
+	input.source.spiffe_id != input.destination.spiffe_id
+	input.request.method in {"GET", "HEAD"}
+	count(input.request) > 3
+	input.clause in data.nexus.bindings[input.source.spiffe_id]
+	input.execution.not_after_ns > input.time_ns
+} else := {"allow": false, "reasons": [input.destination.spiffe_id, input.request.path]}
+"#;
+
 fn bundle(text: &str) -> Bundle {
     Bundle::from_modules(
         vec![Module {
@@ -278,4 +295,34 @@ fn cached_decisions_equal_evaluated_ones_interpreted() {
 #[test]
 fn cached_decisions_equal_evaluated_ones_headers_and_computed_indexes() {
     check(HEADERS_POLICY, EvalMode::Compiled, 48);
+}
+
+#[test]
+fn cached_decisions_equal_evaluated_ones_native_with_a_coarser_key() {
+    let policy = Policy::compile(
+        &bundle(NATIVE_POLICY),
+        &Runtime {
+            executions: vec![],
+            revoked: vec![],
+        }
+        .value(),
+        PolicyOptions::default(),
+    )
+    .expect("compiles");
+    // The path under test: nexus's evaluator, with a key that holds `input.request`.
+    assert!(
+        policy.report().summary().starts_with("native"),
+        "{}",
+        policy.report().summary()
+    );
+    assert!(
+        policy
+            .cache_plan()
+            .expect("cached")
+            .describe()
+            .contains(&"input.request".to_string()),
+        "{:?}",
+        policy.cache_plan()
+    );
+    check(NATIVE_POLICY, EvalMode::Compiled, 48);
 }
