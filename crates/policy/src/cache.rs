@@ -60,8 +60,9 @@ pub(crate) const KEEP_BUFFER: usize = 4096;
 /// How a revision's decisions are keyed (computed once per compile).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct KeyPlan {
-    /// Input paths whose values form the key (no path is a prefix of another).
-    pub(crate) paths: Vec<Vec<Value>>,
+    /// Input paths whose values form the key (`paths`); private, so that they stay
+    /// the ones `shared` was worked out for.
+    paths: Vec<Vec<Value>>,
     /// Whether the decision compares `input.time_ns` with stored values (entries
     /// expire at the next such value) rather than not reading the time at all.
     pub time_bounded: bool,
@@ -71,6 +72,11 @@ pub struct KeyPlan {
 }
 
 impl KeyPlan {
+    /// The input paths whose values form the key (no path is a prefix of another).
+    pub fn paths(&self) -> &[Vec<Value>] {
+        &self.paths
+    }
+
     /// The plan for `paths` (sorted, none a prefix of another).
     pub fn new(paths: Vec<Vec<Value>>, time_bounded: bool) -> Self {
         let shared = std::iter::once(0)

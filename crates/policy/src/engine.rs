@@ -797,7 +797,7 @@ fn native_slots(
     plan: &Result<KeyPlan, String>,
 ) -> Vec<Option<usize>> {
     match (native, plan) {
-        (Some(native), Ok(plan)) => plan.paths.iter().map(|p| native.input_slot(p)).collect(),
+        (Some(native), Ok(plan)) => plan.paths().iter().map(|p| native.input_slot(p)).collect(),
         _ => Vec::new(),
     }
 }

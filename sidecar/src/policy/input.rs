@@ -171,7 +171,7 @@ impl Needs {
             let Ok(plan) = p.cache_plan() else {
                 return Self::all();
             };
-            for path in &plan.paths {
+            for path in plan.paths() {
                 // A step that is not a field name (an array index) needs everything
                 // under the field before it.
                 paths.push(
