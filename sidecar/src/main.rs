@@ -53,10 +53,11 @@ fn main() -> ExitCode {
         println!("config OK");
         return ExitCode::SUCCESS;
     }
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if config.limits.worker_threads > 0 {
+        builder.worker_threads(config.limits.worker_threads);
+    }
+    let runtime = match builder.enable_all().build() {
         Ok(runtime) => runtime,
         Err(error) => {
             eprintln!("nexus-sidecar: cannot start the runtime: {error}");

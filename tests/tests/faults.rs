@@ -179,6 +179,35 @@ fn overload_is_shed_with_503_not_queued() {
     );
 }
 
+/// The threads named `tokio-rt-worker` in process `pid` (the runtime's request threads).
+fn worker_threads(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .expect("tasks")
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+        .filter(|comm| comm.trim() == "tokio-rt-worker")
+        .count()
+}
+
+/// limits.worker_threads is how many threads serve requests: a sidecar with one and a
+/// sidecar with three both carry the two-hop traffic, and each runs exactly that many.
+#[test]
+fn worker_threads_is_the_number_of_request_threads() {
+    let dir = temp_dir("fault-workers");
+    let stack = slow_two_hop(
+        dir.path(),
+        "[limits]\nworker_threads = 1\n",
+        "[limits]\nworker_threads = 3\n",
+    );
+    for i in 0..8 {
+        assert_eq!(
+            curl_status(&[&stack.outbound_url(&format!("/slow/1/{i}"))]),
+            200
+        );
+    }
+    assert_eq!(worker_threads(stack.data.proc.pid()), 1);
+    assert_eq!(worker_threads(stack.plugin.proc.pid()), 3);
+}
+
 /// A request whose upstream does not answer within limits.request_timeout gets 504 with
 /// the reason, at the timeout, counted.
 #[test]
@@ -293,6 +322,7 @@ fn out_of_bounds_limits_are_refused_naming_the_field() {
             "limits.request_timeout",
         ),
         ("[limits]\nmax_in_flight = 0\n", "limits.max_in_flight"),
+        ("[limits]\nworker_threads = 5000\n", "limits.worker_threads"),
         (
             "[limits]\nmax_in_flight = 5000000\n",
             "limits.max_in_flight",
