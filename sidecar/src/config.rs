@@ -497,11 +497,11 @@ pub struct LimitsConfig {
     #[serde(with = "humantime_serde")]
     pub drain_delay: Duration,
     /// Threads that serve connections (as Envoy's `--concurrency`, Linkerd's proxy
-    /// cores). Default 0: one per CPU the process may use (a cgroup CPU quota
-    /// included, rounded up). At most 1024. Env `NEXUS_WORKER_THREADS`. One thread
-    /// takes about 15% less CPU per request than two at the same load (no hand-offs
-    /// between threads), but then serves at most one core's worth
-    /// (docs/benchmarks.md, "One worker thread").
+    /// cores). Default 0: one per CPU the process may use (a cgroup CPU quota included,
+    /// rounded down, at least one). At most 1024. Env `NEXUS_WORKER_THREADS`. One thread
+    /// took about 15% less CPU per request than two at the same load here (no hand-offs
+    /// between threads), but then serves at most one core's worth (docs/benchmarks.md,
+    /// "One worker thread").
     pub worker_threads: usize,
 }
 
