@@ -925,9 +925,9 @@ impl Program {
         self.eval_until(input, data, index, None, &[])
     }
 
-    /// `eval`, failing with `Bail::Timeout` past `deadline`. `known` are values of
-    /// input paths the caller has already looked up (slot, value at `input_path(slot)`
-    /// in `input`), so that they are not looked up again.
+    /// `eval`, failing with `Bail::Timeout` past `deadline`. `known` are values the
+    /// caller has already looked up in `input`, each with the slot of its path
+    /// (`input_slot`), so that they are not looked up again.
     pub(crate) fn eval_until<'a>(
         &'a self,
         input: &'a Value,
