@@ -27,7 +27,6 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use regorus::Value;
 use regorus::unstable::{AssignOp, BoolOp, Expr, Literal, Module as Ast, Query, Rule, RuleHead};
-use smallvec::SmallVec;
 
 use crate::bundle::Bundle;
 use crate::compat::{dotted, location, parse};
@@ -936,17 +935,17 @@ fn encode(v: &Value, out: &mut Vec<u8>) {
 
 /// Every number stored in `v`, as the integer at or below it, sorted: the times at
 /// which a comparison with `input.time_ns` may change its answer.
-pub(crate) fn numbers<A: smallvec::Array<Item = i128>>(v: &Value, out: &mut SmallVec<A>) {
+pub(crate) fn numbers(v: &Value, out: &mut impl Extend<i128>) {
     match v {
         Value::Number(n) => {
             if let Some(i) = n.as_i64() {
-                out.push(i128::from(i));
+                out.extend([i128::from(i)]);
             } else if let Some(f) = n.as_f64() {
                 if f.is_finite() {
-                    out.push(f.floor() as i128);
+                    out.extend([f.floor() as i128]);
                 } else {
                     // Cannot place it: expire at once (the caller takes the minimum).
-                    out.push(i128::MIN);
+                    out.extend([i128::MIN]);
                 }
             }
         }

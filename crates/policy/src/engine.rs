@@ -563,9 +563,8 @@ impl Policy {
             .as_ref()
             .is_ok_and(|p| p.time_bounded)
         {
-            let mut bounds: SmallVec<[i128; 0]> = SmallVec::new();
+            let mut bounds = Vec::new();
             crate::cache::numbers(&self.data, &mut bounds);
-            let mut bounds = bounds.into_vec();
             bounds.sort_unstable();
             bounds.dedup();
             self.time_bounds = Arc::new(bounds);
