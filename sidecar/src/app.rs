@@ -10,7 +10,7 @@ use serde::Serialize;
 use tokio::net::TcpListener;
 
 use crate::admin::Admin;
-use crate::config::Config;
+use crate::config::{Config, RuntimeKind};
 use crate::control::{Control, Enforcement, SignalQueue};
 use crate::metrics::Metrics;
 use crate::policy::PolicyRuntime;
@@ -244,13 +244,27 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         inbound: None,
         outbound: BTreeMap::new(),
     };
-    // Each listener has its own in-flight limit.
+    // Each listener has its own in-flight limit; all share the connection workers.
     let proxy = |direction| Proxy::new(&config, direction, steps.clone());
+    let workers = match config.limits.runtime {
+        RuntimeKind::Workers => Some(Arc::new(
+            nexus_serve::Workers::start(config.limits.request_threads(), "nexus-worker")
+                .map_err(|e| anyhow::anyhow!("cannot start the connection workers: {e}"))?,
+        )),
+        RuntimeKind::Shared => None,
+    };
+    if let Some(workers) = &workers {
+        steps.metrics.watch_workers(workers.clone());
+        tracing::info!(
+            workers = workers.len(),
+            "connections are served on connection workers (limits.runtime = \"workers\")"
+        );
+    }
     if let Some(inbound) = &config.inbound {
         let listener = bind(inbound.listen, "inbound").await?;
         addresses.inbound = Some(listener.local_addr()?);
         let side = Arc::new(Inbound::new(&config, proxy(inbound::DIRECTION))?);
-        tokio::spawn(stack::serve(side, listener, drain.watch()));
+        tokio::spawn(stack::serve(side, listener, drain.watch(), workers.clone()));
     }
     for out in &config.outbound {
         let listener = bind(out.listen, &format!("outbound {}", out.name)).await?;
@@ -258,7 +272,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
             .outbound
             .insert(out.name.clone(), listener.local_addr()?);
         let side = Arc::new(Outbound::new(&config, out, proxy(outbound::DIRECTION))?);
-        tokio::spawn(stack::serve(side, listener, drain.watch()));
+        tokio::spawn(stack::serve(side, listener, drain.watch(), workers.clone()));
     }
     if let Some(reports) = &config.reports {
         let token = match &reports.token_file {

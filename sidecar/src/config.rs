@@ -503,6 +503,26 @@ pub struct LimitsConfig {
     /// between threads), but then serves at most one core's worth (docs/benchmarks.md,
     /// "One worker thread").
     pub worker_threads: usize,
+    /// How those threads share the work. Default `workers`: each runs its own
+    /// single-threaded runtime and serves whole connections, with its own upstream pool
+    /// (thread per core, as Envoy's workers and nginx's worker processes); the control
+    /// plane (admin, gateway stream, reloads) runs on one more thread. `shared`: one
+    /// runtime whose threads take each other's tasks (tokio's default). Env
+    /// `NEXUS_RUNTIME`.
+    pub runtime: RuntimeKind,
+}
+
+/// How the request threads share the work (`limits.runtime`).
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum RuntimeKind {
+    /// A single-threaded runtime per thread; a connection stays on the thread it was
+    /// given (the one serving the fewest connections then).
+    #[default]
+    Workers,
+    /// One multi-threaded runtime: a connection's tasks run on whichever thread is
+    /// free, woken across threads.
+    Shared,
 }
 
 /// Largest `limits.worker_threads`.
@@ -520,6 +540,14 @@ impl LimitsConfig {
             header_read_timeout: self.header_read_timeout,
             max_header_bytes: self.max_header_bytes,
             max_concurrent_streams: self.max_concurrent_streams,
+        }
+    }
+
+    /// The request threads: `worker_threads`, or one per CPU the process may use.
+    pub fn request_threads(&self) -> usize {
+        match self.worker_threads {
+            0 => std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get),
+            n => n,
         }
     }
 
@@ -546,6 +574,7 @@ impl Default for LimitsConfig {
             shutdown_grace: Duration::from_secs(30),
             drain_delay: Duration::from_secs(5),
             worker_threads: 0,
+            runtime: RuntimeKind::Workers,
         }
     }
 }
@@ -618,6 +647,19 @@ impl Config {
                     "use a whole number: 0 (one per CPU) or the threads to run",
                 )
             })?;
+        }
+        if let Some(v) = get("NEXUS_RUNTIME") {
+            self.limits.runtime = match v.trim() {
+                "workers" => RuntimeKind::Workers,
+                "shared" => RuntimeKind::Shared,
+                other => {
+                    return Err(invalid(
+                        "NEXUS_RUNTIME",
+                        format!("`{other}` is not a runtime"),
+                        "use workers (a runtime per thread, the default) or shared",
+                    ));
+                }
+            };
         }
         // Injection (nexusctl inject, the admission webhook) names the gateway this way.
         if let Some(address) = get("NEXUS_GATEWAY_ADDRESS").filter(|a| !a.is_empty()) {
@@ -1208,6 +1250,27 @@ mod tests {
         config.limits.worker_threads = MAX_WORKER_THREADS + 1;
         let err = config.validate().unwrap_err();
         assert!(err.to_string().contains("limits.worker_threads"), "{err}");
+    }
+
+    #[test]
+    fn the_runtime_comes_from_the_file_or_the_environment() {
+        assert_eq!(Config::default().limits.runtime, RuntimeKind::Workers);
+        let config = Config::parse("[limits]\nruntime = \"shared\"\n", "test.toml").unwrap();
+        assert_eq!(config.limits.runtime, RuntimeKind::Shared);
+        let err = Config::parse("[limits]\nruntime = \"threads\"\n", "test.toml").unwrap_err();
+        assert!(err.to_string().contains("runtime"), "{err}");
+        let mut config = Config::default();
+        config
+            .apply_env(env(&[("NEXUS_RUNTIME", "shared")]))
+            .unwrap();
+        assert_eq!(config.limits.runtime, RuntimeKind::Shared);
+        let err = Config::default()
+            .apply_env(env(&[("NEXUS_RUNTIME", "per-core")]))
+            .unwrap_err();
+        assert!(err.to_string().contains("NEXUS_RUNTIME"), "{err}");
+        assert!(config.limits.request_threads() >= 1);
+        config.limits.worker_threads = 3;
+        assert_eq!(config.limits.request_threads(), 3);
     }
 
     #[test]

@@ -54,8 +54,16 @@ fn main() -> ExitCode {
         return ExitCode::SUCCESS;
     }
     let mut builder = tokio::runtime::Builder::new_multi_thread();
-    if config.limits.worker_threads > 0 {
-        builder.worker_threads(config.limits.worker_threads);
+    match config.limits.runtime {
+        // Connections run on their own workers (`nexus_serve::workers`, started by
+        // `run`); this runtime keeps the control plane: admin, gateway, reloads.
+        nexus_sidecar::config::RuntimeKind::Workers => {
+            builder.worker_threads(1);
+        }
+        nexus_sidecar::config::RuntimeKind::Shared if config.limits.worker_threads > 0 => {
+            builder.worker_threads(config.limits.worker_threads);
+        }
+        nexus_sidecar::config::RuntimeKind::Shared => {}
     }
     let runtime = match builder.enable_all().build() {
         Ok(runtime) => runtime,

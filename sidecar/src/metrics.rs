@@ -79,6 +79,9 @@ pub struct Metrics {
     shed: Family<DirectionLabels, Counter>,
     timed_out: Family<DirectionLabels, Counter>,
     in_flight: Family<DirectionLabels, Gauge<i64, AtomicI64>>,
+    worker_connections: Family<WorkerLabels, Gauge<i64, AtomicI64>>,
+    /// The connection workers, read at scrape time (`limits.runtime = "workers"`).
+    workers: OnceLock<Arc<nexus_serve::Workers>>,
     /// Where the audit counters are read at scrape time (the recorder keeps its own).
     audit_stats: OnceLock<AuditStatsSource>,
     policy_mode: Family<ModeLabels, Gauge<i64, AtomicI64>>,
@@ -140,6 +143,11 @@ struct DecisionLabels {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct DirectionLabels {
     direction: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct WorkerLabels {
+    worker: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -370,6 +378,12 @@ impl Metrics {
             "Requests in flight (until their response body ends), by direction",
             in_flight.clone(),
         );
+        let worker_connections = Family::<WorkerLabels, Gauge<i64, AtomicI64>>::default();
+        registry.register(
+            "worker_connections",
+            "Connections each connection worker is serving (limits.runtime = \"workers\")",
+            worker_connections.clone(),
+        );
         let policy_mode = Family::<ModeLabels, Gauge<i64, AtomicI64>>::default();
         registry.register(
             "policy_mode",
@@ -454,6 +468,8 @@ impl Metrics {
             shed,
             timed_out,
             in_flight,
+            worker_connections,
+            workers: OnceLock::new(),
             policy_mode,
             policy_cached,
             cache_hits,
@@ -717,6 +733,24 @@ impl Metrics {
             .set(i64::try_from(stats.queue_depth).unwrap_or(i64::MAX));
     }
 
+    /// Reads the connections of each of `workers` at every scrape.
+    pub fn watch_workers(&self, workers: Arc<nexus_serve::Workers>) {
+        let _ = self.workers.set(workers);
+    }
+
+    fn refresh_workers(&self) {
+        let Some(workers) = self.workers.get() else {
+            return;
+        };
+        for (i, n) in workers.connections().into_iter().enumerate() {
+            self.worker_connections
+                .get_or_create(&WorkerLabels {
+                    worker: i.to_string(),
+                })
+                .set(i64::try_from(n).unwrap_or(i64::MAX));
+        }
+    }
+
     /// Reads the policy layer's mode and cache counters from `source` at every scrape.
     pub fn watch_policy(&self, source: PolicyStatsSource) {
         let _ = self.policy_stats.set(source);
@@ -772,6 +806,7 @@ impl Metrics {
     pub fn encode(&self) -> String {
         self.refresh_audit();
         self.refresh_policy();
+        self.refresh_workers();
         let mut out = String::new();
         if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
             out.clear();

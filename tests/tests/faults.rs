@@ -179,33 +179,125 @@ fn overload_is_shed_with_503_not_queued() {
     );
 }
 
-/// The threads named `tokio-rt-worker` in process `pid` (the runtime's request threads).
-fn worker_threads(pid: u32) -> usize {
+/// The threads of process `pid` whose name starts with `prefix`, with the CPU time
+/// each has run (ns, from `/proc/PID/task/TID/schedstat`).
+fn threads(pid: u32, prefix: &str) -> Vec<u64> {
     std::fs::read_dir(format!("/proc/{pid}/task"))
         .expect("tasks")
-        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
-        .filter(|comm| comm.trim() == "tokio-rt-worker")
-        .count()
+        .filter_map(|t| {
+            let path = t.ok()?.path();
+            let comm = std::fs::read_to_string(path.join("comm")).ok()?;
+            if !comm.trim().starts_with(prefix) {
+                return None;
+            }
+            let sched = std::fs::read_to_string(path.join("schedstat")).ok()?;
+            sched.split_whitespace().next()?.parse().ok()
+        })
+        .collect()
 }
 
-/// limits.worker_threads is how many threads serve requests: a sidecar with one and a
-/// sidecar with three both carry the two-hop traffic, and each runs exactly that many.
+/// limits.worker_threads is how many threads serve requests, and limits.runtime how:
+/// a sidecar with one connection worker (the default runtime) and a sidecar with three
+/// shared-runtime threads both carry the two-hop traffic. Each runs exactly that many,
+/// and with workers the requests run on the worker, not on the control-plane thread.
 #[test]
 fn worker_threads_is_the_number_of_request_threads() {
     let dir = temp_dir("fault-workers");
     let stack = slow_two_hop(
         dir.path(),
         "[limits]\nworker_threads = 1\n",
-        "[limits]\nworker_threads = 3\n",
+        "[limits]\nworker_threads = 3\nruntime = \"shared\"\n",
     );
-    for i in 0..8 {
+    let (data, plugin) = (stack.data.proc.pid(), stack.plugin.proc.pid());
+    assert_eq!(
+        threads(data, "nexus-worker").len(),
+        1,
+        "one connection worker"
+    );
+    assert_eq!(
+        threads(data, "tokio-rt-worker").len(),
+        1,
+        "one control-plane thread"
+    );
+    assert_eq!(
+        threads(plugin, "tokio-rt-worker").len(),
+        3,
+        "three shared threads"
+    );
+    assert!(
+        threads(plugin, "nexus-worker").is_empty(),
+        "no workers when shared"
+    );
+    let before = (
+        threads(data, "nexus-worker")[0],
+        threads(data, "tokio-rt-worker")[0],
+    );
+    for i in 0..20 {
         assert_eq!(
             curl_status(&[&stack.outbound_url(&format!("/slow/1/{i}"))]),
             200
         );
     }
-    assert_eq!(worker_threads(stack.data.proc.pid()), 1);
-    assert_eq!(worker_threads(stack.plugin.proc.pid()), 3);
+    let after = (
+        threads(data, "nexus-worker")[0],
+        threads(data, "tokio-rt-worker")[0],
+    );
+    let (worker, control) = (after.0 - before.0, after.1 - before.1);
+    assert!(
+        worker > control,
+        "the worker ran the connections ({worker} ns) more than the control plane did ({control} ns)"
+    );
+}
+
+/// limits.runtime = "workers" (the default): a client opening many connections does not
+/// pile them on one worker (each goes to the worker serving the fewest), the workers
+/// share one limits.max_connections, and a closed connection gives its place back.
+#[test]
+fn connections_are_spread_over_the_workers_and_given_back() {
+    let dir = temp_dir("fault-spread");
+    let stack = slow_two_hop(
+        dir.path(),
+        "",
+        "[limits]\nworker_threads = 2\nmax_connections = 8\nheader_read_timeout = \"60s\"\n",
+    );
+    let outbound = stack.plugin.outbound("hazard");
+    let per_worker = |stack: &nexus_tests::stack::SlowTwoHop| {
+        (
+            stack
+                .plugin
+                .metric_sum("nexus_worker_connections{worker=\"0\"}"),
+            stack
+                .plugin
+                .metric_sum("nexus_worker_connections{worker=\"1\"}"),
+        )
+    };
+    // Eight idle connections: every place under max_connections taken.
+    let held: Vec<std::net::TcpStream> = (0..8)
+        .map(|_| std::net::TcpStream::connect(&outbound).expect("connect"))
+        .collect();
+    let counts = eventually(
+        Duration::from_secs(10),
+        "8 connections on the workers",
+        || {
+            let (a, b) = per_worker(&stack);
+            (a + b == 8.0).then_some((a, b))
+        },
+    );
+    assert_eq!(counts, (4.0, 4.0), "spread evenly over the two workers");
+    // A ninth waits in the accept queue, on neither worker, until a place is free.
+    let ninth = fire(stack.outbound_url("/slow/10/ninth"), false);
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(!ninth.is_finished(), "served past limits.max_connections");
+    assert_eq!(per_worker(&stack), (4.0, 4.0));
+    drop(held);
+    let answer = ninth.join().expect("client");
+    assert_eq!(
+        answer.status, 200,
+        "served once places were free: {answer:?}"
+    );
+    eventually(Duration::from_secs(10), "every place given back", || {
+        (per_worker(&stack) == (0.0, 0.0)).then_some(())
+    });
 }
 
 /// A request whose upstream does not answer within limits.request_timeout gets 504 with

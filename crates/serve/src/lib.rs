@@ -12,6 +12,7 @@
 mod accept;
 mod drain;
 mod shutdown;
+pub mod workers;
 
 pub use accept::{
     ConnLimits, DEFAULT_MAX_CONNECTIONS, Listener, Slot, accept, accept_with_slot, http_server,
@@ -19,3 +20,4 @@ pub use accept::{
 };
 pub use drain::{Drain, Readiness, Watch};
 pub use shutdown::{ShutdownTiming, Signals, Stopped, shutdown};
+pub use workers::Workers;

@@ -3,6 +3,7 @@
 //! streams both bodies. Connection failures are refused (502/504, see [`Refusal`]) with
 //! the cause.
 
+use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
@@ -16,7 +17,7 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 use super::outcome::Refusal;
 use super::{AnswerFuture, ProxyBody};
-use crate::config::LimitsConfig;
+use crate::config::{LimitsConfig, RuntimeKind};
 
 /// Which client a request takes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -32,8 +33,10 @@ pub enum VersionPolicy {
 /// Forwards to one target (`scheme://authority`).
 #[derive(Clone, Debug)]
 pub struct Forward<C> {
-    http1: Client<C, ProxyBody>,
-    http2: Client<C, ProxyBody>,
+    /// A pool per connection worker, so that a request and the upstream connection it
+    /// takes run on the same thread (index 0: any other thread; `i + 1`: worker `i`).
+    http1: Arc<[Client<C, ProxyBody>]>,
+    http2: Arc<[Client<C, ProxyBody>]>,
     scheme: Scheme,
     authority: Authority,
     versions: VersionPolicy,
@@ -60,13 +63,25 @@ where
                 .http2_only(h2)
                 .build(connector)
         };
+        // With `limits.runtime = "workers"`, one pool per worker (and one for any other
+        // thread); with `shared`, one pool.
+        let pools = match limits.runtime {
+            RuntimeKind::Workers => limits.request_threads() + 1,
+            RuntimeKind::Shared => 1,
+        };
         Self {
-            http1: client(http1, false),
-            http2: client(http2, true),
+            http1: (0..pools).map(|_| client(http1.clone(), false)).collect(),
+            http2: (0..pools).map(|_| client(http2.clone(), true)).collect(),
             scheme,
             authority,
             versions,
         }
+    }
+
+    /// This thread's pool among `pools`.
+    fn pool(pools: &[Client<C, ProxyBody>]) -> Client<C, ProxyBody> {
+        let i = nexus_serve::workers::current().map_or(0, |w| w + 1);
+        pools.get(i).unwrap_or(&pools[0]).clone()
     }
 
     fn target(&self, path: Option<&PathAndQuery>) -> Result<Uri, http::Error> {
@@ -115,10 +130,10 @@ where
         let client = if use_h2 {
             *req.version_mut() = Version::HTTP_2;
             req.headers_mut().remove(http::header::HOST);
-            self.http2.clone()
+            Self::pool(&self.http2)
         } else {
             *req.version_mut() = Version::HTTP_11;
-            self.http1.clone()
+            Self::pool(&self.http1)
         };
         Box::pin(async move {
             match client.request(req).await {

@@ -198,17 +198,46 @@ pub trait Listener: Send + Sync + 'static {
 }
 
 /// Accepts connections from `listener` until the drain starts, at most
-/// `limits.max_connections` at once, and serves each (see [`nexus_serve::accept`]).
-pub async fn serve<L: Listener>(side: Arc<L>, listener: TcpListener, drain: nexus_serve::Watch) {
+/// `limits.max_connections` at once, and serves each (see [`nexus_serve::accept`]): on
+/// one of `workers` when given (`limits.runtime = "workers"`), where the whole
+/// connection then runs, or else as a task of this runtime.
+pub async fn serve<L: Listener>(
+    side: Arc<L>,
+    listener: TcpListener,
+    drain: nexus_serve::Watch,
+    workers: Option<Arc<nexus_serve::Workers>>,
+) {
     let proxy = side.proxy();
-    nexus_serve::accept(
-        listener,
-        proxy.max_connections,
-        drain,
-        proxy.direction,
-        |stream, _addr, drain| side.clone().connection(stream, drain),
-    )
-    .await;
+    let (max_connections, direction) = (proxy.max_connections, proxy.direction);
+    match workers {
+        None => {
+            nexus_serve::accept(
+                listener,
+                max_connections,
+                drain,
+                direction,
+                |stream, _addr, drain| side.clone().connection(stream, drain),
+            )
+            .await;
+        }
+        Some(workers) => {
+            nexus_serve::accept_with_slot(
+                listener,
+                max_connections,
+                drain,
+                direction,
+                |stream, _addr, drain, slot| {
+                    let side = side.clone();
+                    workers.serve(stream, move |stream| async move {
+                        side.connection(stream, drain).await;
+                        drop(slot);
+                    });
+                    std::future::ready(())
+                },
+            )
+            .await;
+        }
+    }
 }
 
 /// Completes at `unix_secs` (at once if past); never without one.
