@@ -22,7 +22,7 @@ RATE=${RATE:-2000}                    # fixed-rate runs, requests/s
 CONNECTIONS=${CONNECTIONS:-32}        # oha -c
 WARMUP=${WARMUP:-3s}                  # per target, at RATE, not measured
 ROUNDS=${ROUNDS:-3}                   # rounds of runs; the tables show the median
-NGINX_WORKERS=${NGINX_WORKERS:-2}     # 2 cores; the sidecar runs a 2-thread tokio runtime
+NGINX_WORKERS=${NGINX_WORKERS:-2}     # 2 cores; the sidecar runs 2 connection workers
 ROTATION_TTL=${ROTATION_TTL:-4s}      # SVID lifetime in the rotation run (rotates at half)
 ROTATION_RATE=${ROTATION_RATE:-1000}  # oha --disable-keepalive rotation run, requests/s
                                       # (2000 new connections/s saturate the 2 cores here)
