@@ -255,6 +255,9 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     };
     if let Some(workers) = &workers {
         steps.metrics.watch_workers(workers.clone());
+        if let Some(policy) = &steps.policy {
+            policy.offload_slow_decisions(policy.config().max_slow_decisions);
+        }
         tracing::info!(
             workers = workers.len(),
             "connections are served on connection workers (limits.runtime = \"workers\")"

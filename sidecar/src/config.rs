@@ -271,6 +271,12 @@ pub struct PolicyConfig {
     /// One evaluation may run this many VM instructions, then it denies. Default 1000000.
     #[serde(default = "default_max_instructions")]
     pub max_instructions: usize,
+    /// With connection workers (`limits.runtime = "workers"`), decisions of a revision
+    /// that does not run natively (the RVM, the interpreter) are taken off the workers,
+    /// on the blocking pool: at most this many at once, the others wait their turn
+    /// without holding a worker. Default 32; 1..=1024.
+    #[serde(default = "default_max_slow_decisions")]
+    pub max_slow_decisions: usize,
     /// How often the folder and state file are checked for changes. Default 1s.
     #[serde(default = "default_reload_interval", with = "humantime_serde")]
     pub reload_interval: Duration,
@@ -358,6 +364,11 @@ fn default_headers() -> Vec<String> {
 fn default_eval_timeout() -> Duration {
     Duration::from_millis(250)
 }
+fn default_max_slow_decisions() -> usize {
+    32
+}
+/// Largest `policy.max_slow_decisions`.
+pub const MAX_SLOW_DECISIONS: usize = 1024;
 fn default_max_instructions() -> usize {
     1_000_000
 }
@@ -1021,6 +1032,16 @@ impl Config {
                     "use at least 67108864 (64 MiB); the default is 1073741824 (1 GiB)",
                 ));
             }
+            if policy.max_slow_decisions == 0 || policy.max_slow_decisions > MAX_SLOW_DECISIONS {
+                return Err(invalid(
+                    "policy.max_slow_decisions",
+                    format!(
+                        "{} is not within 1..={MAX_SLOW_DECISIONS}",
+                        policy.max_slow_decisions
+                    ),
+                    "use the default, 32",
+                ));
+            }
             if policy.eval_timeout.is_zero() {
                 return Err(invalid(
                     "policy.eval_timeout",
@@ -1271,6 +1292,26 @@ mod tests {
         assert!(config.limits.request_threads() >= 1);
         config.limits.worker_threads = 3;
         assert_eq!(config.limits.request_threads(), 3);
+        // The places for decisions taken off the workers: named, bounded.
+        let dir = tempfile::tempdir().unwrap();
+        let policy = |n: usize| {
+            Config::parse(
+                &format!(
+                    "[identity]\nworkload_api_socket = \"unix:///run/spire/agent.sock\"\n[policy]\ndir = {:?}\nmax_slow_decisions = {n}\n",
+                    dir.path().to_string_lossy()
+                ),
+                "test.toml",
+            )
+            .and_then(|c| c.validate().map(|()| c))
+        };
+        assert_eq!(policy(8).unwrap().policy.unwrap().max_slow_decisions, 8);
+        for n in [0, MAX_SLOW_DECISIONS + 1] {
+            let err = policy(n).unwrap_err();
+            assert!(
+                err.to_string().contains("policy.max_slow_decisions"),
+                "{err}"
+            );
+        }
     }
 
     #[test]

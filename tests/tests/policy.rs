@@ -1334,6 +1334,57 @@ fn expensive_decisions_are_cut_off_and_denied_quickly() {
     assert_eq!(curl_reply(&[&format!("{base}/healthz")]).status, 200);
 }
 
+/// With connection workers (the default runtime), a decision that takes long (here the
+/// interpreter, running a plugin's request into `policy.eval_timeout`) is taken off the
+/// worker: another request on the same, only worker is answered meanwhile, instead of
+/// waiting behind it.
+#[test]
+fn a_slow_decision_does_not_hold_the_other_connections_of_its_worker() {
+    let st = start_with("policy-offload", "", "", |p| heavy_policy(p, HEAVY_REGO));
+    let one_worker = stack::sidecar(
+        st.dir.path(),
+        "plugin-one-worker",
+        &format!(
+            "[identity]\nworkload_api_socket = {:?}\n[[outbound]]\nname = \"hazard\"\nlisten = \"127.0.0.1:0\"\nupstream = {:?}\nexpected_id = {DATA_API_ID:?}\n{}\n[limits]\nworker_threads = 1\n",
+            st.hop.plugin_workload_api.url(),
+            st.hop.data.inbound(),
+            policy_toml(
+                &st.policies,
+                &st.state,
+                "mode = \"interpreted\"\neval_timeout = \"3s\"\n"
+            ),
+        ),
+        true,
+    );
+    let base = format!("http://{}", one_worker.outbound("hazard"));
+    assert_eq!(curl_reply(&[&format!("{base}/healthz")]).status, 200);
+    let heavy_url = format!("{base}/heavy");
+    let heavy_sent = Instant::now();
+    let heavy = std::thread::spawn(move || {
+        let reply = curl_reply(&["--max-time", "20", &heavy_url]);
+        (reply, heavy_sent.elapsed())
+    });
+    // The heavy decision has started on the one worker's connection.
+    std::thread::sleep(Duration::from_millis(300));
+    let started = Instant::now();
+    let quick = curl_reply(&["--max-time", "20", &format!("{base}/healthz")]);
+    let took = started.elapsed();
+    let (heavy, heavy_took) = heavy.join().expect("heavy request");
+    // The heavy decision held its thread until the time limit (3 s)...
+    assert_eq!(heavy.status, 403, "{heavy:?}");
+    assert!(
+        heavy.reasons().iter().any(|r| r.contains("time limit")),
+        "{heavy:?}"
+    );
+    assert!(heavy_took >= Duration::from_millis(2500), "{heavy_took:?}");
+    // ...while the other request was decided and answered at once.
+    assert_eq!(quick.status, 200, "{quick:?}");
+    assert!(
+        took < Duration::from_millis(1500),
+        "the quick request waited {took:?} behind the heavy decision"
+    );
+}
+
 /// One builtin call that builds a 20-million-element array.
 const HUGE_RANGE_REGO: &str = r#"package nexus.authz
 

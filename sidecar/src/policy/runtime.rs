@@ -249,6 +249,9 @@ pub struct PolicyRuntime {
     /// The revision enforced and how the last folder reload went, for the gateway
     /// (hello, then a heartbeat on each change).
     status: tokio::sync::watch::Sender<nexus_proto::control::PolicyStatus>,
+    /// Set with connection workers (`offload_slow_decisions`): the places for decisions
+    /// taken off the workers.
+    offload: std::sync::OnceLock<Arc<tokio::sync::Semaphore>>,
 }
 
 /// One request in this many leaves its input in the verification sample.
@@ -346,6 +349,7 @@ impl PolicyRuntime {
             samples: std::sync::Mutex::new(std::collections::VecDeque::new()),
             seen: std::sync::atomic::AtomicU64::new(0),
             status: tokio::sync::watch::channel(Default::default()).0,
+            offload: std::sync::OnceLock::new(),
             config,
         })
     }
@@ -353,6 +357,23 @@ impl PolicyRuntime {
     /// The configuration.
     pub fn config(&self) -> &PolicyConfig {
         &self.config
+    }
+
+    /// With connection workers (`limits.runtime = "workers"`): a decision of a revision
+    /// that does not run natively (the RVM or the interpreter, which may take up to
+    /// `policy.eval_timeout`) is taken on the blocking pool rather than on the worker
+    /// serving the connection, at most `slots` at once (`policy.max_slow_decisions`); the
+    /// others wait their turn without holding a worker. Native decisions take microseconds and
+    /// stay on the worker.
+    pub fn offload_slow_decisions(&self, slots: usize) {
+        let _ = self
+            .offload
+            .set(Arc::new(tokio::sync::Semaphore::new(slots.max(1))));
+    }
+
+    /// The places for decisions taken off the workers, when they are.
+    pub fn offload(&self) -> Option<Arc<tokio::sync::Semaphore>> {
+        self.offload.get().cloned()
     }
 
     /// The decision cache.

@@ -13,6 +13,7 @@ use super::{AnswerFuture, Next, Step};
 use crate::metrics::{Direction, Metrics};
 use crate::policy::input::{RequestFacts, build};
 use crate::policy::{Loaded, PolicyRuntime};
+use nexus_policy::{CachedDecision, EvalMode};
 
 pub use super::outcome::DECISION_ID_HEADER;
 
@@ -158,7 +159,7 @@ fn decision_id() -> String {
     out
 }
 
-impl<B: Body, S: Next<B>> Step<S, B> for PolicyLayer {
+impl<B: Body + Send + 'static, S: Next<B> + Clone + Send + 'static> Step<S, B> for PolicyLayer {
     type Body = B;
 
     fn call(&self, req: Request<B>, next: &mut S) -> AnswerFuture {
@@ -206,7 +207,113 @@ impl<B: Body, S: Next<B>> Step<S, B> for PolicyLayer {
         let (input, clause, execution) =
             build(&facts, config, &loaded, nexus_identity::clock::now());
         let shadow_input = loaded.shadow.as_ref().map(|_| input.clone());
+        let taken = Taken {
+            exchange,
+            id,
+            loaded: loaded.clone(),
+            target,
+            clause,
+            execution,
+        };
+        if loaded.policy.mode() != EvalMode::Native
+            && let Some(slots) = self.runtime.offload()
+        {
+            // A decision that may take long (the RVM or the interpreter, up to
+            // policy.eval_timeout) runs off the connection worker, so that the other
+            // connections of that worker go on meanwhile (`PolicyRuntime::offload`).
+            let ready = next.clone();
+            let mut next = std::mem::replace(next, ready);
+            let this = self.clone();
+            return Box::pin(async move {
+                let started = std::time::Instant::now();
+                let runtime = this.runtime.clone();
+                let loaded = taken.loaded.clone();
+                let taken_off = async move {
+                    let permit = slots.acquire_owned().await.map_err(|e| e.to_string())?;
+                    tokio::task::spawn_blocking(move || {
+                        let _permit = permit;
+                        let decided = runtime.decide(&loaded, input);
+                        let shadow = shadow_decision(&loaded, shadow_input);
+                        (decided, shadow)
+                    })
+                    .await
+                    .map_err(|e| e.to_string())
+                };
+                let (decided, shadow) = taken_off.await.unwrap_or_else(|error| {
+                    let error = format!("policy evaluation did not complete: {error}");
+                    let decision = nexus_policy::Decision {
+                        allow: false,
+                        reasons: Arc::from([error.clone()]),
+                        error: Some(error),
+                    };
+                    let elapsed = started.elapsed();
+                    (
+                        CachedDecision {
+                            decision,
+                            cached: false,
+                            elapsed,
+                        },
+                        None,
+                    )
+                });
+                this.conclude(taken, decided, shadow, req, &mut next).await
+            });
+        }
         let decided = self.runtime.decide(&loaded, input);
+        let shadow = shadow_decision(&loaded, shadow_input);
+        self.conclude(taken, decided, shadow, req, next)
+    }
+}
+
+/// The shadow rule's decision on `input`, when there is one.
+fn shadow_decision(
+    loaded: &Loaded,
+    input: Option<nexus_policy::Value>,
+) -> Option<nexus_policy::Decision> {
+    loaded
+        .shadow
+        .as_ref()
+        .zip(input)
+        .map(|(shadow, input)| shadow.evaluate(input))
+}
+
+/// What a request's decision is concluded with, once it is taken (on the connection's
+/// worker, or off it).
+struct Taken {
+    exchange: Option<Arc<Exchange>>,
+    id: String,
+    loaded: Arc<Loaded>,
+    target: Arc<Normalized>,
+    clause: Option<String>,
+    execution: Option<String>,
+}
+
+impl PolicyLayer {
+    /// Counts, records and logs `decided` (and the shadow rule's `shadow`), then refuses
+    /// the request or sends it on.
+    fn conclude<B, S: Next<B>>(
+        &self,
+        taken: Taken,
+        decided: CachedDecision,
+        shadow: Option<nexus_policy::Decision>,
+        req: Request<B>,
+        next: &mut S,
+    ) -> AnswerFuture {
+        let Taken {
+            exchange,
+            id,
+            loaded,
+            target,
+            clause,
+            execution,
+        } = taken;
+        let decide = |decision: Decision| {
+            if let Some(exchange) = &exchange {
+                exchange.decide(decision);
+            }
+        };
+        let direction = self.parties.direction;
+        let config = self.runtime.config();
         let (decision, elapsed, cached) = (decided.decision, decided.elapsed, decided.cached);
         self.metrics.policy_evaluation(direction, elapsed);
         let verdict = match (decision.allow, decision.error.is_some(), config.dry_run) {
@@ -241,8 +348,7 @@ impl<B: Body, S: Next<B>> Step<S, B> for PolicyLayer {
                     ]
                 }),
         });
-        if let (Some(shadow), Some(input)) = (&loaded.shadow, shadow_input) {
-            let shadow_decision = shadow.evaluate(input);
+        if let (Some(shadow), Some(shadow_decision)) = (&loaded.shadow, shadow) {
             let shadow_result = if shadow_decision.allow {
                 "shadow_allow"
             } else {
