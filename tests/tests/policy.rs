@@ -1366,9 +1366,14 @@ fn a_slow_decision_does_not_hold_the_other_connections_of_its_worker() {
     });
     // The heavy decision has started on the one worker's connection.
     std::thread::sleep(Duration::from_millis(300));
+    // A decision the cache holds (answered on the worker) and one it does not (taken
+    // off the worker like the heavy one, in another place).
     let started = Instant::now();
     let quick = curl_reply(&["--max-time", "20", &format!("{base}/healthz")]);
     let took = started.elapsed();
+    let started = Instant::now();
+    let missed = curl_reply(&["--max-time", "20", &format!("{base}/not-public")]);
+    let missed_took = started.elapsed();
     let (heavy, heavy_took) = heavy.join().expect("heavy request");
     // The heavy decision held its thread until the time limit (3 s)...
     assert_eq!(heavy.status, 403, "{heavy:?}");
@@ -1382,6 +1387,16 @@ fn a_slow_decision_does_not_hold_the_other_connections_of_its_worker() {
     assert!(
         took < Duration::from_millis(1500),
         "the quick request waited {took:?} behind the heavy decision"
+    );
+    assert_eq!(missed.status, 403, "{missed:?}");
+    assert_eq!(missed.reasons(), ["default"], "{missed:?}");
+    assert!(
+        missed_took < Duration::from_millis(1500),
+        "the uncached request waited {missed_took:?} behind the heavy decision"
+    );
+    assert!(
+        heavy_took > took + missed_took,
+        "both were answered while the heavy decision ran"
     );
 }
 

@@ -695,6 +695,31 @@ impl DecisionCache {
         generation: u64,
         now_ns: i128,
     ) -> Option<Decision> {
+        let found = self.find(hash, key, generation, now_ns);
+        match &found {
+            Some(_) => self.hits.fetch_add(1, Ordering::Relaxed),
+            None => self.misses.fetch_add(1, Ordering::Relaxed),
+        };
+        found
+    }
+
+    /// [`DecisionCache::get`], counting a hit only: a miss is counted by the evaluation
+    /// that follows it (`Policy::evaluate_cached`).
+    pub(crate) fn get_hit(
+        &self,
+        hash: u64,
+        key: &[u8],
+        generation: u64,
+        now_ns: i128,
+    ) -> Option<Decision> {
+        let found = self.find(hash, key, generation, now_ns);
+        if found.is_some() {
+            self.hits.fetch_add(1, Ordering::Relaxed);
+        }
+        found
+    }
+
+    fn find(&self, hash: u64, key: &[u8], generation: u64, now_ns: i128) -> Option<Decision> {
         let shard = self.shard(hash).lock().unwrap_or_else(|p| p.into_inner());
         let found = shard
             .map
@@ -707,10 +732,6 @@ impl DecisionCache {
             })
             .map(|e| e.decision.clone());
         drop(shard);
-        match &found {
-            Some(_) => self.hits.fetch_add(1, Ordering::Relaxed),
-            None => self.misses.fetch_add(1, Ordering::Relaxed),
-        };
         found
     }
 

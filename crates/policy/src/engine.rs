@@ -681,6 +681,40 @@ impl Policy {
         }
     }
 
+    /// The decision for `input` if the cache holds it, without evaluating: a caller can
+    /// answer a hit where it is and take a miss elsewhere (then through
+    /// [`Policy::evaluate_cached`], which counts the miss). None also when the revision
+    /// is not cached.
+    pub fn cached(&self, cache: &DecisionCache, input: &Value) -> Option<CachedDecision> {
+        let started = Instant::now();
+        let Ok(plan) = self.cache_plan.as_ref() else {
+            return None;
+        };
+        if cache.limits().max_entries == 0 {
+            return None;
+        }
+        let now = if plan.time_bounded {
+            i128::from(
+                crate::cache::time_ns(input)
+                    .as_number()
+                    .ok()
+                    .and_then(|n| n.as_i64())?,
+            )
+        } else {
+            0
+        };
+        let mut key = KEY_BUFFER.take();
+        key.clear();
+        crate::cache::key_and_values(plan, input, &mut key, |_| {});
+        let found = cache.get_hit(cache.hash(&key), &key, self.generation, now);
+        keep_key_buffer(key);
+        found.map(|decision| CachedDecision {
+            decision,
+            cached: true,
+            elapsed: started.elapsed(),
+        })
+    }
+
     /// The revision id (a hash of the folder's files).
     pub fn revision(&self) -> &str {
         &self.revision

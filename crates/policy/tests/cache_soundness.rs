@@ -260,8 +260,19 @@ fn check(text: &str, mode: EvalMode, cases: u32) {
                         let mut req = req.clone();
                         req.time = (req.time + shift) % TIMES.len();
                         let input = req.input();
+                        // The lookup alone (a hit answered where it is, a miss taken
+                        // elsewhere) agrees with the lookup of `evaluate_cached`, and
+                        // a miss found by it is not counted twice.
+                        let misses = cache.stats().misses;
+                        let looked_up = policy.cached(&cache, &input);
+                        prop_assert_eq!(cache.stats().misses, misses);
                         let cached = policy.evaluate_cached(&cache, input.clone());
                         let fresh = policy.evaluate(input.clone());
+                        prop_assert_eq!(looked_up.is_some(), cached.cached);
+                        if let Some(hit) = &looked_up {
+                            prop_assert!(hit.cached);
+                            prop_assert_eq!(&hit.decision, &fresh);
+                        }
                         prop_assert_eq!(
                             &cached.decision,
                             &fresh,

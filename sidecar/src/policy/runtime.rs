@@ -384,6 +384,20 @@ impl PolicyRuntime {
     /// Evaluates `loaded`'s enforced rule for `input` through the decision cache, and
     /// keeps the input in the verification sample now and then.
     pub fn decide(&self, loaded: &Loaded, input: Value) -> CachedDecision {
+        self.sample(&input);
+        loaded.policy.evaluate_cached(&self.cache, input)
+    }
+
+    /// [`PolicyRuntime::decide`] when the decision is cached (a hit, answered at once);
+    /// None when it must be evaluated.
+    pub fn decide_if_cached(&self, loaded: &Loaded, input: &Value) -> Option<CachedDecision> {
+        let hit = loaded.policy.cached(&self.cache, input)?;
+        self.sample(input);
+        Some(hit)
+    }
+
+    /// Keeps `input` in the verification sample now and then.
+    fn sample(&self, input: &Value) {
         let n = self.seen.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         if self.config.verify_sample > 0
             && n.is_multiple_of(SAMPLE_EVERY)
@@ -394,7 +408,6 @@ impl PolicyRuntime {
             }
             samples.push_back(input.clone());
         }
-        loaded.policy.evaluate_cached(&self.cache, input)
     }
 
     fn verify_options(&self) -> VerifyOptions {

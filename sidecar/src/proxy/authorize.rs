@@ -215,9 +215,18 @@ impl<B: Body + Send + 'static, S: Next<B> + Clone + Send + 'static> Step<S, B> f
             clause,
             execution,
         };
-        if loaded.policy.mode() != EvalMode::Native
+        let slow = |policy: &nexus_policy::Policy| policy.mode() != EvalMode::Native;
+        if (slow(&loaded.policy) || loaded.shadow.as_ref().is_some_and(slow))
             && let Some(slots) = self.runtime.offload()
         {
+            // A hit is answered here, in microseconds (unless a slow shadow rule is to
+            // be evaluated beside it).
+            if !loaded.shadow.as_ref().is_some_and(slow)
+                && let Some(hit) = self.runtime.decide_if_cached(&loaded, &input)
+            {
+                let shadow = shadow_decision(&loaded, shadow_input);
+                return self.conclude(taken, hit, shadow, req, next);
+            }
             // A decision that may take long (the RVM or the interpreter, up to
             // policy.eval_timeout) runs off the connection worker, so that the other
             // connections of that worker go on meanwhile (`PolicyRuntime::offload`).
