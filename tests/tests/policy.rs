@@ -1306,20 +1306,11 @@ fn expensive_decisions_are_cut_off_and_denied_quickly() {
     }
 
     // The interpreter honours the time limit too.
-    let interpreted = stack::sidecar(
-        st.dir.path(),
+    let interpreted = another_plugin_sidecar(
+        &st,
         "plugin-interpreted",
-        &format!(
-            "[identity]\nworkload_api_socket = {:?}\n[[outbound]]\nname = \"hazard\"\nlisten = \"127.0.0.1:0\"\nupstream = {:?}\nexpected_id = {DATA_API_ID:?}\n{}",
-            st.hop.plugin_workload_api.url(),
-            st.hop.data.inbound(),
-            policy_toml(
-                &st.policies,
-                &st.state,
-                "mode = \"interpreted\"\neval_timeout = \"20ms\"\n"
-            ),
-        ),
-        true,
+        "mode = \"interpreted\"\neval_timeout = \"20ms\"\n",
+        "",
     );
     let base = format!("http://{}", interpreted.outbound("hazard"));
     let started = Instant::now();
@@ -1341,20 +1332,11 @@ fn expensive_decisions_are_cut_off_and_denied_quickly() {
 #[test]
 fn a_slow_decision_does_not_hold_the_other_connections_of_its_worker() {
     let st = start_with("policy-offload", "", "", |p| heavy_policy(p, HEAVY_REGO));
-    let one_worker = stack::sidecar(
-        st.dir.path(),
+    let one_worker = another_plugin_sidecar(
+        &st,
         "plugin-one-worker",
-        &format!(
-            "[identity]\nworkload_api_socket = {:?}\n[[outbound]]\nname = \"hazard\"\nlisten = \"127.0.0.1:0\"\nupstream = {:?}\nexpected_id = {DATA_API_ID:?}\n{}\n[limits]\nworker_threads = 1\n",
-            st.hop.plugin_workload_api.url(),
-            st.hop.data.inbound(),
-            policy_toml(
-                &st.policies,
-                &st.state,
-                "mode = \"interpreted\"\neval_timeout = \"3s\"\n"
-            ),
-        ),
-        true,
+        "mode = \"interpreted\"\neval_timeout = \"3s\"\n",
+        "[limits]\nworker_threads = 1\n",
     );
     let base = format!("http://{}", one_worker.outbound("hazard"));
     assert_eq!(curl_reply(&[&format!("{base}/healthz")]).status, 200);
@@ -1398,6 +1380,27 @@ fn a_slow_decision_does_not_hold_the_other_connections_of_its_worker() {
         heavy_took > took + missed_took,
         "both were answered while the heavy decision ran"
     );
+}
+
+/// One more plugin sidecar beside `st`'s, on the same policy folder, with `policy` added
+/// to its `[policy]` table and `more` (other tables) after it.
+fn another_plugin_sidecar(
+    st: &PolicyStack,
+    name: &str,
+    policy: &str,
+    more: &str,
+) -> stack::Sidecar {
+    stack::sidecar(
+        st.dir.path(),
+        name,
+        &format!(
+            "[identity]\nworkload_api_socket = {:?}\n[[outbound]]\nname = \"hazard\"\nlisten = \"127.0.0.1:0\"\nupstream = {:?}\nexpected_id = {DATA_API_ID:?}\n{}\n{more}",
+            st.hop.plugin_workload_api.url(),
+            st.hop.data.inbound(),
+            policy_toml(&st.policies, &st.state, policy),
+        ),
+        true,
+    )
 }
 
 /// One builtin call that builds a 20-million-element array.

@@ -687,34 +687,25 @@ impl DecisionCache {
     }
 
     /// The decision for `key` (whose [`DecisionCache::hash`] is `hash`) in `generation`,
-    /// if kept and not expired at `now_ns`.
+    /// if kept and not expired at `now_ns`. A hit is counted; a miss only with
+    /// `count_miss` (a lookup followed by `Policy::evaluate_cached` counts it there).
     pub(crate) fn get(
         &self,
         hash: u64,
         key: &[u8],
         generation: u64,
         now_ns: i128,
+        count_miss: bool,
     ) -> Option<Decision> {
         let found = self.find(hash, key, generation, now_ns);
         match &found {
-            Some(_) => self.hits.fetch_add(1, Ordering::Relaxed),
-            None => self.misses.fetch_add(1, Ordering::Relaxed),
-        };
-        found
-    }
-
-    /// [`DecisionCache::get`], counting a hit only: a miss is counted by the evaluation
-    /// that follows it (`Policy::evaluate_cached`).
-    pub(crate) fn get_hit(
-        &self,
-        hash: u64,
-        key: &[u8],
-        generation: u64,
-        now_ns: i128,
-    ) -> Option<Decision> {
-        let found = self.find(hash, key, generation, now_ns);
-        if found.is_some() {
-            self.hits.fetch_add(1, Ordering::Relaxed);
+            Some(_) => {
+                self.hits.fetch_add(1, Ordering::Relaxed);
+            }
+            None if count_miss => {
+                self.misses.fetch_add(1, Ordering::Relaxed);
+            }
+            None => {}
         }
         found
     }
@@ -1121,7 +1112,10 @@ mod tests {
         assert_eq!((stats.entries, stats.evictions), (8_000, 0), "{stats:?}");
         for i in 0..8_000u32 {
             let key = format!("/clauses/c-{i}/rainfall").into_bytes();
-            assert!(cache.get(cache.hash(&key), &key, 1, 0).is_some(), "{i}");
+            assert!(
+                cache.get(cache.hash(&key), &key, 1, 0, true).is_some(),
+                "{i}"
+            );
         }
     }
 
@@ -1144,17 +1138,17 @@ mod tests {
         }
         assert!(cache.stats().evictions > 9_000);
         let hash = cache.hash(b"key-9999");
-        assert!(cache.get(hash, b"key-9999", 1, 0).is_some());
+        assert!(cache.get(hash, b"key-9999", 1, 0, true).is_some());
         assert!(
-            cache.get(hash, b"key-9999", 2, 0).is_none(),
+            cache.get(hash, b"key-9999", 2, 0, true).is_none(),
             "another generation"
         );
         assert!(
-            cache.get(hash, b"key-9999", 1, i128::MAX).is_none(),
+            cache.get(hash, b"key-9999", 1, i128::MAX, true).is_none(),
             "expired"
         );
         assert!(
-            cache.get(hash, b"key-9999", 1, -1).is_none(),
+            cache.get(hash, b"key-9999", 1, -1, true).is_none(),
             "before its interval"
         );
         cache.clear();

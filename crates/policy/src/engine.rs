@@ -623,7 +623,7 @@ impl Policy {
         let mut keyed: SmallVec<[&Value; 8]> = SmallVec::new();
         crate::cache::key_and_values(plan, &input, &mut key, |v| keyed.push(v));
         let hash = cache.hash(&key);
-        if let Some(decision) = cache.get(hash, &key, self.generation, now) {
+        if let Some(decision) = cache.get(hash, &key, self.generation, now, true) {
             keep_key_buffer(key);
             return CachedDecision {
                 decision,
@@ -706,7 +706,7 @@ impl Policy {
         let mut key = KEY_BUFFER.take();
         key.clear();
         crate::cache::key_and_values(plan, input, &mut key, |_| {});
-        let found = cache.get_hit(cache.hash(&key), &key, self.generation, now);
+        let found = cache.get(cache.hash(&key), &key, self.generation, now, false);
         keep_key_buffer(key);
         found.map(|decision| CachedDecision {
             decision,
