@@ -210,11 +210,12 @@ impl<B: Body + Send + 'static, S: Next<B> + Clone + Send + 'static> Step<S, B> f
         let taken = Taken {
             exchange,
             id,
-            loaded: loaded.clone(),
+            loaded,
             target,
             clause,
             execution,
         };
+        let loaded = &taken.loaded;
         let slow = |policy: &nexus_policy::Policy| policy.mode() != EvalMode::Native;
         if (slow(&loaded.policy) || loaded.shadow.as_ref().is_some_and(slow))
             && let Some(slots) = self.runtime.offload()
@@ -222,9 +223,9 @@ impl<B: Body + Send + 'static, S: Next<B> + Clone + Send + 'static> Step<S, B> f
             // A hit is answered here, in microseconds (unless a slow shadow rule is to
             // be evaluated beside it).
             if !loaded.shadow.as_ref().is_some_and(slow)
-                && let Some(hit) = self.runtime.decide_if_cached(&loaded, &input)
+                && let Some(hit) = self.runtime.decide_if_cached(loaded, &input)
             {
-                let shadow = shadow_decision(&loaded, shadow_input);
+                let shadow = shadow_decision(loaded, shadow_input);
                 return self.conclude(taken, hit, shadow, req, next);
             }
             // A decision that may take long (the RVM or the interpreter, up to
@@ -268,8 +269,8 @@ impl<B: Body + Send + 'static, S: Next<B> + Clone + Send + 'static> Step<S, B> f
                 this.conclude(taken, decided, shadow, req, &mut next).await
             });
         }
-        let decided = self.runtime.decide(&loaded, input);
-        let shadow = shadow_decision(&loaded, shadow_input);
+        let decided = self.runtime.decide(loaded, input);
+        let shadow = shadow_decision(loaded, shadow_input);
         self.conclude(taken, decided, shadow, req, next)
     }
 }
