@@ -32,6 +32,7 @@ use regorus::Value;
 use regorus::unstable::{
     AssignOp, BoolOp, Expr, Literal, Module as Ast, Query, Ref, Rule, RuleHead, Span,
 };
+use smallvec::SmallVec;
 
 use crate::compat::{dotted, location, parse};
 
@@ -105,7 +106,9 @@ enum E {
     Input,
     /// `input.a.b` (static steps), looked up once per evaluation.
     InputPath(usize, Vec<Value>),
-    Data(Vec<Value>),
+    /// `data.a.b` (static steps): the value the revision's data has there, resolved
+    /// once per data revision (`DataIndex`, slot) instead of walked per evaluation.
+    Data(usize, Vec<Value>),
     Local(usize),
     Rule(RuleId),
     Index(Box<E>, Box<E>),
@@ -171,6 +174,8 @@ pub(crate) struct Program {
     indexed: Vec<Vec<Value>>,
     /// The distinct static input paths the rules read (`E::InputPath`'s slots).
     input_paths: Vec<Vec<Value>>,
+    /// The distinct static base data paths the rules read (`E::Data`'s slots).
+    data_paths: Vec<Vec<Value>>,
 }
 
 /// Objects of the data with at least this many entries, all keyed by strings, get a
@@ -178,10 +183,14 @@ pub(crate) struct Program {
 /// (SPIFFE IDs share a long prefix).
 const INDEX_FROM: usize = 32;
 
-/// Hash indexes of the objects at a program's indexed data paths, for one data
-/// revision (`Program::index`).
+/// What a program reads of one data revision, found once (`Program::index`): hash
+/// indexes of the objects at its indexed data paths, and the values at its static data
+/// paths. A default (empty) one makes the evaluator walk the data instead.
 #[derive(Debug, Default)]
-pub(crate) struct DataIndex(Vec<Option<HashMap<regorus::Rc<str>, Value>>>);
+pub(crate) struct DataIndex {
+    maps: Vec<Option<HashMap<regorus::Rc<str>, Value>>>,
+    values: Vec<Value>,
+}
 
 /// One definition of a rule in the source.
 struct Source<'a> {
@@ -197,6 +206,7 @@ struct Compiler<'a> {
     queue: Vec<(RuleId, String)>,
     indexed: Vec<Vec<Value>>,
     input_paths: Vec<Vec<Value>>,
+    data_paths: Vec<Vec<Value>>,
 }
 
 /// Locals of one branch while it is compiled.
@@ -298,6 +308,7 @@ pub(crate) fn compile(
         queue: Vec::new(),
         indexed: Vec::new(),
         input_paths: Vec::new(),
+        data_paths: Vec::new(),
     };
     let entry = compiler.rule_id(rule).ok_or_else(|| Refusal {
         location: String::new(),
@@ -317,12 +328,14 @@ pub(crate) fn compile(
             })
         })
         .collect::<Result<Vec<_>, _>>()?;
+    let rules = inline_aliases(rules, entry);
     Ok(Program {
         rules,
         entry,
         max_steps,
         indexed: compiler.indexed,
         input_paths: compiler.input_paths,
+        data_paths: compiler.data_paths,
     })
 }
 
@@ -706,13 +719,7 @@ impl<'a> Compiler<'a> {
                 (E::Input, 0)
             } else {
                 let path: Vec<Value> = fields[..taken].iter().flatten().cloned().collect();
-                let slot = match self.input_paths.iter().position(|p| *p == path) {
-                    Some(i) => i,
-                    None => {
-                        self.input_paths.push(path.clone());
-                        self.input_paths.len() - 1
-                    }
-                };
+                let slot = slot_of(&mut self.input_paths, &path);
                 (E::InputPath(slot, path), taken)
             }
         } else if name == "data" {
@@ -738,11 +745,12 @@ impl<'a> Compiler<'a> {
                     {
                         return Err(refuse(e.span(), "a ref to a document holding rules"));
                     }
-                    let values = fields[..taken]
+                    let values: Vec<Value> = fields[..taken]
                         .iter()
                         .map(|f| f.clone().unwrap_or(Value::Undefined))
                         .collect();
-                    (E::Data(values), taken)
+                    let slot = slot_of(&mut self.data_paths, &values);
+                    (E::Data(slot, values), taken)
                 }
             }
         } else if let Some(id) = self.rule_id(&format!("{package}.{name}")) {
@@ -757,20 +765,137 @@ impl<'a> Compiler<'a> {
                 _ => unreachable!("only ref steps are collected"),
             };
             out = match out {
-                E::Data(path) => {
-                    let slot = match self.indexed.iter().position(|p| *p == path) {
-                        Some(i) => i,
-                        None => {
-                            self.indexed.push(path.clone());
-                            self.indexed.len() - 1
-                        }
-                    };
-                    E::DataIndex(slot, Box::new(E::Data(path)), Box::new(index))
+                E::Data(at, path) => {
+                    let slot = slot_of(&mut self.indexed, &path);
+                    E::DataIndex(slot, Box::new(E::Data(at, path)), Box::new(index))
                 }
                 other => E::Index(Box::new(other), Box::new(index)),
             };
         }
         Ok(out)
+    }
+}
+
+/// What a rule is when it only names a value (`plugin := input.source.spiffe_id`: one
+/// definition, no body, no `else`, no default, a value read without evaluating
+/// anything): that value's expression, which a reference to the rule can read directly.
+/// The rule's value is the expression's, undefined when it is, so the two are the same.
+fn alias(rule: &CompiledRule) -> Option<E> {
+    let (Kind::Complete, [chain], None) = (&rule.kind, rule.defs.as_slice(), &rule.default) else {
+        return None;
+    };
+    let [branch] = chain.as_slice() else {
+        return None;
+    };
+    if !branch.stmts.is_empty() {
+        return None;
+    }
+    alias_copy(branch.value.as_ref()?)
+}
+
+/// Replaces each reference to an alias rule (`alias`) by the value it names: no memo,
+/// no copy of the value per reference. The decision rule is left as it is.
+fn inline_aliases(mut rules: Vec<CompiledRule>, entry: RuleId) -> Vec<CompiledRule> {
+    let aliases: Vec<Option<E>> = rules
+        .iter()
+        .enumerate()
+        .map(|(id, r)| if id == entry { None } else { alias(r) })
+        .collect();
+    if aliases.iter().all(Option::is_none) {
+        return rules;
+    }
+    let named = |e: &E| match e {
+        E::Rule(id) => aliases
+            .get(*id)
+            .and_then(|a| a.as_ref())
+            .and_then(alias_copy),
+        _ => None,
+    };
+    for rule in &mut rules {
+        for chain in &mut rule.defs {
+            for branch in chain {
+                if let Some(v) = &mut branch.value {
+                    rewrite(v, &named);
+                }
+                for stmt in &mut branch.stmts {
+                    rewrite_stmt(stmt, &named);
+                }
+            }
+        }
+        if let Some(d) = &mut rule.default {
+            rewrite(d, &named);
+        }
+    }
+    rules
+}
+
+/// A copy of an alias's expression (`alias` makes only these kinds).
+fn alias_copy(e: &E) -> Option<E> {
+    match e {
+        E::Const(v) => Some(E::Const(v.clone())),
+        E::InputPath(slot, path) => Some(E::InputPath(*slot, path.clone())),
+        E::Data(slot, path) => Some(E::Data(*slot, path.clone())),
+        _ => None,
+    }
+}
+
+/// Replaces, in `e` and everything under it, each expression `f` gives a replacement for.
+fn rewrite(e: &mut E, f: &dyn Fn(&E) -> Option<E>) {
+    if let Some(new) = f(e) {
+        *e = new;
+        return;
+    }
+    match e {
+        E::Const(_) | E::Input | E::InputPath(..) | E::Data(..) | E::Local(_) | E::Rule(_) => {}
+        E::Index(a, b) | E::DataIndex(_, a, b) | E::Cmp(_, a, b) | E::Member(a, b) => {
+            rewrite(a, f);
+            rewrite(b, f);
+        }
+        E::Array(items) | E::Set(items) | E::Call(_, items) => {
+            for i in items {
+                rewrite(i, f);
+            }
+        }
+        E::Object(fields) => {
+            for (k, v) in fields {
+                rewrite(k, f);
+                rewrite(v, f);
+            }
+        }
+        E::Record(_, fields) => {
+            for (_, v) in fields {
+                rewrite(v, f);
+            }
+        }
+        E::ArrayCompr(head, stmts) | E::SetCompr(head, stmts) => {
+            rewrite(head, f);
+            for s in stmts {
+                rewrite_stmt(s, f);
+            }
+        }
+    }
+}
+
+fn rewrite_stmt(s: &mut Stmt, f: &dyn Fn(&E) -> Option<E>) {
+    match s {
+        Stmt::Expr(e) | Stmt::Not(e) => rewrite(e, f),
+        Stmt::Assign(_, values) => {
+            for v in values {
+                rewrite(v, f);
+            }
+        }
+        Stmt::SomeIn { collection, .. } => rewrite(collection, f),
+    }
+}
+
+/// The index of `path` in `paths`, added at the end when it is not there.
+fn slot_of(paths: &mut Vec<Vec<Value>>, path: &[Value]) -> usize {
+    match paths.iter().position(|p| p.as_slice() == path) {
+        Some(i) => i,
+        None => {
+            paths.push(path.to_vec());
+            paths.len() - 1
+        }
     }
 }
 
@@ -887,10 +1012,12 @@ struct Cx<'a> {
     input: &'a Value,
     data: &'a Value,
     index: &'a DataIndex,
-    memo: Vec<Memo>,
+    // On the stack up to `INLINE` of each: an evaluation of a small policy allocates
+    // nothing for its own state.
+    memo: SmallVec<[Memo; INLINE]>,
     /// Values at the static input paths, once read.
-    inputs: Vec<Option<&'a Value>>,
-    locals: Vec<V<'a>>,
+    inputs: SmallVec<[Option<&'a Value>; INLINE]>,
+    locals: SmallVec<[V<'a>; INLINE]>,
     steps: usize,
     /// The clock is read every `CLOCK_EVERY` steps against this.
     deadline: Option<std::time::Instant>,
@@ -901,6 +1028,9 @@ thread_local! {
     /// buffer grown past `crate::cache::KEEP_BUFFER` by a long input is not kept.
     static JOIN_BUFFER: std::cell::Cell<String> = const { std::cell::Cell::new(String::new()) };
 }
+
+/// How many rules, input paths and locals an evaluation keeps on the stack.
+const INLINE: usize = 16;
 
 /// Steps between two readings of the clock.
 const CLOCK_EVERY: usize = 256;
@@ -936,7 +1066,8 @@ impl Program {
         deadline: Option<std::time::Instant>,
         known: &[(usize, &'a Value)],
     ) -> Result<Value, Bail> {
-        let mut inputs = vec![None; self.input_paths.len()];
+        let mut inputs: SmallVec<[Option<&'a Value>; INLINE]> =
+            smallvec::smallvec![None; self.input_paths.len()];
         for &(slot, v) in known {
             if let Some(s) = inputs.get_mut(slot) {
                 *s = Some(v);
@@ -948,7 +1079,7 @@ impl Program {
             index,
             memo: (0..self.rules.len()).map(|_| Memo::Pending).collect(),
             inputs,
-            locals: Vec::with_capacity(16),
+            locals: SmallVec::new(),
             steps: 0,
             deadline,
         };
@@ -963,8 +1094,17 @@ impl Program {
 
     /// Hash indexes of the large objects this program looks keys up in, in `data`.
     pub(crate) fn index(&self, data: &Value) -> DataIndex {
-        DataIndex(
-            self.indexed
+        let at = |path: &[Value]| {
+            let mut v = data;
+            for step in path {
+                v = crate::cache::field(v, step);
+            }
+            v.clone()
+        };
+        DataIndex {
+            values: self.data_paths.iter().map(|p| at(p)).collect(),
+            maps: self
+                .indexed
                 .iter()
                 .map(|path| {
                     let mut v = data;
@@ -987,7 +1127,7 @@ impl Program {
                     Some(map)
                 })
                 .collect(),
-        )
+        }
     }
 
     fn step(&self, cx: &mut Cx<'_>) -> Result<(), Bail> {
@@ -1090,7 +1230,9 @@ impl Program {
         found: &mut dyn FnMut(&'a Program, &mut Cx<'a>, usize) -> Result<bool, Bail>,
     ) -> Result<(), Bail> {
         let base = cx.locals.len();
-        cx.locals.resize(base + branch.slots, V::UNDEFINED);
+        for _ in 0..branch.slots {
+            cx.locals.push(V::UNDEFINED);
+        }
         let result = self.body(cx, base, &branch.stmts, &mut |p, cx| found(p, cx, base));
         cx.locals.truncate(base);
         result.map(|_| ())
@@ -1111,16 +1253,16 @@ impl Program {
         self.step(cx)?;
         match first {
             Stmt::Expr(e) => {
-                if undefined_or_false(self.expr(cx, base, e)?.get()) {
+                if !self.holds(cx, base, e)? {
                     return Ok(false);
                 }
                 self.body(cx, base, rest, found)
             }
             Stmt::Not(e) => {
-                if undefined_or_false(self.expr(cx, base, e)?.get()) {
-                    self.body(cx, base, rest, found)
-                } else {
+                if self.holds(cx, base, e)? {
                     Ok(false)
+                } else {
+                    self.body(cx, base, rest, found)
                 }
             }
             Stmt::Assign(slots, values) => {
@@ -1244,6 +1386,50 @@ impl Program {
         Ok(Some(out))
     }
 
+    /// Whether `e` is defined and not `false` (a statement holds): `expr`'s value
+    /// tested, without making the value where the test needs none (a comparison, a
+    /// membership, a type test, a rule already evaluated).
+    fn holds<'a>(&'a self, cx: &mut Cx<'a>, base: usize, e: &'a E) -> Result<bool, Bail> {
+        Ok(match e {
+            E::Cmp(op, lhs, rhs) => {
+                let l = self.expr(cx, base, lhs)?;
+                let r = self.expr(cx, base, rhs)?;
+                let (l, r) = (l.get(), r.get());
+                if matches!(l, Value::Undefined) || matches!(r, Value::Undefined) {
+                    return Ok(false);
+                }
+                match op {
+                    BoolOp::Eq => l == r,
+                    BoolOp::Ne => l != r,
+                    BoolOp::Lt => l < r,
+                    BoolOp::Le => l <= r,
+                    BoolOp::Gt => l > r,
+                    BoolOp::Ge => l >= r,
+                }
+            }
+            E::Member(v, c) => {
+                let v = self.expr(cx, base, v)?;
+                let c = self.expr(cx, base, c)?;
+                if v.is_undefined() || c.is_undefined() {
+                    return Ok(false);
+                }
+                matches!(member(v.get(), c.get())?, Value::Bool(true))
+            }
+            E::Call(Callee::IsType(test), params) => match params.as_slice() {
+                [p] => {
+                    let v = self.expr(cx, base, p)?;
+                    !v.is_undefined() && test(v.get())
+                }
+                _ => return Err(Bail::Unmodelled),
+            },
+            E::Rule(id) => match &cx.memo[*id] {
+                Memo::Done(v) => !undefined_or_false(v),
+                _ => !undefined_or_false(&self.rule(cx, *id)?),
+            },
+            _ => !undefined_or_false(self.expr(cx, base, e)?.get()),
+        })
+    }
+
     fn expr<'a>(&'a self, cx: &mut Cx<'a>, base: usize, e: &'a E) -> Result<V<'a>, Bail> {
         Ok(match e {
             E::Const(v) => V::B(v),
@@ -1259,7 +1445,11 @@ impl Program {
                 cx.inputs[*slot] = Some(v);
                 V::B(v)
             }
-            E::Data(path) => {
+            E::Data(slot, path) => {
+                let index: &'a DataIndex = cx.index;
+                if let Some(v) = index.values.get(*slot) {
+                    return Ok(V::B(v));
+                }
                 let mut v = cx.data;
                 for step in path {
                     v = crate::cache::field(v, step);
@@ -1278,7 +1468,7 @@ impl Program {
             E::DataIndex(slot, of, index) => {
                 let key = self.expr(cx, base, index)?;
                 let index: &'a DataIndex = cx.index;
-                match (key.get(), index.0.get(*slot)) {
+                match (key.get(), index.maps.get(*slot)) {
                     (Value::Undefined, _) => V::UNDEFINED,
                     (Value::String(k), Some(Some(map))) => {
                         map.get(k.as_ref()).map_or(V::UNDEFINED, V::B)
@@ -1845,6 +2035,106 @@ nested := {"outer": {"inner": input.a}, "list": [{"b": input.b}]}
         );
     }
 
+    /// The forms taken without evaluating a value: a rule that only names a value
+    /// (read in place: `alias`), a data path (found once per data revision), and a
+    /// statement tested without its value (`holds`): comparisons, memberships, type
+    /// tests and rules, each also with undefined operands and under `not`.
+    #[test]
+    fn aliases_data_paths_and_tested_statements_answer_as_the_interpreter() {
+        let text = r#"package t
+
+import rego.v1
+
+who := input.source.id
+
+fixed := "k1"
+
+methods := data.cfg.methods
+
+default fallback := ["GET"]
+
+fallback := data.cfg.missing
+
+bound if who in data.cfg.bindings[fixed]
+
+open if {
+	ex := data.cfg.runs[input.run]
+	ex.who == who
+	ex.until > input.now
+}
+
+reads if input.method in methods
+
+typed if is_string(who)
+
+falsy if not data.cfg.off
+
+decision := {"allow": true, "who": who} if {
+	bound
+	open
+	reads
+	typed
+	falsy
+	not fallback == []
+} else := {"allow": false, "who": who}
+
+# The decision rule itself only names a value: evaluated as a rule.
+top := who
+"#;
+        let data = json!({"cfg": {
+            "methods": ["GET", "HEAD"],
+            "bindings": {"k1": ["a", "b"], "k2": ["c"]},
+            "runs": {"r1": {"who": "a", "until": 10}, "r2": {"who": "c", "until": 10}},
+            "off": false,
+        }});
+        let inputs = [
+            json!({}),
+            json!({"source": {"id": "a"}, "run": "r1", "now": 5, "method": "GET"}),
+            json!({"source": {"id": "a"}, "run": "r1", "now": 10, "method": "GET"}),
+            json!({"source": {"id": "a"}, "run": "r2", "now": 5, "method": "GET"}),
+            json!({"source": {"id": "c"}, "run": "r2", "now": 5, "method": "GET"}),
+            json!({"source": {"id": "a"}, "run": "r1", "now": 5, "method": "POST"}),
+            json!({"source": {"id": 7}, "run": "r1", "now": 5, "method": "GET"}),
+            json!({"source": {"id": "a"}, "run": "r1", "now": "5", "method": "GET"}),
+            json!({"source": "a", "run": ["r1"], "now": null, "method": ["GET"]}),
+        ];
+        for rule in [
+            "data.t.decision",
+            "data.t.top",
+            "data.t.bound",
+            "data.t.open",
+            "data.t.fallback",
+            "data.t.falsy",
+        ] {
+            let bails = agree(&[("p.rego", text)], data.clone(), rule, &inputs);
+            assert!(bails.iter().all(Option::is_none), "{rule}: {bails:?}");
+        }
+        // References to the aliases read the value in place; the decision rule stays a
+        // rule.
+        let p = program(text, "data.t.top").unwrap();
+        let refs = format!("{:?}", p.rules);
+        assert!(
+            !refs.contains("Rule("),
+            "an alias is still referenced: {refs}"
+        );
+        // The data paths are found in the revision's data once; another revision's
+        // data gives its values, and without them the evaluator walks the data.
+        let p = program(text, "data.t.decision").unwrap();
+        let input = Value::from(inputs[1].clone());
+        let allowed = Value::from(data.clone());
+        let mut other = data.clone();
+        other["cfg"]["methods"] = json!(["HEAD"]);
+        let other = Value::from(other);
+        let allow = |data: &Value, index: &DataIndex| {
+            let v = p.eval(&input, data, index).unwrap();
+            v["allow"].clone()
+        };
+        assert_eq!(allow(&allowed, &p.index(&allowed)), Value::Bool(true));
+        assert_eq!(allow(&other, &p.index(&other)), Value::Bool(false));
+        assert_eq!(allow(&allowed, &DataIndex::default()), Value::Bool(true));
+        assert_eq!(allow(&other, &DataIndex::default()), Value::Bool(false));
+    }
+
     #[test]
     fn large_objects_the_rules_index_are_hashed() {
         let p = program(
@@ -1863,9 +2153,9 @@ nested := {"outer": {"inner": input.a}, "list": [{"b": input.b}]}
                 .indexed
                 .iter()
                 .position(|path| *path == [Value::from(name)]);
-            &index.0[i.unwrap()]
+            &index.maps[i.unwrap()]
         };
-        assert_eq!(index.0.len(), 2);
+        assert_eq!(index.maps.len(), 2);
         assert!(at("big").as_ref().is_some_and(|m| m.len() == 100));
         assert!(at("small").is_none());
         let input = Value::from(serde_json::json!({"k": "k7"}));
