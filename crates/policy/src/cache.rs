@@ -906,24 +906,58 @@ fn named<'a>(v: &'a Value, name: &str) -> Option<&'a Value> {
     Some(&UNDEFINED)
 }
 
-fn encode(v: &Value, out: &mut Vec<u8>) {
-    fn bytes(tag: u8, b: &[u8], out: &mut Vec<u8>) {
-        out.push(tag);
-        out.extend_from_slice(&(b.len() as u64).to_le_bytes());
-        out.extend_from_slice(b);
+/// A value at one of a plan's key paths, given by a caller that has it without an
+/// input document (`Policy::cached_parts`): the scalar forms an input field takes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KeyPart<'a> {
+    /// The path leads nowhere in the document.
+    Undefined,
+    /// JSON null.
+    Null,
+    /// A string.
+    Str(&'a str),
+    /// An integer.
+    Int(i64),
+}
+
+/// Appends `part` as the key encodes the value it stands for (the same bytes as that
+/// value's `Value` in an input document: `key_of`).
+pub fn encode_part(part: KeyPart<'_>, out: &mut Vec<u8>) {
+    match part {
+        KeyPart::Undefined => out.push(b'u'),
+        KeyPart::Null => out.push(b'n'),
+        KeyPart::Str(s) => bytes(b's', s.as_bytes(), out),
+        KeyPart::Int(i) => {
+            out.push(b'i');
+            out.extend_from_slice(&i.to_le_bytes());
+        }
     }
+}
+
+/// The key of `input` under `plan`: what the cache keys a decision on (for callers that
+/// make keys without the document, to check theirs against).
+pub fn key_of(plan: &KeyPlan, input: &Value) -> Vec<u8> {
+    let mut out = Vec::new();
+    key_and_values(plan, input, &mut out, |_| {});
+    out
+}
+
+fn bytes(tag: u8, b: &[u8], out: &mut Vec<u8>) {
+    out.push(tag);
+    out.extend_from_slice(&(b.len() as u64).to_le_bytes());
+    out.extend_from_slice(b);
+}
+
+fn encode(v: &Value, out: &mut Vec<u8>) {
     match v {
-        Value::Undefined => out.push(b'u'),
-        Value::Null => out.push(b'n'),
+        Value::Undefined => encode_part(KeyPart::Undefined, out),
+        Value::Null => encode_part(KeyPart::Null, out),
         Value::Bool(b) => out.push(if *b { b't' } else { b'f' }),
         Value::Number(n) => match n.as_i64() {
-            Some(i) => {
-                out.push(b'i');
-                out.extend_from_slice(&i.to_le_bytes());
-            }
+            Some(i) => encode_part(KeyPart::Int(i), out),
             None => bytes(b'd', v.to_json_str().unwrap_or_default().as_bytes(), out),
         },
-        Value::String(s) => bytes(b's', s.as_bytes(), out),
+        Value::String(s) => encode_part(KeyPart::Str(s), out),
         Value::Array(items) => {
             bytes(b'a', &[], out);
             out.extend_from_slice(&(items.len() as u64).to_le_bytes());
@@ -993,6 +1027,39 @@ pub(crate) fn next_bound(sorted: &[i128], now: i128) -> Option<i128> {
 mod tests {
     use super::*;
     use crate::bundle::Module;
+
+    /// A part is encoded as the value it stands for is in a document, and no two
+    /// different parts (nor a part and another value) share bytes.
+    #[test]
+    fn parts_encode_as_the_values_they_stand_for() {
+        let plan = KeyPlan::new(vec![vec![Value::from("v")]], false);
+        let cases = [
+            (KeyPart::Undefined, serde_json::json!({})),
+            (KeyPart::Null, serde_json::json!({"v": null})),
+            (KeyPart::Str(""), serde_json::json!({"v": ""})),
+            (
+                KeyPart::Str("spiffe://td/p"),
+                serde_json::json!({"v": "spiffe://td/p"}),
+            ),
+            (KeyPart::Str("1"), serde_json::json!({"v": "1"})),
+            (KeyPart::Int(1), serde_json::json!({"v": 1})),
+            (KeyPart::Int(-1), serde_json::json!({"v": -1})),
+            (KeyPart::Int(i64::MAX), serde_json::json!({"v": i64::MAX})),
+        ];
+        let mut seen = std::collections::HashSet::new();
+        for (part, doc) in cases {
+            let mut out = Vec::new();
+            encode_part(part, &mut out);
+            assert_eq!(out, key_of(&plan, &Value::from(doc)), "{part:?}");
+            assert!(seen.insert(out), "{part:?} shares its bytes");
+        }
+        for other in [
+            serde_json::json!({"v": true}),
+            serde_json::json!({"v": [1]}),
+        ] {
+            assert!(!seen.contains(&key_of(&plan, &Value::from(other))));
+        }
+    }
 
     fn plan_of(text: &str) -> Result<KeyPlan, String> {
         plan(&Bundle::from_modules(

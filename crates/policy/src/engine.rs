@@ -715,6 +715,44 @@ impl Policy {
         })
     }
 
+    /// [`Policy::cached`] for a caller that has the values at the key's paths without
+    /// an input document: `write` appends them, one [`crate::cache::encode_part`] per
+    /// path of [`Policy::cache_plan`] in order, and returns false (nothing is looked
+    /// up) when it cannot; `time_ns` is the input's. The key must be the one the
+    /// document would give ([`crate::cache::key_of`]): a caller that writes other
+    /// values gets other decisions' answers, so it is checked against the document.
+    /// None when the revision is not cached, or the decision not found.
+    pub fn cached_parts(
+        &self,
+        cache: &DecisionCache,
+        time_ns: i64,
+        write: impl FnOnce(&mut Vec<u8>) -> bool,
+    ) -> Option<CachedDecision> {
+        let started = Instant::now();
+        let plan = self.cache_plan.as_ref().as_ref().ok()?;
+        if cache.limits().max_entries == 0 {
+            return None;
+        }
+        let now = if plan.time_bounded {
+            i128::from(time_ns)
+        } else {
+            0
+        };
+        let mut key = KEY_BUFFER.take();
+        key.clear();
+        if !write(&mut key) {
+            keep_key_buffer(key);
+            return None;
+        }
+        let found = cache.get(cache.hash(&key), &key, self.generation, now, false);
+        keep_key_buffer(key);
+        found.map(|decision| CachedDecision {
+            decision,
+            cached: true,
+            elapsed: started.elapsed(),
+        })
+    }
+
     /// The revision id (a hash of the folder's files).
     pub fn revision(&self) -> &str {
         &self.revision

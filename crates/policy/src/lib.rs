@@ -20,7 +20,7 @@ pub mod testing;
 pub mod verify;
 
 pub use bundle::{Bundle, Module};
-pub use cache::{CacheLimits, CacheStats, DecisionCache, KeyPlan};
+pub use cache::{CacheLimits, CacheStats, DecisionCache, KeyPart, KeyPlan};
 pub use engine::{
     CachedDecision, Decision, EvalMode, ModeReport, Policy, PolicyOptions, decision_from,
     engine_for,

@@ -143,6 +143,12 @@ fn shape_of(at: &[&str]) -> Shape {
 pub struct Needs {
     mask: u32,
     shapes: std::sync::Arc<[Value; 5]>,
+    /// For each path the enforced rule's decision cache keys on, in the plan's order,
+    /// the scalar field of the document that path reads; None when some path reads
+    /// anything else (an object, a list, a header, a segment) or the rule cannot be
+    /// keyed. With it, a request's key is written from the request's facts
+    /// (`write_key`) and a cache hit needs no document.
+    key_fields: Option<std::sync::Arc<[Field]>>,
 }
 
 impl Needs {
@@ -161,7 +167,40 @@ impl Needs {
         Self {
             mask,
             shapes: std::sync::Arc::new(shapes.map(Value::from)),
+            key_fields: None,
         }
+    }
+
+    /// The scalar fields `policy`'s decision cache keys on (`Needs::key_fields`).
+    fn key_fields_of(policy: &nexus_policy::Policy) -> Option<std::sync::Arc<[Field]>> {
+        let plan = policy.cache_plan().ok()?;
+        plan.paths()
+            .iter()
+            .map(|path| {
+                FIELDS.iter().find_map(|(field, at, name)| {
+                    let scalar = !matches!(
+                        field,
+                        Field::Source
+                            | Field::Destination
+                            | Field::Request
+                            | Field::Segments
+                            | Field::Query
+                            | Field::Headers
+                            | Field::Execution
+                    );
+                    let same = path.len() == at.len() + 1
+                        && path.iter().zip(at.iter().chain(std::iter::once(name))).all(
+                            |(step, want)| step.as_string().is_ok_and(|s| s.as_ref() == *want),
+                        );
+                    (scalar && same).then_some(*field)
+                })
+            })
+            .collect()
+    }
+
+    /// Whether a request's cache key can be written from its facts (`write_key`).
+    pub fn key_from_facts(&self) -> bool {
+        self.key_fields.is_some()
     }
 
     /// What `policy` and `shadow` (when set) can read, together.
@@ -187,6 +226,7 @@ impl Needs {
         if paths.iter().any(Vec::is_empty) {
             return Self::all();
         }
+        let key_fields = Self::key_fields_of(policy);
         paths.push(vec![nexus_policy::cache::TIME_NS.to_string()]);
         // A field is read when some read path runs through it, or it lies under one.
         let mut mask = 0;
@@ -200,7 +240,10 @@ impl Needs {
                 mask |= 1 << bit;
             }
         }
-        Self::with_mask(mask)
+        Self {
+            key_fields,
+            ..Self::with_mask(mask)
+        }
     }
 
     fn wants(&self, field: Field) -> bool {
@@ -250,22 +293,145 @@ fn execution_value(needs: &Needs, ex: &Execution) -> Value {
     )
 }
 
+/// What a request's input is made from besides its facts: the clause its path names,
+/// the execution it names or belongs to, and the time of the decision.
+#[derive(Clone, Copy, Debug)]
+pub struct Resolved<'a> {
+    /// The segment after `clause_after_segment`.
+    pub clause: Option<&'a str>,
+    /// The id in `x-nexus-execution`, if sent.
+    named: Option<&'a str>,
+    /// The execution found for it (named, or the open one of this plugin and clause).
+    execution: Option<&'a Execution>,
+    now: OffsetDateTime,
+}
+
+impl Resolved<'_> {
+    /// The execution id the records carry: the one found, or the one named.
+    pub fn execution_id(&self) -> Option<String> {
+        self.execution
+            .map(|e| e.id.clone())
+            .or(self.named.map(String::from))
+    }
+
+    /// `input.time_ns`.
+    pub fn time_ns(&self) -> i64 {
+        super::runtime::ns_i64(self.now.unix_timestamp_nanos())
+    }
+}
+
+/// Finds the clause and execution of a request at `now`.
+pub fn resolve<'a>(
+    facts: &RequestFacts<'a>,
+    config: &PolicyConfig,
+    loaded: &'a Loaded,
+    now: OffsetDateTime,
+) -> Resolved<'a> {
+    let clause = clause_of(&facts.target.segments, &config.clause_after_segment);
+    let named = facts
+        .headers
+        .get(EXECUTION_HEADER)
+        .and_then(|v| v.to_str().ok());
+    let execution = loaded.execution_for(named, facts.source, clause, now.unix_timestamp_nanos());
+    Resolved {
+        clause,
+        named,
+        execution,
+        now,
+    }
+}
+
+/// Writes the decision cache key of the request's input document without making the
+/// document: for each of `needs`' key fields (`Needs::key_from_facts`; false and
+/// nothing written without them), the value the document has there, encoded as the
+/// cache encodes that value. The same bytes as `nexus_policy::cache::key_of` on the
+/// document (`input_props`: `the_key_from_facts_is_the_documents`), so a hit is the
+/// decision the document would get.
+pub fn write_key(
+    facts: &RequestFacts<'_>,
+    resolved: &Resolved<'_>,
+    needs: &Needs,
+    out: &mut Vec<u8>,
+) -> bool {
+    use nexus_policy::KeyPart::{Int, Null, Str, Undefined};
+    use nexus_policy::cache::encode_part;
+    let Some(fields) = &needs.key_fields else {
+        return false;
+    };
+    // The document's `execution`: the execution found, `{"id": named}` for an unknown
+    // named one, or null; a field of the last two but `id` is undefined.
+    let ex = resolved.execution;
+    let time = fields
+        .contains(&Field::Time)
+        .then(|| nexus_audit::rfc3339_ms(resolved.now));
+    for field in fields.iter() {
+        let part = match field {
+            Field::Direction => Str(facts.direction),
+            Field::SourceId => Str(facts.source),
+            Field::DestinationId => Str(facts.destination),
+            Field::Method => Str(facts.method),
+            Field::Path => Str(&facts.target.path),
+            Field::BodySize => Int(facts.body_size),
+            Field::Clause => resolved.clause.map_or(Null, Str),
+            Field::ExecutionId => match (ex, resolved.named) {
+                (Some(ex), _) => Str(&ex.id),
+                (None, Some(id)) => Str(id),
+                (None, None) => Undefined,
+            },
+            Field::ExecutionPlugin => ex.map_or(Undefined, |ex| Str(&ex.plugin)),
+            Field::ExecutionClause => ex.map_or(Undefined, |ex| Str(&ex.clause)),
+            Field::ExecutionNotAfter => ex.map_or(Undefined, |ex| Str(&ex.not_after)),
+            Field::ExecutionNotAfterNs => ex.map_or(Undefined, |ex| {
+                Int(super::runtime::ns_i64(ex.ends_unix_nanos))
+            }),
+            Field::Time => time.as_deref().map_or(Undefined, Str),
+            Field::TimeNs => Int(resolved.time_ns()),
+            // Not key fields (`Needs::key_fields_of`).
+            Field::Source
+            | Field::Destination
+            | Field::Request
+            | Field::Segments
+            | Field::Query
+            | Field::Headers
+            | Field::Execution => return false,
+        };
+        encode_part(part, out);
+    }
+    true
+}
+
 /// Builds the input document; also returns the clause and execution id for records.
-/// The document is built as a regorus `Value` directly: it is made once per request,
-/// and going through `serde_json` would allocate it twice.
 pub fn build(
     facts: &RequestFacts<'_>,
     config: &PolicyConfig,
     loaded: &Loaded,
     now: OffsetDateTime,
 ) -> (Value, Option<String>, Option<String>) {
+    let resolved = resolve(facts, config, loaded, now);
+    let input = document(facts, config, loaded, &resolved);
+    (
+        input,
+        resolved.clause.map(String::from),
+        resolved.execution_id(),
+    )
+}
+
+/// The input document of a request (DESIGN.md), with the fields `loaded.needs` wants.
+/// It is built as a regorus `Value` directly: it is made once per request, and going
+/// through `serde_json` would allocate it twice.
+pub fn document(
+    facts: &RequestFacts<'_>,
+    config: &PolicyConfig,
+    loaded: &Loaded,
+    resolved: &Resolved<'_>,
+) -> Value {
     let segments = &facts.target.segments;
-    let clause = clause_of(segments, &config.clause_after_segment);
-    let named = facts
-        .headers
-        .get(EXECUTION_HEADER)
-        .and_then(|v| v.to_str().ok());
-    let execution = loaded.execution_for(named, facts.source, clause, now.unix_timestamp_nanos());
+    let Resolved {
+        clause,
+        named,
+        execution,
+        now,
+    } = *resolved;
     let needs = &loaded.needs;
     let execution_doc = || match (execution, named) {
         (Some(ex), _) => execution_value(needs, ex),
@@ -310,7 +476,7 @@ pub fn build(
                 .collect::<Vec<_>>(),
         )
     };
-    let input = wanted(
+    wanted(
         needs,
         Shape::Root,
         [
@@ -350,9 +516,7 @@ pub fn build(
                 Value::from(super::runtime::ns_i64(now.unix_timestamp_nanos()))
             }),
         ],
-    );
-    let execution_id = execution.map(|e| e.id.clone()).or(named.map(String::from));
-    (input, clause.map(String::from), execution_id)
+    )
 }
 
 #[cfg(test)]

@@ -9,7 +9,10 @@
 //!   id yields that execution's own plugin, clause and expiry (for the policy to compare),
 //!   an unknown id yields the id alone, and an unnamed one only an unexpired execution of
 //!   this very plugin and clause;
-//! - `time` is the evaluation time in RFC 3339 with milliseconds.
+//! - `time` is the evaluation time in RFC 3339 with milliseconds;
+//! - the decision cache key written from a request's facts (`input::write_key`, which
+//!   lets a cache hit skip the document) is byte for byte the key of its document, for
+//!   every revision whose key reads only scalar fields, and no other revision gets one.
 
 use std::sync::OnceLock;
 
@@ -17,7 +20,7 @@ use http::{HeaderMap, HeaderValue, Uri, Version};
 use proptest::prelude::*;
 use time::OffsetDateTime;
 
-use super::input::{EXECUTION_HEADER, RequestFacts, build};
+use super::input::{EXECUTION_HEADER, RequestFacts, build, document, resolve, write_key};
 use super::runtime::Loaded;
 use crate::config::PolicyConfig;
 use crate::proxy::normalize::{NormalizeLimits, normalize};
@@ -65,6 +68,48 @@ fn fixture() -> &'static (tempfile::TempDir, PolicyConfig, Loaded) {
             crate::policy::PolicyRuntime::new(config.clone(), crate::metrics::Metrics::new());
         let loaded = runtime.build().expect("the fixture policy loads");
         (dir, config, loaded)
+    })
+}
+
+/// Revisions keyed on different fields (over the fixture's executions), each with
+/// whether its key reads only scalar fields.
+fn keyed() -> &'static Vec<(tempfile::TempDir, PolicyConfig, Loaded, bool)> {
+    static KEYED: OnceLock<Vec<(tempfile::TempDir, PolicyConfig, Loaded, bool)>> = OnceLock::new();
+    KEYED.get_or_init(|| {
+        let reference = include_str!("../../../policies/nexus/authz/authz.rego");
+        // Every scalar field, the time compared (a bounded entry) and read as text.
+        let scalars = "package nexus.authz\n\nimport rego.v1\n\ndecision := {\"allow\": input.time_ns < input.execution.not_after_ns, \"reasons\": [input.direction, input.source.spiffe_id, input.destination.spiffe_id, input.request.method, input.request.path, input.request.body_size, input.clause, input.execution.id, input.execution.plugin, input.execution.clause, input.execution.not_after]}\n";
+        // No time compared (entries not bounded by it); a stored time read as a value.
+        let time_value = "package nexus.authz\n\ndecision := {\"allow\": input.request.body_size < 10, \"reasons\": [input.execution.not_after_ns, input.direction]}\n";
+        // An object, a header, a segment: the document is needed.
+        let objects = [
+            "package nexus.authz\n\ndecision := {\"allow\": true, \"reasons\": [input.source]}\n",
+            "package nexus.authz\n\ndecision := {\"allow\": true, \"reasons\": [input.request.headers[\"content-type\"]]}\n",
+            "package nexus.authz\n\ndecision := {\"allow\": true, \"reasons\": [input.request.segments[1]]}\n",
+        ];
+        let (_, base, _) = fixture();
+        let mut out = Vec::new();
+        for (text, scalar) in [(reference, true), (scalars, true), (time_value, true)]
+            .into_iter()
+            .chain(objects.map(|t| (t, false)))
+        {
+            let dir = tempfile::tempdir().expect("tempdir");
+            std::fs::write(dir.path().join("p.rego"), text).expect("write policy");
+            let config = PolicyConfig {
+                dir: dir.path().to_path_buf(),
+                ..base.clone()
+            };
+            let runtime =
+                crate::policy::PolicyRuntime::new(config.clone(), crate::metrics::Metrics::new());
+            let loaded = runtime.build().expect("a keyed fixture policy loads");
+            assert!(
+                loaded.policy.cache_plan().is_ok(),
+                "{text}: {:?}",
+                loaded.policy.cache_plan()
+            );
+            out.push((dir, config, loaded, scalar));
+        }
+        out
     })
 }
 
@@ -177,6 +222,64 @@ proptest! {
                 });
                 prop_assert_eq!(open, !ex.is_null());
             }
+        }
+    }
+
+    #[test]
+    fn the_key_from_facts_is_the_documents(
+        clause in prop::option::of(prop::sample::select(vec!["c-1", "c-2", "c-3", ""])),
+        tail in prop::sample::select(vec!["", "/rain", "/a%20b"]),
+        method in prop::sample::select(vec!["GET", "HEAD", "POST"]),
+        source in prop::sample::select(vec!["spiffe://td/p", "spiffe://td/q", "spiffe://td/r"]),
+        named in prop::option::of(prop::sample::select(vec!["ex-1", "ex-2", "ex-3", "ex-404", ""])),
+        body_size in prop::sample::select(vec![-1_i64, 0, 7, i64::MAX]),
+        at in 0_i64..7200,
+    ) {
+        let target = match clause {
+            Some(c) => format!("/clauses/{c}{tail}"),
+            None => format!("/data{tail}"),
+        };
+        let Ok(uri) = target.parse::<Uri>() else { return Ok(()) };
+        let mut host = HeaderMap::new();
+        host.insert(http::header::HOST, HeaderValue::from_static("data"));
+        let Ok(normalized) = normalize(&uri, &host, Version::HTTP_11, &NormalizeLimits::default()) else {
+            return Ok(());
+        };
+        let mut headers = HeaderMap::new();
+        headers.insert(http::header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+        if let Some(id) = named {
+            headers.insert(EXECUTION_HEADER, HeaderValue::from_static(id));
+        }
+        let facts = RequestFacts {
+            direction: "inbound",
+            source,
+            destination: "spiffe://td/d",
+            method,
+            target: &normalized,
+            headers: &headers,
+            body_size,
+        };
+        // Around the fixture's expiries (an execution open at one time, closed later).
+        let now = OffsetDateTime::from_unix_timestamp(NOW - 3600 + at).expect("time");
+        for (_, config, loaded, scalar) in keyed() {
+            prop_assert_eq!(loaded.needs.key_from_facts(), *scalar);
+            let resolved = resolve(&facts, config, loaded, now);
+            let mut written = Vec::new();
+            let wrote = write_key(&facts, &resolved, &loaded.needs, &mut written);
+            prop_assert_eq!(wrote, *scalar);
+            if !scalar {
+                prop_assert!(written.is_empty());
+                continue;
+            }
+            let plan = loaded.policy.cache_plan().expect("keyed");
+            let input = document(&facts, config, loaded, &resolved);
+            prop_assert_eq!(
+                written,
+                nexus_policy::cache::key_of(plan, &input),
+                "{:?} on {}",
+                plan.describe(),
+                input.to_json_str().unwrap_or_default()
+            );
         }
     }
 }

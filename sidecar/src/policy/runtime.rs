@@ -396,8 +396,38 @@ impl PolicyRuntime {
         Some(hit)
     }
 
+    /// [`PolicyRuntime::decide_if_cached`] without the input document: the key is
+    /// written from the request's facts (`input::write_key`), for a revision whose key
+    /// reads only scalar fields. None when it cannot be written so, or is not cached
+    /// (the caller then builds the document and decides). `document` makes the input
+    /// only when the verification sample takes this request's.
+    pub fn decide_from_facts(
+        &self,
+        loaded: &Loaded,
+        facts: &super::input::RequestFacts<'_>,
+        resolved: &super::input::Resolved<'_>,
+        document: impl FnOnce() -> Value,
+    ) -> Option<CachedDecision> {
+        if !loaded.needs.key_from_facts() {
+            return None;
+        }
+        let hit = loaded
+            .policy
+            .cached_parts(&self.cache, resolved.time_ns(), |out| {
+                super::input::write_key(facts, resolved, &loaded.needs, out)
+            })?;
+        self.sample_with(document);
+        Some(hit)
+    }
+
     /// Keeps `input` in the verification sample now and then.
     fn sample(&self, input: &Value) {
+        self.sample_with(|| input.clone());
+    }
+
+    /// Keeps the input `input` makes in the verification sample now and then (it is
+    /// made only then).
+    fn sample_with(&self, input: impl FnOnce() -> Value) {
         let n = self.seen.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         if self.config.verify_sample > 0
             && n.is_multiple_of(SAMPLE_EVERY)
@@ -406,7 +436,7 @@ impl PolicyRuntime {
             if samples.len() >= self.config.verify_sample {
                 samples.pop_front();
             }
-            samples.push_back(input.clone());
+            samples.push_back(input());
         }
     }
 
@@ -833,6 +863,70 @@ decision := {\"allow\": input.a == 1, \"reasons\": []}
             };
             assert!(allow(1) && !allow(2), "{mode}");
         }
+    }
+
+    /// A decision the cache holds is found from the request's facts, without its input
+    /// document: the same decision, counted as a hit; a request that differs in a keyed
+    /// field is not served it, and a lookup that finds nothing counts no miss (the
+    /// evaluation that follows counts it).
+    #[test]
+    fn a_cached_decision_is_found_from_the_facts_without_the_document() {
+        use super::super::input::{RequestFacts, document, resolve};
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("authz.rego"),
+            include_str!("../../../policies/nexus/authz/authz.rego"),
+        )
+        .unwrap();
+        let state = dir.path().join(".runtime.json");
+        std::fs::write(
+            &state,
+            r#"{"executions": {"ex-1": {"plugin": "spiffe://td/p", "clause": "c-1", "not_after": "2026-11-26T10:00:00Z"}}}"#,
+        )
+        .unwrap();
+        let config = config(dir.path(), &state);
+        let runtime = PolicyRuntime::new(config.clone(), Metrics::new());
+        let loaded = runtime.build().unwrap();
+        assert!(loaded.needs.key_from_facts());
+        let uri: http::Uri = "/clauses/c-1/rain".parse().unwrap();
+        let mut host = http::HeaderMap::new();
+        host.insert("host", "data".parse().unwrap());
+        let target = crate::proxy::normalize::normalize(
+            &uri,
+            &host,
+            http::Version::HTTP_11,
+            &crate::proxy::normalize::NormalizeLimits::default(),
+        )
+        .unwrap();
+        let headers = http::HeaderMap::new();
+        let facts = |method| RequestFacts {
+            direction: "inbound",
+            source: "spiffe://td/p",
+            destination: "spiffe://td/d",
+            method,
+            target: &target,
+            headers: &headers,
+            body_size: 0,
+        };
+        let now = time::macros::datetime!(2026-11-26 09:00 UTC);
+        let lookup = |method| {
+            let facts = facts(method);
+            let resolved = resolve(&facts, &config, &loaded, now);
+            runtime.decide_from_facts(&loaded, &facts, &resolved, || {
+                document(&facts, &config, &loaded, &resolved)
+            })
+        };
+        assert!(lookup("GET").is_none(), "an empty cache holds nothing");
+        let get = facts("GET");
+        let resolved = resolve(&get, &config, &loaded, now);
+        let evaluated = runtime.decide(&loaded, document(&get, &config, &loaded, &resolved));
+        assert!(!evaluated.cached);
+        let hit = lookup("GET").expect("the decision is cached");
+        assert!(hit.cached);
+        assert_eq!(hit.decision, evaluated.decision);
+        assert!(lookup("HEAD").is_none(), "another method is another key");
+        let stats = runtime.cache().stats();
+        assert_eq!((stats.hits, stats.misses), (1, 1));
     }
 
     #[test]

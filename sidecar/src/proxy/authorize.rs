@@ -11,7 +11,7 @@ use super::normalize::{NormalizeLimits, Normalized, normalize};
 use super::outcome::{Decision, Exchange, Refusal, Verdict};
 use super::{AnswerFuture, Next, Step};
 use crate::metrics::{Direction, Metrics};
-use crate::policy::input::{RequestFacts, build};
+use crate::policy::input::{RequestFacts, document, resolve};
 use crate::policy::{Loaded, PolicyRuntime};
 use nexus_policy::{CachedDecision, EvalMode};
 
@@ -204,8 +204,33 @@ impl<B: Body + Send + 'static, S: Next<B> + Clone + Send + 'static> Step<S, B> f
             body_size,
         };
         let config = self.runtime.config();
-        let (input, clause, execution) =
-            build(&facts, config, &loaded, nexus_identity::clock::now());
+        let resolved = resolve(&facts, config, &loaded, nexus_identity::clock::now());
+        let clause = resolved.clause.map(String::from);
+        let execution = resolved.execution_id();
+        // A cached decision is found from the request's facts when the revision's key
+        // reads only scalar fields: a hit (a plugin repeating its reads) builds no input
+        // document. A shadow rule evaluates the document, so it is built then.
+        let from_facts = loaded.shadow.is_none() && loaded.needs.key_from_facts();
+        let hit = from_facts
+            .then(|| {
+                self.runtime
+                    .decide_from_facts(&loaded, &facts, &resolved, || {
+                        document(&facts, config, &loaded, &resolved)
+                    })
+            })
+            .flatten();
+        if let Some(hit) = hit {
+            let taken = Taken {
+                exchange,
+                id,
+                loaded,
+                target,
+                clause,
+                execution,
+            };
+            return self.conclude(taken, hit, None, req, next);
+        }
+        let input = document(&facts, config, &loaded, &resolved);
         let shadow_input = loaded.shadow.as_ref().map(|_| input.clone());
         let taken = Taken {
             exchange,
@@ -221,8 +246,9 @@ impl<B: Body + Send + 'static, S: Next<B> + Clone + Send + 'static> Step<S, B> f
             && let Some(slots) = self.runtime.offload()
         {
             // A hit is answered here, in microseconds (unless a slow shadow rule is to
-            // be evaluated beside it).
-            if !loaded.shadow.as_ref().is_some_and(slow)
+            // be evaluated beside it, or the lookup from the facts above missed).
+            if !from_facts
+                && !loaded.shadow.as_ref().is_some_and(slow)
                 && let Some(hit) = self.runtime.decide_if_cached(loaded, &input)
             {
                 let shadow = shadow_decision(loaded, shadow_input);
