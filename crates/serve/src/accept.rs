@@ -135,13 +135,38 @@ pub type Slot = tokio::sync::OwnedSemaphorePermit;
 pub async fn accept_with_slot<L, F, Fut>(
     listener: L,
     max_connections: usize,
-    mut drain: Watch,
+    drain: Watch,
     what: &'static str,
     mut handle: F,
 ) where
     L: Listener,
     F: FnMut(L::Io, L::Addr, Watch, Slot) -> Fut,
     Fut: Future<Output = ()> + Send + 'static,
+{
+    accept_into(
+        listener,
+        max_connections,
+        drain,
+        what,
+        move |io, addr, watch, slot| {
+            tokio::spawn(handle(io, addr, watch, slot));
+        },
+    )
+    .await;
+}
+
+/// [`accept_with_slot`] for a `handle` that starts the connection itself (hands it to
+/// another runtime, say): it is called on the accepting task, and nothing is spawned
+/// here for the connection.
+pub async fn accept_into<L, F>(
+    listener: L,
+    max_connections: usize,
+    mut drain: Watch,
+    what: &'static str,
+    mut handle: F,
+) where
+    L: Listener,
+    F: FnMut(L::Io, L::Addr, Watch, Slot),
 {
     let slots = Arc::new(Semaphore::new(max_connections.max(1)));
     loop {
@@ -156,9 +181,7 @@ pub async fn accept_with_slot<L, F, Fut>(
         };
         let Ok(permit) = permit else { break };
         match accepted {
-            Ok((stream, addr)) => {
-                tokio::spawn(handle(stream, addr, drain.clone(), permit));
-            }
+            Ok((stream, addr)) => handle(stream, addr, drain.clone(), permit),
             Err(error) => {
                 // EMFILE and friends: back off briefly instead of spinning.
                 tracing::warn!(%error, listener = what, "accept failed");

@@ -15,8 +15,8 @@ mod shutdown;
 pub mod workers;
 
 pub use accept::{
-    ConnLimits, DEFAULT_MAX_CONNECTIONS, Listener, Slot, accept, accept_with_slot, http_server,
-    serve_connection,
+    ConnLimits, DEFAULT_MAX_CONNECTIONS, Listener, Slot, accept, accept_into, accept_with_slot,
+    http_server, serve_connection,
 };
 pub use drain::{Drain, Readiness, Watch};
 pub use shutdown::{ShutdownTiming, Signals, Stopped, shutdown};

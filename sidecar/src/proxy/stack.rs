@@ -221,7 +221,9 @@ pub async fn serve<L: Listener>(
             .await;
         }
         Some(workers) => {
-            nexus_serve::accept_with_slot(
+            // Handed to a worker from the accepting task: no task of this runtime per
+            // connection.
+            nexus_serve::accept_into(
                 listener,
                 max_connections,
                 drain,
@@ -232,7 +234,6 @@ pub async fn serve<L: Listener>(
                         side.connection(stream, drain).await;
                         drop(slot);
                     });
-                    std::future::ready(())
                 },
             )
             .await;
