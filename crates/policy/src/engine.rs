@@ -686,32 +686,18 @@ impl Policy {
     /// [`Policy::evaluate_cached`], which counts the miss). None also when the revision
     /// is not cached.
     pub fn cached(&self, cache: &DecisionCache, input: &Value) -> Option<CachedDecision> {
-        let started = Instant::now();
-        let Ok(plan) = self.cache_plan.as_ref() else {
-            return None;
-        };
-        if cache.limits().max_entries == 0 {
-            return None;
-        }
-        let now = if plan.time_bounded {
-            i128::from(
-                crate::cache::time_ns(input)
-                    .as_number()
-                    .ok()
-                    .and_then(|n| n.as_i64())?,
-            )
+        let plan = self.cache_plan.as_ref().as_ref().ok()?;
+        let time_ns = if plan.time_bounded {
+            crate::cache::time_ns(input)
+                .as_number()
+                .ok()
+                .and_then(|n| n.as_i64())?
         } else {
             0
         };
-        let mut key = KEY_BUFFER.take();
-        key.clear();
-        crate::cache::key_and_values(plan, input, &mut key, |_| {});
-        let found = cache.get(cache.hash(&key), &key, self.generation, now, false);
-        keep_key_buffer(key);
-        found.map(|decision| CachedDecision {
-            decision,
-            cached: true,
-            elapsed: started.elapsed(),
+        self.cached_parts(cache, time_ns, |key| {
+            crate::cache::key_and_values(plan, input, key, |_| {});
+            true
         })
     }
 

@@ -1391,30 +1391,8 @@ impl Program {
     /// membership, a type test, a rule already evaluated).
     fn holds<'a>(&'a self, cx: &mut Cx<'a>, base: usize, e: &'a E) -> Result<bool, Bail> {
         Ok(match e {
-            E::Cmp(op, lhs, rhs) => {
-                let l = self.expr(cx, base, lhs)?;
-                let r = self.expr(cx, base, rhs)?;
-                let (l, r) = (l.get(), r.get());
-                if matches!(l, Value::Undefined) || matches!(r, Value::Undefined) {
-                    return Ok(false);
-                }
-                match op {
-                    BoolOp::Eq => l == r,
-                    BoolOp::Ne => l != r,
-                    BoolOp::Lt => l < r,
-                    BoolOp::Le => l <= r,
-                    BoolOp::Gt => l > r,
-                    BoolOp::Ge => l >= r,
-                }
-            }
-            E::Member(v, c) => {
-                let v = self.expr(cx, base, v)?;
-                let c = self.expr(cx, base, c)?;
-                if v.is_undefined() || c.is_undefined() {
-                    return Ok(false);
-                }
-                matches!(member(v.get(), c.get())?, Value::Bool(true))
-            }
+            E::Cmp(op, lhs, rhs) => self.compare(cx, base, op, lhs, rhs)? == Some(true),
+            E::Member(v, c) => self.member_of(cx, base, v, c)? == Some(true),
             E::Call(Callee::IsType(test), params) => match params.as_slice() {
                 [p] => {
                     let v = self.expr(cx, base, p)?;
@@ -1428,6 +1406,47 @@ impl Program {
             },
             _ => !undefined_or_false(self.expr(cx, base, e)?.get()),
         })
+    }
+
+    /// `lhs op rhs`; None (undefined) when either side is.
+    fn compare<'a>(
+        &'a self,
+        cx: &mut Cx<'a>,
+        base: usize,
+        op: &BoolOp,
+        lhs: &'a E,
+        rhs: &'a E,
+    ) -> Result<Option<bool>, Bail> {
+        let l = self.expr(cx, base, lhs)?;
+        let r = self.expr(cx, base, rhs)?;
+        let (l, r) = (l.get(), r.get());
+        if matches!(l, Value::Undefined) || matches!(r, Value::Undefined) {
+            return Ok(None);
+        }
+        Ok(Some(match op {
+            BoolOp::Eq => l == r,
+            BoolOp::Ne => l != r,
+            BoolOp::Lt => l < r,
+            BoolOp::Le => l <= r,
+            BoolOp::Gt => l > r,
+            BoolOp::Ge => l >= r,
+        }))
+    }
+
+    /// `v in c` (a statement); None (undefined) when either side is.
+    fn member_of<'a>(
+        &'a self,
+        cx: &mut Cx<'a>,
+        base: usize,
+        v: &'a E,
+        c: &'a E,
+    ) -> Result<Option<bool>, Bail> {
+        let v = self.expr(cx, base, v)?;
+        let c = self.expr(cx, base, c)?;
+        if v.is_undefined() || c.is_undefined() {
+            return Ok(None);
+        }
+        Ok(Some(member(v.get(), c.get())?))
     }
 
     fn expr<'a>(&'a self, cx: &mut Cx<'a>, base: usize, e: &'a E) -> Result<V<'a>, Bail> {
@@ -1582,41 +1601,23 @@ impl Program {
                 Some(args) => V::O(call(callee, &args)?),
                 None => V::UNDEFINED,
             },
-            E::Cmp(op, lhs, rhs) => {
-                let l = self.expr(cx, base, lhs)?;
-                let r = self.expr(cx, base, rhs)?;
-                let (l, r) = (l.get(), r.get());
-                if matches!(l, Value::Undefined) || matches!(r, Value::Undefined) {
-                    return Ok(V::UNDEFINED);
-                }
-                V::O(Value::Bool(match op {
-                    BoolOp::Eq => l == r,
-                    BoolOp::Ne => l != r,
-                    BoolOp::Lt => l < r,
-                    BoolOp::Le => l <= r,
-                    BoolOp::Gt => l > r,
-                    BoolOp::Ge => l >= r,
-                }))
-            }
-            E::Member(v, c) => {
-                let v = self.expr(cx, base, v)?;
-                let c = self.expr(cx, base, c)?;
-                if v.is_undefined() || c.is_undefined() {
-                    return Ok(V::UNDEFINED);
-                }
-                V::O(member(v.get(), c.get())?)
-            }
+            E::Cmp(op, lhs, rhs) => self
+                .compare(cx, base, op, lhs, rhs)?
+                .map_or(V::UNDEFINED, |b| V::O(Value::Bool(b))),
+            E::Member(v, c) => self
+                .member_of(cx, base, v, c)?
+                .map_or(V::UNDEFINED, |b| V::O(Value::Bool(b))),
         })
     }
 }
 
-fn member(v: &Value, c: &Value) -> Result<Value, Bail> {
-    Ok(Value::Bool(match c {
+fn member(v: &Value, c: &Value) -> Result<bool, Bail> {
+    Ok(match c {
         Value::Array(items) => items.iter().any(|x| x == v),
         Value::Set(items) => items.contains(v),
         Value::Object(fields) => fields.values().any(|x| x == v),
         _ => return Err(Bail::Unmodelled),
-    }))
+    })
 }
 
 /// regorus's type tests (`builtins/types.rs`), by name.

@@ -67,6 +67,23 @@ enum Field {
     TimeNs,
 }
 
+impl Field {
+    /// Whether the field's value is a string, a number or null (not an object or a
+    /// list): what a request's key can be written from (`write_key`).
+    fn is_scalar(self) -> bool {
+        !matches!(
+            self,
+            Field::Source
+                | Field::Destination
+                | Field::Request
+                | Field::Segments
+                | Field::Query
+                | Field::Headers
+                | Field::Execution
+        )
+    }
+}
+
 /// Each [`Field`], in its order (`every_field_is_named_at_its_bit`), with the object it
 /// is in and its name.
 const FIELDS: [(Field, &[&str], &str); 21] = [
@@ -178,16 +195,7 @@ impl Needs {
             .iter()
             .map(|path| {
                 FIELDS.iter().find_map(|(field, at, name)| {
-                    let scalar = !matches!(
-                        field,
-                        Field::Source
-                            | Field::Destination
-                            | Field::Request
-                            | Field::Segments
-                            | Field::Query
-                            | Field::Headers
-                            | Field::Execution
-                    );
+                    let scalar = field.is_scalar();
                     let same = path.len() == at.len() + 1
                         && path.iter().zip(at.iter().chain(std::iter::once(name))).all(
                             |(step, want)| step.as_string().is_ok_and(|s| s.as_ref() == *want),
@@ -386,14 +394,8 @@ pub fn write_key(
             }),
             Field::Time => time.as_deref().map_or(Undefined, Str),
             Field::TimeNs => Int(resolved.time_ns()),
-            // Not key fields (`Needs::key_fields_of`).
-            Field::Source
-            | Field::Destination
-            | Field::Request
-            | Field::Segments
-            | Field::Query
-            | Field::Headers
-            | Field::Execution => return false,
+            // Not key fields (`Field::is_scalar`): nothing is looked up.
+            _ => return false,
         };
         encode_part(part, out);
     }

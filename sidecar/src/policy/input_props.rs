@@ -130,6 +130,14 @@ fn cases() -> ProptestConfig {
     }
 }
 
+/// `target` as the proxy normalizes it (None: refused, as the proxy refuses it).
+fn normalized(target: &str) -> Option<crate::proxy::normalize::Normalized> {
+    let uri = target.parse::<Uri>().ok()?;
+    let mut host = HeaderMap::new();
+    host.insert(http::header::HOST, HeaderValue::from_static("data"));
+    normalize(&uri, &host, Version::HTTP_11, &NormalizeLimits::default()).ok()
+}
+
 fn get<'a>(doc: &'a serde_json::Value, path: &str) -> &'a serde_json::Value {
     doc.pointer(path).unwrap_or(&serde_json::Value::Null)
 }
@@ -148,12 +156,7 @@ proptest! {
     ) {
         let (_, config, loaded) = fixture();
         let target = format!("/{}{query}", segments.join("/"));
-        let Ok(uri) = target.parse::<Uri>() else { return Ok(()) };
-        let mut host = HeaderMap::new();
-        host.insert(http::header::HOST, HeaderValue::from_static("data"));
-        let Ok(normalized) = normalize(&uri, &host, Version::HTTP_11, &NormalizeLimits::default()) else {
-            return Ok(());
-        };
+        let Some(normalized) = normalized(&target) else { return Ok(()) };
         let mut headers = HeaderMap::new();
         if let Some(v) = content_type {
             headers.insert(http::header::CONTENT_TYPE, HeaderValue::from_static(v));
@@ -239,12 +242,7 @@ proptest! {
             Some(c) => format!("/clauses/{c}{tail}"),
             None => format!("/data{tail}"),
         };
-        let Ok(uri) = target.parse::<Uri>() else { return Ok(()) };
-        let mut host = HeaderMap::new();
-        host.insert(http::header::HOST, HeaderValue::from_static("data"));
-        let Ok(normalized) = normalize(&uri, &host, Version::HTTP_11, &NormalizeLimits::default()) else {
-            return Ok(());
-        };
+        let Some(normalized) = normalized(&target) else { return Ok(()) };
         let mut headers = HeaderMap::new();
         headers.insert(http::header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
         if let Some(id) = named {

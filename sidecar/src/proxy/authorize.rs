@@ -2,6 +2,7 @@
 //! an ambiguous one), then evaluate the policy on it (403 on a deny). What the policy
 //! saw is what is forwarded: the normalize step rewrites the URI to the normalized path.
 
+use std::ops::ControlFlow;
 use std::sync::Arc;
 
 use http::{HeaderValue, Request};
@@ -219,19 +220,11 @@ impl<B: Body + Send + 'static, S: Next<B> + Clone + Send + 'static> Step<S, B> f
                     })
             })
             .flatten();
-        if let Some(hit) = hit {
-            let taken = Taken {
-                exchange,
-                id,
-                loaded,
-                target,
-                clause,
-                execution,
-            };
-            return self.conclude(taken, hit, None, req, next);
-        }
-        let input = document(&facts, config, &loaded, &resolved);
-        let shadow_input = loaded.shadow.as_ref().map(|_| input.clone());
+        // The hit, or else the document to decide on.
+        let found = match hit {
+            Some(hit) => ControlFlow::Break(hit),
+            None => ControlFlow::Continue(document(&facts, config, &loaded, &resolved)),
+        };
         let taken = Taken {
             exchange,
             id,
@@ -240,6 +233,11 @@ impl<B: Body + Send + 'static, S: Next<B> + Clone + Send + 'static> Step<S, B> f
             clause,
             execution,
         };
+        let input = match found {
+            ControlFlow::Break(hit) => return self.conclude(taken, hit, None, req, next),
+            ControlFlow::Continue(input) => input,
+        };
+        let shadow_input = taken.loaded.shadow.as_ref().map(|_| input.clone());
         let loaded = &taken.loaded;
         let slow = |policy: &nexus_policy::Policy| policy.mode() != EvalMode::Native;
         if (slow(&loaded.policy) || loaded.shadow.as_ref().is_some_and(slow))
