@@ -5,7 +5,10 @@
 //! revision actually runs in (see docs/opa-compatibility.md, "Evaluation modes").
 //! "evaluate" is the evaluation alone; "cold" a decision through the cache for a request
 //! it has not seen (a new path; the cache has the sidecar's default bounds, so it fills
-//! and then evicts); "warm" is a decision cache hit (docs/policy-cache.md).
+//! and then evicts); "warm" is a decision cache hit (docs/policy-cache.md), with the key
+//! made from the input document (`Policy::evaluate_cached`) or, as the sidecar looks a
+//! hit up, written from the request's values without a document (`Policy::cached_parts`,
+//! the values taken out of the document before the clock starts).
 //! Run in release:
 //!
 //!     cargo run --release -p nexus-policy --example decision_bench [-- ITERATIONS]
@@ -17,7 +20,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use nexus_policy::{
-    Bundle, CacheLimits, DecisionCache, EvalMode, Module, Policy, PolicyOptions, Value,
+    Bundle, CacheLimits, DecisionCache, EvalMode, KeyPart, Module, Policy, PolicyOptions, Value,
 };
 
 const BINDINGS: usize = 10_000;
@@ -118,6 +121,60 @@ enum Through {
     Cold,
     /// The cache, every input already in it.
     Warm,
+    /// The cache, every input already in it, the key written from the values at its
+    /// paths (the sidecar's lookup from a request's facts).
+    WarmFacts,
+}
+
+/// A value at a key path, taken out of an input before the clock starts.
+enum Part {
+    Undefined,
+    Null,
+    Str(String),
+    Int(i64),
+}
+
+/// What the sidecar knows of an input before it builds a document: `time_ns` and the
+/// values at the cache plan's paths.
+struct Facts {
+    time_ns: i64,
+    parts: Vec<Part>,
+}
+
+fn facts_of(policy: &Policy, input: &Value) -> Facts {
+    let plan = policy.cache_plan().expect("a keyed policy");
+    let at = |path: &[Value]| path.iter().fold(input.clone(), |v, step| v[step].clone());
+    let parts = plan
+        .paths()
+        .iter()
+        .map(|path| match at(path) {
+            Value::Undefined => Part::Undefined,
+            Value::Null => Part::Null,
+            Value::String(s) => Part::Str(s.to_string()),
+            Value::Number(n) => Part::Int(n.as_i64().expect("an integer")),
+            other => panic!("not a scalar at a key path: {other}"),
+        })
+        .collect();
+    let time_ns = input["time_ns"].as_i64().expect("time_ns");
+    Facts { time_ns, parts }
+}
+
+fn decide_from_facts(policy: &Policy, cache: &DecisionCache, facts: &Facts) -> bool {
+    let d = policy
+        .cached_parts(cache, facts.time_ns, |out| {
+            for part in &facts.parts {
+                let part = match part {
+                    Part::Undefined => KeyPart::Undefined,
+                    Part::Null => KeyPart::Null,
+                    Part::Str(s) => KeyPart::Str(s),
+                    Part::Int(i) => KeyPart::Int(*i),
+                };
+                nexus_policy::cache::encode_part(part, out);
+            }
+            true
+        })
+        .expect("a warm run missed the cache");
+    d.decision.allow
 }
 
 /// The sidecar's default bounds (10,000 decisions, 8 MiB): a cold run fills the cache
@@ -134,7 +191,7 @@ fn decide(policy: &Policy, cache: &DecisionCache, v: Value, through: Through) ->
             assert!(!d.cached, "a cold run hit the cache");
             d.decision.allow
         }
-        Through::Warm => {
+        Through::Warm | Through::WarmFacts => {
             let d = policy.evaluate_cached(cache, v);
             assert!(d.cached, "a warm run missed the cache");
             d.decision.allow
@@ -149,6 +206,11 @@ fn run(policy: &Policy, inputs: &[Value], iterations: usize, through: Through) -
         let _ = policy.evaluate_cached(&cache, v.clone());
     }
     let check = std::env::var_os("BENCH_POLICY").is_none();
+    let facts: Vec<Facts> = if through == Through::WarmFacts {
+        inputs.iter().map(|v| facts_of(policy, v)).collect()
+    } else {
+        Vec::new()
+    };
     let mut samples = Vec::with_capacity(iterations);
     let mut allowed = Vec::with_capacity(iterations / 2);
     let mut denied = Vec::with_capacity(iterations / 2);
@@ -164,7 +226,11 @@ fn run(policy: &Policy, inputs: &[Value], iterations: usize, through: Through) -
         };
         let keep = v.clone();
         let t = Instant::now();
-        let allow = decide(policy, &cache, v, through);
+        let allow = if through == Through::WarmFacts {
+            decide_from_facts(policy, &cache, &facts[n % inputs.len()])
+        } else {
+            decide(policy, &cache, v, through)
+        };
         let elapsed = t.elapsed();
         drop(keep);
         samples.push(elapsed);
@@ -223,11 +289,21 @@ fn run_parallel(
         Vec::new()
     };
     let unique = &unique;
+    let facts: Vec<Facts> = if through == Through::WarmFacts {
+        inputs.iter().map(|v| facts_of(policy, v)).collect()
+    } else {
+        Vec::new()
+    };
+    let facts = &facts;
     let start = Instant::now();
     std::thread::scope(|s| {
         for t in 0..threads {
             s.spawn(move || {
                 for n in 0..per_thread {
+                    if through == Through::WarmFacts {
+                        let _ = decide_from_facts(policy, cache, &facts[(n + t) % inputs.len()]);
+                        continue;
+                    }
                     let v = if through == Through::Cold {
                         unique[t * per_thread + n].clone()
                     } else {
@@ -294,6 +370,7 @@ fn main() {
             ("evaluate (no cache)", Through::Evaluate),
             ("cold (cache miss)", Through::Cold),
             ("warm (cache hit)", Through::Warm),
+            ("warm (cache hit, key from the values)", Through::WarmFacts),
         ] {
             if through != Through::Evaluate && policy.cache_plan().is_err() {
                 continue;
@@ -302,7 +379,9 @@ fn main() {
             if std::env::var("BENCH_ONLY").is_ok_and(|o| !label.starts_with(o.as_str())) {
                 continue;
             }
-            let n = if mode == EvalMode::Interpreted && through != Through::Warm {
+            let n = if mode == EvalMode::Interpreted
+                && !matches!(through, Through::Warm | Through::WarmFacts)
+            {
                 iterations / 5
             } else {
                 iterations
