@@ -68,9 +68,11 @@ enum Field {
 }
 
 impl Field {
-    /// Whether the field's value is a string, a number or null (not an object or a
-    /// list): what a request's key can be written from (`write_key`).
-    fn is_scalar(self) -> bool {
+    /// Whether a key can hold the field and `write_key` writes it: a string, a number
+    /// or null (not an object or a list), and not the request's time (`time`, `time_ns`
+    /// are unique per request: the cache plan refuses a rule that reads them as values,
+    /// so no key holds them).
+    fn keyable(self) -> bool {
         !matches!(
             self,
             Field::Source
@@ -80,6 +82,8 @@ impl Field {
                 | Field::Query
                 | Field::Headers
                 | Field::Execution
+                | Field::Time
+                | Field::TimeNs
         )
     }
 }
@@ -195,7 +199,7 @@ impl Needs {
             .iter()
             .map(|path| {
                 FIELDS.iter().find_map(|(field, at, name)| {
-                    let scalar = field.is_scalar();
+                    let scalar = field.keyable();
                     let same = path.len() == at.len() + 1
                         && path.iter().zip(at.iter().chain(std::iter::once(name))).all(
                             |(step, want)| step.as_string().is_ok_and(|s| s.as_ref() == *want),
@@ -369,9 +373,6 @@ pub fn write_key(
     // The document's `execution`: the execution found, `{"id": named}` for an unknown
     // named one, or null; a field of the last two but `id` is undefined.
     let ex = resolved.execution;
-    let time = fields
-        .contains(&Field::Time)
-        .then(|| nexus_audit::rfc3339_ms(resolved.now));
     for field in fields.iter() {
         let part = match field {
             Field::Direction => Str(facts.direction),
@@ -392,9 +393,7 @@ pub fn write_key(
             Field::ExecutionNotAfterNs => ex.map_or(Undefined, |ex| {
                 Int(super::runtime::ns_i64(ex.ends_unix_nanos))
             }),
-            Field::Time => time.as_deref().map_or(Undefined, Str),
-            Field::TimeNs => Int(resolved.time_ns()),
-            // Not key fields (`Field::is_scalar`): nothing is looked up.
+            // Not key fields (`Field::keyable`): nothing is looked up.
             _ => return false,
         };
         encode_part(part, out);

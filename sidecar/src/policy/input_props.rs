@@ -130,6 +130,25 @@ fn cases() -> ProptestConfig {
     }
 }
 
+/// An inbound request from `source` to the fixture's data workload.
+fn inbound<'a>(
+    source: &'a str,
+    method: &'a str,
+    target: &'a crate::proxy::normalize::Normalized,
+    headers: &'a HeaderMap,
+    body_size: i64,
+) -> RequestFacts<'a> {
+    RequestFacts {
+        direction: "inbound",
+        source,
+        destination: "spiffe://td/d",
+        method,
+        target,
+        headers,
+        body_size,
+    }
+}
+
 /// `target` as the proxy normalizes it (None: refused, as the proxy refuses it).
 fn normalized(target: &str) -> Option<crate::proxy::normalize::Normalized> {
     let uri = target.parse::<Uri>().ok()?;
@@ -167,15 +186,7 @@ proptest! {
         if let Some(id) = named {
             headers.insert(EXECUTION_HEADER, HeaderValue::from_static(id));
         }
-        let facts = RequestFacts {
-            direction: "inbound",
-            source,
-            destination: "spiffe://td/d",
-            method: "GET",
-            target: &normalized,
-            headers: &headers,
-            body_size: 0,
-        };
+        let facts = inbound(source, "GET", &normalized, &headers, 0);
         let now = OffsetDateTime::from_unix_timestamp(NOW).expect("time");
         let (input, clause, execution) = build(&facts, config, loaded, now);
         let doc: serde_json::Value =
@@ -248,15 +259,7 @@ proptest! {
         if let Some(id) = named {
             headers.insert(EXECUTION_HEADER, HeaderValue::from_static(id));
         }
-        let facts = RequestFacts {
-            direction: "inbound",
-            source,
-            destination: "spiffe://td/d",
-            method,
-            target: &normalized,
-            headers: &headers,
-            body_size,
-        };
+        let facts = inbound(source, method, &normalized, &headers, body_size);
         // Around the fixture's expiries (an execution open at one time, closed later).
         let now = OffsetDateTime::from_unix_timestamp(NOW - 3600 + at).expect("time");
         for (_, config, loaded, scalar) in keyed() {
