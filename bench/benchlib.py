@@ -13,7 +13,12 @@ Subcommands (all print to stdout, exit non-zero on failure):
                                   "cpu_s", "wall_s"} to OUT (cpu_s: user+system CPU
                                   seconds the PIDs used meanwhile)
   metric URL NAME                 sum of every sample of metric NAME at a Prometheus URL
-  row OUT NAME LOAD OHA_JSON      appends one result row (parsed from oha's JSON) to OUT
+  row OUT NAME LOAD OHA_JSON [DB SETTLE_S CORRECTED]
+                                  appends one result row (parsed from oha's JSON) to OUT;
+                                  with oha's request database (--db-url), p50 and p99 are
+                                  of the requests started SETTLE_S seconds or more after
+                                  the first (CORRECTED=1: timed from the intended send
+                                  time, as oha --latency-correction)
   rotation-row OUT NAME LOAD TOOL RESULT_JSON HS_BEFORE HS_AFTER ROT_BEFORE ROT_AFTER
                                   appends one rotation result to OUT
   rss-row OUT NAME WHAT IDLE RATE_SAMPLE RATE_OHA AFTER_RATE MAX_SAMPLE MAX_OHA AFTER_MAX
@@ -161,6 +166,33 @@ def parse_oha(path):
             **d.get("errorDistribution", {}),
         },
     }
+
+
+def settled_latency(db, settle_s, corrected):
+    """p50 and p99 (ms, nearest rank) of the successful requests oha recorded in `db`
+    that started `settle_s` seconds or more after the first one, and their count."""
+    import math
+    import sqlite3
+
+    con = sqlite3.connect(db)
+    try:
+        rows = con.execute(
+            "select start, start_latency_correction, end, duration from oha where status between 200 and 299"
+        ).fetchall()
+    finally:
+        con.close()
+    if not rows:
+        raise SystemExit(f"{db}: no successful requests recorded")
+    t0 = min(r[0] for r in rows)
+    durations = sorted(
+        (end - fixed) if corrected and fixed is not None else duration
+        for start, fixed, end, duration in rows
+        if start - t0 >= settle_s
+    )
+    if not durations:
+        raise SystemExit(f"{db}: no request after the first {settle_s} s")
+    rank = lambda p: durations[max(math.ceil(p * len(durations)) - 1, 0)] * 1000.0  # noqa: E731
+    return {"p50_ms": rank(0.50), "p99_ms": rank(0.99), "settled_requests": len(durations)}
 
 
 def append(out, row):
@@ -317,8 +349,12 @@ def main(argv):
     elif cmd == "metric":
         print(metric(args[0], args[1]))
     elif cmd == "row":
-        out, name, load, path = args
-        append(out, {"kind": "latency", "name": name, "load": load, **parse_oha(path)})
+        out, name, load, path = args[:4]
+        row = {"kind": "latency", "name": name, "load": load, **parse_oha(path)}
+        if len(args) == 7:
+            db, settle_s, corrected = args[4], float(args[5]), args[6] == "1"
+            row.update(settled_latency(db, settle_s, corrected))
+        append(out, row)
     elif cmd == "rotation-row":
         out, name, load, tool, path, hs0, hs1, rot0, rot1 = args
         with open(path) as f:

@@ -21,6 +21,9 @@ DURATION=${DURATION:-20s}             # each measured oha run
 RATE=${RATE:-2000}                    # fixed-rate runs, requests/s
 CONNECTIONS=${CONNECTIONS:-32}        # oha -c
 WARMUP=${WARMUP:-3s}                  # per target, at RATE, not measured
+SETTLE=${SETTLE:-2s}                  # fixed-rate runs last SETTLE longer, on the same
+                                      # connections; latency counts the requests after it
+                                      # (not the 32 handshakes at its start); 0s: all
 ROUNDS=${ROUNDS:-3}                   # rounds of runs; the tables show the median
 NGINX_WORKERS=${NGINX_WORKERS:-2}     # 2 cores; the sidecar runs 2 connection workers
 ROTATION_TTL=${ROTATION_TTL:-4s}      # SVID lifetime in the rotation run (rotates at half)
@@ -59,8 +62,9 @@ seconds() {
 }
 DURATION_S=$(seconds "$DURATION")
 WARMUP_S=$(seconds "$WARMUP")
-[[ $DURATION_S =~ ^[0-9]+$ && $WARMUP_S =~ ^[0-9]+$ ]] ||
-  die "DURATION and WARMUP take whole seconds or minutes (e.g. 20s, 1m)"
+SETTLE_S=$(seconds "$SETTLE")
+[[ $DURATION_S =~ ^[0-9]+$ && $WARMUP_S =~ ^[0-9]+$ && $SETTLE_S =~ ^[0-9]+$ ]] ||
+  die "DURATION, WARMUP and SETTLE take whole seconds or minutes (e.g. 20s, 1m)"
 [[ $ROUNDS =~ ^[1-9][0-9]*$ ]] || die "ROUNDS must be a positive integer"
 
 # ---- process bookkeeping --------------------------------------------------------
@@ -405,7 +409,7 @@ oha_target() {
 # starts one target further along (round 2 with the second, ...), so that no target
 # always runs right after the same one. The report shows the median over rounds.
 run_targets() {
-  local name round pids w i order lc=()
+  local name round pids w i order lc=() settle=()
   [[ $OHA_LATENCY_CORRECTION == 1 ]] && lc=(--latency-correction)
   for name in "${TARGETS[@]}"; do
     rss_snapshot "${TARGET_PIDS[$name]:-}" "$WORK/$name.idle.json"
@@ -419,10 +423,15 @@ run_targets() {
     done
     for name in "${order[@]}"; do
       pids=${TARGET_PIDS[$name]:-} w="$WORK/$name.$round"
-      log "round $round/$ROUNDS, $name: $DURATION at $RATE rps"
+      log "round $round/$ROUNDS, $name: $SETTLE then $DURATION at $RATE rps"
+      # Each request's times go to a database, for the latency of the requests after
+      # the first SETTLE (oha's own percentiles count the connections' handshakes).
+      settle=()
+      ((SETTLE_S > 0)) && settle=("$w.rate.db" "$SETTLE_S" "$OHA_LATENCY_CORRECTION")
       sampled "$pids" "$w.rate-sample.json" \
-        oha_target "$name" "$w.rate.json" "$DURATION_S" -z "${DURATION_S}s" -q "$RATE" "${lc[@]}"
-      "$PY" "$LIB" row "$RESULTS" "$name" "$RATE rps" "$w.rate.json"
+        oha_target "$name" "$w.rate.json" $((SETTLE_S + DURATION_S)) \
+        -z "$((SETTLE_S + DURATION_S))s" -q "$RATE" "${lc[@]}" ${settle:+--db-url "$w.rate.db"}
+      "$PY" "$LIB" row "$RESULTS" "$name" "$RATE rps" "$w.rate.json" "${settle[@]}"
       rss_snapshot "$pids" "$w.after-rate.json"
     done
     for name in "${order[@]}"; do
@@ -564,7 +573,7 @@ snapshot_file = \"$WORK/nexus-gateway-watch.snapshot.json\""
   echo "## Nexus bench: $(date -u +%Y-%m-%dT%H:%M:%SZ), $(nproc) cores, load average at end $load"
   echo
   echo "oha $("$OHA" --version | awk '{print $2}'), $CONNECTIONS connections, HTTP/1.1, GET $REQUEST_PATH;" \
-    "$DURATION per run after a $WARMUP warm-up, median of $ROUNDS rounds; nginx $("$NGINX" -v 2>&1 | sed 's/.*nginx\///')" \
+    "$DURATION per run after a $WARMUP warm-up$( ((SETTLE_S > 0)) && echo " (fixed-rate runs: the latencies of the requests after the run's first $SETTLE, on connections already open)"), median of $ROUNDS rounds; nginx $("$NGINX" -v 2>&1 | sed 's/.*nginx\///')" \
     "with worker_processes $NGINX_WORKERS; added = minus the direct row of the same load."
   echo
   "$PY" "$LIB" report "$RESULTS" direct nginx
