@@ -3,6 +3,7 @@
 //! streams both bodies. Connection failures are refused (502/504, see [`Refusal`]) with
 //! the cause.
 
+use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
@@ -12,12 +13,93 @@ use http::{Request, Response, Uri, Version};
 use http_body::Body;
 use http_body_util::BodyExt;
 use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::Connect;
+use hyper_util::client::legacy::connect::{Connect, Connected, Connection};
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 use super::outcome::Refusal;
 use super::{AnswerFuture, ProxyBody};
 use crate::config::{LimitsConfig, RuntimeKind};
+
+/// A connector whose connections tell the client no "extra" about themselves. Tokio's
+/// TCP connection reports its addresses (`HttpInfo`), and the client copies them into
+/// every response's extensions: an extension map and a box per response (three
+/// allocations) that nothing here reads. What the pool does use (HTTP/2 negotiated,
+/// proxied) is kept.
+#[derive(Clone, Debug)]
+pub struct Bare<C>(C);
+
+impl<C> tower::Service<Uri> for Bare<C>
+where
+    C: tower::Service<Uri>,
+{
+    type Response = BareIo<C::Response>;
+    type Error = C::Error;
+    type Future = futures::future::MapOk<C::Future, fn(C::Response) -> BareIo<C::Response>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.0.poll_ready(cx)
+    }
+
+    fn call(&mut self, uri: Uri) -> Self::Future {
+        futures::TryFutureExt::map_ok(self.0.call(uri), BareIo)
+    }
+}
+
+/// A connection of [`Bare`]: the connection's bytes as they are.
+#[derive(Debug)]
+pub struct BareIo<T>(T);
+
+impl<T: Connection> Connection for BareIo<T> {
+    fn connected(&self) -> Connected {
+        let inner = self.0.connected();
+        let connected = Connected::new().proxy(inner.is_proxied());
+        if inner.is_negotiated_h2() {
+            connected.negotiated_h2()
+        } else {
+            connected
+        }
+    }
+}
+
+impl<T: hyper::rt::Read + Unpin> hyper::rt::Read for BareIo<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: hyper::rt::ReadBufCursor<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.0).poll_read(cx, buf)
+    }
+}
+
+impl<T: hyper::rt::Write + Unpin> hyper::rt::Write for BareIo<T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.0).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.0).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.0).poll_shutdown(cx)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.0.is_write_vectored()
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.0).poll_write_vectored(cx, bufs)
+    }
+}
 
 /// Which client a request takes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -35,8 +117,8 @@ pub enum VersionPolicy {
 pub struct Forward<C> {
     /// A pool per connection worker, so that a request and the upstream connection it
     /// takes run on the same thread (index 0: any other thread; `i + 1`: worker `i`).
-    http1: Arc<[Client<C, ProxyBody>]>,
-    http2: Arc<[Client<C, ProxyBody>]>,
+    http1: Arc<[Client<Bare<C>, ProxyBody>]>,
+    http2: Arc<[Client<Bare<C>, ProxyBody>]>,
     scheme: Scheme,
     authority: Authority,
     versions: VersionPolicy,
@@ -44,7 +126,8 @@ pub struct Forward<C> {
 
 impl<C> Forward<C>
 where
-    C: Connect + Clone + Send + Sync + 'static,
+    C: Clone + Send + Sync + 'static,
+    Bare<C>: Connect,
 {
     /// Pooled clients over `http1` and `http2` (connectors restricted to one version
     /// each, or one connector for both), with the pool limits of `limits`.
@@ -61,7 +144,7 @@ where
                 .pool_timer(TokioTimer::new())
                 .timer(TokioTimer::new())
                 .http2_only(h2)
-                .build(connector)
+                .build(Bare(connector))
         };
         // With `limits.runtime = "workers"`, one pool per worker (and one for any other
         // thread); with `shared`, one pool.
@@ -79,7 +162,7 @@ where
     }
 
     /// This thread's pool among `pools`.
-    fn pool(pools: &[Client<C, ProxyBody>]) -> Client<C, ProxyBody> {
+    fn pool(pools: &[Client<Bare<C>, ProxyBody>]) -> Client<Bare<C>, ProxyBody> {
         let i = nexus_serve::workers::current().map_or(0, |w| w + 1);
         pools.get(i).unwrap_or(&pools[0]).clone()
     }
@@ -98,7 +181,8 @@ where
 
 impl<C, B> tower::Service<Request<B>> for Forward<C>
 where
-    C: Connect + Clone + Send + Sync + 'static,
+    C: Clone + Send + Sync + 'static,
+    Bare<C>: Connect,
     B: Body<Data = Bytes, Error = hyper::Error> + Send + Sync + 'static,
 {
     type Response = Response<ProxyBody>;
@@ -200,4 +284,35 @@ fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
         current = e.source();
     }
     parts.join(": ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A connection that says what tokio's TCP stream says (its addresses, as an extra)
+    /// and that HTTP/2 was negotiated.
+    struct Told;
+
+    impl Connection for Told {
+        fn connected(&self) -> Connected {
+            Connected::new()
+                .extra("addresses")
+                .negotiated_h2()
+                .proxy(true)
+        }
+    }
+
+    #[test]
+    fn a_bare_connection_keeps_what_the_pool_uses_and_drops_the_extra() {
+        let told = BareIo(Told).connected();
+        assert!(told.is_negotiated_h2());
+        assert!(told.is_proxied());
+        let mut extensions = http::Extensions::new();
+        told.get_extras(&mut extensions);
+        assert!(extensions.is_empty(), "the extra reached the response");
+        // The connection itself does tell it.
+        Told.connected().get_extras(&mut extensions);
+        assert_eq!(extensions.get::<&str>(), Some(&"addresses"));
+    }
 }

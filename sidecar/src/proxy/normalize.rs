@@ -375,21 +375,28 @@ fn normalize_path(raw: &str, max: usize) -> Result<String, NormalizeError> {
     }
     let bytes = raw.as_bytes();
     let mut out = String::with_capacity(raw.len());
-    // The path as the upstream will decode it, checked for UTF-8 and control characters.
-    let mut decoded = Vec::with_capacity(raw.len());
+    // The path as the upstream will decode it, checked for UTF-8 and control characters:
+    // the raw bytes themselves until the first escape (then a copy, decoded from there).
+    let mut decoded: Option<Vec<u8>> = None;
     let mut i = 0;
     while let Some(&byte) = bytes.get(i) {
         if byte == b'%' {
             let value = percent_byte(bytes, i)
                 .ok_or(NormalizeError::MalformedPercentEncoding { part: PART })?;
-            i += 3;
             match value {
                 b'/' => return Err(NormalizeError::EncodedSlash),
                 b'\\' => return Err(NormalizeError::Backslash),
                 b';' => return Err(NormalizeError::Semicolon { part: PART }),
                 _ => {}
             }
-            decoded.push(value);
+            decoded
+                .get_or_insert_with(|| {
+                    let mut copy = Vec::with_capacity(raw.len());
+                    copy.extend_from_slice(&bytes[..i]);
+                    copy
+                })
+                .push(value);
+            i += 3;
             if is_unreserved(value) {
                 out.push(char::from(value));
             } else {
@@ -403,7 +410,9 @@ fn normalize_path(raw: &str, max: usize) -> Result<String, NormalizeError> {
                 b'#' => return Err(NormalizeError::Fragment),
                 _ => {}
             }
-            decoded.push(byte);
+            if let Some(decoded) = &mut decoded {
+                decoded.push(byte);
+            }
             if is_unreserved(byte) || is_path_delimiter(byte) {
                 out.push(char::from(byte));
             } else {
@@ -413,11 +422,11 @@ fn normalize_path(raw: &str, max: usize) -> Result<String, NormalizeError> {
             }
         }
     }
-    check_decoded(&decoded, PART)?;
+    check_decoded(decoded.as_deref().unwrap_or(bytes), PART)?;
     if has_double_encoding(&out) {
         return Err(NormalizeError::DoubleEncoding);
     }
-    let path = remove_dot_segments(&out);
+    let path = remove_dot_segments(out);
     if path.len() > max {
         return Err(NormalizeError::PathTooLong {
             len: path.len(),
@@ -445,7 +454,32 @@ fn check_decoded(decoded: &[u8], part: Part) -> Result<(), NormalizeError> {
 /// merges, `.` goes, `..` drops the segment before it and stops at the root. A path
 /// that ended in a segment (`/a`) or in a separator/dot segment (`/a/`, `/a/.`,
 /// `/a/b/..`) keeps that shape.
-fn remove_dot_segments(path: &str) -> String {
+pub(crate) fn remove_dot_segments(path: String) -> String {
+    // Already in that form (most paths): kept as it is, not built again.
+    if is_merged(&path) {
+        path
+    } else {
+        merge_dot_segments(&path)
+    }
+}
+
+/// Whether `path` is what `merge_dot_segments` makes of it: it starts with `/`, and
+/// has no `.` or `..` segment and no empty segment but the last.
+fn is_merged(path: &str) -> bool {
+    let Some(rest) = path.strip_prefix('/') else {
+        return false;
+    };
+    let mut segments = rest.split('/').peekable();
+    while let Some(segment) = segments.next() {
+        if matches!(segment, "." | "..") || (segment.is_empty() && segments.peek().is_some()) {
+            return false;
+        }
+    }
+    true
+}
+
+/// `remove_dot_segments`, building the path anew.
+pub(crate) fn merge_dot_segments(path: &str) -> String {
     let mut kept: Vec<&str> = Vec::new();
     let mut trailing_slash = false;
     for segment in path.split('/').skip(1) {

@@ -12,7 +12,7 @@
 use http::{HeaderMap, HeaderValue, Uri, Version};
 use proptest::prelude::*;
 
-use super::normalize::{NormalizeLimits, normalize};
+use super::normalize::{NormalizeLimits, merge_dot_segments, normalize, remove_dot_segments};
 
 /// The pieces targets are made of.
 fn piece() -> impl Strategy<Value = &'static str> {
@@ -144,6 +144,18 @@ proptest! {
         prop_assert_eq!(&again.segments, &first.segments);
         prop_assert_eq!(&again.query, &first.query);
         prop_assert_eq!(again.path_and_query(), first.path_and_query());
+    }
+
+    /// A path already in merged form is kept as it is rather than built again: the
+    /// same string as building it, for paths of every shape (`//`, dot segments, a
+    /// trailing `/`, none at all).
+    #[test]
+    fn a_path_kept_as_it_is_is_the_merged_path(
+        segments in prop::collection::vec(prop::sample::select(vec!["", ".", "..", "a", "%2E", "b.c", "..."]), 0..8),
+        leading in any::<bool>(),
+    ) {
+        let path = format!("{}{}", if leading { "/" } else { "" }, segments.join("/"));
+        prop_assert_eq!(remove_dot_segments(path.clone()), merge_dot_segments(&path), "{}", path);
     }
 
     #[test]

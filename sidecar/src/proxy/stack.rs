@@ -20,7 +20,7 @@ use tower::ServiceBuilder;
 
 use super::audit::AuditLayer;
 use super::authorize::{NormalizeLayer, Parties, PolicyLayer};
-use super::forward::Forward;
+use super::forward::{Bare, Forward};
 use super::layers::{CallerIdentityLayer, Peer};
 use super::normalize::NormalizeLimits;
 use super::overload::{ShedLayer, TimeoutLayer};
@@ -106,7 +106,8 @@ impl Proxy {
     + Send
     + 'static
     where
-        C: Connect + Clone + Send + Sync + 'static,
+        C: Clone + Send + Sync + 'static,
+        Bare<C>: Connect,
     {
         let parties = &site.parties;
         ServiceBuilder::new()
@@ -160,7 +161,8 @@ impl Proxy {
         drain: nexus_serve::Watch,
     ) where
         I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-        C: Connect + Clone + Send + Sync + 'static,
+        C: Clone + Send + Sync + 'static,
+        Bare<C>: Connect,
     {
         let service = self.stack(&site, forward);
         let Parties {
