@@ -409,7 +409,7 @@ oha_target() {
 # starts one target further along (round 2 with the second, ...), so that no target
 # always runs right after the same one. The report shows the median over rounds.
 run_targets() {
-  local name round pids w i order lc=() settle=()
+  local name round pids w i order lc=() db=() settled=()
   [[ $OHA_LATENCY_CORRECTION == 1 ]] && lc=(--latency-correction)
   for name in "${TARGETS[@]}"; do
     rss_snapshot "${TARGET_PIDS[$name]:-}" "$WORK/$name.idle.json"
@@ -426,12 +426,15 @@ run_targets() {
       log "round $round/$ROUNDS, $name: $SETTLE then $DURATION at $RATE rps"
       # Each request's times go to a database, for the latency of the requests after
       # the first SETTLE (oha's own percentiles count the connections' handshakes).
-      settle=()
-      ((SETTLE_S > 0)) && settle=("$w.rate.db" "$SETTLE_S" "$OHA_LATENCY_CORRECTION")
+      db=() settled=()
+      if ((SETTLE_S > 0)); then
+        db=(--db-url "$w.rate.db")
+        settled=("$w.rate.db" "$SETTLE_S" "$OHA_LATENCY_CORRECTION")
+      fi
       sampled "$pids" "$w.rate-sample.json" \
         oha_target "$name" "$w.rate.json" $((SETTLE_S + DURATION_S)) \
-        -z "$((SETTLE_S + DURATION_S))s" -q "$RATE" "${lc[@]}" ${settle:+--db-url "$w.rate.db"}
-      "$PY" "$LIB" row "$RESULTS" "$name" "$RATE rps" "$w.rate.json" "${settle[@]}"
+        -z "$((SETTLE_S + DURATION_S))s" -q "$RATE" "${lc[@]}" "${db[@]}"
+      "$PY" "$LIB" row "$RESULTS" "$name" "$RATE rps" "$w.rate.json" "${settled[@]}"
       rss_snapshot "$pids" "$w.after-rate.json"
     done
     for name in "${order[@]}"; do
