@@ -90,6 +90,7 @@ pub struct Metrics {
     cache_misses: Counter,
     cache_uncached: Counter,
     cache_evictions: Counter,
+    cache_refused: Counter,
     cache_entries: Gauge<i64, AtomicI64>,
     cache_bytes: Gauge<i64, AtomicI64>,
     engine_panics: Counter,
@@ -416,6 +417,12 @@ impl Metrics {
             "Cache entries removed to stay within cache_max_entries / cache_max_bytes",
             cache_evictions.clone(),
         );
+        let cache_refused = Counter::default();
+        registry.register(
+            "policy_cache_refused",
+            "Misses not kept: the cache was full and the entry that would have made room was asked for at least as often (docs/policy-cache.md)",
+            cache_refused.clone(),
+        );
         let cache_entries = Gauge::<i64, AtomicI64>::default();
         registry.register(
             "policy_cache_entries",
@@ -476,6 +483,7 @@ impl Metrics {
             cache_misses,
             cache_uncached,
             cache_evictions,
+            cache_refused,
             cache_entries,
             cache_bytes,
             engine_panics,
@@ -793,6 +801,7 @@ impl Metrics {
             (&self.cache_misses, c.misses),
             (&self.cache_uncached, c.uncached),
             (&self.cache_evictions, c.evictions),
+            (&self.cache_refused, c.refused),
         ] {
             counter.inner().fetch_max(value, Ordering::Relaxed);
         }

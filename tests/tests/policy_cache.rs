@@ -7,7 +7,7 @@
 //! - a revocation, an execution's close and an execution's `not_after` passing take
 //!   effect although an allow for the same request is cached;
 //! - requests that miss the cache every time (unique paths) do not grow it past its
-//!   bounds;
+//!   bounds, nor push out a decision that is asked for again;
 //! - a revision the cache cannot key is served uncached, and the log says why;
 //! - a decision served from the cache is still recorded, with its own decision id and
 //!   `"cached": true`.
@@ -336,8 +336,14 @@ fn revocation_close_and_expiry_take_effect_despite_a_cached_allow() {
     }
 }
 
+/// A plugin floods the data sidecar with requests crafted to miss the cache (a unique
+/// path each) while the same plugin's ordinary request keeps being asked for. The cache
+/// stays within its bounds, keeps no flood decision once full (each is refused, not
+/// put in place of another), and the ordinary request is answered from the cache after
+/// every batch: before admission by frequency (stop 36) the flood pushed it out (40
+/// entries, oldest first out).
 #[test]
-fn cache_busting_requests_stay_within_the_bounds() {
+fn cache_busting_requests_stay_within_the_bounds_and_push_nothing_out() {
     let st = start(
         "cache-busting",
         "cache_max_entries = 40\ncache_max_bytes = 32768",
@@ -346,6 +352,7 @@ fn cache_busting_requests_stay_within_the_bounds() {
     eventually(WAIT, "ex-1 open", || {
         (st.get(FLOOD, PATH17).status == 200).then_some(())
     });
+    st.warm(3.0);
     // 400 unique paths (each a new key), in batches on one connection per curl.
     let tls = st.hop.inbound_args(Some(FLOOD));
     for batch in 0..8 {
@@ -365,12 +372,27 @@ fn cache_busting_requests_stay_within_the_bounds() {
         let bytes = st.metric("nexus_policy_cache_bytes");
         assert!(entries <= 40.0, "{entries} entries");
         assert!(bytes <= 32768.0, "{bytes} bytes");
+        let reply = st.get(FLOOD, PATH17);
+        assert_eq!(reply.status, 200, "{reply:?}");
+        let record = eventually(WAIT, "the ordinary request's record", || {
+            st.records()
+                .into_iter()
+                .find(|r| r["decision_id"] == reply.decision_id.as_str())
+        });
+        assert_eq!(
+            record["cached"],
+            json!(true),
+            "after flood batch {batch}, the ordinary request was evaluated again: {record}"
+        );
     }
     let misses = st.metric("nexus_policy_cache_misses_total");
     assert!(misses >= 400.0, "{misses} misses");
-    assert!(st.metric("nexus_policy_cache_evictions_total") >= 300.0);
-    // The cache still works for the legitimate request.
-    st.warm(2.0);
+    let refused = st.metric("nexus_policy_cache_refused_total");
+    let evictions = st.metric("nexus_policy_cache_evictions_total");
+    assert!(
+        refused >= 300.0 && evictions < 40.0,
+        "refused {refused}, evicted {evictions}"
+    );
 }
 
 #[test]

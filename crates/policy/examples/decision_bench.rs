@@ -4,8 +4,11 @@
 //! only, and interpreted, on one thread and on every core; each row names the mode the
 //! revision actually runs in (see docs/opa-compatibility.md, "Evaluation modes").
 //! "evaluate" is the evaluation alone; "cold" a decision through the cache for a request
-//! it has not seen (a new path; the cache has the sidecar's default bounds, so it fills
-//! and then evicts); "warm" is a decision cache hit (docs/policy-cache.md), with the key
+//! it has not seen (a new path), the cache (the sidecar's default bounds) first filled
+//! with decisions asked for once, as a flood of unique requests leaves it: a full cache
+//! keeps a miss only for a key asked for more often than the oldest entry's, so "cold"
+//! misses are not kept, and "cold, kept" ones (each request asked for once before,
+//! outside the clock) are, with an eviction (the row says the share kept); "warm" is a decision cache hit (docs/policy-cache.md), with the key
 //! made from the input document (`Policy::evaluate_cached`) or, as the sidecar looks a
 //! hit up, written from the request's values without a document (`Policy::cached_parts`,
 //! the values taken out of the document before the clock starts). Each input document is
@@ -107,6 +110,8 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
 }
 
 struct Run {
+    /// Of the measured misses, the share kept in the cache.
+    kept: f64,
     p50: Duration,
     p99: Duration,
     allow_p50: Duration,
@@ -119,9 +124,13 @@ struct Run {
 enum Through {
     /// `Policy::evaluate`: no cache.
     Evaluate,
-    /// The cache, each input new to it (a path it has not seen: every call misses,
-    /// and pays the key, the lookup and the insert on top of the evaluation).
+    /// The cache, full, each input new to it (a path it has not seen: every call
+    /// misses, and pays the key and the lookup on top of the evaluation; admission
+    /// refuses to keep a key asked for once in a full cache, so no insert).
     Cold,
+    /// As `Cold`, each input asked for once before (outside the clock), so that the
+    /// measured miss is kept: the insert and an eviction on top.
+    ColdKept,
     /// The cache, every input already in it.
     Warm,
     /// The cache, every input already in it, the key written from the values at its
@@ -186,10 +195,18 @@ fn limits() -> CacheLimits {
     CacheLimits::default()
 }
 
+/// Fills `cache` to its bounds with decisions asked for once (as a flood of unique
+/// requests leaves it), so that cold runs measure a full cache.
+fn prefill(policy: &Policy, cache: &DecisionCache, inputs: &[Value]) {
+    for i in 0..2 * limits().max_entries {
+        let _ = policy.evaluate_cached(cache, input_at(i % inputs.len(), Some(1_000_000_000 + i)));
+    }
+}
+
 fn decide(policy: &Policy, cache: &DecisionCache, v: Value, through: Through) -> bool {
     match through {
         Through::Evaluate => policy.evaluate(v).allow,
-        Through::Cold => {
+        Through::Cold | Through::ColdKept => {
             let d = policy.evaluate_cached(cache, v);
             assert!(!d.cached, "a cold run hit the cache");
             d.decision.allow
@@ -208,6 +225,9 @@ fn run(policy: &Policy, inputs: &[Value], iterations: usize, through: Through) -
     for v in inputs {
         let _ = policy.evaluate_cached(&cache, v.clone());
     }
+    if matches!(through, Through::Cold | Through::ColdKept) {
+        prefill(policy, &cache, inputs);
+    }
     let check = std::env::var_os("BENCH_POLICY").is_none();
     let facts: Vec<Facts> = if through == Through::WarmFacts {
         inputs.iter().map(|v| facts_of(policy, v)).collect()
@@ -217,6 +237,7 @@ fn run(policy: &Policy, inputs: &[Value], iterations: usize, through: Through) -
     let mut samples = Vec::with_capacity(iterations);
     let mut allowed = Vec::with_capacity(iterations / 2);
     let mut denied = Vec::with_capacity(iterations / 2);
+    let mut kept = 0usize;
     for n in 0..iterations {
         // Cold: an input no decision was cached for, made just before the clock starts
         // (as the sidecar builds a request's input just before deciding) and freed
@@ -225,10 +246,21 @@ fn run(policy: &Policy, inputs: &[Value], iterations: usize, through: Through) -
         // clock starts (a document picked from a thousand made long before is walked
         // from memory the processor no longer holds close: about 0.13 µs more per hit).
         let v = match through {
-            Through::Cold => input_at(n % inputs.len(), Some(n)),
+            Through::Cold | Through::ColdKept => input_at(n % inputs.len(), Some(n)),
             Through::Evaluate | Through::Warm => input(n % inputs.len()),
             Through::WarmFacts => Value::Undefined,
         };
+        if through == Through::ColdKept {
+            // Asked for once: refused (the doorkeeper takes it); when that first ask is
+            // already kept (a doorkeeper false positive), the input is not measured.
+            let refused = cache.stats().refused;
+            let first = policy.evaluate_cached(&cache, v.clone());
+            assert!(!first.cached, "a cold run hit the cache");
+            if cache.stats().refused == refused {
+                continue;
+            }
+        }
+        let refused = cache.stats().refused;
         let keep = v.clone();
         let t = Instant::now();
         let allow = if through == Through::WarmFacts {
@@ -238,6 +270,9 @@ fn run(policy: &Policy, inputs: &[Value], iterations: usize, through: Through) -
         };
         let elapsed = t.elapsed();
         drop(keep);
+        if cache.stats().refused == refused {
+            kept += 1;
+        }
         samples.push(elapsed);
         if allow {
             allowed.push(elapsed)
@@ -258,6 +293,7 @@ fn run(policy: &Policy, inputs: &[Value], iterations: usize, through: Through) -
     allowed.sort();
     denied.sort();
     Run {
+        kept: kept as f64 / samples.len() as f64,
         p50: percentile(&samples, 0.5),
         p99: percentile(&samples, 0.99),
         allow_p50: if allowed.is_empty() {
@@ -270,7 +306,7 @@ fn run(policy: &Policy, inputs: &[Value], iterations: usize, through: Through) -
         } else {
             percentile(&denied, 0.5)
         },
-        rate: iterations as f64 / total.as_secs_f64(),
+        rate: samples.len() as f64 / total.as_secs_f64(),
     }
 }
 
@@ -287,12 +323,34 @@ fn run_parallel(
     }
     let cache = &cache;
     let per_thread = iterations / threads;
-    let unique: Vec<Value> = if through == Through::Cold {
+    let cold = matches!(through, Through::Cold | Through::ColdKept);
+    if cold {
+        prefill(policy, cache, inputs);
+    }
+    let unique: Vec<Value> = if cold {
         (0..per_thread * threads)
             .map(|n| input_at(n % inputs.len(), Some(n)))
             .collect()
     } else {
         Vec::new()
+    };
+    // Each asked for once, and measured only if that ask was refused (see `run`).
+    let unique: Vec<Value> = if through == Through::ColdKept {
+        unique
+            .into_iter()
+            .filter(|v| {
+                let refused = cache.stats().refused;
+                let _ = policy.evaluate_cached(cache, v.clone());
+                cache.stats().refused > refused
+            })
+            .collect()
+    } else {
+        unique
+    };
+    let per_thread = if cold {
+        unique.len() / threads
+    } else {
+        per_thread
     };
     let unique = &unique;
     let facts: Vec<Facts> = if through == Through::WarmFacts {
@@ -310,7 +368,7 @@ fn run_parallel(
                         let _ = decide_from_facts(policy, cache, &facts[(n + t) % inputs.len()]);
                         continue;
                     }
-                    let v = if through == Through::Cold {
+                    let v = if cold {
                         unique[t * per_thread + n].clone()
                     } else {
                         inputs[(n + t) % inputs.len()].clone()
@@ -320,7 +378,7 @@ fn run_parallel(
             });
         }
     });
-    (iterations / threads * threads) as f64 / start.elapsed().as_secs_f64()
+    (per_thread * threads) as f64 / start.elapsed().as_secs_f64()
 }
 
 fn main() {
@@ -375,6 +433,7 @@ fn main() {
         for (label, through) in [
             ("evaluate (no cache)", Through::Evaluate),
             ("cold (cache miss)", Through::Cold),
+            ("cold (cache miss, kept)", Through::ColdKept),
             ("warm (cache hit)", Through::Warm),
             ("warm (cache hit, key from the values)", Through::WarmFacts),
         ] {
@@ -392,8 +451,21 @@ fn main() {
             } else {
                 iterations
             };
+            // Kept misses replace the prefilled entries (asked for once); past the
+            // cache's half they would meet entries asked for as often, and be refused.
+            let n = if through == Through::ColdKept {
+                n.min(limits().max_entries / 2)
+            } else {
+                n
+            };
             let r = run(&policy, &inputs, n, through);
             let par = run_parallel(&policy, &inputs, n, threads, through);
+            // A cold row says how many of its misses the full cache kept.
+            let label = if matches!(through, Through::Cold | Through::ColdKept) {
+                format!("{label}; {:.0}% kept", r.kept * 100.0)
+            } else {
+                label.to_string()
+            };
             println!(
                 "| {name} | {ran} | {label} | {:.1} | {:.2} | {:.2} | {:.2} | {:.2} | {:.0} | {:.0} |",
                 compile.as_secs_f64() * 1e3,

@@ -564,6 +564,9 @@ pub struct CacheStats {
     pub uncached: u64,
     /// Entries removed to stay within the bounds.
     pub evictions: u64,
+    /// Misses not kept: the cache was full, and the entry that would have made room
+    /// was asked for at least as often (admission by frequency, [`Frequency`]).
+    pub refused: u64,
     /// Entries now.
     pub entries: u64,
     /// Bytes now.
@@ -608,9 +611,150 @@ struct Shard {
     map: HashMap<u64, Entry, std::hash::BuildHasherDefault<Prehashed>>,
     order: VecDeque<u64>,
     bytes: usize,
+    frequency: Frequency,
+}
+
+/// How often each key was asked for lately, approximately (TinyLFU, as Caffeine and
+/// moka admit entries): a key's first ask sets two bits of a Bloom filter (the
+/// doorkeeper); later asks count in a count-min sketch of saturating counters (four per
+/// key; the smallest is the estimate). Every `AGE_EVERY` × the shard's entries asks,
+/// the counters are halved and the doorkeeper emptied, so that what was popular long
+/// ago fades. Positions are drawn from the key's seeded hash: whoever crafts requests
+/// cannot choose where their keys count.
+///
+/// A full shard keeps a missed decision only if its key was asked for more often than
+/// the key of the oldest entry, the one that would make room; otherwise that entry is
+/// given another turn at the back of the queue and the miss is not kept. So a flood of
+/// requests each made once (unique paths crafted to miss) neither pushes out decisions
+/// that are asked for again nor counts in the sketch (the doorkeeper takes it), and once
+/// the cache is full it costs no insert or eviction; a new key asked for twice is kept
+/// over entries asked for once.
+#[derive(Default)]
+struct Frequency {
+    counters: Box<[u8]>,
+    doorkeeper: Box<[u64]>,
+    /// Asks since the last halving.
+    counted: usize,
+    /// Asks between two halvings.
+    age_every: usize,
+}
+
+/// Largest count a sketch counter holds (4 bits' worth, as TinyLFU's).
+const MOST_COUNTED: u8 = 15;
+/// Halvings come after this many asks per entry the shard may hold.
+const AGE_EVERY: usize = 10;
+/// Most sketch counters (bytes) in one shard: 1 MiB, reached from 512k entries per
+/// shard. The default 1,250 entries per shard take 4 KiB.
+const MOST_COUNTERS: usize = 1 << 20;
+/// Fewest sketch counters and doorkeeper bits in one shard (a small cache's sketch would
+/// otherwise count every key in the same few counters).
+const LEAST_COUNTERS: usize = 1024;
+const LEAST_DOORKEEPER_BITS: usize = 8192;
+/// Most doorkeeper bits in one shard: 1 MiB. The default takes 8 KiB (four bits per
+/// ask between two halvings).
+const MOST_DOORKEEPER_BITS: usize = 1 << 23;
+
+impl Frequency {
+    fn new(entries: usize) -> Self {
+        let entries = entries.max(16);
+        let age_every = entries.saturating_mul(AGE_EVERY);
+        let width = |n: usize, most: usize| n.checked_next_power_of_two().unwrap_or(most).min(most);
+        Self {
+            counters: vec![0; width(entries.saturating_mul(2).max(LEAST_COUNTERS), MOST_COUNTERS)]
+                .into_boxed_slice(),
+            doorkeeper: vec![
+                0;
+                width(
+                    age_every.saturating_mul(4).max(LEAST_DOORKEEPER_BITS),
+                    MOST_DOORKEEPER_BITS
+                ) / 64
+            ]
+            .into_boxed_slice(),
+            counted: 0,
+            age_every,
+        }
+    }
+
+    /// The four counters of `hash`.
+    fn slots(&self, hash: u64) -> [usize; 4] {
+        let mask = self.counters.len() - 1;
+        let h = hash.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        [
+            (h as usize) & mask,
+            ((h >> 16) as usize) & mask,
+            ((h >> 32) as usize) & mask,
+            ((h >> 48) as usize) & mask,
+        ]
+    }
+
+    /// The two doorkeeper bits of `hash` (word, mask).
+    fn bits(&self, hash: u64) -> [(usize, u64); 2] {
+        let mask = self.doorkeeper.len() * 64 - 1;
+        let h = hash.rotate_left(23).wrapping_mul(0xC2B2_AE3D_27D4_EB4F);
+        [h as usize & mask, (h >> 32) as usize & mask].map(|bit| (bit / 64, 1u64 << (bit % 64)))
+    }
+
+    fn admitted(&self, hash: u64) -> bool {
+        self.bits(hash)
+            .into_iter()
+            .all(|(word, bit)| self.doorkeeper[word] & bit != 0)
+    }
+
+    /// One ask for `hash`.
+    fn count(&mut self, hash: u64) {
+        if self.counters.is_empty() {
+            return;
+        }
+        if self.admitted(hash) {
+            for i in self.slots(hash) {
+                let c = &mut self.counters[i];
+                *c = (*c + 1).min(MOST_COUNTED);
+            }
+        } else {
+            for (word, bit) in self.bits(hash) {
+                self.doorkeeper[word] |= bit;
+            }
+        }
+        self.counted += 1;
+        if self.counted >= self.age_every {
+            self.counted = 0;
+            for c in self.counters.iter_mut() {
+                *c /= 2;
+            }
+            self.doorkeeper.fill(0);
+        }
+    }
+
+    /// About how many times `hash` was asked for lately: the sketch's count, plus one
+    /// when the doorkeeper holds it (0 when never asked).
+    fn estimate(&self, hash: u64) -> u8 {
+        if self.counters.is_empty() {
+            return 0;
+        }
+        let counted = self
+            .slots(hash)
+            .into_iter()
+            .map(|i| self.counters[i])
+            .min()
+            .unwrap_or(0);
+        counted + u8::from(self.admitted(hash))
+    }
 }
 
 const SHARDS: usize = 8;
+
+impl Shard {
+    fn new(limits: CacheLimits) -> Self {
+        Self {
+            frequency: if limits.max_entries == 0 {
+                Frequency::default()
+            } else {
+                Frequency::new((limits.max_entries / SHARDS).max(1))
+            },
+            ..Self::default()
+        }
+    }
+}
 
 /// A bounded decision cache shared by the request workers (sharded locks; each held
 /// for a lookup or an insert only, never during an evaluation).
@@ -622,6 +766,7 @@ pub struct DecisionCache {
     misses: AtomicU64,
     uncached: AtomicU64,
     evictions: AtomicU64,
+    refused: AtomicU64,
     entries: AtomicUsize,
     bytes: AtomicUsize,
 }
@@ -638,13 +783,16 @@ impl DecisionCache {
     /// An empty cache with these bounds.
     pub fn new(limits: CacheLimits) -> Self {
         Self {
-            shards: (0..SHARDS).map(|_| Mutex::new(Shard::default())).collect(),
+            shards: (0..SHARDS)
+                .map(|_| Mutex::new(Shard::new(limits)))
+                .collect(),
             limits,
             hasher: std::collections::hash_map::RandomState::new(),
             hits: AtomicU64::new(0),
             misses: AtomicU64::new(0),
             uncached: AtomicU64::new(0),
             evictions: AtomicU64::new(0),
+            refused: AtomicU64::new(0),
             entries: AtomicUsize::new(0),
             bytes: AtomicUsize::new(0),
         }
@@ -662,6 +810,7 @@ impl DecisionCache {
             misses: self.misses.load(Ordering::Relaxed),
             uncached: self.uncached.load(Ordering::Relaxed),
             evictions: self.evictions.load(Ordering::Relaxed),
+            refused: self.refused.load(Ordering::Relaxed),
             entries: self.entries.load(Ordering::Relaxed) as u64,
             bytes: self.bytes.load(Ordering::Relaxed) as u64,
         }
@@ -697,7 +846,7 @@ impl DecisionCache {
         now_ns: i128,
         count_miss: bool,
     ) -> Option<Decision> {
-        let found = self.find(hash, key, generation, now_ns);
+        let found = self.find(hash, key, generation, now_ns, count_miss);
         match &found {
             Some(_) => {
                 self.hits.fetch_add(1, Ordering::Relaxed);
@@ -710,8 +859,18 @@ impl DecisionCache {
         found
     }
 
-    fn find(&self, hash: u64, key: &[u8], generation: u64, now_ns: i128) -> Option<Decision> {
-        let shard = self.shard(hash).lock().unwrap_or_else(|p| p.into_inner());
+    /// The decision kept for `key`; the key is counted as asked for ([`Frequency`]) on
+    /// a hit, and on a miss when `count_miss` (the sidecar looks a request up twice on
+    /// a miss, once without the document: it counts once).
+    fn find(
+        &self,
+        hash: u64,
+        key: &[u8],
+        generation: u64,
+        now_ns: i128,
+        count_miss: bool,
+    ) -> Option<Decision> {
+        let mut shard = self.shard(hash).lock().unwrap_or_else(|p| p.into_inner());
         let found = shard
             .map
             .get(&hash)
@@ -722,13 +881,17 @@ impl DecisionCache {
                     && now_ns < e.expires_ns
             })
             .map(|e| e.decision.clone());
+        if found.is_some() || count_miss {
+            shard.frequency.count(hash);
+        }
         drop(shard);
         found
     }
 
     /// Keeps `decision` for `key` (whose [`DecisionCache::hash`] is `hash`) for request
     /// times in `valid` (`[from, until)`), evicting the oldest entries of the shard to
-    /// stay within the bounds.
+    /// stay within the bounds; a full shard keeps it only if `key` was asked for more
+    /// often than the oldest entry's key (counted as refused otherwise: [`Frequency`]).
     pub(crate) fn insert(
         &self,
         hash: u64,
@@ -756,6 +919,18 @@ impl DecisionCache {
             freed += old.bytes;
             true
         });
+        // Admission: a full shard keeps the decision only for a key asked for more often
+        // than the oldest entry's (`Frequency`); that entry otherwise goes to the back.
+        if !replaced
+            && (shard.map.len() + 1 > per_shard_entries || shard.bytes + bytes > per_shard_bytes)
+            && let Some(&oldest) = shard.order.front()
+            && shard.frequency.estimate(hash) <= shard.frequency.estimate(oldest)
+        {
+            shard.order.rotate_left(1);
+            drop(shard);
+            self.refused.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
         while shard.map.len() + 1 > per_shard_entries
             || shard.bytes - freed + bytes > per_shard_bytes
         {
@@ -806,7 +981,10 @@ impl DecisionCache {
         for shard in &self.shards {
             let mut shard = shard.lock().unwrap_or_else(|p| p.into_inner());
             let (n, b) = (shard.map.len(), shard.bytes);
-            *shard = Shard::default();
+            // How often keys were asked for stays: a new revision is asked the same.
+            shard.map = HashMap::default();
+            shard.order = VecDeque::new();
+            shard.bytes = 0;
             drop(shard);
             self.entries.fetch_sub(n, Ordering::Relaxed);
             self.bytes.fetch_sub(b, Ordering::Relaxed);
@@ -1186,6 +1364,16 @@ mod tests {
         }
     }
 
+    /// A miss as `Policy::evaluate_cached` takes it: a counted lookup, then the insert.
+    fn ask(cache: &DecisionCache, key: &[u8], d: &Decision) -> bool {
+        let hash = cache.hash(key);
+        if cache.get(hash, key, 1, 0, true).is_some() {
+            return true;
+        }
+        cache.insert(hash, key, 1, (0, i128::MAX), d);
+        false
+    }
+
     #[test]
     fn bounds_hold_under_unique_keys() {
         let cache = DecisionCache::new(CacheLimits {
@@ -1197,30 +1385,116 @@ mod tests {
             reasons: vec!["r".repeat(100)].into(),
             error: None,
         };
-        for i in 0..10_000u32 {
-            let key = format!("key-{i}").into_bytes();
-            cache.insert(cache.hash(&key), &key, 1, (0, i128::MAX), &d);
+        let within = |cache: &DecisionCache| {
             let s = cache.stats();
             assert!(s.entries <= 64 && s.bytes <= 16 * 1024, "{s:?}");
+        };
+        // Keys asked for once: the cache fills, then keeps no more (nothing evicted).
+        for i in 0..10_000u32 {
+            assert!(!ask(&cache, format!("key-{i}").as_bytes(), &d));
+            within(&cache);
         }
-        assert!(cache.stats().evictions > 9_000);
-        let hash = cache.hash(b"key-9999");
-        assert!(cache.get(hash, b"key-9999", 1, 0, true).is_some());
+        let s = cache.stats();
+        assert!(s.entries > 0 && s.refused > 9_000, "{s:?}");
+        // Keys asked for again are kept over them (16 of them: at most 8 per shard
+        // in all but one case in 10^5 of the random seed), within the bounds.
+        for i in 0..16u32 {
+            let key = format!("again-{i}").into_bytes();
+            assert!(!ask(&cache, &key, &d));
+            // A halving between two asks can take one ask away: a third is kept.
+            let kept = (0..3).any(|_| ask(&cache, &key, &d));
+            assert!(kept, "again-{i} not kept: {:?}", cache.stats());
+            within(&cache);
+        }
+        assert!(cache.stats().evictions >= 16, "{:?}", cache.stats());
+        let hash = cache.hash(b"again-15");
+        assert!(cache.get(hash, b"again-15", 1, 0, true).is_some());
         assert!(
-            cache.get(hash, b"key-9999", 2, 0, true).is_none(),
+            cache.get(hash, b"again-15", 2, 0, true).is_none(),
             "another generation"
         );
         assert!(
-            cache.get(hash, b"key-9999", 1, i128::MAX, true).is_none(),
+            cache.get(hash, b"again-15", 1, i128::MAX, true).is_none(),
             "expired"
         );
         assert!(
-            cache.get(hash, b"key-9999", 1, -1, true).is_none(),
+            cache.get(hash, b"again-15", 1, -1, true).is_none(),
             "before its interval"
         );
         cache.clear();
         assert_eq!(cache.stats().entries, 0);
         assert_eq!(cache.stats().bytes, 0);
+    }
+
+    /// The attack admission is for: requests crafted to miss (each key asked for once)
+    /// flood a full cache while 16 legitimate keys are asked for again now and then.
+    /// Every legitimate key stays kept, and the flood costs no eviction.
+    #[test]
+    fn a_flood_of_keys_asked_once_does_not_push_out_keys_asked_again() {
+        let cache = DecisionCache::new(CacheLimits {
+            max_entries: 64,
+            max_bytes: 1 << 20,
+        });
+        let d = Decision {
+            allow: true,
+            reasons: vec!["r".to_string()].into(),
+            error: None,
+        };
+        let legit: Vec<Vec<u8>> = (0..16).map(|i| format!("legit-{i}").into_bytes()).collect();
+        for key in &legit {
+            ask(&cache, key, &d);
+            assert!(ask(&cache, key, &d), "kept while the cache had room");
+        }
+        for i in 0..20_000u32 {
+            ask(&cache, format!("flood-{i}").as_bytes(), &d);
+            if i % 200 == 199 {
+                for key in &legit {
+                    assert!(
+                        ask(&cache, key, &d),
+                        "{} pushed out after {i} flood keys: {:?}",
+                        String::from_utf8_lossy(key),
+                        cache.stats()
+                    );
+                }
+            }
+        }
+        // Flood entries still make room for later flood keys once no one asks for them
+        // (after a halving); never for a legitimate key (above).
+        let s = cache.stats();
+        assert!(s.refused > 18_000 && s.evictions < 2_000, "{s:?}");
+    }
+
+    /// What was popular long ago fades: once the legitimate keys are no longer asked
+    /// for, keys asked for twice take their places.
+    #[test]
+    fn keys_no_longer_asked_for_make_room_in_the_end() {
+        let cache = DecisionCache::new(CacheLimits {
+            max_entries: 64,
+            max_bytes: 1 << 20,
+        });
+        let d = Decision {
+            allow: true,
+            reasons: vec!["r".to_string()].into(),
+            error: None,
+        };
+        for i in 0..64 {
+            let key = format!("old-{i}").into_bytes();
+            for _ in 0..10 {
+                ask(&cache, &key, &d);
+            }
+        }
+        for i in 0..5_000u32 {
+            let key = format!("new-{i}").into_bytes();
+            ask(&cache, &key, &d);
+            ask(&cache, &key, &d);
+        }
+        let kept = (0..64)
+            .filter(|i| {
+                let key = format!("old-{i}").into_bytes();
+                cache.get(cache.hash(&key), &key, 1, 0, false).is_some()
+            })
+            .count();
+        assert_eq!(kept, 0, "{:?}", cache.stats());
     }
 
     #[test]
