@@ -430,12 +430,14 @@ fn main() {
             Ok(plan) => eprintln!("decision cache key: {}", plan.describe().join(", ")),
             Err(why) => eprintln!("decision cache off for this policy: {why}"),
         }
+        // The cold rows last: their caches' churn leaves the heap scattered, and a hit
+        // through a document made after them walks it 0.1-0.3 µs slower.
         for (label, through) in [
             ("evaluate (no cache)", Through::Evaluate),
-            ("cold (cache miss)", Through::Cold),
-            ("cold (cache miss, kept)", Through::ColdKept),
             ("warm (cache hit)", Through::Warm),
             ("warm (cache hit, key from the values)", Through::WarmFacts),
+            ("cold (cache miss)", Through::Cold),
+            ("cold (cache miss, kept)", Through::ColdKept),
         ] {
             if through != Through::Evaluate && policy.cache_plan().is_err() {
                 continue;
