@@ -98,6 +98,12 @@ enum Callee {
     IsType(fn(&Value) -> bool),
     /// `concat` of an array or set of strings here; anything else goes to regorus's.
     Concat(Box<Callee>),
+    /// `count` of an array, set or object here (its length, as regorus's); anything
+    /// else goes to regorus's.
+    Count(Box<Callee>),
+    /// `sort` of an array or set here (regorus's order); anything else goes to
+    /// regorus's.
+    Sort(Box<Callee>),
 }
 
 #[derive(Debug)]
@@ -648,10 +654,11 @@ impl<'a> Compiler<'a> {
                             span: span.clone(),
                             params: params.clone(),
                         };
-                        if n == "concat" {
-                            Callee::Concat(Box::new(regorus))
-                        } else {
-                            regorus
+                        match n {
+                            "concat" => Callee::Concat(Box::new(regorus)),
+                            "count" => Callee::Count(Box::new(regorus)),
+                            "sort" => Callee::Sort(Box::new(regorus)),
+                            _ => regorus,
                         }
                     }
                 };
@@ -1597,6 +1604,38 @@ impl Program {
                 }
                 _ => return Err(Bail::Unmodelled),
             },
+            // One-argument calls answered here without an argument vector: the
+            // argument is evaluated (undefined makes the call undefined, as `defined`
+            // does), then given as it is, borrowed when it is.
+            E::Call(callee @ (Callee::Iter | Callee::Count(_) | Callee::Sort(_)), params)
+                if params.len() == 1 =>
+            {
+                let c = self.expr(cx, base, &params[0])?;
+                if c.is_undefined() {
+                    return Ok(V::UNDEFINED);
+                }
+                match (callee, c.get()) {
+                    // `__nexus_iter(c)`: c itself when a collection, else an empty array.
+                    (Callee::Iter, Value::Array(_) | Value::Set(_) | Value::Object(_)) => c,
+                    (Callee::Iter, _) => V::O(Value::new_array()),
+                    (Callee::Count(_), Value::Array(items)) => V::O(Value::from(items.len())),
+                    (Callee::Count(_), Value::Set(items)) => V::O(Value::from(items.len())),
+                    (Callee::Count(_), Value::Object(fields)) => V::O(Value::from(fields.len())),
+                    (Callee::Sort(_), Value::Array(items)) => {
+                        let mut sorted: Vec<Value> = items.iter().cloned().collect();
+                        sorted.sort();
+                        V::O(Value::from(sorted))
+                    }
+                    // A set iterates in regorus's order already.
+                    (Callee::Sort(_), Value::Set(items)) => {
+                        V::O(Value::from(items.iter().cloned().collect::<Vec<_>>()))
+                    }
+                    (Callee::Count(regorus) | Callee::Sort(regorus), _) => {
+                        V::O(call(regorus, &[c])?)
+                    }
+                    _ => return Err(Bail::Unmodelled),
+                }
+            }
             E::Call(callee, params) => match self.defined(cx, base, params)? {
                 Some(args) => V::O(call(callee, &args)?),
                 None => V::UNDEFINED,
@@ -1668,6 +1707,9 @@ fn call(callee: &Callee, args: &[V<'_>]) -> Result<Value, Bail> {
         }
         return call(regorus, args);
     }
+    if let Callee::Count(regorus) | Callee::Sort(regorus) = callee {
+        return call(regorus, args);
+    }
     let args: Vec<Value> = args.iter().map(|a| a.get().clone()).collect();
     let args = args.as_slice();
     match callee {
@@ -1675,7 +1717,7 @@ fn call(callee: &Callee, args: &[V<'_>]) -> Result<Value, Bail> {
             [v] => Value::Bool(test(v)),
             _ => return Err(Bail::Unmodelled),
         }),
-        Callee::Concat(regorus) => {
+        Callee::Concat(regorus) | Callee::Count(regorus) | Callee::Sort(regorus) => {
             call(regorus, &args.iter().cloned().map(V::O).collect::<Vec<_>>())
         }
         Callee::Member => match args {
@@ -1874,6 +1916,71 @@ digest := crypto.sha256(input.name)
     /// literal (joined as its items are evaluated; a non-string item goes to regorus's
     /// `concat`, which is undefined then) and an object literal with constant keys
     /// (filled into a copy of its shape); a duplicated key keeps the general form.
+    /// `count`, `sort` and the rewrites' `__nexus_iter` are answered here without an
+    /// argument vector (stop 36): over collections of every kind and element type, and
+    /// over what they do not take (handed to regorus's builtin), as the interpreter.
+    #[test]
+    fn counts_sorts_and_iterations_answer_as_the_interpreter() {
+        let text = r#"package t
+
+all_counts := [count(input.a), count(input.s), count(input.o)]
+
+array_count := count(input.a)
+
+set_count := count({x | some x in input.a})
+
+object_count := count(input.o)
+
+collection_count := count([x | some x in input.a])
+
+sorted := sort(input.a)
+
+sorted_set := sort({x | some x in input.a})
+
+sorted_scalar := sort(input.o.k)
+
+reasons contains r if {
+	some r in input.a
+	is_string(r)
+}
+
+sorted_reasons := sort([r | some r in reasons])
+
+every_member contains [k, v] if some k, v in input.o
+
+first_big if {
+	some x in input.a
+	x > 2
+}
+"#;
+        let inputs = [
+            json!({}),
+            json!({"a": [3, 1, 2], "s": "héllo", "o": {"k": "v", "z": 1}}),
+            json!({"a": ["b", "a", 1, null, true, [1], {"x": 1}, 1.5, "a"], "o": {}}),
+            json!({"a": [], "o": {"k": [3, 1]}}),
+            json!({"a": "scalar", "o": "scalar"}),
+            json!({"a": {"x": 1, "y": 2}, "o": [1, 2]}),
+            json!({"a": ["😀", "é", "e"], "o": {"k": {"a": 1}}}),
+            json!({"a": null, "o": null}),
+        ];
+        for rule in [
+            "data.t.all_counts",
+            "data.t.array_count",
+            "data.t.set_count",
+            "data.t.object_count",
+            "data.t.collection_count",
+            "data.t.sorted",
+            "data.t.sorted_set",
+            "data.t.sorted_scalar",
+            "data.t.sorted_reasons",
+            "data.t.every_member",
+            "data.t.first_big",
+        ] {
+            let bails = agree(&[("p.rego", text)], json!({}), rule, &inputs);
+            assert!(bails.iter().all(Option::is_none), "{rule}: {bails:?}");
+        }
+    }
+
     #[test]
     fn joined_concats_and_constant_key_objects_answer_as_the_interpreter() {
         let text = r#"package t
