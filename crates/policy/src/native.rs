@@ -1415,6 +1415,26 @@ impl Program {
         })
     }
 
+    /// The values of a comprehension's head, one per solution of its body, in order.
+    fn comprehension<'a>(
+        &'a self,
+        cx: &mut Cx<'a>,
+        base: usize,
+        head: &'a E,
+        stmts: &'a [Stmt],
+    ) -> Result<Vec<Value>, Bail> {
+        let mut items = Vec::new();
+        self.body(cx, base, stmts, &mut |p, cx| {
+            let v = p.expr(cx, base, head)?;
+            if v.is_undefined() {
+                return Err(Bail::UndefinedHead);
+            }
+            items.push(v.owned());
+            Ok(false)
+        })?;
+        Ok(items)
+    }
+
     /// `lhs op rhs`; None (undefined) when either side is.
     fn compare<'a>(
         &'a self,
@@ -1579,15 +1599,7 @@ impl Program {
                 V::O(call(regorus, &[d, V::O(array)])?)
             }
             E::ArrayCompr(head, stmts) | E::SetCompr(head, stmts) => {
-                let mut items = Vec::new();
-                self.body(cx, base, stmts, &mut |p, cx| {
-                    let v = p.expr(cx, base, head)?;
-                    if v.is_undefined() {
-                        return Err(Bail::UndefinedHead);
-                    }
-                    items.push(v.owned());
-                    Ok(false)
-                })?;
+                let items = self.comprehension(cx, base, head, stmts)?;
                 V::O(if matches!(e, E::ArrayCompr(..)) {
                     Value::from(items)
                 } else {
@@ -1604,6 +1616,17 @@ impl Program {
                 }
                 _ => return Err(Bail::Unmodelled),
             },
+            // `sort([x | ...])`: the comprehension's items sorted where they are made.
+            E::Call(Callee::Sort(_), params)
+                if matches!(params.as_slice(), [E::ArrayCompr(..)]) =>
+            {
+                let [E::ArrayCompr(head, stmts)] = params.as_slice() else {
+                    return Err(Bail::Unmodelled);
+                };
+                let mut items = self.comprehension(cx, base, head, stmts)?;
+                items.sort();
+                V::O(Value::from(items))
+            }
             // One-argument calls answered here without an argument vector: the
             // argument is evaluated (undefined makes the call undefined, as `defined`
             // does), then given as it is, borrowed when it is.
