@@ -1401,8 +1401,10 @@ mod tests {
         for i in 0..16u32 {
             let key = format!("again-{i}").into_bytes();
             assert!(!ask(&cache, &key, &d));
-            // A halving between two asks can take one ask away: a third is kept.
-            let kept = (0..3).any(|_| ask(&cache, &key, &d));
+            // Kept within a few asks: a halving between two asks takes some away, and
+            // the oldest entry may be an earlier one of these, asked about as often
+            // (ties are refused).
+            let kept = (0..8).any(|_| ask(&cache, &key, &d));
             assert!(kept, "again-{i} not kept: {:?}", cache.stats());
             within(&cache);
         }
@@ -1426,11 +1428,8 @@ mod tests {
         assert_eq!(cache.stats().bytes, 0);
     }
 
-    /// The attack admission is for: requests crafted to miss (each key asked for once)
-    /// flood a full cache while 16 legitimate keys are asked for again now and then.
-    /// Every legitimate key stays kept, and the flood costs no eviction.
-    #[test]
-    fn a_flood_of_keys_asked_once_does_not_push_out_keys_asked_again() {
+    /// A 64-entry cache (8 per shard) and a decision to keep in it.
+    fn small_cache() -> (DecisionCache, Decision) {
         let cache = DecisionCache::new(CacheLimits {
             max_entries: 64,
             max_bytes: 1 << 20,
@@ -1440,6 +1439,15 @@ mod tests {
             reasons: vec!["r".to_string()].into(),
             error: None,
         };
+        (cache, d)
+    }
+
+    /// The attack admission is for: requests crafted to miss (each key asked for once)
+    /// flood a full cache while 16 legitimate keys are asked for again now and then.
+    /// Every legitimate key stays kept; flood keys only replace flood keys.
+    #[test]
+    fn a_flood_of_keys_asked_once_does_not_push_out_keys_asked_again() {
+        let (cache, d) = small_cache();
         let legit: Vec<Vec<u8>> = (0..16).map(|i| format!("legit-{i}").into_bytes()).collect();
         for key in &legit {
             ask(&cache, key, &d);
@@ -1468,15 +1476,7 @@ mod tests {
     /// for, keys asked for twice take their places.
     #[test]
     fn keys_no_longer_asked_for_make_room_in_the_end() {
-        let cache = DecisionCache::new(CacheLimits {
-            max_entries: 64,
-            max_bytes: 1 << 20,
-        });
-        let d = Decision {
-            allow: true,
-            reasons: vec!["r".to_string()].into(),
-            error: None,
-        };
+        let (cache, d) = small_cache();
         for i in 0..64 {
             let key = format!("old-{i}").into_bytes();
             for _ in 0..10 {
