@@ -639,6 +639,9 @@ struct Frequency {
     age_every: usize,
 }
 
+/// Most entries asked for at least as often as a new key that one insert gives another
+/// turn before the new key's decision is not kept.
+const MOST_TURNS: usize = 8;
 /// Largest count a sketch counter holds (4 bits' worth, as TinyLFU's).
 const MOST_COUNTED: u8 = 15;
 /// Halvings come after this many asks per entry the shard may hold.
@@ -919,29 +922,50 @@ impl DecisionCache {
             freed += old.bytes;
             true
         });
-        // Admission: a full shard keeps the decision only for a key asked for more often
-        // than the oldest entry's (`Frequency`); that entry otherwise goes to the back.
-        if !replaced
-            && (shard.map.len() + 1 > per_shard_entries || shard.bytes + bytes > per_shard_bytes)
-            && let Some(&oldest) = shard.order.front()
-            && shard.frequency.estimate(hash) <= shard.frequency.estimate(oldest)
-        {
-            shard.order.rotate_left(1);
-            drop(shard);
-            self.refused.fetch_add(1, Ordering::Relaxed);
-            return;
-        }
+        // Admission (`Frequency`): room is made only from entries whose keys were asked
+        // for less often than this one. The oldest entry is looked at first: asked for
+        // at least as often, it goes to the back and the decision is not kept (one
+        // comparison per miss of a flood). When more than one entry must go (the byte
+        // bound), an entry asked for at least as often is also given another turn, up
+        // to `MOST_TURNS` of them; then the decision is not kept. A key inserted again
+        // (its entry expired, or of another generation) takes its old place's room.
+        let asked = if replaced {
+            u8::MAX
+        } else {
+            shard.frequency.estimate(hash)
+        };
+        let mut turns = 0usize;
+        let mut refused = false;
         while shard.map.len() + 1 > per_shard_entries
             || shard.bytes - freed + bytes > per_shard_bytes
         {
-            let Some(oldest) = shard.order.pop_front() else {
+            let Some(&oldest) = shard.order.front() else {
                 break;
             };
+            if !replaced && shard.frequency.estimate(oldest) >= asked {
+                shard.order.rotate_left(1);
+                turns += 1;
+                if evicted == 0 || turns >= MOST_TURNS {
+                    refused = true;
+                    break;
+                }
+                continue;
+            }
+            shard.order.pop_front();
             if let Some(old) = shard.map.remove(&oldest) {
                 removed += 1;
                 freed += old.bytes;
                 evicted += 1;
             }
+        }
+        if refused {
+            shard.bytes -= freed;
+            drop(shard);
+            self.entries.fetch_sub(removed, Ordering::Relaxed);
+            self.bytes.fetch_sub(freed, Ordering::Relaxed);
+            self.evictions.fetch_add(evicted, Ordering::Relaxed);
+            self.refused.fetch_add(1, Ordering::Relaxed);
+            return;
         }
         // A key inserted again (its entry expired, or of another generation) moves to
         // the back. Only then is the queue scanned: a miss on a new key (the common
@@ -1495,6 +1519,51 @@ mod tests {
             })
             .count();
         assert_eq!(kept, 0, "{:?}", cache.stats());
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(64))]
+
+        /// Admission over any sequence of asks (keys from a small universe, each its own
+        /// decision), with one hot key asked every fourth time: the bounds hold after
+        /// every ask, a hit is always the decision kept for that very key, and the hot
+        /// key, once kept, is never pushed out.
+        #[test]
+        fn admission_keeps_bounds_answers_and_the_hot_key(
+            keys in proptest::collection::vec(0u16..400, 400..3000),
+            max_bytes in 2048usize..65536,
+        ) {
+            let cache = DecisionCache::new(CacheLimits { max_entries: 64, max_bytes });
+            let decision = |k: u16| Decision {
+                allow: k.is_multiple_of(2),
+                reasons: vec![format!("key-{k}")].into(),
+                error: None,
+            };
+            let mut hot_kept = false;
+            for (i, k) in keys.into_iter().enumerate() {
+                let k = if i % 4 == 0 { 0 } else { k + 1 };
+                let key = format!("key-{k}").into_bytes();
+                let hash = cache.hash(&key);
+                match cache.get(hash, &key, 1, 0, true) {
+                    Some(found) => {
+                        proptest::prop_assert_eq!(found, decision(k));
+                        if k == 0 {
+                            hot_kept = true;
+                        }
+                    }
+                    None => {
+                        proptest::prop_assert!(
+                            !(k == 0 && hot_kept),
+                            "the hot key was pushed out at ask {}: {:?}", i, cache.stats()
+                        );
+                        cache.insert(hash, &key, 1, (0, i128::MAX), &decision(k));
+                    }
+                }
+                let s = cache.stats();
+                proptest::prop_assert!(s.entries <= 64 && s.bytes <= max_bytes as u64, "{:?}", s);
+            }
+            proptest::prop_assert!(hot_kept, "{:?}", cache.stats());
+        }
     }
 
     #[test]
