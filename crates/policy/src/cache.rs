@@ -839,33 +839,11 @@ impl DecisionCache {
     }
 
     /// The decision for `key` (whose [`DecisionCache::hash`] is `hash`) in `generation`,
-    /// if kept and not expired at `now_ns`. A hit is counted; a miss only with
-    /// `count_miss` (a lookup followed by `Policy::evaluate_cached` counts it there).
+    /// if kept and not expired at `now_ns`. A hit is counted, and the key counted as
+    /// asked for ([`Frequency`]); a miss only with `count_miss` (the sidecar looks a
+    /// request up twice on a miss, once without the document: `Policy::evaluate_cached`
+    /// counts it).
     pub(crate) fn get(
-        &self,
-        hash: u64,
-        key: &[u8],
-        generation: u64,
-        now_ns: i128,
-        count_miss: bool,
-    ) -> Option<Decision> {
-        let found = self.find(hash, key, generation, now_ns, count_miss);
-        match &found {
-            Some(_) => {
-                self.hits.fetch_add(1, Ordering::Relaxed);
-            }
-            None if count_miss => {
-                self.misses.fetch_add(1, Ordering::Relaxed);
-            }
-            None => {}
-        }
-        found
-    }
-
-    /// The decision kept for `key`; the key is counted as asked for ([`Frequency`]) on
-    /// a hit, and on a miss when `count_miss` (the sidecar looks a request up twice on
-    /// a miss, once without the document: it counts once).
-    fn find(
         &self,
         hash: u64,
         key: &[u8],
@@ -888,6 +866,11 @@ impl DecisionCache {
             shard.frequency.count(hash);
         }
         drop(shard);
+        if found.is_some() {
+            self.hits.fetch_add(1, Ordering::Relaxed);
+        } else if count_miss {
+            self.misses.fetch_add(1, Ordering::Relaxed);
+        }
         found
     }
 
@@ -929,11 +912,7 @@ impl DecisionCache {
         // bound), an entry asked for at least as often is also given another turn, up
         // to `MOST_TURNS` of them; then the decision is not kept. A key inserted again
         // (its entry expired, or of another generation) takes its old place's room.
-        let asked = if replaced {
-            u8::MAX
-        } else {
-            shard.frequency.estimate(hash)
-        };
+        let asked = shard.frequency.estimate(hash);
         let mut turns = 0usize;
         let mut refused = false;
         while shard.map.len() + 1 > per_shard_entries

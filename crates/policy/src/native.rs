@@ -1729,16 +1729,18 @@ fn concat(d: &Value, c: &Value) -> Option<Value> {
 }
 
 fn call(callee: &Callee, args: &[V<'_>]) -> Result<Value, Bail> {
-    if let Callee::Concat(regorus) = callee {
-        if let [d, c] = args
-            && let Some(v) = concat(d.get(), c.get())
-        {
-            return Ok(v);
+    match callee {
+        Callee::Concat(regorus) => {
+            if let [d, c] = args
+                && let Some(v) = concat(d.get(), c.get())
+            {
+                return Ok(v);
+            }
+            return call(regorus, args);
         }
-        return call(regorus, args);
-    }
-    if let Callee::Count(regorus) | Callee::Sort(regorus) = callee {
-        return call(regorus, args);
+        // `expr` answers these for collections; anything else is regorus's.
+        Callee::Count(regorus) | Callee::Sort(regorus) => return call(regorus, args),
+        _ => {}
     }
     let args: Vec<Value> = args.iter().map(|a| a.get().clone()).collect();
     let args = args.as_slice();
@@ -1747,9 +1749,8 @@ fn call(callee: &Callee, args: &[V<'_>]) -> Result<Value, Bail> {
             [v] => Value::Bool(test(v)),
             _ => return Err(Bail::Unmodelled),
         }),
-        Callee::Concat(regorus) | Callee::Count(regorus) | Callee::Sort(regorus) => {
-            call(regorus, &args.iter().cloned().map(V::O).collect::<Vec<_>>())
-        }
+        // Handed to regorus's builtin above.
+        Callee::Concat(_) | Callee::Count(_) | Callee::Sort(_) => Err(Bail::Unmodelled),
         Callee::Member => match args {
             [v, c] => Ok(Value::Bool(match c {
                 Value::Array(items) => items.iter().any(|x| x == v),
