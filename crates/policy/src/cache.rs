@@ -746,6 +746,28 @@ impl Frequency {
 
 const SHARDS: usize = 8;
 
+/// What [`DecisionCache::get`] found.
+#[derive(Debug)]
+pub(crate) enum Looked {
+    /// The decision kept for the key.
+    Hit(Decision),
+    /// Not kept: evaluate, then [`DecisionCache::insert`] the decision.
+    Miss,
+    /// Not kept, and a decision for this key would not be kept either (admission,
+    /// [`Frequency`]): evaluate and keep nothing.
+    Refused,
+}
+
+impl Looked {
+    /// The decision, on a hit.
+    pub(crate) fn hit(self) -> Option<Decision> {
+        match self {
+            Looked::Hit(decision) => Some(decision),
+            Looked::Miss | Looked::Refused => None,
+        }
+    }
+}
+
 impl Shard {
     fn new(limits: CacheLimits) -> Self {
         Self {
@@ -843,6 +865,13 @@ impl DecisionCache {
     /// asked for ([`Frequency`]); a miss only with `count_miss` (the sidecar looks a
     /// request up twice on a miss, once without the document: `Policy::evaluate_cached`
     /// counts it).
+    ///
+    /// A counted miss is also admitted or refused here, as [`DecisionCache::insert`]
+    /// would do it after the evaluation: when the shard is full and the key of its
+    /// oldest entry was asked for at least as often, that entry goes to the back and the
+    /// answer is [`Looked::Refused`] (counted as refused), and the caller keeps nothing.
+    /// A flood's miss then costs one lock, not two, and no work to store its decision.
+    /// The byte bound, and keys whose entry is there but expired, are left to `insert`.
     pub(crate) fn get(
         &self,
         hash: u64,
@@ -850,11 +879,11 @@ impl DecisionCache {
         generation: u64,
         now_ns: i128,
         count_miss: bool,
-    ) -> Option<Decision> {
+    ) -> Looked {
         let mut shard = self.shard(hash).lock().unwrap_or_else(|p| p.into_inner());
-        let found = shard
-            .map
-            .get(&hash)
+        let present = shard.map.get(&hash);
+        let placed = present.is_some();
+        let found = present
             .filter(|e| {
                 *e.key == *key
                     && e.generation == generation
@@ -862,16 +891,38 @@ impl DecisionCache {
                     && now_ns < e.expires_ns
             })
             .map(|e| e.decision.clone());
-        if found.is_some() || count_miss {
+        if let Some(decision) = found {
             shard.frequency.count(hash);
+            drop(shard);
+            self.hits.fetch_add(1, Ordering::Relaxed);
+            return Looked::Hit(decision);
+        }
+        if !count_miss {
+            return Looked::Miss;
+        }
+        shard.frequency.count(hash);
+        let full = shard.map.len() >= self.per_shard_entries();
+        let refused = !placed
+            && full
+            && shard.order.front().is_some_and(|&oldest| {
+                shard.frequency.estimate(oldest) >= shard.frequency.estimate(hash)
+            });
+        if refused {
+            shard.order.rotate_left(1);
         }
         drop(shard);
-        if found.is_some() {
-            self.hits.fetch_add(1, Ordering::Relaxed);
-        } else if count_miss {
-            self.misses.fetch_add(1, Ordering::Relaxed);
+        self.misses.fetch_add(1, Ordering::Relaxed);
+        if refused {
+            self.refused.fetch_add(1, Ordering::Relaxed);
+            Looked::Refused
+        } else {
+            Looked::Miss
         }
-        found
+    }
+
+    /// Entries one shard holds at most.
+    fn per_shard_entries(&self) -> usize {
+        (self.limits.max_entries / SHARDS).max(1)
     }
 
     /// Keeps `decision` for `key` (whose [`DecisionCache::hash`] is `hash`) for request
@@ -887,7 +938,7 @@ impl DecisionCache {
         decision: &Decision,
     ) {
         let (from_ns, expires_ns) = valid;
-        let per_shard_entries = (self.limits.max_entries / SHARDS).max(1);
+        let per_shard_entries = self.per_shard_entries();
         let per_shard_bytes = self.limits.max_bytes / SHARDS;
         let bytes = key.len()
             + std::mem::size_of::<Entry>()
@@ -1361,7 +1412,7 @@ mod tests {
         for i in 0..8_000u32 {
             let key = format!("/clauses/c-{i}/rainfall").into_bytes();
             assert!(
-                cache.get(cache.hash(&key), &key, 1, 0, true).is_some(),
+                cache.get(cache.hash(&key), &key, 1, 0, true).hit().is_some(),
                 "{i}"
             );
         }
@@ -1370,11 +1421,14 @@ mod tests {
     /// A miss as `Policy::evaluate_cached` takes it: a counted lookup, then the insert.
     fn ask(cache: &DecisionCache, key: &[u8], d: &Decision) -> bool {
         let hash = cache.hash(key);
-        if cache.get(hash, key, 1, 0, true).is_some() {
-            return true;
+        match cache.get(hash, key, 1, 0, true) {
+            Looked::Hit(_) => true,
+            Looked::Miss => {
+                cache.insert(hash, key, 1, (0, i128::MAX), d);
+                false
+            }
+            Looked::Refused => false,
         }
-        cache.insert(hash, key, 1, (0, i128::MAX), d);
-        false
     }
 
     #[test]
@@ -1413,17 +1467,17 @@ mod tests {
         }
         assert!(cache.stats().evictions >= 16, "{:?}", cache.stats());
         let hash = cache.hash(b"again-15");
-        assert!(cache.get(hash, b"again-15", 1, 0, true).is_some());
+        assert!(cache.get(hash, b"again-15", 1, 0, true).hit().is_some());
         assert!(
-            cache.get(hash, b"again-15", 2, 0, true).is_none(),
+            cache.get(hash, b"again-15", 2, 0, true).hit().is_none(),
             "another generation"
         );
         assert!(
-            cache.get(hash, b"again-15", 1, i128::MAX, true).is_none(),
+            cache.get(hash, b"again-15", 1, i128::MAX, true).hit().is_none(),
             "expired"
         );
         assert!(
-            cache.get(hash, b"again-15", 1, -1, true).is_none(),
+            cache.get(hash, b"again-15", 1, -1, true).hit().is_none(),
             "before its interval"
         );
         cache.clear();
@@ -1475,6 +1529,62 @@ mod tests {
         assert!(s.refused > 18_000 && s.evictions < 2_000, "{s:?}");
     }
 
+    /// A full shard's refusal is given at the lookup, before any evaluation: a key asked
+    /// for once is refused there (and its decision never stored), a key asked for again
+    /// is not, and a key whose own entry is there but expired is left to `insert`.
+    #[test]
+    fn a_full_cache_refuses_a_flood_at_the_lookup() {
+        let (cache, d) = small_cache();
+        // Fill every shard with keys asked for once (refused ones are asked again).
+        let mut i = 0;
+        while cache.stats().entries < 64 && i < 100_000 {
+            let key = format!("fill-{i}");
+            let hash = cache.hash(key.as_bytes());
+            if let Looked::Miss = cache.get(hash, key.as_bytes(), 1, 0, true) {
+                cache.insert(hash, key.as_bytes(), 1, (0, i128::MAX), &d);
+            }
+            i += 1;
+        }
+        assert_eq!(cache.stats().entries, 64);
+        let before = cache.stats().refused;
+        let (mut refused, mut missed) = (0, 0);
+        for i in 0..1_000 {
+            let key = format!("flood-{i}");
+            match cache.get(cache.hash(key.as_bytes()), key.as_bytes(), 1, 0, true) {
+                Looked::Refused => refused += 1,
+                Looked::Miss => missed += 1,
+                Looked::Hit(_) => panic!("a key never stored was found"),
+            }
+        }
+        // A doorkeeper false positive may let a few through, never most.
+        assert!(refused >= 950, "{refused} refused, {missed} not");
+        assert_eq!(cache.stats().refused - before, refused);
+        assert_eq!(cache.stats().entries, 64, "a refusal stored or evicted nothing");
+        // Asked for a second and third time, a key wins over entries asked for once.
+        let key = b"again";
+        let hash = cache.hash(key);
+        let mut looks = Vec::new();
+        for _ in 0..3 {
+            let looked = cache.get(hash, key, 1, 0, true);
+            if let Looked::Miss = looked {
+                cache.insert(hash, key, 1, (0, i128::MAX), &d);
+            }
+            looks.push(looked.hit().is_some());
+        }
+        assert!(looks[2], "a key asked for three times is kept: {looks:?}");
+        // Its entry expired (past `until`): the lookup misses but does not refuse, even
+        // if the key is asked for less often than the shard's oldest.
+        let key = b"expiring";
+        let hash = cache.hash(key);
+        for _ in 0..3 {
+            if let Looked::Miss = cache.get(hash, key, 1, 0, true) {
+                cache.insert(hash, key, 1, (0, 10), &d);
+            }
+        }
+        assert!(cache.get(hash, key, 1, 5, true).hit().is_some());
+        assert!(matches!(cache.get(hash, key, 1, 10, true), Looked::Miss));
+    }
+
     /// What was popular long ago fades: once the legitimate keys are no longer asked
     /// for, keys asked for twice take their places.
     #[test]
@@ -1494,7 +1604,7 @@ mod tests {
         let kept = (0..64)
             .filter(|i| {
                 let key = format!("old-{i}").into_bytes();
-                cache.get(cache.hash(&key), &key, 1, 0, false).is_some()
+                cache.get(cache.hash(&key), &key, 1, 0, false).hit().is_some()
             })
             .count();
         assert_eq!(kept, 0, "{:?}", cache.stats());
@@ -1502,6 +1612,30 @@ mod tests {
 
     proptest::proptest! {
         #![proptest_config(proptest::prelude::ProptestConfig::with_cases(64))]
+
+        /// A field found by name (`named`'s scan) is the field indexing finds, for any object, key and name: empty, non-ASCII, equal
+        /// lengths, shared first bytes, non-string keys beside string ones.
+        #[test]
+        fn named_fields_are_the_indexed_fields(
+            keys in proptest::collection::vec("(|[a-c]{0,3}|[a-c]{1,2}é|\\PC{0,3})", 0..12),
+            numbers in proptest::collection::vec(-3i64..3, 0..3),
+            name in "(|[a-c]{0,3}|[a-c]{1,2}é|\\PC{0,3})",
+        ) {
+            let mut fields = std::collections::BTreeMap::new();
+            for (i, k) in keys.iter().enumerate() {
+                fields.insert(Value::String(k.as_str().into()), Value::from(i));
+            }
+            for n in &numbers {
+                fields.insert(Value::from(*n), Value::from(-1));
+            }
+            let v = Value::from(fields);
+            let by_index = &v[&Value::String(name.as_str().into())];
+            proptest::prop_assert_eq!(named_field(&v, &name), by_index);
+            proptest::prop_assert_eq!(field(&v, &Value::String(name.as_str().into())), by_index);
+            if let Some(k) = keys.first() {
+                proptest::prop_assert_eq!(named_field(&v, k), &v[k.as_str()]);
+            }
+        }
 
         /// Admission over any sequence of asks (keys from a small universe, each its own
         /// decision), with one hot key asked every fourth time: the bounds hold after
@@ -1524,18 +1658,21 @@ mod tests {
                 let key = format!("key-{k}").into_bytes();
                 let hash = cache.hash(&key);
                 match cache.get(hash, &key, 1, 0, true) {
-                    Some(found) => {
+                    Looked::Hit(found) => {
                         proptest::prop_assert_eq!(found, decision(k));
                         if k == 0 {
                             hot_kept = true;
                         }
                     }
-                    None => {
+                    looked => {
                         proptest::prop_assert!(
                             !(k == 0 && hot_kept),
                             "the hot key was pushed out at ask {}: {:?}", i, cache.stats()
                         );
-                        cache.insert(hash, &key, 1, (0, i128::MAX), &decision(k));
+                        // As `Policy::evaluate_cached`: a refused miss keeps nothing.
+                        if matches!(looked, Looked::Miss) {
+                            cache.insert(hash, &key, 1, (0, i128::MAX), &decision(k));
+                        }
                     }
                 }
                 let s = cache.stats();

@@ -17,7 +17,7 @@ use regorus::{CompiledPolicy, Engine, Value};
 use smallvec::SmallVec;
 
 use crate::bundle::Bundle;
-use crate::cache::{DecisionCache, KeyPlan};
+use crate::cache::{DecisionCache, KeyPlan, Looked};
 use crate::error::PolicyError;
 use crate::routing::RouteReason;
 use crate::verify::{Verification, VerifyOptions};
@@ -623,15 +623,23 @@ impl Policy {
         let mut keyed: SmallVec<[&Value; 8]> = SmallVec::new();
         crate::cache::key_and_values(plan, &input, &mut key, |v| keyed.push(v));
         let hash = cache.hash(&key);
-        if let Some(decision) = cache.get(hash, &key, self.generation, now, true) {
-            keep_key_buffer(key);
-            return CachedDecision {
-                decision,
-                cached: true,
-                elapsed: started.elapsed(),
-            };
-        }
-        let valid = if plan.time_bounded {
+        let admitted = match cache.get(hash, &key, self.generation, now, true) {
+            Looked::Hit(decision) => {
+                keep_key_buffer(key);
+                return CachedDecision {
+                    decision,
+                    cached: true,
+                    elapsed: started.elapsed(),
+                };
+            }
+            Looked::Miss => true,
+            // Admission refused it: nothing is kept, its time bounds are not worked out.
+            Looked::Refused => false,
+        };
+        // The request times the decision holds for (`[from, until)`), when it may be kept.
+        let valid = if !admitted {
+            None
+        } else if plan.time_bounded {
             // The earliest stored number at or after now, in the data or in the keyed
             // input values: no comparison with the time changes its answer before it.
             let mut own: SmallVec<[i128; 8]> = SmallVec::new();
@@ -655,9 +663,9 @@ impl Policy {
             .flatten()
             .min()
             .unwrap_or(i128::MAX);
-            (from, until)
+            Some((from, until))
         } else {
-            (i128::MIN, i128::MAX)
+            Some((i128::MIN, i128::MAX))
         };
         let known: SmallVec<[(usize, &Value); 8]> = self
             .native_slots
@@ -669,7 +677,11 @@ impl Policy {
             Ok(value) => decision_from(&value),
             Err(error) => Decision::deny_because(error),
         };
-        if decision.error.is_none() && valid.0 <= now && now < valid.1 {
+        if let Some(valid) = valid
+            && decision.error.is_none()
+            && valid.0 <= now
+            && now < valid.1
+        {
             cache.insert(hash, &key, self.generation, valid, &decision);
         }
         drop(keyed);
@@ -730,7 +742,9 @@ impl Policy {
             keep_key_buffer(key);
             return None;
         }
-        let found = cache.get(cache.hash(&key), &key, self.generation, now, false);
+        let found = cache
+            .get(cache.hash(&key), &key, self.generation, now, false)
+            .hit();
         keep_key_buffer(key);
         found.map(|decision| CachedDecision {
             decision,
