@@ -1412,7 +1412,10 @@ mod tests {
         for i in 0..8_000u32 {
             let key = format!("/clauses/c-{i}/rainfall").into_bytes();
             assert!(
-                cache.get(cache.hash(&key), &key, 1, 0, true).hit().is_some(),
+                cache
+                    .get(cache.hash(&key), &key, 1, 0, true)
+                    .hit()
+                    .is_some(),
                 "{i}"
             );
         }
@@ -1473,7 +1476,10 @@ mod tests {
             "another generation"
         );
         assert!(
-            cache.get(hash, b"again-15", 1, i128::MAX, true).hit().is_none(),
+            cache
+                .get(hash, b"again-15", 1, i128::MAX, true)
+                .hit()
+                .is_none(),
             "expired"
         );
         assert!(
@@ -1559,7 +1565,11 @@ mod tests {
         // A doorkeeper false positive may let a few through, never most.
         assert!(refused >= 950, "{refused} refused, {missed} not");
         assert_eq!(cache.stats().refused - before, refused);
-        assert_eq!(cache.stats().entries, 64, "a refusal stored or evicted nothing");
+        assert_eq!(
+            cache.stats().entries,
+            64,
+            "a refusal stored or evicted nothing"
+        );
         // Asked for a second and third time, a key wins over entries asked for once.
         let key = b"again";
         let hash = cache.hash(key);
@@ -1604,7 +1614,10 @@ mod tests {
         let kept = (0..64)
             .filter(|i| {
                 let key = format!("old-{i}").into_bytes();
-                cache.get(cache.hash(&key), &key, 1, 0, false).hit().is_some()
+                cache
+                    .get(cache.hash(&key), &key, 1, 0, false)
+                    .hit()
+                    .is_some()
             })
             .count();
         assert_eq!(kept, 0, "{:?}", cache.stats());

@@ -595,3 +595,42 @@ fn config_reads_from_a_document() {
             .is_err()
     );
 }
+
+/// The nice value of a thread of this process (`/proc/self/task/<tid>/stat`, field 19).
+fn nice_of(stat: &str) -> i32 {
+    let after_name = &stat[stat.rfind(')').unwrap() + 1..];
+    after_name
+        .split_whitespace()
+        .nth(16)
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
+/// The writer thread runs below the process's priority (`ps -L` shows it as NI 10 in a
+/// sidecar at 0), so that on a busy machine request workers get the cores first.
+#[tokio::test]
+async fn the_writer_runs_below_the_process_priority() {
+    let dir = tempfile::tempdir().unwrap();
+    let recorder = start(&dir.path().join("records.jsonl"), DEFAULT_MAX_BYTES, 2);
+    recorder.record(draft(0)).unwrap();
+    recorder.flush().await.unwrap();
+    let own = nice_of(&std::fs::read_to_string("/proc/thread-self/stat").unwrap());
+    let writers: Vec<i32> = std::fs::read_dir("/proc/self/task")
+        .unwrap()
+        .filter_map(|task| {
+            let task = task.unwrap().path();
+            let comm = std::fs::read_to_string(task.join("comm")).ok()?;
+            (comm.trim() == "nexus-audit")
+                .then(|| nice_of(&std::fs::read_to_string(task.join("stat")).unwrap()))
+        })
+        .collect();
+    // Other tests' writers may be there too (one just spawned may not have lowered
+    // itself yet): this recorder's, which has written, is lowered.
+    let lowered = (own + WRITER_NICE).min(19);
+    assert!(
+        writers.contains(&lowered),
+        "nexus-audit threads at nice {writers:?}, the process at {own}"
+    );
+    recorder.shutdown().await.unwrap();
+}
