@@ -10,10 +10,12 @@
 //!
 //! The writer is a thread of its own (running a small current-thread runtime for its
 //! timers) because file writes and `fsync` block: on the proxy's runtime they would take
-//! a worker away from requests. It runs at a lower priority than the workers
-//! (`WRITER_NICE`): when both want a core, the request goes first and the record waits
-//! in the queue (at 2,000 requests/s the audited p99 went down by 0.1-0.35 ms in two
-//! interleaved `bench/run.sh` pairs; at full load every request was still recorded).
+//! a worker away from requests. In best-effort mode it runs at a lower priority than
+//! the workers (`WRITER_NICE`): when both want a core, the request goes first and the
+//! record waits in the queue (at 2,000 requests/s the audited p99 went down by 0.1-0.35
+//! ms in two interleaved `bench/run.sh` pairs; at full load every request was still
+//! recorded). In strict mode a request waits for its record, so the writer keeps the
+//! workers' priority.
 
 use std::future::Future;
 use std::io;
@@ -34,10 +36,20 @@ pub const DEFAULT_QUEUE_CAPACITY: usize = 8192;
 pub const DEFAULT_LINGER: Duration = Duration::from_millis(1);
 /// The longest [`AuditConfig::linger`] accepted.
 pub const MAX_LINGER: Duration = Duration::from_millis(100);
-/// How much lower than the process the writer thread runs (`nice` increment): on a
-/// busy machine the request workers get the cores first, and the writer's batches fill
-/// the time between (its weight is about a tenth of a worker's; it is never starved).
+/// How much lower than the process the writer thread runs in best-effort mode (`nice`
+/// increment): on a busy machine the request workers get the cores first, and the
+/// writer's batches fill the time between (its weight is about a tenth of a worker's;
+/// it is never starved).
 const WRITER_NICE: i32 = 10;
+
+/// The writer's `nice` increment in `mode`: none in strict mode, where every request
+/// waits for its record to be written.
+fn writer_nice(mode: AuditMode) -> Option<i32> {
+    match mode {
+        AuditMode::BestEffort => Some(WRITER_NICE),
+        AuditMode::Strict => None,
+    }
+}
 
 /// The longest a written record waits for its `fsync`.
 pub const SYNC_INTERVAL: Duration = Duration::from_secs(1);
@@ -270,7 +282,9 @@ impl Recorder {
                 // Below the proxy's workers: a record waits for a core, a request does not.
                 // Linux's nice applies to the calling thread only. Refused (e.g. by a
                 // seccomp profile), the writer runs at the process's own priority.
-                if let Err(e) = rustix::process::nice(WRITER_NICE) {
+                if let Some(nice) = writer_nice(mode)
+                    && let Err(e) = rustix::process::nice(nice)
+                {
                     tracing::debug!(error = %e, "the audit writer keeps the process's priority");
                 }
                 runtime.block_on(writer.run())

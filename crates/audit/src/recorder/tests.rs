@@ -607,8 +607,9 @@ fn nice_of(stat: &str) -> i32 {
         .unwrap()
 }
 
-/// The writer thread runs below the process's priority (`ps -L` shows it as NI 10 in a
-/// sidecar at 0), so that on a busy machine request workers get the cores first.
+/// In best-effort mode the writer thread runs below the process's priority (`ps -L`
+/// shows it as NI 10 in a sidecar at 0), so that on a busy machine request workers get
+/// the cores first; in strict mode, where requests wait for their records, it does not.
 #[tokio::test]
 async fn the_writer_runs_below_the_process_priority() {
     let dir = tempfile::tempdir().unwrap();
@@ -633,4 +634,6 @@ async fn the_writer_runs_below_the_process_priority() {
         "nexus-audit threads at nice {writers:?}, the process at {own}"
     );
     recorder.shutdown().await.unwrap();
+    assert_eq!(writer_nice(AuditMode::BestEffort), Some(WRITER_NICE));
+    assert_eq!(writer_nice(AuditMode::Strict), None);
 }
