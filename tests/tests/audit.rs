@@ -455,7 +455,40 @@ fn a_burst_is_recorded_without_drops() {
         sidecar.wait_metric("nexus_audit_records_written_total", N as f64, WAIT);
         assert_eq!(sidecar.metric_sum("nexus_audit_records_dropped_total"), 0.0);
         assert_eq!(sidecar.metric_sum("nexus_audit_write_errors_total"), 0.0);
+        // The record writer (best-effort mode) runs below the request workers: `ps -L`
+        // shows its thread at the sidecar's nice + 10.
+        let (process, writers) = nice_of_threads(sidecar.proc.pid(), "nexus-audit");
+        assert_eq!(
+            writers,
+            vec![(process + 10).min(19)],
+            "sidecar at nice {process}"
+        );
     }
+}
+
+/// The nice value of process `pid`'s main thread, and of each of its threads named
+/// `name` (`/proc/PID/task/TID/stat`, field 19).
+fn nice_of_threads(pid: u32, name: &str) -> (i32, Vec<i32>) {
+    let nice = |stat: &str| -> i32 {
+        let after_name = &stat[stat.rfind(')').expect("stat") + 1..];
+        after_name
+            .split_whitespace()
+            .nth(16)
+            .and_then(|n| n.parse().ok())
+            .expect("nice field")
+    };
+    let stat = |task: &Path| std::fs::read_to_string(task.join("stat")).expect("task stat");
+    let tasks = Path::new("/proc").join(pid.to_string()).join("task");
+    let process = nice(&stat(&tasks.join(pid.to_string())));
+    let named = std::fs::read_dir(&tasks)
+        .expect("tasks")
+        .filter_map(|task| {
+            let task = task.ok()?.path();
+            let comm = std::fs::read_to_string(task.join("comm")).ok()?;
+            (comm.trim() == name).then(|| nice(&stat(&task)))
+        })
+        .collect();
+    (process, named)
 }
 
 /// A plugin controls some of the text its records carry: the execution it names in
