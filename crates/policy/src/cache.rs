@@ -1544,11 +1544,7 @@ mod tests {
         // Fill every shard with keys asked for once (refused ones are asked again).
         let mut i = 0;
         while cache.stats().entries < 64 && i < 100_000 {
-            let key = format!("fill-{i}");
-            let hash = cache.hash(key.as_bytes());
-            if let Looked::Miss = cache.get(hash, key.as_bytes(), 1, 0, true) {
-                cache.insert(hash, key.as_bytes(), 1, (0, i128::MAX), &d);
-            }
+            ask(&cache, format!("fill-{i}").as_bytes(), &d);
             i += 1;
         }
         assert_eq!(cache.stats().entries, 64);
@@ -1571,16 +1567,7 @@ mod tests {
             "a refusal stored or evicted nothing"
         );
         // Asked for a second and third time, a key wins over entries asked for once.
-        let key = b"again";
-        let hash = cache.hash(key);
-        let mut looks = Vec::new();
-        for _ in 0..3 {
-            let looked = cache.get(hash, key, 1, 0, true);
-            if let Looked::Miss = looked {
-                cache.insert(hash, key, 1, (0, i128::MAX), &d);
-            }
-            looks.push(looked.hit().is_some());
-        }
+        let looks: Vec<bool> = (0..3).map(|_| ask(&cache, b"again", &d)).collect();
         assert!(looks[2], "a key asked for three times is kept: {looks:?}");
         // Its entry expired (past `until`): the lookup misses but does not refuse, even
         // if the key is asked for less often than the shard's oldest.
