@@ -8,12 +8,16 @@
 //! with decisions asked for once, as a flood of unique requests leaves it: a full cache
 //! keeps a miss only for a key asked for more often than the oldest entry's, so "cold"
 //! misses are not kept, and "cold, kept" ones (each request asked for once before,
-//! outside the clock) are, with an eviction (the row says the share kept); "warm" is a decision cache hit (docs/policy-cache.md), with the key
+//! outside the clock) are, with an eviction (the row says the share kept); "cold, key
+//! from the values" is a miss as the sidecar takes it for a revision nexus's own
+//! evaluator decides: the key written from the request's values, looked up, and the
+//! miss decided under it (`Policy::decide_parts`); "warm" is a decision cache hit (docs/policy-cache.md), with the key
 //! made from the input document (`Policy::evaluate_cached`) or, as the sidecar looks a
 //! hit up, written from the request's values without a document (`Policy::cached_parts`,
 //! the values taken out of the document before the clock starts). Each input document is
 //! made just before the clock starts, as the sidecar builds a request's input just
-//! before deciding.
+//! before deciding, and holds what the sidecar builds for the revision: the fields its
+//! rules read (`BENCH_INPUT=full`: every field of DESIGN.md's document).
 //! Run in release:
 //!
 //!     cargo run --release -p nexus-policy --example decision_bench [-- ITERATIONS]
@@ -77,6 +81,39 @@ fn input(n: usize) -> Value {
     input_at(n, None)
 }
 
+/// The paths of the input the revision reads (its cache plan's, and `time_ns`), set once
+/// in `main`; None when the document is made whole (`BENCH_INPUT=full`, or a policy the
+/// cache cannot key).
+static READ: std::sync::OnceLock<Option<Vec<Vec<Value>>>> = std::sync::OnceLock::new();
+
+/// `v` with only the fields some read path runs through or lies under, as the sidecar
+/// builds a request's document (`sidecar/src/policy/input.rs`, `Needs`): a field nobody
+/// reads is not made. A path's steps after its first that is not a name (an index) keep
+/// all of the field before it, as there.
+fn trim(v: &Value, read: &[&[Value]]) -> Value {
+    if read
+        .iter()
+        .any(|p| p.first().is_none_or(|s| s.as_string().is_err()))
+    {
+        return v.clone();
+    }
+    let Value::Object(fields) = v else {
+        return v.clone();
+    };
+    let mut kept = std::collections::BTreeMap::new();
+    for (k, child) in fields.iter() {
+        let under: Vec<&[Value]> = read
+            .iter()
+            .filter(|p| p.first() == Some(k))
+            .map(|p| &p[1..])
+            .collect();
+        if !under.is_empty() {
+            kept.insert(k.clone(), trim(child, &under));
+        }
+    }
+    Value::from(kept)
+}
+
 /// Input `n`, with `/r{unique}` at the end of its path when given: the decision cache
 /// keys on the path, so every such input misses it (as a request crafted to miss would).
 fn input_at(n: usize, unique: Option<usize>) -> Value {
@@ -91,7 +128,7 @@ fn input_at(n: usize, unique: Option<usize>) -> Value {
     } else {
         (format!("c-{}", i * 10 + 1), serde_json::Value::Null)
     };
-    Value::from(serde_json::json!({
+    let whole = Value::from(serde_json::json!({
         "direction": "inbound",
         "source": {"spiffe_id": plugin(i * 10)},
         "destination": {"spiffe_id": "spiffe://nexus.local/ns/data/sa/hazard-api"},
@@ -101,7 +138,11 @@ fn input_at(n: usize, unique: Option<usize>) -> Value {
         "time": "2026-11-26T09:41:07.123Z",
         // A distinct time per input (as requests have), all before not_after.
         "time_ns": TIME_NS + n as i64,
-    }))
+    }));
+    match READ.get() {
+        Some(Some(read)) => trim(&whole, &read.iter().map(Vec::as_slice).collect::<Vec<_>>()),
+        _ => whole,
+    }
 }
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
@@ -131,6 +172,10 @@ enum Through {
     /// As `Cold`, each input asked for once before (outside the clock), so that the
     /// measured miss is kept: the insert and an eviction on top.
     ColdKept,
+    /// As `Cold`, the key written from the values at its paths and the miss decided
+    /// under it (`Policy::decide_parts`: the sidecar's path for a revision nexus's own
+    /// evaluator decides; the document, made before the clock, is handed over).
+    ColdFacts,
     /// The cache, every input already in it.
     Warm,
     /// The cache, every input already in it, the key written from the values at its
@@ -171,21 +216,33 @@ fn facts_of(policy: &Policy, input: &Value) -> Facts {
     Facts { time_ns, parts }
 }
 
+/// Writes the key of `facts` as the sidecar writes a request's.
+fn write_key(facts: &Facts, out: &mut Vec<u8>) -> bool {
+    for part in &facts.parts {
+        let part = match part {
+            Part::Undefined => KeyPart::Undefined,
+            Part::Null => KeyPart::Null,
+            Part::Str(s) => KeyPart::Str(s),
+            Part::Int(i) => KeyPart::Int(*i),
+        };
+        nexus_policy::cache::encode_part(part, out);
+    }
+    true
+}
+
 fn decide_from_facts(policy: &Policy, cache: &DecisionCache, facts: &Facts) -> bool {
     let d = policy
-        .cached_parts(cache, facts.time_ns, |out| {
-            for part in &facts.parts {
-                let part = match part {
-                    Part::Undefined => KeyPart::Undefined,
-                    Part::Null => KeyPart::Null,
-                    Part::Str(s) => KeyPart::Str(s),
-                    Part::Int(i) => KeyPart::Int(*i),
-                };
-                nexus_policy::cache::encode_part(part, out);
-            }
-            true
-        })
+        .cached_parts(cache, facts.time_ns, |out| write_key(facts, out))
         .expect("a warm run missed the cache");
+    d.decision.allow
+}
+
+/// A miss decided from the facts, on the document `v` (made before).
+fn decide_miss_from_facts(policy: &Policy, cache: &DecisionCache, facts: &Facts, v: Value) -> bool {
+    let d = policy
+        .decide_parts(cache, facts.time_ns, |out| write_key(facts, out), || v)
+        .expect("a keyed policy");
+    assert!(!d.cached, "a cold run hit the cache");
     d.decision.allow
 }
 
@@ -206,7 +263,7 @@ fn prefill(policy: &Policy, cache: &DecisionCache, inputs: &[Value]) {
 fn decide(policy: &Policy, cache: &DecisionCache, v: Value, through: Through) -> bool {
     match through {
         Through::Evaluate => policy.evaluate(v).allow,
-        Through::Cold | Through::ColdKept => {
+        Through::Cold | Through::ColdKept | Through::ColdFacts => {
             let d = policy.evaluate_cached(cache, v);
             assert!(!d.cached, "a cold run hit the cache");
             d.decision.allow
@@ -225,7 +282,10 @@ fn run(policy: &Policy, inputs: &[Value], iterations: usize, through: Through) -
     for v in inputs {
         let _ = policy.evaluate_cached(&cache, v.clone());
     }
-    if matches!(through, Through::Cold | Through::ColdKept) {
+    if matches!(
+        through,
+        Through::Cold | Through::ColdKept | Through::ColdFacts
+    ) {
         prefill(policy, &cache, inputs);
     }
     let check = std::env::var_os("BENCH_POLICY").is_none();
@@ -246,7 +306,9 @@ fn run(policy: &Policy, inputs: &[Value], iterations: usize, through: Through) -
         // clock starts (a document picked from a thousand made long before is walked
         // from memory the processor no longer holds close: about 0.13 µs more per hit).
         let v = match through {
-            Through::Cold | Through::ColdKept => input_at(n % inputs.len(), Some(n)),
+            Through::Cold | Through::ColdKept | Through::ColdFacts => {
+                input_at(n % inputs.len(), Some(n))
+            }
             Through::Evaluate | Through::Warm => input(n % inputs.len()),
             Through::WarmFacts => Value::Undefined,
         };
@@ -262,9 +324,12 @@ fn run(policy: &Policy, inputs: &[Value], iterations: usize, through: Through) -
         }
         let refused = cache.stats().refused;
         let keep = v.clone();
+        let miss_facts = (through == Through::ColdFacts).then(|| facts_of(policy, &v));
         let t = Instant::now();
         let allow = if through == Through::WarmFacts {
             decide_from_facts(policy, &cache, &facts[n % inputs.len()])
+        } else if let Some(f) = &miss_facts {
+            decide_miss_from_facts(policy, &cache, f, v)
         } else {
             decide(policy, &cache, v, through)
         };
@@ -323,7 +388,10 @@ fn run_parallel(
     }
     let cache = &cache;
     let per_thread = iterations / threads;
-    let cold = matches!(through, Through::Cold | Through::ColdKept);
+    let cold = matches!(
+        through,
+        Through::Cold | Through::ColdKept | Through::ColdFacts
+    );
     if cold {
         prefill(policy, cache, inputs);
     }
@@ -353,10 +421,10 @@ fn run_parallel(
         per_thread
     };
     let unique = &unique;
-    let facts: Vec<Facts> = if through == Through::WarmFacts {
-        inputs.iter().map(|v| facts_of(policy, v)).collect()
-    } else {
-        Vec::new()
+    let facts: Vec<Facts> = match through {
+        Through::WarmFacts => inputs.iter().map(|v| facts_of(policy, v)).collect(),
+        Through::ColdFacts => unique.iter().map(|v| facts_of(policy, v)).collect(),
+        _ => Vec::new(),
     };
     let facts = &facts;
     let start = Instant::now();
@@ -373,6 +441,11 @@ fn run_parallel(
                     } else {
                         inputs[(n + t) % inputs.len()].clone()
                     };
+                    if through == Through::ColdFacts {
+                        let f = &facts[t * per_thread + n];
+                        let _ = decide_miss_from_facts(policy, cache, f, v);
+                        continue;
+                    }
                     let _ = decide(policy, cache, v, through);
                 }
             });
@@ -389,6 +462,27 @@ fn main() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
     let bundle = bundle(&root);
     let runtime = runtime();
+    // Each input document holds what the sidecar would build for this revision: the
+    // fields its rules read (BENCH_INPUT=full: every field of DESIGN.md's document).
+    let read = match Policy::compile(&bundle, &runtime, PolicyOptions::default()) {
+        Ok(p) if std::env::var("BENCH_INPUT").as_deref() != Ok("full") => {
+            p.cache_plan().ok().map(|plan| {
+                let mut read = plan.paths().to_vec();
+                read.push(vec![Value::from(nexus_policy::cache::TIME_NS)]);
+                read
+            })
+        }
+        _ => None,
+    };
+    eprintln!(
+        "input document: {}",
+        if read.is_some() {
+            "the fields the revision reads (as the sidecar builds it)"
+        } else {
+            "every field"
+        }
+    );
+    let _ = READ.set(read);
     let inputs: Vec<Value> = (0..1000).map(input).collect();
     let threads = std::thread::available_parallelism()
         .map(|n| n.get())
@@ -437,6 +531,7 @@ fn main() {
             ("warm (cache hit)", Through::Warm),
             ("warm (cache hit, key from the values)", Through::WarmFacts),
             ("cold (cache miss)", Through::Cold),
+            ("cold (cache miss, key from the values)", Through::ColdFacts),
             ("cold (cache miss, kept)", Through::ColdKept),
         ] {
             if through != Through::Evaluate && policy.cache_plan().is_err() {
@@ -463,7 +558,10 @@ fn main() {
             let r = run(&policy, &inputs, n, through);
             let par = run_parallel(&policy, &inputs, n, threads, through);
             // A cold row says how many of its misses the full cache kept.
-            let label = if matches!(through, Through::Cold | Through::ColdKept) {
+            let label = if matches!(
+                through,
+                Through::Cold | Through::ColdKept | Through::ColdFacts
+            ) {
                 format!("{label}; {:.0}% kept", r.kept * 100.0)
             } else {
                 label.to_string()

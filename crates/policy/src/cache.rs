@@ -1060,6 +1060,17 @@ pub(crate) fn key_and_values<'a>(
     plan: &KeyPlan,
     input: &'a Value,
     out: &mut Vec<u8>,
+    value: impl FnMut(&'a Value),
+) {
+    walk_key(plan, input, Some(out), value)
+}
+
+/// `key_and_values`, writing the key into `out` only when given (a caller that has
+/// written it from the request's values wants only the values).
+pub(crate) fn walk_key<'a>(
+    plan: &KeyPlan,
+    input: &'a Value,
+    mut out: Option<&mut Vec<u8>>,
     mut value: impl FnMut(&'a Value),
 ) {
     const DEPTH: usize = 8;
@@ -1073,7 +1084,9 @@ pub(crate) fn key_and_values<'a>(
             for step in path {
                 v = field(v, step);
             }
-            encode(v, out);
+            if let Some(out) = out.as_deref_mut() {
+                encode(v, out);
+            }
             value(v);
             walked = false;
             continue;
@@ -1085,7 +1098,9 @@ pub(crate) fn key_and_values<'a>(
         for (d, step) in path.iter().enumerate().skip(shared) {
             found[d + 1] = field(found[d], step);
         }
-        encode(found[path.len()], out);
+        if let Some(out) = out.as_deref_mut() {
+            encode(found[path.len()], out);
+        }
         value(found[path.len()]);
         walked = true;
     }

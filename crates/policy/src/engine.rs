@@ -636,14 +636,37 @@ impl Policy {
             // Admission refused it: nothing is kept, its time bounds are not worked out.
             Looked::Refused => false,
         };
+        self.decide_missed(cache, hash, key, admitted, now, &input, &keyed, started)
+    }
+
+    /// A decision the cache did not hold (its counted lookup answered `admitted`, for
+    /// `key` of `hash`): evaluated on `input`, whose values at the key's paths are
+    /// `keyed`, and kept when admitted, for the request times it holds for.
+    #[allow(clippy::too_many_arguments)]
+    fn decide_missed(
+        &self,
+        cache: &DecisionCache,
+        hash: u64,
+        key: Vec<u8>,
+        admitted: bool,
+        now: i128,
+        input: &Value,
+        keyed: &[&Value],
+        started: Instant,
+    ) -> CachedDecision {
+        let time_bounded = self
+            .cache_plan
+            .as_ref()
+            .as_ref()
+            .is_ok_and(|p| p.time_bounded);
         // The request times the decision holds for (`[from, until)`), when it may be kept.
         let valid = if !admitted {
             None
-        } else if plan.time_bounded {
+        } else if time_bounded {
             // The earliest stored number at or after now, in the data or in the keyed
             // input values: no comparison with the time changes its answer before it.
             let mut own: SmallVec<[i128; 8]> = SmallVec::new();
-            for v in &keyed {
+            for v in keyed {
                 crate::cache::numbers(v, &mut own);
             }
             own.sort_unstable();
@@ -670,10 +693,10 @@ impl Policy {
         let known: SmallVec<[(usize, &Value); 8]> = self
             .native_slots
             .iter()
-            .zip(&keyed)
+            .zip(keyed)
             .filter_map(|(slot, v)| Some(((*slot)?, *v)))
             .collect();
-        let decision = match self.evaluate_from(&input, &known, started) {
+        let decision = match self.evaluate_from(input, &known, started) {
             Ok(value) => decision_from(&value),
             Err(error) => Decision::deny_because(error),
         };
@@ -684,7 +707,6 @@ impl Policy {
         {
             cache.insert(hash, &key, self.generation, valid, &decision);
         }
-        drop(keyed);
         keep_key_buffer(key);
         CachedDecision {
             decision,
@@ -751,6 +773,73 @@ impl Policy {
             cached: true,
             elapsed: started.elapsed(),
         })
+    }
+
+    /// [`Policy::cached_parts`] that also decides a miss: the document `input` makes is
+    /// evaluated and the decision kept under the key already written, so that a
+    /// request's key is written, hashed and looked up once (the lookup is counted, as
+    /// [`Policy::evaluate_cached`]'s). For a revision that decides in microseconds (the
+    /// caller takes a slow one's miss off its worker through `evaluate_cached`). None
+    /// when the revision is not cached or `write` cannot write the key; the caller then
+    /// decides through `evaluate_cached`. The document's values at the key's paths must
+    /// be the ones written, and its `time_ns` `time_ns` (checked in debug builds).
+    /// `elapsed` of a miss includes making the document.
+    pub fn decide_parts(
+        &self,
+        cache: &DecisionCache,
+        time_ns: i64,
+        write: impl FnOnce(&mut Vec<u8>) -> bool,
+        input: impl FnOnce() -> Value,
+    ) -> Option<CachedDecision> {
+        let started = Instant::now();
+        let plan = self.cache_plan.as_ref().as_ref().ok()?;
+        if cache.limits().max_entries == 0 {
+            return None;
+        }
+        let now = if plan.time_bounded {
+            i128::from(time_ns)
+        } else {
+            0
+        };
+        let mut key = KEY_BUFFER.take();
+        key.clear();
+        if !write(&mut key) {
+            keep_key_buffer(key);
+            return None;
+        }
+        let hash = cache.hash(&key);
+        let admitted = match cache.get(hash, &key, self.generation, now, true) {
+            Looked::Hit(decision) => {
+                keep_key_buffer(key);
+                return Some(CachedDecision {
+                    decision,
+                    cached: true,
+                    elapsed: started.elapsed(),
+                });
+            }
+            Looked::Miss => true,
+            Looked::Refused => false,
+        };
+        let input = input();
+        let mut keyed: SmallVec<[&Value; 8]> = SmallVec::new();
+        if cfg!(debug_assertions) {
+            let mut written = Vec::new();
+            crate::cache::walk_key(plan, &input, Some(&mut written), |v| keyed.push(v));
+            assert_eq!(
+                written, key,
+                "the key written from the values is the document's"
+            );
+            if plan.time_bounded {
+                assert_eq!(
+                    crate::cache::time_ns(&input).as_i64().ok(),
+                    Some(time_ns),
+                    "the document's time_ns is the one given"
+                );
+            }
+        } else {
+            crate::cache::walk_key(plan, &input, None, |v| keyed.push(v));
+        }
+        Some(self.decide_missed(cache, hash, key, admitted, now, &input, &keyed, started))
     }
 
     /// The revision id (a hash of the folder's files).

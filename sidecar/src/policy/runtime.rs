@@ -398,24 +398,48 @@ impl PolicyRuntime {
 
     /// [`PolicyRuntime::decide_if_cached`] without the input document: the key is
     /// written from the request's facts (`input::write_key`), for a revision whose key
-    /// reads only scalar fields. None when it cannot be written so, or is not cached
-    /// (the caller then builds the document and decides). `document` makes the input
-    /// only when the verification sample takes this request's.
+    /// reads only scalar fields. With `miss_here`, a miss is decided here too, on the
+    /// document `document` makes, under the key already written (`Policy::decide_parts`:
+    /// the key is written and looked up once); without it (a revision that may decide
+    /// slowly, whose miss the caller takes off its worker) None on a miss. None also
+    /// when the key cannot be written so, or the revision is not cached (the caller then
+    /// builds the document and decides). `document` makes the input only for a miss
+    /// decided here or when the verification sample takes this request's.
     pub fn decide_from_facts(
         &self,
         loaded: &Loaded,
         facts: &super::input::RequestFacts<'_>,
         resolved: &super::input::Resolved<'_>,
+        miss_here: bool,
         document: impl FnOnce() -> Value,
     ) -> Option<CachedDecision> {
         if !loaded.needs.key_from_facts() {
             return None;
         }
+        let write =
+            |out: &mut Vec<u8>| super::input::write_key(facts, resolved, &loaded.needs, out);
+        if miss_here {
+            // The document, once made for a miss, is the one the sample may take.
+            let mut document = Some(document);
+            let mut made = None;
+            let decided =
+                loaded
+                    .policy
+                    .decide_parts(&self.cache, resolved.time_ns(), write, || {
+                        let input = document.take().map_or(Value::Undefined, |make| make());
+                        made = Some(input.clone());
+                        input
+                    })?;
+            match (made, document) {
+                (Some(input), _) => self.sample(&input),
+                (None, Some(make)) => self.sample_with(make),
+                (None, None) => {}
+            }
+            return Some(decided);
+        }
         let hit = loaded
             .policy
-            .cached_parts(&self.cache, resolved.time_ns(), |out| {
-                super::input::write_key(facts, resolved, &loaded.needs, out)
-            })?;
+            .cached_parts(&self.cache, resolved.time_ns(), write)?;
         self.sample_with(document);
         Some(hit)
     }
@@ -912,7 +936,7 @@ decision := {\"allow\": input.a == 1, \"reasons\": []}
         let lookup = |method| {
             let facts = facts(method);
             let resolved = resolve(&facts, &config, &loaded, now);
-            runtime.decide_from_facts(&loaded, &facts, &resolved, || {
+            runtime.decide_from_facts(&loaded, &facts, &resolved, false, || {
                 document(&facts, &config, &loaded, &resolved)
             })
         };
@@ -927,6 +951,37 @@ decision := {\"allow\": input.a == 1, \"reasons\": []}
         assert!(lookup("HEAD").is_none(), "another method is another key");
         let stats = runtime.cache().stats();
         assert_eq!((stats.hits, stats.misses), (1, 1));
+
+        // A miss decided from the facts: the same decision as the document's evaluation
+        // (the debug build checks the key written against the document's), looked up
+        // and counted once, and kept for the next request.
+        let decide_here = |method| {
+            let facts = facts(method);
+            let resolved = resolve(&facts, &config, &loaded, now);
+            runtime
+                .decide_from_facts(&loaded, &facts, &resolved, true, || {
+                    document(&facts, &config, &loaded, &resolved)
+                })
+                .expect("the key is written from the facts")
+        };
+        let head = decide_here("HEAD");
+        assert!(!head.cached);
+        let evaluated = loaded.policy.evaluate(document(
+            &facts("HEAD"),
+            &config,
+            &loaded,
+            &resolve(&facts("HEAD"), &config, &loaded, now),
+        ));
+        assert_eq!(head.decision, evaluated);
+        let post = decide_here("POST");
+        assert!(!post.decision.allow, "{:?}", post.decision);
+        let stats = runtime.cache().stats();
+        assert_eq!((stats.hits, stats.misses), (1, 3));
+        let again = decide_here("HEAD");
+        assert!(again.cached);
+        assert_eq!(again.decision, head.decision);
+        assert_eq!(runtime.cache().stats().hits, 2);
+        assert_eq!(lookup("POST").map(|d| d.decision), Some(post.decision));
     }
 
     #[test]

@@ -212,17 +212,23 @@ impl<B: Body + Send + 'static, S: Next<B> + Clone + Send + 'static> Step<S, B> f
         // reads only scalar fields: a hit (a plugin repeating its reads) builds no input
         // document. A shadow rule evaluates the document, so it is built then.
         let from_facts = loaded.shadow.is_none() && loaded.needs.key_from_facts();
-        let hit = from_facts
+        let slow = |policy: &nexus_policy::Policy| policy.mode() != EvalMode::Native;
+        // A revision nexus's own evaluator decides (microseconds) decides a miss here
+        // too, under the key written from the facts: the key is written and looked up
+        // once. A slow one's miss is taken off the worker below.
+        let miss_here = !slow(&loaded.policy);
+        let decided = from_facts
             .then(|| {
                 self.runtime
-                    .decide_from_facts(&loaded, &facts, &resolved, || {
+                    .decide_from_facts(&loaded, &facts, &resolved, miss_here, || {
                         document(&facts, config, &loaded, &resolved)
                     })
             })
             .flatten();
-        // The hit, or else the document to decide on.
-        let found = match hit {
-            Some(hit) => ControlFlow::Break(hit),
+        // The decision (a hit, or a miss decided from the facts), or else the document
+        // to decide on.
+        let found = match decided {
+            Some(decided) => ControlFlow::Break(decided),
             None => ControlFlow::Continue(document(&facts, config, &loaded, &resolved)),
         };
         let taken = Taken {
@@ -239,7 +245,6 @@ impl<B: Body + Send + 'static, S: Next<B> + Clone + Send + 'static> Step<S, B> f
         };
         let shadow_input = taken.loaded.shadow.as_ref().map(|_| input.clone());
         let loaded = &taken.loaded;
-        let slow = |policy: &nexus_policy::Policy| policy.mode() != EvalMode::Native;
         if (slow(&loaded.policy) || loaded.shadow.as_ref().is_some_and(slow))
             && let Some(slots) = self.runtime.offload()
         {
