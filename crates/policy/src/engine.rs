@@ -229,7 +229,8 @@ pub struct CachedDecision {
     pub decision: Decision,
     /// Answered from the cache (no evaluation).
     pub cached: bool,
-    /// Time taken, lookup included.
+    /// Time taken, lookup included (and for a miss decided by
+    /// [`Policy::decide_parts`], making its document).
     pub elapsed: Duration,
 }
 
