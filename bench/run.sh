@@ -539,6 +539,16 @@ main() {
 dir = \"$WORK/policies\"
 state_file = \"$WORK/runtime-data.json\""
   add_target nexus-policy "$SIDECAR_URL"
+  # The same policy with every request on a path of its own (oha's --rand-regex-url):
+  # each misses the decision cache, as a request crafted to miss it does, and is
+  # evaluated (issue 15's "bad input"). A sidecar of its own, so that its full cache
+  # and its memory are its own.
+  start_sidecar nexus-policy-miss "$WA_SOCKET" "
+[policy]
+dir = \"$WORK/policies\"
+state_file = \"$WORK/runtime-data.json\""
+  add_target nexus-policy-miss "$SIDECAR_URL" --rand-regex-url
+  TARGET_URL[nexus-policy-miss]="${SIDECAR_URL//./\\.}$REQUEST_PATH/r[0-9]{12}"
   # ... and with an execution record per request too (file sink, hash chain).
   start_sidecar nexus-policy-audit "$WA_SOCKET" "
 [policy]

@@ -60,6 +60,7 @@ impl RevocationPolicy {
             decision_rule: config.decision_rule.clone(),
             eval_timeout: config.eval_timeout,
             max_instructions: 10_000_000,
+            max_made_values: PolicyOptions::default().max_made_values,
             mode: EvalMode::Compiled,
             native: true,
         }

@@ -271,6 +271,12 @@ pub struct PolicyConfig {
     /// One evaluation may run this many VM instructions, then it denies. Default 1000000.
     #[serde(default = "default_max_instructions")]
     pub max_instructions: usize,
+    /// Values (strings, lists, objects) one evaluation by nexus's own evaluator may
+    /// make: it keeps them until the decision is made, so an evaluation that would make
+    /// more (a loop making a value per iteration) is handed to the RVM, which frees each
+    /// iteration's. Default 4096; 16..=1048576.
+    #[serde(default = "default_max_made_values")]
+    pub max_made_values: usize,
     /// With connection workers (`limits.runtime = "workers"`), decisions of a revision
     /// that does not run natively (the RVM, the interpreter) are taken off the workers,
     /// on the blocking pool: at most this many at once, the others wait their turn
@@ -372,6 +378,11 @@ pub const MAX_SLOW_DECISIONS: usize = 1024;
 fn default_max_instructions() -> usize {
     1_000_000
 }
+fn default_max_made_values() -> usize {
+    nexus_policy::PolicyOptions::default().max_made_values
+}
+/// Bounds of `policy.max_made_values`.
+pub const MADE_VALUES: std::ops::RangeInclusive<usize> = 16..=1_048_576;
 fn default_reload_interval() -> Duration {
     Duration::from_secs(1)
 }
@@ -1032,6 +1043,18 @@ impl Config {
                     "use at least 67108864 (64 MiB); the default is 1073741824 (1 GiB)",
                 ));
             }
+            if !MADE_VALUES.contains(&policy.max_made_values) {
+                return Err(invalid(
+                    "policy.max_made_values",
+                    format!(
+                        "{} is not within {}..={}",
+                        policy.max_made_values,
+                        MADE_VALUES.start(),
+                        MADE_VALUES.end()
+                    ),
+                    "use the default, 4096",
+                ));
+            }
             if policy.max_slow_decisions == 0 || policy.max_slow_decisions > MAX_SLOW_DECISIONS {
                 return Err(invalid(
                     "policy.max_slow_decisions",
@@ -1311,6 +1334,22 @@ mod tests {
                 err.to_string().contains("policy.max_slow_decisions"),
                 "{err}"
             );
+        }
+        // The values one native evaluation may keep: named, bounded.
+        let made = |n: usize| {
+            Config::parse(
+                &format!(
+                    "[identity]\nworkload_api_socket = \"unix:///run/spire/agent.sock\"\n[policy]\ndir = {:?}\nmax_made_values = {n}\n",
+                    dir.path().to_string_lossy()
+                ),
+                "test.toml",
+            )
+            .and_then(|c| c.validate().map(|()| c))
+        };
+        assert_eq!(made(64).unwrap().policy.unwrap().max_made_values, 64);
+        for n in [MADE_VALUES.start() - 1, MADE_VALUES.end() + 1] {
+            let err = made(n).unwrap_err();
+            assert!(err.to_string().contains("policy.max_made_values"), "{err}");
         }
     }
 

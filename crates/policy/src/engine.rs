@@ -45,6 +45,10 @@ pub struct PolicyOptions {
     pub eval_timeout: Duration,
     /// Instruction limit of one evaluation (compiled mode).
     pub max_instructions: usize,
+    /// Values (strings, arrays, objects...) one evaluation by nexus's own evaluator may
+    /// make; it keeps them to its end, so an evaluation that would make more (a loop
+    /// making a value per iteration) is handed to the RVM. Default 4096.
+    pub max_made_values: usize,
     /// Engine mode.
     pub mode: EvalMode,
     /// In compiled mode, serve with nexus's own evaluator when the decision rule is
@@ -58,6 +62,7 @@ impl Default for PolicyOptions {
             decision_rule: "data.nexus.authz.decision".into(),
             eval_timeout: Duration::from_millis(250),
             max_instructions: 1_000_000,
+            max_made_values: crate::native::MAX_MADE,
             mode: EvalMode::Compiled,
             native: true,
         }
@@ -230,7 +235,7 @@ pub struct CachedDecision {
     /// Answered from the cache (no evaluation).
     pub cached: bool,
     /// Time taken, lookup included (and for a miss decided by
-    /// [`Policy::decide_parts`], making its document).
+    /// [`Policy::decide_parts`], making its document; a kept miss's insert is not).
     pub elapsed: Duration,
 }
 
@@ -697,7 +702,8 @@ impl Policy {
             .zip(keyed)
             .filter_map(|(slot, v)| Some(((*slot)?, *v)))
             .collect();
-        let decision = match self.evaluate_from(input, &known, started) {
+        let (result, elapsed) = self.evaluate_from(input, &known, started);
+        let decision = match result {
             Ok(value) => decision_from(&value),
             Err(error) => Decision::deny_because(error),
         };
@@ -712,7 +718,7 @@ impl Policy {
         CachedDecision {
             decision,
             cached: false,
-            elapsed: started.elapsed(),
+            elapsed,
         }
     }
 
@@ -882,17 +888,18 @@ impl Policy {
     /// policy). Errors, the time limit, the instruction limit and an engine panic are
     /// `Err`.
     pub fn evaluate_value(&self, input: Value) -> Result<Value, String> {
-        self.evaluate_from(&input, &[], Instant::now())
+        self.evaluate_from(&input, &[], Instant::now()).0
     }
 
-    /// `evaluate_value`, timed from `started`; `known` are the values at input paths
-    /// already looked up (`native`'s slot, value), for nexus's evaluator.
+    /// `evaluate_value`, timed from `started`, and the time since `started` when it
+    /// ended (read once, for the time limit and the caller); `known` are the values at
+    /// input paths already looked up (`native`'s slot, value), for nexus's evaluator.
     fn evaluate_from(
         &self,
         input: &Value,
         known: &[(usize, &Value)],
         started: Instant,
-    ) -> Result<Value, String> {
+    ) -> (Result<Value, String>, Duration) {
         let native = self.native.as_ref().map(|native| {
             let deadline = started.checked_add(self.options.eval_timeout);
             let outcome = eval_native(
@@ -926,12 +933,18 @@ impl Policy {
         // its result is refused here once it overran.
         let elapsed = started.elapsed();
         if elapsed > self.options.eval_timeout {
-            return Err(format!(
-                "policy evaluation failed: exceeded the time limit ({elapsed:?} > {:?})",
-                self.options.eval_timeout
-            ));
+            return (
+                Err(format!(
+                    "policy evaluation failed: exceeded the time limit ({elapsed:?} > {:?})",
+                    self.options.eval_timeout
+                )),
+                elapsed,
+            );
         }
-        result.map_err(|error| format!("policy evaluation failed: {error}"))
+        (
+            result.map_err(|error| format!("policy evaluation failed: {error}")),
+            elapsed,
+        )
     }
 
     /// Evaluates and measures.
@@ -1017,7 +1030,10 @@ fn build_native(
             options.max_instructions,
         ))
     }) {
-        Ok(Ok(program)) => program,
+        Ok(Ok(mut program)) => {
+            program.set_max_made(options.max_made_values);
+            program
+        }
         Ok(Err(refusal)) => {
             report.native_refused = Some(refusal.to_string());
             return None;

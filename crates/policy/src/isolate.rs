@@ -329,6 +329,8 @@ fn run_checks(request: &CheckRequest, out: &mut dyn Write) -> Result<(String, us
                 decision_rule: rule.clone(),
                 eval_timeout: Duration::from_millis(request.eval_timeout_ms.max(1)),
                 max_instructions: request.max_instructions,
+                // The check's one evaluation (an empty input) makes next to nothing.
+                max_made_values: PolicyOptions::default().max_made_values,
                 mode: if request.interpreted {
                     EvalMode::Interpreted
                 } else {

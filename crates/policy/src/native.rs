@@ -176,6 +176,8 @@ pub(crate) struct Program {
     rules: Vec<CompiledRule>,
     entry: RuleId,
     max_steps: usize,
+    /// Values one evaluation may make (`Cx::own`); `PolicyOptions::max_made_values`.
+    max_made: usize,
     /// The base data paths the rules index with a key (`data.nexus.bindings[x]`).
     indexed: Vec<Vec<Value>>,
     /// The distinct static input paths the rules read (`E::InputPath`'s slots).
@@ -339,6 +341,7 @@ pub(crate) fn compile(
         rules,
         entry,
         max_steps,
+        max_made: MAX_MADE,
         indexed: compiler.indexed,
         input_paths: compiler.input_paths,
         data_paths: compiler.data_paths,
@@ -968,49 +971,46 @@ fn fold(e: E) -> E {
     }
 }
 
-enum Memo {
+#[derive(Clone, Copy)]
+enum Memo<'a> {
     Pending,
     Running,
-    Done(Value),
+    Done(V<'a>),
 }
 
-/// A value met while evaluating: borrowed from the program, the input or the data
-/// (most values: no reference count touched), or made here.
-#[derive(Clone, Debug)]
-enum V<'a> {
-    B(&'a Value),
-    O(Value),
-}
+/// A value met while evaluating: borrowed from the program, the input or the data (most
+/// values: no reference count touched), or made here and kept in the evaluation's arena
+/// (`Cx::own`). A reference either way, so that a node's result (`Result<V, Bail>`) is
+/// two words, returned in registers rather than moved through memory.
+#[derive(Clone, Copy, Debug)]
+struct V<'a>(&'a Value);
 
 static UNDEFINED: Value = Value::Undefined;
+static TRUE: Value = Value::Bool(true);
+static FALSE: Value = Value::Bool(false);
 
 impl<'a> V<'a> {
-    const UNDEFINED: V<'static> = V::B(&UNDEFINED);
+    const UNDEFINED: V<'static> = V(&UNDEFINED);
 
-    fn get(&self) -> &Value {
-        match self {
-            V::B(v) => v,
-            V::O(v) => v,
-        }
+    fn get(&self) -> &'a Value {
+        self.0
     }
 
     fn owned(self) -> Value {
-        match self {
-            V::B(v) => v.clone(),
-            V::O(v) => v,
-        }
+        self.0.clone()
     }
 
     fn is_undefined(&self) -> bool {
-        matches!(self.get(), Value::Undefined)
+        matches!(self.0, Value::Undefined)
     }
 
-    /// `self[key]`, borrowed when `self` is.
+    fn bool(b: bool) -> V<'static> {
+        V(if b { &TRUE } else { &FALSE })
+    }
+
+    /// `self[key]`.
     fn index(self, key: &Value) -> V<'a> {
-        match self {
-            V::B(v) => V::B(crate::cache::field(v, key)),
-            V::O(v) => V::O(crate::cache::field(&v, key).clone()),
-        }
+        V(crate::cache::field(self.0, key))
     }
 }
 
@@ -1019,13 +1019,18 @@ struct Cx<'a> {
     input: &'a Value,
     data: &'a Value,
     index: &'a DataIndex,
+    /// The values this evaluation makes (dropped with it).
+    arena: &'a typed_arena::Arena<Value>,
     // On the stack up to `INLINE` of each: an evaluation of a small policy allocates
-    // nothing for its own state.
-    memo: SmallVec<[Memo; INLINE]>,
+    // nothing for its own state but its arena.
+    memo: SmallVec<[Memo<'a>; INLINE]>,
     /// Values at the static input paths, once read.
     inputs: SmallVec<[Option<&'a Value>; INLINE]>,
     locals: SmallVec<[V<'a>; INLINE]>,
     steps: usize,
+    /// Values made and kept in `arena`, and how many may be.
+    made: usize,
+    max_made: usize,
     /// The clock is read every `CLOCK_EVERY` steps against this.
     deadline: Option<std::time::Instant>,
 }
@@ -1038,6 +1043,32 @@ thread_local! {
 
 /// How many rules, input paths and locals an evaluation keeps on the stack.
 const INLINE: usize = 16;
+
+/// Values one evaluation may make, unless set (`Program::set_max_made`).
+pub(crate) const MAX_MADE: usize = 4096;
+
+/// Values an evaluation's arena has room for before it grows (the reference policy's
+/// decision makes about ten).
+const ARENA: usize = 16;
+
+impl<'a> Cx<'a> {
+    /// `v`, kept for the rest of the evaluation: at most `Program::max_made` values
+    /// (an evaluation that would make more is handed to the RVM, which frees what a
+    /// loop's iteration made at the next).
+    fn own(&mut self, v: Value) -> Result<V<'a>, Bail> {
+        Ok(match v {
+            Value::Undefined => V::UNDEFINED,
+            Value::Bool(b) => V::bool(b),
+            v => {
+                self.made += 1;
+                if self.made > self.max_made {
+                    return Err(Bail::Limit);
+                }
+                V(self.arena.alloc(v))
+            }
+        })
+    }
+}
 
 /// Steps between two readings of the clock.
 const CLOCK_EVERY: usize = 256;
@@ -1073,6 +1104,20 @@ impl Program {
         deadline: Option<std::time::Instant>,
         known: &[(usize, &'a Value)],
     ) -> Result<Value, Bail> {
+        let arena = typed_arena::Arena::with_capacity(ARENA);
+        self.eval_in(&arena, input, data, index, deadline, known)
+    }
+
+    /// `eval_until` with the values it makes kept in `arena`.
+    fn eval_in<'a>(
+        &'a self,
+        arena: &'a typed_arena::Arena<Value>,
+        input: &'a Value,
+        data: &'a Value,
+        index: &'a DataIndex,
+        deadline: Option<std::time::Instant>,
+        known: &[(usize, &'a Value)],
+    ) -> Result<Value, Bail> {
         let mut inputs: SmallVec<[Option<&'a Value>; INLINE]> =
             smallvec::smallvec![None; self.input_paths.len()];
         for &(slot, v) in known {
@@ -1084,13 +1129,22 @@ impl Program {
             input,
             data,
             index,
-            memo: (0..self.rules.len()).map(|_| Memo::Pending).collect(),
+            arena,
+            memo: smallvec::smallvec![Memo::Pending; self.rules.len()],
             inputs,
             locals: SmallVec::new(),
             steps: 0,
+            made: 0,
+            max_made: self.max_made,
             deadline,
         };
-        self.rule(&mut cx, self.entry)
+        Ok(self.rule(&mut cx, self.entry)?.owned())
+    }
+
+    /// How many values one evaluation may make and keep to its end (strings, arrays,
+    /// objects, sets, numbers); past it the input is handed to the RVM.
+    pub(crate) fn set_max_made(&mut self, max: usize) {
+        self.max_made = max;
     }
 
     /// The slot of the static input path `path` (steps after `input`), if the rules
@@ -1158,9 +1212,9 @@ impl Program {
         Ok(())
     }
 
-    fn rule<'a>(&'a self, cx: &mut Cx<'a>, id: RuleId) -> Result<Value, Bail> {
-        match &cx.memo[id] {
-            Memo::Done(v) => return Ok(v.clone()),
+    fn rule<'a>(&'a self, cx: &mut Cx<'a>, id: RuleId) -> Result<V<'a>, Bail> {
+        match cx.memo[id] {
+            Memo::Done(v) => return Ok(v),
             Memo::Running => return Err(Bail::Recursion),
             Memo::Pending => {}
         }
@@ -1168,21 +1222,21 @@ impl Program {
         let rule = &self.rules[id];
         let value = match rule.kind {
             Kind::Complete => {
-                let mut result = Value::Undefined;
+                let mut result = V::UNDEFINED;
                 for chain in &rule.defs {
                     let v = self.complete_def(cx, chain)?;
-                    if matches!(v, Value::Undefined) {
+                    if v.is_undefined() {
                         continue;
                     }
-                    if !matches!(result, Value::Undefined) && result != v {
+                    if !result.is_undefined() && result.get() != v.get() {
                         return Err(Bail::Conflict);
                     }
                     result = v;
                 }
-                if matches!(result, Value::Undefined)
+                if result.is_undefined()
                     && let Some(d) = &rule.default
                 {
-                    result = self.expr(cx, cx.locals.len(), d)?.owned();
+                    result = self.expr(cx, cx.locals.len(), d)?;
                 }
                 result
             }
@@ -1203,25 +1257,25 @@ impl Program {
                         })?;
                     }
                 }
-                Value::from(members)
+                cx.own(Value::from(members))?
             }
         };
-        cx.memo[id] = Memo::Done(value.clone());
+        cx.memo[id] = Memo::Done(value);
         Ok(value)
     }
 
     /// One definition of a complete rule: the first branch whose body holds gives the
     /// value (undefined if its value is), as regorus does.
-    fn complete_def<'a>(&'a self, cx: &mut Cx<'a>, chain: &'a [Branch]) -> Result<Value, Bail> {
+    fn complete_def<'a>(&'a self, cx: &mut Cx<'a>, chain: &'a [Branch]) -> Result<V<'a>, Bail> {
         for branch in chain {
             let mut held = false;
-            let mut found = Value::Undefined;
+            let mut found = V::UNDEFINED;
             self.branch(cx, branch, &mut |p, cx, base| {
                 let v = match &branch.value {
-                    Some(e) => p.expr(cx, base, e)?.owned(),
-                    None => Value::Bool(true),
+                    Some(e) => p.expr(cx, base, e)?,
+                    None => V::bool(true),
                 };
-                if held && v != found {
+                if held && v.get() != found.get() {
                     return Err(Bail::Conflict);
                 }
                 held = true;
@@ -1232,7 +1286,7 @@ impl Program {
                 return Ok(found);
             }
         }
-        Ok(Value::Undefined)
+        Ok(V::UNDEFINED)
     }
 
     /// Runs a branch's body in a fresh frame of locals; `found` sees each solution with
@@ -1316,47 +1370,32 @@ impl Program {
                     }
                     self.body(cx, base, rest, found)
                 };
-                // Borrowed collections lend their elements; a made one gives copies.
-                match c {
-                    V::B(Value::Undefined) | V::O(Value::Undefined) => {}
-                    V::B(Value::Array(items)) => {
+                // The collection lends its elements (it is borrowed, or in the arena).
+                match c.get() {
+                    Value::Undefined => {}
+                    Value::Array(items) => {
                         for (i, v) in items.iter().enumerate() {
-                            if each(cx, V::O(Value::from(i)), V::B(v))? {
+                            // An index is made only for a loop that binds it.
+                            let k = if key.is_some() {
+                                cx.own(Value::from(i))?
+                            } else {
+                                V::UNDEFINED
+                            };
+                            if each(cx, k, V(v))? {
                                 return Ok(true);
                             }
                         }
                     }
-                    V::B(Value::Set(items)) => {
+                    Value::Set(items) => {
                         for v in items.iter() {
-                            if each(cx, V::B(v), V::B(v))? {
+                            if each(cx, V(v), V(v))? {
                                 return Ok(true);
                             }
                         }
                     }
-                    V::B(Value::Object(fields)) => {
+                    Value::Object(fields) => {
                         for (k, v) in fields.iter() {
-                            if each(cx, V::B(k), V::B(v))? {
-                                return Ok(true);
-                            }
-                        }
-                    }
-                    V::O(Value::Array(items)) => {
-                        for (i, v) in items.iter().enumerate() {
-                            if each(cx, V::O(Value::from(i)), V::O(v.clone()))? {
-                                return Ok(true);
-                            }
-                        }
-                    }
-                    V::O(Value::Set(items)) => {
-                        for v in items.iter() {
-                            if each(cx, V::O(v.clone()), V::O(v.clone()))? {
-                                return Ok(true);
-                            }
-                        }
-                    }
-                    V::O(Value::Object(fields)) => {
-                        for (k, v) in fields.iter() {
-                            if each(cx, V::O(k.clone()), V::O(v.clone()))? {
+                            if each(cx, V(k), V(v))? {
                                 return Ok(true);
                             }
                         }
@@ -1415,8 +1454,8 @@ impl Program {
                 _ => return Err(Bail::Unmodelled),
             },
             E::Rule(id) => match &cx.memo[*id] {
-                Memo::Done(v) => !undefined_or_false(v),
-                _ => !undefined_or_false(&self.rule(cx, *id)?),
+                Memo::Done(v) => !undefined_or_false(v.get()),
+                _ => !undefined_or_false(self.rule(cx, *id)?.get()),
             },
             _ => !undefined_or_false(self.expr(cx, base, e)?.get()),
         })
@@ -1485,32 +1524,32 @@ impl Program {
 
     fn expr<'a>(&'a self, cx: &mut Cx<'a>, base: usize, e: &'a E) -> Result<V<'a>, Bail> {
         Ok(match e {
-            E::Const(v) => V::B(v),
-            E::Input => V::B(cx.input),
+            E::Const(v) => V(v),
+            E::Input => V(cx.input),
             E::InputPath(slot, path) => {
                 if let Some(v) = cx.inputs[*slot] {
-                    return Ok(V::B(v));
+                    return Ok(V(v));
                 }
                 let mut v = cx.input;
                 for step in path {
                     v = crate::cache::field(v, step);
                 }
                 cx.inputs[*slot] = Some(v);
-                V::B(v)
+                V(v)
             }
             E::Data(slot, path) => {
                 let index: &'a DataIndex = cx.index;
                 if let Some(v) = index.values.get(*slot) {
-                    return Ok(V::B(v));
+                    return Ok(V(v));
                 }
                 let mut v = cx.data;
                 for step in path {
                     v = crate::cache::field(v, step);
                 }
-                V::B(v)
+                V(v)
             }
-            E::Local(slot) => cx.locals[base + slot].clone(),
-            E::Rule(id) => V::O(self.rule(cx, *id)?),
+            E::Local(slot) => cx.locals[base + slot],
+            E::Rule(id) => self.rule(cx, *id)?,
             E::Index(of, index) => {
                 let index = self.expr(cx, base, index)?;
                 if index.is_undefined() {
@@ -1524,17 +1563,17 @@ impl Program {
                 match (key.get(), index.maps.get(*slot)) {
                     (Value::Undefined, _) => V::UNDEFINED,
                     (Value::String(k), Some(Some(map))) => {
-                        map.get(k.as_ref()).map_or(V::UNDEFINED, V::B)
+                        map.get(k.as_ref()).map_or(V::UNDEFINED, V)
                     }
                     (k, _) => self.expr(cx, base, of)?.index(k),
                 }
             }
             E::Array(items) => match self.values(cx, base, items)? {
-                Some(values) => V::O(Value::from(values)),
+                Some(values) => cx.own(Value::from(values))?,
                 None => V::UNDEFINED,
             },
             E::Set(items) => match self.values(cx, base, items)? {
-                Some(values) => V::O(Value::from(values.into_iter().collect::<BTreeSet<_>>())),
+                Some(values) => cx.own(Value::from(values.into_iter().collect::<BTreeSet<_>>()))?,
                 None => V::UNDEFINED,
             },
             E::Object(fields) => {
@@ -1547,7 +1586,7 @@ impl Program {
                     }
                     out.insert(k.owned(), v.owned());
                 }
-                V::O(Value::from(out))
+                cx.own(Value::from(out))?
             }
             E::Record(shape, fields) => {
                 let Value::Object(shape) = shape else {
@@ -1564,7 +1603,7 @@ impl Program {
                         None => return Err(Bail::Unmodelled),
                     }
                 }
-                V::O(Value::Object(regorus::Rc::new(object)))
+                cx.own(Value::Object(regorus::Rc::new(object)))?
             }
             E::Call(Callee::Concat(regorus), params)
                 if matches!(params.as_slice(), [_, E::Array(_)]) =>
@@ -1600,18 +1639,18 @@ impl Program {
                     if out.capacity() <= crate::cache::KEEP_BUFFER {
                         JOIN_BUFFER.set(out);
                     }
-                    return Ok(V::O(joined));
+                    return cx.own(joined);
                 }
                 let array = Value::from(values.into_iter().map(V::owned).collect::<Vec<_>>());
-                V::O(call(regorus, &[d, V::O(array)])?)
+                cx.own(call(regorus, &[d, V(&array)])?)?
             }
             E::ArrayCompr(head, stmts) | E::SetCompr(head, stmts) => {
                 let items = self.comprehension(cx, base, head, stmts)?;
-                V::O(if matches!(e, E::ArrayCompr(..)) {
+                cx.own(if matches!(e, E::ArrayCompr(..)) {
                     Value::from(items)
                 } else {
                     Value::from(items.into_iter().collect::<BTreeSet<_>>())
-                })
+                })?
             }
             E::Call(Callee::IsType(test), params) => match params.as_slice() {
                 [p] => {
@@ -1619,7 +1658,7 @@ impl Program {
                     if v.is_undefined() {
                         return Ok(V::UNDEFINED);
                     }
-                    V::O(Value::Bool(test(v.get())))
+                    cx.own(Value::Bool(test(v.get())))?
                 }
                 _ => return Err(Bail::Unmodelled),
             },
@@ -1632,7 +1671,7 @@ impl Program {
                 };
                 let mut items = self.comprehension(cx, base, head, stmts)?;
                 items.sort();
-                V::O(Value::from(items))
+                cx.own(Value::from(items))?
             }
             // One-argument calls answered here without an argument vector: the
             // argument is evaluated (undefined makes the call undefined, as `defined`
@@ -1647,35 +1686,37 @@ impl Program {
                 match (callee, c.get()) {
                     // `__nexus_iter(c)`: c itself when a collection, else an empty array.
                     (Callee::Iter, Value::Array(_) | Value::Set(_) | Value::Object(_)) => c,
-                    (Callee::Iter, _) => V::O(Value::new_array()),
-                    (Callee::Count(_), Value::Array(items)) => V::O(Value::from(items.len())),
-                    (Callee::Count(_), Value::Set(items)) => V::O(Value::from(items.len())),
-                    (Callee::Count(_), Value::Object(fields)) => V::O(Value::from(fields.len())),
+                    (Callee::Iter, _) => cx.own(Value::new_array())?,
+                    (Callee::Count(_), Value::Array(items)) => cx.own(Value::from(items.len()))?,
+                    (Callee::Count(_), Value::Set(items)) => cx.own(Value::from(items.len()))?,
+                    (Callee::Count(_), Value::Object(fields)) => {
+                        cx.own(Value::from(fields.len()))?
+                    }
                     (Callee::Sort(_), Value::Array(items)) => {
                         let mut sorted: Vec<Value> = items.iter().cloned().collect();
                         sorted.sort();
-                        V::O(Value::from(sorted))
+                        cx.own(Value::from(sorted))?
                     }
                     // A set iterates in regorus's order already.
                     (Callee::Sort(_), Value::Set(items)) => {
-                        V::O(Value::from(items.iter().cloned().collect::<Vec<_>>()))
+                        cx.own(Value::from(items.iter().cloned().collect::<Vec<_>>()))?
                     }
                     (Callee::Count(regorus) | Callee::Sort(regorus), _) => {
-                        V::O(call(regorus, &[c])?)
+                        cx.own(call(regorus, &[c])?)?
                     }
                     _ => return Err(Bail::Unmodelled),
                 }
             }
             E::Call(callee, params) => match self.defined(cx, base, params)? {
-                Some(args) => V::O(call(callee, &args)?),
+                Some(args) => cx.own(call(callee, &args)?)?,
                 None => V::UNDEFINED,
             },
             E::Cmp(op, lhs, rhs) => self
                 .compare(cx, base, op, lhs, rhs)?
-                .map_or(V::UNDEFINED, |b| V::O(Value::Bool(b))),
+                .map_or(V::UNDEFINED, V::bool),
             E::Member(v, c) => self
                 .member_of(cx, base, v, c)?
-                .map_or(V::UNDEFINED, |b| V::O(Value::Bool(b))),
+                .map_or(V::UNDEFINED, V::bool),
         })
     }
 }
@@ -2172,6 +2213,45 @@ nested := {"outer": {"inner": input.a}, "list": [{"b": input.b}]}
             p.eval_until(&input, &data, &p.index(&data), Some(past), &[]),
             Err(Bail::Timeout)
         );
+    }
+
+    /// An evaluation keeps what it makes until it ends: one that would make more than
+    /// its bound (a loop making a string per item of an input list) is handed on
+    /// (`Bail::Limit`, to the RVM), rather than holding a value per iteration; under the
+    /// bound it answers as the interpreter. Through the engine, the hand-over gives the
+    /// interpreter's answer.
+    #[test]
+    fn an_evaluation_that_would_keep_too_many_values_is_handed_on() {
+        let text = "package t\n\nimport rego.v1\n\nr := count([s | some x in input.xs; s := concat(\"-\", [x, x])])\n";
+        let mut p = program(text, "data.t.r").unwrap();
+        let data = Value::new_object();
+        let xs = |n: usize| {
+            Value::from(json!({ "xs": (0..n).map(|i| format!("x{i}")).collect::<Vec<_>>() }))
+        };
+        p.set_max_made(64);
+        assert_eq!(p.eval(&xs(10), &data, &p.index(&data)), Ok(Value::from(10)));
+        assert_eq!(p.eval(&xs(100), &data, &p.index(&data)), Err(Bail::Limit));
+        agree(
+            &[("p.rego", text)],
+            json!({}),
+            "data.t.r",
+            &[json!({"xs": ["a", "b"]})],
+        );
+        let bundle = Bundle::from_modules(
+            vec![Module {
+                path: "p.rego".into(),
+                text: text.into(),
+            }],
+            Value::new_object(),
+        );
+        let options = crate::PolicyOptions {
+            decision_rule: "data.t.r".into(),
+            max_made_values: 64,
+            ..Default::default()
+        };
+        let policy = crate::Policy::compile(&bundle, &Value::new_object(), options).unwrap();
+        assert_eq!(policy.mode(), crate::EvalMode::Native);
+        assert_eq!(policy.evaluate_value(xs(100)), Ok(Value::from(100)));
     }
 
     /// The forms taken without evaluating a value: a rule that only names a value

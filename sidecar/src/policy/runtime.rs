@@ -485,6 +485,7 @@ impl PolicyRuntime {
             decision_rule: rule.to_string(),
             eval_timeout: self.config.eval_timeout,
             max_instructions: self.config.max_instructions,
+            max_made_values: self.config.max_made_values,
             mode: match self.config.mode {
                 PolicyMode::Compiled | PolicyMode::Rvm => EvalMode::Compiled,
                 PolicyMode::Interpreted => EvalMode::Interpreted,
