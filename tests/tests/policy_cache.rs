@@ -419,3 +419,53 @@ fn a_policy_the_cache_cannot_key_runs_uncached_and_says_why() {
     );
     let _ = &st.policies;
 }
+
+/// A request made to have the native evaluator make a value per part of it (here a
+/// string per path segment, which it keeps until it decides) past
+/// `policy.max_made_values`: the evaluation is handed to the RVM (counted), which gives
+/// the policy's answer, allow or deny; a request under the bound is decided natively.
+#[test]
+fn a_request_that_would_make_too_many_values_is_decided_by_the_rvm() {
+    let st = start("made-values", "max_made_values = 16", |policies| {
+        let authz = policies.join("nexus/authz");
+        std::fs::remove_file(authz.join("authz_test.rego")).expect("remove tests");
+        std::fs::write(
+            authz.join("authz.rego"),
+            r#"package nexus.authz
+
+import rego.v1
+
+marked := [concat("", ["/", s]) | some s in split(input.request.path, "/")]
+
+decision := {"allow": count(marked) < 40, "reasons": [concat(" ", ["segments:", format_int(count(marked), 10)])]}
+"#,
+        )
+        .expect("write policy");
+    });
+    let mode = "nexus_policy_mode{rule=\"data.nexus.authz.decision\",mode=\"native\"}";
+    assert_eq!(st.metric(mode), 1.0, "{}", st.hop.data.metrics());
+    let path = |segments: usize| {
+        let mut p = PATH17.to_string();
+        for i in 0..segments {
+            p.push_str(&format!("/s{i}"));
+        }
+        p
+    };
+    let fallbacks = || st.metric("nexus_policy_native_fallbacks_total");
+    let natives = st.metric("nexus_policy_native_decisions_total");
+    // 4 segments: 4 strings, the list, the reason: within 16, decided natively.
+    assert_eq!(st.get(FLOOD, &path(0)).status, 200);
+    assert_eq!(fallbacks(), 0.0);
+    assert!(st.metric("nexus_policy_native_decisions_total") > natives);
+    // 30 segments: past 16 values, the RVM decides (allow: fewer than 40)...
+    assert_eq!(st.get(FLOOD, &path(26)).status, 200);
+    assert_eq!(fallbacks(), 1.0);
+    // ... and 50 segments the RVM denies, as the policy says.
+    let denied = st.get(FLOOD, &path(46));
+    assert_eq!(denied.status, 403, "{denied:?}");
+    assert!(denied.body.contains("segments: 50"), "{denied:?}");
+    assert_eq!(fallbacks(), 2.0);
+    // The sidecar goes on deciding natively below the bound.
+    assert_eq!(st.get(FLOOD, &format!("{}/x", path(1))).status, 200);
+    assert_eq!(fallbacks(), 2.0);
+}
