@@ -1315,37 +1315,29 @@ mod tests {
         assert!(config.limits.request_threads() >= 1);
         config.limits.worker_threads = 3;
         assert_eq!(config.limits.request_threads(), 3);
-        // The places for decisions taken off the workers: named, bounded.
+        // The places for decisions taken off the workers, and the values one native
+        // evaluation may keep: named, bounded.
         let dir = tempfile::tempdir().unwrap();
-        let policy = |n: usize| {
+        let policy = |line: String| {
             Config::parse(
                 &format!(
-                    "[identity]\nworkload_api_socket = \"unix:///run/spire/agent.sock\"\n[policy]\ndir = {:?}\nmax_slow_decisions = {n}\n",
+                    "[identity]\nworkload_api_socket = \"unix:///run/spire/agent.sock\"\n[policy]\ndir = {:?}\n{line}\n",
                     dir.path().to_string_lossy()
                 ),
                 "test.toml",
             )
             .and_then(|c| c.validate().map(|()| c))
         };
-        assert_eq!(policy(8).unwrap().policy.unwrap().max_slow_decisions, 8);
+        let slow = |n: usize| policy(format!("max_slow_decisions = {n}"));
+        assert_eq!(slow(8).unwrap().policy.unwrap().max_slow_decisions, 8);
         for n in [0, MAX_SLOW_DECISIONS + 1] {
-            let err = policy(n).unwrap_err();
+            let err = slow(n).unwrap_err();
             assert!(
                 err.to_string().contains("policy.max_slow_decisions"),
                 "{err}"
             );
         }
-        // The values one native evaluation may keep: named, bounded.
-        let made = |n: usize| {
-            Config::parse(
-                &format!(
-                    "[identity]\nworkload_api_socket = \"unix:///run/spire/agent.sock\"\n[policy]\ndir = {:?}\nmax_made_values = {n}\n",
-                    dir.path().to_string_lossy()
-                ),
-                "test.toml",
-            )
-            .and_then(|c| c.validate().map(|()| c))
-        };
+        let made = |n: usize| policy(format!("max_made_values = {n}"));
         assert_eq!(made(64).unwrap().policy.unwrap().max_made_values, 64);
         for n in [MADE_VALUES.start() - 1, MADE_VALUES.end() + 1] {
             let err = made(n).unwrap_err();
