@@ -756,7 +756,7 @@ impl Policy {
         write: impl FnOnce(&mut Vec<u8>) -> bool,
     ) -> Option<CachedDecision> {
         let started = Instant::now();
-        let (now, key) = self.written_key(cache, time_ns, write)?;
+        let (_, now, key) = self.written_key(cache, time_ns, write)?;
         let found = cache
             .get(cache.hash(&key), &key, self.generation, now, false)
             .hit();
@@ -768,15 +768,16 @@ impl Policy {
         })
     }
 
-    /// The request time a lookup compares (`time_ns`, or 0 for a revision that compares
-    /// none) and the key `write` writes, in this thread's buffer (give it back with
-    /// `keep_key_buffer`); None when the revision is not cached or `write` cannot.
+    /// The revision's key plan, the request time a lookup compares (`time_ns`, or 0 for
+    /// a revision that compares none) and the key `write` writes, in this thread's
+    /// buffer (give it back with `keep_key_buffer`); None when the revision is not
+    /// cached or `write` cannot.
     fn written_key(
         &self,
         cache: &DecisionCache,
         time_ns: i64,
         write: impl FnOnce(&mut Vec<u8>) -> bool,
-    ) -> Option<(i128, Vec<u8>)> {
+    ) -> Option<(&KeyPlan, i128, Vec<u8>)> {
         let plan = self.cache_plan.as_ref().as_ref().ok()?;
         if cache.limits().max_entries == 0 {
             return None;
@@ -792,7 +793,7 @@ impl Policy {
             keep_key_buffer(key);
             return None;
         }
-        Some((now, key))
+        Some((plan, now, key))
     }
 
     /// [`Policy::cached_parts`] that also decides a miss: the document `input` makes is
@@ -812,8 +813,7 @@ impl Policy {
         input: impl FnOnce() -> Value,
     ) -> Option<CachedDecision> {
         let started = Instant::now();
-        let (now, key) = self.written_key(cache, time_ns, write)?;
-        let plan = self.cache_plan.as_ref().as_ref().ok()?;
+        let (plan, now, key) = self.written_key(cache, time_ns, write)?;
         let hash = cache.hash(&key);
         let admitted = match cache.get(hash, &key, self.generation, now, true) {
             Looked::Hit(decision) => {

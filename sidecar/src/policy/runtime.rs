@@ -419,21 +419,19 @@ impl PolicyRuntime {
         let write =
             |out: &mut Vec<u8>| super::input::write_key(facts, resolved, &loaded.needs, out);
         if miss_here {
-            // The document, once made for a miss, is the one the sample may take.
+            // A miss's document is the one the sample may take; a hit makes one only
+            // for the sample.
             let mut document = Some(document);
-            let mut made = None;
             let decided =
                 loaded
                     .policy
                     .decide_parts(&self.cache, resolved.time_ns(), write, || {
                         let input = document.take().map_or(Value::Undefined, |make| make());
-                        made = Some(input.clone());
+                        self.sample(&input);
                         input
                     })?;
-            match (made, document) {
-                (Some(input), _) => self.sample(&input),
-                (None, Some(make)) => self.sample_with(make),
-                (None, None) => {}
+            if let Some(make) = document {
+                self.sample_with(make);
             }
             return Some(decided);
         }
