@@ -183,6 +183,13 @@ enum Through {
     WarmFacts,
 }
 
+impl Through {
+    /// A run of misses (each input new to a full cache).
+    fn is_cold(self) -> bool {
+        matches!(self, Through::Cold | Through::ColdKept | Through::ColdFacts)
+    }
+}
+
 /// A value at a key path, taken out of an input before the clock starts.
 enum Part {
     Undefined,
@@ -263,7 +270,8 @@ fn prefill(policy: &Policy, cache: &DecisionCache, inputs: &[Value]) {
 fn decide(policy: &Policy, cache: &DecisionCache, v: Value, through: Through) -> bool {
     match through {
         Through::Evaluate => policy.evaluate(v).allow,
-        Through::Cold | Through::ColdKept | Through::ColdFacts => {
+        Through::ColdFacts => unreachable!("a miss from the facts: decide_miss_from_facts"),
+        Through::Cold | Through::ColdKept => {
             let d = policy.evaluate_cached(cache, v);
             assert!(!d.cached, "a cold run hit the cache");
             d.decision.allow
@@ -282,10 +290,7 @@ fn run(policy: &Policy, inputs: &[Value], iterations: usize, through: Through) -
     for v in inputs {
         let _ = policy.evaluate_cached(&cache, v.clone());
     }
-    if matches!(
-        through,
-        Through::Cold | Through::ColdKept | Through::ColdFacts
-    ) {
+    if through.is_cold() {
         prefill(policy, &cache, inputs);
     }
     let check = std::env::var_os("BENCH_POLICY").is_none();
@@ -388,10 +393,7 @@ fn run_parallel(
     }
     let cache = &cache;
     let per_thread = iterations / threads;
-    let cold = matches!(
-        through,
-        Through::Cold | Through::ColdKept | Through::ColdFacts
-    );
+    let cold = through.is_cold();
     if cold {
         prefill(policy, cache, inputs);
     }
@@ -558,10 +560,7 @@ fn main() {
             let r = run(&policy, &inputs, n, through);
             let par = run_parallel(&policy, &inputs, n, threads, through);
             // A cold row says how many of its misses the full cache kept.
-            let label = if matches!(
-                through,
-                Through::Cold | Through::ColdKept | Through::ColdFacts
-            ) {
+            let label = if through.is_cold() {
                 format!("{label}; {:.0}% kept", r.kept * 100.0)
             } else {
                 label.to_string()
