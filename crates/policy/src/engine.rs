@@ -702,11 +702,7 @@ impl Policy {
             .zip(keyed)
             .filter_map(|(slot, v)| Some(((*slot)?, *v)))
             .collect();
-        let (result, elapsed) = self.evaluate_from(input, &known, started);
-        let decision = match result {
-            Ok(value) => decision_from(&value),
-            Err(error) => Decision::deny_because(error),
-        };
+        let (decision, elapsed) = self.decide_from(input, &known, started);
         if let Some(valid) = valid
             && decision.error.is_none()
             && valid.0 <= now
@@ -877,10 +873,7 @@ impl Policy {
 
     /// Evaluates the decision rule for `input`.
     pub fn evaluate(&self, input: Value) -> Decision {
-        match self.evaluate_value(input) {
-            Ok(value) => decision_from(&value),
-            Err(error) => Decision::deny_because(error),
-        }
+        self.decide_from(&input, &[], Instant::now()).0
     }
 
     /// Evaluates the decision rule for `input` and returns its value as is (for rules
@@ -888,28 +881,56 @@ impl Policy {
     /// policy). Errors, the time limit, the instruction limit and an engine panic are
     /// `Err`.
     pub fn evaluate_value(&self, input: Value) -> Result<Value, String> {
-        self.evaluate_from(&input, &[], Instant::now()).0
+        let (native, data, index) = (self.native.as_deref(), &self.data, &self.native_index);
+        let input = &input;
+        self.answer(
+            input,
+            Instant::now(),
+            native.map(|program| {
+                move |deadline| program.eval_until(input, data, index, deadline, &[])
+            }),
+            |value| value,
+        )
+        .0
     }
 
-    /// `evaluate_value`, timed from `started`, and the time since `started` when it
-    /// ended (read once, for the time limit and the caller); `known` are the values at
-    /// input paths already looked up (`native`'s slot, value), for nexus's evaluator.
-    fn evaluate_from(
+    /// The decision for `input`, timed from `started`, and the time since `started`
+    /// when it was made (read once, for the time limit and the caller); `known` are the
+    /// values at input paths already looked up (`native`'s slot, value), for nexus's
+    /// evaluator, which reads the decision straight off the rule
+    /// (`native::Program::decide_until`). Errors deny.
+    fn decide_from(
         &self,
         input: &Value,
         known: &[(usize, &Value)],
         started: Instant,
-    ) -> (Result<Value, String>, Duration) {
-        let native = self.native.as_ref().map(|native| {
+    ) -> (Decision, Duration) {
+        let (data, index) = (&self.data, &self.native_index);
+        let (result, elapsed) = self.answer(
+            input,
+            started,
+            self.native.as_deref().map(|program| {
+                move |deadline| program.decide_until(input, data, index, deadline, known)
+            }),
+            |value| decision_from(&value),
+        );
+        (result.unwrap_or_else(Decision::deny_because), elapsed)
+    }
+
+    /// What nexus's evaluator answers through `native` (given when this revision has
+    /// it; it is handed its deadline), or when it hands the input on or is absent, the
+    /// RVM's or the interpreter's value through `from_value`; past the time limit (the
+    /// time since `started`, also returned), an error.
+    fn answer<T>(
+        &self,
+        input: &Value,
+        started: Instant,
+        native: Option<impl FnOnce(Option<Instant>) -> Result<T, crate::native::Bail>>,
+        from_value: impl FnOnce(Value) -> T,
+    ) -> (Result<T, String>, Duration) {
+        let native = native.map(|native| {
             let deadline = started.checked_add(self.options.eval_timeout);
-            let outcome = eval_native(
-                native,
-                input,
-                &self.data,
-                &self.native_index,
-                deadline,
-                known,
-            );
+            let outcome = eval_native(|| native(deadline));
             crate::metrics::count_native(matches!(outcome, Native::HandedOn));
             outcome
         });
@@ -926,7 +947,8 @@ impl Policy {
                     &self.options,
                 ),
                 None => eval_interpreter(&self.interpreter, input.clone(), &self.options),
-            },
+            }
+            .map(from_value),
         };
         // The VM and the interpreter check the clock between instructions; a single
         // builtin call (e.g. numbers.range over a huge span) cannot be interrupted, so
@@ -956,9 +978,9 @@ impl Policy {
 }
 
 /// What nexus's own evaluator made of one input.
-enum Native {
-    /// The rule's value (`Undefined` included).
-    Value(Value),
+enum Native<T> {
+    /// Its answer (the rule's value, `Undefined` included, or the decision read off it).
+    Value(T),
     /// Handed to the RVM (a value it does not model, its step budget, a panic).
     HandedOn,
     /// Past the time limit: an error, a deny (not handed on: the time is spent).
@@ -976,16 +998,9 @@ fn native_slots(
     }
 }
 
-/// One evaluation by nexus's own evaluator, failing past `deadline`.
-fn eval_native(
-    program: &crate::native::Program,
-    input: &Value,
-    data: &Value,
-    index: &crate::native::DataIndex,
-    deadline: Option<Instant>,
-    known: &[(usize, &Value)],
-) -> Native {
-    match crate::panics::catch(|| Ok(program.eval_until(input, data, index, deadline, known))) {
+/// One evaluation by nexus's own evaluator (`eval`, which fails past its deadline).
+fn eval_native<T>(eval: impl FnOnce() -> Result<T, crate::native::Bail>) -> Native<T> {
+    match crate::panics::catch(|| Ok(eval())) {
         Ok(Ok(value)) => Native::Value(value),
         Ok(Err(crate::native::Bail::Timeout)) => {
             Native::Failed("exceeded the time limit between two steps".into())
@@ -1053,8 +1068,24 @@ fn build_native(
     let index = program.index(data);
     let served = |input: Value| {
         let deadline = Instant::now().checked_add(check_options.eval_timeout);
-        match eval_native(&program, &input, data, &index, deadline, &[]) {
-            Native::Value(v) => Ok(v),
+        match eval_native(|| program.eval_until(&input, data, &index, deadline, &[])) {
+            // The decision the sidecar serves is read straight off the rule
+            // (`decide_until`): it must be the one the rule's value gives, or the
+            // revision is not served by this evaluator.
+            Native::Value(v) => {
+                match eval_native(|| program.decide_until(&input, data, &index, deadline, &[])) {
+                    Native::Value(d) if d == decision_from(&v) => Ok(v),
+                    Native::Failed(e) => Err(e),
+                    other => Err(format!(
+                        "the decision read off the rule ({}) is not its value's ({:?})",
+                        match other {
+                            Native::Value(d) => format!("{d:?}"),
+                            _ => "handed on".into(),
+                        },
+                        decision_from(&v)
+                    )),
+                }
+            }
             Native::Failed(e) => Err(e),
             Native::HandedOn => eval_rvm(rvm, data, input, check_options),
         }
@@ -1310,22 +1341,28 @@ pub fn decision_from(value: &Value) -> Decision {
             ));
         }
     };
-    let reasons: Arc<[String]> = match crate::cache::named_field(value, "reasons") {
-        Value::Array(items) => items.iter().map(reason_text).collect(),
-        Value::Set(items) => items.iter().map(reason_text).collect(),
-        Value::Undefined | Value::Null => Arc::from([]),
-        other => Arc::from([reason_text(other)]),
-    };
     Decision {
         allow,
-        reasons,
+        reasons: reasons_from(crate::cache::named_field(value, "reasons")),
         error: None,
     }
 }
 
-fn reason_text(v: &Value) -> String {
+/// A decision's reasons from its `reasons` field: each item of an array or set as text,
+/// none for a missing or null field, any other value as one reason.
+pub(crate) fn reasons_from(reasons: &Value) -> Arc<[String]> {
+    match reasons {
+        Value::Array(items) => items.iter().map(reason_text).collect(),
+        Value::Set(items) => items.iter().map(reason_text).collect(),
+        Value::Undefined | Value::Null => Arc::from([]),
+        other => Arc::from([reason_text(other)]),
+    }
+}
+
+/// One reason: a string as it is, any other value as JSON.
+pub(crate) fn reason_text(v: &Value) -> String {
     match v.as_string() {
-        Ok(s) => s.to_string(),
+        Ok(s) => String::from(&**s),
         Err(_) => v.to_json_str().unwrap_or_default(),
     }
 }

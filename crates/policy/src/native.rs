@@ -184,6 +184,11 @@ pub(crate) struct Program {
     input_paths: Vec<Vec<Value>>,
     /// The distinct static base data paths the rules read (`E::Data`'s slots).
     data_paths: Vec<Vec<Value>>,
+    /// Whether the entry rule's decision can be read straight off its branches
+    /// (`Program::decide_until`): one definition (an `else` chain) whose bodies have one
+    /// solution at most (no `some ... in` of their own), so that no two values of it are
+    /// ever compared and the first solution is the rule's value.
+    direct: bool,
 }
 
 /// Objects of the data with at least this many entries, all keyed by strings, get a
@@ -337,6 +342,16 @@ pub(crate) fn compile(
         })
         .collect::<Result<Vec<_>, _>>()?;
     let rules = inline_aliases(rules, entry);
+    let direct = rules.get(entry).is_some_and(|rule| {
+        matches!(rule.kind, Kind::Complete)
+            && rule.defs.len() == 1
+            && rule.defs[0].iter().all(|branch| {
+                !branch
+                    .stmts
+                    .iter()
+                    .any(|s| matches!(s, Stmt::SomeIn { .. }))
+            })
+    });
     Ok(Program {
         rules,
         entry,
@@ -345,6 +360,7 @@ pub(crate) fn compile(
         indexed: compiler.indexed,
         input_paths: compiler.input_paths,
         data_paths: compiler.data_paths,
+        direct,
     })
 }
 
@@ -1118,6 +1134,172 @@ impl Program {
         deadline: Option<std::time::Instant>,
         known: &[(usize, &'a Value)],
     ) -> Result<Value, Bail> {
+        let mut cx = self.context(arena, input, data, index, deadline, known);
+        Ok(self.rule(&mut cx, self.entry)?.owned())
+    }
+
+    /// `eval_until`'s answer read as a decision (what `engine::decision_from` makes of
+    /// the rule's value). Where the rule's chosen branch is an object literal
+    /// (`{"allow": true, "reasons": [r]}`), the decision is read off its fields: no
+    /// object and no reasons array are made, only the decision's reasons. Any other
+    /// rule, branch or value is evaluated as `eval_until` does and read by
+    /// `decision_from`.
+    pub(crate) fn decide_until<'a>(
+        &'a self,
+        input: &'a Value,
+        data: &'a Value,
+        index: &'a DataIndex,
+        deadline: Option<std::time::Instant>,
+        known: &[(usize, &'a Value)],
+    ) -> Result<crate::engine::Decision, Bail> {
+        let arena = typed_arena::Arena::with_capacity(ARENA);
+        let mut cx = self.context(&arena, input, data, index, deadline, known);
+        if !self.direct {
+            return Ok(crate::engine::decision_from(
+                self.rule(&mut cx, self.entry)?.get(),
+            ));
+        }
+        let rule = &self.rules[self.entry];
+        // As `rule` does: the rule reached again while it runs is a recursion.
+        cx.memo[self.entry] = Memo::Running;
+        for branch in &rule.defs[0] {
+            // A head `{...}` is compiled as the body's last statement assigning the
+            // object to a local, the branch's value: the body runs without it, and the
+            // object's decision is read off its fields. An undefined object fails the
+            // body then (as the assignment does), where an undefined value is the
+            // chain's.
+            let (stmts, assigned) = match (&branch.value, branch.stmts.split_last()) {
+                (Some(E::Local(local)), Some((Stmt::Assign(slots, values), before)))
+                    if matches!(slots.as_slice(), [Some(s)] if s == local)
+                        && matches!(values.as_slice(), [E::Record(Value::Object(_), _)]) =>
+                {
+                    (before, values.first())
+                }
+                _ => (branch.stmts.as_slice(), None),
+            };
+            let mut decided = None;
+            // One solution at most (`direct`): the first is the branch's value.
+            self.branch_over(&mut cx, branch, stmts, &mut |p, cx, base| {
+                decided = match (assigned, &branch.value) {
+                    (Some(E::Record(Value::Object(shape), fields)), _) => {
+                        match p.record_decision(cx, base, shape, fields)? {
+                            Some(decision) => Some(Some(decision)),
+                            None => return Ok(false),
+                        }
+                    }
+                    (_, Some(E::Record(Value::Object(shape), fields))) => {
+                        Some(p.record_decision(cx, base, shape, fields)?)
+                    }
+                    (_, Some(e)) => {
+                        let v = p.expr(cx, base, e)?;
+                        Some((!v.is_undefined()).then(|| crate::engine::decision_from(v.get())))
+                    }
+                    (_, None) => Some(Some(crate::engine::decision_from(&TRUE))),
+                };
+                Ok(true)
+            })?;
+            match decided {
+                Some(Some(decision)) => return Ok(decision),
+                // The branch held with an undefined value: the chain's value is
+                // undefined (`complete_def`), and the default is the rule's.
+                Some(None) => break,
+                None => {}
+            }
+        }
+        let value = match &rule.default {
+            Some(d) => {
+                let base = cx.locals.len();
+                self.expr(&mut cx, base, d)?
+            }
+            None => V::UNDEFINED,
+        };
+        Ok(crate::engine::decision_from(value.get()))
+    }
+
+    /// The decision an object literal's value gives (`decision_from` of it), or None
+    /// when the object is undefined. A boolean `allow` and the reasons are read off the
+    /// fields' values, a `reasons` array literal's items without the array; the object
+    /// itself is made only when `allow` is not a boolean (the decision's error shows
+    /// it).
+    fn record_decision<'a>(
+        &'a self,
+        cx: &mut Cx<'a>,
+        base: usize,
+        shape: &'a regorus::value::Object,
+        fields: &'a [(Value, E)],
+    ) -> Result<Option<crate::engine::Decision>, Bail> {
+        let named = |name: &str| {
+            fields
+                .iter()
+                .position(|(k, _)| matches!(k, Value::String(k) if k.as_ref() == name))
+        };
+        let (allow_at, reasons_at) = (named("allow"), named("reasons"));
+        let mut values: SmallVec<[V<'a>; 2]> = SmallVec::new();
+        let mut reasons: Option<SmallVec<[V<'a>; 8]>> = None;
+        for (at, (_, e)) in fields.iter().enumerate() {
+            // An undefined field (or array item) makes the object undefined, as
+            // `E::Record` and `E::Array` do.
+            if Some(at) == reasons_at
+                && let E::Array(items) = e
+            {
+                match self.defined(cx, base, items)? {
+                    Some(items) => reasons = Some(items),
+                    None => return Ok(None),
+                }
+                values.push(V::UNDEFINED);
+                continue;
+            }
+            let v = self.expr(cx, base, e)?;
+            if v.is_undefined() {
+                return Ok(None);
+            }
+            values.push(v);
+        }
+        if let Some(at) = allow_at
+            && let Value::Bool(allow) = values[at].get()
+        {
+            let reasons = match (reasons, reasons_at) {
+                (Some(items), _) => items
+                    .iter()
+                    .map(|v| crate::engine::reason_text(v.get()))
+                    .collect(),
+                (None, Some(at)) => crate::engine::reasons_from(values[at].get()),
+                (None, None) => crate::engine::reasons_from(&Value::Undefined),
+            };
+            return Ok(Some(crate::engine::Decision {
+                allow: *allow,
+                reasons,
+                error: None,
+            }));
+        }
+        let mut object = shape.clone();
+        for (at, ((k, _), v)) in fields.iter().zip(values).enumerate() {
+            let v = match &reasons {
+                Some(items) if Some(at) == reasons_at => {
+                    Value::from(items.iter().map(|v| v.owned()).collect::<Vec<_>>())
+                }
+                _ => v.owned(),
+            };
+            match object.get_mut(k) {
+                Some(slot) => *slot = v,
+                None => return Err(Bail::Unmodelled),
+            }
+        }
+        Ok(Some(crate::engine::decision_from(&Value::Object(
+            regorus::Rc::new(object),
+        ))))
+    }
+
+    /// A fresh evaluation's state, with `known` input values in their slots.
+    fn context<'a>(
+        &'a self,
+        arena: &'a typed_arena::Arena<Value>,
+        input: &'a Value,
+        data: &'a Value,
+        index: &'a DataIndex,
+        deadline: Option<std::time::Instant>,
+        known: &[(usize, &'a Value)],
+    ) -> Cx<'a> {
         let mut inputs: SmallVec<[Option<&'a Value>; INLINE]> =
             smallvec::smallvec![None; self.input_paths.len()];
         for &(slot, v) in known {
@@ -1125,7 +1307,7 @@ impl Program {
                 *s = Some(v);
             }
         }
-        let mut cx = Cx {
+        Cx {
             input,
             data,
             index,
@@ -1137,8 +1319,7 @@ impl Program {
             made: 0,
             max_made: self.max_made,
             deadline,
-        };
-        Ok(self.rule(&mut cx, self.entry)?.owned())
+        }
     }
 
     /// How many values one evaluation may make and keep to its end (strings, arrays,
@@ -1297,11 +1478,22 @@ impl Program {
         branch: &'a Branch,
         found: &mut dyn FnMut(&'a Program, &mut Cx<'a>, usize) -> Result<bool, Bail>,
     ) -> Result<(), Bail> {
+        self.branch_over(cx, branch, &branch.stmts, found)
+    }
+
+    /// `branch` with `stmts` (the branch's, or the first of them) as its body.
+    fn branch_over<'a>(
+        &'a self,
+        cx: &mut Cx<'a>,
+        branch: &'a Branch,
+        stmts: &'a [Stmt],
+        found: &mut dyn FnMut(&'a Program, &mut Cx<'a>, usize) -> Result<bool, Bail>,
+    ) -> Result<(), Bail> {
         let base = cx.locals.len();
         for _ in 0..branch.slots {
             cx.locals.push(V::UNDEFINED);
         }
-        let result = self.body(cx, base, &branch.stmts, &mut |p, cx| found(p, cx, base));
+        let result = self.body(cx, base, stmts, &mut |p, cx| found(p, cx, base));
         cx.locals.truncate(base);
         result.map(|_| ())
     }
@@ -1312,99 +1504,113 @@ impl Program {
         &'a self,
         cx: &mut Cx<'a>,
         base: usize,
-        stmts: &'a [Stmt],
+        mut stmts: &'a [Stmt],
         found: &mut Found<'_, 'a>,
     ) -> Result<bool, Bail> {
-        let Some((first, rest)) = stmts.split_first() else {
-            return found(self, cx);
-        };
-        self.step(cx)?;
-        match first {
-            Stmt::Expr(e) => {
-                if !self.holds(cx, base, e)? {
-                    return Ok(false);
-                }
-                self.body(cx, base, rest, found)
-            }
-            Stmt::Not(e) => {
-                if self.holds(cx, base, e)? {
-                    Ok(false)
-                } else {
-                    self.body(cx, base, rest, found)
-                }
-            }
-            Stmt::Assign(slots, values) => {
-                if let ([slot], [value]) = (slots.as_slice(), values.as_slice()) {
-                    let v = self.expr(cx, base, value)?;
-                    if v.is_undefined() {
+        // A loop over the statements that bind at most one way; an iteration runs the
+        // statements after it once per element.
+        loop {
+            let Some((first, rest)) = stmts.split_first() else {
+                return found(self, cx);
+            };
+            self.step(cx)?;
+            match first {
+                Stmt::Expr(e) => {
+                    if !self.holds(cx, base, e)? {
                         return Ok(false);
                     }
-                    if let Some(s) = slot {
-                        cx.locals[base + s] = v;
-                    }
-                } else {
-                    let Some(got) = self.defined(cx, base, values)? else {
+                }
+                Stmt::Not(e) => {
+                    if self.holds(cx, base, e)? {
                         return Ok(false);
-                    };
-                    for (slot, v) in slots.iter().zip(got) {
+                    }
+                }
+                Stmt::Assign(slots, values) => {
+                    if let ([slot], [value]) = (slots.as_slice(), values.as_slice()) {
+                        let v = self.expr(cx, base, value)?;
+                        if v.is_undefined() {
+                            return Ok(false);
+                        }
                         if let Some(s) = slot {
                             cx.locals[base + s] = v;
                         }
+                    } else {
+                        let Some(got) = self.defined(cx, base, values)? else {
+                            return Ok(false);
+                        };
+                        for (slot, v) in slots.iter().zip(got) {
+                            if let Some(s) = slot {
+                                cx.locals[base + s] = v;
+                            }
+                        }
                     }
                 }
-                self.body(cx, base, rest, found)
+                Stmt::SomeIn {
+                    key,
+                    value,
+                    collection,
+                } => return self.some_in(cx, base, key, value, collection, rest, found),
             }
-            Stmt::SomeIn {
-                key,
-                value,
-                collection,
-            } => {
-                let c = self.expr(cx, base, collection)?;
-                let mut each = |cx: &mut Cx<'a>, k: V<'a>, v: V<'a>| -> Result<bool, Bail> {
-                    self.step(cx)?;
-                    if let Some(s) = key {
-                        cx.locals[base + s] = k;
-                    }
-                    if let Some(s) = value {
-                        cx.locals[base + s] = v;
-                    }
-                    self.body(cx, base, rest, found)
-                };
-                // The collection lends its elements (it is borrowed, or in the arena).
-                match c.get() {
-                    Value::Undefined => {}
-                    Value::Array(items) => {
-                        for (i, v) in items.iter().enumerate() {
-                            // An index is made only for a loop that binds it.
-                            let k = if key.is_some() {
-                                cx.own(Value::from(i))?
-                            } else {
-                                V::UNDEFINED
-                            };
-                            if each(cx, k, V(v))? {
-                                return Ok(true);
-                            }
-                        }
-                    }
-                    Value::Set(items) => {
-                        for v in items.iter() {
-                            if each(cx, V(v), V(v))? {
-                                return Ok(true);
-                            }
-                        }
-                    }
-                    Value::Object(fields) => {
-                        for (k, v) in fields.iter() {
-                            if each(cx, V(k), V(v))? {
-                                return Ok(true);
-                            }
-                        }
-                    }
-                    _ => return Err(Bail::Unmodelled),
-                }
-                Ok(false)
-            }
+            stmts = rest;
         }
+    }
+
+    /// `some key, value in collection`, then `rest` for each element (`body`'s).
+    #[allow(clippy::too_many_arguments)]
+    fn some_in<'a>(
+        &'a self,
+        cx: &mut Cx<'a>,
+        base: usize,
+        key: &'a Option<usize>,
+        value: &'a Option<usize>,
+        collection: &'a E,
+        rest: &'a [Stmt],
+        found: &mut Found<'_, 'a>,
+    ) -> Result<bool, Bail> {
+        let c = self.expr(cx, base, collection)?;
+        let mut each = |cx: &mut Cx<'a>, k: V<'a>, v: V<'a>| -> Result<bool, Bail> {
+            self.step(cx)?;
+            if let Some(s) = key {
+                cx.locals[base + s] = k;
+            }
+            if let Some(s) = value {
+                cx.locals[base + s] = v;
+            }
+            self.body(cx, base, rest, found)
+        };
+        // The collection lends its elements (it is borrowed, or in the arena).
+        match c.get() {
+            Value::Undefined => {}
+            Value::Array(items) => {
+                for (i, v) in items.iter().enumerate() {
+                    // An index is made only for a loop that binds it.
+                    let k = if key.is_some() {
+                        cx.own(Value::from(i))?
+                    } else {
+                        V::UNDEFINED
+                    };
+                    if each(cx, k, V(v))? {
+                        return Ok(true);
+                    }
+                }
+            }
+            Value::Set(items) => {
+                for v in items.iter() {
+                    if each(cx, V(v), V(v))? {
+                        return Ok(true);
+                    }
+                }
+            }
+            Value::Object(fields) => {
+                for (k, v) in fields.iter() {
+                    if each(cx, V(k), V(v))? {
+                        return Ok(true);
+                    }
+                }
+            }
+            _ => return Err(Bail::Unmodelled),
+        }
+        Ok(false)
     }
 
     /// The values of a literal collection's items; None when one is undefined (and so
@@ -1427,8 +1633,8 @@ impl Program {
         cx: &mut Cx<'a>,
         base: usize,
         items: &'a [E],
-    ) -> Result<Option<Vec<V<'a>>>, Bail> {
-        let mut out = Vec::with_capacity(items.len());
+    ) -> Result<Option<SmallVec<[V<'a>; 8]>>, Bail> {
+        let mut out = SmallVec::with_capacity(items.len());
         for i in items {
             let v = self.expr(cx, base, i)?;
             if v.is_undefined() {
@@ -1522,7 +1728,27 @@ impl Program {
         Ok(Some(member(v.get(), c.get())?))
     }
 
+    /// The value of `e`: the nodes most met (a constant, a local, an input or data
+    /// value already looked up, a rule already evaluated) answered where `expr` is
+    /// called, the others by `expr_node`.
+    #[inline(always)]
     fn expr<'a>(&'a self, cx: &mut Cx<'a>, base: usize, e: &'a E) -> Result<V<'a>, Bail> {
+        match e {
+            E::Const(v) => Ok(V(v)),
+            E::Local(slot) => Ok(cx.locals[base + slot]),
+            E::InputPath(slot, _) => match cx.inputs[*slot] {
+                Some(v) => Ok(V(v)),
+                None => self.expr_node(cx, base, e),
+            },
+            E::Rule(id) => match cx.memo[*id] {
+                Memo::Done(v) => Ok(v),
+                _ => self.expr_node(cx, base, e),
+            },
+            _ => self.expr_node(cx, base, e),
+        }
+    }
+
+    fn expr_node<'a>(&'a self, cx: &mut Cx<'a>, base: usize, e: &'a E) -> Result<V<'a>, Bail> {
         Ok(match e {
             E::Const(v) => V(v),
             E::Input => V(cx.input),
@@ -1871,7 +2097,18 @@ mod tests {
             .map(|input| {
                 let input = Value::from(input.clone());
                 let want = interpreted(modules, &data, rule, &input);
-                match p.eval(&input, &data, &index) {
+                let evaluated = p.eval(&input, &data, &index);
+                // The decision read straight off the rule is its value's, or the same
+                // hand-over.
+                let decided = p.decide_until(&input, &data, &index, None, &[]);
+                match (&evaluated, decided) {
+                    (Ok(v), Ok(d)) => {
+                        assert_eq!(d, crate::engine::decision_from(v), "{rule} on {input:?}")
+                    }
+                    (Err(a), Err(b)) => assert_eq!(*a, b, "{rule} on {input:?}"),
+                    (e, d) => panic!("{rule} on {input:?}: evaluated {e:?}, decided {d:?}"),
+                }
+                match evaluated {
                     Ok(v) => {
                         assert_eq!(crate::verify::show(&Ok(v)), want, "{rule} on {input:?}");
                         None
@@ -1880,6 +2117,57 @@ mod tests {
                 }
             })
             .collect()
+    }
+
+    /// Decision rules of every shape: the decision read straight off the rule
+    /// (`decide_until`, checked inside `agree`) is the one its value gives, for allow
+    /// and reasons of any type, missing fields, undefined fields and reason items, extra
+    /// fields, else chains ending in a constant or a non-object, a default, a rule with
+    /// no value, and rules it does not read directly (an iteration, two definitions).
+    #[test]
+    fn decisions_read_off_the_rule_are_its_values() {
+        let texts = [
+            "decision := {\"allow\": input.a, \"reasons\": input.r}",
+            "decision := {\"allow\": input.a, \"reasons\": [input.r, \"b\"]}",
+            "decision := {\"allow\": input.a}",
+            "decision := {\"reasons\": input.r, \"allow\": input.a, \"extra\": 1}",
+            "decision := {\"allow\": true, \"reasons\": [input.r, \"b\"]} if input.a == true else := {\"allow\": false, \"reasons\": {\"y\", input.r}} if input.a == false else := {\"allow\": false, \"reasons\": [\"none\"]} if input.r else := false",
+            "decision if input.a",
+            "default decision := {\"allow\": false}\ndecision := {\"allow\": input.a, \"reasons\": input.r} if input.a",
+            "default decision := {\"allow\": false, \"reasons\": [\"default\"]}\ndecision := {\"allow\": true, \"reasons\": [input.missing]} if input.a else := {\"allow\": input.r} if input.r",
+            "decision := {\"allow\": x, \"reasons\": [x]} if { some x in input.xs }",
+            "decision := {\"allow\": true, \"reasons\": [\"one\"]} if input.a\ndecision := {\"allow\": true, \"reasons\": [\"one\"]} if input.r",
+        ];
+        let mut inputs = vec![json!({})];
+        for a in [
+            json!(true),
+            json!(false),
+            json!("yes"),
+            json!(null),
+            json!(1),
+        ] {
+            for r in [
+                json!(["a", "b"]),
+                json!([]),
+                json!("one"),
+                json!(null),
+                json!(3),
+                json!({"k": "v"}),
+                json!([1, {"x": [true]}]),
+            ] {
+                inputs.push(json!({"a": a, "r": r, "xs": [a.clone(), true]}));
+            }
+            inputs.push(json!({"a": a}));
+        }
+        for text in texts {
+            let module = format!("package t\n\n{text}\n");
+            agree(
+                &[("p.rego", &module)],
+                json!({}),
+                "data.t.decision",
+                &inputs,
+            );
+        }
     }
 
     #[test]
@@ -2518,6 +2806,12 @@ top := who
             let input = Value::from(input);
             let got = p.eval(&input, &data, &index);
             prop_assert!(got.is_ok(), "handed on: {got:?}");
+            prop_assert!(p.direct, "the reference decision is read off its rule");
+            let decided = p.decide_until(&input, &data, &index, None, &[]);
+            prop_assert_eq!(
+                decided,
+                Ok(crate::engine::decision_from(got.as_ref().unwrap_or(&Value::Undefined)))
+            );
             prop_assert_eq!(
                 crate::verify::show(&got.map_err(|_| String::new())),
                 interpreted(&modules, &data, "data.nexus.authz.decision", &input)
