@@ -1567,7 +1567,33 @@ impl Program {
         rest: &'a [Stmt],
         found: &mut Found<'_, 'a>,
     ) -> Result<bool, Bail> {
-        let c = self.expr(cx, base, collection)?;
+        // A set literal's items (`__nexus_iter` of a set is the set) are iterated where
+        // they are, in the set's order and once each (as the set made of them would
+        // be), without making the set.
+        let literal = match collection {
+            E::Call(Callee::Iter, params) => match params.as_slice() {
+                [E::Set(items)] => Some(items),
+                _ => None,
+            },
+            E::Set(items) => Some(items),
+            _ => None,
+        };
+        let items = match literal {
+            Some(items) => match self.defined(cx, base, items)? {
+                Some(mut items) => {
+                    items.sort_by(|a, b| a.get().cmp(b.get()));
+                    items.dedup_by(|a, b| a.get().cmp(b.get()).is_eq());
+                    Some(items)
+                }
+                // An undefined item makes the set undefined: no element.
+                None => return Ok(false),
+            },
+            _ => None,
+        };
+        let c = match items {
+            Some(_) => V::UNDEFINED,
+            None => self.expr(cx, base, collection)?,
+        };
         let mut each = |cx: &mut Cx<'a>, k: V<'a>, v: V<'a>| -> Result<bool, Bail> {
             self.step(cx)?;
             if let Some(s) = key {
@@ -1578,6 +1604,14 @@ impl Program {
             }
             self.body(cx, base, rest, found)
         };
+        if let Some(items) = items {
+            for v in items {
+                if each(cx, v, v)? {
+                    return Ok(true);
+                }
+            }
+            return Ok(false);
+        }
         // The collection lends its elements (it is borrowed, or in the arena).
         match c.get() {
             Value::Undefined => {}
@@ -2358,6 +2392,12 @@ record := {"allow": input.a == "x", "reasons": [input.b], "n": count([input.a])}
 twice := {"k": 1, "k": input.a}
 
 nested := {"outer": {"inner": input.a}, "list": [{"b": input.b}]}
+
+members contains x if {
+	some x in {input.b, input.a, input.b, 1, 1.0}
+}
+
+ordered := [x | some x in {input.b, input.a, "m"}]
 "#;
         let inputs = [
             json!({}),
@@ -2380,6 +2420,8 @@ nested := {"outer": {"inner": input.a}, "list": [{"b": input.b}]}
             "data.t.record",
             "data.t.twice",
             "data.t.nested",
+            "data.t.members",
+            "data.t.ordered",
         ] {
             let bails = agree(&[("p.rego", text)], json!({}), rule, &inputs);
             assert!(bails.iter().all(Option::is_none), "{rule}: {bails:?}");
