@@ -1121,20 +1121,7 @@ impl Program {
         known: &[(usize, &'a Value)],
     ) -> Result<Value, Bail> {
         let arena = typed_arena::Arena::with_capacity(ARENA);
-        self.eval_in(&arena, input, data, index, deadline, known)
-    }
-
-    /// `eval_until` with the values it makes kept in `arena`.
-    fn eval_in<'a>(
-        &'a self,
-        arena: &'a typed_arena::Arena<Value>,
-        input: &'a Value,
-        data: &'a Value,
-        index: &'a DataIndex,
-        deadline: Option<std::time::Instant>,
-        known: &[(usize, &'a Value)],
-    ) -> Result<Value, Bail> {
-        let mut cx = self.context(arena, input, data, index, deadline, known);
+        let mut cx = self.context(&arena, input, data, index, deadline, known);
         Ok(self.rule(&mut cx, self.entry)?.owned())
     }
 
